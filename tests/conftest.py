@@ -1,0 +1,36 @@
+"""Shared test set-up.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set here, before any indexcache import,
+whenever no CUDA device exists: kernels then run in the interpreter on CPU tensors.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def poisoned(shape, dtype, device):
+    """An output buffer full of NaN (or -7777 for ints), so unwritten elements show up."""
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device).to(dtype)
+    return torch.full(shape, -7777, dtype=dtype, device=device)
