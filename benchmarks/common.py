@@ -1,0 +1,93 @@
+"""Timing, same-run ceilings and result files shared by every benchmark script.
+
+Every figure we quote comes with the ceilings measured in the same process, so ratios stay honest across
+machines of the pool (their cuBLAS rates differ by ~15%).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+
+def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of ``fn()`` in milliseconds, CUDA events (triton.testing.do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def measure_ceilings(device: str = "cuda") -> dict:
+    """cuBLAS fp8 and bf16 matmul 8192^3 and device-to-device copy, measured now on this GPU."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    flops = 2 * n**3
+    bf16_ms = bench_ms(lambda: a @ b)
+    a8 = a.to(torch.float8_e4m3fn)
+    b8 = b.t().contiguous().to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device)
+    fp8_ms = bench_ms(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    src = torch.randn(512 * 1024 * 1024 // 4, device=device)  # 512 MiB, >> L2
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src))
+    del a, b, a8, b8, src, dst
+    torch.cuda.empty_cache()
+    return {
+        "bf16_matmul_tflops": flops / bf16_ms / 1e9,
+        "fp8_matmul_tflops": flops / fp8_ms / 1e9,
+        "copy_tbps": 2 * 512 * 1024 * 1024 / copy_ms / 1e9,
+        "method": "8192^3 matmul (torch @ bf16, torch._scaled_mm fp8 e4m3 tensorwise); 512 MiB copy_ counting read+write; do_bench median",
+    }
+
+
+def run_metadata() -> dict:
+    """Device, software versions, date and git revision for a result file."""
+    import triton
+
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        meta["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     check=False).stdout.strip()
+    except OSError:
+        pass
+    return meta
+
+
+def write_results(name: str, payload: dict, out_dirs: list[str] | None = None) -> list[str]:
+    """Write ``payload`` as JSON to benchmarks/results/<name>.json and to $OUT when set."""
+    dirs = out_dirs or [os.path.join(os.path.dirname(__file__), "results")]
+    if os.environ.get("OUT"):
+        dirs.append(os.environ["OUT"])
+    paths = []
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1, default=str)
+        paths.append(path)
+    return paths
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    """A plain aligned text table of ``rows`` restricted to ``cols``."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
