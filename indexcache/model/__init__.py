@@ -1,0 +1,3 @@
+from .transformer import DSAModel, DSAOutput
+
+__all__ = ["DSAModel", "DSAOutput"]

@@ -1,0 +1,98 @@
+"""Dense MLP and the DeepSeek MoE: sigmoid ``noaux_tc`` router (groups, correction bias, routed scaling) plus
+shared experts. Expert weights are stacked so the GPU path runs one grouped GEMM per projection."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (expert ids [N, k], weights [N, k] fp32)."""
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if cfg.n_group > 1:
+            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        ids = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * cfg.routed_scaling_factor
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts; gate and up projections stacked as [E, 2I, D], down as [E, D, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.inter = inter
+        self.gate_up = nn.Parameter(torch.empty(E, 2 * inter, D))
+        self.down = nn.Parameter(torch.empty(E, D, inter))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        N, K = ids.shape
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        token = order // K
+        counts = torch.bincount(flat, minlength=self.gate_up.shape[0])
+        xs = x[token]
+        if _grouped_mm_ok(xs):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs, self.gate_up.transpose(1, 2), offs=offs)
+            gate, up = h.split(self.inter, dim=-1)
+            ys = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs)
+        else:
+            ys = torch.empty_like(xs)
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    gate, up = F.linear(xs[start:start + n], self.gate_up[e]).split(self.inter, dim=-1)
+                    ys[start:start + n] = F.linear(F.silu(gate) * up, self.down[e])
+                start += n
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    # torch._grouped_mm runs on Hopper-class GPUs in bf16; the CPU reference path loops over experts.
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights = self.gate(flat)
+        return (self.experts(flat, ids, weights) + self.shared_experts(flat)).view(shape)
