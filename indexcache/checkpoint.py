@@ -145,22 +145,24 @@ def _place(name, tensor, params, cfg, filled, unexpected, bad_shape):
         if view is None:
             unexpected.append(name)
             return
+        filled.add((target, e, part))  # a wrong shape is reported once, as wrongly shaped, not also as missing
         if tuple(view.shape) != tuple(tensor.shape):
             bad_shape.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(view.shape)}")
             return
         view.copy_(tensor.to(view.dtype))
-        filled.add((target, e, part))
         return
     m = _PACKED.match(name)
     if m:  # transformers' in-memory layout: gate_up_proj [E, 2I, D], down_proj [E, D, I]
         layer, kind = int(m.group(1)), m.group(2)
         target = f"layers.{layer}.mlp.experts." + ("gate_up" if kind == "gate_up_proj" else "down")
         parts = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
-        if _copy(name, tensor, params.get(target), unexpected, bad_shape):
+        if params.get(target) is not None:
             filled.update((target, e, p) for e in range(cfg.n_routed_experts) for p in parts)
+        _copy(name, tensor, params.get(target), unexpected, bad_shape)
         return
-    if _copy(name, tensor, params.get(name), unexpected, bad_shape):
+    if params.get(name) is not None:
         filled.add(name)
+    _copy(name, tensor, params.get(name), unexpected, bad_shape)
 
 
 def _copy(name, tensor, dst, unexpected, bad_shape) -> bool:
