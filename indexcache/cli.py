@@ -37,6 +37,10 @@ def _cmd_info(args) -> int:
           f"{'interleaved' if cfg.mla_rope_interleaved else 'half-split'}, indexer "
           f"{'interleaved' if cfg.indexer_rope_interleaved else 'half-split'}; softmax scale {cfg.softmax_scale:.5f}")
     print(cfg.pattern.describe())
+    per_layer = cfg.indexer_params_per_layer * 2
+    n_shared = len(cfg.pattern.shared_layers)
+    print(f"indexer weights not held by S layers: {n_shared} x {per_layer / 2**20:.1f} MiB = "
+          f"{n_shared * per_layer / 2**20:.1f} MiB (bf16)")
     if cfg.pattern.num_full < cfg.num_layers:
         for engine, flag in cfg.pattern.engine_flags().items():
             print(f"  {engine}: {flag}")

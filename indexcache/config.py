@@ -123,6 +123,12 @@ class ModelConfig:
             scale = scale * m * m
         return scale
 
+    @property
+    def indexer_params_per_layer(self) -> int:
+        """Parameters of one layer's indexer (wq_b, wk, k_norm weight+bias, weights_proj)."""
+        return (self.q_lora_rank * self.index_n_heads * self.index_head_dim + self.hidden_size * self.index_head_dim
+                + 2 * self.index_head_dim + self.hidden_size * self.index_n_heads)
+
     def with_pattern(self, spec) -> "ModelConfig":
         return dataclasses.replace(self, pattern=IndexPattern.parse(spec, self.num_layers))
 

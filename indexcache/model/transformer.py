@@ -103,10 +103,7 @@ class DSAModel(nn.Module):
 
     # ----- facts ------------------------------------------------------------------------------------------------
     def indexer_param_bytes_per_layer(self) -> int:
-        c = self.config
-        n = c.q_lora_rank * c.index_n_heads * c.index_head_dim + c.hidden_size * c.index_head_dim \
-            + 2 * c.index_head_dim + c.hidden_size * c.index_n_heads
-        return n * self.embed_tokens.weight.element_size()
+        return self.config.indexer_params_per_layer * self.embed_tokens.weight.element_size()
 
     def indexer_bytes_saved(self) -> int:
         """Parameter bytes not held because S layers have no indexer."""
