@@ -1,0 +1,62 @@
+"""Engine options, validated once (a frozen dataclass, runtime values such as the page count live elsewhere)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LATENT_FORMATS = ("auto", "bf16", "fp16", "fp32", "fp8")
+INDEXER_FORMATS = ("auto", "exact", "fp8")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int = 4096
+    max_num_seqs: int = 16
+    max_prefill_tokens: int = 8192        # token budget of one step (prefill chunk size; decode tokens count too)
+    page_size: int = 64
+    kv_cache_dtype: str = "auto"          # latent cache: auto = model dtype, bf16/fp16/fp32, or fp8 (FlashMLA 656 B)
+    indexer_cache: str = "auto"           # exact = model-dtype keys + fp32 scores; fp8 = 132 B/token + FP8 kernels
+    num_kv_blocks: int | None = None      # pages; default: gpu_memory_utilization on CUDA, enough for all on CPU
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    cuda_graph_max_bs: int = 64
+    workspace_bytes: int = 1 << 30        # bounds prefill temporaries (indexer logits, gathered KV rows)
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("max_model_len", "max_num_seqs", "max_prefill_tokens", "page_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        if self.kv_cache_dtype not in LATENT_FORMATS:
+            raise ValueError(f"kv_cache_dtype must be one of {LATENT_FORMATS}, got {self.kv_cache_dtype!r}")
+        if self.indexer_cache not in INDEXER_FORMATS:
+            raise ValueError(f"indexer_cache must be one of {INDEXER_FORMATS}, got {self.indexer_cache!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+
+def resolve_formats(cfg: EngineConfig, model_dtype: torch.dtype, device: torch.device, kv_lora: int, rope: int,
+                    index_dim: int) -> tuple[str, str]:
+    """('bf16'|'fp16'|'fp32'|'fp8', 'exact'|'fp8') after 'auto' and shape checks."""
+    latent = cfg.kv_cache_dtype
+    if latent == "auto":
+        latent = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model_dtype, "fp32")
+    if latent == "fp8" and (kv_lora, rope) != (512, 64):
+        raise ValueError(f"kv_cache_dtype='fp8' is FlashMLA's 656-byte format for a 512+64 latent; this model's "
+                         f"latent is {kv_lora}+{rope}")
+    index = cfg.indexer_cache
+    fp8_ok = index_dim == 128 and cfg.page_size == 64
+    if index == "auto":
+        index = "fp8" if (device.type == "cuda" and fp8_ok) else "exact"
+    if index == "fp8" and not fp8_ok:
+        raise ValueError(f"indexer_cache='fp8' needs index_head_dim 128 and page_size 64 (DeepGEMM's paged layout); "
+                         f"got index_head_dim {index_dim}, page_size {cfg.page_size}")
+    return latent, index

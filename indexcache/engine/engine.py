@@ -1,0 +1,149 @@
+"""The engine: owns the KV cache, the scheduler and the runner; ``step()`` is its one primitive."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..model import DSAModel
+from ..sampling import SamplingParams
+from .block_manager import BlockManager, OutOfBlocks
+from .config import EngineConfig, resolve_formats
+from .kv_cache import KVCache, bytes_per_token
+from .runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+
+class LLMEngine:
+    def __init__(self, model: DSAModel, cfg: EngineConfig, index_pattern=None, tokenizer=None):
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.pattern = model.resolve_pattern(index_pattern)  # may turn F layers into S, never S into F
+        mc = model.config
+        w = model.embed_tokens.weight
+        self.device, self.dtype = w.device, w.dtype
+        if cfg.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings "
+                             f"({mc.max_position_embeddings})")
+        latent, index = resolve_formats(cfg, self.dtype, self.device, mc.kv_lora_rank, mc.qk_rope_head_dim,
+                                        mc.index_head_dim)
+        if index == "fp8" and self.device.type != "cuda":
+            raise ValueError("indexer_cache='fp8' runs the FP8 Triton kernels: it needs a CUDA device")
+        self.cache_bytes = bytes_per_token(mc, self.pattern, latent, index, self.dtype)
+        num_blocks = cfg.num_kv_blocks or self._auto_blocks(self.cache_bytes["total"] * cfg.page_size)
+        self.kv = KVCache(mc, self.pattern, num_blocks, cfg.page_size, latent, index, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, cfg.page_size)
+        self.scheduler = Scheduler(cfg, self.blocks)
+        self.runner = ModelRunner(model, self.pattern, cfg, self.kv)
+        self.graphs = None
+        if self.device.type == "cuda" and not cfg.enforce_eager and self.dtype == torch.bfloat16:
+            from .cuda_graph import DecodeGraphs
+            self.graphs = DecodeGraphs(self.runner, min(cfg.max_num_seqs, cfg.cuda_graph_max_bs))
+        eos = mc.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        self._rng = random.Random(cfg.seed)
+        self._next_id = 0
+
+    def _auto_blocks(self, bytes_per_page: int) -> int:
+        want = self.cfg.max_num_seqs * self.cfg.max_blocks_per_seq
+        if self.device.type != "cuda":
+            return want
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(free - (1 - self.cfg.gpu_memory_utilization) * total - self.cfg.workspace_bytes * 2)
+        n = budget // bytes_per_page - 1
+        if n < 1:
+            raise OutOfBlocks(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
+                              f"{total / 2**30:.1f}); raise gpu_memory_utilization or shorten max_model_len")
+        return int(n)
+
+    # ----- requests ---------------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    prompt: str | None = None) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("a prompt needs at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.cfg.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len={self.cfg.max_model_len} "
+                             "(the prompt plus at least one generated token must fit)")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop token ids)")
+        if request_id is None:
+            request_id = str(self._next_id)
+            self._next_id += 1
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        seq = Sequence(request_id, prompt_ids, params, seed, prompt)
+        self.blocks.check_fits(seq, min(len(prompt_ids) + params.max_tokens, self.cfg.max_model_len))
+        self.scheduler.add(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ----- one step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Schedule, run one forward, sample, update; returns the sequences that finished in this step."""
+        work = self.scheduler.schedule()
+        if not work:
+            if self.scheduler.has_work():
+                raise OutOfBlocks("no request can be scheduled: the KV cache is full")
+            return []
+        batch = self.runner.prepare([(s.token_ids, s.num_computed, n, s.block_table) for s, n in work])
+        if self.graphs is not None and batch.decode and self.graphs.bucket(len(work)) is not None:
+            logits = self.graphs.run(batch)
+        else:
+            logits = self.runner.forward(batch)
+        rows = [j for j, (s, n) in enumerate(work) if s.num_computed + n == s.num_tokens]
+        tokens = self._sample(logits, [work[j][0] for j in rows], rows) if rows else []
+        for s, n in work:
+            s.num_computed += n
+        finished = []
+        for j, tok in zip(rows, tokens):
+            seq = work[j][0]
+            seq.token_ids.append(tok)
+            if seq.first_token_time is None:
+                import time
+                seq.first_token_time = time.perf_counter()
+            self.scheduler.promote(seq)
+            reason = self._stop_reason(seq, tok)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _sample(self, logits, seqs: list[Sequence], rows: list[int]) -> list[int]:
+        dev = logits.device
+        sel = logits[torch.tensor(rows, device=dev)] if len(rows) != logits.shape[0] else logits
+
+        def t(vals, dt):
+            return torch.tensor(vals, dtype=dt).to(dev, non_blocking=True)
+
+        p = [s.params for s in seqs]
+        out = sample(sel, t([x.temperature for x in p], torch.float32), t([x.top_p for x in p], torch.float32),
+                     t([x.top_k for x in p], torch.int64), t([s.seed for s in seqs], torch.int64),
+                     t([len(s.output_ids) for s in seqs], torch.int64))
+        return out.tolist()  # the step's one host sync: the scheduler needs the tokens
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids:
+            seq.stop_reason = tok if tok in p.stop_token_ids else None
+            return "stop"
+        if p.stop_strings:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            for s in p.stop_strings:
+                at = text.find(s)
+                if at >= 0:
+                    seq.text, seq.stop_reason = text[:at], s
+                    return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.cfg.max_model_len:
+            return "length"
+        return None
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, "abort")

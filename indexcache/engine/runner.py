@@ -1,0 +1,298 @@
+"""One forward pass of the DSA model over a batch of prefill chunks and decode tokens, against the paged cache.
+
+Every token is one row ("flat batch", no padding): MLA runs in its absorbed (MQA) form over gathered latent rows.
+Full (F) layers run the indexer over the sequence's cached keys and turn its top-k (logical positions) into global
+slot ids once; Shared (S) layers reuse those slot ids as they are. Nothing here syncs with the host on the decode
+path, so it can be captured in a CUDA graph (see cuda_graph.py).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import DSAModel
+from ..model.indexer import select_topk
+from ..model.moe import MoE
+from ..pattern import IndexPattern
+from .config import EngineConfig
+from .kv_cache import KVCache
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor      # [T] int64
+    positions: torch.Tensor      # [T] int64
+    slot_mapping: torch.Tensor   # [T] int64: where each token's KV goes
+    block_table: torch.Tensor    # [B, max_blocks] int32, one row per segment (padded with the scratch page)
+    context_lens: torch.Tensor   # [B] int32: tokens in the cache after this step
+    last_index: torch.Tensor     # [B] int64: row of each segment's last token (its logits are returned)
+    segments: list[tuple[int, int, int]]  # host: (first row, tokens, context length after the step) per segment
+    decode: bool                 # every segment is one token: the batched, graph-capturable path
+    max_len: int                 # decode: key positions scored by the indexer (a multiple of the page size)
+
+
+class Timer:
+    """Per-section GPU (CUDA events) or CPU time, summed over a run; off unless the benchmark switches it on."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.events, self.cpu = cuda, [], {}
+
+    @contextmanager
+    def section(self, name: str):
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            yield
+            b.record()
+            self.events.append((name, a, b))
+        else:
+            t = time.perf_counter()
+            yield
+            self.cpu[name] = self.cpu.get(name, 0.0) + (time.perf_counter() - t) * 1e3
+
+    def summary_ms(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, a, b in self.events:
+                self.cpu[name] = self.cpu.get(name, 0.0) + a.elapsed_time(b)
+            self.events = []
+        return dict(self.cpu)
+
+
+class ModelRunner:
+    def __init__(self, model: DSAModel, pattern: IndexPattern, cfg: EngineConfig, kv: KVCache):
+        self.model, self.pattern, self.cfg, self.kv = model, pattern, cfg, kv
+        self.mcfg = model.config
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.page = cfg.page_size
+        self.timer: Timer | None = None
+        self._absorbed = [layer.self_attn.absorbed_weights() for layer in model.layers]
+        self._kernels = _load_kernels() if self.device.type == "cuda" else {}
+
+    def _t(self, name: str):
+        return self.timer.section(name) if self.timer is not None else nullcontext()
+
+    # ----- batch building (host) --------------------------------------------------------------------------------
+    def prepare(self, work: list[tuple[list[int], int, int, list[int]]]) -> ForwardBatch:
+        """work: (token ids of the sequence, first position, tokens this step, block table) per segment."""
+        ids, pos, slots, last, segs, rows, ctx = [], [], [], [], [], [], []
+        page, width = self.page, self.cfg.max_blocks_per_seq
+        for tokens, start, n, table in work:
+            t0 = len(ids)
+            ids += tokens[start:start + n]
+            p = list(range(start, start + n))
+            pos += p
+            slots += [table[q // page] * page + q % page for q in p]
+            segs.append((t0, n, start + n))
+            last.append(t0 + n - 1)
+            rows.append(table + [self.kv.scratch_block] * (width - len(table)))
+            ctx.append(start + n)
+        decode = all(n == 1 for _, n, _ in segs)
+        max_len = -(-max(ctx) // page) * page
+        dev = self.device
+
+        def t(x, dt):
+            return torch.tensor(x, dtype=dt).to(dev, non_blocking=True)
+
+        return ForwardBatch(t(ids, torch.int64), t(pos, torch.int64), t(slots, torch.int64), t(rows, torch.int32),
+                            t(ctx, torch.int32), t(last, torch.int64), segs, decode, max_len)
+
+    # ----- forward ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, b: ForwardBatch) -> torch.Tensor:
+        """Logits [B, vocab] (fp32) at the last token of each segment."""
+        m = self.model
+        h = m.embed_tokens(b.input_ids)
+        cos, sin = m.rope(b.positions[None], h.dtype)
+        slots = None
+        for i, layer in enumerate(m.layers):
+            h, slots = self._layer(i, layer, h, cos, sin, b, slots)
+        with self._t("rest"):
+            return m.head(h[b.last_index]).float()
+
+    def _layer(self, i, layer, h, cos, sin, b: ForwardBatch, slots):
+        attn = layer.self_attn
+        with self._t("attention"):
+            x = layer.input_layernorm(h)
+            q_nope, q_pe, q_resid, c_kv, k_pe = attn.project(x[None], cos, sin)
+            self.kv.store_latent(i, b.slot_mapping, c_kv[0], k_pe[0])
+        if self.pattern.is_full(i):
+            slots = self._select(i, attn.indexer, x, q_resid, cos, sin, b)
+        elif slots is None:
+            raise RuntimeError(f"layer {i} is shared but no full layer precedes it")
+        with self._t("attention"):
+            w_uk, w_uv = self._absorbed[i]
+            q = torch.cat([torch.einsum("thd,hdc->thc", q_nope[0], w_uk), q_pe[0]], -1)  # [T,h,kv_lora+rope]
+            o_lat = self._sparse_attention(i, q, slots, b)
+            h = h + attn.o_proj(torch.einsum("thc,hdc->thd", o_lat, w_uv).flatten(1))
+        with self._t("moe"):
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            h = h + (moe_forward(mlp, x) if isinstance(mlp, MoE) and x.is_cuda else mlp(x))
+        return h, slots
+
+    # ----- indexer + top-k (Full layers) ------------------------------------------------------------------------
+    def _select(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch) -> torch.Tensor:
+        """Top-k of this layer as global slot ids [T, k] (-1 = none)."""
+        with self._t("indexer"):
+            q, k, w = indexer.project(x[None], q_resid, cos, sin)
+            q, k, w = q[0], k[0], w[0]
+            self.kv.store_index_k(i, b.slot_mapping, k)
+        fp8 = self.kv.indexer_format == "fp8"
+        if b.decode:
+            logical = (self._topk_decode_fp8 if fp8 else self._topk_decode_exact)(i, indexer, q, w, b)
+            table = b.block_table
+        else:
+            parts, tables = [], []
+            for s, (t0, n, ctx) in enumerate(b.segments):
+                fn = self._topk_prefill_fp8 if fp8 else self._topk_prefill_exact
+                parts.append(fn(i, indexer, q[t0:t0 + n], w[t0:t0 + n], b.positions[t0:t0 + n], ctx,
+                                b.block_table[s]))
+                tables.append(b.block_table[s].expand(n, -1))
+            logical, table = torch.cat(parts), torch.cat(tables)
+        with self._t("topk"):
+            return to_slots(logical, table, self.page)
+
+    def _ctx_slots(self, row: torch.Tensor, ctx: int) -> torch.Tensor:
+        p = torch.arange(ctx, device=row.device)
+        return row[p // self.page].long() * self.page + p % self.page
+
+    def _topk_prefill_exact(self, i, indexer, q, w, pos, ctx, row):
+        keys = self.kv.gather_index_k(i, self._ctx_slots(row, ctx))[None]  # [1, ctx, D]
+        n, heads = q.shape[:2]
+        per = max(1, self.cfg.workspace_bytes // (8 * heads * ctx))  # fp32 per-head logits (+ relu copy)
+        kpos = torch.arange(ctx, device=q.device)
+        out = []
+        for r0 in range(0, n, per):
+            r1 = min(n, r0 + per)
+            with self._t("indexer"):
+                s = indexer.scores(q[None, r0:r1], keys, w[None, r0:r1])
+            with self._t("topk"):
+                out.append(select_topk(s, (kpos[None] <= pos[r0:r1, None])[None], indexer.topk)[0])
+        return torch.cat(out)
+
+    def _topk_decode_exact(self, i, indexer, q, w, b):
+        L = b.max_len
+        p = torch.arange(L, device=q.device)
+        slots = b.block_table[:, p // self.page].long() * self.page + p % self.page  # [B, L]
+        with self._t("indexer"):
+            s = indexer.scores(q[:, None], self.kv.gather_index_k(i, slots), w[:, None])  # [B,1,L]
+        with self._t("topk"):
+            return select_topk(s, (p[None] < b.context_lens[:, None])[:, None], indexer.topk)[:, 0]
+
+    def _topk_prefill_fp8(self, i, indexer, q, w, pos, ctx, row):
+        kx = self._kernels
+        from ..kernels.kv_store import gather_indexer_k
+        with self._t("indexer"):
+            q8, wf = kx["quantize_indexer_q"](q, w * indexer.n_heads ** 0.5)
+            k8, ks = gather_indexer_k(self.kv.index[i], self._ctx_slots(row, ctx))
+        n = q.shape[0]
+        rs = torch.zeros(n, dtype=torch.int32, device=q.device)
+        re = (pos + 1).to(torch.int32)
+        topk_fn = kx["topk_rows"]
+        out = torch.empty(n, indexer.topk, dtype=torch.int32, device=q.device)
+        for r0, r1, c0, c1 in _prefill_chunks(pos, ctx, indexer.topk, self.cfg.workspace_bytes):
+            with self._t("indexer"):
+                logits = kx["indexer_logits"](q8[r0:r1], wf[r0:r1], k8[c0:c1], ks[c0:c1], rs[r0:r1] - c0,
+                                              (re[r0:r1] - c0).clamp(min=0))
+            with self._t("topk"):
+                idx = topk_fn(logits, indexer.topk, row_start=None, row_end=(re[r0:r1] - c0).clamp(min=0))
+                out[r0:r1] = torch.where(idx >= 0, idx + c0, idx)
+        return out
+
+    def _topk_decode_fp8(self, i, indexer, q, w, b):
+        kx = self._kernels
+        with self._t("indexer"):
+            q8, wf = kx["quantize_indexer_q"](q, w * indexer.n_heads ** 0.5)
+            logits = kx["indexer_logits_decode"](q8, wf, self.kv.index[i], b.block_table, b.context_lens, b.max_len)
+        with self._t("topk"):
+            return kx["topk_rows"](logits, indexer.topk, row_start=None, row_end=b.context_lens)
+
+    # ----- sparse MLA over the paged latent cache ---------------------------------------------------------------
+    def _sparse_attention(self, i, q, slots, b: ForwardBatch) -> torch.Tensor:
+        """q [T,h,width], slots [T,k] global ids -> o_lat [T,h,kv_lora]."""
+        d_v, scale = self.mcfg.kv_lora_rank, self.mcfg.softmax_scale
+        kx = self._kernels
+        if q.shape[-1] == 576 and "sparse_mla_decode" in kx and (b.decode or self.kv.latent_format == "fp8"):
+            fmt = "fp8" if self.kv.latent_format == "fp8" else "bf16"
+            return kx["sparse_mla_decode"](q, self.kv.latent[i], slots.to(torch.int32), scale, d_v=d_v,
+                                           kv_format=fmt)[0]
+        if q.shape[-1] == 576 and "sparse_mla_prefill" in kx and self.kv.latent_format == "bf16":
+            return kx["sparse_mla_prefill"](q, self.kv.latent[i].view(-1, 576), slots.to(torch.int32), scale,
+                                            d_v=d_v)[0]
+        T, k = slots.shape
+        cdt = torch.float32 if q.dtype == torch.float32 else q.dtype
+        per = T if b.decode else max(1, self.cfg.workspace_bytes // (k * q.shape[-1] * 4 * 2))
+        out = []
+        for r0 in range(0, T, per):
+            sl = slots[r0:r0 + per]
+            rows = self.kv.gather_latent(i, sl.clamp(min=0), cdt)  # [n,k,width]
+            s = torch.einsum("thc,tkc->thk", q[r0:r0 + per].to(cdt), rows).float() * scale
+            s = s.masked_fill((sl < 0)[:, None], float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)
+            out.append(torch.einsum("thk,tkc->thc", p.to(cdt), rows[..., :d_v]))
+        return torch.cat(out).to(q.dtype)
+
+
+def to_slots(logical: torch.Tensor, table: torch.Tensor, page: int) -> torch.Tensor:
+    """Logical key positions [T,k] (-1 = none) -> global slot ids through each row's block table [T, max_blocks]."""
+    lg = logical.long()
+    blk = table.gather(1, lg.clamp(min=0) // page).long()
+    return torch.where(lg < 0, -1, blk * page + lg % page)
+
+
+def _prefill_chunks(pos: torch.Tensor, ctx: int, topk: int, workspace: int):
+    """Row chunks of a causal prefill segment whose logits [rows, keys] fit the workspace (host-side plan)."""
+    n = pos.shape[0]
+    first = ctx - n  # positions of the chunk are first..ctx-1
+    per_row = 4 * ctx + 16 * topk
+    rows = max(1, workspace // per_row)
+    return [(r0, min(n, r0 + rows), 0, first + min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+
+def _load_kernels() -> dict:
+    """The Triton kernels that exist in this checkout (other engineers land them independently)."""
+    found = {}
+    for mod, names in (("indexcache.kernels.indexer", ("quantize_indexer_q", "indexer_logits", "indexer_logits_decode")),
+                       ("indexcache.kernels.topk", ("topk_rows",)),
+                       ("indexcache.kernels.sparse_mla", ("sparse_mla_prefill", "sparse_mla_decode"))):
+        try:
+            m = __import__(mod, fromlist=list(names))
+        except Exception:  # noqa: BLE001 - a kernel module that is absent or broken is simply not used
+            continue
+        for name in names:
+            if hasattr(m, name):
+                found[name] = getattr(m, name)
+    if "topk_rows" not in found and "indexer_logits" in found:
+        from indexcache.kernels.indexer import default_topk_fn
+        found["topk_rows"] = default_topk_fn()
+    return found
+
+
+def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """MoE.forward without host syncs (counts by scatter_add, not bincount) so decode can be graph-captured."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    ids, weights = moe.gate(flat)
+    ex = moe.experts
+    E = ex.gate_up.shape[0]
+    N, K = ids.shape
+    fl = ids.flatten()
+    order = fl.argsort(stable=True)
+    token = order // K
+    xs = flat[token]
+    if not (xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return moe(x)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, fl, torch.ones_like(fl, dtype=torch.int32))
+    offs = counts.cumsum(0).to(torch.int32)
+    hgu = torch._grouped_mm(xs, ex.gate_up.transpose(1, 2), offs=offs)
+    gate, up = hgu.split(ex.inter, dim=-1)
+    ys = torch._grouped_mm(F.silu(gate) * up, ex.down.transpose(1, 2), offs=offs)
+    ys = ys * weights.flatten()[order, None].to(ys.dtype)
+    out = torch.zeros_like(flat).index_add_(0, token, ys)
+    return (out + moe.shared_experts(flat)).view(shape)

@@ -1,0 +1,53 @@
+"""One request as the engine sees it: its tokens, how many of them sit in the KV cache, and its pages."""
+from __future__ import annotations
+
+import enum
+import time
+
+from ..sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"   # has tokens whose KV is not computed yet (new, partly prefilled, or preempted)
+    RUNNING = "running"   # decoding: exactly one token (the last sampled) is not in the cache
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int,
+                 prompt: str | None = None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = list(prompt_ids)
+        self.token_ids = list(prompt_ids)
+        self.params = params
+        self.seed = seed                  # sampling noise is a pure function of (seed, output index, token id)
+        self.status = Status.WAITING
+        self.num_computed = 0             # tokens whose KV is stored in the cache
+        self.block_table: list[int] = []  # physical page ids, in order
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.text = ""
+        self.arrival = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def __repr__(self):
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed}, blocks={len(self.block_table)})")
