@@ -1,0 +1,122 @@
+"""The engine against the reference model on the tiny preset (fp32, random weights)."""
+import pytest
+import torch
+
+from indexcache.engine import OutOfBlocks
+from indexcache.pattern import PatternError
+
+from .helpers import tiny_model, greedy, make_engine, reference_greedy, run
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(3)
+
+
+def prompt(n, seed):
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("pattern", [None, "1/2", "FFSFSSFS"], ids=["full", "keep-1/2", "explicit"])
+@pytest.mark.parametrize("chunk", [4096, 24], ids=["whole-prefill", "chunked"])
+def test_greedy_equals_reference(model, pattern, chunk):
+    p = prompt(70, 1)  # longer than top-k (32): the selection matters
+    eng = make_engine(model, pattern, max_prefill_tokens=chunk)
+    toks, logits = run(eng, [p], greedy(6))
+    ref_toks, ref_logits = reference_greedy(model, p, 6, pattern=pattern)
+    assert toks[0] == ref_toks
+    torch.testing.assert_close(logits[0], ref_logits, atol=2e-4, rtol=1e-4)
+    assert eng.blocks.num_free == eng.blocks.num_blocks  # every page came back
+
+
+def test_chunked_prefill_equals_unchunked(model):
+    p = prompt(150, 2)
+    _, whole = run(make_engine(model, "1/2"), [p], greedy(3))
+    _, chunked = run(make_engine(model, "1/2", max_prefill_tokens=17), [p], greedy(3))
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-4, rtol=1e-4)
+
+
+def test_continuous_batching_equals_alone(model):
+    prompts = [prompt(n, 10 + n) for n in (9, 70, 41, 100)]
+    lens = [5, 3, 7, 4]
+    params = [greedy(n) for n in lens]
+    alone = [run(make_engine(model, "1/2"), [p], sp) for p, sp in zip(prompts, params)]
+    eng = make_engine(model, "1/2", max_prefill_tokens=48, max_num_seqs=3)
+    toks, logits = run(eng, prompts[:3], params[:3], join_after=(2, prompts[3:], params[3:]))
+    for i in range(4):
+        assert toks[i] == alone[i][0][0]
+        torch.testing.assert_close(logits[i], alone[i][1][0], atol=1e-4, rtol=1e-4)
+
+
+def test_small_cache_queues_and_preempts_without_corruption(model):
+    prompts = [prompt(n, 20 + n) for n in (60, 66, 50)]
+    params = greedy(20)
+    alone = [run(make_engine(model), [p], params)[0][0] for p in prompts]
+    eng = make_engine(model, num_kv_blocks=3, page_size=32)  # 96 tokens: one request at a time, others wait
+    toks, _ = run(eng, prompts, params)
+    assert toks == alone
+    assert eng.blocks.num_free == 3
+
+
+def test_out_of_blocks_is_refused(model):
+    eng = make_engine(model, num_kv_blocks=2, page_size=16)
+    with pytest.raises(OutOfBlocks, match="KV pages"):
+        eng.add_request(prompt(40, 0), greedy(1))
+    assert eng.blocks.num_free == 2 and not eng.has_unfinished()
+
+
+def test_indexer_cache_only_for_full_layers(model):
+    eng = make_engine(model, "1/4", num_kv_blocks=4)
+    pat = eng.pattern
+    assert [c is not None for c in eng.kv.index] == [pat.is_full(i) for i in range(8)]
+    bpt = eng.cache_bytes
+    cfg = model.config
+    assert bpt["latent"] == 8 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert bpt["indexer"] == pat.num_full * cfg.index_head_dim * 4
+    full = make_engine(model, None, num_kv_blocks=4).cache_bytes
+    assert bpt["total"] < full["total"]
+    pages = eng.kv.num_blocks + 1
+    assert eng.kv.allocated_bytes() == pages * eng.cfg.page_size * bpt["total"]
+
+
+def test_fp8_formats_report_published_sizes():
+    from indexcache.engine import bytes_per_token
+    from indexcache.presets import preset_config
+    from indexcache.pattern import IndexPattern
+
+    cfg = preset_config("glm-4.7-flash-dsa")
+    full = bytes_per_token(cfg, IndexPattern.all_full(47), "fp8", "fp8")
+    assert full["total"] == 47 * (656 + 132)
+    q = bytes_per_token(cfg, IndexPattern.keep(47, "1/4"), "bf16", "fp8")
+    assert q["indexer"] == 13 * 132 and q["latent"] == 47 * 1152
+
+
+def test_errors(model):
+    eng = make_engine(model, max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request(prompt(64, 0), greedy(1))
+    with pytest.raises(ValueError, match="vocabulary"):
+        eng.add_request([1, 2, 10_000], greedy(1))
+    with pytest.raises(PatternError):
+        make_engine(model, "FFS")  # wrong length
+    half = tiny_model(pattern="1/2")
+    with pytest.raises(PatternError, match="no indexer"):
+        make_engine(half, "all")  # S layers have no indexer weights to turn back into F
+    with pytest.raises(ValueError, match="tokenizer"):
+        from indexcache.sampling import SamplingParams
+        eng.add_request([1, 2], SamplingParams(stop=["x"]))
+    with pytest.raises(ValueError, match="fp8"):
+        make_engine(model, kv_cache_dtype="fp8")  # the tiny latent is 64+16, not FlashMLA's 512+64
+
+
+def test_stop_token_and_max_model_len(model):
+    from indexcache.sampling import SamplingParams
+
+    p = prompt(20, 5)
+    ref, _ = reference_greedy(model, p, 4)
+    eng = make_engine(model)
+    toks, _ = run(eng, [p], SamplingParams(max_tokens=10, temperature=0, stop=[ref[2]], ignore_eos=True))
+    assert toks[0] == ref[:3]
+    eng = make_engine(model, max_model_len=23)
+    toks, _ = run(eng, [p], greedy(10))
+    assert toks[0] == ref[:3]  # 20 + 3 = max_model_len
