@@ -28,8 +28,15 @@ class LLMEngine:
                              f"({mc.max_position_embeddings})")
         latent, index = resolve_formats(cfg, self.dtype, self.device, mc.kv_lora_rank, mc.qk_rope_head_dim,
                                         mc.index_head_dim)
-        if index == "fp8" and self.device.type != "cuda":
-            raise ValueError("indexer_cache='fp8' runs the FP8 Triton kernels: it needs a CUDA device")
+        if index == "fp8":
+            from .runner import _load_kernels
+            missing = {"quantize_indexer_q", "indexer_logits", "indexer_logits_decode", "topk_rows"} - set(
+                _load_kernels() if self.device.type == "cuda" else ())
+            if missing and cfg.indexer_cache == "auto":
+                index = "exact"
+            elif missing:
+                raise ValueError(f"indexer_cache='fp8' needs a CUDA device and the FP8 indexer kernels "
+                                 f"(missing: {sorted(missing)})")
         self.cache_bytes = bytes_per_token(mc, self.pattern, latent, index, self.dtype)
         num_blocks = cfg.num_kv_blocks or self._auto_blocks(self.cache_bytes["total"] * cfg.page_size)
         self.kv = KVCache(mc, self.pattern, num_blocks, cfg.page_size, latent, index, self.dtype, self.device)
