@@ -1,0 +1,337 @@
+"""Indexer quantisation, prefill/decode logits and top-k selection: Triton (interpreter on CPU) vs references."""
+import pytest
+import torch
+
+from indexcache.kernels.indexer import (
+    default_topk_fn,
+    hadamard_128,
+    indexer_logits,
+    indexer_logits_decode,
+    indexer_topk_decode,
+    indexer_topk_prefill,
+    plan_prefill_chunks,
+    quantize_indexer_k,
+    quantize_indexer_q,
+)
+from indexcache.kernels.indexer.recall import fp8_recall, make_case
+from indexcache.kernels.indexer.reference import (
+    indexer_logits_decode_ref,
+    indexer_logits_ref,
+    topk_recall,
+    topk_rows_torch,
+)
+from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
+from indexcache.kernels.kv_store.reference import store_indexer_k_ref
+from tests.helpers import poisoned
+
+
+def _inputs(t, s, h, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, h, 128, generator=g)
+    wr = torch.randn(t, h, generator=g)
+    k = torch.randn(s, 128, generator=g)
+    q8, w = quantize_indexer_q(q.to(device), wr.to(device))
+    k8, ks = quantize_indexer_k(k.to(device))
+    return q8, w, k8, ks
+
+
+def _ragged_windows(t, s, device, seed=0):
+    """Three packed sequences with causal windows, one empty row, one row clipped past S."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [s // 3, s // 3 + 5, s - 2 * (s // 3) - 5]
+    rs, re = [], []
+    starts = [0, lens[0], lens[0] + lens[1]]
+    for i in range(t):
+        j = i % 3
+        pos = int(torch.randint(0, lens[j], (1,), generator=g))
+        rs.append(starts[j])
+        re.append(starts[j] + pos + 1)
+    rs[1], re[1] = 7, 7  # empty window
+    re[2] = s + 40  # clipped to S
+    return torch.tensor(rs, dtype=torch.int32, device=device), torch.tensor(re, dtype=torch.int32, device=device)
+
+
+def _assert_logits_close(out, ref):
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(out)), "-inf pattern differs"
+    assert not torch.isnan(out).any()
+    assert (out[~fin] == float("-inf")).all()
+    scale = ref[fin].abs().max().clamp_min(1e-6)
+    # interpreter: exact fp32 sums; Hopper fp8 MMA accumulates with ~13-bit intermediate precision
+    tol = 1e-3 if out.is_cuda else 1e-4
+    assert ((out[fin] - ref[fin]).abs().max() / scale) < tol
+
+
+# ------------------------------------------------------------------------------------------------ quantisation
+def test_hadamard_is_orthonormal_involution():
+    x = torch.randn(5, 3, 128)
+    y = hadamard_128(x)
+    torch.testing.assert_close(hadamard_128(y), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    with pytest.raises(ValueError, match="128"):
+        hadamard_128(torch.randn(4, 64))
+
+
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_quantize_q_k(hadamard):
+    t, h = 9, 32
+    q = torch.randn(t, h, 128) * torch.rand(t, h, 1) * 10
+    q[0, 0] = 0.0  # all-zero vector: amax floor 1e-4 keeps the scale finite
+    wr = torch.randn(t, h)
+    q8, w = quantize_indexer_q(q, wr, hadamard=hadamard)
+    assert q8.dtype == torch.float8_e4m3fn and w.dtype == torch.float32 and q8.shape == q.shape
+    scale = w / (wr * 128**-0.5 * h**-0.5)
+    log2 = torch.log2(scale)
+    torch.testing.assert_close(log2, log2.round())  # power of two
+    qq = hadamard_128(q) if hadamard else q
+    deq = q8.float() * scale[..., None]
+    assert (deq - qq).abs().max() <= (qq.abs().amax(-1, keepdim=True) * 2**-4 + 1e-6).max()
+    assert (q8.float().abs().amax(-1) > 224).all() | (q[..., 0] == 0).any()  # scale rounds up, uses top binade
+    k = torch.randn(37, 128, dtype=torch.float16)
+    k8, ks = quantize_indexer_k(k, hadamard=hadamard)
+    kk = hadamard_128(k.float()) if hadamard else k.float()
+    assert ((k8.float() * ks[:, None] - kk).abs() <= kk.abs().amax(-1, keepdim=True) * 2**-4).all()
+    with pytest.raises(ValueError, match="weights"):
+        quantize_indexer_q(q, wr[:, :5])
+    with pytest.raises(ValueError, match="128"):
+        quantize_indexer_k(torch.randn(4, 64))
+
+
+# ------------------------------------------------------------------------------------------------ prefill logits
+@pytest.mark.parametrize("h,t,s", [(32, 13, 203), (64, 7, 150), (20, 5, 97)])
+def test_indexer_logits_matches_reference(h, t, s, device):
+    q8, w, k8, ks = _inputs(t, s, h, device, seed=h)
+    rs, re = _ragged_windows(t, s, device, seed=h)
+    out = poisoned((t, s), torch.float32, device)
+    res = indexer_logits(q8, w, k8, ks, rs, re, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    _assert_logits_close(out, indexer_logits_ref(q8, w, k8, ks, rs, re))
+
+
+def test_indexer_logits_full_windows_and_empty(device):
+    t, s, h = 6, 130, 32
+    q8, w, k8, ks = _inputs(t, s, h, device, seed=3)
+    rs = torch.zeros(t, dtype=torch.int32, device=device)
+    re = torch.full((t,), s, dtype=torch.int32, device=device)
+    _assert_logits_close(indexer_logits(q8, w, k8, ks, rs, re), indexer_logits_ref(q8, w, k8, ks, rs, re))
+    out = indexer_logits(q8, w, k8, ks, rs, rs)  # every window empty: all -inf, nothing computed
+    assert (out == float("-inf")).all()
+
+
+def test_indexer_logits_bad_inputs():
+    q8, w, k8, ks = _inputs(4, 10, 32, "cpu")
+    rs = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q_fp8"):
+        indexer_logits(q8.float(), w, k8, ks, rs, rs)
+    with pytest.raises(ValueError, match="w must be"):
+        indexer_logits(q8, w[:, :3], k8, ks, rs, rs)
+    with pytest.raises(ValueError, match="k_scale"):
+        indexer_logits(q8, w, k8, ks[:5], rs, rs)
+    with pytest.raises(ValueError, match="row_end"):
+        indexer_logits(q8, w, k8, ks, rs, rs[:2])
+    with pytest.raises(ValueError, match="out"):
+        indexer_logits(q8, w, k8, ks, rs, rs, out=torch.empty(4, 11))
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def _check_topk(idx, logits, rs, re, topk):
+    """Same index sets as torch.topk on the reference logits, up to ties (then the selected scores agree)."""
+    ref = topk_rows_torch(logits, topk, row_start=rs, row_end=re)
+    assert idx.dtype == torch.int32 and idx.shape == ref.shape
+    for r in range(idx.shape[0]):
+        a = idx[r][idx[r] >= 0]
+        b = ref[r][ref[r] >= 0]
+        assert len(a) == len(b) == max(0, min(topk, int(re[r].clamp(max=logits.shape[1])) - int(rs[r])))
+        assert len(set(a.tolist())) == len(a)
+        assert ((a >= rs[r]) & (a < re[r])).all()
+        if set(a.tolist()) != set(b.tolist()):
+            torch.testing.assert_close(logits[r, a.long()].sort().values, logits[r, b.long()].sort().values)
+        assert (idx[r][len(a):] == -1).all()
+
+
+def test_topk_prefill_chunked_equals_unchunked(device):
+    t, s, h, topk = 23, 157, 32, 40
+    q8, w, k8, ks = _inputs(t, s, h, device, seed=5)
+    rs, re = _ragged_windows(t, s, device, seed=5)
+    whole = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, topk_fn=topk_rows_torch)
+    tiny = 3 * (157 * 4 + 16 * topk)  # about 3 rows per chunk
+    assert len(plan_prefill_chunks(rs, re, topk, tiny)) >= 8
+    chunked = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, workspace_bytes=tiny, topk_fn=topk_rows_torch)
+    logits = indexer_logits_ref(q8, w, k8, ks, rs, re)
+    _check_topk(whole, logits, rs, re.clamp(max=s), topk)
+    _check_topk(chunked, logits, rs, re.clamp(max=s), topk)
+    assert topk_recall(chunked, whole) == 1.0
+
+
+def test_default_topk_fn():
+    fn = default_topk_fn()
+    try:
+        from indexcache.kernels.topk import topk_rows
+    except ImportError:
+        assert fn is topk_rows_torch
+    else:
+        assert fn is topk_rows
+
+
+def test_topk_prefill_short_rows(device):
+    t, s, h, topk = 9, 75, 64, 64  # causal rows shorter than topk get -1 padding
+    q8, w, k8, ks = _inputs(t, s, h, device, seed=6)
+    re = torch.arange(s - t + 1, s + 1, dtype=torch.int32, device=device) - 40
+    rs = torch.zeros(t, dtype=torch.int32, device=device)
+    idx = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, workspace_bytes=2 * (75 * 4 + 16 * topk),
+                               topk_fn=topk_rows_torch)
+    _check_topk(idx, indexer_logits_ref(q8, w, k8, ks, rs, re), rs, re, topk)
+    assert (idx == -1).any()
+
+
+def test_plan_prefill_chunks_respects_workspace():
+    t, s, topk = 1000, 5000, 64
+    re = torch.arange(s - t + 1, s + 1, dtype=torch.int32)
+    rs = torch.zeros(t, dtype=torch.int32)
+    ws = 1 << 20
+    chunks = plan_prefill_chunks(rs, re, topk, ws)
+    assert chunks[0][0] == 0 and chunks[-1][1] == t
+    for (r0, r1, c0, c1), nxt in zip(chunks, chunks[1:] + [None]):
+        assert (r1 - r0) * ((c1 - c0) * 4 + 16 * topk) <= ws
+        assert c0 == 0 and c1 == int(re[r1 - 1])
+        if nxt is not None:
+            assert nxt[0] == r1
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        plan_prefill_chunks(rs, re, topk, 100)
+
+
+def test_topk_rows_torch_padding():
+    logits = torch.randn(3, 10)
+    idx = topk_rows_torch(logits, 12, row_start=torch.tensor([0, 2, 5]), row_end=torch.tensor([10, 4, 5]))
+    assert idx.shape == (3, 12)
+    assert sorted(idx[0, :10].tolist()) == list(range(10)) and (idx[0, 10:] == -1).all()
+    assert sorted(idx[1, :2].tolist()) == [2, 3] and (idx[1, 2:] == -1).all()
+    assert (idx[2] == -1).all()
+
+
+# ------------------------------------------------------------------------------------------------ decode
+def _paged_case(b, h, ctx, max_pages, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_pages = b * max_pages + 3
+    cache = new_indexer_cache(num_pages, device)
+    cache.copy_(torch.randint(0, 255, cache.shape, generator=g, dtype=torch.uint8).to(device))
+    cache.view(torch.float32)[:, 2048:] = 1e30  # garbage scales where nothing was stored
+    perm = torch.randperm(num_pages, generator=g)[: b * max_pages].view(b, max_pages).to(torch.int32)
+    block_table = perm.to(device)
+    for i in range(b):
+        pos = torch.arange(ctx[i])
+        slots = perm[i, pos // 64].long() * 64 + pos % 64
+        store_indexer_k_ref(cache, slots.to(device), torch.randn(ctx[i], 128, generator=g).to(device))
+    q = torch.randn(b, h, 128, generator=g).to(device)
+    q8, w = quantize_indexer_q(q, torch.randn(b, h, generator=g).to(device))
+    return q8, w, cache, block_table, torch.tensor(ctx, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("h", [32, 64])
+def test_decode_logits_matches_reference(h, device):
+    ctx = [1, 130, 64, 0, 200]
+    max_len = 203
+    q8, w, cache, bt, cl = _paged_case(len(ctx), h, ctx, 4, device, seed=h)
+    out = poisoned((len(ctx), max_len), torch.float32, device)
+    indexer_logits_decode(q8, w, cache, bt, cl, max_len, out=out)
+    _assert_logits_close(out, indexer_logits_decode_ref(q8, w, cache, bt, cl, max_len))
+
+
+def test_decode_topk(device):
+    ctx = [70, 3, 190]
+    q8, w, cache, bt, cl = _paged_case(3, 32, ctx, 3, device, seed=9)
+    idx = indexer_topk_decode(q8, w, cache, bt, cl, 190, 16, topk_fn=topk_rows_torch)
+    logits = indexer_logits_decode_ref(q8, w, cache, bt, cl, 190)
+    _check_topk(idx, logits, torch.zeros(3, dtype=torch.int32, device=device), cl, 16)
+    assert (idx[1, 3:] == -1).all()
+
+
+def test_decode_bad_inputs():
+    q8, w, cache, bt, cl = _paged_case(2, 32, [5, 6], 1, "cpu")
+    with pytest.raises(ValueError, match="max_len"):
+        indexer_logits_decode(q8, w, cache, bt, cl, 65)
+    with pytest.raises(ValueError, match="kv_cache"):
+        indexer_logits_decode(q8, w, cache[:, :8000].contiguous(), bt, cl, 10)
+    with pytest.raises(ValueError, match="block_table"):
+        indexer_logits_decode(q8, w, cache, bt.long(), cl, 10)
+    with pytest.raises(ValueError, match="context_lens"):
+        indexer_logits_decode(q8, w, cache, bt, cl[:1], 10)
+
+
+def test_store_then_decode_with_triton_store(device):
+    """Keys written by store_indexer_k (Triton path) are read back by the decode kernel."""
+    b, h, ctx = 2, 32, [100, 37]
+    q8, w, cache, bt, cl = _paged_case(b, h, [0, 0], 2, device, seed=11)
+    g = torch.Generator().manual_seed(12)
+    for i in range(b):
+        pos = torch.arange(ctx[i])
+        slots = (bt[i].cpu()[pos // 64].long() * 64 + pos % 64).to(device)
+        store_indexer_k(cache, slots, torch.randn(ctx[i], 128, generator=g).to(device))
+    cl = torch.tensor(ctx, dtype=torch.int32, device=device)
+    out = indexer_logits_decode(q8, w, cache, bt, cl, 128)
+    _assert_logits_close(out, indexer_logits_decode_ref(q8, w, cache, bt, cl, 128))
+
+
+# ------------------------------------------------------------------------------------------------ recall
+@pytest.mark.parametrize("kind,hadamard,floor", [
+    ("random", False, 0.93), ("random", True, 0.93),
+    ("structured", False, 0.97), ("structured", True, 0.97),
+    ("outlier", False, 0.93), ("outlier", True, 0.97),
+])
+def test_fp8_topk_recall(kind, hadamard, floor):
+    case = make_case(kind, 48, 4096, 32, seed=2)
+    rec = fp8_recall(*case, 512, hadamard=hadamard, logits_fn=indexer_logits_ref)
+    print(f"recall {kind} hadamard={hadamard}: {rec:.4f}")
+    assert rec >= floor
+
+
+def test_fp8_recall_with_kernel_logits(device):
+    case = make_case("structured", 6, 300, 32, seed=4, device=device)
+    rec_kernel = fp8_recall(*case, 64, logits_fn=indexer_logits)
+    rec_ref = fp8_recall(*case, 64, logits_fn=indexer_logits_ref)
+    assert abs(rec_kernel - rec_ref) < 1e-6 and rec_kernel > 0.9
+
+
+# ------------------------------------------------------------------------------------------------ GPU (real sizes)
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [32, 64])
+def test_gpu_prefill_logits_real_size(h):
+    t, s = 1024, 8192 + 37
+    q = torch.randn(t, h, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(s, 128, device="cuda", dtype=torch.bfloat16)
+    q8, w = quantize_indexer_q(q, torch.randn(t, h, device="cuda", dtype=torch.bfloat16), hadamard=True)
+    k8, ks = quantize_indexer_k(k, hadamard=True)
+    re = torch.arange(s - t + 1, s + 1, dtype=torch.int32, device="cuda")
+    rs = (torch.arange(t, device="cuda", dtype=torch.int32) * 3) % 500
+    out = poisoned((t, s), torch.float32, "cuda")
+    indexer_logits(q8, w, k8, ks, rs, re, out=out)
+    ref = indexer_logits_ref(q8, w, k8, ks, rs, re)
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(out))
+    err = (out[fin] - ref[fin]).norm() / ref[fin].norm()
+    assert err < 1e-3, err
+
+
+@pytest.mark.gpu
+def test_gpu_decode_and_topk_real_size():
+    ctx = [65536, 1000, 4097, 300]
+    q8, w, cache, bt, cl = _paged_case(4, 64, ctx, 1024, "cuda", seed=1)
+    out = indexer_logits_decode(q8, w, cache, bt, cl, 65536)
+    ref = indexer_logits_decode_ref(q8, w, cache, bt, cl, 65536)
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(out))
+    assert (out[fin] - ref[fin]).norm() / ref[fin].norm() < 1e-3
+    idx = indexer_topk_decode(q8, w, cache, bt, cl, 65536, 2048)
+    ref_idx = topk_rows_torch(ref, 2048, row_end=cl)
+    assert topk_recall(idx, ref_idx) > 0.99
+
+
+@pytest.mark.gpu
+def test_gpu_topk_prefill_chunked():
+    t, s, h, topk = 2048, 6000, 64, 2048
+    q8, w, k8, ks = _inputs(t, s, h, "cuda", seed=7)
+    re = torch.arange(s - t + 1, s + 1, dtype=torch.int32, device="cuda")
+    rs = torch.zeros(t, dtype=torch.int32, device="cuda")
+    a = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, workspace_bytes=8 << 20)
+    b = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, topk_fn=topk_rows_torch)
+    assert topk_recall(a, b) > 0.999
