@@ -73,9 +73,14 @@ def fill_random(kv, seed=0):
             t.normal_(generator=g)
 
 
+def sub_pattern(spec: str, n_sub: int) -> str:
+    """An F/S string of the whole model, cut to the layers that run (other specs apply to any depth)."""
+    return spec[:n_sub] if set(spec) <= {"F", "S"} and len(spec) > n_sub else spec
+
+
 def scale_factors(pattern_spec, n_sub: int, n_full: int) -> dict:
     """Per-section multipliers from a run of n_sub layers to the n_full-layer model."""
-    f_sub = IndexPattern.parse(pattern_spec, n_sub).num_full
+    f_sub = IndexPattern.parse(sub_pattern(pattern_spec, n_sub), n_sub).num_full
     f_full = IndexPattern.parse(pattern_spec, n_full).num_full
     r = n_full / n_sub
     return {"indexer": f_full / f_sub, "topk": f_full / f_sub, "attention": r, "moe": r, "rest": 1.0, "other": r}
@@ -274,7 +279,7 @@ def main(argv=None, args=None) -> int:
         for pat in patterns:
             scale = scale_factors(pat, cfg.num_layers, cfg_full.num_layers)
             r = {"context": ctx, "pattern": pat}
-            r.update(timed_prefill_decode(model, pat, ctx, args, cfg.vocab_size))
+            r.update(timed_prefill_decode(model, sub_pattern(pat, cfg.num_layers), ctx, args, cfg.vocab_size))
             pre = r["prefill_breakdown_ms"]
             dec = r["decode_breakdown_ms"]
             r["est_ttft_s"] = breakdown_total(pre, scale) / 1e3
@@ -289,7 +294,7 @@ def main(argv=None, args=None) -> int:
             if not args.no_full_cache:
                 b = max_batch(cfg_full, pat, ctx, args, weight_bytes)
                 try:
-                    fc = full_cache_decode(model, pat, ctx, args, b, args.full_cache_steps)
+                    fc = full_cache_decode(model, sub_pattern(pat, cfg.num_layers), ctx, args, b, args.full_cache_steps)
                     fc["est_tok_s"] = fc["tok_s"] / dec_ratio if dec_ratio else None
                     r["full_cache_decode"] = fc
                 except torch.OutOfMemoryError as e:
