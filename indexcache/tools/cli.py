@@ -1,0 +1,225 @@
+"""CLI subcommands of the quality tools: ``train``, ``overlap``, ``search``, ``distill``, ``eval``.
+
+``register(subparsers)`` adds them to the ``indexcache`` command (indexcache/cli.py calls it).
+Every command prints a short summary and writes its full result as JSON with ``--json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _device(arg: str | None) -> str:
+    import torch
+
+    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dump(obj, path: str | None) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+        print(f"wrote {path}")
+
+
+def _text_batches(args, model, device):
+    """Token batches from --text files (byte-level) or, by default, the held-out stdlib split."""
+    import torch
+
+    from .corpus import ByteTokenizer, load_corpus
+
+    L = args.length or model.config.index_topk * 8
+    if args.text:
+        toks = []
+        for path in args.text:
+            with open(path, "rb") as f:
+                toks += [ByteTokenizer.BOS] + list(f.read()) + [ByteTokenizer.EOS]
+        n = len(toks) // L
+        if n == 0:
+            raise ValueError(f"--text holds {len(toks)} tokens, fewer than one window of --length {L}")
+        ids = torch.tensor(toks[: n * L]).view(n, L)[: args.num_seqs]
+    else:
+        ids = load_corpus("test").sequential_windows(L, args.num_seqs)
+    return [b.to(device) for b in ids.split(args.batch)]
+
+
+def _load(args, pattern=None):
+    from ..checkpoint import load_model
+
+    return load_model(args.model, device=_device(args.device), index_pattern=pattern)
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    from .train import PRESETS, train
+
+    tc = PRESETS[args.preset]
+    over = {k: v for k, v in dict(layers=args.layers, hidden=args.hidden, context=args.context, topk=args.topk,
+                                  batch=args.batch, dense_steps=args.dense_steps, warmup_steps=args.warmup_steps,
+                                  sparse_steps=args.sparse_steps, seed=args.seed,
+                                  time_budget_s=args.time_budget).items() if v is not None}
+    tc = dataclasses.replace(tc, **over)
+    _, log = train(tc, _device(args.device), args.out, progress=True)
+    for s in log["stages"]:
+        last = s["curve"][-1] if s["curve"] else {}
+        print(f"{s['stage']:7s} {s['steps_done']}/{s['steps_planned']} steps in {s['seconds']:.0f}s  "
+              f"lm {last.get('lm')}  indexer KL {last.get('index_kl')}")
+    print(f"saved {args.out}")
+    _dump(log, args.json)
+    return 0
+
+
+def cmd_overlap(args) -> int:
+    from .overlap import model_overlap, write_heatmap_png
+
+    model = _load(args)
+    ov = model_overlap(model, _text_batches(args, model, _device(args.device)))
+    res = {"model": args.model, "topk": model.config.index_topk, "overlap": ov.tolist(),
+           "adjacent_mean": float(sum(ov[i, i + 1] for i in range(len(ov) - 1)) / max(len(ov) - 1, 1)),
+           "offdiag_min": float(ov.min())}
+    print(f"{len(ov)} layers, top-k {res['topk']}: adjacent-layer overlap {res['adjacent_mean']:.3f}, "
+          f"minimum {res['offdiag_min']:.3f}")
+    if args.png:
+        write_heatmap_png(ov, args.png)
+        print(f"wrote {args.png}")
+    _dump(res, args.json)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from ..pattern import IndexPattern
+    from .corpus import load_corpus
+    from .search import calibration_batches, greedy_search
+
+    model = _load(args)
+    N = model.config.num_layers
+    if args.keep:
+        target = N - IndexPattern.keep(N, args.keep).num_full
+    elif args.target_shared is not None:
+        target = args.target_shared
+    else:
+        raise ValueError("give --keep 1/N or --target-shared COUNT")
+    L = args.length or 4 * model.config.index_topk
+    batches = calibration_batches(load_corpus(args.split), args.calib_seqs, L, args.batch, args.seed,
+                                  _device(args.device))
+    res = greedy_search(model, batches, target, fixed=tuple(args.fixed), naive=args.naive, progress=True)
+    out = res.to_json()
+    print(res.pattern.describe())
+    print("loss curve: " + " ".join(f"{x:.4f}" for x in out["loss_curve"]))
+    print(f"layer-forwards {out['layer_forwards']} vs naive {out['naive_layer_forwards']} "
+          f"(saved {out['layer_forwards_saved']})")
+    for engine, flag in out["engine_flags"].items():
+        print(f"  {engine}: {flag}")
+    _dump(out, args.json)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .distill import distill
+
+    _, log = distill(args.model, args.pattern, args.out, warmup_steps=args.warmup_steps,
+                     sparse_steps=args.sparse_steps, batch=args.batch, context=args.context, seed=args.seed,
+                     device=_device(args.device), progress=True)
+    print(f"distilled pattern {log['pattern']} -> {args.out}")
+    _dump(log, args.json)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .corpus import load_corpus
+    from .evaluate import evaluate
+
+    test = load_corpus("test")
+    results = []
+    for pat in args.patterns:
+        model = _load(args)
+        r = evaluate(model, None if pat == "model" else pat, test=test, context=args.context,
+                     lengths=tuple(args.lengths), n_retrieval=args.n_retrieval, heldout_windows=args.windows,
+                     batch=args.batch, device=_device(args.device), progress=True)
+        results.append(r)
+        acc = " ".join(f"{L}:{v['accuracy']:.2f}" for L, v in r["retrieval"].items())
+        print(f"{r['pattern']}  loss {r['heldout']['loss']:.4f}  bpb {r['heldout']['bits_per_byte']:.4f}  "
+              f"retrieval {acc}")
+    _dump({"model": args.model, "results": results}, args.json)
+    return 0
+
+
+def register(subparsers) -> None:
+    def common(p, model=True):
+        if model:
+            p.add_argument("model", help="checkpoint folder")
+        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--json", help="write the full result here")
+
+    t = subparsers.add_parser("train", help="train a small DSA model on the stdlib corpus (dense -> warm-up -> sparse)")
+    common(t, model=False)
+    t.add_argument("--preset", default="fixture", choices=["fixture", "gpu"])
+    t.add_argument("--out", required=True, help="checkpoint folder to write")
+    for name in ("layers", "hidden", "context", "topk", "batch", "dense-steps", "warmup-steps", "sparse-steps", "seed"):
+        t.add_argument(f"--{name}", type=int)
+    t.add_argument("--time-budget", type=float, help="seconds for the whole run (stages are cut short)")
+    t.set_defaults(func=cmd_train)
+
+    o = subparsers.add_parser("overlap", help="pairwise top-k overlap between layers: heatmap PNG + JSON")
+    common(o)
+    o.add_argument("--text", nargs="+", help="text files (default: the held-out stdlib split)")
+    o.add_argument("--length", type=int, help="tokens per sequence (default 8 x top-k)")
+    o.add_argument("--num-seqs", type=int, default=4)
+    o.add_argument("--batch", type=int, default=2)
+    o.add_argument("--png", help="write the heatmap here")
+    o.set_defaults(func=cmd_overlap)
+
+    s = subparsers.add_parser("search", help="greedy F/S pattern search on calibration LM loss (cached prefix)")
+    common(s)
+    s.add_argument("--keep", help="target retention like 1/4 (same F count as the uniform pattern)")
+    s.add_argument("--target-shared", type=int, help="number of layers to turn into S")
+    s.add_argument("--calib-seqs", type=int, default=8)
+    s.add_argument("--length", type=int, help="calibration sequence length (default 4 x top-k)")
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--split", default="train", choices=["train", "test"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fixed", type=int, nargs="*", default=[0], help="layers that stay F (layer 0 always)")
+    s.add_argument("--naive", action="store_true", help="run every candidate from the embedding (reference)")
+    s.set_defaults(func=cmd_search)
+
+    d = subparsers.add_parser("distill", help="multi-layer indexer distillation into a pattern; writes a checkpoint")
+    common(d)
+    d.add_argument("--pattern", required=True, help="F/S string or 1/N")
+    d.add_argument("--out", required=True)
+    d.add_argument("--warmup-steps", type=int, default=50)
+    d.add_argument("--sparse-steps", type=int, default=50)
+    d.add_argument("--batch", type=int, default=8)
+    d.add_argument("--context", type=int)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_distill)
+
+    e = subparsers.add_parser("eval", help="held-out loss / bits per byte, long-context retrieval, top-k recall")
+    common(e)
+    e.add_argument("--patterns", nargs="+", default=["model"], help="'model' (its own), F/S strings or 1/N")
+    e.add_argument("--context", type=int, default=512)
+    e.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
+    e.add_argument("--n-retrieval", type=int, default=32)
+    e.add_argument("--windows", type=int, default=16)
+    e.add_argument("--batch", type=int, default=4)
+    e.set_defaults(func=cmd_eval)
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m indexcache.tools.cli``) until the main CLI wires ``register`` in."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="indexcache-tools")
+    register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Train a small DSA model on the stdlib corpus, DeepSeek's recipe in miniature (DSA_INDEXCACHE_SPEC A6):
+
+1. dense pre-training: attention over all causal tokens, LM loss, indexers unused;
+2. indexer warm-up: only the indexers train, KL(p_t || softmax(I_t)), p_t = head-averaged dense attention;
+3. sparse training: top-k on; indexer loss over the selected set (indexer input detached) + LM loss for the rest.
+
+Reproducible from ``seed`` for a given device (step counts fixed; ``time_budget_s`` only cuts a stage short and the
+steps actually done are recorded in the checkpoint's config.json under ``"training"``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint import build_empty, save_checkpoint
+from ..config import ModelConfig
+from ..progress import Progress
+from .corpus import ByteTokenizer, load_corpus
+from .trainfwd import forward_train
+
+
+@dataclass
+class TrainConfig:
+    layers: int = 16
+    hidden: int = 64
+    heads: int = 2
+    q_lora: int = 64
+    kv_lora: int = 64
+    nope: int = 16
+    rope: int = 16
+    v: int = 32
+    mlp: int = 192
+    index_heads: int = 2
+    index_dim: int = 32
+    topk: int = 32
+    context: int = 512
+    batch: int = 8
+    dense_steps: int = 300
+    warmup_steps: int = 40
+    sparse_steps: int = 60
+    lr: float = 3e-3
+    warmup_lr: float = 2e-3
+    sparse_lr: float = 1e-3
+    index_coef: float = 1.0
+    seed: int = 0
+    max_train_bytes: int | None = None
+    time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages
+
+    def model_config(self) -> ModelConfig:
+        tok = ByteTokenizer
+        d = dict(model_type="glm_moe_dsa", vocab_size=tok.vocab_size, hidden_size=self.hidden,
+                 intermediate_size=self.mlp, moe_intermediate_size=self.mlp, num_hidden_layers=self.layers,
+                 num_attention_heads=self.heads, q_lora_rank=self.q_lora, kv_lora_rank=self.kv_lora,
+                 qk_nope_head_dim=self.nope, qk_rope_head_dim=self.rope, v_head_dim=self.v, n_routed_experts=8,
+                 n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                 first_k_dense_replace=self.layers,  # all-dense MLPs: small models gain nothing from MoE
+                 index_n_heads=self.index_heads, index_head_dim=self.index_dim, index_topk=self.topk,
+                 rope_theta=10000.0, max_position_embeddings=max(4 * self.context, 4096), rms_norm_eps=1e-5,
+                 bos_token_id=tok.BOS, eos_token_id=tok.EOS, tie_word_embeddings=False)
+        return ModelConfig.from_hf_dict(d, name="stdlib-dsa")
+
+
+PRESETS = {
+    # committed test fixture (tests/fixtures/stdlib-dsa-tiny): CPU, a few minutes
+    "fixture": TrainConfig(),
+    # the results model (docs/quality.md): one H200, ~2 minutes
+    "gpu": TrainConfig(layers=16, hidden=256, heads=4, q_lora=128, kv_lora=128, nope=48, rope=16, v=64, mlp=768,
+                       index_heads=4, index_dim=32, topk=128, context=2048, batch=16, dense_steps=1500,
+                       warmup_steps=150, sparse_steps=300, lr=2e-3, warmup_lr=2e-3, sparse_lr=5e-4),
+}
+
+
+def indexer_params(model):
+    return [p for n, p in model.named_parameters() if ".indexer." in n]
+
+
+def main_params(model):
+    return [p for n, p in model.named_parameters() if ".indexer." not in n]
+
+
+def _lr_at(step: int, total: int, base: float, warm: int = 20) -> float:
+    if step < warm:
+        return base * (step + 1) / warm
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig, gen: torch.Generator,
+              pattern=None, params=None, deadline: float | None = None, progress: bool | None = None,
+              log_every: int = 10) -> dict:
+    """Train ``steps`` steps of ``stage``; returns a log with the loss curve (every ``log_every`` steps)."""
+    device = next(model.parameters()).device
+    train_indexer = stage in ("warmup", "sparse")
+    if params is None:
+        params = {"dense": main_params, "warmup": indexer_params, "sparse": lambda m: list(m.parameters())}[stage](model)
+    wanted = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01 if stage != "warmup" else 0.0)
+    amp = device.type == "cuda"
+    curve, done, t0 = [], 0, time.perf_counter()
+    model.train()
+    with Progress(steps, f"train/{stage}", " steps", progress) as bar:
+        for step in range(steps):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, steps, lr)
+            ids = corpus.random_windows(tc.batch, tc.context + 1, gen).to(device)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                lm, idx = forward_train(model, ids, stage, pattern, index_backward=train_indexer,
+                                        index_coef=tc.index_coef)
+            if lm is not None and stage != "warmup":
+                lm.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            done += 1
+            rec = {"step": step, "lm": None if lm is None else float(lm.detach()), "index_kl": idx}
+            if step % log_every == 0 or step == steps - 1:
+                curve.append(rec)
+            bar.update(note=f"lm {rec['lm'] or 0:.3f} kl {idx or 0:.3f}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {"stage": stage, "steps_planned": steps, "steps_done": done, "seconds": time.perf_counter() - t0,
+            "lr": lr, "curve": curve}
+
+
+def train(tc: TrainConfig, device="cpu", out_dir: str | None = None, progress: bool | None = None) -> tuple:
+    """Train the three stages; save to ``out_dir`` (GLM-family checkpoint) when given. Returns (model, log)."""
+    torch.manual_seed(tc.seed)
+    device = torch.device(device)
+    cfg = tc.model_config()
+    model = build_empty(cfg, device, torch.float32).init_random(tc.seed)
+    corpus = load_corpus("train", max_bytes=tc.max_train_bytes)
+    gen = torch.Generator().manual_seed(tc.seed)
+    t0 = time.perf_counter()
+    budget = tc.time_budget_s
+    logs = []
+    for stage, steps, lr, share in (("dense", tc.dense_steps, tc.lr, 0.70), ("warmup", tc.warmup_steps, tc.warmup_lr, 0.80),
+                                    ("sparse", tc.sparse_steps, tc.sparse_lr, 1.0)):
+        deadline = None if budget is None else t0 + share * budget
+        logs.append(run_stage(model, corpus, stage, steps, lr, tc, gen, deadline=deadline, progress=progress))
+    log = {"train_config": dataclasses.asdict(tc), "stages": logs, "corpus_train_files": len(corpus.files),
+           "corpus_train_bytes": len(corpus), "device": str(device), "seconds": time.perf_counter() - t0}
+    if out_dir:
+        save_checkpoint(model, out_dir, extra_config={"tokenizer": ByteTokenizer.description(),
+                                                      "training": _summary(log)})
+    return model, log
+
+
+def _summary(log: dict) -> dict:
+    return {"recipe": "dense pre-training -> indexer warm-up -> sparse (DSA, indexer input detached)",
+            "corpus": "python stdlib .py files, byte-level, 5% of files held out (crc32 of path)",
+            "train_config": log["train_config"], "device": log["device"],
+            "steps_done": {s["stage"]: s["steps_done"] for s in log["stages"]},
+            "final": {s["stage"]: (s["curve"][-1] if s["curve"] else None) for s in log["stages"]}}
