@@ -1,0 +1,140 @@
+"""Sparse MLA prefill/decode against the PyTorch reference: invalid indices, head counts, fp8 paged cache."""
+import pytest
+import torch
+
+from indexcache.kernels.sparse_mla import (dequant_latent_fp8_reference, quantize_latent_fp8_reference,
+                                           sparse_mla_decode, sparse_mla_decode_reference, sparse_mla_prefill,
+                                           sparse_mla_prefill_reference)
+from indexcache.kernels.topk import topk_rows_reference
+from tests.helpers import poisoned
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN (-7777 for ints), so unwritten outputs show up."""
+    real = torch.empty
+
+    def empty(*shape, dtype=None, device=None, **kw):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        return poisoned(shape, dtype or torch.get_default_dtype(), device or "cpu")
+
+    monkeypatch.setattr(torch, "empty", empty)
+    yield
+    monkeypatch.setattr(torch, "empty", real)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _lse_ok(l, rl, atol):
+    assert torch.equal(torch.isneginf(l).cpu(), torch.isneginf(rl).cpu())
+    fin = torch.isfinite(rl)
+    assert torch.isfinite(l[fin]).all()
+    assert (l[fin] - rl[fin]).abs().max() < atol
+
+
+@pytest.mark.parametrize("h,dtype", [(16, torch.float32), (20, torch.float16), (64, torch.float32)])
+def test_prefill_matches_reference(device, h, dtype):
+    torch.manual_seed(h)
+    T, S, K = 3, 257, 37
+    q = torch.randn(T, h, 576, device=device).to(dtype)
+    kv = torch.randn(S, 576, device=device).to(dtype)
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device=device)
+    idx[0, 3] = -1
+    idx[0, 7] = S + 11
+    idx[2, :] = -1                        # no valid entry: out 0, lse -inf
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625)
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ro) < (2e-3 if dtype == torch.float16 else 1e-5)
+    assert (out[2] == 0).all()
+    _lse_ok(lse, rl, 1e-3)
+
+
+def test_prefill_with_reference_topk_indices(device):
+    # the attention fed with the top-k reference's own indices (causal: -1 padding on early rows)
+    torch.manual_seed(7)
+    T, h, K = 4, 16, 24
+    q = torch.randn(T, h, 576, device=device)
+    kv = torch.randn(40, 576, device=device)
+    logits = torch.randn(T, 40, device=device)
+    ends = torch.tensor([5, 17, 30, 40], dtype=torch.int32, device=device)
+    idx = topk_rows_reference(logits, K, row_end=ends).to(device)
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.1)
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.1)
+    assert _rel(out, ro) < 1e-5
+    _lse_ok(lse, rl, 1e-4)
+
+
+@pytest.mark.parametrize("h,splits", [(20, None), (16, 1), (64, 3)])
+def test_decode_bf16_layout_cache(device, h, splits):
+    torch.manual_seed(11 + h)
+    B, nb, ps, K = 2, 6, 16, 40
+    q = torch.randn(B, h, 576, device=device).half()
+    cache = torch.randn(nb, ps, 576, device=device).half()
+    idx = torch.randint(0, nb * ps, (B, K), dtype=torch.int32, device=device)
+    idx[0, :9] = -1
+    idx[1, 5] = nb * ps + 3
+    out, lse = sparse_mla_decode(q, cache, idx, 0.07, num_splits=splits)
+    ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.07)
+    assert _rel(out, ro) < 2e-3
+    _lse_ok(lse, rl, 1e-3)
+
+
+def test_decode_fp8_cache(device):
+    torch.manual_seed(13)
+    B, h, nb, ps, K = 3, 20, 5, 16, 33
+    latent = torch.randn(nb, ps, 576, device=device) * torch.rand(nb, ps, 1, device=device) * 4
+    cache = quantize_latent_fp8_reference(latent)
+    assert cache.shape == (nb, ps, 656) and cache.dtype == torch.uint8
+    deq = dequant_latent_fp8_reference(cache)
+    assert _rel(deq[..., :512], latent[..., :512]) < 0.07        # e4m3 has 3 mantissa bits
+    q = torch.randn(B, h, 576, device=device).half()
+    idx = torch.randint(0, nb * ps, (B, K), dtype=torch.int32, device=device)
+    idx[2, :] = -1
+    out, lse = sparse_mla_decode(q, cache, idx, 0.07, kv_format="fp8")
+    ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.07, kv_format="fp8")
+    assert _rel(out, ro) < 2e-3
+    assert (out[2] == 0).all()
+    _lse_ok(lse, rl, 1e-3)
+
+
+def test_bad_arguments():
+    q = torch.randn(2, 16, 576)
+    kv = torch.randn(10, 576)
+    idx = torch.zeros(2, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="576"):
+        sparse_mla_prefill(torch.randn(2, 16, 512), kv, idx, 0.1)
+    with pytest.raises(ValueError, match="int32"):
+        sparse_mla_prefill(q, kv, idx.long(), 0.1)
+    with pytest.raises(ValueError, match="d_v"):
+        sparse_mla_prefill(q, kv, idx, 0.1, d_v=256)
+    with pytest.raises(ValueError, match="kv_format"):
+        sparse_mla_decode(q, kv.view(1, 10, 576), idx, 0.1, kv_format="int8")
+    with pytest.raises(ValueError, match="656"):
+        sparse_mla_decode(q, torch.zeros(1, 10, 576, dtype=torch.uint8), idx, 0.1, kv_format="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [20, 128])
+def test_gpu_bf16_real_sizes(h):
+    torch.manual_seed(17)
+    T, S, K = 64, 200_000, 2048
+    q = torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(S, 576, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device="cuda")
+    idx[:, -100:] = -1
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625)
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625)
+    assert _rel(out, ro) < 1e-2
+    _lse_ok(lse, rl, 2e-2)
+    nb, ps, B = 3200, 64, 8
+    lat = torch.randn(nb, ps, 576, device="cuda")
+    idx = torch.randint(0, nb * ps, (B, K), dtype=torch.int32, device="cuda")
+    qd = q[:B]
+    for fmt, cache in (("bf16", lat.bfloat16()), ("fp8", quantize_latent_fp8_reference(lat))):
+        o, l = sparse_mla_decode(qd, cache, idx, 0.0625, kv_format=fmt)
+        ro, rl = sparse_mla_decode_reference(qd, cache, idx, 0.0625, kv_format=fmt)
+        assert _rel(o, ro) < 1e-2, fmt
+        _lse_ok(l, rl, 2e-2)
