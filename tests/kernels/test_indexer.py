@@ -154,13 +154,19 @@ def test_topk_prefill_chunked_equals_unchunked(device):
     q8, w, k8, ks = _inputs(t, s, h, device, seed=5)
     rs, re = _ragged_windows(t, s, device, seed=5)
     whole = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, topk_fn=topk_rows_torch)
-    tiny = 3 * (157 * 4 + 16 * topk)  # about 3 rows per chunk
+    tiny = 4 * 24 * topk * 3  # selection budget (1/4) allows 3 rows per chunk
     assert len(plan_prefill_chunks(rs, re, topk, tiny)) >= 8
     chunked = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, workspace_bytes=tiny, topk_fn=topk_rows_torch)
     logits = indexer_logits_ref(q8, w, k8, ks, rs, re)
     _check_topk(whole, logits, rs, re.clamp(max=s), topk)
     _check_topk(chunked, logits, rs, re.clamp(max=s), topk)
     assert topk_recall(chunked, whole) == 1.0
+    # rows sorted by sequence: later chunks start at a column offset c0 > 0 (indices shifted back)
+    order = torch.argsort(rs.cpu() * 1000 + re.cpu()).to(device)
+    rs2, re2 = rs[order], re[order]
+    assert any(c0 > 0 for _, _, c0, _ in plan_prefill_chunks(rs2, re2, topk, tiny))
+    chunked2 = indexer_topk_prefill(q8, w, k8, ks, rs2, re2, topk, workspace_bytes=tiny, topk_fn=topk_rows_torch)
+    _check_topk(chunked2, indexer_logits_ref(q8, w, k8, ks, rs2, re2), rs2, re2.clamp(max=s), topk)
 
 
 def test_default_topk_fn():
@@ -178,7 +184,7 @@ def test_topk_prefill_short_rows(device):
     q8, w, k8, ks = _inputs(t, s, h, device, seed=6)
     re = torch.arange(s - t + 1, s + 1, dtype=torch.int32, device=device) - 40
     rs = torch.zeros(t, dtype=torch.int32, device=device)
-    idx = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, workspace_bytes=2 * (75 * 4 + 16 * topk),
+    idx = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, workspace_bytes=4 * 24 * topk * 2,
                                topk_fn=topk_rows_torch)
     _check_topk(idx, indexer_logits_ref(q8, w, k8, ks, rs, re), rs, re, topk)
     assert (idx == -1).any()
@@ -192,7 +198,7 @@ def test_plan_prefill_chunks_respects_workspace():
     chunks = plan_prefill_chunks(rs, re, topk, ws)
     assert chunks[0][0] == 0 and chunks[-1][1] == t
     for (r0, r1, c0, c1), nxt in zip(chunks, chunks[1:] + [None]):
-        assert (r1 - r0) * ((c1 - c0) * 4 + 16 * topk) <= ws
+        assert (r1 - r0) * (c1 - c0) * 4 <= ws * 3 // 4 and (r1 - r0) * 24 * topk <= ws // 4
         assert c0 == 0 and c1 == int(re[r1 - 1])
         if nxt is not None:
             assert nxt[0] == r1

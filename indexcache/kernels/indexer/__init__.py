@@ -61,28 +61,35 @@ def default_topk_fn():
         return topk_rows_torch
 
 
+SLOT_BYTES = 24
+
+
 def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int) -> list[tuple[int, int, int, int]]:
     """Split rows into chunks [r0, r1) whose logits over their column span [c0, c1) fit in workspace_bytes.
 
-    Per row the budget counts the fp32 logits (4 B per column) plus 16 B per top-k slot for the selection's
-    temporaries. Returns (r0, r1, c0, c1) tuples. Needs the windows on the host (one device sync).
+    Two budgets that add up to workspace_bytes: the fp32 logits of a chunk (rows * span * 4) get 3/4 of it and
+    the selection's temporaries (SLOT_BYTES per top-k slot per row: torch.topk values + int64 ids, output, index
+    shift) get 1/4. Returns (r0, r1, c0, c1) tuples. Needs the windows on the host (one device sync).
     """
     rs = row_start.long().cpu().numpy()
     re = np.maximum(row_end.long().cpu().numpy(), rs)
     t = len(rs)
-    per_slot = 16 * topk
-    lookahead = max(1, workspace_bytes // max(per_slot, 1))
+    logits_budget = workspace_bytes - workspace_bytes // 4
+    max_rows = (workspace_bytes // 4) // (SLOT_BYTES * topk)
+    if max_rows < 1:
+        raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} is too small for topk={topk}; "
+                         f"need at least {4 * SLOT_BYTES * topk} for the selection of one row")
     chunks = []
     r0 = 0
     while r0 < t:
-        seg = slice(r0, min(t, r0 + lookahead))
+        seg = slice(r0, min(t, r0 + max_rows))
         lo = np.minimum.accumulate(rs[seg])
         hi = np.maximum.accumulate(re[seg])
-        cost = np.arange(1, len(lo) + 1) * ((hi - lo) * 4 + per_slot)
-        n = int(np.searchsorted(cost, workspace_bytes, side="right"))  # cost is non-decreasing
+        cost = np.arange(1, len(lo) + 1) * (hi - lo) * 4
+        n = int(np.searchsorted(cost, logits_budget, side="right"))  # cost is non-decreasing
         if n == 0:
             raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} cannot hold one row of "
-                             f"{hi[0] - lo[0]} logits; raise it to at least {int(cost[0])}")
+                             f"{hi[0] - lo[0]} logits; raise it to at least {int(cost[0]) * 4 // 3 + 1}")
         chunks.append((r0, r0 + n, int(lo[n - 1]), int(hi[n - 1])))
         r0 += n
     return chunks
@@ -116,8 +123,10 @@ def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int
         rs = rs_all[r0:r1] - c0
         re = re_all[r0:r1] - c0
         indexer_logits(q_fp8[r0:r1], w[r0:r1], k_fp8[c0:c1], k_scale[c0:c1], rs, re, out=logits)
-        idx = topk_fn(logits, topk, row_start=rs, row_end=re)
-        out[r0:r1] = torch.where(idx >= 0, idx + c0, idx)
+        dst = out[r0:r1]
+        dst.copy_(topk_fn(logits, topk, row_start=rs, row_end=re))
+        if c0:
+            dst.add_((dst >= 0).to(dst.dtype), alpha=c0)
     return out
 
 

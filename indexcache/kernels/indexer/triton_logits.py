@@ -17,7 +17,7 @@ from indexcache.kernels._dispatch import interpreting
 from indexcache.kernels.kv_store.reference import PAGE, PAGE_BYTES
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "S", "stride_out"])  # chunk shapes vary: one compile, not 8
 def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
                            T, S, stride_out,
                            H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr,
@@ -105,10 +105,8 @@ def prefill_config(h: int) -> dict:
     bq = max(1, 128 // hp)
     if interpreting():
         return dict(BQ=bq, BKV=64, PERQ=False, num_warps=4, num_stages=1)
-    if hp <= 32:  # H200 sweep (docs/kernels_indexer.md): N = BQ*HP = 256, 64-key tiles
-        cfg = dict(BQ=256 // hp, BKV=64, PERQ=False, num_warps=8, num_stages=3)
-    else:  # N = 128 (2 queries x 64 heads), 128-key tiles
-        cfg = dict(BQ=bq, BKV=128, PERQ=False, num_warps=4, num_stages=3)
+    # H200 sweep (docs/kernels_indexer.md): N = BQ*HP = 256 columns, 64-key tiles; 4 warps for H<=32, 8 for H=64
+    cfg = dict(BQ=max(1, 256 // hp), BKV=64, PERQ=False, num_warps=4 if hp <= 32 else 8, num_stages=3)
     cfg.update(PREFILL_OVERRIDE.get(h, {}))
     return cfg
 
@@ -132,7 +130,7 @@ def indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=N
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_len", "bt_stride", "max_pages"])
 def _decode_logits_kernel(q_ptr, w_ptr, kc8_ptr, kcs_ptr, bt_ptr, ctx_ptr, out_ptr,
                           max_len, bt_stride, max_pages,
                           H: tl.constexpr, HP: tl.constexpr, PAGES: tl.constexpr):
