@@ -264,14 +264,16 @@ def main(argv=None, args=None) -> int:
     weight_bytes = weight_bytes_sub * cfg_full.num_layers / cfg.num_layers  # approx (embeddings counted once too many)
     print(f"model {args.model}: {cfg.num_layers}/{cfg_full.num_layers} layers built in "
           f"{time.perf_counter() - t_build:.1f}s", flush=True)
-    # compile/warm the kernels once on a short prompt
-    timed_prefill_decode(model, patterns[0], 2048, argparse.Namespace(**{**vars(args), "decode_steps": 3}),
-                         cfg.vocab_size)
+    warm_args = argparse.Namespace(**{**vars(args), "decode_steps": 3})
     rows = []
     for ctx in contexts:
+        # compile / autotune the kernels for this context's shapes first (Triton specialises on sizes)
+        for pat in patterns:
+            timed_prefill_decode(model, sub_pattern(pat, cfg.num_layers), ctx, warm_args, cfg.vocab_size)
         dense = None
         if not args.no_dense:
             try:
+                dense_prefill_s(model, min(ctx, 4096), cfg.vocab_size)  # warm-up
                 dense = dense_prefill_s(model, ctx, cfg.vocab_size)
             except torch.OutOfMemoryError:
                 dense = None

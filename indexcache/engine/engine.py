@@ -59,7 +59,7 @@ class LLMEngine:
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info(self.device)
         budget = int(free - (1 - self.cfg.gpu_memory_utilization) * total - self.cfg.workspace_bytes * 2)
-        n = budget // bytes_per_page - 1
+        n = min(want, budget // bytes_per_page - 1)
         if n < 1:
             raise OutOfBlocks(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
                               f"{total / 2**30:.1f}); raise gpu_memory_utilization or shorten max_model_len")

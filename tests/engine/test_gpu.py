@@ -5,9 +5,15 @@ import torch
 from indexcache.checkpoint import build_empty
 from indexcache.presets import preset_config
 
-from .helpers import greedy, make_engine, run
+from .helpers import greedy, run
+from .helpers import make_engine as _make_engine
 
 pytestmark = pytest.mark.gpu
+
+
+def make_engine(model, pattern=None, **kw):
+    kw.setdefault("num_kv_blocks", 64)  # do not size the cache from free GPU memory (the GPU may be shared)
+    return _make_engine(model, pattern, **kw)
 
 
 def _model(**changes):
