@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from indexcache.kernels.sparse_mla import (dequant_latent_fp8_reference, quantize_latent_fp8_reference,
-                                           sparse_mla_decode, sparse_mla_decode_reference, sparse_mla_prefill,
+                                           sparse_mla_decode, sparse_mla_decode_reference,
+                                           sparse_mla_decode_workspace_bytes, sparse_mla_prefill,
                                            sparse_mla_prefill_reference)
 from indexcache.kernels.topk import topk_rows_reference
 from tests.helpers import poisoned
@@ -100,6 +101,87 @@ def test_decode_fp8_cache(device):
     _lse_ok(lse, rl, 1e-3)
 
 
+@pytest.mark.parametrize("variant", ["split_dv", "split_acc", "swap_ab"])
+@pytest.mark.parametrize("h,dtype", [(16, torch.float32), (20, torch.float16), (64, torch.float16),
+                                     (128, torch.float32)])
+def test_prefill_variants_match_reference(device, variant, h, dtype):
+    torch.manual_seed(h + len(variant))
+    T, S, K = 4, 97, 37                   # 37 = 2 full 16-token tiles + a masked tail in the interpreter
+    q = torch.randn(T, h, 576, device=device).to(dtype)
+    kv = torch.randn(S, 576, device=device).to(dtype)
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device=device)
+    idx[0, 3] = -1
+    idx[0, 7] = S + 11
+    idx[1, 20:] = -1                      # ragged: a short row padded with -1 (causal early query)
+    idx[2, :] = -1                        # no valid entry: out 0, lse -inf
+    idx[3, 30:] = idx[3, 0]               # duplicates count twice
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, variant=variant)
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ro) < (2e-3 if dtype == torch.float16 else 1e-5)
+    assert (out[2] == 0).all()
+    _lse_ok(lse, rl, 1e-3)
+
+
+def _fp8_case(device, B, h, nb, ps, K, seed):
+    torch.manual_seed(seed)
+    latent = torch.randn(nb, ps, 576, device=device) * torch.rand(nb, ps, 1, device=device) * 4
+    cache = quantize_latent_fp8_reference(latent)
+    q = torch.randn(B, h, 576, device=device).half()
+    idx = torch.randint(0, nb * ps, (B, K), dtype=torch.int32, device=device)
+    idx[0, :9] = -1
+    idx[0, 11] = nb * ps + 3              # past the cache: invalid
+    idx[1, 25:] = -1                      # ragged
+    idx[B - 1, :] = -1                    # no valid entry
+    return cache, q, idx
+
+
+@pytest.mark.parametrize("h,splits,use_ws", [(16, None, False), (20, 1, True), (64, 3, True), (128, None, False),
+                                             (128, 2, True)])
+def test_decode_fp8_dequant_strategy(device, h, splits, use_ws):
+    B, nb, ps, K = 3, 5, 16, 41
+    cache, q, idx = _fp8_case(device, B, h, nb, ps, K, seed=29 + h)
+    ws = None
+    if use_ws:
+        n = sparse_mla_decode_workspace_bytes(B, h, K, dtype=q.dtype, kv_format="fp8", fp8_strategy="dequant",
+                                              num_splits=splits)
+        ws = torch.full((n,), 0xFF, dtype=torch.uint8, device=device)     # NaN bytes for fp16/fp32 views
+    ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.07, kv_format="fp8")
+    for _ in range(2 if use_ws else 1):   # the same workspace reused by a second call
+        out, lse = sparse_mla_decode(q, cache, idx, 0.07, kv_format="fp8", num_splits=splits,
+                                     fp8_strategy="dequant", workspace=ws)
+        assert torch.isfinite(out).all()
+        assert _rel(out, ro) < 2e-3
+        assert (out[B - 1] == 0).all()
+        _lse_ok(lse, rl, 1e-3)
+    fo, fl = sparse_mla_decode(q, cache, idx, 0.07, kv_format="fp8", num_splits=splits)
+    assert _rel(out, fo) < 2e-3
+    _lse_ok(lse, fl, 1e-3)
+
+
+def test_decode_fp8_dequant_fp32_and_workspace_checks(device):
+    B, h, nb, ps, K = 2, 20, 4, 16, 19
+    cache, q, idx = _fp8_case(device, B, h, nb, ps, K, seed=3)
+    q = q.float()
+    out, lse = sparse_mla_decode(q, cache, idx, 0.05, kv_format="fp8", fp8_strategy="dequant")
+    ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.05, kv_format="fp8")
+    assert _rel(out, ro) < 1e-5
+    _lse_ok(lse, rl, 1e-4)
+    n = sparse_mla_decode_workspace_bytes(B, h, K, dtype=q.dtype, kv_format="fp8", fp8_strategy="dequant")
+    with pytest.raises(ValueError, match="workspace"):
+        sparse_mla_decode(q, cache, idx, 0.05, kv_format="fp8", fp8_strategy="dequant",
+                          workspace=torch.zeros(n // 2, dtype=torch.uint8, device=device))
+    with pytest.raises(ValueError, match="fp8_strategy"):
+        sparse_mla_decode(q, cache, idx, 0.05, kv_format="fp8", fp8_strategy="dsm")
+    # the workspace also serves the default paths' split partials
+    qh = q.half()
+    n = sparse_mla_decode_workspace_bytes(B, h, K, dtype=qh.dtype, kv_format="fp8", num_splits=2)
+    o2, l2 = sparse_mla_decode(qh, cache, idx, 0.05, kv_format="fp8", num_splits=2,
+                               workspace=torch.full((n,), 0xFF, dtype=torch.uint8, device=device))
+    assert _rel(o2, ro) < 2e-3
+    _lse_ok(l2, rl, 1e-3)
+
+
 def test_bad_arguments():
     q = torch.randn(2, 16, 576)
     kv = torch.randn(10, 576)
@@ -112,6 +194,8 @@ def test_bad_arguments():
         sparse_mla_prefill(q, kv, idx, 0.1, d_v=256)
     with pytest.raises(ValueError, match="kv_format"):
         sparse_mla_decode(q, kv.view(1, 10, 576), idx, 0.1, kv_format="int8")
+    with pytest.raises(ValueError, match="variant"):
+        sparse_mla_prefill(q, kv, idx, 0.1, variant="fast")
     with pytest.raises(ValueError, match="656"):
         sparse_mla_decode(q, torch.zeros(1, 10, 576, dtype=torch.uint8), idx, 0.1, kv_format="fp8")
 
