@@ -6,6 +6,10 @@ PyTorch reference or torch.topk). Work is counted as FlashMLA / the brief count 
   sparse MLA prefill: FLOP = 2 * T * topk * h * (576 + 512);
   sparse MLA decode: bytes = Q bf16 + unique retrieved tokens x (656 | 1152) B + O bf16.
 Decode cases are timed as CUDA-graph replays (what the engine runs); eager time is reported beside.
+Sparse MLA: every variant (prefill "default" / "split_dv" / "split_acc" / "swap_ab" (h<=32); fp8 decode "fused" /
+"dequant") is timed in the same run as its own row (variant in brackets in the shape), same FLOP/byte counts, with
+rel_vs_default = its output's relative difference from the first variant's; a variant that fails is reported as an
+error row and the other cases go on.
 """
 from __future__ import annotations
 
@@ -121,6 +125,38 @@ def _prefill_ref(q, kv, idx, scale):
     return torch.einsum("thk,tkd->thd", torch.softmax(s, -1), g[..., :512]).to(q.dtype)
 
 
+def _variant_check(out, ref):
+    """Relative error of a variant's output against the default kernel's on the same inputs."""
+    return float(((out.float() - ref.float()).norm() / ref.float().norm()).item())
+
+
+def _sweep(name, table, configs, fn):
+    """Time fn under each config (copied into table[...]) on a small case; keep the fastest; failures -> inf."""
+    res = {}
+    for cfg in configs:
+        table.update(cfg)
+        try:
+            res[str(cfg)] = bench_ms(fn, rep_ms=40)
+        except Exception as e:  # compile error / out of resources: report, try the next config
+            res[str(cfg)] = float("inf")
+            print(f"{name}: config {cfg} failed: {repr(e)[:200]}")
+    print(f"{name} sweep:", res)
+    best = min(res, key=res.get)
+    if res[best] != float("inf"):
+        table.update(eval(best))  # noqa: S307 (our own dict literal)
+    return res
+
+
+# variants timed side by side at each head count; configs swept on the first 2048 queries (2-3 compiles each)
+PREFILL_VARIANT_SWEEPS = {
+    "split_dv": [{"bt": 64, "num_warps": 8, "num_stages": 2}, {"bt": 32, "num_warps": 8, "num_stages": 3},
+                 {"bt": 64, "num_warps": 4, "num_stages": 2}],
+    "split_acc": [{"bt": 64, "num_warps": 8, "num_stages": 2}, {"bt": 32, "num_warps": 8, "num_stages": 3}],
+    "swap_ab": [{"bt": 64, "num_warps": 4, "num_stages": 2}, {"bt": 64, "num_warps": 8, "num_stages": 2},
+                {"bt": 32, "num_warps": 4, "num_stages": 3}],
+}
+
+
 def sparse_prefill_cases(ceilings, quick):
     rows = []
     T = 2048 if quick else 8192
@@ -144,12 +180,38 @@ def sparse_prefill_cases(ceilings, quick):
             print("sparse prefill h=20 sweep:", sweep)
             best = eval(min(sweep, key=sweep.get))  # noqa: S307 (our own dict literal)
             sm.PREFILL_CFG_FEW_HEADS.update(best)
-        ms = bench_ms(lambda: sparse_mla_prefill(q, kv, idx, 0.1352))
         flop = 2 * T * K * h * (576 + 512)
         nr = 128
         ref = bench_ms(lambda: _prefill_ref(q[:nr], kv, idx[:nr], 0.1352), rep_ms=50) * T / nr
-        rows.append(_row("sparse_mla_prefill", f"T={T} h={h} topk={K} S={CTX} bf16", ms, ceilings,
-                         tflops=flop / ms / 1e9, ref_ms=ref, extrapolated_200k_ms=ms * CTX / T, cfg=str(best)))
+        variants = ("default", "split_dv", "split_acc") + (("swap_ab",) if h <= 32 else ())
+        check = None
+        for variant in variants:
+            shape = f"T={T} h={h} topk={K} S={CTX} bf16 [{variant}]"
+            try:
+                extra = {}
+                if variant == "default":
+                    cfg = best if h <= 32 else sm.PREFILL_CFG
+                else:
+                    sw = _sweep(f"sparse prefill h={h} {variant}", sm.PREFILL_VARIANT_CFG[variant],
+                                PREFILL_VARIANT_SWEEPS[variant],
+                                lambda: sparse_mla_prefill(q[:2048], kv, idx[:2048], 0.1352, variant=variant))
+                    cfg = sm.PREFILL_VARIANT_CFG[variant]
+                    extra["sweep"] = str(sw)
+                o, _ = sparse_mla_prefill(q[:256], kv, idx[:256], 0.1352, variant=variant)
+                if check is None:
+                    check = o
+                extra["rel_vs_default"] = _variant_check(o, check)
+                ms = bench_ms(lambda: sparse_mla_prefill(q, kv, idx, 0.1352, variant=variant))
+                rows.append(_row("sparse_mla_prefill", shape, ms, ceilings, tflops=flop / ms / 1e9, ref_ms=ref,
+                                 extrapolated_200k_ms=ms * CTX / T, cfg=str(cfg), variant=variant, **extra))
+            except Exception as e:  # one variant failing to compile must not hide the others
+                import traceback
+                traceback.print_exc()
+                rows.append({"name": "sparse_mla_prefill", "shape": shape, "variant": variant,
+                             "error": repr(e)[:300]})
+            print(rows[-1])
+        del q
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -159,6 +221,21 @@ def _decode_ref(q, cache, idx, scale, fmt):
     g = sm.dequant_latent_fp8_reference(g) if fmt == "fp8" else g.float()
     s = torch.einsum("bhd,bkd->bhk", q.float(), g) * scale
     return torch.einsum("bhk,bkd->bhd", torch.softmax(s, -1), g[..., :512]).to(q.dtype)
+
+
+def _dequant_only_ms(cache, idx, dtype):
+    """The gather-dequant launch of fp8_strategy="dequant" alone (graph replay)."""
+    from indexcache.kernels.sparse_mla import triton_sparse_mla as tm
+    B, k = idx.shape
+    n = B * k
+    flat = cache.reshape(-1, cache.shape[-1])
+    rows = torch.empty(n, 576, device="cuda", dtype=dtype)
+    idx2 = torch.empty(B, k, device="cuda", dtype=torch.int32)
+    cfg = sm.DECODE_CFG["fp8_dequant"]
+    r = cfg["dq_rows"]
+    return _graph_ms(lambda: tm._fp8_gather_dequant_kernel[(triton.cdiv(n, r),)](
+        flat, flat.view(torch.float32), flat.view(torch.bfloat16), idx, rows, idx2, flat.shape[0], n, R=r,
+        num_warps=cfg["dq_warps"]))
 
 
 def sparse_decode_cases(ceilings, quick):
@@ -182,16 +259,40 @@ def sparse_decode_cases(ceilings, quick):
                        * 1_000_003) % pool
                 idx = idx.to(torch.int32)
                 cache = caches[fmt]
-                fn = lambda: sparse_mla_decode(q, cache, idx, 0.1352, kv_format=fmt)  # noqa: E731
-                ms = _graph_ms(fn)
-                eager = bench_ms(fn)
                 uniq = sum(torch.unique(idx[b]).numel() for b in range(B))
                 nbytes = B * h * 576 * 2 + uniq * (656 if fmt == "fp8" else 1152) + B * h * 512 * 2
                 ref = bench_ms(lambda: _decode_ref(q, cache, idx, 0.1352, fmt), rep_ms=50)
                 flop = 2 * h * B * K * (576 + 512)
-                rows.append(_row("sparse_mla_decode", f"B={B} h={h} topk={K} {fmt} cache", ms, ceilings,
-                                 tbps=nbytes / ms / 1e9, ref_ms=ref, us=ms * 1e3, eager_ms=eager,
-                                 tflops_equiv=flop / ms / 1e9, cfg=str(sm.DECODE_CFG[fmt])))
+                check = None
+                for strat in (("fused", "dequant") if fmt == "fp8" else ("fused",)):
+                    shape = f"B={B} h={h} topk={K} {fmt} cache" + (f" [{strat}]" if fmt == "fp8" else "")
+                    try:
+                        extra = {}
+                        ws = None
+                        if strat == "dequant":   # fixed workspace, as a CUDA-graph caller would pass it
+                            ws = torch.empty(sm.sparse_mla_decode_workspace_bytes(
+                                B, h, K, dtype=q.dtype, kv_format=fmt, fp8_strategy=strat), dtype=torch.uint8,
+                                device="cuda")
+                        fn = lambda: sparse_mla_decode(q, cache, idx, 0.1352, kv_format=fmt,  # noqa: E731
+                                                       fp8_strategy=strat, workspace=ws)
+                        o, _ = fn()
+                        if check is None:
+                            check = o
+                        extra["rel_vs_default"] = _variant_check(o, check)
+                        ms = _graph_ms(fn)
+                        eager = bench_ms(fn)
+                        key = "fp8_dequant" if strat == "dequant" else fmt
+                        if strat == "dequant":
+                            extra["dequant_us"] = _dequant_only_ms(cache, idx, q.dtype) * 1e3
+                        rows.append(_row("sparse_mla_decode", shape, ms, ceilings, tbps=nbytes / ms / 1e9,
+                                         ref_ms=ref, us=ms * 1e3, eager_ms=eager, tflops_equiv=flop / ms / 1e9,
+                                         cfg=str(sm.DECODE_CFG[key]), variant=strat, **extra))
+                    except Exception as e:  # one strategy failing must not hide the others
+                        import traceback
+                        traceback.print_exc()
+                        rows.append({"name": "sparse_mla_decode", "shape": shape, "variant": strat,
+                                     "error": repr(e)[:300]})
+                    print(rows[-1])
     return rows
 
 
