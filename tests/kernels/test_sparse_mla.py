@@ -222,3 +222,33 @@ def test_gpu_bf16_real_sizes(h):
         ro, rl = sparse_mla_decode_reference(qd, cache, idx, 0.0625, kv_format=fmt)
         assert _rel(o, ro) < 1e-2, fmt
         _lse_ok(l, rl, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [20, 128])
+def test_gpu_variants_real_sizes(h):
+    torch.manual_seed(19)
+    T, S, K = 16, 200_000, 2048
+    q = torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(S, 576, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device="cuda")
+    idx[:, -100:] = -1
+    idx[3] = -1
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625)
+    for variant in ("split_dv", "split_acc") + (("swap_ab",) if h <= 32 else ()):
+        out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, variant=variant)
+        assert _rel(out, ro) < 1e-2, variant
+        _lse_ok(lse, rl, 2e-2)
+    nb, ps, B = 3200, 64, 8
+    cache = quantize_latent_fp8_reference(torch.randn(nb, ps, 576, device="cuda"))
+    idx = torch.randint(0, nb * ps, (B, K), dtype=torch.int32, device="cuda")
+    idx[1, 700:] = -1
+    idx[2] = -1
+    qd = q[:B]
+    ro, rl = sparse_mla_decode_reference(qd, cache, idx, 0.0625, kv_format="fp8")
+    ws = torch.empty(sparse_mla_decode_workspace_bytes(B, h, K, kv_format="fp8", fp8_strategy="dequant"),
+                     dtype=torch.uint8, device="cuda")
+    for w in (None, ws):
+        o, l = sparse_mla_decode(qd, cache, idx, 0.0625, kv_format="fp8", fp8_strategy="dequant", workspace=w)
+        assert _rel(o, ro) < 1e-2
+        _lse_ok(l, rl, 2e-2)

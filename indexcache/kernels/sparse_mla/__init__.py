@@ -160,7 +160,7 @@ def _ws_parts(B, H, topk, dtype, key, ns):
     dq = key == "fp8_dequant"
     n = B * topk
     split = ns > 1
-    return [n * D_QK * dtype.itemsize if dq else 0, n * 4 if dq else 0,
+    return [max(n, 1) * D_QK * dtype.itemsize if dq else 0, n * 4 if dq else 0,
             B * ns * H * 512 * 4 if split else 0, B * ns * H * 4 if split else 0]
 
 

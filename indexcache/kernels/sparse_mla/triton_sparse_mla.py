@@ -203,7 +203,10 @@ def _sparse_mla_prefill_split_kernel(q, kv, idx, out, lse, S, H, topk, qk_scale,
     if not TWO_PROGRAMS:
         tl.store(orow + other + d2[None, :], (acc_o * inv[:, None]).to(out.dtype.element_ty), mask=hm[:, None])
     ls = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse + t.to(tl.int64) * H + h0 + hh, ls, mask=hm & (mine == 0))
+    if TWO_PROGRAMS:
+        tl.store(lse + t.to(tl.int64) * H + h0 + hh, ls, mask=hm & (tl.program_id(2) == 0))
+    else:
+        tl.store(lse + t.to(tl.int64) * H + h0 + hh, ls, mask=hm)
 
 
 @triton.jit
