@@ -50,36 +50,22 @@ def _row(name, shape, ms, ceilings, *, tflops=None, tbps=None, ref_ms=None, **ex
 
 
 def _topk_breakdown(x, ends):
-    """Time each launch of one call alone (sample, count, compact, final) and count fallback rows."""
-    from indexcache.kernels.topk import triton_topk as tk
+    """Per-launch time of one call (sample, scan = fused count+compact, final), timed cumulatively (the scan's
+    atomic counters are reset by the sample launch, so each launch is timed behind the ones before it),
+    plus fallback rows and the mean bracket size."""
     tp.DEBUG = {}
     topk_rows(x, K, row_end=ends)
-    d, tp.DEBUG = tp.DEBUG, None
-    R = x.shape[0]
-    st = torch.zeros(R, dtype=torch.int32, device="cuda")
-    en = ends if ends is not None else torch.full((R,), x.shape[1], dtype=torch.int32, device="cuda")
-    state, cc, nc, chunk, cap = d["state"], d["cc"], d["nc"], d["chunk"], d["cap"]
-    out = torch.empty(R, K, dtype=torch.int32, device="cuda")
-    scr = torch.empty(R, cap, dtype=torch.int64, device="cuda")
-    ncp = triton.next_power_of_2(nc)
-    s = x.stride(0)
-    t = {
-        "sample": bench_ms(lambda: tk._topk_sample_kernel[(R,)](x, s, st, en, state, K, S=tp._SAMPLE, RUN=8,
-                                                                  num_warps=8), rep_ms=30),
-        "count": bench_ms(lambda: tk._topk_count_kernel[(R, nc)](x, s, st, en, state, cc, nc, CHUNK=chunk,
-                                                                 BLOCK=4096, num_warps=8), rep_ms=30),
-        "compact": bench_ms(lambda: tk._topk_compact_kernel[(R, nc)](x, s, st, en, state, cc, nc, out, scr, K,
-                                                                     CAP=cap, CHUNK=chunk, BLOCK=4096, NCP=ncp,
-                                                                     num_warps=8), rep_ms=30),
-        "final": bench_ms(lambda: tk._topk_final_kernel[(R,)](x, s, st, en, state, cc, nc, out, scr, K, CAP=cap,
-                                                              BLOCK=4096, FB=1024, NB=16, NCP=ncp, num_warps=4),
-                          rep_ms=30),
-    }
-    tot = cc.sum(1)
-    m = torch.minimum(tot[:, 0], torch.tensor(K, device="cuda"))
-    good = (tot[:, 1] >= m) & (tot[:, 2] < m) & (tot[:, 1] - tot[:, 2] <= cap)
-    t["fallback_rows"] = int(((m > 0) & ~good).sum())
-    t["mean_bracket"] = float((tot[:, 1] - tot[:, 2]).float().mean())
+    fb, mean_bracket = tp.bracket_stats(tp.DEBUG, K)
+    tp.DEBUG = None
+    stages, _, _ = tp._plan(x, K, None, ends)
+    t, prev = {}, 0.0
+    for n in range(1, len(stages) + 1):
+        fns = [fn for _, fn in stages[:n]]
+        ms = bench_ms(lambda: [f() for f in fns], rep_ms=30)
+        t[stages[n - 1][0]] = ms - prev
+        prev = ms
+    t["fallback_rows"] = fb
+    t["mean_bracket"] = mean_bracket
     return t
 
 
@@ -93,20 +79,23 @@ def topk_cases(ceilings, quick):
     nbytes = ends.double().sum().item() * 4
     ref = bench_ms(lambda: torch.topk(x, K, dim=1, sorted=False))
     xd = {B: torch.randn(B, CTX, device="cuda") for B in (1, 8, 64)}
-    # sample-size sweep: S sets the sort cost per row against the bracket width (compaction, final select)
+    # small sweep (scan block / warps; decode sample size): every config is a fixed constexpr set, so each one
+    # compiles once; the best is kept for the reported rows
     sweep = {}
-    for S in (4096, 2048, 1024):
-        tp._SAMPLE = S
-        sweep[S] = {"prefill_ms": bench_ms(lambda: topk_rows(x, K, row_end=ends), rep_ms=60),
-                    "decode1_ms": _graph_ms(lambda: topk_rows(xd[1], K)),
-                    "prefill_parts": _topk_breakdown(x, ends), "decode1_parts": _topk_breakdown(xd[1], None)}
-        print("topk S =", S, sweep[S])
-    best = min(sweep, key=lambda S: sweep[S]["prefill_ms"] / sweep[4096]["prefill_ms"]
-               + sweep[S]["decode1_ms"] / sweep[4096]["decode1_ms"])
-    tp._SAMPLE = best
+    for blk, warps in ((4096, 8), (2048, 4), (4096, 4)):
+        tp._BLOCK, tp._SCAN_WARPS = blk, warps
+        sweep[f"block{blk}_w{warps}"] = bench_ms(lambda: topk_rows(x, K, row_end=ends), rep_ms=60)
+    best = min(sweep, key=sweep.get)
+    tp._BLOCK, tp._SCAN_WARPS = (int(v) for v in best[5:].split("_w"))
+    for S in (512, 1024):
+        tp._SAMPLE_SMALL = S
+        sweep[f"decode_S{S}"] = _graph_ms(lambda: topk_rows(xd[8], K))
+    tp._SAMPLE_SMALL = min((512, 1024), key=lambda S: sweep[f"decode_S{S}"])
+    print("topk sweep (ms):", sweep, "->", best, "decode S", tp._SAMPLE_SMALL)
     ms = bench_ms(lambda: topk_rows(x, K, row_end=ends))
     rows.append(_row("topk_prefill", f"{R}x{CTX} causal k={K} fp32", ms, ceilings, tbps=nbytes / ms / 1e9,
-                     ref_ms=ref, sample=best, parts=sweep[best]["prefill_parts"], sweep=str(sweep)))
+                     ref_ms=ref, config=best, parts=_topk_breakdown(x, ends), sweep=str(sweep)))
+    print("topk prefill parts:", rows[-1]["parts"])
     del x
     for B in (1, 8, 64):
         x = xd[B]
@@ -114,8 +103,23 @@ def topk_cases(ceilings, quick):
         eager = bench_ms(lambda: topk_rows(x, K))
         ref = _graph_ms(lambda: torch.topk(x, K, dim=1, sorted=False))
         rows.append(_row("topk_decode", f"B={B}x{CTX} k={K} fp32", ms, ceilings, tbps=B * CTX * 4 / ms / 1e9,
-                         ref_ms=ref, us=ms * 1e3, eager_ms=eager, sample=best))
+                         ref_ms=ref, us=ms * 1e3, eager_ms=eager, sample=tp._SAMPLE_SMALL if B <= tp._SMALL_R
+                         else tp._SAMPLE))
     rows[-3]["parts"] = _topk_breakdown(xd[1], None)
+    print("topk decode B=1 parts:", rows[-3]["parts"])
+    # recompile check: a run of shapes that a prefill / decode loop produces must reuse the compiled kernels
+    from indexcache.kernels.topk import triton_topk as tk
+    kern = (tk._topk_sample_kernel, tk._topk_scan_kernel, tk._topk_final_kernel)
+
+    def ncompiled():
+        return sum(sum(len(c[0]) for c in getattr(f, "device_caches", {}).values()) for f in kern)
+    n0 = ncompiled()
+    for L in (150_001, 150_002, 170_000, 199_999):
+        topk_rows(torch.randn(3, L, device="cuda"), K)
+        topk_rows(torch.randn(1, L, device="cuda"), K)
+    torch.cuda.synchronize()
+    rows[-1]["new_variants_over_shape_sweep"] = ncompiled() - n0
+    print("topk variants compiled by a shape sweep (want 0):", ncompiled() - n0)
     return rows
 
 

@@ -1,7 +1,10 @@
 """Exact top-k: index sets against the reference, the lower-column tie rule, -1 padding, adversarial buckets."""
+import inspect
+
 import pytest
 import torch
 
+from indexcache.kernels import topk as tp
 from indexcache.kernels.topk import topk_rows, topk_rows_reference
 from tests.helpers import poisoned
 
@@ -123,6 +126,140 @@ def test_bad_arguments():
         topk_rows(x.double(), 4)
     with pytest.raises(ValueError, match="row_end"):
         topk_rows(x, 4, row_end=torch.tensor([1, 2, 3], dtype=torch.int32))
+
+
+def _stats(x, k, **kw):
+    """Run the checked call with DEBUG on; return (fallback rows, mean bracket) of the Triton path."""
+    if x.device.type == "cpu" and not tp.use_triton(x):
+        pytest.skip("Triton path not active")
+    tp.DEBUG = {}
+    try:
+        _check(x, k, **kw)
+        return tp.bracket_stats(tp.DEBUG, k)
+    finally:
+        tp.DEBUG = None
+
+
+def test_many_chunks_most_without_candidates(device):
+    """Small chunks: most scan programs see no bracket entry (they skip the atomic); others share a row's slots."""
+    torch.manual_seed(7)
+    R, N, k = 4, 5000, 40
+    x = torch.randn(R, N, device=device) * 0.01
+    x[0] = torch.arange(N, device=device).float()           # every candidate in the last chunk
+    x[1, 4100:4300] = torch.linspace(1, 2, 200, device=device)  # candidates in one chunk, plenty sampled
+    x[2, ::97] = 3.0 + torch.rand(x[2, ::97].shape, device=device)  # sparse maxima spread over all chunks
+    start = torch.tensor([0, 3000, 0, 1], dtype=torch.int32, device=device)
+    end = torch.tensor([N, N, 4001, 4999], dtype=torch.int32, device=device)
+    for chunk in (256, 1024):
+        fb, _ = _stats(x, k, _chunk=chunk)
+        assert fb == 0
+        _stats(x, k, _chunk=chunk, row_start=start, row_end=end)
+
+
+def test_final_select_multi_round_ties(device):
+    """Boundary bins larger than the tie buffer: several histogram rounds, down to column-id bins."""
+    torch.manual_seed(8)
+    R, N, k = 3, 4000, 300
+    x = (torch.randn(R, N, device=device) * 2).round() / 2      # few distinct values, hundreds of ties each
+    x[2] = 1.0
+    x[2, 1234] = 2.0
+    fb, _ = _stats(x, k)
+    out = topk_rows(x, k)
+    assert torch.equal(out[2].sort().values.cpu(),
+                       torch.cat([torch.arange(k - 1), torch.tensor([1234])]).sort().values.to(torch.int32))
+
+
+def test_bad_bracket_paths(device):
+    """Rows whose bracket is bad both ways (too many above hi: writes past k dropped; bracket > CAP)."""
+    torch.manual_seed(9)
+    N, k = 6000, 600
+    x = torch.randn(3, N, device=device)
+    for j in range(5):               # 850 maxima between the sample runs (interpreter: 32 runs of 8) -> >= hi >= k
+        x[0, j * 187 + 10: j * 187 + 180] += 40.0
+    x[1, 100:400] = 7.0              # 300 ties above everything
+    fb, _ = _stats(x, k)
+    assert fb >= 1
+    fb, _ = _stats(x, k, _cap=96)    # every row overflows the scratch list
+    assert fb == 3
+    fb, _ = _stats(x[:, :200], k)    # rows shorter than the sample: exact bracket, need == bracket size
+    assert fb == 0
+
+
+def _variant_key(fn, args, kwargs):
+    """What Triton's JIT specialises a launch on, emulated (works for the interpreter and the compiler):
+    constexpr values, tensor dtype + 16-byte alignment, and for ints not in do_not_specialize (== 1, % 16 == 0)."""
+    pyfn = getattr(fn, "fn", fn)
+    dns = getattr(fn, "do_not_specialize", None)
+    if dns is None:
+        dns = getattr(fn, "kwargs", {}).get("do_not_specialize")
+    dns = set(dns or [])
+    key = []
+    for i, p in enumerate(inspect.signature(pyfn).parameters.values()):
+        v = args[i] if i < len(args) else kwargs.get(p.name, p.default)
+        ann = p.annotation
+        if ann is not inspect.Parameter.empty and "constexpr" in str(ann):
+            key.append((p.name, "c", v))
+        elif isinstance(v, torch.Tensor):
+            key.append((p.name, str(v.dtype), v.data_ptr() % 16 == 0))
+        elif isinstance(v, int) and not isinstance(v, bool):
+            if p.name in dns or i in dns:
+                key.append((p.name, "i64" if abs(v) >= 2**31 else "i32"))
+            else:
+                key.append((p.name, v == 1, v % 16 == 0))
+        else:
+            key.append((p.name, type(v).__name__))
+    extra = tuple(sorted((n, v) for n, v in kwargs.items() if n not in inspect.signature(pyfn).parameters))
+    return tuple(key) + extra
+
+
+def test_shape_changes_do_not_recompile(device):
+    """A prefill changes (R, N, windows, k) every call and decode changes the context length every step:
+    the number of compiled variants per kernel must stay a small constant."""
+    from indexcache.kernels.topk import triton_topk as tk
+    if not tp.use_triton(torch.empty(1, device=device)):
+        pytest.skip("Triton path not active")
+    kernels = {"sample": tk._topk_sample_kernel, "scan": tk._topk_scan_kernel, "final": tk._topk_final_kernel}
+    seen = {n: set() for n in kernels}
+    hooks = {}
+    for n, fn in kernels.items():
+        hooks[n] = (lambda n, fn: lambda *a, **kw: seen[n].add(_variant_key(fn, a, kw)))(n, fn)
+        fn.add_pre_run_hook(hooks[n])
+
+    def cache_sizes():   # the compiler's own caches (absent in the interpreter / other Triton versions)
+        out = {}
+        for n, fn in kernels.items():
+            dc = getattr(fn, "device_caches", None)
+            if dc:
+                out[n] = sum(len(c[0]) for c in dc.values())
+        return out
+
+    torch.manual_seed(10)
+    try:
+        topk_rows(torch.randn(2, 640, device=device), 32)            # warm: one variant per kernel
+        base = cache_sizes()
+        shapes = [(3, 700, 17, None), (5, 1301, 33, "win"), (2, 2100, 64, "causal"), (1, 999, 16, None),
+                  (7, 1600, 48, "causal"), (4, 513, 1, None)]
+        for R, N, k, w in shapes:
+            x = torch.randn(R, N, device=device)
+            kw = {}
+            if w == "causal":
+                kw["row_end"] = torch.arange(N - R + 1, N + 1, dtype=torch.int32, device=device)
+            elif w == "win":
+                kw["row_start"] = torch.randint(0, N // 2, (R,), dtype=torch.int32, device=device)
+                kw["row_end"] = torch.randint(N // 2, N + 1, (R,), dtype=torch.int32, device=device)
+            _check(x, k, **kw)
+        # decode: one row, context grows by one each step
+        for L in (1000, 1001, 1017, 1024, 1040):
+            _check(torch.randn(1, L, device=device), 64)
+        after = cache_sizes()
+    finally:
+        for n, fn in kernels.items():
+            fn.pre_run_hooks.remove(hooks[n])
+    for n in kernels:
+        # fp32 only here; the variant key may still split on pointer alignment of a sliced view (not here)
+        assert 1 <= len(seen[n]) <= 2, (n, len(seen[n]), seen[n])
+    for n, c in after.items():
+        assert c - base.get(n, 0) <= 1, (n, base, after)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,14 @@ from indexcache.kernels._dispatch import interpreting, use_triton
 from indexcache.kernels.topk.reference import topk_rows_reference
 
 MAX_K = 4096
-_SAMPLE = 1024          # entries sampled per row to place the bracket (power of two); H200 sweep 4096/2048/1024 chose 1024
+_SAMPLE = 1024          # entries sampled per row for R > _SMALL_R (power of two); H200 sweep 4096/2048/1024 chose 1024
+_SAMPLE_SMALL = 512     # decode-sized batches: a cheaper sort (~half), a wider bracket (CAP doubled)
+_SMALL_R = 64
+_BLOCK = 4096           # scan block (entries per step of the fused count+compact pass)
+_SCAN_WARPS = 8
+_FB = 2048              # final select tile
+_NBIN = 256             # histogram bins per final-select round
+_TB = 256               # tie buffer: the boundary bin is ranked by counting once it holds <= _TB entries
 DEBUG: dict | None = None  # set to {} to keep the last call's per-row state (tests, benchmarks)
 
 
@@ -56,21 +63,36 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
     _check(logits, k, row_start, row_end)
     if not use_triton(logits):
         return topk_rows_reference(logits, k, row_start=row_start, row_end=row_end)
+    stages, out, dbg = _plan(logits, k, row_start, row_end, _cap, _chunk)
+    for _, fn in stages:
+        fn()
+    if DEBUG is not None:
+        DEBUG.update(dbg)
+    return _sort_out(logits, out) if sorted else out
+
+
+def _plan(logits, k, row_start, row_end, _cap=None, _chunk=None):
+    """Buffers and the three launches of one call, as (name, thunk) pairs (benchmarks time them one by one)."""
     from indexcache.kernels.topk import triton_topk as tk
 
     R, N = logits.shape
+    dev = logits.device
+    out = torch.empty((R, k), dtype=torch.int32, device=dev)
     if R == 0:
-        return torch.empty((0, k), dtype=torch.int32, device=logits.device)
+        return [], out, {}
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    dev = logits.device
     starts = (torch.zeros(R, dtype=torch.int32, device=dev) if row_start is None
               else row_start.to(torch.int32).clamp(0, N))
     ends = (torch.full((R,), N, dtype=torch.int32, device=dev) if row_end is None
             else row_end.to(torch.int32).clamp(0, N))
-    cap = _cap or max(4096, 4 * triton.next_power_of_2(k))
     interp = interpreting()
-    block = 256 if interp else 4096
+    small = R <= _SMALL_R
+    S = 256 if interp else (_SAMPLE_SMALL if small else _SAMPLE)
+    # bracket ~ 6*sqrt(k*len/S) entries: CAP = 4k at S >= 1024, 8k at S = 512 (runtime value: no recompiles)
+    cap = _cap or max(4096, 4 * triton.next_power_of_2(k) * max(1, 1024 // S))
+    block = 256 if interp else _BLOCK
+    fb, tb = (256, 64) if interp else (_FB, _TB)
     if _chunk is not None:
         chunk = _chunk
     elif interp:
@@ -81,20 +103,33 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
         chunk = max(block, triton.cdiv(triton.cdiv(N, progs_per_row), block) * block)
     nc = triton.cdiv(max(N, 1), chunk)
     state = torch.empty((R, 8), dtype=torch.int32, device=dev)
-    cc = torch.empty((R, nc, 4), dtype=torch.int32, device=dev)
-    ncp = triton.next_power_of_2(nc)
-    out = torch.empty((R, k), dtype=torch.int32, device=dev)
-    scr = torch.empty((R, cap), dtype=torch.int64, device=dev)
+    ctr = torch.empty((R, 2), dtype=torch.int64, device=dev)
+    scr = torch.empty((R, cap + tb), dtype=torch.int64, device=dev)
     s = logits.stride(0)
-    tk._topk_sample_kernel[(R,)](logits, s, starts, ends, state, k, S=256 if interp else _SAMPLE, RUN=8, num_warps=8)
-    tk._topk_count_kernel[(R, nc)](logits, s, starts, ends, state, cc, nc, CHUNK=chunk, BLOCK=block, num_warps=8)
-    tk._topk_compact_kernel[(R, nc)](logits, s, starts, ends, state, cc, nc, out, scr, k, CAP=cap, CHUNK=chunk,
-                                     BLOCK=block, NCP=ncp, num_warps=8)
-    tk._topk_final_kernel[(R,)](logits, s, starts, ends, state, cc, nc, out, scr, k, CAP=cap, BLOCK=block,
-                                FB=256 if interp else 1024, NB=16, NCP=ncp, num_warps=4)
-    if DEBUG is not None:
-        DEBUG.update(state=state, cc=cc, cap=cap, chunk=chunk, nc=nc)
-    return _sort_out(logits, out) if sorted else out
+    x = logits
+
+    def sample():
+        tk._topk_sample_kernel[(R,)](x, s, starts, ends, state, ctr, k, S=S, RUN=8, num_warps=8)
+
+    def scan():
+        tk._topk_scan_kernel[(R, nc)](x, s, starts, ends, state, ctr, out, scr, k, cap, chunk, BLOCK=block, TB=tb,
+                                      num_warps=_SCAN_WARPS)
+
+    def final():
+        tk._topk_final_kernel[(R,)](x, s, starts, ends, state, ctr, out, scr, k, cap, BLOCK=block, FB=fb, NB=16,
+                                    NBIN=64 if interp else _NBIN, TB=tb, TI=16 if interp else 32, num_warps=8)
+
+    dbg = dict(state=state, ctr=ctr, cap=cap, chunk=chunk, nc=nc, S=S)
+    return [("sample", sample), ("scan", scan), ("final", final)], out, dbg
+
+
+def bracket_stats(dbg, k):
+    """(rows that took the exact fallback, mean bracket size) from a DEBUG dict of the last call."""
+    ctr = dbg["ctr"]
+    chi, n_in, nv = ctr[:, 0] >> 32, ctr[:, 0] & 0xFFFFFFFF, ctr[:, 1]
+    m = torch.clamp(nv, max=k)
+    good = (chi < m) & (chi + n_in >= m) & (n_in <= dbg["cap"])
+    return int(((m > 0) & ~good).sum()), float(n_in.double().mean()) if n_in.numel() else 0.0
 
 
 import triton  # noqa: E402

@@ -1,21 +1,29 @@
-"""Exact per-row top-k in Triton: sampled bracket, count, compact, exact select (with an exact fallback).
+"""Exact per-row top-k in Triton: sampled bracket, one fused count+compact pass, exact select (exact fallback).
 
 Keys: fp32 bits mapped to an order-preserving int32 (``b`` if ``b >= 0`` else ``b ^ 0x7FFFFFFF``), -0.0 folded
 to +0.0; NaN, -inf and out-of-range columns get INT_MIN and are never counted. Inside a bracket the kernel
 ranks unique int64 composites ``(key - INT_MIN) << 31 | (2^31 - 1 - col)``, so among equal values the lower
 column wins and the k-th element is always unique.
 
-Launches (no host sync):
-  1. sample  (R programs):    read ~S entries of the row, sort them, pick a bracket [lo, hi) of keys that
-                              should hold the k-th largest (exact when the row has <= S entries).
-  2. count   (R x C):         per-chunk counts of valid, >= lo, >= hi (plain stores, no atomics).
-  3. compact (R x C):         if the bracket is good (count(>=hi) < m <= count(>=lo), size <= CAP):
-                              keys >= hi go straight to the output, keys in [lo, hi) to a scratch list,
-                              at offsets given by the prefix of the earlier chunks' counts.
-  4. final   (R programs):    exact select of the remaining ``need`` among the scratch list by a 16-ary
-                              search on composites, then -1 padding. If the bracket was bad (adversarial
-                              data, heavy ties), this program redoes the row alone with an exact 16-ary
-                              refinement over the full row (slow, never drops a candidate).
+Launches (no host sync, three per call):
+  1. sample (R programs):     read ~S entries of the row, sort them, pick a bracket [lo, hi) of keys that
+                              should hold the k-th largest (exact when the row has <= S entries); zero the
+                              row's counters.
+  2. scan   (R x C):          ONE read of the logits. Per block: keys >= hi go straight to the output, keys in
+                              [lo, hi) to the row's scratch list as composites. Slots come from one relaxed
+                              int64 atomic per block on the row's packed counter (count>=hi << 32 | count in
+                              bracket); blocks with no candidate skip the scan and the atomic. Order does not
+                              matter: the final select is exact and ties are resolved by column id. Writes
+                              past k / past CAP are dropped, and then the row is flagged bad (counters keep the
+                              true totals) and redone by the fallback.
+  3. final  (R programs):     exact select of the remaining ``need`` among the scratch list: 256-bin histogram
+                              rounds in composite space (usually one), then one write pass, then a rank count
+                              among the <= TB entries of the boundary bin. If the bracket was bad (clustered
+                              maxima the sample missed, heavy ties, bracket > CAP) the program redoes the row
+                              alone with an exact 16-ary refinement over the full row (slow, never drops).
+
+Every runtime size (row stride, k, CAP, chunk) is ``do_not_specialize``: the compiled variants depend only on
+the constexprs (sample size, block sizes), the dtype and pointer alignment, never on R, N or the windows.
 """
 import triton
 import triton.language as tl
@@ -41,8 +49,8 @@ def _composite(key, cols):
     return tl.where(key != -2147483648, comp, -1)
 
 
-@triton.jit
-def _topk_sample_kernel(x_ptr, stride_r, starts, ends, state, k, S: tl.constexpr, RUN: tl.constexpr):
+@triton.jit(do_not_specialize=["stride_r", "k"])
+def _topk_sample_kernel(x_ptr, stride_r, starts, ends, state, ctr, k, S: tl.constexpr, RUN: tl.constexpr):
     r = tl.program_id(0)
     st = tl.load(starts + r)
     en = tl.load(ends + r)
@@ -69,80 +77,51 @@ def _topk_sample_kernel(x_ptr, stride_r, starts, ends, state, k, S: tl.constexpr
     base = state + r * 8
     tl.store(base + 0, lo)
     tl.store(base + 1, hi)
+    zero = tl.zeros([], tl.int64)
+    tl.store(ctr + r * 2 + 0, zero)
+    tl.store(ctr + r * 2 + 1, zero)
 
 
-@triton.jit
-def _topk_count_kernel(x_ptr, stride_r, starts, ends, state, cc, NC, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Per-chunk counts cc[r, c] = (valid, >= lo, >= hi): no atomics, so compaction offsets are a prefix sum."""
+@triton.jit(do_not_specialize=["stride_r", "k", "cap", "chunk"])
+def _topk_scan_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, cap, chunk, BLOCK: tl.constexpr,
+                      TB: tl.constexpr):
+    """Fused count + compact over columns [st + c*chunk, ...) of row r; the next block is loaded ahead."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     st = tl.load(starts + r)
     en = tl.load(ends + r)
     lo = tl.load(state + r * 8 + 0)
     hi = tl.load(state + r * 8 + 1)
-    b0 = st + c * CHUNK
-    b1 = tl.minimum(en, b0 + CHUNK)
+    b0 = st + c * chunk
+    b1 = tl.minimum(en, b0 + chunk)
     row = x_ptr + r.to(tl.int64) * stride_r
+    outr = out + r.to(tl.int64) * k
+    scrr = scr + r.to(tl.int64) * (cap + TB)
+    ar = tl.arange(0, BLOCK)
     nv = tl.zeros([BLOCK], tl.int32)
-    nl = tl.zeros([BLOCK], tl.int32)
-    nh = tl.zeros([BLOCK], tl.int32)
+    key = _row_keys(row, b0 + ar, b0 + ar < b1)
     for off in range(b0, b1, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        key = _row_keys(row, cols, cols < b1)
+        cols = off + ar
+        nxt = cols + BLOCK
+        key_next = _row_keys(row, nxt, nxt < b1)
         nv += (key != -2147483648).to(tl.int32)
-        nl += (key >= lo).to(tl.int32)
-        nh += (key >= hi).to(tl.int32)
-    p = cc + (r.to(tl.int64) * NC + c) * 4
-    tl.store(p + 0, tl.sum(nv, axis=0))
-    tl.store(p + 1, tl.sum(nl, axis=0))
-    tl.store(p + 2, tl.sum(nh, axis=0))
-
-
-@triton.jit
-def _chunk_totals(cc, r, NC, upto, NCP: tl.constexpr):
-    """(valid, >=lo, >=hi) summed over all chunks, and (>=hi, in-bracket) summed over chunks < upto."""
-    j = tl.arange(0, NCP)
-    p = cc + (r.to(tl.int64) * NC + j) * 4
-    msk = j < NC
-    v = tl.load(p + 0, mask=msk, other=0)
-    l = tl.load(p + 1, mask=msk, other=0)
-    h = tl.load(p + 2, mask=msk, other=0)
-    before = j < upto
-    return (tl.sum(v, axis=0), tl.sum(l, axis=0), tl.sum(h, axis=0), tl.sum(tl.where(before, h, 0), axis=0),
-            tl.sum(tl.where(before, l - h, 0), axis=0))
-
-
-@triton.jit
-def _topk_compact_kernel(x_ptr, stride_r, starts, ends, state, cc, NC, out, scr, k, CAP: tl.constexpr,
-                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, NCP: tl.constexpr):
-    r = tl.program_id(0)
-    c = tl.program_id(1)
-    st = tl.load(starts + r)
-    en = tl.load(ends + r)
-    lo = tl.load(state + r * 8 + 0)
-    hi = tl.load(state + r * 8 + 1)
-    nv, clo, chi, bo, bs = _chunk_totals(cc, r, NC, c, NCP)
-    m = tl.minimum(nv, k)
-    good = (m > 0) & (clo >= m) & (chi < m) & (clo - chi <= CAP)
-    b0 = st + c * CHUNK
-    b1 = tl.minimum(en, b0 + CHUNK)
-    if good & (b0 < b1):
-        row = x_ptr + r.to(tl.int64) * stride_r
-        outr = out + r.to(tl.int64) * k
-        scrr = scr + r.to(tl.int64) * CAP
-        for off in range(b0, b1, BLOCK):
-            cols = off + tl.arange(0, BLOCK)
-            key = _row_keys(row, cols, cols < b1)
-            s_hi = (key >= hi).to(tl.int32)
-            s_in = ((key >= lo) & (key < hi)).to(tl.int32)
-            n1 = tl.sum(s_hi, axis=0)
-            if n1 > 0:
-                tl.store(outr + bo + tl.cumsum(s_hi, axis=0) - 1, cols, mask=s_hi != 0)
-                bo += n1
-            n2 = tl.sum(s_in, axis=0)
-            if n2 > 0:
-                tl.store(scrr + bs + tl.cumsum(s_in, axis=0) - 1, _composite(key, cols), mask=s_in != 0)
-                bs += n2
+        s_hi = key >= hi
+        s_in = (key >= lo) & (key < hi)
+        pk = s_hi.to(tl.int32) + (s_in.to(tl.int32) << 16)
+        tot = tl.sum(pk, axis=0)
+        if tot > 0:
+            cs = tl.cumsum(pk, axis=0)
+            n1 = (tot & 0xFFFF).to(tl.int64)
+            n2 = (tot >> 16).to(tl.int64)
+            old = tl.atomic_add(ctr + r * 2, (n1 << 32) | n2, sem="relaxed")
+            bo = (old >> 32).to(tl.int32)
+            bs = (old & 0xFFFFFFFF).to(tl.int32)
+            p1 = bo + (cs & 0xFFFF) - 1
+            tl.store(outr + p1, cols, mask=s_hi & (p1 < k))
+            p2 = bs + (cs >> 16) - 1
+            tl.store(scrr + p2, _composite(key, cols), mask=s_in & (p2 < cap))
+        key = key_next
+    tl.atomic_add(ctr + r * 2 + 1, tl.sum(nv, axis=0).to(tl.int64), sem="relaxed")
 
 
 @triton.jit
@@ -151,14 +130,15 @@ def _pick(j, J, v):
 
 
 @triton.jit
-def _fallback_row(row, st, en, m, nv, outr, scrr, CAP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
-    """Exact single-program path: 16-ary refinement of a composite bracket over the whole row, then compact."""
+def _fallback_row(row, st, en, m, nv, outr, scrr, cap, BLOCK: tl.constexpr, NB: tl.constexpr):
+    """Exact single-program path: 16-ary refinement of a composite bracket over the whole row, then compact.
+    Returns (count above the bracket, count in it, bracket low, bracket high) in composite space."""
     j = tl.arange(0, NB)
     lo = tl.zeros([], tl.int64)
     hi = tl.zeros([], tl.int64) + 9223372036854775807
     chi = tl.zeros([], tl.int32)
     n_in = nv
-    while n_in > CAP:
+    while n_in > cap:
         step = (hi - lo) // NB + 1
         t = lo + j.to(tl.int64) * step
         cnt = tl.zeros([NB], tl.int32)
@@ -184,63 +164,93 @@ def _fallback_row(row, st, en, m, nv, outr, scrr, CAP: tl.constexpr, BLOCK: tl.c
         tl.store(scrr + bs + tl.cumsum(s_in, axis=0) - 1, comp, mask=s_in != 0)
         bo += tl.sum(s_hi, axis=0)
         bs += tl.sum(s_in, axis=0)
-    return chi, n_in
+    return chi, n_in, lo, hi
 
 
 @triton.jit
-def _select_write(scrr, n_in, need, outp, FB: tl.constexpr, NB: tl.constexpr):
-    """Write the column ids of the ``need`` largest of the n_in unique composites in scrr to outp[0:need]."""
+def _select_write(scrr, tb, n_in, need, outp, a, b, FB: tl.constexpr, NBIN: tl.constexpr, TB: tl.constexpr,
+                  TI: tl.constexpr):
+    """Write the column ids of the ``need`` largest of the n_in unique composites in scrr (all in [a, b)) to
+    outp[0:need]. Histogram rounds narrow [a, b) until its boundary bin holds <= TB entries; those go to the tie
+    buffer ``tb`` and are ranked by counting."""
     ar = tl.arange(0, FB)
-    j = tl.arange(0, NB)
-    mn = tl.zeros([], tl.int64) + 9223372036854775807
-    mx = tl.zeros([], tl.int64) - 1
-    for off in range(0, n_in, FB):
-        msk = off + ar < n_in
-        cv = tl.load(scrr + off + ar, mask=msk, other=-1)
-        mx = tl.maximum(mx, tl.max(cv, axis=0))
-        mn = tl.minimum(mn, tl.min(tl.where(msk, cv, 9223372036854775807), axis=0))
-    lo = mn
-    hi = mx + 1
-    T = mn
-    busy = need < n_in
-    while busy:
-        step = (hi - lo) // NB + 1
-        t = lo + j.to(tl.int64) * step
-        cnt = tl.zeros([NB], tl.int32)
+    jb = tl.arange(0, NBIN)
+    above = tl.zeros([], tl.int32)      # entries >= b
+    cb = n_in                           # entries in [a, b)
+    if need >= n_in:
+        b = a
+        above = n_in
+        cb = 0
+    while cb > TB:
+        w = b - a
+        shift = tl.zeros([], tl.int64)
+        while (w >> shift) >= NBIN:
+            shift += 1
+        h = tl.zeros([NBIN], tl.int32)
         for off in range(0, n_in, FB):
             cv = tl.load(scrr + off + ar, mask=off + ar < n_in, other=-1)
-            cnt += tl.sum((cv[:, None] >= t[None, :]).to(tl.int32), axis=0)
-        J = tl.max(tl.where(cnt >= need, j, -1), axis=0)
-        T = _pick(j, J, t)
-        busy = _pick(j, J, cnt) != need
-        hi = tl.where(J + 1 < NB, _pick(j, J + 1, t), hi)
-        lo = T
-    b = tl.zeros([], tl.int32)
+            inr = (off + ar < n_in) & (cv >= a) & (cv < b)
+            bn = tl.where(inr, (cv - a) >> shift, 0).to(tl.int32)
+            h += tl.histogram(bn, NBIN, mask=inr)
+        ge = cb - tl.cumsum(h, axis=0) + h             # entries in [a, b) with bin >= j
+        need_r = need - above
+        J = tl.max(tl.where(ge >= need_r, jb, -1), axis=0)
+        hJ = _pick(jb, J, h)
+        above += _pick(jb, J, ge) - hJ
+        cb = hJ
+        last = J.to(tl.int64) >= ((w - 1) >> shift)   # the top bin keeps b (no overflow near INT64_MAX)
+        b = tl.where(last, b, a + ((J.to(tl.int64) + 1) << shift))
+        a = a + (J.to(tl.int64) << shift)
+    # one write pass: >= b straight out, [a, b) to the tie buffer
+    bo = tl.zeros([], tl.int32)
+    bs = tl.zeros([], tl.int32)
     for off in range(0, n_in, FB):
         cv = tl.load(scrr + off + ar, mask=off + ar < n_in, other=-1)
-        sel = (cv >= T).to(tl.int32)
+        s_hi = cv >= b
+        s_in = (cv >= a) & (cv < b)
+        pk = s_hi.to(tl.int32) + (s_in.to(tl.int32) << 16)
+        cs = tl.cumsum(pk, axis=0)
         col = (2147483647 - (cv & 2147483647)).to(tl.int32)
-        tl.store(outp + b + tl.cumsum(sel, axis=0) - 1, col, mask=sel != 0)
-        b += tl.sum(sel, axis=0)
+        tl.store(outp + bo + (cs & 0xFFFF) - 1, col, mask=s_hi)
+        tl.store(tb + bs + (cs >> 16) - 1, cv, mask=s_in)
+        tot = tl.sum(pk, axis=0)
+        bo += tot & 0xFFFF
+        bs += tot >> 16
+    need_r = need - above
+    ai = tl.arange(0, TI)
+    aj = tl.arange(0, TB)
+    cj = tl.load(tb + aj, mask=aj < cb, other=-1)
+    for i0 in range(0, cb, TI):
+        ci = tl.load(tb + i0 + ai, mask=i0 + ai < cb, other=-1)
+        rank = tl.sum((cj[None, :] > ci[:, None]).to(tl.int32), axis=1)
+        colt = (2147483647 - (ci & 2147483647)).to(tl.int32)
+        tl.store(outp + above + rank, colt, mask=(i0 + ai < cb) & (rank < need_r))
 
 
-@triton.jit
-def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, cc, NC, out, scr, k, CAP: tl.constexpr,
-                       BLOCK: tl.constexpr, FB: tl.constexpr, NB: tl.constexpr, NCP: tl.constexpr):
+@triton.jit(do_not_specialize=["stride_r", "k", "cap"])
+def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, cap, BLOCK: tl.constexpr,
+                       FB: tl.constexpr, NB: tl.constexpr, NBIN: tl.constexpr, TB: tl.constexpr,
+                       TI: tl.constexpr):
     r = tl.program_id(0)
     st = tl.load(starts + r)
     en = tl.load(ends + r)
-    nv, clo, chi, _bo, _bs = _chunk_totals(cc, r, NC, 0, NCP)
+    lo = tl.load(state + r * 8 + 0)
+    hi = tl.load(state + r * 8 + 1)
+    pk = tl.load(ctr + r * 2 + 0)
+    nv = tl.load(ctr + r * 2 + 1).to(tl.int32)
+    chi = (pk >> 32).to(tl.int32)
+    n_in = (pk & 0xFFFFFFFF).to(tl.int32)
     m = tl.minimum(nv, k)
-    good = (m > 0) & (clo >= m) & (chi < m) & (clo - chi <= CAP)
+    good = (m > 0) & (chi < m) & (chi + n_in >= m) & (n_in <= cap)
     outr = out + r.to(tl.int64) * k
-    scrr = scr + r.to(tl.int64) * CAP
+    scrr = scr + r.to(tl.int64) * (cap + TB)
     if m > 0:
-        n_in = clo - chi
+        a = (lo.to(tl.int64) + 2147483648) << 31
+        b = (hi.to(tl.int64) + 2147483648) << 31
         if good == 0:
             row = x_ptr + r.to(tl.int64) * stride_r
-            chi, n_in = _fallback_row(row, st, en, m, nv, outr, scrr, CAP, BLOCK, NB)
-        _select_write(scrr, n_in, m - chi, outr + chi, FB, NB)
+            chi, n_in, a, b = _fallback_row(row, st, en, m, nv, outr, scrr, cap, BLOCK, NB)
+        _select_write(scrr, scrr + cap, n_in, m - chi, outr + chi, a, b, FB, NBIN, TB, TI)
     ar = tl.arange(0, FB)
     for off in range(m, k, FB):
         tl.store(outr + off + ar, tl.full([FB], -1, tl.int32), mask=off + ar < k)
