@@ -133,7 +133,8 @@ def timed_prefill_decode(model, pattern, ctx, args, vocab):
 def decode_breakdown(eng, seqs, reps=3):
     if not seqs:
         return {}
-    b = eng.runner.prepare([(s.token_ids, s.num_computed, 1, s.block_table) for s in seqs])
+    # re-run each sequence's last cached token: its slot exists (the next position's page may not yet)
+    b = eng.runner.prepare([(s.token_ids, s.num_computed - 1, 1, s.block_table) for s in seqs])
     eng.runner.forward(b)
     eng.runner.timer = Timer(cuda=eng.device.type == "cuda")
     sync()

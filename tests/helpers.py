@@ -3,9 +3,11 @@ import torch
 
 
 def poisoned(shape, dtype, device):
-    """An output buffer full of NaN (or -7777 for ints), so unwritten elements show up."""
+    """An output buffer full of NaN (-7777 for wide signed ints, the maximum for others), so unwritten elements
+    show up."""
     if dtype.is_floating_point and dtype.itemsize >= 2:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device).to(dtype)
-    return torch.full(shape, -7777, dtype=dtype, device=device)
+    fill = -7777 if torch.iinfo(dtype).min < 0 and torch.iinfo(dtype).bits >= 16 else torch.iinfo(dtype).max
+    return torch.full(shape, fill, dtype=dtype, device=device)

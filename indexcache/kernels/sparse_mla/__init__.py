@@ -169,7 +169,7 @@ def _align(n):
 
 
 def sparse_mla_decode_workspace_bytes(B: int, h: int, topk: int, *, dtype: torch.dtype = torch.bfloat16,
-                                      kv_format: str = "bf16", fp8_strategy: str = "fused",
+                                      kv_format: str = "bf16", fp8_strategy: str = "dequant",
                                       num_splits: int | None = None) -> int:
     """Bytes of a uint8 `workspace` big enough for sparse_mla_decode with these settings (sized for the smallest
     token tile, so it stays big enough if a launch falls back to smaller tiles)."""
@@ -179,13 +179,14 @@ def sparse_mla_decode_workspace_bytes(B: int, h: int, topk: int, *, dtype: torch
 
 def sparse_mla_decode(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                       d_v: int = 512, *, kv_format: str = "bf16", num_splits: int | None = None,
-                      fp8_strategy: str = "fused",
+                      fp8_strategy: str = "dequant",
                       workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, h, 576]; cache [num_blocks, page_size, 576] (kv_format "bf16", dtype of q) or uint8
     [num_blocks, page_size, 656] ("fp8", FlashMLA layout); indices [B, topk] int32 global slot ids
     (block * page_size + offset), -1 = invalid. Returns out [B, h, 512] (q.dtype), lse [B, h] fp32 natural log.
 
-    fp8_strategy (kv_format="fp8" only): "fused" dequantises inside the attention kernel (per head block);
+    fp8_strategy (kv_format="fp8" only; default "dequant", 1.5-2.7x faster than "fused" on the H200, see
+    benchmarks/results/kernels.json): "fused" dequantises inside the attention kernel (per head block);
     "dequant" first gathers + dequantises the selected rows once into a [B, topk, 576] q.dtype scratch, then runs
     the bf16 attention over it. workspace: optional flat uint8 CUDA tensor of at least
     sparse_mla_decode_workspace_bytes(...) bytes for all scratch (rows, split partials), e.g. for CUDA graphs;
