@@ -13,6 +13,8 @@ error row and the other cases go on.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.testing
@@ -50,12 +52,14 @@ def _row(name, shape, ms, ceilings, *, tflops=None, tbps=None, ref_ms=None, **ex
 
 
 def _topk_breakdown(x, ends):
-    """Per-launch time of one call (sample, scan = fused count+compact, final), timed cumulatively (the scan's
-    atomic counters are reset by the sample launch, so each launch is timed behind the ones before it),
-    plus fallback rows and the mean bracket size."""
+    """Per-launch time of one call (decode path: sample, scan = fused count+compact, final; prefill path: sample,
+    count, compact, final), timed cumulatively (each launch behind the ones before it: the scan's atomic counters
+    are reset by the sample launch, the compact reads the count's output), plus fallback rows, the mean bracket
+    size and the path taken."""
     tp.DEBUG = {}
     topk_rows(x, K, row_end=ends)
     fb, mean_bracket = tp.bracket_stats(tp.DEBUG, K)
+    path = tp.DEBUG.get("path")
     tp.DEBUG = None
     stages, _, _ = tp._plan(x, K, None, ends)
     t, prev = {}, 0.0
@@ -66,7 +70,32 @@ def _topk_breakdown(x, ends):
         prev = ms
     t["fallback_rows"] = fb
     t["mean_bracket"] = mean_bracket
+    t["path"] = path
     return t
+
+
+# prefill-path configs swept on the 4096 x 200K case (module knobs of indexcache.kernels.topk; each config is a
+# fixed constexpr set, so it compiles once). "scan_*" is the fused decode scan used for prefill (2f1bfc4 design).
+_TOPK_PREFILL_CONFIGS = {
+    "two16_b4096_cb1_c8_p4": dict(_PREFILL_PATH="two", _PREFILL_SEL16=True, _TP_BLOCK=4096, _TP_CHUNK_BLOCKS=1,
+                                  _COUNT_WARPS=8, _COMPACT_WARPS=4),
+    "two16_b4096_cb1_c4_p8": dict(_PREFILL_PATH="two", _PREFILL_SEL16=True, _TP_BLOCK=4096, _TP_CHUNK_BLOCKS=1,
+                                  _COUNT_WARPS=4, _COMPACT_WARPS=8),
+    "two16_b2048_cb1_c4_p4": dict(_PREFILL_PATH="two", _PREFILL_SEL16=True, _TP_BLOCK=2048, _TP_CHUNK_BLOCKS=1,
+                                  _COUNT_WARPS=4, _COMPACT_WARPS=4),
+    "two16_b4096_cb4_c8_p4": dict(_PREFILL_PATH="two", _PREFILL_SEL16=True, _TP_BLOCK=4096, _TP_CHUNK_BLOCKS=4,
+                                  _COUNT_WARPS=8, _COMPACT_WARPS=4),
+    "two16_b4096_row_c8_p4": dict(_PREFILL_PATH="two", _PREFILL_SEL16=True, _TP_BLOCK=4096, _TP_CHUNK_BLOCKS=0,
+                                  _COUNT_WARPS=8, _COMPACT_WARPS=4),
+    "twohist_b4096_cb1_c8_p4": dict(_PREFILL_PATH="two", _PREFILL_SEL16=False, _TP_BLOCK=4096, _TP_CHUNK_BLOCKS=1,
+                                    _COUNT_WARPS=8, _COMPACT_WARPS=4),
+    "scan_b4096_w4": dict(_PREFILL_PATH="scan", _BLOCK=4096, _SCAN_WARPS=4),
+}
+
+
+def _set_knobs(cfg):
+    for name, v in cfg.items():
+        setattr(tp, name, v)
 
 
 def topk_cases(ceilings, quick):
@@ -79,14 +108,22 @@ def topk_cases(ceilings, quick):
     nbytes = ends.double().sum().item() * 4
     ref = bench_ms(lambda: torch.topk(x, K, dim=1, sorted=False))
     xd = {B: torch.randn(B, CTX, device="cuda") for B in (1, 8, 64)}
-    # small sweep (scan block / warps; decode sample size): every config is a fixed constexpr set, so each one
-    # compiles once; the best is kept for the reported rows
-    sweep = {}
-    for blk, warps in ((4096, 8), (2048, 4), (4096, 4)):
-        tp._BLOCK, tp._SCAN_WARPS = blk, warps
-        sweep[f"block{blk}_w{warps}"] = bench_ms(lambda: topk_rows(x, K, row_end=ends), rep_ms=60)
+    # small sweep (prefill path / block / warps / final select; decode sample size): the best is kept for the
+    # reported rows; the parts of every prefill config are printed so count / compact / final can be compared
+    sweep, sweep_parts = {}, {}
+    dflt = {n: getattr(tp, n) for cfg in _TOPK_PREFILL_CONFIGS.values() for n in cfg}
+    for name, cfg in _TOPK_PREFILL_CONFIGS.items():
+        _set_knobs(dflt)
+        _set_knobs(cfg)
+        try:
+            sweep[name] = bench_ms(lambda: topk_rows(x, K, row_end=ends), rep_ms=60)
+            sweep_parts[name] = _topk_breakdown(x, ends)
+        except Exception as e:  # one config failing (e.g. out of resources) must not hide the others
+            print("topk config", name, "failed:", repr(e)[:200])
+        print("topk prefill config", name, sweep.get(name), sweep_parts.get(name))
     best = min(sweep, key=sweep.get)
-    tp._BLOCK, tp._SCAN_WARPS = (int(v) for v in best[5:].split("_w"))
+    _set_knobs(dflt)
+    _set_knobs(_TOPK_PREFILL_CONFIGS[best])
     for S in (512, 1024):
         tp._SAMPLE_SMALL = S
         sweep[f"decode_S{S}"] = _graph_ms(lambda: topk_rows(xd[8], K))
@@ -94,7 +131,8 @@ def topk_cases(ceilings, quick):
     print("topk sweep (ms):", sweep, "->", best, "decode S", tp._SAMPLE_SMALL)
     ms = bench_ms(lambda: topk_rows(x, K, row_end=ends))
     rows.append(_row("topk_prefill", f"{R}x{CTX} causal k={K} fp32", ms, ceilings, tbps=nbytes / ms / 1e9,
-                     ref_ms=ref, config=best, parts=_topk_breakdown(x, ends), sweep=str(sweep)))
+                     ref_ms=ref, config=best, parts=_topk_breakdown(x, ends), sweep=str(sweep),
+                     sweep_parts=str(sweep_parts)))
     print("topk prefill parts:", rows[-1]["parts"])
     del x
     for B in (1, 8, 64):
@@ -109,7 +147,8 @@ def topk_cases(ceilings, quick):
     print("topk decode B=1 parts:", rows[-3]["parts"])
     # recompile check: a run of shapes that a prefill / decode loop produces must reuse the compiled kernels
     from indexcache.kernels.topk import triton_topk as tk
-    kern = (tk._topk_sample_kernel, tk._topk_scan_kernel, tk._topk_final_kernel)
+    kern = (tk._topk_sample_kernel, tk._topk_scan_kernel, tk._topk_count_kernel, tk._topk_compact_kernel,
+            tk._topk_final_kernel)
 
     def ncompiled():
         return sum(sum(len(c[0]) for c in getattr(f, "device_caches", {}).values()) for f in kern)
@@ -117,6 +156,9 @@ def topk_cases(ceilings, quick):
     for L in (150_001, 150_002, 170_000, 199_999):
         topk_rows(torch.randn(3, L, device="cuda"), K)
         topk_rows(torch.randn(1, L, device="cuda"), K)
+    for R2, L in ((100, 150_001), (65, 150_002), (300, 70_001), (257, 99_999)):   # prefill path, other shapes
+        topk_rows(torch.randn(R2, L, device="cuda"), K, row_end=torch.arange(L - R2 + 1, L + 1, device="cuda",
+                                                                             dtype=torch.int32))
     torch.cuda.synchronize()
     rows[-1]["new_variants_over_shape_sweep"] = ncompiled() - n0
     print("topk variants compiled by a shape sweep (want 0):", ncompiled() - n0)
@@ -306,9 +348,22 @@ def sparse_decode_cases(ceilings, quick):
     return rows
 
 
+_CASE_GROUPS = {"topk": ("topk_cases",), "sparse": ("sparse_prefill_cases", "sparse_decode_cases"),
+                "sparse_prefill": ("sparse_prefill_cases",), "sparse_decode": ("sparse_decode_cases",)}
+
+
+def _selected(fns):
+    """BENCH_ONLY=topk (or a comma list of topk / sparse / sparse_prefill / sparse_decode) runs only those cases."""
+    only = os.environ.get("BENCH_ONLY")
+    if not only:
+        return fns
+    names = {n for g in only.split(",") if g.strip() for n in _CASE_GROUPS.get(g.strip(), (g.strip(),))}
+    return tuple(fn for fn in fns if fn.__name__ in names)
+
+
 def run(ceilings: dict | None = None, quick: bool = False) -> list[dict]:
     rows = []
-    for fn in (topk_cases, sparse_prefill_cases, sparse_decode_cases):
+    for fn in _selected((topk_cases, sparse_prefill_cases, sparse_decode_cases)):
         try:
             rows += fn(ceilings, quick)
         except Exception as e:  # report and keep going: one broken case must not hide the others
@@ -317,3 +372,9 @@ def run(ceilings: dict | None = None, quick: bool = False) -> list[dict]:
             rows.append({"name": fn.__name__, "error": repr(e)[:300]})
         torch.cuda.empty_cache()
     return rows
+
+
+if __name__ == "__main__":   # standalone: BENCH_ONLY=topk python -m benchmarks.kernels_attention [--quick]
+    import sys
+    for r in run(None, quick="--quick" in sys.argv):
+        print(r)

@@ -25,6 +25,7 @@ def _sets_equal(out, ref):
 
 def _check(x, k, **kw):
     out = topk_rows(x, k, **kw)
+    kw.pop("_path", None)
     ref = topk_rows_reference(x, k, **{n: kw[n] for n in ("row_start", "row_end") if n in kw})
     assert out.shape == (x.shape[0], k) and out.dtype == torch.int32
     assert ((out >= -1) & (out < x.shape[1])).all()
@@ -212,13 +213,19 @@ def _variant_key(fn, args, kwargs):
     return tuple(key) + extra
 
 
-def test_shape_changes_do_not_recompile(device):
+@pytest.mark.parametrize("path", ["scan", "two"])
+def test_shape_changes_do_not_recompile(device, path):
     """A prefill changes (R, N, windows, k) every call and decode changes the context length every step:
-    the number of compiled variants per kernel must stay a small constant."""
+    the number of compiled variants per kernel must stay a small constant (for each path: the fused decode scan
+    and the count + compact prefill path)."""
     from indexcache.kernels.topk import triton_topk as tk
     if not tp.use_triton(torch.empty(1, device=device)):
         pytest.skip("Triton path not active")
-    kernels = {"sample": tk._topk_sample_kernel, "scan": tk._topk_scan_kernel, "final": tk._topk_final_kernel}
+    if path == "scan":
+        kernels = {"sample": tk._topk_sample_kernel, "scan": tk._topk_scan_kernel, "final": tk._topk_final_kernel}
+    else:
+        kernels = {"sample": tk._topk_sample_kernel, "count": tk._topk_count_kernel,
+                   "compact": tk._topk_compact_kernel, "final": tk._topk_final_kernel}
     seen = {n: set() for n in kernels}
     hooks = {}
     for n, fn in kernels.items():
@@ -235,7 +242,7 @@ def test_shape_changes_do_not_recompile(device):
 
     torch.manual_seed(10)
     try:
-        topk_rows(torch.randn(2, 640, device=device), 32)            # warm: one variant per kernel
+        topk_rows(torch.randn(2, 640, device=device), 32, _path=path)  # warm: one variant per kernel
         base = cache_sizes()
         shapes = [(3, 700, 17, None), (5, 1301, 33, "win"), (2, 2100, 64, "causal"), (1, 999, 16, None),
                   (7, 1600, 48, "causal"), (4, 513, 1, None)]
@@ -247,10 +254,10 @@ def test_shape_changes_do_not_recompile(device):
             elif w == "win":
                 kw["row_start"] = torch.randint(0, N // 2, (R,), dtype=torch.int32, device=device)
                 kw["row_end"] = torch.randint(N // 2, N + 1, (R,), dtype=torch.int32, device=device)
-            _check(x, k, **kw)
+            _check(x, k, _path=path, **kw)
         # decode: one row, context grows by one each step
         for L in (1000, 1001, 1017, 1024, 1040):
-            _check(torch.randn(1, L, device=device), 64)
+            _check(torch.randn(1, L, device=device), 64, _path=path)
         after = cache_sizes()
     finally:
         for n, fn in kernels.items():
@@ -262,6 +269,85 @@ def test_shape_changes_do_not_recompile(device):
         assert c - base.get(n, 0) <= 1, (n, base, after)
 
 
+PREFILL_PATHS = ["two16", "twohist"]
+
+
+@pytest.mark.parametrize("path", PREFILL_PATHS)
+def test_prefill_path_ragged_ties_padding(device, path):
+    """Count + compact path: windows (incl. empty and shorter than k), ties, NaN / -inf, -0.0, many chunks
+    (more than one NCT tile of chunk counts), with both final selects."""
+    torch.manual_seed(11)
+    R, N, k = 6, 5000, 100
+    x = torch.randn(R, N, device=device) * 3
+    x[1] = torch.randn(N, device=device)
+    x[1, ::3] = 5.0                                   # 1667 equal maxima: the first k of them
+    x[2, 100:200] = float("nan")
+    x[2, 300] = -0.0
+    x[2, 301] = 0.0
+    x[3] = float("-inf")
+    x[3, 1500:1510] = 0.5
+    x[4] = (torch.randn(N, device=device) * 2).round()  # few distinct values, heavy ties at the threshold
+    start = torch.tensor([0, 0, 17, 0, 1000, 2990], dtype=torch.int32, device=device)
+    end = torch.tensor([N, N, 4000, N, 1000, 3001], dtype=torch.int32, device=device)
+    for chunk in (None, 256):                         # 256: nc = 20 chunks > NCT = 8 (interpreter)
+        fb, _ = _stats(x, k, _path=path, _chunk=chunk)
+        assert fb == 0
+        out = _check(x, k, _path=path, _chunk=chunk, row_start=start, row_end=end)
+        assert torch.equal(out[1].sort().values.cpu(), torch.arange(0, 3 * k, 3, dtype=torch.int32))
+        assert (out[3, 10:] == -1).all() and (out[4] == -1).all() and (out[5, 11:] == -1).all()
+        for r in range(R):
+            v = out[r][out[r] >= 0]
+            assert ((v >= start[r]) & (v < end[r])).all()
+
+
+@pytest.mark.parametrize("path", PREFILL_PATHS)
+def test_prefill_path_bad_brackets_fall_back(device, path):
+    """Count + compact path: a bad bracket (maxima the sample missed: count(>= hi) >= k; bracket > CAP) skips
+    compaction for that row only, and the final kernel redoes it exactly; good rows in the same call are unaffected."""
+    torch.manual_seed(12)
+    N, k = 6000, 600
+    x = torch.randn(4, N, device=device)
+    for j in range(5):
+        x[0, j * 187 + 10: j * 187 + 180] += 40.0
+    x[1, 100:400] = 7.0
+    x[3, 3000:3200] += 50.0
+    for chunk in (None, 512):
+        fb, _ = _stats(x, k, _path=path, _chunk=chunk)
+        assert fb >= 1
+        fb, _ = _stats(x, k, _path=path, _chunk=chunk, _cap=96)
+        assert fb == 4
+    fb, _ = _stats(x[:, :200], k, _path=path)          # rows shorter than the sample: exact bracket
+    assert fb == 0
+    # adversarial shared bucket + fp16 / bf16 inputs
+    base = torch.full((4500,), 1.0)
+    y = torch.stack([base + torch.randint(0, 16, (4500,)).float() * 2.0**-23,
+                     base + torch.randint(0, 3, (4500,)).float() * 2.0**-23]).to(device)
+    _check(y, 100, _path=path)
+    _check((torch.randn(2, 4100, device=device) * 2).to(torch.float16), 300, _path=path)
+
+
+def test_default_path_by_row_count(device):
+    """R <= _SMALL_R takes the fused scan (decode), larger R the count + compact path (prefill)."""
+    if not tp.use_triton(torch.empty(1, device=device)):
+        pytest.skip("Triton path not active")
+    torch.manual_seed(13)
+    tp.DEBUG = {}
+    try:
+        _check(torch.randn(tp._SMALL_R + 1, 300, device=device), 20)
+        assert tp.DEBUG["path"] == "two"
+        _check(torch.randn(2, 300, device=device), 20)
+        assert tp.DEBUG["path"] == "scan"
+    finally:
+        tp.DEBUG = None
+
+
+def test_sorted_flag_prefill_path(device):
+    torch.manual_seed(14)
+    x = (torch.randn(3, 1500, device=device) * 2).round()
+    out = topk_rows(x, 120, sorted=True, _path="two")
+    assert torch.equal(out.cpu(), topk_rows_reference(x, 120).cpu())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_long_rows(dtype):
@@ -271,6 +357,8 @@ def test_gpu_long_rows(dtype):
     ends = torch.tensor([N, N - 7, 150_001, 2047, 2048, 3000, N, 100_000], dtype=torch.int32, device="cuda")
     x[6, :] = 0.25                                 # all ties
     x[7, 50_000:52_500] = 1e4                      # clustered maxima
-    _check(x, k, row_end=ends)
+    for path in (None, "scan", "two16", "twohist"):
+        _check(x, k, row_end=ends, _path=path)
     _check(torch.randn(300, 70_000, device="cuda").to(dtype), k)
+    _check(torch.randn(3, 200_000, device="cuda"), 4096, _path="two")
     _check(torch.randn(3, 200_000, device="cuda"), 4096)

@@ -13,9 +13,23 @@ from indexcache.kernels.topk.reference import topk_rows_reference
 MAX_K = 4096
 _SAMPLE = 1024          # entries sampled per row for R > _SMALL_R (power of two); H200 sweep 4096/2048/1024 chose 1024
 _SAMPLE_SMALL = 512     # decode-sized batches: a cheaper sort (~half), a wider bracket (CAP doubled)
-_SMALL_R = 64
+_SMALL_R = 64           # R <= _SMALL_R: decode path (fused scan); larger R: prefill path (count + compact)
 _BLOCK = 4096           # scan block (entries per step of the fused count+compact pass)
 _SCAN_WARPS = 8
+# Prefill path (R > _SMALL_R). H200, 4096 x 200K, k=2048: the fused scan (per-block cumsum + atomic with return,
+# serialised per block) took 8.23 ms against 1.41 (count) + 4.45 (old compact) ms; the two-pass path keeps the
+# count pass free of block reductions and gives compaction its slots from the chunk-count prefix (no atomics).
+_PREFILL_PATH = "two"   # "two" (count + compact) | "scan" (fused, as decode)
+_TP_BLOCK = 4096        # count / compact block
+_COUNT_WARPS = 8        # old count kernel: 8 warps, 2.3 TB/s
+_COMPACT_WARPS = 4      # fused scan sweep: 4 warps beat 8 (9.7 vs 15 ms) for the cumsum-per-block loop
+# Blocks per (count, compact) program; 0 = the old rule (>= 4 programs per SM, i.e. one whole row per program at
+# R = 4096). 1 = one 16 KB block per program: every program is independent (its slots are the sum of the earlier
+# blocks' counts), so latency (reductions, cumsum barriers) is hidden by occupancy instead of serialised per row.
+_TP_CHUNK_BLOCKS = 1
+_NCT = 64               # chunk counts read per step by the compact prefix loop (runtime loop over nc)
+_PREFILL_SEL16 = True   # final select for the prefill path: 16-ary search (1.13 ms) vs histogram (1.35 ms)
+_FB16, _FINAL16_WARPS = 1024, 4   # the old final's tile and warps
 _FB = 2048              # final select tile
 _NBIN = 256             # histogram bins per final-select round
 _TB = 256               # tie buffer: the boundary bin is ranked by counting once it holds <= _TB entries
@@ -54,16 +68,18 @@ def _sort_out(logits, idx):
 
 def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = None,
               row_end: torch.Tensor | None = None, sorted: bool = False, _cap: int | None = None,
-              _chunk: int | None = None) -> torch.Tensor:
+              _chunk: int | None = None, _path: str | None = None) -> torch.Tensor:
     """Column ids (int32 [R, k]) of the k largest values of each row among columns in [row_start, row_end).
 
     NaN and -inf never count; rows with fewer than k valid entries are padded with -1 (after the valid ids).
-    Exact, with ties at the threshold broken towards the lower column index. ``_cap``/``_chunk`` are test hooks.
+    Exact, with ties at the threshold broken towards the lower column index. ``_cap``/``_chunk``/``_path`` are
+    test hooks (``_path``: "scan" = fused decode path, "two" = count + compact prefill path, "two16" = the latter
+    with the 16-ary final select, "twohist" = with the histogram final select; default by row count).
     """
     _check(logits, k, row_start, row_end)
     if not use_triton(logits):
         return topk_rows_reference(logits, k, row_start=row_start, row_end=row_end)
-    stages, out, dbg = _plan(logits, k, row_start, row_end, _cap, _chunk)
+    stages, out, dbg = _plan(logits, k, row_start, row_end, _cap, _chunk, _path)
     for _, fn in stages:
         fn()
     if DEBUG is not None:
@@ -71,8 +87,9 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
     return _sort_out(logits, out) if sorted else out
 
 
-def _plan(logits, k, row_start, row_end, _cap=None, _chunk=None):
-    """Buffers and the three launches of one call, as (name, thunk) pairs (benchmarks time them one by one)."""
+def _plan(logits, k, row_start, row_end, _cap=None, _chunk=None, _path=None):
+    """Buffers and the launches of one call, as (name, thunk) pairs (benchmarks time them one by one):
+    decode path sample / scan / final; prefill path sample / count / compact / final."""
     from indexcache.kernels.topk import triton_topk as tk
 
     R, N = logits.shape
@@ -88,15 +105,22 @@ def _plan(logits, k, row_start, row_end, _cap=None, _chunk=None):
             else row_end.to(torch.int32).clamp(0, N))
     interp = interpreting()
     small = R <= _SMALL_R
+    path = _path or ("scan" if small else _PREFILL_PATH)
+    if path not in ("scan", "two", "two16", "twohist"):
+        raise ValueError(f"topk_rows: unknown _path {path!r}")
+    two = path != "scan"
+    sel16 = two and (path == "two16" or (path == "two" and _PREFILL_SEL16))
     S = 256 if interp else (_SAMPLE_SMALL if small else _SAMPLE)
     # bracket ~ 6*sqrt(k*len/S) entries: CAP = 4k at S >= 1024, 8k at S = 512 (runtime value: no recompiles)
     cap = _cap or max(4096, 4 * triton.next_power_of_2(k) * max(1, 1024 // S))
-    block = 256 if interp else _BLOCK
+    block = 256 if interp else (_TP_BLOCK if two else _BLOCK)
     fb, tb = (256, 64) if interp else (_FB, _TB)
     if _chunk is not None:
         chunk = _chunk
     elif interp:
         chunk = 1024
+    elif two and _TP_CHUNK_BLOCKS > 0:
+        chunk = block * _TP_CHUNK_BLOCKS
     else:
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         progs_per_row = max(1, (4 * sms + R - 1) // R)
@@ -116,11 +140,25 @@ def _plan(logits, k, row_start, row_end, _cap=None, _chunk=None):
                                       num_warps=_SCAN_WARPS)
 
     def final():
-        tk._topk_final_kernel[(R,)](x, s, starts, ends, state, ctr, out, scr, k, cap, BLOCK=block, FB=fb, NB=16,
-                                    NBIN=64 if interp else _NBIN, TB=tb, TI=16 if interp else 32, num_warps=8)
+        fbf = fb if (interp or not sel16) else _FB16
+        tk._topk_final_kernel[(R,)](x, s, starts, ends, state, ctr, out, scr, k, cap, BLOCK=block, FB=fbf, NB=16,
+                                    NBIN=64 if interp else _NBIN, TB=tb, TI=16 if interp else 32, SEL16=sel16,
+                                    num_warps=_FINAL16_WARPS if (sel16 and not interp) else 8)
 
-    dbg = dict(state=state, ctr=ctr, cap=cap, chunk=chunk, nc=nc, S=S)
-    return [("sample", sample), ("scan", scan), ("final", final)], out, dbg
+    dbg = dict(state=state, ctr=ctr, cap=cap, chunk=chunk, nc=nc, S=S, path=path)
+    if not two:
+        return [("sample", sample), ("scan", scan), ("final", final)], out, dbg
+    cc = torch.empty((R, nc, 4), dtype=torch.int32, device=dev)
+
+    def count():
+        tk._topk_count_kernel[(R, nc)](x, s, starts, ends, state, cc, nc, chunk, BLOCK=block, num_warps=_COUNT_WARPS)
+
+    def compact():
+        tk._topk_compact_kernel[(R, nc)](x, s, starts, ends, state, cc, nc, ctr, out, scr, k, cap, chunk, BLOCK=block,
+                                         NCT=8 if interp else _NCT, TB=tb, num_warps=_COMPACT_WARPS)
+
+    dbg["cc"] = cc
+    return [("sample", sample), ("count", count), ("compact", compact), ("final", final)], out, dbg
 
 
 def bracket_stats(dbg, k):
