@@ -64,21 +64,22 @@ def default_topk_fn():
 SLOT_BYTES = 24
 
 
-def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int) -> list[tuple[int, int, int, int]]:
+def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
+                        slot_bytes: int = SLOT_BYTES) -> list[tuple[int, int, int, int]]:
     """Split rows into chunks [r0, r1) whose logits over their column span [c0, c1) fit in workspace_bytes.
 
     Two budgets that add up to workspace_bytes: the fp32 logits of a chunk (rows * span * 4) get 3/4 of it and
-    the selection's temporaries (SLOT_BYTES per top-k slot per row: torch.topk values + int64 ids, output, index
-    shift) get 1/4. Returns (r0, r1, c0, c1) tuples. Needs the windows on the host (one device sync).
+    the selection's temporaries (``slot_bytes`` per top-k slot per row; default SLOT_BYTES for the torch fallback:
+    torch.topk values + int64 ids, output, index shift) get 1/4. Returns (r0, r1, c0, c1) tuples. Needs the windows on the host (one device sync).
     """
     rs = row_start.long().cpu().numpy()
     re = np.maximum(row_end.long().cpu().numpy(), rs)
     t = len(rs)
     logits_budget = workspace_bytes - workspace_bytes // 4
-    max_rows = (workspace_bytes // 4) // (SLOT_BYTES * topk)
+    max_rows = (workspace_bytes // 4) // (slot_bytes * topk)
     if max_rows < 1:
         raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} is too small for topk={topk}; "
-                         f"need at least {4 * SLOT_BYTES * topk} for the selection of one row")
+                         f"need at least {4 * slot_bytes * topk} for the selection of one row")
     chunks = []
     r0 = 0
     while r0 < t:
@@ -111,7 +112,7 @@ def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int
         out = torch.empty(t, topk, dtype=torch.int32, device=q_fp8.device)
     rs_all = row_start.clamp(0, s).to(torch.int32)
     re_all = row_end.clamp(0, s).to(torch.int32)
-    chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes)
+    chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, _selection_slot_bytes(topk_fn, topk, s))
     need_max = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0
     buf = torch.empty(max(need_max, 1), dtype=torch.float32, device=q_fp8.device)  # one buffer, reused
     for r0, r1, c0, c1 in chunks:
@@ -128,6 +129,18 @@ def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int
         if c0:
             dst.add_((dst >= 0).to(dst.dtype), alpha=c0)
     return out
+
+
+def _selection_slot_bytes(topk_fn, topk: int, n: int) -> int:
+    """Temporary bytes per top-k slot of one selected row: the Triton top-k's own scratch bound plus the output
+    copy and index shift here; SLOT_BYTES for the torch fallback."""
+    try:
+        from indexcache.kernels.topk import scratch_bytes_per_row, topk_rows  # noqa: PLC0415
+    except ImportError:
+        return SLOT_BYTES
+    if topk_fn is not topk_rows:
+        return SLOT_BYTES
+    return -(-(scratch_bytes_per_row(topk, n) + 8 * topk) // topk)
 
 
 def _check_decode_inputs(q_fp8, w, kv_cache, block_table, context_lens, max_len):

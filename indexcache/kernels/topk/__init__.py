@@ -66,6 +66,19 @@ def _sort_out(logits, idx):
     return torch.gather(torch.gather(idx, 1, o1), 1, o2)
 
 
+def scratch_bytes_per_row(k: int, n: int) -> int:
+    """An upper bound of the device bytes one ``topk_rows`` call allocates per row of ``n`` entries (output,
+    candidate scratch at the largest capacity any path uses, row state, per-chunk counts), so callers that bound
+    their memory (``indexer_topk_prefill``) can budget for the selection."""
+    cap = max(4096, 8 * _next_pow2(k))
+    chunks = -(-max(n, 1) // min(_BLOCK, _TP_BLOCK))
+    return 4 * k + (cap + _TB) * 8 + 8 * 4 + 2 * 8 + 16 * chunks
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
 def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = None,
               row_end: torch.Tensor | None = None, sorted: bool = False, _cap: int | None = None,
               _chunk: int | None = None, _path: str | None = None) -> torch.Tensor:
