@@ -26,7 +26,9 @@ _COMPACT_WARPS = 4      # fused scan sweep: 4 warps beat 8 (9.7 vs 15 ms) for th
 # Blocks per (count, compact) program; 0 = the old rule (>= 4 programs per SM, i.e. one whole row per program at
 # R = 4096). 1 = one 16 KB block per program: every program is independent (its slots are the sum of the earlier
 # blocks' counts), so latency (reductions, cumsum barriers) is hidden by occupancy instead of serialised per row.
-_TP_CHUNK_BLOCKS = 1
+# H200 sweep (run 8, 4096 x 200K, k=2048): whole row per program (0) 7.10 ms, 4 blocks 8.02, 1 block 11.2:
+# the per-block prefix reads of the 1-block layout cost more than the occupancy they buy. Keep 0.
+_TP_CHUNK_BLOCKS = 0
 _NCT = 64               # chunk counts read per step by the compact prefix loop (runtime loop over nc)
 _PREFILL_SEL16 = True   # final select for the prefill path: 16-ary search (1.13 ms) vs histogram (1.35 ms)
 _FB16, _FINAL16_WARPS = 1024, 4   # the old final's tile and warps
