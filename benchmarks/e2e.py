@@ -235,6 +235,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--no-full-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="override the preset's maximum context (to time contexts beyond it, e.g. 1M)")
     p.add_argument("--name", default="e2e")
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu for a smoke run")
     return p
@@ -255,6 +257,8 @@ def main(argv=None, args=None) -> int:
     contexts = [parse_ctx(c) for c in args.contexts.split(",")]
     patterns = [s.strip() for s in args.patterns.split(",")]
     cfg_full = preset_config(args.model)
+    if args.max_position_embeddings:  # e.g. a 1M-token run of a 200K model: RoPE tables extended, weights random
+        cfg_full = cfg_full.replace(max_position_embeddings=args.max_position_embeddings)
     cfg = cfg_full.replace(num_layers=args.layers) if args.layers else cfg_full
     meta = run_metadata()
     ceilings = measure_ceilings() if dev == "cuda" else {}
