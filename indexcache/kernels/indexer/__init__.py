@@ -44,11 +44,7 @@ def indexer_logits(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None):
         from indexcache.kernels.indexer.triton_logits import indexer_logits_triton
 
         return indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, out=out)
-    res = indexer_logits_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end)
-    if out is not None:
-        out.copy_(res)
-        return out
-    return res
+    return _into(out, indexer_logits_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end))
 
 
 def default_topk_fn():
@@ -62,6 +58,14 @@ def default_topk_fn():
 
 
 SLOT_BYTES = 24
+
+
+def _into(out, res):
+    """The reference result, copied into ``out`` when the caller gave one (as the Triton paths write into it)."""
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
 
 
 def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
@@ -172,11 +176,7 @@ def indexer_logits_decode(q_fp8, w, kv_cache, block_table, context_lens, max_len
         from indexcache.kernels.indexer.triton_logits import indexer_logits_decode_triton
 
         return indexer_logits_decode_triton(q_fp8, w, kv_cache, block_table, context_lens, max_len, out=out)
-    res = indexer_logits_decode_ref(q_fp8, w, kv_cache, block_table, context_lens, max_len)
-    if out is not None:
-        out.copy_(res)
-        return out
-    return res
+    return _into(out, indexer_logits_decode_ref(q_fp8, w, kv_cache, block_table, context_lens, max_len))
 
 
 def indexer_topk_decode(q_fp8, w, kv_cache, block_table, context_lens, max_len: int, topk: int, *, topk_fn=None):

@@ -99,12 +99,16 @@ def _store_latent_fp8_kernel(ckv_ptr, kpe_ptr, slot_ptr, c8_ptr, c32_ptr, c16_pt
     tl.store(c16_ptr + slot[:, None] * 328 + 264 + offs_p[None, :], p.to(tl.bfloat16), mask=ok[:, None])
 
 
+def _unit_stride_rows(ckv, kpe):
+    """ckv and kpe with unit column stride (the kernels index rows by their row stride)."""
+    return (ckv if ckv.stride(1) == 1 else ckv.contiguous()), (kpe if kpe.stride(1) == 1 else kpe.contiguous())
+
+
 def store_latent_fp8_triton(cache, slot_mapping, ckv, kpe):
     t = ckv.shape[0]
     if t == 0:
         return cache
-    ckv = ckv if ckv.stride(1) == 1 else ckv.contiguous()
-    kpe = kpe if kpe.stride(1) == 1 else kpe.contiguous()
+    ckv, kpe = _unit_stride_rows(ckv, kpe)
     flat = cache.view(-1, LATENT_FP8_BYTES)
     bt = 8
     _store_latent_fp8_kernel[(triton.cdiv(t, bt),)](
@@ -132,8 +136,7 @@ def store_latent_bf16_triton(cache, slot_mapping, ckv, kpe):
     t = ckv.shape[0]
     if t == 0:
         return cache
-    ckv = ckv if ckv.stride(1) == 1 else ckv.contiguous()
-    kpe = kpe if kpe.stride(1) == 1 else kpe.contiguous()
+    ckv, kpe = _unit_stride_rows(ckv, kpe)
     bt = 8
     _store_latent_bf16_kernel[(triton.cdiv(t, bt),)](
         ckv, kpe, slot_mapping, cache, t, ckv.stride(0), kpe.stride(0), BT=bt, num_warps=4)
