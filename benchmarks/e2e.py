@@ -24,9 +24,8 @@ from benchmarks.common import measure_ceilings, run_metadata, table, write_resul
 from indexcache.checkpoint import build_empty
 from indexcache.engine import EngineConfig, LLMEngine
 from indexcache.engine.kv_cache import bytes_per_token
-from indexcache.engine.runner import Timer, moe_forward
+from indexcache.engine.runner import Timer
 from indexcache.engine.sequence import Status
-from indexcache.model.moe import MoE
 from indexcache.pattern import IndexPattern
 from indexcache.presets import preset_config
 from indexcache.sampling import SamplingParams
@@ -202,7 +201,7 @@ def dense_prefill_s(model, ctx, vocab):
         out = torch.empty_like(x)
         for r0 in range(0, ctx, 32768):
             xs = x[r0:r0 + 32768]
-            out[r0:r0 + 32768] = moe_forward(layer.mlp, xs) if isinstance(layer.mlp, MoE) else layer.mlp(xs)
+            out[r0:r0 + 32768] = layer.mlp(xs)
         h = h + out[None]
     model.head(h[:, -1:])
     sync()

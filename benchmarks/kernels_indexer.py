@@ -144,7 +144,7 @@ def bench_full_prefill(rows, ceil, quick, chosen):
             peak = torch.cuda.max_memory_allocated() - base
             rows.append(_row(f"full prefill {model}: {label}", f"H={h} causal {s}, topk {topk}, ws 2GiB", ms, ceil,
                              flops=flops, peak_extra_gib=peak / 2**30,
-                             chunks=len(ix.plan_prefill_chunks(rs, re, topk, 2 << 30)),
+                             chunks=len(ix.plan_prefill_chunks(rs, re, topk, 2 << 30, ix.selection_slot_bytes(tfn or fn, topk, s))),
                              topk_fn=fn_name if tfn is None else getattr(tfn, "__name__", "?")))
         del q8, w, k8, ks, out
         torch.cuda.empty_cache()

@@ -12,11 +12,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..model import DSAModel
 from ..model.indexer import select_topk
-from ..model.moe import MoE
 from ..pattern import IndexPattern
 from .config import EngineConfig
 from .kv_cache import KVCache
@@ -132,8 +130,7 @@ class ModelRunner:
             h = h + attn.o_proj(torch.einsum("thc,hdc->thd", o_lat, w_uv).flatten(1))
         with self._t("moe"):
             x = layer.post_attention_layernorm(h)
-            mlp = layer.mlp
-            h = h + (moe_forward(mlp, x) if isinstance(mlp, MoE) and x.is_cuda else mlp(x))
+            h = h + layer.mlp(x)
         return h, slots
 
     # ----- indexer + top-k (Full layers) ------------------------------------------------------------------------
@@ -159,8 +156,8 @@ class ModelRunner:
             return to_slots(logical, table, self.page)
 
     def _ctx_slots(self, row: torch.Tensor, ctx: int) -> torch.Tensor:
-        p = torch.arange(ctx, device=row.device)
-        return row[p // self.page].long() * self.page + p % self.page
+        """Slots of positions 0..ctx-1 of the sequence whose block table is ``row``."""
+        return to_slots(torch.arange(ctx, device=row.device)[None], row[None], self.page)[0]
 
     def _topk_prefill_exact(self, i, indexer, q, w, pos, ctx, row):
         keys = self.kv.gather_index_k(i, self._ctx_slots(row, ctx))[None]  # [1, ctx, D]
@@ -179,7 +176,7 @@ class ModelRunner:
     def _topk_decode_exact(self, i, indexer, q, w, b):
         L = b.max_len
         p = torch.arange(L, device=q.device)
-        slots = b.block_table[:, p // self.page].long() * self.page + p % self.page  # [B, L]
+        slots = to_slots(p.expand(len(b.context_lens), L), b.block_table, self.page)  # [B, L]
         with self._t("indexer"):
             s = indexer.scores(q[:, None], self.kv.gather_index_k(i, slots), w[:, None])  # [B,1,L]
         with self._t("topk"):
@@ -187,6 +184,7 @@ class ModelRunner:
 
     def _topk_prefill_fp8(self, i, indexer, q, w, pos, ctx, row):
         kx = self._kernels
+        from ..kernels.indexer import plan_prefill_chunks, selection_slot_bytes
         from ..kernels.kv_store import gather_indexer_k
         with self._t("indexer"):
             q8, wf = kx["quantize_indexer_q"](q, w * indexer.n_heads ** 0.5)
@@ -196,7 +194,8 @@ class ModelRunner:
         re = (pos + 1).to(torch.int32)
         topk_fn = kx["topk_rows"]
         out = torch.empty(n, indexer.topk, dtype=torch.int32, device=q.device)
-        for r0, r1, c0, c1 in _prefill_chunks(pos, ctx, indexer.topk, self.cfg.workspace_bytes):
+        slot_bytes = selection_slot_bytes(topk_fn, indexer.topk, ctx)
+        for r0, r1, c0, c1 in plan_prefill_chunks(rs, re, indexer.topk, self.cfg.workspace_bytes, slot_bytes):
             with self._t("indexer"):
                 logits = kx["indexer_logits"](q8[r0:r1], wf[r0:r1], k8[c0:c1], ks[c0:c1], rs[r0:r1] - c0,
                                               (re[r0:r1] - c0).clamp(min=0))
@@ -246,15 +245,6 @@ def to_slots(logical: torch.Tensor, table: torch.Tensor, page: int) -> torch.Ten
     return torch.where(lg < 0, -1, blk * page + lg % page)
 
 
-def _prefill_chunks(pos: torch.Tensor, ctx: int, topk: int, workspace: int):
-    """Row chunks of a causal prefill segment whose logits [rows, keys] fit the workspace (host-side plan)."""
-    n = pos.shape[0]
-    first = ctx - n  # positions of the chunk are first..ctx-1
-    per_row = 4 * ctx + 16 * topk
-    rows = max(1, workspace // per_row)
-    return [(r0, min(n, r0 + rows), 0, first + min(n, r0 + rows)) for r0 in range(0, n, rows)]
-
-
 def _load_kernels() -> dict:
     """The Triton kernels that exist in this checkout (other engineers land them independently)."""
     found = {}
@@ -272,27 +262,3 @@ def _load_kernels() -> dict:
         from indexcache.kernels.indexer import default_topk_fn
         found["topk_rows"] = default_topk_fn()
     return found
-
-
-def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """MoE.forward without host syncs (counts by scatter_add, not bincount) so decode can be graph-captured."""
-    shape = x.shape
-    flat = x.reshape(-1, shape[-1])
-    ids, weights = moe.gate(flat)
-    ex = moe.experts
-    E = ex.gate_up.shape[0]
-    N, K = ids.shape
-    fl = ids.flatten()
-    order = fl.argsort(stable=True)
-    token = order // K
-    xs = flat[token]
-    if not (xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
-        return moe(x)
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, fl, torch.ones_like(fl, dtype=torch.int32))
-    offs = counts.cumsum(0).to(torch.int32)
-    hgu = torch._grouped_mm(xs, ex.gate_up.transpose(1, 2), offs=offs)
-    gate, up = hgu.split(ex.inter, dim=-1)
-    ys = torch._grouped_mm(F.silu(gate) * up, ex.down.transpose(1, 2), offs=offs)
-    ys = ys * weights.flatten()[order, None].to(ys.dtype)
-    out = torch.zeros_like(flat).index_add_(0, token, ys)
-    return (out + moe.shared_experts(flat)).view(shape)

@@ -60,9 +60,12 @@ class Experts(nn.Module):
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         token = order // K
-        counts = torch.bincount(flat, minlength=self.gate_up.shape[0])
         xs = x[token]
+        E = self.gate_up.shape[0]
         if _grouped_mm_ok(xs):
+            # counts by scatter_add, not bincount: no host sync, so decode can be captured in a CUDA graph
+            counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+                0, flat, torch.ones_like(flat, dtype=torch.int32))
             offs = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(xs, self.gate_up.transpose(1, 2), offs=offs)
             gate, up = h.split(self.inter, dim=-1)
@@ -70,7 +73,7 @@ class Experts(nn.Module):
         else:
             ys = torch.empty_like(xs)
             start = 0
-            for e, n in enumerate(counts.tolist()):
+            for e, n in enumerate(torch.bincount(flat, minlength=E).tolist()):
                 if n:
                     gate, up = F.linear(xs[start:start + n], self.gate_up[e]).split(self.inter, dim=-1)
                     ys[start:start + n] = F.linear(F.silu(gate) * up, self.down[e])

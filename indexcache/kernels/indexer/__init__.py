@@ -26,7 +26,7 @@ from indexcache.kernels.kv_store.reference import PAGE, check_indexer_cache
 
 __all__ = [
     "hadamard_128", "quantize_indexer_q", "quantize_indexer_k", "indexer_logits", "indexer_topk_prefill",
-    "indexer_logits_decode", "indexer_topk_decode", "default_topk_fn", "plan_prefill_chunks", "topk_recall",
+    "indexer_logits_decode", "indexer_topk_decode", "default_topk_fn", "plan_prefill_chunks", "selection_slot_bytes", "topk_recall",
     "indexer_logits_ref", "indexer_logits_fp32", "topk_rows_torch",
 ]
 
@@ -116,7 +116,7 @@ def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int
         out = torch.empty(t, topk, dtype=torch.int32, device=q_fp8.device)
     rs_all = row_start.clamp(0, s).to(torch.int32)
     re_all = row_end.clamp(0, s).to(torch.int32)
-    chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, _selection_slot_bytes(topk_fn, topk, s))
+    chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, selection_slot_bytes(topk_fn, topk, s))
     need_max = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0
     buf = torch.empty(max(need_max, 1), dtype=torch.float32, device=q_fp8.device)  # one buffer, reused
     for r0, r1, c0, c1 in chunks:
@@ -135,7 +135,7 @@ def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int
     return out
 
 
-def _selection_slot_bytes(topk_fn, topk: int, n: int) -> int:
+def selection_slot_bytes(topk_fn, topk: int, n: int) -> int:
     """Temporary bytes per top-k slot of one selected row: the Triton top-k's own scratch bound plus the output
     copy and index shift here; SLOT_BYTES for the torch fallback."""
     try:
