@@ -94,7 +94,8 @@ def make_engine(model, pattern, ctx, args, max_num_seqs=1, num_blocks=None):
     blocks = num_blocks or max_num_seqs * math.ceil(max_len / 64) + 1
     cfg = EngineConfig(max_model_len=max_len, max_num_seqs=max_num_seqs, max_prefill_tokens=args.chunk,
                        num_kv_blocks=blocks, kv_cache_dtype=args.kv_cache_dtype, indexer_cache=args.indexer_cache,
-                       workspace_bytes=args.workspace_gb << 30, cuda_graph_max_bs=max(max_num_seqs, 1))
+                       workspace_bytes=args.workspace_gb << 30, cuda_graph_max_bs=max(max_num_seqs, 1),
+                       compile_decode=getattr(args, "compile", False))
     return LLMEngine(model, cfg, index_pattern=pattern)
 
 
@@ -148,8 +149,9 @@ def decode_breakdown(eng, seqs, reps=3):
     return bd
 
 
-def full_cache_decode(model, pattern, ctx, args, batch, steps):
-    """Decode tok/s with ``batch`` sequences at context ``ctx`` over a random-filled cache (no prefill)."""
+def decode_ready_engine(model, pattern, ctx, args, batch, steps=64):
+    """An engine holding ``batch`` running sequences at context ``ctx`` over a random-filled cache (no prefill),
+    each allowed ``steps`` more tokens."""
     eng = make_engine(model, pattern, ctx, args, max_num_seqs=batch)
     if eng.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -165,6 +167,12 @@ def full_cache_decode(model, pattern, ctx, args, batch, steps):
         s.status = Status.RUNNING
         eng.scheduler.running.append(s)
         seqs.append(s)
+    return eng, seqs
+
+
+def full_cache_decode(model, pattern, ctx, args, batch, steps):
+    """Decode tok/s with ``batch`` sequences at context ``ctx`` over a random-filled cache (no prefill)."""
+    eng, _ = decode_ready_engine(model, pattern, ctx, args, batch, steps)
     eng.step()  # capture + warm
     sync()
     t0 = time.perf_counter()
@@ -231,6 +239,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="bf16", choices=["bf16", "fp8"])
     p.add_argument("--indexer-cache", default="auto", choices=["auto", "exact", "fp8"])
     p.add_argument("--workspace-gb", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode glue (EngineConfig.compile_decode)")
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--no-full-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)

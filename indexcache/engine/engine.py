@@ -99,7 +99,7 @@ class LLMEngine:
             if self.scheduler.has_work():
                 raise OutOfBlocks("no request can be scheduled: the KV cache is full")
             return []
-        batch = self.runner.prepare([(s.token_ids, s.num_computed, n, s.block_table) for s, n in work])
+        batch = self.runner.prepare([(s.token_ids, s.num_computed, n, s.table_array()) for s, n in work])
         if self.graphs is not None and batch.decode and self.graphs.bucket(len(work)) is not None:
             logits = self.graphs.run(batch)
         else:

@@ -7,10 +7,12 @@ path, so it can be captured in a CUDA graph (see cuda_graph.py).
 """
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..model import DSAModel
@@ -71,24 +73,31 @@ class ModelRunner:
         self.timer: Timer | None = None
         self._absorbed = [layer.self_attn.absorbed_weights() for layer in model.layers]
         self._kernels = _load_kernels() if self.device.type == "cuda" else {}
+        # decode glue (norms, projections, RoPE, MoE routing) compiled: eager decode launches ~100 small kernels
+        # per layer, and at batch 1 their launch gaps, not their work, set the step time
+        self._decode_fns = compile_glue(cfg.compile_backend) if cfg.compile_decode else None
 
     def _t(self, name: str):
         return self.timer.section(name) if self.timer is not None else nullcontext()
 
     # ----- batch building (host) --------------------------------------------------------------------------------
-    def prepare(self, work: list[tuple[list[int], int, int, list[int]]]) -> ForwardBatch:
-        """work: (token ids of the sequence, first position, tokens this step, block table) per segment."""
-        ids, pos, slots, last, segs, rows, ctx = [], [], [], [], [], [], []
+    def prepare(self, work: list[tuple[list[int], int, int, "list[int] | np.ndarray"]]) -> ForwardBatch:
+        """work: (token ids of the sequence, first position, tokens this step, block table) per segment.
+
+        Block tables may be lists or int32 arrays (``Sequence.table_array()``, which the engine passes: at long
+        context the table has thousands of entries, and converting lists every step dominated host time)."""
+        ids, pos, slots, last, segs, ctx = [], [], [], [], [], []
         page, width = self.page, self.cfg.max_blocks_per_seq
-        for tokens, start, n, table in work:
+        rows = np.full((len(work), width), self.kv.scratch_block, dtype=np.int32)
+        for j, (tokens, start, n, table) in enumerate(work):
             t0 = len(ids)
             ids += tokens[start:start + n]
-            p = list(range(start, start + n))
+            p = range(start, start + n)
             pos += p
-            slots += [table[q // page] * page + q % page for q in p]
+            slots += [int(table[q // page]) * page + q % page for q in p]
             segs.append((t0, n, start + n))
             last.append(t0 + n - 1)
-            rows.append(table + [self.kv.scratch_block] * (width - len(table)))
+            rows[j, :len(table)] = table
             ctx.append(start + n)
         decode = all(n == 1 for _, n, _ in segs)
         max_len = -(-max(ctx) // page) * page
@@ -97,8 +106,9 @@ class ModelRunner:
         def t(x, dt):
             return torch.tensor(x, dtype=dt).to(dev, non_blocking=True)
 
-        return ForwardBatch(t(ids, torch.int64), t(pos, torch.int64), t(slots, torch.int64), t(rows, torch.int32),
-                            t(ctx, torch.int32), t(last, torch.int64), segs, decode, max_len)
+        return ForwardBatch(t(ids, torch.int64), t(pos, torch.int64), t(slots, torch.int64),
+                            torch.from_numpy(rows).to(dev, non_blocking=True), t(ctx, torch.int32),
+                            t(last, torch.int64), segs, decode, max_len)
 
     # ----- forward ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -115,30 +125,27 @@ class ModelRunner:
 
     def _layer(self, i, layer, h, cos, sin, b: ForwardBatch, slots):
         attn = layer.self_attn
+        fn = self._decode_fns if b.decode and self._decode_fns else _GLUE
+        w_uk, w_uv = self._absorbed[i]
         with self._t("attention"):
-            x = layer.input_layernorm(h)
-            q_nope, q_pe, q_resid, c_kv, k_pe = attn.project(x[None], cos, sin)
-            self.kv.store_latent(i, b.slot_mapping, c_kv[0], k_pe[0])
+            x, q, q_resid, c_kv, k_pe = fn["pre"](layer, h, cos, sin, w_uk)
+            self.kv.store_latent(i, b.slot_mapping, c_kv, k_pe)
         if self.pattern.is_full(i):
-            slots = self._select(i, attn.indexer, x, q_resid, cos, sin, b)
+            slots = self._select(i, attn.indexer, x, q_resid, cos, sin, b, fn)
         elif slots is None:
             raise RuntimeError(f"layer {i} is shared but no full layer precedes it")
         with self._t("attention"):
-            w_uk, w_uv = self._absorbed[i]
-            q = torch.cat([torch.einsum("thd,hdc->thc", q_nope[0], w_uk), q_pe[0]], -1)  # [T,h,kv_lora+rope]
             o_lat = self._sparse_attention(i, q, slots, b)
-            h = h + attn.o_proj(torch.einsum("thc,hdc->thd", o_lat, w_uv).flatten(1))
+            h = fn["attn_out"](attn, h, o_lat, w_uv)
         with self._t("moe"):
-            x = layer.post_attention_layernorm(h)
-            h = h + layer.mlp(x)
+            h = fn["ffn"](layer, h)
         return h, slots
 
     # ----- indexer + top-k (Full layers) ------------------------------------------------------------------------
-    def _select(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch) -> torch.Tensor:
+    def _select(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn) -> torch.Tensor:
         """Top-k of this layer as global slot ids [T, k] (-1 = none)."""
         with self._t("indexer"):
-            q, k, w = indexer.project(x[None], q_resid, cos, sin)
-            q, k, w = q[0], k[0], w[0]
+            q, k, w = fn["index_proj"](indexer, x, q_resid, cos, sin)
             self.kv.store_index_k(i, b.slot_mapping, k)
         fp8 = self.kv.indexer_format == "fp8"
         if b.decode:
@@ -236,6 +243,43 @@ class ModelRunner:
             p = torch.softmax(s, -1).nan_to_num(0.0)
             out.append(torch.einsum("thk,tkc->thc", p.to(cdt), rows[..., :d_v]))
         return torch.cat(out).to(q.dtype)
+
+
+# ----- the plain-PyTorch pieces of a layer between the kernels (decode compiles them) ---------------------------
+def _pre_attention(layer, h, cos, sin, w_uk):
+    """Input norm, MLA projections with RoPE, and the absorbed query [T, h, kv_lora + rope]."""
+    x = layer.input_layernorm(h)
+    q_nope, q_pe, q_resid, c_kv, k_pe = layer.self_attn.project(x[None], cos, sin)
+    q = torch.cat([torch.einsum("thd,hdc->thc", q_nope[0], w_uk), q_pe[0]], -1)
+    return x, q, q_resid, c_kv[0], k_pe[0]
+
+
+def _index_projection(indexer, x, q_resid, cos, sin):
+    q, k, w = indexer.project(x[None], q_resid, cos, sin)
+    return q[0], k[0], w[0]
+
+
+def _attention_out(attn, h, o_lat, w_uv):
+    return h + attn.o_proj(torch.einsum("thc,hdc->thd", o_lat, w_uv).flatten(1))
+
+
+def _ffn(layer, h):
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+_GLUE = {"pre": _pre_attention, "index_proj": _index_projection, "attn_out": _attention_out, "ffn": _ffn}
+
+
+@functools.lru_cache(maxsize=None)
+def compile_glue(backend: str = "inductor") -> dict:
+    """torch.compile'd glue, one compiled graph per (layer kind, batch bucket) shared by all layers of that kind
+    (and by every engine in the process: the wrappers are made once per backend)."""
+    import torch._dynamo
+    # one entry per CUDA-graph batch bucket and layer kind (dense/MoE MLP, with/without indexer)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+    return {k: torch.compile(f, backend=backend, dynamic=False) for k, f in _GLUE.items()}
 
 
 def to_slots(logical: torch.Tensor, table: torch.Tensor, page: int) -> torch.Tensor:

@@ -58,10 +58,10 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, K = ids.shape
         flat = ids.flatten()
-        order = flat.argsort(stable=True)
+        E = self.gate_up.shape[0]
+        order = expert_order(flat, E)
         token = order // K
         xs = x[token]
-        E = self.gate_up.shape[0]
         if _grouped_mm_ok(xs):
             # counts by scatter_add, not bincount: no host sync, so decode can be captured in a CUDA graph
             counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
@@ -71,15 +71,38 @@ class Experts(nn.Module):
             gate, up = h.split(self.inter, dim=-1)
             ys = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs)
         else:
-            ys = torch.empty_like(xs)
-            start = 0
-            for e, n in enumerate(torch.bincount(flat, minlength=E).tolist()):
-                if n:
-                    gate, up = F.linear(xs[start:start + n], self.gate_up[e]).split(self.inter, dim=-1)
-                    ys[start:start + n] = F.linear(F.silu(gate) * up, self.down[e])
-                start += n
+            ys = _expert_loop(xs, flat, self.gate_up, self.down, self.inter)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+@torch.compiler.disable  # data-dependent slicing: tracing it would recompile whenever the routing changes
+def _expert_loop(xs, flat, gate_up, down, inter):
+    """The reference path: rows ``xs`` sorted by expert id ``flat``, one expert at a time."""
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(torch.bincount(flat, minlength=gate_up.shape[0]).tolist()):
+        if n:
+            gate, up = F.linear(xs[start:start + n], gate_up[e]).split(inter, dim=-1)
+            ys[start:start + n] = F.linear(F.silu(gate) * up, down[e])
+        start += n
+    return ys
+
+
+_ONE_HOT_MAX = 1 << 16  # (token, slot) pairs x experts up to which expert_order counts instead of sorting
+
+
+def expert_order(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The stable argsort of expert ids ``flat`` [M]. Small batches (decode) count with a one-hot cumsum instead:
+    a sort is three radix-sort launches, the counting is a few elementwise ops that torch.compile fuses."""
+    M = flat.numel()
+    if M * num_experts > _ONE_HOT_MAX:
+        return flat.argsort(stable=True)
+    onehot = F.one_hot(flat, num_experts)                      # [M, E]
+    before = onehot.sum(0).cumsum(0) - onehot.sum(0)           # entries with a smaller expert id
+    rank = (onehot.cumsum(0) - onehot).gather(1, flat[:, None])[:, 0]  # earlier entries with the same id
+    dest = before[flat] + rank
+    return torch.empty_like(flat).scatter_(0, dest, torch.arange(M, device=flat.device))
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:

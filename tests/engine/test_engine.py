@@ -120,3 +120,27 @@ def test_stop_token_and_max_model_len(model):
     eng = make_engine(model, max_model_len=23)
     toks, _ = run(eng, [p], greedy(10))
     assert toks[0] == ref[:3]  # 20 + 3 = max_model_len
+
+
+def test_compiled_decode_equals_eager(model):
+    # aot_eager traces the glue exactly as inductor would (graph breaks, guards, recompiles per batch size) without
+    # generating code, so it runs in CI; the GPU test covers inductor under CUDA graphs
+    prompts = [prompt(70, 1), prompt(40, 2)]
+    ref = run(make_engine(model, "1/2"), prompts, greedy(5))
+    out = run(make_engine(model, "1/2", compile_decode=True, compile_backend="aot_eager"), prompts, greedy(5))
+    assert out[0] == ref[0]
+    for a, b in zip(out[1], ref[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_block_table_mirror_follows_growth_and_release():
+    from indexcache.engine.sequence import Sequence
+    s = Sequence("r", [1, 2, 3], greedy(1), 0)
+    s.block_table += [7, 3]
+    assert s.table_array().tolist() == [7, 3]
+    s.block_table += list(range(100, 140))  # past the mirror's capacity: it grows
+    assert s.table_array().tolist() == [7, 3] + list(range(100, 140))
+    s.block_table = [9]  # released and re-grown: a new list
+    assert s.table_array().tolist() == [9]
+    s.block_table.clear()
+    assert s.table_array().tolist() == []

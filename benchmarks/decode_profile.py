@@ -1,0 +1,106 @@
+"""Where decode time goes: per-kernel GPU time of one decode step at a long context, eager and replayed from the
+CUDA graph, over a random-filled cache (no prefill).
+
+    python -m benchmarks.decode_profile --layers 4 --context 200K --batches 1,32 --patterns FFFF,FSSS
+
+Prints, per (pattern, batch): the graph step time, and the kernels sorted by GPU time per step (torch.profiler /
+CUPTI); writes everything to ``decode_profile.json`` (benchmarks/results and $OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.common import run_metadata, write_results
+from benchmarks.e2e import add_arguments, decode_ready_engine, parse_ctx, sync
+from indexcache.checkpoint import build_empty
+from indexcache.presets import preset_config
+
+
+def kernel_table(prof, steps: int, top: int) -> list[dict]:
+    """Kernels (and copies) by self GPU time per step; ops that only launch kernels have none of their own."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:110], "us_per_step": t / steps, "calls_per_step": e.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:top]
+
+
+def profile_step(fn, steps: int) -> tuple[list[dict], float]:
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    rows = kernel_table(prof, steps, 40)
+    return rows, sum(r["us_per_step"] for r in rows)
+
+
+def main(argv=None) -> int:
+    p = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p.add_argument("--context", default="200K")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--compile-modes", default="off,on", help="decode glue eager (off) and/or torch.compile'd (on)")
+    p.add_argument("--top", type=int, default=40, help="kernels printed per case")
+    p.set_defaults(top=40)
+    p.set_defaults(layers=4, patterns="FFFF,FSSS", name="decode_profile")
+    args = p.parse_args(argv)
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = parse_ctx(args.context)
+    cfg = preset_config(args.model).replace(num_layers=args.layers)
+    model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
+    res = {"meta": run_metadata(), "args": vars(args), "cases": []}
+    cases = [(pat, int(bs), mode) for pat in args.patterns.split(",") for bs in args.batches.split(",")
+             for mode in args.compile_modes.split(",")]
+    for pat, bs, mode in cases:
+        args.compile = mode == "on"
+        eng, seqs = decode_ready_engine(model, pat, ctx, args, bs, steps=4 * args.steps + 16)
+        eng.step()  # graph capture (CUDA) and warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            eng.step()
+        sync()
+        step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        runner = eng.runner
+        b = runner.prepare([(s.token_ids, s.num_computed - 1, 1, s.block_table) for s in seqs])
+        case = {"pattern": pat, "batch": bs, "compile": mode, "context": ctx, "graph_step_ms": step_ms,
+                "per_layer_ms": step_ms / args.layers}
+        if dev == "cuda":
+            case["eager"], case["eager_kernel_us"] = profile_step(lambda: runner.forward(b), args.steps)
+            if eng.graphs is not None:
+                g = eng.graphs
+                case["graph"], case["graph_kernel_us"] = profile_step(lambda: g.run(b), args.steps)
+                case["graph_kernels_per_step"] = sum(r["calls_per_step"] for r in case["graph"])
+                graph = g.graphs[g.bucket(bs)][0]  # replay alone: no host work (scheduling, inputs, sampling)
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(4 * args.steps):
+                    graph.replay()
+                sync()
+                case["replay_ms"] = (time.perf_counter() - t0) / (4 * args.steps) * 1e3
+        res["cases"].append(case)
+        print(f"\n== {pat} batch {bs} compile {mode} ctx {ctx}: graph step {step_ms:.3f} ms ({step_ms / args.layers:.3f} "
+              f"ms/layer), replay alone {case.get('replay_ms', 0):.3f} ms; kernels eager {case.get('eager_kernel_us', 0):.0f} us, graph "
+              f"{case.get('graph_kernel_us', 0):.0f} us", flush=True)
+        for r in (case.get("graph") or case.get("eager") or [])[:args.top]:
+            print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
+        del eng, seqs, b
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    for path in write_results(args.name, res):
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
