@@ -239,6 +239,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="bf16", choices=["bf16", "fp8"])
     p.add_argument("--indexer-cache", default="auto", choices=["auto", "exact", "fp8"])
     p.add_argument("--workspace-gb", type=int, default=4)
+    p.add_argument("--warmup-context", type=int, default=16384, help="context of the untimed warm-up run per pattern")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode glue (EngineConfig.compile_decode)")
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--no-full-cache", action="store_true")
@@ -280,9 +281,11 @@ def main(argv=None, args=None) -> int:
     warm_args = argparse.Namespace(**{**vars(args), "decode_steps": 3})
     rows = []
     for ctx in contexts:
-        # compile / autotune the kernels for this context's shapes first (Triton specialises on sizes)
+        # compile the kernels (Triton, and torch.compile'd decode glue) first; kernel arguments that vary with the
+        # context are not specialised on, so a shorter warm-up covers longer contexts without doubling their cost
         for pat in patterns:
-            timed_prefill_decode(model, sub_pattern(pat, cfg.num_layers), ctx, warm_args, cfg.vocab_size)
+            timed_prefill_decode(model, sub_pattern(pat, cfg.num_layers), min(ctx, args.warmup_context), warm_args,
+                                 cfg.vocab_size)
         dense = None
         if not args.no_dense:
             try:
@@ -316,6 +319,8 @@ def main(argv=None, args=None) -> int:
                     r["full_cache_decode"] = {"batch": b, "error": f"OOM: {e}"[:200]}
                 torch.cuda.empty_cache()
             rows.append(r)
+            write_results(args.name, {"meta": meta, "ceilings": ceilings, "args": vars(args), "partial": True,
+                                      "rows": rows})  # a run cut short by a time limit keeps what it measured
             print(f"ctx {ctx:>7}  {pat:<6} TTFT {r['ttft_s']:.3f}s (est {r['est_ttft_s']:.2f}s)  decode "
                   f"{r['decode_tok_s']:.1f} tok/s (est {r['est_decode_tok_s'] or 0:.1f})  full-cache "
                   f"{r.get('full_cache_decode', {}).get('tok_s', float('nan')):.0f} tok/s  idx share "
