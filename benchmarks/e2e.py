@@ -359,7 +359,7 @@ def _plot(rows, name):
     import os
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for pat in sorted({r["pattern"] for r in rows}):
-        rs = [r for r in rows if r["pattern"] == pat and "speedup_prefill" in r]
+        rs = sorted((r for r in rows if r["pattern"] == pat and "speedup_prefill" in r), key=lambda r: r["context"])
         ax[0].plot([r["context"] / 1e3 for r in rs], [r["speedup_prefill"] for r in rs], "o-", label=pat)
         ax[1].plot([r["context"] / 1e3 for r in rs], [r.get("speedup_decode") or float("nan") for r in rs], "o-",
                    label=pat)
