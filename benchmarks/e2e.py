@@ -242,6 +242,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup-context", type=int, default=16384, help="context of the untimed warm-up run per pattern")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode glue (EngineConfig.compile_decode)")
     p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--full-cache-only", action="store_true", help="only the full-cache decode (no prefill)")
     p.add_argument("--no-full-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-position-embeddings", type=int, default=None,
@@ -280,6 +281,8 @@ def main(argv=None, args=None) -> int:
           f"{time.perf_counter() - t_build:.1f}s", flush=True)
     warm_args = argparse.Namespace(**{**vars(args), "decode_steps": 3})
     rows = []
+    if args.full_cache_only:
+        return full_cache_only(model, cfg, cfg_full, contexts, patterns, args, weight_bytes, meta, ceilings)
     for ctx in contexts:
         # compile the kernels (Triton, and torch.compile'd decode glue) first; kernel arguments that vary with the
         # context are not specialised on, so a shorter warm-up covers longer contexts without doubling their cost
@@ -336,6 +339,27 @@ def main(argv=None, args=None) -> int:
         print("wrote", path)
     print(table(rows, ["context", "pattern", "ttft_s", "est_ttft_s", "decode_tok_s", "est_decode_tok_s",
                        "speedup_prefill", "speedup_decode", "est_indexer_share_prefill"]))
+    return 0
+
+
+def full_cache_only(model, cfg, cfg_full, contexts, patterns, args, weight_bytes, meta, ceilings) -> int:
+    """Only the full-cache decode (random-filled cache, no prefill), e.g. to compare cache formats."""
+    rows = []
+    for ctx in contexts:
+        for pat in patterns:
+            b = max_batch(cfg_full, pat, ctx, args, weight_bytes)
+            sub = sub_pattern(pat, cfg.num_layers)
+            full_cache_decode(model, sub, ctx, args, min(b, 2), 2)  # compile / capture warm-up
+            fc = full_cache_decode(model, sub, ctx, args, b, args.full_cache_steps)
+            r = {"context": ctx, "pattern": pat, "full_cache_decode": fc, "latent_cache": args.kv_cache_dtype,
+                 "cache_bytes_per_token_full_model": bytes_per_token(
+                     cfg_full, IndexPattern.parse(pat, cfg_full.num_layers),
+                     "fp8" if args.kv_cache_dtype == "fp8" else "bf16", "fp8")["total"]}
+            rows.append(r)
+            write_results(args.name, {"meta": meta, "ceilings": ceilings, "args": vars(args), "rows": rows})
+            print(f"ctx {ctx:>7}  {pat:<6} latent {args.kv_cache_dtype}  full-cache batch {fc['batch']}  "
+                  f"{fc['step_ms']:.2f} ms/step  {fc['tok_s']:.0f} tok/s", flush=True)
+            torch.cuda.empty_cache()
     return 0
 
 
