@@ -72,6 +72,7 @@ class ModelRunner:
         self.page = cfg.page_size
         self.timer: Timer | None = None
         self._absorbed = [layer.self_attn.absorbed_weights() for layer in model.layers]
+        self._x_proj = [fuse_x_projections(layer.self_attn, pattern.is_full(i)) for i, layer in enumerate(model.layers)]
         self._kernels = _load_kernels() if self.device.type == "cuda" else {}
         # decode glue (norms, projections, RoPE, MoE routing) compiled: eager decode launches ~100 small kernels
         # per layer, and at batch 1 their launch gaps, not their work, set the step time
@@ -128,10 +129,10 @@ class ModelRunner:
         fn = self._decode_fns if b.decode and self._decode_fns else _GLUE
         w_uk, w_uv = self._absorbed[i]
         with self._t("attention"):
-            x, q, q_resid, c_kv, k_pe = fn["pre"](layer, h, cos, sin, w_uk)
+            x, q, q_resid, c_kv, k_pe, index_pre = fn["pre"](layer, h, cos, sin, w_uk, *self._x_proj[i])
             self.kv.store_latent(i, b.slot_mapping, c_kv, k_pe)
         if self.pattern.is_full(i):
-            slots = self._select(i, attn.indexer, x, q_resid, cos, sin, b, fn)
+            slots = self._select(i, attn.indexer, x, q_resid, cos, sin, b, fn, index_pre)
         elif slots is None:
             raise RuntimeError(f"layer {i} is shared but no full layer precedes it")
         with self._t("attention"):
@@ -142,10 +143,10 @@ class ModelRunner:
         return h, slots
 
     # ----- indexer + top-k (Full layers) ------------------------------------------------------------------------
-    def _select(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn) -> torch.Tensor:
+    def _select(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn, index_pre) -> torch.Tensor:
         """Top-k of this layer as global slot ids [T, k] (-1 = none)."""
         with self._t("indexer"):
-            q, k, w = fn["index_proj"](indexer, x, q_resid, cos, sin)
+            q, k, w = fn["index_proj"](indexer, x, q_resid, cos, sin, index_pre)
             self.kv.store_index_k(i, b.slot_mapping, k)
         fp8 = self.kv.indexer_format == "fp8"
         if b.decode:
@@ -246,16 +247,35 @@ class ModelRunner:
 
 
 # ----- the plain-PyTorch pieces of a layer between the kernels (decode compiles them) ---------------------------
-def _pre_attention(layer, h, cos, sin, w_uk):
-    """Input norm, MLA projections with RoPE, and the absorbed query [T, h, kv_lora + rope]."""
+def fuse_x_projections(attn, with_indexer: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """One weight for every projection of the layer input x: q_a, kv_a and, on F layers, the indexer's wk and
+    weights_proj. At decode each is a small GEMV whose launch and latency cost more than its bytes; one GEMM reads
+    them all at once. The modules' weights become views of the fused tensor (no extra memory, same values)."""
+    mods = [attn.q_a_proj, attn.kv_a_proj_with_mqa]
+    if with_indexer and attn.indexer is not None:
+        mods += [attn.indexer.wk, attn.indexer.weights_proj]
+    w = torch.cat([m.weight.detach() for m in mods])
+    start = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(w[start:start + n], requires_grad=False)
+        start += n
+    return w, tuple(m.weight.shape[0] for m in mods)
+
+
+def _pre_attention(layer, h, cos, sin, w_uk, w_x, splits):
+    """Input norm, MLA projections with RoPE, and the absorbed query [T, h, kv_lora + rope]; also the indexer's
+    x-projections (wk(x), weights_proj(x)) on F layers, else None."""
     x = layer.input_layernorm(h)
-    q_nope, q_pe, q_resid, c_kv, k_pe = layer.self_attn.project(x[None], cos, sin)
+    parts = torch.nn.functional.linear(x, w_x).split(splits, dim=-1)
+    q_nope, q_pe, q_resid, c_kv, k_pe = layer.self_attn.project(x[None], cos, sin, pre=(parts[0][None], parts[1][None]))
     q = torch.cat([torch.einsum("thd,hdc->thc", q_nope[0], w_uk), q_pe[0]], -1)
-    return x, q, q_resid, c_kv[0], k_pe[0]
+    index_pre = (parts[2][None], parts[3][None]) if len(parts) == 4 else None
+    return x, q, q_resid, c_kv[0], k_pe[0], index_pre
 
 
-def _index_projection(indexer, x, q_resid, cos, sin):
-    q, k, w = indexer.project(x[None], q_resid, cos, sin)
+def _index_projection(indexer, x, q_resid, cos, sin, pre=None):
+    q, k, w = indexer.project(x[None], q_resid, cos, sin, pre=pre)
     return q[0], k[0], w[0]
 
 

@@ -34,14 +34,17 @@ class MLA(nn.Module):
         # Shared (S) layers own no indexer at all: no parameters, nothing to load.
         self.indexer = Indexer(cfg) if has_indexer else None
 
-    def project(self, x, cos, sin):
-        """q_nope [B,T,h,nope], q_pe [B,T,h,rope] (rotated), q_resid, c_kv [B,T,kv_lora], k_pe [B,T,rope]."""
+    def project(self, x, cos, sin, pre=None):
+        """q_nope [B,T,h,nope], q_pe [B,T,h,rope] (rotated), q_resid, c_kv [B,T,kv_lora], k_pe [B,T,rope].
+
+        ``pre``: (q_a_proj(x), kv_a_proj_with_mqa(x)) when the caller computed them already (the engine runs every
+        projection of x in one GEMM)."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q_resid = self.q_a_layernorm(self.q_a_proj(x))
+        q_a, kv = pre if pre is not None else (self.q_a_proj(x), self.kv_a_proj_with_mqa(x))
+        q_resid = self.q_a_layernorm(q_a)
         q = self.q_b_proj(q_resid).view(B, T, cfg.num_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None], cfg.mla_rope_interleaved)

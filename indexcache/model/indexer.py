@@ -25,15 +25,18 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
 
-    def project(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q [B,T,H,D], k [B,T,D] (rope on the FIRST rope_dim dims) and head weights w [B,T,H] (fp32, * H^-1/2)."""
+    def project(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pre=None):
+        """q [B,T,H,D], k [B,T,D] (rope on the FIRST rope_dim dims) and head weights w [B,T,H] (fp32, * H^-1/2).
+
+        ``pre``: (wk(x), weights_proj(x)) when the caller computed them already."""
         B, T, _ = x.shape
         q = self.wq_b(q_resid).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_norm(self.wk(x))
+        k_lin, w_lin = pre if pre is not None else (self.wk(x), self.weights_proj(x.to(self.weights_proj.weight.dtype)))
+        k = self.k_norm(k_lin)
         r = self.rope_dim
         q = torch.cat([apply_rope(q[..., :r], cos[:, :, None], sin[:, :, None], self.rope_interleaved), q[..., r:]], -1)
         k = torch.cat([apply_rope(k[..., :r], cos, sin, self.rope_interleaved), k[..., r:]], -1)
-        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5
+        w = w_lin.float() * self.n_heads ** -0.5
         return q, k, w
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
