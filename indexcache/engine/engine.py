@@ -130,9 +130,12 @@ class LLMEngine:
             return torch.tensor(vals, dtype=dt).to(dev, non_blocking=True)
 
         p = [s.params for s in seqs]
+        if all(x.temperature == 0 for x in p):  # all greedy (known on the host): one argmax, no sampling kernels
+            return sel.argmax(-1).tolist()
+        filtered = any(x.top_k > 0 or x.top_p < 1 for x in p)  # else the vocabulary sort is skipped
         out = sample(sel, t([x.temperature for x in p], torch.float32), t([x.top_p for x in p], torch.float32),
                      t([x.top_k for x in p], torch.int64), t([s.seed for s in seqs], torch.int64),
-                     t([len(s.output_ids) for s in seqs], torch.int64))
+                     t([s.num_tokens - s.num_prompt for s in seqs], torch.int64), filtered=filtered)
         return out.tolist()  # the step's one host sync: the scheduler needs the tokens
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:

@@ -32,15 +32,19 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
 
 @torch.inference_mode()
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+           seeds: torch.Tensor, steps: torch.Tensor, *, filtered: bool = True) -> torch.Tensor:
     """logits [B,V] fp32; per-row temperature/top_p (fp32), top_k/seeds/steps (int64) -> token ids [B] int64.
 
-    temperature 0 = greedy; top_k 0 = no top-k; top_p 1 = no top-p.
+    temperature 0 = greedy; top_k 0 = no top-k; top_p 1 = no top-p. ``filtered=False`` promises that no row uses
+    top-k or top-p (the caller knows from the request parameters, on the host): the vocabulary sort is skipped.
     """
     B, V = logits.shape
     greedy = logits.argmax(-1)
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits / t[:, None]
+    if not filtered:
+        gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, V)))
+        return torch.where(temperature > 0, (scaled + gumbel).argmax(-1), greedy)
     sorted_logits, order = scaled.sort(-1, descending=True)
     rank = torch.arange(V, device=logits.device)[None]
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))

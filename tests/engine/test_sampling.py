@@ -26,6 +26,18 @@ def test_sampler_filters():
     assert set(many.flatten().tolist()) <= set(logits[0].topk(5).indices.tolist())
 
 
+def test_unfiltered_fast_path_equals_full_path():
+    # the engine skips the vocabulary sort when no request uses top-k/top-p; the draws must not change
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 300, generator=g) * 3
+    args = (_t([0, 0.5, 1.0, 1.0, 2.0, 0.7], torch.float32), _t([1.0] * 6, torch.float32), _t([0] * 6, torch.int64),
+            _t([3, 1, 4, 1, 5, 9], torch.int64), _t([0, 2, 7, 1, 8, 2], torch.int64))
+    for step in range(5):
+        a = sample(logits + step, *args, filtered=True)
+        b = sample(logits + step, *args, filtered=False)
+        assert a.tolist() == b.tolist()
+
+
 def test_sampler_follows_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     draws = torch.cat([sample(logits, _t([1.0], torch.float32), _t([1.0], torch.float32), _t([0], torch.int64),
