@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import run_metadata, write_results
 from benchmarks.e2e import add_arguments, decode_ready_engine, parse_ctx, sync
 from indexcache.checkpoint import build_empty
+from indexcache.model import moe as moe_module
 from indexcache.presets import preset_config
 
 
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile-modes", default="off,on", help="decode glue eager (off) and/or torch.compile'd (on)")
+    p.add_argument("--moe-kernel-modes", default="on", help="small-batch Triton MoE kernel on and/or off")
     p.add_argument("--top", type=int, default=40, help="kernels printed per case")
     p.set_defaults(top=40)
     p.set_defaults(layers=4, patterns="FFFF,FSSS", name="decode_profile")
@@ -59,10 +61,11 @@ def main(argv=None) -> int:
     cfg = preset_config(args.model).replace(num_layers=args.layers)
     model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
     res = {"meta": run_metadata(), "args": vars(args), "cases": []}
-    cases = [(pat, int(bs), mode) for pat in args.patterns.split(",") for bs in args.batches.split(",")
-             for mode in args.compile_modes.split(",")]
-    for pat, bs, mode in cases:
-        args.compile = mode == "on"
+    cases = [(pat, int(bs), mode, moe) for pat in args.patterns.split(",") for bs in args.batches.split(",")
+             for mode in args.compile_modes.split(",") for moe in args.moe_kernel_modes.split(",")]
+    for pat, bs, mode, moe in cases:
+        args.no_compile = mode == "off"
+        moe_module.SMALL_BATCH_KERNEL = moe == "on"
         eng, seqs = decode_ready_engine(model, pat, ctx, args, bs, steps=4 * args.steps + 16)
         eng.step()  # graph capture (CUDA) and warm-up
         sync()
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
         step_ms = (time.perf_counter() - t0) / args.steps * 1e3
         runner = eng.runner
         b = runner.prepare([(s.token_ids, s.num_computed - 1, 1, s.block_table) for s in seqs])
-        case = {"pattern": pat, "batch": bs, "compile": mode, "context": ctx, "graph_step_ms": step_ms,
+        case = {"pattern": pat, "batch": bs, "compile": mode, "moe_kernel": moe, "context": ctx, "graph_step_ms": step_ms,
                 "per_layer_ms": step_ms / args.layers}
         if dev == "cuda":
             case["eager"], case["eager_kernel_us"] = profile_step(lambda: runner.forward(b), args.steps)
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
                 sync()
                 case["replay_ms"] = (time.perf_counter() - t0) / (4 * args.steps) * 1e3
         res["cases"].append(case)
-        print(f"\n== {pat} batch {bs} compile {mode} ctx {ctx}: graph step {step_ms:.3f} ms ({step_ms / args.layers:.3f} "
+        print(f"\n== {pat} batch {bs} compile {mode} moe-kernel {moe} ctx {ctx}: graph step {step_ms:.3f} ms ({step_ms / args.layers:.3f} "
               f"ms/layer), replay alone {case.get('replay_ms', 0):.3f} ms; kernels eager {case.get('eager_kernel_us', 0):.0f} us, graph "
               f"{case.get('graph_kernel_us', 0):.0f} us", flush=True)
         for r in (case.get("graph") or case.get("eager") or [])[:args.top]:

@@ -95,7 +95,7 @@ def make_engine(model, pattern, ctx, args, max_num_seqs=1, num_blocks=None):
     cfg = EngineConfig(max_model_len=max_len, max_num_seqs=max_num_seqs, max_prefill_tokens=args.chunk,
                        num_kv_blocks=blocks, kv_cache_dtype=args.kv_cache_dtype, indexer_cache=args.indexer_cache,
                        workspace_bytes=args.workspace_gb << 30, cuda_graph_max_bs=max(max_num_seqs, 1),
-                       compile_decode=getattr(args, "compile", False))
+                       compile_decode=False if getattr(args, "no_compile", False) else None)
     return LLMEngine(model, cfg, index_pattern=pattern)
 
 
@@ -240,7 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--indexer-cache", default="auto", choices=["auto", "exact", "fp8"])
     p.add_argument("--workspace-gb", type=int, default=4)
     p.add_argument("--warmup-context", type=int, default=16384, help="context of the untimed warm-up run per pattern")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode glue (EngineConfig.compile_decode)")
+    p.add_argument("--no-compile", action="store_true", help="decode glue not torch.compile'd (on by default on CUDA)")
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--full-cache-only", action="store_true", help="only the full-cache decode (no prefill)")
     p.add_argument("--no-full-cache", action="store_true")

@@ -22,7 +22,8 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_max_bs: int = 64
     workspace_bytes: int = 1 << 30        # bounds prefill temporaries (indexer logits, gathered KV rows)
-    compile_decode: bool = False          # torch.compile the decode step's PyTorch glue (fewer, fused kernels)
+    compile_decode: bool | None = None    # torch.compile the decode glue (fewer, fused kernels); None = on CUDA
+                                          # unless enforce_eager
     compile_backend: str = "inductor"
     seed: int = 0
 

@@ -76,7 +76,10 @@ class ModelRunner:
         self._kernels = _load_kernels() if self.device.type == "cuda" else {}
         # decode glue (norms, projections, RoPE, MoE routing) compiled: eager decode launches ~100 small kernels
         # per layer, and at batch 1 their launch gaps, not their work, set the step time
-        self._decode_fns = compile_glue(cfg.compile_backend) if cfg.compile_decode else None
+        compile_on = cfg.compile_decode
+        if compile_on is None:
+            compile_on = self.device.type == "cuda" and not cfg.enforce_eager
+        self._decode_fns = compile_glue(cfg.compile_backend) if compile_on else None
 
     def _t(self, name: str):
         return self.timer.section(name) if self.timer is not None else nullcontext()

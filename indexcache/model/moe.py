@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.moe import SMALL_MAX_ROWS, moe_experts_small
 
 
 class MLP(nn.Module):
@@ -57,6 +58,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, K = ids.shape
+        if SMALL_BATCH_KERNEL and _grouped_mm_ok(x) and N * K <= SMALL_MAX_ROWS:
+            return _small_batch_experts(x, ids, weights, self.gate_up, self.down)
         flat = ids.flatten()
         E = self.gate_up.shape[0]
         order = expert_order(flat, E)
@@ -74,6 +77,16 @@ class Experts(nn.Module):
             ys = _expert_loop(xs, flat, self.gate_up, self.down, self.inter)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+# Decode-sized batches (few (token, slot) pairs) use a memory-bound Triton kernel on the GPU: torch._grouped_mm
+# reads the active experts at ~1.5 TB/s there. Switchable for benchmarks (read when a forward is traced/run).
+SMALL_BATCH_KERNEL = True
+
+
+@torch.compiler.disable  # a Triton launch with host-side checks: runs as is between compiled graphs
+def _small_batch_experts(x, ids, weights, gate_up, down):
+    return moe_experts_small(x, ids, weights, gate_up, down)
 
 
 @torch.compiler.disable  # data-dependent slicing: tracing it would recompile whenever the routing changes

@@ -1,0 +1,94 @@
+"""Triton kernels for the routed experts at decode batch sizes (a few (token, slot) pairs).
+
+Here the experts are a handful of matrix-vector products, so the time is reading the active experts' weights
+(~19 MB each at D=2048, I=1536 in bf16); tensor cores do not help. Two launches, no atomics, deterministic:
+  1. gate/up, grid (N*K, cdiv(I, BLOCK_I)): act[nk, i] = silu(gate_e[i] . x[n]) * (up_e[i] . x[n])   (fp32)
+  2. down,    grid (N*K, cdiv(D, BLOCK_D2)): part[nk, d] = weights[nk] * (down_e[d] . act[nk])      (fp32)
+then y = part.view(N, K, D).sum(1) in torch. Each program multiplies a [rows, cols] tile of one expert's matrix
+by a vector with an fp32 [rows, cols] accumulator, summed over cols once after the loop (no per-iteration
+cross-warp reduction between the loads). Grid axis 0 (the pair) varies fastest, so pairs that share an expert
+read the same weight rows at about the same time and the repeats mostly hit L2.
+Values are converted to fp32 right after loading (also what the interpreter needs: its bf16 math is wrong).
+No host syncs: shapes only, so the launches can be captured in a CUDA graph. Block sizes are untuned defaults
+for an H200 (16 KB of weights per program per iteration).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_I, BLOCK_D = 16, 256      # gate/up: rows of I per program, D chunk per iteration
+BLOCK_D2, BLOCK_I2 = 16, 512    # down: rows of D per program, I chunk per iteration
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, K, D, I,
+                    stride_xn, stride_xd, stride_we, stride_wr, stride_wc,
+                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+    nk = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    rmask = rows < I
+    e = tl.load(ids_ptr + nk).to(tl.int64)
+    x_row = x_ptr + (nk // K).to(tl.int64) * stride_xn
+    gate = w_ptr + e * stride_we + rows.to(tl.int64)[:, None] * stride_wr  # [BLOCK_I, 1]
+    up = gate + I * stride_wr
+    acc_g = tl.zeros([BLOCK_I, BLOCK_D], tl.float32)
+    acc_u = tl.zeros([BLOCK_I, BLOCK_D], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        xv = tl.load(x_row + cols * stride_xd, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        m = rmask[:, None] & cmask[None, :]
+        acc_g += tl.load(gate + cols[None, :] * stride_wc, mask=m, other=0.0).to(tl.float32) * xv
+        acc_u += tl.load(up + cols[None, :] * stride_wc, mask=m, other=0.0).to(tl.float32) * xv
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    act = g / (1.0 + tl.exp(-g)) * u  # silu(g) * u; exp overflow for very negative g gives -0, the right limit
+    tl.store(act_ptr + nk.to(tl.int64) * I + rows, act, mask=rmask)
+
+
+@triton.jit
+def _down_kernel(act_ptr, ids_ptr, wt_ptr, w_ptr, part_ptr, D, I,
+                 stride_we, stride_wr, stride_wc,
+                 BLOCK_D2: tl.constexpr, BLOCK_I2: tl.constexpr):
+    nk = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_D2 + tl.arange(0, BLOCK_D2)
+    rmask = rows < D
+    e = tl.load(ids_ptr + nk).to(tl.int64)
+    act_row = act_ptr + nk.to(tl.int64) * I
+    mat = w_ptr + e * stride_we + rows.to(tl.int64)[:, None] * stride_wr
+    acc = tl.zeros([BLOCK_D2, BLOCK_I2], tl.float32)
+    for i0 in range(0, I, BLOCK_I2):
+        cols = i0 + tl.arange(0, BLOCK_I2)
+        cmask = cols < I
+        av = tl.load(act_row + cols, mask=cmask, other=0.0)[None, :]
+        m = rmask[:, None] & cmask[None, :]
+        acc += tl.load(mat + cols[None, :] * stride_wc, mask=m, other=0.0).to(tl.float32) * av
+    out = tl.sum(acc, axis=1) * tl.load(wt_ptr + nk)
+    tl.store(part_ptr + nk.to(tl.int64) * D + rows, out, mask=rmask)
+
+
+def moe_experts_small_triton(x, ids, weights, gate_up, down, *, act=None, part=None,
+                             block_i=BLOCK_I, block_d=BLOCK_D, block_d2=BLOCK_D2, block_i2=BLOCK_I2):
+    """Inputs already checked (reference.check_moe_inputs). ``act`` fp32 [N*K, I] and ``part`` fp32 [N*K, D] are
+    optional scratch buffers (tests pass NaN-filled ones); the block sizes are powers of two."""
+    n, d = x.shape
+    k = ids.shape[1]
+    inter = gate_up.shape[1] // 2
+    nk = n * k
+    if nk == 0:
+        return torch.zeros_like(x)
+    ids = ids.reshape(nk)  # contiguous (a copy only if ids was not): tiny
+    wts = weights.reshape(nk).to(torch.float32)
+    if act is None:
+        act = torch.empty(nk, inter, dtype=torch.float32, device=x.device)
+    if part is None:
+        part = torch.empty(nk, d, dtype=torch.float32, device=x.device)
+    _gate_up_kernel[(nk, triton.cdiv(inter, block_i))](
+        x, ids, gate_up, act, k, d, inter, x.stride(0), x.stride(1), *gate_up.stride(),
+        BLOCK_I=block_i, BLOCK_D=block_d, num_warps=4)
+    _down_kernel[(nk, triton.cdiv(d, block_d2))](
+        act, ids, wts, down, part, d, inter, *down.stride(),
+        BLOCK_D2=block_d2, BLOCK_I2=block_i2, num_warps=4)
+    return part.view(n, k, d).sum(1).to(x.dtype)
