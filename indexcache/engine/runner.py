@@ -257,6 +257,8 @@ def fuse_x_projections(attn, with_indexer: bool) -> tuple[torch.Tensor, tuple[in
     mods = [attn.q_a_proj, attn.kv_a_proj_with_mqa]
     if with_indexer and attn.indexer is not None:
         mods += [attn.indexer.wk, attn.indexer.weights_proj]
+    dtype = attn.q_a_proj.weight.dtype
+    mods = [m for m in mods if m.weight.dtype == dtype]  # weights_proj may be kept in fp32: it stays apart
     w = torch.cat([m.weight.detach() for m in mods])
     start = 0
     for m in mods:
@@ -273,7 +275,8 @@ def _pre_attention(layer, h, cos, sin, w_uk, w_x, splits):
     parts = torch.nn.functional.linear(x, w_x).split(splits, dim=-1)
     q_nope, q_pe, q_resid, c_kv, k_pe = layer.self_attn.project(x[None], cos, sin, pre=(parts[0][None], parts[1][None]))
     q = torch.cat([torch.einsum("thd,hdc->thc", q_nope[0], w_uk), q_pe[0]], -1)
-    index_pre = (parts[2][None], parts[3][None]) if len(parts) == 4 else None
+    # F layers: wk(x) and, when it was fused (same dtype), weights_proj(x); the indexer computes what is missing
+    index_pre = (parts[2][None], parts[3][None] if len(parts) > 3 else None) if len(parts) > 2 else None
     return x, q, q_resid, c_kv[0], k_pe[0], index_pre
 
 

@@ -28,10 +28,12 @@ class Indexer(nn.Module):
     def project(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pre=None):
         """q [B,T,H,D], k [B,T,D] (rope on the FIRST rope_dim dims) and head weights w [B,T,H] (fp32, * H^-1/2).
 
-        ``pre``: (wk(x), weights_proj(x)) when the caller computed them already."""
+        ``pre``: (wk(x), weights_proj(x) or None) when the caller computed them already."""
         B, T, _ = x.shape
         q = self.wq_b(q_resid).view(B, T, self.n_heads, self.head_dim)
-        k_lin, w_lin = pre if pre is not None else (self.wk(x), self.weights_proj(x.to(self.weights_proj.weight.dtype)))
+        k_lin, w_lin = pre if pre is not None else (self.wk(x), None)
+        if w_lin is None:
+            w_lin = self.weights_proj(x.to(self.weights_proj.weight.dtype))
         k = self.k_norm(k_lin)
         r = self.rope_dim
         q = torch.cat([apply_rope(q[..., :r], cos[:, :, None], sin[:, :, None], self.rope_interleaved), q[..., r:]], -1)

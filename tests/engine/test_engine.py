@@ -144,3 +144,18 @@ def test_block_table_mirror_follows_growth_and_release():
     assert s.table_array().tolist() == [9]
     s.block_table.clear()
     assert s.table_array().tolist() == []
+
+
+def test_fp32_indexer_weights_proj_in_a_bf16_model():
+    # checkpoints keep weights_proj in fp32 beside bf16 weights: the fused x-projection must leave it apart
+    m = tiny_model(3).to(torch.bfloat16)
+    for layer in m.layers:
+        if layer.self_attn.indexer is not None:
+            layer.self_attn.indexer.weights_proj.float()
+    p = prompt(70, 1)
+    ref = run(make_engine(m, "1/2"), [p], greedy(3))
+    for layer in m.layers:
+        assert layer.self_attn.indexer is None or layer.self_attn.indexer.weights_proj.weight.dtype == torch.float32
+    again = run(make_engine(m, "1/2"), [p], greedy(3))  # a second engine on the same (re-pointed) weights
+    assert again[0] == ref[0]
+    assert all(len(t) == 3 for t in ref[0])
