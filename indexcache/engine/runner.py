@@ -263,7 +263,7 @@ def fuse_x_projections(attn, with_indexer: bool) -> tuple[torch.Tensor, tuple[in
     start = 0
     for m in mods:
         n = m.weight.shape[0]
-        m.weight = torch.nn.Parameter(w[start:start + n], requires_grad=False)
+        m.weight = torch.nn.Parameter(w[start:start + n], requires_grad=m.weight.requires_grad)
         start += n
     return w, tuple(m.weight.shape[0] for m in mods)
 
