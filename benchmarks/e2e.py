@@ -216,13 +216,18 @@ def dense_prefill_s(model, ctx, vocab):
     return time.perf_counter() - t0
 
 
+def full_model_bytes_per_token(cfg_full, pattern, args) -> int:
+    """Cache bytes per token of the whole model with the run's latent format and FP8 indexer keys."""
+    return bytes_per_token(cfg_full, IndexPattern.parse(pattern, cfg_full.num_layers),
+                           "fp8" if args.kv_cache_dtype == "fp8" else "bf16", "fp8")["total"]
+
+
 def max_batch(cfg_full, pattern, ctx, args, weight_bytes) -> int:
     if not torch.cuda.is_available():
         return min(args.max_batch, 4)
     free, total = torch.cuda.mem_get_info()
     budget = 0.9 * total - weight_bytes - 2 * (args.workspace_gb << 30) - 4 * 2**30
-    bpt = bytes_per_token(cfg_full, IndexPattern.parse(pattern, cfg_full.num_layers),
-                          "fp8" if args.kv_cache_dtype == "fp8" else "bf16", "fp8")["total"]
+    bpt = full_model_bytes_per_token(cfg_full, pattern, args)
     return max(1, min(args.max_batch, int(budget // (bpt * (ctx + 64)))))
 
 
@@ -352,9 +357,7 @@ def full_cache_only(model, cfg, cfg_full, contexts, patterns, args, weight_bytes
             full_cache_decode(model, sub, ctx, args, min(b, 2), 2)  # compile / capture warm-up
             fc = full_cache_decode(model, sub, ctx, args, b, args.full_cache_steps)
             r = {"context": ctx, "pattern": pat, "full_cache_decode": fc, "latent_cache": args.kv_cache_dtype,
-                 "cache_bytes_per_token_full_model": bytes_per_token(
-                     cfg_full, IndexPattern.parse(pat, cfg_full.num_layers),
-                     "fp8" if args.kv_cache_dtype == "fp8" else "bf16", "fp8")["total"]}
+                 "cache_bytes_per_token_full_model": full_model_bytes_per_token(cfg_full, pat, args)}
             rows.append(r)
             write_results(args.name, {"meta": meta, "ceilings": ceilings, "args": vars(args), "rows": rows})
             print(f"ctx {ctx:>7}  {pat:<6} latent {args.kv_cache_dtype}  full-cache batch {fc['batch']}  "

@@ -112,7 +112,8 @@ def expert_order(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
     if M * num_experts > _ONE_HOT_MAX:
         return flat.argsort(stable=True)
     onehot = F.one_hot(flat, num_experts)                      # [M, E]
-    before = onehot.sum(0).cumsum(0) - onehot.sum(0)           # entries with a smaller expert id
+    counts = onehot.sum(0)
+    before = counts.cumsum(0) - counts                         # entries with a smaller expert id
     rank = (onehot.cumsum(0) - onehot).gather(1, flat[:, None])[:, 0]  # earlier entries with the same id
     dest = before[flat] + rank
     return torch.empty_like(flat).scatter_(0, dest, torch.arange(M, device=flat.device))
