@@ -25,7 +25,12 @@ def block_scaled_mm_available(device) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or not hasattr(F, "scaled_mm"):
         return False
-    return torch.cuda.get_device_capability(device)[0] == 9
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) == 9
+
+
+@torch.compiler.assume_constant_result  # a fixed fact of the device: compiled decode glue does not re-check it
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def gpu_path_reason(x: torch.Tensor, w: torch.Tensor) -> str | None:

@@ -1,0 +1,114 @@
+"""FP8 weights: ``Fp8Linear`` (fp8 e4m3 weight + 128x128 ``weight_scale_inv``, DeepSeek's checkpoint format) and
+the choice of which weights a model keeps in FP8.
+
+FP8 (what the DeepSeek/GLM checkpoints quantise, and where the bytes and FLOPs are): the MLA projections q_a, q_b,
+kv_a and o_proj, the dense MLPs, the shared experts and the routed experts.
+Kept in the model's dtype (bf16 on a GPU):
+- embeddings and the LM head: a lookup and one GEMM per step; the head's logits drive sampling, and both families
+  ship them unquantised;
+- kv_b_proj, which becomes the absorbed W_UK / W_UV: they are applied per head as batched GEMMs (einsum over
+  [h, 128..256, 512]) for which torch has no block-scaled batched form; an FP8 checkpoint's kv_b_proj is
+  dequantised on load (it is ~3% of DeepSeek-V3.2's attention bytes);
+- the indexer (wq_b, wk, weights_proj, k_norm): its scores pick the top-k every later S layer reuses, it is
+  small (<1% of the weights), and its keys are quantised to FP8 in the cache already;
+- norms, the router (computed in fp32) and the correction bias.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.fp8_linear import FP8, blocks, dequantize_weight, fp8_linear, quantize_weight
+
+WEIGHT_DTYPES = ("auto", "fp8", "bf16")
+_ATTN_FP8 = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")
+_MLP_FP8 = ("gate_proj", "up_proj", "down_proj")
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ W^T with W stored as fp8 e4m3 [out, in] and fp32 ``weight_scale_inv`` [ceil(out/128), ceil(in/128)]
+    (buffers: they load from and save to the checkpoint's own names). Output in x's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8, device=device))
+        self.register_buffer("weight_scale_inv", torch.empty(blocks(out_features), blocks(in_features),
+                                                             dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor) -> "Fp8Linear":
+        """Quantise a [out, in] weight per 128x128 block (random presets, bf16 checkpoints loaded as FP8)."""
+        m = cls(w.shape[1], w.shape[0], device=w.device)
+        m.weight, m.weight_scale_inv = quantize_weight(w)
+        return m
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 128x128 blocks"
+
+
+def fp8_linear_slots(model) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute) of every nn.Linear that an FP8 model keeps in FP8 (see the module docstring)."""
+    out = []
+    for layer in model.layers:
+        out += [(layer.self_attn, n) for n in _ATTN_FP8]
+        mlp = layer.mlp
+        dense = getattr(mlp, "shared_experts", mlp)
+        out += [(dense, n) for n in _MLP_FP8]
+    return out
+
+
+def use_fp8_storage(model, *, quantize: bool) -> None:
+    """Make ``model`` an FP8 model in place. ``quantize``: quantise its current weights per 128x128 block (random
+    presets); otherwise allocate empty FP8 storage on the model's device (a checkpoint fills it)."""
+    for parent, name in fp8_linear_slots(model):
+        lin = getattr(parent, name)
+        if isinstance(lin, Fp8Linear):
+            continue
+        if quantize:
+            new = Fp8Linear.from_weight(lin.weight.detach())
+        else:
+            new = Fp8Linear(lin.in_features, lin.out_features, device=lin.weight.device)
+        setattr(parent, name, new)  # the bf16 weight is freed here, one module at a time
+    for layer in model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None and experts.gate_up.dtype != FP8:
+            experts.use_fp8_storage(quantize=quantize)
+
+
+def is_fp8_model(model) -> bool:
+    return any(isinstance(m, Fp8Linear) for m in model.modules())
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer (weights, scales, RoPE tables) the model holds."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def resolve_weight_dtype(weight_dtype: str, device, checkpoint_is_fp8: bool) -> bool:
+    """True when the model should hold FP8 weights. "auto": an FP8 checkpoint stays FP8 on a GPU whose FP8 GEMM
+    path exists here (torch's block-scaled scaled_mm: compute capability 9.x), else it is dequantised. "fp8"
+    forces FP8 storage (elsewhere the GEMMs dequantise per call: less memory, slower); "bf16" dequantises."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if weight_dtype == "auto":
+        from ..kernels.fp8_linear import block_scaled_mm_available
+
+        return checkpoint_is_fp8 and block_scaled_mm_available(device)
+    return weight_dtype == "fp8"
+
+
+def dequantize_if_fp8(w: torch.Tensor, scale_inv: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return w if scale_inv is None else dequantize_weight(w, scale_inv, dtype)
