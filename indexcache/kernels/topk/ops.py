@@ -8,6 +8,7 @@ compact / final); docs/kernels_attention.md has the design and the measurements 
 from __future__ import annotations
 
 import torch
+import triton
 
 from indexcache.kernels._dispatch import interpreting, use_triton
 from indexcache.kernels.topk.reference import topk_rows_reference
@@ -179,5 +180,3 @@ def bracket_stats(dbg, k):
     good = (chi < m) & (chi + n_in >= m) & (n_in <= dbg["cap"])
     return int(((m > 0) & ~good).sum()), float(n_in.double().mean()) if n_in.numel() else 0.0
 
-
-import triton  # noqa: E402
