@@ -14,7 +14,7 @@ import torch
 from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, write_results
 from indexcache.kernels import indexer as ix
 from indexcache.kernels.indexer import triton_logits as tlg
-from indexcache.kernels.indexer.recall import KINDS, fp8_recall, make_case
+from benchmarks.indexer_recall import KINDS, fp8_recall, make_case
 from indexcache.kernels.indexer.reference import indexer_logits_decode_ref, indexer_logits_ref, topk_rows_torch
 from indexcache.kernels import kv_store as kvs
 from indexcache.kernels.kv_store import reference as kvref
