@@ -110,5 +110,29 @@ def resolve_weight_dtype(weight_dtype: str, device, checkpoint_is_fp8: bool) -> 
     return weight_dtype == "fp8"
 
 
-def dequantize_if_fp8(w: torch.Tensor, scale_inv: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    return w if scale_inv is None else dequantize_weight(w, scale_inv, dtype)
+class _Concat(nn.Module):
+    def __init__(self, mods):
+        super().__init__()
+        self.mods = nn.ModuleList(mods)
+
+    def forward(self, x):
+        return torch.cat([m(x) for m in self.mods], dim=-1)
+
+
+def fuse_fp8_linears(mods: list[Fp8Linear]) -> nn.Module:
+    """One FP8 GEMM for several projections of the same input (rows and block scales concatenated; the modules'
+    buffers become views of the fused ones: no extra memory). Block scales cover 128 output rows, so this needs
+    every module but the last to have a multiple of 128 outputs (q_a_proj's 768/1536/2048 before kv_a's 576 do);
+    otherwise the modules run one after another and their outputs are concatenated."""
+    if any(m.out_features % 128 for m in mods[:-1]) or len({m.in_features for m in mods}) != 1:
+        return _Concat(mods)
+    fused = Fp8Linear(mods[0].in_features, sum(m.out_features for m in mods), device=mods[0].weight.device)
+    fused.weight = torch.cat([m.weight for m in mods])
+    fused.weight_scale_inv = torch.cat([m.weight_scale_inv for m in mods])
+    r = b = 0
+    for m in mods:
+        nb = blocks(m.out_features)
+        m.weight = fused.weight[r:r + m.out_features]
+        m.weight_scale_inv = fused.weight_scale_inv[b:b + nb]
+        r, b = r + m.out_features, b + nb
+    return fused
