@@ -37,15 +37,18 @@ class LLM:
 
     ``model``: a checkpoint folder (config.json + safetensors, tokenizer files optional) or a preset name (random
     weights from ``seed``; presets have no tokenizer, so they take token-id prompts). ``index_pattern``: an F/S
-    string, "1/N" or "all" (default: the checkpoint's own). Other keywords are ``EngineConfig`` fields.
+    string, "1/N" or "all" (default: the checkpoint's own). ``weight_dtype``: "auto" (FP8 checkpoints stay FP8 on
+    a GPU with the block-scaled FP8 GEMM), "fp8" or "bf16" (see ``load_model``). Other keywords are
+    ``EngineConfig`` fields.
     """
 
     def __init__(self, model: str, index_pattern=None, *, device=None, dtype: torch.dtype | None = None,
-                 seed: int = 0, tokenizer: str | None = None, **engine_options):
+                 seed: int = 0, tokenizer: str | None = None, weight_dtype: str = "auto", **engine_options):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed)
+        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed,
+                                weight_dtype=weight_dtype)
         self.tokenizer = _load_tokenizer(tokenizer or (model if os.path.isdir(model) else None))
         self.engine = LLMEngine(self.model, EngineConfig(seed=seed, **engine_options), tokenizer=self.tokenizer)
 

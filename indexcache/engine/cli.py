@@ -9,7 +9,8 @@ def _cmd_generate(args) -> int:
     from ..sampling import SamplingParams
 
     llm = LLM(args.model, args.pattern, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, seed=args.seed)
+              kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, seed=args.seed,
+              weight_dtype=args.weight_dtype)
     prompts = [[int(t) for t in p.split(",")] if args.token_ids else p for p in args.prompt]
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
@@ -45,6 +46,9 @@ def register(subparsers) -> None:
     g.add_argument("--max-num-seqs", type=int, default=16)
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"])
     g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--weight-dtype", default="auto", choices=["auto", "fp8", "bf16"],
+                   help="FP8 (128x128 block scales) or bf16 linear/expert weights; auto keeps FP8 checkpoints FP8 "
+                        "on a GPU with the block-scaled FP8 GEMM (Hopper)")
     g.set_defaults(func=_cmd_generate)
     b = subparsers.add_parser("bench", help="end-to-end TTFT/decode benchmark on a GPU (benchmarks/e2e.py)")
     try:  # the benchmark lives in the repository's benchmarks/ folder (run from the repo root)

@@ -111,3 +111,27 @@ def test_fp8_checkpoint_errors_listed_together(tmp_path):
 def test_weight_dtype_is_checked():
     with pytest.raises(ValueError, match="weight_dtype must be one of"):
         indexcache.load_model("tiny", weight_dtype="int8")
+
+
+@pytest.mark.parametrize("weight_dtype", ["bf16", "fp8"])
+def test_weight_bytes_from_config_equal_the_built_model(weight_dtype):
+    from indexcache.model.weight_sizes import weight_bytes_per_gpu
+
+    model = load_model("tiny", dtype=torch.bfloat16, weight_dtype=weight_dtype, index_pattern="1/2")
+    held = sum(t.numel() * t.element_size() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if not n.startswith("rotary."))
+    assert weight_bytes_per_gpu(model.config, weight_dtype == "fp8")["total"] == held
+    tp8 = weight_bytes_per_gpu(model.config, weight_dtype == "fp8", tp=8)
+    assert tp8["per_gpu"] == tp8["split"] // 8 + tp8["replicated"] and tp8["total"] == held
+
+
+def test_info_shows_fp8_fits_eight_h200s(capsys):
+    from indexcache.cli import main
+
+    assert main(["info", "deepseek-v3.2", "--tp", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 weights" in out and "does NOT fit" in out.split("bf16 weights")[1].split("\n")[0]
+    assert "fits: " in out.split("fp8 weights")[1].split("\n")[0]
+    assert main(["info", "glm-5", "--tp", "8", "--weight-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "fp8 weights" in out and "bf16 weights" not in out
