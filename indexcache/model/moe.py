@@ -78,6 +78,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, K = ids.shape
         if self.gate_up.dtype == torch.float8_e4m3fn:
+            if SMALL_BATCH_KERNEL and x.is_cuda and N * K <= SMALL_MAX_ROWS:
+                return _small_batch_experts(x, ids, weights, self.gate_up, self.down, self.gate_up_scale_inv,
+                                            self.down_scale_inv)
             return self._forward_fp8(x, ids, weights)
         if SMALL_BATCH_KERNEL and _grouped_mm_ok(x) and N * K <= SMALL_MAX_ROWS:
             return _small_batch_experts(x, ids, weights, self.gate_up, self.down)
@@ -101,8 +104,8 @@ class Experts(nn.Module):
 
 
     def _forward_fp8(self, x, ids, weights):
-        """FP8 experts: the same routing, both projections as grouped GEMMs that read the FP8 weights (any batch
-        size; no host sync)."""
+        """FP8 experts beyond decode sizes: the same routing, both projections as grouped GEMMs that read the FP8
+        weights (no host sync)."""
         K = ids.shape[1]
         flat = ids.flatten()
         E = self.gate_up.shape[0]
@@ -162,8 +165,8 @@ SMALL_BATCH_KERNEL = True
 
 
 @torch.compiler.disable  # a Triton launch with host-side checks: runs as is between compiled graphs
-def _small_batch_experts(x, ids, weights, gate_up, down):
-    return moe_experts_small(x, ids, weights, gate_up, down)
+def _small_batch_experts(x, ids, weights, gate_up, down, gate_up_scale=None, down_scale=None):
+    return moe_experts_small(x, ids, weights, gate_up, down, gate_up_scale, down_scale)
 
 
 @torch.compiler.disable  # data-dependent slicing: tracing it would recompile whenever the routing changes
