@@ -82,6 +82,26 @@ def use_fp8_storage(model, *, quantize: bool) -> None:
             experts.use_fp8_storage(quantize=quantize)
 
 
+def use_dequantized_storage(model, dtype: torch.dtype) -> None:
+    """The inverse of ``use_fp8_storage``: FP8 weights dequantised into ``dtype`` parameters in place (the
+    "bf16-dequantised" model that FP8 compute is compared against)."""
+    for parent, name in fp8_linear_slots(model):
+        lin = getattr(parent, name)
+        if isinstance(lin, Fp8Linear):
+            new = nn.Linear(lin.in_features, lin.out_features, bias=False, device=lin.weight.device, dtype=dtype)
+            new.weight.data = lin.dequantized(dtype)
+            new.weight.requires_grad_(False)
+            setattr(parent, name, new)
+    for layer in model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None and experts.gate_up.dtype == FP8:
+            gu, dn = experts.dequantized(dtype)
+            for n in ("gate_up", "gate_up_scale_inv", "down", "down_scale_inv"):
+                delattr(experts, n)
+            experts.gate_up = nn.Parameter(gu, requires_grad=False)
+            experts.down = nn.Parameter(dn, requires_grad=False)
+
+
 def is_fp8_model(model) -> bool:
     return any(isinstance(m, Fp8Linear) for m in model.modules())
 

@@ -135,3 +135,13 @@ def test_info_shows_fp8_fits_eight_h200s(capsys):
     assert main(["info", "glm-5", "--tp", "8", "--weight-dtype", "fp8"]) == 0
     out = capsys.readouterr().out
     assert "fp8 weights" in out and "bf16 weights" not in out
+
+
+def test_dequantized_storage_is_the_bf16_load(tmp_path):
+    from indexcache.model.linear import use_dequantized_storage
+
+    path, _, vocab = _fp8_checkpoint(tmp_path, "glm_moe_dsa", seed=3)
+    fp8 = load_model(str(path), weight_dtype="fp8")
+    use_dequantized_storage(fp8, torch.float32)
+    assert not is_fp8_model(fp8) and fp8.layers[1].mlp.experts.gate_up.dtype == torch.float32
+    assert torch.equal(_logits(fp8, vocab, n=9), _logits(load_model(str(path), weight_dtype="bf16"), vocab, n=9))
