@@ -68,6 +68,20 @@ def weight_scale_for_mm(scale_inv: torch.Tensor) -> torch.Tensor:
     return s.contiguous().t()
 
 
+@torch.library.custom_op("indexcache::fp8_block_scaled_mm", mutates_args=())
+def block_scaled_mm(q: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+    """q fp8 [M, K] (scale_a (M, K/128), strides (1, M)) @ w fp8 [N, K]^T (scale_b from weight_scale_for_mm) ->
+    bf16 [M, N]. An opaque op for torch.compile: the compiled decode glue fuses the activation quantisation around
+    it and calls cuBLAS as is."""
+    return F.scaled_mm(q, w.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, F.ScalingType.BlockWise128x128,
+                       output_dtype=torch.bfloat16)
+
+
+@block_scaled_mm.register_fake
+def _(q, w, scale_a, scale_b):
+    return q.new_empty(q.shape[0], w.shape[0], dtype=torch.bfloat16)
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, out_dtype: torch.dtype | None = None,
                scale_for_mm: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T with W fp8 e4m3 [N, K] and its 128x128 block ``scale_inv``; x [..., K] -> y [..., N] in
@@ -89,8 +103,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, out_dt
         return x.new_empty(*lead, w.shape[0], dtype=out_dtype or x.dtype)
     q, sa = quantize_act(x2, pad_rows_to=4)
     sb = scale_for_mm if scale_for_mm is not None else weight_scale_for_mm(scale_inv)
-    y = F.scaled_mm(q, w.t(), sa, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
-                    output_dtype=torch.bfloat16)
+    y = block_scaled_mm(q, w, sa, sb)
     if y.shape[0] != m:
         y = y[:m]
     return y.to(out_dtype or x.dtype).view(*lead, w.shape[0])
