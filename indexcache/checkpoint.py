@@ -219,6 +219,9 @@ def _copy_weight(name, tensor, scale, dst, sdst, bad_shape) -> None:
     if tuple(dst.shape) != tuple(tensor.shape):
         bad_shape.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(dst.shape)}")
         return
+    if tensor.dtype == FP8 and scale is None:  # its values mean nothing without the block scales
+        bad_shape.append(f"{name}: a float8 weight without {name}_scale_inv")
+        return
     want_s = (-(-tensor.shape[0] // 128), -(-tensor.shape[-1] // 128)) if tensor.dim() == 2 else None
     if scale is not None and (tensor.dim() != 2 or tuple(scale.shape) != want_s):
         bad_shape.append(f"{name}_scale_inv: checkpoint {tuple(scale.shape)} does not fit a weight of shape "

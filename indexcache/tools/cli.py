@@ -48,7 +48,8 @@ def _text_batches(args, model, device):
 def _load(args, pattern=None):
     from ..checkpoint import load_model
 
-    return load_model(args.model, device=_device(args.device), index_pattern=pattern)
+    # the quality tools compute in fp32 (and train indexers): FP8 checkpoints are dequantised
+    return load_model(args.model, device=_device(args.device), index_pattern=pattern, weight_dtype="bf16")
 
 
 def cmd_train(args) -> int:

@@ -97,6 +97,7 @@ def test_fp8_checkpoint_errors_listed_together(tmp_path):
     tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"] = torch.ones(3, 3)
     tensors["model.layers.2.mlp.experts.1.gate_proj.weight_scale_inv"] = torch.ones(2, 1)
     del tensors["model.layers.3.self_attn.q_b_proj.weight"]  # its scale is left behind: unexpected
+    del tensors["model.layers.1.self_attn.q_a_proj.weight_scale_inv"]  # FP8 codes without their scales
     save_file(tensors, path / "model.safetensors")
     for wd in ("fp8", "bf16"):
         with pytest.raises(CheckpointError) as e:
@@ -106,6 +107,7 @@ def test_fp8_checkpoint_errors_listed_together(tmp_path):
         assert "experts.1.gate_proj.weight_scale_inv: checkpoint (2, 1)" in msg
         assert "layers.3.self_attn.q_b_proj.weight" in msg and "1 missing" in msg
         assert "q_b_proj.weight_scale_inv" in msg and "1 unexpected" in msg
+        assert "layers.1.self_attn.q_a_proj.weight: a float8 weight without" in msg
 
 
 def test_weight_dtype_is_checked():
