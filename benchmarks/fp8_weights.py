@@ -8,7 +8,8 @@
     quantisation, at the models' shapes, plus the layers kept in bf16 (LM head, indexer) to show what FP8 would
     buy there;
 (b) routed experts: the FP8 Experts path (decode kernel / grouped FP8 GEMM) against bf16 experts on the same
-    dequantised weights, error and time, at decode and prefill token counts;
+    dequantised weights, error and time, at decode and prefill token counts; and the grouped GEMM alone: bf16
+    torch._grouped_mm against the FP8 Triton kernel with bf16 (W8A16) and FP8 (W8A8) activations;
 (c) which weights stay bf16: bytes of the kept-bf16 groups per preset, and the indexer's top-k overlap when its
     projections were FP8 (its selection is what every S layer reuses);
 (d) whole models: glm-4.7-flash-dsa (all 47 layers) and deepseek-v3.2 dimensions (4 layers: 3 dense + 1 MoE),
@@ -144,6 +145,53 @@ def moe_rows(reps_ms) -> list[dict]:
     return rows
 
 
+def grouped_rows(reps_ms) -> list[dict]:
+    """The grouped expert GEMM alone (gate_up, glm and deepseek shapes): bf16 torch._grouped_mm against the FP8
+    Triton kernel with bf16 activations (W8A16) and with 1x128-quantised activations (W8A8, quantisation
+    included). The model uses W8A8; if W8A16 measures faster, W8A8 goes (and vice versa)."""
+    from indexcache.kernels.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_reference
+    from indexcache.model.moe import quantize_experts
+
+    rows = []
+    for name, tokens in (("glm-4.7-flash-dsa", [512, 4096, 16384]), ("deepseek-v3.2", [512, 4096])):
+        cfg = preset_config(name)
+        E, inter, D, K = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size, cfg.num_experts_per_tok
+        g = torch.Generator("cuda").manual_seed(3)
+        w = torch.randn(E, 2 * inter, D, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+        w8, s8, _, _ = quantize_experts(w, torch.zeros(E, 128, 128, device="cuda"))
+        wd = torch.stack([dequantize_weight(w8[e, :inter], s8[e, :inter // 128], torch.bfloat16) for e in range(E)])
+        wd = torch.cat([wd, torch.stack([dequantize_weight(w8[e, inter:], s8[e, inter // 128:], torch.bfloat16)
+                                         for e in range(E)])], 1)
+        del w
+        for t in tokens:
+            m = t * K
+            ids = torch.randint(0, E, (m,), device="cuda", generator=g)
+            counts = torch.bincount(ids, minlength=E).to(torch.int32)
+            offs = counts.cumsum(0).to(torch.int32)
+            a = torch.randn(m, D, device="cuda", generator=g).to(torch.bfloat16)
+            t_bf = bench_ms(lambda: torch._grouped_mm(a, wd.transpose(1, 2), offs=offs), *reps_ms)
+            t16 = bench_ms(lambda: fp8_grouped_mm(a, counts, w8, s8), *reps_ms)
+
+            def w8a8():
+                a8, sa = quantize_act(a)
+                return fp8_grouped_mm(a8, counts, w8, s8, a_scale=sa, out_dtype=torch.bfloat16)
+
+            t8 = bench_ms(w8a8, *reps_ms)
+            r = {"model": name, "tokens": t, "rows": m, "bf16_grouped_mm_ms": t_bf, "w8a16_ms": t16, "w8a8_ms": t8,
+                 "speedup_w8a16": t_bf / t16, "speedup_w8a8": t_bf / t8,
+                 "w8a8_tflops": 2 * m * 2 * inter * D / t8 / 1e9, "bf16_tflops": 2 * m * 2 * inter * D / t_bf / 1e9}
+            if m <= 16384:
+                ref = fp8_grouped_mm_reference(a, counts, w8, s8).float()
+                r["err_w8a16"] = rel(fp8_grouped_mm(a, counts, w8, s8), ref)
+                r["err_w8a8_vs_w8a16_ref"] = rel(w8a8(), ref)
+                r["err_bf16_grouped_mm"] = rel(torch._grouped_mm(a, wd.transpose(1, 2), offs=offs), ref)
+            rows.append(r)
+            print(f"grouped {name:<18} T={t:<6} bf16 {t_bf:.3f} ms  W8A16 {t16:.3f} ms  W8A8 {t8:.3f} ms", flush=True)
+        del w8, s8, wd
+        torch.cuda.empty_cache()
+    return rows
+
+
 def kept_bf16_facts() -> dict:
     out = {}
     for name in ("glm-4.7-flash-dsa", "deepseek-v3.2", "glm-5"):
@@ -249,6 +297,8 @@ def main(argv=None) -> int:
     write_results(args.name, payload)
     payload["moe"] = moe_rows(reps)
     write_results(args.name, payload)
+    payload["grouped"] = grouped_rows(reps)
+    write_results(args.name, payload)
     payload["kept_bf16"] = kept_bf16_facts()
     if not args.quick:
         payload["indexer_fp8_overlap"] = indexer_overlap()
@@ -260,6 +310,8 @@ def main(argv=None) -> int:
                                     "fp8_mm_only_ms", "speedup"]))
     print(table(payload["moe"], ["model", "tokens", "path", "err_fp8_vs_bf16_same_weights", "bf16_ms", "fp8_ms",
                                  "speedup"]))
+    print(table(payload["grouped"], ["model", "tokens", "bf16_grouped_mm_ms", "w8a16_ms", "w8a8_ms", "speedup_w8a16",
+                                     "speedup_w8a8"]))
     if "whole_model" in payload:
         print(table(payload["whole_model"], ["model", "layers", "logit_rel_err", "prompt_argmax_agreement",
                                              "engine_tokens_equal_before_divergence", "teacher_forced_agreement"]))

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_reference
-from ..kernels.fp8_linear import dequantize_weight, quantize_weight
+from ..kernels.fp8_linear import dequantize_weight, quantize_act, quantize_weight
 from ..kernels.moe import SMALL_MAX_ROWS, moe_experts_small
 
 
@@ -119,12 +119,16 @@ class Experts(nn.Module):
         w, s = self.gate_up, self.gate_up_scale_inv
         # the kernel on the GPU; on CPU the reference (the interpreted kernel is for the kernel's own tests)
         mm = fp8_grouped_mm if x.is_cuda else fp8_grouped_mm_reference
+        # activations quantised per 1x128 group, like the FP8 linear layers: fp8 x fp8 on the tensor cores
+        x8, sx = quantize_act(xs)
         if inter % 128 == 0:  # gate's and up's blocks tile 2I rows evenly: one GEMM
-            h = mm(xs, counts, w, s)
+            h = mm(x8, counts, w, s, a_scale=sx, out_dtype=x.dtype)
         else:  # a 128-row block would straddle gate and up: one GEMM each
-            h = torch.cat([mm(xs, counts, w[:, :inter], s[:, :ib]), mm(xs, counts, w[:, inter:], s[:, ib:])], -1)
+            h = torch.cat([mm(x8, counts, w[:, :inter], s[:, :ib], a_scale=sx, out_dtype=x.dtype),
+                           mm(x8, counts, w[:, inter:], s[:, ib:], a_scale=sx, out_dtype=x.dtype)], -1)
         gate, up = h.split(inter, dim=-1)
-        ys = mm(F.silu(gate) * up, counts, self.down, self.down_scale_inv)
+        a8, sa = quantize_act(F.silu(gate) * up)
+        ys = mm(a8, counts, self.down, self.down_scale_inv, a_scale=sa, out_dtype=x.dtype)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 

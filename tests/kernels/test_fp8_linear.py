@@ -79,6 +79,14 @@ def test_checks_name_the_bad_value():
     assert gpu_path_reason(torch.randn(2, 256), wq) is not None  # CPU: the reference runs
 
 
+@pytest.mark.parametrize("k", [384, 300])
+def test_fast_quantisation_equals_reference(k):
+    x = _rand(9, k, seed=k)
+    q, s = quantize_act(x)
+    qr, sr = quantize_act_reference(x)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+
+
 def test_mm_layouts():
     q, s = quantize_act(torch.randn(5, 384), pad_rows_to=4)
     assert q.shape == (8, 384) and s.shape == (8, 3) and s.stride() == (1, 8)

@@ -1,9 +1,10 @@
 """Triton grouped GEMM against FP8 block-scaled expert weights (rows sorted by expert, ragged groups).
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of one expert's rows: it walks K in 128-wide steps, loads the
-activation tile and the fp8 weight tile, converts the weight to the activation dtype in registers, and adds
-dot(a, w) * scale, where scale is the tile's one 128x128 block scale (BLOCK_N divides 128, so a tile never
-straddles two weight blocks). The FP8 weights are read once per tile row and never written back dequantised.
+activation tile and the fp8 weight tile and adds dot(a, w) * scale, where scale is the tile's one 128x128 block
+scale (BLOCK_N divides 128, so a tile never straddles two weight blocks). Activations either stay bf16 (the
+weight tile is converted to bf16 in registers: W8A16) or come quantised per 1x128 group (fp8 x fp8 dot on the
+FP8 tensor cores, times each row's group scale: W8A8, as the FP8 linear layers). The FP8 weights are read once per tile row and never written back dequantised.
 Tiles are mapped to (expert, first row) on the device (``tile_map``), from a static upper bound on their number
 (cdiv(M, BLOCK_M) + E): no host sync, so the launch can sit in a CUDA graph. Spare tiles exit at once.
 On CPU (interpreter) the tiles are converted to fp32 before the dot (the interpreter's bf16/fp8 maths is wrong).
@@ -18,10 +19,11 @@ BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 128
 
 
 @triton.jit
-def _grouped_fp8_kernel(a_ptr, w_ptr, s_ptr, out_ptr, tile_e_ptr, tile_row_ptr, row_end_ptr, N, K, E,
-                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                        stride_om, stride_on,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+def _grouped_fp8_kernel(a_ptr, sa_ptr, w_ptr, s_ptr, out_ptr, tile_e_ptr, tile_row_ptr, row_end_ptr, N, K, E,
+                        stride_am, stride_ak, stride_sam, stride_sak, stride_we, stride_wn, stride_wk,
+                        stride_se, stride_sn, stride_sk, stride_om, stride_on,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                        A_FP8: tl.constexpr):
     t = tl.program_id(0)
     pn = tl.program_id(1)
     e = tl.load(tile_e_ptr + t)
@@ -45,9 +47,15 @@ def _grouped_fp8_kernel(a_ptr, w_ptr, s_ptr, out_ptr, tile_e_ptr, tile_row_ptr, 
             s = tl.load(s_base + (k0 // 128) * stride_sk)
             if DOT_F32:
                 part = tl.dot(a.to(tl.float32), w.to(tl.float32))
+            elif A_FP8:
+                part = tl.dot(a, w)
             else:
                 part = tl.dot(a, w.to(a.dtype))
-            acc += part * s
+            if A_FP8:
+                sa = tl.load(sa_ptr + rows.to(tl.int64) * stride_sam + (k0 // 128) * stride_sak, mask=rmask, other=0.0)
+                acc += part * (sa[:, None] * s)
+            else:
+                acc += part * s
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
@@ -69,18 +77,25 @@ def tile_map(counts: torch.Tensor, m: int, block_m: int):
     return te.to(torch.int32), row.to(torch.int32), ends.to(torch.int32)
 
 
-def fp8_grouped_mm_triton(a, counts, w, scale_inv, *, out=None, block_m=BLOCK_M, block_n=BLOCK_N):
-    """Inputs already checked. ``out`` [M, N] optional (tests pass a NaN-filled one). block_n divides 128."""
+def fp8_grouped_mm_triton(a, counts, w, scale_inv, *, a_scale=None, out=None, out_dtype=None, block_m=BLOCK_M,
+                          block_n=BLOCK_N):
+    """Inputs already checked. ``a_scale``: fp32 [M, ceil(K/128)] when ``a`` is fp8. ``out`` [M, N] optional
+    (tests pass a NaN-filled one). block_n divides 128."""
     m, k = a.shape
     E, n, _ = w.shape
     if out is None:
-        out = torch.empty(m, n, dtype=a.dtype, device=a.device)
+        out = torch.empty(m, n, dtype=out_dtype or a.dtype, device=a.device)
     if m == 0:
         return out
     te, row, ends = tile_map(counts, m, block_m)
+    a_fp8 = a_scale is not None
     dot_f32 = not a.is_cuda or a.dtype == torch.float32
+    sa = a_scale if a_fp8 else scale_inv  # an unused pointer for bf16 activations
+    sas = a_scale.stride() if a_fp8 else (0, 0)
     grid = (te.shape[0], triton.cdiv(n, block_n))
-    _grouped_fp8_kernel[grid](a, w, scale_inv, out, te, row, ends, n, k, E,
-                              a.stride(0), a.stride(1), *w.stride(), *scale_inv.stride(), out.stride(0), out.stride(1),
-                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, DOT_F32=dot_f32, num_warps=4)
+    _grouped_fp8_kernel[grid](a, sa, w, scale_inv, out, te, row, ends, n, k, E,
+                              a.stride(0), a.stride(1), *sas, *w.stride(), *scale_inv.stride(),
+                              out.stride(0), out.stride(1),
+                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, DOT_F32=dot_f32, A_FP8=a_fp8,
+                              num_warps=4)
     return out

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from indexcache.kernels.fp8_linear.reference import (BLOCK, FP8, FP8_MAX, _TINY, blocks, check_weight,
-                                                     fp8_linear_reference)
+                                                     fp8_linear_reference, quantize_act_reference)
 
 
 def block_scaled_mm_available(device) -> bool:
@@ -46,12 +46,16 @@ def gpu_path_reason(x: torch.Tensor, w: torch.Tensor) -> str | None:
 
 
 def quantize_act(x: torch.Tensor, pad_rows_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (K a multiple of 128) -> (q fp8 [Mp, K], scale fp32 [Mp, K/128] with strides (1, Mp)), Mp = M
-    rounded up to ``pad_rows_to``; padding rows are zero (scale 1). The layout scaled_mm wants for scale_a."""
+    """x [M, K] -> (q fp8 [Mp, K], scale fp32 [Mp, ceil(K/128)] with strides (1, Mp)), Mp = M rounded up to
+    ``pad_rows_to``; padding rows are zero. The layout scaled_mm wants for scale_a; the same values as
+    ``quantize_act_reference`` (which handles a ragged K here)."""
     m, k = x.shape
     mp = -(-m // pad_rows_to) * pad_rows_to
     if mp != m:
         x = F.pad(x, (0, 0, 0, mp - m))
+    if k % BLOCK:
+        q, scale = quantize_act_reference(x)
+        return q, scale.t().contiguous().t()
     g = x.float().view(mp, k // BLOCK, BLOCK)
     scale = g.abs().amax(-1).clamp(min=_TINY) / FP8_MAX
     q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(mp, k).to(FP8)
