@@ -295,6 +295,8 @@ def main(argv=None, args=None) -> int:
     model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
     if args.weight_dtype == "fp8":
         use_fp8_storage(model, quantize=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()  # the bf16 weights' memory back to the driver: the KV cache sizes from it
     # the whole model's weights (exact, from the config), whatever --layers builds
     weight_bytes = weight_bytes_per_gpu(cfg_full, args.weight_dtype == "fp8")["total"]
     print(f"model {args.model}: {cfg.num_layers}/{cfg_full.num_layers} layers built in "

@@ -56,6 +56,8 @@ def load_model(path_or_preset: str, *, device="cpu", dtype: torch.dtype = torch.
         model.init_random(seed)
         if fp8:
             use_fp8_storage(model, quantize=True)
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()  # the bf16 weights' memory back to the driver (the KV cache sizes from it)
     return model.eval()
 
 
