@@ -332,8 +332,8 @@ def test_default_path_by_row_count(device):
     assert stats["path"] == "two"
     _check(torch.randn(2, 300, device=device), 20, stats=stats)
     assert stats["path"] == "scan"
-    _check(torch.randn(2, 3000, device=device), 20, stats=stats, sample=64)   # explicit sample size
-    assert stats["S"] == 64
+    _check(torch.randn(1, 700, device=device), 20, stats=stats, sample=512)   # explicit sample size
+    assert stats["S"] == 512
 
 
 def test_sorted_flag_prefill_path(device):

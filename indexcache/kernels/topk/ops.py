@@ -37,8 +37,8 @@ def _check(logits, k, row_start, row_end, sample=None):
         raise ValueError(f"topk_rows: logits dtype must be float32/bfloat16/float16, got {logits.dtype}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > MAX_K:
         raise ValueError(f"topk_rows: k must be an int in [1, {MAX_K}], got {k!r}")
-    if sample is not None and (not isinstance(sample, int) or sample < 16 or sample & (sample - 1)):
-        raise ValueError(f"topk_rows: sample must be a power of two >= 16, got {sample!r}")
+    if sample is not None and sample not in (512, 1024, 2048, 4096):   # >= 512 keeps CAP <= 8k (scratch bound)
+        raise ValueError(f"topk_rows: sample must be 512, 1024, 2048 or 4096, got {sample!r}")
     R = logits.shape[0]
     for name, t in (("row_start", row_start), ("row_end", row_end)):
         if t is None:
@@ -84,7 +84,7 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
     NaN and -inf never count; rows with fewer than k valid entries are padded with -1 (after the valid ids).
     Exact, with ties at the threshold broken towards the lower column index. ``stats``: a dict that receives the
     Triton path's per-row state of this call (see ``bracket_stats``; tests, benchmarks). ``sample``: entries
-    sampled per row to bracket the k-th value (power of two; default 1024, 512 for R <= 64). ``_cap`` /
+    sampled per row to bracket the k-th value (512..4096, a power of two; default 1024, 512 for R <= 64). ``_cap`` /
     ``_chunk`` / ``_path`` are test hooks (``_path``: "scan" = the decode path, "two" = the prefill path;
     default by row count).
     """
