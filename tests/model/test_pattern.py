@@ -5,7 +5,7 @@ from indexcache import IndexPattern, PatternError
 
 
 def test_uniform_freq4_47_layers_matches_reference_patch():
-    # SGLang/vLLM patch: F at layers 0, 1, 5, 9, ..., 45 -> 13 full layers (DSA_INDEXCACHE_SPEC B1)
+    # the IndexCache SGLang/vLLM patches (index_topk_freq=4): F at layers 0, 1, 5, 9, ..., 45 -> 13 full layers
     expected = "FF" + "SSSF" * 11 + "S"
     p = IndexPattern.uniform(47, 4)
     assert str(p) == expected and len(expected) == 47
