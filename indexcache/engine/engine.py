@@ -47,7 +47,8 @@ class LLMEngine:
         self.backend = make_backend(self.kv, cfg, mc)
         self.blocks = BlockManager(num_blocks, cfg.page_size)
         self.scheduler = Scheduler(cfg, self.blocks)
-        self.runner = ModelRunner(model, self.plan, cfg, self.kv, self.backend, fuse_x_projections(model, self.plan))
+        x_proj = fuse_x_projections(model, self.plan)  # an explicit step: the model's weights become views (above)
+        self.runner = ModelRunner(model, self.plan, cfg, self.kv, self.backend, x_proj)
         self.graphs = None
         if self.device.type == "cuda" and not cfg.enforce_eager and self.dtype == torch.bfloat16:
             from .cuda_graph import DecodeGraphs
