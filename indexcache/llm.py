@@ -37,7 +37,9 @@ class LLM:
 
     ``model``: a checkpoint folder (config.json + safetensors, tokenizer files optional) or a preset name (random
     weights from ``seed``; presets have no tokenizer, so they take token-id prompts). ``index_pattern``: an F/S
-    string, "1/N" or "all" (default: the checkpoint's own). Other keywords are ``EngineConfig`` fields.
+    string, "1/N" or "all" (default: the checkpoint's own); it means what it means to ``load_model``, which builds
+    the model with it (S layers get no indexer weights), and the engine runs the model's pattern. Other keywords
+    are ``EngineConfig`` fields.
     """
 
     def __init__(self, model: str, index_pattern=None, *, device=None, dtype: torch.dtype | None = None,
