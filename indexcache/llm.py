@@ -37,9 +37,10 @@ class LLM:
 
     ``model``: a checkpoint folder (config.json + safetensors, tokenizer files optional) or a preset name (random
     weights from ``seed``; presets have no tokenizer, so they take token-id prompts). ``index_pattern``: an F/S
-    string, "1/N" or "all" (default: the checkpoint's own). ``weight_dtype``: "auto" (FP8 checkpoints stay FP8 on
-    a GPU with the block-scaled FP8 GEMM), "fp8" or "bf16" (see ``load_model``). Other keywords are
-    ``EngineConfig`` fields.
+    string, "1/N" or "all" (default: the checkpoint's own); it means what it means to ``load_model``, which builds
+    the model with it (S layers get no indexer weights), and the engine runs the model's pattern. ``weight_dtype``:
+    "auto" (FP8 checkpoints stay FP8 on a GPU with the block-scaled FP8 GEMM), "fp8" or "bf16" (see
+    ``load_model``). Other keywords are ``EngineConfig`` fields.
     """
 
     def __init__(self, model: str, index_pattern=None, *, device=None, dtype: torch.dtype | None = None,

@@ -30,13 +30,15 @@ _TB = 256               # tie buffer: the boundary bin is ranked by counting onc
 PATHS = ("scan", "two")  # decode path (fused scan), prefill path (count + compact)
 
 
-def _check(logits, k, row_start, row_end):
+def _check(logits, k, row_start, row_end, sample=None):
     if logits.dim() != 2:
         raise ValueError(f"topk_rows: logits must be 2-D [R, N], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"topk_rows: logits dtype must be float32/bfloat16/float16, got {logits.dtype}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > MAX_K:
         raise ValueError(f"topk_rows: k must be an int in [1, {MAX_K}], got {k!r}")
+    if sample is not None and sample not in (512, 1024, 2048, 4096):   # >= 512 keeps CAP <= 8k (scratch bound)
+        raise ValueError(f"topk_rows: sample must be 512, 1024, 2048 or 4096, got {sample!r}")
     R = logits.shape[0]
     for name, t in (("row_start", row_start), ("row_end", row_end)):
         if t is None:
@@ -82,11 +84,11 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
     NaN and -inf never count; rows with fewer than k valid entries are padded with -1 (after the valid ids).
     Exact, with ties at the threshold broken towards the lower column index. ``stats``: a dict that receives the
     Triton path's per-row state of this call (see ``bracket_stats``; tests, benchmarks). ``sample``: entries
-    sampled per row to bracket the k-th value (power of two; default 1024, 512 for R <= 64). ``_cap`` /
+    sampled per row to bracket the k-th value (512..4096, a power of two; default 1024, 512 for R <= 64). ``_cap`` /
     ``_chunk`` / ``_path`` are test hooks (``_path``: "scan" = the decode path, "two" = the prefill path;
     default by row count).
     """
-    _check(logits, k, row_start, row_end)
+    _check(logits, k, row_start, row_end, sample)
     if not use_triton(logits):
         return topk_rows_reference(logits, k, row_start=row_start, row_end=row_end)
     stages, out, dbg = plan_launches(logits, k, row_start, row_end, sample=sample, _cap=_cap, _chunk=_chunk,
@@ -120,8 +122,6 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
     if path not in PATHS:
         raise ValueError(f"topk_rows: _path must be one of {PATHS}, got {path!r}")
     two = path == "two"
-    if sample is not None and (sample < 16 or sample & (sample - 1)):
-        raise ValueError(f"topk_rows: sample must be a power of two >= 16, got {sample!r}")
     S = sample or (256 if interp else (_SAMPLE_SMALL if small else _SAMPLE))
     # bracket ~ 6*sqrt(k*len/S) entries: CAP = 4k at S >= 1024, 8k at S = 512 (runtime value: no recompiles)
     cap = _cap or max(4096, 4 * triton.next_power_of_2(k) * max(1, 1024 // S))
