@@ -3,14 +3,15 @@ the choice of which weights a model keeps in FP8.
 
 FP8 (what the DeepSeek/GLM checkpoints quantise, and where the bytes and FLOPs are): the MLA projections q_a, q_b,
 kv_a and o_proj, the dense MLPs, the shared experts and the routed experts.
-Kept in the model's dtype (bf16 on a GPU):
-- embeddings and the LM head: a lookup and one GEMM per step; the head's logits drive sampling, and both families
-  ship them unquantised;
-- kv_b_proj, which becomes the absorbed W_UK / W_UV: they are applied per head as batched GEMMs (einsum over
-  [h, 128..256, 512]) for which torch has no block-scaled batched form; an FP8 checkpoint's kv_b_proj is
-  dequantised on load (it is ~3% of DeepSeek-V3.2's attention bytes);
-- the indexer (wq_b, wk, weights_proj, k_norm): its scores pick the top-k every later S layer reuses, it is
-  small (<1% of the weights), and its keys are quantised to FP8 in the cache already;
+Kept in the model's dtype (bf16 on a GPU). In an FP8 model they are 1.1% of DeepSeek-V3.2's and GLM-5's bytes
+and 6.5% of glm-4.7-flash-dsa's; FP8 would save 3.5 / 3.5 / 0.9 GiB (``benchmarks/fp8_weights.py``, kept_bf16):
+- embeddings and the LM head (0.5% of DeepSeek-V3.2 in FP8): a lookup, and one GEMM on the last token per
+  sequence; its logits drive sampling, and both families ship them unquantised;
+- kv_b_proj, which becomes the absorbed W_UK / W_UV (0.3%): it is applied per head as batched GEMMs (einsum over
+  [h, 128..256, 512]), and torch has no block-scaled batched form; an FP8 checkpoint's kv_b_proj is dequantised
+  on load;
+- the indexer (wq_b, wk, weights_proj, k_norm; 0.25%): its scores pick the top-k that every later S layer reuses
+  (the benchmark measures the top-k overlap with FP8 projections), and its keys are already FP8 in the cache;
 - norms, the router (computed in fp32) and the correction bias.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.fp8_linear import FP8, blocks, dequantize_weight, fp8_linear, quantize_weight
+from ..kernels.fp8_linear import (FP8, block_scaled_mm_available, blocks, dequantize_weight, fp8_linear,
+                                 quantize_weight)
 
 WEIGHT_DTYPES = ("auto", "fp8", "bf16")
 _ATTN_FP8 = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj")
@@ -124,8 +126,6 @@ def resolve_weight_dtype(weight_dtype: str, device, checkpoint_is_fp8: bool) -> 
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
     if weight_dtype == "auto":
-        from ..kernels.fp8_linear import block_scaled_mm_available
-
         return checkpoint_is_fp8 and block_scaled_mm_available(device)
     return weight_dtype == "fp8"
 
