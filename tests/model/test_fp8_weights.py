@@ -44,6 +44,18 @@ def _fp8_checkpoint(tmp_path, family="deepseek_v32", seed=0, **overrides):
     return path, tensors, hf.config.vocab_size
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """family -> (path, tensors, vocab) of one FP8 checkpoint per family, made once for the module."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = _fp8_checkpoint(tmp_path_factory.mktemp(family), family)
+        return made[family]
+    return get
+
+
 def _logits(model, vocab, seed=0, n=29):
     ids = torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -51,8 +63,8 @@ def _logits(model, vocab, seed=0, n=29):
 
 
 @pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
-def test_fp8_checkpoint_stays_fp8_and_matches_dequantised(tmp_path, family):
-    path, tensors, vocab = _fp8_checkpoint(tmp_path, family)
+def test_fp8_checkpoint_stays_fp8_and_matches_dequantised(ckpt, family):
+    path, tensors, vocab = ckpt(family)
     fp8 = load_model(str(path), weight_dtype="fp8")
     deq = load_model(str(path), weight_dtype="bf16")  # on CPU "auto" dequantises too
     assert not is_fp8_model(load_model(str(path)))
@@ -72,8 +84,8 @@ def test_fp8_checkpoint_stays_fp8_and_matches_dequantised(tmp_path, family):
     assert weight_bytes(fp8) < weight_bytes(deq)
 
 
-def test_fp8_model_saves_and_reloads_identically(tmp_path):
-    path, _, vocab = _fp8_checkpoint(tmp_path, seed=1)
+def test_fp8_model_saves_and_reloads_identically(tmp_path, ckpt):
+    path, _, vocab = ckpt("deepseek_v32")
     fp8 = load_model(str(path), weight_dtype="fp8")
     save_checkpoint(fp8, tmp_path / "again")
     again = load_model(str(tmp_path / "again"), weight_dtype="fp8")
@@ -92,8 +104,13 @@ def test_bf16_checkpoint_quantised_on_load_equals_fp8_preset(tmp_path):
     assert 0 < err < 0.2, err
 
 
-def test_fp8_checkpoint_errors_listed_together(tmp_path):
-    path, tensors, _ = _fp8_checkpoint(tmp_path, seed=2)
+def test_fp8_checkpoint_errors_listed_together(tmp_path, ckpt):
+    import shutil
+
+    src, tensors, _ = ckpt("deepseek_v32")
+    path = tmp_path / "broken"
+    shutil.copytree(src, path)
+    tensors = dict(tensors)
     tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"] = torch.ones(3, 3)
     tensors["model.layers.2.mlp.experts.1.gate_proj.weight_scale_inv"] = torch.ones(2, 1)
     del tensors["model.layers.3.self_attn.q_b_proj.weight"]  # its scale is left behind: unexpected
@@ -139,10 +156,10 @@ def test_info_shows_fp8_fits_eight_h200s(capsys):
     assert "fp8 weights" in out and "bf16 weights" not in out
 
 
-def test_dequantized_storage_is_the_bf16_load(tmp_path):
+def test_dequantized_storage_is_the_bf16_load(ckpt):
     from indexcache.model.linear import use_dequantized_storage
 
-    path, _, vocab = _fp8_checkpoint(tmp_path, "glm_moe_dsa", seed=3)
+    path, _, vocab = ckpt("glm_moe_dsa")
     fp8 = load_model(str(path), weight_dtype="fp8")
     use_dequantized_storage(fp8, torch.float32)
     assert not is_fp8_model(fp8) and fp8.layers[1].mlp.experts.gate_up.dtype == torch.float32
