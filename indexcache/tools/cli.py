@@ -163,8 +163,11 @@ def cmd_eval(args) -> int:
                      batch=args.batch, device=_device(args.device), progress=True)
         results.append(r)
         acc = " ".join(f"{L}:{v['accuracy']:.2f}" for L, v in r["retrieval"].items())
+        recall = [x["recall_vs_own_indexer"] for x in r["layers"] if "recall_vs_own_indexer" in x]
+        mass = [x["attention_mass_used"] for x in r["layers"]]
         print(f"{r['pattern']}  loss {r['heldout']['loss']:.4f}  bpb {r['heldout']['bits_per_byte']:.4f}  "
-              f"retrieval {acc}")
+              f"retrieval {acc}  top-k recall {sum(recall) / max(len(recall), 1):.3f}  "
+              f"attention mass {sum(mass) / max(len(mass), 1):.3f}")
     _dump({"model": args.model, "results": results}, args.json)
     return 0
 
@@ -218,7 +221,9 @@ def register(subparsers) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_distill)
 
-    e = subparsers.add_parser("eval", help="held-out loss / bits per byte, long-context retrieval, top-k recall")
+    e = subparsers.add_parser("eval", help="held-out loss / bits per byte, long-context retrieval accuracy, top-k "
+                              "recall against each layer's own indexer and the dense attention mass the used top-k "
+                              "covers (means printed; per layer in --json)")
     common(e)
     e.add_argument("--patterns", nargs="+", default=["model"], help="'model' (its own), F/S strings or 1/N")
     e.add_argument("--context", type=int, default=512)
