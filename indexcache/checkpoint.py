@@ -411,6 +411,8 @@ def save_checkpoint(model: DSAModel, path: str, *, max_shard_bytes: int | None =
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                        "weight_map": weight_map}, f, indent=1)
+    mode = os.stat(os.path.join(path, "config.json")).st_mode & 0o777  # what the umask gives a new file
     for n, s in zip(names, shards):
         save_file(s, os.path.join(path, n), metadata={"format": "pt"})
+        os.chmod(os.path.join(path, n), mode)  # safetensors writes 0600 whatever the umask
     return [os.path.join(path, n) for n in names]

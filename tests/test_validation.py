@@ -113,3 +113,16 @@ def test_corrupt_safetensors_named_by_load_and_info(tmp_path, fixture_bytes, cut
 def test_intact_safetensors_header(fixture_bytes):
     info = inspect_safetensors(os.path.join(FIXTURE, "model.safetensors"))
     assert info["tensors"] > 100 and 0 < info["bytes"] < len(fixture_bytes)
+
+
+def test_saved_checkpoint_files_follow_the_umask(tmp_path):
+    from indexcache.checkpoint import save_checkpoint
+
+    model = load_model("tiny")
+    old = os.umask(0o027)
+    try:
+        files = save_checkpoint(model, str(tmp_path / "out"))
+    finally:
+        os.umask(old)
+    for f in files + [str(tmp_path / "out" / "config.json")]:
+        assert os.stat(f).st_mode & 0o777 == 0o640, f
