@@ -109,7 +109,9 @@ def _parse_ids(prompt: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="indexcache", description="IndexCache for DeepSeek-Sparse-Attention models: "
-                                "reuse top-k indices across layers.")
+                                "reuse top-k indices across layers.",
+                                epilog="GPU benchmarks are scripts of a clone, not commands: python -m benchmarks.e2e "
+                                "--quick (see benchmarks/).")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run full DSA and IndexCache patterns on the embedded tiny model (CPU)")
     d.add_argument("--model", default="tiny", help="preset or checkpoint folder (default: tiny)")
