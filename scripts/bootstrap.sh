@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: a virtual environment in .venv with the CPU build of torch (pinned, so
 # pip never pulls a multi-GB CUDA build), triton, and indexcache with its test extras. Idempotent: a ready .venv
-# is checked in about a second and left alone, silently.
+# is checked (a few seconds: it imports the packages) and left alone, silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
