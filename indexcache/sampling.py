@@ -17,6 +17,7 @@ class SamplingParams:
     stop: list[str | int] | str | int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # return the sampled token's log-probability and this many top alternatives
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -27,6 +28,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be an integer >= 0 (or None), got {self.logprobs!r}")
         stop = self.stop if isinstance(self.stop, (list, tuple)) else ([] if self.stop is None else [self.stop])
         bad = [s for s in stop if not isinstance(s, (str, int)) or isinstance(s, bool)]
         if bad:

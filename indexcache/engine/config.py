@@ -25,6 +25,7 @@ class EngineConfig:
     compile_decode: bool | None = None    # torch.compile the decode glue (fewer, fused kernels); None = on CUDA
                                           # unless enforce_eager
     compile_backend: str = "inductor"
+    enable_prefix_caching: bool = True   # share full KV pages between requests with a common token prefix
     seed: int = 0
 
     def __post_init__(self):
