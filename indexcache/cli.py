@@ -63,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pattern", help="F/S string or 1/N to describe instead of the checkpoint's own")
     i.set_defaults(func=_cmd_info)
     from .engine.cli import register as register_engine
+    from .server.cli import register as register_server
     from .tools.cli import register as register_tools
 
     register_engine(sub)  # generate, bench
     register_tools(sub)  # train, overlap, search, distill, eval
+    register_server(sub)  # serve
     return p
 
 
