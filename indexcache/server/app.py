@@ -16,9 +16,6 @@ from .metrics import Metrics
 from .protocol import APIError, GenerationRequest, bad, parse_json, parse_request
 from .responses import Choice, chunk, choice_chunk, usage, whole_response
 
-DISCONNECT_POLL_S = 0.5
-
-
 class Server:
     """What the routes share: the engine loop, the tokenizer, limits."""
 
@@ -116,43 +113,33 @@ class Server:
         self.loop.submit(handles)
         prompt_lens = [len(ids) for ids in prompts]
         self.metrics.count_request(sum(prompt_lens))
-        if not req.stream:
-            try:
-                await self._collect(request, out, choices)
-            finally:
-                self.loop.abort(handles)
-            return JSONResponse(whole_response(rid, self.model_name, chat, choices, prompt_lens))
+        watcher = asyncio.create_task(_watch_disconnect(request, out))  # until the response starts
         try:
-            first = await self._next(request, out)  # decides between an error response and a stream
+            if not req.stream:
+                await self._collect(out, choices, handles)
+                return JSONResponse(whole_response(rid, self.model_name, chat, choices, prompt_lens))
+            first = await _next(out)  # decides between an error response and a stream
+            if first.error is not None:
+                raise first.error
         except BaseException:
             self.loop.abort(handles)
             raise
-        if first.error is not None:
-            self.loop.abort(handles)
-            raise first.error
+        finally:
+            watcher.cancel()
         return AbortingStream(self._sse(rid, req, out, first, handles, choices, prompt_lens),
                               on_close=lambda: self.loop.abort(handles), media_type="text/event-stream")
 
-    async def _collect(self, request: Request, out: asyncio.Queue, choices: list[Choice]) -> None:
+    async def _collect(self, out: asyncio.Queue, choices: list[Choice], handles: list[Handle]) -> None:
         pending = len(choices)
         while pending:
-            ev = await self._next(request, out)
+            ev = await _next(out)
             if ev.error is not None:
                 raise ev.error
             c = choices[ev.index]
             c.feed(ev)
             if c.finish_reason is not None:
+                handles[ev.index].finished = True
                 pending -= 1
-
-    @staticmethod
-    async def _next(request: Request, out: asyncio.Queue):
-        """The next event, watching for the client going away meanwhile (a long prefill can take a while)."""
-        while True:
-            try:
-                return await asyncio.wait_for(out.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise APIError(499, "client disconnected") from None
 
     async def _sse(self, rid, req: GenerationRequest, out: asyncio.Queue, ev, handles, choices, prompt_lens):
         chat, name = req.chat, self.model_name
@@ -175,11 +162,32 @@ class Server:
                 if not pending:
                     break
                 ev = await out.get()
+                if ev is _GONE:  # the client left while the response was starting
+                    return
             if req.include_usage and not pending:
                 yield chunk(rid, name, chat, [], True, usage(choices, prompt_lens))
             yield "data: [DONE]\n\n"
         finally:
             self.loop.abort(handles)
+
+
+_GONE = object()  # put on a request's event queue when its client disconnects
+
+
+async def _watch_disconnect(request: Request, out: asyncio.Queue) -> None:
+    """Tell the waiting handler that the client went away (a long prefill or a whole response can take long)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            out.put_nowait(_GONE)
+            return
+
+
+async def _next(out: asyncio.Queue):
+    ev = await out.get()
+    if ev is _GONE:
+        raise APIError(499, "the client disconnected")
+    return ev
 
 
 class AbortingStream(StreamingResponse):
@@ -238,6 +246,10 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         return _error_response(e)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error"))
 
     @app.get("/health")
     async def health():

@@ -39,5 +39,12 @@ class IncrementalDetokenizer:
         self.read = self.prefix = len(self.ids)
         return self.text
 
-    def token_text(self, token_id: int) -> str:
-        return "" if self.tok is None else self.tok.decode([token_id], skip_special_tokens=False)
+    def token_text(self, token_id: int, prev: int | None = None) -> str:
+        """The text one token adds after ``prev`` (alone, a token may lose its leading space)."""
+        if self.tok is None:
+            return ""
+        if prev is None:
+            return self.tok.decode([token_id], skip_special_tokens=False)
+        head = self.tok.decode([prev], skip_special_tokens=False)
+        both = self.tok.decode([prev, token_id], skip_special_tokens=False)
+        return both[len(head):] if both.startswith(head) else self.tok.decode([token_id], skip_special_tokens=False)

@@ -23,10 +23,13 @@ class Choice:
 
     def feed(self, ev: Event) -> tuple[str, list]:
         """The text safe to show after this event (never past a stop string) and the event's logprob entries."""
-        self.token_ids += ev.token_ids
+        lps = []
+        for t, lp in zip(ev.token_ids, ev.logprobs or ()):
+            lps.append(self._logprob_entry(t, lp, self.token_ids[-1] if self.token_ids else None))
+            self.token_ids.append(t)
+        self.token_ids += ev.token_ids[len(lps):]
         self.num_cached_tokens = ev.num_cached_tokens
         self.detok.add(ev.token_ids)
-        lps = [self._logprob_entry(t, lp) for t, lp in zip(ev.token_ids, ev.logprobs or ())]
         self.logprobs += lps
         if ev.finish_reason is not None:
             self.finish_reason, self.stop_reason = ev.finish_reason, ev.stop_reason
@@ -39,10 +42,10 @@ class Choice:
         self.sent += delta
         return delta, lps
 
-    def _logprob_entry(self, tok: int, lp) -> dict:
+    def _logprob_entry(self, tok: int, lp, prev: int | None) -> dict:
         chosen, ids, vals = lp
-        s = self.detok.token_text(tok)
-        top = [(self.detok.token_text(i), v) for i, v in zip(ids, vals)]
+        s = self.detok.token_text(tok, prev)
+        top = [(self.detok.token_text(i, prev), v) for i, v in zip(ids, vals)]
         if self.chat:
             return {"token": s, "logprob": chosen, "bytes": list(s.encode()),
                     "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]}
