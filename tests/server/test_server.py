@@ -154,7 +154,7 @@ BAD = [
     ("/v1/completions", {"prompt": [-1]}, "prompt", ["-1"]),
     ("/v1/completions", {"prompt": ""}, "prompt", ["empty"]),
     ("/v1/completions", {"prompt": []}, "prompt", []),
-    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 500}, "max_tokens", ["500", str(MAX_MODEL_LEN)]),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 510}, "max_tokens", ["510", str(MAX_MODEL_LEN)]),
     ("/v1/completions", {"prompt": PROMPT, "n": 0}, "n", ["0"]),
     ("/v1/completions", {"prompt": PROMPT, "logprobs": 50}, "logprobs", ["50"]),
     ("/v1/completions", {"prompt": PROMPT, "stop": 3}, "stop", ["3"]),
