@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, triton, numpy, safetensors, pytest, transformers, fastapi, uvicorn, openai, indexcache" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, triton, numpy, safetensors, tokenizers, jinja2, pytest, transformers, fastapi, uvicorn, openai, indexcache" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
   .venv/bin/pip install -q --disable-pip-version-check "triton==3.7.1" -e ".[test]"
 fi

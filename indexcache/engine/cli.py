@@ -8,19 +8,35 @@ def _cmd_generate(args) -> int:
     from ..llm import LLM
     from ..sampling import SamplingParams
 
-    llm = LLM(args.model, args.pattern, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, seed=args.seed)
-    prompts = [[int(t) for t in p.split(",")] if args.token_ids else p for p in args.prompt]
+    prompts = [_parse_ids(p) if args.token_ids else p for p in args.prompt]
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    llm = LLM(args.model, args.pattern, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, seed=args.seed)
     bpt = llm.cache_bytes_per_token()
     print(f"pattern {llm.pattern} ({bpt['num_full_layers']} full layers); KV cache {bpt['total']} B/token "
           f"({bpt['saving_vs_full_dsa']:.1%} less than full DSA)")
+    as_text = not args.json and not args.token_ids and llm.tokenizer is not None
     for out in llm.generate(prompts, sp):
         o = out.outputs[0]
-        print(json.dumps({"prompt": out.prompt, "text": o.text, "token_ids": o.token_ids,
-                          "finish_reason": o.finish_reason, "ttft_s": out.metrics.get("ttft_s")}))
+        ttft = out.metrics.get("ttft_s")
+        if as_text:  # the prompt and its continuation as plain text, then one status line
+            print(f"{out.prompt}{o.text}")
+            print(f"--- {len(o.token_ids)} tokens, finish {o.finish_reason}, ttft {ttft:.3f} s")
+        else:
+            print(json.dumps({"prompt": out.prompt, "text": o.text, "token_ids": o.token_ids,
+                              "finish_reason": o.finish_reason, "ttft_s": ttft}))
     return 0
+
+
+def _parse_ids(prompt: str) -> list[int]:
+    ids = []
+    for t in prompt.split(","):
+        try:
+            ids.append(int(t))
+        except ValueError:
+            raise ValueError(f"--token-ids prompt {prompt!r}: {t!r} is not an integer token id") from None
+    return ids
 
 
 def _cmd_bench(args) -> int:
@@ -41,10 +57,13 @@ def register(subparsers) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--max-model-len", type=int, default=8192)
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's max_position_embeddings)")
     g.add_argument("--max-num-seqs", type=int, default=16)
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"])
     g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("--json", action="store_true", help="one JSON line per prompt (the default for token-id prompts "
+                   "and models without a tokenizer); text prompts otherwise print as plain text")
     g.set_defaults(func=_cmd_generate)
     b = subparsers.add_parser("bench", help="end-to-end TTFT/decode benchmark on a GPU (benchmarks/e2e.py)")
     try:  # the benchmark lives in the repository's benchmarks/ folder (run from the repo root)

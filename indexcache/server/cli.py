@@ -14,21 +14,23 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per ``EngineConfig`` field, defaults from the dataclass (so a new field is a new flag)."""
+    """One ``--flag`` per ``EngineConfig`` field (so a new field is a new flag). Flags not given are not passed, so
+    ``LLM``'s own defaults apply (max_model_len: the model's length)."""
     g = p.add_argument_group("engine options (EngineConfig)")
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
         typ = str(f.type)
+        default = "the model's length" if f.name == "max_model_len" else f.default
         if typ.startswith("bool"):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f"(default: {f.default})")
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"(default: {default})")
         else:
             conv = int if typ.startswith("int") else float if typ.startswith("float") else str
-            g.add_argument(flag, type=conv, default=f.default, help=f"(default: {f.default})")
+            g.add_argument(flag, type=conv, default=argparse.SUPPRESS, help=f"(default: {default})")
 
 
 def engine_options(args) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
 
 
 def register(subparsers) -> None:
@@ -66,7 +68,7 @@ def _cmd_serve(args) -> int:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     opts = engine_options(args)
     llm = LLM(args.model, args.index_pattern, device=args.device, dtype=dtype, tokenizer=args.tokenizer,
-              seed=opts.pop("seed"), **opts)
+              seed=opts.pop("seed", 0), **opts)
     server = Server(llm.engine, llm.tokenizer, args.served_model_name or args.model, api_key=args.api_key,
                     max_body_bytes=args.max_body_bytes, max_waiting=args.max_waiting_requests)
     where = f"http://{args.host}:{args.port}"
