@@ -4,6 +4,7 @@ from .fixtures import API_KEY, ServerProcess, build_checkpoint
 
 MAX_MODEL_LEN = 512
 MAX_BODY = 64 * 1024
+KV_PAGES = 160  # 2560 tokens for 16 sequences of up to 512: the soak runs into preemption and prefix eviction
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +21,8 @@ def servers(checkpoint, tmp_path_factory):
     try:
         procs.append(ServerProcess(checkpoint, str(logs / "main.log"), "--served-model-name", "tiny",
                                    "--max-model-len", str(MAX_MODEL_LEN), "--page-size", "16",
-                                   "--max-num-seqs", "16", "--max-body-bytes", str(MAX_BODY), api_key=API_KEY))
+                                   "--max-num-seqs", "16", "--num-kv-blocks", str(KV_PAGES),
+                                   "--max-body-bytes", str(MAX_BODY), api_key=API_KEY))
         procs.append(ServerProcess(checkpoint, str(logs / "busy.log"), "--served-model-name", "tiny",
                                    "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "1",
                                    "--max-waiting-requests", "1"))
