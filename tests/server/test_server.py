@@ -119,13 +119,23 @@ def test_logprobs(client):
     assert plain.choices[0].logprobs is None
 
 
-def test_n_and_seed(client):
+def test_n_and_seed(client, checkpoint):
     kw = dict(model="tiny", prompt=PROMPT, max_tokens=10, temperature=1.0, seed=7, n=3, extra_body={"ignore_eos": True})
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
     assert len({c.text for c in a.choices}) > 1  # the choices are different samples
     assert a.usage.completion_tokens == 30
+    # a batch of prompts x n choices, streamed: indices prompt * n + choice, each choice's text as if whole
+    kw = dict(model="tiny", prompt=[PROMPT, [5, 6, 7]], max_tokens=6, temperature=0, n=2)
+    whole = client.completions.create(**kw)
+    texts = {}
+    for c in client.completions.create(stream=True, **kw):
+        texts[c.choices[0].index] = texts.get(c.choices[0].index, "") + c.choices[0].text
+    assert sorted(texts) == [0, 1, 2, 3] and [texts[i] for i in range(4)] == [c.text for c in whole.choices]
+    assert whole.choices[0].text == whole.choices[1].text != whole.choices[2].text  # greedy: same per prompt
+    assert whole.usage.prompt_tokens == len(Tokenizer.from_file(os.path.join(checkpoint, "tokenizer.json"))
+                                            .encode(PROMPT).ids) + 3
 
 
 def test_client_disconnect_frees_pages(server):
