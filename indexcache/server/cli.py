@@ -72,6 +72,9 @@ def _cmd_serve(args) -> int:
     server = Server(llm.engine, llm.tokenizer, args.served_model_name or args.model, api_key=args.api_key,
                     max_body_bytes=args.max_body_bytes, max_waiting=args.max_waiting_requests)
     where = f"http://{args.host}:{args.port}"
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the "
+              "model", file=sys.stderr)
     print(f"serving {server.model_name!r} (pattern {llm.pattern}, {llm.engine.blocks.num_blocks} KV pages of "
           f"{llm.engine.cfg.page_size}) on {where}" + (" with an API key" if args.api_key else ""), file=sys.stderr)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,

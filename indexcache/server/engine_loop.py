@@ -81,6 +81,8 @@ class EngineLoop:
 
     def submit(self, handles: list[Handle]) -> None:
         """Admit every choice of one request, or none (503 when the waiting queue is full)."""
+        if not self.alive():
+            raise APIError(503, "the engine is not running", type="server_shutdown")
         with self._lock:
             waiting = self.num_waiting()
             if waiting + len(handles) > self.max_waiting:
@@ -109,16 +111,15 @@ class EngineLoop:
     def _run(self) -> None:
         eng = self.engine
         while not self._stop.is_set():
-            self._drain(block=not eng.has_unfinished())
-            if self._stop.is_set() or not eng.has_unfinished():
-                continue
             try:
+                self._drain(block=not eng.has_unfinished())
+                if self._stop.is_set() or not eng.has_unfinished():
+                    continue
                 eng.step()
+                self._publish()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
                 log.exception("engine step failed")
                 self._fail_all(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="internal_error"))
-                continue
-            self._publish()
         self._fail_all(APIError(503, "the server is shutting down", type="server_shutdown"))
 
     def _drain(self, block: bool) -> None:
@@ -177,7 +178,10 @@ class EngineLoop:
 
     def _fail_all(self, err: APIError) -> None:
         for h in list(self._active.values()):
-            self.engine.abort(h.seq)
+            try:
+                self.engine.abort(h.seq)
+            except Exception:  # noqa: BLE001 - the request is failed either way
+                log.exception("abort failed")
             h.post(Event(h.index, error=err))
         self._active.clear()
         while True:  # requests not yet handed to the engine
