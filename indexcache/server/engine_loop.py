@@ -120,7 +120,7 @@ class EngineLoop:
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
                 log.exception("engine step failed")
                 self._fail_all(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="internal_error"))
-        self._fail_all(APIError(503, "the server is shutting down", type="server_shutdown"))
+        self._fail_all(APIError(503, "the server is shutting down", type="server_shutdown"), queued_too=True)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -176,7 +176,8 @@ class EngineLoop:
                 self.metrics.count_finished(s.finish_reason, now - h.submitted)
             h.post(ev)
 
-    def _fail_all(self, err: APIError) -> None:
+    def _fail_all(self, err: APIError, queued_too: bool = False) -> None:
+        """Fail the requests in the engine (a step failed), and with ``queued_too`` those not yet added."""
         for h in list(self._active.values()):
             try:
                 self.engine.abort(h.seq)
@@ -184,7 +185,7 @@ class EngineLoop:
                 log.exception("abort failed")
             h.post(Event(h.index, error=err))
         self._active.clear()
-        while True:  # requests not yet handed to the engine
+        while queued_too:
             try:
                 kind, h = self._cmds.get_nowait()
             except queue.Empty:
