@@ -28,6 +28,8 @@ class Server:
         self.max_model_len = engine.cfg.max_model_len
         self.vocab = engine.model.config.vocab_size
         self.created = int(time.time())
+        # end-of-turn ids the tokenizer knows (generation_config.json) but the model config does not
+        self.extra_eos = [t for t in getattr(tokenizer, "eos_token_ids", None) or [] if t not in engine.eos_ids]
 
     # ----- request -> engine inputs ---------------------------------------------------------------------------
     async def read_body(self, request: Request) -> bytes:
@@ -107,7 +109,8 @@ class Server:
                 index = p * req.n + i
                 params = SamplingParams(max_tokens=budget, temperature=req.temperature, top_p=req.top_p,
                                         top_k=req.top_k, seed=None if req.seed is None else req.seed + index,
-                                        stop=list(req.stop), ignore_eos=req.ignore_eos, logprobs=req.logprobs)
+                                        stop=list(req.stop), ignore_eos=req.ignore_eos, logprobs=req.logprobs,
+                                        stop_token_ids=[] if req.ignore_eos else list(self.extra_eos))
                 handles.append(Handle(f"{rid}-{index}", index, ids, params, out, loop))
                 choices.append(Choice(index, p, self.tokenizer, req.stop, chat))
         self.loop.submit(handles)

@@ -39,7 +39,8 @@ class Histogram:
 
 class Metrics:
     def __init__(self, engine, model_name: str):
-        self.engine, self.model_name = engine, model_name
+        self.engine = engine
+        self.model_name = model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")  # label escaping
         self.lock = threading.Lock()
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
