@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from .engine_loop import EngineLoop, Handle
 from .metrics import Metrics
 from .protocol import APIError, GenerationRequest, bad, parse_json, parse_request
 from .responses import Choice, chunk, choice_chunk, usage, whole_response
+
 
 class Server:
     """What the routes share: the engine loop, the tokenizer, limits."""
@@ -153,7 +155,7 @@ class Server:
             pending = len(choices)
             while True:
                 if ev.error is not None:
-                    yield f"data: {_json(ev.error.body())}\n\n"
+                    yield f"data: {json.dumps(ev.error.body(), ensure_ascii=False)}\n\n"
                     break
                 c = choices[ev.index]
                 delta, lps = c.feed(ev)
@@ -221,12 +223,6 @@ class ApiKeyGuard:
                                type="authentication_error")
                 return await _error_response(err)(scope, receive, send)
         return await self.app(scope, receive, send)
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, ensure_ascii=False)
 
 
 def _error_response(e: APIError) -> JSONResponse:

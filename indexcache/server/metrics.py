@@ -84,7 +84,8 @@ class Metrics:
         lab = f'model_name="{self.model_name}"'
 
         def g(name, help_, value, kind="gauge"):
-            return [f"# HELP {PREFIX}:{name} {help_}", f"# TYPE {PREFIX}:{name} {kind}", f"{PREFIX}:{name}{{{lab}}} {value}"]
+            return [f"# HELP {PREFIX}:{name} {help_}", f"# TYPE {PREFIX}:{name} {kind}",
+                    f"{PREFIX}:{name}{{{lab}}} {value}"]
 
         def h(name, help_, hist):
             lines = [f"# HELP {PREFIX}:{name} {help_}", f"# TYPE {PREFIX}:{name} histogram"]

@@ -36,7 +36,8 @@ def test_logprobs_match_logits():
             top = lp[j].topk(n) if n else None
             if n:
                 assert ids == top.indices.tolist()
-                torch.testing.assert_close(torch.tensor(vals, dtype=torch.float64), top.values.double(), atol=1e-5, rtol=0)
+                torch.testing.assert_close(torch.tensor(vals, dtype=torch.float64), top.values.double(),
+                                           atol=1e-5, rtol=0)
                 assert ids[0] == tok  # greedy picks the top token
     assert seqs[2].logprobs == []
     # asking for logprobs does not change the tokens

@@ -121,7 +121,8 @@ def test_soak(server):
     print(f"\nsoak: {stats['done']} completed + {stats['cancelled']} cancelled + {sum(stats['errors'].values())} "
           f"clean errors {stats['errors']} in {elapsed:.0f} s = {(stats['done'] + stats['cancelled']) / elapsed:.1f} "
           f"requests/s; TTFT p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms (streamed); "
-          f"prefix-cache hit rate {m['indexcache:prefix_cache_hit_rate']:.1%}; RSS growth {growth:+.1%} after {WARMUP_S:.0f} s of warm-up "
+          f"prefix-cache hit rate {m['indexcache:prefix_cache_hit_rate']:.1%}; "
+          f"RSS growth {growth:+.1%} after {WARMUP_S:.0f} s of warm-up "
           f"({growth_all:+.1%} from before the soak)")
     assert idle, {k: v for k, v in m.items() if "requests" in k or "pages" in k}
     assert m["indexcache:kv_pages_free"] == m["indexcache:kv_pages_total"]
