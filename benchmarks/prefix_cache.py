@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--pattern", default=None, help="F/S string, 1/N or all (default: the preset's, full DSA)")
     p.add_argument("--document", type=int, default=200_000, help="document tokens")
     p.add_argument("--question", type=int, default=200, help="question tokens")
-    p.add_argument("--check-context", type=int, default=8192, help="document tokens of the correctness check")
+    p.add_argument("--check-context", type=int, default=16384,
+                   help="document tokens of the correctness check (also the kernels' warm-up)")
     p.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per step)")
     p.add_argument("--kv-cache-dtype", default="bf16", choices=["bf16", "fp8"])
     p.add_argument("--workspace-gb", type=int, default=4)
@@ -106,7 +107,9 @@ def main(argv=None) -> int:
 
     doc = tokens(args.document, 4, V)
     eng = engine(model, args, args.document + 2 * q + 64, 2)
+    print(f"request 1: {args.document} + {q} tokens, cold cache ...", flush=True)
     t1, c1, _ = ttft(eng, doc + tokens(q, 5, V))
+    print(f"  TTFT {t1:.2f} s; request 2: the same document + a new question ...", flush=True)
     t2, c2, _ = ttft(eng, doc + tokens(q, 6, V))
     ratio = t2 / t1
     rows = [{"request": "document + question 1 (cold)", "prompt_tokens": args.document + q, "computed": c1,
