@@ -129,3 +129,27 @@ def test_abort_frees_pages_at_once(model):
     assert eng.blocks.num_free < eng.blocks.num_blocks
     eng.abort(s)
     assert all_pages_free(eng) and not eng.has_unfinished()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("latent", ["bf16", "fp8"])
+def test_prefix_cache_with_fp8_indexer_pages_on_gpu(latent):
+    """The FP8 indexer cache keeps 64 keys and their scales per page: a shared page must carry both."""
+    from indexcache.checkpoint import build_empty
+    from indexcache.presets import preset_config
+
+    cfg = preset_config("tiny").replace(index_n_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128,
+                                        index_topk=64)
+    model = build_empty(cfg, "cuda", torch.bfloat16).init_random(5).eval()
+    doc = prompt(256, 8)
+    kw = dict(indexer_cache="fp8", kv_cache_dtype=latent, max_model_len=512, num_kv_blocks=32, max_prefill_tokens=128)
+    cached = make_engine(model, "1/2", **kw)
+    assert cached.kv.indexer_format == "fp8"
+    run(cached, [doc + prompt(20, 9)], greedy(2))
+    before = cached.num_computed_tokens
+    _, lg_c = run(cached, [doc + prompt(30, 10)], greedy(3))
+    assert cached.num_computed_tokens - before == 30 + 2  # the document's 4 pages came from the cache
+    _, lg_p = run(make_engine(model, "1/2", enable_prefix_caching=False, **kw), [doc + prompt(30, 10)], greedy(3))
+    cos = torch.nn.functional.cosine_similarity(lg_c[0][0], lg_p[0][0], dim=0)
+    assert cos > 0.995, cos
+    assert all_pages_free(cached)

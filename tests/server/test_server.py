@@ -60,6 +60,20 @@ def test_completion_greedy_and_prefix_cache(server, client):
     assert wait_idle(server)["indexcache:prefix_cache_hits_total"] >= 96
 
 
+def test_metrics(server, client):
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0)
+    m = wait_idle(server)
+    for key in ("num_requests_running", "num_requests_waiting", "kv_pages_used", "kv_pages_free",
+                "prefix_cache_hit_rate", "generation_tokens_per_second"):
+        assert f"indexcache:{key}" in m
+    assert m["indexcache:kv_pages_free"] == m["indexcache:kv_pages_total"] == 160
+    assert m["indexcache:time_to_first_token_seconds_count"] >= 1
+    assert m["indexcache:inter_token_latency_seconds_count"] >= 3
+    assert m["indexcache:generation_tokens_total"] >= 4 and m["indexcache:generation_tokens_per_second"] > 0
+    text = httpx.get(server.url + "/metrics", headers=AUTH).text
+    assert '# TYPE indexcache:time_to_first_token_seconds histogram' in text and 'le="+Inf"' in text
+
+
 def test_chat(client, checkpoint):
     r = client.chat.completions.create(model="tiny", max_tokens=6, temperature=0,
                                        messages=[{"role": "system", "content": "Be brief."},

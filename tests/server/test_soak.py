@@ -50,11 +50,15 @@ def _one(client, http, url, rng, stats):
             pass
         stats["cancelled"] += 1
         return
+    chat = rng.random() < 0.2 and isinstance(prompt, str)
+    if chat:
+        kw["messages"] = [{"role": "user", "content": kw.pop("prompt")}]
+    api = client.chat.completions if chat else client.completions
     try:
         if stream:
             chunks, first = [], None
-            for c in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
-                if first is None and c.choices and c.choices[0].text:
+            for c in api.create(stream=True, stream_options={"include_usage": True}, **kw):
+                if first is None and c.choices and (c.choices[0].delta.content if chat else c.choices[0].text):
                     first = time.monotonic() - t0
                 chunks.append(c)
             finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -62,7 +66,7 @@ def _one(client, http, url, rng, stats):
             if first is not None:
                 stats["ttft"].append(first)
         else:
-            r = client.completions.create(**kw)
+            r = api.create(**kw)
             finish, usage = [r.choices[0].finish_reason], r.usage
     except openai.APIStatusError as e:  # a clean, OpenAI-shaped error (e.g. 503 when the queue is full)
         stats["errors"][e.status_code] = stats["errors"].get(e.status_code, 0) + 1
