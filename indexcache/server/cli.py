@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
 import sys
 
 from ..engine.config import EngineConfig
+from ..llm import LLM
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -29,8 +31,28 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, type=conv, default=argparse.SUPPRESS, help=f"(default: {default})")
 
 
+def llm_keywords() -> dict[str, inspect.Parameter]:
+    """``LLM``'s keyword-only options other than the ones ``serve`` spells out itself (e.g. a weight format)."""
+    own = {"device", "dtype", "seed", "tokenizer"}
+    return {n: p for n, p in inspect.signature(LLM.__init__).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and n not in own}
+
+
+def add_llm_arguments(p: argparse.ArgumentParser) -> None:
+    for name, prm in llm_keywords().items():
+        flag, default = "--" + name.replace("_", "-"), prm.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"LLM option (default: {default})")
+        else:
+            conv = type(default) if isinstance(default, (int, float, str)) else str
+            p.add_argument(flag, type=conv, default=argparse.SUPPRESS, help=f"LLM option (default: {default})")
+
+
 def engine_options(args) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    """The engine and LLM options given on the command line (the others keep their defaults)."""
+    names = [f.name for f in dataclasses.fields(EngineConfig)] + list(llm_keywords())
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
 
 
 def register(subparsers) -> None:
@@ -50,6 +72,7 @@ def register(subparsers) -> None:
                    help="requests not yet started beyond which new ones get 503 + Retry-After")
     s.add_argument("--max-body-bytes", type=int, default=16 << 20, help="request body limit (413 past it)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_llm_arguments(s)
     add_engine_arguments(s)
     s.set_defaults(func=_cmd_serve)
 
