@@ -148,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON line per prompt (the default for token-id prompts "
                    "and models without a tokenizer); text prompts otherwise print as plain text")
     g.set_defaults(func=_cmd_generate)
+    from .server.cli import register as register_server
     from .tools.cli import register as register_tools
 
     register_tools(sub)  # train, overlap, search, distill, eval
+    register_server(sub)  # serve
     return p
 
 

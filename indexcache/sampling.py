@@ -19,6 +19,7 @@ class SamplingParams:
     stop: list[str | int] | str | int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # return the sampled token's log-probability and this many top alternatives
 
     def __post_init__(self):
         _integer("max_tokens", self.max_tokens, 1)
@@ -37,6 +38,8 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         for t in self.stop_token_ids:
             _integer("stop_token_ids entry", t, 0)
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0, " (or None)")
         stop = self.stop if isinstance(self.stop, (list, tuple)) else ([] if self.stop is None else [self.stop])
         bad = [s for s in stop if not isinstance(s, (str, int)) or isinstance(s, bool)
                or (isinstance(s, int) and s < 0)]

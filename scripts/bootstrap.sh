@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $("$PY" --version 2>&1)"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, triton, numpy, safetensors, tokenizers, jinja2, pytest, transformers, indexcache" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, triton, numpy, safetensors, tokenizers, jinja2, pytest, transformers, fastapi, uvicorn, openai, indexcache" 2>/dev/null; then
   start=$SECONDS
   say "installing torch 2.13.0 into .venv (a minute or two on a fresh machine) ..."
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
