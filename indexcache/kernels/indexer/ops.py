@@ -7,6 +7,8 @@ imports (Triton present), else ``reference.topk_rows_torch``; both have the sign
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -16,6 +18,7 @@ from indexcache.kernels.indexer.reference import (
     check_logits_inputs,
     indexer_logits_decode_ref,
     indexer_logits_ref,
+    prefill_candidates_ref,
     topk_rows_torch,
 )
 
@@ -35,6 +38,38 @@ def indexer_logits(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, co
 
         return indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, out=out, config=config)
     return _into(out, indexer_logits_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end))
+
+
+def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cap: int, *, out=None,
+                               config: dict | None = None):
+    """The fused filter of the prefill top-k: per row, the valid scores >= thr[row] of its window in column order.
+
+    Returns (values [T,cap] fp32, columns [T,cap] int32, counts [T,2] int32): the first ``cap`` candidates (entries
+    past the kept count are unspecified), counts = (all candidates, valid scores in the window). ``out``: the
+    three buffers to write into. Scores are those of ``indexer_logits`` (same tile code: bit-identical on GPU).
+    """
+    t, _, _ = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
+    if tuple(thr.shape) != (t,) or thr.dtype != torch.float32:
+        raise ValueError(f"indexer_prefill_candidates: thr must be [T]=({t},) float32, got {tuple(thr.shape)} {thr.dtype}")
+    if cap < 1:
+        raise ValueError(f"indexer_prefill_candidates: cap must be >= 1, got {cap}")
+    if out is None:
+        out = (torch.empty(t, cap, dtype=torch.float32, device=q_fp8.device),
+               torch.empty(t, cap, dtype=torch.int32, device=q_fp8.device),
+               torch.empty(t, 2, dtype=torch.int32, device=q_fp8.device))
+    for buf, shape, dt in zip(out, ((t, cap), (t, cap), (t, 2)), (torch.float32, torch.int32, torch.int32)):
+        if tuple(buf.shape) != shape or buf.dtype != dt or not buf.is_contiguous():
+            raise ValueError(f"indexer_prefill_candidates: out buffers must be contiguous {shape} {dt}, "
+                             f"got {tuple(buf.shape)} {buf.dtype}")
+    if use_triton(q_fp8):
+        from indexcache.kernels.indexer.triton import indexer_candidates_triton  # noqa: PLC0415
+
+        indexer_candidates_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, *out, config=config)
+        return out
+    logits = indexer_logits_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end)
+    for buf, res in zip(out, prefill_candidates_ref(logits, thr, cap)):
+        buf.copy_(res)
+    return out
 
 
 def default_topk_fn():
@@ -91,12 +126,16 @@ def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
 
 
 def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
-                         workspace_bytes: int = 2 << 30, topk_fn=None, out=None):
+                         workspace_bytes: int = 2 << 30, topk_fn=None, out=None, _fused: bool = False,
+                         _sample_stride: int | None = None, _cap: int | None = None, stats: dict | None = None):
     """idx [T, topk] int32 of the key indices (columns of k_fp8) with the largest logits in each row's window.
 
     Rows are processed in chunks whose logits over the chunk's column span fit in ``workspace_bytes``; logits of
     the whole prefill are never materialised. ``topk_fn(logits [R,N], k, row_start=, row_end=)`` selects per row
     (default: ``default_topk_fn()``); rows with fewer than topk valid keys are padded with -1.
+    ``_fused`` (benchmarks and tests only, until the GPU comparison decides which path stays): the fused
+    logits + candidate filter of ``_topk_prefill_fused`` instead of the two-pass path; ``_sample_stride`` /
+    ``_cap`` are its test hooks and ``stats`` receives its counters.
     """
     t, _, s = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if topk <= 0:
@@ -106,6 +145,9 @@ def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int
         out = torch.empty(t, topk, dtype=torch.int32, device=q_fp8.device)
     rs_all = row_start.clamp(0, s).to(torch.int32)
     re_all = row_end.clamp(0, s).to(torch.int32)
+    if _fused and use_triton(q_fp8):
+        return _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspace_bytes, topk_fn, out,
+                                   _sample_stride, _cap, stats)
     chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, selection_slot_bytes(topk_fn, topk, s))
     need_max = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0
     buf = torch.empty(max(need_max, 1), dtype=torch.float32, device=q_fp8.device)  # one buffer, reused
@@ -122,6 +164,124 @@ def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int
         dst.copy_(topk_fn(logits, topk, row_start=rs, row_end=re))
         if c0:
             dst.add_((dst >= 0).to(dst.dtype), alpha=c0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ fused prefill top-k
+# Per row: a threshold T from a sample of the row's scores (every SAMPLE_STRIDE-th key, jittered), then ONE fused
+# pass keeps the scores >= T (candidates, in column order) and an exact top-k among them. Exact whenever the row
+# has at least min(topk, valid) candidates and at most CAP of them (every top-k score is then >= T); other rows
+# (a sample that missed, thousands of ties at T) are redone by the two-pass path.
+SAMPLE_STRIDE = 32
+_Z = 5.0            # the sample rank sits _Z standard deviations above topk/stride: few rows fall short
+
+
+def fused_params(topk: int, stride: int | None = None, cap: int | None = None) -> tuple[int, int, int]:
+    """(sample stride P, sample rank r of the threshold, candidate capacity CAP) for ``topk``.
+
+    The r-th largest of a 1/P sample has about r*P scores above it (sd sqrt(r)*P): r = topk/P + _Z*sqrt(topk/P)
+    + 2 keeps that >= topk in all but ~1e-6 of rows, and CAP = the power of two >= 2*r*P bounds it from above.
+    """
+    p = stride or SAMPLE_STRIDE
+    if p < 1:
+        raise ValueError(f"indexer_topk_prefill: sample stride must be >= 1, got {p}")
+    kp = topk / p
+    r = int(math.ceil(kp + _Z * math.sqrt(kp))) + 2
+    cap = cap or 1 << (max(2 * r * p, (r + 2) * p, topk) - 1).bit_length()
+    return p, r, cap
+
+
+def sample_columns(s: int, stride: int, device) -> torch.Tensor:
+    """Sorted int64 sample of [0, s): one column per block of ``stride``, at a fixed hashed offset in the block
+    (jittered, so periodic score patterns do not bias the sample)."""
+    j = torch.arange(-(-s // stride), device=device, dtype=torch.int64)
+    col = j * stride + ((j * 2654435761) & 0xFFFFFFFF) % stride
+    return col[col < s]
+
+
+def fused_row_bytes(topk: int, r: int, cap: int, n_sample: int) -> int:
+    """Device bytes per row of one fused chunk besides its sample logits: candidate lists, counts and threshold,
+    both selections' scratch (``topk_rows`` bound) and their index temporaries."""
+    try:
+        from indexcache.kernels.topk import scratch_bytes_per_row  # noqa: PLC0415
+    except ImportError:
+        def scratch_bytes_per_row(k, n):
+            return SLOT_BYTES * k
+    return (cap * 8 + 16 + scratch_bytes_per_row(topk, cap) + scratch_bytes_per_row(r, max(n_sample, 1))
+            + 24 * topk + 24 * r)
+
+
+def plan_fused_chunks(row_start, row_end, row_bytes: int, workspace_bytes: int) -> list[tuple[int, int, int, int]]:
+    """Split rows into chunks [r0, r1) with rows * (span * 4 + row_bytes) <= workspace_bytes, where span is the
+    chunk's column range [c0, c1) of the (sample) windows. Returns (r0, r1, c0, c1)."""
+    rs = row_start.long().cpu().numpy()
+    re = np.maximum(row_end.long().cpu().numpy(), rs)
+    t = len(rs)
+    chunks = []
+    r0 = 0
+    while r0 < t:
+        seg = slice(r0, t)
+        lo = np.minimum.accumulate(rs[seg])
+        hi = np.maximum.accumulate(re[seg])
+        cost = np.arange(1, len(lo) + 1) * ((hi - lo) * 4 + row_bytes)
+        n = int(np.searchsorted(cost, workspace_bytes, side="right"))
+        if n == 0:
+            raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} cannot hold one fused row; "
+                             f"raise it to at least {int(cost[0])}")
+        chunks.append((r0, r0 + n, int(lo[n - 1]), int(hi[n - 1])))
+        r0 += n
+    return chunks
+
+
+def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspace_bytes, topk_fn, out, stride,
+                        cap, stats):
+    t, s = q_fp8.shape[0], k_fp8.shape[0]
+    dev = q_fp8.device
+    p, r, cap = fused_params(topk, stride, cap)
+    sel = sample_columns(s, p, dev)
+    k8s, kss = k_fp8[sel], k_scale[sel]
+    srs = torch.searchsorted(sel, rs_all.long()).to(torch.int32)
+    sre = torch.searchsorted(sel, re_all.long()).to(torch.int32)
+    srs = torch.where(re_all - rs_all > cap, srs, sre)  # rows of <= CAP keys: no sample, every valid score
+    row_bytes = fused_row_bytes(topk, r, cap, len(sel))
+    chunks = plan_fused_chunks(srs, sre, row_bytes, workspace_bytes)
+    max_rows = max(r1 - r0 for r0, r1, _, _ in chunks) if chunks else 0
+    sbuf = torch.empty(max(max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0, 1),
+                       dtype=torch.float32, device=dev)
+    cand_val = torch.empty(max_rows, cap, dtype=torch.float32, device=dev)
+    cand_col = torch.empty(max_rows, cap, dtype=torch.int32, device=dev)
+    counts = torch.empty(max_rows, 2, dtype=torch.int32, device=dev)
+    bad = torch.zeros(t, dtype=torch.bool, device=dev)
+    n_cand = torch.zeros((), dtype=torch.int64, device=dev)
+    for r0, r1, c0, c1 in chunks:
+        n = r1 - r0
+        thr = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+        if c1 > c0:
+            lg = sbuf[:n * (c1 - c0)].view(n, c1 - c0)
+            a, b = srs[r0:r1] - c0, sre[r0:r1] - c0
+            indexer_logits(q_fp8[r0:r1], w[r0:r1], k8s[c0:c1], kss[c0:c1], a, b, out=lg)
+            idx = topk_fn(lg, r, row_start=a, row_end=b)
+            got = idx >= 0
+            v = torch.gather(lg, 1, idx.clamp(min=0).long())
+            thr = torch.where(got, v, float("inf")).amin(1)
+            thr = torch.where(got.all(1), thr, float("-inf"))  # fewer than r sampled scores: take every one
+        cv, cc, cnt = indexer_prefill_candidates(q_fp8[r0:r1], w[r0:r1], k_fp8, k_scale, rs_all[r0:r1],
+                                                 re_all[r0:r1], thr, cap,
+                                                 out=(cand_val[:n], cand_col[:n], counts[:n]))
+        kept = cnt[:, 0].clamp(max=cap)
+        pos = topk_fn(cv, topk, row_start=torch.zeros_like(kept), row_end=kept)
+        dst = out[r0:r1]
+        dst.copy_(torch.where(pos >= 0, torch.gather(cc, 1, pos.clamp(min=0).long()), -1))
+        need = cnt[:, 1].clamp(max=topk)
+        bad[r0:r1] = (cnt[:, 0] > cap) | (cnt[:, 0] < need)
+        n_cand += kept.sum()
+    redo = bad.nonzero().flatten()
+    if redo.numel():
+        out[redo] = indexer_topk_prefill(q_fp8[redo], w[redo], k_fp8, k_scale, rs_all[redo], re_all[redo], topk,
+                                         workspace_bytes=workspace_bytes, topk_fn=topk_fn)
+    if stats is not None:
+        stats.update(fallback_rows=int(redo.numel()), chunks=len(chunks), sample_stride=p, sample_rank=r, cap=cap,
+                     mean_candidates=float(n_cand) / max(t, 1), redo=redo)
     return out
 
 
