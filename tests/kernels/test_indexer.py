@@ -26,6 +26,7 @@ from indexcache.kernels.indexer.reference import (
 )
 from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.kv_store.reference import store_indexer_k_ref
+from indexcache.kernels.indexer.ops import _scratch
 from indexcache.kernels.topk.reference import topk_rows_reference
 from tests.helpers import poisoned
 
@@ -395,31 +396,29 @@ def _fused(q8, w, k8, ks, rs, re, topk, **kw):
     return idx, stats
 
 
-def test_fused_topk_prefill_matches_reference(device):
+@pytest.mark.parametrize("cap", [None, 4096])
+def test_fused_topk_prefill_matches_reference(cap, device):
     """Ragged windows (an empty one, one clipped past S, many shorter than topk), S not a multiple of the tile,
-    several chunks with sample windows starting past 0; sets equal the exact selection."""
-    t, s, h, topk = 14, 421, 32, 24
+    the smallest workspace: one row per selection sub-chunk, sample sub-chunks whose windows start past 0, and
+    (cap 4096, no row needs a sample) several candidate chunks. Sets equal the exact selection."""
+    t, s, h, topk = 12, 421, 32, 24
     q8, w, k8, ks = _inputs(t, s, h, device, seed=22)
     rs, re = _ragged_windows(t, s, device, seed=22)
     rs[0], re[0] = 0, s
     rs[4], re[4] = 40, s - 3
     order = torch.argsort(rs.cpu() * 1000 + re.cpu()).to(device)
     rs, re = rs[order], re[order]
-    ws = 7 * (fused_row_bytes_for_test(topk) + 4 * 128)
-    idx, st = _fused(q8, w, k8, ks, rs, re, topk, _sample_stride=4, workspace_bytes=ws)
-    assert st["chunks"] >= 2 and st["fallback_rows"] == 0
-    p, r, cap = fused_params(topk, 4)
-    assert st["cap"] == cap and int(((re.clamp(max=s) - rs) > cap).sum()) >= 2  # rows that used the sample
+    p, r, cap = fused_params(topk, 4, cap)
+    ws = 4 * max(_scratch(topk, cap), _scratch(r, s) + 16 + 4 * s)
+    idx, st = _fused(q8, w, k8, ks, rs, re, topk, _sample_stride=4, _cap=cap, workspace_bytes=ws)
+    assert st["fallback_rows"] == 0 and st["cap"] == cap
+    if cap < s:
+        assert int(((re.clamp(max=s) - rs) > cap).sum()) >= 2 and st["sample_chunks"] >= 2  # rows used the sample
+    else:
+        assert st["chunks"] >= 3
     logits = indexer_logits(q8, w, k8, ks, rs, re)
     _exact_sets(idx, logits, rs, re.clamp(max=s), topk)
     _check_topk(idx, indexer_logits_ref(q8, w, k8, ks, rs, re), rs, re.clamp(max=s), topk)
-
-
-def fused_row_bytes_for_test(topk):
-    from indexcache.kernels.indexer.ops import fused_row_bytes
-
-    p, r, cap = fused_params(topk, 4)
-    return fused_row_bytes(topk, r, cap, 128)
 
 
 @pytest.mark.parametrize("cap,fallback", [(None, True), (512, False)])

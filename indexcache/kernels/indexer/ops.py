@@ -199,16 +199,13 @@ def sample_columns(s: int, stride: int, device) -> torch.Tensor:
     return col[col < s]
 
 
-def fused_row_bytes(topk: int, r: int, cap: int, n_sample: int) -> int:
-    """Device bytes per row of one fused chunk besides its sample logits: candidate lists, counts and threshold,
-    both selections' scratch (``topk_rows`` bound) and their index temporaries."""
+def _scratch(k: int, n: int) -> int:
+    """Device bytes per row of one ``topk_rows(k)`` call over n entries plus its index temporaries here."""
     try:
         from indexcache.kernels.topk import scratch_bytes_per_row  # noqa: PLC0415
     except ImportError:
-        def scratch_bytes_per_row(k, n):
-            return SLOT_BYTES * k
-    return (cap * 8 + 16 + scratch_bytes_per_row(topk, cap) + scratch_bytes_per_row(r, max(n_sample, 1))
-            + 24 * topk + 24 * r)
+        return 2 * SLOT_BYTES * k
+    return scratch_bytes_per_row(k, max(n, 1)) + SLOT_BYTES * k
 
 
 def plan_fused_chunks(row_start, row_end, row_bytes: int, workspace_bytes: int) -> list[tuple[int, int, int, int]]:
@@ -220,9 +217,8 @@ def plan_fused_chunks(row_start, row_end, row_bytes: int, workspace_bytes: int) 
     chunks = []
     r0 = 0
     while r0 < t:
-        seg = slice(r0, t)
-        lo = np.minimum.accumulate(rs[seg])
-        hi = np.maximum.accumulate(re[seg])
+        lo = np.minimum.accumulate(rs[r0:])
+        hi = np.maximum.accumulate(re[r0:])
         cost = np.arange(1, len(lo) + 1) * ((hi - lo) * 4 + row_bytes)
         n = int(np.searchsorted(cost, workspace_bytes, side="right"))
         if n == 0:
@@ -235,6 +231,9 @@ def plan_fused_chunks(row_start, row_end, row_bytes: int, workspace_bytes: int) 
 
 def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspace_bytes, topk_fn, out, stride,
                         cap, stats):
+    """Budget: the candidate lists of an outer chunk of rows take 1/2 of the workspace (large chunks keep the
+    fused kernel's grid many waves deep); the sample logits + threshold select and the final select run in
+    sub-chunks of 1/4 each."""
     t, s = q_fp8.shape[0], k_fp8.shape[0]
     dev = q_fp8.device
     p, r, cap = fused_params(topk, stride, cap)
@@ -243,45 +242,55 @@ def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspac
     srs = torch.searchsorted(sel, rs_all.long()).to(torch.int32)
     sre = torch.searchsorted(sel, re_all.long()).to(torch.int32)
     srs = torch.where(re_all - rs_all > cap, srs, sre)  # rows of <= CAP keys: no sample, every valid score
-    row_bytes = fused_row_bytes(topk, r, cap, len(sel))
-    chunks = plan_fused_chunks(srs, sre, row_bytes, workspace_bytes)
-    max_rows = max(r1 - r0 for r0, r1, _, _ in chunks) if chunks else 0
-    sbuf = torch.empty(max(max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0, 1),
-                       dtype=torch.float32, device=dev)
-    cand_val = torch.empty(max_rows, cap, dtype=torch.float32, device=dev)
-    cand_col = torch.empty(max_rows, cap, dtype=torch.int32, device=dev)
-    counts = torch.empty(max_rows, 2, dtype=torch.int32, device=dev)
-    bad = torch.zeros(t, dtype=torch.bool, device=dev)
-    n_cand = torch.zeros((), dtype=torch.int64, device=dev)
-    for r0, r1, c0, c1 in chunks:
+    quarter = workspace_bytes // 4
+    outer = (2 * quarter) // (cap * 8 + 24)
+    inner = quarter // _scratch(topk, cap)
+    if outer < 1 or inner < 1:
+        raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} is too small for the fused path "
+                         f"(topk={topk}, cap={cap}); need at least {4 * max(cap * 8 + 24, _scratch(topk, cap))}")
+    sample_chunks = plan_fused_chunks(srs, sre, _scratch(r, len(sel)) + 16, quarter)
+    sbuf = torch.empty(max([(b - a) * (c1 - c0) for a, b, c0, c1 in sample_chunks] + [1]), dtype=torch.float32,
+                       device=dev)
+    thr = torch.full((t,), float("-inf"), dtype=torch.float32, device=dev)
+    for a, b, c0, c1 in sample_chunks:  # thresholds: the r-th largest sampled score of each row
+        if c1 == c0:
+            continue
+        lg = sbuf[:(b - a) * (c1 - c0)].view(b - a, c1 - c0)
+        sa, sb = srs[a:b] - c0, sre[a:b] - c0
+        indexer_logits(q_fp8[a:b], w[a:b], k8s[c0:c1], kss[c0:c1], sa, sb, out=lg)
+        idx = topk_fn(lg, r, row_start=sa, row_end=sb)
+        got = idx >= 0
+        v = torch.where(got, torch.gather(lg, 1, idx.clamp(min=0).long()), float("inf")).amin(1)
+        thr[a:b] = torch.where(got.all(1), v, float("-inf"))  # fewer than r sampled scores: take every one
+    del sbuf
+    rows = min(outer, t)
+    cand_val = torch.empty(rows, cap, dtype=torch.float32, device=dev)
+    cand_col = torch.empty(rows, cap, dtype=torch.int32, device=dev)
+    counts = torch.empty(rows, 2, dtype=torch.int32, device=dev)
+    for r0 in range(0, t, outer):
+        r1 = min(t, r0 + outer)
         n = r1 - r0
-        thr = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
-        if c1 > c0:
-            lg = sbuf[:n * (c1 - c0)].view(n, c1 - c0)
-            a, b = srs[r0:r1] - c0, sre[r0:r1] - c0
-            indexer_logits(q_fp8[r0:r1], w[r0:r1], k8s[c0:c1], kss[c0:c1], a, b, out=lg)
-            idx = topk_fn(lg, r, row_start=a, row_end=b)
-            got = idx >= 0
-            v = torch.gather(lg, 1, idx.clamp(min=0).long())
-            thr = torch.where(got, v, float("inf")).amin(1)
-            thr = torch.where(got.all(1), thr, float("-inf"))  # fewer than r sampled scores: take every one
         cv, cc, cnt = indexer_prefill_candidates(q_fp8[r0:r1], w[r0:r1], k_fp8, k_scale, rs_all[r0:r1],
-                                                 re_all[r0:r1], thr, cap,
+                                                 re_all[r0:r1], thr[r0:r1], cap,
                                                  out=(cand_val[:n], cand_col[:n], counts[:n]))
-        kept = cnt[:, 0].clamp(max=cap)
-        pos = topk_fn(cv, topk, row_start=torch.zeros_like(kept), row_end=kept)
-        dst = out[r0:r1]
-        dst.copy_(torch.where(pos >= 0, torch.gather(cc, 1, pos.clamp(min=0).long()), -1))
-        need = cnt[:, 1].clamp(max=topk)
-        bad[r0:r1] = (cnt[:, 0] > cap) | (cnt[:, 0] < need)
-        n_cand += kept.sum()
-    redo = bad.nonzero().flatten()
+        for a in range(0, n, inner):
+            b = min(n, a + inner)
+            kept = cnt[a:b, 0].clamp(max=cap)
+            pos = topk_fn(cv[a:b], topk, row_start=torch.zeros_like(kept), row_end=kept)
+            out[r0 + a:r0 + b] = torch.where(pos >= 0, torch.gather(cc[a:b], 1, pos.clamp(min=0).long()), -1)
+        # exact iff the list holds every candidate and at least min(topk, valid) of them
+        thr[r0:r1] = ((cnt[:, 0] > cap) | (cnt[:, 0] < cnt[:, 1].clamp(max=topk))).float()
+        if stats is not None:
+            stats.setdefault("candidates", []).append(cnt[:, 0].clone())
+    redo = (thr > 0).nonzero().flatten()  # thr now holds the flags: one sync for the whole call
     if redo.numel():
         out[redo] = indexer_topk_prefill(q_fp8[redo], w[redo], k_fp8, k_scale, rs_all[redo], re_all[redo], topk,
                                          workspace_bytes=workspace_bytes, topk_fn=topk_fn)
     if stats is not None:
-        stats.update(fallback_rows=int(redo.numel()), chunks=len(chunks), sample_stride=p, sample_rank=r, cap=cap,
-                     mean_candidates=float(n_cand) / max(t, 1), redo=redo)
+        found = torch.cat(stats.pop("candidates")) if t else torch.zeros(0)
+        stats.update(fallback_rows=int(redo.numel()), redo=redo, sample_stride=p, sample_rank=r, cap=cap,
+                     chunks=-(-t // outer), sample_chunks=len(sample_chunks),
+                     mean_candidates=float(found.float().mean()) if t else 0.0)
     return out
 
 

@@ -107,8 +107,10 @@ def _prefill_candidates_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, thr_
                                H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr):
     """Fused logits + threshold filter: the valid scores >= thr[row] of each row's window, appended in column
     order to the row's candidate list (values cv, columns cc; the first ``cap`` kept). cnt[row] = (candidates
-    found, all of them, not only the kept ones; valid scores in the window). Scores never reach memory otherwise."""
-    pid = tl.program_id(0)
+    found, all of them, not only the kept ones; valid scores in the window). Scores never reach memory otherwise.
+    Blocks run last-first: in a causal prefill the last rows have the longest windows, and starting them first
+    shortens the tail of the grid."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     q0 = pid * BQ
     rows, rmask, rs, re, lo_t, hi = _block_windows(rs_ptr, re_ptr, q0, T, S, BQ, BKV)
     thr = tl.load(thr_ptr + rows, mask=rmask, other=float("inf"))
