@@ -50,7 +50,8 @@ def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr
     """
     t, _, _ = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if tuple(thr.shape) != (t,) or thr.dtype != torch.float32:
-        raise ValueError(f"indexer_prefill_candidates: thr must be [T]=({t},) float32, got {tuple(thr.shape)} {thr.dtype}")
+        raise ValueError(f"indexer_prefill_candidates: thr must be [T]=({t},) float32, "
+                         f"got {tuple(thr.shape)} {thr.dtype}")
     if cap < 1:
         raise ValueError(f"indexer_prefill_candidates: cap must be >= 1, got {cap}")
     if out is None:
@@ -229,6 +230,11 @@ def plan_fused_chunks(row_start, row_end, row_bytes: int, workspace_bytes: int) 
     return chunks
 
 
+def _take_rows(x, idx):
+    """x[idx] for an fp8 tensor, through a uint8 view (index kernels need not support float8 dtypes)."""
+    return x.view(torch.uint8)[idx].view(x.dtype)
+
+
 def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspace_bytes, topk_fn, out, stride,
                         cap, stats):
     """Budget: the candidate lists of an outer chunk of rows take 1/2 of the workspace (large chunks keep the
@@ -238,7 +244,7 @@ def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspac
     dev = q_fp8.device
     p, r, cap = fused_params(topk, stride, cap)
     sel = sample_columns(s, p, dev)
-    k8s, kss = k_fp8[sel], k_scale[sel]
+    k8s, kss = _take_rows(k_fp8, sel), k_scale[sel]
     srs = torch.searchsorted(sel, rs_all.long()).to(torch.int32)
     sre = torch.searchsorted(sel, re_all.long()).to(torch.int32)
     srs = torch.where(re_all - rs_all > cap, srs, sre)  # rows of <= CAP keys: no sample, every valid score
@@ -267,6 +273,7 @@ def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspac
     cand_val = torch.empty(rows, cap, dtype=torch.float32, device=dev)
     cand_col = torch.empty(rows, cap, dtype=torch.int32, device=dev)
     counts = torch.empty(rows, 2, dtype=torch.int32, device=dev)
+    bad = torch.empty(t, dtype=torch.bool, device=dev)
     for r0 in range(0, t, outer):
         r1 = min(t, r0 + outer)
         n = r1 - r0
@@ -279,13 +286,13 @@ def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspac
             pos = topk_fn(cv[a:b], topk, row_start=torch.zeros_like(kept), row_end=kept)
             out[r0 + a:r0 + b] = torch.where(pos >= 0, torch.gather(cc[a:b], 1, pos.clamp(min=0).long()), -1)
         # exact iff the list holds every candidate and at least min(topk, valid) of them
-        thr[r0:r1] = ((cnt[:, 0] > cap) | (cnt[:, 0] < cnt[:, 1].clamp(max=topk))).float()
+        bad[r0:r1] = (cnt[:, 0] > cap) | (cnt[:, 0] < cnt[:, 1].clamp(max=topk))
         if stats is not None:
             stats.setdefault("candidates", []).append(cnt[:, 0].clone())
-    redo = (thr > 0).nonzero().flatten()  # thr now holds the flags: one sync for the whole call
+    redo = bad.nonzero().flatten()  # one sync for the whole call
     if redo.numel():
-        out[redo] = indexer_topk_prefill(q_fp8[redo], w[redo], k_fp8, k_scale, rs_all[redo], re_all[redo], topk,
-                                         workspace_bytes=workspace_bytes, topk_fn=topk_fn)
+        out[redo] = indexer_topk_prefill(_take_rows(q_fp8, redo), w[redo], k_fp8, k_scale, rs_all[redo],
+                                         re_all[redo], topk, workspace_bytes=workspace_bytes, topk_fn=topk_fn)
     if stats is not None:
         found = torch.cat(stats.pop("candidates")) if t else torch.zeros(0)
         stats.update(fallback_rows=int(redo.numel()), redo=redo, sample_stride=p, sample_rank=r, cap=cap,

@@ -126,8 +126,9 @@ def _prefill_candidates_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, thr_
         ok = (offs_s[:, None] >= rs[None, :]) & (offs_s[:, None] < re[None, :])
         valid = ok & (lg == lg) & (lg != float("-inf"))
         take = (valid & (lg >= thr[None, :])).to(tl.int32)
-        nv += tl.sum(valid.to(tl.int32), axis=0)
-        n_take = tl.sum(take, axis=0)
+        tot = tl.sum(take + (valid.to(tl.int32) << 16), axis=0)  # both counts in one reduction (BKV < 2^16)
+        n_take = tot & 0xFFFF
+        nv += tot >> 16
         if tl.sum(n_take, axis=0) > 0:
             pos = cnt[None, :] + tl.cumsum(take, axis=0) - 1  # column order within the row
             keep = (take != 0) & (pos < cap)
