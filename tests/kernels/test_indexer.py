@@ -11,6 +11,7 @@ from indexcache.kernels.indexer import (
     indexer_topk_decode,
     indexer_prefill_candidates,
     indexer_topk_prefill,
+    plan_fused_chunks,
     plan_prefill_chunks,
     quantize_indexer_k,
     quantize_indexer_q,
@@ -26,6 +27,7 @@ from indexcache.kernels.indexer.reference import (
 )
 from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.kv_store.reference import store_indexer_k_ref
+from indexcache.kernels._dispatch import use_triton
 from indexcache.kernels.indexer.ops import _scratch
 from indexcache.kernels.topk.reference import topk_rows_reference
 from tests.helpers import poisoned
@@ -456,6 +458,25 @@ def test_fused_topk_prefill_sample_misses(device):
     idx, st = _fused(q8, w, k8, ks, rs, re, topk, _sample_stride=4)
     assert st["fallback_rows"] == 4  # the short row (300 <= cap) takes every score and needs no sample
     _exact_sets(idx, indexer_logits(q8, w, k8, ks, rs, re), rs, re, topk)
+
+
+def test_plan_fused_chunks_and_small_workspace():
+    t, s = 500, 3000
+    re = torch.arange(s - t + 1, s + 1, dtype=torch.int32)
+    rs = (torch.arange(t, dtype=torch.int32) * 5) % 700
+    ws, row_bytes = 1 << 20, 3000
+    chunks = plan_fused_chunks(rs, re, row_bytes, ws)
+    assert chunks[0][0] == 0 and chunks[-1][1] == t and len(chunks) > 1
+    for (r0, r1, c0, c1), nxt in zip(chunks, chunks[1:] + [None]):
+        assert (r1 - r0) * ((c1 - c0) * 4 + row_bytes) <= ws
+        assert c0 == int(rs[r0:r1].min()) and c1 == int(re[r0:r1].max())
+        assert nxt is None or nxt[0] == r1
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        plan_fused_chunks(rs, re, row_bytes, 1000)
+    if use_triton(re):
+        q8, w, k8, ks = _inputs(4, 10, 32, "cpu")
+        with pytest.raises(ValueError, match="workspace_bytes"):
+            indexer_topk_prefill(q8, w, k8, ks, rs[:4], re[:4].clamp(max=10), 8, workspace_bytes=1000, _fused=True)
 
 
 @pytest.mark.gpu
