@@ -10,6 +10,7 @@
    logits only (no-op select, the floor of the unfused path); a per-kernel profile of one fused run.
 4. 1M context, H=32: evenly spaced blocks of query rows of the causal 1M prefill (their full windows); the stage
    time is extrapolated by the ratio of (query, key) pairs, i.e. by the FLOPs.
+5. The fused kernel alone (last 8192 rows of 200K, thresholds of a real run) at a few launch configs.
 Every case is time-boxed and wrapped in try/except (an error is printed and recorded, the run goes on). A short
 table is printed last and JSON written to benchmarks/results/indexer_fused.json and $OUT.
 """
@@ -192,6 +193,32 @@ def _tiny():
     ops.default_topk_fn = lambda: topk_rows_reference
 
 
+def sweep_candidates(rows, ceil, h, data):
+    """The fused kernel alone (thresholds of a real run) on the last rows of the stage, a few launch configs."""
+    from benchmarks.common import bench_ms
+
+    q8, w, k8, ks, rs, re = data
+    st = {}
+    run("fused", q8, w, k8, ks, rs, re, torch.empty(q8.shape[0], TOPK, dtype=torch.int32, device=DEV), st)
+    n = min(8192, q8.shape[0])
+    sl = slice(q8.shape[0] - n, q8.shape[0])
+    cap = st["cap"]
+    bufs = (torch.empty(n, cap, device=DEV), torch.empty(n, cap, dtype=torch.int32, device=DEV),
+            torch.empty(n, 2, dtype=torch.int32, device=DEV))
+    flops = 2 * pairs(rs[sl], re[sl]) * h * 128
+    hp = max(16, 1 << (h - 1).bit_length())
+    for nq, bkv, nw, ns in ((256, 64, 4 if hp <= 32 else 8, 3), (256, 128, 8, 3), (128, 128, 4, 3), (512, 64, 8, 3)):
+        cfg = dict(BQ=max(1, nq // hp), BKV=bkv, num_warps=nw, num_stages=ns)
+        try:
+            ms = bench_ms(lambda: ix.indexer_prefill_candidates(q8[sl], w[sl], k8, ks, rs[sl], re[sl], st["thr"][sl],
+                                                                cap, out=bufs, config=cfg), warmup_ms=10, rep_ms=50)
+            rows.append({"name": f"sweep fused kernel H={h} {cfg}", "H": h, "rows": n, "ms": ms,
+                         "tflops": flops / ms / 1e9, "frac_fp8_cublas": flops / ms / 1e9 / ceil["fp8_matmul_tflops"]})
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
+            rows.append({"name": f"sweep fused kernel H={h} {cfg}", "error": repr(e)[:200]})
+        print(rows[-1], flush=True)
+
+
 def main():
     global BUDGET_S
     ap = argparse.ArgumentParser()
@@ -251,6 +278,7 @@ def main():
         stage(rows, ceil, f"{s} stage (sampled rows)", h, data, scale=scale, reps=1, floor=True)
 
     case(rows, "1M H=32", 40, one_m)
+    case(rows, "sweep fused kernel 200K H=32", 40, lambda rows: sweep_candidates(rows, ceil, 32, causal(big, 32, 8)))
 
     cols = ["name", "H", "rows", "ms", "stage_s", "tflops", "frac_fp8_cublas", "peak_extra_gib", "fallback_rows",
             "mean_candidates", "rows_differ", "ratio", "share", "error", "skipped"]

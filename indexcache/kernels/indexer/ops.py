@@ -295,7 +295,7 @@ def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspac
                                          re_all[redo], topk, workspace_bytes=workspace_bytes, topk_fn=topk_fn)
     if stats is not None:
         found = torch.cat(stats.pop("candidates")) if t else torch.zeros(0)
-        stats.update(fallback_rows=int(redo.numel()), redo=redo, sample_stride=p, sample_rank=r, cap=cap,
+        stats.update(fallback_rows=int(redo.numel()), redo=redo, thr=thr, sample_stride=p, sample_rank=r, cap=cap,
                      chunks=-(-t // outer), sample_chunks=len(sample_chunks),
                      mean_candidates=float(found.float().mean()) if t else 0.0)
     return out
