@@ -67,7 +67,7 @@ def inputs(pos, s, h, seed, ties=0):
     w = torch.randn(t, h, device=DEV, dtype=torch.float32, generator=g)
     k = torch.randn(s, 128, device=DEV, dtype=torch.bfloat16, generator=g)
     if ties:
-        k[::ties] = k[0]
+        k[::ties] = k[0].clone()
         w = w.abs()
     q8, wf = ix.quantize_indexer_q(q, w)
     del q
@@ -284,7 +284,8 @@ def main():
             "mean_candidates", "rows_differ", "ratio", "share", "error", "skipped"]
     write_results("indexer_fused", {"meta": run_metadata(), "ceilings": ceil, "topk": TOPK, "rows": rows})
     print(f"total {time.perf_counter() - T0:.0f} s")
-    print(table([r for r in rows if not r["name"].startswith("profile")], cols))
+    short = [dict(r, error=r["error"][:60]) if "error" in r else r for r in rows]
+    print(table([r for r in short if not r["name"].startswith("profile")], cols))
     print(table([r for r in rows if r["name"].startswith("profile")], ["name", "ms", "calls", "share"]))
 
 
