@@ -17,6 +17,7 @@ table is printed last and JSON written to benchmarks/results/indexer_fused.json 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import traceback
 
@@ -282,7 +283,8 @@ def main():
 
     cols = ["name", "H", "rows", "ms", "stage_s", "tflops", "frac_fp8_cublas", "peak_extra_gib", "fallback_rows",
             "mean_candidates", "rows_differ", "ratio", "share", "error", "skipped"]
-    write_results("indexer_fused", {"meta": run_metadata(), "ceilings": ceil, "topk": TOPK, "rows": rows})
+    write_results("indexer_fused", {"meta": run_metadata(), "ceilings": ceil, "topk": TOPK, "rows": rows},
+                  [tempfile.gettempdir()] if args.tiny else None)  # a dry run leaves benchmarks/results alone
     print(f"total {time.perf_counter() - T0:.0f} s")
     short = [dict(r, error=r["error"][:60]) if "error" in r else r for r in rows]
     print(table([r for r in short if not r["name"].startswith("profile")], cols))
