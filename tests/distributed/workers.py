@@ -1,0 +1,31 @@
+"""Functions the spawned ranks run (module level, so spawn can import them). Results are numpy/python values:
+tensors shared through the queue would die with the process that sent them."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def greedy(model, ids: torch.Tensor, steps: int) -> list[list[int]]:
+    """Greedy continuation by full recomputation (the model's own forward, as the tools run it)."""
+    out = ids
+    for _ in range(steps):
+        nxt = model(out).logits[:, -1].argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], 1)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def sharded_outputs(ctx, cases):
+    """Per case (model, pattern, expert parallel, ids, greedy steps): logits, greedy tokens, bytes read."""
+    from indexcache.distributed import load_sharded
+
+    results = []
+    for model_path, pattern, ep, ids, steps in cases:
+        model, report = load_sharded(model_path, dataclasses.replace(ctx, expert_parallel=ep), index_pattern=pattern,
+                                     seed=4)
+        with torch.no_grad():
+            logits = model(ids).logits
+            tokens = greedy(model, ids, steps)
+        results.append({"logits": logits.numpy(), "tokens": tokens, "bytes_read": report.bytes_read})
+    return results
