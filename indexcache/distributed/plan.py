@@ -96,3 +96,20 @@ def local_experts(cfg: ModelConfig, ctx: ParallelContext) -> tuple[int, int]:
     if ctx.expert_parallel and not ctx.is_single:
         return ctx.even_range(cfg.n_routed_experts, "n_routed_experts (expert parallel)")
     return 0, cfg.n_routed_experts
+
+
+def communication_bytes_per_token(cfg: ModelConfig, world_size: int, num_full: int | None = None,
+                                  act_bytes: int = 2) -> dict:
+    """What the plan sends per token at ``world_size`` ranks (activations in ``act_bytes``, top-k in int32).
+
+    ``allreduce_payload``: the summed tensors (embedding, then o_proj and the FFN of every layer, hidden-wide);
+    ``allreduce_ring_per_rank``: what each rank sends in a ring all-reduce, 2 (N-1)/N of the payload;
+    ``indexer_gather_per_rank``: prefill only, the top-k rows of the other ranks each rank receives (F layers);
+    ``logits_gather_per_rank``: per sampled token, the other ranks' vocabulary chunks."""
+    n = world_size
+    full = cfg.pattern.num_full if num_full is None else num_full
+    payload = (1 + 2 * cfg.num_layers) * cfg.hidden_size * act_bytes
+    return {"allreduce_payload": payload,
+            "allreduce_ring_per_rank": int(payload * 2 * (n - 1) / n),
+            "indexer_gather_per_rank": int(full * cfg.index_topk * 4 * (n - 1) / n),
+            "logits_gather_per_rank": int(-(-cfg.vocab_size // n) * (n - 1) * act_bytes)}

@@ -76,3 +76,14 @@ def test_fp8_slice_off_a_block_boundary_is_an_error(tmp_path):
     h = safe_open(path, framework="pt")
     with pytest.raises(ParallelError, match=r"w: rank 1's slice \[192, 384\) of dim 1 .* 128-wide FP8 block"):
         read_slice(h, "w", Shard(1, ((192, 384),)), "w_scale_inv", (128, 128), ParallelContext(1, 2))
+
+
+def test_communication_bytes_of_the_plan():
+    from indexcache.distributed.plan import communication_bytes_per_token
+
+    cfg = preset_config("deepseek-v3.2")  # 61 layers, hidden 7168, top-k 2048, vocab 129280
+    c = communication_bytes_per_token(cfg, 8, num_full=16)
+    assert c["allreduce_payload"] == (1 + 2 * 61) * 7168 * 2
+    assert c["allreduce_ring_per_rank"] == (1 + 2 * 61) * 7168 * 2 * 2 * 7 // 8
+    assert c["indexer_gather_per_rank"] == 16 * 2048 * 4 * 7 // 8
+    assert c["logits_gather_per_rank"] == 16160 * 7 * 2
