@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -38,23 +39,61 @@ class LLM:
     ``model``: a checkpoint folder (config.json + safetensors, tokenizer files optional) or a preset name (random
     weights from ``seed``; presets have no tokenizer, so they take token-id prompts). ``index_pattern``: an F/S
     string, "1/N" or "all" (default: the checkpoint's own). Other keywords are ``EngineConfig`` fields.
+
+    ``tensor_parallel_size=N`` runs the engine on N worker processes (one per GPU; gloo ranks on CPU), each holding
+    its shard of the model (``enable_expert_parallel``: routed experts split by expert); this process drives them.
+    Close it (``close()``, a ``with`` block) to end the workers. Scripts that use it need the
+    ``if __name__ == "__main__":`` guard: the workers are spawned.
     """
 
     def __init__(self, model: str, index_pattern=None, *, device=None, dtype: torch.dtype | None = None,
-                 seed: int = 0, tokenizer: str | None = None, **engine_options):
+                 seed: int = 0, tokenizer: str | None = None, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, **engine_options):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed)
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
         self.tokenizer = _load_tokenizer(tokenizer or (model if os.path.isdir(model) else None))
+        self.workers = self.model = self.engine = None
+        if tensor_parallel_size > 1 or enable_expert_parallel:
+            from .engine.multiproc import TPWorkers, WorkerSpec
+
+            self._engine_cfg = EngineConfig(seed=seed, **engine_options)  # bad options fail here, not in a worker
+            self.workers = TPWorkers(WorkerSpec(model, tensor_parallel_size, enable_expert_parallel, device.type,
+                                                dtype, index_pattern, seed, self.tokenizer, engine_options))
+            self._vocab = self.workers.infos[0]["vocab_size"]
+            return
+        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed)
         self.engine = LLMEngine(self.model, EngineConfig(seed=seed, **engine_options), tokenizer=self.tokenizer)
 
     @property
     def pattern(self):
+        if self.workers is not None:
+            return self.workers.infos[0]["pattern"]
         return self.engine.pattern
 
     def cache_bytes_per_token(self) -> dict:
+        """Per rank under tensor parallelism (every rank holds the whole latent and indexer caches)."""
+        if self.workers is not None:
+            return dict(self.workers.infos[0]["cache_bytes"])
         return dict(self.engine.cache_bytes)
+
+    def collective_rpc(self, fn, *args) -> list:
+        """``fn(worker, *args)`` on every tensor-parallel worker (``fn`` importable at module level)."""
+        if self.workers is None:
+            raise RuntimeError("collective_rpc needs tensor_parallel_size > 1")
+        return self.workers.collective_rpc(fn, *args)
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
@@ -65,6 +104,8 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        if self.workers is not None:
+            return self._generate_parallel(prompts, params)
         seqs = []
         try:
             for prompt, p in zip(prompts, params):
@@ -77,6 +118,25 @@ class LLM:
                 self.engine.abort(s)
             raise
         return [self._output(s) for s in seqs]
+
+    def _generate_parallel(self, prompts, params) -> list[RequestOutput]:
+        from .engine.multiproc import generate
+
+        requests = []
+        for prompt, p in zip(prompts, params):
+            text, ids = self._encode(prompt)
+            bad = [t for t in ids if not 0 <= t < self._vocab]
+            if not ids or bad:  # checked here: an error in the workers would end them
+                raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {self._vocab})" if bad
+                                 else "a prompt needs at least one token")
+            if len(ids) >= self._engine_cfg.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len="
+                                 f"{self._engine_cfg.max_model_len} (the prompt plus at least one generated token)")
+            if p.stop_strings and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer; this model has none (use stop token ids)")
+            requests.append((ids, p, text))
+        done = self.workers.collective_rpc(generate, requests)[0]
+        return [self._output(SimpleNamespace(**d, arrival=0.0, first_token_time=d["ttft_s"])) for d in done]
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

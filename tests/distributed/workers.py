@@ -29,3 +29,18 @@ def sharded_outputs(ctx, cases):
             tokens = greedy(model, ids, steps)
         results.append({"logits": logits.numpy(), "tokens": tokens, "bytes_read": report.bytes_read})
     return results
+
+
+def raise_on_rank(worker, rank: int):
+    """A failure on one rank while the others wait for it in a collective."""
+    if worker.rank == rank:
+        raise RuntimeError(f"boom on rank {rank}")
+    torch.distributed.barrier()
+
+
+def pid_then_collective(worker):
+    """Every rank waits in a collective for a long time (until the test kills one of them)."""
+    import time
+
+    time.sleep(0.1 if worker.rank else 60)
+    torch.distributed.barrier()

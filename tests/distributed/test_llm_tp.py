@@ -1,0 +1,85 @@
+"""LLM(tensor_parallel_size=2) on two CPU worker processes: the same greedy tokens as TP=1 (chunked prefill and
+continuous batching, shared pattern, with and without expert parallelism), and faults: a worker that raises or is
+killed makes the driver raise an error naming the rank within seconds, and every worker ends."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from indexcache.engine.multiproc import WorkerError
+from indexcache.llm import LLM
+from indexcache.sampling import SamplingParams
+
+from .workers import pid_then_collective, raise_on_rank
+
+PATTERN = "FSFSSFFS"
+OPTS = dict(max_model_len=256, max_prefill_tokens=32, max_num_seqs=4)  # prompts of 40 and 70 tokens are chunked
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in (40, 70, 5)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in LLM("tiny", PATTERN, **OPTS).generate(_prompts(), sp)]
+
+
+def _gone(pids, within_s=10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_tp2_same_tokens_and_clean_close(reference):
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with LLM("tiny", PATTERN, tensor_parallel_size=2, **OPTS) as llm:
+        pids = llm.workers.pids
+        assert str(llm.pattern) == PATTERN
+        assert [o.outputs[0].token_ids for o in llm.generate(_prompts(), sp)] == reference
+    assert _gone(pids) and all(p.exitcode == 0 for p in llm.workers.procs)
+
+
+def test_tp2_expert_parallel_and_a_raising_worker(reference):
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    llm = LLM("tiny", PATTERN, tensor_parallel_size=2, enable_expert_parallel=True, **OPTS)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(_prompts(), sp)] == reference
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=r"rank 1: raised RuntimeError: boom on rank 1") as e:
+            llm.collective_rpc(raise_on_rank, 1)
+        assert e.value.rank == 1 and time.monotonic() - t0 < 10
+        assert _gone(llm.workers.pids)
+        with pytest.raises(RuntimeError, match="closed"):
+            llm.generate(_prompts(), sp)
+    finally:
+        llm.close()
+
+
+def test_killed_worker_is_named_within_seconds():
+    llm = LLM("tiny", PATTERN, tensor_parallel_size=2, **OPTS)
+    try:
+        victim = llm.workers.pids[1]
+        threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=r"rank 1: died from signal SIGKILL"):
+            llm.collective_rpc(pid_then_collective)  # rank 0 is asleep, then blocked in a barrier
+        assert time.monotonic() - t0 < 10
+        assert _gone(llm.workers.pids)
+    finally:
+        llm.close()
