@@ -57,11 +57,12 @@ class LLM:
         self.tokenizer = _load_tokenizer(tokenizer or (model if os.path.isdir(model) else None))
         self.workers = self.model = self.engine = None
         if tensor_parallel_size > 1 or enable_expert_parallel:
-            from .engine.multiproc import TPWorkers, WorkerSpec
+            from .engine.multiproc import WorkerSpec, start_workers
 
             self._engine_cfg = EngineConfig(seed=seed, **engine_options)  # bad options fail here, not in a worker
-            self.workers = TPWorkers(WorkerSpec(model, tensor_parallel_size, enable_expert_parallel, device.type,
-                                                dtype, index_pattern, seed, self.tokenizer, engine_options))
+            self.workers = start_workers(WorkerSpec(model, dtype, index_pattern, seed, self.tokenizer, engine_options),
+                                         tensor_parallel_size, device_type=device.type,
+                                         expert_parallel=enable_expert_parallel)
             self._vocab = self.workers.infos[0]["vocab_size"]
             return
         self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed)
