@@ -6,10 +6,16 @@ import json
 
 def _cmd_generate(args) -> int:
     from ..llm import LLM
+
+    with LLM(args.model, args.pattern, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+             kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, seed=args.seed,
+             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel) as llm:
+        return _generate(llm, args)
+
+
+def _generate(llm, args) -> int:
     from ..sampling import SamplingParams
 
-    llm = LLM(args.model, args.pattern, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, seed=args.seed)
     prompts = [[int(t) for t in p.split(",")] if args.token_ids else p for p in args.prompt]
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
@@ -45,6 +51,10 @@ def register(subparsers) -> None:
     g.add_argument("--max-num-seqs", type=int, default=16)
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"])
     g.add_argument("--enforce-eager", action="store_true")
+    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                   help="worker processes to shard the model over (one per GPU; gloo ranks on CPU)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="split routed experts by expert instead of by intermediate dim")
     g.set_defaults(func=_cmd_generate)
     b = subparsers.add_parser("bench", help="end-to-end TTFT/decode benchmark on a GPU (benchmarks/e2e.py)")
     try:  # the benchmark lives in the repository's benchmarks/ folder (run from the repo root)
