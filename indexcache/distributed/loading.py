@@ -73,12 +73,19 @@ def _preset_shard(name, cfg, ctx, dtype, index_pattern, seed):
     if full_bytes <= _WHOLE_PRESET_BYTES:
         model = load_model(name, device=ctx.device, dtype=dtype, index_pattern=index_pattern, seed=seed)
         return shard_model(model, ctx), LoadReport(ctx.rank, 0, 0, 0, 0)
+    return random_shard(cfg, ctx, dtype, seed), LoadReport(ctx.rank, 0, 0, 0, 0)
+
+
+def random_shard(cfg: ModelConfig, ctx: ParallelContext, dtype: torch.dtype, seed: int = 0) -> DSAModel:
+    """This rank's shard with random weights, never building the whole model (benchmarks of full-size presets):
+    split weights are drawn per rank, replicated ones broadcast from rank 0 so that every rank holds the same."""
+    check_divisible(cfg, ctx)
     model = _empty_shard(cfg, ctx, dtype).init_random(seed + 1000 * ctx.rank)
     with torch.no_grad():
         for pname, t in list(model.named_parameters()) + list(model.named_buffers()):
             if not pname.startswith("rotary.") and param_shard(pname, cfg, ctx) is None:
                 broadcast_(t.data, ctx)
-    return model.eval(), LoadReport(ctx.rank, 0, 0, 0, 0)
+    return model.eval()
 
 
 @torch.no_grad()

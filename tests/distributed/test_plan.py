@@ -87,3 +87,16 @@ def test_communication_bytes_of_the_plan():
     assert c["allreduce_ring_per_rank"] == (1 + 2 * 61) * 7168 * 2 * 2 * 7 // 8
     assert c["indexer_gather_per_rank"] == 16 * 2048 * 4 * 7 // 8
     assert c["logits_gather_per_rank"] == 16160 * 7 * 2
+
+
+def test_random_shards_share_the_replicated_weights():
+    import numpy as np
+
+    from .spawn import run_ranks
+    from .workers import random_shard_replicas
+
+    cfg = preset_config("tiny")
+    a, b = run_ranks(random_shard_replicas)
+    for name in a:
+        same = np.array_equal(a[name], b[name])
+        assert same == (param_shard(name, cfg, ParallelContext(0, 2)) is None), name

@@ -44,3 +44,12 @@ def pid_then_collective(worker):
 
     time.sleep(0.1 if worker.rank else 60)
     torch.distributed.barrier()
+
+
+def random_shard_replicas(ctx):
+    """A random shard: the replicated weights must be equal on every rank (checked by the caller)."""
+    from indexcache.distributed import random_shard
+    from indexcache.presets import preset_config
+
+    model = random_shard(preset_config("tiny"), ctx, torch.float32, seed=1)
+    return {n: p.detach().numpy() for n, p in model.named_parameters()}
