@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import traceback
 import weakref
 from multiprocessing.connection import wait
@@ -42,6 +43,7 @@ def _identity(ctx):
 
 def _rank_main(rank, world, port, conn, device_type, expert_parallel, timeout_s, setup, setup_args):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which ends the ranks
+    code = 0
     try:
         device = f"cuda:{rank}" if device_type == "cuda" else "cpu"
         if device_type == "cpu":  # ranks share the cores
@@ -58,12 +60,16 @@ def _rank_main(rank, world, port, conn, device_type, expert_parallel, timeout_s,
     except (EOFError, BrokenPipeError):
         pass
     except BaseException as e:  # noqa: BLE001 - sent to the driver, which raises it with the rank
+        code = 1
         try:
             conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
         except (BrokenPipeError, OSError):
             pass
-    finally:
-        shutdown()
+    shutdown()
+    # exit now: the interpreter's teardown (torch, Triton, gloo threads) takes seconds on a loaded machine
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class RankProcesses:

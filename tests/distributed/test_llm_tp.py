@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from indexcache.engine.multiproc import WorkerError
+from indexcache.distributed.launch import RankProcesses, WorkerError
 from indexcache.llm import LLM
 from indexcache.sampling import SamplingParams
 
@@ -55,25 +55,11 @@ def test_tp2_same_tokens_and_clean_close(reference):
     assert _gone(pids) and all(p.exitcode == 0 for p in llm.workers.procs)
 
 
-def test_tp2_expert_parallel_and_a_raising_worker(reference):
+def test_tp2_expert_parallel_and_a_killed_worker(reference):
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     llm = LLM("tiny", PATTERN, tensor_parallel_size=2, enable_expert_parallel=True, **OPTS)
     try:
         assert [o.outputs[0].token_ids for o in llm.generate(_prompts(), sp)] == reference
-        t0 = time.monotonic()
-        with pytest.raises(WorkerError, match=r"rank 1: raised RuntimeError: boom on rank 1") as e:
-            llm.collective_rpc(raise_on_rank, 1)
-        assert e.value.rank == 1 and time.monotonic() - t0 < 10
-        assert _gone(llm.workers.pids)
-        with pytest.raises(RuntimeError, match="closed"):
-            llm.generate(_prompts(), sp)
-    finally:
-        llm.close()
-
-
-def test_killed_worker_is_named_within_seconds():
-    llm = LLM("tiny", PATTERN, tensor_parallel_size=2, **OPTS)
-    try:
         victim = llm.workers.pids[1]
         threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
         t0 = time.monotonic()
@@ -81,5 +67,19 @@ def test_killed_worker_is_named_within_seconds():
             llm.collective_rpc(pid_then_collective)  # rank 0 is asleep, then blocked in a barrier
         assert time.monotonic() - t0 < 10
         assert _gone(llm.workers.pids)
+        with pytest.raises(RuntimeError, match="closed"):
+            llm.generate(_prompts(), sp)
     finally:
         llm.close()
+
+
+def test_a_raising_rank_is_named_and_every_rank_ends():
+    ranks = RankProcesses(2)  # no model: the fault handling is the launcher's
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=r"rank 1: raised RuntimeError: boom on rank 1") as e:
+            ranks.collective_rpc(raise_on_rank, 1)  # rank 0 waits in a barrier for rank 1
+        assert e.value.rank == 1 and time.monotonic() - t0 < 10
+        assert _gone(ranks.pids)
+    finally:
+        ranks.close()
