@@ -9,7 +9,7 @@ from torch import nn
 from ..model.indexer import Indexer, causal_mask, select_topk
 from ..model.moe import Experts
 from ..model.rope import apply_rope
-from .comm import all_gather, all_reduce_
+from .comm import all_gather, all_reduce_, gather_strided, strided_rows
 from .context import ParallelContext
 
 
@@ -82,15 +82,12 @@ class RowSplitIndexer(Indexer):
         self.ctx = ctx
 
     def forward(self, x, q_resid, cos, sin, positions: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        n, r = self.ctx.world_size, self.ctx.rank
-        per = -(-T // n)
-        rows = (r + n * torch.arange(per, device=x.device)).clamp(max=T - 1)  # padding rows repeat the last
+        T = x.shape[1]
+        rows = strided_rows(T, self.ctx, x.device)
         q, _, w = self.project(x[:, rows], q_resid[:, rows], cos[:, rows], sin[:, rows])
         s = self.scores(q, self._keys(x, cos, sin), w)
         top = select_topk(s, causal_mask(positions[:, rows], positions), self.topk)  # [B, per, k]
-        every = all_gather(top, self.ctx)  # [n, B, per, k]: row j*n + r of the sequence is every[r, :, j]
-        return every.permute(1, 2, 0, 3).reshape(B, per * n, -1)[:, :T]
+        return gather_strided(top.transpose(0, 1).contiguous(), T, self.ctx).transpose(0, 1)
 
     def _keys(self, x, cos, sin):
         k = self.k_norm(self.wk(x))

@@ -100,3 +100,15 @@ def test_random_shards_share_the_replicated_weights():
     for name in a:
         same = np.array_equal(a[name], b[name])
         assert same == (param_shard(name, cfg, ParallelContext(0, 2)) is None), name
+
+
+def test_strided_rows_cover_every_row_once():
+    from indexcache.distributed.comm import strided_rows
+
+    for n in (1, 5, 8, 29):
+        rows = [strided_rows(n, ParallelContext(r, 3)).tolist() for r in range(3)]
+        per = -(-n // 3)
+        assert all(len(x) == per for x in rows)
+        # row j*3 + r of the whole is rank r's j-th row (padding repeats row n-1 and is dropped on gathering)
+        flat = [rows[r][j] for j in range(per) for r in range(3)][:n]
+        assert flat == list(range(n))
