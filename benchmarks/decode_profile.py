@@ -17,7 +17,6 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import run_metadata, write_results
 from benchmarks.e2e import add_arguments, decode_ready_engine, parse_ctx, sync
 from indexcache.checkpoint import build_empty
-from indexcache.model import moe as moe_module
 from indexcache.presets import preset_config
 
 
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
              for mode in args.compile_modes.split(",") for moe in args.moe_kernel_modes.split(",")]
     for pat, bs, mode, moe in cases:
         args.no_compile = mode == "off"
-        moe_module.SMALL_BATCH_KERNEL = moe == "on"
+        args.moe_small_batch_kernel = moe == "on"
         eng, seqs = decode_ready_engine(model, pat, ctx, args, bs, steps=4 * args.steps + 16)
         eng.step()  # graph capture (CUDA) and warm-up
         sync()

@@ -24,7 +24,7 @@ from benchmarks.common import measure_ceilings, run_metadata, table, write_resul
 from indexcache.checkpoint import build_empty
 from indexcache.engine import EngineConfig, LLMEngine
 from indexcache.engine.kv_cache import bytes_per_token
-from indexcache.engine.runner import Timer
+from indexcache.engine.timer import Timer
 from indexcache.engine.sequence import Status
 from indexcache.pattern import IndexPattern
 from indexcache.presets import preset_config
@@ -95,7 +95,8 @@ def make_engine(model, pattern, ctx, args, max_num_seqs=1, num_blocks=None):
     cfg = EngineConfig(max_model_len=max_len, max_num_seqs=max_num_seqs, max_prefill_tokens=args.chunk,
                        num_kv_blocks=blocks, kv_cache_dtype=args.kv_cache_dtype, indexer_cache=args.indexer_cache,
                        workspace_bytes=args.workspace_gb << 30, cuda_graph_max_bs=max(max_num_seqs, 1),
-                       compile_decode=False if getattr(args, "no_compile", False) else None)
+                       compile_decode=False if getattr(args, "no_compile", False) else None,
+                       moe_small_batch_kernel=getattr(args, "moe_small_batch_kernel", True))
     return LLMEngine(model, cfg, index_pattern=pattern)
 
 

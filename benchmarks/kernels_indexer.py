@@ -13,8 +13,7 @@ import torch
 
 from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, write_results
 from indexcache.kernels import indexer as ix
-from indexcache.kernels.indexer import triton_logits as tlg
-from indexcache.kernels.indexer.recall import KINDS, fp8_recall, make_case
+from benchmarks.indexer_recall import KINDS, fp8_recall, make_case
 from indexcache.kernels.indexer.reference import indexer_logits_decode_ref, indexer_logits_ref, topk_rows_torch
 from indexcache.kernels import kv_store as kvs
 from indexcache.kernels.kv_store import reference as kvref
@@ -71,14 +70,13 @@ def _sweep_prefill(rows, ceil, h, t, s):
     out = torch.empty(t, s, device=DEV)
     flops = 2 * _pairs(rs, re) * h * 128
     hp = max(16, 1 << (h - 1).bit_length())
-    variants = [dict(BQ=max(1, n // hp), BKV=bkv, PERQ=perq, num_warps=nw, num_stages=st)
-                for n, bkv, nw, st, perq in ((256, 64, 8, 3, False), (256, 64, 4, 3, False), (256, 64, 8, 2, False),
-                                             (256, 64, 8, 4, False), (128, 128, 4, 3, False), (128, 128, 4, 4, False),
-                                             (128, 64, 4, 4, False), (128, 64, 8, 3, False))]
+    variants = [dict(BQ=max(1, n // hp), BKV=bkv, num_warps=nw, num_stages=st)
+                for n, bkv, nw, st in ((256, 64, 8, 3), (256, 64, 4, 3), (256, 64, 8, 2), (256, 64, 8, 4),
+                                       (128, 128, 4, 3), (128, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3))]
     best = None
     for cfg in variants:
         try:
-            fn = lambda: tlg.indexer_logits_triton(q8, w, k8, ks, rs, re, out=out, config=cfg)  # noqa: E731
+            fn = lambda: ix.indexer_logits(q8, w, k8, ks, rs, re, out=out, config=cfg)  # noqa: E731
             fn()
             torch.cuda.synchronize()
             ms = bench_ms(fn, warmup_ms=10, rep_ms=40)
@@ -99,11 +97,10 @@ def bench_prefill(rows, ceil, quick):
     for model, h in MODELS.items():
         cfg = _sweep_prefill(rows, ceil, h, *SZ["sweep"])
         chosen[h] = cfg
-        tlg.PREFILL_OVERRIDE[h] = dict(cfg)
         q8, w, k8, ks, rs, re = _prefill_inputs(t, s, h, seed=1)
         out = torch.empty(t, s, device=DEV)
         flops = 2 * _pairs(rs, re) * h * 128
-        ms = bench_ms(lambda: ix.indexer_logits(q8, w, k8, ks, rs, re, out=out))
+        ms = bench_ms(lambda: ix.indexer_logits(q8, w, k8, ks, rs, re, out=out, config=cfg))
         rows.append(_row(f"prefill logits {model}", f"H={h} last {t} rows of causal {s}", ms, ceil, flops=flops,
                          config=str(cfg)))
         del q8, w, k8, ks, out
@@ -111,7 +108,7 @@ def bench_prefill(rows, ceil, quick):
         tt, ss = SZ["vsref"]
         q8, w, k8, ks, rs, re = _prefill_inputs(tt, ss, h, seed=2)
         ref_ms = bench_ms(lambda: indexer_logits_ref(q8, w, k8, ks, rs, re), warmup_ms=5, rep_ms=30)
-        ms = bench_ms(lambda: ix.indexer_logits(q8, w, k8, ks, rs, re))
+        ms = bench_ms(lambda: ix.indexer_logits(q8, w, k8, ks, rs, re, config=cfg))
         rows.append(_row(f"prefill logits {model} (vs ref)", f"H={h} T={tt} S={ss}", ms, ceil,
                          flops=2 * _pairs(rs, re) * h * 128, ref_ms=ref_ms))
         del q8, w, k8, ks
@@ -170,12 +167,11 @@ def bench_decode(rows, ceil, quick):
     for pages in (1, 2, 4):
         for nw in (4, 8):
             cfg = dict(PAGES=pages, num_warps=nw, num_stages=1)
-            fn = lambda: tlg.indexer_logits_decode_triton(q8, w, cache, bt, cl, ctx, config=cfg)  # noqa: E731
+            fn = lambda: ix.indexer_logits_decode(q8, w, cache, bt, cl, ctx, config=cfg)  # noqa: E731
             ms = bench_ms(fn)
             rows.append(_row("sweep decode H=64", f"B=8 ctx={ctx} {cfg}", ms, ceil, nbytes=8 * ctx * 136))
             if best is None or ms < best[0]:
                 best = (ms, cfg)
-    tlg.DECODE_OVERRIDE.update(best[1])
     del q8, w, cache, bt, cl
     for model, h in MODELS.items():
         for b in (1, 8, 64):
@@ -184,7 +180,7 @@ def bench_decode(rows, ceil, quick):
             ref_ms = None
             if b == 1:
                 ref_ms = bench_ms(lambda: indexer_logits_decode_ref(q8, w, cache, bt, cl, ctx), warmup_ms=5, rep_ms=30)
-            ms = bench_ms(lambda: ix.indexer_logits_decode(q8, w, cache, bt, cl, ctx))
+            ms = bench_ms(lambda: ix.indexer_logits_decode(q8, w, cache, bt, cl, ctx, config=best[1]))
             rows.append(_row(f"decode logits {model}", f"B={b} ctx={ctx}", ms, ceil, nbytes=nbytes, ref_ms=ref_ms,
                              config=str(best[1])))
             ms = bench_ms(lambda: ix.indexer_topk_decode(q8, w, cache, bt, cl, ctx, topk))

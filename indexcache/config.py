@@ -62,7 +62,7 @@ class ModelConfig:
     index_head_dim: int
     index_topk: int
     pattern: IndexPattern
-    # rope: layouts are explicit, see DSA_INDEXCACHE_SPEC A1
+    # rope: layouts are explicit (DeepSeek-V3.2: interleaved MLA, half-split indexer; GLM-5: interleaved both)
     rope_theta: float
     rope_scaling: RopeScaling | None
     mla_rope_interleaved: bool

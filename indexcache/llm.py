@@ -38,7 +38,9 @@ class LLM:
 
     ``model``: a checkpoint folder (config.json + safetensors, tokenizer files optional) or a preset name (random
     weights from ``seed``; presets have no tokenizer, so they take token-id prompts). ``index_pattern``: an F/S
-    string, "1/N" or "all" (default: the checkpoint's own). Other keywords are ``EngineConfig`` fields.
+    string, "1/N" or "all" (default: the checkpoint's own); it means what it means to ``load_model``, which builds
+    the model with it (S layers get no indexer weights), and the engine runs the model's pattern. Other keywords
+    are ``EngineConfig`` fields.
 
     ``tensor_parallel_size=N`` runs the engine on N worker processes (one per GPU; gloo ranks on CPU), each holding
     its shard of the model (``enable_expert_parallel``: routed experts split by expert); this process drives them.

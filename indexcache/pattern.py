@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from fractions import Fraction
+from typing import NamedTuple
 
 # The reference SGLang patch marks layers 0 and 1 full and then every freq-th layer: offset 2 in the
 # transformers formula. We use the same default so "keep 1/4" means what users of those engines expect.
@@ -194,6 +195,55 @@ class IndexPattern:
             "sglang": f"--json-model-override-args '{override}'",
             "transformers": f"config.index_topk_pattern = {self._letters!r}  # GlmMoeDsaConfig(index_topk_pattern=...)",
         }
+
+
+class LayerRole(NamedTuple):
+    """One layer's part in a forward: run its own indexer, or reuse the top-k of layer ``source``."""
+    runs_indexer: bool
+    source: int  # the F layer whose top-k this layer attends with (itself when it runs its indexer)
+
+
+class LayerPlan:
+    """An IndexPattern resolved once into per-layer roles, for code that runs the layers (the engine's KV cache
+    and runner). It is made by ``DSAModel.layer_plan``, which also checks that every F layer has indexer weights."""
+
+    __slots__ = ("pattern", "layers")
+
+    def __init__(self, pattern: IndexPattern):
+        self.pattern = pattern
+        self.layers = tuple(LayerRole(pattern.is_full(i), pattern.source(i)) for i in range(len(pattern)))
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int) -> LayerRole:
+        return self.layers[layer]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __str__(self) -> str:
+        return str(self.pattern)
+
+    def __repr__(self) -> str:
+        return f"LayerPlan({str(self.pattern)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LayerPlan) and other.pattern == self.pattern
+
+    def __hash__(self) -> int:
+        return hash(self.pattern)
+
+    def runs_indexer(self, layer: int) -> bool:
+        return self.layers[layer].runs_indexer
+
+    @property
+    def num_full(self) -> int:
+        return self.pattern.num_full
+
+    @property
+    def full_layers(self) -> list[int]:
+        return self.pattern.full_layers
 
 
 def _check_layers(num_layers) -> int:

@@ -2,7 +2,7 @@
 
 ``glm-4.7-flash-dsa`` is the 30B DSA model of the IndexCache paper: GLM-4.7-Flash's dimensions (47 layers, hidden
 2048, 20 heads, MoE 64 experts top-4 + 1 shared). The paper does not state its indexer size; we ASSUME the GLM-5
-family's 32 heads x 128 with top-k 2048 (see DSA_INDEXCACHE_SPEC A1).
+family's 32 heads x 128 with top-k 2048 (GLM-5's indexer; the paper uses k = 2048 throughout).
 """
 from __future__ import annotations
 

@@ -56,16 +56,16 @@ class ExpertParallelExperts(Experts):
         self.gate_up = nn.Parameter(gate_up, requires_grad=gate_up.requires_grad)
         self.down = nn.Parameter(down, requires_grad=down.requires_grad)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, **kw) -> torch.Tensor:
         local = ids - self.first
         mine = (local >= 0) & (local < self.gate_up.shape[0])
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             # fixed shapes for graph capture: every pair runs, other ranks' pairs with weight 0
-            return super().forward(x, local.clamp(0, self.gate_up.shape[0] - 1), weights.masked_fill(~mine, 0.0))
+            return super().forward(x, local.clamp(0, self.gate_up.shape[0] - 1), weights.masked_fill(~mine, 0.0), **kw)
         tok, slot = mine.nonzero(as_tuple=True)
         out = torch.zeros_like(x)
         if tok.numel():
-            y = super().forward(x[tok], local[tok, slot][:, None], weights[tok, slot][:, None])
+            y = super().forward(x[tok], local[tok, slot][:, None], weights[tok, slot][:, None], **kw)
             out.index_add_(0, tok, y)
         return out
 

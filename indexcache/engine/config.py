@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 LATENT_FORMATS = ("auto", "bf16", "fp16", "fp32", "fp8")
 INDEXER_FORMATS = ("auto", "exact", "fp8")
 
@@ -23,8 +21,11 @@ class EngineConfig:
     cuda_graph_max_bs: int = 64
     workspace_bytes: int = 1 << 30        # bounds prefill temporaries (indexer logits, gathered KV rows)
     compile_decode: bool | None = None    # torch.compile the decode glue (fewer, fused kernels); None = on CUDA
-                                          # unless enforce_eager
+                                          # unless enforce_eager. Process-wide effect: raises torch._dynamo's
+                                          # cache_size_limit to >= 64 (glue.compile_glue says why)
     compile_backend: str = "inductor"
+    moe_small_batch_kernel: bool = True   # decode-sized MoE batches on the GPU: Triton kernel (True) or
+                                          # torch._grouped_mm (False)
     seed: int = 0
 
     def __post_init__(self):
@@ -45,21 +46,3 @@ class EngineConfig:
     def max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.page_size)
 
-
-def resolve_formats(cfg: EngineConfig, model_dtype: torch.dtype, device: torch.device, kv_lora: int, rope: int,
-                    index_dim: int) -> tuple[str, str]:
-    """('bf16'|'fp16'|'fp32'|'fp8', 'exact'|'fp8') after 'auto' and shape checks."""
-    latent = cfg.kv_cache_dtype
-    if latent == "auto":
-        latent = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model_dtype, "fp32")
-    if latent == "fp8" and (kv_lora, rope) != (512, 64):
-        raise ValueError(f"kv_cache_dtype='fp8' is FlashMLA's 656-byte format for a 512+64 latent; this model's "
-                         f"latent is {kv_lora}+{rope}")
-    index = cfg.indexer_cache
-    fp8_ok = index_dim == 128 and cfg.page_size == 64
-    if index == "auto":
-        index = "fp8" if (device.type == "cuda" and fp8_ok) else "exact"
-    if index == "fp8" and not fp8_ok:
-        raise ValueError(f"indexer_cache='fp8' needs index_head_dim 128 and page_size 64 (DeepGEMM's paged layout); "
-                         f"got index_head_dim {index_dim}, page_size {cfg.page_size}")
-    return latent, index

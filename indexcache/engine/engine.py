@@ -7,8 +7,10 @@ import torch
 
 from ..model import DSAModel
 from ..sampling import SamplingParams
+from .attention_backend import make_backend, resolve_formats
 from .block_manager import BlockManager, OutOfBlocks
-from .config import EngineConfig, resolve_formats
+from .config import EngineConfig
+from .glue import fuse_x_projections
 from .kv_cache import KVCache, bytes_per_token
 from .runner import ModelRunner
 from .sampler import sample
@@ -17,32 +19,36 @@ from .sequence import Sequence, Status
 
 
 class LLMEngine:
+    """Serves ``model`` with the paged cache.
+
+    ``index_pattern`` (None: the model's own, ``model.config.pattern``) is resolved once into the per-layer plan
+    (``self.plan``) that the KV cache and the runner follow; it can turn F layers into S, never S into F (an S layer
+    has no indexer weights). ``LLM(path, index_pattern)`` passes its pattern to ``load_model`` instead, which
+    builds the model with it (and skips the S layers' indexer weights): the layers that run are the same.
+
+    Building an engine fuses each layer's x-projection weights in place (``glue.fuse_x_projections``: the
+    model's q_a / kv_a / indexer wk / weights_proj weights become views of one tensor, same values, no extra
+    memory), so decode reads them with one GEMM.
+    """
+
     def __init__(self, model: DSAModel, cfg: EngineConfig, index_pattern=None, tokenizer=None):
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
-        self.pattern = model.resolve_pattern(index_pattern)  # may turn F layers into S, never S into F
+        self.plan = model.layer_plan(index_pattern)
         mc = model.config
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
         if cfg.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings "
                              f"({mc.max_position_embeddings})")
-        latent, index = resolve_formats(cfg, self.dtype, self.device, mc.kv_lora_rank, mc.qk_rope_head_dim,
-                                        mc.index_head_dim)
-        if index == "fp8":
-            from .runner import _load_kernels
-            missing = {"quantize_indexer_q", "indexer_logits", "indexer_logits_decode", "topk_rows"} - set(
-                _load_kernels() if self.device.type == "cuda" else ())
-            if missing and cfg.indexer_cache == "auto":
-                index = "exact"
-            elif missing:
-                raise ValueError(f"indexer_cache='fp8' needs a CUDA device and the FP8 indexer kernels "
-                                 f"(missing: {sorted(missing)})")
-        self.cache_bytes = bytes_per_token(mc, self.pattern, latent, index, self.dtype)
+        fmt = resolve_formats(cfg, mc, self.dtype, self.device)
+        self.cache_bytes = bytes_per_token(mc, self.plan, fmt.latent, fmt.indexer, self.dtype)
         num_blocks = cfg.num_kv_blocks or self._auto_blocks(self.cache_bytes["total"] * cfg.page_size)
-        self.kv = KVCache(mc, self.pattern, num_blocks, cfg.page_size, latent, index, self.dtype, self.device)
+        self.kv = KVCache(mc, self.plan, num_blocks, cfg.page_size, fmt.latent, fmt.indexer, self.dtype, self.device)
+        self.backend = make_backend(self.kv, cfg, mc)
         self.blocks = BlockManager(num_blocks, cfg.page_size)
         self.scheduler = Scheduler(cfg, self.blocks)
-        self.runner = ModelRunner(model, self.pattern, cfg, self.kv)
+        x_proj = fuse_x_projections(model, self.plan)  # an explicit step: the model's weights become views (above)
+        self.runner = ModelRunner(model, self.plan, cfg, self.kv, self.backend, x_proj)
         self.graphs = None
         if self.device.type == "cuda" and not cfg.enforce_eager and self.dtype == torch.bfloat16:
             from .cuda_graph import DecodeGraphs
@@ -51,6 +57,11 @@ class LLMEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
         self._rng = random.Random(cfg.seed)
         self._next_id = 0
+
+    @property
+    def pattern(self):
+        """The IndexPattern the engine runs (``self.plan.pattern``)."""
+        return self.plan.pattern
 
     def _auto_blocks(self, bytes_per_page: int) -> int:
         want = self.cfg.max_num_seqs * self.cfg.max_blocks_per_seq

@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..pattern import IndexPattern
+from ..pattern import IndexPattern, LayerPlan
 
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP8_LATENT_BYTES = 656
 FP8_INDEX_BYTES = 132
 
 
-def bytes_per_token(cfg: ModelConfig, pattern: IndexPattern, latent: str = "bf16", indexer: str = "fp8",
+def bytes_per_token(cfg: ModelConfig, pattern: IndexPattern | LayerPlan, latent: str = "bf16", indexer: str = "fp8",
                     model_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Cache bytes per token of context for ``pattern`` (all layers), split into latent and indexer parts."""
     width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -35,9 +35,11 @@ def bytes_per_token(cfg: ModelConfig, pattern: IndexPattern, latent: str = "bf16
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, pattern: IndexPattern, num_blocks: int, page_size: int, latent: str,
+    """The cache tensors and their layout; the attention backend (attention_backend.py) reads and writes them."""
+
+    def __init__(self, cfg: ModelConfig, plan: LayerPlan, num_blocks: int, page_size: int, latent: str,
                  indexer: str, model_dtype: torch.dtype, device):
-        self.cfg, self.pattern = cfg, pattern
+        self.cfg, self.plan = cfg, plan
         self.num_blocks, self.page_size = num_blocks, page_size
         self.latent_format, self.indexer_format, self.model_dtype = latent, indexer, model_dtype
         self.width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -51,7 +53,7 @@ class KVCache:
                            for _ in range(cfg.num_layers)]
         self.index: list[torch.Tensor | None] = []
         for i in range(cfg.num_layers):
-            if not pattern.is_full(i):
+            if not plan.runs_indexer(i):
                 self.index.append(None)
             elif indexer == "fp8":
                 self.index.append(torch.zeros(n, 64 * FP8_INDEX_BYTES, dtype=torch.uint8, device=device))
@@ -63,51 +65,20 @@ class KVCache:
         return self.scratch_block * self.page_size
 
     def bytes_per_token(self) -> dict:
-        return bytes_per_token(self.cfg, self.pattern, self.latent_format, self.indexer_format, self.model_dtype)
+        return bytes_per_token(self.cfg, self.plan, self.latent_format, self.indexer_format, self.model_dtype)
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.latent + [x for x in self.index if x is not None])
 
-    # ----- latent -------------------------------------------------------------------------------------------------
-    def store_latent(self, layer: int, slots: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
-        cache = self.latent[layer]
-        if cache.is_cuda and self.width == 576:
-            from ..kernels import kv_store as ks  # lazily: the kernels may land after the engine
-            fn = getattr(ks, "store_latent_fp8" if self.latent_format == "fp8" else "store_latent_bf16", None)
-            if fn is not None and (self.latent_format != "bf16" or cache.dtype == torch.bfloat16):
-                fn(cache, slots, ckv, kpe)
-                return
-        if self.latent_format == "fp8":
-            from ..kernels.kv_store.reference import quantize_latent_fp8
-            cache.view(-1, FP8_LATENT_BYTES)[slots] = quantize_latent_fp8(ckv, kpe)
-        else:
-            cache.view(-1, self.width)[slots] = torch.cat([ckv, kpe], -1).to(cache.dtype)
-
-    def gather_latent(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows [..., width] of the given slots (all >= 0), dequantised to ``dtype``."""
-        cache = self.latent[layer]
-        if self.latent_format == "fp8":
-            from ..kernels.kv_store.reference import dequant_latent_fp8
-            return dequant_latent_fp8(cache.view(-1, FP8_LATENT_BYTES)[slots], dtype)
-        return cache.view(-1, self.width)[slots].to(dtype)
-
-    # ----- indexer keys (Full layers only) ------------------------------------------------------------------------
-    def _index(self, layer: int) -> torch.Tensor:
+    # ----- indexer keys (layers that run their indexer only) ------------------------------------------------------
+    def index_cache(self, layer: int) -> torch.Tensor:
         cache = self.index[layer]
         if cache is None:
-            raise RuntimeError(f"layer {layer} is a shared (S) layer under pattern {self.pattern}: it has no "
+            raise RuntimeError(f"layer {layer} is a shared (S) layer under pattern {self.plan}: it has no "
                                "indexer cache")
         return cache
 
-    def store_index_k(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
-        cache = self._index(layer)
-        if self.indexer_format == "fp8":
-            from ..kernels import kv_store as ks
-            ks.store_indexer_k(cache, slots, k)
-        else:
-            cache.view(-1, cache.shape[-1])[slots] = k.to(cache.dtype)
-
     def gather_index_k(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """Exact-format keys [..., d_I] of the given slots."""
-        cache = self._index(layer)
+        cache = self.index_cache(layer)
         return cache.view(-1, cache.shape[-1])[slots]

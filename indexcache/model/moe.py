@@ -56,9 +56,13 @@ class Experts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(E, 2 * inter, D))
         self.down = nn.Parameter(torch.empty(E, D, inter))
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,
+                small_batch_kernel: bool = True) -> torch.Tensor:
+        """``small_batch_kernel``: decode-sized batches (few (token, slot) pairs) on the GPU run a memory-bound
+        Triton kernel (torch._grouped_mm reads the active experts at ~1.5 TB/s there); False keeps them on
+        torch._grouped_mm (benchmarks compare the two through ``EngineConfig.moe_small_batch_kernel``)."""
         N, K = ids.shape
-        if SMALL_BATCH_KERNEL and _grouped_mm_ok(x) and N * K <= SMALL_MAX_ROWS:
+        if small_batch_kernel and _grouped_mm_ok(x) and N * K <= SMALL_MAX_ROWS:
             return _small_batch_experts(x, ids, weights, self.gate_up, self.down)
         flat = ids.flatten()
         E = self.gate_up.shape[0]
@@ -77,11 +81,6 @@ class Experts(nn.Module):
             ys = _expert_loop(xs, flat, self.gate_up, self.down, self.inter)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
-
-
-# Decode-sized batches (few (token, slot) pairs) use a memory-bound Triton kernel on the GPU: torch._grouped_mm
-# reads the active experts at ~1.5 TB/s there. Switchable for benchmarks (read when a forward is traced/run).
-SMALL_BATCH_KERNEL = True
 
 
 @torch.compiler.disable  # a Triton launch with host-side checks: runs as is between compiled graphs
@@ -131,8 +130,9 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, small_batch_kernel: bool = True) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)
-        return (self.experts(flat, ids, weights) + self.shared_experts(flat)).view(shape)
+        routed = self.experts(flat, ids, weights, small_batch_kernel=small_batch_kernel)
+        return (routed + self.shared_experts(flat)).view(shape)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..pattern import IndexPattern, PatternError
+from ..pattern import IndexPattern, LayerPlan, PatternError
 from .attention import MLA
 from .moe import MLP, MoE
 from .norm import RMSNorm
@@ -72,8 +72,16 @@ class DSAModel(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
 
+    def layer_plan(self, pattern=None) -> LayerPlan:
+        """The per-layer plan of a forward under ``pattern`` (None: the pattern the model was built with)."""
+        return LayerPlan(self.resolve_pattern(pattern))
+
     def resolve_pattern(self, pattern) -> IndexPattern:
-        """A runtime pattern may only use indexers this model has (it can turn F layers into S, not back)."""
+        """A runtime pattern may only use indexers this model has (it can turn F layers into S, not back).
+
+        The model's own pattern (``config.pattern``) is fixed when it is built (``load_model(...,
+        index_pattern=...)``): S layers get no indexer weights. A runtime pattern only chooses which of the built
+        indexers run."""
         if pattern is None:
             return self.config.pattern
         p = IndexPattern.parse(pattern, self.config.num_layers)

@@ -1,4 +1,4 @@
-"""Training-aware multi-layer distillation (DSA_INDEXCACHE_SPEC B4).
+"""Training-aware multi-layer distillation (IndexCache, arXiv 2603.12201).
 
 For a target pattern, every retained F indexer learns the averaged attention distribution of itself and the S
 layers it serves: L_multi = sum_j 1/(m+1) KL(p^(l+j) || q^(l)). Two stages as in DSA: a dense warm-up (only the F

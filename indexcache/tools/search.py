@@ -1,4 +1,4 @@
-"""The paper's training-free greedy layer selection (DSA_INDEXCACHE_SPEC B2), with a cached prefix.
+"""The paper's training-free greedy layer selection (IndexCache, arXiv 2603.12201), with a cached prefix.
 
 Start from all-F; layer 0 (and any ``fixed`` layer) stays F. Each step tries every remaining F layer as S, on the
 same calibration batches, and commits the one with the lowest LM loss, until ``target_shared`` layers are S.

@@ -1,4 +1,4 @@
-"""Train a small DSA model on the stdlib corpus, DeepSeek's recipe in miniature (DSA_INDEXCACHE_SPEC A6):
+"""Train a small DSA model on the stdlib corpus, DeepSeek-V3.2's DSA recipe in miniature:
 
 1. dense pre-training: attention over all causal tokens, LM loss, indexers unused;
 2. indexer warm-up: only the indexers train, KL(p_t || softmax(I_t)), p_t = head-averaged dense attention;

@@ -159,3 +159,52 @@ def test_fp32_indexer_weights_proj_in_a_bf16_model():
     again = run(make_engine(m, "1/2"), [p], greedy(3))  # a second engine on the same (re-pointed) weights
     assert again[0] == ref[0]
     assert all(len(t) == 3 for t in ref[0])
+
+
+def test_index_pattern_means_the_same_everywhere():
+    """LLM(model, p) builds the model with p (load_model(..., index_pattern=p): S layers get no indexer weights);
+    LLMEngine(model, cfg, index_pattern=p) runs p on a model built with every indexer. Same plan, same tokens."""
+    from indexcache.checkpoint import load_model
+    from indexcache.llm import LLM
+    from indexcache.pattern import LayerRole
+
+    llm = LLM("tiny", "1/2", max_model_len=128, max_num_seqs=2, seed=5)
+    built = load_model("tiny", index_pattern="1/2", seed=5)
+    full = load_model("tiny", seed=5)
+    assert built.layers[2].self_attn.indexer is None and full.layers[2].self_attn.indexer is not None
+    p = prompt(40, 7)
+    # LLM(model, p) is load_model(model, index_pattern=p) served with the model's own pattern
+    a, b = llm.engine, make_engine(built, max_model_len=128)
+    assert a.plan == b.plan and str(a.plan) == "FFSFSFSF" and a.pattern == built.config.pattern
+    assert a.plan[2] == LayerRole(runs_indexer=False, source=1) and a.plan[3] == LayerRole(True, 3)
+    assert run(a, [p], greedy(4))[0] == run(b, [p], greedy(4))[0]
+    # the same weights (the S layers' indexers dropped) serve the same tokens as a runtime pattern over all of them
+    missing, unexpected = built.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and unexpected and all(".indexer." in k for k in unexpected)
+    c, d = make_engine(built, max_model_len=128), make_engine(full, "1/2", max_model_len=128)
+    assert c.plan == d.plan == a.plan
+    toks_c, logits_c = run(c, [p], greedy(4))
+    toks_d, logits_d = run(d, [p], greedy(4))
+    assert toks_c == toks_d
+    torch.testing.assert_close(logits_c[0], logits_d[0])
+    with pytest.raises(PatternError, match="no indexer weights"):
+        make_engine(built, "all", max_model_len=128)  # a runtime pattern cannot add indexers the model lacks
+
+
+def test_cache_formats_decided_once(model):
+    from indexcache.engine import EngineConfig
+    from indexcache.engine.attention_backend import CacheFormats, resolve_formats
+    from indexcache.presets import preset_config
+
+    mc = preset_config("tiny").replace(index_head_dim=128)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # resolve_formats only reads the device type
+    assert resolve_formats(EngineConfig(), mc, torch.float32, cpu) == CacheFormats("fp32", "exact")
+    assert resolve_formats(EngineConfig(), mc, torch.bfloat16, cuda) == CacheFormats("bf16", "fp8")
+    assert resolve_formats(EngineConfig(page_size=32), mc, torch.bfloat16, cuda) == CacheFormats("bf16", "exact")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_formats(EngineConfig(indexer_cache="fp8"), mc, torch.float32, cpu)
+    with pytest.raises(ValueError, match="index_head_dim 128"):
+        resolve_formats(EngineConfig(indexer_cache="fp8"), model.config, torch.bfloat16, cuda)
+    with pytest.raises(ValueError, match="512\\+64"):
+        resolve_formats(EngineConfig(kv_cache_dtype="fp8"), mc, torch.bfloat16, cuda)
+    assert make_engine(model).backend.name == "torch"

@@ -13,7 +13,7 @@ from indexcache.kernels.indexer import (
     quantize_indexer_k,
     quantize_indexer_q,
 )
-from indexcache.kernels.indexer.recall import fp8_recall, make_case
+from benchmarks.indexer_recall import fp8_recall, make_case
 from indexcache.kernels.indexer.reference import (
     indexer_logits_decode_ref,
     indexer_logits_ref,

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from indexcache.kernels.indexer.reference import hadamard_128, quantize_rows
+from indexcache.kernels.formats import quantize_rows
+from indexcache.kernels.indexer.reference import hadamard_128
 from indexcache.kernels.kv_store import (
     dequant_latent_fp8,
     gather_indexer_k,

@@ -101,28 +101,6 @@ def test_decode_fp8_cache(device):
     _lse_ok(lse, rl, 1e-3)
 
 
-@pytest.mark.parametrize("variant", ["split_dv", "split_acc", "swap_ab"])
-@pytest.mark.parametrize("h,dtype", [(16, torch.float32), (20, torch.float16), (64, torch.float16),
-                                     (128, torch.float32)])
-def test_prefill_variants_match_reference(device, variant, h, dtype):
-    torch.manual_seed(h + len(variant))
-    T, S, K = 4, 97, 37                   # 37 = 2 full 16-token tiles + a masked tail in the interpreter
-    q = torch.randn(T, h, 576, device=device).to(dtype)
-    kv = torch.randn(S, 576, device=device).to(dtype)
-    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device=device)
-    idx[0, 3] = -1
-    idx[0, 7] = S + 11
-    idx[1, 20:] = -1                      # ragged: a short row padded with -1 (causal early query)
-    idx[2, :] = -1                        # no valid entry: out 0, lse -inf
-    idx[3, 30:] = idx[3, 0]               # duplicates count twice
-    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, variant=variant)
-    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625)
-    assert torch.isfinite(out).all()
-    assert _rel(out, ro) < (2e-3 if dtype == torch.float16 else 1e-5)
-    assert (out[2] == 0).all()
-    _lse_ok(lse, rl, 1e-3)
-
-
 def _fp8_case(device, B, h, nb, ps, K, seed):
     torch.manual_seed(seed)
     latent = torch.randn(nb, ps, 576, device=device) * torch.rand(nb, ps, 1, device=device) * 4
@@ -138,18 +116,16 @@ def _fp8_case(device, B, h, nb, ps, K, seed):
 
 @pytest.mark.parametrize("h,splits,use_ws", [(16, None, False), (20, 1, True), (64, 3, True), (128, None, False),
                                              (128, 2, True)])
-def test_decode_fp8_dequant_strategy(device, h, splits, use_ws):
+def test_decode_fp8_splits_and_workspace(device, h, splits, use_ws):
     B, nb, ps, K = 3, 5, 16, 41
     cache, q, idx = _fp8_case(device, B, h, nb, ps, K, seed=29 + h)
     ws = None
     if use_ws:
-        n = sparse_mla_decode_workspace_bytes(B, h, K, dtype=q.dtype, kv_format="fp8", fp8_strategy="dequant",
-                                              num_splits=splits)
+        n = sparse_mla_decode_workspace_bytes(B, h, K, dtype=q.dtype, kv_format="fp8", num_splits=splits)
         ws = torch.full((n,), 0xFF, dtype=torch.uint8, device=device)     # NaN bytes for fp16/fp32 views
     ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.07, kv_format="fp8")
     for _ in range(2 if use_ws else 1):   # the same workspace reused by a second call
-        out, lse = sparse_mla_decode(q, cache, idx, 0.07, kv_format="fp8", num_splits=splits,
-                                     fp8_strategy="dequant", workspace=ws)
+        out, lse = sparse_mla_decode(q, cache, idx, 0.07, kv_format="fp8", num_splits=splits, workspace=ws)
         assert torch.isfinite(out).all()
         assert _rel(out, ro) < 2e-3
         assert (out[B - 1] == 0).all()
@@ -159,21 +135,19 @@ def test_decode_fp8_dequant_strategy(device, h, splits, use_ws):
     _lse_ok(lse, fl, 1e-3)
 
 
-def test_decode_fp8_dequant_fp32_and_workspace_checks(device):
+def test_decode_fp8_fp32_and_workspace_checks(device):
     B, h, nb, ps, K = 2, 20, 4, 16, 19
     cache, q, idx = _fp8_case(device, B, h, nb, ps, K, seed=3)
     q = q.float()
-    out, lse = sparse_mla_decode(q, cache, idx, 0.05, kv_format="fp8", fp8_strategy="dequant")
+    out, lse = sparse_mla_decode(q, cache, idx, 0.05, kv_format="fp8")
     ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.05, kv_format="fp8")
     assert _rel(out, ro) < 1e-5
     _lse_ok(lse, rl, 1e-4)
-    n = sparse_mla_decode_workspace_bytes(B, h, K, dtype=q.dtype, kv_format="fp8", fp8_strategy="dequant")
+    n = sparse_mla_decode_workspace_bytes(B, h, K, dtype=q.dtype, kv_format="fp8")
     with pytest.raises(ValueError, match="workspace"):
-        sparse_mla_decode(q, cache, idx, 0.05, kv_format="fp8", fp8_strategy="dequant",
+        sparse_mla_decode(q, cache, idx, 0.05, kv_format="fp8",
                           workspace=torch.zeros(n // 2, dtype=torch.uint8, device=device))
-    with pytest.raises(ValueError, match="fp8_strategy"):
-        sparse_mla_decode(q, cache, idx, 0.05, kv_format="fp8", fp8_strategy="dsm")
-    # the workspace also serves the default paths' split partials
+    # the workspace also serves the split partials
     qh = q.half()
     n = sparse_mla_decode_workspace_bytes(B, h, K, dtype=qh.dtype, kv_format="fp8", num_splits=2)
     o2, l2 = sparse_mla_decode(qh, cache, idx, 0.05, kv_format="fp8", num_splits=2,
@@ -194,8 +168,6 @@ def test_bad_arguments():
         sparse_mla_prefill(q, kv, idx, 0.1, d_v=256)
     with pytest.raises(ValueError, match="kv_format"):
         sparse_mla_decode(q, kv.view(1, 10, 576), idx, 0.1, kv_format="int8")
-    with pytest.raises(ValueError, match="variant"):
-        sparse_mla_prefill(q, kv, idx, 0.1, variant="fast")
     with pytest.raises(ValueError, match="656"):
         sparse_mla_decode(q, torch.zeros(1, 10, 576, dtype=torch.uint8), idx, 0.1, kv_format="fp8")
 
@@ -226,29 +198,20 @@ def test_gpu_bf16_real_sizes(h):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("h", [20, 128])
-def test_gpu_variants_real_sizes(h):
+def test_gpu_fp8_decode_workspace_real_sizes(h):
     torch.manual_seed(19)
-    T, S, K = 16, 200_000, 2048
-    q = torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(S, 576, device="cuda", dtype=torch.bfloat16)
-    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device="cuda")
-    idx[:, -100:] = -1
-    idx[3] = -1
-    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625)
-    for variant in ("split_dv", "split_acc") + (("swap_ab",) if h <= 32 else ()):
-        out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, variant=variant)
-        assert _rel(out, ro) < 1e-2, variant
-        _lse_ok(lse, rl, 2e-2)
-    nb, ps, B = 3200, 64, 8
+    B, K = 8, 2048
+    q = torch.randn(B, h, 576, device="cuda", dtype=torch.bfloat16)
+    nb, ps = 3200, 64
     cache = quantize_latent_fp8_reference(torch.randn(nb, ps, 576, device="cuda"))
     idx = torch.randint(0, nb * ps, (B, K), dtype=torch.int32, device="cuda")
     idx[1, 700:] = -1
     idx[2] = -1
     qd = q[:B]
     ro, rl = sparse_mla_decode_reference(qd, cache, idx, 0.0625, kv_format="fp8")
-    ws = torch.empty(sparse_mla_decode_workspace_bytes(B, h, K, kv_format="fp8", fp8_strategy="dequant"),
+    ws = torch.empty(sparse_mla_decode_workspace_bytes(B, h, K, kv_format="fp8"),
                      dtype=torch.uint8, device="cuda")
     for w in (None, ws):
-        o, l = sparse_mla_decode(qd, cache, idx, 0.0625, kv_format="fp8", fp8_strategy="dequant", workspace=w)
+        o, l = sparse_mla_decode(qd, cache, idx, 0.0625, kv_format="fp8", workspace=w)
         assert _rel(o, ro) < 1e-2
         _lse_ok(l, rl, 2e-2)

@@ -4,8 +4,9 @@ import inspect
 import pytest
 import torch
 
-from indexcache.kernels import topk as tp
-from indexcache.kernels.topk import topk_rows, topk_rows_reference
+from indexcache.kernels._dispatch import use_triton
+from indexcache.kernels.topk import bracket_stats, topk_rows, topk_rows_reference
+from indexcache.kernels.topk.ops import _SMALL_R
 from tests.helpers import poisoned
 
 
@@ -25,7 +26,6 @@ def _sets_equal(out, ref):
 
 def _check(x, k, **kw):
     out = topk_rows(x, k, **kw)
-    kw.pop("_path", None)
     ref = topk_rows_reference(x, k, **{n: kw[n] for n in ("row_start", "row_end") if n in kw})
     assert out.shape == (x.shape[0], k) and out.dtype == torch.int32
     assert ((out >= -1) & (out < x.shape[1])).all()
@@ -127,18 +127,17 @@ def test_bad_arguments():
         topk_rows(x.double(), 4)
     with pytest.raises(ValueError, match="row_end"):
         topk_rows(x, 4, row_end=torch.tensor([1, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sample"):
+        topk_rows(x, 4, sample=100)
 
 
 def _stats(x, k, **kw):
-    """Run the checked call with DEBUG on; return (fallback rows, mean bracket) of the Triton path."""
-    if x.device.type == "cpu" and not tp.use_triton(x):
+    """Run the checked call; return (fallback rows, mean bracket) of the Triton path."""
+    if x.device.type == "cpu" and not use_triton(x):
         pytest.skip("Triton path not active")
-    tp.DEBUG = {}
-    try:
-        _check(x, k, **kw)
-        return tp.bracket_stats(tp.DEBUG, k)
-    finally:
-        tp.DEBUG = None
+    stats = {}
+    _check(x, k, stats=stats, **kw)
+    return bracket_stats(stats, k)
 
 
 def test_many_chunks_most_without_candidates(device):
@@ -218,8 +217,8 @@ def test_shape_changes_do_not_recompile(device, path):
     """A prefill changes (R, N, windows, k) every call and decode changes the context length every step:
     the number of compiled variants per kernel must stay a small constant (for each path: the fused decode scan
     and the count + compact prefill path)."""
-    from indexcache.kernels.topk import triton_topk as tk
-    if not tp.use_triton(torch.empty(1, device=device)):
+    from indexcache.kernels.topk import triton as tk
+    if not use_triton(torch.empty(1, device=device)):
         pytest.skip("Triton path not active")
     if path == "scan":
         kernels = {"sample": tk._topk_sample_kernel, "scan": tk._topk_scan_kernel, "final": tk._topk_final_kernel}
@@ -269,13 +268,10 @@ def test_shape_changes_do_not_recompile(device, path):
         assert c - base.get(n, 0) <= 1, (n, base, after)
 
 
-PREFILL_PATHS = ["two16", "twohist"]
-
-
-@pytest.mark.parametrize("path", PREFILL_PATHS)
-def test_prefill_path_ragged_ties_padding(device, path):
+def test_prefill_path_ragged_ties_padding(device):
     """Count + compact path: windows (incl. empty and shorter than k), ties, NaN / -inf, -0.0, many chunks
-    (more than one NCT tile of chunk counts), with both final selects."""
+    (more than one NCT tile of chunk counts)."""
+    path = "two"
     torch.manual_seed(11)
     R, N, k = 6, 5000, 100
     x = torch.randn(R, N, device=device) * 3
@@ -300,10 +296,10 @@ def test_prefill_path_ragged_ties_padding(device, path):
             assert ((v >= start[r]) & (v < end[r])).all()
 
 
-@pytest.mark.parametrize("path", PREFILL_PATHS)
-def test_prefill_path_bad_brackets_fall_back(device, path):
+def test_prefill_path_bad_brackets_fall_back(device):
     """Count + compact path: a bad bracket (maxima the sample missed: count(>= hi) >= k; bracket > CAP) skips
     compaction for that row only, and the final kernel redoes it exactly; good rows in the same call are unaffected."""
+    path = "two"
     torch.manual_seed(12)
     N, k = 6000, 600
     x = torch.randn(4, N, device=device)
@@ -328,17 +324,16 @@ def test_prefill_path_bad_brackets_fall_back(device, path):
 
 def test_default_path_by_row_count(device):
     """R <= _SMALL_R takes the fused scan (decode), larger R the count + compact path (prefill)."""
-    if not tp.use_triton(torch.empty(1, device=device)):
+    if not use_triton(torch.empty(1, device=device)):
         pytest.skip("Triton path not active")
     torch.manual_seed(13)
-    tp.DEBUG = {}
-    try:
-        _check(torch.randn(tp._SMALL_R + 1, 300, device=device), 20)
-        assert tp.DEBUG["path"] == "two"
-        _check(torch.randn(2, 300, device=device), 20)
-        assert tp.DEBUG["path"] == "scan"
-    finally:
-        tp.DEBUG = None
+    stats = {}
+    _check(torch.randn(_SMALL_R + 1, 300, device=device), 20, stats=stats)
+    assert stats["path"] == "two"
+    _check(torch.randn(2, 300, device=device), 20, stats=stats)
+    assert stats["path"] == "scan"
+    _check(torch.randn(1, 700, device=device), 20, stats=stats, sample=512)   # explicit sample size
+    assert stats["S"] == 512
 
 
 def test_sorted_flag_prefill_path(device):
@@ -357,7 +352,7 @@ def test_gpu_long_rows(dtype):
     ends = torch.tensor([N, N - 7, 150_001, 2047, 2048, 3000, N, 100_000], dtype=torch.int32, device="cuda")
     x[6, :] = 0.25                                 # all ties
     x[7, 50_000:52_500] = 1e4                      # clustered maxima
-    for path in (None, "scan", "two16", "twohist"):
+    for path in (None, "scan", "two"):
         _check(x, k, row_end=ends, _path=path)
     _check(torch.randn(300, 70_000, device="cuda").to(dtype), k)
     _check(torch.randn(3, 200_000, device="cuda"), 4096, _path="two")

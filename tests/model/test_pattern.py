@@ -5,7 +5,7 @@ from indexcache import IndexPattern, PatternError
 
 
 def test_uniform_freq4_47_layers_matches_reference_patch():
-    # SGLang/vLLM patch: F at layers 0, 1, 5, 9, ..., 45 -> 13 full layers (DSA_INDEXCACHE_SPEC B1)
+    # the IndexCache SGLang/vLLM patches (index_topk_freq=4): F at layers 0, 1, 5, 9, ..., 45 -> 13 full layers
     expected = "FF" + "SSSF" * 11 + "S"
     p = IndexPattern.uniform(47, 4)
     assert str(p) == expected and len(expected) == 47
@@ -84,3 +84,27 @@ def test_engine_flags_carry_the_pattern():
     assert '"index_topk_pattern": "FFSSF"' in flags["sglang"] and flags["sglang"].startswith("--json-model-override-args")
     assert flags["vllm"].startswith("--hf-overrides") and "FFSSF" in flags["vllm"]
     assert "index_topk_pattern = 'FFSSF'" in flags["transformers"]
+
+
+def test_layer_plan_roles():
+    from indexcache.pattern import LayerPlan, LayerRole
+
+    plan = LayerPlan(IndexPattern("FFSSFS"))
+    assert [r.source for r in plan] == [0, 1, 1, 1, 4, 4]
+    assert [plan.runs_indexer(i) for i in range(6)] == [True, True, False, False, True, False]
+    assert plan[3] == LayerRole(runs_indexer=False, source=1) and len(plan) == 6
+    assert plan.num_full == 3 and plan.full_layers == [0, 1, 4] and str(plan) == "FFSSFS"
+    assert plan == LayerPlan(IndexPattern("FFSSFS")) and plan != LayerPlan(IndexPattern("FFSSSS"))
+
+
+def test_model_layer_plan_is_the_one_resolver():
+    import torch
+
+    from indexcache.checkpoint import build_empty
+    from indexcache.presets import preset_config
+
+    model = build_empty(preset_config("tiny").with_pattern("FSFSFSFS"), "meta", torch.float32)
+    assert str(model.layer_plan()) == "FSFSFSFS"  # None: the pattern the model was built with
+    assert str(model.layer_plan("FSSSFSSS")) == "FSSSFSSS"  # fewer indexers run
+    with pytest.raises(PatternError, match="no indexer weights"):
+        model.layer_plan("all")

@@ -1,7 +1,7 @@
 """Plain PyTorch references for the lightning indexer (DSA spec A2): quantisation, logits, top-k.
 
 Shapes: T query rows, S keys, H indexer heads, D = 128. FP8 is e4m3fn with one power-of-two ("ue8m0") fp32
-scale per 128-vector. Logits are fp32, -inf outside each row's window [row_start, row_end).
+scale per 128-vector (``indexcache.kernels.formats``). Logits are fp32, -inf outside each row's window [row_start, row_end).
 """
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import functools
 
 import torch
 
-D = 128
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-4
+from indexcache.kernels.formats import INDEX_DIM, PAGE, gather_indexer_k, quantize_rows
+
+D = INDEX_DIM
 
 
 @functools.lru_cache(maxsize=8)
@@ -27,26 +27,6 @@ def hadamard_128(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] != D:
         raise ValueError(f"hadamard_128: last dim must be {D}, got {x.shape[-1]}")
     return (x.float() @ _hadamard_matrix(str(x.device))).to(x.dtype)
-
-
-def pow2_ceil(v: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two >= v (v > 0), exact (frexp, no log2 rounding)."""
-    m, e = torch.frexp(v)
-    e = torch.where(m == 0.5, e - 1, e)
-    return torch.ldexp(torch.ones_like(v), e)
-
-
-def quant_scale(amax: torch.Tensor) -> torch.Tensor:
-    """ue8m0 scale for a group with max-abs ``amax``: 2^ceil(log2(max(amax,1e-4)/448))."""
-    return pow2_ceil(amax.float().clamp_min(AMAX_FLOOR) / FP8_MAX)
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise each 128-vector of x (last dim) to e4m3 with its own power-of-two scale. Returns (x_fp8, scale)."""
-    xf = x.float()
-    scale = quant_scale(xf.abs().amax(-1))
-    xq = (xf / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return xq, scale
 
 
 def _check_last_dim(name: str, t: torch.Tensor, ndim: int):
@@ -175,8 +155,6 @@ def topk_recall(idx_pred: torch.Tensor, idx_ref: torch.Tensor) -> float:
 
 def decode_gather_keys(kv_cache, block_table, context_len: int, b: int):
     """(k_fp8 [L,128], k_scale [L]) of sequence b's first context_len tokens, from the paged 8448-B/page cache."""
-    from indexcache.kernels.kv_store.reference import PAGE, gather_indexer_k
-
     pos = torch.arange(context_len, device=kv_cache.device)
     slots = block_table[b, pos // PAGE].long() * PAGE + pos % PAGE
     return gather_indexer_k(kv_cache, slots)

@@ -1,4 +1,4 @@
-"""Triton cache-write kernels: quantise-and-scatter one launch per call (layouts in reference.py).
+"""Triton cache-write kernels: quantise-and-scatter one launch per call (layouts in ``indexcache.kernels.formats``).
 
 Scales are computed from the fp32 bit pattern (exact power of two, no division), so the bytes written equal the
 PyTorch reference bit for bit. Under the Triton interpreter the fp32->e4m3 cast is emulated with integer
@@ -11,7 +11,19 @@ import triton
 import triton.language as tl
 
 from indexcache.kernels._dispatch import interpreting
-from indexcache.kernels.kv_store.reference import LATENT_FP8_BYTES, NOPE, ROPE, PAGE_BYTES
+from indexcache.kernels import formats as F
+
+# the byte layouts as compile-time constants (element offsets in the uint8 / fp32 / bf16 views of a row or page)
+_PAGE: tl.constexpr = tl.constexpr(F.PAGE)
+_PAGE_BYTES: tl.constexpr = tl.constexpr(F.INDEX_PAGE_BYTES)
+_PAGE_F32: tl.constexpr = tl.constexpr(F.INDEX_PAGE_BYTES // 4)
+_SCALES_F32: tl.constexpr = tl.constexpr(F.INDEX_SCALES_AT // 4)
+_ROW: tl.constexpr = tl.constexpr(F.LATENT_FP8_BYTES)
+_ROW_F32: tl.constexpr = tl.constexpr(F.LATENT_FP8_BYTES // 4)
+_ROW_BF16: tl.constexpr = tl.constexpr(F.LATENT_FP8_BYTES // 2)
+_LSCALES_F32: tl.constexpr = tl.constexpr(F.LATENT_SCALES_AT // 4)
+_LROPE_BF16: tl.constexpr = tl.constexpr(F.LATENT_ROPE_AT // 2)
+_LATENT: tl.constexpr = tl.constexpr(F.LATENT_DIM)
 
 
 @triton.jit
@@ -58,10 +70,10 @@ def _store_indexer_k_kernel(k_ptr, slot_ptr, c8_ptr, cs_ptr, T, stride_k,
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=1))
     y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
     q = _e4m3_bits(y, EMULATE)
-    page = slot // 64
-    off = slot % 64
-    tl.store(c8_ptr + (page * 8448 + off * D)[:, None] + offs_d[None, :], q, mask=ok[:, None])
-    tl.store(cs_ptr + page * 2112 + 2048 + off, scale, mask=ok)
+    page = slot // _PAGE
+    off = slot % _PAGE
+    tl.store(c8_ptr + (page * _PAGE_BYTES + off * D)[:, None] + offs_d[None, :], q, mask=ok[:, None])
+    tl.store(cs_ptr + page * _PAGE_F32 + _SCALES_F32 + off, scale, mask=ok)
 
 
 def store_indexer_k_triton(kv_cache, slot_mapping, k):
@@ -91,12 +103,12 @@ def _store_latent_fp8_kernel(ckv_ptr, kpe_ptr, slot_ptr, c8_ptr, c32_ptr, c16_pt
     scale, inv = _pow2_scale(tl.max(tl.abs(x3), axis=2))  # [BT, 4]
     y = tl.minimum(tl.maximum(x3 * inv[:, :, None], -448.0), 448.0)
     q = tl.reshape(_e4m3_bits(y, EMULATE), [BT, 512])
-    tl.store(c8_ptr + slot[:, None] * 656 + offs_c[None, :], q, mask=ok[:, None])
+    tl.store(c8_ptr + slot[:, None] * _ROW + offs_c[None, :], q, mask=ok[:, None])
     offs_s = tl.arange(0, 4)
-    tl.store(c32_ptr + slot[:, None] * 164 + 128 + offs_s[None, :], scale, mask=ok[:, None])
+    tl.store(c32_ptr + slot[:, None] * _ROW_F32 + _LSCALES_F32 + offs_s[None, :], scale, mask=ok[:, None])
     offs_p = tl.arange(0, 64)
     p = tl.load(kpe_ptr + r64[:, None] * stride_p + offs_p[None, :], mask=ok[:, None], other=0.0)
-    tl.store(c16_ptr + slot[:, None] * 328 + 264 + offs_p[None, :], p.to(tl.bfloat16), mask=ok[:, None])
+    tl.store(c16_ptr + slot[:, None] * _ROW_BF16 + _LROPE_BF16 + offs_p[None, :], p.to(tl.bfloat16), mask=ok[:, None])
 
 
 def _unit_stride_rows(ckv, kpe):
@@ -109,7 +121,7 @@ def store_latent_fp8_triton(cache, slot_mapping, ckv, kpe):
     if t == 0:
         return cache
     ckv, kpe = _unit_stride_rows(ckv, kpe)
-    flat = cache.view(-1, LATENT_FP8_BYTES)
+    flat = cache.view(-1, F.LATENT_FP8_BYTES)
     bt = 8
     _store_latent_fp8_kernel[(triton.cdiv(t, bt),)](
         ckv, kpe, slot_mapping, flat, flat.view(torch.float32), flat.view(torch.bfloat16), t, ckv.stride(0),
@@ -126,10 +138,10 @@ def _store_latent_bf16_kernel(ckv_ptr, kpe_ptr, slot_ptr, c_ptr, T, stride_c, st
     r64 = rows.to(tl.int64)
     offs_c = tl.arange(0, 512)
     x = tl.load(ckv_ptr + r64[:, None] * stride_c + offs_c[None, :], mask=ok[:, None], other=0.0)
-    tl.store(c_ptr + slot[:, None] * 576 + offs_c[None, :], x.to(tl.bfloat16), mask=ok[:, None])
+    tl.store(c_ptr + slot[:, None] * _LATENT + offs_c[None, :], x.to(tl.bfloat16), mask=ok[:, None])
     offs_p = tl.arange(0, 64)
     p = tl.load(kpe_ptr + r64[:, None] * stride_p + offs_p[None, :], mask=ok[:, None], other=0.0)
-    tl.store(c_ptr + slot[:, None] * 576 + 512 + offs_p[None, :], p.to(tl.bfloat16), mask=ok[:, None])
+    tl.store(c_ptr + slot[:, None] * _LATENT + 512 + offs_p[None, :], p.to(tl.bfloat16), mask=ok[:, None])
 
 
 def store_latent_bf16_triton(cache, slot_mapping, ckv, kpe):
@@ -142,5 +154,3 @@ def store_latent_bf16_triton(cache, slot_mapping, ckv, kpe):
         ckv, kpe, slot_mapping, cache, t, ckv.stride(0), kpe.stride(0), BT=bt, num_warps=4)
     return cache
 
-
-assert PAGE_BYTES == 8448 and NOPE + ROPE == 576

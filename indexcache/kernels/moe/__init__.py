@@ -1,29 +1,7 @@
-"""Routed MoE experts for decode batch sizes: a memory-bound Triton matvec kernel (see triton.py) instead of
-torch._grouped_mm, which is far from the copy bandwidth when only a few (token, slot) pairs are active.
-
-    moe_experts_small(x [N, D], ids [N, K], weights [N, K], gate_up [E, 2I, D], down [E, D, I]) -> y [N, D]
-
-Triton runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), the PyTorch reference otherwise. Expert ids are
-not range-checked (that would need a device sync); ids outside [0, E) are undefined behaviour in the kernel.
-"""
-from __future__ import annotations
-
-from indexcache.kernels._dispatch import use_triton
-from indexcache.kernels.moe.reference import check_moe_inputs, moe_experts_small_reference
+"""Routed MoE experts for decode batch sizes: a memory-bound Triton matvec kernel instead of torch._grouped_mm,
+which is far from the copy bandwidth when only a few (token, slot) pairs are active. ``ops`` dispatches,
+``reference`` is plain PyTorch, ``triton`` holds the kernels."""
+from indexcache.kernels.moe.ops import SMALL_MAX_ROWS, moe_experts_small
+from indexcache.kernels.moe.reference import moe_experts_small_reference
 
 __all__ = ["SMALL_MAX_ROWS", "moe_experts_small", "moe_experts_small_reference"]
-
-# N*K up to which the engine should use this kernel: each pair re-reads its expert's weights (from L2 when
-# pairs share an expert), so larger batches belong to the grouped GEMM.
-SMALL_MAX_ROWS = 64
-
-
-def moe_experts_small(x, ids, weights, gate_up, down):
-    """y[n] = sum_k weights[n,k] * down[e] @ (silu(gate_e @ x[n]) * (up_e @ x[n])), e = ids[n,k]; fp32
-    accumulation, returned in x.dtype."""
-    check_moe_inputs("moe_experts_small", x, ids, weights, gate_up, down)
-    if use_triton(x):
-        from indexcache.kernels.moe.triton import moe_experts_small_triton
-
-        return moe_experts_small_triton(x, ids, weights, gate_up, down)
-    return moe_experts_small_reference(x, ids, weights, gate_up, down)

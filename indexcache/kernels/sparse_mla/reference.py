@@ -1,18 +1,11 @@
-"""Plain PyTorch sparse MLA (absorbed / MQA mode) and the FlashMLA FP8 latent-cache format, as oracles.
-
-FP8 cache entry, 656 bytes per token: [0, 512) e4m3 c_kv, [512, 528) four fp32 scales (one per 128-element
-tile, value = fp8 * scale), [528, 656) 64 bf16 k_pe.
+"""Plain PyTorch sparse MLA (absorbed / MQA mode), the oracle for the Triton kernels. The FP8 latent cache
+(656 B per token) is the FlashMLA format of ``indexcache.kernels.formats``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-D_QK = 576
-D_NOPE = 512
-D_ROPE = 64
-FP8_BYTES = 656
+from indexcache.kernels.formats import LATENT_DIM, LATENT_FP8_BYTES, NOPE, dequant_latent_fp8, quantize_latent_fp8
 
 
 def sparse_mla_prefill_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
@@ -32,22 +25,13 @@ def sparse_mla_prefill_reference(q: torch.Tensor, kv: torch.Tensor, indices: tor
 
 def quantize_latent_fp8_reference(latent: torch.Tensor) -> torch.Tensor:
     """[..., 576] float -> uint8 [..., 656]; per 128-tile scale = amax/448 rounded up to a power of two."""
-    x = latent.float()
-    nope = x[..., :D_NOPE].unflatten(-1, (4, 128))
-    amax = nope.abs().amax(-1).clamp(min=1e-4)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
-    q8 = (nope / scale[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).flatten(-2)
-    return torch.cat([q8.view(torch.uint8), scale.contiguous().view(torch.uint8),
-                      x[..., D_NOPE:].to(torch.bfloat16).contiguous().view(torch.uint8)], dim=-1)
+    flat = latent.reshape(-1, LATENT_DIM)
+    return quantize_latent_fp8(flat[:, :NOPE], flat[:, NOPE:]).view(*latent.shape[:-1], LATENT_FP8_BYTES)
 
 
 def dequant_latent_fp8_reference(cache: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 656] -> float32 [..., 576]."""
-    nope = cache[..., :512].contiguous().view(torch.float8_e4m3fn).float()
-    scale = cache[..., 512:528].contiguous().view(torch.float32)
-    pe = cache[..., 528:656].contiguous().view(torch.bfloat16).float()
-    nope = (nope.unflatten(-1, (4, 128)) * scale[..., None]).flatten(-2)
-    return torch.cat([nope, pe], dim=-1)
+    return dequant_latent_fp8(cache)
 
 
 def sparse_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sm_scale: float,
@@ -58,5 +42,3 @@ def sparse_mla_decode_reference(q: torch.Tensor, cache: torch.Tensor, indices: t
     out, lse = sparse_mla_prefill_reference(q.float(), kv, indices, sm_scale, d_v)
     return out.to(q.dtype), lse
 
-
-LOG2E = 1.0 / math.log(2.0)

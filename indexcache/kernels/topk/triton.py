@@ -1,11 +1,11 @@
-"""Exact per-row top-k in Triton: sampled bracket, one fused count+compact pass, exact select (exact fallback).
+"""Exact per-row top-k in Triton: sampled bracket, count + compact of the bracket, exact select (exact fallback).
 
 Keys: fp32 bits mapped to an order-preserving int32 (``b`` if ``b >= 0`` else ``b ^ 0x7FFFFFFF``), -0.0 folded
 to +0.0; NaN, -inf and out-of-range columns get INT_MIN and are never counted. Inside a bracket the kernel
 ranks unique int64 composites ``(key - INT_MIN) << 31 | (2^31 - 1 - col)``, so among equal values the lower
 column wins and the k-th element is always unique.
 
-Launches (no host sync, three per call):
+Decode path (R <= 64; three launches, no host sync):
   1. sample (R programs):     read ~S entries of the row, sort them, pick a bracket [lo, hi) of keys that
                               should hold the k-th largest (exact when the row has <= S entries); zero the
                               row's counters.
@@ -22,19 +22,16 @@ Launches (no host sync, three per call):
                               maxima the sample missed, heavy ties, bracket > CAP) the program redoes the row
                               alone with an exact 16-ary refinement over the full row (slow, never drops).
 
-Prefill path (R > 64, chosen in ``__init__``): sample, then ``_topk_count_kernel`` (per-chunk counts, plain
+Prefill path (R > 64, chosen in ``ops``): sample, then ``_topk_count_kernel`` (per-chunk counts, plain
 stores) and ``_topk_compact_kernel`` (slots from the prefix of the earlier chunks' counts, one packed cumsum per
-block, no atomics; program c == 0 writes the row totals into the counters), then the same final kernel (with
-``SEL16``: the previous design's 16-ary select, measured faster than the histogram select for 4096 rows).
+block, no atomics; program c == 0 writes the row totals into the counters), then the same final kernel with
+``SEL16`` (a 16-ary search select, faster than the histogram select at thousands of rows).
 
 Every runtime size (row stride, k, CAP, chunk, chunk count) is ``do_not_specialize``: the compiled variants depend only on
 the constexprs (sample size, block sizes), the dtype and pointer alignment, never on R, N or the windows.
 """
 import triton
 import triton.language as tl
-
-INT_MIN = -2147483648
-INT_MAX = 2147483647
 
 
 @triton.jit
@@ -325,8 +322,8 @@ def _select_write(scrr, tb, n_in, need, outp, a, b, FB: tl.constexpr, NBIN: tl.c
 
 @triton.jit
 def _select_write16(scrr, n_in, need, outp, FB: tl.constexpr, NB: tl.constexpr):
-    """The previous design's select (H200 prefill: 1.13 ms vs 1.35 ms for the histogram select): write the column
-    ids of the ``need`` largest of the n_in unique composites in scrr to outp[0:need] by a 16-ary search."""
+    """Prefill select: write the column ids of the ``need`` largest of the n_in unique composites in scrr to
+    outp[0:need] by a 16-ary search."""
     ar = tl.arange(0, FB)
     j = tl.arange(0, NB)
     mn = tl.zeros([], tl.int64) + 9223372036854775807

@@ -1,4 +1,4 @@
-"""FP8 indexer top-k recall against the non-quantised fp32 scores (used by tests and benchmarks/kernels_indexer.py).
+"""FP8 indexer top-k recall against the non-quantised fp32 scores (benchmarks/kernels_indexer.py and the tests).
 
 Input families (``make_case``):
   random    q, k, weights ~ N(0,1)                         (worst case: no structure, many near-ties)
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from indexcache.kernels.indexer.reference import (
+from indexcache.kernels.indexer import (
+    indexer_logits,
     indexer_logits_fp32,
     quantize_indexer_k,
     quantize_indexer_q,
@@ -51,8 +52,6 @@ def make_case(kind: str, t: int, s: int, h: int, *, seed: int = 0, device="cpu")
 def fp8_recall(q, weights, k, row_start, row_end, topk: int, *, hadamard: bool = False, logits_fn=None,
                topk_fn=None) -> float:
     """Recall of the FP8 indexer's top-k (quantise -> logits_fn -> top-k) against fp32 scores' top-k."""
-    from indexcache.kernels.indexer import indexer_logits
-
     logits_fn = logits_fn or indexer_logits
     topk_fn = topk_fn or topk_rows_torch
     ref = indexer_logits_fp32(q, weights, k, row_start, row_end)

@@ -1,6 +1,6 @@
 """Triton kernels for indexer logits: prefill (dense keys, ragged row windows) and decode (paged FP8 key cache).
 
-Prefill (recipe of PERF_ANCHORS §4): one program owns BQ query rows x all H heads (N = BQ*HP columns, HP = H
+Prefill: one program owns BQ query rows x all H heads (N = BQ*HP columns, HP = H
 rounded up to a power of two, padded heads get zero weight) and walks the key tiles of its block's window
 [min row_start, max row_end) with BKV keys as the MMA M dimension:
     acc[BKV, BQ*HP] = k_fp8 @ q_fp8^T          (fp8 tensor cores, fp32 accumulate)
@@ -14,15 +14,19 @@ import triton
 import triton.language as tl
 
 from indexcache.kernels._dispatch import interpreting
-from indexcache.kernels.kv_store.reference import PAGE, PAGE_BYTES
+from indexcache.kernels import formats as F
+
+_PAGE: tl.constexpr = tl.constexpr(F.PAGE)
+_PAGE_BYTES: tl.constexpr = tl.constexpr(F.INDEX_PAGE_BYTES)
+_SCALES_AT: tl.constexpr = tl.constexpr(F.INDEX_SCALES_AT)
+_D: tl.constexpr = tl.constexpr(F.INDEX_DIM)
 
 
 @triton.jit(do_not_specialize=["T", "S", "stride_out"])  # chunk shapes vary: one compile, not 8
 def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
                            T, S, stride_out,
-                           H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr,
-                           PERQ: tl.constexpr):
-    D: tl.constexpr = 128
+                           H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr):
+    D: tl.constexpr = _D
     pid = tl.program_id(0)
     q0 = pid * BQ
     rows = q0 + tl.arange(0, BQ)
@@ -44,46 +48,27 @@ def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
         offs_s = s0 + offs_kv
         tl.store(out_rows + offs_s[None, :], neg_inf, mask=rmask[:, None] & (offs_s[None, :] < S))
 
-    if PERQ:
-        offs_h = tl.arange(0, HP)
-        for s0 in range(lo_t, hi, BKV):
-            offs_s = s0 + offs_kv
-            smask = offs_s < S
-            k = tl.load(k_ptr + offs_s[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-            ks = tl.load(ks_ptr + offs_s, mask=smask, other=0.0)
-            for j in tl.static_range(BQ):
-                row = q0 + j
-                qj = tl.load(q_ptr + (row.to(tl.int64) * H + offs_h[:, None]) * D + offs_d[None, :],
-                             mask=(offs_h[:, None] < H) & (row < T), other=0.0)
-                wj = tl.load(w_ptr + row.to(tl.int64) * H + offs_h, mask=(offs_h < H) & (row < T), other=0.0)
-                acc = tl.dot(k, tl.trans(qj))  # [BKV, HP]
-                lg = tl.sum(tl.maximum(acc, 0.0) * wj[None, :], axis=1) * ks
-                rs_j = tl.load(rs_ptr + row, mask=row < T, other=0)
-                re_j = tl.load(re_ptr + row, mask=row < T, other=0)
-                lg = tl.where((offs_s >= rs_j) & (offs_s < re_j), lg, float("-inf"))
-                tl.store(out_ptr + row.to(tl.int64) * stride_out + offs_s, lg, mask=smask & (row < T))
-    else:
-        offs_n = tl.arange(0, BQ * HP)
-        n_row = q0 + offs_n // HP
-        n_head = offs_n % HP
-        n_ok = (n_row < T) & (n_head < H)
-        q = tl.load(q_ptr + (n_row.to(tl.int64) * H + n_head)[:, None] * D + offs_d[None, :],
-                    mask=n_ok[:, None], other=0.0)  # [BQ*HP, D]
-        w = tl.load(w_ptr + n_row.to(tl.int64) * H + n_head, mask=n_ok, other=0.0)
-        w3 = tl.reshape(w, [BQ, HP])
-        qt = tl.trans(q)
-        for s0 in range(lo_t, hi, BKV):
-            offs_s = s0 + offs_kv
-            smask = offs_s < S
-            k = tl.load(k_ptr + offs_s[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-            ks = tl.load(ks_ptr + offs_s, mask=smask, other=0.0)
-            acc = tl.dot(k, qt)  # [BKV, BQ*HP]
-            acc = tl.reshape(acc, [BKV, BQ, HP])
-            lg = tl.sum(tl.maximum(acc, 0.0) * w3[None, :, :], axis=2)  # [BKV, BQ]
-            lg = tl.trans(lg * ks[:, None])  # [BQ, BKV]
-            ok = (offs_s[None, :] >= rs[:, None]) & (offs_s[None, :] < re[:, None])
-            lg = tl.where(ok, lg, float("-inf"))
-            tl.store(out_rows + offs_s[None, :], lg, mask=rmask[:, None] & smask[None, :])
+    offs_n = tl.arange(0, BQ * HP)
+    n_row = q0 + offs_n // HP
+    n_head = offs_n % HP
+    n_ok = (n_row < T) & (n_head < H)
+    q = tl.load(q_ptr + (n_row.to(tl.int64) * H + n_head)[:, None] * D + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)  # [BQ*HP, D]
+    w = tl.load(w_ptr + n_row.to(tl.int64) * H + n_head, mask=n_ok, other=0.0)
+    w3 = tl.reshape(w, [BQ, HP])
+    qt = tl.trans(q)
+    for s0 in range(lo_t, hi, BKV):
+        offs_s = s0 + offs_kv
+        smask = offs_s < S
+        k = tl.load(k_ptr + offs_s[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+        ks = tl.load(ks_ptr + offs_s, mask=smask, other=0.0)
+        acc = tl.dot(k, qt)  # [BKV, BQ*HP]
+        acc = tl.reshape(acc, [BKV, BQ, HP])
+        lg = tl.sum(tl.maximum(acc, 0.0) * w3[None, :, :], axis=2)  # [BKV, BQ]
+        lg = tl.trans(lg * ks[:, None])  # [BQ, BKV]
+        ok = (offs_s[None, :] >= rs[:, None]) & (offs_s[None, :] < re[:, None])
+        lg = tl.where(ok, lg, float("-inf"))
+        tl.store(out_rows + offs_s[None, :], lg, mask=rmask[:, None] & smask[None, :])
 
     for s0 in range(hi_t, S, BKV):
         offs_s = s0 + offs_kv
@@ -94,21 +79,14 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-# Benchmarks may set overrides here (e.g. the winner of a config sweep): PREFILL_OVERRIDE[H] = {key: value}.
-PREFILL_OVERRIDE: dict = {}
-DECODE_OVERRIDE: dict = {}
-
-
 def prefill_config(h: int) -> dict:
     """Launch parameters for H heads (tuned on H200, see docs/kernels_indexer.md)."""
     hp = max(16, _pow2(h))
     bq = max(1, 128 // hp)
     if interpreting():
-        return dict(BQ=bq, BKV=64, PERQ=False, num_warps=4, num_stages=1)
-    # H200 sweep (docs/kernels_indexer.md): N = BQ*HP = 256 columns, 64-key tiles; 4 warps for H<=32, 8 for H=64
-    cfg = dict(BQ=max(1, 256 // hp), BKV=64, PERQ=False, num_warps=4 if hp <= 32 else 8, num_stages=3)
-    cfg.update(PREFILL_OVERRIDE.get(h, {}))
-    return cfg
+        return dict(BQ=bq, BKV=64, num_warps=4, num_stages=1)
+    # N = BQ*HP = 256 columns, 64-key tiles; 4 warps for H<=32, 8 for H=64 (docs/kernels_indexer.md)
+    return dict(BQ=max(1, 256 // hp), BKV=64, num_warps=4 if hp <= 32 else 8, num_stages=3)
 
 
 def indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config=None):
@@ -125,7 +103,7 @@ def indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=N
     grid = (triton.cdiv(t, cfg["BQ"]),)
     _prefill_logits_kernel[grid](
         q_fp8, w.contiguous(), k_fp8, k_scale.contiguous(), row_start.contiguous(), row_end.contiguous(), out,
-        t, s, out.stride(0), H=h, HP=hp, BQ=cfg["BQ"], BKV=cfg["BKV"], PERQ=cfg["PERQ"],
+        t, s, out.stride(0), H=h, HP=hp, BQ=cfg["BQ"], BKV=cfg["BKV"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -134,9 +112,9 @@ def indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=N
 def _decode_logits_kernel(q_ptr, w_ptr, kc8_ptr, kcs_ptr, bt_ptr, ctx_ptr, out_ptr,
                           max_len, bt_stride, max_pages,
                           H: tl.constexpr, HP: tl.constexpr, PAGES: tl.constexpr):
-    D: tl.constexpr = 128
-    PG: tl.constexpr = 64
-    PB: tl.constexpr = 8448
+    D: tl.constexpr = _D
+    PG: tl.constexpr = _PAGE
+    PB: tl.constexpr = _PAGE_BYTES
     BT: tl.constexpr = PAGES * PG
     b = tl.program_id(0)
     blk = tl.program_id(1)
@@ -151,7 +129,7 @@ def _decode_logits_kernel(q_ptr, w_ptr, kc8_ptr, kcs_ptr, bt_ptr, ctx_ptr, out_p
         off = offs_t % PG
         offs_d = tl.arange(0, D)
         k = tl.load(kc8_ptr + (base + off * D)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        ks = tl.load(kcs_ptr + (base // 4 + PG * D // 4 + off), mask=valid, other=0.0)
+        ks = tl.load(kcs_ptr + (base // 4 + _SCALES_AT // 4 + off), mask=valid, other=0.0)
         offs_h = tl.arange(0, HP)
         hmask = offs_h < H
         q = tl.load(q_ptr + (b.to(tl.int64) * H + offs_h[:, None]) * D + offs_d[None, :], mask=hmask[:, None], other=0.0)
@@ -167,7 +145,7 @@ def _decode_logits_kernel(q_ptr, w_ptr, kc8_ptr, kcs_ptr, bt_ptr, ctx_ptr, out_p
 def decode_config(h: int) -> dict:
     if interpreting():
         return dict(PAGES=1, num_warps=4, num_stages=1)
-    return dict(dict(PAGES=2, num_warps=8, num_stages=1), **DECODE_OVERRIDE)
+    return dict(PAGES=2, num_warps=8, num_stages=1)
 
 
 def indexer_logits_decode_triton(q_fp8, w, kv_cache, block_table, context_lens, max_len, *, out=None, config=None):
@@ -178,7 +156,7 @@ def indexer_logits_decode_triton(q_fp8, w, kv_cache, block_table, context_lens, 
         out = torch.empty(b, max_len, device=q_fp8.device, dtype=torch.float32)
     if b == 0 or max_len == 0:
         return out
-    bt = PAGE * cfg["PAGES"]
+    bt = F.PAGE * cfg["PAGES"]
     grid = (b, triton.cdiv(max_len, bt))
     _decode_logits_kernel[grid](
         q_fp8.contiguous(), w.contiguous(), kv_cache.view(torch.float8_e4m3fn), kv_cache.view(torch.float32),
@@ -186,5 +164,3 @@ def indexer_logits_decode_triton(q_fp8, w, kv_cache, block_table, context_lens, 
         H=h, HP=hp, PAGES=cfg["PAGES"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
-
-assert PAGE_BYTES == 8448

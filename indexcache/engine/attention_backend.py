@@ -1,0 +1,221 @@
+"""The engine's one seam to the kernels: the cache formats, decided once, and the attention backend that serves
+them (store the latent row and the indexer key, select top-k, sparse MLA; prefill and decode).
+
+``TorchBackend`` runs every operation in PyTorch (any device, any format; the CPU engine). ``TritonBackend``
+(CUDA) runs the kernels package: the FP8 indexer (quantise, paged logits, top-k) when indexer keys are FP8, and
+the latent-store and sparse-MLA kernels when the latent row is the kernels' 512 + 64; what its formats leave to
+PyTorch (exact indexer keys, other latent widths, fp16/fp32 latent stores) is decided once, when it is built.
+The kernels are imported at the top of this module: a kernel that is missing or fails to import is an ImportError
+that names it, never a silent fallback to a slower path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..kernels.indexer import indexer_logits_decode, indexer_topk_prefill, quantize_indexer_q
+from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
+                                store_latent_bf16, store_latent_fp8)
+from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
+from ..kernels.topk import topk_rows
+from ..model.indexer import select_topk
+from .config import EngineConfig
+from .kv_cache import FP8_LATENT_BYTES, KVCache
+from .timer import Timer, section
+
+KERNEL_LATENT = (512, 64)  # (kv_lora_rank, qk_rope_head_dim) of the sparse-MLA and latent-store kernels
+FP8_INDEX_DIM, FP8_INDEX_PAGE = 128, 64  # the paged FP8 indexer-key layout (DeepGEMM's)
+
+
+@dataclass(frozen=True)
+class CacheFormats:
+    latent: str   # "bf16" | "fp16" | "fp32" | "fp8" (FlashMLA's 656-byte rows)
+    indexer: str  # "exact" (model-dtype keys, fp32 scores) | "fp8" (132 B/token, FP8 kernels)
+
+
+def resolve_formats(cfg: EngineConfig, mc: ModelConfig, model_dtype: torch.dtype,
+                    device: torch.device) -> CacheFormats:
+    """The cache formats after 'auto' and the shape and device checks; the one place they are decided.
+
+    kv_cache_dtype 'auto' is the model dtype. indexer_cache 'auto' is 'fp8' on CUDA when the model's indexer keys
+    fit the FP8 layout (index_head_dim 128, page_size 64), else 'exact'; 'fp8' asked for elsewhere is an error."""
+    latent = cfg.kv_cache_dtype
+    if latent == "auto":
+        latent = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model_dtype, "fp32")
+    if latent == "fp8" and (mc.kv_lora_rank, mc.qk_rope_head_dim) != KERNEL_LATENT:
+        raise ValueError(f"kv_cache_dtype='fp8' is FlashMLA's 656-byte format for a 512+64 latent; this model's "
+                         f"latent is {mc.kv_lora_rank}+{mc.qk_rope_head_dim}")
+    index = cfg.indexer_cache
+    fp8_ok = mc.index_head_dim == FP8_INDEX_DIM and cfg.page_size == FP8_INDEX_PAGE
+    if index == "auto":
+        index = "fp8" if (device.type == "cuda" and fp8_ok) else "exact"
+    if index == "fp8" and not fp8_ok:
+        raise ValueError(f"indexer_cache='fp8' needs index_head_dim 128 and page_size 64 (DeepGEMM's paged layout); "
+                         f"got index_head_dim {mc.index_head_dim}, page_size {cfg.page_size}")
+    if index == "fp8" and device.type != "cuda":
+        raise ValueError(f"indexer_cache='fp8' runs the FP8 indexer kernels and needs a CUDA device, got {device}; "
+                         f"use indexer_cache='exact' (or 'auto')")
+    return CacheFormats(latent, index)
+
+
+def make_backend(kv: KVCache, cfg: EngineConfig, mc: ModelConfig) -> "TorchBackend":
+    """TritonBackend for a cache on a CUDA device, TorchBackend elsewhere."""
+    cls = TritonBackend if kv.latent[0].is_cuda else TorchBackend
+    return cls(kv, cfg, mc)
+
+
+def to_slots(logical: torch.Tensor, table: torch.Tensor, page: int) -> torch.Tensor:
+    """Logical key positions [T,k] (-1 = none) -> global slot ids through each row's block table [T, max_blocks]."""
+    lg = logical.long()
+    blk = table.gather(1, lg.clamp(min=0) // page).long()
+    return torch.where(lg < 0, -1, blk * page + lg % page)
+
+
+class TorchBackend:
+    """Every cache-facing operation in PyTorch: exact indexer keys and any latent format (FP8 rows are quantised and
+    dequantised by the kernels package's references)."""
+
+    name = "torch"
+
+    def __init__(self, kv: KVCache, cfg: EngineConfig, mc: ModelConfig):
+        if kv.indexer_format == "fp8" and type(self) is TorchBackend:
+            raise ValueError("indexer_cache='fp8' needs the Triton backend (a CUDA device)")
+        self.kv, self.cfg = kv, cfg
+        self.page = cfg.page_size
+        self.d_v, self.scale = mc.kv_lora_rank, mc.softmax_scale
+        self.timer: Timer | None = None  # benchmarks set it (ModelRunner.timer)
+
+    def _t(self, name: str):
+        return section(self.timer, name)
+
+    # ----- stores -------------------------------------------------------------------------------------------------
+    def store_latent(self, layer: int, slots: torch.Tensor, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        cache = self.kv.latent[layer]
+        if self.kv.latent_format == "fp8":
+            cache.view(-1, FP8_LATENT_BYTES)[slots] = quantize_latent_fp8(ckv, kpe)
+        else:
+            cache.view(-1, self.kv.width)[slots] = torch.cat([ckv, kpe], -1).to(cache.dtype)
+
+    def store_index_k(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
+        cache = self.kv.index_cache(layer)
+        cache.view(-1, cache.shape[-1])[slots] = k.to(cache.dtype)
+
+    # ----- top-k (logical key positions, -1 = none) -----------------------------------------------------------
+    def _ctx_slots(self, row: torch.Tensor, ctx: int) -> torch.Tensor:
+        """Slots of positions 0..ctx-1 of the sequence whose block table is ``row``."""
+        return to_slots(torch.arange(ctx, device=row.device)[None], row[None], self.page)[0]
+
+    def topk_prefill(self, layer: int, indexer, q, w, positions, ctx: int, table_row) -> torch.Tensor:
+        """One sequence's prefill chunk: q [n,H,D], w [n,H], positions [n]; keys 0..ctx-1 -> [n, topk] int32."""
+        keys = self.kv.gather_index_k(layer, self._ctx_slots(table_row, ctx))[None]  # [1, ctx, D]
+        n, heads = q.shape[:2]
+        per = max(1, self.cfg.workspace_bytes // (8 * heads * ctx))  # fp32 per-head logits (+ relu copy)
+        kpos = torch.arange(ctx, device=q.device)
+        out = []
+        for r0 in range(0, n, per):
+            r1 = min(n, r0 + per)
+            with self._t("indexer"):
+                s = indexer.scores(q[None, r0:r1], keys, w[None, r0:r1])
+            with self._t("topk"):
+                out.append(select_topk(s, (kpos[None] <= positions[r0:r1, None])[None], indexer.topk)[0])
+        return torch.cat(out)
+
+    def topk_decode(self, layer: int, indexer, q, w, block_table, context_lens, max_len: int) -> torch.Tensor:
+        """One token per sequence: q [B,H,D], w [B,H]; keys 0..max_len-1, masked past context_lens -> [B, topk]."""
+        p = torch.arange(max_len, device=q.device)
+        slots = to_slots(p.expand(len(context_lens), max_len), block_table, self.page)  # [B, L]
+        with self._t("indexer"):
+            s = indexer.scores(q[:, None], self.kv.gather_index_k(layer, slots), w[:, None])  # [B,1,L]
+        with self._t("topk"):
+            return select_topk(s, (p[None] < context_lens[:, None])[:, None], indexer.topk)[:, 0]
+
+    # ----- sparse MLA over the paged latent cache: q [T,h,width], slots [T,k] global ids -> o_lat [T,h,kv_lora] --
+    def attend_prefill(self, layer: int, q: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        T, k = slots.shape
+        return self._attend(layer, q, slots, max(1, self.cfg.workspace_bytes // (k * q.shape[-1] * 4 * 2)))
+
+    def attend_decode(self, layer: int, q: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return self._attend(layer, q, slots, slots.shape[0])
+
+    def _attend(self, layer, q, slots, per):
+        cdt = torch.float32 if q.dtype == torch.float32 else q.dtype
+        out = []
+        for r0 in range(0, slots.shape[0], per):
+            sl = slots[r0:r0 + per]
+            rows = self._gather_latent(layer, sl.clamp(min=0), cdt)  # [n,k,width]
+            s = torch.einsum("thc,tkc->thk", q[r0:r0 + per].to(cdt), rows).float() * self.scale
+            s = s.masked_fill((sl < 0)[:, None], float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)
+            out.append(torch.einsum("thk,tkc->thc", p.to(cdt), rows[..., :self.d_v]))
+        return torch.cat(out).to(q.dtype)
+
+    def _gather_latent(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [..., width] of the given slots (all >= 0), dequantised to ``dtype``."""
+        cache = self.kv.latent[layer]
+        if self.kv.latent_format == "fp8":
+            return dequant_latent_fp8(cache.view(-1, FP8_LATENT_BYTES)[slots], dtype)
+        return cache.view(-1, self.kv.width)[slots].to(dtype)
+
+
+class TritonBackend(TorchBackend):
+    """The kernels package on a CUDA device (see the module docstring for what stays on PyTorch)."""
+
+    name = "triton"
+
+    def __init__(self, kv: KVCache, cfg: EngineConfig, mc: ModelConfig):
+        super().__init__(kv, cfg, mc)
+        self.fp8_index = kv.indexer_format == "fp8"
+        self.latent_kernels = (mc.kv_lora_rank, mc.qk_rope_head_dim) == KERNEL_LATENT
+        fmt = kv.latent_format
+        self._store_latent = (None if not self.latent_kernels else
+                              store_latent_fp8 if fmt == "fp8" else store_latent_bf16 if fmt == "bf16" else None)
+        self._mla_format = "fp8" if fmt == "fp8" else "bf16"  # sparse_mla_decode reads any float cache as "bf16"
+
+    def store_latent(self, layer, slots, ckv, kpe):
+        if self._store_latent is None:
+            return super().store_latent(layer, slots, ckv, kpe)
+        self._store_latent(self.kv.latent[layer], slots, ckv, kpe)
+
+    def store_index_k(self, layer, slots, k):
+        if not self.fp8_index:
+            return super().store_index_k(layer, slots, k)
+        store_indexer_k(self.kv.index_cache(layer), slots, k)
+
+    def topk_prefill(self, layer, indexer, q, w, positions, ctx, table_row):
+        if not self.fp8_index:
+            return super().topk_prefill(layer, indexer, q, w, positions, ctx, table_row)
+        # logits and top-k in row chunks bounded by workspace_bytes; timed as one section (indexer + top-k)
+        with self._t("indexer"):
+            q8, wf = quantize_indexer_q(q, w * indexer.n_heads ** 0.5)
+            k8, ks = gather_indexer_k(self.kv.index_cache(layer), self._ctx_slots(table_row, ctx))
+            n = q.shape[0]
+            return indexer_topk_prefill(q8, wf, k8, ks, torch.zeros(n, dtype=torch.int32, device=q.device),
+                                        (positions + 1).to(torch.int32), indexer.topk,
+                                        workspace_bytes=self.cfg.workspace_bytes, topk_fn=topk_rows)
+
+    def topk_decode(self, layer, indexer, q, w, block_table, context_lens, max_len):
+        if not self.fp8_index:
+            return super().topk_decode(layer, indexer, q, w, block_table, context_lens, max_len)
+        # indexer_logits_decode + topk_rows (indexer_topk_decode's two steps, timed apart; context_lens <= max_len
+        # always holds here, so its clamp is left out of the decode graph)
+        with self._t("indexer"):
+            q8, wf = quantize_indexer_q(q, w * indexer.n_heads ** 0.5)
+            logits = indexer_logits_decode(q8, wf, self.kv.index_cache(layer), block_table, context_lens, max_len)
+        with self._t("topk"):
+            return topk_rows(logits, indexer.topk, row_start=None, row_end=context_lens)
+
+    def attend_prefill(self, layer, q, slots):
+        if self.latent_kernels and self.kv.latent_format == "fp8":
+            return self.attend_decode(layer, q, slots)  # the FP8 paged kernel serves prefill rows too
+        if self.latent_kernels and self.kv.latent_format == "bf16":
+            return sparse_mla_prefill(q, self.kv.latent[layer].view(-1, self.kv.width), slots.to(torch.int32),
+                                      self.scale, d_v=self.d_v)[0]
+        return super().attend_prefill(layer, q, slots)
+
+    def attend_decode(self, layer, q, slots):
+        if not self.latent_kernels:
+            return super().attend_decode(layer, q, slots)
+        return sparse_mla_decode(q, self.kv.latent[layer], slots.to(torch.int32), self.scale, d_v=self.d_v,
+                                 kv_format=self._mla_format)[0]

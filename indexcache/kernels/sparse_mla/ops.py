@@ -1,0 +1,240 @@
+"""Sparse MLA attention in absorbed (MQA) mode: checks, launch planning and dispatch for ``triton.py``.
+
+Prefill over a flat latent KV, decode over a paged cache. Triton on CUDA tensors (or on CPU under
+TRITON_INTERPRET=1), the PyTorch reference otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from indexcache.kernels._dispatch import interpreting, use_triton
+from indexcache.kernels.formats import LATENT_DIM, LATENT_FP8_BYTES, NOPE
+from indexcache.kernels.sparse_mla.reference import sparse_mla_decode_reference, sparse_mla_prefill_reference
+
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+# launch parameters: heads per program cap, tokens per step, warps, pipeline stages (docs/kernels_attention.md)
+PREFILL_CFG = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2}
+PREFILL_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 2}  # HB <= 32
+# "fp8": the selected rows are gathered + dequantised once (dq_rows rows per program, dq_warps warps), then the
+# bf16 attention runs over them with a head-major grid
+DECODE_CFG = {"bf16": {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "target_programs": 264},
+              "fp8": {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "target_programs": 264,
+                      "dq_rows": 16, "dq_warps": 4}}
+_WS_ALIGN = 256
+
+
+def _launch(kernel, grid, args, kw, cfg):
+    """Launch with cfg's tile/stages; if the compiled kernel needs more shared memory than the chip has, retry
+    with 32-token tiles and no pipelining, and keep that for later calls."""
+    try:
+        kernel[grid](*args, **kw, BT=kw_bt(cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    except triton.runtime.errors.OutOfResources:
+        if cfg["bt"] == 32 and cfg["num_stages"] == 1:
+            raise
+        cfg.update(bt=32, num_stages=1)
+        kernel[grid](*args, **kw, BT=kw_bt(cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _launch_chain(kernel, grid, args, kw, cfg):
+    """Like _launch, but on OutOfResources steps down (bt 64 -> 32, then fewer stages) one config at a time and
+    keeps the first that fits in cfg for later calls."""
+    chain = [(cfg["bt"], cfg["num_stages"])]
+    for c in ((32, cfg["num_stages"]), (32, 2), (32, 1)):
+        if c[0] <= chain[0][0] and c[1] <= chain[0][1] and c not in chain:
+            chain.append(c)
+    for i, (bt, st) in enumerate(chain):
+        cfg.update(bt=bt, num_stages=st)
+        try:
+            kernel[grid](*args, **kw, BT=kw_bt(cfg), num_warps=cfg["num_warps"], num_stages=st)
+            return
+        except triton.runtime.errors.OutOfResources:
+            if i == len(chain) - 1:
+                raise
+
+
+def kw_bt(cfg):
+    return 16 if interpreting() else cfg["bt"]
+
+
+def _hb(h, cap):
+    return min(cap, max(16, 1 << (h - 1).bit_length()))
+
+
+def _check_q(fn, q, d_v):
+    if q.dim() != 3 or q.shape[-1] != LATENT_DIM:
+        raise ValueError(f"{fn}: q must be [*, h, {LATENT_DIM}], got shape {tuple(q.shape)}")
+    if q.dtype not in _FLOATS:
+        raise ValueError(f"{fn}: q dtype must be bf16/fp16/fp32, got {q.dtype}")
+    if d_v != 512:
+        raise ValueError(f"{fn}: only d_v=512 is supported, got d_v={d_v}")
+
+
+def _check_idx(fn, indices, n, device):
+    if indices.dim() != 2 or indices.shape[0] != n:
+        raise ValueError(f"{fn}: indices must be [{n}, topk], got shape {tuple(indices.shape)}")
+    if indices.dtype != torch.int32:
+        raise ValueError(f"{fn}: indices must be int32, got {indices.dtype}")
+    if indices.device != device:
+        raise ValueError(f"{fn}: indices on {indices.device}, q on {device}")
+
+
+def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                       d_v: int = 512, *, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, h, 576], kv [S, 576] (same dtype), indices [T, topk] int32 rows of kv (-1 or >= S: skipped).
+
+    Returns out [T, h, 512] in q.dtype and lse [T, h] fp32 (natural log); rows with no valid index give 0 / -inf.
+    ``config`` overrides the launch parameters (keys of PREFILL_CFG; benchmarks sweep them).
+    """
+    _check_q("sparse_mla_prefill", q, d_v)
+    if kv.dim() != 2 or kv.shape[1] != LATENT_DIM:
+        raise ValueError(f"sparse_mla_prefill: kv must be [S, {LATENT_DIM}], got shape {tuple(kv.shape)}")
+    if kv.dtype != q.dtype:
+        raise ValueError(f"sparse_mla_prefill: kv dtype {kv.dtype} differs from q dtype {q.dtype}")
+    T, H, _ = q.shape
+    _check_idx("sparse_mla_prefill", indices, T, q.device)
+    if not use_triton(q):
+        return sparse_mla_prefill_reference(q, kv, indices, sm_scale, d_v)
+    from indexcache.kernels.sparse_mla.triton import _sparse_mla_prefill_kernel
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    indices = indices.contiguous()
+    out = torch.empty((T, H, NOPE), dtype=q.dtype, device=q.device)
+    lse = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    if T == 0:
+        return out, lse
+    args = (q, kv, indices, out, lse, kv.shape[0], H, indices.shape[1], sm_scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1))
+    cfg = PREFILL_CFG if _hb(H, PREFILL_CFG["hb_max"]) > 32 else PREFILL_CFG_FEW_HEADS
+    if config:
+        cfg = {**cfg, **config}
+    hb = _hb(H, cfg["hb_max"])
+    grid = (T, triton.cdiv(H, hb))
+    _launch(_sparse_mla_prefill_kernel, grid, args, dict(HB=hb, UPCAST=interpreting()), cfg)
+    return out, lse
+
+
+def _decode_plan(B, H, topk, kv_format, num_splits, bt=None):
+    """(cfg, hb, nhb, chunk, ns) of one decode call; bt overrides the tile used to size splits."""
+    cfg = DECODE_CFG[kv_format]
+    hb = _hb(H, cfg["hb_max"])
+    nhb = triton.cdiv(H, hb)
+    if bt is None:
+        bt = 16 if interpreting() else cfg["bt"]
+    if num_splits is None:
+        num_splits = max(1, min(triton.cdiv(topk, bt), triton.cdiv(cfg["target_programs"], B * nhb)))
+    chunk = triton.cdiv(triton.cdiv(max(topk, 1), num_splits), bt) * bt
+    ns = triton.cdiv(max(topk, 1), chunk)
+    return cfg, hb, nhb, chunk, ns
+
+
+def _ws_parts(B, H, topk, dtype, kv_format, ns):
+    """Byte sizes of the scratch pieces: dequantised rows, their index list, split partials (o, lse)."""
+    dq = kv_format == "fp8"
+    n = B * topk
+    split = ns > 1
+    return [max(n, 1) * LATENT_DIM * dtype.itemsize if dq else 0, n * 4 if dq else 0,
+            B * ns * H * 512 * 4 if split else 0, B * ns * H * 4 if split else 0]
+
+
+def _align(n):
+    return (n + _WS_ALIGN - 1) // _WS_ALIGN * _WS_ALIGN
+
+
+def sparse_mla_decode_workspace_bytes(B: int, h: int, topk: int, *, dtype: torch.dtype = torch.bfloat16,
+                                      kv_format: str = "bf16", num_splits: int | None = None) -> int:
+    """Bytes of a uint8 `workspace` big enough for sparse_mla_decode with these settings (sized for the smallest
+    token tile, so it stays big enough if a launch falls back to smaller tiles)."""
+    _, _, _, _, ns = _decode_plan(B, h, topk, kv_format, num_splits, bt=16)
+    return sum(_align(x) for x in _ws_parts(B, h, topk, dtype, kv_format, ns))
+
+
+def sparse_mla_decode(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                      d_v: int = 512, *, kv_format: str = "bf16", num_splits: int | None = None,
+                      workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, h, 576]; cache [num_blocks, page_size, 576] (kv_format "bf16", dtype of q) or uint8
+    [num_blocks, page_size, 656] ("fp8", FlashMLA layout); indices [B, topk] int32 global slot ids
+    (block * page_size + offset), -1 = invalid. Returns out [B, h, 512] (q.dtype), lse [B, h] fp32 natural log.
+
+    An FP8 cache is first gathered + dequantised (the selected rows, once each) into a [B, topk, 576] q.dtype
+    scratch, then the bf16 attention runs over it. workspace: optional flat uint8 CUDA tensor of at least
+    sparse_mla_decode_workspace_bytes(...) bytes for all scratch (rows, split partials), e.g. for CUDA graphs;
+    without it the scratch comes from torch.empty on each call.
+    """
+    _check_q("sparse_mla_decode", q, d_v)
+    if kv_format not in ("bf16", "fp8"):
+        raise ValueError(f"sparse_mla_decode: kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
+    width = LATENT_FP8_BYTES if kv_format == "fp8" else LATENT_DIM
+    if cache.dim() != 3 or cache.shape[-1] != width:
+        raise ValueError(f"sparse_mla_decode: cache must be [num_blocks, page_size, {width}] for kv_format="
+                         f"{kv_format!r}, got shape {tuple(cache.shape)}")
+    if kv_format == "fp8" and cache.dtype != torch.uint8:
+        raise ValueError(f"sparse_mla_decode: fp8 cache must be uint8, got {cache.dtype}")
+    if kv_format == "bf16" and cache.dtype != q.dtype:
+        raise ValueError(f"sparse_mla_decode: cache dtype {cache.dtype} differs from q dtype {q.dtype}")
+    if not cache.is_contiguous():
+        raise ValueError("sparse_mla_decode: cache must be contiguous (slot id = row of the flattened cache)")
+    B, H, _ = q.shape
+    _check_idx("sparse_mla_decode", indices, B, q.device)
+    if workspace is not None and (workspace.dtype != torch.uint8 or workspace.dim() != 1
+                                  or not workspace.is_contiguous() or workspace.device != q.device):
+        raise ValueError("sparse_mla_decode: workspace must be a contiguous 1-D uint8 tensor on q's device")
+    if not use_triton(q):
+        return sparse_mla_decode_reference(q, cache, indices, sm_scale, d_v, kv_format=kv_format)
+    from indexcache.kernels.sparse_mla import triton as tm
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    indices = indices.contiguous()
+    topk = indices.shape[1]
+    S = cache.shape[0] * cache.shape[1]
+    out = torch.empty((B, H, NOPE), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H), dtype=torch.float32, device=q.device)
+    if B == 0:
+        return out, lse
+    cfg, hb, nhb, chunk, ns = _decode_plan(B, H, topk, kv_format, num_splits)
+    sizes = _ws_parts(B, H, topk, q.dtype, kv_format, ns)
+    if workspace is not None and workspace.numel() < sum(_align(x) for x in sizes):
+        raise ValueError(f"sparse_mla_decode: workspace has {workspace.numel()} bytes, needs "
+                         f"{sum(_align(x) for x in sizes)} (sparse_mla_decode_workspace_bytes)")
+    offs = [0]
+    for x in sizes:
+        offs.append(offs[-1] + _align(x))
+
+    def scratch(i, shape, dtype):
+        if workspace is None:
+            return torch.empty(shape, dtype=dtype, device=q.device)
+        return workspace[offs[i]:offs[i] + sizes[i]].view(dtype).view(shape)
+
+    flat = cache.reshape(-1, cache.shape[-1])
+    # head-major grid for the dequantised rows: the head blocks of one (batch, split) read them back to back
+    head_major = kv_format == "fp8"
+    if head_major:
+        n = B * topk
+        rows = scratch(0, (max(n, 1), LATENT_DIM), q.dtype)
+        idx2 = scratch(1, (B, topk), torch.int32)
+        if n > 0:
+            r = cfg["dq_rows"]
+            tm._fp8_gather_dequant_kernel[(triton.cdiv(n, r),)](
+                flat, flat.view(torch.float32), flat.view(torch.bfloat16), indices, rows, idx2, S, n, R=r,
+                num_warps=cfg["dq_warps"])
+        flat, indices, S = rows, idx2, n
+    kw = dict(HB=hb, UPCAST=interpreting(), HEAD_MAJOR=head_major)
+    tail = (S, H, topk, chunk, sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), flat.stride(0),
+            indices.stride(0), ns)
+    launch = _launch_chain if head_major else _launch
+
+    def grid(nsplit):
+        return (nhb, nsplit, B) if head_major else (B, nsplit, nhb)
+
+    if ns == 1:
+        launch(tm._sparse_mla_decode_kernel, grid(1), (q, flat, indices, out, lse, *tail), dict(DIRECT=True, **kw),
+               cfg)
+        return out, lse
+    part_o = scratch(2, (B, ns, H, NOPE), torch.float32)
+    part_l = scratch(3, (B, ns, H), torch.float32)
+    launch(tm._sparse_mla_decode_kernel, grid(ns), (q, flat, indices, part_o, part_l, *tail),
+           dict(DIRECT=False, **kw), cfg)
+    tm._combine_kernel[(B, H)](part_o, part_l, out, lse, H, ns, NSP=triton.next_power_of_2(ns), num_warps=4)
+    return out, lse
+

@@ -1,0 +1,182 @@
+"""Exact per-row top-k over (masked) logits: ``topk_rows``; checks and launch planning for ``triton.py``.
+
+Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1), ``topk_rows_reference`` otherwise.
+Output order within a row is unspecified unless ``sorted=True`` (then value-descending, ties by column).
+Two launch paths, chosen by row count: decode (R <= 64: sample / fused scan / final) and prefill (sample / count /
+compact / final); docs/kernels_attention.md has the design and the measurements behind these constants.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from indexcache.kernels._dispatch import interpreting, use_triton
+from indexcache.kernels.topk.reference import topk_rows_reference
+
+MAX_K = 4096
+_SAMPLE = 1024          # entries sampled per row for R > _SMALL_R (power of two)
+_SAMPLE_SMALL = 512     # decode-sized batches: a cheaper sort (~half), a wider bracket (CAP doubled)
+_SMALL_R = 64           # R <= _SMALL_R: decode path (fused scan); larger R: prefill path (count + compact)
+_BLOCK = 4096           # decode scan block (entries per step of the fused count+compact pass)
+_SCAN_WARPS = 8
+_TP_BLOCK = 4096        # prefill count / compact block
+_COUNT_WARPS = 8
+_COMPACT_WARPS = 4
+_NCT = 64               # chunk counts read per step by the compact prefix loop (runtime loop over nc)
+_FB16, _FINAL16_WARPS = 1024, 4   # prefill final select (16-ary search): tile and warps
+_FB = 2048              # decode final select (histogram) tile
+_NBIN = 256             # histogram bins per final-select round
+_TB = 256               # tie buffer: the boundary bin is ranked by counting once it holds <= _TB entries
+PATHS = ("scan", "two")  # decode path (fused scan), prefill path (count + compact)
+
+
+def _check(logits, k, row_start, row_end, sample=None):
+    if logits.dim() != 2:
+        raise ValueError(f"topk_rows: logits must be 2-D [R, N], got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"topk_rows: logits dtype must be float32/bfloat16/float16, got {logits.dtype}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > MAX_K:
+        raise ValueError(f"topk_rows: k must be an int in [1, {MAX_K}], got {k!r}")
+    if sample is not None and sample not in (512, 1024, 2048, 4096):   # >= 512 keeps CAP <= 8k (scratch bound)
+        raise ValueError(f"topk_rows: sample must be 512, 1024, 2048 or 4096, got {sample!r}")
+    R = logits.shape[0]
+    for name, t in (("row_start", row_start), ("row_end", row_end)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != R:
+            raise ValueError(f"topk_rows: {name} must have shape [{R}], got {tuple(t.shape)}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"topk_rows: {name} must be int32/int64, got {t.dtype}")
+        if t.device != logits.device:
+            raise ValueError(f"topk_rows: {name} is on {t.device}, logits on {logits.device}")
+
+
+def _sort_out(logits, idx):
+    vals = torch.gather(logits.float(), 1, idx.clamp(min=0).long())
+    vals = torch.where(idx < 0, torch.full_like(vals, float("-inf")), vals + 0.0)
+    # order: value desc, column asc, -1 last
+    col_key = torch.where(idx < 0, torch.full_like(idx, 2**31 - 1), idx)
+    o1 = torch.argsort(col_key, dim=1, stable=True)
+    v1 = torch.gather(vals, 1, o1)
+    o2 = torch.argsort(v1, dim=1, descending=True, stable=True)
+    return torch.gather(torch.gather(idx, 1, o1), 1, o2)
+
+
+def scratch_bytes_per_row(k: int, n: int) -> int:
+    """An upper bound of the device bytes one ``topk_rows`` call allocates per row of ``n`` entries (output,
+    candidate scratch at the largest capacity any path uses, row state, per-chunk counts), so callers that bound
+    their memory (``indexer_topk_prefill``) can budget for the selection."""
+    cap = max(4096, 8 * _next_pow2(k))
+    chunks = -(-max(n, 1) // min(_BLOCK, _TP_BLOCK))
+    return 4 * k + (cap + _TB) * 8 + 8 * 4 + 2 * 8 + 16 * chunks
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = None,
+              row_end: torch.Tensor | None = None, sorted: bool = False, stats: dict | None = None,
+              sample: int | None = None, _cap: int | None = None, _chunk: int | None = None,
+              _path: str | None = None) -> torch.Tensor:
+    """Column ids (int32 [R, k]) of the k largest values of each row among columns in [row_start, row_end).
+
+    NaN and -inf never count; rows with fewer than k valid entries are padded with -1 (after the valid ids).
+    Exact, with ties at the threshold broken towards the lower column index. ``stats``: a dict that receives the
+    Triton path's per-row state of this call (see ``bracket_stats``; tests, benchmarks). ``sample``: entries
+    sampled per row to bracket the k-th value (512..4096, a power of two; default 1024, 512 for R <= 64). ``_cap`` /
+    ``_chunk`` / ``_path`` are test hooks (``_path``: "scan" = the decode path, "two" = the prefill path;
+    default by row count).
+    """
+    _check(logits, k, row_start, row_end, sample)
+    if not use_triton(logits):
+        return topk_rows_reference(logits, k, row_start=row_start, row_end=row_end)
+    stages, out, dbg = plan_launches(logits, k, row_start, row_end, sample=sample, _cap=_cap, _chunk=_chunk,
+                                     _path=_path)
+    for _, fn in stages:
+        fn()
+    if stats is not None:
+        stats.update(dbg)
+    return _sort_out(logits, out) if sorted else out
+
+
+def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=None, _chunk=None, _path=None):
+    """Buffers and the launches of one call, as (name, thunk) pairs (benchmarks time them one by one):
+    decode path sample / scan / final; prefill path sample / count / compact / final."""
+    from indexcache.kernels.topk import triton as tk
+
+    R, N = logits.shape
+    dev = logits.device
+    out = torch.empty((R, k), dtype=torch.int32, device=dev)
+    if R == 0:
+        return [], out, {}
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    starts = (torch.zeros(R, dtype=torch.int32, device=dev) if row_start is None
+              else row_start.to(torch.int32).clamp(0, N))
+    ends = (torch.full((R,), N, dtype=torch.int32, device=dev) if row_end is None
+            else row_end.to(torch.int32).clamp(0, N))
+    interp = interpreting()
+    small = R <= _SMALL_R
+    path = _path or ("scan" if small else "two")
+    if path not in PATHS:
+        raise ValueError(f"topk_rows: _path must be one of {PATHS}, got {path!r}")
+    two = path == "two"
+    S = sample or (256 if interp else (_SAMPLE_SMALL if small else _SAMPLE))
+    # bracket ~ 6*sqrt(k*len/S) entries: CAP = 4k at S >= 1024, 8k at S = 512 (runtime value: no recompiles)
+    cap = _cap or max(4096, 4 * triton.next_power_of_2(k) * max(1, 1024 // S))
+    block = 256 if interp else (_TP_BLOCK if two else _BLOCK)
+    fb, tb = (256, 64) if interp else (_FB, _TB)
+    if _chunk is not None:
+        chunk = _chunk
+    elif interp:
+        chunk = 1024
+    else:   # >= 4 programs per SM; one whole row per program at R = 4096
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        progs_per_row = max(1, (4 * sms + R - 1) // R)
+        chunk = max(block, triton.cdiv(triton.cdiv(N, progs_per_row), block) * block)
+    nc = triton.cdiv(max(N, 1), chunk)
+    state = torch.empty((R, 8), dtype=torch.int32, device=dev)
+    ctr = torch.empty((R, 2), dtype=torch.int64, device=dev)
+    scr = torch.empty((R, cap + tb), dtype=torch.int64, device=dev)
+    s = logits.stride(0)
+    x = logits
+
+    def sample_launch():
+        tk._topk_sample_kernel[(R,)](x, s, starts, ends, state, ctr, k, S=S, RUN=8, num_warps=8)
+
+    def scan():
+        tk._topk_scan_kernel[(R, nc)](x, s, starts, ends, state, ctr, out, scr, k, cap, chunk, BLOCK=block, TB=tb,
+                                      num_warps=_SCAN_WARPS)
+
+    def final():
+        # prefill: 16-ary select; decode: histogram select (each the faster one for its path)
+        fbf = fb if (interp or not two) else _FB16
+        tk._topk_final_kernel[(R,)](x, s, starts, ends, state, ctr, out, scr, k, cap, BLOCK=block, FB=fbf, NB=16,
+                                    NBIN=64 if interp else _NBIN, TB=tb, TI=16 if interp else 32, SEL16=two,
+                                    num_warps=_FINAL16_WARPS if (two and not interp) else 8)
+
+    dbg = dict(state=state, ctr=ctr, cap=cap, chunk=chunk, nc=nc, S=S, path=path)
+    if not two:
+        return [("sample", sample_launch), ("scan", scan), ("final", final)], out, dbg
+    cc = torch.empty((R, nc, 4), dtype=torch.int32, device=dev)
+
+    def count():
+        tk._topk_count_kernel[(R, nc)](x, s, starts, ends, state, cc, nc, chunk, BLOCK=block, num_warps=_COUNT_WARPS)
+
+    def compact():
+        tk._topk_compact_kernel[(R, nc)](x, s, starts, ends, state, cc, nc, ctr, out, scr, k, cap, chunk, BLOCK=block,
+                                         NCT=8 if interp else _NCT, TB=tb, num_warps=_COMPACT_WARPS)
+
+    dbg["cc"] = cc
+    return [("sample", sample_launch), ("count", count), ("compact", compact), ("final", final)], out, dbg
+
+
+def bracket_stats(dbg, k):
+    """(rows that took the exact fallback, mean bracket size) from the ``stats`` dict of a ``topk_rows`` call."""
+    ctr = dbg["ctr"]
+    chi, n_in, nv = ctr[:, 0] >> 32, ctr[:, 0] & 0xFFFFFFFF, ctr[:, 1]
+    m = torch.clamp(nv, max=k)
+    good = (chi < m) & (chi + n_in >= m) & (n_in <= dbg["cap"])
+    return int(((m > 0) & ~good).sum()), float(n_in.double().mean()) if n_in.numel() else 0.0
+
