@@ -24,10 +24,19 @@ def _prompts():
     return [torch.randint(0, 512, (n,), generator=g).tolist() for n in (40, 70, 5)]
 
 
+SAMPLED = SamplingParams(max_tokens=6, temperature=0.9, top_k=20, seed=3, ignore_eos=True)
+
+
 @pytest.fixture(scope="module")
 def reference():
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in LLM("tiny", PATTERN, **OPTS).generate(_prompts(), sp)]
+    llm = LLM("tiny", PATTERN, **OPTS)
+    return [o.outputs[0].token_ids for o in llm.generate(_prompts(), sp)]
+
+
+@pytest.fixture(scope="module")
+def reference_sampled():
+    return [o.outputs[0].token_ids for o in LLM("tiny", PATTERN, **OPTS).generate(_prompts(), SAMPLED)]
 
 
 def _gone(pids, within_s=10.0) -> bool:
@@ -46,12 +55,14 @@ def _gone(pids, within_s=10.0) -> bool:
     return False
 
 
-def test_tp2_same_tokens_and_clean_close(reference):
+def test_tp2_same_tokens_and_clean_close(reference, reference_sampled):
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     with LLM("tiny", PATTERN, tensor_parallel_size=2, **OPTS) as llm:
         pids = llm.workers.pids
         assert str(llm.pattern) == PATTERN
         assert [o.outputs[0].token_ids for o in llm.generate(_prompts(), sp)] == reference
+        # sampled on rank 0 and broadcast: the same seeded draws as one process
+        assert [o.outputs[0].token_ids for o in llm.generate(_prompts(), SAMPLED)] == reference_sampled
     assert _gone(pids) and all(p.exitcode == 0 for p in llm.workers.procs)
 
 
