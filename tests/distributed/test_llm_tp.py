@@ -1,5 +1,6 @@
 """LLM(tensor_parallel_size=2) on two CPU worker processes: the same greedy tokens as TP=1 (chunked prefill and
-continuous batching, shared pattern, with and without expert parallelism), and faults: a worker that raises or is
+continuous batching, preemption in a small cache, seeded sampling, shared pattern, with and without expert
+parallelism), and faults: a worker that raises or is
 killed makes the driver raise an error naming the rank within seconds, and every worker ends."""
 import os
 import signal
@@ -34,6 +35,19 @@ def reference():
     return [o.outputs[0].token_ids for o in llm.generate(_prompts(), sp)]
 
 
+LONG = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+
+def _preempting_prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in (20, 30, 25)]
+
+
+@pytest.fixture(scope="module")
+def reference_long():
+    return [o.outputs[0].token_ids for o in LLM("tiny", PATTERN, **OPTS).generate(_preempting_prompts(), LONG)]
+
+
 @pytest.fixture(scope="module")
 def reference_sampled():
     return [o.outputs[0].token_ids for o in LLM("tiny", PATTERN, **OPTS).generate(_prompts(), SAMPLED)]
@@ -66,11 +80,16 @@ def test_tp2_same_tokens_and_clean_close(reference, reference_sampled):
     assert _gone(pids) and all(p.exitcode == 0 for p in llm.workers.procs)
 
 
-def test_tp2_expert_parallel_and_a_killed_worker(reference):
+def test_tp2_expert_parallel_small_cache_and_a_killed_worker(reference, reference_long):
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    llm = LLM("tiny", PATTERN, tensor_parallel_size=2, enable_expert_parallel=True, **OPTS)
+    # 3 pages of 32 tokens: the requests queue and preempt each other (the ranks' schedulers must agree)
+    llm = LLM("tiny", PATTERN, tensor_parallel_size=2, enable_expert_parallel=True,
+              **{**OPTS, "num_kv_blocks": 3, "page_size": 32})
     try:
         assert [o.outputs[0].token_ids for o in llm.generate(_prompts(), sp)] == reference
+        outs = llm.generate(_preempting_prompts(), LONG)
+        assert [o.outputs[0].token_ids for o in outs] == reference_long
+        assert sum(o.metrics["preemptions"] for o in outs) > 0
         victim = llm.workers.pids[1]
         threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
         t0 = time.monotonic()
