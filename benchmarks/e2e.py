@@ -5,7 +5,8 @@ token and a time breakdown, for full DSA and IndexCache patterns at long context
     python -m benchmarks.e2e --contexts 10K,60K,120K,200K   # the paper's Table 1 grid
     python -m benchmarks.e2e --layers 8                     # run 8 layers, extrapolate to the model's 47
 
-Weights are random bf16 (the paper's 30B shape, ``glm-4.7-flash-dsa``). With ``--layers N`` only N layers run; the
+Weights are random bf16 (the paper's 30B shape, ``glm-4.7-flash-dsa``), or with ``--weight-dtype fp8`` the same
+random weights quantised per 128x128 block and kept in FP8 (model/linear.py says which). With ``--layers N`` only N layers run; the
 full-model estimate scales indexer+top-k time by the number of Full layers of the pattern on the whole model and
 everything else by the layer count (reported beside the measured numbers, marked ``est_``). The full-cache decode
 fills the KV cache with random values instead of prefilling every sequence (decode cost does not depend on the
@@ -26,6 +27,8 @@ from indexcache.engine import EngineConfig, LLMEngine
 from indexcache.engine.kv_cache import bytes_per_token
 from indexcache.engine.timer import Timer
 from indexcache.engine.sequence import Status
+from indexcache.model.linear import use_fp8_storage
+from indexcache.model.weight_sizes import weight_bytes_per_gpu
 from indexcache.pattern import IndexPattern
 from indexcache.presets import preset_config
 from indexcache.sampling import SamplingParams
@@ -232,6 +235,14 @@ def max_batch(cfg_full, pattern, ctx, args, weight_bytes) -> int:
     return max(1, min(args.max_batch, int(budget // (bpt * (ctx + 64)))))
 
 
+def cache_pages_available(cfg_full, pattern, args, weight_bytes, page: int = 64) -> int | None:
+    """Pages of ``page`` tokens of the whole model's cache that fit beside its weights (max_batch's budget)."""
+    if not torch.cuda.is_available():
+        return None
+    budget = 0.9 * torch.cuda.mem_get_info()[1] - weight_bytes - 2 * (args.workspace_gb << 30) - 4 * 2**30
+    return max(0, int(budget // (full_model_bytes_per_token(cfg_full, pattern, args) * page)))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="glm-4.7-flash-dsa")
     p.add_argument("--contexts", default="10K,60K,120K,200K")
@@ -251,6 +262,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--full-cache-only", action="store_true", help="only the full-cache decode (no prefill)")
     p.add_argument("--no-full-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp8"],
+                   help="random weights in bf16, or quantised per 128x128 block and kept in FP8")
     p.add_argument("--max-position-embeddings", type=int, default=None,
                    help="override the preset's maximum context (to time contexts beyond it, e.g. 1M)")
     p.add_argument("--name", default="e2e")
@@ -281,10 +294,15 @@ def main(argv=None, args=None) -> int:
     print(f"{meta['device']}  torch {meta['torch']}  ceilings {ceilings}", flush=True)
     t_build = time.perf_counter()
     model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
-    weight_bytes_sub = sum(t.numel() * t.element_size() for t in model.parameters())
-    weight_bytes = weight_bytes_sub * cfg_full.num_layers / cfg.num_layers  # approx (embeddings counted once too many)
+    if args.weight_dtype == "fp8":
+        use_fp8_storage(model, quantize=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()  # the bf16 weights' memory back to the driver: the KV cache sizes from it
+    # the whole model's weights (exact, from the config), whatever --layers builds
+    weight_bytes = weight_bytes_per_gpu(cfg_full, args.weight_dtype == "fp8")["total"]
     print(f"model {args.model}: {cfg.num_layers}/{cfg_full.num_layers} layers built in "
-          f"{time.perf_counter() - t_build:.1f}s", flush=True)
+          f"{time.perf_counter() - t_build:.1f}s; {args.weight_dtype} weights, {weight_bytes / 2**30:.1f} GiB for the "
+          f"whole model", flush=True)
     warm_args = argparse.Namespace(**{**vars(args), "decode_steps": 3})
     rows = []
     if args.full_cache_only:
@@ -315,6 +333,8 @@ def main(argv=None, args=None) -> int:
             r["est_indexer_share_prefill"] = (pre.get("indexer", 0) * scale["indexer"] + pre.get("topk", 0) * scale["topk"]) / max(breakdown_total(pre, scale), 1e-9)
             r["cache_bytes_per_token_full_model"] = bytes_per_token(
                 cfg_full, IndexPattern.parse(pat, cfg_full.num_layers), r["latent_cache"], r["indexer_cache"])["total"]
+            r["weight_dtype"], r["weight_bytes_full_model"] = args.weight_dtype, weight_bytes
+            r["cache_pages_available_full_model"] = cache_pages_available(cfg_full, pat, args, weight_bytes)
             if dense is not None:
                 r["dense_prefill_s"] = dense
                 r["est_dense_prefill_s"] = dense * cfg_full.num_layers / cfg.num_layers

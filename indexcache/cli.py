@@ -44,6 +44,11 @@ def _cmd_info(args) -> int:
     if cfg.pattern.num_full < cfg.num_layers:
         for engine, flag in cfg.pattern.engine_flags().items():
             print(f"  {engine}: {flag}")
+    from .engine.kv_cache import bytes_per_token
+    from .model.weight_sizes import H200_BYTES, memory_lines
+
+    dtypes = ["bf16", "fp8"] if args.weight_dtype in (None, "auto") else [args.weight_dtype]
+    print("\n".join(memory_lines(cfg, dtypes, args.tp, bytes_per_token(cfg, cfg.pattern)["total"], H200_BYTES)))
     return 0
 
 
@@ -61,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint or preset and its layer pattern (with engine flags)")
     i.add_argument("model")
     i.add_argument("--pattern", help="F/S string or 1/N to describe instead of the checkpoint's own")
+    i.add_argument("--weight-dtype", choices=["auto", "fp8", "bf16"], help="weight bytes for this (default: both)")
+    i.add_argument("--tp", type=int, default=1, help="GPUs the weights are split over (tensor parallel)")
     i.set_defaults(func=_cmd_info)
     from .engine.cli import register as register_engine
     from .tools.cli import register as register_tools

@@ -39,8 +39,9 @@ class LLM:
     ``model``: a checkpoint folder (config.json + safetensors, tokenizer files optional) or a preset name (random
     weights from ``seed``; presets have no tokenizer, so they take token-id prompts). ``index_pattern``: an F/S
     string, "1/N" or "all" (default: the checkpoint's own); it means what it means to ``load_model``, which builds
-    the model with it (S layers get no indexer weights), and the engine runs the model's pattern. Other keywords
-    are ``EngineConfig`` fields.
+    the model with it (S layers get no indexer weights), and the engine runs the model's pattern. ``weight_dtype``:
+    "auto" (FP8 checkpoints stay FP8 on a GPU with the block-scaled FP8 GEMM), "fp8" or "bf16" (see
+    ``load_model``). Other keywords are ``EngineConfig`` fields.
 
     ``tensor_parallel_size=N`` runs the engine on N worker processes (one per GPU; gloo ranks on CPU), each holding
     its shard of the model (``enable_expert_parallel``: routed experts split by expert); this process drives them.
@@ -49,8 +50,8 @@ class LLM:
     """
 
     def __init__(self, model: str, index_pattern=None, *, device=None, dtype: torch.dtype | None = None,
-                 seed: int = 0, tokenizer: str | None = None, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, **engine_options):
+                 seed: int = 0, tokenizer: str | None = None, weight_dtype: str = "auto",
+                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False, **engine_options):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -62,12 +63,13 @@ class LLM:
             from .engine.multiproc import WorkerSpec, start_workers
 
             self._engine_cfg = EngineConfig(seed=seed, **engine_options)  # bad options fail here, not in a worker
-            self.workers = start_workers(WorkerSpec(model, dtype, index_pattern, seed, self.tokenizer, engine_options),
-                                         tensor_parallel_size, device_type=device.type,
+            spec = WorkerSpec(model, dtype, index_pattern, seed, self.tokenizer, engine_options, weight_dtype)
+            self.workers = start_workers(spec, tensor_parallel_size, device_type=device.type,
                                          expert_parallel=enable_expert_parallel)
             self._vocab = self.workers.infos[0]["vocab_size"]
             return
-        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed)
+        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed,
+                                weight_dtype=weight_dtype)
         self.engine = LLMEngine(self.model, EngineConfig(seed=seed, **engine_options), tokenizer=self.tokenizer)
 
     @property

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..model import DSAModel
+from ..model.linear import use_fp8_storage
 from ..model.moe import MoE
 from .comm import all_reduce_
 from .context import ParallelContext, ParallelError
@@ -40,12 +41,10 @@ def shard_model(model: DSAModel, ctx: ParallelContext) -> DSAModel:
             head = param_shard("lm_head.weight", cfg, ctx).apply(model.lm_head.weight.data).contiguous()
         model.lm_head = VocabParallelLMHead(head, per, cfg.vocab_size, ctx)
 
-    reduce_output = _reducer(ctx)
     heads = cfg.num_heads // ctx.world_size
     for layer in model.layers:
         attn = layer.self_attn
         attn.num_local_heads = heads
-        attn.o_proj.register_forward_hook(reduce_output)
         if attn.indexer is not None:
             attn.indexer = RowSplitIndexer(attn.indexer, ctx)
         mlp = layer.mlp
@@ -56,7 +55,26 @@ def shard_model(model: DSAModel, ctx: ParallelContext) -> DSAModel:
                 mlp.experts = ExpertParallelExperts(ex.gate_up.data, ex.down.data, ex.inter, first)
             else:
                 ex.inter = ex.gate_up.shape[1] // 2
-        mlp.register_forward_hook(reduce_output)
+    add_reductions(model)
+    return model
+
+
+def add_reductions(model: DSAModel) -> None:
+    """The all-reduce hooks on the row-parallel outputs (each o_proj, each dense MLP or MoE), added where missing:
+    run it again after swapping any of those modules (``use_fp8_shard_storage`` does)."""
+    ctx = model.parallel
+    for layer in model.layers:
+        for mod in (layer.self_attn.o_proj, layer.mlp):
+            if not getattr(mod, "_tp_all_reduce", False):
+                mod.register_forward_hook(_reducer(ctx))
+                mod._tp_all_reduce = True
+
+
+def use_fp8_shard_storage(model: DSAModel, *, quantize: bool) -> DSAModel:
+    """FP8 storage (model.linear.use_fp8_storage) for a shard: the swapped linears keep their all-reduce."""
+    use_fp8_storage(model, quantize=quantize)
+    if model.parallel is not None and not model.parallel.is_single:
+        add_reductions(model)
     return model
 
 
@@ -68,4 +86,7 @@ def _reducer(ctx: ParallelContext):
 
 def _set_param(model: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
     owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner), attr, nn.Parameter(value, requires_grad=requires_grad))
+    mod = model.get_submodule(owner)
+    setattr(mod, attr, nn.Parameter(value, requires_grad=requires_grad))
+    if isinstance(mod, nn.Linear):  # FP8 conversion and reprs read these
+        mod.out_features, mod.in_features = value.shape

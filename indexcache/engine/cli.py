@@ -9,7 +9,8 @@ def _cmd_generate(args) -> int:
 
     with LLM(args.model, args.pattern, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
              kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, seed=args.seed,
-             tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel) as llm:
+             weight_dtype=args.weight_dtype, tensor_parallel_size=args.tensor_parallel_size,
+             enable_expert_parallel=args.enable_expert_parallel) as llm:
         return _generate(llm, args)
 
 
@@ -55,6 +56,9 @@ def register(subparsers) -> None:
                    help="worker processes to shard the model over (one per GPU; gloo ranks on CPU)")
     g.add_argument("--enable-expert-parallel", action="store_true",
                    help="split routed experts by expert instead of by intermediate dim")
+    g.add_argument("--weight-dtype", default="auto", choices=["auto", "fp8", "bf16"],
+                   help="FP8 (128x128 block scales) or bf16 linear/expert weights; auto keeps FP8 checkpoints FP8 "
+                        "on a GPU with the block-scaled FP8 GEMM (Hopper)")
     g.set_defaults(func=_cmd_generate)
     b = subparsers.add_parser("bench", help="end-to-end TTFT/decode benchmark on a GPU (benchmarks/e2e.py)")
     try:  # the benchmark lives in the repository's benchmarks/ folder (run from the repo root)

@@ -28,6 +28,7 @@ class WorkerSpec:
     seed: int = 0
     tokenizer: object = None
     engine_options: dict = field(default_factory=dict)
+    weight_dtype: str = "auto"
 
 
 class Worker:
@@ -36,7 +37,8 @@ class Worker:
     def __init__(self, ctx, spec: WorkerSpec):
         self.ctx, self.rank = ctx, ctx.rank
         self.model, self.load_report = load_sharded(spec.model, ctx, dtype=spec.dtype,
-                                                    index_pattern=spec.index_pattern, seed=spec.seed)
+                                                    index_pattern=spec.index_pattern, seed=spec.seed,
+                                                    weight_dtype=spec.weight_dtype)
         self.engine = LLMEngine(self.model, EngineConfig(seed=spec.seed, **spec.engine_options),
                                 tokenizer=spec.tokenizer)
 

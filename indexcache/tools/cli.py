@@ -53,7 +53,8 @@ def _load(args, pattern=None):
         return load_sharded(args.model, ctx, index_pattern=pattern)[0]
     from ..checkpoint import load_model
 
-    return load_model(args.model, device=_device(args.device), index_pattern=pattern)
+    # the quality tools compute in fp32 (and train indexers): FP8 checkpoints are dequantised
+    return load_model(args.model, device=_device(args.device), index_pattern=pattern, weight_dtype="bf16")
 
 
 def _parallel(cmd, refuse: str | None = None):

@@ -24,7 +24,7 @@ def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_step
             progress: bool | None = None) -> tuple:
     """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log)."""
     device = torch.device(device)
-    model = load_model(model_path, device=device, index_pattern=pattern)
+    model = load_model(model_path, device=device, index_pattern=pattern, weight_dtype="bf16")  # fp32 maths, trains
     p = model.config.pattern
     cfg = model.config
     ctx = context or _trained_context(model_path) or 512

@@ -65,17 +65,20 @@ def test_fp8_slices_read_whole_blocks(tmp_path, dim):
     path, full = _fp8_file(tmp_path, (256, 320))  # 320 columns: the last block is 64 wide
     h = safe_open(path, framework="pt")
     ranges = ((128, 256),) if dim == 0 else ((0, 128), (256, 320))
-    got, nbytes = read_slice(h, "w", Shard(dim, ranges), "w_scale_inv", (128, 128), ParallelContext(1, 2))
+    got, scales, nbytes = read_slice(h, "w", Shard(dim, ranges), "w_scale_inv", ParallelContext(1, 2))
     want = torch.cat([full.narrow(dim, a, b - a) for a, b in ranges], dim)
-    assert torch.equal(got, want)
+    assert scales is None and torch.equal(got, want)
     assert nbytes == want.numel() + 4 * (3 if dim == 0 else 2 * 2)  # fp8 bytes + the scales' fp32 rows/columns
+    # kept FP8: the stored blocks and their scales, as they are
+    raw, scales, _ = read_slice(h, "w", Shard(dim, ranges), "w_scale_inv", ParallelContext(1, 2), dequantize=False)
+    assert raw.dtype == torch.float8_e4m3fn and torch.equal(dequantize_fp8_blocks(raw, scales), want)
 
 
 def test_fp8_slice_off_a_block_boundary_is_an_error(tmp_path):
     path, _ = _fp8_file(tmp_path, (256, 384))
     h = safe_open(path, framework="pt")
     with pytest.raises(ParallelError, match=r"w: rank 1's slice \[192, 384\) of dim 1 .* 128-wide FP8 block"):
-        read_slice(h, "w", Shard(1, ((192, 384),)), "w_scale_inv", (128, 128), ParallelContext(1, 2))
+        read_slice(h, "w", Shard(1, ((192, 384),)), "w_scale_inv", ParallelContext(1, 2))
 
 
 def test_communication_bytes_of_the_plan():

@@ -17,13 +17,14 @@ def greedy(model, ids: torch.Tensor, steps: int) -> list[list[int]]:
 
 
 def sharded_outputs(ctx, cases):
-    """Per case (model, pattern, expert parallel, ids, greedy steps): logits, greedy tokens, bytes read."""
+    """Per case (model, pattern, expert parallel, ids, greedy steps, weight dtype): logits, greedy tokens,
+    bytes read."""
     from indexcache.distributed import load_sharded
 
     results = []
-    for model_path, pattern, ep, ids, steps in cases:
+    for model_path, pattern, ep, ids, steps, weight_dtype in cases:
         model, report = load_sharded(model_path, dataclasses.replace(ctx, expert_parallel=ep), index_pattern=pattern,
-                                     seed=4)
+                                     seed=4, weight_dtype=weight_dtype)
         with torch.no_grad():
             logits = model(ids).logits
             tokens = greedy(model, ids, steps)
