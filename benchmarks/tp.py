@@ -3,9 +3,10 @@ fewer, with random weights, for full DSA and IndexCache patterns.
 
     # 2 GPUs: glm-4.7-flash-dsa at TP 2 vs TP 1 at 200K (TTFT full and 1/4, decode); target TTFT(TP2) <= 0.6 TTFT(TP1)
     python -m benchmarks.tp --tp 1,2 --model glm-4.7-flash-dsa --contexts 200K --patterns full,1/4
-    # 8 GPUs: the paper's GLM-5 row and DeepSeek-V3.2, 128K and 200K, full DSA vs 1/2 and 1/4
-    python -m benchmarks.tp --tp 8 --model glm-5 --contexts 128K,200K --patterns full,1/2,1/4 --layers 16
-    python -m benchmarks.tp --tp 8 --model deepseek-v3.2 --contexts 128K,200K --patterns full,1/2,1/4 --layers 16
+    # 8 GPUs: the paper's GLM-5 row and DeepSeek-V3.2, whole models with random FP8 weights, 128K and 200K,
+    # full DSA vs 1/2 and 1/4 (--layers 16 instead of --fp8-weights: 16 bf16 layers, extrapolated)
+    python -m benchmarks.tp --tp 8 --model glm-5 --fp8-weights --contexts 128K,200K --patterns full,1/2,1/4
+    python -m benchmarks.tp --tp 8 --model deepseek-v3.2 --fp8-weights --contexts 128K,200K --patterns full,1/2,1/4
 
 ``--tp 1,2`` runs ``torchrun --standalone --nproc-per-node N -m benchmarks.tp --rank-run ...`` once per N, then
 prints the ratios. Every rank runs the same engine on its shard (``load_sharded``'s random form: split weights
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--patterns", default="full,1/4")
     p.add_argument("--layers", type=int, default=None, help="run only this many layers and extrapolate")
     p.add_argument("--expert-parallel", action="store_true")
+    p.add_argument("--fp8-weights", action="store_true",
+                   help="FP8 linear/expert weights (128x128 blocks), as DeepSeek-V3.2 / GLM-5 ship: the full-size "
+                        "models fit 8 H200s only this way")
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per step)")
     p.add_argument("--kv-cache-dtype", default="bf16", choices=["bf16", "fp8"])
@@ -66,7 +70,7 @@ def allreduce_busbw_gbps(ctx, mib: int = 64) -> float:
 def rank_run(args) -> int:
     from benchmarks.common import measure_ceilings, run_metadata, write_results
     from benchmarks.e2e import breakdown_total, parse_ctx, scale_factors, sub_pattern, timed_prefill_decode
-    from indexcache.distributed import init_distributed, random_shard
+    from indexcache.distributed import init_distributed, random_shard, use_fp8_shard_storage
     from indexcache.presets import preset_config
 
     ctx = init_distributed(expert_parallel=args.expert_parallel)
@@ -79,8 +83,14 @@ def rank_run(args) -> int:
     if n > 1 and cuda:
         ceilings["allreduce_busbw_gbps_64mib"] = allreduce_busbw_gbps(ctx)
     t0 = time.perf_counter()
-    model = random_shard(cfg, ctx, torch.bfloat16 if cuda else torch.float32, args.seed)
-    weight_gib = sum(t.numel() * t.element_size() for t in model.parameters()) / 2**30
+    if args.fp8_weights and not args.layers:  # draw and quantise layer by layer: bf16 weights would not fit
+        model = _fp8_random_shard(cfg, ctx, args.seed)
+    else:
+        model = random_shard(cfg, ctx, torch.bfloat16 if cuda else torch.float32, args.seed)
+        if args.fp8_weights:
+            use_fp8_shard_storage(model, quantize=True)
+            torch.cuda.empty_cache()
+    weight_gib = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**30
     if ctx.rank == 0:
         print(f"TP {n}{' EP' if args.expert_parallel else ''}: {args.model} {cfg.num_layers}/{cfg_full.num_layers} "
               f"layers, {weight_gib:.1f} GiB of weights per rank, built in {time.perf_counter() - t0:.0f}s; "
@@ -108,6 +118,24 @@ def rank_run(args) -> int:
         write_results(args.name or f"tp{n}_{args.model}", {"meta": meta, "ceilings": ceilings, "args": vars(args),
                                                            "weight_gib_per_rank": weight_gib, "rows": rows})
     return 0
+
+
+def _fp8_random_shard(cfg, ctx, seed):
+    """A full-size random FP8 shard without ever holding its bf16 weights: the first layers up to the first MoE
+    layer are drawn and quantised, the remaining layers are copies of the last one (speed does not depend on the
+    values; replicated weights stay equal on every rank)."""
+    import copy
+
+    from indexcache.distributed import random_shard, use_fp8_shard_storage
+
+    first = cfg.mlp_layer_types.index("sparse") + 1 if "sparse" in cfg.mlp_layer_types else 1
+    model = use_fp8_shard_storage(random_shard(cfg.replace(num_layers=first), ctx, torch.bfloat16, seed),
+                                  quantize=True)
+    for _ in range(first, cfg.num_layers):
+        model.layers.append(copy.deepcopy(model.layers[-1]))
+    model.config = cfg
+    torch.cuda.empty_cache()
+    return model
 
 
 def main(argv=None) -> int:
