@@ -9,13 +9,20 @@ fewer, with random weights, for full DSA and IndexCache patterns.
     python -m benchmarks.tp --tp 8 --model deepseek-v3.2 --fp8-weights --contexts 128K,200K --patterns full,1/2,1/4
 
 ``--tp 1,2`` runs ``torchrun --standalone --nproc-per-node N -m benchmarks.tp --rank-run ...`` once per N, then
-prints the ratios. Every rank runs the same engine on its shard (``load_sharded``'s random form: split weights
+prints the ratios. CPU smoke run of one rank-run (2 gloo ranks, timings mean nothing):
+``torchrun --standalone --nproc-per-node 2 -m benchmarks.tp --rank-run --model tiny --contexts 300 --decode-steps 4``. Every rank runs the same engine on its shard (``load_sharded``'s random form: split weights
 drawn per rank, replicated ones broadcast), TTFT and decode are rank 0's wall times (the collectives keep the ranks
 in step). ``--layers N`` runs N layers and extrapolates like benchmarks/e2e.py (a full-size model in bf16 does not
 fit 8 H200s: 671B / 744B parameters); the same run measures the NCCL all-reduce bus bandwidth and the GPU's matmul
-and copy ceilings, and writes tp_<model>.json (and each rank-run's JSON) to benchmarks/results and $OUT.
+and copy ceilings, and writes tp_<model>.json (and each rank-run's JSON) to $OUT (or runs/benchmarks/).
 """
 from __future__ import annotations
+
+if __name__ == "__main__" and "--rank-run" not in __import__("sys").argv:  # refuse at once without a GPU
+    from benchmarks.require_gpu import require_gpu
+
+    require_gpu("python -m benchmarks.tp", "torchrun --standalone --nproc-per-node 2 -m benchmarks.tp --rank-run "
+                "--model tiny --contexts 300 --decode-steps 4")
 
 import argparse
 import json
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
     args = add_arguments(argparse.ArgumentParser(prog="python -m benchmarks.tp")).parse_args(argv)
     if args.rank_run:
         return rank_run(args)
-    from benchmarks.common import table, write_results
+    from benchmarks.common import results_dir, table, write_results
 
     sizes = [int(x) for x in args.tp.split(",")]
     if torch.cuda.device_count() < max(sizes):
@@ -158,7 +165,7 @@ def main(argv=None) -> int:
         if subprocess.run(cmd, check=False).returncode:
             print(f"error: the TP {n} run failed", file=sys.stderr)
             return 1
-        with open(os.path.join(os.path.dirname(__file__), "results", f"{name}.json")) as f:
+        with open(os.path.join(results_dir(), f"{name}.json")) as f:
             results[n] = json.load(f)
     base = {(r["context"], r["pattern"]): r for r in results[sizes[0]]["rows"]}
     rows = []
