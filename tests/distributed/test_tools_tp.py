@@ -33,3 +33,15 @@ def test_distill_refuses_tensor_parallel_clearly(tmp_path, capsys):
     assert main(["distill", FIXTURE, "--pattern", "1/2", "--out", str(tmp_path / "d"), "--device", "cpu",
                  "-tp", "2"]) == 2
     assert "distill does not run tensor-parallel" in capsys.readouterr().err
+
+
+def test_overlap_tp2_matches_one_process(tmp_path):
+    def run(name, *extra):
+        out = tmp_path / f"{name}.json"
+        assert main(["overlap", FIXTURE, "--num-seqs", "2", "--length", "96", "--device", "cpu", "--json", str(out),
+                     *extra]) == 0
+        return json.loads(out.read_text())
+
+    one, two = run("tp1"), run("tp2", "-tp", "2", "--enable-expert-parallel")
+    flat = [x for row in one["overlap"] for x in row]
+    assert [x for row in two["overlap"] for x in row] == pytest.approx(flat, abs=1e-6)  # the same top-k sets
