@@ -78,9 +78,14 @@ def _cmd_generate(args) -> int:
     prompts = [_parse_ids(p) if args.token_ids else p for p in args.prompt]
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-    llm = LLM(args.model, args.pattern, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, seed=args.seed,
-              weight_dtype=args.weight_dtype)
+    with LLM(args.model, args.pattern, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+             kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, seed=args.seed,
+             weight_dtype=args.weight_dtype, tensor_parallel_size=args.tensor_parallel_size,
+             enable_expert_parallel=args.enable_expert_parallel) as llm:  # the exit ends tensor-parallel workers
+        return _generate(llm, prompts, sp, args)
+
+
+def _generate(llm, prompts, sp, args) -> int:
     bpt = llm.cache_bytes_per_token()
     print(f"pattern {llm.pattern} ({bpt['num_full_layers']} full layers); KV cache {bpt['total']} B/token "
           f"({bpt['saving_vs_full_dsa']:.1%} less than full DSA)")
@@ -145,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-dtype", default="auto", choices=["auto", "fp8", "bf16"],
                    help="FP8 (128x128 block scales) or bf16 linear/expert weights; auto keeps FP8 checkpoints FP8 "
                         "on a GPU with the block-scaled FP8 GEMM (Hopper)")
+    g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                   help="worker processes to shard the model over (one per GPU; gloo ranks on CPU)")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="split routed experts by expert instead of by intermediate dim")
     g.add_argument("--json", action="store_true", help="one JSON line per prompt (the default for token-id prompts "
                    "and models without a tokenizer); text prompts otherwise print as plain text")
     g.set_defaults(func=_cmd_generate)

@@ -5,6 +5,7 @@ import operator
 import os
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -45,30 +46,70 @@ class LLM:
     "fp8" or "bf16" (see ``load_model``). ``tokenizer``: a folder or a ``Tokenizer`` to use instead of the
     checkpoint's. ``max_model_len`` defaults to the model's ``max_position_embeddings``. Other keywords are
     ``EngineConfig`` fields.
+
+    ``tensor_parallel_size=N`` runs the engine on N worker processes (one per GPU; gloo ranks on CPU), each holding
+    its shard of the model (``enable_expert_parallel``: routed experts split by expert); this process drives them.
+    Close it (``close()``, a ``with`` block) to end the workers. Scripts that use it need the
+    ``if __name__ == "__main__":`` guard: the workers are spawned.
     """
 
     def __init__(self, model: str, index_pattern=None, *, device=None, dtype: torch.dtype | None = None,
                  seed: int = 0, tokenizer: str | Tokenizer | None = None, weight_dtype: str = "auto",
-                 **engine_options):
+                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False, **engine_options):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed,
-                                weight_dtype=weight_dtype)
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
         if isinstance(tokenizer, str):
             self.tokenizer = load_tokenizer(tokenizer)
         else:
             self.tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
+        self.workers = self.model = self.engine = None
+        if tensor_parallel_size > 1 or enable_expert_parallel:
+            from .engine.multiproc import WorkerSpec, start_workers
+
+            if engine_options.get("max_model_len") is None:
+                engine_options["max_model_len"] = _model_config(model).max_position_embeddings
+            self._engine_cfg = EngineConfig(seed=seed, **engine_options)  # bad options fail here, not in a worker
+            spec = WorkerSpec(model, dtype, index_pattern, seed, self.tokenizer, engine_options, weight_dtype)
+            self.workers = start_workers(spec, tensor_parallel_size, device_type=device.type,
+                                         expert_parallel=enable_expert_parallel)
+            self._vocab = self.workers.infos[0]["vocab_size"]
+            return
+        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed,
+                                weight_dtype=weight_dtype)
         if engine_options.get("max_model_len") is None:
             engine_options["max_model_len"] = self.model.config.max_position_embeddings
         self.engine = LLMEngine(self.model, EngineConfig(seed=seed, **engine_options), tokenizer=self.tokenizer)
 
     @property
     def pattern(self):
+        if self.workers is not None:
+            return self.workers.infos[0]["pattern"]
         return self.engine.pattern
 
     def cache_bytes_per_token(self) -> dict:
+        """Per rank under tensor parallelism (every rank holds the whole latent and indexer caches)."""
+        if self.workers is not None:
+            return dict(self.workers.infos[0]["cache_bytes"])
         return dict(self.engine.cache_bytes)
+
+    def collective_rpc(self, fn, *args) -> list:
+        """``fn(worker, *args)`` on every tensor-parallel worker (``fn`` importable at module level)."""
+        if self.workers is None:
+            raise RuntimeError("collective_rpc needs tensor_parallel_size > 1")
+        return self.workers.collective_rpc(fn, *args)
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
@@ -79,6 +120,8 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        if self.workers is not None:
+            return self._generate_parallel(prompts, params)
         seqs = []
         try:
             for prompt, p in zip(prompts, params):
@@ -91,6 +134,25 @@ class LLM:
                 self.engine.abort(s)
             raise
         return [self._output(s) for s in seqs]
+
+    def _generate_parallel(self, prompts, params) -> list[RequestOutput]:
+        from .engine.multiproc import generate
+
+        requests = []
+        for prompt, p in zip(prompts, params):
+            text, ids = self._encode(prompt)
+            bad = [t for t in ids if not 0 <= t < self._vocab]
+            if not ids or bad:  # checked here: an error in the workers would end them
+                raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {self._vocab})" if bad
+                                 else "a prompt needs at least one token")
+            if len(ids) >= self._engine_cfg.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len="
+                                 f"{self._engine_cfg.max_model_len} (the prompt plus at least one generated token)")
+            if p.stop_strings and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer; this model has none (use stop token ids)")
+            requests.append((ids, p, text))
+        done = self.workers.collective_rpc(generate, requests)[0]
+        return [self._output(SimpleNamespace(**d, arrival=0.0, first_token_time=d["ttft_s"])) for d in done]
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -108,6 +170,13 @@ class LLM:
         return RequestOutput(s.request_id, s.prompt, s.prompt_ids,
                              [CompletionOutput(0, text, s.output_ids, s.finish_reason, s.stop_reason)],
                              metrics={"ttft_s": ttft, "preemptions": s.num_preemptions, "finished": time.time()})
+
+
+def _model_config(model: str):
+    from .config import ModelConfig
+    from .presets import preset_config
+
+    return ModelConfig.from_checkpoint(model) if os.path.isdir(model) else preset_config(model)
 
 
 def _as_list(prompts) -> list:

@@ -13,6 +13,7 @@ FORBIDDEN = {
     "kernels": {"model", "engine", "llm", "cli", "tools", "server"},
     "model": {"engine", "llm", "cli", "tools", "server"},
     "engine": {"llm", "cli", "tools", "server", "benchmarks"},
+    "distributed": {"engine", "llm", "cli", "tools", "server", "benchmarks"},  # a model-level transform
     "tools": {"engine", "llm", "server", "benchmarks"},  # offline tools use the model and kernels
 }
 

@@ -5,6 +5,7 @@ import random
 
 import torch
 
+from ..distributed.comm import broadcast_, min_over_ranks
 from ..model import DSAModel
 from ..sampling import SamplingParams
 from .attention_backend import make_backend, resolve_formats
@@ -33,6 +34,8 @@ class LLMEngine:
 
     def __init__(self, model: DSAModel, cfg: EngineConfig, index_pattern=None, tokenizer=None):
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        # a tensor-parallel shard (distributed.shard_model): every rank runs this engine in step (SPMD)
+        self.parallel = getattr(model, "parallel", None)
         self.plan = model.layer_plan(index_pattern)
         mc = model.config
         w = model.embed_tokens.weight
@@ -75,6 +78,8 @@ class LLMEngine:
         if n < 1:
             raise OutOfBlocks(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
                               f"{total / 2**30:.1f}); raise gpu_memory_utilization or shorten max_model_len")
+        if self.parallel is not None:  # the ranks' schedulers must see the same number of pages
+            n = min_over_ranks(int(n), self.parallel, self.device)
         return int(n)
 
     # ----- requests ---------------------------------------------------------------------------------------------
@@ -137,6 +142,14 @@ class LLMEngine:
         return finished
 
     def _sample(self, logits, seqs: list[Sequence], rows: list[int]) -> list[int]:
+        par = self.parallel
+        if par is None or par.is_single:
+            return self._sample_here(logits, seqs, rows)
+        # tensor parallel: rank 0 samples, every rank appends its tokens (the schedulers stay identical)
+        toks = self._sample_here(logits, seqs, rows) if par.rank == 0 else [0] * len(rows)
+        return broadcast_(torch.tensor(toks, dtype=torch.int64, device=self.device), par).tolist()
+
+    def _sample_here(self, logits, seqs: list[Sequence], rows: list[int]) -> list[int]:
         dev = logits.device
         sel = logits[torch.tensor(rows, device=dev)] if len(rows) != logits.shape[0] else logits
 

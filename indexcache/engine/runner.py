@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..distributed.comm import gather_strided, strided_rows
 from ..model import DSAModel
 from ..pattern import LayerPlan
 from .attention_backend import TorchBackend, to_slots
@@ -42,6 +43,7 @@ class ModelRunner:
                  x_proj: list[tuple[torch.Tensor, tuple[int, ...]]]):
         """``x_proj``: each layer's fused x-projection weight and its row splits (``glue.fuse_x_projections``)."""
         self.model, self.plan, self.cfg, self.kv, self.backend = model, plan, cfg, kv, backend
+        self.parallel = getattr(model, "parallel", None)  # a tensor-parallel shard: the prefill indexer splits rows
         self.device = model.embed_tokens.weight.device
         self.page = cfg.page_size
         self._absorbed = [layer.self_attn.absorbed_weights() for layer in model.layers]
@@ -138,9 +140,15 @@ class ModelRunner:
             table = b.block_table
         else:
             parts, tables = [], []
+            par = self.parallel
             for s, (t0, n, ctx) in enumerate(b.segments):
-                parts.append(be.topk_prefill(i, indexer, q[t0:t0 + n], w[t0:t0 + n], b.positions[t0:t0 + n], ctx,
-                                             b.block_table[s]))
+                if par is None or par.is_single:
+                    parts.append(be.topk_prefill(i, indexer, q[t0:t0 + n], w[t0:t0 + n], b.positions[t0:t0 + n],
+                                                 ctx, b.block_table[s]))
+                else:  # tensor parallel: each rank scores every N-th query row, the top-k rows are all-gathered
+                    rows = t0 + strided_rows(n, par, q.device)
+                    mine = be.topk_prefill(i, indexer, q[rows], w[rows], b.positions[rows], ctx, b.block_table[s])
+                    parts.append(gather_strided(mine, n, par))
                 tables.append(b.block_table[s].expand(n, -1))
             logical, table = torch.cat(parts), torch.cat(tables)
         with self._t("topk"):

@@ -24,6 +24,7 @@ class MLA(nn.Module):
         super().__init__()
         self.cfg = cfg
         h = cfg.num_heads
+        self.num_local_heads = h  # heads this module computes: fewer after tensor-parallel sharding
         self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
@@ -43,7 +44,7 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q_a, kv = pre if pre is not None else (self.q_a_proj(x), self.kv_a_proj_with_mqa(x))
         q_resid = self.q_a_layernorm(q_a)
-        q = self.q_b_proj(q_resid).view(B, T, cfg.num_heads, cfg.qk_head_dim)
+        q = self.q_b_proj(q_resid).view(B, T, self.num_local_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
@@ -54,7 +55,7 @@ class MLA(nn.Module):
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [h, nope, kv_lora] and W_UV [h, v, kv_lora] split out of kv_b_proj."""
         cfg = self.cfg
-        w = self.kv_b_proj.weight.view(cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        w = self.kv_b_proj.weight.view(self.num_local_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
 
     def forward(self, x, cos, sin, positions, topk=None, attn_impl: str = "masked"):
@@ -75,7 +76,7 @@ class MLA(nn.Module):
     def _masked(self, q_nope, q_pe, c_kv, k_pe, topk, positions):
         cfg = self.cfg
         B, T = q_nope.shape[:2]
-        kv = self.kv_b_proj(c_kv).view(B, T, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        kv = self.kv_b_proj(c_kv).view(B, T, self.num_local_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
         allowed = selection_mask(topk, T) & causal_mask(positions, positions)

@@ -5,6 +5,7 @@ Every command prints a short summary and writes its full result as JSON with ``-
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -61,10 +62,51 @@ def _need_byte_model(model: str, tok, what: str) -> None:
 
 
 def _load(args, pattern=None):
+    ctx = getattr(args, "parallel", None)
+    if ctx is not None:  # a rank of ``-tp N``: this rank's shard, on its own device
+        from ..distributed import load_sharded
+        return load_sharded(args.model, ctx, index_pattern=pattern)[0]
     from ..checkpoint import load_model
 
     # the quality tools compute in fp32 (and train indexers): FP8 checkpoints are dequantised
     return load_model(args.model, device=_device(args.device), index_pattern=pattern, weight_dtype="bf16")
+
+
+def _parallel(cmd, refuse: str | None = None):
+    """``cmd`` as is, or with ``-tp N`` / ``--enable-expert-parallel`` on N spawned ranks (each loads its shard,
+    every rank runs the same command; rank 0 prints and writes the results). ``refuse``: why ``cmd`` cannot."""
+    def run(args) -> int:
+        tp, ep = args.tensor_parallel_size, args.enable_expert_parallel
+        if tp < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {tp}")
+        if tp == 1 and not ep:
+            return cmd(args)
+        if refuse:
+            raise ValueError(refuse)
+        from ..distributed.launch import RankProcesses
+
+        ranks = RankProcesses(tp, device_type="cuda" if _device(args.device).startswith("cuda") else "cpu",
+                              expert_parallel=ep)
+        try:
+            plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "func"})
+            code, error = ranks.collective_rpc(_run_on_rank, cmd, plain)[0]
+        finally:
+            ranks.close()
+        if error:
+            raise ValueError(error)  # bad input, reported like a one-process run
+        return code
+    return run
+
+
+def _run_on_rank(ctx, cmd, args) -> tuple[int, str | None]:
+    args.parallel = ctx
+    if ctx.rank:  # one copy of the output
+        args.json = args.png = None
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    try:
+        return cmd(args), None
+    except ValueError as e:  # every rank sees the same bad input
+        return 2, str(e)
 
 
 def cmd_train(args) -> int:
@@ -178,6 +220,11 @@ def register(subparsers) -> None:
             p.add_argument("model", help="checkpoint folder")
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         p.add_argument("--json", help="write the full result here")
+        if model:
+            p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                           help="ranks to shard the model over (GPUs; gloo processes on CPU)")
+            p.add_argument("--enable-expert-parallel", action="store_true",
+                           help="split routed experts by expert instead of by intermediate dim")
 
     t = subparsers.add_parser("train", help="train a small DSA model on the stdlib corpus (dense -> warm-up -> sparse)")
     common(t, model=False)
@@ -195,7 +242,7 @@ def register(subparsers) -> None:
     o.add_argument("--num-seqs", type=int, default=4)
     o.add_argument("--batch", type=int, default=2)
     o.add_argument("--png", help="write the heatmap here")
-    o.set_defaults(func=cmd_overlap)
+    o.set_defaults(func=_parallel(cmd_overlap))
 
     s = subparsers.add_parser("search", help="greedy F/S pattern search on calibration LM loss (cached prefix)")
     common(s)
@@ -208,7 +255,7 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fixed", type=int, nargs="*", default=[0], help="layers that stay F (layer 0 always)")
     s.add_argument("--naive", action="store_true", help="run every candidate from the embedding (reference)")
-    s.set_defaults(func=cmd_search)
+    s.set_defaults(func=_parallel(cmd_search))
 
     d = subparsers.add_parser("distill", help="multi-layer indexer distillation into a pattern; writes a checkpoint")
     common(d)
@@ -219,7 +266,9 @@ def register(subparsers) -> None:
     d.add_argument("--batch", type=int, default=8)
     d.add_argument("--context", type=int)
     d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=cmd_distill)
+    d.set_defaults(func=_parallel(cmd_distill, refuse=(
+        "distill does not run tensor-parallel yet: training through a sharded model needs autograd-aware "
+        "collectives (the sharded forward's all-reduces are inference-only); use -tp 1")))
 
     e = subparsers.add_parser("eval", help="held-out loss / bits per byte, long-context retrieval accuracy, top-k "
                               "recall against each layer's own indexer and the dense attention mass the used top-k "
@@ -231,7 +280,7 @@ def register(subparsers) -> None:
     e.add_argument("--n-retrieval", type=int, default=32)
     e.add_argument("--windows", type=int, default=16)
     e.add_argument("--batch", type=int, default=4)
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(func=_parallel(cmd_eval))
 
 
 def main(argv=None) -> int:

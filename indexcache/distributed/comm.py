@@ -1,0 +1,52 @@
+"""The three collectives the sharded model needs; each is a no-op on one rank."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .context import ParallelContext
+
+
+def all_reduce_(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Sum ``t`` over the ranks in place (row-parallel outputs, masked embedding lookups)."""
+    if not ctx.is_single:
+        dist.all_reduce(t, group=ctx.group)
+    return t
+
+
+def all_gather(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """[world, *t.shape]: every rank's ``t`` (same shape on every rank), rank order."""
+    if ctx.is_single:
+        return t[None]
+    out = torch.empty((ctx.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, t.contiguous(), group=ctx.group)
+    return out.view(ctx.world_size, *t.shape)
+
+
+def broadcast_(t: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tensor:
+    if not ctx.is_single:
+        dist.broadcast(t, src=src, group=ctx.group)
+    return t
+
+
+def strided_rows(n: int, ctx: ParallelContext, device=None) -> torch.Tensor:
+    """This rank's rows r, r+N, r+2N, ... of ``n`` (causal work stays balanced across ranks), padded to
+    ceil(n/N) rows by repeating the last row (``gather_strided`` drops the padding)."""
+    per = -(-n // ctx.world_size)
+    return (ctx.rank + ctx.world_size * torch.arange(per, device=device)).clamp(max=n - 1)
+
+
+def gather_strided(local: torch.Tensor, n: int, ctx: ParallelContext) -> torch.Tensor:
+    """Every rank's ``local`` [ceil(n/N), ...] (its ``strided_rows``) back into the ``n`` rows in order."""
+    every = all_gather(local, ctx)  # [N, per, ...]: row j*N + r is every[r, j]
+    return every.transpose(0, 1).reshape(-1, *local.shape[1:])[:n]
+
+
+def min_over_ranks(value: int, ctx: ParallelContext, device=None) -> int:
+    """The smallest ``value`` of all ranks (sizes every rank must agree on, such as the KV cache's pages)."""
+    if ctx.is_single:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=ctx.group)
+    return int(t.item())
