@@ -1,16 +1,24 @@
-"""The three collectives the sharded model needs; each is a no-op on one rank."""
+"""The three collectives the sharded model needs; each is a no-op on one rank.
+
+When autograd records (training through a shard: ``distill -tp N``), the sum and the gather are torch's
+differentiable ones, whose backward sums the ranks' gradients (the adjoint of a sum over ranks); see
+``distributed.training`` for how the optimizer step turns that into the one-process gradient."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
 from .context import ParallelContext
 
 
 def all_reduce_(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """Sum ``t`` over the ranks in place (row-parallel outputs, masked embedding lookups)."""
-    if not ctx.is_single:
-        dist.all_reduce(t, group=ctx.group)
+    """Sum ``t`` over the ranks, in place unless autograd records (then a new tensor): use the result."""
+    if ctx.is_single:
+        return t
+    if _records(t):
+        return dist_nn.all_reduce(t, group=ctx.group or dist.group.WORLD)
+    dist.all_reduce(t, group=ctx.group)
     return t
 
 
@@ -18,10 +26,16 @@ def all_gather(t: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """[world, *t.shape]: every rank's ``t`` (same shape on every rank), rank order."""
     if ctx.is_single:
         return t[None]
+    if _records(t):
+        return torch.stack(dist_nn.all_gather(t.contiguous(), group=ctx.group or dist.group.WORLD))
     out = torch.empty((ctx.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, t.contiguous(), group=ctx.group)
     return out.view(ctx.world_size, *t.shape)
+
+
+def _records(t: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
 
 
 def broadcast_(t: torch.Tensor, ctx: ParallelContext, src: int = 0) -> torch.Tensor:

@@ -72,17 +72,15 @@ def _load(args, pattern=None):
     return load_model(args.model, device=_device(args.device), index_pattern=pattern, weight_dtype="bf16")
 
 
-def _parallel(cmd, refuse: str | None = None):
+def _parallel(cmd):
     """``cmd`` as is, or with ``-tp N`` / ``--enable-expert-parallel`` on N spawned ranks (each loads its shard,
-    every rank runs the same command; rank 0 prints and writes the results). ``refuse``: why ``cmd`` cannot."""
+    every rank runs the same command; rank 0 prints and writes the results)."""
     def run(args) -> int:
         tp, ep = args.tensor_parallel_size, args.enable_expert_parallel
         if tp < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {tp}")
         if tp == 1 and not ep:
             return cmd(args)
-        if refuse:
-            raise ValueError(refuse)
         from ..distributed.launch import RankProcesses
 
         ranks = RankProcesses(tp, device_type="cuda" if _device(args.device).startswith("cuda") else "cpu",
@@ -184,7 +182,7 @@ def cmd_distill(args) -> int:
     _need_byte_model(args.model, find_tokenizer(args.model), "distill trains on the byte-level stdlib corpus")
     _, log = distill(args.model, args.pattern, args.out, warmup_steps=args.warmup_steps,
                      sparse_steps=args.sparse_steps, batch=args.batch, context=args.context, seed=args.seed,
-                     device=_device(args.device), progress=True)
+                     device=_device(args.device), progress=True, parallel=getattr(args, "parallel", None))
     print(f"distilled pattern {log['pattern']} -> {args.out}")
     _dump(log, args.json)
     return 0
@@ -266,9 +264,7 @@ def register(subparsers) -> None:
     d.add_argument("--batch", type=int, default=8)
     d.add_argument("--context", type=int)
     d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=_parallel(cmd_distill, refuse=(
-        "distill does not run tensor-parallel yet: training through a sharded model needs autograd-aware "
-        "collectives (the sharded forward's all-reduces are inference-only); use -tp 1")))
+    d.set_defaults(func=_parallel(cmd_distill))
 
     e = subparsers.add_parser("eval", help="held-out loss / bits per byte, long-context retrieval accuracy, top-k "
                               "recall against each layer's own indexer and the dense attention mass the used top-k "

@@ -5,6 +5,11 @@ layers it serves: L_multi = sum_j 1/(m+1) KL(p^(l+j) || q^(l)). Two stages as in
 indexers train; targets over all causal tokens), then a sparse stage (top-k on, the F layer's selection is used by
 all the layers it serves; the KL is over that selection; the indexer input is detached; LM loss trains the rest).
 The result is saved without the S layers' indexer weights (config.json carries the pattern).
+
+On N tensor-parallel ranks (``parallel``) each rank trains its shard: the targets (head-averaged attention) are
+summed over the ranks' heads by one all-reduce, so the replicated indexers see the same loss and take the same
+steps on every rank; the LM loss trains the shards through differentiable collectives (distributed/training.py).
+Rank 0 gathers the whole model and writes it.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import time
 
 import torch
 
-from ..checkpoint import load_model, save_checkpoint
+from ..checkpoint import build_empty, load_model, save_checkpoint
 from ..pattern import IndexPattern
 from .corpus import ByteTokenizer, load_corpus
 from .train import TrainConfig, run_stage
@@ -21,10 +26,15 @@ from .train import TrainConfig, run_stage
 def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_steps: int = 50, sparse_steps: int = 50,
             warmup_lr: float = 1e-3, sparse_lr: float = 3e-4, batch: int = 8, context: int | None = None,
             seed: int = 0, device="cpu", time_budget_s: float | None = None, max_train_bytes: int | None = None,
-            progress: bool | None = None) -> tuple:
-    """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log)."""
-    device = torch.device(device)
-    model = load_model(model_path, device=device, index_pattern=pattern, weight_dtype="bf16")  # fp32 maths, trains
+            progress: bool | None = None, parallel=None) -> tuple:
+    """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log); with ``parallel``
+    (a ``ParallelContext`` of several ranks) the model is this rank's shard."""
+    if parallel is not None and not parallel.is_single:
+        from ..distributed import load_sharded
+        model = load_sharded(model_path, parallel, index_pattern=pattern, weight_dtype="bf16")[0]
+    else:
+        model = load_model(model_path, device=torch.device(device), index_pattern=pattern,
+                           weight_dtype="bf16")  # fp32 maths, trains
     p = model.config.pattern
     cfg = model.config
     ctx = context or _trained_context(model_path) or 512
@@ -40,12 +50,30 @@ def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_step
     log = {"pattern": str(p), "groups": {f: p.served_by(f) for f in p.full_layers}, "stages": logs,
            "context": ctx, "seconds": time.perf_counter() - t0, "source": model_path}
     if out_dir:
-        save_checkpoint(model, out_dir, extra_config={
+        _save(model, out_dir, extra_config={
             "tokenizer": ByteTokenizer.description(),
             "distillation": {"source": model_path, "pattern": str(p),
                              "steps_done": {s["stage"]: s["steps_done"] for s in logs}}})
     assert cfg.pattern == p
     return model, log
+
+
+def _save(model, out_dir: str, extra_config: dict) -> None:
+    """Write the model; a shard is gathered whole on rank 0, which alone writes (the others wait for it)."""
+    ctx = getattr(model, "parallel", None)
+    if ctx is None or ctx.is_single:
+        save_checkpoint(model, out_dir, extra_config=extra_config)
+        return
+    from ..distributed.training import barrier, gather_full_state
+
+    state = gather_full_state(model)
+    if state is not None:
+        full = build_empty(model.config, "cpu", torch.float32)
+        with torch.no_grad():
+            for name, p in full.named_parameters():
+                p.copy_(state[name])
+        save_checkpoint(full, out_dir, extra_config=extra_config)
+    barrier(ctx)
 
 
 def _trained_context(path: str) -> int | None:

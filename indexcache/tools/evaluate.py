@@ -21,7 +21,7 @@ from ..model.indexer import causal_mask
 from ..progress import Progress
 from .corpus import ByteTokenizer, Corpus
 from .overlap import row_overlap
-from .trainfwd import attention_qkv, head_mean_probs, lm_loss
+from .trainfwd import attention_qkv, head_mean_probs, lm_loss, over_all_heads
 
 _ASSIGN = re.compile(rb"^[ \t]*([A-Za-z_][A-Za-z0-9_]{2,40}) = ([0-9][0-9_xXa-fA-F.]{0,15}|'[^'\n\\]{1,24}'|"
                      rb"\"[^\"\n\\]{1,24}\")[ \t]*$", re.M)
@@ -109,7 +109,7 @@ def layer_recall(model, ids: torch.Tensor, pattern=None) -> list[dict]:
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q, kk, _, q_resid = attention_qkv(attn, x, cos, sin)
-        probs = _over_all_heads(model, head_mean_probs(q, kk, causal, model.config.softmax_scale))
+        probs = over_all_heads(model, head_mean_probs(q, kk, causal, model.config.softmax_scale))
         own = attn.indexer(x, q_resid, cos, sin, pos) if attn.indexer is not None else None
         used = own if p.is_full(i) else topk
         rec = {"layer": i, "type": "F" if p.is_full(i) else "S", "source": p.source(i)}
@@ -124,15 +124,6 @@ def layer_recall(model, ids: torch.Tensor, pattern=None) -> list[dict]:
         out.append(rec)
         h, topk = model.run_layer(i, h, cos, sin, pos, topk, p)
     return out
-
-
-def _over_all_heads(model, probs: torch.Tensor) -> torch.Tensor:
-    """The mean over every head when the model is sharded by heads (each rank averaged its own, equal-sized set)."""
-    ctx = getattr(model, "parallel", None)
-    if ctx is None or ctx.is_single:
-        return probs
-    from ..distributed.comm import all_reduce_
-    return all_reduce_(probs.contiguous(), ctx).div_(ctx.world_size)
 
 
 def evaluate(model, pattern=None, *, test: Corpus, context: int, lengths=(512,), n_retrieval: int = 32,

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint import build_empty, save_checkpoint
 from ..config import ModelConfig
+from ..distributed.training import clip_grad_norm_, reduce_gradients
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
 from .trainfwd import forward_train
@@ -118,7 +119,8 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
                                         index_coef=tc.index_coef)
             if lm is not None and stage != "warmup":
                 lm.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            reduce_gradients(model, params)  # a sharded model's (distill -tp N); nothing on one process
+            clip_grad_norm_(model, params, 1.0)
             opt.step()
             done += 1
             rec = {"step": step, "lm": None if lm is None else float(lm.detach()), "index_kl": idx}

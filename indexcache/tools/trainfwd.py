@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..distributed.comm import all_reduce_
 from ..model.attention import selection_mask
 from ..model.indexer import causal_mask, select_topk
 from ..pattern import IndexPattern
@@ -73,6 +74,15 @@ def head_mean_probs(q, k, allowed, scale: float) -> torch.Tensor:
     return torch.softmax(s, -1).nan_to_num(0.0).mean(1)
 
 
+def over_all_heads(model, probs: torch.Tensor) -> torch.Tensor:
+    """The mean over every head when the model is sharded by heads (each rank averaged its own, equal-sized set):
+    the targets are detached, so one all-reduce makes them whole and every rank trains its indexer copy alike."""
+    ctx = getattr(model, "parallel", None)
+    if ctx is None or ctx.is_single:
+        return probs
+    return all_reduce_(probs.contiguous(), ctx).div_(ctx.world_size)
+
+
 def run_layer_train(model, i: int, h, cos, sin, positions, *, dense: bool, topk_in=None, want_probs=False,
                     want_index=False, detach_indexer_input=True) -> LayerOut:
     """One decoder layer. ``topk_in`` is the inherited selection (None: this layer selects with its own indexer)."""
@@ -101,7 +111,7 @@ def run_layer_train(model, i: int, h, cos, sin, positions, *, dense: bool, topk_
             topk = topk_in
         allowed = selection_mask(topk, T) & causal
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=cfg.softmax_scale)
-    probs = head_mean_probs(q, k, allowed, cfg.softmax_scale) if want_probs else None
+    probs = over_all_heads(model, head_mean_probs(q, k, allowed, cfg.softmax_scale)) if want_probs else None
     h = h + attn.o_proj(out.transpose(1, 2).flatten(2))
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     return LayerOut(h, topk, probs, index_logits)

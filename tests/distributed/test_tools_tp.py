@@ -3,6 +3,8 @@ import json
 import os
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from indexcache.tools.cli import main
 
@@ -29,10 +31,26 @@ def test_eval_tp2_matches_one_process(tmp_path):
                 assert lb.get(key) == pytest.approx(la.get(key), abs=1e-5), (la["layer"], key)
 
 
-def test_distill_refuses_tensor_parallel_clearly(tmp_path, capsys):
-    assert main(["distill", FIXTURE, "--pattern", "1/2", "--out", str(tmp_path / "d"), "--device", "cpu",
-                 "-tp", "2"]) == 2
-    assert "distill does not run tensor-parallel" in capsys.readouterr().err
+def test_distill_tp2_matches_one_process(tmp_path):
+    """Two warm-up and two sparse steps (LM loss through the shards, indexers on the gathered targets) at TP=2
+    write the same checkpoint as one process."""
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(["distill", FIXTURE, "--pattern", "1/2", "--out", str(out), "--warmup-steps", "2",
+                     "--sparse-steps", "2", "--batch", "2", "--context", "64", "--device", "cpu", *extra]) == 0
+        return load_file(str(out / "model.safetensors"))
+
+    one, two = run("tp1"), run("tp2", "-tp", "2")
+    src = load_file(os.path.join(FIXTURE, "model.safetensors"))
+    assert sorted(two) == sorted(one)
+    moved = 0
+    for k, a in one.items():
+        b = two[k]
+        assert b.shape == a.shape, k
+        assert torch.allclose(b, a, rtol=1e-5, atol=1e-6), (k, float((b - a).abs().max()))
+        moved += not torch.equal(a, src[k])
+    assert any(".indexer." in k and not torch.equal(one[k], src[k]) for k in one)  # the indexers trained
+    assert moved > len(one) // 2  # and the sparse stage's LM loss moved the rest
 
 
 def test_overlap_tp2_matches_one_process(tmp_path):
