@@ -41,12 +41,13 @@ def llm_keywords() -> dict[str, inspect.Parameter]:
 def add_llm_arguments(p: argparse.ArgumentParser) -> None:
     for name, prm in llm_keywords().items():
         flag, default = "--" + name.replace("_", "-"), prm.default
+        flags = ("-tp", flag) if name == "tensor_parallel_size" else (flag,)  # vLLM's short form
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"LLM option (default: {default})")
         else:
             conv = type(default) if isinstance(default, (int, float, str)) else str
-            p.add_argument(flag, type=conv, default=argparse.SUPPRESS, help=f"LLM option (default: {default})")
+            p.add_argument(*flags, type=conv, default=argparse.SUPPRESS, help=f"LLM option (default: {default})")
 
 
 def engine_options(args) -> dict:
@@ -79,10 +80,8 @@ def register(subparsers) -> None:
 
 def _cmd_serve(args) -> int:
     import torch
-    import uvicorn
 
     from ..llm import LLM
-    from .app import Server, create_app
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
@@ -92,14 +91,30 @@ def _cmd_serve(args) -> int:
     opts = engine_options(args)
     llm = LLM(args.model, args.index_pattern, device=args.device, dtype=dtype, tokenizer=args.tokenizer,
               seed=opts.pop("seed", 0), **opts)
-    server = Server(llm.engine, llm.tokenizer, args.served_model_name or args.model, api_key=args.api_key,
+    try:
+        return _serve(args, llm)
+    finally:
+        llm.close()  # ends the tensor-parallel ranks, if any
+
+
+def _serve(args, llm) -> int:
+    import uvicorn
+
+    from .app import Server, create_app
+
+    engine = llm.engine
+    if engine is None:  # -tp N: the engine runs on N rank processes, driven step by step from here
+        from ..engine.multiproc import RemoteEngine
+        engine = RemoteEngine(llm.workers, llm.tokenizer)
+    server = Server(engine, llm.tokenizer, args.served_model_name or args.model, api_key=args.api_key,
                     max_body_bytes=args.max_body_bytes, max_waiting=args.max_waiting_requests)
     where = f"http://{args.host}:{args.port}"
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use the "
               "model", file=sys.stderr)
-    print(f"serving {server.model_name!r} (pattern {llm.pattern}, {llm.engine.blocks.num_blocks} KV pages of "
-          f"{llm.engine.cfg.page_size}) on {where}" + (" with an API key" if args.api_key else ""), file=sys.stderr)
+    tp = f", {len(llm.workers.procs)} tensor-parallel ranks" if llm.workers is not None else ""
+    print(f"serving {server.model_name!r} (pattern {llm.pattern}, {engine.blocks.num_blocks} KV pages of "
+          f"{engine.cfg.page_size}{tp}) on {where}" + (" with an API key" if args.api_key else ""), file=sys.stderr)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0
