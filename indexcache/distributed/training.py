@@ -60,8 +60,9 @@ def clip_grad_norm_(model, params: list[torch.Tensor], max_norm: float) -> torch
 
 
 def gather_full_state(model) -> dict[str, torch.Tensor] | None:
-    """Every parameter whole (DSAModel names, CPU), on rank 0; None on the other ranks. Sharded parameters are
-    all-gathered (padded to the largest slice) and put back at their ranges."""
+    """Every parameter and buffer (but the rotary tables) whole (DSAModel names, CPU), on rank 0; None on the other
+    ranks. Sharded parameters are all-gathered (padded to the largest slice) and put back at their ranges; buffers
+    (the routers' score biases) are replicated."""
     ctx: ParallelContext | None = getattr(model, "parallel", None)
     cfg = model.config
     out = {}
@@ -77,6 +78,9 @@ def gather_full_state(model) -> dict[str, torch.Tensor] | None:
         pad = [0, 0] * (t.dim() - 1 - mine.dim) + [0, width - t.shape[mine.dim]]
         every = all_gather(torch.nn.functional.pad(t, pad), ctx).cpu()
         out[name] = _assemble(every, shards, t)
+    for name, b in model.named_buffers():
+        if not name.startswith("rotary."):
+            out[name] = b.detach().cpu().clone()
     return out if ctx is None or ctx.rank == 0 else None
 
 
@@ -91,6 +95,15 @@ def _assemble(every: torch.Tensor, shards: list[Shard], local: torch.Tensor) -> 
             full.narrow(dim, a, b - a).copy_(every[r].narrow(dim, at, b - a))
             at += b - a
     return full
+
+
+def any_rank(flag: bool, ctx: ParallelContext | None) -> bool:
+    """True when ``flag`` is true on any rank (decisions such as a time budget running out must be taken alike)."""
+    if ctx is None or ctx.is_single:
+        return flag
+    t = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
+    return bool(t.item())
 
 
 def barrier(ctx: ParallelContext | None) -> None:

@@ -70,8 +70,9 @@ def _save(model, out_dir: str, extra_config: dict) -> None:
     if state is not None:
         full = build_empty(model.config, "cpu", torch.float32)
         with torch.no_grad():
-            for name, p in full.named_parameters():
-                p.copy_(state[name])
+            for name, t in list(full.named_parameters()) + list(full.named_buffers()):
+                if not name.startswith("rotary."):
+                    t.copy_(state[name])
         save_checkpoint(full, out_dir, extra_config=extra_config)
     barrier(ctx)
 

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import build_empty, save_checkpoint
 from ..config import ModelConfig
-from ..distributed.training import clip_grad_norm_, reduce_gradients
+from ..distributed.training import any_rank, clip_grad_norm_, reduce_gradients
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
 from .trainfwd import forward_train
@@ -108,8 +108,8 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
     model.train()
     with Progress(steps, f"train/{stage}", " steps", progress) as bar:
         for step in range(steps):
-            if deadline is not None and time.perf_counter() > deadline:
-                break
+            if deadline is not None and any_rank(time.perf_counter() > deadline, getattr(model, "parallel", None)):
+                break  # all ranks stop at the same step
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr)
             ids = corpus.random_windows(tc.batch, tc.context + 1, gen).to(device)

@@ -1,7 +1,8 @@
 """TP=2 and TP=2 with expert parallelism on two gloo ranks give TP=1's logits (1e-5 relative, fp32) and greedy
 tokens, on the tiny preset and on DeepseekV32 / GlmMoeDsa checkpoints saved by transformers, with shared patterns;
 checkpoints in the packed expert layout and with FP8 block weights load by slices; each rank reads only part of a
-checkpoint."""
+checkpoint; training through the shards (distill -tp) gives one process's gradients, and the gathered weights are
+the checkpoint's."""
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from indexcache.distributed import load_sharded, single
 
 from ..model.hf_reference import hf_model, rel_err
 from .spawn import run_ranks
-from .workers import greedy, sharded_outputs
+from .workers import greedy, outputs_and_grads
 
 STEPS = 4
 MODELS = ["tiny", "deepseek_v32", "glm_moe_dsa", "tiny-packed", "tiny-fp8", "tiny-fp8-kept"]
@@ -64,11 +65,12 @@ def outcome(tmp_path_factory):
     for family, pattern in (("deepseek_v32", "FSSFS"), ("glm_moe_dsa", "FFSFS")):
         hf_model(family, 5).save_pretrained(root / family)
         models[family] = (str(root / family), pattern, 29, "auto")  # 29 > their top-k (7)
-    cases, refs = [], {}
+    cases, refs, all_ids = [], {}, {}
     for key, (path, pattern, seq, wdt) in models.items():
         # TP=1 through the sharded loader itself ...
         ref, report = load_sharded(path, single(), index_pattern=pattern, seed=4, weight_dtype=wdt)
         ids = torch.randint(0, ref.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(len(key)))
+        all_ids[key] = ids[:, :40]
         with torch.no_grad():
             refs[key] = {"logits": ref(ids).logits, "tokens": greedy(ref, ids, STEPS), "bytes": report.bytes_read}
             # ... and equal to the ordinary loader
@@ -76,14 +78,34 @@ def outcome(tmp_path_factory):
                                refs[key]["logits"]), key
         for ep in (False, True):
             cases.append(((key, ep), (path, pattern, ep, ids, STEPS, wdt)))
-    ranks = run_ranks(sharded_outputs, [c for _, c in cases], timeout=300)
-    return refs, {k: [r[i] for r in ranks] for i, (k, _) in enumerate(cases)}
+    train = [((key, ep), (models[key][0], models[key][1], ep, all_ids[key])) for key in TRAIN_MODELS
+             for ep in (False, True)]
+    ranks = run_ranks(outputs_and_grads, [c for _, c in cases], [c for _, c in train], timeout=300)
+    got = {k: [r[0][i] for r in ranks] for i, (k, _) in enumerate(cases)}
+    got.update({("train",) + k: ranks[0][1][i] for i, (k, _) in enumerate(train)})
+    return refs, got, {key: _one_process_grads(*models[key][:2], all_ids[key]) for key in TRAIN_MODELS}
+
+
+TRAIN_MODELS = ["tiny", "glm_moe_dsa"]  # MoE with shared experts; an uneven vocabulary split (97)
+
+
+def _one_process_grads(path, pattern, ids):
+    from indexcache.tools.trainfwd import forward_train
+
+    model, _ = load_sharded(path, single(), index_pattern=pattern, seed=4)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    forward_train(model, ids, "sparse")[0].backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, 1e9))
+    return {"weights": {n: p.detach().clone() for n, p in model.named_parameters()}, "norm": norm,
+            "grads": {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}}
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("ep", [False, True], ids=["tp2", "tp2-ep"])
 def test_tp2_matches_tp1(outcome, model, ep):
-    refs, got = outcome
+    refs, got, _ = outcome
     ref = refs[model]
     # kept FP8, the linear layers quantise their inputs per 1x128 group to FP8: the all-reduces' last-bit
     # differences flip a few roundings (FP8 against fp32 weights differs by percents, see test_fp8_weights)
@@ -96,10 +118,29 @@ def test_tp2_matches_tp1(outcome, model, ep):
 
 @pytest.mark.parametrize("model", MODELS[1:])
 def test_each_rank_reads_part_of_the_checkpoint(outcome, model):
-    refs, got = outcome
+    refs, got, _ = outcome
     whole = refs[model]["bytes"]
     for ep in (False, True):
         per_rank = [out["bytes_read"] for out in got[(model, ep)]]
         # replicated tensors (norms, q_a/kv_a, indexers, router) are read by both ranks, the rest once
         assert all(0 < b < 0.8 * whole for b in per_rank), (ep, per_rank, whole)
         assert sum(per_rank) >= whole, (ep, per_rank, whole)
+
+
+@pytest.mark.parametrize("model", TRAIN_MODELS)
+@pytest.mark.parametrize("ep", [False, True], ids=["tp2", "tp2-ep"])
+def test_training_through_shards_gives_one_process_gradients(outcome, model, ep):
+    """One sparse training step (indexer KL on the all-reduced targets + LM loss through the differentiable
+    collectives), ``reduce_gradients``: every gathered gradient and the global norm equal one process's."""
+    _, got, refs = outcome
+    ref, out = refs[model], got[("train", model, ep)]
+    assert sorted(out["grads"]) == sorted(ref["grads"])
+    for name, w in ref["weights"].items():
+        assert torch.equal(torch.from_numpy(out["weights"][name]), w), name
+    assert out["norm"] == pytest.approx(ref["norm"], rel=1e-5)
+    # fp32 rounding: the head sums and all-reduces add in another order; the indexer's KL gradient (p - q) cancels
+    # most of it, so its relative error is the largest (~2e-5); a wrong reduction is off by O(1)
+    for name, g in ref["grads"].items():
+        diff = float((torch.from_numpy(out["grads"][name]).double() - g.double()).norm())
+        assert diff <= 1e-4 * float(g.double().norm()) + 1e-9, f"{name}: gradient off by {diff:.2e}"
+    assert any(".indexer." in n and ref["grads"][n].abs().sum() > 0 for n in ref["grads"])

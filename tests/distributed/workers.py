@@ -54,3 +54,38 @@ def random_shard_replicas(ctx):
 
     model = random_shard(preset_config("tiny"), ctx, torch.float32, seed=1)
     return {n: p.detach().numpy() for n, p in model.named_parameters()}
+
+
+def training_grads(ctx, cases):
+    """Per case (model, pattern, expert parallel, ids): the weights gathered whole, and the gradients of one sparse
+    training step (indexer KL + LM loss, as distill runs it) made one-process by ``reduce_gradients`` and gathered
+    whole, with their global norm; on rank 0 (None elsewhere)."""
+    from indexcache.distributed import load_sharded
+    from indexcache.distributed.training import clip_grad_norm_, gather_full_state, reduce_gradients
+    from indexcache.tools.trainfwd import forward_train
+
+    results = []
+    for model_path, pattern, ep, ids in cases:
+        model, _ = load_sharded(model_path, dataclasses.replace(ctx, expert_parallel=ep), index_pattern=pattern,
+                                seed=4)
+        weights = gather_full_state(model)
+        params = list(model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        lm, _ = forward_train(model, ids, "sparse")
+        lm.backward()
+        reduce_gradients(model, params)
+        norm = float(clip_grad_norm_(model, params, 1e9))  # large: the norm only
+        with torch.no_grad():
+            for p in params:
+                p.data = p.grad if p.grad is not None else torch.zeros_like(p)
+        grads = gather_full_state(model)
+        results.append(None if grads is None else {
+            "weights": {k: v.numpy() for k, v in weights.items()}, "norm": norm,
+            "grads": {k: v.numpy() for k, v in grads.items() if not k.endswith("e_score_correction_bias")}})
+    return results
+
+
+def outputs_and_grads(ctx, cases, train_cases):
+    """Both of the above on the same ranks (one process start-up)."""
+    return sharded_outputs(ctx, cases), training_grads(ctx, train_cases)
