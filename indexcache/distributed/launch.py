@@ -94,6 +94,11 @@ class RankProcesses:
         self.infos = self._collect()  # what each rank's state.info() returned after setup
 
     @property
+    def closed(self) -> bool:
+        """Closed by ``close()``, or after a rank failed (all were ended then)."""
+        return self._closed
+
+    @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 

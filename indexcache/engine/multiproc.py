@@ -156,6 +156,10 @@ class RemoteEngine:
     def has_unfinished(self) -> bool:
         return bool(self._live)
 
+    def alive(self) -> bool:
+        """False once the ranks are gone (one failed, so all were ended): the server then reports itself down."""
+        return not self.workers.closed
+
     def step(self) -> list[Sequence]:
         cmds, self._cmds = self._cmds, []
         out = self.workers.collective_rpc(serve_step, cmds)[0]

@@ -74,7 +74,8 @@ class EngineLoop:
         self.thread.start()
 
     def alive(self) -> bool:
-        return self.thread.is_alive() and not self._stop.is_set()
+        engine_alive = getattr(self.engine, "alive", None)  # tensor-parallel ranks can be lost
+        return self.thread.is_alive() and not self._stop.is_set() and (engine_alive is None or engine_alive())
 
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._queued

@@ -20,7 +20,8 @@ def _remote(engine):
     rank = SimpleNamespace(engine=engine, rank=0)
     info = {"engine_config": engine.cfg, "vocab_size": engine.model.config.vocab_size, "eos_ids": engine.eos_ids,
             "num_blocks": engine.blocks.num_blocks}
-    return RemoteEngine(SimpleNamespace(infos=[info], collective_rpc=lambda fn, *a: [fn(rank, *a)])), rank
+    workers = SimpleNamespace(infos=[info], collective_rpc=lambda fn, *a: [fn(rank, *a)], closed=False)
+    return RemoteEngine(workers), rank
 
 
 def test_remote_engine_mirrors_rank_zero(llm):
@@ -63,3 +64,18 @@ def test_remote_engine_checks_requests_like_the_engine(llm):
         remote.cfg = SimpleNamespace(max_model_len=pages * 2, page_size=remote.cfg.page_size)
         remote.add_request([1, 2], SamplingParams(max_tokens=pages))
     assert not remote.has_unfinished()
+
+
+def test_server_loop_is_down_once_the_ranks_are_gone(llm):
+    from indexcache.server.engine_loop import EngineLoop
+    from indexcache.server.metrics import Metrics
+
+    remote, _ = _remote(llm.engine)
+    loop = EngineLoop(remote, Metrics(remote, "tiny"), max_waiting=4)
+    loop.start()
+    try:
+        assert loop.alive()
+        remote.workers.closed = True  # what a failed rank leaves: /health answers 503, submit refuses
+        assert not loop.alive()
+    finally:
+        loop.shutdown()
