@@ -111,7 +111,7 @@ def correctness_check(model, args, V: int) -> tuple[dict, list[dict]]:
         torch.use_deterministic_algorithms(det, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False  # determinism only, not NaN-filled buffers
         try:
-            ref, n_ref = first_logits(model, args, [prompt], c_al, caching=False)
+            ref, _ = first_logits(model, args, [prompt], c_al, caching=False)
             runs = [("uncached again", c_al, *first_logits(model, args, [prompt], c_al, caching=False)),
                     ("uncached, other chunking", c_other, *first_logits(model, args, [prompt], c_other, caching=False)),
                     ("cached prefix (aligned)", c_al, *first_logits(model, args, [warm, prompt], c_al, caching=True))]
