@@ -97,7 +97,8 @@ def test_strided_views_and_checks():
         fp8_grouped_mm(a8, c[:1], w, s, sa)
     with pytest.raises(ValueError, match="w must be float8_e4m3fn"):
         fp8_grouped_mm(a8, c, w.float(), s, sa)
-    with pytest.raises(ValueError, match=r"a must be float8_e4m3fn \[M, K\] \(quantize_act\), got \(5, 128\) torch.float32"):
+    with pytest.raises(ValueError, match=r"a must be float8_e4m3fn \[M, K\] \(quantize_act\), got \(5, 128\) "
+                                         r"torch.float32"):
         fp8_grouped_mm(a, c, w, s, sa)
     with pytest.raises(ValueError, match="fp8 activations need a_scale"):
         fp8_grouped_mm(a8, c, w, s, None)

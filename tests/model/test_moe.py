@@ -19,9 +19,10 @@ def test_fp8_expert_prefill_paths_agree_on_gpu(inter):
     blocks restart at row I (two GEMMs / two dequantisations)."""
     import torch.nn.functional as F
 
+    from types import SimpleNamespace
+
     from indexcache.model.moe import Experts, fp8_experts_dequant_grouped_mm, fp8_experts_w8a8
 
-    from types import SimpleNamespace
     E, D = 8, 256
     cfg = SimpleNamespace(n_routed_experts=E, hidden_size=D, moe_intermediate_size=inter)
     ex = Experts(cfg).to("cuda")
@@ -36,7 +37,7 @@ def test_fp8_expert_prefill_paths_agree_on_gpu(inter):
     rows = torch.repeat_interleave(torch.arange(E, device="cuda"), counts.long())
     want = torch.stack([F.linear(F.silu(h[:inter]) * h[inter:], dn[e]) for h, e in
                         zip(torch.einsum("md,mnd->mn", xs.float(), gu[rows]), rows.tolist())])
-    for fn, tol in ((fp8_experts_w8a8, 0.06), (fp8_experts_dequant_grouped_mm, 0.01)):
+    for fn, tol in ((fp8_experts_w8a8, 0.08), (fp8_experts_dequant_grouped_mm, 0.015)):
         got = fn(ex, xs, counts).float()
         err = float((got - want).norm() / want.norm())
         assert err < tol, (fn.__name__, err)
