@@ -267,6 +267,29 @@ def indexer_overlap(T=4096, topk=2048) -> dict:
             "score_rel_err": rel(s8, s)}
 
 
+def _route_hooks(model, forced=None):
+    """Forward hooks on every MoE router: record the chosen experts (``forced`` None; returns the list they fill,
+    in layer order), or replace them by ``forced``'s, with the weights recomputed from this model's own scores
+    (numerics without selection flips)."""
+    from indexcache.model.moe import Router
+
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    seen, handles = [], []
+    for i, r in enumerate(routers):
+        def hook(mod, args, out, i=i):
+            if forced is None:
+                seen.append(out[0])
+                return None
+            ids = forced[i]
+            scores = F.linear(args[0].float(), mod.weight.float()).sigmoid()
+            w = scores.gather(1, ids)
+            if mod.cfg.norm_topk_prob:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            return ids, w * mod.cfg.routed_scaling_factor
+        handles.append(r.register_forward_hook(hook))
+    return seen, handles
+
+
 def whole_model(name, layers, prompt_len=512, gen=64) -> dict:
     from indexcache.engine import EngineConfig, LLMEngine
     from indexcache.sampling import SamplingParams
@@ -285,10 +308,29 @@ def whole_model(name, layers, prompt_len=512, gen=64) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g)
     with torch.no_grad():
         l8 = fp8(ids.to("cuda"), attn_impl="absorbed").logits[0].float()
+        routes, hs = _route_hooks(bf)
         lb = bf(ids.to("cuda"), attn_impl="absorbed").logits[0].float()
+        for h in hs:
+            h.remove()
+        # the FP8 model on the bf16 model's expert choices: numerics alone, no routing flips
+        _, hs = _route_hooks(fp8, forced=routes)
+        l8f = fp8(ids.to("cuda"), attn_impl="absorbed").logits[0].float()
+        for h in hs:
+            h.remove()
+        # chaos control: the bf16 model itself, its embeddings perturbed by 1e-3 relative noise
+        noise = bf.embed_tokens.register_forward_hook(
+            lambda mod, a, o: o + 1e-3 * o.float().pow(2).mean().sqrt().to(o.dtype) * torch.randn(
+                o.shape, device=o.device, generator=torch.Generator(o.device).manual_seed(5)).to(o.dtype))
+        lbn = bf(ids.to("cuda"), attn_impl="absorbed").logits[0].float()
+        noise.remove()
     out = {"model": name, "layers": cfg.num_layers, "build_s": build_s, "prompt": prompt_len,
            "logit_rel_err": rel(l8, lb), "last_logit_rel_err": rel(l8[-1], lb[-1]),
-           "prompt_argmax_agreement": float((l8.argmax(-1) == lb.argmax(-1)).float().mean())}
+           "prompt_argmax_agreement": float((l8.argmax(-1) == lb.argmax(-1)).float().mean()),
+           "logit_rel_err_routes_forced": rel(l8f, lb),
+           "argmax_agreement_routes_forced": float((l8f.argmax(-1) == lb.argmax(-1)).float().mean()),
+           "bf16_embed_noise_1e-3_logit_rel_err": rel(lbn, lb),
+           "logit_spread_top1_minus_top2_over_std": float(((lb.topk(2, -1).values[:, 0] - lb.topk(2, -1).values[:, 1])
+                                                           / lb.std(-1)).median())}
     toks = {}
     for label, m in (("fp8", fp8), ("bf16", bf)):
         eng = LLMEngine(m, EngineConfig(max_model_len=prompt_len + gen + 64, max_num_seqs=1, enforce_eager=True,
@@ -306,6 +348,10 @@ def whole_model(name, layers, prompt_len=512, gen=64) -> dict:
                teacher_forced_agreement=float((tb.cpu() == torch.tensor(toks["fp8"])).float().mean()),
                weight_bytes_fp8=weight_bytes_per_gpu(cfg, True)["total"],
                weight_bytes_bf16=weight_bytes_per_gpu(cfg, False)["total"])
+    print(f"{name} {cfg.num_layers} layers: routes forced: logit err {out['logit_rel_err_routes_forced']:.3e}, argmax "
+          f"agree {out['argmax_agreement_routes_forced']:.3f}; bf16 with 1e-3 embedding noise: logit err "
+          f"{out['bf16_embed_noise_1e-3_logit_rel_err']:.3e}; median top-1 gap / logit std "
+          f"{out['logit_spread_top1_minus_top2_over_std']:.3f}", flush=True)
     print(f"{name} {cfg.num_layers} layers: logit err {out['logit_rel_err']:.3e}, argmax agree "
           f"{out['prompt_argmax_agreement']:.3f}, engine tokens equal for {same}/{gen}, teacher-forced "
           f"{out['teacher_forced_agreement']:.3f}", flush=True)
@@ -349,6 +395,8 @@ def main(argv=None) -> int:
                                      "speedup_w8a8", "speedup_dequant_grouped_mm"]))
     if "whole_model" in payload:
         print(table(payload["whole_model"], ["model", "layers", "logit_rel_err", "prompt_argmax_agreement",
+                                             "logit_rel_err_routes_forced", "argmax_agreement_routes_forced",
+                                             "bf16_embed_noise_1e-3_logit_rel_err",
                                              "engine_tokens_equal_before_divergence", "teacher_forced_agreement"]))
     return 0
 
