@@ -72,7 +72,8 @@ def test_triton_matches_reference(counts, n, k, cfg, device):
     sa = sa.t().contiguous().t()  # column-major, as quantize_act returns it on the GPU
     want = fp8_grouped_mm_reference(a8, c, w, s, sa, torch.float32)
     out = torch.full((a.shape[0], n), float("nan"), device=device)  # a row or column left unwritten shows
-    got = fp8_grouped_mm_triton(a8, c, w, s, sa, out=out, config=cfg)
+    # small tiles in the interpreter (many tiles on few rows); on the GPU the table's configurations, as run
+    got = fp8_grouped_mm_triton(a8, c, w, s, sa, out=out, config=None if a.is_cuda else cfg)
     _assert_matches(got, want, a8, sa, c, w, s)
 
 
