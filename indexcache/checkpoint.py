@@ -111,7 +111,7 @@ def load_weights(model: DSAModel, path: str, *, progress: bool | None = None) ->
     filled: set = set()
     unexpected, bad_shape = [], []
     skipped = {"shared_indexer": 0, "beyond_num_layers": 0}
-    handles = [safe_open(f, framework="pt", device="cpu") for f in checkpoint_files(path)]
+    handles = [_open_safetensors(f, safe_open) for f in checkpoint_files(path)]
     total = sum(len(h.keys()) for h in handles)
     with Progress(total, f"loading {os.path.basename(os.path.normpath(path))}", " tensors", progress) as bar:
         for h in handles:
@@ -276,6 +276,64 @@ def _slot_str(slot) -> str:
 
 
 # ----- FP8 block quantisation ------------------------------------------------------------------------------------
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def inspect_safetensors(file: str) -> dict:
+    """Read and check a .safetensors header without loading tensors; a CheckpointError names the file and what is
+    wrong (truncated, not safetensors, bad header). Returns {"tensors": count, "bytes": tensor data bytes}."""
+    def bad(msg):
+        return CheckpointError(f"{file}: {msg}")
+
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"not a safetensors file: {size} bytes, shorter than the 8-byte header length (truncated?)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise bad(f"not a safetensors file or truncated: the header claims {n:,} bytes but the file holds "
+                      f"{size - 8:,} after the length field")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise bad(f"the {n:,}-byte header is not valid JSON ({e}): not a safetensors file, or corrupt") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object: corrupt")
+    data_bytes, count = size - 8 - n, 0
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in t["data_offsets"])
+            numel = 1
+            for d in t["shape"]:
+                numel *= int(d)
+            item = _ST_ITEMSIZE[t["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed header entry {t!r:.200}") from None
+        if stop - begin != numel * item:
+            raise bad(f"tensor {name!r}: {t['dtype']} {t['shape']} needs {numel * item:,} bytes, its offsets span "
+                      f"{stop - begin:,}: corrupt header")
+        end, count = max(end, stop), count + 1
+    if end > data_bytes:
+        raise bad(f"truncated: the header describes {end:,} bytes of tensor data, the file holds {data_bytes:,} "
+                  f"({end - data_bytes:,} missing; was the download or copy cut short?)")
+    if end < data_bytes:
+        raise bad(f"{data_bytes - end:,} bytes after the last tensor: corrupt or not written by safetensors")
+    return {"tensors": count, "bytes": end}
+
+
+def _open_safetensors(file: str, safe_open):
+    inspect_safetensors(file)  # names the file and the problem where safetensors' own error would not
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError is not importable from a stable place across versions
+        raise CheckpointError(f"{file}: cannot be read as safetensors ({e})") from e
+
+
 def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
     """W = fp8 * scale_inv[i // 128, j // 128] (DeepSeek's ``weight_dequant``), returned in fp32."""
     try:
@@ -353,6 +411,8 @@ def save_checkpoint(model: DSAModel, path: str, *, max_shard_bytes: int | None =
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                        "weight_map": weight_map}, f, indent=1)
+    mode = os.stat(os.path.join(path, "config.json")).st_mode & 0o777  # what the umask gives a new file
     for n, s in zip(names, shards):
         save_file(s, os.path.join(path, n), metadata={"format": "pt"})
+        os.chmod(os.path.join(path, n), mode)  # safetensors writes 0600 whatever the umask
     return [os.path.join(path, n) for n in names]
