@@ -79,17 +79,17 @@ def weight_scale_for_mm(scale_inv: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("indexcache::fp8_act_quant_mm", mutates_args=())
 def act_quant_mm(x: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (CUDA, float) quantised per 1x128 group (M padded to a multiple of 4), then @ w fp8 [N, K]^T
-    (scale_b from weight_scale_for_mm) by scaled_mm -> bf16 [M, N]."""
+    """x [M, K] (CUDA, float) quantised per 1x128 group, M padded to Mp (a multiple of 4), then @ w fp8 [N, K]^T
+    (scale_b from weight_scale_for_mm) by scaled_mm -> bf16 [Mp, N] (the caller drops the padding rows: a fresh
+    output, never a view, keeps the op simple for torch.compile)."""
     q, scale_a = quantize_act_triton(x, pad_rows_to=4)
-    y = F.scaled_mm(q, w.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, F.ScalingType.BlockWise128x128,
-                    output_dtype=torch.bfloat16)
-    return y[: x.shape[0]]
+    return F.scaled_mm(q, w.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, F.ScalingType.BlockWise128x128,
+                       output_dtype=torch.bfloat16)
 
 
 @act_quant_mm.register_fake
 def _(x, w, scale_b):
-    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+    return x.new_empty((x.shape[0] + 3) // 4 * 4, w.shape[0], dtype=torch.bfloat16)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, out_dtype: torch.dtype | None = None,
@@ -113,6 +113,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, out_dt
         return x.new_empty(*lead, w.shape[0], dtype=out_dtype or x.dtype)
     sb = scale_for_mm if scale_for_mm is not None else weight_scale_for_mm(scale_inv)
     y = act_quant_mm(x2, w, sb)
+    if y.shape[0] != m:
+        y = y[:m]
     return y.to(out_dtype or x.dtype).view(*lead, w.shape[0])
 
 
