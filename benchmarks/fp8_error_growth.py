@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=4, help="glm layers (the first is dense, the rest MoE)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--name", default="fp8_error_growth", help="result file name (benchmarks/results/NAME.json)")
     args = p.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     payload["fixture"] = fixture_quality(args.device)
     rows, summary = error_growth(args.layers, args.device)
     payload.update(error_growth=rows, error_growth_summary=summary, seconds=time.perf_counter() - t0)
-    for path in write_results("fp8_error_growth", payload):
+    for path in write_results(args.name, payload):
         print("wrote", path)
     print(table(payload["fixture"], ["model", "loss_nats_per_byte", "bits_per_byte", "tokens"]))
     print(table(rows, ["layer", "mlp", "wq_vs_orig", "wq_vs_orig_forced", "wq_flips", "fp8_vs_deq", "fp8_vs_deq_forced",
