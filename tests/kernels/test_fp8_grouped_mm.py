@@ -1,6 +1,6 @@
-"""Grouped GEMM on FP8 block-scaled expert weights: Triton (interpreter on CPU, fp32 activations) against the
-reference on ragged groups, empty experts, ragged N/K and NaN-poisoned outputs; the reference against
-dequantise-then-matmul."""
+"""Grouped GEMM of 1x128-quantised fp8 activations on FP8 block-scaled expert weights: Triton (interpreter on CPU;
+the table's configurations on the GPU) against the reference on ragged groups, empty experts, ragged N/K and
+NaN-poisoned outputs; the reference against dequantise-then-matmul; the expert dequantisation kernel."""
 import pytest
 import torch
 
