@@ -20,6 +20,7 @@ from ..checkpoint import build_empty, save_checkpoint
 from ..config import ModelConfig
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
+from .tasks import mixed_windows
 from .trainfwd import forward_train
 
 
@@ -48,6 +49,7 @@ class TrainConfig:
     index_coef: float = 1.0
     seed: int = 0
     max_train_bytes: int | None = None
+    task_ratio: float = 0.0  # share of training windows that are synthetic retrieval tasks (tools/tasks.py)
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages
 
     def model_config(self) -> ModelConfig:
@@ -111,7 +113,7 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
                 break
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr)
-            ids = corpus.random_windows(tc.batch, tc.context + 1, gen).to(device)
+            ids = mixed_windows(corpus, tc.batch, tc.context + 1, tc.task_ratio, gen).to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 lm, idx = forward_train(model, ids, stage, pattern, index_backward=train_indexer,
