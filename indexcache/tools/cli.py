@@ -138,16 +138,25 @@ def cmd_eval(args) -> int:
         model = _load(args)
         r = evaluate(model, None if pat == "model" else pat, test=test, context=args.context,
                      lengths=tuple(args.lengths), n_retrieval=args.n_retrieval, heldout_windows=args.windows,
-                     batch=args.batch, device=_device(args.device), progress=True)
+                     batch=args.batch, device=_device(args.device), progress=True,
+                     suite_lengths=tuple(args.suite_lengths) if args.suite_n else (), suite_n=args.suite_n,
+                     suite_tasks=tuple(args.suite_tasks), suite_seed=args.suite_seed)
         results.append(r)
         acc = " ".join(f"{L}:{v['accuracy']:.2f}" for L, v in r["retrieval"].items())
         print(f"{r['pattern']}  loss {r['heldout']['loss']:.4f}  bpb {r['heldout']['bits_per_byte']:.4f}  "
               f"retrieval {acc}")
+        if "suite" in r:
+            for task, by_len in r["suite"]["tasks"].items():
+                print(f"  {task:14s} " + " ".join(f"{L}:{v['exact_match']:.2f}" for L, v in by_len.items()))
+            print("  mean           " + " ".join(f"{L}:{v:.2f}" for L, v in r["suite"]["mean_by_length"].items()))
     _dump({"model": args.model, "results": results}, args.json)
     return 0
 
 
 def register(subparsers) -> None:
+    from .ruler import DEFAULT_LENGTHS
+    from .tasks import HELDOUT_SEED_BASE, TASKS
+
     def common(p, model=True):
         if model:
             p.add_argument("model", help="checkpoint folder")
@@ -204,6 +213,11 @@ def register(subparsers) -> None:
     e.add_argument("--n-retrieval", type=int, default=32)
     e.add_argument("--windows", type=int, default=16)
     e.add_argument("--batch", type=int, default=4)
+    e.add_argument("--suite-lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
+                   help="lengths of the RULER-style retrieval suite (held-out synthetic tasks)")
+    e.add_argument("--suite-n", type=int, default=16, help="suite items per task and length (0: skip the suite)")
+    e.add_argument("--suite-tasks", nargs="+", default=list(TASKS), help=f"suite tasks, of {', '.join(TASKS)}")
+    e.add_argument("--suite-seed", type=int, default=HELDOUT_SEED_BASE, help="held-out item seed (>= the base)")
     e.set_defaults(func=cmd_eval)
 
 

@@ -21,6 +21,8 @@ from ..model.indexer import causal_mask
 from ..progress import Progress
 from .corpus import ByteTokenizer, Corpus
 from .overlap import row_overlap
+from .ruler import ruler_suite
+from .tasks import HELDOUT_SEED_BASE, TASKS
 from .trainfwd import attention_qkv, head_mean_probs, lm_loss
 
 _ASSIGN = re.compile(rb"^[ \t]*([A-Za-z_][A-Za-z0-9_]{2,40}) = ([0-9][0-9_xXa-fA-F.]{0,15}|'[^'\n\\]{1,24}'|"
@@ -128,10 +130,16 @@ def layer_recall(model, ids: torch.Tensor, pattern=None) -> list[dict]:
 
 def evaluate(model, pattern=None, *, test: Corpus, context: int, lengths=(512,), n_retrieval: int = 32,
              heldout_windows: int = 16, batch: int = 4, recall_seqs: int = 2, device="cpu",
-             progress: bool | None = None) -> dict:
-    """Held-out loss, retrieval at each of ``lengths`` and per-layer recall, for one pattern."""
+             progress: bool | None = None, suite_lengths=(), suite_n: int = 16, suite_tasks=TASKS,
+             suite_seed: int = HELDOUT_SEED_BASE) -> dict:
+    """Held-out loss, retrieval at each of ``lengths`` and per-layer recall, for one pattern; with
+    ``suite_lengths``, also the RULER-style suite (``res["suite"]``, tools/ruler.py)."""
     p = model.resolve_pattern(pattern)
     res = {"pattern": str(p), "num_full": p.num_full}
+    if suite_lengths:
+        res["suite"] = ruler_suite(model, p, test=test, lengths=suite_lengths, n_per_task=suite_n,
+                                   tasks=suite_tasks, seed=suite_seed, batch=batch, device=device,
+                                   progress=progress)
     with Progress(2 + len(lengths), f"eval {p}", " parts", progress) as bar:
         res["heldout"] = heldout_loss(model, test, context, heldout_windows, p, batch, device)
         bar.update()
