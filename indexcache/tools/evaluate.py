@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.attention import selection_mask
-from ..model.indexer import causal_mask
+from ..model.indexer import Selection, causal_mask
 from ..progress import Progress
 from .corpus import ByteTokenizer, Corpus
 from .overlap import row_overlap
@@ -113,8 +113,9 @@ def layer_recall(model, ids: torch.Tensor, pattern=None) -> list[dict]:
         q, kk, _, q_resid = attention_qkv(attn, x, cos, sin)
         probs = head_mean_probs(q, kk, causal, model.config.softmax_scale)
         own = attn.indexer(x, q_resid, cos, sin, pos) if attn.indexer is not None else None
-        used = own if p.is_full(i) else topk
-        rec = {"layer": i, "type": "F" if p.is_full(i) else "S", "source": p.source(i)}
+        h_next, sel = model.run_layer(i, h, cos, sin, pos, topk, p)
+        used = sel.topk if isinstance(sel, Selection) else sel  # what this layer attended with
+        rec = {"layer": i, "type": str(p)[i], "source": p.source(i)}
         mass = (probs * selection_mask(used, T)).sum(-1)
         rec["attention_mass_used"] = float(mass[keep].mean()) if keep.any() else float(mass.mean())
         if own is not None:
@@ -124,7 +125,7 @@ def layer_recall(model, ids: torch.Tensor, pattern=None) -> list[dict]:
             rec["attention_mass_own"] = float((probs * selection_mask(own, T)).sum(-1)[keep].mean()) \
                 if keep.any() else 1.0
         out.append(rec)
-        h, topk = model.run_layer(i, h, cos, sin, pos, topk, p)
+        h, topk = h_next, sel
     return out
 
 
