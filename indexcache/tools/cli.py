@@ -165,7 +165,7 @@ def register(subparsers) -> None:
 
     t = subparsers.add_parser("train", help="train a small DSA model on the stdlib corpus (dense -> warm-up -> sparse)")
     common(t, model=False)
-    t.add_argument("--preset", default="fixture", choices=["fixture", "gpu"])
+    t.add_argument("--preset", default="fixture", choices=["fixture", "gpu", "retrieval"])
     t.add_argument("--out", required=True, help="checkpoint folder to write")
     for name in ("layers", "hidden", "context", "topk", "batch", "dense-steps", "warmup-steps", "sparse-steps", "seed"):
         t.add_argument(f"--{name}", type=int)

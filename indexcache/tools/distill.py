@@ -21,14 +21,15 @@ from .train import TrainConfig, run_stage
 def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_steps: int = 50, sparse_steps: int = 50,
             warmup_lr: float = 1e-3, sparse_lr: float = 3e-4, batch: int = 8, context: int | None = None,
             seed: int = 0, device="cpu", time_budget_s: float | None = None, max_train_bytes: int | None = None,
-            progress: bool | None = None) -> tuple:
-    """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log)."""
+            progress: bool | None = None, task_ratio: float = 0.0) -> tuple:
+    """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log).
+    ``task_ratio``: share of windows that are synthetic retrieval tasks (as in training, tools/tasks.py)."""
     device = torch.device(device)
     model = load_model(model_path, device=device, index_pattern=pattern)
     p = model.config.pattern
     cfg = model.config
     ctx = context or _trained_context(model_path) or 512
-    tc = TrainConfig(context=ctx, batch=batch, seed=seed)
+    tc = TrainConfig(context=ctx, batch=batch, seed=seed, task_ratio=task_ratio)
     corpus = load_corpus("train", max_bytes=max_train_bytes)
     gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
