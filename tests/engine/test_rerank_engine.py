@@ -37,3 +37,27 @@ def test_indexer_cache_for_full_and_rerank_layers_only(model):
     bpt = eng.cache_bytes
     assert bpt["indexer"] == 4 * model.config.index_head_dim * 4 and bpt["num_indexer_cache_layers"] == 4
     assert bpt["num_full_layers"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool", [256, 128])
+def test_rerank_on_gpu_fp8_kernels_and_cuda_graphs(pool):
+    """The Triton backend (FP8 keys, kernels/candidate_topk) against exact keys; CUDA-graph decode runs R layers."""
+    from indexcache.checkpoint import build_empty
+    from indexcache.presets import preset_config
+
+    cfg = preset_config("tiny").replace(index_n_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128,
+                                        index_topk=64)
+    m = build_empty(cfg, "cuda", torch.bfloat16).init_random(5).eval()
+    pat = IndexPattern("FRSRFRSS", pool=pool)
+    p = prompt(300, 0)
+    kw = dict(num_kv_blocks=64, max_model_len=512)
+    exact = run(make_engine(m, pat, indexer_cache="exact", **kw), [p], greedy(4))[1][0]
+    fast = make_engine(m, pat, indexer_cache="fp8", max_prefill_tokens=128, **kw)
+    assert fast.kv.indexer_format == "fp8" and fast.graphs is not None
+    toks, lg = run(fast, [p], greedy(4))
+    cos = torch.nn.functional.cosine_similarity(lg[0][0], exact[0], dim=0)
+    assert cos > 0.98, cos  # FP8 keys change the selection slightly; logits stay close
+    eager = run(make_engine(m, pat, indexer_cache="fp8", max_prefill_tokens=128, enforce_eager=True, **kw),
+                [p], greedy(4))[0]
+    assert toks == eager
