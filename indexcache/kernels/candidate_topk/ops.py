@@ -22,7 +22,9 @@ def _check(q_fp8, w, kv_cache, cand):
     if cand.dim() != 2 or cand.shape[0] != t or cand.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"candidate_logits: cand must be [T={t}, c] int32 slot ids (-1 = none), got "
                          f"{tuple(cand.shape)} {cand.dtype}")
-    if cand.numel() and int(cand.max()) >= kv_cache.shape[0] * 64:
+    # a value check reads the device: skipped while a CUDA graph is captured (decode)
+    capturing = cand.is_cuda and torch.cuda.is_current_stream_capturing()
+    if cand.numel() and not capturing and int(cand.max()) >= kv_cache.shape[0] * 64:
         raise ValueError(f"candidate_logits: slot id {int(cand.max())} is past the cache's "
                          f"{kv_cache.shape[0] * 64} slots")
 
