@@ -105,7 +105,8 @@ def cmd_search(args) -> int:
     L = args.length or 4 * model.config.index_topk
     batches = calibration_batches(load_corpus(args.split), args.calib_seqs, L, args.batch, args.seed,
                                   _device(args.device))
-    res = greedy_search(model, batches, target, fixed=tuple(args.fixed), naive=args.naive, progress=True)
+    res = greedy_search(model, batches, target, fixed=tuple(args.fixed), naive=args.naive, progress=True,
+                        max_rerank=args.max_rerank, pool=args.pool)
     out = res.to_json()
     print(res.pattern.describe())
     print("loss curve: " + " ".join(f"{x:.4f}" for x in out["loss_curve"]))
@@ -192,6 +193,9 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fixed", type=int, nargs="*", default=[0], help="layers that stay F (layer 0 always)")
     s.add_argument("--naive", action="store_true", help="run every candidate from the embedding (reference)")
+    s.add_argument("--max-rerank", type=int, default=0,
+                   help="also try re-rank (R) layers, at most this many (R: own indexer over the F layer's pool)")
+    s.add_argument("--pool", type=int, help="candidate pool of F layers for R layers (default 4 x top-k)")
     s.set_defaults(func=cmd_search)
 
     d = subparsers.add_parser("distill", help="multi-layer indexer distillation into a pattern; writes a checkpoint")
