@@ -75,7 +75,7 @@ class DSAModel(nn.Module):
             topk = None if pattern.is_full(i) else prev_topk
             return self.layers[i](h, cos, sin, positions, topk, attn_impl)
         if pattern.is_full(i):
-            c = self._pool_size(pattern, pool)
+            c = self.pool_size(pattern, pool)
             return self.layers[i](h, cos, sin, positions, None, attn_impl, pool_size=c)
         if not isinstance(prev_topk, Selection):
             raise ValueError(f"layer {i} of pattern {pattern} needs the Selection of the layers before it")
@@ -85,7 +85,8 @@ class DSAModel(nn.Module):
         h, _ = self.layers[i](h, cos, sin, positions, prev_topk.topk, attn_impl)
         return h, prev_topk
 
-    def _pool_size(self, pattern: IndexPattern, pool: int | None) -> int:
+    def pool_size(self, pattern: IndexPattern, pool: int | None = None) -> int:
+        """The candidate pool F layers publish for R layers: ``pool``, else the pattern's, else 4 x top-k."""
         c = pool if pool is not None else pattern.pool
         c = c if c is not None else DEFAULT_POOL_FACTOR * self.config.index_topk
         if isinstance(c, bool) or not isinstance(c, int) or c < self.config.index_topk:
@@ -100,7 +101,7 @@ class DSAModel(nn.Module):
         """The per-layer plan of a forward under ``pattern`` (None: the pattern the model was built with);
         ``pool``: the candidate-pool size when the pattern has R layers (default: the pattern's, else 4 x top-k)."""
         p = self.resolve_pattern(pattern)
-        return LayerPlan(p, self._pool_size(p, pool) if p.has_rerank else None)
+        return LayerPlan(p, self.pool_size(p, pool) if p.has_rerank else None)
 
     def resolve_pattern(self, pattern) -> IndexPattern:
         """A runtime pattern may only use indexers this model has (it can turn F layers into S, not back).
@@ -136,7 +137,7 @@ class DSAModel(nn.Module):
         cos, sin = self.rope(positions, h.dtype)
         topk, all_topk = None, []
         if p.has_rerank:
-            self._pool_size(p, pool)  # a bad pool size fails before any work
+            self.pool_size(p, pool)  # a bad pool size fails before any work
         for i in range(len(self.layers)):
             h, topk = self.run_layer(i, h, cos, sin, positions, topk, p, attn_impl, pool)
             if return_topk:

@@ -1,12 +1,14 @@
-"""Greedy search that may choose S or R per layer (tools/search.py, ``max_rerank``), on a tiny random model."""
+"""Quality tools with re-rank (R) layers on a tiny random model: greedy search choosing S or R per layer
+(tools/search.py, ``max_rerank``), the training forward and distillation of R-layer indexers."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from indexcache.checkpoint import build_empty
+from indexcache.checkpoint import build_empty, load_model, save_checkpoint
 from indexcache.pattern import IndexPattern
 from indexcache.tools.search import greedy_search
 from indexcache.tools.train import TrainConfig
+from indexcache.tools.trainfwd import forward_train, run_layer_train
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +56,43 @@ def test_search_without_rerank_is_unchanged(model, calib):
     assert all(not k.endswith("R") for k in a.steps[0]["candidate_losses"])
     with pytest.raises(ValueError, match="max_rerank must be an integer >= 0"):
         greedy_search(model, calib, 3, max_rerank=-1, progress=False)
+
+
+def test_training_forward_with_rerank_matches_model_layers(model):
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(40).expand(2, 40)
+    h = model.embed(ids)
+    cos, sin = model.rope(pos, h.dtype)
+    p = IndexPattern("FRSRFS", pool=12)
+    ht, sel = h, None
+    pool = None
+    for i in range(6):
+        out = run_layer_train(model, i, ht, cos, sin, pos, dense=False,
+                              topk_in=None if p.has_indexer(i) else sel.topk,
+                              pool_in=pool if p.is_rerank(i) else None, publish=12 if p.is_full(i) else None)
+        ref, sel = model.run_layer(i, ht, cos, sin, pos, sel, p)
+        torch.testing.assert_close(out.h, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.topk, sel.topk)
+        if p.is_full(i):
+            pool = out.pool
+            assert torch.equal(pool, sel.pool)
+        ht = out.h
+
+
+def test_distill_trains_rerank_indexers(model, tmp_path):
+    from safetensors import safe_open
+
+    from indexcache.tools.distill import distill
+
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    save_checkpoint(model, src)
+    before = model.layers[1].self_attn.indexer.wq_b.weight.clone()
+    m, log = distill(src, "FRSRFS", out, warmup_steps=1, sparse_steps=1, batch=1, context=48,
+                     max_train_bytes=100_000)
+    assert log["pattern"] == "FRSRFS" and log["rerank"] == {0: [1, 3]} and log["groups"][1] == [2]
+    assert all(s["steps_done"] == 1 and s["curve"][-1]["index_kl"] is not None for s in log["stages"])
+    assert not torch.equal(m.layers[1].self_attn.indexer.wq_b.weight, before)  # the R indexer trained
+    with safe_open(f"{out}/model.safetensors", "pt") as f:
+        layers = {int(k.split(".")[2]) for k in f.keys() if ".indexer." in k}
+    assert layers == {0, 1, 3, 4}
+    assert str(load_model(out).config.pattern) == "FRSRFS"
