@@ -22,7 +22,6 @@ from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_l
 from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
 from ..kernels.topk import topk_rows
 from ..kernels.topk.ops import MAX_K
-from ..kernels.topk.reference import topk_rows_reference
 from ..model.indexer import select_topk
 from .config import EngineConfig
 from .kv_cache import FP8_LATENT_BYTES, KVCache
@@ -186,11 +185,22 @@ class TorchBackend:
 
 
 def _sorted_topk(logits, k: int, *, row_start=None, row_end=None) -> torch.Tensor:
-    """Top-k column ids sorted by (value desc, column asc). Pools above the Triton top-k's MAX_K (4096) are
-    selected by the PyTorch reference (a sort of the row): the kernel has no path for them."""
+    """Top-k column ids sorted by score (ties: the lower column first under the Triton top-k). Pools above its
+    MAX_K (4096), such as the real models' default 4 x 2048, are selected by ``torch.topk``: the kernel has no
+    path for them."""
     if k <= MAX_K:
         return topk_rows(logits, k, row_start=row_start, row_end=row_end, sorted=True)
-    return topk_rows_reference(logits, k, row_start=row_start, row_end=row_end)
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    x = logits.float()
+    valid = ~torch.isnan(x) & (x != float("-inf"))
+    if row_start is not None:
+        valid &= cols[None] >= row_start[:, None]
+    if row_end is not None:
+        valid &= cols[None] < row_end[:, None]
+    kk = min(k, x.shape[1])
+    vals, idx = torch.where(valid, x, float("-inf")).topk(kk, dim=1, sorted=True)
+    idx = idx.to(torch.int32).masked_fill(vals == float("-inf"), -1)
+    return torch.nn.functional.pad(idx, (0, k - kk), value=-1) if kk < k else idx
 
 
 class TritonBackend(TorchBackend):
