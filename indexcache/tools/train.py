@@ -51,7 +51,8 @@ class TrainConfig:
     max_train_bytes: int | None = None
     task_ratio: float = 0.0  # share of training windows that are synthetic retrieval tasks (tools/tasks.py)
     # window lengths cycled step by step (None: ``context`` always); batch scales so tokens per step stay
-    # batch x context
+    # batch x context. The warm-up and sparse stages skip lengths above ``context``: their masked training
+    # forward holds [B, heads, T, T] attention per layer for the backward
     contexts: tuple | None = None
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages
 
@@ -130,7 +131,7 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
                 break
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr)
-            length, batch = _window(tc, step)
+            length, batch = _window(tc, step, stage)
             ids = mixed_windows(corpus, batch, length + 1, tc.task_ratio, gen).to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -158,11 +159,13 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             "lr": lr, "curve": curve, "start_step": start_step}
 
 
-def _window(tc: TrainConfig, step: int) -> tuple[int, int]:
-    """(window length, batch) of a step: ``contexts`` cycled, tokens per step kept at batch x context."""
-    if not tc.contexts:
+def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]:
+    """(window length, batch) of a step: ``contexts`` cycled (only those <= ``context`` outside the dense stage),
+    tokens per step kept at batch x context."""
+    lengths = [L for L in (tc.contexts or ()) if stage == "dense" or L <= tc.context]
+    if not lengths:
         return tc.context, tc.batch
-    length = tc.contexts[step % len(tc.contexts)]
+    length = lengths[step % len(lengths)]
     return length, max(1, tc.batch * tc.context // length)
 
 
