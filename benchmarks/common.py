@@ -64,10 +64,17 @@ def run_metadata() -> dict:
     return meta
 
 
+def results_dir() -> str:
+    """Where results go by default: $OUT when set (the GPU machine), else runs/benchmarks/ under the current
+    directory; never into the source tree (benchmarks/results/ holds runs copied there by hand, with their logs)."""
+    return os.environ.get("OUT") or os.path.join("runs", "benchmarks")
+
+
 def write_results(name: str, payload: dict, out_dirs: list[str] | None = None) -> list[str]:
-    """Write ``payload`` as JSON to benchmarks/results/<name>.json and to $OUT when set."""
-    dirs = out_dirs or [os.path.join(os.path.dirname(__file__), "results")]
-    if os.environ.get("OUT"):
+    """Write ``payload`` as JSON to <dir>/<name>.json for each of ``out_dirs`` (default: ``results_dir()``), and
+    to $OUT when set."""
+    dirs = list(out_dirs or [results_dir()])
+    if os.environ.get("OUT") and os.environ["OUT"] not in dirs:
         dirs.append(os.environ["OUT"])
     paths = []
     for d in dirs:

@@ -4,9 +4,15 @@ CUDA graph, over a random-filled cache (no prefill).
     python -m benchmarks.decode_profile --layers 4 --context 200K --batches 1,32 --patterns FFFF,FSSS
 
 Prints, per (pattern, batch): the graph step time, and the kernels sorted by GPU time per step (torch.profiler /
-CUPTI); writes everything to ``decode_profile.json`` (benchmarks/results and $OUT).
+CUPTI); writes everything to ``decode_profile.json`` ($OUT, else runs/benchmarks).
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # without a GPU, refuse before the seconds-long torch import
+    from benchmarks.require_gpu import require_gpu
+
+    require_gpu("python -m benchmarks.decode_profile", "python -m benchmarks.decode_profile --device cpu --model tiny "
+                "--layers 4 --context 256 --batches 1")
 
 import argparse
 import time
@@ -55,7 +61,7 @@ def main(argv=None) -> int:
     p.set_defaults(top=40)
     p.set_defaults(layers=4, patterns="FFFF,FSSS", name="decode_profile")
     args = p.parse_args(argv)
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = args.device
     ctx = parse_ctx(args.context)
     cfg = preset_config(args.model).replace(num_layers=args.layers)
     model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()

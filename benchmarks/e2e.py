@@ -4,8 +4,12 @@ token and a time breakdown, for full DSA and IndexCache patterns at long context
     python -m benchmarks.e2e --quick                        # a few minutes of GPU time
     python -m benchmarks.e2e --contexts 10K,60K,120K,200K   # the paper's Table 1 grid
     python -m benchmarks.e2e --layers 8                     # run 8 layers, extrapolate to the model's 47
+    python -m benchmarks.e2e --device cpu --model tiny --quick   # CPU smoke run: seconds, timings mean nothing
 
-Weights are random bf16 (the paper's 30B shape, ``glm-4.7-flash-dsa``). With ``--layers N`` only N layers run; the
+Results go to $OUT when set, else to runs/benchmarks/ under the current directory (``--out`` overrides).
+
+Weights are random bf16 (the paper's 30B shape, ``glm-4.7-flash-dsa``), or with ``--weight-dtype fp8`` the same
+random weights quantised per 128x128 block and kept in FP8 (model/linear.py says which). With ``--layers N`` only N layers run; the
 full-model estimate scales indexer+top-k time by the number of Full layers of the pattern on the whole model and
 everything else by the layer count (reported beside the measured numbers, marked ``est_``). The full-cache decode
 fills the KV cache with random values instead of prefilling every sequence (decode cost does not depend on the
@@ -13,19 +17,27 @@ values), with the batch that fits the full model's KV cache next to its weights.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # without a GPU, refuse before the seconds-long torch import
+    from benchmarks.require_gpu import require_gpu
+
+    require_gpu("python -m benchmarks.e2e", "python -m benchmarks.e2e --device cpu --model tiny --quick")
+
 import argparse
 import math
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import measure_ceilings, run_metadata, table, write_results
+from benchmarks.common import measure_ceilings, results_dir, run_metadata, table, write_results
 from indexcache.checkpoint import build_empty
 from indexcache.engine import EngineConfig, LLMEngine
 from indexcache.engine.kv_cache import bytes_per_token
 from indexcache.engine.timer import Timer
 from indexcache.engine.sequence import Status
+from indexcache.model.linear import use_fp8_storage
+from indexcache.model.weight_sizes import weight_bytes_per_gpu
 from indexcache.pattern import IndexPattern
 from indexcache.presets import preset_config
 from indexcache.sampling import SamplingParams
@@ -237,6 +249,14 @@ def max_batch(cfg_full, pattern, ctx, args, weight_bytes) -> int:
     return max(1, min(args.max_batch, int(budget // (bpt * (ctx + 64)))))
 
 
+def cache_pages_available(cfg_full, pattern, args, weight_bytes, page: int = 64) -> int | None:
+    """Pages of ``page`` tokens of the whole model's cache that fit beside its weights (max_batch's budget)."""
+    if not torch.cuda.is_available():
+        return None
+    budget = 0.9 * torch.cuda.mem_get_info()[1] - weight_bytes - 2 * (args.workspace_gb << 30) - 4 * 2**30
+    return max(0, int(budget // (full_model_bytes_per_token(cfg_full, pattern, args) * page)))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="glm-4.7-flash-dsa")
     p.add_argument("--contexts", default="10K,60K,120K,200K")
@@ -257,40 +277,64 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--full-cache-only", action="store_true", help="only the full-cache decode (no prefill)")
     p.add_argument("--no-full-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-dtype", default="bf16", choices=["bf16", "fp8"],
+                   help="random weights in bf16, or quantised per 128x128 block and kept in FP8")
     p.add_argument("--max-position-embeddings", type=int, default=None,
                    help="override the preset's maximum context (to time contexts beyond it, e.g. 1M)")
     p.add_argument("--name", default="e2e")
-    p.add_argument("--device", default=None, help="cuda (default when present) or cpu for a smoke run")
+    p.add_argument("--out", default=None, help="folder for the JSON and PNG (default: $OUT, else runs/benchmarks)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cuda (default), or cpu for an explicit smoke run whose timings mean nothing")
     return p
 
 
 def main(argv=None, args=None) -> int:
-    p = add_arguments(argparse.ArgumentParser(prog="indexcache bench", description=__doc__.split("\n")[0]))
+    p = add_arguments(argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0]))
     if args is None:
         args = p.parse_args(argv)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("error: torch sees no CUDA device. For a CPU smoke run (timings mean nothing): "
+              "python -m benchmarks.e2e --device cpu --model tiny --quick", file=sys.stderr)
+        return 2
     if args.quick:
-        args.layers = args.layers or 4
+        args.layers = args.layers or (4 if dev == "cuda" else 2)
         if args.contexts == p.get_default("contexts"):
-            args.contexts = "10K,60K"
+            args.contexts = "10K,60K" if dev == "cuda" else "128"
         args.decode_steps, args.full_cache_steps = min(args.decode_steps, 16), min(args.full_cache_steps, 4)
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cpu":
+            args.decode_steps, args.full_cache_steps = min(args.decode_steps, 3), min(args.full_cache_steps, 1)
+            args.patterns = "full,1/2" if args.patterns == p.get_default("patterns") else args.patterns
     if dev == "cpu":
-        print("note: no CUDA device - a CPU smoke run (timings mean nothing; use --model tiny)", flush=True)
+        print("note: a CPU smoke run (timings mean nothing)", flush=True)
+    if args.out is None:
+        args.out = results_dir()
     contexts = [parse_ctx(c) for c in args.contexts.split(",")]
     patterns = [s.strip() for s in args.patterns.split(",")]
     cfg_full = preset_config(args.model)
     if args.max_position_embeddings:  # e.g. a 1M-token run of a 200K model: RoPE tables extended, weights random
         cfg_full = cfg_full.replace(max_position_embeddings=args.max_position_embeddings)
+    too_long = [c for c in contexts if c + args.decode_steps + 72 > cfg_full.max_position_embeddings]
+    if too_long:
+        print(f"error: context {too_long[0]} (+{args.decode_steps + 72} for decode) exceeds {args.model}'s "
+              f"max_position_embeddings ({cfg_full.max_position_embeddings}): shorten --contexts or raise "
+              "--max-position-embeddings", file=sys.stderr)
+        return 2
     cfg = cfg_full.replace(num_layers=args.layers) if args.layers else cfg_full
     meta = run_metadata()
     ceilings = measure_ceilings() if dev == "cuda" else {}
     print(f"{meta['device']}  torch {meta['torch']}  ceilings {ceilings}", flush=True)
     t_build = time.perf_counter()
     model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
-    weight_bytes_sub = sum(t.numel() * t.element_size() for t in model.parameters())
-    weight_bytes = weight_bytes_sub * cfg_full.num_layers / cfg.num_layers  # approx (embeddings counted once too many)
+    if args.weight_dtype == "fp8":
+        use_fp8_storage(model, quantize=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()  # the bf16 weights' memory back to the driver: the KV cache sizes from it
+    # the whole model's weights (exact, from the config), whatever --layers builds
+    weight_bytes = weight_bytes_per_gpu(cfg_full, args.weight_dtype == "fp8")["total"]
     print(f"model {args.model}: {cfg.num_layers}/{cfg_full.num_layers} layers built in "
-          f"{time.perf_counter() - t_build:.1f}s", flush=True)
+          f"{time.perf_counter() - t_build:.1f}s; {args.weight_dtype} weights, {weight_bytes / 2**30:.1f} GiB for the "
+          f"whole model", flush=True)
     warm_args = argparse.Namespace(**{**vars(args), "decode_steps": 3})
     rows = []
     if args.full_cache_only:
@@ -321,6 +365,8 @@ def main(argv=None, args=None) -> int:
             r["est_indexer_share_prefill"] = (pre.get("indexer", 0) * scale["indexer"] + pre.get("topk", 0) * scale["topk"]) / max(breakdown_total(pre, scale), 1e-9)
             r["cache_bytes_per_token_full_model"] = bytes_per_token(
                 cfg_full, IndexPattern.parse(pat, cfg_full.num_layers), r["latent_cache"], r["indexer_cache"])["total"]
+            r["weight_dtype"], r["weight_bytes_full_model"] = args.weight_dtype, weight_bytes
+            r["cache_pages_available_full_model"] = cache_pages_available(cfg_full, pat, args, weight_bytes)
             if dense is not None:
                 r["dense_prefill_s"] = dense
                 r["est_dense_prefill_s"] = dense * cfg_full.num_layers / cfg.num_layers
@@ -335,7 +381,7 @@ def main(argv=None, args=None) -> int:
                 torch.cuda.empty_cache()
             rows.append(r)
             write_results(args.name, {"meta": meta, "ceilings": ceilings, "args": vars(args), "partial": True,
-                                      "rows": rows})  # a run cut short by a time limit keeps what it measured
+                                      "rows": rows}, [args.out])  # a run cut short by a time limit keeps what it measured
             print(f"ctx {ctx:>7}  {pat:<6} TTFT {r['ttft_s']:.3f}s (est {r['est_ttft_s']:.2f}s)  decode "
                   f"{r['decode_tok_s']:.1f} tok/s (est {r['est_decode_tok_s'] or 0:.1f})  full-cache "
                   f"{r.get('full_cache_decode', {}).get('tok_s', float('nan')):.0f} tok/s  idx share "
@@ -346,8 +392,8 @@ def main(argv=None, args=None) -> int:
                "notes": ("est_* extrapolate a --layers run to the whole model (indexer/top-k by Full-layer count, "
                          "the rest by layer count); full-cache decode uses a random-filled cache"),
                "rows": rows}
-    payload["plot"] = _plot(rows, args.name)
-    for path in write_results(args.name, payload):
+    payload["plot"] = _plot(rows, args.name, args.out)
+    for path in write_results(args.name, payload, [args.out]):
         print("wrote", path)
     print(table(rows, ["context", "pattern", "ttft_s", "est_ttft_s", "decode_tok_s", "est_decode_tok_s",
                        "speedup_prefill", "speedup_decode", "est_indexer_share_prefill"]))
@@ -366,7 +412,8 @@ def full_cache_only(model, cfg, cfg_full, contexts, patterns, args, weight_bytes
             r = {"context": ctx, "pattern": pat, "full_cache_decode": fc, "latent_cache": args.kv_cache_dtype,
                  "cache_bytes_per_token_full_model": full_model_bytes_per_token(cfg_full, pat, args)}
             rows.append(r)
-            write_results(args.name, {"meta": meta, "ceilings": ceilings, "args": vars(args), "rows": rows})
+            write_results(args.name, {"meta": meta, "ceilings": ceilings, "args": vars(args), "rows": rows},
+                          [args.out])
             print(f"ctx {ctx:>7}  {pat:<6} latent {args.kv_cache_dtype}  full-cache batch {fc['batch']}  "
                   f"{fc['step_ms']:.2f} ms/step  {fc['tok_s']:.0f} tok/s", flush=True)
             torch.cuda.empty_cache()
@@ -383,7 +430,7 @@ def _speedups(rows):
                 r["speedup_decode"] = r["est_decode_tok_s"] / b["est_decode_tok_s"]
 
 
-def _plot(rows, name):
+def _plot(rows, name, out_dir):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -402,7 +449,7 @@ def _plot(rows, name):
         a.set_title(t)
         a.legend()
     paths = []
-    for d in [os.path.join(os.path.dirname(__file__), "results")] + ([os.environ["OUT"]] if os.environ.get("OUT") else []):
+    for d in [out_dir] + ([os.environ["OUT"]] if os.environ.get("OUT") and os.environ["OUT"] != out_dir else []):
         os.makedirs(d, exist_ok=True)
         fig.savefig(os.path.join(d, f"{name}.png"), dpi=120)
         paths.append(os.path.join(d, f"{name}.png"))

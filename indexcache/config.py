@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 from .pattern import IndexPattern, PatternError
 
 FAMILIES = {"deepseek_v32": "DeepseekV32ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM"}
+# keys that set weight shapes: a config.json without them is an error, never a silent GLM-5 / DeepSeek default
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "index_n_heads", "index_head_dim", "index_topk")
+MOE_REQUIRED_KEYS = ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")  # with any MoE layer
+NULLABLE_KEYS = ("q_lora_rank",)  # null = no query compression
 
 
 class ConfigError(ValueError):
@@ -152,13 +158,19 @@ class ModelConfig:
         def get(key):
             return d[key] if d.get(key) is not None else defaults[key]
 
-        try:
-            num_layers = int(get("num_hidden_layers"))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"num_hidden_layers must be an integer, got {d.get('num_hidden_layers')!r}") from e
+        def missing(keys):
+            return [k for k in keys if k not in d or (d[k] is None and k not in NULLABLE_KEYS)]
+
+        absent = missing(REQUIRED_KEYS)
+        num_layers = _int(get("num_hidden_layers"), "num_hidden_layers")
         mlp_types = d.get("mlp_layer_types")
         if mlp_types is None:
-            mlp_types = _mlp_types(num_layers, int(get("first_k_dense_replace")))
+            mlp_types = _mlp_types(num_layers, _int(get("first_k_dense_replace"), "first_k_dense_replace"))
+        if "sparse" in mlp_types:
+            absent += missing(MOE_REQUIRED_KEYS)
+        if absent:
+            raise ConfigError(f"config.json is missing required key{'s' if len(absent) > 1 else ''} "
+                              f"{', '.join(absent)} (they set the weight shapes of a {family} model)")
         rope_theta, rope_scaling = _read_rope(d, defaults)
         quant = d.get("quantization_config") or {}
         fp8_block = None
@@ -169,35 +181,35 @@ class ModelConfig:
             fp8_block = tuple(quant.get("weight_block_size") or (128, 128))
         return cls(
             family=family,
-            vocab_size=int(get("vocab_size")),
-            hidden_size=int(get("hidden_size")),
-            intermediate_size=int(get("intermediate_size")),
-            moe_intermediate_size=int(get("moe_intermediate_size")),
+            vocab_size=_int(get("vocab_size"), "vocab_size"),
+            hidden_size=_int(get("hidden_size"), "hidden_size"),
+            intermediate_size=_int(get("intermediate_size"), "intermediate_size"),
+            moe_intermediate_size=_int(get("moe_intermediate_size"), "moe_intermediate_size"),
             num_layers=num_layers,
-            num_heads=int(get("num_attention_heads")),
-            q_lora_rank=d.get("q_lora_rank", defaults["q_lora_rank"]),
-            kv_lora_rank=int(get("kv_lora_rank")),
-            qk_nope_head_dim=int(get("qk_nope_head_dim")),
-            qk_rope_head_dim=int(get("qk_rope_head_dim")),
-            v_head_dim=int(get("v_head_dim")),
-            n_routed_experts=int(get("n_routed_experts")),
-            n_shared_experts=int(get("n_shared_experts")),
-            num_experts_per_tok=int(get("num_experts_per_tok")),
-            n_group=int(get("n_group")),
-            topk_group=int(get("topk_group")),
-            routed_scaling_factor=float(get("routed_scaling_factor")),
+            num_heads=_int(get("num_attention_heads"), "num_attention_heads"),
+            q_lora_rank=None if d.get("q_lora_rank") is None else _int(d["q_lora_rank"], "q_lora_rank"),
+            kv_lora_rank=_int(get("kv_lora_rank"), "kv_lora_rank"),
+            qk_nope_head_dim=_int(get("qk_nope_head_dim"), "qk_nope_head_dim"),
+            qk_rope_head_dim=_int(get("qk_rope_head_dim"), "qk_rope_head_dim"),
+            v_head_dim=_int(get("v_head_dim"), "v_head_dim"),
+            n_routed_experts=_int(get("n_routed_experts"), "n_routed_experts"),
+            n_shared_experts=_int(get("n_shared_experts"), "n_shared_experts"),
+            num_experts_per_tok=_int(get("num_experts_per_tok"), "num_experts_per_tok"),
+            n_group=_int(get("n_group"), "n_group"),
+            topk_group=_int(get("topk_group"), "topk_group"),
+            routed_scaling_factor=_float(get("routed_scaling_factor"), "routed_scaling_factor"),
             norm_topk_prob=bool(get("norm_topk_prob")),
             mlp_layer_types=tuple(mlp_types),
-            index_n_heads=int(get("index_n_heads")),
-            index_head_dim=int(get("index_head_dim")),
-            index_topk=int(get("index_topk")),
+            index_n_heads=_int(get("index_n_heads"), "index_n_heads"),
+            index_head_dim=_int(get("index_head_dim"), "index_head_dim"),
+            index_topk=_int(get("index_topk"), "index_topk"),
             pattern=IndexPattern.from_hf_config(d, num_layers),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             mla_rope_interleaved=bool(d.get("rope_interleave", True)),
             indexer_rope_interleaved=bool(d.get("indexer_rope_interleave", glm)),
-            max_position_embeddings=int(get("max_position_embeddings")),
-            rms_norm_eps=float(get("rms_norm_eps")),
+            max_position_embeddings=_int(get("max_position_embeddings"), "max_position_embeddings"),
+            rms_norm_eps=_float(get("rms_norm_eps"), "rms_norm_eps"),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id", 0),
             eos_token_id=d.get("eos_token_id", 1),
@@ -215,7 +227,12 @@ class ModelConfig:
                 d = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(d, name=os.path.basename(os.path.normpath(path)))
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cfg_path} holds a {type(d).__name__}, not a JSON object")
+        try:
+            return cls.from_hf_dict(d, name=os.path.basename(os.path.normpath(path)))
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_path}: {e}") from e
 
     def to_hf_dict(self) -> dict:
         """A config.json that transformers and this library both read (pattern written as the GLM keys)."""
@@ -253,6 +270,18 @@ class ModelConfig:
             if not self.pattern.has_rerank:  # transformers' indexer_types has no re-rank (R) type
                 d["indexer_types"] = self.pattern.indexer_types()
         return d
+
+
+def _int(v, key: str) -> int:
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+        raise ConfigError(f"{key} must be an integer, got {v!r}")
+    return int(v)
+
+
+def _float(v, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{key} must be a finite number, got {v!r}")
+    return float(v)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -2,7 +2,6 @@
 IndexCache patterns on the same tokens, and shows cross-layer top-k overlap and what each pattern saves."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -10,16 +9,14 @@ import torch
 
 from .checkpoint import load_model
 from .pattern import IndexPattern
+from .tokenizer import ByteTokenizer, find_tokenizer
 from .tools.overlap import pairwise_overlap
 
 
 def _demo_tokens(model_name: str, vocab: int, seq_len: int, seed: int):
     """Held-out Python source for checkpoints with our byte tokenizer, else random token ids."""
-    cfg_path = os.path.join(model_name, "config.json")
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            tok = json.load(f).get("tokenizer") or {}
-        if tok.get("type") == "bytes":
+    if os.path.isdir(model_name):
+        if isinstance(find_tokenizer(model_name), ByteTokenizer):
             from .tools.corpus import load_corpus
 
             corpus = load_corpus("test", max_bytes=4 * seq_len)

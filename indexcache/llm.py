@@ -1,6 +1,7 @@
 """The offline API, shaped like vLLM's: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import operator
 import os
 import time
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from .checkpoint import load_model
 from .engine.config import EngineConfig
 from .engine.engine import LLMEngine
 from .sampling import SamplingParams
+from .tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -35,20 +37,30 @@ class RequestOutput:
 class LLM:
     """A DSA model served by the IndexCache engine.
 
-    ``model``: a checkpoint folder (config.json + safetensors, tokenizer files optional) or a preset name (random
-    weights from ``seed``; presets have no tokenizer, so they take token-id prompts). ``index_pattern``: an F/S
-    string, "1/N" or "all" (default: the checkpoint's own); it means what it means to ``load_model``, which builds
-    the model with it (S layers get no indexer weights), and the engine runs the model's pattern. Other keywords
-    are ``EngineConfig`` fields.
+    ``model``: a checkpoint folder (config.json + safetensors, tokenizer optional: see ``indexcache.tokenizer``) or
+    a preset name (random weights from ``seed``; presets have no tokenizer, so they take token-id prompts).
+    ``index_pattern``: an F/S string, "1/N" or "all" (default: the checkpoint's own); it means what it means to
+    ``load_model``, which builds the model with it (S layers get no indexer weights), and the engine runs the
+    model's pattern. ``weight_dtype``: "auto" (FP8 checkpoints stay FP8 on a GPU with the block-scaled FP8 GEMM),
+    "fp8" or "bf16" (see ``load_model``). ``tokenizer``: a folder or a ``Tokenizer`` to use instead of the
+    checkpoint's. ``max_model_len`` defaults to the model's ``max_position_embeddings``. Other keywords are
+    ``EngineConfig`` fields.
     """
 
     def __init__(self, model: str, index_pattern=None, *, device=None, dtype: torch.dtype | None = None,
-                 seed: int = 0, tokenizer: str | None = None, **engine_options):
+                 seed: int = 0, tokenizer: str | Tokenizer | None = None, weight_dtype: str = "auto",
+                 **engine_options):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed)
-        self.tokenizer = _load_tokenizer(tokenizer or (model if os.path.isdir(model) else None))
+        self.model = load_model(model, device=device, dtype=dtype, index_pattern=index_pattern, seed=seed,
+                                weight_dtype=weight_dtype)
+        if isinstance(tokenizer, str):
+            self.tokenizer = load_tokenizer(tokenizer)
+        else:
+            self.tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
+        if engine_options.get("max_model_len") is None:
+            engine_options["max_model_len"] = self.model.config.max_position_embeddings
         self.engine = LLMEngine(self.model, EngineConfig(seed=seed, **engine_options), tokenizer=self.tokenizer)
 
     @property
@@ -86,8 +98,7 @@ class LLM:
                 raise ValueError("this model has no tokenizer (presets and checkpoints without tokenizer files): "
                                  "pass prompts as lists of token ids")
             return prompt, self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
-        return None, ids
+        return None, [_token_id(t, "prompt token id") for t in prompt]
 
     def _output(self, s) -> RequestOutput:
         text = s.text
@@ -108,10 +119,11 @@ def _as_list(prompts) -> list:
     return prompts
 
 
-def _load_tokenizer(path: str | None):
-    if path is None or not any(os.path.exists(os.path.join(path, f)) for f in
-                               ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+def _token_id(t, what: str) -> int:
+    """An integer token id; floats (1.7), bools and strings are errors, never truncated."""
+    if isinstance(t, bool):
+        raise ValueError(f"{what} must be an integer, got {t!r}")
+    try:
+        return operator.index(t)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {t!r} ({type(t).__name__})") from None

@@ -22,3 +22,45 @@ def test_info_and_errors(capsys):
     assert main(["info", "glm-5", "--pattern", "FSX"]) == 2
     assert "may only contain" in capsys.readouterr().err
     assert main(["info", "nope"]) == 2
+
+
+FIXTURE = "tests/fixtures/stdlib-dsa-tiny"
+
+
+def test_generate_defaults_follow_the_model_and_print_json_for_token_ids(capsys):
+    # max_model_len defaults to the model's max_position_embeddings (the tiny preset: 4096, below the old 8192)
+    assert main(["generate", "tiny", "1,2,3", "--token-ids", "--pattern", "1/2", "--max-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("pattern FFSFSFSF")
+    rec = json.loads(lines[1])
+    assert rec["prompt"] is None and len(rec["token_ids"]) == 3 and rec["finish_reason"] == "length"
+    assert main(["generate", "tiny", "1,2.5", "--token-ids"]) == 2
+    assert "'2.5' is not an integer token id" in capsys.readouterr().err
+    assert main(["generate", "tiny", "--max-model-len", "5000", "1,2", "--token-ids"]) == 2
+    assert "max_position_embeddings (4096)" in capsys.readouterr().err
+
+
+def test_generate_text_on_the_fixture(capsys):
+    import os
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "stdlib-dsa-tiny")
+    assert main(["generate", fixture, "def fib(n):\n", "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("def fib(n):") and out[-1].startswith("--- 4 tokens, finish length")
+    assert main(["generate", fixture, "x", "--max-tokens", "2", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["prompt"] == "x" and isinstance(rec["text"], str) and len(rec["token_ids"]) == 2
+    assert main(["generate", "tiny", "hello"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_engine_imports_no_cli_or_benchmarks():
+    import os
+    import re
+
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "indexcache", "engine")
+    for name in os.listdir(root):
+        if name.endswith(".py"):
+            src = open(os.path.join(root, name)).read()
+            assert not re.search(r"^\s*(from|import)\s+(\.\.(cli|llm)|benchmarks|indexcache\.cli)", src, re.M), name
+    assert not os.path.exists(os.path.join(root, "cli.py"))

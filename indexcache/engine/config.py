@@ -26,6 +26,7 @@ class EngineConfig:
     compile_backend: str = "inductor"
     moe_small_batch_kernel: bool = True   # decode-sized MoE batches on the GPU: Triton kernel (True) or
                                           # torch._grouped_mm (False)
+    enable_prefix_caching: bool = True   # share full KV pages between requests with a common token prefix
     seed: int = 0
 
     def __post_init__(self):

@@ -45,7 +45,7 @@ class LLMEngine:
         num_blocks = cfg.num_kv_blocks or self._auto_blocks(self.cache_bytes["total"] * cfg.page_size)
         self.kv = KVCache(mc, self.plan, num_blocks, cfg.page_size, fmt.latent, fmt.indexer, self.dtype, self.device)
         self.backend = make_backend(self.kv, cfg, mc)
-        self.blocks = BlockManager(num_blocks, cfg.page_size)
+        self.blocks = BlockManager(num_blocks, cfg.page_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks)
         x_proj = fuse_x_projections(model, self.plan)  # an explicit step: the model's weights become views (above)
         self.runner = ModelRunner(model, self.plan, cfg, self.kv, self.backend, x_proj)
@@ -57,6 +57,7 @@ class LLMEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
         self._rng = random.Random(cfg.seed)
         self._next_id = 0
+        self.num_computed_tokens = 0  # tokens run through the model (prefix-cache hits are not)
 
     @property
     def pattern(self):
@@ -119,6 +120,8 @@ class LLMEngine:
         tokens = self._sample(logits, [work[j][0] for j in rows], rows) if rows else []
         for s, n in work:
             s.num_computed += n
+            self.blocks.commit(s)
+        self.num_computed_tokens += sum(n for _, n in work)
         finished = []
         for j, tok in zip(rows, tokens):
             seq = work[j][0]
@@ -142,12 +145,33 @@ class LLMEngine:
 
         p = [s.params for s in seqs]
         if all(x.temperature == 0 for x in p):  # all greedy (known on the host): one argmax, no sampling kernels
-            return sel.argmax(-1).tolist()
-        filtered = any(x.top_k > 0 or x.top_p < 1 for x in p)  # else the vocabulary sort is skipped
-        out = sample(sel, t([x.temperature for x in p], torch.float32), t([x.top_p for x in p], torch.float32),
-                     t([x.top_k for x in p], torch.int64), t([s.seed for s in seqs], torch.int64),
-                     t([s.num_tokens - s.num_prompt for s in seqs], torch.int64), filtered=filtered)
+            out = sel.argmax(-1)
+        else:
+            filtered = any(x.top_k > 0 or x.top_p < 1 for x in p)  # else the vocabulary sort is skipped
+            out = sample(sel, t([x.temperature for x in p], torch.float32), t([x.top_p for x in p], torch.float32),
+                         t([x.top_k for x in p], torch.int64), t([s.seed for s in seqs], torch.int64),
+                         t([s.num_tokens - s.num_prompt for s in seqs], torch.int64), filtered=filtered)
+        want = [x.logprobs for x in p if x.logprobs is not None]
+        if want:
+            return self._with_logprobs(sel, out, seqs, max(want))
         return out.tolist()  # the step's one host sync: the scheduler needs the tokens
+
+    @staticmethod
+    def _with_logprobs(sel, tokens, seqs: list[Sequence], k: int) -> list[int]:
+        """Tokens, recording each asking sequence's log-probabilities of the model's distribution (before temperature
+        and filtering) for its sampled token and its top ``params.logprobs`` tokens; still one host sync."""
+        lp = torch.log_softmax(sel.float(), -1)
+        parts = [tokens[:, None].double(), lp.gather(1, tokens[:, None]).double()]
+        if k:
+            top_v, top_i = lp.topk(min(k, lp.shape[-1]), -1)
+            parts += [top_v.double(), top_i.double()]  # ids < 2^53 are exact in float64
+        packed = torch.cat(parts, 1).cpu().tolist()
+        k = (len(packed[0]) - 2) // 2
+        for s, row in zip(seqs, packed):
+            n = s.params.logprobs
+            if n is not None:
+                s.logprobs.append((row[1], [int(i) for i in row[2 + k:2 + k + n]], row[2:2 + n]))
+        return [int(row[0]) for row in packed]
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params

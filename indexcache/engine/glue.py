@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from ..model.linear import Fp8Linear, fuse_fp8_linears
 from ..model.moe import MoE
 
 
@@ -20,6 +21,10 @@ def fuse_x_projections(model, plan) -> list[tuple[torch.Tensor, tuple[int, ...]]
 
 
 def _fuse_layer(attn, with_indexer: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if isinstance(attn.q_a_proj, Fp8Linear):
+        # FP8 models: q_a and kv_a as one FP8 GEMM (a module, see fuse_fp8_linears); the indexer stays apart (bf16)
+        fused = fuse_fp8_linears([attn.q_a_proj, attn.kv_a_proj_with_mqa])
+        return fused, (attn.q_a_proj.out_features, attn.kv_a_proj_with_mqa.out_features)
     mods = [attn.q_a_proj, attn.kv_a_proj_with_mqa]
     if with_indexer and attn.indexer is not None:
         mods += [attn.indexer.wk, attn.indexer.weights_proj]
@@ -38,7 +43,7 @@ def _pre_attention(layer, h, cos, sin, w_uk, w_x, splits):
     """Input norm, MLA projections with RoPE, and the absorbed query [T, h, kv_lora + rope]; also the indexer's
     x-projections (wk(x), weights_proj(x)) on F layers, else None."""
     x = layer.input_layernorm(h)
-    parts = torch.nn.functional.linear(x, w_x).split(splits, dim=-1)
+    parts = (w_x(x) if isinstance(w_x, torch.nn.Module) else torch.nn.functional.linear(x, w_x)).split(splits, dim=-1)
     q_nope, q_pe, q_resid, c_kv, k_pe = layer.self_attn.project(x[None], cos, sin, pre=(parts[0][None], parts[1][None]))
     q = torch.cat([torch.einsum("thd,hdc->thc", q_nope[0], w_uk), q_pe[0]], -1)
     # F layers: wk(x) and, when it was fused (same dtype), weights_proj(x); the indexer computes what is missing

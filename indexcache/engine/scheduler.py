@@ -47,6 +47,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or started >= self.cfg.max_num_seqs:
                 break
+            if not seq.block_table:
+                self.blocks.match_prefix(seq)  # a cached prefix is not computed again
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq, seq.num_computed + n):
                 # take what fits now (whole pages), the rest waits for pages to come back

@@ -27,6 +27,11 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed = 0             # tokens whose KV is stored in the cache
         self.block_table: list[int] = []  # physical page ids, in order
+        self.block_hashes: list[bytes] = []  # prefix-cache names of the full token blocks (see block_manager)
+        self.num_registered = 0           # leading pages already offered to the prefix cache
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
+        # per output token: (logprob of the token, top token ids, their logprobs); only if params.logprobs is set
+        self.logprobs: list[tuple[float, list[int], list[float]]] = []
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.text = ""

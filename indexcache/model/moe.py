@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_reference
+from ..kernels.fp8_linear import dequantize_weight, quantize_act, quantize_weight
 from ..kernels.moe import SMALL_MAX_ROWS, moe_experts_small
 
 
@@ -47,7 +49,9 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts; gate and up projections stacked as [E, 2I, D], down as [E, D, I]."""
+    """E SwiGLU experts; gate and up projections stacked as [E, 2I, D], down as [E, D, I]. FP8 models hold them as
+    fp8 e4m3 buffers with 128x128 block scales (``use_fp8_storage``): gate_up_scale_inv [E, 2*ceil(I/128),
+    ceil(D/128)] (gate's blocks, then up's), down_scale_inv [E, ceil(D/128), ceil(I/128)]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -56,12 +60,32 @@ class Experts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(E, 2 * inter, D))
         self.down = nn.Parameter(torch.empty(E, D, inter))
 
+    def use_fp8_storage(self, *, quantize: bool) -> None:
+        """FP8 weights in place: quantise the current ones per 128x128 block, or allocate empty FP8 storage."""
+        E, D, inter = self.gate_up.shape[0], self.gate_up.shape[2], self.inter
+        dev = self.gate_up.device
+        if quantize:
+            tensors = quantize_experts(self.gate_up.detach(), self.down.detach())
+        else:
+            tensors = (torch.empty(E, 2 * inter, D, dtype=torch.float8_e4m3fn, device=dev),
+                       torch.empty(E, 2 * _blocks(inter), _blocks(D), device=dev),
+                       torch.empty(E, D, inter, dtype=torch.float8_e4m3fn, device=dev),
+                       torch.empty(E, _blocks(D), _blocks(inter), device=dev))
+        del self.gate_up, self.down
+        for name, t in zip(("gate_up", "gate_up_scale_inv", "down", "down_scale_inv"), tensors):
+            self.register_buffer(name, t)
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, *,
                 small_batch_kernel: bool = True) -> torch.Tensor:
         """``small_batch_kernel``: decode-sized batches (few (token, slot) pairs) on the GPU run a memory-bound
         Triton kernel (torch._grouped_mm reads the active experts at ~1.5 TB/s there); False keeps them on
         torch._grouped_mm (benchmarks compare the two through ``EngineConfig.moe_small_batch_kernel``)."""
         N, K = ids.shape
+        if self.gate_up.dtype == torch.float8_e4m3fn:
+            if small_batch_kernel and x.is_cuda and N * K <= SMALL_MAX_ROWS:
+                return _small_batch_experts(x, ids, weights, self.gate_up, self.down, self.gate_up_scale_inv,
+                                            self.down_scale_inv)
+            return self._forward_fp8(x, ids, weights)
         if small_batch_kernel and _grouped_mm_ok(x) and N * K <= SMALL_MAX_ROWS:
             return _small_batch_experts(x, ids, weights, self.gate_up, self.down)
         flat = ids.flatten()
@@ -83,9 +107,70 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, ys)
 
 
+    @torch.compiler.disable  # Triton launches with host-side checks: run as is between compiled graphs
+    def _forward_fp8(self, x, ids, weights):
+        """FP8 experts beyond decode sizes: the same routing, both projections as grouped GEMMs that read the FP8
+        weights (no host sync)."""
+        K = ids.shape[1]
+        flat = ids.flatten()
+        E = self.gate_up.shape[0]
+        order = expert_order(flat, E)
+        token = order // K
+        xs = x[token]
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        inter, ib = self.inter, _blocks(self.inter)
+        w, s = self.gate_up, self.gate_up_scale_inv
+        # the kernel on the GPU; on CPU the reference (the interpreted kernel is for the kernel's own tests)
+        mm = fp8_grouped_mm if x.is_cuda else fp8_grouped_mm_reference
+        # activations quantised per 1x128 group, like the FP8 linear layers: fp8 x fp8 on the tensor cores
+        x8, sx = quantize_act(xs)
+        if inter % 128 == 0:  # gate's and up's blocks tile 2I rows evenly: one GEMM
+            h = mm(x8, counts, w, s, a_scale=sx, out_dtype=x.dtype)
+        else:  # a 128-row block would straddle gate and up: one GEMM each
+            h = torch.cat([mm(x8, counts, w[:, :inter], s[:, :ib], a_scale=sx, out_dtype=x.dtype),
+                           mm(x8, counts, w[:, inter:], s[:, ib:], a_scale=sx, out_dtype=x.dtype)], -1)
+        gate, up = h.split(inter, dim=-1)
+        a8, sa = quantize_act(F.silu(gate) * up)
+        ys = mm(a8, counts, self.down, self.down_scale_inv, a_scale=sa, out_dtype=x.dtype)
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, 2I, D], down [E, D, I]) in ``dtype`` (FP8 storage dequantised; else the weights)."""
+        if self.gate_up.dtype != torch.float8_e4m3fn:
+            return self.gate_up.to(dtype), self.down.to(dtype)
+        return dequantize_experts(self.gate_up, self.gate_up_scale_inv, self.down, self.down_scale_inv, dtype)
+
+
+def quantize_experts(gate_up: torch.Tensor, down: torch.Tensor):
+    """Per expert, per 128x128 block: (gate_up fp8, gate_up_scale_inv [E, 2*ceil(I/128), ceil(D/128)] with gate's
+    blocks then up's, down fp8, down_scale_inv [E, ceil(D/128), ceil(I/128)])."""
+    inter = gate_up.shape[1] // 2
+    gq, gs, dq, ds = [], [], [], []
+    for e in range(gate_up.shape[0]):
+        (g8, g_s), (u8, u_s) = quantize_weight(gate_up[e, :inter]), quantize_weight(gate_up[e, inter:])
+        gq.append(torch.cat([g8, u8]))
+        gs.append(torch.cat([g_s, u_s]))
+        d8, d_s = quantize_weight(down[e])
+        dq.append(d8)
+        ds.append(d_s)
+    return torch.stack(gq), torch.stack(gs), torch.stack(dq), torch.stack(ds)
+
+
+def dequantize_experts(gate_up, gate_up_scale_inv, down, down_scale_inv, dtype):
+    inter = gate_up.shape[1] // 2
+    ib = _blocks(inter)
+    gu = torch.stack([torch.cat([dequantize_weight(gate_up[e, :inter], gate_up_scale_inv[e, :ib], dtype),
+                                 dequantize_weight(gate_up[e, inter:], gate_up_scale_inv[e, ib:], dtype)])
+                      for e in range(gate_up.shape[0])])
+    dn = torch.stack([dequantize_weight(down[e], down_scale_inv[e], dtype) for e in range(down.shape[0])])
+    return gu, dn
+
+
 @torch.compiler.disable  # a Triton launch with host-side checks: runs as is between compiled graphs
-def _small_batch_experts(x, ids, weights, gate_up, down):
-    return moe_experts_small(x, ids, weights, gate_up, down)
+def _small_batch_experts(x, ids, weights, gate_up, down, gate_up_scale=None, down_scale=None):
+    return moe_experts_small(x, ids, weights, gate_up, down, gate_up_scale, down_scale)
 
 
 @torch.compiler.disable  # data-dependent slicing: tracing it would recompile whenever the routing changes
@@ -116,6 +201,10 @@ def expert_order(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
     rank = (onehot.cumsum(0) - onehot).gather(1, flat[:, None])[:, 0]  # earlier entries with the same id
     dest = before[flat] + rank
     return torch.empty_like(flat).scatter_(0, dest, torch.arange(M, device=flat.device))
+
+
+def _blocks(n: int) -> int:
+    return -(-n // 128)
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:

@@ -25,30 +25,46 @@ def _dump(obj, path: str | None) -> None:
 
 
 def _text_batches(args, model, device):
-    """Token batches from --text files (byte-level) or, by default, the held-out stdlib split."""
+    """Token batches from --text files (encoded by the checkpoint's tokenizer; bytes when it has none) or, by
+    default, the held-out stdlib split (byte-level models only)."""
     import torch
 
-    from .corpus import ByteTokenizer, load_corpus
+    from ..tokenizer import ByteTokenizer, find_tokenizer
+    from .corpus import load_corpus
 
+    tok = find_tokenizer(args.model)
     L = args.length or model.config.index_topk * 8
     if args.text:
         toks = []
         for path in args.text:
             with open(path, "rb") as f:
-                toks += [ByteTokenizer.BOS] + list(f.read()) + [ByteTokenizer.EOS]
+                data = f.read()
+            if tok is None or isinstance(tok, ByteTokenizer):
+                toks += [ByteTokenizer.BOS] + list(data) + [ByteTokenizer.EOS]
+            else:
+                toks += tok.encode(data.decode("utf-8", errors="replace"))
         n = len(toks) // L
         if n == 0:
             raise ValueError(f"--text holds {len(toks)} tokens, fewer than one window of --length {L}")
         ids = torch.tensor(toks[: n * L]).view(n, L)[: args.num_seqs]
     else:
+        _need_byte_model(args.model, tok, "the default text (the held-out stdlib split) is byte-level: pass --text")
         ids = load_corpus("test").sequential_windows(L, args.num_seqs)
     return [b.to(device) for b in ids.split(args.batch)]
+
+
+def _need_byte_model(model: str, tok, what: str) -> None:
+    from ..tokenizer import ByteTokenizer
+
+    if tok is not None and not isinstance(tok, ByteTokenizer):
+        raise ValueError(f"{model} has a {type(tok).__name__}, not a byte tokenizer; {what}")
 
 
 def _load(args, pattern=None):
     from ..checkpoint import load_model
 
-    return load_model(args.model, device=_device(args.device), index_pattern=pattern)
+    # the quality tools compute in fp32 (and train indexers): FP8 checkpoints are dequantised
+    return load_model(args.model, device=_device(args.device), index_pattern=pattern, weight_dtype="bf16")
 
 
 def cmd_train(args) -> int:
@@ -93,7 +109,9 @@ def cmd_search(args) -> int:
     from ..pattern import IndexPattern
     from .corpus import load_corpus
     from .search import calibration_batches, greedy_search
+    from ..tokenizer import find_tokenizer
 
+    _need_byte_model(args.model, find_tokenizer(args.model), "search calibrates on the byte-level stdlib corpus")
     model = _load(args)
     N = model.config.num_layers
     if args.keep:
@@ -119,8 +137,10 @@ def cmd_search(args) -> int:
 
 
 def cmd_distill(args) -> int:
+    from ..tokenizer import find_tokenizer
     from .distill import distill
 
+    _need_byte_model(args.model, find_tokenizer(args.model), "distill trains on the byte-level stdlib corpus")
     _, log = distill(args.model, args.pattern, args.out, warmup_steps=args.warmup_steps,
                      sparse_steps=args.sparse_steps, batch=args.batch, context=args.context, seed=args.seed,
                      device=_device(args.device), progress=True)
@@ -130,9 +150,11 @@ def cmd_distill(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from ..tokenizer import find_tokenizer
     from .corpus import load_corpus
     from .evaluate import evaluate
 
+    _need_byte_model(args.model, find_tokenizer(args.model), "eval measures bits per byte on byte-level text")
     test = load_corpus("test")
     results = []
     for pat in args.patterns:
@@ -144,8 +166,11 @@ def cmd_eval(args) -> int:
                      suite_tasks=tuple(args.suite_tasks), suite_seed=args.suite_seed)
         results.append(r)
         acc = " ".join(f"{L}:{v['accuracy']:.2f}" for L, v in r["retrieval"].items())
+        recall = [x["recall_vs_own_indexer"] for x in r["layers"] if "recall_vs_own_indexer" in x]
+        mass = [x["attention_mass_used"] for x in r["layers"]]
         print(f"{r['pattern']}  loss {r['heldout']['loss']:.4f}  bpb {r['heldout']['bits_per_byte']:.4f}  "
-              f"retrieval {acc}")
+              f"retrieval {acc}  top-k recall {sum(recall) / max(len(recall), 1):.3f}  "
+              f"attention mass {sum(mass) / max(len(mass), 1):.3f}")
         if "suite" in r:
             for task, by_len in r["suite"]["tasks"].items():
                 print(f"  {task:14s} " + " ".join(f"{L}:{v['exact_match']:.2f}" for L, v in by_len.items()))
@@ -209,7 +234,9 @@ def register(subparsers) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_distill)
 
-    e = subparsers.add_parser("eval", help="held-out loss / bits per byte, long-context retrieval, top-k recall")
+    e = subparsers.add_parser("eval", help="held-out loss / bits per byte, long-context retrieval accuracy, top-k "
+                              "recall against each layer's own indexer and the dense attention mass the used top-k "
+                              "covers (means printed; per layer in --json)")
     common(e)
     e.add_argument("--patterns", nargs="+", default=["model"], help="'model' (its own), F/S strings or 1/N")
     e.add_argument("--context", type=int, default=512)

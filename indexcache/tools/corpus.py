@@ -13,25 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class ByteTokenizer:
-    """256 byte tokens plus a few specials. Described in a checkpoint's config.json under ``"tokenizer"``."""
-
-    BOS, EOS, PAD = 256, 257, 258
-    vocab_size = 260  # one spare id; multiple of 4
-
-    def encode(self, text: str | bytes) -> list[int]:
-        b = text.encode("utf-8") if isinstance(text, str) else text
-        return list(b)
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-    @classmethod
-    def description(cls) -> dict:
-        return {"type": "bytes", "byte_ids": [0, 255], "bos_token_id": cls.BOS, "eos_token_id": cls.EOS,
-                "pad_token_id": cls.PAD, "vocab_size": cls.vocab_size,
-                "note": "token id = UTF-8 byte value; files are wrapped as <bos> bytes <eos>"}
+from ..tokenizer import ByteTokenizer  # noqa: F401  (re-exported: the corpus is tokenized by it)
 
 
 def stdlib_root() -> str:

@@ -28,7 +28,7 @@ def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_step
     """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log).
     ``task_ratio``: share of windows that are synthetic retrieval tasks (as in training, tools/tasks.py)."""
     device = torch.device(device)
-    model = load_model(model_path, device=device, index_pattern=pattern)
+    model = load_model(model_path, device=device, index_pattern=pattern, weight_dtype="bf16")  # fp32 maths, trains
     p = model.config.pattern
     cfg = model.config
     ctx = context or _trained_context(model_path) or 512

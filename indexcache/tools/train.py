@@ -145,7 +145,8 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             rec = {"step": step, "lm": None if lm is None else float(lm.detach()), "index_kl": idx}
             if step % log_every == 0 or step == steps - 1:
                 curve.append(rec)
-            bar.update(note=f"lm {rec['lm'] or 0:.3f} kl {idx or 0:.3f}")
+            bar.update(note=" ".join(f"{name} {v:.3f}" for name, v in (("lm", rec["lm"]), ("kl", idx))
+                                     if v is not None))  # the warm-up computes no LM loss, dense training no KL
             if checkpoint is not None and checkpoint_every_s is not None \
                     and time.perf_counter() - last_ck > checkpoint_every_s:
                 checkpoint(step + 1, opt)

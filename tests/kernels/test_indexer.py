@@ -4,24 +4,32 @@ import torch
 
 from indexcache.kernels.indexer import (
     default_topk_fn,
+    fused_params,
     hadamard_128,
     indexer_logits,
     indexer_logits_decode,
     indexer_topk_decode,
+    indexer_prefill_candidates,
     indexer_topk_prefill,
+    plan_fused_chunks,
     plan_prefill_chunks,
     quantize_indexer_k,
     quantize_indexer_q,
+    sample_columns,
 )
 from benchmarks.indexer_recall import fp8_recall, make_case
 from indexcache.kernels.indexer.reference import (
     indexer_logits_decode_ref,
     indexer_logits_ref,
+    prefill_candidates_ref,
     topk_recall,
     topk_rows_torch,
 )
 from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.kv_store.reference import store_indexer_k_ref
+from indexcache.kernels._dispatch import use_triton
+from indexcache.kernels.indexer.ops import _scratch
+from indexcache.kernels.topk.reference import topk_rows_reference
 from tests.helpers import poisoned
 
 
@@ -341,3 +349,145 @@ def test_gpu_topk_prefill_chunked():
     a = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, workspace_bytes=8 << 20)
     b = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, topk_fn=topk_rows_torch)
     assert topk_recall(a, b) > 0.999
+
+
+# ------------------------------------------------------------------------------------------------ fused prefill top-k
+def _exact_sets(idx, logits, rs, re, topk):
+    """Index sets equal those of the exact selection (lower column wins ties) on the same logits."""
+    ref = topk_rows_reference(logits, topk, row_start=rs, row_end=re)
+    assert idx.dtype == torch.int32 and idx.shape == ref.shape
+    for r in range(idx.shape[0]):
+        a = idx[r][idx[r] >= 0]
+        assert (idx[r][len(a):] == -1).all(), "-1 only as trailing padding"
+    assert torch.equal(idx.sort(1).values.cpu(), ref.sort(1).values.cpu())
+
+
+@pytest.mark.parametrize("h", [32, 20])
+def test_prefill_candidates_match_reference(h, device):
+    t, s, cap = 12, 203, 24
+    q8, w, k8, ks = _inputs(t, s, h, device, seed=21)
+    rs, re = _ragged_windows(t, s, device, seed=21)
+    rs[0], re[0] = 0, s
+    logits = indexer_logits(q8, w, k8, ks, rs, re)  # the same tile code: scores bit-identical to the kernel's
+    fin = torch.where(torch.isfinite(logits), logits, float("nan"))
+    thr = fin.nanquantile(0.5, dim=1).nan_to_num(0.0)  # half of each window: long rows overflow cap
+    thr[0] = float("-inf")                            # every valid score (overflows)
+    thr[3] = float("inf")                             # nothing
+    thr[4] = logits[4, int(re[4]) - 1]                # a score of the row itself (>= keeps it)
+    out = (poisoned((t, cap), torch.float32, device), poisoned((t, cap), torch.int32, device),
+           poisoned((t, 2), torch.int32, device))
+    vals, cols, counts = indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=out)
+    assert vals.data_ptr() == out[0].data_ptr()
+    rv, rc, rn = prefill_candidates_ref(logits, thr, cap)
+    assert torch.equal(counts.cpu(), rn.cpu())
+    assert (counts[:, 0] > cap).any() and (counts[:, 0] < cap).any() and counts[3, 0] == 0
+    kept = counts[:, 0].clamp(max=cap)
+    for r in range(t):
+        n = int(kept[r])
+        assert torch.equal(cols[r, :n].cpu(), rc[r, :n].cpu())
+        assert torch.equal(vals[r, :n].cpu(), rv[r, :n].cpu())
+    with pytest.raises(ValueError, match="thr"):
+        indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr.double(), cap)
+
+
+def _fused(q8, w, k8, ks, rs, re, topk, **kw):
+    stats = {}
+    out = poisoned((q8.shape[0], topk), torch.int32, q8.device)
+    idx = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, topk_fn=topk_rows_reference, out=out, _fused=True,
+                               stats=stats, **kw)
+    assert idx.data_ptr() == out.data_ptr()
+    return idx, stats
+
+
+@pytest.mark.parametrize("cap", [None, 4096])
+def test_fused_topk_prefill_matches_reference(cap, device):
+    """Ragged windows (an empty one, one clipped past S, many shorter than topk), S not a multiple of the tile,
+    the smallest workspace: one row per selection sub-chunk, sample sub-chunks whose windows start past 0, and
+    (cap 4096, no row needs a sample) several candidate chunks. Sets equal the exact selection."""
+    t, s, h, topk = 12, 421, 32, 24
+    q8, w, k8, ks = _inputs(t, s, h, device, seed=22)
+    rs, re = _ragged_windows(t, s, device, seed=22)
+    rs[0], re[0] = 0, s
+    rs[4], re[4] = 40, s - 3
+    order = torch.argsort(rs.cpu() * 1000 + re.cpu()).to(device)
+    rs, re = rs[order], re[order]
+    p, r, cap = fused_params(topk, 4, cap)
+    ws = 4 * max(_scratch(topk, cap), _scratch(r, s) + 16 + 4 * s)
+    idx, st = _fused(q8, w, k8, ks, rs, re, topk, _sample_stride=4, _cap=cap, workspace_bytes=ws)
+    assert st["fallback_rows"] == 0 and st["cap"] == cap
+    if cap < s:
+        assert int(((re.clamp(max=s) - rs) > cap).sum()) >= 2 and st["sample_chunks"] >= 2  # rows used the sample
+    else:
+        assert st["chunks"] >= 3
+    logits = indexer_logits(q8, w, k8, ks, rs, re)
+    _exact_sets(idx, logits, rs, re.clamp(max=s), topk)
+    _check_topk(idx, indexer_logits_ref(q8, w, k8, ks, rs, re), rs, re.clamp(max=s), topk)
+
+
+@pytest.mark.parametrize("cap,fallback", [(None, True), (512, False)])
+def test_fused_topk_prefill_heavy_ties(cap, fallback, device):
+    """Hundreds of equal scores at the threshold: with the default capacity they overflow the candidate list
+    and the rows are redone by the two-pass path; with room for them the candidate select breaks the ties by
+    the lower column. Either way the sets are the exact ones."""
+    t, s, h, topk = 6, 400, 32, 24
+    q8, w, k8, ks = _inputs(t, s, h, device, seed=23)
+    k8[50:380] = k8[7]          # 330 identical keys (one score, repeated) among random ones
+    ks[50:380] = ks[7]
+    w = w.abs()                 # non-negative scores: the repeated key ranks in the upper part of every row
+    rs = torch.zeros(t, dtype=torch.int32, device=device)
+    re = torch.tensor([400, 399, 390, 385, 300, 250], dtype=torch.int32, device=device)
+    idx, st = _fused(q8, w, k8, ks, rs, re, topk, _sample_stride=4, _cap=cap)
+    logits = indexer_logits(q8, w, k8, ks, rs, re)
+    thr_rank = torch.sort(logits, 1, descending=True).values[:, topk - 1]
+    assert ((logits == thr_rank[:, None]).sum(1) > 100).any()  # the k-th score is tied hundreds of times
+    assert (st["fallback_rows"] > 0) == fallback
+    _exact_sets(idx, logits, rs, re, topk)
+
+
+def test_fused_topk_prefill_sample_misses(device):
+    """Adversarial scores: the sampled columns hold the row maxima, so the threshold leaves fewer than topk
+    candidates; those rows take the fallback and stay exact."""
+    t, s, h, topk = 5, 700, 32, 64
+    q8, w, k8, ks = _inputs(t, s, h, device, seed=24)
+    w = w.abs()
+    p, r, cap = fused_params(topk, 4)
+    assert r < topk and s > cap
+    ks = ks.clone()
+    ks[sample_columns(s, p, device)] *= 64.0
+    rs = torch.zeros(t, dtype=torch.int32, device=device)
+    re = torch.tensor([700, 690, 650, 600, 300], dtype=torch.int32, device=device)
+    idx, st = _fused(q8, w, k8, ks, rs, re, topk, _sample_stride=4)
+    assert st["fallback_rows"] == 4  # the short row (300 <= cap) takes every score and needs no sample
+    _exact_sets(idx, indexer_logits(q8, w, k8, ks, rs, re), rs, re, topk)
+
+
+def test_plan_fused_chunks_and_small_workspace():
+    t, s = 500, 3000
+    re = torch.arange(s - t + 1, s + 1, dtype=torch.int32)
+    rs = (torch.arange(t, dtype=torch.int32) * 5) % 700
+    ws, row_bytes = 1 << 20, 3000
+    chunks = plan_fused_chunks(rs, re, row_bytes, ws)
+    assert chunks[0][0] == 0 and chunks[-1][1] == t and len(chunks) > 1
+    for (r0, r1, c0, c1), nxt in zip(chunks, chunks[1:] + [None]):
+        assert (r1 - r0) * ((c1 - c0) * 4 + row_bytes) <= ws
+        assert c0 == int(rs[r0:r1].min()) and c1 == int(re[r0:r1].max())
+        assert nxt is None or nxt[0] == r1
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        plan_fused_chunks(rs, re, row_bytes, 1000)
+    if use_triton(re):
+        q8, w, k8, ks = _inputs(4, 10, 32, "cpu")
+        with pytest.raises(ValueError, match="workspace_bytes"):
+            indexer_topk_prefill(q8, w, k8, ks, rs[:4], re[:4].clamp(max=10), 8, workspace_bytes=1000, _fused=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [32, 64])
+def test_gpu_fused_topk_prefill_equals_two_pass(h):
+    t, s, topk = 3000, 9000, 2048
+    q8, w, k8, ks = _inputs(t, s, h, "cuda", seed=h)
+    re = torch.arange(s - t + 1, s + 1, dtype=torch.int32, device="cuda")
+    rs = (torch.arange(t, device="cuda", dtype=torch.int32) * 7) % 900
+    st = {}
+    a = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, _fused=True, stats=st)
+    b = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk)
+    assert torch.equal(a.sort(1).values, b.sort(1).values), st

@@ -123,7 +123,7 @@ def test_overlap_self_is_one_and_heatmap_png(fixture_model, test_corpus, tmp_pat
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = struct.unpack(">II", data[16:24])
     idat = data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8]
-    assert len(zlib.decompress(idat)) == h * (1 + 3 * w) and h == 64
+    assert len(zlib.decompress(idat)) == h * (1 + 3 * w) and h > 64 and w > 64  # 16 x 4 px cells + label margins
 
 
 def test_training_forward_matches_model_layer():

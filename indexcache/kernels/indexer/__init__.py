@@ -2,18 +2,25 @@
 ``ops`` dispatches and plans, ``reference`` is plain PyTorch, ``triton`` holds the kernels."""
 from indexcache.kernels.indexer.ops import (
     SLOT_BYTES,
+    SAMPLE_STRIDE,
     default_topk_fn,
+    fused_params,
+    indexer_prefill_candidates,
     indexer_logits,
     indexer_logits_decode,
     indexer_topk_decode,
     indexer_topk_prefill,
+    plan_fused_chunks,
     plan_prefill_chunks,
+    sample_columns,
     selection_slot_bytes,
 )
 from indexcache.kernels.indexer.reference import (
     hadamard_128,
     indexer_logits_fp32,
     indexer_logits_ref,
+    indexer_topk_prefill_ref,
+    prefill_candidates_ref,
     quantize_indexer_k,
     quantize_indexer_q,
     topk_recall,
@@ -24,4 +31,6 @@ __all__ = [
     "hadamard_128", "quantize_indexer_q", "quantize_indexer_k", "indexer_logits", "indexer_topk_prefill",
     "indexer_logits_decode", "indexer_topk_decode", "default_topk_fn", "plan_prefill_chunks", "selection_slot_bytes",
     "topk_recall", "indexer_logits_ref", "indexer_logits_fp32", "topk_rows_torch", "SLOT_BYTES",
+    "indexer_prefill_candidates", "prefill_candidates_ref", "indexer_topk_prefill_ref", "fused_params",
+    "sample_columns", "plan_fused_chunks", "SAMPLE_STRIDE",
 ]

@@ -7,6 +7,8 @@ imports (Triton present), else ``reference.topk_rows_torch``; both have the sign
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -16,6 +18,7 @@ from indexcache.kernels.indexer.reference import (
     check_logits_inputs,
     indexer_logits_decode_ref,
     indexer_logits_ref,
+    prefill_candidates_ref,
     topk_rows_torch,
 )
 
@@ -35,6 +38,39 @@ def indexer_logits(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, co
 
         return indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, out=out, config=config)
     return _into(out, indexer_logits_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end))
+
+
+def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cap: int, *, out=None,
+                               config: dict | None = None):
+    """The fused filter of the prefill top-k: per row, the valid scores >= thr[row] of its window in column order.
+
+    Returns (values [T,cap] fp32, columns [T,cap] int32, counts [T,2] int32): the first ``cap`` candidates (entries
+    past the kept count are unspecified), counts = (all candidates, valid scores in the window). ``out``: the
+    three buffers to write into. Scores are those of ``indexer_logits`` (same tile code: bit-identical on GPU).
+    """
+    t, _, _ = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
+    if tuple(thr.shape) != (t,) or thr.dtype != torch.float32:
+        raise ValueError(f"indexer_prefill_candidates: thr must be [T]=({t},) float32, "
+                         f"got {tuple(thr.shape)} {thr.dtype}")
+    if cap < 1:
+        raise ValueError(f"indexer_prefill_candidates: cap must be >= 1, got {cap}")
+    if out is None:
+        out = (torch.empty(t, cap, dtype=torch.float32, device=q_fp8.device),
+               torch.empty(t, cap, dtype=torch.int32, device=q_fp8.device),
+               torch.empty(t, 2, dtype=torch.int32, device=q_fp8.device))
+    for buf, shape, dt in zip(out, ((t, cap), (t, cap), (t, 2)), (torch.float32, torch.int32, torch.int32)):
+        if tuple(buf.shape) != shape or buf.dtype != dt or not buf.is_contiguous():
+            raise ValueError(f"indexer_prefill_candidates: out buffers must be contiguous {shape} {dt}, "
+                             f"got {tuple(buf.shape)} {buf.dtype}")
+    if use_triton(q_fp8):
+        from indexcache.kernels.indexer.triton import indexer_candidates_triton  # noqa: PLC0415
+
+        indexer_candidates_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, *out, config=config)
+        return out
+    logits = indexer_logits_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end)
+    for buf, res in zip(out, prefill_candidates_ref(logits, thr, cap)):
+        buf.copy_(res)
+    return out
 
 
 def default_topk_fn():
@@ -91,12 +127,16 @@ def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
 
 
 def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
-                         workspace_bytes: int = 2 << 30, topk_fn=None, out=None):
+                         workspace_bytes: int = 2 << 30, topk_fn=None, out=None, _fused: bool = False,
+                         _sample_stride: int | None = None, _cap: int | None = None, stats: dict | None = None):
     """idx [T, topk] int32 of the key indices (columns of k_fp8) with the largest logits in each row's window.
 
     Rows are processed in chunks whose logits over the chunk's column span fit in ``workspace_bytes``; logits of
     the whole prefill are never materialised. ``topk_fn(logits [R,N], k, row_start=, row_end=)`` selects per row
     (default: ``default_topk_fn()``); rows with fewer than topk valid keys are padded with -1.
+    ``_fused`` (benchmarks and tests only, until the GPU comparison decides which path stays): the fused
+    logits + candidate filter of ``_topk_prefill_fused`` instead of the two-pass path; ``_sample_stride`` /
+    ``_cap`` are its test hooks and ``stats`` receives its counters.
     """
     t, _, s = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if topk <= 0:
@@ -106,6 +146,9 @@ def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int
         out = torch.empty(t, topk, dtype=torch.int32, device=q_fp8.device)
     rs_all = row_start.clamp(0, s).to(torch.int32)
     re_all = row_end.clamp(0, s).to(torch.int32)
+    if _fused and use_triton(q_fp8):
+        return _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspace_bytes, topk_fn, out,
+                                   _sample_stride, _cap, stats)
     chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, selection_slot_bytes(topk_fn, topk, s))
     need_max = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0
     buf = torch.empty(max(need_max, 1), dtype=torch.float32, device=q_fp8.device)  # one buffer, reused
@@ -122,6 +165,139 @@ def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int
         dst.copy_(topk_fn(logits, topk, row_start=rs, row_end=re))
         if c0:
             dst.add_((dst >= 0).to(dst.dtype), alpha=c0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ fused prefill top-k
+# Per row: a threshold T from a sample of the row's scores (every SAMPLE_STRIDE-th key, jittered), then ONE fused
+# pass keeps the scores >= T (candidates, in column order) and an exact top-k among them. Exact whenever the row
+# has at least min(topk, valid) candidates and at most CAP of them (every top-k score is then >= T); other rows
+# (a sample that missed, thousands of ties at T) are redone by the two-pass path.
+SAMPLE_STRIDE = 32
+_Z = 5.0            # the sample rank sits _Z standard deviations above topk/stride: few rows fall short
+
+
+def fused_params(topk: int, stride: int | None = None, cap: int | None = None) -> tuple[int, int, int]:
+    """(sample stride P, sample rank r of the threshold, candidate capacity CAP) for ``topk``.
+
+    The r-th largest of a 1/P sample has about r*P scores above it (sd sqrt(r)*P): r = topk/P + _Z*sqrt(topk/P)
+    + 2 keeps that >= topk in all but ~1e-6 of rows, and CAP = the power of two >= 2*r*P bounds it from above.
+    """
+    p = stride or SAMPLE_STRIDE
+    if p < 1:
+        raise ValueError(f"indexer_topk_prefill: sample stride must be >= 1, got {p}")
+    kp = topk / p
+    r = int(math.ceil(kp + _Z * math.sqrt(kp))) + 2
+    cap = cap or 1 << (max(2 * r * p, (r + 2) * p, topk) - 1).bit_length()
+    return p, r, cap
+
+
+def sample_columns(s: int, stride: int, device) -> torch.Tensor:
+    """Sorted int64 sample of [0, s): one column per block of ``stride``, at a fixed hashed offset in the block
+    (jittered, so periodic score patterns do not bias the sample)."""
+    j = torch.arange(-(-s // stride), device=device, dtype=torch.int64)
+    col = j * stride + ((j * 2654435761) & 0xFFFFFFFF) % stride
+    return col[col < s]
+
+
+def _scratch(k: int, n: int) -> int:
+    """Device bytes per row of one ``topk_rows(k)`` call over n entries plus its index temporaries here."""
+    try:
+        from indexcache.kernels.topk import scratch_bytes_per_row  # noqa: PLC0415
+    except ImportError:
+        return 2 * SLOT_BYTES * k
+    return scratch_bytes_per_row(k, max(n, 1)) + SLOT_BYTES * k
+
+
+def plan_fused_chunks(row_start, row_end, row_bytes: int, workspace_bytes: int) -> list[tuple[int, int, int, int]]:
+    """Split rows into chunks [r0, r1) with rows * (span * 4 + row_bytes) <= workspace_bytes, where span is the
+    chunk's column range [c0, c1) of the (sample) windows. Returns (r0, r1, c0, c1)."""
+    rs = row_start.long().cpu().numpy()
+    re = np.maximum(row_end.long().cpu().numpy(), rs)
+    t = len(rs)
+    chunks = []
+    r0 = 0
+    while r0 < t:
+        lo = np.minimum.accumulate(rs[r0:])
+        hi = np.maximum.accumulate(re[r0:])
+        cost = np.arange(1, len(lo) + 1) * ((hi - lo) * 4 + row_bytes)
+        n = int(np.searchsorted(cost, workspace_bytes, side="right"))
+        if n == 0:
+            raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} cannot hold one fused row; "
+                             f"raise it to at least {int(cost[0])}")
+        chunks.append((r0, r0 + n, int(lo[n - 1]), int(hi[n - 1])))
+        r0 += n
+    return chunks
+
+
+def _take_rows(x, idx):
+    """x[idx] for an fp8 tensor, through a uint8 view (index kernels need not support float8 dtypes)."""
+    return x.view(torch.uint8)[idx].view(x.dtype)
+
+
+def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspace_bytes, topk_fn, out, stride,
+                        cap, stats):
+    """Budget: the candidate lists of an outer chunk of rows take 1/2 of the workspace (large chunks keep the
+    fused kernel's grid many waves deep); the sample logits + threshold select and the final select run in
+    sub-chunks of 1/4 each."""
+    t, s = q_fp8.shape[0], k_fp8.shape[0]
+    dev = q_fp8.device
+    p, r, cap = fused_params(topk, stride, cap)
+    sel = sample_columns(s, p, dev)
+    k8s, kss = _take_rows(k_fp8, sel), k_scale[sel]
+    srs = torch.searchsorted(sel, rs_all.long()).to(torch.int32)
+    sre = torch.searchsorted(sel, re_all.long()).to(torch.int32)
+    srs = torch.where(re_all - rs_all > cap, srs, sre)  # rows of <= CAP keys: no sample, every valid score
+    quarter = workspace_bytes // 4
+    outer = (2 * quarter) // (cap * 8 + 24)
+    inner = quarter // _scratch(topk, cap)
+    if outer < 1 or inner < 1:
+        raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} is too small for the fused path "
+                         f"(topk={topk}, cap={cap}); need at least {4 * max(cap * 8 + 24, _scratch(topk, cap))}")
+    sample_chunks = plan_fused_chunks(srs, sre, _scratch(r, len(sel)) + 16, quarter)
+    sbuf = torch.empty(max([(b - a) * (c1 - c0) for a, b, c0, c1 in sample_chunks] + [1]), dtype=torch.float32,
+                       device=dev)
+    thr = torch.full((t,), float("-inf"), dtype=torch.float32, device=dev)
+    for a, b, c0, c1 in sample_chunks:  # thresholds: the r-th largest sampled score of each row
+        if c1 == c0:
+            continue
+        lg = sbuf[:(b - a) * (c1 - c0)].view(b - a, c1 - c0)
+        sa, sb = srs[a:b] - c0, sre[a:b] - c0
+        indexer_logits(q_fp8[a:b], w[a:b], k8s[c0:c1], kss[c0:c1], sa, sb, out=lg)
+        idx = topk_fn(lg, r, row_start=sa, row_end=sb)
+        got = idx >= 0
+        v = torch.where(got, torch.gather(lg, 1, idx.clamp(min=0).long()), float("inf")).amin(1)
+        thr[a:b] = torch.where(got.all(1), v, float("-inf"))  # fewer than r sampled scores: take every one
+    del sbuf
+    rows = min(outer, t)
+    cand_val = torch.empty(rows, cap, dtype=torch.float32, device=dev)
+    cand_col = torch.empty(rows, cap, dtype=torch.int32, device=dev)
+    counts = torch.empty(rows, 2, dtype=torch.int32, device=dev)
+    bad = torch.empty(t, dtype=torch.bool, device=dev)
+    for r0 in range(0, t, outer):
+        r1 = min(t, r0 + outer)
+        n = r1 - r0
+        cv, cc, cnt = indexer_prefill_candidates(q_fp8[r0:r1], w[r0:r1], k_fp8, k_scale, rs_all[r0:r1],
+                                                 re_all[r0:r1], thr[r0:r1], cap,
+                                                 out=(cand_val[:n], cand_col[:n], counts[:n]))
+        for a in range(0, n, inner):
+            b = min(n, a + inner)
+            kept = cnt[a:b, 0].clamp(max=cap)
+            pos = topk_fn(cv[a:b], topk, row_start=torch.zeros_like(kept), row_end=kept)
+            out[r0 + a:r0 + b] = torch.where(pos >= 0, torch.gather(cc[a:b], 1, pos.clamp(min=0).long()), -1)
+        # exact iff the list holds every candidate and at least min(topk, valid) of them
+        bad[r0:r1] = (cnt[:, 0] > cap) | (cnt[:, 0] < cnt[:, 1].clamp(max=topk))
+        if stats is not None:
+            stats.setdefault("candidates", []).append(cnt[:, 0].clone())
+    redo = bad.nonzero().flatten()  # one sync for the whole call
+    if redo.numel():
+        out[redo] = indexer_topk_prefill(_take_rows(q_fp8, redo), w[redo], k_fp8, k_scale, rs_all[redo],
+                                         re_all[redo], topk, workspace_bytes=workspace_bytes, topk_fn=topk_fn)
+    if stats is not None:
+        found = torch.cat(stats.pop("candidates")) if t else torch.zeros(0)
+        stats.update(fallback_rows=int(redo.numel()), redo=redo, thr=thr, sample_stride=p, sample_rank=r, cap=cap,
+                     chunks=-(-t // outer), sample_chunks=len(sample_chunks),
+                     mean_candidates=float(found.float().mean()) if t else 0.0)
     return out
 
 

@@ -136,6 +136,31 @@ def topk_rows_torch(logits: torch.Tensor, k: int, *, row_start=None, row_end=Non
     return out
 
 
+def indexer_topk_prefill_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int) -> torch.Tensor:
+    """Exact prefill top-k: the reference logits, then the exact selection with the lower-column tie rule."""
+    from indexcache.kernels.topk.reference import topk_rows_reference  # noqa: PLC0415
+
+    logits = indexer_logits_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end)
+    return topk_rows_reference(logits, topk, row_start=row_start, row_end=row_end)
+
+
+def prefill_candidates_ref(logits, thr, cap: int):
+    """What the fused candidates kernel writes, from full logits (-inf outside windows): per row the valid
+    (not NaN, not -inf) scores >= thr[row] in column order, the first ``cap`` of them as (values [R,cap] fp32,
+    columns [R,cap] int32; NaN / -1 past the kept count), and counts [R,2] int32 = (all candidates, valid scores)."""
+    r = logits.shape[0]
+    valid = ~torch.isnan(logits) & (logits != float("-inf"))
+    take = valid & (logits >= thr[:, None])
+    vals = torch.full((r, cap), float("nan"), device=logits.device)
+    cols = torch.full((r, cap), -1, dtype=torch.int32, device=logits.device)
+    for i in range(r):
+        c = take[i].nonzero().flatten()[:cap]
+        vals[i, :len(c)] = logits[i, c]
+        cols[i, :len(c)] = c.to(torch.int32)
+    counts = torch.stack([take.sum(1), valid.sum(1)], 1).to(torch.int32)
+    return vals, cols, counts
+
+
 def topk_recall(idx_pred: torch.Tensor, idx_ref: torch.Tensor) -> float:
     """Mean over rows of |pred ∩ ref| / |ref| for int index sets with -1 padding (rows with empty ref count as 1)."""
     p = idx_pred.long().cpu()

@@ -6,6 +6,11 @@ rounded up to a power of two, padded heads get zero weight) and walks the key ti
     acc[BKV, BQ*HP] = k_fp8 @ q_fp8^T          (fp8 tensor cores, fp32 accumulate)
     acc -> [BKV, BQ, HP] -> relu -> * w -> sum over heads -> * k_scale -> mask -> store [BQ, BKV]
 Key tiles outside the block's window are filled with -inf without any compute.
+
+Fused prefill top-k (``_prefill_candidates_kernel``): the same scores, but instead of storing [BQ, BKV] each tile
+appends the scores >= a per-row threshold (with their columns, in column order) to the row's candidate list;
+``ops`` picks the threshold from a sample, selects exactly among the candidates and reruns the rows whose list
+overflowed or fell short through the two-pass path.
 """
 from __future__ import annotations
 
@@ -22,13 +27,9 @@ _SCALES_AT: tl.constexpr = tl.constexpr(F.INDEX_SCALES_AT)
 _D: tl.constexpr = tl.constexpr(F.INDEX_DIM)
 
 
-@triton.jit(do_not_specialize=["T", "S", "stride_out"])  # chunk shapes vary: one compile, not 8
-def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
-                           T, S, stride_out,
-                           H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr):
-    D: tl.constexpr = _D
-    pid = tl.program_id(0)
-    q0 = pid * BQ
+@triton.jit
+def _block_windows(rs_ptr, re_ptr, q0, T, S, BQ: tl.constexpr, BKV: tl.constexpr):
+    """Rows q0..q0+BQ of a block: their clamped windows and the block's key-tile range [lo_t, hi)."""
     rows = q0 + tl.arange(0, BQ)
     rmask = rows < T
     rs = tl.maximum(tl.load(rs_ptr + rows, mask=rmask, other=0).to(tl.int32), 0)
@@ -37,9 +38,47 @@ def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
     lo = tl.min(tl.where(empty, S, rs), axis=0)
     hi = tl.max(tl.where(empty, 0, re), axis=0)
     lo_t = tl.where(hi > lo, (lo // BKV) * BKV, 0)
-    hi_t = tl.where(hi > lo, lo_t + tl.cdiv(hi - lo_t, BKV) * BKV, 0)
+    return rows, rmask, rs, re, lo_t, hi
 
+
+@triton.jit
+def _load_block_q(q_ptr, w_ptr, q0, T, H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr):
+    """q^T [D, BQ*HP] and the folded weights [BQ, HP] of a block (padded heads and rows past T are zero)."""
+    D: tl.constexpr = _D
     offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BQ * HP)
+    n_row = q0 + offs_n // HP
+    n_head = offs_n % HP
+    n_ok = (n_row < T) & (n_head < H)
+    q = tl.load(q_ptr + (n_row.to(tl.int64) * H + n_head)[:, None] * D + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)  # [BQ*HP, D]
+    w = tl.load(w_ptr + n_row.to(tl.int64) * H + n_head, mask=n_ok, other=0.0)
+    return tl.trans(q), tl.reshape(w, [BQ, HP])
+
+
+@triton.jit
+def _tile_scores(k_ptr, ks_ptr, offs_s, smask, qt, w3, BQ: tl.constexpr, HP: tl.constexpr, BKV: tl.constexpr):
+    """Scores [BKV, BQ] of one key tile: k_scale * sum_h w * relu(k . q_h). Every prefill kernel scores through
+    this one function, so their scores are bit-identical."""
+    D: tl.constexpr = _D
+    offs_d = tl.arange(0, D)
+    k = tl.load(k_ptr + offs_s[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    ks = tl.load(ks_ptr + offs_s, mask=smask, other=0.0)
+    acc = tl.dot(k, qt)  # [BKV, BQ*HP]
+    acc = tl.reshape(acc, [BKV, BQ, HP])
+    lg = tl.sum(tl.maximum(acc, 0.0) * w3[None, :, :], axis=2)  # [BKV, BQ]
+    return lg * ks[:, None]
+
+
+@triton.jit(do_not_specialize=["T", "S", "stride_out"])  # chunk shapes vary: one compile, not 8
+def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
+                           T, S, stride_out,
+                           H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr):
+    pid = tl.program_id(0)
+    q0 = pid * BQ
+    rows, rmask, rs, re, lo_t, hi = _block_windows(rs_ptr, re_ptr, q0, T, S, BQ, BKV)
+    hi_t = tl.where(hi > lo_t, lo_t + tl.cdiv(hi - lo_t, BKV) * BKV, 0)
+
     offs_kv = tl.arange(0, BKV)
     out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_out  # [BQ, 1]
     neg_inf = tl.full([BQ, BKV], float("-inf"), tl.float32)
@@ -48,24 +87,11 @@ def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
         offs_s = s0 + offs_kv
         tl.store(out_rows + offs_s[None, :], neg_inf, mask=rmask[:, None] & (offs_s[None, :] < S))
 
-    offs_n = tl.arange(0, BQ * HP)
-    n_row = q0 + offs_n // HP
-    n_head = offs_n % HP
-    n_ok = (n_row < T) & (n_head < H)
-    q = tl.load(q_ptr + (n_row.to(tl.int64) * H + n_head)[:, None] * D + offs_d[None, :],
-                mask=n_ok[:, None], other=0.0)  # [BQ*HP, D]
-    w = tl.load(w_ptr + n_row.to(tl.int64) * H + n_head, mask=n_ok, other=0.0)
-    w3 = tl.reshape(w, [BQ, HP])
-    qt = tl.trans(q)
+    qt, w3 = _load_block_q(q_ptr, w_ptr, q0, T, H, HP, BQ)
     for s0 in range(lo_t, hi, BKV):
         offs_s = s0 + offs_kv
         smask = offs_s < S
-        k = tl.load(k_ptr + offs_s[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-        ks = tl.load(ks_ptr + offs_s, mask=smask, other=0.0)
-        acc = tl.dot(k, qt)  # [BKV, BQ*HP]
-        acc = tl.reshape(acc, [BKV, BQ, HP])
-        lg = tl.sum(tl.maximum(acc, 0.0) * w3[None, :, :], axis=2)  # [BKV, BQ]
-        lg = tl.trans(lg * ks[:, None])  # [BQ, BKV]
+        lg = tl.trans(_tile_scores(k_ptr, ks_ptr, offs_s, smask, qt, w3, BQ, HP, BKV))  # [BQ, BKV]
         ok = (offs_s[None, :] >= rs[:, None]) & (offs_s[None, :] < re[:, None])
         lg = tl.where(ok, lg, float("-inf"))
         tl.store(out_rows + offs_s[None, :], lg, mask=rmask[:, None] & smask[None, :])
@@ -73,6 +99,45 @@ def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
     for s0 in range(hi_t, S, BKV):
         offs_s = s0 + offs_kv
         tl.store(out_rows + offs_s[None, :], neg_inf, mask=rmask[:, None] & (offs_s[None, :] < S))
+
+
+@triton.jit(do_not_specialize=["T", "S", "cap"])
+def _prefill_candidates_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, thr_ptr, cv_ptr, cc_ptr, cnt_ptr,
+                               T, S, cap,
+                               H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr):
+    """Fused logits + threshold filter: the valid scores >= thr[row] of each row's window, appended in column
+    order to the row's candidate list (values cv, columns cc; the first ``cap`` kept). cnt[row] = (candidates
+    found, all of them, not only the kept ones; valid scores in the window). Scores never reach memory otherwise.
+    Blocks run last-first: in a causal prefill the last rows have the longest windows, and starting them first
+    shortens the tail of the grid."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    q0 = pid * BQ
+    rows, rmask, rs, re, lo_t, hi = _block_windows(rs_ptr, re_ptr, q0, T, S, BQ, BKV)
+    thr = tl.load(thr_ptr + rows, mask=rmask, other=float("inf"))
+    base = rows.to(tl.int64) * cap  # [BQ]
+    offs_kv = tl.arange(0, BKV)
+    qt, w3 = _load_block_q(q_ptr, w_ptr, q0, T, H, HP, BQ)
+    cnt = tl.zeros([BQ], tl.int32)
+    nv = tl.zeros([BQ], tl.int32)
+    for s0 in range(lo_t, hi, BKV):
+        offs_s = s0 + offs_kv
+        smask = offs_s < S
+        lg = _tile_scores(k_ptr, ks_ptr, offs_s, smask, qt, w3, BQ, HP, BKV)  # [BKV, BQ]
+        ok = (offs_s[:, None] >= rs[None, :]) & (offs_s[:, None] < re[None, :])
+        valid = ok & (lg == lg) & (lg != float("-inf"))
+        take = (valid & (lg >= thr[None, :])).to(tl.int32)
+        tot = tl.sum(take + (valid.to(tl.int32) << 16), axis=0)  # both counts in one reduction (BKV < 2^16)
+        n_take = tot & 0xFFFF
+        nv += tot >> 16
+        if tl.sum(n_take, axis=0) > 0:
+            pos = cnt[None, :] + tl.cumsum(take, axis=0) - 1  # column order within the row
+            keep = (take != 0) & (pos < cap)
+            dst = base[None, :] + pos
+            tl.store(cv_ptr + dst, lg, mask=keep)
+            tl.store(cc_ptr + dst, offs_s[:, None] + tl.zeros([BKV, BQ], tl.int32), mask=keep)
+            cnt += n_take
+    tl.store(cnt_ptr + rows.to(tl.int64) * 2, cnt, mask=rmask)
+    tl.store(cnt_ptr + rows.to(tl.int64) * 2 + 1, nv, mask=rmask)
 
 
 def _pow2(n: int) -> int:
@@ -106,6 +171,22 @@ def indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=N
         t, s, out.stride(0), H=h, HP=hp, BQ=cfg["BQ"], BKV=cfg["BKV"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
+
+
+def indexer_candidates_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cand_val, cand_col, counts,
+                              *, config=None):
+    """Launch ``_prefill_candidates_kernel``: cand_val [T,cap] fp32, cand_col [T,cap] int32, counts [T,2] int32."""
+    t, h, _ = q_fp8.shape
+    s = k_fp8.shape[0]
+    cfg = dict(prefill_config(h), **(config or {}))
+    hp = max(16, _pow2(h))
+    if t == 0:
+        return
+    grid = (triton.cdiv(t, cfg["BQ"]),)
+    _prefill_candidates_kernel[grid](
+        q_fp8.contiguous(), w.contiguous(), k_fp8.contiguous(), k_scale.contiguous(), row_start.contiguous(),
+        row_end.contiguous(), thr.contiguous(), cand_val, cand_col, counts, t, s, cand_val.shape[1],
+        H=h, HP=hp, BQ=cfg["BQ"], BKV=cfg["BKV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @triton.jit(do_not_specialize=["max_len", "bt_stride", "max_pages"])

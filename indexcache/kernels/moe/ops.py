@@ -15,12 +15,13 @@ from indexcache.kernels.moe.reference import check_moe_inputs, moe_experts_small
 SMALL_MAX_ROWS = 64
 
 
-def moe_experts_small(x, ids, weights, gate_up, down):
+def moe_experts_small(x, ids, weights, gate_up, down, gate_up_scale=None, down_scale=None):
     """y[n] = sum_k weights[n,k] * down[e] @ (silu(gate_e @ x[n]) * (up_e @ x[n])), e = ids[n,k]; fp32
-    accumulation, returned in x.dtype."""
-    check_moe_inputs("moe_experts_small", x, ids, weights, gate_up, down)
+    accumulation, returned in x.dtype. FP8 experts pass their 128x128 block scales (reference.py's layout)."""
+    check_moe_inputs("moe_experts_small", x, ids, weights, gate_up, down, gate_up_scale, down_scale)
     if use_triton(x):
         from indexcache.kernels.moe.triton import moe_experts_small_triton
 
-        return moe_experts_small_triton(x, ids, weights, gate_up, down)
-    return moe_experts_small_reference(x, ids, weights, gate_up, down)
+        return moe_experts_small_triton(x, ids, weights, gate_up, down, gate_up_scale=gate_up_scale,
+                                        down_scale=down_scale)
+    return moe_experts_small_reference(x, ids, weights, gate_up, down, gate_up_scale, down_scale)

@@ -11,6 +11,10 @@ read the same weight rows at about the same time and the repeats mostly hit L2.
 Values are converted to fp32 right after loading (also what the interpreter needs: its bf16 math is wrong).
 No host syncs: shapes only, so the launches can be captured in a CUDA graph. Block sizes are untuned defaults
 for an H200 (16 KB of weights per program per iteration).
+FP8 experts (HAS_SCALE): each loaded weight tile is multiplied by its 128x128 block scales right after the fp32
+conversion; a program's rows lie in one 128-row block (the row block sizes divide 128), its columns span a few,
+so the scales are one small vector load per iteration. gate and up address their own scale blocks, so I need not
+be a multiple of 128.
 """
 from __future__ import annotations
 
@@ -23,9 +27,9 @@ BLOCK_D2, BLOCK_I2 = 16, 512    # down: rows of D per program, I chunk per itera
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, K, D, I,
-                    stride_xn, stride_xd, stride_we, stride_wr, stride_wc,
-                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, K, D, I, IB,
+                    stride_xn, stride_xd, stride_we, stride_wr, stride_wc, stride_se, stride_sr, stride_sc,
+                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr):
     nk = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     rmask = rows < I
@@ -33,6 +37,8 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, K, D, I,
     x_row = x_ptr + (nk // K).to(tl.int64) * stride_xn
     gate = w_ptr + e * stride_we + rows.to(tl.int64)[:, None] * stride_wr  # [BLOCK_I, 1]
     up = gate + I * stride_wr
+    s_gate = s_ptr + e * stride_se + (tl.program_id(1) * BLOCK_I // 128) * stride_sr  # this program's row block
+    s_up = s_gate + IB * stride_sr
     acc_g = tl.zeros([BLOCK_I, BLOCK_D], tl.float32)
     acc_u = tl.zeros([BLOCK_I, BLOCK_D], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -40,8 +46,14 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, K, D, I,
         cmask = cols < D
         xv = tl.load(x_row + cols * stride_xd, mask=cmask, other=0.0).to(tl.float32)[None, :]
         m = rmask[:, None] & cmask[None, :]
-        acc_g += tl.load(gate + cols[None, :] * stride_wc, mask=m, other=0.0).to(tl.float32) * xv
-        acc_u += tl.load(up + cols[None, :] * stride_wc, mask=m, other=0.0).to(tl.float32) * xv
+        wg = tl.load(gate + cols[None, :] * stride_wc, mask=m, other=0.0).to(tl.float32)
+        wu = tl.load(up + cols[None, :] * stride_wc, mask=m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            sc = (cols // 128) * stride_sc
+            wg = wg * tl.load(s_gate + sc, mask=cmask, other=0.0)[None, :]
+            wu = wu * tl.load(s_up + sc, mask=cmask, other=0.0)[None, :]
+        acc_g += wg * xv
+        acc_u += wu * xv
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
     act = g / (1.0 + tl.exp(-g)) * u  # silu(g) * u; exp overflow for very negative g gives -0, the right limit
@@ -49,30 +61,35 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, K, D, I,
 
 
 @triton.jit
-def _down_kernel(act_ptr, ids_ptr, wt_ptr, w_ptr, part_ptr, D, I,
-                 stride_we, stride_wr, stride_wc,
-                 BLOCK_D2: tl.constexpr, BLOCK_I2: tl.constexpr):
+def _down_kernel(act_ptr, ids_ptr, wt_ptr, w_ptr, s_ptr, part_ptr, D, I,
+                 stride_we, stride_wr, stride_wc, stride_se, stride_sr, stride_sc,
+                 BLOCK_D2: tl.constexpr, BLOCK_I2: tl.constexpr, HAS_SCALE: tl.constexpr):
     nk = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_D2 + tl.arange(0, BLOCK_D2)
     rmask = rows < D
     e = tl.load(ids_ptr + nk).to(tl.int64)
     act_row = act_ptr + nk.to(tl.int64) * I
     mat = w_ptr + e * stride_we + rows.to(tl.int64)[:, None] * stride_wr
+    s_row = s_ptr + e * stride_se + (tl.program_id(1) * BLOCK_D2 // 128) * stride_sr
     acc = tl.zeros([BLOCK_D2, BLOCK_I2], tl.float32)
     for i0 in range(0, I, BLOCK_I2):
         cols = i0 + tl.arange(0, BLOCK_I2)
         cmask = cols < I
         av = tl.load(act_row + cols, mask=cmask, other=0.0)[None, :]
         m = rmask[:, None] & cmask[None, :]
-        acc += tl.load(mat + cols[None, :] * stride_wc, mask=m, other=0.0).to(tl.float32) * av
+        w = tl.load(mat + cols[None, :] * stride_wc, mask=m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            w = w * tl.load(s_row + (cols // 128) * stride_sc, mask=cmask, other=0.0)[None, :]
+        acc += w * av
     out = tl.sum(acc, axis=1) * tl.load(wt_ptr + nk)
     tl.store(part_ptr + nk.to(tl.int64) * D + rows, out, mask=rmask)
 
 
-def moe_experts_small_triton(x, ids, weights, gate_up, down, *, act=None, part=None,
-                             block_i=BLOCK_I, block_d=BLOCK_D, block_d2=BLOCK_D2, block_i2=BLOCK_I2):
+def moe_experts_small_triton(x, ids, weights, gate_up, down, *, gate_up_scale=None, down_scale=None, act=None,
+                             part=None, block_i=BLOCK_I, block_d=BLOCK_D, block_d2=BLOCK_D2, block_i2=BLOCK_I2):
     """Inputs already checked (reference.check_moe_inputs). ``act`` fp32 [N*K, I] and ``part`` fp32 [N*K, D] are
-    optional scratch buffers (tests pass NaN-filled ones); the block sizes are powers of two."""
+    optional scratch buffers (tests pass NaN-filled ones); the block sizes are powers of two (block_i and block_d2
+    at most 128: a program's rows must lie in one 128-row scale block)."""
     n, d = x.shape
     k = ids.shape[1]
     inter = gate_up.shape[1] // 2
@@ -85,10 +102,15 @@ def moe_experts_small_triton(x, ids, weights, gate_up, down, *, act=None, part=N
         act = torch.empty(nk, inter, dtype=torch.float32, device=x.device)
     if part is None:
         part = torch.empty(nk, d, dtype=torch.float32, device=x.device)
+    has_scale = gate_up_scale is not None
+    gs = gate_up_scale if has_scale else wts  # an unused pointer when there are no scales
+    ds = down_scale if has_scale else wts
+    gss = gate_up_scale.stride() if has_scale else (0, 0, 0)
+    dss = down_scale.stride() if has_scale else (0, 0, 0)
     _gate_up_kernel[(nk, triton.cdiv(inter, block_i))](
-        x, ids, gate_up, act, k, d, inter, x.stride(0), x.stride(1), *gate_up.stride(),
-        BLOCK_I=block_i, BLOCK_D=block_d, num_warps=4)
+        x, ids, gate_up, gs, act, k, d, inter, triton.cdiv(inter, 128), x.stride(0), x.stride(1),
+        *gate_up.stride(), *gss, BLOCK_I=block_i, BLOCK_D=block_d, HAS_SCALE=has_scale, num_warps=4)
     _down_kernel[(nk, triton.cdiv(d, block_d2))](
-        act, ids, wts, down, part, d, inter, *down.stride(),
-        BLOCK_D2=block_d2, BLOCK_I2=block_i2, num_warps=4)
+        act, ids, wts, down, ds, part, d, inter, *down.stride(), *dss,
+        BLOCK_D2=block_d2, BLOCK_I2=block_i2, HAS_SCALE=has_scale, num_warps=4)
     return part.view(n, k, d).sum(1).to(x.dtype)

@@ -1,0 +1,295 @@
+"""Fused indexer logits + top-k (``indexer_topk_prefill(..., _fused=True)``) against the two-pass path, in one run.
+
+    python -m benchmarks.indexer_fused [--budget-s 210]
+
+1. Same-run ceilings (cuBLAS fp8 / bf16 8192^3, copy).
+2. Exactness: index sets of the fused path equal the two-pass path's, row by row, on random data at 32K and 200K
+   context (several seeds, H=32 and 64) and on tie-heavy data (every n-th key a copy of one key, so the k-th score
+   of many rows is tied hundreds or thousands of times).
+3. The whole indexer stage of one F layer: causal 200K prefill, H=32 (GLM) and H=64 (V3.2), fused / two-pass /
+   logits only (no-op select, the floor of the unfused path); a per-kernel profile of one fused run.
+4. 1M context, H=32: evenly spaced blocks of query rows of the causal 1M prefill (their full windows); the stage
+   time is extrapolated by the ratio of (query, key) pairs, i.e. by the FLOPs.
+5. The fused kernel alone (last 8192 rows of 200K, thresholds of a real run) at a few launch configs.
+Every case is time-boxed and wrapped in try/except (an error is printed and recorded, the run goes on). A short
+table is printed last and JSON written to benchmarks/results/indexer_fused.json and $OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import traceback
+
+import torch
+
+from benchmarks.common import measure_ceilings, run_metadata, table, write_results
+from indexcache.kernels import indexer as ix
+
+DEV = "cuda"
+TOPK = 2048
+# problem sizes; "tiny" is a CPU dry run of the script logic (TRITON_INTERPRET=1, --tiny)
+SIZES = {
+    "full": dict(warm=(12288, 4096), small=32768, big=200_000, ties_rows=8192, one_m=1 << 20, blocks=16, per=2048),
+    "tiny": dict(warm=(200, 64), small=150, big=300, ties_rows=50, one_m=600, blocks=2, per=24),
+}
+SZ = SIZES["full"]
+T0 = time.perf_counter()
+BUDGET_S = 210.0
+
+
+def left() -> float:
+    return BUDGET_S - (time.perf_counter() - T0)
+
+
+def case(rows: list, name: str, need_s: float, fn):
+    """Run ``fn(rows)`` if the time box leaves need_s seconds; record a skip or the error instead of failing."""
+    if left() < need_s:
+        rows.append({"name": name, "skipped": f"time box: {left():.0f} s left, needs ~{need_s:.0f} s"})
+        print(f"[skip] {name}", flush=True)
+        return
+    t = time.perf_counter()
+    try:
+        fn(rows)
+    except Exception as e:  # noqa: BLE001 - one failing case must not lose the others
+        traceback.print_exc()
+        rows.append({"name": name, "error": repr(e)[:300]})
+    print(f"[{time.perf_counter() - t:6.1f} s] {name}  ({left():.0f} s left)", flush=True)
+    torch.cuda.empty_cache()
+
+
+def inputs(pos, s, h, seed, ties=0):
+    """Query rows at absolute positions ``pos`` of a causal prefill of s keys (window [0, pos+1)); ``ties``: every
+    ties-th key is a copy of key 0 (one tied score per row, repeated s/ties times) and the weights are
+    non-negative, so the copies rank high."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    t = pos.numel()
+    q = torch.randn(t, h, 128, device=DEV, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(t, h, device=DEV, dtype=torch.float32, generator=g)
+    k = torch.randn(s, 128, device=DEV, dtype=torch.bfloat16, generator=g)
+    if ties:
+        k[::ties] = k[0].clone()
+        w = w.abs()
+    q8, wf = ix.quantize_indexer_q(q, w)
+    del q
+    k8, ks = ix.quantize_indexer_k(k)
+    re = (pos + 1).to(torch.int32)
+    rs = torch.zeros_like(re)
+    return q8, wf, k8, ks, rs, re
+
+
+def causal(s, h, seed, ties=0):
+    return inputs(torch.arange(s, device=DEV), s, h, seed, ties)
+
+
+def run(path, q8, w, k8, ks, rs, re, out, stats=None):
+    if path == "fused":
+        return ix.indexer_topk_prefill(q8, w, k8, ks, rs, re, TOPK, out=out, _fused=True, stats=stats)
+    if path == "two-pass":
+        return ix.indexer_topk_prefill(q8, w, k8, ks, rs, re, TOPK, out=out)
+    noop = lambda lg, k, row_start=None, row_end=None: torch.empty(  # noqa: E731
+        lg.shape[0], k, dtype=torch.int32, device=lg.device)
+    return ix.indexer_topk_prefill(q8, w, k8, ks, rs, re, TOPK, out=out, topk_fn=noop)
+
+
+def timed_s(fn, reps):
+    """Median wall seconds of fn() (synchronised), and the peak extra memory of the calls in GiB."""
+    ts = []
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2], (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def rows_differ(a, b, block=16384):
+    """Rows whose index sets differ (each row sorted; -1 padding included)."""
+    n = 0
+    for i in range(0, a.shape[0], block):
+        n += int((a[i:i + block].sort(1).values != b[i:i + block].sort(1).values).any(1).sum())
+    return n
+
+
+def pairs(rs, re):
+    return int((re.long() - rs.long()).clamp(min=0).sum())
+
+
+def check(rows, label, h, data):
+    q8, w, k8, ks, rs, re = data
+    t = q8.shape[0]
+    st = {}
+    a = run("fused", q8, w, k8, ks, rs, re, torch.empty(t, TOPK, dtype=torch.int32, device=DEV), st)
+    b = run("two-pass", q8, w, k8, ks, rs, re, torch.empty(t, TOPK, dtype=torch.int32, device=DEV))
+    d = rows_differ(a, b)
+    rows.append({"name": f"check {label}", "H": h, "rows": t, "rows_differ": d, "exact": d == 0,
+                 "fallback_rows": st.get("fallback_rows"), "mean_candidates": st.get("mean_candidates"),
+                 "recall": ix.topk_recall(a[-4096:], b[-4096:]) if d else 1.0})
+    print(rows[-1], flush=True)
+
+
+def stage(rows, ceil, label, h, data, scale=1.0, reps=3, floor=True):
+    """Time the stage with both paths (and the logits-only floor), compare their outputs."""
+    q8, w, k8, ks, rs, re = data
+    t = q8.shape[0]
+    flops = 2 * pairs(rs, re) * h * 128
+    outs = {}
+    for path in ("fused", "two-pass") + (("logits only",) if floor else ()):
+        out = torch.empty(t, TOPK, dtype=torch.int32, device=DEV)
+        st = {}
+        sec, peak = timed_s(lambda: run(path, q8, w, k8, ks, rs, re, out, st if path == "fused" else None), reps)
+        r = {"name": f"{label} {path}", "H": h, "rows": t, "ms": sec * 1e3, "stage_s": sec * scale,
+             "tflops": flops / sec / 1e12, "frac_fp8_cublas": flops / sec / 1e12 / ceil["fp8_matmul_tflops"],
+             "peak_extra_gib": peak}
+        if path == "fused":
+            r.update(fallback_rows=st.get("fallback_rows"), mean_candidates=st.get("mean_candidates"),
+                     chunks=st.get("chunks"), sample_chunks=st.get("sample_chunks"), cap=st.get("cap"))
+        rows.append(r)
+        print(r, flush=True)
+        if path != "logits only":
+            outs[path] = out
+    d = rows_differ(outs["fused"], outs["two-pass"])
+    rows.append({"name": f"check {label} (timed outputs)", "H": h, "rows": t, "rows_differ": d, "exact": d == 0})
+    print(rows[-1], flush=True)
+    fu = next(r for r in rows if r.get("name") == f"{label} fused")
+    tw = next(r for r in rows if r.get("name") == f"{label} two-pass")
+    rows.append({"name": f"{label} speedup fused vs two-pass", "H": h, "ratio": tw["ms"] / fu["ms"]})
+
+
+def profile_fused(rows, h, data):
+    """CUDA time per kernel of one fused run (top 10)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q8, w, k8, ks, rs, re = data
+    out = torch.empty(q8.shape[0], TOPK, dtype=torch.int32, device=DEV)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run("fused", q8, w, k8, ks, rs, re, out)
+        torch.cuda.synchronize()
+    evs = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us:
+            evs.append((us, e.key, e.count))
+    evs.sort(reverse=True)
+    total = sum(us for us, _, _ in evs)
+    for us, key, n in evs[:10]:
+        rows.append({"name": f"profile fused 200K H={h}: {key[:60]}", "H": h, "ms": us / 1e3, "calls": n,
+                     "share": us / max(total, 1)})
+
+
+def _tiny():
+    """Tiny sizes on CPU: checks the script's logic, not the kernels' speed (ceilings and memory are dummies)."""
+    global DEV, TOPK, SZ
+    DEV, TOPK, SZ = "cpu", 16, SIZES["tiny"]
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        setattr(torch.cuda, name, lambda *a, **k: None)
+    torch.cuda.memory_allocated = torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    globals()["measure_ceilings"] = lambda: {"fp8_matmul_tflops": 1.0, "bf16_matmul_tflops": 1.0, "copy_tbps": 1.0}
+    from indexcache.kernels.indexer import ops  # the Triton top-k is far too slow in the interpreter
+    from indexcache.kernels.topk.reference import topk_rows_reference
+    ops.default_topk_fn = lambda: topk_rows_reference
+
+
+def sweep_candidates(rows, ceil, h, data):
+    """The fused kernel alone (thresholds of a real run) on the last rows of the stage, a few launch configs."""
+    from benchmarks.common import bench_ms
+
+    q8, w, k8, ks, rs, re = data
+    st = {}
+    run("fused", q8, w, k8, ks, rs, re, torch.empty(q8.shape[0], TOPK, dtype=torch.int32, device=DEV), st)
+    n = min(8192, q8.shape[0])
+    sl = slice(q8.shape[0] - n, q8.shape[0])
+    cap = st["cap"]
+    bufs = (torch.empty(n, cap, device=DEV), torch.empty(n, cap, dtype=torch.int32, device=DEV),
+            torch.empty(n, 2, dtype=torch.int32, device=DEV))
+    flops = 2 * pairs(rs[sl], re[sl]) * h * 128
+    hp = max(16, 1 << (h - 1).bit_length())
+    for nq, bkv, nw, ns in ((256, 64, 4 if hp <= 32 else 8, 3), (256, 128, 8, 3), (128, 128, 4, 3), (512, 64, 8, 3)):
+        cfg = dict(BQ=max(1, nq // hp), BKV=bkv, num_warps=nw, num_stages=ns)
+        try:
+            ms = bench_ms(lambda: ix.indexer_prefill_candidates(q8[sl], w[sl], k8, ks, rs[sl], re[sl], st["thr"][sl],
+                                                                cap, out=bufs, config=cfg), warmup_ms=10, rep_ms=50)
+            rows.append({"name": f"sweep fused kernel H={h} {cfg}", "H": h, "rows": n, "ms": ms,
+                         "tflops": flops / ms / 1e9, "frac_fp8_cublas": flops / ms / 1e9 / ceil["fp8_matmul_tflops"]})
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
+            rows.append({"name": f"sweep fused kernel H={h} {cfg}", "error": repr(e)[:200]})
+        print(rows[-1], flush=True)
+
+
+def main():
+    global BUDGET_S
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="time box for the whole run (cases past it "
+                                                                      "are skipped and recorded as such)")
+    ap.add_argument("--tiny", action="store_true", help="CPU dry run of the script logic (interpreter, k=16)")
+    args = ap.parse_args()
+    BUDGET_S = args.budget_s
+    if args.tiny:
+        _tiny()
+    rows: list[dict] = []
+    ceil = {"fp8_matmul_tflops": float("nan")}
+
+    def ceilings(rows):
+        ceil.update(measure_ceilings())
+        print("ceilings:", ceil, flush=True)
+
+    case(rows, "ceilings", 20, ceilings)
+
+    def warm(rows):  # compile every kernel both paths use (both head counts) before anything is timed
+        t = time.perf_counter()
+        s, n = SZ["warm"]
+        for h in (32, 64):
+            data = inputs(torch.arange(s - n, s, device=DEV), s, h, seed=9)
+            for path in ("fused", "two-pass", "logits only"):
+                run(path, *data, torch.empty(n, TOPK, dtype=torch.int32, device=DEV))
+            run("fused", *[x[:40] if x.shape[0] == n else x for x in data],
+                torch.empty(40, TOPK, dtype=torch.int32, device=DEV))  # <= 64 rows: the top-k decode path
+        torch.cuda.synchronize()
+        rows.append({"name": "warm-up (compiles)", "ms": (time.perf_counter() - t) * 1e3})
+
+    case(rows, "warm-up", 30, warm)
+    sm, big, tr = SZ["small"], SZ["big"], SZ["ties_rows"]
+    for seed in (0, 1, 2):
+        case(rows, f"check 32K H=32 seed {seed}", 10, lambda rows, s=seed: check(
+            rows, f"{sm} causal seed {s}", 32, causal(sm, 32, s)))
+    case(rows, "check 32K H=64", 10, lambda rows: check(rows, f"{sm} causal seed 3", 64, causal(sm, 64, 3)))
+    for every in (16, 4000):
+        case(rows, f"check 32K ties every {every}", 15, lambda rows, e=every: check(
+            rows, f"{sm} causal ties every {e}th key", 32, causal(sm, 32, 4, ties=e)))
+    for h in (32, 64):
+        case(rows, f"200K H={h}", 25, lambda rows, h=h: stage(rows, ceil, f"{big} stage", h, causal(big, h, h)))
+    case(rows, "profile fused 200K H=32", 10, lambda rows: profile_fused(rows, 32, causal(big, 32, 32)))
+    case(rows, "check 200K seed 5", 10, lambda rows: check(rows, f"{big} causal seed 5", 32, causal(big, 32, 5)))
+    case(rows, "check 200K ties", 10, lambda rows: check(
+        rows, f"{big} last {tr} rows, ties every 64th key", 32,
+        inputs(torch.arange(big - tr, big, device=DEV), big, 32, 6, ties=64)))
+
+    def one_m(rows, h=32):
+        s, blocks, per = SZ["one_m"], SZ["blocks"], SZ["per"]
+        starts = torch.linspace(0, s - per, blocks, device=DEV).long()
+        pos = (starts[:, None] + torch.arange(per, device=DEV)[None, :]).flatten()
+        data = inputs(pos, s, h, seed=7)
+        scale = (s * (s + 1) / 2) / pairs(data[4], data[5])
+        rows.append({"name": "1M sample", "H": h, "rows": pos.numel(), "extrapolation": f"x{scale:.1f} by pairs",
+                     "note": f"{blocks} evenly spaced blocks of {per} query rows of a causal 1M prefill"})
+        stage(rows, ceil, f"{s} stage (sampled rows)", h, data, scale=scale, reps=1, floor=True)
+
+    case(rows, "1M H=32", 40, one_m)
+    case(rows, "sweep fused kernel 200K H=32", 40, lambda rows: sweep_candidates(rows, ceil, 32, causal(big, 32, 8)))
+
+    cols = ["name", "H", "rows", "ms", "stage_s", "tflops", "frac_fp8_cublas", "peak_extra_gib", "fallback_rows",
+            "mean_candidates", "rows_differ", "ratio", "share", "error", "skipped"]
+    write_results("indexer_fused", {"meta": run_metadata(), "ceilings": ceil, "topk": TOPK, "rows": rows},
+                  [tempfile.gettempdir()] if args.tiny else None)  # a dry run leaves benchmarks/results alone
+    print(f"total {time.perf_counter() - T0:.0f} s")
+    short = [dict(r, error=r["error"][:60]) if "error" in r else r for r in rows]
+    print(table([r for r in short if not r["name"].startswith("profile")], cols))
+    print(table([r for r in rows if r["name"].startswith("profile")], ["name", "ms", "calls", "share"]))
+
+
+if __name__ == "__main__":
+    main()

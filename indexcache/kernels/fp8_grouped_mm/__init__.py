@@ -1,0 +1,5 @@
+"""Grouped GEMM for routed experts held as FP8 e4m3 with 128x128 block scales (prefill and decode batches)."""
+from indexcache.kernels.fp8_grouped_mm.ops import fp8_grouped_mm
+from indexcache.kernels.fp8_grouped_mm.reference import dequantize_expert, fp8_grouped_mm_reference
+
+__all__ = ["fp8_grouped_mm", "fp8_grouped_mm_reference", "dequantize_expert"]

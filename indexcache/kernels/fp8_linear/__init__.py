@@ -1,0 +1,9 @@
+"""FP8 e4m3 linear layers with DeepSeek's 128x128 weight block scales and 1x128 activation scales."""
+from indexcache.kernels.fp8_linear.ops import (block_scaled_mm_available, fp8_linear, gpu_path_reason, quantize_act,
+                                               weight_scale_for_mm)
+from indexcache.kernels.fp8_linear.reference import (BLOCK, FP8, blocks, dequantize_act, dequantize_weight,
+                                                     fp8_linear_reference, quantize_act_reference, quantize_weight)
+
+__all__ = ["BLOCK", "FP8", "blocks", "block_scaled_mm_available", "fp8_linear", "gpu_path_reason", "quantize_act",
+           "weight_scale_for_mm", "dequantize_act", "dequantize_weight", "fp8_linear_reference",
+           "quantize_act_reference", "quantize_weight"]
