@@ -159,6 +159,10 @@ def cmd_eval(args) -> int:
     results = []
     for pat in args.patterns:
         model = _load(args)
+        if pat != "model" and args.pool and "R" in pat:
+            from ..pattern import IndexPattern
+
+            pat = IndexPattern(pat, pool=args.pool)
         r = evaluate(model, None if pat == "model" else pat, test=test, context=args.context,
                      lengths=tuple(args.lengths), n_retrieval=args.n_retrieval, heldout_windows=args.windows,
                      batch=args.batch, device=_device(args.device), progress=True,
@@ -238,7 +242,7 @@ def register(subparsers) -> None:
                               "recall against each layer's own indexer and the dense attention mass the used top-k "
                               "covers (means printed; per layer in --json)")
     common(e)
-    e.add_argument("--patterns", nargs="+", default=["model"], help="'model' (its own), F/S strings or 1/N")
+    e.add_argument("--patterns", nargs="+", default=["model"], help="'model' (its own), F/S/R strings or 1/N")
     e.add_argument("--context", type=int, default=512)
     e.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     e.add_argument("--n-retrieval", type=int, default=32)
@@ -249,6 +253,7 @@ def register(subparsers) -> None:
     e.add_argument("--suite-n", type=int, default=16, help="suite items per task and length (0: skip the suite)")
     e.add_argument("--suite-tasks", nargs="+", default=list(TASKS), help=f"suite tasks, of {', '.join(TASKS)}")
     e.add_argument("--suite-seed", type=int, default=HELDOUT_SEED_BASE, help="held-out item seed (>= the base)")
+    e.add_argument("--pool", type=int, help="candidate pool of F layers for R layers (default 4 x top-k)")
     e.set_defaults(func=cmd_eval)
 
 

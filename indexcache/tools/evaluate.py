@@ -136,7 +136,8 @@ def evaluate(model, pattern=None, *, test: Corpus, context: int, lengths=(512,),
     """Held-out loss, retrieval at each of ``lengths`` and per-layer recall, for one pattern; with
     ``suite_lengths``, also the RULER-style suite (``res["suite"]``, tools/ruler.py)."""
     p = model.resolve_pattern(pattern)
-    res = {"pattern": str(p), "num_full": p.num_full}
+    res = {"pattern": str(p), "num_full": p.num_full, "num_rerank": p.num_rerank,
+           "pool": model.pool_size(p) if p.has_rerank else None}
     if suite_lengths:
         res["suite"] = ruler_suite(model, p, test=test, lengths=suite_lengths, n_per_task=suite_n,
                                    tasks=suite_tasks, seed=suite_seed, batch=batch, device=device,

@@ -104,9 +104,10 @@ def test_cli_eval_with_suite(tmp_path, capsys):
     from indexcache.tools.cli import main
 
     out = tmp_path / "e.json"
-    assert main(["eval", FIXTURE, "--patterns", "1/2", "--context", "128", "--lengths", "256", "--n-retrieval", "2",
+    assert main(["eval", FIXTURE, "--patterns", "1/2", "FRSRFSSSSSSSSSSS", "--pool", "64", "--context", "128", "--lengths", "256", "--n-retrieval", "2",
                  "--windows", "1", "--batch", "2", "--suite-lengths", "300", "--suite-n", "1", "--suite-tasks",
                  "vartrack", "--device", "cpu", "--json", str(out)]) == 0
-    r = json.loads(out.read_text())["results"][0]
+    r, fr = json.loads(out.read_text())["results"]
     assert r["suite"]["tasks"]["vartrack"]["300"]["n"] == 1
+    assert fr["num_rerank"] == 2 and fr["pool"] == 64 and [x["type"] for x in fr["layers"][:4]] == list("FRSR")
     assert "vartrack" in capsys.readouterr().out
