@@ -5,6 +5,9 @@ layers it serves: L_multi = sum_j 1/(m+1) KL(p^(l+j) || q^(l)). Two stages as in
 indexers train; targets over all causal tokens), then a sparse stage (top-k on, the F layer's selection is used by
 all the layers it serves; the KL is over that selection; the indexer input is detached; LM loss trains the rest).
 The result is saved without the S layers' indexer weights (config.json carries the pattern).
+
+Re-rank (R) layers (beyond the paper) train like F layers on their own group (themselves and the S layers after
+them), over their own selection inside the F layer's candidate pool in the sparse stage.
 """
 from __future__ import annotations
 
@@ -21,14 +24,15 @@ from .train import TrainConfig, run_stage
 def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_steps: int = 50, sparse_steps: int = 50,
             warmup_lr: float = 1e-3, sparse_lr: float = 3e-4, batch: int = 8, context: int | None = None,
             seed: int = 0, device="cpu", time_budget_s: float | None = None, max_train_bytes: int | None = None,
-            progress: bool | None = None) -> tuple:
-    """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log)."""
+            progress: bool | None = None, task_ratio: float = 0.0) -> tuple:
+    """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log).
+    ``task_ratio``: share of windows that are synthetic retrieval tasks (as in training, tools/tasks.py)."""
     device = torch.device(device)
     model = load_model(model_path, device=device, index_pattern=pattern, weight_dtype="bf16")  # fp32 maths, trains
     p = model.config.pattern
     cfg = model.config
     ctx = context or _trained_context(model_path) or 512
-    tc = TrainConfig(context=ctx, batch=batch, seed=seed)
+    tc = TrainConfig(context=ctx, batch=batch, seed=seed, task_ratio=task_ratio)
     corpus = load_corpus("train", max_bytes=max_train_bytes)
     gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
@@ -37,7 +41,8 @@ def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_step
         deadline = None if time_budget_s is None else t0 + share * time_budget_s
         logs.append(run_stage(model, corpus, stage, steps, lr, tc, gen, pattern=p, deadline=deadline,
                               progress=progress))
-    log = {"pattern": str(p), "groups": {f: p.served_by(f) for f in p.full_layers}, "stages": logs,
+    log = {"pattern": str(p), "groups": {f: p.served_by(f) for f in p.indexer_layers}, "stages": logs,
+           "rerank": {f: p.reranked_by(f) for f in p.full_layers if p.reranked_by(f)},
            "context": ctx, "seconds": time.perf_counter() - t0, "source": model_path}
     if out_dir:
         save_checkpoint(model, out_dir, extra_config={
