@@ -85,14 +85,16 @@ def fill_random(kv, seed=0):
 
 
 def sub_pattern(spec: str, n_sub: int) -> str:
-    """An F/S string of the whole model, cut to the layers that run (other specs apply to any depth)."""
-    return spec[:n_sub] if set(spec) <= {"F", "S"} and len(spec) > n_sub else spec
+    """An F/S/R string of the whole model, cut to the layers that run (other specs apply to any depth)."""
+    return spec[:n_sub] if set(spec) <= {"F", "S", "R"} and len(spec) > n_sub else spec
 
 
 def scale_factors(pattern_spec, n_sub: int, n_full: int) -> dict:
-    """Per-section multipliers from a run of n_sub layers to the n_full-layer model."""
-    f_sub = IndexPattern.parse(sub_pattern(pattern_spec, n_sub), n_sub).num_full
-    f_full = IndexPattern.parse(pattern_spec, n_full).num_full
+    """Per-section multipliers from a run of n_sub layers to the n_full-layer model. Indexer and top-k time scale
+    with the layers that run an indexer (F and R: with R layers this mixes their costs, so prefer runs of the
+    whole pattern there)."""
+    f_sub = len(IndexPattern.parse(sub_pattern(pattern_spec, n_sub), n_sub).indexer_layers)
+    f_full = len(IndexPattern.parse(pattern_spec, n_full).indexer_layers)
     r = n_full / n_sub
     return {"indexer": f_full / f_sub, "topk": f_full / f_sub, "attention": r, "moe": r, "rest": 1.0, "other": r}
 
@@ -109,6 +111,8 @@ def make_engine(model, pattern, ctx, args, max_num_seqs=1, num_blocks=None):
                        workspace_bytes=args.workspace_gb << 30, cuda_graph_max_bs=max(max_num_seqs, 1),
                        compile_decode=False if getattr(args, "no_compile", False) else None,
                        moe_small_batch_kernel=getattr(args, "moe_small_batch_kernel", True))
+    if getattr(args, "rerank_pool", None) and "R" in pattern:
+        pattern = IndexPattern(pattern, pool=args.rerank_pool)
     return LLMEngine(model, cfg, index_pattern=pattern)
 
 
@@ -140,6 +144,7 @@ def timed_prefill_decode(model, pattern, ctx, args, vocab):
     dec_bd = decode_breakdown(eng, [seq] if seq.status is not Status.FINISHED else [])
     return {"ttft_s": ttft, "prefill_breakdown_ms": pre_bd, "decode_step_ms": dec_s * 1e3,
             "decode_tok_s": 1 / dec_s, "decode_breakdown_ms": dec_bd, "num_full_layers_run": eng.pattern.num_full,
+            "num_rerank_layers_run": eng.pattern.num_rerank, "rerank_pool": eng.plan.pool,
             "cache": eng.cache_bytes, "indexer_cache": eng.kv.indexer_format, "latent_cache": eng.kv.latent_format}
 
 
@@ -255,7 +260,8 @@ def cache_pages_available(cfg_full, pattern, args, weight_bytes, page: int = 64)
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="glm-4.7-flash-dsa")
     p.add_argument("--contexts", default="10K,60K,120K,200K")
-    p.add_argument("--patterns", default="full,1/2,1/4", help="comma-separated: full, 1/N, or F/S strings")
+    p.add_argument("--patterns", default="full,1/2,1/4", help="comma-separated: full, 1/N, or F/S/R strings")
+    p.add_argument("--rerank-pool", type=int, help="candidate pool of F layers for R layers (default 4 x top-k)")
     p.add_argument("--layers", type=int, default=None, help="run only this many layers and extrapolate")
     p.add_argument("--quick", action="store_true", help="--layers 4, contexts 10K,60K, fewer steps")
     p.add_argument("--decode-steps", type=int, default=32)

@@ -8,8 +8,9 @@
     quantisation, at the models' shapes, plus the layers kept in bf16 (LM head, indexer) to show what FP8 would
     buy there;
 (b) routed experts: the FP8 Experts path (decode kernel / grouped FP8 GEMM) against bf16 experts on the same
-    dequantised weights, error and time, at decode and prefill token counts; and the grouped GEMM alone: bf16
-    torch._grouped_mm against the FP8 Triton kernel with bf16 (W8A16) and FP8 (W8A8) activations;
+    dequantised weights, error and time, at decode and prefill token counts (prefill: both FP8 candidates); and
+    the grouped GEMM alone: bf16 torch._grouped_mm against the FP8 W8A8 Triton kernel and against dequantising
+    the FP8 weights to bf16 + torch._grouped_mm;
 (c) which weights stay bf16: bytes of the kept-bf16 groups per preset, and the indexer's top-k overlap when its
     projections were FP8 (its selection is what every S layer reuses);
 (d) whole models: glm-4.7-flash-dsa (all 47 layers) and deepseek-v3.2 dimensions (4 layers: 3 dense + 1 MoE),
@@ -71,15 +72,18 @@ def linear_rows(tokens, reps_ms) -> list[dict]:
             t_bf16 = bench_ms(lambda: F.linear(x, wd), *reps_ms)
             t_fp8 = bench_ms(lambda: fp8_linear(x, wq, ws, scale_for_mm=sb), *reps_ms)
             q, sa = quantize_act(x, pad_rows_to=4)
+            t_q = bench_ms(lambda: quantize_act(x, pad_rows_to=4), *reps_ms)
             t_mm = bench_ms(lambda: F.scaled_mm(q, wq.t(), sa, F.ScalingType.BlockWise1x128, sb,
                                                 F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16), *reps_ms)
             flops = 2 * m * n * k
-            r.update(bf16_ms=t_bf16, fp8_ms=t_fp8, fp8_mm_only_ms=t_mm, speedup=t_bf16 / t_fp8,
+            r.update(bf16_ms=t_bf16, fp8_ms=t_fp8, fp8_mm_only_ms=t_mm, act_quant_ms=t_q, fp8_over_mm=t_fp8 / t_mm,
+                     act_quant_tbps=(3 * m * k + 4 * m * k // 128) / t_q / 1e9, speedup=t_bf16 / t_fp8,
                      speedup_mm_only=t_bf16 / t_mm, fp8_tflops=flops / t_fp8 / 1e9, bf16_tflops=flops / t_bf16 / 1e9,
                      fp8_weight_tbps=(n * k) / t_fp8 / 1e9, bf16_weight_tbps=(2 * n * k) / t_bf16 / 1e9)
             rows.append(r)
             print(f"{label:<30} M={m:<6} err/ref {r.get('err_vs_reference', float('nan')):.1e} err/bf16 "
-                  f"{r.get('err_vs_bf16', float('nan')):.1e}  bf16 {t_bf16:.3f} ms  fp8 {t_fp8:.3f} ms (mm {t_mm:.3f})", flush=True)
+                  f"{r.get('err_vs_bf16', float('nan')):.1e}  bf16 {t_bf16:.3f} ms  fp8 {t_fp8:.3f} ms "
+                  f"(mm {t_mm:.3f}, quant {t_q:.3f})", flush=True)
         del wq, ws, wd
     torch.cuda.empty_cache()
     return rows
@@ -98,8 +102,23 @@ def blockwise_ceiling(reps_ms) -> dict:
             "act_quant_tbps": (n * n * 2 + n * n + n * n // 32) / t_q / 1e9}
 
 
+def _routed(fn, experts, x, ids, wts):
+    """Experts._forward_fp8's routing glue around one FP8 prefill candidate ``fn``."""
+    from indexcache.model.moe import expert_order
+
+    E, K = experts.gate_up.shape[0], ids.shape[1]
+    flat = ids.flatten()
+    order = expert_order(flat, E)
+    token = order // K
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    ys = fn(experts, x[token], counts) * wts.flatten()[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys)
+
+
 def moe_rows(reps_ms) -> list[dict]:
-    from indexcache.model.moe import Experts, quantize_experts
+    from indexcache.kernels.moe import SMALL_MAX_ROWS
+    from indexcache.model.moe import Experts, fp8_experts_dequant_grouped_mm, fp8_experts_w8a8, quantize_experts
 
     rows = []
     for name, tokens in (("glm-4.7-flash-dsa", [1, 8, 4096, 16384]), ("deepseek-v3.2", [1, 8, 4096])):
@@ -137,6 +156,14 @@ def moe_rows(reps_ms) -> list[dict]:
                  "speedup": tb / t8, "active_experts": active,
                  "fp8_weight_tbps": active * 3 * cfg.moe_intermediate_size * cfg.hidden_size / t8 / 1e9,
                  "path": "decode kernel" if t * K <= 64 else "grouped FP8 GEMM (Triton)"}
+            if t * K > SMALL_MAX_ROWS:  # prefill: the two candidates through the same routing glue
+                for label, fn in (("w8a8", fp8_experts_w8a8), ("dequant_grouped_mm", fp8_experts_dequant_grouped_mm)):
+                    with torch.no_grad():
+                        yv = _routed(fn, fp8, x, ids, wts)
+                        r[f"{label}_ms"] = bench_ms(lambda: _routed(fn, fp8, x, ids, wts), *reps_ms)
+                    r[f"err_{label}_vs_bf16_same_weights"] = rel(yv, yb)
+                print(f"    prefill candidates: W8A8 {r['w8a8_ms']:.3f} ms  dequant+grouped_mm "
+                      f"{r['dequant_grouped_mm_ms']:.3f} ms", flush=True)
             rows.append(r)
             print(f"MoE {name:<18} T={t:<6} err {r['err_fp8_vs_bf16_same_weights']:.1e}  bf16 {tb:.3f} ms  "
                   f"fp8 {t8:.3f} ms ({r['path']})", flush=True)
@@ -146,10 +173,13 @@ def moe_rows(reps_ms) -> list[dict]:
 
 
 def grouped_rows(reps_ms) -> list[dict]:
-    """The grouped expert GEMM alone (gate_up, glm and deepseek shapes): bf16 torch._grouped_mm against the FP8
-    Triton kernel with bf16 activations (W8A16) and with 1x128-quantised activations (W8A8, quantisation
-    included). The model uses W8A8; if W8A16 measures faster, W8A8 goes (and vice versa)."""
+    """The grouped expert GEMM alone (gate_up, glm and deepseek shapes): bf16 torch._grouped_mm on bf16 weights,
+    against the two FP8 prefill candidates: the W8A8 Triton kernel (activation quantisation included), and the
+    FP8 weights dequantised into a bf16 scratch (Triton) + torch._grouped_mm (dequantisation included). The
+    model's prefill path is one call in Experts._forward_fp8 (fp8_experts_w8a8 or
+    fp8_experts_dequant_grouped_mm); the slower one is deleted."""
     from indexcache.kernels.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_reference
+    from indexcache.kernels.fp8_grouped_mm.dequant import dequantize_experts_triton
     from indexcache.model.moe import quantize_experts
 
     rows = []
@@ -159,10 +189,9 @@ def grouped_rows(reps_ms) -> list[dict]:
         g = torch.Generator("cuda").manual_seed(3)
         w = torch.randn(E, 2 * inter, D, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
         w8, s8, _, _ = quantize_experts(w, torch.zeros(E, 128, 128, device="cuda"))
-        wd = torch.stack([dequantize_weight(w8[e, :inter], s8[e, :inter // 128], torch.bfloat16) for e in range(E)])
-        wd = torch.cat([wd, torch.stack([dequantize_weight(w8[e, inter:], s8[e, inter // 128:], torch.bfloat16)
-                                         for e in range(E)])], 1)
         del w
+        wd = dequantize_experts_triton(w8, s8)  # inter % 128 == 0 here: gate's and up's blocks stack evenly
+        t_deq = bench_ms(lambda: dequantize_experts_triton(w8, s8, out=wd), *reps_ms)
         for t in tokens:
             m = t * K
             ids = torch.randint(0, E, (m,), device="cuda", generator=g)
@@ -170,23 +199,29 @@ def grouped_rows(reps_ms) -> list[dict]:
             offs = counts.cumsum(0).to(torch.int32)
             a = torch.randn(m, D, device="cuda", generator=g).to(torch.bfloat16)
             t_bf = bench_ms(lambda: torch._grouped_mm(a, wd.transpose(1, 2), offs=offs), *reps_ms)
-            t16 = bench_ms(lambda: fp8_grouped_mm(a, counts, w8, s8), *reps_ms)
 
             def w8a8():
                 a8, sa = quantize_act(a)
-                return fp8_grouped_mm(a8, counts, w8, s8, a_scale=sa, out_dtype=torch.bfloat16)
+                return fp8_grouped_mm(a8, counts, w8, s8, sa, torch.bfloat16)
+
+            def dequant_mm():
+                return torch._grouped_mm(a, dequantize_experts_triton(w8, s8).transpose(1, 2), offs=offs)
 
             t8 = bench_ms(w8a8, *reps_ms)
-            r = {"model": name, "tokens": t, "rows": m, "bf16_grouped_mm_ms": t_bf, "w8a16_ms": t16, "w8a8_ms": t8,
-                 "speedup_w8a16": t_bf / t16, "speedup_w8a8": t_bf / t8,
-                 "w8a8_tflops": 2 * m * 2 * inter * D / t8 / 1e9, "bf16_tflops": 2 * m * 2 * inter * D / t_bf / 1e9}
+            td = bench_ms(dequant_mm, *reps_ms)
+            flops = 2 * m * 2 * inter * D
+            r = {"model": name, "tokens": t, "rows": m, "bf16_grouped_mm_ms": t_bf, "w8a8_ms": t8,
+                 "dequant_grouped_mm_ms": td, "dequant_only_ms": t_deq, "speedup_w8a8": t_bf / t8,
+                 "speedup_dequant_grouped_mm": t_bf / td, "w8a8_tflops": flops / t8 / 1e9,
+                 "bf16_tflops": flops / t_bf / 1e9, "dequant_tbps": 3 * w8.numel() / t_deq / 1e9}
             if m <= 16384:
-                ref = fp8_grouped_mm_reference(a, counts, w8, s8).float()
-                r["err_w8a16"] = rel(fp8_grouped_mm(a, counts, w8, s8), ref)
-                r["err_w8a8_vs_w8a16_ref"] = rel(w8a8(), ref)
-                r["err_bf16_grouped_mm"] = rel(torch._grouped_mm(a, wd.transpose(1, 2), offs=offs), ref)
+                a8, sa = quantize_act(a)
+                ref = fp8_grouped_mm_reference(a8, counts, w8, s8, sa, torch.float32)
+                r["err_w8a8"] = rel(w8a8(), ref)
+                r["err_dequant_grouped_mm_vs_w8a8_ref"] = rel(dequant_mm(), ref)
             rows.append(r)
-            print(f"grouped {name:<18} T={t:<6} bf16 {t_bf:.3f} ms  W8A16 {t16:.3f} ms  W8A8 {t8:.3f} ms", flush=True)
+            print(f"grouped {name:<18} T={t:<6} bf16 {t_bf:.3f} ms  W8A8 {t8:.3f} ms  dequant+grouped_mm "
+                  f"{td:.3f} ms (dequant {t_deq:.3f})", flush=True)
         del w8, s8, wd
         torch.cuda.empty_cache()
     return rows
@@ -232,6 +267,29 @@ def indexer_overlap(T=4096, topk=2048) -> dict:
             "score_rel_err": rel(s8, s)}
 
 
+def _route_hooks(model, forced=None):
+    """Forward hooks on every MoE router: record the chosen experts (``forced`` None; returns the list they fill,
+    in layer order), or replace them by ``forced``'s, with the weights recomputed from this model's own scores
+    (numerics without selection flips)."""
+    from indexcache.model.moe import Router
+
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    seen, handles = [], []
+    for i, r in enumerate(routers):
+        def hook(mod, args, out, i=i):
+            if forced is None:
+                seen.append(out[0])
+                return None
+            ids = forced[i]
+            scores = F.linear(args[0].float(), mod.weight.float()).sigmoid()
+            w = scores.gather(1, ids)
+            if mod.cfg.norm_topk_prob:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            return ids, w * mod.cfg.routed_scaling_factor
+        handles.append(r.register_forward_hook(hook))
+    return seen, handles
+
+
 def whole_model(name, layers, prompt_len=512, gen=64) -> dict:
     from indexcache.engine import EngineConfig, LLMEngine
     from indexcache.sampling import SamplingParams
@@ -250,10 +308,29 @@ def whole_model(name, layers, prompt_len=512, gen=64) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g)
     with torch.no_grad():
         l8 = fp8(ids.to("cuda"), attn_impl="absorbed").logits[0].float()
+        routes, hs = _route_hooks(bf)
         lb = bf(ids.to("cuda"), attn_impl="absorbed").logits[0].float()
+        for h in hs:
+            h.remove()
+        # the FP8 model on the bf16 model's expert choices: numerics alone, no routing flips
+        _, hs = _route_hooks(fp8, forced=routes)
+        l8f = fp8(ids.to("cuda"), attn_impl="absorbed").logits[0].float()
+        for h in hs:
+            h.remove()
+        # chaos control: the bf16 model itself, its embeddings perturbed by 1e-3 relative noise
+        noise = bf.embed_tokens.register_forward_hook(
+            lambda mod, a, o: o + 1e-3 * o.float().pow(2).mean().sqrt().to(o.dtype) * torch.randn(
+                o.shape, device=o.device, generator=torch.Generator(o.device).manual_seed(5)).to(o.dtype))
+        lbn = bf(ids.to("cuda"), attn_impl="absorbed").logits[0].float()
+        noise.remove()
     out = {"model": name, "layers": cfg.num_layers, "build_s": build_s, "prompt": prompt_len,
            "logit_rel_err": rel(l8, lb), "last_logit_rel_err": rel(l8[-1], lb[-1]),
-           "prompt_argmax_agreement": float((l8.argmax(-1) == lb.argmax(-1)).float().mean())}
+           "prompt_argmax_agreement": float((l8.argmax(-1) == lb.argmax(-1)).float().mean()),
+           "logit_rel_err_routes_forced": rel(l8f, lb),
+           "argmax_agreement_routes_forced": float((l8f.argmax(-1) == lb.argmax(-1)).float().mean()),
+           "bf16_embed_noise_1e-3_logit_rel_err": rel(lbn, lb),
+           "logit_spread_top1_minus_top2_over_std": float(((lb.topk(2, -1).values[:, 0] - lb.topk(2, -1).values[:, 1])
+                                                           / lb.std(-1)).median())}
     toks = {}
     for label, m in (("fp8", fp8), ("bf16", bf)):
         eng = LLMEngine(m, EngineConfig(max_model_len=prompt_len + gen + 64, max_num_seqs=1, enforce_eager=True,
@@ -271,6 +348,10 @@ def whole_model(name, layers, prompt_len=512, gen=64) -> dict:
                teacher_forced_agreement=float((tb.cpu() == torch.tensor(toks["fp8"])).float().mean()),
                weight_bytes_fp8=weight_bytes_per_gpu(cfg, True)["total"],
                weight_bytes_bf16=weight_bytes_per_gpu(cfg, False)["total"])
+    print(f"{name} {cfg.num_layers} layers: routes forced: logit err {out['logit_rel_err_routes_forced']:.3e}, argmax "
+          f"agree {out['argmax_agreement_routes_forced']:.3f}; bf16 with 1e-3 embedding noise: logit err "
+          f"{out['bf16_embed_noise_1e-3_logit_rel_err']:.3e}; median top-1 gap / logit std "
+          f"{out['logit_spread_top1_minus_top2_over_std']:.3f}", flush=True)
     print(f"{name} {cfg.num_layers} layers: logit err {out['logit_rel_err']:.3e}, argmax agree "
           f"{out['prompt_argmax_agreement']:.3f}, engine tokens equal for {same}/{gen}, teacher-forced "
           f"{out['teacher_forced_agreement']:.3f}", flush=True)
@@ -307,13 +388,15 @@ def main(argv=None) -> int:
     for path in write_results(args.name, payload):
         print("wrote", path)
     print(table(payload["linear"], ["shape", "M", "err_vs_reference", "err_vs_bf16", "bf16_ms", "fp8_ms",
-                                    "fp8_mm_only_ms", "speedup"]))
+                                    "fp8_mm_only_ms", "act_quant_ms", "fp8_over_mm", "speedup"]))
     print(table(payload["moe"], ["model", "tokens", "path", "err_fp8_vs_bf16_same_weights", "bf16_ms", "fp8_ms",
-                                 "speedup"]))
-    print(table(payload["grouped"], ["model", "tokens", "bf16_grouped_mm_ms", "w8a16_ms", "w8a8_ms", "speedup_w8a16",
-                                     "speedup_w8a8"]))
+                                 "w8a8_ms", "dequant_grouped_mm_ms", "speedup"]))
+    print(table(payload["grouped"], ["model", "tokens", "bf16_grouped_mm_ms", "w8a8_ms", "dequant_grouped_mm_ms",
+                                     "speedup_w8a8", "speedup_dequant_grouped_mm"]))
     if "whole_model" in payload:
         print(table(payload["whole_model"], ["model", "layers", "logit_rel_err", "prompt_argmax_agreement",
+                                             "logit_rel_err_routes_forced", "argmax_agreement_routes_forced",
+                                             "bf16_embed_noise_1e-3_logit_rel_err",
                                              "engine_tokens_equal_before_divergence", "teacher_forced_agreement"]))
     return 0
 

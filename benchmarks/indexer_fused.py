@@ -1,18 +1,22 @@
-"""Fused indexer logits + top-k (``indexer_topk_prefill(..., _fused=True)``) against the two-pass path, in one run.
+"""The two prefill top-k paths of the indexer (fused logits + candidate filter, two-pass logits + select) in one
+run: their exactness, and the crossover table that sets ``ops.FUSED_MIN_CONTEXT_*`` (``choose_prefill_path``).
 
     python -m benchmarks.indexer_fused [--budget-s 210]
 
 1. Same-run ceilings (cuBLAS fp8 / bf16 8192^3, copy).
-2. Exactness: index sets of the fused path equal the two-pass path's, row by row, on random data at 32K and 200K
-   context (several seeds, H=32 and 64) and on tie-heavy data (every n-th key a copy of one key, so the k-th score
-   of many rows is tied hundreds or thousands of times).
-3. The whole indexer stage of one F layer: causal 200K prefill, H=32 (GLM) and H=64 (V3.2), fused / two-pass /
-   logits only (no-op select, the floor of the unfused path); a per-kernel profile of one fused run.
-4. 1M context, H=32: evenly spaced blocks of query rows of the causal 1M prefill (their full windows); the stage
-   time is extrapolated by the ratio of (query, key) pairs, i.e. by the FLOPs.
-5. The fused kernel alone (last 8192 rows of 200K, thresholds of a real run) at a few launch configs.
-Every case is time-boxed and wrapped in try/except (an error is printed and recorded, the run goes on). A short
-table is printed last and JSON written to benchmarks/results/indexer_fused.json and $OUT.
+2. Exactness: index sets of the fused path equal the two-pass path's, row by row, on random data at 32K (H=32 and
+   64) and on tie-heavy data (every n-th key a copy of one key, so the k-th score of many rows is tied hundreds or
+   thousands of times) at 32K and 200K.
+3. Crossover: the whole indexer stage of one F layer, both paths (called directly, bypassing
+   ``choose_prefill_path``), H=32 (GLM) and H=64 (V3.2), at 200K (full causal prefill, plus the logits-only
+   floor: no-op select), 400K and 1M (evenly spaced blocks of query rows of the causal prefill, their full
+   windows; the stage time is extrapolated by the ratio of (query, key) pairs, i.e. by the FLOPs); then 300K and
+   600K if the time box allows. Each is checked (the timed outputs' index sets must be equal).
+4. A per-kernel profile of one fused run (200K H=32) and the fused kernel alone (last 8192 rows of 200K,
+   thresholds of a real run) at a few launch configs, H=32 and H=64 (the first config is the default).
+Every case is time-boxed and wrapped in try/except (an error is printed and recorded, the run goes on). Tables are
+printed last, the crossover table (with the constants it implies) at the very end; JSON is written to
+benchmarks/results/indexer_fused.json and $OUT.
 """
 from __future__ import annotations
 
@@ -30,8 +34,10 @@ DEV = "cuda"
 TOPK = 2048
 # problem sizes; "tiny" is a CPU dry run of the script logic (TRITON_INTERPRET=1, --tiny)
 SIZES = {
-    "full": dict(warm=(12288, 4096), small=32768, big=200_000, ties_rows=8192, one_m=1 << 20, blocks=16, per=2048),
-    "tiny": dict(warm=(200, 64), small=150, big=300, ties_rows=50, one_m=600, blocks=2, per=24),
+    "full": dict(warm=(12288, 4096), small=32768, big=200_000, ties_rows=8192, blocks=16, per=2048,
+                 sampled=(400_000, 1 << 20), extra=(300_000, 600_000)),
+    "tiny": dict(warm=(200, 64), small=150, big=300, ties_rows=50, blocks=2, per=24, sampled=(450, 600),
+                 extra=(350,)),
 }
 SZ = SIZES["full"]
 T0 = time.perf_counter()
@@ -83,13 +89,14 @@ def causal(s, h, seed, ties=0):
 
 
 def run(path, q8, w, k8, ks, rs, re, out, stats=None):
+    """One path, called directly (``choose_prefill_path`` is what this benchmark calibrates)."""
     if path == "fused":
-        return ix.indexer_topk_prefill(q8, w, k8, ks, rs, re, TOPK, out=out, _fused=True, stats=stats)
+        return ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=stats)
     if path == "two-pass":
-        return ix.indexer_topk_prefill(q8, w, k8, ks, rs, re, TOPK, out=out)
+        return ix.indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, TOPK, out=out)
     noop = lambda lg, k, row_start=None, row_end=None: torch.empty(  # noqa: E731
         lg.shape[0], k, dtype=torch.int32, device=lg.device)
-    return ix.indexer_topk_prefill(q8, w, k8, ks, rs, re, TOPK, out=out, topk_fn=noop)
+    return ix.indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, TOPK, out=out, topk_fn=noop)
 
 
 def timed_s(fn, reps):
@@ -137,7 +144,7 @@ def stage(rows, ceil, label, h, data, scale=1.0, reps=3, floor=True):
     q8, w, k8, ks, rs, re = data
     t = q8.shape[0]
     flops = 2 * pairs(rs, re) * h * 128
-    outs = {}
+    outs, timed = {}, {}
     for path in ("fused", "two-pass") + (("logits only",) if floor else ()):
         out = torch.empty(t, TOPK, dtype=torch.int32, device=DEV)
         st = {}
@@ -149,15 +156,16 @@ def stage(rows, ceil, label, h, data, scale=1.0, reps=3, floor=True):
             r.update(fallback_rows=st.get("fallback_rows"), mean_candidates=st.get("mean_candidates"),
                      chunks=st.get("chunks"), sample_chunks=st.get("sample_chunks"), cap=st.get("cap"))
         rows.append(r)
+        timed[path] = r
         print(r, flush=True)
         if path != "logits only":
             outs[path] = out
     d = rows_differ(outs["fused"], outs["two-pass"])
     rows.append({"name": f"check {label} (timed outputs)", "H": h, "rows": t, "rows_differ": d, "exact": d == 0})
     print(rows[-1], flush=True)
-    fu = next(r for r in rows if r.get("name") == f"{label} fused")
-    tw = next(r for r in rows if r.get("name") == f"{label} two-pass")
+    fu, tw = timed["fused"], timed["two-pass"]
     rows.append({"name": f"{label} speedup fused vs two-pass", "H": h, "ratio": tw["ms"] / fu["ms"]})
+    return {"fused_s": fu["stage_s"], "two_pass_s": tw["stage_s"], "exact": d == 0}
 
 
 def profile_fused(rows, h, data):
@@ -194,6 +202,12 @@ def _tiny():
     ops.default_topk_fn = lambda: topk_rows_reference
 
 
+SWEEP = {  # (BQ, BKV, num_warps, num_stages); the first is triton.candidates_config's default
+    32: ((4, 128, 4, 3), (8, 64, 4, 3), (2, 128, 4, 3), (4, 64, 4, 3), (4, 128, 8, 3), (8, 128, 8, 3)),
+    64: ((2, 128, 4, 3), (4, 64, 8, 3), (1, 128, 4, 3), (2, 64, 4, 3), (2, 128, 8, 3), (4, 128, 8, 3)),
+}
+
+
 def sweep_candidates(rows, ceil, h, data):
     """The fused kernel alone (thresholds of a real run) on the last rows of the stage, a few launch configs."""
     from benchmarks.common import bench_ms
@@ -207,9 +221,8 @@ def sweep_candidates(rows, ceil, h, data):
     bufs = (torch.empty(n, cap, device=DEV), torch.empty(n, cap, dtype=torch.int32, device=DEV),
             torch.empty(n, 2, dtype=torch.int32, device=DEV))
     flops = 2 * pairs(rs[sl], re[sl]) * h * 128
-    hp = max(16, 1 << (h - 1).bit_length())
-    for nq, bkv, nw, ns in ((256, 64, 4 if hp <= 32 else 8, 3), (256, 128, 8, 3), (128, 128, 4, 3), (512, 64, 8, 3)):
-        cfg = dict(BQ=max(1, nq // hp), BKV=bkv, num_warps=nw, num_stages=ns)
+    for bq, bkv, nw, ns in SWEEP[h]:
+        cfg = dict(BQ=bq, BKV=bkv, num_warps=nw, num_stages=ns)
         try:
             ms = bench_ms(lambda: ix.indexer_prefill_candidates(q8[sl], w[sl], k8, ks, rs[sl], re[sl], st["thr"][sl],
                                                                 cap, out=bufs, config=cfg), warmup_ms=10, rep_ms=50)
@@ -218,6 +231,27 @@ def sweep_candidates(rows, ceil, h, data):
         except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
             rows.append({"name": f"sweep fused kernel H={h} {cfg}", "error": repr(e)[:200]})
         print(rows[-1], flush=True)
+
+
+def crossover_rows(cross: dict) -> tuple[list[dict], dict]:
+    """The crossover table, and per head group the smallest measured context from which the fused path wins at
+    every larger measured context (None: two-pass wins at the largest one)."""
+    out, limits = [], {}
+    for h in (32, 64):
+        ctxs = sorted(c for hh, c in cross if hh == h)
+        limit = None
+        for c in reversed(ctxs):
+            r = cross[(h, c)]
+            if r["fused_s"] >= r["two_pass_s"]:
+                break
+            limit = c
+        limits[h] = limit
+        for c in ctxs:
+            r = cross[(h, c)]
+            out.append({"name": f"crossover H={h} ctx {c}", "H": h, "ctx": c, "fused_s": r["fused_s"],
+                        "two_pass_s": r["two_pass_s"], "speedup": r["two_pass_s"] / r["fused_s"],
+                        "faster": "fused" if r["fused_s"] < r["two_pass_s"] else "two_pass", "exact": r["exact"]})
+    return out, limits
 
 
 def main():
@@ -253,42 +287,59 @@ def main():
 
     case(rows, "warm-up", 30, warm)
     sm, big, tr = SZ["small"], SZ["big"], SZ["ties_rows"]
-    for seed in (0, 1, 2):
-        case(rows, f"check 32K H=32 seed {seed}", 10, lambda rows, s=seed: check(
-            rows, f"{sm} causal seed {s}", 32, causal(sm, 32, s)))
+    case(rows, "check 32K H=32", 10, lambda rows: check(rows, f"{sm} causal seed 0", 32, causal(sm, 32, 0)))
     case(rows, "check 32K H=64", 10, lambda rows: check(rows, f"{sm} causal seed 3", 64, causal(sm, 64, 3)))
     for every in (16, 4000):
         case(rows, f"check 32K ties every {every}", 15, lambda rows, e=every: check(
             rows, f"{sm} causal ties every {e}th key", 32, causal(sm, 32, 4, ties=e)))
-    for h in (32, 64):
-        case(rows, f"200K H={h}", 25, lambda rows, h=h: stage(rows, ceil, f"{big} stage", h, causal(big, h, h)))
-    case(rows, "profile fused 200K H=32", 10, lambda rows: profile_fused(rows, 32, causal(big, 32, 32)))
-    case(rows, "check 200K seed 5", 10, lambda rows: check(rows, f"{big} causal seed 5", 32, causal(big, 32, 5)))
     case(rows, "check 200K ties", 10, lambda rows: check(
         rows, f"{big} last {tr} rows, ties every 64th key", 32,
         inputs(torch.arange(big - tr, big, device=DEV), big, 32, 6, ties=64)))
 
-    def one_m(rows, h=32):
-        s, blocks, per = SZ["one_m"], SZ["blocks"], SZ["per"]
+    cross = {}  # (H, ctx) -> {"fused_s", "two_pass_s", "exact"}
+
+    def full(rows, h):
+        cross[(h, big)] = stage(rows, ceil, f"{big} stage", h, causal(big, h, h))
+
+    def sampled(rows, s, h):
+        blocks, per = SZ["blocks"], SZ["per"]
         starts = torch.linspace(0, s - per, blocks, device=DEV).long()
         pos = (starts[:, None] + torch.arange(per, device=DEV)[None, :]).flatten()
         data = inputs(pos, s, h, seed=7)
         scale = (s * (s + 1) / 2) / pairs(data[4], data[5])
-        rows.append({"name": "1M sample", "H": h, "rows": pos.numel(), "extrapolation": f"x{scale:.1f} by pairs",
-                     "note": f"{blocks} evenly spaced blocks of {per} query rows of a causal 1M prefill"})
-        stage(rows, ceil, f"{s} stage (sampled rows)", h, data, scale=scale, reps=1, floor=True)
+        rows.append({"name": f"{s} sample", "H": h, "rows": pos.numel(), "extrapolation": f"x{scale:.1f} by pairs",
+                     "note": f"{blocks} evenly spaced blocks of {per} query rows of a causal prefill of {s}"})
+        cross[(h, s)] = stage(rows, ceil, f"{s} stage (sampled rows)", h, data, scale=scale, floor=False)
 
-    case(rows, "1M H=32", 40, one_m)
-    case(rows, "sweep fused kernel 200K H=32", 40, lambda rows: sweep_candidates(rows, ceil, 32, causal(big, 32, 8)))
+    for h in (32, 64):
+        case(rows, f"{big} H={h}", 25, lambda rows, h=h: full(rows, h))
+    for s in SZ["sampled"]:
+        for h in (32, 64):
+            case(rows, f"{s} H={h}", 30, lambda rows, s=s, h=h: sampled(rows, s, h))
+    case(rows, "profile fused 200K H=32", 10, lambda rows: profile_fused(rows, 32, causal(big, 32, 32)))
+    for h in (32, 64):
+        case(rows, f"sweep fused kernel 200K H={h}", 40, lambda rows, h=h: sweep_candidates(
+            rows, ceil, h, causal(big, h, 8)))
+    for s in SZ["extra"]:  # finer crossover, if time is left
+        for h in (32, 64):
+            case(rows, f"{s} H={h}", 40, lambda rows, s=s, h=h: sampled(rows, s, h))
+    cross_rows, limits = crossover_rows(cross)
+    rows += cross_rows
 
     cols = ["name", "H", "rows", "ms", "stage_s", "tflops", "frac_fp8_cublas", "peak_extra_gib", "fallback_rows",
             "mean_candidates", "rows_differ", "ratio", "share", "error", "skipped"]
-    write_results("indexer_fused", {"meta": run_metadata(), "ceilings": ceil, "topk": TOPK, "rows": rows},
+    write_results("indexer_fused", {"meta": run_metadata(), "ceilings": ceil, "topk": TOPK, "rows": rows,
+                                    "fused_min_context": {str(h): c for h, c in limits.items()}},
                   [tempfile.gettempdir()] if args.tiny else None)  # a dry run leaves benchmarks/results alone
     print(f"total {time.perf_counter() - T0:.0f} s")
     short = [dict(r, error=r["error"][:60]) if "error" in r else r for r in rows]
-    print(table([r for r in short if not r["name"].startswith("profile")], cols))
+    print(table([r for r in short if not r["name"].startswith(("profile", "crossover"))], cols))
     print(table([r for r in rows if r["name"].startswith("profile")], ["name", "ms", "calls", "share"]))
+    print(table(cross_rows, ["name", "H", "ctx", "fused_s", "two_pass_s", "speedup", "faster", "exact"]))
+    for h, name in ((32, "FUSED_MIN_CONTEXT_UP_TO_32_HEADS"), (64, "FUSED_MIN_CONTEXT_OVER_32_HEADS")):
+        c = limits.get(h)
+        print(f"{name} = {c if c is not None else 'none measured (two-pass wins at the largest context)'}"
+              f"   # H={h}: fused faster at every measured context >= this")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def load_weights(model: DSAModel, path: str, *, progress: bool | None = None) ->
                 if m and int(m.group(1)) >= cfg.num_layers:
                     skipped["beyond_num_layers"] += 1  # MTP / next-n layers are not served here
                     continue
-                if m and ".self_attn.indexer." in name and not cfg.pattern.is_full(int(m.group(1))):
+                if m and ".self_attn.indexer." in name and not cfg.pattern.has_indexer(int(m.group(1))):
                     skipped["shared_indexer"] += 1
                     continue
                 tensor = h.get_tensor(key)

@@ -267,7 +267,8 @@ class ModelConfig:
         }
         if self.pattern.num_full < self.num_layers:
             d["index_topk_pattern"] = str(self.pattern)
-            d["indexer_types"] = self.pattern.indexer_types()
+            if not self.pattern.has_rerank:  # transformers' indexer_types has no re-rank (R) type
+                d["indexer_types"] = self.pattern.indexer_types()
         return d
 
 

@@ -1,8 +1,14 @@
-"""IndexCache layer patterns: which layers run their own indexer (F, "full") and which reuse one (S, "shared").
+"""IndexCache layer patterns: which layers run their own indexer over every token (F, "full"), which reuse a
+selection (S, "shared"), and which re-rank a candidate pool (R, "re-rank").
 
 A pattern has one letter per decoder layer, dense-MLP layers included (the convention of the reference SGLang and
 vLLM patches and of transformers' ``glm_moe_dsa``). Layer 0 is always F. Each S layer reuses the top-k indices of
-the nearest preceding F layer.
+the nearest preceding F or R layer (with F and S only: the nearest preceding F layer, the paper's rule).
+
+R layers go beyond the paper: when a pattern has any, every F layer also publishes a candidate pool, its top-c
+(c = ``pool``, by default 4 x top-k), and an R layer runs its own indexer only over the pool of the nearest
+preceding F layer and keeps its own top-k: O(L*c) scoring instead of O(L^2). R needs the layer's indexer weights.
+vLLM, SGLang and transformers have no R layers.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import NamedTuple
 DEFAULT_SKIP_OFFSET = 2
 
 _TYPE_TO_LETTER = {"full": "F", "shared": "S"}
+DEFAULT_POOL_FACTOR = 4  # an F layer's candidate pool for R layers: 4 x top-k unless the pattern or call says
 
 
 class PatternError(ValueError):
@@ -22,24 +29,30 @@ class PatternError(ValueError):
 
 
 class IndexPattern:
-    """An immutable F/S string with helpers to describe it and to export it to other engines."""
+    """An immutable F/S/R string with helpers to describe it and to export it to other engines.
 
-    __slots__ = ("_letters",)
+    ``pool``: the candidate-pool size F layers publish for R layers (None: 4 x the model's top-k)."""
 
-    def __init__(self, letters: str, num_layers: int | None = None):
+    __slots__ = ("_letters", "_pool")
+
+    def __init__(self, letters: str, num_layers: int | None = None, *, pool: int | None = None):
         if not isinstance(letters, str) or not letters:
-            raise PatternError(f"index pattern must be a non-empty string of 'F'/'S', got {letters!r}")
-        bad = [(i, c) for i, c in enumerate(letters) if c not in "FS"]
+            raise PatternError(f"index pattern must be a non-empty string of 'F'/'S'/'R', got {letters!r}")
+        bad = [(i, c) for i, c in enumerate(letters) if c not in "FSR"]
         if bad:
             where = ", ".join(f"{c!r} at layer {i}" for i, c in bad[:5])
-            raise PatternError(f"index pattern {letters!r} may only contain 'F' and 'S'; found {where}")
+            raise PatternError(f"index pattern {letters!r} may only contain 'F', 'S' and 'R'; found {where}")
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+            raise PatternError(f"candidate pool size must be a positive integer, got {pool!r}")
         if num_layers is not None and len(letters) != num_layers:
             raise PatternError(
                 f"index pattern {letters!r} has {len(letters)} letters but the model has {num_layers} layers "
                 "(one letter per decoder layer, dense-MLP layers included)")
         if letters[0] != "F":
-            raise PatternError(f"index pattern {letters!r} starts with 'S': layer 0 has no earlier layer to reuse")
+            raise PatternError(f"index pattern {letters!r} starts with {letters[0]!r}: layer 0 has no earlier layer "
+                               "to reuse or re-rank")
         self._letters = letters
+        self._pool = pool
 
     # ----- constructors ---------------------------------------------------------------------------------------
     @classmethod
@@ -74,7 +87,7 @@ class IndexPattern:
 
     @classmethod
     def parse(cls, spec, num_layers: int) -> "IndexPattern":
-        """Accept an IndexPattern, an F/S string, "1/N", "keep 1/N", "all"/"full", or a list of indexer types."""
+        """Accept an IndexPattern, an F/S/R string, "1/N", "keep 1/N", "all"/"full", or a list of indexer types."""
         if isinstance(spec, IndexPattern):
             if len(spec) != num_layers:
                 raise PatternError(f"index pattern {spec} has {len(spec)} layers but the model has {num_layers}")
@@ -91,7 +104,7 @@ class IndexPattern:
                 return cls.keep(num_layers, s)
             return cls(s, num_layers)
         raise PatternError(f"cannot read an index pattern from {spec!r} (type {type(spec).__name__}); "
-                           "give an F/S string, '1/N', or a list of 'full'/'shared'")
+                           "give an F/S/R string, '1/N', or a list of 'full'/'shared'")
 
     @classmethod
     def from_hf_config(cls, cfg: dict, num_layers: int) -> "IndexPattern":
@@ -123,19 +136,51 @@ class IndexPattern:
         return self._letters
 
     def __repr__(self) -> str:
-        return f"IndexPattern({self._letters!r})"
+        return f"IndexPattern({self._letters!r})" if self._pool is None else \
+            f"IndexPattern({self._letters!r}, pool={self._pool})"
 
     def __len__(self) -> int:
         return len(self._letters)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, IndexPattern) and other._letters == self._letters
+        return isinstance(other, IndexPattern) and other._letters == self._letters and other._pool == self._pool
 
     def __hash__(self) -> int:
-        return hash(self._letters)
+        return hash((self._letters, self._pool))
+
+    @property
+    def pool(self) -> int | None:
+        """The candidate-pool size set on the pattern (None: the default, 4 x top-k)."""
+        return self._pool
+
+    def with_pool(self, pool: int | None) -> "IndexPattern":
+        return IndexPattern(self._letters, pool=pool)
 
     def is_full(self, layer: int) -> bool:
         return self._letters[layer] == "F"
+
+    def is_rerank(self, layer: int) -> bool:
+        return self._letters[layer] == "R"
+
+    def has_indexer(self, layer: int) -> bool:
+        """F and R layers run (and need the weights of) their own indexer."""
+        return self._letters[layer] != "S"
+
+    @property
+    def has_rerank(self) -> bool:
+        return "R" in self._letters
+
+    @property
+    def rerank_layers(self) -> list[int]:
+        return [i for i, c in enumerate(self._letters) if c == "R"]
+
+    @property
+    def indexer_layers(self) -> list[int]:
+        return [i for i, c in enumerate(self._letters) if c != "S"]
+
+    @property
+    def num_rerank(self) -> int:
+        return self._letters.count("R")
 
     @property
     def full_layers(self) -> list[int]:
@@ -150,44 +195,88 @@ class IndexPattern:
         return self._letters.count("F")
 
     def source(self, layer: int) -> int:
-        """The F layer whose top-k this layer uses (itself when it is F)."""
+        """The layer whose top-k this layer uses: itself when it is F or R, else the nearest preceding F or R."""
+        return max(self._letters.rfind("F", 0, layer + 1), self._letters.rfind("R", 0, layer + 1))
+
+    def pool_source(self, layer: int) -> int:
+        """The F layer whose candidate pool an R layer re-ranks (for F: itself; S: the F layer before it)."""
         return self._letters.rindex("F", 0, layer + 1)
 
     def served_by(self, full_layer: int) -> list[int]:
-        """The S layers that reuse ``full_layer``'s top-k, in order."""
-        if not self.is_full(full_layer):
+        """The S layers that reuse ``full_layer``'s top-k (an F or R layer), in order."""
+        if not self.has_indexer(full_layer):
             raise PatternError(f"layer {full_layer} is shared (S), it serves no layer")
         out = []
         for i in range(full_layer + 1, len(self)):
-            if self.is_full(i):
+            if self.has_indexer(i):
                 break
             out.append(i)
         return out
 
+    def reranked_by(self, full_layer: int) -> list[int]:
+        """The R layers that re-rank ``full_layer``'s candidate pool, in order."""
+        if not self.is_full(full_layer):
+            raise PatternError(f"layer {full_layer} is not full (F), it publishes no candidate pool")
+        out = []
+        for i in range(full_layer + 1, len(self)):
+            if self.is_full(i):
+                break
+            if self.is_rerank(i):
+                out.append(i)
+        return out
+
+    def _with(self, layer: int, letter: str) -> "IndexPattern":
+        s = list(self._letters)
+        s[layer] = letter
+        return IndexPattern("".join(s), pool=self._pool)
+
     def with_shared(self, layer: int) -> "IndexPattern":
         """A copy with ``layer`` turned into S (greedy search step)."""
-        s = list(self._letters)
-        s[layer] = "S"
-        return IndexPattern("".join(s))
+        return self._with(layer, "S")
+
+    def with_rerank(self, layer: int) -> "IndexPattern":
+        """A copy with ``layer`` turned into R (greedy search step)."""
+        return self._with(layer, "R")
 
     def indexer_types(self) -> list[str]:
+        if self.has_rerank:
+            raise PatternError(f"pattern {self._letters} has re-rank (R) layers {self.rerank_layers}: transformers' "
+                               "indexer_types has no equivalent (only 'full' and 'shared')")
         return ["full" if c == "F" else "shared" for c in self._letters]
+
+    def indexer_cost(self, context: int, pool: int) -> float:
+        """Indexer scoring work relative to full DSA at ``context`` tokens: F scores all keys, R ``pool`` of them."""
+        c = min(pool, context)
+        return (self.num_full + self.num_rerank * c / context) / len(self)
 
     def describe(self) -> str:
         n = len(self)
-        lines = [f"pattern {self._letters}",
-                 f"{self.num_full} of {n} layers run the indexer (keep {self.num_full}/{n} = {self.num_full / n:.1%}); "
-                 f"{n - self.num_full} reuse top-k"]
-        for f in self.full_layers:
+        if not self.has_rerank:
+            lines = [f"pattern {self._letters}",
+                     f"{self.num_full} of {n} layers run the indexer (keep {self.num_full}/{n} = "
+                     f"{self.num_full / n:.1%}); {n - self.num_full} reuse top-k"]
+        else:
+            pool = "4 x top-k" if self._pool is None else str(self._pool)
+            lines = [f"pattern {self._letters}",
+                     f"{self.num_full} of {n} layers run the indexer over every token, {self.num_rerank} re-rank "
+                     f"their F layer's candidate pool (top-{pool}), {n - self.num_full - self.num_rerank} reuse top-k"]
+        for f in self.indexer_layers:
             served = self.served_by(f)
             if served:
                 span = f"{served[0]}" if len(served) == 1 else f"{served[0]}-{served[-1]}"
-                lines.append(f"  F{f} -> S {span}")
+                lines.append(f"  {self._letters[f]}{f} -> S {span}")
+            if self.is_full(f) and self.reranked_by(f):
+                lines.append(f"  F{f} pool -> R {', '.join(map(str, self.reranked_by(f)))}")
         return "\n".join(lines)
 
     def engine_flags(self) -> dict[str, str]:
-        """The exact flags that make vLLM, SGLang and transformers use this pattern."""
+        """The exact flags that make vLLM, SGLang and transformers use this pattern (R layers: none exist)."""
         import json
+
+        if self.has_rerank:
+            why = (f"not supported: pattern {self._letters} has re-rank (R) layers {self.rerank_layers}, which have "
+                   "no equivalent there (only F and S); run it with indexcache's engine, or export an F/S pattern")
+            return {"vllm": why, "sglang": why, "transformers": why}
 
         override = json.dumps({"index_topk_pattern": self._letters})
         return {
@@ -198,20 +287,35 @@ class IndexPattern:
 
 
 class LayerRole(NamedTuple):
-    """One layer's part in a forward: run its own indexer, or reuse the top-k of layer ``source``."""
+    """One layer's part in a forward: run its own indexer (over all keys, or re-ranking a pool), or reuse the
+    top-k of layer ``source``."""
     runs_indexer: bool
-    source: int  # the F layer whose top-k this layer attends with (itself when it runs its indexer)
+    source: int  # the layer whose top-k this layer attends with (itself when it runs its indexer)
+    reranks: bool = False  # R: its indexer scores only the candidate pool of F layer ``pool_source``
+    pool_source: int = -1  # R: the F layer whose pool it re-ranks
+    publishes_pool: int = 0  # F: how many candidates it publishes for later R layers (0: none)
 
 
 class LayerPlan:
     """An IndexPattern resolved once into per-layer roles, for code that runs the layers (the engine's KV cache
     and runner). It is made by ``DSAModel.layer_plan``, which also checks that every F layer has indexer weights."""
 
-    __slots__ = ("pattern", "layers")
+    __slots__ = ("pattern", "layers", "pool")
 
-    def __init__(self, pattern: IndexPattern):
+    def __init__(self, pattern: IndexPattern, pool: int | None = None):
+        """``pool``: the candidate-pool size F layers publish when the pattern has R layers (default: the
+        pattern's own ``pool``; one of them is required then)."""
         self.pattern = pattern
-        self.layers = tuple(LayerRole(pattern.is_full(i), pattern.source(i)) for i in range(len(pattern)))
+        pool = pool if pool is not None else pattern.pool
+        if pattern.has_rerank and (pool is None or isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+            raise PatternError(f"pattern {pattern} has re-rank (R) layers: give the candidate pool size "
+                               f"(a positive integer), got {pool!r}")
+        self.pool = pool if pattern.has_rerank else None
+        self.layers = tuple(
+            LayerRole(pattern.has_indexer(i), pattern.source(i), pattern.is_rerank(i),
+                      pattern.pool_source(i) if pattern.is_rerank(i) else -1,
+                      self.pool if pattern.is_full(i) and pattern.reranked_by(i) else 0)
+            for i in range(len(pattern)))
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -229,10 +333,10 @@ class LayerPlan:
         return f"LayerPlan({str(self.pattern)!r})"
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, LayerPlan) and other.pattern == self.pattern
+        return isinstance(other, LayerPlan) and other.pattern == self.pattern and other.pool == self.pool
 
     def __hash__(self) -> int:
-        return hash(self.pattern)
+        return hash((self.pattern, self.pool))
 
     def runs_indexer(self, layer: int) -> bool:
         return self.layers[layer].runs_indexer
@@ -244,6 +348,11 @@ class LayerPlan:
     @property
     def full_layers(self) -> list[int]:
         return self.pattern.full_layers
+
+    @property
+    def num_indexed(self) -> int:
+        """Layers that keep indexer keys (F and R)."""
+        return len(self.pattern.indexer_layers)
 
 
 def _check_layers(num_layers) -> int:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
+from ..kernels.candidate_topk import candidate_topk
 from ..kernels.indexer import indexer_logits_decode, indexer_topk_prefill, quantize_indexer_q
 from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
                                 store_latent_bf16, store_latent_fp8)
 from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
 from ..kernels.topk import topk_rows
+from ..kernels.topk.ops import MAX_K
 from ..model.indexer import select_topk
 from .config import EngineConfig
 from .kv_cache import FP8_LATENT_BYTES, KVCache
@@ -107,29 +109,52 @@ class TorchBackend:
         """Slots of positions 0..ctx-1 of the sequence whose block table is ``row``."""
         return to_slots(torch.arange(ctx, device=row.device)[None], row[None], self.page)[0]
 
-    def topk_prefill(self, layer: int, indexer, q, w, positions, ctx: int, table_row) -> torch.Tensor:
-        """One sequence's prefill chunk: q [n,H,D], w [n,H], positions [n]; keys 0..ctx-1 -> [n, topk] int32."""
+    def topk_prefill(self, layer: int, indexer, q, w, positions, ctx: int, table_row, pool: int = 0):
+        """One sequence's prefill chunk: q [n,H,D], w [n,H], positions [n]; keys 0..ctx-1 -> [n, topk] int32.
+        ``pool`` > 0 (an F layer serving re-rank layers): (top-k, top-``pool`` candidates)."""
         keys = self.kv.gather_index_k(layer, self._ctx_slots(table_row, ctx))[None]  # [1, ctx, D]
         n, heads = q.shape[:2]
         per = max(1, self.cfg.workspace_bytes // (8 * heads * ctx))  # fp32 per-head logits (+ relu copy)
         kpos = torch.arange(ctx, device=q.device)
-        out = []
+        out, cands = [], []
         for r0 in range(0, n, per):
             r1 = min(n, r0 + per)
             with self._t("indexer"):
                 s = indexer.scores(q[None, r0:r1], keys, w[None, r0:r1])
             with self._t("topk"):
-                out.append(select_topk(s, (kpos[None] <= positions[r0:r1, None])[None], indexer.topk)[0])
-        return torch.cat(out)
+                valid = (kpos[None] <= positions[r0:r1, None])[None]
+                out.append(select_topk(s, valid, indexer.topk)[0])
+                if pool:
+                    cands.append(select_topk(s, valid, pool)[0])
+        return (torch.cat(out), torch.cat(cands)) if pool else torch.cat(out)
 
-    def topk_decode(self, layer: int, indexer, q, w, block_table, context_lens, max_len: int) -> torch.Tensor:
-        """One token per sequence: q [B,H,D], w [B,H]; keys 0..max_len-1, masked past context_lens -> [B, topk]."""
+    def topk_decode(self, layer: int, indexer, q, w, block_table, context_lens, max_len: int, pool: int = 0):
+        """One token per sequence: q [B,H,D], w [B,H]; keys 0..max_len-1, masked past context_lens -> [B, topk].
+        ``pool`` > 0: (top-k, top-``pool`` candidates)."""
         p = torch.arange(max_len, device=q.device)
         slots = to_slots(p.expand(len(context_lens), max_len), block_table, self.page)  # [B, L]
         with self._t("indexer"):
             s = indexer.scores(q[:, None], self.kv.gather_index_k(layer, slots), w[:, None])  # [B,1,L]
         with self._t("topk"):
-            return select_topk(s, (p[None] < context_lens[:, None])[:, None], indexer.topk)[:, 0]
+            valid = (p[None] < context_lens[:, None])[:, None]
+            topk = select_topk(s, valid, indexer.topk)[:, 0]
+            return (topk, select_topk(s, valid, pool)[:, 0]) if pool else topk
+
+    def rerank(self, layer: int, indexer, q, w, cand: torch.Tensor) -> torch.Tensor:
+        """A re-rank layer: q [T,H,D], w [T,H] score only each row's candidates (global slot ids [T,c], -1 = none)
+        with this layer's indexer keys -> the top-k as global slot ids [T, topk] (-1 = none)."""
+        T, c = cand.shape
+        per = max(1, self.cfg.workspace_bytes // (8 * q.shape[1] * max(c, 1)))
+        out = []
+        for r0 in range(0, T, per):
+            cd = cand[r0:r0 + per]
+            with self._t("indexer"):
+                keys = self.kv.gather_index_k(layer, cd.clamp(min=0))  # [n, c, D]
+                s = indexer.scores(q[r0:r0 + per, None], keys, w[r0:r0 + per, None])  # [n, 1, c]
+            with self._t("topk"):
+                col = select_topk(s, (cd >= 0)[:, None], indexer.topk)[:, 0]
+                out.append(torch.where(col < 0, -1, cd.gather(1, col.clamp(min=0).long())))
+        return torch.cat(out)
 
     # ----- sparse MLA over the paged latent cache: q [T,h,width], slots [T,k] global ids -> o_lat [T,h,kv_lora] --
     def attend_prefill(self, layer: int, q: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -159,6 +184,25 @@ class TorchBackend:
         return cache.view(-1, self.kv.width)[slots].to(dtype)
 
 
+def _sorted_topk(logits, k: int, *, row_start=None, row_end=None) -> torch.Tensor:
+    """Top-k column ids sorted by score (ties: the lower column first under the Triton top-k). Pools above its
+    MAX_K (4096), such as the real models' default 4 x 2048, are selected by ``torch.topk``: the kernel has no
+    path for them."""
+    if k <= MAX_K:
+        return topk_rows(logits, k, row_start=row_start, row_end=row_end, sorted=True)
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    x = logits.float()
+    valid = ~torch.isnan(x) & (x != float("-inf"))
+    if row_start is not None:
+        valid &= cols[None] >= row_start[:, None]
+    if row_end is not None:
+        valid &= cols[None] < row_end[:, None]
+    kk = min(k, x.shape[1])
+    vals, idx = torch.where(valid, x, float("-inf")).topk(kk, dim=1, sorted=True)
+    idx = idx.to(torch.int32).masked_fill(vals == float("-inf"), -1)
+    return torch.nn.functional.pad(idx, (0, k - kk), value=-1) if kk < k else idx
+
+
 class TritonBackend(TorchBackend):
     """The kernels package on a CUDA device (see the module docstring for what stays on PyTorch)."""
 
@@ -183,28 +227,42 @@ class TritonBackend(TorchBackend):
             return super().store_index_k(layer, slots, k)
         store_indexer_k(self.kv.index_cache(layer), slots, k)
 
-    def topk_prefill(self, layer, indexer, q, w, positions, ctx, table_row):
+    def topk_prefill(self, layer, indexer, q, w, positions, ctx, table_row, pool: int = 0):
         if not self.fp8_index:
-            return super().topk_prefill(layer, indexer, q, w, positions, ctx, table_row)
+            return super().topk_prefill(layer, indexer, q, w, positions, ctx, table_row, pool)
         # logits and top-k in row chunks bounded by workspace_bytes; timed as one section (indexer + top-k)
         with self._t("indexer"):
             q8, wf = quantize_indexer_q(q, w * indexer.n_heads ** 0.5)
             k8, ks = gather_indexer_k(self.kv.index_cache(layer), self._ctx_slots(table_row, ctx))
             n = q.shape[0]
-            return indexer_topk_prefill(q8, wf, k8, ks, torch.zeros(n, dtype=torch.int32, device=q.device),
-                                        (positions + 1).to(torch.int32), indexer.topk,
-                                        workspace_bytes=self.cfg.workspace_bytes, topk_fn=topk_rows)
+            # with a pool: the top-c sorted by (score desc, position asc), whose first k columns are the top-k
+            # (the kernels' tie rule), so one selection serves both
+            sel = indexer_topk_prefill(q8, wf, k8, ks, torch.zeros(n, dtype=torch.int32, device=q.device),
+                                       (positions + 1).to(torch.int32), pool or indexer.topk,
+                                       workspace_bytes=self.cfg.workspace_bytes,
+                                       topk_fn=_sorted_topk if pool else topk_rows)
+            return (sel[:, :indexer.topk], sel) if pool else sel
 
-    def topk_decode(self, layer, indexer, q, w, block_table, context_lens, max_len):
+    def topk_decode(self, layer, indexer, q, w, block_table, context_lens, max_len, pool: int = 0):
         if not self.fp8_index:
-            return super().topk_decode(layer, indexer, q, w, block_table, context_lens, max_len)
+            return super().topk_decode(layer, indexer, q, w, block_table, context_lens, max_len, pool)
         # indexer_logits_decode + topk_rows (indexer_topk_decode's two steps, timed apart; context_lens <= max_len
         # always holds here, so its clamp is left out of the decode graph)
         with self._t("indexer"):
             q8, wf = quantize_indexer_q(q, w * indexer.n_heads ** 0.5)
             logits = indexer_logits_decode(q8, wf, self.kv.index_cache(layer), block_table, context_lens, max_len)
         with self._t("topk"):
+            if pool:
+                sel = _sorted_topk(logits, pool, row_start=None, row_end=context_lens)
+                return sel[:, :indexer.topk], sel
             return topk_rows(logits, indexer.topk, row_start=None, row_end=context_lens)
+
+    def rerank(self, layer, indexer, q, w, cand):
+        if not self.fp8_index:
+            return super().rerank(layer, indexer, q, w, cand)
+        with self._t("indexer"):
+            q8, wf = quantize_indexer_q(q, w * indexer.n_heads ** 0.5)
+            return candidate_topk(q8, wf, self.kv.index_cache(layer), cand, indexer.topk)
 
     def attend_prefill(self, layer, q, slots):
         if self.latent_kernels and self.kv.latent_format == "fp8":

@@ -1,9 +1,10 @@
-"""The paged KV cache: an MLA latent cache for every layer, an indexer key cache for Full layers only.
+"""The paged KV cache: an MLA latent cache for every layer, an indexer key cache for Full and Re-rank layers only.
 
 Latent rows are [c_kv | k_pe] (576 values for the real models) in bf16/fp16/fp32, or FlashMLA's 656-byte FP8
 format. Indexer keys are either kept exactly (model dtype, [pages, page, d_I]) or as DeepGEMM's paged FP8 layout
 (uint8 [pages, 8448] = 64 x 128 B e4m3 keys then 64 fp32 scales, 132 B/token). Shared (S) layers never read or
-write indexer keys, so they get no indexer cache at all: that is IndexCache's memory saving.
+write indexer keys, so they get no indexer cache at all: that is IndexCache's memory saving. Re-rank (R) layers
+score their own keys (at the candidates' slots), so they keep a cache like F layers.
 
 Slot ids are ``page * page_size + offset``. One extra page at the end is scratch space for padded batch entries
 (CUDA-graph buckets), so writes never need masking and never land in a real sequence's page.
@@ -27,10 +28,12 @@ def bytes_per_token(cfg: ModelConfig, pattern: IndexPattern | LayerPlan, latent:
     per_latent = FP8_LATENT_BYTES if latent == "fp8" else width * _DT[latent].itemsize
     per_index = FP8_INDEX_BYTES if indexer == "fp8" else cfg.index_head_dim * model_dtype.itemsize
     lat = per_latent * cfg.num_layers
-    idx = per_index * pattern.num_full
+    n_indexed = len((pattern.pattern if isinstance(pattern, LayerPlan) else pattern).indexer_layers)  # F and R
+    idx = per_index * n_indexed
     full_idx = per_index * cfg.num_layers
     return {"latent": lat, "indexer": idx, "total": lat + idx, "total_if_every_layer_had_indexer_cache": lat + full_idx,
             "latent_per_layer": per_latent, "indexer_per_full_layer": per_index, "num_full_layers": pattern.num_full,
+            "num_indexer_cache_layers": n_indexed,
             "saving_vs_full_dsa": 1 - (lat + idx) / (lat + full_idx)}
 
 

@@ -105,21 +105,26 @@ class ModelRunner:
         m = self.model
         h = m.embed_tokens(b.input_ids)
         cos, sin = m.rope(b.positions[None], h.dtype)
-        slots = None
+        slots = pool = None  # the top-k in flight (slot ids) and the last F layer's candidate pool (R layers)
         for i, layer in enumerate(m.layers):
-            h, slots = self._layer(i, layer, h, cos, sin, b, slots)
+            h, slots, pool = self._layer(i, layer, h, cos, sin, b, slots, pool)
         with self._t("rest"):
             return m.head(h[b.last_index]).float()
 
-    def _layer(self, i, layer, h, cos, sin, b: ForwardBatch, slots):
+    def _layer(self, i, layer, h, cos, sin, b: ForwardBatch, slots, pool):
         attn, be = layer.self_attn, self.backend
         fn = self._decode_fns if b.decode and self._decode_fns else GLUE
         w_uk, w_uv = self._absorbed[i]
         with self._t("attention"):
             x, q, q_resid, c_kv, k_pe, index_pre = fn["pre"](layer, h, cos, sin, w_uk, *self._x_proj[i])
             be.store_latent(i, b.slot_mapping, c_kv, k_pe)
-        if self.plan.runs_indexer(i):
-            slots = self._select(i, attn.indexer, x, q_resid, cos, sin, b, fn, index_pre)
+        role = self.plan[i]
+        if role.reranks:
+            slots = self._rerank(i, attn.indexer, x, q_resid, cos, sin, b, fn, index_pre, pool)
+        elif role.runs_indexer:
+            slots = self._select(i, attn.indexer, x, q_resid, cos, sin, b, fn, index_pre, role.publishes_pool)
+            if role.publishes_pool:
+                slots, pool = slots
         elif slots is None:
             raise RuntimeError(f"layer {i} is shared but no full layer precedes it")
         with self._t("attention"):
@@ -127,16 +132,17 @@ class ModelRunner:
             h = fn["attn_out"](attn, h, o_lat, w_uv)
         with self._t("moe"):
             h = fn["ffn"](layer, h, self._moe_kernel)
-        return h, slots
+        return h, slots, pool
 
-    def _select(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn, index_pre) -> torch.Tensor:
-        """Top-k of this layer as global slot ids [T, k] (-1 = none)."""
+    def _select(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn, index_pre, pool: int = 0):
+        """Top-k of this layer as global slot ids [T, k] (-1 = none); with ``pool`` > 0 (an F layer serving
+        re-rank layers) also its top-``pool`` candidates: (top-k, pool)."""
         be = self.backend
         with self._t("indexer"):
             q, k, w = fn["index_proj"](indexer, x, q_resid, cos, sin, index_pre)
             be.store_index_k(i, b.slot_mapping, k)
         if b.decode:
-            logical = be.topk_decode(i, indexer, q, w, b.block_table, b.context_lens, b.max_len)
+            logical = be.topk_decode(i, indexer, q, w, b.block_table, b.context_lens, b.max_len, pool)
             table = b.block_table
         else:
             parts, tables = [], []
@@ -144,12 +150,27 @@ class ModelRunner:
             for s, (t0, n, ctx) in enumerate(b.segments):
                 if par is None or par.is_single:
                     parts.append(be.topk_prefill(i, indexer, q[t0:t0 + n], w[t0:t0 + n], b.positions[t0:t0 + n],
-                                                 ctx, b.block_table[s]))
+                                                 ctx, b.block_table[s], pool))
                 else:  # tensor parallel: each rank scores every N-th query row, the top-k rows are all-gathered
                     rows = t0 + strided_rows(n, par, q.device)
-                    mine = be.topk_prefill(i, indexer, q[rows], w[rows], b.positions[rows], ctx, b.block_table[s])
-                    parts.append(gather_strided(mine, n, par))
+                    mine = be.topk_prefill(i, indexer, q[rows], w[rows], b.positions[rows], ctx, b.block_table[s],
+                                           pool)
+                    parts.append(tuple(gather_strided(m, n, par) for m in mine) if pool
+                                 else gather_strided(mine, n, par))
                 tables.append(b.block_table[s].expand(n, -1))
-            logical, table = torch.cat(parts), torch.cat(tables)
+            logical = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])) if pool \
+                else torch.cat(parts)
+            table = torch.cat(tables)
         with self._t("topk"):
+            if pool:
+                return to_slots(logical[0], table, self.page), to_slots(logical[1], table, self.page)
             return to_slots(logical, table, self.page)
+
+    def _rerank(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn, index_pre, pool) -> torch.Tensor:
+        """A re-rank layer: its own indexer over the last F layer's candidate pool -> top-k slot ids [T, k]."""
+        if pool is None:
+            raise RuntimeError(f"layer {i} re-ranks but no full layer before it published a candidate pool")
+        with self._t("indexer"):
+            q, k, w = fn["index_proj"](indexer, x, q_resid, cos, sin, index_pre)
+            self.backend.store_index_k(i, b.slot_mapping, k)
+        return self.backend.rerank(i, indexer, q, w, pool)

@@ -58,11 +58,17 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_local_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         return w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
 
-    def forward(self, x, cos, sin, positions, topk=None, attn_impl: str = "masked"):
-        """Returns (output [B,T,hidden], top-k indices [B,T,k] used by this layer)."""
+    def forward(self, x, cos, sin, positions, topk=None, attn_impl: str = "masked", pool=None, pool_size=None):
+        """Returns (output [B,T,hidden], top-k indices [B,T,k] used by this layer).
+
+        Re-rank layers: ``pool`` [B,T,c] restricts this layer's indexer to those candidates. ``pool_size``: this F
+        layer publishes its top-``pool_size`` (it returns ``Selection(topk, pool)`` instead of the top-k)."""
         q_nope, q_pe, q_resid, c_kv, k_pe = self.project(x, cos, sin)
+        selection = topk
         if self.indexer is not None and topk is None:
-            topk = self.indexer(x, q_resid, cos, sin, positions)
+            selection = topk = self.indexer(x, q_resid, cos, sin, positions, pool, pool_size)
+            if pool_size:
+                topk = selection.topk
         if topk is None:
             raise ValueError("a shared (S) layer needs the top-k indices of a preceding full (F) layer")
         if attn_impl == "masked":
@@ -71,7 +77,7 @@ class MLA(nn.Module):
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, topk, positions)
         else:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
-        return self.o_proj(out.flatten(2)), topk
+        return self.o_proj(out.flatten(2)), selection
 
     def _masked(self, q_nope, q_pe, c_kv, k_pe, topk, positions):
         cfg = self.cfg

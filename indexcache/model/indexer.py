@@ -6,6 +6,8 @@ are checked against it by top-k recall.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,16 +48,40 @@ class Indexer(nn.Module):
         logits = torch.einsum("bthd,bsd->bths", q.float(), k.float()) * self.head_dim ** -0.5
         return torch.einsum("bth,bths->bts", w, F.relu(logits))
 
-    def forward(self, x, q_resid, cos, sin, positions: torch.Tensor) -> torch.Tensor:
-        """Top-k key indices [B,T,k] (int32, -1 = no token) over keys 0..T-1 with causal positions."""
+    def forward(self, x, q_resid, cos, sin, positions: torch.Tensor, pool: torch.Tensor | None = None,
+                publish: int | None = None):
+        """Top-k key indices [B,T,k] (int32, -1 = no token) over keys 0..T-1 with causal positions.
+
+        ``pool`` [B,T,c] (-1 = none): only these keys compete (a re-rank layer). ``publish``: an F layer that
+        serves re-rank layers also returns its top-``publish`` candidates: ``Selection(topk, pool)``."""
         q, k, w = self.project(x, q_resid, cos, sin)
         s = self.scores(q, k, w)
-        return select_topk(s, causal_mask(positions, positions), self.topk)
+        valid = causal_mask(positions, positions)
+        if pool is not None:
+            valid = valid & pool_mask(pool, s.shape[-1])
+        topk = select_topk(s, valid, self.topk)
+        if publish:
+            return Selection(topk, select_topk(s, valid, publish))
+        return topk
+
+
+class Selection(NamedTuple):
+    """What flows between layers of a pattern with re-rank (R) layers: the top-k in flight (from the last F or R
+    layer, for S layers to copy) and the candidate pool of the last F layer (for R layers to re-rank)."""
+    topk: torch.Tensor  # [B,T,k] int32
+    pool: torch.Tensor  # [B,T,c] int32
 
 
 def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
     """[B,T,S] bool: key s is visible to query t."""
     return k_positions[:, None, :] <= q_positions[:, :, None]
+
+
+def pool_mask(pool: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[B,T,S] bool: key s is in the row's candidate pool [B,T,c] (-1 entries select nothing)."""
+    idx = torch.where(pool < 0, num_keys, pool).long()
+    mask = torch.zeros(*pool.shape[:-1], num_keys + 1, dtype=torch.bool, device=pool.device)
+    return mask.scatter_(-1, idx, True)[..., :num_keys]
 
 
 def select_topk(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_reference
+from ..kernels.fp8_grouped_mm.dequant import dequantize_experts_triton
 from ..kernels.fp8_linear import dequantize_weight, quantize_act, quantize_weight
 from ..kernels.moe import SMALL_MAX_ROWS, moe_experts_small
 
@@ -109,30 +110,17 @@ class Experts(nn.Module):
 
     @torch.compiler.disable  # Triton launches with host-side checks: run as is between compiled graphs
     def _forward_fp8(self, x, ids, weights):
-        """FP8 experts beyond decode sizes: the same routing, both projections as grouped GEMMs that read the FP8
-        weights (no host sync)."""
+        """FP8 experts beyond decode sizes: the same routing, both projections as grouped GEMMs (no host sync)."""
         K = ids.shape[1]
         flat = ids.flatten()
         E = self.gate_up.shape[0]
         order = expert_order(flat, E)
         token = order // K
-        xs = x[token]
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
-        inter, ib = self.inter, _blocks(self.inter)
-        w, s = self.gate_up, self.gate_up_scale_inv
-        # the kernel on the GPU; on CPU the reference (the interpreted kernel is for the kernel's own tests)
-        mm = fp8_grouped_mm if x.is_cuda else fp8_grouped_mm_reference
-        # activations quantised per 1x128 group, like the FP8 linear layers: fp8 x fp8 on the tensor cores
-        x8, sx = quantize_act(xs)
-        if inter % 128 == 0:  # gate's and up's blocks tile 2I rows evenly: one GEMM
-            h = mm(x8, counts, w, s, a_scale=sx, out_dtype=x.dtype)
-        else:  # a 128-row block would straddle gate and up: one GEMM each
-            h = torch.cat([mm(x8, counts, w[:, :inter], s[:, :ib], a_scale=sx, out_dtype=x.dtype),
-                           mm(x8, counts, w[:, inter:], s[:, ib:], a_scale=sx, out_dtype=x.dtype)], -1)
-        gate, up = h.split(inter, dim=-1)
-        a8, sa = quantize_act(F.silu(gate) * up)
-        ys = mm(a8, counts, self.down, self.down_scale_inv, a_scale=sa, out_dtype=x.dtype)
+        # the prefill path; the alternative with the same signature, fp8_experts_dequant_grouped_mm, is timed
+        # against it by benchmarks/fp8_weights.py (grouped rows), and the slower one goes
+        ys = fp8_experts_w8a8(self, x[token], counts)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
@@ -141,6 +129,44 @@ class Experts(nn.Module):
         if self.gate_up.dtype != torch.float8_e4m3fn:
             return self.gate_up.to(dtype), self.down.to(dtype)
         return dequantize_experts(self.gate_up, self.gate_up_scale_inv, self.down, self.down_scale_inv, dtype)
+
+
+def fp8_experts_w8a8(experts: Experts, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of FP8 ``experts`` on rows ``xs`` [M, D] sorted by expert (``counts`` [E] rows each) -> [M, D] in
+    xs.dtype: activations quantised per 1x128 group (as the FP8 linear layers), fp8 x fp8 grouped GEMMs that read
+    the FP8 weights as they are (the Triton kernel on the GPU; its PyTorch reference on CPU)."""
+    inter, ib = experts.inter, _blocks(experts.inter)
+    w, s = experts.gate_up, experts.gate_up_scale_inv
+    mm = fp8_grouped_mm if xs.is_cuda else fp8_grouped_mm_reference
+    x8, sx = quantize_act(xs)
+    if inter % 128 == 0:  # gate's and up's blocks tile 2I rows evenly: one GEMM
+        h = mm(x8, counts, w, s, sx, xs.dtype)
+    else:  # a 128-row block would straddle gate and up: one GEMM each
+        h = torch.cat([mm(x8, counts, w[:, :inter], s[:, :ib], sx, xs.dtype),
+                       mm(x8, counts, w[:, inter:], s[:, ib:], sx, xs.dtype)], -1)
+    gate, up = h.split(inter, dim=-1)
+    a8, sa = quantize_act(F.silu(gate) * up)
+    return mm(a8, counts, experts.down, experts.down_scale_inv, sa, xs.dtype)
+
+
+def fp8_experts_dequant_grouped_mm(experts: Experts, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The same function as ``fp8_experts_w8a8`` but with bf16 activations: each projection's FP8 weights (all
+    experts) are dequantised into a bf16 scratch by a memory-bound Triton pass, then torch._grouped_mm runs
+    (CUDA, bf16 ``xs``). The scratch is one projection's bf16 weights at a time."""
+    inter, ib = experts.inter, _blocks(experts.inter)
+    offs = counts.cumsum(0).to(torch.int32)
+    w, s = experts.gate_up, experts.gate_up_scale_inv
+    gu = torch.empty(w.shape, dtype=xs.dtype, device=xs.device)
+    if inter % 128 == 0:
+        dequantize_experts_triton(w, s, out=gu)
+    else:  # gate's and up's scale blocks restart at row I
+        dequantize_experts_triton(w[:, :inter], s[:, :ib], out=gu[:, :inter])
+        dequantize_experts_triton(w[:, inter:], s[:, ib:], out=gu[:, inter:])
+    h = torch._grouped_mm(xs, gu.transpose(1, 2), offs=offs)
+    del gu
+    gate, up = h.split(inter, dim=-1)
+    dn = dequantize_experts_triton(experts.down, experts.down_scale_inv, dtype=xs.dtype)
+    return torch._grouped_mm(F.silu(gate) * up, dn.transpose(1, 2), offs=offs)
 
 
 def quantize_experts(gate_up: torch.Tensor, down: torch.Tensor):

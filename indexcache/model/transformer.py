@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..pattern import IndexPattern, LayerPlan, PatternError
+from ..pattern import DEFAULT_POOL_FACTOR, IndexPattern, LayerPlan, PatternError
 from .attention import MLA
+from .indexer import Selection
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -28,12 +29,12 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, has_indexer=cfg.pattern.is_full(layer))
+        self.self_attn = MLA(cfg, has_indexer=cfg.pattern.has_indexer(layer))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size) if cfg.mlp_layer_types[layer] == "dense" else MoE(cfg)
 
-    def forward(self, h, cos, sin, positions, topk=None, attn_impl="masked"):
-        a, topk = self.self_attn(self.input_layernorm(h), cos, sin, positions, topk, attn_impl)
+    def forward(self, h, cos, sin, positions, topk=None, attn_impl="masked", pool=None, pool_size=None):
+        a, topk = self.self_attn(self.input_layernorm(h), cos, sin, positions, topk, attn_impl, pool, pool_size)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), topk
 
@@ -64,17 +65,43 @@ class DSAModel(nn.Module):
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         return self.rotary(positions, dtype)
 
-    def run_layer(self, i: int, h, cos, sin, positions, prev_topk, pattern: IndexPattern, attn_impl="masked"):
-        """One decoder layer under ``pattern``: F layers compute top-k, S layers reuse ``prev_topk``."""
-        topk = None if pattern.is_full(i) else prev_topk
-        return self.layers[i](h, cos, sin, positions, topk, attn_impl)
+    def run_layer(self, i: int, h, cos, sin, positions, prev_topk, pattern: IndexPattern, attn_impl="masked",
+                  pool: int | None = None):
+        """One decoder layer under ``pattern``: F layers compute top-k, S layers reuse ``prev_topk``.
+
+        Patterns with R layers pass a ``Selection`` (top-k in flight, F layer's candidate pool) from layer to layer
+        instead of a top-k tensor; ``pool`` is the pool size (default: the pattern's, else 4 x top-k)."""
+        if not pattern.has_rerank:
+            topk = None if pattern.is_full(i) else prev_topk
+            return self.layers[i](h, cos, sin, positions, topk, attn_impl)
+        if pattern.is_full(i):
+            c = self.pool_size(pattern, pool)
+            return self.layers[i](h, cos, sin, positions, None, attn_impl, pool_size=c)
+        if not isinstance(prev_topk, Selection):
+            raise ValueError(f"layer {i} of pattern {pattern} needs the Selection of the layers before it")
+        if pattern.is_rerank(i):
+            h, topk = self.layers[i](h, cos, sin, positions, None, attn_impl, pool=prev_topk.pool)
+            return h, Selection(topk, prev_topk.pool)
+        h, _ = self.layers[i](h, cos, sin, positions, prev_topk.topk, attn_impl)
+        return h, prev_topk
+
+    def pool_size(self, pattern: IndexPattern, pool: int | None = None) -> int:
+        """The candidate pool F layers publish for R layers: ``pool``, else the pattern's, else 4 x top-k."""
+        c = pool if pool is not None else pattern.pool
+        c = c if c is not None else DEFAULT_POOL_FACTOR * self.config.index_topk
+        if isinstance(c, bool) or not isinstance(c, int) or c < self.config.index_topk:
+            raise PatternError(f"the candidate pool for re-rank layers must be an integer >= top-k "
+                               f"({self.config.index_topk}), got {c!r}")
+        return c
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
 
-    def layer_plan(self, pattern=None) -> LayerPlan:
-        """The per-layer plan of a forward under ``pattern`` (None: the pattern the model was built with)."""
-        return LayerPlan(self.resolve_pattern(pattern))
+    def layer_plan(self, pattern=None, pool: int | None = None) -> LayerPlan:
+        """The per-layer plan of a forward under ``pattern`` (None: the pattern the model was built with);
+        ``pool``: the candidate-pool size when the pattern has R layers (default: the pattern's, else 4 x top-k)."""
+        p = self.resolve_pattern(pattern)
+        return LayerPlan(p, self.pool_size(p, pool) if p.has_rerank else None)
 
     def resolve_pattern(self, pattern) -> IndexPattern:
         """A runtime pattern may only use indexers this model has (it can turn F layers into S, not back).
@@ -89,11 +116,17 @@ class DSAModel(nn.Module):
         if missing:
             raise PatternError(f"pattern {p} marks layers {missing} full, but this model has no indexer weights "
                                f"there (built with pattern {self.config.pattern})")
+        missing = [i for i in p.rerank_layers if self.layers[i].self_attn.indexer is None]
+        if missing:
+            raise PatternError(f"pattern {p} marks layers {missing} re-rank (R), which needs the layer's own "
+                               f"indexer weights; this model has none there (built with pattern "
+                               f"{self.config.pattern})")
         return p
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None, pattern=None,
-                return_topk: bool = False, attn_impl: str = "masked") -> DSAOutput:
-        """input_ids [B,T] -> logits [B,T,vocab]; ``return_topk`` also returns every layer's indices."""
+                return_topk: bool = False, attn_impl: str = "masked", pool: int | None = None) -> DSAOutput:
+        """input_ids [B,T] -> logits [B,T,vocab]; ``return_topk`` also returns every layer's indices (the top-k it
+        attended with). ``pool``: candidate-pool size for R layers (default: the pattern's, else 4 x top-k)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         p = self.resolve_pattern(pattern)
@@ -103,10 +136,12 @@ class DSAModel(nn.Module):
         h = self.embed(input_ids)
         cos, sin = self.rope(positions, h.dtype)
         topk, all_topk = None, []
+        if p.has_rerank:
+            self.pool_size(p, pool)  # a bad pool size fails before any work
         for i in range(len(self.layers)):
-            h, topk = self.run_layer(i, h, cos, sin, positions, topk, p, attn_impl)
+            h, topk = self.run_layer(i, h, cos, sin, positions, topk, p, attn_impl, pool)
             if return_topk:
-                all_topk.append(topk)
+                all_topk.append(topk.topk if isinstance(topk, Selection) else topk)
         return DSAOutput(self.head(h), all_topk if return_topk else None)
 
     # ----- facts ------------------------------------------------------------------------------------------------

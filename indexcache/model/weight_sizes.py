@@ -37,7 +37,7 @@ def weight_bytes_per_gpu(cfg: ModelConfig, fp8: bool, tp: int = 1) -> dict:
         rep += 2 * (cfg.q_lora_rank + cfg.kv_lora_rank + 2 * D)  # four norms
         split += _mat(h * cfg.qk_head_dim, cfg.q_lora_rank, fp8) + _mat(D, h * cfg.v_head_dim, fp8)
         split += 2 * cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kv_b: kept bf16
-        if cfg.pattern.is_full(layer):
+        if cfg.pattern.has_indexer(layer):  # F and R layers hold indexer weights
             rep += 2 * (cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim + D * cfg.index_head_dim
                         + 2 * cfg.index_head_dim) + 4 * D * cfg.index_n_heads
         if cfg.mlp_layer_types[layer] == "dense":

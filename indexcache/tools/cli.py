@@ -163,7 +163,8 @@ def cmd_search(args) -> int:
     L = args.length or 4 * model.config.index_topk
     batches = calibration_batches(load_corpus(args.split), args.calib_seqs, L, args.batch, args.seed,
                                   _device(args.device))
-    res = greedy_search(model, batches, target, fixed=tuple(args.fixed), naive=args.naive, progress=True)
+    res = greedy_search(model, batches, target, fixed=tuple(args.fixed), naive=args.naive, progress=True,
+                        max_rerank=args.max_rerank, pool=args.pool)
     out = res.to_json()
     print(res.pattern.describe())
     print("loss curve: " + " ".join(f"{x:.4f}" for x in out["loss_curve"]))
@@ -198,9 +199,15 @@ def cmd_eval(args) -> int:
     results = []
     for pat in args.patterns:
         model = _load(args)
+        if pat != "model" and args.pool and "R" in pat:
+            from ..pattern import IndexPattern
+
+            pat = IndexPattern(pat, pool=args.pool)
         r = evaluate(model, None if pat == "model" else pat, test=test, context=args.context,
                      lengths=tuple(args.lengths), n_retrieval=args.n_retrieval, heldout_windows=args.windows,
-                     batch=args.batch, device=_device(args.device), progress=True)
+                     batch=args.batch, device=_device(args.device), progress=True,
+                     suite_lengths=tuple(args.suite_lengths) if args.suite_n else (), suite_n=args.suite_n,
+                     suite_tasks=tuple(args.suite_tasks), suite_seed=args.suite_seed)
         results.append(r)
         acc = " ".join(f"{L}:{v['accuracy']:.2f}" for L, v in r["retrieval"].items())
         recall = [x["recall_vs_own_indexer"] for x in r["layers"] if "recall_vs_own_indexer" in x]
@@ -208,11 +215,18 @@ def cmd_eval(args) -> int:
         print(f"{r['pattern']}  loss {r['heldout']['loss']:.4f}  bpb {r['heldout']['bits_per_byte']:.4f}  "
               f"retrieval {acc}  top-k recall {sum(recall) / max(len(recall), 1):.3f}  "
               f"attention mass {sum(mass) / max(len(mass), 1):.3f}")
+        if "suite" in r:
+            for task, by_len in r["suite"]["tasks"].items():
+                print(f"  {task:14s} " + " ".join(f"{L}:{v['exact_match']:.2f}" for L, v in by_len.items()))
+            print("  mean           " + " ".join(f"{L}:{v:.2f}" for L, v in r["suite"]["mean_by_length"].items()))
     _dump({"model": args.model, "results": results}, args.json)
     return 0
 
 
 def register(subparsers) -> None:
+    from .ruler import DEFAULT_LENGTHS
+    from .tasks import HELDOUT_SEED_BASE, TASKS
+
     def common(p, model=True):
         if model:
             p.add_argument("model", help="checkpoint folder")
@@ -226,7 +240,7 @@ def register(subparsers) -> None:
 
     t = subparsers.add_parser("train", help="train a small DSA model on the stdlib corpus (dense -> warm-up -> sparse)")
     common(t, model=False)
-    t.add_argument("--preset", default="fixture", choices=["fixture", "gpu"])
+    t.add_argument("--preset", default="fixture", choices=["fixture", "gpu", "retrieval"])
     t.add_argument("--out", required=True, help="checkpoint folder to write")
     for name in ("layers", "hidden", "context", "topk", "batch", "dense-steps", "warmup-steps", "sparse-steps", "seed"):
         t.add_argument(f"--{name}", type=int)
@@ -253,6 +267,9 @@ def register(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fixed", type=int, nargs="*", default=[0], help="layers that stay F (layer 0 always)")
     s.add_argument("--naive", action="store_true", help="run every candidate from the embedding (reference)")
+    s.add_argument("--max-rerank", type=int, default=0,
+                   help="also try re-rank (R) layers, at most this many (R: own indexer over the F layer's pool)")
+    s.add_argument("--pool", type=int, help="candidate pool of F layers for R layers (default 4 x top-k)")
     s.set_defaults(func=_parallel(cmd_search))
 
     d = subparsers.add_parser("distill", help="multi-layer indexer distillation into a pattern; writes a checkpoint")
@@ -270,12 +287,18 @@ def register(subparsers) -> None:
                               "recall against each layer's own indexer and the dense attention mass the used top-k "
                               "covers (means printed; per layer in --json)")
     common(e)
-    e.add_argument("--patterns", nargs="+", default=["model"], help="'model' (its own), F/S strings or 1/N")
+    e.add_argument("--patterns", nargs="+", default=["model"], help="'model' (its own), F/S/R strings or 1/N")
     e.add_argument("--context", type=int, default=512)
     e.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
     e.add_argument("--n-retrieval", type=int, default=32)
     e.add_argument("--windows", type=int, default=16)
     e.add_argument("--batch", type=int, default=4)
+    e.add_argument("--suite-lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
+                   help="lengths of the RULER-style retrieval suite (held-out synthetic tasks)")
+    e.add_argument("--suite-n", type=int, default=16, help="suite items per task and length (0: skip the suite)")
+    e.add_argument("--suite-tasks", nargs="+", default=list(TASKS), help=f"suite tasks, of {', '.join(TASKS)}")
+    e.add_argument("--suite-seed", type=int, default=HELDOUT_SEED_BASE, help="held-out item seed (>= the base)")
+    e.add_argument("--pool", type=int, help="candidate pool of F layers for R layers (default 4 x top-k)")
     e.set_defaults(func=_parallel(cmd_eval))
 
 

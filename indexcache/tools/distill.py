@@ -10,6 +10,9 @@ On N tensor-parallel ranks (``parallel``) each rank trains its shard: the target
 summed over the ranks' heads by one all-reduce, so the replicated indexers see the same loss and take the same
 steps on every rank; the LM loss trains the shards through differentiable collectives (distributed/training.py).
 Rank 0 gathers the whole model and writes it.
+
+Re-rank (R) layers (beyond the paper) train like F layers on their own group (themselves and the S layers after
+them), over their own selection inside the F layer's candidate pool in the sparse stage.
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ from .train import TrainConfig, run_stage
 def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_steps: int = 50, sparse_steps: int = 50,
             warmup_lr: float = 1e-3, sparse_lr: float = 3e-4, batch: int = 8, context: int | None = None,
             seed: int = 0, device="cpu", time_budget_s: float | None = None, max_train_bytes: int | None = None,
-            progress: bool | None = None, parallel=None) -> tuple:
+            progress: bool | None = None, task_ratio: float = 0.0, parallel=None) -> tuple:
     """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log); with ``parallel``
-    (a ``ParallelContext`` of several ranks) the model is this rank's shard."""
+    (a ``ParallelContext`` of several ranks) the model is this rank's shard.
+    ``task_ratio``: share of windows that are synthetic retrieval tasks (as in training, tools/tasks.py)."""
     if parallel is not None and not parallel.is_single:
         from ..distributed import load_sharded
         model = load_sharded(model_path, parallel, index_pattern=pattern, weight_dtype="bf16")[0]
@@ -38,7 +42,7 @@ def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_step
     p = model.config.pattern
     cfg = model.config
     ctx = context or _trained_context(model_path) or 512
-    tc = TrainConfig(context=ctx, batch=batch, seed=seed)
+    tc = TrainConfig(context=ctx, batch=batch, seed=seed, task_ratio=task_ratio)
     corpus = load_corpus("train", max_bytes=max_train_bytes)
     gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
@@ -47,7 +51,8 @@ def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_step
         deadline = None if time_budget_s is None else t0 + share * time_budget_s
         logs.append(run_stage(model, corpus, stage, steps, lr, tc, gen, pattern=p, deadline=deadline,
                               progress=progress))
-    log = {"pattern": str(p), "groups": {f: p.served_by(f) for f in p.full_layers}, "stages": logs,
+    log = {"pattern": str(p), "groups": {f: p.served_by(f) for f in p.indexer_layers}, "stages": logs,
+           "rerank": {f: p.reranked_by(f) for f in p.full_layers if p.reranked_by(f)},
            "context": ctx, "seconds": time.perf_counter() - t0, "source": model_path}
     if out_dir:
         _save(model, out_dir, extra_config={

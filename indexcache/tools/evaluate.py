@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from ..model.attention import selection_mask
-from ..model.indexer import causal_mask
+from ..model.indexer import Selection, causal_mask
 from ..progress import Progress
 from .corpus import ByteTokenizer, Corpus
 from .overlap import row_overlap
+from .ruler import ruler_suite
+from .tasks import HELDOUT_SEED_BASE, TASKS
 from .trainfwd import attention_qkv, head_mean_probs, lm_loss, over_all_heads
 
 _ASSIGN = re.compile(rb"^[ \t]*([A-Za-z_][A-Za-z0-9_]{2,40}) = ([0-9][0-9_xXa-fA-F.]{0,15}|'[^'\n\\]{1,24}'|"
@@ -111,8 +113,9 @@ def layer_recall(model, ids: torch.Tensor, pattern=None) -> list[dict]:
         q, kk, _, q_resid = attention_qkv(attn, x, cos, sin)
         probs = over_all_heads(model, head_mean_probs(q, kk, causal, model.config.softmax_scale))
         own = attn.indexer(x, q_resid, cos, sin, pos) if attn.indexer is not None else None
-        used = own if p.is_full(i) else topk
-        rec = {"layer": i, "type": "F" if p.is_full(i) else "S", "source": p.source(i)}
+        h_next, sel = model.run_layer(i, h, cos, sin, pos, topk, p)
+        used = sel.topk if isinstance(sel, Selection) else sel  # what this layer attended with
+        rec = {"layer": i, "type": str(p)[i], "source": p.source(i)}
         mass = (probs * selection_mask(used, T)).sum(-1)
         rec["attention_mass_used"] = float(mass[keep].mean()) if keep.any() else float(mass.mean())
         if own is not None:
@@ -122,16 +125,23 @@ def layer_recall(model, ids: torch.Tensor, pattern=None) -> list[dict]:
             rec["attention_mass_own"] = float((probs * selection_mask(own, T)).sum(-1)[keep].mean()) \
                 if keep.any() else 1.0
         out.append(rec)
-        h, topk = model.run_layer(i, h, cos, sin, pos, topk, p)
+        h, topk = h_next, sel
     return out
 
 
 def evaluate(model, pattern=None, *, test: Corpus, context: int, lengths=(512,), n_retrieval: int = 32,
              heldout_windows: int = 16, batch: int = 4, recall_seqs: int = 2, device="cpu",
-             progress: bool | None = None) -> dict:
-    """Held-out loss, retrieval at each of ``lengths`` and per-layer recall, for one pattern."""
+             progress: bool | None = None, suite_lengths=(), suite_n: int = 16, suite_tasks=TASKS,
+             suite_seed: int = HELDOUT_SEED_BASE) -> dict:
+    """Held-out loss, retrieval at each of ``lengths`` and per-layer recall, for one pattern; with
+    ``suite_lengths``, also the RULER-style suite (``res["suite"]``, tools/ruler.py)."""
     p = model.resolve_pattern(pattern)
-    res = {"pattern": str(p), "num_full": p.num_full}
+    res = {"pattern": str(p), "num_full": p.num_full, "num_rerank": p.num_rerank,
+           "pool": model.pool_size(p) if p.has_rerank else None}
+    if suite_lengths:
+        res["suite"] = ruler_suite(model, p, test=test, lengths=suite_lengths, n_per_task=suite_n,
+                                   tasks=suite_tasks, seed=suite_seed, batch=batch, device=device,
+                                   progress=progress)
     with Progress(2 + len(lengths), f"eval {p}", " parts", progress) as bar:
         res["heldout"] = heldout_loss(model, test, context, heldout_windows, p, batch, device)
         bar.update()

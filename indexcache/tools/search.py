@@ -8,6 +8,11 @@ layer l unchanged. For the current pattern we keep, per calibration batch, the i
 entering it, so a candidate resumes at layer l (N - l layer-forwards instead of N). After a step commits l*, the
 cache is refreshed from l* on. ``naive=True`` runs every candidate from the embedding (the reference the cached
 search is tested against). Layer-forwards are counted both ways.
+
+Beyond the paper, ``max_rerank`` > 0 lets each step also try turning a layer into R (a re-rank layer, see
+indexcache/pattern.py), with at most that many R layers in the result; the step commits the (layer, S or R) with
+the lowest loss. A trial that adds the first R layer runs from the embedding (the cached prefix carries no
+candidate pools yet); once an R layer is committed, the cache carries them and trials resume as above.
 """
 from __future__ import annotations
 
@@ -74,10 +79,12 @@ class _Runner:
 
 @torch.no_grad()
 def greedy_search(model, batches: list[torch.Tensor], target_shared: int, *, fixed=(0,), naive: bool = False,
-                  progress: bool | None = None) -> SearchResult:
-    """Greedy search for ``target_shared`` S layers; ``batches`` are [B, T+1] token tensors (inputs + targets).
+                  progress: bool | None = None, max_rerank: int = 0, pool: int | None = None) -> SearchResult:
+    """Greedy search for ``target_shared`` S (or, with ``max_rerank``, R) layers; ``batches`` are [B, T+1] token
+    tensors (inputs + targets). ``pool``: the candidate pool of R layers (default 4 x top-k).
 
-    Losses are mean next-token cross-entropy (nats) over all calibration tokens. Ties go to the lower layer.
+    Losses are mean next-token cross-entropy (nats) over all calibration tokens. Ties go to the lower layer
+    (then to S).
     """
     N = len(model.layers)
     base = model.resolve_pattern(None)
@@ -88,41 +95,50 @@ def greedy_search(model, batches: list[torch.Tensor], target_shared: int, *, fix
     if not 0 <= target_shared <= len(candidates):
         raise ValueError(f"target_shared must be in [0, {len(candidates)}] (layers {sorted(fixed)} stay F), "
                          f"got {target_shared}")
+    if isinstance(max_rerank, bool) or not isinstance(max_rerank, int) or max_rerank < 0:
+        raise ValueError(f"max_rerank must be an integer >= 0, got {max_rerank!r}")
     t0 = time.perf_counter()
     run = _Runner(model, batches)
-    pattern = IndexPattern.all_full(N)
+    pattern = IndexPattern.all_full(N).with_pool(pool)
     caches = [[None] * N for _ in batches]
     base_nll = sum(run.run(b, pattern, 0, run.ctx[b][0], None, None if naive else caches[b])
                    for b in range(len(batches)))
     base_loss = base_nll / run.tokens
     naive_count = N * len(batches)
     steps, by_full = [], {N: pattern}
-    total = sum(len(candidates) - s for s in range(target_shared))
+    total = sum(len(candidates) - s for s in range(target_shared)) * (2 if max_rerank else 1)
     with Progress(total, "greedy search", " candidates", progress) as bar:
         for step in range(target_shared):
             losses = {}
+            letters = ("S", "R") if pattern.num_rerank < max_rerank else ("S",)
             for layer in candidates:
-                trial = pattern.with_shared(layer)
-                nll = 0.0
-                for b in range(len(batches)):
-                    if naive:
-                        nll += run.run(b, trial, 0, run.ctx[b][0], None)
-                    else:
-                        h, topk = caches[b][layer]
-                        nll += run.run(b, trial, layer, h, topk)
-                naive_count += N * len(batches)
-                losses[layer] = nll / run.tokens
-                bar.update(note=f"step {step + 1}/{target_shared}")
-            best = min(candidates, key=lambda i: (losses[i], i))
-            pattern = pattern.with_shared(best)
+                for letter in letters:
+                    trial = pattern.with_shared(layer) if letter == "S" else pattern.with_rerank(layer)
+                    resume = not naive and trial.has_rerank == pattern.has_rerank
+                    nll = 0.0
+                    for b in range(len(batches)):
+                        if resume:
+                            h, topk = caches[b][layer]
+                            nll += run.run(b, trial, layer, h, topk)
+                        else:
+                            nll += run.run(b, trial, 0, run.ctx[b][0], None)
+                    naive_count += N * len(batches)
+                    losses[(layer, letter)] = nll / run.tokens
+                    bar.update(note=f"step {step + 1}/{target_shared}")
+            best, letter = min(losses, key=lambda x: (losses[x], x[0], x[1] == "R"))
+            changed_carrier = letter == "R" and not pattern.has_rerank
+            pattern = pattern.with_shared(best) if letter == "S" else pattern.with_rerank(best)
             candidates.remove(best)
             if not naive:  # refresh the cache of the committed pattern from the changed layer on
+                start = 0 if changed_carrier else best
                 for b in range(len(batches)):
-                    h, topk = caches[b][best]
-                    run.run(b, pattern, best, h, topk, caches[b])
+                    h, topk = (run.ctx[b][0], None) if start == 0 else caches[b][start]
+                    run.run(b, pattern, start, h, topk, caches[b])
             by_full[pattern.num_full] = pattern
-            steps.append({"step": step + 1, "layer": best, "loss": losses[best], "pattern": str(pattern),
-                          "candidate_losses": {str(k): v for k, v in sorted(losses.items())}})
+            steps.append({"step": step + 1, "layer": best, "type": letter, "loss": losses[(best, letter)],
+                          "pattern": str(pattern),
+                          "candidate_losses": {f"{k}{'' if t == 'S' else 'R'}": v
+                                               for (k, t), v in sorted(losses.items())}})
     return SearchResult(pattern, steps, base_loss, run.forwards, naive_count, time.perf_counter() - t0, run.tokens,
                         naive, by_full)
 

@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..distributed.training import any_rank, clip_grad_norm_, reduce_gradients
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
+from .tasks import mixed_windows
 from .trainfwd import forward_train
 
 
@@ -49,6 +50,11 @@ class TrainConfig:
     index_coef: float = 1.0
     seed: int = 0
     max_train_bytes: int | None = None
+    task_ratio: float = 0.0  # share of training windows that are synthetic retrieval tasks (tools/tasks.py)
+    # window lengths cycled step by step (None: ``context`` always); batch scales so tokens per step stay
+    # batch x context. The warm-up and sparse stages skip lengths above ``context``: their masked training
+    # forward holds [B, heads, T, T] attention per layer for the backward
+    contexts: tuple | None = None
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages
 
     def model_config(self) -> ModelConfig:
@@ -72,6 +78,12 @@ PRESETS = {
     "gpu": TrainConfig(layers=16, hidden=256, heads=4, q_lora=128, kv_lora=128, nope=48, rope=16, v=64, mlp=768,
                        index_heads=4, index_dim=32, topk=128, context=4096, batch=8, dense_steps=1500,
                        warmup_steps=150, sparse_steps=300, lr=2e-3, warmup_lr=2e-3, sparse_lr=5e-4),
+    # the retrieval testbed (benchmarks/retrieval_testbed.py): half the windows are synthetic retrieval tasks,
+    # 4K-16K tokens; step counts are set there from a time budget
+    "retrieval": TrainConfig(layers=16, hidden=256, heads=4, q_lora=128, kv_lora=128, nope=48, rope=16, v=64,
+                             mlp=768, index_heads=4, index_dim=32, topk=128, context=8192, batch=4,
+                             contexts=(4096, 8192, 16384), task_ratio=0.5, dense_steps=3000, warmup_steps=200,
+                             sparse_steps=500, lr=2e-3, warmup_lr=2e-3, sparse_lr=5e-4),
 }
 
 
@@ -91,8 +103,13 @@ def _lr_at(step: int, total: int, base: float, warm: int = 20) -> float:
 
 def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig, gen: torch.Generator,
               pattern=None, params=None, deadline: float | None = None, progress: bool | None = None,
-              log_every: int = 10) -> dict:
-    """Train ``steps`` steps of ``stage``; returns a log with the loss curve (every ``log_every`` steps)."""
+              log_every: int = 10, start_step: int = 0, opt_state: dict | None = None, checkpoint=None,
+              checkpoint_every_s: float | None = None) -> dict:
+    """Train ``steps`` steps of ``stage``; returns a log with the loss curve (every ``log_every`` steps).
+
+    Resuming: ``start_step`` and ``opt_state`` (an optimizer state_dict) continue a stage cut short (the learning
+    rate schedule follows the step index). ``checkpoint(next_step, optimizer)`` is called every
+    ``checkpoint_every_s`` seconds and once when the stage ends or hits the deadline."""
     device = next(model.parameters()).device
     train_indexer = stage in ("warmup", "sparse")
     if params is None:
@@ -104,15 +121,19 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
     # fused: one kernel for all parameters (a small model's optimizer step is otherwise launch-bound)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01 if stage != "warmup" else 0.0,
                             fused=amp)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     curve, done, t0 = [], 0, time.perf_counter()
+    last_ck = t0
     model.train()
-    with Progress(steps, f"train/{stage}", " steps", progress) as bar:
-        for step in range(steps):
+    with Progress(steps - start_step, f"train/{stage}", " steps", progress) as bar:
+        for step in range(start_step, steps):
             if deadline is not None and any_rank(time.perf_counter() > deadline, getattr(model, "parallel", None)):
                 break  # all ranks stop at the same step
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr)
-            ids = corpus.random_windows(tc.batch, tc.context + 1, gen).to(device)
+            length, batch = _window(tc, step, stage)
+            ids = mixed_windows(corpus, batch, length + 1, tc.task_ratio, gen).to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 lm, idx = forward_train(model, ids, stage, pattern, index_backward=train_indexer,
@@ -128,11 +149,27 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
                 curve.append(rec)
             bar.update(note=" ".join(f"{name} {v:.3f}" for name, v in (("lm", rec["lm"]), ("kl", idx))
                                      if v is not None))  # the warm-up computes no LM loss, dense training no KL
+            if checkpoint is not None and checkpoint_every_s is not None \
+                    and time.perf_counter() - last_ck > checkpoint_every_s:
+                checkpoint(step + 1, opt)
+                last_ck = time.perf_counter()
+    if checkpoint is not None:
+        checkpoint(start_step + done, opt)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
     return {"stage": stage, "steps_planned": steps, "steps_done": done, "seconds": time.perf_counter() - t0,
-            "lr": lr, "curve": curve}
+            "lr": lr, "curve": curve, "start_step": start_step}
+
+
+def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]:
+    """(window length, batch) of a step: ``contexts`` cycled (only those <= ``context`` outside the dense stage),
+    tokens per step kept at batch x context."""
+    lengths = [L for L in (tc.contexts or ()) if stage == "dense" or L <= tc.context]
+    if not lengths:
+        return tc.context, tc.batch
+    length = lengths[step % len(lengths)]
+    return length, max(1, tc.batch * tc.context // length)
 
 
 def train(tc: TrainConfig, device="cpu", out_dir: str | None = None, progress: bool | None = None) -> tuple:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..distributed.comm import all_reduce_
 from ..model.attention import selection_mask
-from ..model.indexer import causal_mask, select_topk
+from ..model.indexer import causal_mask, pool_mask, select_topk
 from ..pattern import IndexPattern
 
 STAGES = ("dense", "warmup", "sparse")
@@ -52,6 +52,7 @@ class LayerOut:
     topk: torch.Tensor | None  # the selection this layer attended to (None in dense mode)
     probs: torch.Tensor | None = None  # head-averaged attention probabilities [B,T,S] (detached)
     index_logits: torch.Tensor | None = None  # own indexer scores [B,T,S], -inf where not causal
+    pool: torch.Tensor | None = None  # an F layer's published candidate pool (patterns with R layers)
 
 
 def attention_qkv(attn, x, cos, sin):
@@ -84,8 +85,10 @@ def over_all_heads(model, probs: torch.Tensor) -> torch.Tensor:
 
 
 def run_layer_train(model, i: int, h, cos, sin, positions, *, dense: bool, topk_in=None, want_probs=False,
-                    want_index=False, detach_indexer_input=True) -> LayerOut:
-    """One decoder layer. ``topk_in`` is the inherited selection (None: this layer selects with its own indexer)."""
+                    want_index=False, detach_indexer_input=True, pool_in=None, publish: int | None = None) -> LayerOut:
+    """One decoder layer. ``topk_in`` is the inherited selection (None: this layer selects with its own indexer).
+    Re-rank layers: ``pool_in`` restricts the own selection to an F layer's candidates; ``publish``: this F layer
+    also returns its top-``publish`` candidates (sparse mode)."""
     layer = model.layers[i]
     attn = layer.self_attn
     cfg = model.config
@@ -103,10 +106,14 @@ def run_layer_train(model, i: int, h, cos, sin, positions, *, dense: bool, topk_
         topk, allowed = None, causal
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)
     else:
+        pool = None
         if topk_in is None:
             if index_logits is None:
                 raise ValueError(f"layer {i} has no indexer and no inherited top-k")
-            topk = select_topk(index_logits.detach(), causal, cfg.index_topk)
+            valid = causal if pool_in is None else causal & pool_mask(pool_in, T)
+            topk = select_topk(index_logits.detach(), valid, cfg.index_topk)
+            if publish:
+                pool = select_topk(index_logits.detach(), valid, publish)
         else:
             topk = topk_in
         allowed = selection_mask(topk, T) & causal
@@ -114,7 +121,7 @@ def run_layer_train(model, i: int, h, cos, sin, positions, *, dense: bool, topk_
     probs = over_all_heads(model, head_mean_probs(q, k, allowed, cfg.softmax_scale)) if want_probs else None
     h = h + attn.o_proj(out.transpose(1, 2).flatten(2))
     h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return LayerOut(h, topk, probs, index_logits)
+    return LayerOut(h, topk, probs, index_logits, None if dense else pool)
 
 
 def forward_train(model, ids: torch.Tensor, stage: str, pattern: IndexPattern | None = None, *,
@@ -137,6 +144,8 @@ def forward_train(model, ids: torch.Tensor, stage: str, pattern: IndexPattern | 
     dense = stage != "sparse"
     want_index = stage in ("warmup", "sparse")
     topk, group_logq, group_targets, index_losses = None, None, [], []
+    pool = None  # the last F layer's candidate pool (patterns with R layers, sparse stage)
+    publish = model.pool_size(p) if p.has_rerank else None
 
     def close_group():
         if group_logq is not None and group_targets:
@@ -146,9 +155,13 @@ def forward_train(model, ids: torch.Tensor, stage: str, pattern: IndexPattern | 
             index_losses.append(float(loss.detach()))
 
     for i in range(len(model.layers)):
-        full = p.is_full(i)
+        full = p.has_indexer(i)  # F, or R (its own indexer over the pool): each starts a distillation group
         out = run_layer_train(model, i, h, cos, sin, pos, dense=dense, topk_in=None if full else topk,
-                              want_probs=want_index, want_index=want_index and full)
+                              want_probs=want_index, want_index=want_index and full,
+                              pool_in=pool if p.is_rerank(i) and not dense else None,
+                              publish=publish if p.is_full(i) else None)
+        if p.is_full(i):
+            pool = out.pool
         if full and want_index:
             close_group()
             logits = out.index_logits

@@ -153,3 +153,48 @@ def test_prefix_cache_with_fp8_indexer_pages_on_gpu(latent):
     cos = torch.nn.functional.cosine_similarity(lg_c[0][0], lg_p[0][0], dim=0)
     assert cos > 0.995, cos
     assert all_pages_free(cached)
+
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms for one test (warn_only: ops without a deterministic version still run),
+    buffers not NaN-filled, both settings restored afterwards."""
+    import torch.utils.deterministic as tud
+
+    was, was_warn, fill = (torch.are_deterministic_algorithms_enabled(),
+                           torch.is_deterministic_algorithms_warn_only_enabled(), tud.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    tud.fill_uninitialized_memory = False
+    yield
+    torch.use_deterministic_algorithms(was, warn_only=was_warn)
+    tud.fill_uninitialized_memory = fill
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("latent", ["bf16", "fp8"])
+def test_prefix_cache_on_gpu_equals_no_cache_exactly(latent, deterministic):
+    """Strict form of the test above: the uncached run's prefill chunks end where the cached prefix ends (page 4),
+    so the question's 80 tokens are computed from the same inputs in both runs, and with deterministic algorithms
+    (the MoE's bf16 index_add_ otherwise adds in a racy order) the first-token logits must be bit-identical. 80 > 64
+    rows keeps the indexer top-k on its atomic-free prefill path. Any shared-page error (FP8 keys or scales, latent
+    rows, slots of the cached pages, positions) changes them. One token only: no decode step, so no CUDA graph is
+    captured under the deterministic mode (the test above covers decode over shared pages)."""
+    from indexcache.checkpoint import build_empty
+    from indexcache.presets import preset_config
+
+    cfg = preset_config("tiny").replace(index_n_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128,
+                                        index_topk=64)
+    model = build_empty(cfg, "cuda", torch.bfloat16).init_random(5).eval()
+    doc, question = prompt(256, 8), prompt(80, 10)
+    kw = dict(indexer_cache="fp8", kv_cache_dtype=latent, max_model_len=512, num_kv_blocks=32, max_prefill_tokens=128)
+    cached = make_engine(model, "1/2", **kw)
+    run(cached, [doc + prompt(80, 9)], greedy(1))
+    before = cached.num_computed_tokens
+    _, lg_c = run(cached, [doc + question], greedy(1))
+    assert cached.num_computed_tokens - before == 80  # the document's 4 pages came from the cache
+    plain = [run(make_engine(model, "1/2", enable_prefix_caching=False, **kw), [doc + question], greedy(1))[1][0][0]
+             for _ in range(2)]
+    assert torch.equal(plain[0], plain[1]), "two uncached runs differ: the premise (determinism) fails"
+    assert torch.equal(lg_c[0][0], plain[0]), (lg_c[0][0] - plain[0]).abs().max()
+    assert all_pages_free(cached)

@@ -10,7 +10,10 @@ from indexcache.kernels.indexer import (
     indexer_logits_decode,
     indexer_topk_decode,
     indexer_prefill_candidates,
+    choose_prefill_path,
     indexer_topk_prefill,
+    indexer_topk_prefill_fused,
+    indexer_topk_prefill_two_pass,
     plan_fused_chunks,
     plan_prefill_chunks,
     quantize_indexer_k,
@@ -393,8 +396,8 @@ def test_prefill_candidates_match_reference(h, device):
 def _fused(q8, w, k8, ks, rs, re, topk, **kw):
     stats = {}
     out = poisoned((q8.shape[0], topk), torch.int32, q8.device)
-    idx = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, topk_fn=topk_rows_reference, out=out, _fused=True,
-                               stats=stats, **kw)
+    idx = indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, topk, topk_fn=topk_rows_reference, out=out,
+                                     stats=stats, **kw)
     assert idx.data_ptr() == out.data_ptr()
     return idx, stats
 
@@ -413,7 +416,7 @@ def test_fused_topk_prefill_matches_reference(cap, device):
     rs, re = rs[order], re[order]
     p, r, cap = fused_params(topk, 4, cap)
     ws = 4 * max(_scratch(topk, cap), _scratch(r, s) + 16 + 4 * s)
-    idx, st = _fused(q8, w, k8, ks, rs, re, topk, _sample_stride=4, _cap=cap, workspace_bytes=ws)
+    idx, st = _fused(q8, w, k8, ks, rs, re, topk, sample_stride=4, cap=cap, workspace_bytes=ws)
     assert st["fallback_rows"] == 0 and st["cap"] == cap
     if cap < s:
         assert int(((re.clamp(max=s) - rs) > cap).sum()) >= 2 and st["sample_chunks"] >= 2  # rows used the sample
@@ -436,7 +439,7 @@ def test_fused_topk_prefill_heavy_ties(cap, fallback, device):
     w = w.abs()                 # non-negative scores: the repeated key ranks in the upper part of every row
     rs = torch.zeros(t, dtype=torch.int32, device=device)
     re = torch.tensor([400, 399, 390, 385, 300, 250], dtype=torch.int32, device=device)
-    idx, st = _fused(q8, w, k8, ks, rs, re, topk, _sample_stride=4, _cap=cap)
+    idx, st = _fused(q8, w, k8, ks, rs, re, topk, sample_stride=4, cap=cap)
     logits = indexer_logits(q8, w, k8, ks, rs, re)
     thr_rank = torch.sort(logits, 1, descending=True).values[:, topk - 1]
     assert ((logits == thr_rank[:, None]).sum(1) > 100).any()  # the k-th score is tied hundreds of times
@@ -456,9 +459,33 @@ def test_fused_topk_prefill_sample_misses(device):
     ks[sample_columns(s, p, device)] *= 64.0
     rs = torch.zeros(t, dtype=torch.int32, device=device)
     re = torch.tensor([700, 690, 650, 600, 300], dtype=torch.int32, device=device)
-    idx, st = _fused(q8, w, k8, ks, rs, re, topk, _sample_stride=4)
+    idx, st = _fused(q8, w, k8, ks, rs, re, topk, sample_stride=4)
     assert st["fallback_rows"] == 4  # the short row (300 <= cap) takes every score and needs no sample
     _exact_sets(idx, indexer_logits(q8, w, k8, ks, rs, re), rs, re, topk)
+
+
+def test_choose_prefill_path_and_dispatch(monkeypatch, device):
+    """The rule is a step in the context length, per head group; indexer_topk_prefill runs the chosen path
+    (with Triton) and both paths give the exact sets."""
+    from indexcache.kernels.indexer import ops
+
+    for h, limit in ((32, ops.FUSED_MIN_CONTEXT_UP_TO_32_HEADS), (20, ops.FUSED_MIN_CONTEXT_UP_TO_32_HEADS),
+                     (64, ops.FUSED_MIN_CONTEXT_OVER_32_HEADS)):
+        assert choose_prefill_path(limit - 1, h) == "two_pass" and choose_prefill_path(limit, h) == "fused"
+    t, s, h, topk = 6, 300, 32, 16
+    q8, w, k8, ks = _inputs(t, s, h, device, seed=25)
+    rs, re = _ragged_windows(t, s, device, seed=25)
+    logits = indexer_logits_ref(q8, w, k8, ks, rs, re)
+    calls = []
+    for name in ("indexer_topk_prefill_fused", "indexer_topk_prefill_two_pass"):
+        impl = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _impl=impl, _n=name, **kw: calls.append(_n) or _impl(*a, **kw))
+    for limit, want in ((s + 1, "indexer_topk_prefill_two_pass"), (s, "indexer_topk_prefill_fused")):
+        monkeypatch.setattr(ops, "FUSED_MIN_CONTEXT_UP_TO_32_HEADS", limit)
+        calls.clear()
+        idx = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, topk_fn=topk_rows_reference)
+        assert calls[0] == (want if use_triton(q8) else "indexer_topk_prefill_two_pass")
+        _check_topk(idx, logits, rs, re.clamp(max=s), topk)
 
 
 def test_plan_fused_chunks_and_small_workspace():
@@ -477,7 +504,7 @@ def test_plan_fused_chunks_and_small_workspace():
     if use_triton(re):
         q8, w, k8, ks = _inputs(4, 10, 32, "cpu")
         with pytest.raises(ValueError, match="workspace_bytes"):
-            indexer_topk_prefill(q8, w, k8, ks, rs[:4], re[:4].clamp(max=10), 8, workspace_bytes=1000, _fused=True)
+            indexer_topk_prefill_fused(q8, w, k8, ks, rs[:4], re[:4].clamp(max=10), 8, workspace_bytes=1000)
 
 
 @pytest.mark.gpu
@@ -488,6 +515,6 @@ def test_gpu_fused_topk_prefill_equals_two_pass(h):
     re = torch.arange(s - t + 1, s + 1, dtype=torch.int32, device="cuda")
     rs = (torch.arange(t, device="cuda", dtype=torch.int32) * 7) % 900
     st = {}
-    a = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, _fused=True, stats=st)
-    b = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk)
+    a = indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, topk, stats=st)
+    b = indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, topk)
     assert torch.equal(a.sort(1).values, b.sort(1).values), st

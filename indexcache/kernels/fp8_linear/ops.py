@@ -1,8 +1,10 @@
 """FP8 block-scaled linear: checks and dispatch.
 
 On a Hopper GPU (compute capability 9.x: torch's DeepSeek-style block-scaled GEMM exists only there) the
-activations are quantised per 1x128 group in torch ops (one fused pass under torch.compile; memory-bound and
-small next to the GEMM) and ``torch.nn.functional.scaled_mm`` runs with (BlockWise1x128, BlockWise128x128) scales.
+activations are quantised per 1x128 group by one Triton pass (triton.py: it writes the fp8 values and the scales
+in scaled_mm's layouts, padding included; as separate torch ops the quantisation cost up to 4x the GEMM) and
+``torch.nn.functional.scaled_mm`` runs with (BlockWise1x128, BlockWise128x128) scales. Both sit in one custom op,
+opaque to torch.compile: the compiled decode graphs call it as is (two launches).
 Its scale layouts: scale_a (M, K/128) with strides (1, M); scale_b (L4, N/128) with strides (1, L4), where
 L4 = K/128 rounded up to a multiple of 4 (torch's check; the padding rows are never read for data). M is padded
 to a multiple of 4 so scale_a's columns start 16-byte aligned.
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from indexcache.kernels.fp8_linear.reference import (BLOCK, FP8, FP8_MAX, _TINY, blocks, check_weight,
                                                      fp8_linear_reference, quantize_act_reference)
+from indexcache.kernels.fp8_linear.triton import quantize_act_triton
 
 
 def block_scaled_mm_available(device) -> bool:
@@ -48,7 +51,9 @@ def gpu_path_reason(x: torch.Tensor, w: torch.Tensor) -> str | None:
 def quantize_act(x: torch.Tensor, pad_rows_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q fp8 [Mp, K], scale fp32 [Mp, ceil(K/128)] with strides (1, Mp)), Mp = M rounded up to
     ``pad_rows_to``; padding rows are zero. The layout scaled_mm wants for scale_a; the same values as
-    ``quantize_act_reference`` (which handles a ragged K here)."""
+    ``quantize_act_reference``. The Triton pass on CUDA; torch ops elsewhere."""
+    if x.is_cuda:
+        return quantize_act_triton(x, pad_rows_to)
     m, k = x.shape
     mp = -(-m // pad_rows_to) * pad_rows_to
     if mp != m:
@@ -72,18 +77,19 @@ def weight_scale_for_mm(scale_inv: torch.Tensor) -> torch.Tensor:
     return s.contiguous().t()
 
 
-@torch.library.custom_op("indexcache::fp8_block_scaled_mm", mutates_args=())
-def block_scaled_mm(q: torch.Tensor, w: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
-    """q fp8 [M, K] (scale_a (M, K/128), strides (1, M)) @ w fp8 [N, K]^T (scale_b from weight_scale_for_mm) ->
-    bf16 [M, N]. An opaque op for torch.compile: the compiled decode glue fuses the activation quantisation around
-    it and calls cuBLAS as is."""
+@torch.library.custom_op("indexcache::fp8_act_quant_mm", mutates_args=())
+def act_quant_mm(x: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (CUDA, float) quantised per 1x128 group, M padded to Mp (a multiple of 4), then @ w fp8 [N, K]^T
+    (scale_b from weight_scale_for_mm) by scaled_mm -> bf16 [Mp, N] (the caller drops the padding rows: a fresh
+    output, never a view, keeps the op simple for torch.compile)."""
+    q, scale_a = quantize_act_triton(x, pad_rows_to=4)
     return F.scaled_mm(q, w.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, F.ScalingType.BlockWise128x128,
                        output_dtype=torch.bfloat16)
 
 
-@block_scaled_mm.register_fake
-def _(q, w, scale_a, scale_b):
-    return q.new_empty(q.shape[0], w.shape[0], dtype=torch.bfloat16)
+@act_quant_mm.register_fake
+def _(x, w, scale_b):
+    return x.new_empty((x.shape[0] + 3) // 4 * 4, w.shape[0], dtype=torch.bfloat16)
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, out_dtype: torch.dtype | None = None,
@@ -105,9 +111,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, out_dt
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, w.shape[0], dtype=out_dtype or x.dtype)
-    q, sa = quantize_act(x2, pad_rows_to=4)
     sb = scale_for_mm if scale_for_mm is not None else weight_scale_for_mm(scale_inv)
-    y = block_scaled_mm(q, w, sa, sb)
+    y = act_quant_mm(x2, w, sb)
     if y.shape[0] != m:
         y = y[:m]
     return y.to(out_dtype or x.dtype).view(*lead, w.shape[0])

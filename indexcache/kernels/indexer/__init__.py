@@ -3,6 +3,9 @@
 from indexcache.kernels.indexer.ops import (
     SLOT_BYTES,
     SAMPLE_STRIDE,
+    FUSED_MIN_CONTEXT_OVER_32_HEADS,
+    FUSED_MIN_CONTEXT_UP_TO_32_HEADS,
+    choose_prefill_path,
     default_topk_fn,
     fused_params,
     indexer_prefill_candidates,
@@ -10,6 +13,8 @@ from indexcache.kernels.indexer.ops import (
     indexer_logits_decode,
     indexer_topk_decode,
     indexer_topk_prefill,
+    indexer_topk_prefill_fused,
+    indexer_topk_prefill_two_pass,
     plan_fused_chunks,
     plan_prefill_chunks,
     sample_columns,
@@ -32,5 +37,6 @@ __all__ = [
     "indexer_logits_decode", "indexer_topk_decode", "default_topk_fn", "plan_prefill_chunks", "selection_slot_bytes",
     "topk_recall", "indexer_logits_ref", "indexer_logits_fp32", "topk_rows_torch", "SLOT_BYTES",
     "indexer_prefill_candidates", "prefill_candidates_ref", "indexer_topk_prefill_ref", "fused_params",
-    "sample_columns", "plan_fused_chunks", "SAMPLE_STRIDE",
+    "sample_columns", "plan_fused_chunks", "SAMPLE_STRIDE", "choose_prefill_path", "indexer_topk_prefill_fused",
+    "indexer_topk_prefill_two_pass", "FUSED_MIN_CONTEXT_UP_TO_32_HEADS", "FUSED_MIN_CONTEXT_OVER_32_HEADS",
 ]

@@ -126,29 +126,55 @@ def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
     return chunks
 
 
+# Path of indexer_topk_prefill by (context, heads), from the crossover table of benchmarks/indexer_fused.py (H200,
+# 2 GiB workspace): the fused path from this many keys on. Provisional until that table is run: 200K measured
+# two-pass faster (H=32 0.45 vs 0.53 s, H=64 0.57 vs 0.91 s), 1M at H=32 fused 2.0x faster (the two-pass logits
+# chunk holds only ~370 rows of 1M there, too few programs for the GPU); 400K and 1M at H=64 not yet measured.
+FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 400_000
+FUSED_MIN_CONTEXT_OVER_32_HEADS = 1_000_000
+
+
+def choose_prefill_path(ctx: int, heads: int) -> str:
+    """"fused" or "two_pass": the faster prefill top-k path for ``ctx`` keys and ``heads`` indexer heads."""
+    limit = FUSED_MIN_CONTEXT_UP_TO_32_HEADS if heads <= 32 else FUSED_MIN_CONTEXT_OVER_32_HEADS
+    return "fused" if ctx >= limit else "two_pass"
+
+
 def indexer_topk_prefill(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
-                         workspace_bytes: int = 2 << 30, topk_fn=None, out=None, _fused: bool = False,
-                         _sample_stride: int | None = None, _cap: int | None = None, stats: dict | None = None):
+                         workspace_bytes: int = 2 << 30, topk_fn=None, out=None):
     """idx [T, topk] int32 of the key indices (columns of k_fp8) with the largest logits in each row's window.
 
-    Rows are processed in chunks whose logits over the chunk's column span fit in ``workspace_bytes``; logits of
-    the whole prefill are never materialised. ``topk_fn(logits [R,N], k, row_start=, row_end=)`` selects per row
-    (default: ``default_topk_fn()``); rows with fewer than topk valid keys are padded with -1.
-    ``_fused`` (benchmarks and tests only, until the GPU comparison decides which path stays): the fused
-    logits + candidate filter of ``_topk_prefill_fused`` instead of the two-pass path; ``_sample_stride`` /
-    ``_cap`` are its test hooks and ``stats`` receives its counters.
+    Logits of the whole prefill are never materialised; ``workspace_bytes`` bounds the temporaries.
+    ``topk_fn(logits [R,N], k, row_start=, row_end=)`` selects per row (default: ``default_topk_fn()``); rows with
+    fewer than topk valid keys are padded with -1. Runs ``indexer_topk_prefill_fused`` or
+    ``indexer_topk_prefill_two_pass`` as ``choose_prefill_path(S, H)`` says (two-pass without Triton); both give
+    the same index sets.
     """
+    _, h, s = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
+    if use_triton(q_fp8) and choose_prefill_path(s, h) == "fused":
+        return indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk,
+                                          workspace_bytes=workspace_bytes, topk_fn=topk_fn, out=out)
+    return indexer_topk_prefill_two_pass(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk,
+                                         workspace_bytes=workspace_bytes, topk_fn=topk_fn, out=out)
+
+
+def _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, out):
+    """Checks; (topk_fn, out, row_start, row_end clamped to [0, S] as int32) of either prefill path."""
     t, _, s = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if topk <= 0:
         raise ValueError(f"indexer_topk_prefill: topk must be positive, got {topk}")
-    topk_fn = topk_fn or default_topk_fn()
     if out is None:
         out = torch.empty(t, topk, dtype=torch.int32, device=q_fp8.device)
-    rs_all = row_start.clamp(0, s).to(torch.int32)
-    re_all = row_end.clamp(0, s).to(torch.int32)
-    if _fused and use_triton(q_fp8):
-        return _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspace_bytes, topk_fn, out,
-                                   _sample_stride, _cap, stats)
+    return (topk_fn or default_topk_fn(), out, row_start.clamp(0, s).to(torch.int32),
+            row_end.clamp(0, s).to(torch.int32))
+
+
+def indexer_topk_prefill_two_pass(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
+                                  workspace_bytes: int = 2 << 30, topk_fn=None, out=None):
+    """``indexer_topk_prefill`` by two passes: rows in chunks whose logits over the chunk's column span fit in
+    ``workspace_bytes`` (``plan_prefill_chunks``), each chunk's logits written, then selected by ``topk_fn``."""
+    topk_fn, out, rs_all, re_all = _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, out)
+    s = k_fp8.shape[0]
     chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, selection_slot_bytes(topk_fn, topk, s))
     need_max = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0
     buf = torch.empty(max(need_max, 1), dtype=torch.float32, device=q_fp8.device)  # one buffer, reused
@@ -235,14 +261,19 @@ def _take_rows(x, idx):
     return x.view(torch.uint8)[idx].view(x.dtype)
 
 
-def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspace_bytes, topk_fn, out, stride,
-                        cap, stats):
-    """Budget: the candidate lists of an outer chunk of rows take 1/2 of the workspace (large chunks keep the
+def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
+                               workspace_bytes: int = 2 << 30, topk_fn=None, out=None, sample_stride: int | None = None,
+                               cap: int | None = None, stats: dict | None = None):
+    """``indexer_topk_prefill`` by the fused logits + candidate filter (see the comment above ``SAMPLE_STRIDE``).
+
+    Budget: the candidate lists of an outer chunk of rows take 1/2 of the workspace (large chunks keep the
     fused kernel's grid many waves deep); the sample logits + threshold select and the final select run in
-    sub-chunks of 1/4 each."""
+    sub-chunks of 1/4 each. ``sample_stride`` / ``cap`` override ``fused_params`` (tests); ``stats`` receives
+    the counters (fallback rows, mean candidates per row, chunks, thresholds)."""
+    topk_fn, out, rs_all, re_all = _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, out)
     t, s = q_fp8.shape[0], k_fp8.shape[0]
     dev = q_fp8.device
-    p, r, cap = fused_params(topk, stride, cap)
+    p, r, cap = fused_params(topk, sample_stride, cap)
     sel = sample_columns(s, p, dev)
     k8s, kss = _take_rows(k_fp8, sel), k_scale[sel]
     srs = torch.searchsorted(sel, rs_all.long()).to(torch.int32)
@@ -291,8 +322,9 @@ def _topk_prefill_fused(q_fp8, w, k_fp8, k_scale, rs_all, re_all, topk, workspac
             stats.setdefault("candidates", []).append(cnt[:, 0].clone())
     redo = bad.nonzero().flatten()  # one sync for the whole call
     if redo.numel():
-        out[redo] = indexer_topk_prefill(_take_rows(q_fp8, redo), w[redo], k_fp8, k_scale, rs_all[redo],
-                                         re_all[redo], topk, workspace_bytes=workspace_bytes, topk_fn=topk_fn)
+        out[redo] = indexer_topk_prefill_two_pass(_take_rows(q_fp8, redo), w[redo], k_fp8, k_scale, rs_all[redo],
+                                                  re_all[redo], topk, workspace_bytes=workspace_bytes,
+                                                  topk_fn=topk_fn)
     if stats is not None:
         found = torch.cat(stats.pop("candidates")) if t else torch.zeros(0)
         stats.update(fallback_rows=int(redo.numel()), redo=redo, thr=thr, sample_stride=p, sample_rank=r, cap=cap,

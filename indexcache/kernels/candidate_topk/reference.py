@@ -1,0 +1,36 @@
+"""Plain PyTorch reference for re-rank scoring: a re-rank (R) layer's indexer over a per-query candidate pool.
+
+Each query row t has its own candidates: slot ids into the paged FP8 indexer-key cache (``kernels.formats``: 132 B
+per token), -1 = no candidate. logits[t, j] = k_scale * sum_h w[t, h] * relu(q_fp8[t, h] . k_fp8[cand[t, j]]), the
+same score as ``kernels.indexer`` (w folded with the q scale, see ``quantize_indexer_q``); -inf where cand is -1.
+"""
+from __future__ import annotations
+
+import torch
+
+from indexcache.kernels.formats import gather_indexer_k
+
+
+def candidate_logits_reference(q_fp8: torch.Tensor, w: torch.Tensor, kv_cache: torch.Tensor,
+                               cand: torch.Tensor) -> torch.Tensor:
+    """q_fp8 [T,H,128] e4m3, w [T,H] fp32, kv_cache uint8 [pages, 8448], cand [T,c] int -> logits [T,c] fp32."""
+    valid = cand >= 0
+    k8, ks = gather_indexer_k(kv_cache, cand.clamp(min=0).reshape(-1))
+    k = k8.float().view(*cand.shape, -1)  # [T,c,128]
+    dots = torch.einsum("thd,tcd->thc", q_fp8.float(), k)
+    logits = torch.einsum("th,thc->tc", w.float(), dots.clamp_min(0)) * ks.view(cand.shape)
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+def candidate_topk_reference(q_fp8, w, kv_cache, cand, k: int) -> torch.Tensor:
+    """[T,k] int32: the candidates (slot ids) with the k largest logits per row, -1 padded; ties go to the
+    earlier pool entry."""
+    logits = candidate_logits_reference(q_fp8, w, kv_cache, cand)
+    c = logits.shape[1]
+    # stable descending order: ties keep pool order
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, : min(k, c)]
+    vals = logits.gather(1, order)
+    out = cand.gather(1, order).to(torch.int32).masked_fill(vals == float("-inf"), -1)
+    if out.shape[1] < k:
+        out = torch.nn.functional.pad(out, (0, k - out.shape[1]), value=-1)
+    return out

@@ -1,0 +1,161 @@
+"""Synthetic long-range retrieval tasks written into Python code, for training and for the RULER-style eval suite.
+
+Every item is ``<bos>`` + code + a query, followed by the answer the model must produce; the filler between the
+facts and the query is stdlib code (a corpus split), so the model has to fetch the answer from thousands of tokens
+back. Tasks (byte tokens; names are random identifiers with a hex tag, values random integers):
+
+- ``passkey``: ``# the passkey is 48213`` early, ``# the passkey is `` at the end;
+- ``kv_single`` (single needle): ``TABLE_x = {"key_ab12": 73914}`` early, ``assert TABLE_x["key_ab12"] == ``;
+- ``kv_multikey``: one dict literal with 8 keys early, a lookup of one of them at the end;
+- ``needle_multi`` (multi needle): 4 assignments ``NAME_i = value_i`` at random depths, the query asks for one;
+- ``kv_multivalue``: ``REG_x["key"].append(v)`` at 3 depths, ``assert REG_x["key"] == [`` -> ``v1, v2, v3]``;
+- ``vartrack`` (variable tracking): ``a = 48213`` then ``b = a``, ``c = b`` at later depths, ``assert c == ``.
+
+Items are deterministic in (split, seed, task, length, index). Training seeds are below ``HELDOUT_SEED_BASE`` and
+held-out seeds at or above it (and held-out filler comes from the held-out corpus split), so no evaluated item
+is ever a training item.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .corpus import ByteTokenizer, Corpus
+
+TASKS = ("passkey", "kv_single", "kv_multikey", "needle_multi", "kv_multivalue", "vartrack")
+HELDOUT_SEED_BASE = 1 << 40  # items with seed >= this are held out; training draws seeds below it
+LEAD_FRACTION = 0.15         # facts are written in the first 15% of the item (at the latest)
+
+
+@dataclass
+class TaskItem:
+    task: str
+    length: int
+    prompt: list[int]  # <bos> + code + query: the model reads this
+    answer: bytes      # ... and must continue with exactly these bytes
+
+    def ids(self) -> torch.Tensor:
+        """prompt + answer as int64 [length]."""
+        return torch.tensor(self.prompt + list(self.answer), dtype=torch.long)
+
+
+def _name(rng: random.Random, prefix: str, names: list[str]) -> str:
+    names.append(f"{prefix}_{rng.getrandbits(32):08x}")
+    return names[-1]
+
+
+def _value(rng: random.Random) -> str:
+    return str(rng.randint(10_000, 9_999_999))
+
+
+def _facts(task: str, rng: random.Random, names: list[str]) -> tuple[list[bytes], bytes, bytes]:
+    """(fact lines in order, query, answer); the names used are appended to ``names``. Fact lines end with a
+    newline."""
+    if task == "passkey":
+        v = _value(rng)
+        return [f"# the passkey is {v}. Remember it.\n".encode()], b"\n# the passkey is ", v.encode()
+    if task == "kv_single":
+        t, k, v = _name(rng, "TABLE", names), _name(rng, "key", names), _value(rng)
+        return [f'{t} = {{"{k}": {v}}}\n'.encode()], f'\nassert {t}["{k}"] == '.encode(), v.encode()
+    if task == "kv_multikey":
+        t = _name(rng, "TABLE", names)
+        pairs = [(_name(rng, "key", names), _value(rng)) for _ in range(8)]
+        body = ", ".join(f'"{k}": {v}' for k, v in pairs)
+        k, v = pairs[rng.randrange(len(pairs))]
+        return [f"{t} = {{{body}}}\n".encode()], f'\nassert {t}["{k}"] == '.encode(), v.encode()
+    if task == "needle_multi":
+        pairs = [(_name(rng, "NEEDLE", names), _value(rng)) for _ in range(4)]
+        k, v = pairs[rng.randrange(len(pairs))]
+        return [f"{n} = {x}\n".encode() for n, x in pairs], f"\nassert {k} == ".encode(), v.encode()
+    if task == "kv_multivalue":
+        r, k = _name(rng, "REG", names), _name(rng, "key", names)
+        vals = [_value(rng) for _ in range(3)]
+        lines = [f'{r} = {{"{k}": []}}\n{r}["{k}"].append({vals[0]})\n'.encode()]
+        lines += [f'{r}["{k}"].append({v})\n'.encode() for v in vals[1:]]
+        return lines, f'\nassert {r}["{k}"] == ['.encode(), (", ".join(vals) + "]").encode()
+    if task == "vartrack":
+        names = [_name(rng, "var", names) for _ in range(3)]
+        v = _value(rng)
+        lines = [f"{names[0]} = {v}\n".encode()] + [f"{b} = {a}\n".encode() for a, b in zip(names, names[1:])]
+        return lines, f"\nassert {names[-1]} == ".encode(), v.encode()
+    raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+
+
+def _filler(corpus: Corpus, n: int, rng: random.Random, avoid: list[bytes]) -> bytes:
+    """``n`` bytes of the corpus stream from a random offset, starting after a newline; files are separated by a
+    newline (EOS would tell the model a file ended). Redrawn if it happens to contain a fact's name."""
+    toks = corpus.tokens
+    for _ in range(20):
+        start = rng.randrange(0, max(1, len(corpus) - 2 * n - 200))
+        window = toks[start: start + n + 200].tolist()
+        raw = bytes(10 if t >= 256 else t for t in window)
+        cut = raw.find(b"\n") + 1
+        chunk = raw[cut: cut + n]
+        if len(chunk) == n and not any(a in chunk for a in avoid):
+            return chunk
+    raise ValueError(f"could not draw {n} filler bytes free of the task's names from corpus split {corpus.split!r}")
+
+
+def make_item(corpus: Corpus, task: str, length: int, seed: int, index: int) -> TaskItem:
+    """One item of exactly ``length`` tokens (prompt + answer), deterministic in its arguments."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 256:
+        raise ValueError(f"task length must be an integer >= 256 tokens, got {length!r}")
+    rng = random.Random(f"{corpus.split}:{seed}:{task}:{length}:{index}")
+    names: list[str] = []
+    facts, query, answer = _facts(task, rng, names)
+    room = length - 1 - len(query) - len(answer) - sum(len(f) for f in facts)
+    if room < 64:
+        raise ValueError(f"task {task!r} needs more than {length} tokens")
+    # depths: the first fact within the lead, the others spread over the rest (before the query)
+    first = rng.randrange(0, max(1, int(LEAD_FRACTION * room)))
+    later = sorted(rng.randrange(first, room) for _ in facts[1:])
+    cuts = [first] + later + [room]
+    text = _filler(corpus, room, rng, [n.encode() for n in names])
+    # each fact starts a line: it goes in at the last line start at or before its cut
+    body, prev = b"", 0
+    for f, c in zip(facts, cuts):
+        at = text.rfind(b"\n", 0, c) + 1
+        body += text[prev:at] + f
+        prev = at
+    body += text[prev:]
+    prompt = [ByteTokenizer.BOS] + list(body) + list(query)
+    assert len(prompt) + len(answer) == length
+    return TaskItem(task, length, prompt, answer)
+
+
+def make_items(corpus: Corpus, tasks, length: int, n: int, seed: int, *, heldout: bool) -> list[TaskItem]:
+    """``n`` items of each task; ``heldout`` requires a held-out seed and the held-out corpus split."""
+    _check_seed(seed, heldout)
+    if heldout and corpus.split != "test":
+        raise ValueError(f"held-out items draw their filler from the 'test' split, got corpus split {corpus.split!r}")
+    return [make_item(corpus, t, length, seed, i) for t in tasks for i in range(n)]
+
+
+def _check_seed(seed: int, heldout: bool) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"task seed must be an integer >= 0, got {seed!r}")
+    if heldout and seed < HELDOUT_SEED_BASE:
+        raise ValueError(f"held-out task seeds start at {HELDOUT_SEED_BASE} (HELDOUT_SEED_BASE), got {seed}")
+    if not heldout and seed >= HELDOUT_SEED_BASE:
+        raise ValueError(f"training task seed {seed} is in the held-out range (>= {HELDOUT_SEED_BASE})")
+
+
+def mixed_windows(corpus: Corpus, n: int, length: int, ratio: float, gen: torch.Generator,
+                  tasks=TASKS) -> torch.Tensor:
+    """Training windows int64 [n, length]: each row is a synthetic task item with probability ``ratio``, else a
+    random corpus window. ``ratio`` 0 draws exactly ``corpus.random_windows`` (same generator use)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"task mixing ratio must be in [0, 1], got {ratio!r}")
+    if ratio == 0.0:
+        return corpus.random_windows(n, length, gen)
+    rows = corpus.random_windows(n, length, gen)
+    pick = torch.rand(n, generator=gen) < ratio
+    for r in pick.nonzero().flatten().tolist():
+        task = tasks[int(torch.randint(0, len(tasks), (1,), generator=gen))]
+        seed = int(torch.randint(0, 1 << 31, (1,), generator=gen))
+        rows[r] = make_item(corpus, task, length, seed, 0).ids()
+    return rows

@@ -1,0 +1,76 @@
+"""Re-rank (R) layers in the engine (CPU, TorchBackend, exact indexer keys) against the reference model."""
+import pytest
+import torch
+
+from indexcache.pattern import IndexPattern
+
+from .helpers import greedy, make_engine, reference_greedy, run, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(3)
+
+
+def prompt(n, seed):
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("chunk", [4096, 24], ids=["whole-prefill", "chunked"])
+def test_rerank_greedy_equals_reference(model, chunk):
+    pat = IndexPattern("FRSRFRSS", pool=48)  # top-k 32 < pool 48 < prompt 70: the pool restricts R layers
+    p = prompt(70, 1)
+    eng = make_engine(model, pat, max_prefill_tokens=chunk)
+    assert eng.plan.pool == 48 and eng.plan[1].reranks and eng.plan[0].publishes_pool == 48
+    toks, logits = run(eng, [p], greedy(6))
+    ref_toks, ref_logits = reference_greedy(model, p, 6, pattern=pat)
+    assert toks[0] == ref_toks
+    torch.testing.assert_close(logits[0], ref_logits, atol=2e-4, rtol=1e-4)
+    # and it differs from sharing the F layer's selection (the R layers did select on their own)
+    _, shared = reference_greedy(model, p, 6, pattern="FSSSFSSS")
+    assert not torch.allclose(ref_logits, shared, atol=1e-3)
+
+
+def test_indexer_cache_for_full_and_rerank_layers_only(model):
+    eng = make_engine(model, IndexPattern("FRSSFRSS", pool=40), num_kv_blocks=4)
+    assert [c is not None for c in eng.kv.index] == [True, True, False, False, True, True, False, False]
+    bpt = eng.cache_bytes
+    assert bpt["indexer"] == 4 * model.config.index_head_dim * 4 and bpt["num_indexer_cache_layers"] == 4
+    assert bpt["num_full_layers"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool", [256, 128])
+def test_rerank_on_gpu_fp8_kernels_and_cuda_graphs(pool):
+    """The Triton backend (FP8 keys, kernels/candidate_topk) against exact keys; CUDA-graph decode runs R layers."""
+    from indexcache.checkpoint import build_empty
+    from indexcache.presets import preset_config
+
+    cfg = preset_config("tiny").replace(index_n_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128,
+                                        index_topk=64)
+    m = build_empty(cfg, "cuda", torch.bfloat16).init_random(5).eval()
+    pat = IndexPattern("FRSRFRSS", pool=pool)
+    p = prompt(300, 0)
+    kw = dict(num_kv_blocks=64, max_model_len=512)
+    exact = run(make_engine(m, pat, indexer_cache="exact", **kw), [p], greedy(4))[1][0]
+    fast = make_engine(m, pat, indexer_cache="fp8", max_prefill_tokens=128, **kw)
+    assert fast.kv.indexer_format == "fp8" and fast.graphs is not None
+    toks, lg = run(fast, [p], greedy(4))
+    cos = torch.nn.functional.cosine_similarity(lg[0][0], exact[0], dim=0)
+    assert cos > 0.98, cos  # FP8 keys change the selection slightly; logits stay close
+    eager = run(make_engine(m, pat, indexer_cache="fp8", max_prefill_tokens=128, enforce_eager=True, **kw),
+                [p], greedy(4))[0]
+    assert toks == eager
+
+
+def test_sorted_topk_above_the_kernel_limit_matches_the_reference():
+    from indexcache.engine.attention_backend import _sorted_topk
+    from indexcache.kernels.topk.reference import topk_rows_reference
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5000, generator=g)
+    logits[1, 100:] = float("-inf")  # fewer valid than k: -1 padding
+    end = torch.tensor([5000, 5000, 4500])
+    got = _sorted_topk(logits, 4100, row_end=end)
+    ref = topk_rows_reference(logits, 4100, row_end=end)
+    assert torch.equal(got, ref)  # random values: no ties, so the order is the same too

@@ -1,0 +1,78 @@
+"""Re-rank scoring (kernels/candidate_topk): Triton (interpreter on CPU) vs the PyTorch reference on ragged,
+-1-padded candidate pools over the paged FP8 key cache; poisoned outputs; ties; bad input."""
+import pytest
+import torch
+
+from indexcache.kernels.candidate_topk import (candidate_logits, candidate_logits_reference, candidate_topk,
+                                               candidate_topk_reference)
+from indexcache.kernels.indexer import quantize_indexer_q
+from indexcache.kernels.kv_store import new_indexer_cache
+from indexcache.kernels.kv_store.reference import store_indexer_k_ref
+from tests.helpers import poisoned
+
+
+def _case(t, h, pages, c, seed, dup=False):
+    """A cache with random keys in every slot, queries, and per-row pools of distinct random slots: row r has a
+    random number of valid entries (some rows none), with -1 holes in the middle and padding at the end."""
+    g = torch.Generator().manual_seed(seed)
+    cache = new_indexer_cache(pages)
+    n = pages * 64
+    store_indexer_k_ref(cache, torch.arange(n), torch.randn(n, 128, generator=g))
+    q8, w = quantize_indexer_q(torch.randn(t, h, 128, generator=g), torch.randn(t, h, generator=g))
+    cand = torch.full((t, c), -1, dtype=torch.int32)
+    for r in range(t):
+        m = 0 if r == 1 else int(torch.randint(1, c + 1, (1,), generator=g))
+        cand[r, :m] = torch.randperm(n, generator=g)[:m].to(torch.int32)
+        if m > 3:
+            cand[r, m // 2] = -1  # a hole inside the pool
+        if dup and m > 4:
+            cand[r, 1] = cand[r, 0]  # the same key twice: an exact tie
+    return q8, w, cache, cand
+
+
+@pytest.mark.parametrize("t,h,pages,c", [(5, 4, 3, 40), (3, 3, 2, 70), (1, 16, 4, 17)])
+def test_candidate_logits_match_reference(t, h, pages, c):
+    q8, w, cache, cand = _case(t, h, pages, c, seed=t + c)
+    ref = candidate_logits_reference(q8, w, cache, cand)
+    out = poisoned((t, c), torch.float32, "cpu")
+    got = candidate_logits(q8, w, cache, cand, out=out)
+    assert got.data_ptr() == out.data_ptr() and not bool(got.isnan().any())
+    assert torch.equal(got == float("-inf"), cand < 0)
+    fin = cand >= 0
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-5)
+    assert float(ref[fin].abs().max()) > 0  # not all zeros
+
+
+@pytest.mark.parametrize("k", [8, 64])
+def test_candidate_topk_matches_reference_sets_and_scores(k):
+    q8, w, cache, cand = _case(6, 4, 3, 48, seed=k, dup=True)
+    got = candidate_topk(q8, w, cache, cand, k)
+    ref = candidate_topk_reference(q8, w, cache, cand, k)
+    assert got.shape == (6, k) and got.dtype == torch.int32
+    logits = candidate_logits_reference(q8, w, cache, cand)
+    for r in range(6):
+        g, e = got[r], ref[r]
+        assert int((g >= 0).sum()) == int((e >= 0).sum()) == min(k, int((cand[r] >= 0).sum()))
+        assert bool((g[(g >= 0).sum():] == -1).all())
+        assert set(g[g >= 0].tolist()) <= set(cand[r][cand[r] >= 0].tolist())
+        # the selected scores agree (index sets may differ only among exact ties)
+        score = {int(s): float(v) for s, v in zip(cand[r], logits[r]) if s >= 0}
+        gs = sorted((score[int(s)] for s in g if s >= 0), reverse=True)
+        es = sorted((score[int(s)] for s in e if s >= 0), reverse=True)
+        assert gs == pytest.approx(es, rel=1e-6, abs=1e-7)
+        kth = es[-1] if es else None
+        if kth is not None:  # away from the threshold the sets are equal
+            assert {int(s) for s in g if s >= 0 and score[int(s)] > kth} == \
+                   {int(s) for s in e if s >= 0 and score[int(s)] > kth}
+
+
+def test_candidate_topk_rejects_bad_input():
+    q8, w, cache, cand = _case(2, 4, 2, 16, seed=0)
+    with pytest.raises(ValueError, match="cand must be"):
+        candidate_topk(q8, w, cache, cand.float(), 4)
+    with pytest.raises(ValueError, match="past the cache's 128 slots"):
+        candidate_topk(q8, w, cache, cand.clamp(max=0) + 500, 4)
+    with pytest.raises(ValueError, match="w must be"):
+        candidate_topk(q8, w[:, :3], cache, cand, 4)
+    with pytest.raises(ValueError, match="q_fp8 must be"):
+        candidate_topk(q8.float(), w, cache, cand, 4)

@@ -1,0 +1,81 @@
+"""The retrieval testbed's CPU smoke mode (benchmarks/retrieval_testbed.py): a piece that stops at its budget,
+resumption to the end, the table, and the argument checks."""
+import json
+import os
+
+import pytest
+
+import torch
+
+from benchmarks.retrieval_testbed import fr_pattern, main, update_docs
+from indexcache.checkpoint import build_empty
+from indexcache.tools.corpus import load_corpus
+from indexcache.tools.train import TrainConfig, run_stage
+
+
+def test_fr_pattern_at_equal_cost():
+    p = fr_pattern(16, 5 / 16, 8192, 512)  # keep 1/4 of 16 layers = 5 F; R costs 1/16 of an F at 8K
+    assert str(p) == "FRRRFRRRFRRRFRRR" and p.pool == 512
+    assert p.indexer_cost(8192, 512) <= 5 / 16 < fr_pattern(16, 6 / 16, 8192, 512).indexer_cost(8192, 512)
+
+
+def test_smoke_runs_in_pieces_and_resumes(tmp_path, capsys):  # ~25 s on an idle 2-core machine
+    work = str(tmp_path / "tb")
+    with pytest.raises(SystemExit, match="must be in"):
+        main(["--smoke", "--work-dir", work, "--budget", "601"])
+    # a budget too short for anything: the piece stops itself, keeps its state and says so
+    assert main(["--smoke", "--work-dir", work, "--budget", "1", "--device", "cpu"]) == 3
+    with pytest.raises(SystemExit, match="pass --resume"):
+        main(["--smoke", "--work-dir", work, "--budget", "60"])
+    state = json.load(open(os.path.join(work, "state.json")))
+    assert state["train"]["stage"] == 0 and state["train_config"]["dense_steps"] == 2 and not state["done"]
+    docs = tmp_path / "q.md"
+    docs.write_text("# page\n")
+    for _ in range(5):
+        if main(["--smoke", "--work-dir", work, "--budget", "600", "--device", "cpu", "--resume",
+                 "--update-docs", "--docs", str(docs)]) == 0:
+            break
+    state = json.load(open(os.path.join(work, "state.json")))
+    rows = [k for k in state["done"] if k.startswith("row: ")]
+    assert rows[0] == "row: full DSA" and "row: F/R at the cost of 1/2" in rows and len(rows) == 6
+    fr = state["done"]["row: F/R at the cost of 1/2"]
+    assert fr["num_rerank"] > 0 and fr["indexer_cost"] < 1
+    table = open(os.path.join(work, "testbed_table.md")).read()
+    assert "| full DSA | `FFFF` | 4 | 0 | 1.000 |" in table and "testbed complete" in capsys.readouterr().out
+    assert table in docs.read_text()
+    update_docs(str(docs), "new\n")  # the block is replaced, not appended again
+    assert docs.read_text().count("retrieval-testbed:start") == 1 and "new" in docs.read_text()
+
+
+def test_run_stage_resumed_equals_uninterrupted():
+    tc = TrainConfig(layers=2, hidden=32, heads=2, q_lora=32, kv_lora=32, nope=16, rope=16, v=16, mlp=64,
+                     index_heads=2, index_dim=16, topk=16, context=64, batch=2, task_ratio=0.0,
+                     contexts=(48, 64))
+    corpus = load_corpus("train", max_bytes=200_000)
+
+    def fresh():
+        return build_empty(tc.model_config(), "cpu", torch.float32).init_random(0)
+
+    a = fresh()
+    run_stage(a, corpus, "dense", 4, 1e-2, tc, torch.Generator().manual_seed(5), progress=False)
+    # interrupted after 2 of 4 steps (the checkpoint runs after every step here), resumed in a fresh model
+    c, g2, saved = fresh(), torch.Generator().manual_seed(5), {}
+
+    class Stop(Exception):
+        pass
+
+    def ck(step, opt):
+        if step == 2:
+            saved.update(opt=opt.state_dict(), gen=g2.get_state(),
+                         model={k: v.clone() for k, v in c.state_dict().items()})
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_stage(c, corpus, "dense", 4, 1e-2, tc, g2, progress=False, checkpoint=ck, checkpoint_every_s=0.0)
+    d = fresh()
+    d.load_state_dict(saved["model"])
+    g3 = torch.Generator()
+    g3.set_state(saved["gen"])
+    run_stage(d, corpus, "dense", 4, 1e-2, tc, g3, progress=False, start_step=2, opt_state=saved["opt"])
+    for (n, x), y in zip(a.state_dict().items(), d.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=n)
