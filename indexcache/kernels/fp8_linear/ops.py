@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from indexcache.kernels.fp8_linear.reference import (BLOCK, FP8, FP8_MAX, _TINY, blocks, check_weight,
+from indexcache.kernels.fp8_linear.reference import (BLOCK, FP8, FP8_MAX, blocks, check_weight, scale_from_amax,
                                                      fp8_linear_reference, quantize_act_reference)
 from indexcache.kernels.fp8_linear.triton import quantize_act_triton
 
@@ -62,7 +62,7 @@ def quantize_act(x: torch.Tensor, pad_rows_to: int = 1) -> tuple[torch.Tensor, t
         q, scale = quantize_act_reference(x)
         return q, scale.t().contiguous().t()
     g = x.float().view(mp, k // BLOCK, BLOCK)
-    scale = g.abs().amax(-1).clamp(min=_TINY) / FP8_MAX
+    scale = scale_from_amax(g.abs().amax(-1))
     q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(mp, k).to(FP8)
     return q, scale.t().contiguous().t()
 
