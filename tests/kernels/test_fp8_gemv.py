@@ -84,11 +84,22 @@ def test_gemv_bf16_on_gpu(m, n, k):
     # exact bf16 operands, fp32 accumulation, one bf16 rounding of the output (2^-9 relative)
     err = float((y.float() - want).norm() / want.norm())
     assert err < 4e-3, err
+
+
+@pytest.mark.gpu
+def test_gemv_in_cuda_graph_and_compiled():
+    m, n, k = 3, 576, 2048  # split-K: 9 column tiles
+    if not small_m_path(torch.empty(m, k, device="cuda"), torch.empty(n, k, device="cuda", dtype=torch.uint8)):
+        pytest.skip("needs a GPU of compute capability >= 8.9")
+    wq, ws = _weight(n, k, seed=n, device="cuda")
+    x = _rand(m, k, seed=m, device="cuda").to(torch.bfloat16)
+    y = fp8_linear(x, wq, ws)
     g = torch.cuda.CUDAGraph()
     out = torch.empty_like(y)
     with torch.cuda.graph(g):
         out.copy_(fp8_linear(x, wq, ws))
+    out.fill_(float("nan"))
     g.replay()
     torch.testing.assert_close(out, y, rtol=0, atol=0)
-    compiled = torch.compile(lambda a: fp8_linear(a, wq, ws), fullgraph=True)
-    torch.testing.assert_close(compiled(x), y, rtol=0, atol=0)
+    compiled = torch.compile(lambda a: fp8_linear(a, wq, ws) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), y * 2, rtol=0, atol=0)
