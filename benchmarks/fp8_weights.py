@@ -2,11 +2,14 @@
 
     python -m benchmarks.fp8_weights            # ~3-4 minutes on an H200
     python -m benchmarks.fp8_weights --quick    # GEMMs and MoE only, ~1 minute
+    python -m benchmarks.fp8_weights --small-m  # the small-M (decode) linear rows only, well under a minute
 
 (a) linear layers: torch's block-scaled scaled_mm (1x128 activations, 128x128 weights) against the dequantise-
     then-matmul reference (relative error) and timed against bf16 F.linear, with and without the activation
     quantisation, at the models' shapes, plus the layers kept in bf16 (LM head, indexer) to show what FP8 would
-    buy there;
+    buy there; and at decode sizes (M = 1, 8, 16) the weight-only small-M kernel (what fp8_linear runs for
+    M <= SMALL_M_MAX on CUDA) against bf16 F.linear and against act-quant + scaled_mm, with its fp8 weight
+    bandwidth as a share of the same-run copy bandwidth;
 (b) routed experts: the FP8 Experts path (decode kernel / grouped FP8 GEMM) against bf16 experts on the same
     dequantised weights, error and time, at decode and prefill token counts (prefill: both FP8 candidates); and
     the grouped GEMM alone: bf16 torch._grouped_mm against the FP8 W8A8 Triton kernel and against dequantising
@@ -31,8 +34,10 @@ import torch.nn.functional as F
 
 from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, write_results
 from indexcache.checkpoint import build_empty
-from indexcache.kernels.fp8_linear import (dequantize_weight, fp8_linear, fp8_linear_reference, gpu_path_reason,
-                                           quantize_act, quantize_weight, weight_scale_for_mm)
+from indexcache.kernels.fp8_linear import (SMALL_M_MAX, dequantize_weight, fp8_linear, fp8_linear_reference,
+                                           fp8_linear_weight_only_reference, gpu_path_reason, quantize_act,
+                                           quantize_weight, small_m_path, weight_only_mm, weight_scale_for_mm)
+from indexcache.kernels.fp8_linear.ops import act_quant_mm
 from indexcache.model.linear import use_dequantized_storage, use_fp8_storage
 from indexcache.model.weight_sizes import weight_bytes_per_gpu
 from indexcache.presets import preset_config
@@ -46,13 +51,15 @@ LINEAR_SHAPES = [
     ("ds shared gate", 2048, 7168),
 ]
 TOKENS = [1, 32, 4096, 16384]
+SMALL_M = [1, 8, 16]
 
 
 def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
-def linear_rows(tokens, reps_ms) -> list[dict]:
+def linear_rows(tokens, reps_ms, small=None, copy_tbps=None) -> list[dict]:
+    """Rows per (shape, M in tokens); ``small`` (a list) gets the small-M kernel's rows (M in SMALL_M)."""
     rows = []
     g = torch.Generator("cuda").manual_seed(0)
     for label, n, k in LINEAR_SHAPES:
@@ -63,10 +70,13 @@ def linear_rows(tokens, reps_ms) -> list[dict]:
         del w
         for m in tokens:
             x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-            r = {"shape": label, "M": m, "N": n, "K": k, "gpu_path": gpu_path_reason(x, wq) or "scaled_mm"}
+            small_path = small_m_path(x, wq)
+            r = {"shape": label, "M": m, "N": n, "K": k,
+                 "gpu_path": "weight-only small-M" if small_path else gpu_path_reason(x, wq) or "scaled_mm"}
             y = fp8_linear(x, wq, ws)
             if m <= 4096:  # the fp32 references of the largest shapes take more memory than they tell
-                r["err_vs_reference"] = rel(y, fp8_linear_reference(x, wq, ws, torch.float32))
+                refn = fp8_linear_weight_only_reference if small_path else fp8_linear_reference
+                r["err_vs_reference"] = rel(y, refn(x, wq, ws, torch.float32))
                 r["err_vs_bf16"] = rel(y, F.linear(x, wd))
             del y
             t_bf16 = bench_ms(lambda: F.linear(x, wd), *reps_ms)
@@ -84,9 +94,32 @@ def linear_rows(tokens, reps_ms) -> list[dict]:
             print(f"{label:<30} M={m:<6} err/ref {r.get('err_vs_reference', float('nan')):.1e} err/bf16 "
                   f"{r.get('err_vs_bf16', float('nan')):.1e}  bf16 {t_bf16:.3f} ms  fp8 {t_fp8:.3f} ms "
                   f"(mm {t_mm:.3f}, quant {t_q:.3f})", flush=True)
+        for m in SMALL_M if small is not None else []:
+            small.append(small_m_row(label, m, wq, ws, wd, sb, g, reps_ms, copy_tbps))
         del wq, ws, wd
     torch.cuda.empty_cache()
     return rows
+
+
+def small_m_row(label, m, wq, ws, wd, sb, g, reps_ms, copy_tbps) -> dict:
+    """The weight-only kernel (the custom op fp8_linear calls for M <= SMALL_M_MAX) against bf16 F.linear and
+    against act-quant + scaled_mm (the custom op, quantisation included) at one decode size."""
+    n, k = wq.shape
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    y = weight_only_mm(x, wq, ws)
+    r = {"shape": label, "M": m, "N": n, "K": k,
+         "err_vs_weight_only_reference": rel(y, fp8_linear_weight_only_reference(x, wq, ws, torch.float32)),
+         "err_vs_bf16": rel(y, F.linear(x, wd))}
+    t_bf = bench_ms(lambda: F.linear(x, wd), *reps_ms)
+    t_w = bench_ms(lambda: weight_only_mm(x, wq, ws), *reps_ms)
+    t_s = bench_ms(lambda: act_quant_mm(x, wq, sb), *reps_ms) if k % 128 == 0 and n % 16 == 0 else float("nan")
+    tbps = (n * k + 2 * m * (n + k)) / t_w / 1e9
+    r.update(bf16_ms=t_bf, small_m_ms=t_w, scaled_mm_path_ms=t_s, speedup_vs_bf16=t_bf / t_w,
+             speedup_vs_scaled_mm=t_s / t_w, small_m_tbps=tbps, small_m_of_copy=tbps / copy_tbps if copy_tbps else None,
+             bf16_weight_tbps=2 * n * k / t_bf / 1e9)
+    print(f"  small-M {label:<28} M={m:<3} err/ref {r['err_vs_weight_only_reference']:.1e}  bf16 {t_bf:.4f} ms  "
+          f"weight-only {t_w:.4f} ms  act-quant+scaled_mm {t_s:.4f} ms  ({tbps:.2f} TB/s)", flush=True)
+    return r
 
 
 def blockwise_ceiling(reps_ms) -> dict:
@@ -363,8 +396,11 @@ def whole_model(name, layers, prompt_len=512, gen=64) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="GEMMs (M=1, 4096) and MoE only")
-    p.add_argument("--name", default="fp8_weights")
+    p.add_argument("--small-m", action="store_true",
+                   help=f"only the decode-size linear rows (M = {SMALL_M}; weight-only kernel for M <= {SMALL_M_MAX})")
+    p.add_argument("--name", default=None, help="results name (default fp8_weights, fp8_weights_small_m)")
     args = p.parse_args(argv)
+    args.name = args.name or ("fp8_weights_small_m" if args.small_m else "fp8_weights")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 1
@@ -374,8 +410,18 @@ def main(argv=None) -> int:
     ceilings.update(blockwise_ceiling(reps))
     print(f"{meta['device']}  torch {meta['torch']}  ceilings {ceilings}", flush=True)
     payload = {"meta": meta, "ceilings": ceilings, "args": vars(args)}
-    payload["linear"] = linear_rows([1, 4096] if args.quick else TOKENS, reps)
+    small = []
+    payload["linear"] = linear_rows([] if args.small_m else [1, 4096] if args.quick else TOKENS, reps, small,
+                                    ceilings["copy_tbps"])
+    payload["small_m"] = small
     write_results(args.name, payload)
+    small_cols = ["shape", "M", "err_vs_weight_only_reference", "bf16_ms", "small_m_ms", "scaled_mm_path_ms",
+                  "speedup_vs_bf16", "speedup_vs_scaled_mm", "small_m_of_copy"]
+    if args.small_m:
+        for path in write_results(args.name, payload):
+            print("wrote", path)
+        print(table(small, small_cols))
+        return 0
     payload["moe"] = moe_rows(reps)
     write_results(args.name, payload)
     payload["grouped"] = grouped_rows(reps)
@@ -387,8 +433,9 @@ def main(argv=None) -> int:
         payload["whole_model"] = [whole_model("glm-4.7-flash-dsa", None), whole_model("deepseek-v3.2", 4)]
     for path in write_results(args.name, payload):
         print("wrote", path)
-    print(table(payload["linear"], ["shape", "M", "err_vs_reference", "err_vs_bf16", "bf16_ms", "fp8_ms",
+    print(table(payload["linear"], ["shape", "M", "gpu_path", "err_vs_reference", "err_vs_bf16", "bf16_ms", "fp8_ms",
                                     "fp8_mm_only_ms", "act_quant_ms", "fp8_over_mm", "speedup"]))
+    print(table(small, small_cols))
     print(table(payload["moe"], ["model", "tokens", "path", "err_fp8_vs_bf16_same_weights", "bf16_ms", "fp8_ms",
                                  "w8a8_ms", "dequant_grouped_mm_ms", "speedup"]))
     print(table(payload["grouped"], ["model", "tokens", "bf16_grouped_mm_ms", "w8a8_ms", "dequant_grouped_mm_ms",

@@ -88,3 +88,13 @@ def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tens
     xq = dequantize_act(*quantize_act_reference(x2))
     y = xq @ dequantize_weight(w, scale_inv).t()
     return y.to(out_dtype or x.dtype).view(*lead, w.shape[0])
+
+
+def fp8_linear_weight_only_reference(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
+                                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The small-M (W8A16) path: y = x @ dequant(w)^T in fp32, x NOT quantised, returned in ``out_dtype``
+    (default x.dtype). x [..., K] -> y [..., N]."""
+    check_weight("fp8_linear_weight_only_reference", w, scale_inv)
+    lead = x.shape[:-1]
+    y = x.reshape(-1, x.shape[-1]).float() @ dequantize_weight(w, scale_inv).t()
+    return y.to(out_dtype or x.dtype).view(*lead, w.shape[0])
