@@ -135,23 +135,8 @@ def blockwise_ceiling(reps_ms) -> dict:
             "act_quant_tbps": (n * n * 2 + n * n + n * n // 32) / t_q / 1e9}
 
 
-def _routed(fn, experts, x, ids, wts):
-    """Experts._forward_fp8's routing glue around one FP8 prefill candidate ``fn``."""
-    from indexcache.model.moe import expert_order
-
-    E, K = experts.gate_up.shape[0], ids.shape[1]
-    flat = ids.flatten()
-    order = expert_order(flat, E)
-    token = order // K
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
-    ys = fn(experts, x[token], counts) * wts.flatten()[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token, ys)
-
-
 def moe_rows(reps_ms) -> list[dict]:
-    from indexcache.kernels.moe import SMALL_MAX_ROWS
-    from indexcache.model.moe import Experts, fp8_experts_dequant_grouped_mm, fp8_experts_w8a8, quantize_experts
+    from indexcache.model.moe import Experts, quantize_experts
 
     rows = []
     for name, tokens in (("glm-4.7-flash-dsa", [1, 8, 4096, 16384]), ("deepseek-v3.2", [1, 8, 4096])):
@@ -189,14 +174,6 @@ def moe_rows(reps_ms) -> list[dict]:
                  "speedup": tb / t8, "active_experts": active,
                  "fp8_weight_tbps": active * 3 * cfg.moe_intermediate_size * cfg.hidden_size / t8 / 1e9,
                  "path": "decode kernel" if t * K <= 64 else "grouped FP8 GEMM (Triton)"}
-            if t * K > SMALL_MAX_ROWS:  # prefill: the two candidates through the same routing glue
-                for label, fn in (("w8a8", fp8_experts_w8a8), ("dequant_grouped_mm", fp8_experts_dequant_grouped_mm)):
-                    with torch.no_grad():
-                        yv = _routed(fn, fp8, x, ids, wts)
-                        r[f"{label}_ms"] = bench_ms(lambda: _routed(fn, fp8, x, ids, wts), *reps_ms)
-                    r[f"err_{label}_vs_bf16_same_weights"] = rel(yv, yb)
-                print(f"    prefill candidates: W8A8 {r['w8a8_ms']:.3f} ms  dequant+grouped_mm "
-                      f"{r['dequant_grouped_mm_ms']:.3f} ms", flush=True)
             rows.append(r)
             print(f"MoE {name:<18} T={t:<6} err {r['err_fp8_vs_bf16_same_weights']:.1e}  bf16 {tb:.3f} ms  "
                   f"fp8 {t8:.3f} ms ({r['path']})", flush=True)
@@ -206,13 +183,11 @@ def moe_rows(reps_ms) -> list[dict]:
 
 
 def grouped_rows(reps_ms) -> list[dict]:
-    """The grouped expert GEMM alone (gate_up, glm and deepseek shapes): bf16 torch._grouped_mm on bf16 weights,
-    against the two FP8 prefill candidates: the W8A8 Triton kernel (activation quantisation included), and the
-    FP8 weights dequantised into a bf16 scratch (Triton) + torch._grouped_mm (dequantisation included). The
-    model's prefill path is one call in Experts._forward_fp8 (fp8_experts_w8a8 or
-    fp8_experts_dequant_grouped_mm); the slower one is deleted."""
+    """The grouped expert GEMM alone (gate_up, glm and deepseek shapes): bf16 torch._grouped_mm on bf16 weights
+    against the W8A8 Triton kernel (activation quantisation included), the model's FP8 prefill path. (Dequantising
+    the FP8 weights to bf16 + torch._grouped_mm was slower at every size in run 21 and was deleted.)"""
     from indexcache.kernels.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_reference
-    from indexcache.kernels.fp8_grouped_mm.dequant import dequantize_experts_triton
+    from indexcache.kernels.fp8_grouped_mm import dequantize_expert
     from indexcache.model.moe import quantize_experts
 
     rows = []
@@ -223,8 +198,8 @@ def grouped_rows(reps_ms) -> list[dict]:
         w = torch.randn(E, 2 * inter, D, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
         w8, s8, _, _ = quantize_experts(w, torch.zeros(E, 128, 128, device="cuda"))
         del w
-        wd = dequantize_experts_triton(w8, s8)  # inter % 128 == 0 here: gate's and up's blocks stack evenly
-        t_deq = bench_ms(lambda: dequantize_experts_triton(w8, s8, out=wd), *reps_ms)
+        # bf16 weights for the baseline (inter % 128 == 0 here: gate's and up's blocks stack evenly)
+        wd = torch.stack([dequantize_expert(w8[e], s8[e]) for e in range(E)]).to(torch.bfloat16)
         for t in tokens:
             m = t * K
             ids = torch.randint(0, E, (m,), device="cuda", generator=g)
@@ -237,24 +212,16 @@ def grouped_rows(reps_ms) -> list[dict]:
                 a8, sa = quantize_act(a)
                 return fp8_grouped_mm(a8, counts, w8, s8, sa, torch.bfloat16)
 
-            def dequant_mm():
-                return torch._grouped_mm(a, dequantize_experts_triton(w8, s8).transpose(1, 2), offs=offs)
-
             t8 = bench_ms(w8a8, *reps_ms)
-            td = bench_ms(dequant_mm, *reps_ms)
             flops = 2 * m * 2 * inter * D
             r = {"model": name, "tokens": t, "rows": m, "bf16_grouped_mm_ms": t_bf, "w8a8_ms": t8,
-                 "dequant_grouped_mm_ms": td, "dequant_only_ms": t_deq, "speedup_w8a8": t_bf / t8,
-                 "speedup_dequant_grouped_mm": t_bf / td, "w8a8_tflops": flops / t8 / 1e9,
-                 "bf16_tflops": flops / t_bf / 1e9, "dequant_tbps": 3 * w8.numel() / t_deq / 1e9}
+                 "speedup_w8a8": t_bf / t8, "w8a8_tflops": flops / t8 / 1e9, "bf16_tflops": flops / t_bf / 1e9}
             if m <= 16384:
                 a8, sa = quantize_act(a)
                 ref = fp8_grouped_mm_reference(a8, counts, w8, s8, sa, torch.float32)
                 r["err_w8a8"] = rel(w8a8(), ref)
-                r["err_dequant_grouped_mm_vs_w8a8_ref"] = rel(dequant_mm(), ref)
             rows.append(r)
-            print(f"grouped {name:<18} T={t:<6} bf16 {t_bf:.3f} ms  W8A8 {t8:.3f} ms  dequant+grouped_mm "
-                  f"{td:.3f} ms (dequant {t_deq:.3f})", flush=True)
+            print(f"grouped {name:<18} T={t:<6} bf16 {t_bf:.3f} ms  W8A8 {t8:.3f} ms", flush=True)
         del w8, s8, wd
         torch.cuda.empty_cache()
     return rows
@@ -437,9 +404,8 @@ def main(argv=None) -> int:
                                     "fp8_mm_only_ms", "act_quant_ms", "fp8_over_mm", "speedup"]))
     print(table(small, small_cols))
     print(table(payload["moe"], ["model", "tokens", "path", "err_fp8_vs_bf16_same_weights", "bf16_ms", "fp8_ms",
-                                 "w8a8_ms", "dequant_grouped_mm_ms", "speedup"]))
-    print(table(payload["grouped"], ["model", "tokens", "bf16_grouped_mm_ms", "w8a8_ms", "dequant_grouped_mm_ms",
-                                     "speedup_w8a8", "speedup_dequant_grouped_mm"]))
+                                 "speedup"]))
+    print(table(payload["grouped"], ["model", "tokens", "bf16_grouped_mm_ms", "w8a8_ms", "speedup_w8a8"]))
     if "whole_model" in payload:
         print(table(payload["whole_model"], ["model", "layers", "logit_rel_err", "prompt_argmax_agreement",
                                              "logit_rel_err_routes_forced", "argmax_agreement_routes_forced",
