@@ -2,11 +2,14 @@
 
     python -m benchmarks.fp8_weights            # ~3-4 minutes on an H200
     python -m benchmarks.fp8_weights --quick    # GEMMs and MoE only, ~1 minute
+    python -m benchmarks.fp8_weights --small-m  # the small-M (decode) linear rows only, well under a minute
 
 (a) linear layers: torch's block-scaled scaled_mm (1x128 activations, 128x128 weights) against the dequantise-
     then-matmul reference (relative error) and timed against bf16 F.linear, with and without the activation
     quantisation, at the models' shapes, plus the layers kept in bf16 (LM head, indexer) to show what FP8 would
-    buy there;
+    buy there; and at decode sizes (M = 1, 8, 16) the weight-only small-M kernel (what fp8_linear runs for
+    M <= SMALL_M_MAX on CUDA) against bf16 F.linear and against act-quant + scaled_mm, with its fp8 weight
+    bandwidth as a share of the same-run copy bandwidth;
 (b) routed experts: the FP8 Experts path (decode kernel / grouped FP8 GEMM) against bf16 experts on the same
     dequantised weights, error and time, at decode and prefill token counts (prefill: both FP8 candidates); and
     the grouped GEMM alone: bf16 torch._grouped_mm against the FP8 W8A8 Triton kernel and against dequantising
@@ -31,8 +34,10 @@ import torch.nn.functional as F
 
 from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, write_results
 from indexcache.checkpoint import build_empty
-from indexcache.kernels.fp8_linear import (dequantize_weight, fp8_linear, fp8_linear_reference, gpu_path_reason,
-                                           quantize_act, quantize_weight, weight_scale_for_mm)
+from indexcache.kernels.fp8_linear import (SMALL_M_MAX, dequantize_weight, fp8_linear, fp8_linear_reference,
+                                           fp8_linear_weight_only_reference, gpu_path_reason, quantize_act,
+                                           quantize_weight, small_m_path, weight_only_mm, weight_scale_for_mm)
+from indexcache.kernels.fp8_linear.ops import act_quant_mm
 from indexcache.model.linear import use_dequantized_storage, use_fp8_storage
 from indexcache.model.weight_sizes import weight_bytes_per_gpu
 from indexcache.presets import preset_config
@@ -46,13 +51,15 @@ LINEAR_SHAPES = [
     ("ds shared gate", 2048, 7168),
 ]
 TOKENS = [1, 32, 4096, 16384]
+SMALL_M = [1, 8, 16]
 
 
 def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
-def linear_rows(tokens, reps_ms) -> list[dict]:
+def linear_rows(tokens, reps_ms, small=None, copy_tbps=None) -> list[dict]:
+    """Rows per (shape, M in tokens); ``small`` (a list) gets the small-M kernel's rows (M in SMALL_M)."""
     rows = []
     g = torch.Generator("cuda").manual_seed(0)
     for label, n, k in LINEAR_SHAPES:
@@ -63,10 +70,13 @@ def linear_rows(tokens, reps_ms) -> list[dict]:
         del w
         for m in tokens:
             x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-            r = {"shape": label, "M": m, "N": n, "K": k, "gpu_path": gpu_path_reason(x, wq) or "scaled_mm"}
+            small_path = small_m_path(x, wq)
+            r = {"shape": label, "M": m, "N": n, "K": k,
+                 "gpu_path": "weight-only small-M" if small_path else gpu_path_reason(x, wq) or "scaled_mm"}
             y = fp8_linear(x, wq, ws)
             if m <= 4096:  # the fp32 references of the largest shapes take more memory than they tell
-                r["err_vs_reference"] = rel(y, fp8_linear_reference(x, wq, ws, torch.float32))
+                refn = fp8_linear_weight_only_reference if small_path else fp8_linear_reference
+                r["err_vs_reference"] = rel(y, refn(x, wq, ws, torch.float32))
                 r["err_vs_bf16"] = rel(y, F.linear(x, wd))
             del y
             t_bf16 = bench_ms(lambda: F.linear(x, wd), *reps_ms)
@@ -84,9 +94,32 @@ def linear_rows(tokens, reps_ms) -> list[dict]:
             print(f"{label:<30} M={m:<6} err/ref {r.get('err_vs_reference', float('nan')):.1e} err/bf16 "
                   f"{r.get('err_vs_bf16', float('nan')):.1e}  bf16 {t_bf16:.3f} ms  fp8 {t_fp8:.3f} ms "
                   f"(mm {t_mm:.3f}, quant {t_q:.3f})", flush=True)
+        for m in SMALL_M if small is not None else []:
+            small.append(small_m_row(label, m, wq, ws, wd, sb, g, reps_ms, copy_tbps))
         del wq, ws, wd
     torch.cuda.empty_cache()
     return rows
+
+
+def small_m_row(label, m, wq, ws, wd, sb, g, reps_ms, copy_tbps) -> dict:
+    """The weight-only kernel (the custom op fp8_linear calls for M <= SMALL_M_MAX) against bf16 F.linear and
+    against act-quant + scaled_mm (the custom op, quantisation included) at one decode size."""
+    n, k = wq.shape
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    y = weight_only_mm(x, wq, ws)
+    r = {"shape": label, "M": m, "N": n, "K": k,
+         "err_vs_weight_only_reference": rel(y, fp8_linear_weight_only_reference(x, wq, ws, torch.float32)),
+         "err_vs_bf16": rel(y, F.linear(x, wd))}
+    t_bf = bench_ms(lambda: F.linear(x, wd), *reps_ms)
+    t_w = bench_ms(lambda: weight_only_mm(x, wq, ws), *reps_ms)
+    t_s = bench_ms(lambda: act_quant_mm(x, wq, sb), *reps_ms) if k % 128 == 0 and n % 16 == 0 else float("nan")
+    tbps = (n * k + 2 * m * (n + k)) / t_w / 1e9
+    r.update(bf16_ms=t_bf, small_m_ms=t_w, scaled_mm_path_ms=t_s, speedup_vs_bf16=t_bf / t_w,
+             speedup_vs_scaled_mm=t_s / t_w, small_m_tbps=tbps, small_m_of_copy=tbps / copy_tbps if copy_tbps else None,
+             bf16_weight_tbps=2 * n * k / t_bf / 1e9)
+    print(f"  small-M {label:<28} M={m:<3} err/ref {r['err_vs_weight_only_reference']:.1e}  bf16 {t_bf:.4f} ms  "
+          f"weight-only {t_w:.4f} ms  act-quant+scaled_mm {t_s:.4f} ms  ({tbps:.2f} TB/s)", flush=True)
+    return r
 
 
 def blockwise_ceiling(reps_ms) -> dict:
@@ -102,23 +135,8 @@ def blockwise_ceiling(reps_ms) -> dict:
             "act_quant_tbps": (n * n * 2 + n * n + n * n // 32) / t_q / 1e9}
 
 
-def _routed(fn, experts, x, ids, wts):
-    """Experts._forward_fp8's routing glue around one FP8 prefill candidate ``fn``."""
-    from indexcache.model.moe import expert_order
-
-    E, K = experts.gate_up.shape[0], ids.shape[1]
-    flat = ids.flatten()
-    order = expert_order(flat, E)
-    token = order // K
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
-    ys = fn(experts, x[token], counts) * wts.flatten()[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token, ys)
-
-
 def moe_rows(reps_ms) -> list[dict]:
-    from indexcache.kernels.moe import SMALL_MAX_ROWS
-    from indexcache.model.moe import Experts, fp8_experts_dequant_grouped_mm, fp8_experts_w8a8, quantize_experts
+    from indexcache.model.moe import Experts, quantize_experts
 
     rows = []
     for name, tokens in (("glm-4.7-flash-dsa", [1, 8, 4096, 16384]), ("deepseek-v3.2", [1, 8, 4096])):
@@ -156,14 +174,6 @@ def moe_rows(reps_ms) -> list[dict]:
                  "speedup": tb / t8, "active_experts": active,
                  "fp8_weight_tbps": active * 3 * cfg.moe_intermediate_size * cfg.hidden_size / t8 / 1e9,
                  "path": "decode kernel" if t * K <= 64 else "grouped FP8 GEMM (Triton)"}
-            if t * K > SMALL_MAX_ROWS:  # prefill: the two candidates through the same routing glue
-                for label, fn in (("w8a8", fp8_experts_w8a8), ("dequant_grouped_mm", fp8_experts_dequant_grouped_mm)):
-                    with torch.no_grad():
-                        yv = _routed(fn, fp8, x, ids, wts)
-                        r[f"{label}_ms"] = bench_ms(lambda: _routed(fn, fp8, x, ids, wts), *reps_ms)
-                    r[f"err_{label}_vs_bf16_same_weights"] = rel(yv, yb)
-                print(f"    prefill candidates: W8A8 {r['w8a8_ms']:.3f} ms  dequant+grouped_mm "
-                      f"{r['dequant_grouped_mm_ms']:.3f} ms", flush=True)
             rows.append(r)
             print(f"MoE {name:<18} T={t:<6} err {r['err_fp8_vs_bf16_same_weights']:.1e}  bf16 {tb:.3f} ms  "
                   f"fp8 {t8:.3f} ms ({r['path']})", flush=True)
@@ -173,13 +183,11 @@ def moe_rows(reps_ms) -> list[dict]:
 
 
 def grouped_rows(reps_ms) -> list[dict]:
-    """The grouped expert GEMM alone (gate_up, glm and deepseek shapes): bf16 torch._grouped_mm on bf16 weights,
-    against the two FP8 prefill candidates: the W8A8 Triton kernel (activation quantisation included), and the
-    FP8 weights dequantised into a bf16 scratch (Triton) + torch._grouped_mm (dequantisation included). The
-    model's prefill path is one call in Experts._forward_fp8 (fp8_experts_w8a8 or
-    fp8_experts_dequant_grouped_mm); the slower one is deleted."""
+    """The grouped expert GEMM alone (gate_up, glm and deepseek shapes): bf16 torch._grouped_mm on bf16 weights
+    against the W8A8 Triton kernel (activation quantisation included), the model's FP8 prefill path. (Dequantising
+    the FP8 weights to bf16 + torch._grouped_mm was slower at every size in run 21 and was deleted.)"""
     from indexcache.kernels.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_reference
-    from indexcache.kernels.fp8_grouped_mm.dequant import dequantize_experts_triton
+    from indexcache.kernels.fp8_grouped_mm import dequantize_expert
     from indexcache.model.moe import quantize_experts
 
     rows = []
@@ -190,8 +198,8 @@ def grouped_rows(reps_ms) -> list[dict]:
         w = torch.randn(E, 2 * inter, D, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
         w8, s8, _, _ = quantize_experts(w, torch.zeros(E, 128, 128, device="cuda"))
         del w
-        wd = dequantize_experts_triton(w8, s8)  # inter % 128 == 0 here: gate's and up's blocks stack evenly
-        t_deq = bench_ms(lambda: dequantize_experts_triton(w8, s8, out=wd), *reps_ms)
+        # bf16 weights for the baseline (inter % 128 == 0 here: gate's and up's blocks stack evenly)
+        wd = torch.stack([dequantize_expert(w8[e], s8[e]) for e in range(E)]).to(torch.bfloat16)
         for t in tokens:
             m = t * K
             ids = torch.randint(0, E, (m,), device="cuda", generator=g)
@@ -204,24 +212,16 @@ def grouped_rows(reps_ms) -> list[dict]:
                 a8, sa = quantize_act(a)
                 return fp8_grouped_mm(a8, counts, w8, s8, sa, torch.bfloat16)
 
-            def dequant_mm():
-                return torch._grouped_mm(a, dequantize_experts_triton(w8, s8).transpose(1, 2), offs=offs)
-
             t8 = bench_ms(w8a8, *reps_ms)
-            td = bench_ms(dequant_mm, *reps_ms)
             flops = 2 * m * 2 * inter * D
             r = {"model": name, "tokens": t, "rows": m, "bf16_grouped_mm_ms": t_bf, "w8a8_ms": t8,
-                 "dequant_grouped_mm_ms": td, "dequant_only_ms": t_deq, "speedup_w8a8": t_bf / t8,
-                 "speedup_dequant_grouped_mm": t_bf / td, "w8a8_tflops": flops / t8 / 1e9,
-                 "bf16_tflops": flops / t_bf / 1e9, "dequant_tbps": 3 * w8.numel() / t_deq / 1e9}
+                 "speedup_w8a8": t_bf / t8, "w8a8_tflops": flops / t8 / 1e9, "bf16_tflops": flops / t_bf / 1e9}
             if m <= 16384:
                 a8, sa = quantize_act(a)
                 ref = fp8_grouped_mm_reference(a8, counts, w8, s8, sa, torch.float32)
                 r["err_w8a8"] = rel(w8a8(), ref)
-                r["err_dequant_grouped_mm_vs_w8a8_ref"] = rel(dequant_mm(), ref)
             rows.append(r)
-            print(f"grouped {name:<18} T={t:<6} bf16 {t_bf:.3f} ms  W8A8 {t8:.3f} ms  dequant+grouped_mm "
-                  f"{td:.3f} ms (dequant {t_deq:.3f})", flush=True)
+            print(f"grouped {name:<18} T={t:<6} bf16 {t_bf:.3f} ms  W8A8 {t8:.3f} ms", flush=True)
         del w8, s8, wd
         torch.cuda.empty_cache()
     return rows
@@ -363,8 +363,11 @@ def whole_model(name, layers, prompt_len=512, gen=64) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="GEMMs (M=1, 4096) and MoE only")
-    p.add_argument("--name", default="fp8_weights")
+    p.add_argument("--small-m", action="store_true",
+                   help=f"only the decode-size linear rows (M = {SMALL_M}; weight-only kernel for M <= {SMALL_M_MAX})")
+    p.add_argument("--name", default=None, help="results name (default fp8_weights, fp8_weights_small_m)")
     args = p.parse_args(argv)
+    args.name = args.name or ("fp8_weights_small_m" if args.small_m else "fp8_weights")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 1
@@ -374,8 +377,18 @@ def main(argv=None) -> int:
     ceilings.update(blockwise_ceiling(reps))
     print(f"{meta['device']}  torch {meta['torch']}  ceilings {ceilings}", flush=True)
     payload = {"meta": meta, "ceilings": ceilings, "args": vars(args)}
-    payload["linear"] = linear_rows([1, 4096] if args.quick else TOKENS, reps)
+    small = []
+    payload["linear"] = linear_rows([] if args.small_m else [1, 4096] if args.quick else TOKENS, reps, small,
+                                    ceilings["copy_tbps"])
+    payload["small_m"] = small
     write_results(args.name, payload)
+    small_cols = ["shape", "M", "err_vs_weight_only_reference", "bf16_ms", "small_m_ms", "scaled_mm_path_ms",
+                  "speedup_vs_bf16", "speedup_vs_scaled_mm", "small_m_of_copy"]
+    if args.small_m:
+        for path in write_results(args.name, payload):
+            print("wrote", path)
+        print(table(small, small_cols))
+        return 0
     payload["moe"] = moe_rows(reps)
     write_results(args.name, payload)
     payload["grouped"] = grouped_rows(reps)
@@ -387,12 +400,12 @@ def main(argv=None) -> int:
         payload["whole_model"] = [whole_model("glm-4.7-flash-dsa", None), whole_model("deepseek-v3.2", 4)]
     for path in write_results(args.name, payload):
         print("wrote", path)
-    print(table(payload["linear"], ["shape", "M", "err_vs_reference", "err_vs_bf16", "bf16_ms", "fp8_ms",
+    print(table(payload["linear"], ["shape", "M", "gpu_path", "err_vs_reference", "err_vs_bf16", "bf16_ms", "fp8_ms",
                                     "fp8_mm_only_ms", "act_quant_ms", "fp8_over_mm", "speedup"]))
+    print(table(small, small_cols))
     print(table(payload["moe"], ["model", "tokens", "path", "err_fp8_vs_bf16_same_weights", "bf16_ms", "fp8_ms",
-                                 "w8a8_ms", "dequant_grouped_mm_ms", "speedup"]))
-    print(table(payload["grouped"], ["model", "tokens", "bf16_grouped_mm_ms", "w8a8_ms", "dequant_grouped_mm_ms",
-                                     "speedup_w8a8", "speedup_dequant_grouped_mm"]))
+                                 "speedup"]))
+    print(table(payload["grouped"], ["model", "tokens", "bf16_grouped_mm_ms", "w8a8_ms", "speedup_w8a8"]))
     if "whole_model" in payload:
         print(table(payload["whole_model"], ["model", "layers", "logit_rel_err", "prompt_argmax_agreement",
                                              "logit_rel_err_routes_forced", "argmax_agreement_routes_forced",

@@ -26,6 +26,22 @@ class CheckpointError(ValueError):
     """A checkpoint whose tensors do not match the model built from its config.json."""
 
 
+def resolve_config(path_or_preset: str, index_pattern=None) -> tuple[ModelConfig, bool]:
+    """(the model's config with ``index_pattern`` applied, whether it is a checkpoint folder) for a checkpoint
+    folder or a preset name."""
+    is_dir = os.path.isdir(path_or_preset)
+    if is_dir:
+        cfg = ModelConfig.from_checkpoint(path_or_preset)
+    elif path_or_preset in preset_names():
+        cfg = preset_config(path_or_preset)
+    else:
+        raise ConfigError(f"{path_or_preset!r} is neither a checkpoint folder nor a preset "
+                          f"({', '.join(preset_names())})")
+    if index_pattern is not None:
+        cfg = cfg.with_pattern(index_pattern)
+    return cfg, is_dir
+
+
 def load_model(path_or_preset: str, *, device="cpu", dtype: torch.dtype = torch.float32, index_pattern=None,
                seed: int = 0, progress: bool | None = None, weight_dtype: str = "auto") -> DSAModel:
     """Build a DSA model from a checkpoint folder (or a preset name, with random weights from ``seed``).
@@ -37,16 +53,7 @@ def load_model(path_or_preset: str, *, device="cpu", dtype: torch.dtype = torch.
     dequantises to ``dtype``, "auto" keeps an FP8 checkpoint in FP8 where the GPU has the block-scaled FP8 GEMM
     (presets count as bf16 checkpoints: "auto" builds them in ``dtype``).
     """
-    is_dir = os.path.isdir(path_or_preset)
-    if is_dir:
-        cfg = ModelConfig.from_checkpoint(path_or_preset)
-    elif path_or_preset in preset_names():
-        cfg = preset_config(path_or_preset)
-    else:
-        raise ConfigError(f"{path_or_preset!r} is neither a checkpoint folder nor a preset "
-                          f"({', '.join(preset_names())})")
-    if index_pattern is not None:
-        cfg = cfg.with_pattern(index_pattern)
+    cfg, is_dir = resolve_config(path_or_preset, index_pattern)
     fp8 = resolve_weight_dtype(weight_dtype, device, is_dir and checkpoint_is_fp8(path_or_preset))
     if is_dir:
         model = build_empty(cfg, device, dtype, fp8=fp8)

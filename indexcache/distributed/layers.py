@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.indexer import Indexer, causal_mask, select_topk
+from ..model.indexer import Indexer, Selection, causal_mask, pool_mask, select_topk
 from ..model.moe import Experts
 from ..model.rope import apply_rope
 from .comm import all_gather, all_reduce_, gather_strided, strided_rows
@@ -81,13 +81,21 @@ class RowSplitIndexer(Indexer):
         self.wq_b, self.wk, self.k_norm, self.weights_proj = base.wq_b, base.wk, base.k_norm, base.weights_proj
         self.ctx = ctx
 
-    def forward(self, x, q_resid, cos, sin, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, q_resid, cos, sin, positions: torch.Tensor, pool: torch.Tensor | None = None,
+                publish: int | None = None):
+        """As ``Indexer.forward`` (re-rank ``pool`` and ``publish`` included), each rank on its rows."""
         T = x.shape[1]
         rows = strided_rows(T, self.ctx, x.device)
         q, _, w = self.project(x[:, rows], q_resid[:, rows], cos[:, rows], sin[:, rows])
         s = self.scores(q, self._keys(x, cos, sin), w)
-        top = select_topk(s, causal_mask(positions[:, rows], positions), self.topk)  # [B, per, k]
-        return gather_strided(top.transpose(0, 1).contiguous(), T, self.ctx).transpose(0, 1)
+        valid = causal_mask(positions[:, rows], positions)
+        if pool is not None:
+            valid = valid & pool_mask(pool[:, rows], s.shape[-1])
+        gather = lambda t: gather_strided(t.transpose(0, 1).contiguous(), T, self.ctx).transpose(0, 1)  # noqa: E731
+        top = gather(select_topk(s, valid, self.topk))  # [B, T, k] from [B, per, k] on each rank
+        if publish:
+            return Selection(top, gather(select_topk(s, valid, publish)))
+        return top
 
     def _keys(self, x, cos, sin):
         k = self.k_norm(self.wk(x))

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint import (CheckpointError, checkpoint_files, checkpoint_is_fp8, dequantize_fp8_blocks, load_model,
-                          quantize_fp8_blocks)
-from ..config import ConfigError, ModelConfig
+                          quantize_fp8_blocks, resolve_config)
+from ..config import ModelConfig
 from ..kernels.fp8_linear.reference import BLOCK, FP8
 from ..model import DSAModel
 from ..model.linear import resolve_weight_dtype
-from ..presets import preset_config, preset_names
 from ..progress import Progress
 from .comm import broadcast_
 from .context import ParallelContext, ParallelError
@@ -44,16 +43,7 @@ def load_sharded(path_or_preset: str, ctx: ParallelContext, *, dtype: torch.dtyp
     """This rank's shard of a checkpoint folder or preset, on ``ctx.device``, and what loading it read.
     ``weight_dtype`` as for ``load_model``: FP8 storage keeps the checkpoint's FP8 blocks of this rank's slices
     as they are (no dequantise / requantise)."""
-    is_dir = os.path.isdir(path_or_preset)
-    if is_dir:
-        cfg = ModelConfig.from_checkpoint(path_or_preset)
-    elif path_or_preset in preset_names():
-        cfg = preset_config(path_or_preset)
-    else:
-        raise ConfigError(f"{path_or_preset!r} is neither a checkpoint folder nor a preset "
-                          f"({', '.join(preset_names())})")
-    if index_pattern is not None:
-        cfg = cfg.with_pattern(index_pattern)
+    cfg, is_dir = resolve_config(path_or_preset, index_pattern)
     check_divisible(cfg, ctx)
     if cfg.fp8_block_size not in (None, (BLOCK, BLOCK)):
         raise CheckpointError(f"FP8 weight_block_size {list(cfg.fp8_block_size)} is not supported "

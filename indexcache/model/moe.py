@@ -8,7 +8,6 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_reference
-from ..kernels.fp8_grouped_mm.dequant import dequantize_experts_triton
 from ..kernels.fp8_linear import dequantize_weight, quantize_act, quantize_weight
 from ..kernels.moe import SMALL_MAX_ROWS, moe_experts_small
 
@@ -118,8 +117,7 @@ class Experts(nn.Module):
         token = order // K
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
-        # the prefill path; the alternative with the same signature, fp8_experts_dequant_grouped_mm, is timed
-        # against it by benchmarks/fp8_weights.py (grouped rows), and the slower one goes
+        # W8A8 grouped GEMM: faster than dequantising to bf16 + torch._grouped_mm at every measured size (H200)
         ys = fp8_experts_w8a8(self, x[token], counts)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
@@ -147,26 +145,6 @@ def fp8_experts_w8a8(experts: Experts, xs: torch.Tensor, counts: torch.Tensor) -
     gate, up = h.split(inter, dim=-1)
     a8, sa = quantize_act(F.silu(gate) * up)
     return mm(a8, counts, experts.down, experts.down_scale_inv, sa, xs.dtype)
-
-
-def fp8_experts_dequant_grouped_mm(experts: Experts, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The same function as ``fp8_experts_w8a8`` but with bf16 activations: each projection's FP8 weights (all
-    experts) are dequantised into a bf16 scratch by a memory-bound Triton pass, then torch._grouped_mm runs
-    (CUDA, bf16 ``xs``). The scratch is one projection's bf16 weights at a time."""
-    inter, ib = experts.inter, _blocks(experts.inter)
-    offs = counts.cumsum(0).to(torch.int32)
-    w, s = experts.gate_up, experts.gate_up_scale_inv
-    gu = torch.empty(w.shape, dtype=xs.dtype, device=xs.device)
-    if inter % 128 == 0:
-        dequantize_experts_triton(w, s, out=gu)
-    else:  # gate's and up's scale blocks restart at row I
-        dequantize_experts_triton(w[:, :inter], s[:, :ib], out=gu[:, :inter])
-        dequantize_experts_triton(w[:, inter:], s[:, ib:], out=gu[:, inter:])
-    h = torch._grouped_mm(xs, gu.transpose(1, 2), offs=offs)
-    del gu
-    gate, up = h.split(inter, dim=-1)
-    dn = dequantize_experts_triton(experts.down, experts.down_scale_inv, dtype=xs.dtype)
-    return torch._grouped_mm(F.silu(gate) * up, dn.transpose(1, 2), offs=offs)
 
 
 def quantize_experts(gate_up: torch.Tensor, down: torch.Tensor):

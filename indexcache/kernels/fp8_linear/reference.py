@@ -17,6 +17,13 @@ FP8_MAX = 448.0
 _TINY = 1e-12  # an all-zero group gets a tiny scale (its values quantise to 0), never a division by zero
 
 
+def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """max(amax, tiny) / 448 as one correctly rounded division on every device. Divided by a Python number, torch
+    multiplies by its reciprocal on CUDA (an ulp off), which moved values at e4m3 rounding ties to the other
+    neighbour than the CPU and the Triton kernel (``div_rn``) chose."""
+    return amax.clamp(min=_TINY) / torch.full((), FP8_MAX, device=amax.device)
+
+
 def blocks(n: int) -> int:
     return -(-n // BLOCK)
 
@@ -47,7 +54,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padded = torch.zeros(rows * BLOCK, cols * BLOCK, dtype=torch.float32, device=w.device)
     padded[:n, :k] = w.float()
     b = padded.view(rows, BLOCK, cols, BLOCK)
-    scale = b.abs().amax(dim=(1, 3)).clamp(min=_TINY) / FP8_MAX
+    scale = scale_from_amax(b.abs().amax(dim=(1, 3)))
     q = (b / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view(rows * BLOCK, cols * BLOCK)[:n, :k]
     return q.to(FP8), scale
 
@@ -61,7 +68,7 @@ def quantize_act_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     xf = torch.zeros(m, kb * BLOCK, dtype=torch.float32, device=x.device)
     xf[:, :k] = x.float()
     g = xf.view(m, kb, BLOCK)
-    scale = g.abs().amax(-1).clamp(min=_TINY) / FP8_MAX
+    scale = scale_from_amax(g.abs().amax(-1))
     q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).view(m, kb * BLOCK)[:, :k]
     return q.to(FP8), scale
 
@@ -80,4 +87,14 @@ def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tens
     x2 = x.reshape(-1, x.shape[-1])
     xq = dequantize_act(*quantize_act_reference(x2))
     y = xq @ dequantize_weight(w, scale_inv).t()
+    return y.to(out_dtype or x.dtype).view(*lead, w.shape[0])
+
+
+def fp8_linear_weight_only_reference(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
+                                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The small-M (W8A16) path: y = x @ dequant(w)^T in fp32, x NOT quantised, returned in ``out_dtype``
+    (default x.dtype). x [..., K] -> y [..., N]."""
+    check_weight("fp8_linear_weight_only_reference", w, scale_inv)
+    lead = x.shape[:-1]
+    y = x.reshape(-1, x.shape[-1]).float() @ dequantize_weight(w, scale_inv).t()
     return y.to(out_dtype or x.dtype).view(*lead, w.shape[0])

@@ -74,3 +74,116 @@ def quantize_act_triton(x: torch.Tensor, pad_rows_to: int = 1) -> tuple[torch.Te
     _act_quant_kernel[grid](x, q, scale, m, mp, k, x.stride(0), x.stride(1), q.stride(0), *scale.stride(),
                             TINY=_TINY, QMAX=FP8_MAX, BLOCK_R=BLOCK_R, GROUP=BLOCK, num_warps=4)
     return q, scale
+
+
+# ---- weight-only (W8A16) small-M GEMM: y[M, N] = x[M, K] @ dequant(w fp8 [N, K])^T, no activation quantisation ----
+GEMV_BLOCK_M = 16  # tl.dot's smallest M: rows M..15 are masked (zeros in, never stored)
+GEMV_BLOCK_N = 64  # divides 128, so a program's columns share one weight block row and one scale per K step
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER_SPLIT, stride_xm, stride_xk, stride_wn,
+                     stride_sn, stride_sk, stride_os, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUP: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (n tile, K split): acc[BLOCK_M, BLOCK_N] = sum over its 128-wide K blocks of
+    (x tile @ fp8 tile^T) * scale, fp32 accumulation. The fp8 values convert exactly to x's dtype (e4m3 fits
+    fp16, bf16 and fp32), so the tile product is x's GEMM on the stored codes and the block scale multiplies
+    the fp32 partial sum once per block."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, GROUP)
+    rmask = rows < M
+    nmask = cols < N
+    cols64 = cols.to(tl.int64)
+    sb_row = (pid_n * BLOCK_N) // GROUP
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kb0 = split * KB_PER_SPLIT
+    kb1 = tl.minimum(kb0 + KB_PER_SPLIT, KB)
+    for kb in range(kb0, kb1):
+        kk = kb * GROUP + ks
+        kmask = kk < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols64[:, None] * stride_wn + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0.0)
+        part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+        acc += part * tl.load(s_ptr + sb_row * stride_sn + kb * stride_sk)
+    tl.store(out_ptr + split * stride_os + rows[:, None] * stride_om + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, SPLITS, MN, BLOCK: tl.constexpr):
+    """out[i] = sum over s of part[s, i] (fp32), cast to out's dtype: split-K's second stage, no atomics."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """Two programs per SM keep enough fp8 tiles in flight to stream the weight at copy bandwidth; the CPU
+    interpreter gets a small number, so tests exercise split-K."""
+    if device.type != "cuda":
+        return 8
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@torch.compiler.assume_constant_result
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_k_for(n: int, k: int, device: torch.device) -> int:
+    """K splits so that (N tiles) x (splits) reaches the programs wanted; every split owns >= one 128 block."""
+    tiles = triton.cdiv(n, GEMV_BLOCK_N)
+    kb = blocks(k)
+    split = max(1, min(kb, triton.cdiv(_programs_wanted(device), tiles)))
+    per = triton.cdiv(kb, split)
+    return triton.cdiv(kb, per)  # no empty split
+
+
+def fp8_gemv_triton(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
+                    split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] float32/float16/bfloat16 (M <= 16, any strides) @ dequant(w fp8 e4m3 [N, K] row-major,
+    scale_inv fp32 [ceil(N/128), ceil(K/128)])^T -> [M, N] in x's dtype, fp32 accumulation, x not quantised.
+    Any N and K (partial last blocks are masked). ``split_k``: K splits (default: enough programs for the
+    device); above 1 the fp32 partial sums go through a second, summing kernel."""
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"fp8_gemv: x must be [M, K] float32/float16/bfloat16, got {tuple(x.shape)} {x.dtype}")
+    m, k = x.shape
+    if m > GEMV_BLOCK_M:
+        raise ValueError(f"fp8_gemv: at most {GEMV_BLOCK_M} rows, got M={m}")
+    if w.dtype != FP8 or w.dim() != 2 or w.shape[1] != k:
+        raise ValueError(f"fp8_gemv: weight must be float8_e4m3fn [N, {k}], got {tuple(w.shape)} {w.dtype}")
+    if w.stride(1) != 1:
+        raise ValueError(f"fp8_gemv: weight rows must be contiguous, got strides {w.stride()}")
+    n = w.shape[0]
+    if tuple(scale_inv.shape) != (blocks(n), blocks(k)):
+        raise ValueError(f"fp8_gemv: scale_inv shape {tuple(scale_inv.shape)} does not fit weight {tuple(w.shape)}")
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    s = scale_inv if scale_inv.dtype == torch.float32 else scale_inv.float()
+    kb = blocks(k)
+    split = split_k_for(n, k, x.device) if split_k is None else split_k
+    if not 1 <= split <= kb:
+        raise ValueError(f"fp8_gemv: split_k must be in [1, {kb}] for K={k}, got {split}")
+    per = triton.cdiv(kb, split)
+    split = triton.cdiv(kb, per)
+    dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, GEMV_BLOCK_N), split)
+    _fp8_gemv_kernel[grid](x, w, s, dst, m, n, k, kb, per, x.stride(0), x.stride(1), w.stride(0), s.stride(0),
+                           s.stride(1), m * n if split > 1 else 0, n, BLOCK_M=GEMV_BLOCK_M, BLOCK_N=GEMV_BLOCK_N,
+                           GROUP=BLOCK, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                           num_warps=4, num_stages=4)
+    if split > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](dst, out, split, m * n, BLOCK=block, num_warps=4)
+    return out

@@ -127,11 +127,13 @@ def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
 
 
 # Path of indexer_topk_prefill by (context, heads), from the crossover table of benchmarks/indexer_fused.py (H200,
-# 2 GiB workspace): the fused path from this many keys on. Provisional until that table is run: 200K measured
-# two-pass faster (H=32 0.45 vs 0.53 s, H=64 0.57 vs 0.91 s), 1M at H=32 fused 2.0x faster (the two-pass logits
-# chunk holds only ~370 rows of 1M there, too few programs for the GPU); 400K and 1M at H=64 not yet measured.
-FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 400_000
-FUSED_MIN_CONTEXT_OVER_32_HEADS = 1_000_000
+# 2 GiB workspace, run 22): the fused path from this many keys on. H=32: fused 1.02x at 200K, 1.18x at 300K, 1.4x
+# at 400K, 2.6x at 1M; H=64: two-pass 1.06x faster at 200K, fused 1.05x at 300K, 1.9x at 1M. The two-pass logits
+# chunk of a long context holds few rows (~370 at 1M), too few programs for the GPU; the fused pass has no chunk.
+# At H=32 the 200K tie (1.02x alone) goes to two-pass: the whole 47-layer 200K prefill measured 33.1 s with the
+# fused path on its last chunks against 32.0 s without (runs 23 and 18).
+FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 300_000
+FUSED_MIN_CONTEXT_OVER_32_HEADS = 300_000
 
 
 def choose_prefill_path(ctx: int, heads: int) -> str:
