@@ -14,7 +14,8 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "stdlib-dsa-
 def _eval(tmp_path, name, *extra):
     out = tmp_path / f"{name}.json"
     assert main(["eval", FIXTURE, "--patterns", "model", "1/2", "--context", "96", "--lengths", "96",
-                 "--n-retrieval", "2", "--windows", "2", "--batch", "2", "--device", "cpu", "--json", str(out),
+                 "--n-retrieval", "2", "--windows", "2", "--batch", "2", "--suite-n", "0", "--device", "cpu",
+                 "--json", str(out),
                  *extra]) == 0
     return json.loads(out.read_text())["results"]
 
