@@ -85,17 +85,7 @@ class LLMEngine:
     # ----- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     prompt: str | None = None) -> Sequence:
-        if not prompt_ids:
-            raise ValueError("a prompt needs at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        if len(prompt_ids) >= self.cfg.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len={self.cfg.max_model_len} "
-                             "(the prompt plus at least one generated token must fit)")
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has none (use stop token ids)")
+        check_request(prompt_ids, params, self.model.config.vocab_size, self.cfg.max_model_len, self.tokenizer)
         if request_id is None:
             request_id = str(self._next_id)
             self._next_id += 1
@@ -205,3 +195,17 @@ class LLMEngine:
     def abort(self, seq: Sequence) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, "abort")
+
+
+def check_request(prompt_ids: list[int], params: SamplingParams, vocab: int, max_model_len: int, tokenizer) -> None:
+    """A request the engine can run, or a ValueError naming what is wrong (the in-process and the TP engine)."""
+    if not prompt_ids:
+        raise ValueError("a prompt needs at least one token")
+    bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+    if len(prompt_ids) >= max_model_len:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len={max_model_len} "
+                         "(the prompt plus at least one generated token must fit)")
+    if params.stop_strings and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer; this model has none (use stop token ids)")

@@ -17,7 +17,7 @@ from ..distributed import load_sharded
 from ..distributed.launch import RankProcesses, WorkerError
 from .block_manager import OutOfBlocks
 from .config import EngineConfig
-from .engine import LLMEngine
+from .engine import LLMEngine, check_request
 from .sequence import Sequence, Status
 
 __all__ = ["WorkerSpec", "Worker", "WorkerError", "start_workers", "generate", "RemoteEngine"]
@@ -119,17 +119,7 @@ class RemoteEngine:
 
     def add_request(self, prompt_ids: list[int], params, request_id: str | None = None,
                     prompt: str | None = None) -> Sequence:
-        if not prompt_ids:
-            raise ValueError("a prompt needs at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        if len(prompt_ids) >= self.cfg.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len={self.cfg.max_model_len} "
-                             "(the prompt plus at least one generated token must fit)")
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has none (use stop token ids)")
+        check_request(prompt_ids, params, self.model.config.vocab_size, self.cfg.max_model_len, self.tokenizer)
         if request_id is None:
             request_id = f"remote-{self._next_id}"
             self._next_id += 1
