@@ -100,27 +100,37 @@ def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
 
     Two budgets that add up to workspace_bytes: the fp32 logits of a chunk (rows * span * 4) get 3/4 of it and
     the selection's temporaries (``slot_bytes`` per top-k slot per row; default SLOT_BYTES for the torch fallback:
-    torch.topk values + int64 ids, output, index shift) get 1/4. Returns (r0, r1, c0, c1) tuples. Needs the windows on the host (one device sync).
+    torch.topk values + int64 ids, output, index shift) get 1/4. Returns (r0, r1, c0, c1) tuples.
     """
-    rs = row_start.long().cpu().numpy()
-    re = np.maximum(row_end.long().cpu().numpy(), rs)
-    t = len(rs)
     logits_budget = workspace_bytes - workspace_bytes // 4
     max_rows = (workspace_bytes // 4) // (slot_bytes * topk)
     if max_rows < 1:
         raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} is too small for topk={topk}; "
                          f"need at least {4 * slot_bytes * topk} for the selection of one row")
+    return _greedy_row_chunks(
+        row_start, row_end, logits_budget, 0, max_rows,
+        lambda cost, span: f"indexer_topk_prefill: workspace_bytes={workspace_bytes} cannot hold one row of "
+                           f"{span} logits; raise it to at least {cost * 4 // 3 + 1}")
+
+
+def _greedy_row_chunks(row_start, row_end, budget: int, row_bytes: int, max_rows: int | None,
+                       too_small) -> list[tuple[int, int, int, int]]:
+    """Consecutive rows [r0, r1), each chunk as long as rows * (span * 4 + row_bytes) <= budget (span: the chunk's
+    column range [c0, c1) of the windows) and at most ``max_rows``; ``too_small(cost, span)`` words the error when
+    one row does not fit. Returns (r0, r1, c0, c1). Needs the windows on the host (one device sync)."""
+    rs = row_start.long().cpu().numpy()
+    re = np.maximum(row_end.long().cpu().numpy(), rs)
+    t = len(rs)
     chunks = []
     r0 = 0
     while r0 < t:
-        seg = slice(r0, min(t, r0 + max_rows))
+        seg = slice(r0, t if max_rows is None else min(t, r0 + max_rows))
         lo = np.minimum.accumulate(rs[seg])
         hi = np.maximum.accumulate(re[seg])
-        cost = np.arange(1, len(lo) + 1) * (hi - lo) * 4
-        n = int(np.searchsorted(cost, logits_budget, side="right"))  # cost is non-decreasing
+        cost = np.arange(1, len(lo) + 1) * ((hi - lo) * 4 + row_bytes)
+        n = int(np.searchsorted(cost, budget, side="right"))  # cost is non-decreasing
         if n == 0:
-            raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} cannot hold one row of "
-                             f"{hi[0] - lo[0]} logits; raise it to at least {int(cost[0]) * 4 // 3 + 1}")
+            raise ValueError(too_small(int(cost[0]), int(hi[0] - lo[0])))
         chunks.append((r0, r0 + n, int(lo[n - 1]), int(hi[n - 1])))
         r0 += n
     return chunks
@@ -240,22 +250,10 @@ def _scratch(k: int, n: int) -> int:
 def plan_fused_chunks(row_start, row_end, row_bytes: int, workspace_bytes: int) -> list[tuple[int, int, int, int]]:
     """Split rows into chunks [r0, r1) with rows * (span * 4 + row_bytes) <= workspace_bytes, where span is the
     chunk's column range [c0, c1) of the (sample) windows. Returns (r0, r1, c0, c1)."""
-    rs = row_start.long().cpu().numpy()
-    re = np.maximum(row_end.long().cpu().numpy(), rs)
-    t = len(rs)
-    chunks = []
-    r0 = 0
-    while r0 < t:
-        lo = np.minimum.accumulate(rs[r0:])
-        hi = np.maximum.accumulate(re[r0:])
-        cost = np.arange(1, len(lo) + 1) * ((hi - lo) * 4 + row_bytes)
-        n = int(np.searchsorted(cost, workspace_bytes, side="right"))
-        if n == 0:
-            raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} cannot hold one fused row; "
-                             f"raise it to at least {int(cost[0])}")
-        chunks.append((r0, r0 + n, int(lo[n - 1]), int(hi[n - 1])))
-        r0 += n
-    return chunks
+    return _greedy_row_chunks(
+        row_start, row_end, workspace_bytes, row_bytes, None,
+        lambda cost, span: f"indexer_topk_prefill: workspace_bytes={workspace_bytes} cannot hold one fused row; "
+                           f"raise it to at least {cost}")
 
 
 def _take_rows(x, idx):
