@@ -122,7 +122,8 @@ def plan_steps(tc: TrainConfig, seconds: float, device, corpus) -> TrainConfig:
     for stage, _ in STAGES:
         m = build_empty(tc.model_config(), device, torch.float32).init_random(tc.seed)
         g = torch.Generator().manual_seed(99)
-        run_stage(m, corpus, stage, 1, 1e-4, tc, g, progress=False)
+        # warm every window length the timed steps use (their first step pays for autotuning and allocation)
+        run_stage(m, corpus, stage, 3, 1e-4, tc, g, progress=False)
         _sync(device)
         t = time.perf_counter()
         run_stage(m, corpus, stage, 3, 1e-4, tc, g, progress=False)
@@ -260,15 +261,19 @@ def _run(args, s: Settings, work: Work, device) -> int:
 
     def search():
         g = torch.Generator().manual_seed(1)
-        ids = mixed_windows(corpus, s.calib_seqs, s.eval_context + 1, s.tc.task_ratio, g).to(device)
+        ids = mixed_windows(corpus, s.calib_seqs, s.eval_context + 1, s.tc.task_ratio, g,
+                            packed=s.tc.tasks_packed).to(device)
         target = N - min(IndexPattern.keep(N, f).num_full for f in s.keeps)
         sr = greedy_search(model, list(ids.split(1)), target, progress=False)
         return sr.to_json()
 
-    if not (work.unit("overlap", overlap) and work.unit("search", search)):
+    # full DSA first: the first sign of whether the model retrieves at all
+    if not (work.unit("overlap", overlap)
+            and work.unit("row: full DSA", lambda: evaluate_row(model_dir, None, s, test, device))
+            and work.unit("search", search)):
         return 3
     by_full = work.state["done"]["search"]["patterns_by_num_full"]
-    rows = [("full DSA", model_dir, None)]
+    rows = []
     for f in sorted(s.keeps, key=_priority):
         u = IndexPattern.keep(N, f)
         rows += [(f"uniform {f}", model_dir, str(u)), (f"greedy {f}", model_dir, by_full[str(u.num_full)]),
@@ -283,7 +288,8 @@ def _run(args, s: Settings, work: Work, device) -> int:
         def do_distill(pat=pat, out=out):
             _, log = distill(model_dir, str(pat), out, warmup_steps=s.distill_steps[0], sparse_steps=s.distill_steps[1],
                              batch=s.tc.batch, context=s.tc.context, device=device, time_budget_s=work.left() - 20,
-                             max_train_bytes=s.tc.max_train_bytes, task_ratio=s.tc.task_ratio, progress=False)
+                             max_train_bytes=s.tc.max_train_bytes, task_ratio=s.tc.task_ratio,
+                             tasks_packed=s.tc.tasks_packed, progress=False)
             return {"pattern": log["pattern"], "seconds": log["seconds"],
                     "steps_done": {x["stage"]: x["steps_done"] for x in log["stages"]}}
 

@@ -127,6 +127,51 @@ def make_item(corpus: Corpus, task: str, length: int, seed: int, index: int) -> 
     return TaskItem(task, length, prompt, answer)
 
 
+PACKED_TOKENS_PER_EPISODE = 256  # a packed training window holds one episode per this many tokens
+
+
+def packed_window(corpus: Corpus, length: int, seed: int, tasks=TASKS) -> torch.Tensor:
+    """A training window int64 [length] packed with many episodes (facts, then later the query and its answer and a
+    newline) at random depths: about one answer per 256 tokens, where a single item has one per window, so the
+    retrieval signal is dense enough for a small model to learn from in minutes. Query-to-fact distances are spread
+    over the whole window. Deterministic in (split, seed, length)."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 256:
+        raise ValueError(f"packed window length must be an integer >= 256 tokens, got {length!r}")
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"unknown retrieval tasks {bad or tasks!r}; tasks are {TASKS}")
+    rng = random.Random(f"{corpus.split}:packed:{seed}:{length}")
+    names: list[str] = []
+    episodes, used, drawn = [], 0, set()
+    for _ in range(max(1, length // PACKED_TOKENS_PER_EPISODE)):
+        # the passkey has no name: a second one would make both queries ambiguous
+        choice = [t for t in tasks if not (t == "passkey" and t in drawn)] or list(tasks)
+        task = choice[rng.randrange(len(choice))]
+        drawn.add(task)
+        facts, query, answer = _facts(task, rng, names)
+        parts = facts + [query + answer + b"\n"]
+        if used + sum(map(len, parts)) > length // 2:  # at least half the window stays corpus code
+            break
+        episodes.append(parts)
+        used += sum(map(len, parts))
+    room = length - 1 - used
+    text = _filler(corpus, room, rng, [n.encode() for n in names])
+    inserts = []  # (line start, depth, order within the episode, bytes): the query comes after its facts
+    for parts in episodes:
+        depths = sorted(rng.randrange(0, room + 1) for _ in parts)
+        for j, (part, d) in enumerate(zip(parts, depths)):
+            inserts.append((text.rfind(b"\n", 0, d) + 1, d, j, part))
+    inserts.sort(key=lambda x: x[:3])
+    body, prev = b"", 0
+    for at, _, _, part in inserts:
+        body += text[prev:at] + part
+        prev = at
+    body += text[prev:]
+    ids = [ByteTokenizer.BOS] + list(body)
+    assert len(ids) == length
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def make_items(corpus: Corpus, tasks, length: int, n: int, seed: int, *, heldout: bool) -> list[TaskItem]:
     """``n`` items of each task; ``heldout`` requires a held-out seed and the held-out corpus split."""
     _check_seed(seed, heldout)
@@ -145,9 +190,10 @@ def _check_seed(seed: int, heldout: bool) -> None:
 
 
 def mixed_windows(corpus: Corpus, n: int, length: int, ratio: float, gen: torch.Generator,
-                  tasks=TASKS) -> torch.Tensor:
-    """Training windows int64 [n, length]: each row is a synthetic task item with probability ``ratio``, else a
-    random corpus window. ``ratio`` 0 draws exactly ``corpus.random_windows`` (same generator use)."""
+                  tasks=TASKS, packed: bool = False) -> torch.Tensor:
+    """Training windows int64 [n, length]: each row is a synthetic task item (``packed``: a window of many
+    episodes, ``packed_window``) with probability ``ratio``, else a random corpus window. ``ratio`` 0 draws exactly
+    ``corpus.random_windows`` (same generator use)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"task mixing ratio must be in [0, 1], got {ratio!r}")
     if ratio == 0.0:
@@ -157,5 +203,5 @@ def mixed_windows(corpus: Corpus, n: int, length: int, ratio: float, gen: torch.
     for r in pick.nonzero().flatten().tolist():
         task = tasks[int(torch.randint(0, len(tasks), (1,), generator=gen))]
         seed = int(torch.randint(0, 1 << 31, (1,), generator=gen))
-        rows[r] = make_item(corpus, task, length, seed, 0).ids()
+        rows[r] = packed_window(corpus, length, seed, tasks) if packed else make_item(corpus, task, length, seed, 0).ids()
     return rows

@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     max_train_bytes: int | None = None
     task_ratio: float = 0.0  # share of training windows that are synthetic retrieval tasks (tools/tasks.py)
+    tasks_packed: bool = False  # task windows hold many episodes each (tasks.packed_window), not one item
     # window lengths cycled step by step (None: ``context`` always); batch scales so tokens per step stay
     # batch x context. The warm-up and sparse stages skip lengths above ``context``: their masked training
     # forward holds [B, heads, T, T] attention per layer for the backward
@@ -82,7 +83,7 @@ PRESETS = {
     # 4K-16K tokens; step counts are set there from a time budget
     "retrieval": TrainConfig(layers=16, hidden=256, heads=4, q_lora=128, kv_lora=128, nope=48, rope=16, v=64,
                              mlp=768, index_heads=4, index_dim=32, topk=128, context=8192, batch=4,
-                             contexts=(4096, 8192, 16384), task_ratio=0.5, dense_steps=3000, warmup_steps=200,
+                             contexts=(4096, 8192, 16384), task_ratio=0.5, tasks_packed=True, dense_steps=3000, warmup_steps=200,
                              sparse_steps=500, lr=2e-3, warmup_lr=2e-3, sparse_lr=5e-4),
 }
 
@@ -133,7 +134,7 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr)
             length, batch = _window(tc, step, stage)
-            ids = mixed_windows(corpus, batch, length + 1, tc.task_ratio, gen).to(device)
+            ids = mixed_windows(corpus, batch, length + 1, tc.task_ratio, gen, packed=tc.tasks_packed).to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 lm, idx = forward_train(model, ids, stage, pattern, index_backward=train_indexer,

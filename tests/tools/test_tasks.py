@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from indexcache.tools.corpus import ByteTokenizer, load_corpus
-from indexcache.tools.tasks import HELDOUT_SEED_BASE, TASKS, make_item, make_items, mixed_windows
+from indexcache.tools.tasks import HELDOUT_SEED_BASE, TASKS, make_item, make_items, mixed_windows, packed_window
 
 H = HELDOUT_SEED_BASE
 
@@ -86,3 +86,38 @@ def test_mixed_windows_ratio(train_corpus):
     assert all(re.search(r"_[0-9a-f]{8}|passkey", t) for t in texts)
     with pytest.raises(ValueError, match="ratio must be in"):
         mixed_windows(train_corpus, 1, 300, 1.5, torch.Generator())
+
+
+def test_packed_window_episodes_answerable_from_earlier_text(train_corpus):
+    """Every query in a packed window is followed by the answer a perfect retriever computes from the text before
+    it; the length is exact; at most one passkey; deterministic in its seed."""
+    w = packed_window(train_corpus, 4096, 11)
+    assert w.shape == (4096,) and int(w[0]) == ByteTokenizer.BOS and torch.equal(w, packed_window(train_corpus, 4096, 11))
+    assert not torch.equal(w, packed_window(train_corpus, 4096, 12))
+    text = bytes(w[1:].tolist()).decode("utf-8", "replace")
+    lines = text.split("\n")
+    queries = 0
+    for j, line in enumerate(lines):
+        # a query line: one of our generated names (or the passkey) and the answer right after it
+        m = re.match(r"(assert \w+_[0-9a-f]{8}(?:\[\"key_[0-9a-f]{8}\"\])? == \[?|# the passkey is )(\d[\d, ]*\]?)$",
+                     line)
+        if not m:
+            continue
+        before = "\n".join(lines[:j]) + "\n" + m.group(1)
+        task = ("passkey" if m.group(1).startswith("#") else "kv_multivalue" if m.group(1).endswith("[")
+                else "kv_single" if "[" in m.group(1) else "vartrack_or_needle")
+        if task == "vartrack_or_needle":  # follow assignments back to a number
+            name = re.fullmatch(r"assert (\w+) == ", m.group(1)).group(1)
+            while not re.fullmatch(r"\d+", name):
+                name = re.findall(rf"^{name} = (\w+)$", before, re.M)[-1]
+            want = name
+        else:
+            want = _solve(task, before)
+        assert m.group(2) == want, (line, want)
+        queries += 1
+    assert queries >= 4096 // 256 // 2, f"only {queries} episodes in a 4096-token packed window"
+    assert text.count(". Remember it.") <= 1
+    rows = mixed_windows(train_corpus, 3, 1024, 1.0, torch.Generator().manual_seed(0), packed=True)
+    assert rows.shape == (3, 1024) and all(len(re.findall(rb"== ", bytes(r[1:].tolist()))) >= 2 for r in rows)
+    with pytest.raises(ValueError, match="packed window length"):
+        packed_window(train_corpus, 100, 0)
