@@ -261,8 +261,8 @@ def _run(args, s: Settings, work: Work, device) -> int:
 
     def search():
         g = torch.Generator().manual_seed(1)
-        ids = mixed_windows(corpus, s.calib_seqs, s.eval_context + 1, s.tc.task_ratio, g,
-                            packed=s.tc.tasks_packed).to(device)
+        ids = mixed_windows(corpus, s.calib_seqs, s.eval_context + 1, s.tc.task_ratio, g, packed=s.tc.tasks_packed,
+                            tokens_per_episode=s.tc.task_tokens_per_episode, task_share=s.tc.task_share).to(device)
         target = N - min(IndexPattern.keep(N, f).num_full for f in s.keeps)
         sr = greedy_search(model, list(ids.split(1)), target, progress=False)
         return sr.to_json()
@@ -289,7 +289,9 @@ def _run(args, s: Settings, work: Work, device) -> int:
             _, log = distill(model_dir, str(pat), out, warmup_steps=s.distill_steps[0], sparse_steps=s.distill_steps[1],
                              batch=s.tc.batch, context=s.tc.context, device=device, time_budget_s=work.left() - 20,
                              max_train_bytes=s.tc.max_train_bytes, task_ratio=s.tc.task_ratio,
-                             tasks_packed=s.tc.tasks_packed, progress=False)
+                             tasks_packed=s.tc.tasks_packed,
+                             task_tokens_per_episode=s.tc.task_tokens_per_episode, task_share=s.tc.task_share,
+                             progress=False)
             return {"pattern": log["pattern"], "seconds": log["seconds"],
                     "steps_done": {x["stage"]: x["steps_done"] for x in log["stages"]}}
 

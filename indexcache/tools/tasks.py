@@ -130,9 +130,11 @@ def make_item(corpus: Corpus, task: str, length: int, seed: int, index: int) -> 
 PACKED_TOKENS_PER_EPISODE = 256  # a packed training window holds one episode per this many tokens
 
 
-def packed_window(corpus: Corpus, length: int, seed: int, tasks=TASKS) -> torch.Tensor:
+def packed_window(corpus: Corpus, length: int, seed: int, tasks=TASKS,
+                  tokens_per_episode: int = PACKED_TOKENS_PER_EPISODE, task_share: float = 0.5) -> torch.Tensor:
     """A training window int64 [length] packed with many episodes (facts, then later the query and its answer and a
-    newline) at random depths: about one answer per 256 tokens, where a single item has one per window, so the
+    newline) at random depths: about one answer per ``tokens_per_episode`` tokens (at most ``task_share`` of the
+    window is task text, the rest corpus code), where a single item has one per window, so the
     retrieval signal is dense enough for a small model to learn from in minutes. Query-to-fact distances are spread
     over the whole window. Deterministic in (split, seed, length)."""
     if isinstance(length, bool) or not isinstance(length, int) or length < 256:
@@ -140,17 +142,21 @@ def packed_window(corpus: Corpus, length: int, seed: int, tasks=TASKS) -> torch.
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise ValueError(f"unknown retrieval tasks {bad or tasks!r}; tasks are {TASKS}")
+    if isinstance(tokens_per_episode, bool) or not isinstance(tokens_per_episode, int) or tokens_per_episode < 16:
+        raise ValueError(f"tokens per episode must be an integer >= 16, got {tokens_per_episode!r}")
+    if not 0.0 < task_share < 1.0:
+        raise ValueError(f"task share of a packed window must be in (0, 1), got {task_share!r}")
     rng = random.Random(f"{corpus.split}:packed:{seed}:{length}")
     names: list[str] = []
     episodes, used, drawn = [], 0, set()
-    for _ in range(max(1, length // PACKED_TOKENS_PER_EPISODE)):
+    for _ in range(max(1, length // tokens_per_episode)):
         # the passkey has no name: a second one would make both queries ambiguous
         choice = [t for t in tasks if not (t == "passkey" and t in drawn)] or list(tasks)
         task = choice[rng.randrange(len(choice))]
         drawn.add(task)
         facts, query, answer = _facts(task, rng, names)
         parts = facts + [query + answer + b"\n"]
-        if used + sum(map(len, parts)) > length // 2:  # at least half the window stays corpus code
+        if used + sum(map(len, parts)) > task_share * length:
             break
         episodes.append(parts)
         used += sum(map(len, parts))
@@ -190,9 +196,11 @@ def _check_seed(seed: int, heldout: bool) -> None:
 
 
 def mixed_windows(corpus: Corpus, n: int, length: int, ratio: float, gen: torch.Generator,
-                  tasks=TASKS, packed: bool = False) -> torch.Tensor:
+                  tasks=TASKS, packed: bool = False, tokens_per_episode: int = PACKED_TOKENS_PER_EPISODE,
+                  task_share: float = 0.5) -> torch.Tensor:
     """Training windows int64 [n, length]: each row is a synthetic task item (``packed``: a window of many
-    episodes, ``packed_window``) with probability ``ratio``, else a random corpus window. ``ratio`` 0 draws exactly
+    episodes, ``packed_window`` with ``tokens_per_episode`` and ``task_share``) with probability ``ratio``, else a
+    random corpus window. ``ratio`` 0 draws exactly
     ``corpus.random_windows`` (same generator use)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"task mixing ratio must be in [0, 1], got {ratio!r}")
@@ -203,5 +211,6 @@ def mixed_windows(corpus: Corpus, n: int, length: int, ratio: float, gen: torch.
     for r in pick.nonzero().flatten().tolist():
         task = tasks[int(torch.randint(0, len(tasks), (1,), generator=gen))]
         seed = int(torch.randint(0, 1 << 31, (1,), generator=gen))
-        rows[r] = packed_window(corpus, length, seed, tasks) if packed else make_item(corpus, task, length, seed, 0).ids()
+        rows[r] = (packed_window(corpus, length, seed, tasks, tokens_per_episode, task_share) if packed
+                   else make_item(corpus, task, length, seed, 0).ids())
     return rows

@@ -52,6 +52,8 @@ class TrainConfig:
     max_train_bytes: int | None = None
     task_ratio: float = 0.0  # share of training windows that are synthetic retrieval tasks (tools/tasks.py)
     tasks_packed: bool = False  # task windows hold many episodes each (tasks.packed_window), not one item
+    task_tokens_per_episode: int = 256  # packed windows: one episode per this many tokens ...
+    task_share: float = 0.5             # ... filling at most this share of the window
     # window lengths cycled step by step (None: ``context`` always); batch scales so tokens per step stay
     # batch x context. The warm-up and sparse stages skip lengths above ``context``: their masked training
     # forward holds [B, heads, T, T] attention per layer for the backward
@@ -134,7 +136,8 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr)
             length, batch = _window(tc, step, stage)
-            ids = mixed_windows(corpus, batch, length + 1, tc.task_ratio, gen, packed=tc.tasks_packed).to(device)
+            ids = mixed_windows(corpus, batch, length + 1, tc.task_ratio, gen, packed=tc.tasks_packed,
+                                tokens_per_episode=tc.task_tokens_per_episode, task_share=tc.task_share).to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 lm, idx = forward_train(model, ids, stage, pattern, index_backward=train_indexer,

@@ -121,3 +121,10 @@ def test_packed_window_episodes_answerable_from_earlier_text(train_corpus):
     assert rows.shape == (3, 1024) and all(len(re.findall(rb"== ", bytes(r[1:].tolist()))) >= 2 for r in rows)
     with pytest.raises(ValueError, match="packed window length"):
         packed_window(train_corpus, 100, 0)
+    with pytest.raises(ValueError, match="tokens per episode must be an integer >= 16, got 4"):
+        packed_window(train_corpus, 512, 0, tokens_per_episode=4)
+    with pytest.raises(ValueError, match=r"task share .* got 1.5"):
+        packed_window(train_corpus, 512, 0, task_share=1.5)
+    dense = packed_window(train_corpus, 1024, 3, tokens_per_episode=32, task_share=0.9)
+    assert len(re.findall(rb" == |passkey is \d+\n", bytes(dense[1:].tolist()))) > \
+        len(re.findall(rb" == |passkey is \d+\n", bytes(packed_window(train_corpus, 1024, 3)[1:].tolist())))
