@@ -34,6 +34,7 @@ from indexcache.tools.corpus import ByteTokenizer, load_corpus  # noqa: E402
 from indexcache.tools.distill import distill  # noqa: E402
 from indexcache.tools.evaluate import heldout_loss  # noqa: E402
 from indexcache.tools.overlap import model_overlap, write_heatmap_png  # noqa: E402
+from indexcache.tools.probe import copy_probe  # noqa: E402
 from indexcache.tools.ruler import ruler_suite  # noqa: E402
 from indexcache.tools.search import greedy_search  # noqa: E402
 from indexcache.tools.tasks import TASKS, mixed_windows  # noqa: E402
@@ -68,11 +69,11 @@ def settings(args) -> Settings:
                          index_heads=2, index_dim=16, topk=16, context=512, batch=1, task_ratio=0.5,
                          dense_steps=2, warmup_steps=1, sparse_steps=1, max_train_bytes=300_000)
         return Settings(tc, 0.0, (256,), 1, ("kv_single",), 1, 256, 1, (1, 1), 1,
-                        {"overlap": 5, "search": 10, "row": 10, "distill": 10}, ("1/2",))
+                        {"probe": 5, "overlap": 5, "search": 10, "row": 10, "distill": 10}, ("1/2",))
     tc = PRESETS["retrieval"]
     return Settings(tc, args.train_seconds, tuple(args.suite_lengths), args.suite_n, tuple(TASKS), 16,
                     tc.context, 8, (args.distill_warmup, args.distill_sparse), 2,
-                    {"overlap": 60, "search": 240, "row": 120, "distill": 300})
+                    {"probe": 20, "overlap": 60, "search": 240, "row": 120, "distill": 300})
 
 
 # ----- state -------------------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def plan_steps(tc: TrainConfig, seconds: float, device, corpus) -> TrainConfig:
         return tc
     steps = {}
     for stage, _ in STAGES:
-        m = build_empty(tc.model_config(), device, torch.float32).init_random(tc.seed)
+        m = build_empty(tc.model_config(), device, torch.float32).init_random(tc.seed, std=tc.init_std)
         g = torch.Generator().manual_seed(99)
         # warm every window length the timed steps use (their first step pays for autotuning and allocation)
         run_stage(m, corpus, stage, 3, 1e-4, tc, g, progress=False)
@@ -144,7 +145,7 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
         st["train"] = {"stage": 0, "step": 0, "logs": []}
         work.save()
     tc = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in st["train_config"].items()})
-    model = build_empty(tc.model_config(), device, torch.float32).init_random(tc.seed)
+    model = build_empty(tc.model_config(), device, torch.float32).init_random(tc.seed, std=tc.init_std)
     gen = torch.Generator().manual_seed(tc.seed)
     opt_state = None
     if os.path.exists(ck_path):
@@ -267,8 +268,16 @@ def _run(args, s: Settings, work: Work, device) -> int:
         sr = greedy_search(model, list(ids.split(1)), target, progress=False)
         return sr.to_json()
 
-    # full DSA first: the first sign of whether the model retrieves at all
-    if not (work.unit("overlap", overlap)
+    def probe():
+        res = copy_probe(model, test, length=min(1024, s.eval_context), distances=(64, 300, 800)
+                         if s.eval_context >= 1024 else (32,), span=32 if s.eval_context >= 1024 else 8, cue=2,
+                         device=device)
+        print(f"[testbed] copy probe: {res['nll']:.3f} nats per copied byte (cannot copy: >= {res['chance']:.3f})",
+              flush=True)
+        return res
+
+    # the copy probe and full DSA first: the first signs of whether the model can retrieve at all
+    if not (work.unit("probe: copy", probe) and work.unit("overlap", overlap)
             and work.unit("row: full DSA", lambda: evaluate_row(model_dir, None, s, test, device))
             and work.unit("search", search)):
         return 3
