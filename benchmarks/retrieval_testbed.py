@@ -37,7 +37,7 @@ from indexcache.tools.overlap import model_overlap, write_heatmap_png  # noqa: E
 from indexcache.tools.probe import copy_probe  # noqa: E402
 from indexcache.tools.ruler import ruler_suite  # noqa: E402
 from indexcache.tools.search import greedy_search  # noqa: E402
-from indexcache.tools.tasks import TASKS, mixed_windows  # noqa: E402
+from indexcache.tools.tasks import TASKS  # noqa: E402
 from indexcache.tools.train import PRESETS, TrainConfig, run_stage  # noqa: E402
 
 KEEPS = ("1/2", "1/4", "1/8")
@@ -262,15 +262,15 @@ def _run(args, s: Settings, work: Work, device) -> int:
 
     def search():
         g = torch.Generator().manual_seed(1)
-        ids = mixed_windows(corpus, s.calib_seqs, s.eval_context + 1, s.tc.task_ratio, g, packed=s.tc.tasks_packed,
-                            tokens_per_episode=s.tc.task_tokens_per_episode, task_share=s.tc.task_share).to(device)
+        ids = s.tc.training_windows(corpus, s.calib_seqs, s.eval_context + 1, g).to(device)
         target = N - min(IndexPattern.keep(N, f).num_full for f in s.keeps)
         sr = greedy_search(model, list(ids.split(1)), target, progress=False)
         return sr.to_json()
 
     def probe():
-        res = copy_probe(model, test, length=min(1024, s.eval_context), distances=(64, 300, 800)
-                         if s.eval_context >= 1024 else (32,), span=32 if s.eval_context >= 1024 else 8, cue=2,
+        full_size = s.eval_context >= 1024  # the smoke run's 256-token context gets a small probe
+        res = copy_probe(model, test, length=1024 if full_size else s.eval_context,
+                         distances=(64, 300, 800) if full_size else (32,), span=32 if full_size else 8, cue=2,
                          device=device)
         print(f"[testbed] copy probe: {res['nll']:.3f} nats per copied byte (cannot copy: >= {res['chance']:.3f})",
               flush=True)

@@ -200,8 +200,8 @@ def mixed_windows(corpus: Corpus, n: int, length: int, ratio: float, gen: torch.
                   task_share: float = 0.5) -> torch.Tensor:
     """Training windows int64 [n, length]: each row is a synthetic task item (``packed``: a window of many
     episodes, ``packed_window`` with ``tokens_per_episode`` and ``task_share``) with probability ``ratio``, else a
-    random corpus window. ``ratio`` 0 draws exactly
-    ``corpus.random_windows`` (same generator use)."""
+    random corpus window. ``ratio`` 0 draws exactly ``corpus.random_windows`` (same generator use); a packed row
+    draws its task too, so packing changes no other row's draws."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"task mixing ratio must be in [0, 1], got {ratio!r}")
     if ratio == 0.0:

@@ -63,6 +63,11 @@ class TrainConfig:
     contexts: tuple | None = None
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages
 
+    def training_windows(self, corpus, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+        """``n`` windows of ``length`` tokens in this config's mix of corpus code and retrieval tasks."""
+        return mixed_windows(corpus, n, length, self.task_ratio, gen, packed=self.tasks_packed,
+                             tokens_per_episode=self.task_tokens_per_episode, task_share=self.task_share)
+
     def model_config(self) -> ModelConfig:
         tok = ByteTokenizer
         d = dict(model_type="glm_moe_dsa", vocab_size=tok.vocab_size, hidden_size=self.hidden,
@@ -140,8 +145,7 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr)
             length, batch = _window(tc, step, stage)
-            ids = mixed_windows(corpus, batch, length + 1, tc.task_ratio, gen, packed=tc.tasks_packed,
-                                tokens_per_episode=tc.task_tokens_per_episode, task_share=tc.task_share).to(device)
+            ids = tc.training_windows(corpus, batch, length + 1, gen).to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 lm, idx = forward_train(model, ids, stage, pattern, index_backward=train_indexer,
