@@ -63,11 +63,13 @@ class ExpertParallelExperts(Experts):
             # fixed shapes for graph capture: every pair runs, other ranks' pairs with weight 0
             return super().forward(x, local.clamp(0, self.gate_up.shape[0] - 1), weights.masked_fill(~mine, 0.0), **kw)
         tok, slot = mine.nonzero(as_tuple=True)
-        out = torch.zeros_like(x)
-        if tok.numel():
-            y = super().forward(x[tok], local[tok, slot][:, None], weights[tok, slot][:, None], **kw)
-            out.index_add_(0, tok, y)
-        return out
+        if not tok.numel():
+            return torch.zeros_like(x)
+        y = super().forward(x[tok], local[tok, slot][:, None], weights[tok, slot][:, None], **kw)
+        # per (token, slot), then summed over slots in fp32 in a fixed order (as Experts does): no atomics
+        pairs = x.new_zeros(*ids.shape, x.shape[-1])
+        pairs[tok, slot] = y
+        return pairs.float().sum(1).to(x.dtype)
 
 
 class RowSplitIndexer(Indexer):

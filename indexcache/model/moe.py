@@ -103,9 +103,7 @@ class Experts(nn.Module):
             ys = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offs)
         else:
             ys = _expert_loop(xs, flat, self.gate_up, self.down, self.inter)
-        ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
-
+        return combine_experts(ys, order, weights)
 
     @torch.compiler.disable  # Triton launches with host-side checks: run as is between compiled graphs
     def _forward_fp8(self, x, ids, weights):
@@ -119,8 +117,7 @@ class Experts(nn.Module):
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         # W8A8 grouped GEMM: faster than dequantising to bf16 + torch._grouped_mm at every measured size (H200)
         ys = fp8_experts_w8a8(self, x[token], counts)
-        ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return combine_experts(ys, order, weights)
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [E, 2I, D], down [E, D, I]) in ``dtype`` (FP8 storage dequantised; else the weights)."""
@@ -173,6 +170,16 @@ def dequantize_experts(gate_up, gate_up_scale_inv, down, down_scale_inv, dtype):
 
 
 @torch.compiler.disable  # a Triton launch with host-side checks: runs as is between compiled graphs
+def combine_experts(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each token's K expert outputs: ``ys`` [N*K, D] rows in expert order (row p is pair
+    ``order[p]`` = token * K + slot), ``weights`` [N, K] -> [N, D] in ys.dtype. The rows go back to (token, slot)
+    order and are summed over slots in fp32 in a fixed order, so a token's output does not depend on which other
+    tokens share the batch or on atomic ordering (an ``index_add_`` of bf16 rows made serving differ between runs)."""
+    N, K = weights.shape
+    pairs = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1)
+    return (pairs.float() * weights.float()[:, :, None]).sum(1).to(ys.dtype)
+
+
 def _small_batch_experts(x, ids, weights, gate_up, down, gate_up_scale=None, down_scale=None):
     return moe_experts_small(x, ids, weights, gate_up, down, gate_up_scale, down_scale)
 
