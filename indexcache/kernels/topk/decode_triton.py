@@ -115,10 +115,10 @@ def _dtopk_filter2_kernel(hist, ctr, state, out, lists, k, cap, BLOCK: tl.conste
     m = tl.load(state + r * 8 + 0)
     above1 = tl.load(state + r * 8 + 1)
     n1 = tl.load(state + r * 8 + 2)
-    if n1 > 0:
+    if n1 > p * BLOCK:     # programs past the end of list1 skip the hist2 read (p == 0 always has work)
         jb = tl.arange(0, NB)
         h2 = tl.load(hist + r * (2 * NB) + NB + jb)
-        B2, above2, n2 = _threshold_bin(h2, m - above1, jb, False)
+        B2, above2, n2 = _threshold_bin(h2, m - above1, jb, n1 < 0)
         if p == 0:
             tl.store(state + r * 8 + 3, above1 + above2)
             tl.store(state + r * 8 + 4, n2)
