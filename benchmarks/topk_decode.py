@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import measure_ceilings, run_metadata, table, write_results
 from indexcache.kernels.topk import topk_rows, topk_rows_reference
-from indexcache.kernels.topk.decode_ops import DecodeTopkWorkspace, topk_rows_decode
+from indexcache.kernels.topk import DecodeTopkWorkspace, topk_rows_decode
 
 K = 2048
 # (name, batch, row length, score distribution)
