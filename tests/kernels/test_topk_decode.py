@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from indexcache.kernels.topk import topk_rows, topk_rows_reference
-from indexcache.kernels.topk import DecodeTopkWorkspace, topk_rows_decode
+from indexcache.kernels.topk import (DecodeTopkWorkspace, plan_decode_launches, topk_rows, topk_rows_decode,
+                                     topk_rows_reference)
 from tests.helpers import poisoned
 
 
@@ -101,6 +101,41 @@ def test_narrow_ranges_reach_the_later_digits(device):
     x[3, :50] = -0.0
     x[3, 50:100] = 0.0
     _check(x, k, DecodeTopkWorkspace.new(R, N, device))
+
+
+def _digit1(x):
+    """The first radix digit (key bits 31..20 + 2048) of fp32 values, -0.0 as +0.0; -1 where never selected."""
+    x = torch.where(x == 0, torch.zeros_like(x), x)
+    b = x.view(torch.int32)
+    key = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+    return torch.where(torch.isnan(x) | (x == float("-inf")), -1, (key >> 20) + 2048).long()
+
+
+def test_first_digit_threshold_bin_matches_torch(device):
+    """The hist launch alone: its per-row state (m, B1, count above B1, count in B1) against a torch histogram,
+    on rows whose blocks take the windowed histogram, the per-entry atomics or both."""
+    torch.manual_seed(10)
+    R, N, k = 5, 4000, 300
+    x = torch.randn(R, N, device=device) * 3     # wide bell: both windows and entries between them
+    x[1] = 5.0 + torch.rand(N, device=device) * 1e-2                          # narrow: the top window only
+    x[2] = (torch.randn(N, device=device) * 2).round()                        # ties: a heavy bin at 0.0
+    x[3, ::2] = 1e-20 * torch.rand(N // 2, device=device)   # threshold between the windows: per-entry atomics
+    x[3, 1::40] = 1e20
+    x[4] = -1.0 - torch.rand(N, device=device) * 1e-2        # threshold in the bottom window
+    x[4, ::37] = 1e20
+    x[4, ::3] = float("nan")
+    ends = torch.tensor([N, N - 5, N, 3001, 2000], dtype=torch.int32, device=device)
+    ws = DecodeTopkWorkspace.new(R, N, device)
+    stages, _ = plan_decode_launches(x, k, row_end=ends, workspace=ws)
+    stages[0][1]()                               # hist
+    assert not ws.hist.any() and not ws.ctr.any()
+    for r in range(R):
+        d = _digit1(x[r, : int(ends[r])].cpu())
+        h = torch.bincount(d[d >= 0], minlength=4096)
+        m = min(int(h.sum()), k)
+        ge = h.flip(0).cumsum(0).flip(0)
+        B1 = int((ge >= m).nonzero().max())
+        assert ws.state[r, :4].tolist() == [m, B1, int(h[B1 + 1:].sum()), int(h[B1])], r
 
 
 def test_rows_shorter_than_k_and_empty(device):

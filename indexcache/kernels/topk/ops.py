@@ -188,8 +188,8 @@ def bracket_stats(dbg, k):
 
 
 _D_NB = 4096        # bins per radix digit (12 bits); the kernels hard-code the digit positions
-_D_NREP = 4         # replicas of each histogram for per-entry atomics (hot bins spread over 4 addresses)
-_D_SMALL = 32       # a block whose bins span < 32 counts them with a 32-bin tl.histogram instead
+_D_NREP = 4         # replicas of each histogram for the per-entry atomics (a hot bin spread over 4 addresses)
+_D_W = 64           # each block counts its top and bottom 64 bins with one 128-bin tl.histogram
 _D_BLOCK = 1024     # entries per block of the hist / filter1 passes
 _D_BLOCK2 = 256     # list1 entries per block of the filter2 pass
 _D_PROGS_PER_SM = 4  # target programs per SM over all rows
@@ -266,7 +266,7 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
         sl = triton.cdiv(triton.cdiv(max(N, 1), per_row), block) * block
     P = triton.cdiv(max(N, 1), sl)
     ws, cap, x, s = workspace, workspace.n, logits, logits.stride(0)
-    consts = dict(NB=_D_NB, NREP=_D_NREP, SMALL=_D_SMALL, num_warps=_D_WARPS)
+    consts = dict(NB=_D_NB, NREP=_D_NREP, W=_D_W, num_warps=_D_WARPS)
 
     def hist():
         tk._dtopk_hist_kernel[(R, P)](x, s, starts, ends, ws.hist, ws.ctr, ws.state, k, sl, BLOCK=block, **consts)

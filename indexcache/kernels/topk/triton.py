@@ -403,25 +403,32 @@ def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, c
 #   3. filter2: list1 strided over the programs: d2 > B2 to the output, d2 == B2 to list2; last: the final
 #               select of the remaining ``need`` in list2 (rank by counting up to TB entries, else the 16-ary
 #               select), -1 padding.
-# Counting a block's bins: tl.histogram costs ~NB/32 instructions per entry and thread (4096 bins: ~2000), so a
-# block whose bins span < SMALL uses a SMALL-bin tl.histogram and one atomic per non-zero bin (narrow rows, ties);
-# any other block does one relaxed atomic per entry, spread over NREP replicas of the histogram (by lane) so that
-# the few hot bins of a bell-shaped row do not serialise on one address.
+# Counting a block's bins: tl.histogram costs ~NB/32 instructions per entry and thread (4096 bins: ~2000), and
+# one atomic per entry piles thousands of atomics onto the few hot bins of a bell-shaped row. So each block counts
+# its top W and bottom W bins (where a row's mass sits: both tails of a bell of either sign, all of a narrow row)
+# with one 2W-bin tl.histogram (~2W/32 bins per lane) and adds the non-zero bins with one atomic each; the
+# entries between the two windows (few) take one atomic each, spread over NREP replicas by lane.
 # Workspace invariant: histograms and counters are zero between calls (each last program zeroes what its launch
 # used), so a CUDA graph replays the three launches with no memset.
 
 
 @triton.jit
-def _count_bins(hbase, bins, msk, lane, NB: tl.constexpr, NREP: tl.constexpr, SMALL: tl.constexpr):
-    """Add the masked entries of ``bins`` (in [0, NB)) to the replicated histogram ``hbase`` [NREP, NB]."""
+def _count_bins(hbase, bins, msk, lane, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr):
+    """Add the masked entries of ``bins`` (in [0, NB)) to the replicated histogram ``hbase`` [NREP, NB]: the
+    block's top W and bottom W bins through one 2W-bin tl.histogram and an atomic per non-zero bin, the rest
+    (if any) with one atomic per entry on replica lane % NREP."""
     lo = tl.min(tl.where(msk, bins, NB), axis=0)
     hi = tl.max(tl.where(msk, bins, -1), axis=0)
     if hi >= 0:
-        if hi - lo < SMALL:
-            h = tl.histogram(tl.where(msk, bins - lo, 0), SMALL, mask=msk)
-            tl.atomic_add(hbase + lo + tl.arange(0, SMALL), h, mask=h > 0, sem="relaxed")
-        else:
-            tl.atomic_add(hbase + (lane % NREP) * NB + bins, tl.full(bins.shape, 1, tl.int32), mask=msk,
+        top = msk & (bins > hi - W)
+        bot = msk & (bins < lo + W) & (top == 0)
+        wb = tl.where(top, bins - hi + (2 * W - 1), tl.where(bot, bins - lo, 0))
+        h = tl.histogram(wb, 2 * W, mask=top | bot)
+        j = tl.arange(0, 2 * W)
+        tl.atomic_add(hbase + tl.where(j >= W, hi - (2 * W - 1) + j, lo + j), h, mask=h > 0, sem="relaxed")
+        rest = msk & (top == 0) & (bot == 0)
+        if tl.sum(rest.to(tl.int32), axis=0) > 0:
+            tl.atomic_add(hbase + (lane % NREP) * NB + bins, tl.full(bins.shape, 1, tl.int32), mask=rest,
                           sem="relaxed")
 
 
@@ -462,7 +469,7 @@ def _threshold_bin(h, m, jb):
 
 @triton.jit(do_not_specialize=["stride_r", "k", "slice_len"])
 def _dtopk_hist_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, k, slice_len, BLOCK: tl.constexpr,
-                       NB: tl.constexpr, NREP: tl.constexpr, SMALL: tl.constexpr):
+                       NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr):
     r = tl.program_id(0)
     p = tl.program_id(1)
     st = tl.load(starts + r)
@@ -475,7 +482,7 @@ def _dtopk_hist_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, k, slice
     for off in range(b0, b1, BLOCK):
         key = _row_keys(row, off + ar, off + ar < b1)
         ok = key != -2147483648
-        _count_bins(h1, tl.where(ok, (key >> 20) + 2048, 0), ok, ar, NB, NREP, SMALL)
+        _count_bins(h1, tl.where(ok, (key >> 20) + 2048, 0), ok, ar, NB, NREP, W)
     if _arrive_last(ctr + r * 8 + 2):
         h = _take_hist(h1, NB, NREP)
         m = tl.minimum(tl.sum(h, axis=0), k)
@@ -488,7 +495,7 @@ def _dtopk_hist_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, k, slice
 
 @triton.jit(do_not_specialize=["stride_r", "k", "slice_len", "cap"])
 def _dtopk_filter1_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, out, lists, k, slice_len, cap,
-                          BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, SMALL: tl.constexpr):
+                          BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr):
     r = tl.program_id(0)
     p = tl.program_id(1)
     m = tl.load(state + r * 8 + 0)
@@ -520,7 +527,11 @@ def _dtopk_filter1_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, out, 
             tl.store(outr + (old >> 32).to(tl.int32) + (cs & 0xFFFF) - 1, cols, mask=s_hi)
             if t_in > 0:
                 tl.store(l1 + (old & 0xFFFFFFFF).to(tl.int32) + (cs >> 16) - 1, _composite(key, cols), mask=s_in)
-                _count_bins(h2, tl.where(s_in, (key >> 8) & 0xFFF, 0), s_in, ar, NB, NREP, SMALL)
+                d2 = (key >> 8) & 0xFFF
+                if t_in > W:
+                    _count_bins(h2, tl.where(s_in, d2, 0), s_in, ar, NB, NREP, W)
+                else:   # a few entries (the usual case): one atomic each, no block histogram
+                    tl.atomic_add(h2 + (ar % NREP) * NB + d2, tl.full([BLOCK], 1, tl.int32), mask=s_in, sem="relaxed")
     if _arrive_last(ctr + r * 8 + 3):
         h = _take_hist(h2, NB, NREP)
         B2, above2, n2 = _threshold_bin(h, m - above1, tl.arange(0, NB))
