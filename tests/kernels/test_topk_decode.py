@@ -103,39 +103,55 @@ def test_narrow_ranges_reach_the_later_digits(device):
     _check(x, k, DecodeTopkWorkspace.new(R, N, device))
 
 
-def _digit1(x):
-    """The first radix digit (key bits 31..20 + 2048) of fp32 values, -0.0 as +0.0; -1 where never selected."""
+def _keys(x):
+    """The kernels' order-preserving int32 key of fp32 values (-0.0 as +0.0); None where never selected."""
     x = torch.where(x == 0, torch.zeros_like(x), x)
     b = x.view(torch.int32)
-    key = torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
-    return torch.where(torch.isnan(x) | (x == float("-inf")), -1, (key >> 20) + 2048).long()
+    return torch.where(b >= 0, b, b ^ 0x7FFFFFFF).long(), ~torch.isnan(x) & (x != float("-inf"))
 
 
-def test_first_digit_threshold_bin_matches_torch(device):
-    """The hist launch alone: its per-row state (m, B1, count above B1, count in B1) against a torch histogram,
-    on rows whose blocks take the windowed histogram, the per-entry atomics or both."""
+def _threshold_bin(h, m):
+    """(B, count above B, count in B) as the kernels define them: B = -1 when m takes nothing or everything."""
+    if m <= 0 or m >= int(h.sum()):
+        return -1, int(h.sum()), 0
+    ge = h.flip(0).cumsum(0).flip(0)
+    B = int((ge >= m).nonzero().max())
+    return B, int(h[B + 1:].sum()), int(h[B])
+
+
+def test_threshold_bins_match_torch(device):
+    """The hist and filter1 launches alone: the per-row state (m, B1, above1, n1, B2, above, n2) against torch
+    histograms of the two digits, on rows whose blocks count through each histogram window (top, bottom, mean)
+    and the per-entry atomics, with the threshold bin in each of them."""
     torch.manual_seed(10)
-    R, N, k = 5, 4000, 300
-    x = torch.randn(R, N, device=device) * 3     # wide bell: both windows and entries between them
-    x[1] = 5.0 + torch.rand(N, device=device) * 1e-2                          # narrow: the top window only
-    x[2] = (torch.randn(N, device=device) * 2).round()                        # ties: a heavy bin at 0.0
-    x[3, ::2] = 1e-20 * torch.rand(N // 2, device=device)   # threshold between the windows: per-entry atomics
+    R, N, k = 8, 4000, 300
+    x = torch.randn(R, N, device=device) * 3     # wide bell: top and bottom windows, per-entry atomics between
+    x[1] = 5.0 + torch.rand(N, device=device) * 1e-2          # narrow: one digit-1 bin, digit 2 spread
+    x[2] = (torch.randn(N, device=device) * 2).round()        # ties: a heavy bin at 0.0 (the mean window)
+    x[3, ::2] = 1e-20 * torch.rand(N // 2, device=device)     # threshold between the windows
     x[3, 1::40] = 1e20
-    x[4] = -1.0 - torch.rand(N, device=device) * 1e-2        # threshold in the bottom window
+    x[4] = -1.0 - torch.rand(N, device=device) * 1e-2         # threshold in the bottom window
     x[4, ::37] = 1e20
     x[4, ::3] = float("nan")
-    ends = torch.tensor([N, N - 5, N, 3001, 2000], dtype=torch.int32, device=device)
+    x[5] = 1.5625 + torch.randn(N, device=device) * 1e-3      # one digit-1 bin, a digit-2 bell: threshold in
+    x[6] = 1e-10 * (1 + 0.1 * torch.randn(N, device=device))  # its middle (row end 1000 = k / 0.3); row 6: a
+    x[6, ::25] = 1e20                                         # digit-1 cluster with far entries on both sides
+    x[6, 1::70] = -1e20                                       # that centre the mean on it
+    x[7] = float("-inf")
+    ends = torch.tensor([N, N - 5, N, 3001, 2000, 1000, N, N], dtype=torch.int32, device=device)
     ws = DecodeTopkWorkspace.new(R, N, device)
     stages, _ = plan_decode_launches(x, k, row_end=ends, workspace=ws)
-    stages[0][1]()                               # hist
-    assert not ws.hist.any() and not ws.ctr.any()
+    for _, launch in stages[:2]:                 # hist, filter1
+        launch()
+        assert not ws.hist.any() and not ws.ctr.any()
     for r in range(R):
-        d = _digit1(x[r, : int(ends[r])].cpu())
-        h = torch.bincount(d[d >= 0], minlength=4096)
-        m = min(int(h.sum()), k)
-        ge = h.flip(0).cumsum(0).flip(0)
-        B1 = int((ge >= m).nonzero().max())
-        assert ws.state[r, :4].tolist() == [m, B1, int(h[B1 + 1:].sum()), int(h[B1])], r
+        key, ok = _keys(x[r, : int(ends[r])].cpu())
+        key = key[ok]
+        d1 = (key >> 20) + 2048
+        m = min(key.numel(), k)
+        B1, above1, n1 = _threshold_bin(torch.bincount(d1, minlength=4096), m)
+        B2, above2, n2 = _threshold_bin(torch.bincount((key[d1 == B1] >> 8) & 0xFFF, minlength=4096), m - above1)
+        assert ws.state[r, :7].tolist() == [m, B1, above1, n1, B2, above1 + above2, n2], r
 
 
 def test_rows_shorter_than_k_and_empty(device):

@@ -189,7 +189,7 @@ def bracket_stats(dbg, k):
 
 _D_NB = 4096        # bins per radix digit (12 bits); the kernels hard-code the digit positions
 _D_NREP = 4         # replicas of each histogram for the per-entry atomics (a hot bin spread over 4 addresses)
-_D_W = 64           # each block counts its top and bottom 64 bins with one 128-bin tl.histogram
+_D_W = 32           # window of the block histogram: top 32, bottom 32, 64 around the mean (128 bins)
 _D_BLOCK = 1024     # entries per block of the hist / filter1 passes
 _D_BLOCK2 = 256     # list1 entries per block of the filter2 pass
 _D_PROGS_PER_SM = 4  # target programs per SM over all rows

@@ -403,11 +403,12 @@ def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, c
 #   3. filter2: list1 strided over the programs: d2 > B2 to the output, d2 == B2 to list2; last: the final
 #               select of the remaining ``need`` in list2 (rank by counting up to TB entries, else the 16-ary
 #               select), -1 padding.
-# Counting a block's bins: tl.histogram costs ~NB/32 instructions per entry and thread (4096 bins: ~2000), and
-# one atomic per entry piles thousands of atomics onto the few hot bins of a bell-shaped row. So each block counts
-# its top W and bottom W bins (where a row's mass sits: both tails of a bell of either sign, all of a narrow row)
-# with one 2W-bin tl.histogram (~2W/32 bins per lane) and adds the non-zero bins with one atomic each; the
-# entries between the two windows (few) take one atomic each, spread over NREP replicas by lane.
+# Counting a block's bins: tl.histogram costs ~NB/32 instructions per entry and lane (4096 bins: ~2000), and one
+# atomic per entry piles thousands of atomics onto the few hot bins of a bell-shaped row. So each block counts
+# three windows of bins where a row's mass sits (its top W and bottom W bins: the two humps of a bell of either
+# sign in digit 1; the 2W around its mean bin: the middle of a narrow bell in digit 2, a heavy bin of ties at 0.0)
+# with one 4W-bin tl.histogram (~4W/32 bins per lane) and adds the non-zero bins with one atomic each; entries
+# outside the windows (a few percent) take one atomic each, spread over NREP replicas by lane.
 # Workspace invariant: histograms and counters are zero between calls (each last program zeroes what its launch
 # used), so a CUDA graph replays the three launches with no memset.
 
@@ -415,18 +416,21 @@ def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, c
 @triton.jit
 def _count_bins(hbase, bins, msk, lane, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr):
     """Add the masked entries of ``bins`` (in [0, NB)) to the replicated histogram ``hbase`` [NREP, NB]: the
-    block's top W and bottom W bins through one 2W-bin tl.histogram and an atomic per non-zero bin, the rest
-    (if any) with one atomic per entry on replica lane % NREP."""
+    block's top W bins, bottom W bins and the 2W bins around its mean bin through one 4W-bin tl.histogram and an
+    atomic per non-zero bin; the rest (if any) with one atomic per entry on replica lane % NREP."""
     lo = tl.min(tl.where(msk, bins, NB), axis=0)
     hi = tl.max(tl.where(msk, bins, -1), axis=0)
     if hi >= 0:
+        c = tl.sum(tl.where(msk, bins, 0), axis=0) // tl.sum(msk.to(tl.int32), axis=0)
         top = msk & (bins > hi - W)
         bot = msk & (bins < lo + W) & (top == 0)
-        wb = tl.where(top, bins - hi + (2 * W - 1), tl.where(bot, bins - lo, 0))
-        h = tl.histogram(wb, 2 * W, mask=top | bot)
-        j = tl.arange(0, 2 * W)
-        tl.atomic_add(hbase + tl.where(j >= W, hi - (2 * W - 1) + j, lo + j), h, mask=h > 0, sem="relaxed")
-        rest = msk & (top == 0) & (bot == 0)
+        mid = msk & (bins >= c - W) & (bins < c + W) & (top == 0) & (bot == 0)
+        wb = tl.where(top, bins - hi + (4 * W - 1), tl.where(bot, bins - lo, tl.where(mid, bins - c + 2 * W, 0)))
+        h = tl.histogram(wb, 4 * W, mask=top | bot | mid)
+        j = tl.arange(0, 4 * W)
+        tgt = tl.where(j >= 3 * W, hi - (4 * W - 1) + j, tl.where(j < W, lo + j, c - 2 * W + j))
+        tl.atomic_add(hbase + tgt, h, mask=h > 0, sem="relaxed")
+        rest = msk & (top == 0) & (bot == 0) & (mid == 0)
         if tl.sum(rest.to(tl.int32), axis=0) > 0:
             tl.atomic_add(hbase + (lane % NREP) * NB + bins, tl.full(bins.shape, 1, tl.int32), mask=rest,
                           sem="relaxed")
@@ -528,7 +532,7 @@ def _dtopk_filter1_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, out, 
             if t_in > 0:
                 tl.store(l1 + (old & 0xFFFFFFFF).to(tl.int32) + (cs >> 16) - 1, _composite(key, cols), mask=s_in)
                 d2 = (key >> 8) & 0xFFF
-                if t_in > W:
+                if t_in > 2 * W:
                     _count_bins(h2, tl.where(s_in, d2, 0), s_in, ar, NB, NREP, W)
                 else:   # a few entries (the usual case): one atomic each, no block histogram
                     tl.atomic_add(h2 + (ar % NREP) * NB + d2, tl.full([BLOCK], 1, tl.int32), mask=s_in, sem="relaxed")
