@@ -4,8 +4,9 @@ path the engine runs) and ``torch.topk``, each replayed in a CUDA graph, k = 204
     python -m benchmarks.topk_decode
 
 First checks the selections (index sets against the PyTorch reference and the current kernel, graph replays on
-fresh inputs); then times the cases, profiles the new kernel's launches inside the graph (200K, batch 1), and
-prints a table last; writes ``topk_decode.json`` ($OUT, else runs/benchmarks). About a minute on an H200.
+fresh inputs, the workspace left zeroed); then times the cases, profiles the new kernel's three launches (hist,
+filter1, filter2_final) inside the graph for every case, and prints a table last; writes ``topk_decode.json``
+($OUT, else runs/benchmarks). About a minute on an H200.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import measure_ceilings, run_metadata, table, write_results
-from indexcache.kernels.topk import topk_rows, topk_rows_reference
-from indexcache.kernels.topk import DecodeTopkWorkspace, topk_rows_decode
+from indexcache.kernels.topk import DecodeTopkWorkspace, topk_rows, topk_rows_decode, topk_rows_reference
 
 K = 2048
 # (name, batch, row length, score distribution)
@@ -107,17 +107,20 @@ def main():
             row["speedup"] = row["topk_rows_us"] / row["new_us"]
             row["tbps"] = B * N * 4 / (row["new_us"] * 1e-6) / 1e12
             row["frac_copy"] = row["tbps"] / ceilings["copy_tbps"]
-            if name == "200K":
-                row["parts_us"] = launch_profile(x, ws)
-                print("new kernel launches at 200K, batch 1 (us, graph replay):", row["parts_us"])
+            row["parts_us"] = launch_profile(x, ws)
+            print(f"new kernel launches at {name} (us, graph replay):", row["parts_us"])
         except Exception as e:  # one failing case is reported, the others still run
             row["error"] = repr(e)[:300]
         print(row)
         rows.append(row)
     paths = write_results("topk_decode", {"meta": meta, "ceilings": ceilings, "rows": rows})
     print("wrote", paths)
+    for row in rows:
+        for part, us in row.get("parts_us", {}).items():
+            row[f"{part}_us"] = us
     print(table(rows, ["case", "vs_reference", "vs_topk_rows", "graph_replay", "workspace_reset", "new_us",
-                       "topk_rows_us", "torch_topk_us", "speedup", "frac_copy", "error"]))
+                       "topk_rows_us", "torch_topk_us", "speedup", "hist_us", "filter1_us", "filter2_final_us",
+                       "error"]))
 
 
 if __name__ == "__main__":
