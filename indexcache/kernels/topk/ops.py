@@ -4,8 +4,13 @@ Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1), ``topk_rows_referen
 Output order within a row is unspecified unless ``sorted=True`` (then value-descending, ties by column).
 Two launch paths, chosen by row count: decode (R <= 64: sample / fused scan / final) and prefill (sample / count /
 compact / final); docs/kernels_attention.md has the design and the measurements behind these constants.
+
+``topk_rows_decode``: the same selection with one row spread over many programs (a radix select in three launches),
+for a few long rows replayed in a CUDA graph; ``DecodeTopkWorkspace`` holds its self-resetting scratch.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -180,3 +185,107 @@ def bracket_stats(dbg, k):
     good = (chi < m) & (chi + n_in >= m) & (n_in <= dbg["cap"])
     return int(((m > 0) & ~good).sum()), float(n_in.double().mean()) if n_in.numel() else 0.0
 
+
+
+_D_NB = 4096        # bins per radix digit (12 bits); the kernels hard-code the digit positions
+_D_NREP = 4         # replicas of each histogram for the per-entry atomics (a hot bin spread over 4 addresses)
+_D_W = 32           # window of the block histogram: top 32, bottom 32, 64 around the mean (128 bins)
+_D_BLOCK = 1024     # entries per block of the hist / filter1 passes
+_D_BLOCK2 = 256     # list1 entries per block of the filter2 pass
+_D_PROGS_PER_SM = 4  # target programs per SM over all rows
+_D_TB, _D_TI = 256, 32   # final select: rank by counting up to _D_TB entries, _D_TI at a time
+_D_FB = 1024        # final select tile (16-ary path, padding)
+_D_WARPS = 4
+
+
+@dataclass
+class DecodeTopkWorkspace:
+    """Scratch of ``topk_rows_decode`` for ``rows`` rows of up to ``n`` entries (16 B per entry per row plus
+    128 KiB per row). ``hist`` and ``ctr`` must be zero between calls; the kernels leave them so."""
+    rows: int
+    n: int
+    hist: torch.Tensor      # int32 [rows, 2, NREP, 4096]: hist1 | hist2 replicas
+    ctr: torch.Tensor       # int64 [rows, 8]: slot counters of filter1 / filter2, arrivals of the three launches
+    state: torch.Tensor     # int32 [rows, 8]: m, B1, above1, n1, B2, above, n2
+    lists: torch.Tensor     # int64 [rows, 2, n]: list1 | list2 composites
+
+    @classmethod
+    def new(cls, rows: int, n: int, device) -> "DecodeTopkWorkspace":
+        if rows < 1 or n < 1:
+            raise ValueError(f"DecodeTopkWorkspace: rows and n must be >= 1, got rows={rows}, n={n}")
+        return cls(rows, n, torch.zeros((rows, 2, _D_NREP, _D_NB), dtype=torch.int32, device=device),
+                   torch.zeros((rows, 8), dtype=torch.int64, device=device),
+                   torch.empty((rows, 8), dtype=torch.int32, device=device),
+                   torch.empty((rows, 2, n), dtype=torch.int64, device=device))
+
+
+def topk_rows_decode(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = None,
+                     row_end: torch.Tensor | None = None, workspace: DecodeTopkWorkspace | None = None,
+                     _slice: int | None = None) -> torch.Tensor:
+    """Column ids (int32 [R, k]) of the k largest values of each row among columns in [row_start, row_end);
+    exactly ``topk_rows``'s selection (NaN / -inf never count, ties to the lower column, -1 padding after the
+    valid ids; order within a row unspecified). Pass a ``DecodeTopkWorkspace`` made once per (rows, row length)
+    when capturing a CUDA graph (the graph then holds only the three launches); without one each call allocates
+    a zeroed workspace. ``_slice``: entries per program (test hook)."""
+    _check(logits, k, row_start, row_end)
+    if not use_triton(logits):
+        return topk_rows_reference(logits, k, row_start=row_start, row_end=row_end)
+    return plan_decode_launches(logits, k, row_start, row_end, workspace=workspace, _slice=_slice)[1]()
+
+
+def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=None, _slice=None):
+    """The launches of one ``topk_rows_decode`` call as (name, thunk) pairs, and a thunk that runs them all and
+    returns the output (benchmarks time the launches one by one)."""
+    from indexcache.kernels.topk import triton as tk
+
+    R, N = logits.shape
+    dev = logits.device
+    out = torch.empty((R, k), dtype=torch.int32, device=dev)
+    if R == 0:
+        return [], lambda: out
+    if workspace is None:
+        workspace = DecodeTopkWorkspace.new(R, max(N, 1), dev)
+    elif workspace.rows != R or workspace.n < N or workspace.hist.device != dev:
+        raise ValueError(f"topk_rows_decode: workspace is for {workspace.rows} rows of <= {workspace.n} entries on "
+                         f"{workspace.hist.device}, got logits {tuple(logits.shape)} on {dev}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    starts = (torch.zeros(R, dtype=torch.int32, device=dev) if row_start is None
+              else row_start.to(torch.int32).clamp(0, N))
+    ends = (torch.full((R,), N, dtype=torch.int32, device=dev) if row_end is None
+            else row_end.to(torch.int32).clamp(0, N))
+    interp = interpreting()
+    block = 128 if interp else _D_BLOCK
+    if _slice is not None:
+        sl = _slice
+    elif interp:
+        sl = 512
+    else:   # ~_D_PROGS_PER_SM programs per SM over all rows, whole blocks each
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        per_row = max(1, triton.cdiv(_D_PROGS_PER_SM * sms, R))
+        sl = triton.cdiv(triton.cdiv(max(N, 1), per_row), block) * block
+    P = triton.cdiv(max(N, 1), sl)
+    ws, cap, x, s = workspace, workspace.n, logits, logits.stride(0)
+    consts = dict(NB=_D_NB, NREP=_D_NREP, W=_D_W, num_warps=_D_WARPS)
+
+    def hist():
+        tk._dtopk_hist_kernel[(R, P)](x, s, starts, ends, ws.hist, ws.ctr, ws.state, k, sl, BLOCK=block, **consts)
+
+    def filter1():
+        tk._dtopk_filter1_kernel[(R, P)](x, s, starts, ends, ws.hist, ws.ctr, ws.state, out, ws.lists, k, sl, cap,
+                                         BLOCK=block, **consts)
+
+    def filter2_final():
+        tk._dtopk_filter2_final_kernel[(R, P)](ws.ctr, ws.state, out, ws.lists, k, cap,
+                                               BLOCK=64 if interp else _D_BLOCK2, TB=64 if interp else _D_TB,
+                                               TI=16 if interp else _D_TI, FB=256 if interp else _D_FB,
+                                               num_warps=_D_WARPS)
+
+    stages = [("hist", hist), ("filter1", filter1), ("filter2_final", filter2_final)]
+
+    def run():
+        for _, fn in stages:
+            fn()
+        return out
+
+    return stages, run

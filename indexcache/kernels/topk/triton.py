@@ -27,6 +27,8 @@ stores) and ``_topk_compact_kernel`` (slots from the prefix of the earlier chunk
 block, no atomics; program c == 0 writes the row totals into the counters), then the same final kernel with
 ``SEL16`` (a 16-ary search select, faster than the histogram select at thousands of rows).
 
+Many-programs decode path (``topk_rows_decode``, the ``_dtopk_*`` kernels at the end): a radix select, see there.
+
 Every runtime size (row stride, k, CAP, chunk, chunk count) is ``do_not_specialize``: the compiled variants depend only on
 the constexprs (sample size, block sizes), the dtype and pointer alignment, never on R, N or the windows.
 """
@@ -388,3 +390,207 @@ def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, c
     ar = tl.arange(0, FB)
     for off in range(m, k, FB):
         tl.store(outr + off + ar, tl.full([FB], -1, tl.int32), mask=off + ar < k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode over many programs per row (``topk_rows_decode``): a radix select on the key of ``_row_keys``.
+# Digits: d1 = key bits 31..20 (4096 bins), d2 = bits 19..8 (4096 bins); the composite of ``_composite`` settles
+# the rest. Three launches, each over (R x P) programs; the LAST program of a row to finish a launch (an acq_rel
+# arrival counter) does the row's serial step, so the next launch reads a few scalars instead of a histogram:
+#   1. hist:    d1 of the slice into the row's hist1 (atomics, below); last: hist1 -> threshold bin B1 (state).
+#   2. filter1: d1 > B1 to the output, d1 == B1 to list1 (composites; slots from one packed int64 atomic per
+#               block) with their d2 into hist2; last: hist2 -> B2 among list1 (state).
+#   3. filter2: list1 strided over the programs: d2 > B2 to the output, d2 == B2 to list2; last: the final
+#               select of the remaining ``need`` in list2 (rank by counting up to TB entries, else the 16-ary
+#               select), -1 padding.
+# Counting a block's bins: tl.histogram costs ~NB/32 instructions per entry and lane (4096 bins: ~2000), and one
+# atomic per entry piles thousands of atomics onto the few hot bins of a bell-shaped row. So each block counts
+# three windows of bins where a row's mass sits (its top W and bottom W bins: the two humps of a bell of either
+# sign in digit 1; the 2W around its mean bin: the middle of a narrow bell in digit 2, a heavy bin of ties at 0.0)
+# with one 4W-bin tl.histogram (~4W/32 bins per lane) and adds the non-zero bins with one atomic each; entries
+# outside the windows (a few percent) take one atomic each, spread over NREP replicas by lane.
+# Workspace invariant: histograms and counters are zero between calls (each last program zeroes what its launch
+# used), so a CUDA graph replays the three launches with no memset.
+
+
+@triton.jit
+def _count_bins(hbase, bins, msk, lane, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr):
+    """Add the masked entries of ``bins`` (in [0, NB)) to the replicated histogram ``hbase`` [NREP, NB]: the
+    block's top W bins, bottom W bins and the 2W bins around its mean bin through one 4W-bin tl.histogram and an
+    atomic per non-zero bin; the rest (if any) with one atomic per entry on replica lane % NREP."""
+    lo = tl.min(tl.where(msk, bins, NB), axis=0)
+    hi = tl.max(tl.where(msk, bins, -1), axis=0)
+    if hi >= 0:
+        c = tl.sum(tl.where(msk, bins, 0), axis=0) // tl.sum(msk.to(tl.int32), axis=0)
+        top = msk & (bins > hi - W)
+        bot = msk & (bins < lo + W) & (top == 0)
+        mid = msk & (bins >= c - W) & (bins < c + W) & (top == 0) & (bot == 0)
+        wb = tl.where(top, bins - hi + (4 * W - 1), tl.where(bot, bins - lo, tl.where(mid, bins - c + 2 * W, 0)))
+        h = tl.histogram(wb, 4 * W, mask=top | bot | mid)
+        j = tl.arange(0, 4 * W)
+        tgt = tl.where(j >= 3 * W, hi - (4 * W - 1) + j, tl.where(j < W, lo + j, c - 2 * W + j))
+        tl.atomic_add(hbase + tgt, h, mask=h > 0, sem="relaxed")
+        rest = msk & (top == 0) & (bot == 0) & (mid == 0)
+        if tl.sum(rest.to(tl.int32), axis=0) > 0:
+            tl.atomic_add(hbase + (lane % NREP) * NB + bins, tl.full(bins.shape, 1, tl.int32), mask=rest,
+                          sem="relaxed")
+
+
+@triton.jit
+def _arrive_last(cnt):
+    """True in the last program of the row to call this (after all its atomics and stores); it then sees every
+    other program's writes. Resets the counter."""
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt, 1, sem="acq_rel") == tl.num_programs(1) - 1
+    if last:
+        tl.store(cnt, tl.zeros([], tl.int64))
+    return last
+
+
+@triton.jit
+def _take_hist(hbase, NB: tl.constexpr, NREP: tl.constexpr):
+    """The sum of the NREP replicas at ``hbase``, which are left zeroed (L2 reads: other programs' atomics)."""
+    jb = tl.arange(0, NB)
+    h = tl.zeros([NB], tl.int32)
+    for i in tl.static_range(NREP):
+        h += tl.load(hbase + i * NB + jb, cache_modifier=".cg")
+        tl.store(hbase + i * NB + jb, tl.zeros([NB], tl.int32))
+    return h
+
+
+@triton.jit
+def _threshold_bin(h, m, jb):
+    """(B, count above B, count in B) for the bin B that holds the m-th largest; B = -1 when m == 0 or m is all
+    of h (take everything)."""
+    tot = tl.sum(h, axis=0)
+    ge = tot - tl.cumsum(h, axis=0) + h                 # entries in bins >= j
+    B = tl.max(tl.where(ge >= m, jb, -1), axis=0)
+    B = tl.where((m <= 0) | (m >= tot), -1, B)
+    above = tl.sum(tl.where(jb > B, h, 0), axis=0)
+    n_in = tl.sum(tl.where(jb == B, h, 0), axis=0)
+    return B, above, n_in
+
+
+@triton.jit(do_not_specialize=["stride_r", "k", "slice_len"])
+def _dtopk_hist_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, k, slice_len, BLOCK: tl.constexpr,
+                       NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr):
+    r = tl.program_id(0)
+    p = tl.program_id(1)
+    st = tl.load(starts + r)
+    en = tl.load(ends + r)
+    b0 = st + p * slice_len
+    b1 = tl.minimum(en, b0 + slice_len)
+    row = x_ptr + r.to(tl.int64) * stride_r
+    h1 = hist + r.to(tl.int64) * (2 * NREP * NB)
+    ar = tl.arange(0, BLOCK)
+    for off in range(b0, b1, BLOCK):
+        key = _row_keys(row, off + ar, off + ar < b1)
+        ok = key != -2147483648
+        _count_bins(h1, tl.where(ok, (key >> 20) + 2048, 0), ok, ar, NB, NREP, W)
+    if _arrive_last(ctr + r * 8 + 2):
+        h = _take_hist(h1, NB, NREP)
+        m = tl.minimum(tl.sum(h, axis=0), k)
+        B1, above1, n1 = _threshold_bin(h, m, tl.arange(0, NB))
+        tl.store(state + r * 8 + 0, m)
+        tl.store(state + r * 8 + 1, B1)
+        tl.store(state + r * 8 + 2, above1)
+        tl.store(state + r * 8 + 3, n1)
+
+
+@triton.jit(do_not_specialize=["stride_r", "k", "slice_len", "cap"])
+def _dtopk_filter1_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, out, lists, k, slice_len, cap,
+                          BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr):
+    r = tl.program_id(0)
+    p = tl.program_id(1)
+    m = tl.load(state + r * 8 + 0)
+    B1 = tl.load(state + r * 8 + 1)
+    above1 = tl.load(state + r * 8 + 2)
+    st = tl.load(starts + r)
+    en = tl.load(ends + r)
+    b0 = st + p * slice_len
+    b1 = tl.minimum(en, b0 + slice_len)
+    row = x_ptr + r.to(tl.int64) * stride_r
+    outr = out + r.to(tl.int64) * k
+    l1 = lists + r.to(tl.int64) * (2 * cap)
+    h2 = hist + r.to(tl.int64) * (2 * NREP * NB) + NREP * NB
+    ar = tl.arange(0, BLOCK)
+    for off in range(b0, b1, BLOCK):
+        cols = off + ar
+        key = _row_keys(row, cols, cols < b1)
+        ok = key != -2147483648
+        d1 = (key >> 20) + 2048
+        s_hi = ok & (d1 > B1)
+        s_in = ok & (d1 == B1)
+        pk = s_hi.to(tl.int32) + (s_in.to(tl.int32) << 16)
+        tot = tl.sum(pk, axis=0)
+        if tot > 0:
+            cs = tl.cumsum(pk, axis=0)
+            t_in = tot >> 16
+            old = tl.atomic_add(ctr + r * 8 + 0, ((tot & 0xFFFF).to(tl.int64) << 32) | t_in.to(tl.int64),
+                                sem="relaxed")
+            tl.store(outr + (old >> 32).to(tl.int32) + (cs & 0xFFFF) - 1, cols, mask=s_hi)
+            if t_in > 0:
+                tl.store(l1 + (old & 0xFFFFFFFF).to(tl.int32) + (cs >> 16) - 1, _composite(key, cols), mask=s_in)
+                d2 = (key >> 8) & 0xFFF
+                if t_in > 2 * W:
+                    _count_bins(h2, tl.where(s_in, d2, 0), s_in, ar, NB, NREP, W)
+                else:   # a few entries (the usual case): one atomic each, no block histogram
+                    tl.atomic_add(h2 + (ar % NREP) * NB + d2, tl.full([BLOCK], 1, tl.int32), mask=s_in, sem="relaxed")
+    if _arrive_last(ctr + r * 8 + 3):
+        h = _take_hist(h2, NB, NREP)
+        B2, above2, n2 = _threshold_bin(h, m - above1, tl.arange(0, NB))
+        tl.store(state + r * 8 + 4, B2)
+        tl.store(state + r * 8 + 5, above1 + above2)
+        tl.store(state + r * 8 + 6, n2)
+        tl.store(ctr + r * 8 + 0, tl.zeros([], tl.int64))
+
+
+@triton.jit(do_not_specialize=["k", "cap"])
+def _dtopk_filter2_final_kernel(ctr, state, out, lists, k, cap, BLOCK: tl.constexpr, TB: tl.constexpr,
+                                TI: tl.constexpr, FB: tl.constexpr):
+    r = tl.program_id(0)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    m = tl.load(state + r * 8 + 0)
+    above1 = tl.load(state + r * 8 + 2)
+    n1 = tl.load(state + r * 8 + 3)
+    B2 = tl.load(state + r * 8 + 4)
+    outr = out + r.to(tl.int64) * k
+    l1 = lists + r.to(tl.int64) * (2 * cap)
+    l2 = l1 + cap
+    ar = tl.arange(0, BLOCK)
+    for off in range(p * BLOCK, n1, P * BLOCK):
+        msk = off + ar < n1
+        comp = tl.load(l1 + off + ar, mask=msk, other=-1)
+        d2 = ((comp >> 39) & 0xFFF).to(tl.int32)       # key bits 19..8 (the +2^31 leaves them alone)
+        s_hi = msk & (d2 > B2)
+        s_in = msk & (d2 == B2)
+        pk = s_hi.to(tl.int32) + (s_in.to(tl.int32) << 16)
+        tot = tl.sum(pk, axis=0)
+        if tot > 0:
+            cs = tl.cumsum(pk, axis=0)
+            old = tl.atomic_add(ctr + r * 8 + 1, ((tot & 0xFFFF).to(tl.int64) << 32) | (tot >> 16).to(tl.int64),
+                                sem="relaxed")
+            col = (2147483647 - (comp & 2147483647)).to(tl.int32)
+            tl.store(outr + above1 + (old >> 32).to(tl.int32) + (cs & 0xFFFF) - 1, col, mask=s_hi)
+            tl.store(l2 + (old & 0xFFFFFFFF).to(tl.int32) + (cs >> 16) - 1, comp, mask=s_in)
+    if _arrive_last(ctr + r * 8 + 4):
+        tl.store(ctr + r * 8 + 1, tl.zeros([], tl.int64))
+        above = tl.load(state + r * 8 + 5)
+        n2 = tl.load(state + r * 8 + 6)
+        need = m - above
+        if need > 0:
+            if n2 <= TB:    # rank by counting: composites are unique
+                aj = tl.arange(0, TB)
+                ai = tl.arange(0, TI)
+                cj = tl.load(l2 + aj, mask=aj < n2, other=-1, cache_modifier=".cg")
+                for i0 in range(0, n2, TI):
+                    ci = tl.load(l2 + i0 + ai, mask=i0 + ai < n2, other=-1, cache_modifier=".cg")
+                    rank = tl.sum((cj[None, :] > ci[:, None]).to(tl.int32), axis=1)
+                    col = (2147483647 - (ci & 2147483647)).to(tl.int32)
+                    tl.store(outr + above + rank, col, mask=(i0 + ai < n2) & (rank < need))
+            else:
+                _select_write16(l2, n2, need, outr + above, FB, 16)
+        af = tl.arange(0, FB)
+        for off in range(m, k, FB):
+            tl.store(outr + off + af, tl.full([FB], -1, tl.int32), mask=off + af < k)
