@@ -20,7 +20,7 @@ from ..kernels.indexer import indexer_logits_decode, indexer_topk_prefill, quant
 from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
                                 store_latent_bf16, store_latent_fp8)
 from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
-from ..kernels.topk import topk_rows
+from ..kernels.topk import DecodeTopkWorkspace, topk_rows, topk_rows_decode
 from ..kernels.topk.ops import MAX_K
 from ..model.indexer import select_topk
 from .config import EngineConfig
@@ -60,6 +60,23 @@ def resolve_formats(cfg: EngineConfig, mc: ModelConfig, model_dtype: torch.dtype
         raise ValueError(f"indexer_cache='fp8' runs the FP8 indexer kernels and needs a CUDA device, got {device}; "
                          f"use indexer_cache='exact' (or 'auto')")
     return CacheFormats(latent, index)
+
+
+def decode_topk_rows(cfg: EngineConfig, indexer_format: str) -> int:
+    """Rows of the TritonBackend's decode top-k workspace (0: none): decode batches of up to this many sequences
+    select with ``topk_rows_decode``, larger ones with ``topk_rows``. Only the FP8 indexer path scores decode
+    rows with the kernels; at most ``decode_topk_max_rows`` and ``max_num_seqs`` rows, and no more than
+    ``workspace_bytes`` in all (rows of ``max_model_len`` keys, rounded up to pages)."""
+    if indexer_format != "fp8":
+        return 0
+    per_row = DecodeTopkWorkspace.bytes_per_row(cfg.max_blocks_per_seq * cfg.page_size)
+    return min(cfg.decode_topk_max_rows, cfg.max_num_seqs, cfg.workspace_bytes // per_row)
+
+
+def decode_topk_bytes(cfg: EngineConfig, indexer_format: str) -> int:
+    """Device bytes of that workspace (the engine leaves them free when it sizes the KV cache)."""
+    return decode_topk_rows(cfg, indexer_format) * DecodeTopkWorkspace.bytes_per_row(
+        cfg.max_blocks_per_seq * cfg.page_size)
 
 
 def make_backend(kv: KVCache, cfg: EngineConfig, mc: ModelConfig) -> "TorchBackend":
@@ -216,6 +233,24 @@ class TritonBackend(TorchBackend):
         self._store_latent = (None if not self.latent_kernels else
                               store_latent_fp8 if fmt == "fp8" else store_latent_bf16 if fmt == "bf16" else None)
         self._mla_format = "fp8" if fmt == "fp8" else "bf16"  # sparse_mla_decode reads any float cache as "bf16"
+        # One decode top-k workspace, allocated here (never inside a graph capture), serves every decode forward:
+        # eager ones and each captured batch bucket use its first rows (``head``). They run one at a time on one
+        # stream (engine steps are sequential; a replay never overlaps another forward), and every call leaves
+        # the scratch zeroed for the next, so sharing it is safe. Rows hold max_model_len keys: the graphs score
+        # all of them, eager decode a page-rounded prefix.
+        rows = decode_topk_rows(cfg, kv.indexer_format)
+        self._dtopk = (DecodeTopkWorkspace.new(rows, cfg.max_blocks_per_seq * cfg.page_size, kv.latent[0].device)
+                       if rows else None)
+        self._dtopk_heads: dict[int, DecodeTopkWorkspace] = {}
+
+    def decode_topk_workspace(self, rows: int) -> DecodeTopkWorkspace | None:
+        """The workspace for a decode batch of ``rows`` sequences, or None when that batch selects with
+        ``topk_rows`` (no workspace, or more rows than it holds)."""
+        if self._dtopk is None or not 1 <= rows <= self._dtopk.rows:
+            return None
+        if rows not in self._dtopk_heads:
+            self._dtopk_heads[rows] = self._dtopk.head(rows)
+        return self._dtopk_heads[rows]
 
     def store_latent(self, layer, slots, ckv, kpe):
         if self._store_latent is None:
@@ -246,8 +281,9 @@ class TritonBackend(TorchBackend):
     def topk_decode(self, layer, indexer, q, w, block_table, context_lens, max_len, pool: int = 0):
         if not self.fp8_index:
             return super().topk_decode(layer, indexer, q, w, block_table, context_lens, max_len, pool)
-        # indexer_logits_decode + topk_rows (indexer_topk_decode's two steps, timed apart; context_lens <= max_len
-        # always holds here, so its clamp is left out of the decode graph)
+        # indexer_logits_decode + top-k (indexer_topk_decode's two steps, timed apart; context_lens <= max_len
+        # always holds here, so its clamp is left out of the decode graph). Top-k: topk_rows_decode (a row over
+        # many programs) for batches the workspace holds, topk_rows otherwise; the same selection either way
         with self._t("indexer"):
             q8, wf = quantize_indexer_q(q, w * indexer.n_heads ** 0.5)
             logits = indexer_logits_decode(q8, wf, self.kv.index_cache(layer), block_table, context_lens, max_len)
@@ -255,6 +291,9 @@ class TritonBackend(TorchBackend):
             if pool:
                 sel = _sorted_topk(logits, pool, row_start=None, row_end=context_lens)
                 return sel[:, :indexer.topk], sel
+            ws = self.decode_topk_workspace(logits.shape[0])
+            if ws is not None:
+                return topk_rows_decode(logits, indexer.topk, row_end=context_lens, workspace=ws)
             return topk_rows(logits, indexer.topk, row_start=None, row_end=context_lens)
 
     def rerank(self, layer, indexer, q, w, cand):

@@ -27,6 +27,9 @@ class EngineConfig:
     moe_small_batch_kernel: bool = True   # decode-sized MoE batches on the GPU: Triton kernel (True) or
                                           # torch._grouped_mm (False)
     enable_prefix_caching: bool = True   # share full KV pages between requests with a common token prefix
+    decode_topk_max_rows: int = 64        # FP8 indexer on the GPU: decode batches of up to this many sequences
+                                          # select with the many-programs top-k (topk_rows_decode; its workspace,
+                                          # 16 B per key per row, is allocated once); 0 = always topk_rows
     seed: int = 0
 
     def __post_init__(self):
@@ -40,6 +43,8 @@ class EngineConfig:
             raise ValueError(f"indexer_cache must be one of {INDEXER_FORMATS}, got {self.indexer_cache!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.decode_topk_max_rows, int) or self.decode_topk_max_rows < 0:
+            raise ValueError(f"decode_topk_max_rows must be an integer >= 0, got {self.decode_topk_max_rows!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 

@@ -8,7 +8,7 @@ import torch
 from ..distributed.comm import broadcast_, min_over_ranks
 from ..model import DSAModel
 from ..sampling import SamplingParams
-from .attention_backend import make_backend, resolve_formats
+from .attention_backend import decode_topk_bytes, make_backend, resolve_formats
 from .block_manager import BlockManager, OutOfBlocks
 from .config import EngineConfig
 from .glue import fuse_x_projections
@@ -45,7 +45,8 @@ class LLMEngine:
                              f"({mc.max_position_embeddings})")
         fmt = resolve_formats(cfg, mc, self.dtype, self.device)
         self.cache_bytes = bytes_per_token(mc, self.plan, fmt.latent, fmt.indexer, self.dtype)
-        num_blocks = cfg.num_kv_blocks or self._auto_blocks(self.cache_bytes["total"] * cfg.page_size)
+        num_blocks = cfg.num_kv_blocks or self._auto_blocks(self.cache_bytes["total"] * cfg.page_size,
+                                                            decode_topk_bytes(cfg, fmt.indexer))
         self.kv = KVCache(mc, self.plan, num_blocks, cfg.page_size, fmt.latent, fmt.indexer, self.dtype, self.device)
         self.backend = make_backend(self.kv, cfg, mc)
         self.blocks = BlockManager(num_blocks, cfg.page_size, cfg.enable_prefix_caching)
@@ -67,13 +68,15 @@ class LLMEngine:
         """The IndexPattern the engine runs (``self.plan.pattern``)."""
         return self.plan.pattern
 
-    def _auto_blocks(self, bytes_per_page: int) -> int:
+    def _auto_blocks(self, bytes_per_page: int, reserved: int = 0) -> int:
+        """Pages that fit in free GPU memory after ``gpu_memory_utilization``'s margin, twice workspace_bytes
+        (prefill temporaries) and ``reserved`` bytes (the backend's decode top-k workspace)."""
         want = self.cfg.max_num_seqs * self.cfg.max_blocks_per_seq
         if self.device.type != "cuda":
             return want
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(free - (1 - self.cfg.gpu_memory_utilization) * total - self.cfg.workspace_bytes * 2)
+        budget = int(free - (1 - self.cfg.gpu_memory_utilization) * total - self.cfg.workspace_bytes * 2 - reserved)
         n = min(want, budget // bytes_per_page - 1)
         if n < 1:
             raise OutOfBlocks(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "

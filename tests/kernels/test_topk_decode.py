@@ -67,6 +67,23 @@ def test_workspace_reused_across_calls(device):
         topk_rows_decode(torch.randn(R, N + 1, device=device), k, workspace=ws)
 
 
+def test_head_of_a_larger_workspace(device):
+    """One workspace for the largest batch: calls of fewer rows and shorter rows run on its first rows (views of
+    the same memory) and leave every row zeroed; asking for more rows than it holds is an error."""
+    torch.manual_seed(11)
+    ws = DecodeTopkWorkspace.new(5, 3000, device)
+    for R, n in ((2, 3000), (5, 1200), (1, 2999), (3, 700)):
+        head = ws.head(R)
+        assert head.rows == R and head.n == 3000 and head.hist.data_ptr() == ws.hist.data_ptr()
+        ends = torch.tensor([n - 37 * i for i in range(R)], dtype=torch.int32, device=device)
+        x = torch.randn(R, n, device=device) * 2
+        x[0, n // 2:] = float("nan")
+        _check(x, 150, head, row_end=ends)
+        assert not ws.hist.any() and not ws.ctr.any()
+    with pytest.raises(ValueError, match=r"rows must be in \[1, 5\], got 6"):
+        ws.head(6)
+
+
 def test_thousands_of_ties_at_the_threshold(device):
     torch.manual_seed(3)
     R, N, k = 4, 6000, 300

@@ -218,6 +218,19 @@ class DecodeTopkWorkspace:
                    torch.empty((rows, 8), dtype=torch.int32, device=device),
                    torch.empty((rows, 2, n), dtype=torch.int64, device=device))
 
+    @staticmethod
+    def bytes_per_row(n: int) -> int:
+        """Device bytes of one row of a workspace for rows of up to ``n`` entries."""
+        return 2 * _D_NREP * _D_NB * 4 + 8 * 8 + 8 * 4 + 2 * n * 8
+
+    def head(self, rows: int) -> "DecodeTopkWorkspace":
+        """A workspace over the first ``rows`` rows of this one (views of the same memory, same ``n``): one
+        allocation serves every batch of up to ``self.rows`` rows, as long as no two calls overlap in time."""
+        if not 1 <= rows <= self.rows:
+            raise ValueError(f"DecodeTopkWorkspace.head: rows must be in [1, {self.rows}], got {rows}")
+        return DecodeTopkWorkspace(rows, self.n, self.hist[:rows], self.ctr[:rows], self.state[:rows],
+                                   self.lists[:rows])
+
 
 def topk_rows_decode(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = None,
                      row_end: torch.Tensor | None = None, workspace: DecodeTopkWorkspace | None = None,
