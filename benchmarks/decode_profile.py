@@ -2,6 +2,8 @@
 CUDA graph, over a random-filled cache (no prefill).
 
     python -m benchmarks.decode_profile --layers 4 --context 200K --batches 1,32 --patterns FFFF,FSSS
+    python -m benchmarks.decode_profile --layers 4 --context 200K --batches 1,4 --patterns FFFF --compile-modes on \
+        --decode-topk-modes on,off      # decode top-k: topk_rows_decode (on) against topk_rows (off)
 
 Prints, per (pattern, batch): the graph step time, and the kernels sorted by GPU time per step (torch.profiler /
 CUPTI); writes everything to ``decode_profile.json`` ($OUT, else runs/benchmarks).
@@ -20,9 +22,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import run_metadata, write_results
+from benchmarks.common import run_metadata, table, write_results
 from benchmarks.e2e import add_arguments, decode_ready_engine, parse_ctx, sync
 from indexcache.checkpoint import build_empty
+from indexcache.engine import EngineConfig
 from indexcache.presets import preset_config
 
 
@@ -57,6 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile-modes", default="off,on", help="decode glue eager (off) and/or torch.compile'd (on)")
     p.add_argument("--moe-kernel-modes", default="on", help="small-batch Triton MoE kernel on and/or off")
+    p.add_argument("--decode-topk-modes", default="on",
+                   help="FP8 indexer decode top-k: topk_rows_decode (on, the engine default) and/or topk_rows (off)")
     p.add_argument("--top", type=int, default=40, help="kernels printed per case")
     p.set_defaults(top=40)
     p.set_defaults(layers=4, patterns="FFFF,FSSS", name="decode_profile")
@@ -66,11 +71,13 @@ def main(argv=None) -> int:
     cfg = preset_config(args.model).replace(num_layers=args.layers)
     model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
     res = {"meta": run_metadata(), "args": vars(args), "cases": []}
-    cases = [(pat, int(bs), mode, moe) for pat in args.patterns.split(",") for bs in args.batches.split(",")
-             for mode in args.compile_modes.split(",") for moe in args.moe_kernel_modes.split(",")]
-    for pat, bs, mode, moe in cases:
+    cases = [(pat, int(bs), mode, moe, tk) for pat in args.patterns.split(",") for bs in args.batches.split(",")
+             for mode in args.compile_modes.split(",") for moe in args.moe_kernel_modes.split(",")
+             for tk in args.decode_topk_modes.split(",")]
+    for pat, bs, mode, moe, tk in cases:
         args.no_compile = mode == "off"
         args.moe_small_batch_kernel = moe == "on"
+        args.decode_topk_max_rows = EngineConfig.decode_topk_max_rows if tk == "on" else 0
         eng, seqs = decode_ready_engine(model, pat, ctx, args, bs, steps=4 * args.steps + 16)
         eng.step()  # graph capture (CUDA) and warm-up
         sync()
@@ -81,7 +88,10 @@ def main(argv=None) -> int:
         step_ms = (time.perf_counter() - t0) / args.steps * 1e3
         runner = eng.runner
         b = runner.prepare([(s.token_ids, s.num_computed - 1, 1, s.block_table) for s in seqs])
-        case = {"pattern": pat, "batch": bs, "compile": mode, "moe_kernel": moe, "context": ctx, "graph_step_ms": step_ms,
+        case = {"pattern": pat, "batch": bs, "compile": mode, "moe_kernel": moe, "decode_topk": tk,
+                "decode_topk_used": getattr(eng.backend, "decode_topk_workspace", lambda n: None)(bs) is not None,
+                "context": ctx,
+                "graph_step_ms": step_ms,
                 "per_layer_ms": step_ms / args.layers}
         if dev == "cuda":
             case["eager"], case["eager_kernel_us"] = profile_step(lambda: runner.forward(b), args.steps)
@@ -97,7 +107,7 @@ def main(argv=None) -> int:
                 sync()
                 case["replay_ms"] = (time.perf_counter() - t0) / (4 * args.steps) * 1e3
         res["cases"].append(case)
-        print(f"\n== {pat} batch {bs} compile {mode} moe-kernel {moe} ctx {ctx}: graph step {step_ms:.3f} ms ({step_ms / args.layers:.3f} "
+        print(f"\n== {pat} batch {bs} compile {mode} moe-kernel {moe} decode-topk {tk} ctx {ctx}: graph step {step_ms:.3f} ms ({step_ms / args.layers:.3f} "
               f"ms/layer), replay alone {case.get('replay_ms', 0):.3f} ms; kernels eager {case.get('eager_kernel_us', 0):.0f} us, graph "
               f"{case.get('graph_kernel_us', 0):.0f} us", flush=True)
         for r in (case.get("graph") or case.get("eager") or [])[:args.top]:
@@ -107,6 +117,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     for path in write_results(args.name, res):
         print("wrote", path)
+    print(table(res["cases"], ["pattern", "batch", "compile", "moe_kernel", "decode_topk", "decode_topk_used",
+                               "graph_step_ms", "replay_ms", "graph_kernel_us"]))
     return 0
 
 

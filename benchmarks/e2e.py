@@ -110,7 +110,8 @@ def make_engine(model, pattern, ctx, args, max_num_seqs=1, num_blocks=None):
                        num_kv_blocks=blocks, kv_cache_dtype=args.kv_cache_dtype, indexer_cache=args.indexer_cache,
                        workspace_bytes=args.workspace_gb << 30, cuda_graph_max_bs=max(max_num_seqs, 1),
                        compile_decode=False if getattr(args, "no_compile", False) else None,
-                       moe_small_batch_kernel=getattr(args, "moe_small_batch_kernel", True))
+                       moe_small_batch_kernel=getattr(args, "moe_small_batch_kernel", True),
+                       decode_topk_max_rows=getattr(args, "decode_topk_max_rows", EngineConfig.decode_topk_max_rows))
     if getattr(args, "rerank_pool", None) and "R" in pattern:
         pattern = IndexPattern(pattern, pool=args.rerank_pool)
     return LLMEngine(model, cfg, index_pattern=pattern)

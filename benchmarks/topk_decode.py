@@ -26,7 +26,9 @@ from indexcache.kernels.topk import DecodeTopkWorkspace, topk_rows, topk_rows_de
 K = 2048
 # (name, batch, row length, score distribution)
 CASES = [("200K", 1, 200_000, "randn"), ("200K_b4", 4, 200_000, "randn"), ("64K", 1, 64_000, "randn"),
-         ("1M", 1, 1_000_000, "randn"), ("200K_narrow", 1, 200_000, "narrow"), ("200K_ties", 1, 200_000, "ties")]
+         ("1M", 1, 1_000_000, "randn"), ("200K_narrow", 1, 200_000, "narrow"), ("200K_ties", 1, 200_000, "ties"),
+         # the engine's decode batches up to EngineConfig.decode_topk_max_rows (64) take the new kernel
+         ("200K_b16", 16, 200_000, "randn"), ("200K_b64", 64, 200_000, "randn")]
 
 
 def _scores(B, N, dist, seed):

@@ -76,3 +76,47 @@ def test_compiled_decode_under_cuda_graphs_matches_eager():
     cos = torch.nn.functional.cosine_similarity(compiled_graph, eager, dim=-1)
     assert (cos > 0.999).all(), cos
     torch.testing.assert_close(compiled_graph, eager, atol=5e-2 * float(eager.abs().max()), rtol=5e-2)
+
+
+def test_decode_topk_graphs_equal_eager(monkeypatch):
+    """FP8 indexer at the kernels' shapes, contexts longer than top-k: decode selects with topk_rows_decode on
+    the backend's one workspace, shared by the graphs of batch buckets 1, 2 and 4 replayed in turn. Eager
+    selections equal the reference's sets; graph replays equal eager decode; greedy tokens equal an engine that
+    selects with topk_rows (decode_topk_max_rows=0)."""
+    from indexcache.engine import attention_backend
+    from indexcache.kernels.topk import topk_rows_decode, topk_rows_reference
+
+    model = _model(kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128, index_topk=64)
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 90, 200)]
+    kw = dict(indexer_cache="fp8", max_model_len=512, max_num_seqs=4, compile_decode=False)
+    eng = make_engine(model, "1/2", **kw)
+    ws = eng.backend._dtopk
+    assert eng.graphs is not None and ws is not None and ws.rows == 4 and ws.n == 512
+    for p in prompts:
+        eng.add_request(p, greedy(4))
+    eng.step()  # prefill all three
+    checked = []
+
+    def decode_spy(logits, k, *, row_end, workspace):
+        out = topk_rows_decode(logits, k, row_end=row_end, workspace=workspace)
+        if not torch.cuda.is_current_stream_capturing():
+            ref = topk_rows_reference(logits, k, row_end=row_end)
+            assert torch.equal(out.sort(dim=1).values, ref.sort(dim=1).values)
+            checked.append(logits.shape[0])
+        return out
+
+    monkeypatch.setattr(attention_backend, "topk_rows_decode", decode_spy)
+    seqs = list(eng.scheduler.running)
+    for rows in ([0, 1, 2], [1], [0, 2], [0, 1, 2]):  # buckets 4, 1, 2, then 4 again after the others
+        b = eng.runner.prepare([(seqs[j].token_ids, seqs[j].num_computed, 1, seqs[j].block_table) for j in rows])
+        b.max_len = eng.graphs.max_len  # eager over the same key range as the graph
+        eager = eng.runner.forward(b).clone()
+        graph = eng.graphs.run(b).clone()
+        torch.testing.assert_close(graph, eager, atol=2e-2, rtol=2e-2)  # index order (atomics) moves the roundings
+    assert checked and not ws.hist.any() and not ws.ctr.any()
+    monkeypatch.undo()
+    toks_new, lg_new = run(make_engine(model, "1/2", **kw), prompts, greedy(6))
+    toks_old, lg_old = run(make_engine(model, "1/2", decode_topk_max_rows=0, **kw), prompts, greedy(6))
+    assert toks_new == toks_old
+    for a, c in zip(lg_new, lg_old):
+        torch.testing.assert_close(a, c, atol=2e-2, rtol=2e-2)
