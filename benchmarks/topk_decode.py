@@ -1,12 +1,13 @@
-"""Decode top-k on the GPU: ``topk_rows_decode`` (one row over many programs) against ``topk_rows`` (the decode
-path the engine runs) and ``torch.topk``, each replayed in a CUDA graph, k = 2048, fp32 scores.
+"""Decode top-k on the GPU: ``topk_rows_decode`` (one row over many programs) against ``topk_rows`` (the engine's
+decode path above EngineConfig.decode_topk_max_rows) and ``torch.topk``, each replayed in a CUDA graph, k = 2048, fp32 scores.
 
     python -m benchmarks.topk_decode
 
 First checks the selections (index sets against the PyTorch reference and the current kernel, graph replays on
-fresh inputs, the workspace left zeroed); then times the cases, profiles the new kernel's three launches (hist,
-filter1, filter2_final) inside the graph for every case, and prints a table last; writes ``topk_decode.json``
-($OUT, else runs/benchmarks). About a minute on an H200.
+fresh inputs, the workspace left zeroed); then times the cases (both kernels given int32 row ends, as the engine
+calls them), profiles the new kernel's three launches (hist, filter1, filter2_final) inside the graph for every
+case, times 200K batch 1 over a few launch shapes (``tuning_sweep``), and prints tables last; writes
+``topk_decode.json`` ($OUT, else runs/benchmarks). About a minute and a half on an H200.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import measure_ceilings, run_metadata, table, write_results
-from indexcache.kernels.topk import DecodeTopkWorkspace, topk_rows, topk_rows_decode, topk_rows_reference
+from indexcache.kernels.topk import (DecodeTopkWorkspace, plan_decode_launches, topk_rows, topk_rows_decode,
+                                     topk_rows_reference)
 
 K = 2048
 # (name, batch, row length, score distribution)
@@ -92,6 +94,30 @@ def launch_profile(x, ws) -> dict:
     return parts
 
 
+def tuning_sweep() -> list[dict]:
+    """200K, batch 1 replayed in a graph over a few (entries per program, warps of hist / filter1): data for the
+    kernel's defaults (_D_PROGS_PER_SM, _D_WARPS); every variant's selection is checked."""
+    N = 200_000
+    x = _scores(1, N, "randn", 5)
+    ends = torch.full((1,), N, dtype=torch.int32, device="cuda")
+    ws = DecodeTopkWorkspace.new(1, N, "cuda")
+    ref = topk_rows_reference(x, K)
+    out = []
+    for sl, w in ((None, None), (2048, 4), (4096, 4), (1024, 8), (2048, 8), (4096, 8)):
+        stages, run = plan_decode_launches(x, K, row_end=ends, workspace=ws, _slice=sl, _warps=w)
+        row = {"slice": sl or "default", "warps": w or "default"}
+        try:
+            if not _same_sets(run(), ref):
+                raise AssertionError("selection differs from the reference")
+            row["us"] = _graph_ms(run) * 1e3
+            row["programs"] = -(-N // sl) if sl else "default"
+        except Exception as e:  # noqa: BLE001 (a failing variant is reported)
+            row["error"] = repr(e)[:200]
+        print(row)
+        out.append(row)
+    return out
+
+
 def main():
     meta = run_metadata()
     ceilings = measure_ceilings()
@@ -103,8 +129,9 @@ def main():
             row.update(check(name, B, N, dist))
             x = _scores(B, N, dist, 4)
             ws = DecodeTopkWorkspace.new(B, N, "cuda")
-            row["new_us"] = _graph_ms(lambda: topk_rows_decode(x, K, workspace=ws)) * 1e3
-            row["topk_rows_us"] = _graph_ms(lambda: topk_rows(x, K)) * 1e3
+            ends = torch.full((B,), N, dtype=torch.int32, device="cuda")   # int32 row ends, as the engine passes
+            row["new_us"] = _graph_ms(lambda: topk_rows_decode(x, K, row_end=ends, workspace=ws)) * 1e3
+            row["topk_rows_us"] = _graph_ms(lambda: topk_rows(x, K, row_end=ends)) * 1e3
             row["torch_topk_us"] = _graph_ms(lambda: torch.topk(x, K, dim=1, sorted=False)) * 1e3
             row["speedup"] = row["topk_rows_us"] / row["new_us"]
             row["tbps"] = B * N * 4 / (row["new_us"] * 1e-6) / 1e12
@@ -115,11 +142,15 @@ def main():
             row["error"] = repr(e)[:300]
         print(row)
         rows.append(row)
-    paths = write_results("topk_decode", {"meta": meta, "ceilings": ceilings, "rows": rows})
+    sweep = tuning_sweep()
+    paths = write_results("topk_decode", {"meta": meta, "ceilings": ceilings, "rows": rows, "sweep_200K_b1": sweep})
     print("wrote", paths)
     for row in rows:
         for part, us in row.get("parts_us", {}).items():
             row[f"{part}_us"] = us
+    print("200K batch 1 by entries per program (slice) and hist/filter1 warps; the default is slice "
+          f"{sweep[0]['slice']}, {sweep[0]['warps']} warps (first row):")
+    print(table(sweep, ["slice", "warps", "programs", "us", "error"]))
     print(table(rows, ["case", "vs_reference", "vs_topk_rows", "graph_replay", "workspace_reset", "new_us",
                        "topk_rows_us", "torch_topk_us", "speedup", "hist_us", "filter1_us", "filter2_final_us",
                        "error"]))

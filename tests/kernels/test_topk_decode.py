@@ -67,6 +67,16 @@ def test_workspace_reused_across_calls(device):
         topk_rows_decode(torch.randn(R, N + 1, device=device), k, workspace=ws)
 
 
+def test_bounds_outside_the_row_are_clamped(device):
+    """The kernels clamp the window to [0, N] themselves (int64 bounds, negative, past the end, start > end)."""
+    torch.manual_seed(12)
+    x = torch.randn(4, 900, device=device)
+    start = torch.tensor([-50, 0, 850, 600], dtype=torch.int64, device=device)
+    end = torch.tensor([400, 5000, 2000, 500], dtype=torch.int64, device=device)
+    out = _check(x, 100, DecodeTopkWorkspace.new(4, 900, device), row_start=start, row_end=end)
+    assert (out[2, :50] >= 850).all() and (out[2, 50:] == -1).all() and (out[3] == -1).all()
+
+
 def test_head_of_a_larger_workspace(device):
     """One workspace for the largest batch: calls of fewer rows and shorter rows run on its first rows (views of
     the same memory) and leave every row zeroed; asking for more rows than it holds is an error."""

@@ -246,9 +246,10 @@ def topk_rows_decode(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | 
     return plan_decode_launches(logits, k, row_start, row_end, workspace=workspace, _slice=_slice)[1]()
 
 
-def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=None, _slice=None):
+def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=None, _slice=None, _warps=None):
     """The launches of one ``topk_rows_decode`` call as (name, thunk) pairs, and a thunk that runs them all and
-    returns the output (benchmarks time the launches one by one)."""
+    returns the output (benchmarks time the launches one by one). ``_warps``: warps of the hist and filter1
+    launches (benchmark hook, like ``_slice``)."""
     from indexcache.kernels.topk import triton as tk
 
     R, N = logits.shape
@@ -263,10 +264,10 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
                          f"{workspace.hist.device}, got logits {tuple(logits.shape)} on {dev}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    starts = (torch.zeros(R, dtype=torch.int32, device=dev) if row_start is None
-              else row_start.to(torch.int32).clamp(0, N))
-    ends = (torch.full((R,), N, dtype=torch.int32, device=dev) if row_end is None
-            else row_end.to(torch.int32).clamp(0, N))
+    # the kernels clamp the bounds to [0, N] and take absent ones as 0 / N (no launches here for either)
+    starts = row_start.to(torch.int32) if row_start is not None else logits
+    ends = row_end.to(torch.int32) if row_end is not None else logits
+    win = dict(HAS_START=row_start is not None, HAS_END=row_end is not None)
     interp = interpreting()
     block = 128 if interp else _D_BLOCK
     if _slice is not None:
@@ -279,14 +280,15 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
         sl = triton.cdiv(triton.cdiv(max(N, 1), per_row), block) * block
     P = triton.cdiv(max(N, 1), sl)
     ws, cap, x, s = workspace, workspace.n, logits, logits.stride(0)
-    consts = dict(NB=_D_NB, NREP=_D_NREP, W=_D_W, num_warps=_D_WARPS)
+    consts = dict(NB=_D_NB, NREP=_D_NREP, W=_D_W, num_warps=_warps or _D_WARPS)
 
     def hist():
-        tk._dtopk_hist_kernel[(R, P)](x, s, starts, ends, ws.hist, ws.ctr, ws.state, k, sl, BLOCK=block, **consts)
+        tk._dtopk_hist_kernel[(R, P)](x, s, N, starts, ends, ws.hist, ws.ctr, ws.state, k, sl, BLOCK=block,
+                                      **consts, **win)
 
     def filter1():
-        tk._dtopk_filter1_kernel[(R, P)](x, s, starts, ends, ws.hist, ws.ctr, ws.state, out, ws.lists, k, sl, cap,
-                                         BLOCK=block, **consts)
+        tk._dtopk_filter1_kernel[(R, P)](x, s, N, starts, ends, ws.hist, ws.ctr, ws.state, out, ws.lists, k, sl,
+                                         cap, BLOCK=block, **consts, **win)
 
     def filter2_final():
         tk._dtopk_filter2_final_kernel[(R, P)](ws.ctr, ws.state, out, ws.lists, k, cap,

@@ -471,13 +471,26 @@ def _threshold_bin(h, m, jb):
     return B, above, n_in
 
 
-@triton.jit(do_not_specialize=["stride_r", "k", "slice_len"])
-def _dtopk_hist_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, k, slice_len, BLOCK: tl.constexpr,
-                       NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr):
+@triton.jit
+def _row_window(starts, ends, r, n, HAS_START: tl.constexpr, HAS_END: tl.constexpr):
+    """Row r's column window [st, en), each bound clamped to [0, n]; absent bounds are 0 and n. Read and clamped
+    here, not by torch ops before the launch: in a graph replay each of those is a kernel of its own (~1 us)."""
+    st = n * 0
+    en = n
+    if HAS_START:
+        st = tl.minimum(tl.maximum(tl.load(starts + r), 0), n)
+    if HAS_END:
+        en = tl.minimum(tl.maximum(tl.load(ends + r), 0), n)
+    return st, en
+
+
+@triton.jit(do_not_specialize=["stride_r", "n", "k", "slice_len"])
+def _dtopk_hist_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, k, slice_len, BLOCK: tl.constexpr,
+                       NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr, HAS_START: tl.constexpr,
+                       HAS_END: tl.constexpr):
     r = tl.program_id(0)
     p = tl.program_id(1)
-    st = tl.load(starts + r)
-    en = tl.load(ends + r)
+    st, en = _row_window(starts, ends, r, n, HAS_START, HAS_END)
     b0 = st + p * slice_len
     b1 = tl.minimum(en, b0 + slice_len)
     row = x_ptr + r.to(tl.int64) * stride_r
@@ -497,16 +510,16 @@ def _dtopk_hist_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, k, slice
         tl.store(state + r * 8 + 3, n1)
 
 
-@triton.jit(do_not_specialize=["stride_r", "k", "slice_len", "cap"])
-def _dtopk_filter1_kernel(x_ptr, stride_r, starts, ends, hist, ctr, state, out, lists, k, slice_len, cap,
-                          BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr):
+@triton.jit(do_not_specialize=["stride_r", "n", "k", "slice_len", "cap"])
+def _dtopk_filter1_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, out, lists, k, slice_len, cap,
+                          BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr,
+                          HAS_START: tl.constexpr, HAS_END: tl.constexpr):
     r = tl.program_id(0)
     p = tl.program_id(1)
     m = tl.load(state + r * 8 + 0)
     B1 = tl.load(state + r * 8 + 1)
     above1 = tl.load(state + r * 8 + 2)
-    st = tl.load(starts + r)
-    en = tl.load(ends + r)
+    st, en = _row_window(starts, ends, r, n, HAS_START, HAS_END)
     b0 = st + p * slice_len
     b1 = tl.minimum(en, b0 + slice_len)
     row = x_ptr + r.to(tl.int64) * stride_r
