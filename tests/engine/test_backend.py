@@ -57,7 +57,7 @@ def test_decode_topk_workspace_rows():
     assert per_row == 16 * 4096 + 2 * 4 * 4096 * 4 + 96
     assert decode_topk_rows(cfg, "fp8") == 16
     assert decode_topk_rows(cfg, "exact") == 0 and decode_topk_bytes(cfg, "exact") == 0
-    assert decode_topk_rows(EngineConfig(max_model_len=4096, max_num_seqs=256), "fp8") == 64   # the default cap
+    assert decode_topk_rows(EngineConfig(max_model_len=4096, max_num_seqs=256), "fp8") == 16   # the default cap
     assert decode_topk_rows(EngineConfig(max_model_len=4096, decode_topk_max_rows=4), "fp8") == 4
     assert decode_topk_rows(EngineConfig(max_model_len=4096, decode_topk_max_rows=0), "fp8") == 0
     big = EngineConfig(max_model_len=1_000_000, max_num_seqs=64, workspace_bytes=100 << 20)   # ~16 MB a row
