@@ -121,7 +121,7 @@ def plan_steps(tc: TrainConfig, seconds: float, device, corpus) -> TrainConfig:
         return tc
     steps = {}
     for stage, _ in STAGES:
-        m = build_empty(tc.model_config(), device, torch.float32).init_random(tc.seed, std=tc.init_std)
+        m = tc.init_weights(build_empty(tc.model_config(), device, torch.float32))
         g = torch.Generator().manual_seed(99)
         # warm every window length the timed steps use (their first step pays for autotuning and allocation)
         run_stage(m, corpus, stage, 3, 1e-4, tc, g, progress=False)
@@ -145,7 +145,7 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
         st["train"] = {"stage": 0, "step": 0, "logs": []}
         work.save()
     tc = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in st["train_config"].items()})
-    model = build_empty(tc.model_config(), device, torch.float32).init_random(tc.seed, std=tc.init_std)
+    model = tc.init_weights(build_empty(tc.model_config(), device, torch.float32))
     gen = torch.Generator().manual_seed(tc.seed)
     opt_state = None
     if os.path.exists(ck_path):

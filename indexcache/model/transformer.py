@@ -153,15 +153,21 @@ class DSAModel(nn.Module):
         return len(self.config.pattern.shared_layers) * self.indexer_param_bytes_per_layer()
 
     @torch.no_grad()
-    def init_random(self, seed: int = 0, std: float = 0.02) -> "DSAModel":
-        """Random weights for presets and benchmarks (deterministic for a seed, independent of device)."""
+    def init_random(self, seed: int = 0, std: float = 0.02, mlp_out_std: float | None = None) -> "DSAModel":
+        """Random weights for presets and benchmarks (deterministic for a seed, independent of device).
+
+        ``mlp_out_std``: std of the MLP/expert output projections (None: ``std``; 0: they start at zero, so the
+        MLPs add nothing to the residual stream until trained). The other weights are drawn the same either way."""
         device = self.embed_tokens.weight.device
         g = torch.Generator(device=device).manual_seed(seed)
+        out_std = std if mlp_out_std is None else mlp_out_std
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight") or name.endswith("k_norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
+            elif ".mlp." in name and (name.endswith("down_proj.weight") or name.endswith("experts.down")):
+                p.normal_(0.0, out_std, generator=g)  # same draws as ``std`` (scaled), so the rest is unchanged
             else:
                 p.normal_(0.0, std, generator=g)
         for name, b in self.named_buffers():

@@ -52,6 +52,10 @@ class TrainConfig:
     # weights start N(0, init_std). From scratch, this MLA stack learns to copy from context (induction) late:
     # benchmarks/induction_toy.py learns it faster at 0.08 than at 0.02, and at lr 1e-3 than at 3e-3 or 1e-2
     init_std: float = 0.02
+    # std of the MLP output projections (None: init_std). 0 starts every MLP at zero: a random MLP's output
+    # swamps the token identity in a small model's residual stream, and the toy then never forms the
+    # previous-token + induction heads that copying needs (results/induction_toy_cpu.log)
+    init_mlp_out_std: float | None = None
     max_train_bytes: int | None = None
     task_ratio: float = 0.0  # share of training windows that are synthetic retrieval tasks (tools/tasks.py)
     tasks_packed: bool = False  # task windows hold many episodes each (tasks.packed_window), not one item
@@ -67,6 +71,10 @@ class TrainConfig:
         """``n`` windows of ``length`` tokens in this config's mix of corpus code and retrieval tasks."""
         return mixed_windows(corpus, n, length, self.task_ratio, gen, packed=self.tasks_packed,
                              tokens_per_episode=self.task_tokens_per_episode, task_share=self.task_share)
+
+    def init_weights(self, model):
+        """This config's random initialisation of a freshly built model (returns it)."""
+        return model.init_random(self.seed, std=self.init_std, mlp_out_std=self.init_mlp_out_std)
 
     def model_config(self) -> ModelConfig:
         tok = ByteTokenizer
@@ -94,6 +102,7 @@ PRESETS = {
     "retrieval": TrainConfig(layers=16, hidden=256, heads=4, q_lora=128, kv_lora=128, nope=48, rope=16, v=64,
                              mlp=768, index_heads=4, index_dim=32, topk=128, context=8192, batch=4,
                              contexts=(4096, 8192, 16384), task_ratio=0.5, tasks_packed=True, init_std=0.06,
+                             init_mlp_out_std=0.0,  # MLPs start at zero: induction forms (see TrainConfig)
                              dense_steps=3000, warmup_steps=200,
                              sparse_steps=500, lr=1e-3, warmup_lr=2e-3, sparse_lr=5e-4),
 }
@@ -189,7 +198,7 @@ def train(tc: TrainConfig, device="cpu", out_dir: str | None = None, progress: b
     torch.manual_seed(tc.seed)
     device = torch.device(device)
     cfg = tc.model_config()
-    model = build_empty(cfg, device, torch.float32).init_random(tc.seed, std=tc.init_std)
+    model = tc.init_weights(build_empty(cfg, device, torch.float32))
     corpus = load_corpus("train", max_bytes=tc.max_train_bytes)
     gen = torch.Generator().manual_seed(tc.seed)
     t0 = time.perf_counter()
