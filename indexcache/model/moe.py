@@ -173,8 +173,10 @@ def dequantize_experts(gate_up, gate_up_scale_inv, down, down_scale_inv, dtype):
 def combine_experts(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each token's K expert outputs: ``ys`` [N*K, D] rows in expert order (row p is pair
     ``order[p]`` = token * K + slot), ``weights`` [N, K] -> [N, D] in ys.dtype. The rows go back to (token, slot)
-    order and are summed over slots in fp32 in a fixed order, so a token's output does not depend on which other
-    tokens share the batch or on atomic ordering (an ``index_add_`` of bf16 rows made serving differ between runs)."""
+    order and are summed over slots with fp32 accumulation in a fixed order, so a token's output does not depend
+    on atomic ordering (an ``index_add_`` of bf16 rows made serving differ between runs). On CUDA a batched GEMM
+    with the weights in ys.dtype, as the old combine rounded them (H200: 2x faster than that ``index_add_``,
+    benchmarks/moe_combine.py); elsewhere an fp32 sum."""
     N, K = weights.shape
     pairs = torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1)
     if ys.is_cuda:  # one read of the pairs, fp32 accumulation inside the batched GEMM, one rounding
