@@ -16,7 +16,6 @@ why a model does not copy; the retrieval testbed's initialisation comes from the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -81,7 +80,8 @@ class Vanilla(nn.Module):
         super().__init__()
         self.embed, self.pos = nn.Embedding(260, width), nn.Embedding(LENGTH + 1, width)
         layer = nn.TransformerEncoderLayer(width, heads, 2 * width, 0.0, batch_first=True, norm_first=True)
-        self.body, self.head = nn.TransformerEncoder(layer, layers), nn.Linear(width, 260)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 260)
 
     def forward(self, ids):
         T = ids.shape[1]
@@ -106,20 +106,14 @@ class Zero(nn.Module):
 
 
 def ablate(model: nn.Module, what: str) -> None:
-    """Toy-only swaps of DSA model parts: 'lora-norms' (q_a/kv_a RMSNorms -> identity), 'mlp' (MLPs -> zero),
-    'layernorm' (RMSNorms around attention/MLP and the final norm -> LayerNorm with bias)."""
-    width = model.config.hidden_size
+    """Toy-only swaps of DSA model parts: 'lora-norms' (q_a/kv_a RMSNorms -> identity), 'mlp' (MLPs -> zero)."""
     for layer in model.layers:
         if what == "lora-norms":
             layer.self_attn.q_a_layernorm = layer.self_attn.kv_a_layernorm = nn.Identity()
         elif what == "mlp":
             layer.mlp = Zero()
-        elif what == "layernorm":
-            layer.input_layernorm, layer.post_attention_layernorm = nn.LayerNorm(width), nn.LayerNorm(width)
         else:
             raise ValueError(f"unknown ablation {what!r}")
-    if what == "layernorm":
-        model.norm = nn.LayerNorm(width)
 
 
 def add_learned_positions(model: nn.Module, std: float) -> None:
@@ -135,27 +129,20 @@ def main(argv=None) -> int:
                     help="DSA model: std of the MLP output projections (default: --init-std; 0: MLPs start at zero)")
     ap.add_argument("--init", choices=("normal", "torch"), default="normal",
                     help="DSA model: N(0, --init-std) for every matrix, or PyTorch's default module init")
-    ap.add_argument("--embed-std", type=float, default=None, help="DSA model: embedding std (default: --init-std)")
     ap.add_argument("--embed-common", type=float, default=0.0, metavar="STD",
                     help="DSA model: add one shared vector drawn N(0, STD) to every token embedding")
     ap.add_argument("--abs-pos", type=float, default=None, metavar="STD",
                     help="DSA model: add a learned absolute position table drawn N(0, STD)")
-    ap.add_argument("--ablate", action="append", default=[], choices=("lora-norms", "mlp", "layernorm"))
+    ap.add_argument("--ablate", action="append", default=[], choices=("lora-norms", "mlp"))
     ap.add_argument("--std-for", action="append", default=[], metavar="SUBSTRING=STD",
                     help="DSA model: redraw the weights whose name contains SUBSTRING from N(0, STD)")
     ap.add_argument("--vanilla", action="store_true")
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--nope", type=int, default=16, help="DSA model: non-rotary query/key dimensions per head")
-    ap.add_argument("--v", type=int, default=32, help="DSA model: value dimensions per head")
-    ap.add_argument("--mlp", type=int, default=None, help="DSA model: MLP width (default: 2 x width)")
     ap.add_argument("--rope", type=int, default=16, help="rotary dimensions per query/key head (DSA model)")
-    ap.add_argument("--rope-theta", type=float, default=10000.0)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--wd", type=float, default=0.01)
-    ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -168,16 +155,12 @@ def main(argv=None) -> int:
     else:
         w = args.width
         tc = TrainConfig(layers=args.layers, hidden=w, heads=args.heads, q_lora=min(w, 128), kv_lora=min(w, 128),
-                         nope=args.nope, rope=args.rope, v=args.v, mlp=2 * w if args.mlp is None else args.mlp,
+                         nope=16, rope=args.rope, v=32, mlp=2 * w,
                          index_heads=2, index_dim=max(16, args.rope), topk=LENGTH + 1,
                          context=LENGTH)
-        cfg = dataclasses.replace(tc.model_config(), rope_theta=args.rope_theta)
-        model = build_empty(cfg, "cpu", torch.float32).init_random(0, std=args.init_std, mlp_out_std=args.mlp_out_std)
+        model = build_empty(tc.model_config(), "cpu", torch.float32).init_random(0, std=args.init_std, mlp_out_std=args.mlp_out_std)
         if args.init == "torch":
             torch_default_init(model)
-        if args.embed_std is not None:
-            with torch.no_grad():
-                model.embed_tokens.weight.normal_(0.0, args.embed_std)
         for what in args.ablate:
             ablate(model, what)
         for spec in args.std_for:
@@ -195,13 +178,13 @@ def main(argv=None) -> int:
             add_learned_positions(model, args.abs_pos)
         loss_fn = lambda ids: forward_train(model, ids, "dense")[0]  # noqa: E731
         logits_fn = lambda ids: model(ids).logits  # noqa: E731
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     g, (ev, ev_mask, ev_shift) = torch.Generator().manual_seed(0), batch(64, torch.Generator().manual_seed(1))
     name = " ".join(["vanilla" if args.vanilla else "dsa"] + list(sys.argv[1:] if argv is None else argv))
     curve, t0 = [], time.perf_counter()
     for step in range(args.steps):
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            group["lr"] = args.lr * min(1.0, (step + 1) / 50)
         loss = loss_fn(batch(32, g)[0])
         opt.zero_grad()
         loss.backward()

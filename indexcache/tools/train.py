@@ -53,8 +53,8 @@ class TrainConfig:
     # benchmarks/induction_toy.py learns it faster at 0.08 than at 0.02, and at lr 1e-3 than at 3e-3 or 1e-2
     init_std: float = 0.02
     # std of the MLP output projections (None: init_std). 0 starts every MLP at zero: a random MLP's output
-    # swamps the token identity in a small model's residual stream, and the toy then never forms the
-    # previous-token + induction heads that copying needs (results/induction_toy_cpu.log)
+    # swamps the token identity in a small model's residual stream, and the toy then forms the
+    # previous-token + induction heads that copying needs late or never (results/induction_toy_cpu.log)
     init_mlp_out_std: float | None = None
     max_train_bytes: int | None = None
     task_ratio: float = 0.0  # share of training windows that are synthetic retrieval tasks (tools/tasks.py)
