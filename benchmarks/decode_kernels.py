@@ -29,7 +29,7 @@ from indexcache.presets import preset_config  # noqa: E402
 
 
 def graph_us(fn, reps: int = 200) -> float:
-    """Median-free mean over ``reps`` calls captured in one CUDA graph (the kernels back to back, as in decode)."""
+    """Mean µs per call over ``reps`` calls captured in one CUDA graph (the kernels back to back, as in decode)."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
