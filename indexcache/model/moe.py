@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.fp8_grouped_mm import fp8_grouped_mm, fp8_grouped_mm_reference
+from ..kernels.expert_plan import expert_plan
+from ..kernels.fp8_grouped_mm import (fp8_grouped_mm, fp8_grouped_mm_reference, fp8_grouped_swiglu,
+                                     fp8_grouped_swiglu_reference, plan_block_sizes)
 from ..kernels.fp8_linear import dequantize_weight, quantize_act, quantize_weight
 from ..kernels.moe import SMALL_MAX_ROWS, moe_experts_small
 
@@ -107,17 +109,8 @@ class Experts(nn.Module):
 
     @torch.compiler.disable  # Triton launches with host-side checks: run as is between compiled graphs
     def _forward_fp8(self, x, ids, weights):
-        """FP8 experts beyond decode sizes: the same routing, both projections as grouped GEMMs (no host sync)."""
-        K = ids.shape[1]
-        flat = ids.flatten()
-        E = self.gate_up.shape[0]
-        order = expert_order(flat, E)
-        token = order // K
-        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))
-        # W8A8 grouped GEMM: faster than dequantising to bf16 + torch._grouped_mm at every measured size (H200)
-        ys = fp8_experts_w8a8(self, x[token], counts)
-        return combine_experts(ys, order, weights)
+        """FP8 experts beyond decode sizes: two fused grouped GEMMs (no host sync), see ``fp8_experts_w8a8``."""
+        return fp8_experts_w8a8(self, x, ids, weights)
 
     def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [E, 2I, D], down [E, D, I]) in ``dtype`` (FP8 storage dequantised; else the weights)."""
@@ -126,22 +119,30 @@ class Experts(nn.Module):
         return dequantize_experts(self.gate_up, self.gate_up_scale_inv, self.down, self.down_scale_inv, dtype)
 
 
-def fp8_experts_w8a8(experts: Experts, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of FP8 ``experts`` on rows ``xs`` [M, D] sorted by expert (``counts`` [E] rows each) -> [M, D] in
-    xs.dtype: activations quantised per 1x128 group (as the FP8 linear layers), fp8 x fp8 grouped GEMMs that read
-    the FP8 weights as they are (the Triton kernel on the GPU; its PyTorch reference on CPU)."""
-    inter, ib = experts.inter, _blocks(experts.inter)
-    w, s = experts.gate_up, experts.gate_up_scale_inv
-    mm = fp8_grouped_mm if xs.is_cuda else fp8_grouped_mm_reference
-    x8, sx = quantize_act(xs)
-    if inter % 128 == 0:  # gate's and up's blocks tile 2I rows evenly: one GEMM
-        h = mm(x8, counts, w, s, sx, xs.dtype)
-    else:  # a 128-row block would straddle gate and up: one GEMM each
-        h = torch.cat([mm(x8, counts, w[:, :inter], s[:, :ib], sx, xs.dtype),
-                       mm(x8, counts, w[:, inter:], s[:, ib:], sx, xs.dtype)], -1)
-    gate, up = h.split(inter, dim=-1)
-    a8, sa = quantize_act(F.silu(gate) * up)
-    return mm(a8, counts, experts.down, experts.down_scale_inv, sa, xs.dtype)
+def fp8_experts_w8a8(experts: Experts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The routed experts of FP8 ``experts`` for tokens x [N, D] routed to ``ids`` [N, K] with ``weights`` [N, K]
+    -> [N, D] in x.dtype, W8A8 as the FP8 linear layers:
+    - x is quantised per 1x128 group once per token; the gate/up grouped GEMM reads each (token, slot) pair's
+      token row by index (no gathered copy of x), and its epilogue applies SwiGLU and quantises h for the down
+      projection (``fp8_grouped_swiglu``: the [N*K, 2I] product never reaches memory);
+    - the down grouped GEMM multiplies each pair's row by its routing weight and stores it in (token, slot)
+      order, so combining is a fixed-order sum over K contiguous rows (bf16 in, fp32 accumulation): the same
+      bits on every call.
+    The routing (pairs sorted by expert, the GEMMs' tile maps) is one ``expert_plan`` per layer. The Triton kernels
+    on the GPU; their PyTorch references elsewhere."""
+    N, K = ids.shape
+    E = experts.gate_up.shape[0]
+    plan = expert_plan(ids, weights, E, plan_block_sizes(N * K, E))
+    if x.is_cuda:
+        swiglu, mm, kw = fp8_grouped_swiglu, fp8_grouped_mm, {"plan": plan}
+    else:
+        swiglu, mm, kw = fp8_grouped_swiglu_reference, fp8_grouped_mm_reference, {}
+    x8, sx = quantize_act(x)
+    h8, sh = swiglu(x8, plan.counts, experts.gate_up, experts.gate_up_scale_inv, sx, experts.inter, a_rows=plan.token,
+                    **kw)
+    pairs = mm(h8, plan.counts, experts.down, experts.down_scale_inv, sh, x.dtype, out_rows=plan.pair,
+               row_weight=plan.weight, **kw)
+    return pairs.view(N, K, -1).sum(1)
 
 
 def quantize_experts(gate_up: torch.Tensor, down: torch.Tensor):

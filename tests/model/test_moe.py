@@ -36,35 +36,39 @@ def test_combine_experts_sums_each_token_once_in_fp32(n, k):
     assert torch.equal(alone[0], out[t])
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("inter", [256, 192])
-def test_fp8_expert_prefill_paths_agree_on_gpu(inter):
-    """The FP8 prefill path (W8A8 grouped GEMM) against fp32 experts on the same dequantised weights, within
-    FP8-activation error. inter=192: gate's and up's scale blocks restart at row I (two GEMMs)."""
+def test_fp8_expert_prefill_path_agrees_with_fp32_experts(inter, device):
+    """The FP8 prefill path (fused gate/up + SwiGLU grouped GEMM, weighted down GEMM in pair order, fixed-order
+    sum) against fp32 experts on the same dequantised weights, within FP8-activation error. inter=192: up's
+    scale blocks restart at row I, the last 128-column block is partial. Tokens repeat experts; one expert gets
+    no token. CPU runs the references, the GPU the Triton kernels."""
     import torch.nn.functional as F
 
     from types import SimpleNamespace
 
     from indexcache.model.moe import Experts, fp8_experts_w8a8
 
-    E, D = 8, 256
-    cfg = SimpleNamespace(n_routed_experts=E, hidden_size=D, moe_intermediate_size=inter)
-    ex = Experts(cfg).to("cuda")
-    g = torch.Generator("cuda").manual_seed(inter)
+    E, D, N, K = 8, 256, 40, 3
+    ex = Experts(SimpleNamespace(n_routed_experts=E, hidden_size=D, moe_intermediate_size=inter)).to(device)
+    g = torch.Generator(device).manual_seed(inter)
     with torch.no_grad():
-        ex.gate_up.copy_(torch.randn(ex.gate_up.shape, generator=g, device="cuda") / D ** 0.5)
-        ex.down.copy_(torch.randn(ex.down.shape, generator=g, device="cuda") / inter ** 0.5)
+        ex.gate_up.copy_(torch.randn(ex.gate_up.shape, generator=g, device=device) / D ** 0.5)
+        ex.down.copy_(torch.randn(ex.down.shape, generator=g, device=device) / inter ** 0.5)
     ex.use_fp8_storage(quantize=True)
     gu, dn = ex.dequantized(torch.float32)
-    counts = torch.tensor([30, 0, 5, 100, 1, 0, 64, 7], dtype=torch.int32, device="cuda")
-    xs = torch.randn(int(counts.sum()), D, generator=g, device="cuda").to(torch.bfloat16)
-    rows = torch.repeat_interleave(torch.arange(E, device="cuda"), counts.long())
-    want = torch.stack([F.linear(F.silu(h[:inter]) * h[inter:], dn[e]) for h, e in
-                        zip(torch.einsum("md,mnd->mn", xs.float(), gu[rows]), rows.tolist())])
-    for fn, tol in ((fp8_experts_w8a8, 0.08),):
-        got = fn(ex, xs, counts).float()
-        err = float((got - want).norm() / want.norm())
-        assert err < tol, (fn.__name__, err)
+    x = torch.randn(N, D, generator=g, device=device).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E - 1, generator=g, device=device)[:K] for _ in range(N)])  # expert 7: none
+    w = torch.rand(N, K, generator=g, device=device) + 0.1
+    want = torch.zeros(N, D, device=device)
+    for t in range(N):
+        for j in range(K):
+            h = gu[ids[t, j]] @ x[t].float()
+            want[t] += w[t, j] * (dn[ids[t, j]] @ (F.silu(h[:inter]) * h[inter:]))
+    got = fp8_experts_w8a8(ex, x, ids, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (N, D)
+    err = float((got.float() - want).norm() / want.norm())
+    assert err < 0.08, err
+    assert torch.equal(got, fp8_experts_w8a8(ex, x, ids, w))
 
 
 @pytest.mark.gpu
