@@ -19,6 +19,7 @@ _ROW_F32: tl.constexpr = tl.constexpr(F.LATENT_FP8_BYTES // 4)
 _ROW_BF16: tl.constexpr = tl.constexpr(F.LATENT_FP8_BYTES // 2)
 _SCALES_F32: tl.constexpr = tl.constexpr(F.LATENT_SCALES_AT // 4)
 _ROPE_BF16: tl.constexpr = tl.constexpr(F.LATENT_ROPE_AT // 2)
+_MERGE_COLS: tl.constexpr = tl.constexpr(64)
 
 
 @triton.jit
@@ -130,26 +131,29 @@ def _sparse_mla_decode_kernel(q, cache, idx, out, lse, part_o, part_l, cnt, S, H
 @triton.jit
 def _merge_splits(part_o, part_l, out, lse, b, h0, H, NS, HB: tl.constexpr):
     """Heads [h0, h0+HB) of batch row b: the NS split partials weighted by exp2(lse - max), summed in split order
-    (the same bits whichever program runs this). Splits with no valid index have lse -inf: weight 0."""
+    (the same bits whichever program runs this). Splits with no valid index have lse -inf: weight 0. The 512
+    columns go in 64-wide pieces, so the sum and the loaded partial stay small (no spills beyond the attention's)."""
     hh = tl.arange(0, HB)
     hm = h0 + hh < H
-    dn = tl.arange(0, _NOPE)
+    dc = tl.arange(0, _MERGE_COLS)
     base = b.to(tl.int64) * NS * H + h0 + hh
     m = tl.full([HB], float("-inf"), tl.float32)
     for s in range(NS):  # .cg: other SMs wrote these, read them from L2, not a stale L1
         m = tl.maximum(m, tl.load(part_l + base + s * H, mask=hm, other=float("-inf"), cache_modifier=".cg"))
     m_use = tl.where(m == float("-inf"), 0.0, m)
     tot = tl.zeros([HB], tl.float32)
-    acc = tl.zeros([HB, _NOPE], tl.float32)
     for s in range(NS):
-        w = tl.exp2(tl.load(part_l + base + s * H, mask=hm, other=float("-inf"), cache_modifier=".cg") - m_use)
-        po = tl.load(part_o + (base + s * H)[:, None] * _NOPE + dn[None, :], mask=hm[:, None], other=0.0,
-                     cache_modifier=".cg")
-        tot += w
-        acc += po * w[:, None]
-    o = acc / tl.where(tot > 0, tot, 1.0)[:, None]
-    tl.store(out + (b.to(tl.int64) * H + h0 + hh)[:, None] * _NOPE + dn[None, :], o.to(out.dtype.element_ty),
-             mask=hm[:, None])
+        tot += tl.exp2(tl.load(part_l + base + s * H, mask=hm, other=float("-inf"), cache_modifier=".cg") - m_use)
+    den = tl.where(tot > 0, tot, 1.0)
+    for c in tl.static_range(0, _NOPE, _MERGE_COLS):
+        acc = tl.zeros([HB, _MERGE_COLS], tl.float32)
+        for s in range(NS):
+            w = tl.exp2(tl.load(part_l + base + s * H, mask=hm, other=float("-inf"), cache_modifier=".cg") - m_use)
+            po = tl.load(part_o + (base + s * H)[:, None] * _NOPE + c + dc[None, :], mask=hm[:, None], other=0.0,
+                         cache_modifier=".cg")
+            acc += po * w[:, None]
+        tl.store(out + (b.to(tl.int64) * H + h0 + hh)[:, None] * _NOPE + c + dc[None, :],
+                 (acc / den[:, None]).to(out.dtype.element_ty), mask=hm[:, None])
     # log2 of a guarded argument: tot = 0 (no valid index in any split) must not reach log2 (the CPU interpreter
     # evaluates both tl.where branches and warns on log2(0))
     tl.store(lse + b.to(tl.int64) * H + h0 + hh,
