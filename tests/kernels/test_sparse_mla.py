@@ -156,6 +156,90 @@ def test_decode_fp8_fp32_and_workspace_checks(device):
     _lse_ok(l2, rl, 1e-3)
 
 
+def _tile(device, fmt, dtype, h):
+    """The token tile decode splits are sized by, after a warm-up call (a launch that needs less shared memory
+    than the chip has falls back to smaller tiles once, and keeps them)."""
+    from indexcache.kernels.sparse_mla.ops import _decode_plan
+
+    cache, q, idx = _split_case(device, fmt, dtype, 1, h, 40, seed=0)
+    sparse_mla_decode(q, cache, idx, 0.07, kv_format=fmt, num_splits=2)
+    return _decode_plan(1, h, 1, fmt, 1)[3]
+
+
+def _split_case(device, fmt, dtype, B, h, K, seed, bt=None):
+    """Cache, q and indices; with ``bt`` (the split size: num_splits=5 and K = 4.5 bt + 6 give 5 splits of one
+    tile) some splits are empty: row 0 split 1 all -1 and split 3 all past the cache; row 1 ragged (splits 3 and
+    4 empty). The last row has no valid index."""
+    torch.manual_seed(seed)
+    nb, ps = 5, 16
+    latent = torch.randn(nb, ps, 576, device=device) * torch.rand(nb, ps, 1, device=device) * 4
+    cache = quantize_latent_fp8_reference(latent) if fmt == "fp8" else latent.to(dtype)
+    q = torch.randn(B, h, 576, device=device).to(dtype)
+    idx = torch.randint(0, nb * ps, (B, K), dtype=torch.int32, device=device)
+    if bt is not None:
+        idx[0, bt:2 * bt] = -1
+        idx[0, 3 * bt:4 * bt] = nb * ps + torch.arange(bt, dtype=torch.int32, device=device)
+        idx[0, 5] = -1
+        idx[1, 2 * bt + 9:] = -1
+    idx[B - 1, :] = -1
+    return cache, q, idx
+
+
+@pytest.mark.parametrize("fmt,dtype,h", [("bf16", torch.float32, 20), ("bf16", torch.float16, 128),
+                                         ("fp8", torch.float16, 20), ("fp8", torch.float32, 128)])
+def test_decode_splits_merged_in_launch(device, fmt, dtype, h):
+    # several splits merged by the last program of each (batch row, head block): matches the reference with
+    # empty splits (lse -inf, no NaN from the NaN-filled partials), counters back at zero, same bits every call
+    from indexcache.kernels.arrival import arrival_counters
+    from indexcache.kernels.sparse_mla.ops import _align, _decode_plan, _ws_parts
+
+    bt = _tile(device, fmt, dtype, h)
+    B, K, splits = 3, 4 * bt + bt // 2 + 6, 5
+    cache, q, idx = _split_case(device, fmt, dtype, B, h, K, seed=41 + h, bt=bt)
+    *_, chunk, ns = _decode_plan(B, h, K, fmt, splits)
+    assert (chunk, ns) == (bt, 5)
+    n = sparse_mla_decode_workspace_bytes(B, h, K, dtype=q.dtype, kv_format=fmt, num_splits=splits)
+    ws = torch.full((n,), 0xFF, dtype=torch.uint8, device=device)     # NaN bytes for the fp32 partials
+    ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.07, kv_format=fmt)
+    got = [sparse_mla_decode(q, cache, idx, 0.07, kv_format=fmt, num_splits=splits, workspace=w)
+           for w in (ws, ws, None)]
+    out, lse = got[0]
+    assert torch.isfinite(out).all()
+    assert _rel(out, ro) < (2e-3 if dtype == torch.float16 else 1e-5)
+    assert (out[B - 1] == 0).all()
+    _lse_ok(lse, rl, 1e-3 if dtype == torch.float16 else 1e-4)
+    for o, l in got[1:]:
+        assert torch.equal(o, out) and torch.equal(l, lse)
+    assert not arrival_counters(q.device, 1).any()
+    # the split partials in the workspace: the empty splits carry lse -inf, the others a finite one
+    sizes = _ws_parts(B, h, K, q.dtype, fmt, ns)
+    at = sum(_align(x) for x in sizes[:3])
+    part_l = ws[at:at + sizes[3]].view(torch.float32).view(B, ns, h).cpu()
+    empty = torch.zeros(B, ns, dtype=torch.bool)
+    empty[0, [1, 3]] = True
+    empty[1, [3, 4]] = True
+    empty[B - 1] = True
+    assert torch.equal(torch.isneginf(part_l), empty[:, :, None].expand(B, ns, h))
+    assert torch.isfinite(part_l[~empty]).all()
+
+
+def test_decode_one_split_per_tile(device):
+    # as many splits as the top-k has tiles (9; more asked for), one of them empty
+    from indexcache.kernels.arrival import arrival_counters
+    from indexcache.kernels.sparse_mla.ops import _decode_plan
+
+    bt = _tile(device, "bf16", torch.float32, 16)
+    K = 8 * bt + 9
+    assert _decode_plan(2, 16, K, "bf16", 64)[4] == 9
+    cache, q, idx = _split_case(device, "bf16", torch.float32, 2, 16, K, seed=5)
+    idx[0, bt:2 * bt] = -1
+    out, lse = sparse_mla_decode(q, cache, idx, 0.05, num_splits=64)
+    ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.05)
+    assert _rel(out, ro) < 1e-5 and (out[1] == 0).all()
+    _lse_ok(lse, rl, 1e-4)
+    assert not arrival_counters(q.device, 1).any()
+
+
 def test_bad_arguments():
     q = torch.randn(2, 16, 576)
     kv = torch.randn(10, 576)
@@ -215,3 +299,43 @@ def test_gpu_fp8_decode_workspace_real_sizes(h):
         o, l = sparse_mla_decode(qd, cache, idx, 0.0625, kv_format="fp8", workspace=w)
         assert _rel(o, ro) < 1e-2
         _lse_ok(l, rl, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_gpu_decode_splits_deterministic_in_graph(fmt):
+    # the model's decode shape (20 heads, top-k 2048, 200K slots): on the GPU the program that merges the splits
+    # changes from call to call; the bits must not, eager or replayed from a CUDA graph, at any split count
+    from indexcache.kernels.arrival import arrival_counters
+
+    torch.manual_seed(23)
+    B, h, K, nb, ps = 8, 20, 2048, 3125, 64
+    lat = torch.randn(nb, ps, 576, device="cuda")
+    cache = quantize_latent_fp8_reference(lat) if fmt == "fp8" else lat.bfloat16()
+    del lat
+    q = torch.randn(B, h, 576, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randint(0, nb * ps, (B, K), dtype=torch.int32, device="cuda")
+    idx[1, 700:] = -1                     # ragged: the later splits are empty
+    idx[2] = -1                           # no valid index
+    idx[3, 100:400] = nb * ps + 5         # past the cache
+    ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.0625, kv_format=fmt)
+    for splits in (None, 4, 13):          # 32, 4 and 11 splits (the last one shorter)
+        def call():
+            return sparse_mla_decode(q, cache, idx, 0.0625, kv_format=fmt, num_splits=splits)
+
+        out, lse = call()
+        assert torch.isfinite(out).all() and (out[2] == 0).all()
+        assert _rel(out, ro) < 1e-2, splits
+        _lse_ok(lse, rl, 2e-2)
+        for _ in range(3):
+            o, l = call()
+            assert torch.equal(o, out) and torch.equal(l, lse), splits
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            go, gl = call()
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(go, out) and torch.equal(gl, lse), splits
+        assert not arrival_counters(q.device, 1).any()
