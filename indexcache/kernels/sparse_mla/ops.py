@@ -9,7 +9,6 @@ import torch
 import triton
 
 from indexcache.kernels._dispatch import interpreting, use_triton
-from indexcache.kernels.arrival import arrival_counters
 from indexcache.kernels.formats import LATENT_DIM, LATENT_FP8_BYTES, NOPE
 from indexcache.kernels.sparse_mla.reference import sparse_mla_decode_reference, sparse_mla_prefill_reference
 
@@ -161,9 +160,7 @@ def sparse_mla_decode(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tenso
     An FP8 cache is first gathered + dequantised (the selected rows, once each) into a [B, topk, 576] q.dtype
     scratch, then the bf16 attention runs over it. workspace: optional flat uint8 CUDA tensor of at least
     sparse_mla_decode_workspace_bytes(...) bytes for all scratch (rows, split partials), e.g. for CUDA graphs;
-    without it the scratch comes from torch.empty on each call. With several top-k splits the last split program
-    of each (batch row, head block) merges the partials in the same launch (``kernels.arrival`` counters, zero
-    at rest, so CUDA-graph replays need no reset); the result does not depend on which program finishes last.
+    without it the scratch comes from torch.empty on each call.
     """
     _check_q("sparse_mla_decode", q, d_v)
     if kv_format not in ("bf16", "fp8"):
@@ -231,14 +228,13 @@ def sparse_mla_decode(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tenso
         return (nhb, nsplit, B) if head_major else (B, nsplit, nhb)
 
     if ns == 1:
-        launch(tm._sparse_mla_decode_kernel, grid(1), (q, flat, indices, out, lse, out, lse, lse, *tail),
-               dict(DIRECT=True, **kw), cfg)
+        launch(tm._sparse_mla_decode_kernel, grid(1), (q, flat, indices, out, lse, *tail), dict(DIRECT=True, **kw),
+               cfg)
         return out, lse
     part_o = scratch(2, (B, ns, H, NOPE), torch.float32)
     part_l = scratch(3, (B, ns, H), torch.float32)
-    # one counter per (batch row, head block); the last split to arrive merges the partials and resets it
-    cnt = arrival_counters(q.device, B * nhb)
-    launch(tm._sparse_mla_decode_kernel, grid(ns), (q, flat, indices, out, lse, part_o, part_l, cnt, *tail),
+    launch(tm._sparse_mla_decode_kernel, grid(ns), (q, flat, indices, part_o, part_l, *tail),
            dict(DIRECT=False, **kw), cfg)
+    tm._combine_kernel[(B, H)](part_o, part_l, out, lse, H, ns, NSP=triton.next_power_of_2(ns), num_warps=4)
     return out, lse
 

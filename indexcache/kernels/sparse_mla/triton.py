@@ -1,14 +1,12 @@
 """Sparse MLA forward in Triton: gather the selected latent rows, QK over 512+64 dims, exp2 online softmax,
 PV over the 512-dim value. One program = one query (prefill) or one (batch, topk split) (decode) x a block of
-HB heads sharing the same gathered K/V tile; decode splits topk and the last split program of each (batch row,
-head block) to arrive merges the splits by their lse (arrival counters, no second launch). An FP8 cache
+HB heads sharing the same gathered K/V tile; decode splits topk and merges the splits by their lse. An FP8 cache
 is first gathered and dequantised once per selected token (``_fp8_gather_dequant_kernel``), then read as bf16 rows.
 """
 import triton
 import triton.language as tl
 
 from indexcache.kernels import formats as F
-from indexcache.kernels.arrival import arrive_last
 
 _NOPE: tl.constexpr = tl.constexpr(F.NOPE)
 _ROPE: tl.constexpr = tl.constexpr(F.ROPE)
@@ -19,7 +17,6 @@ _ROW_F32: tl.constexpr = tl.constexpr(F.LATENT_FP8_BYTES // 4)
 _ROW_BF16: tl.constexpr = tl.constexpr(F.LATENT_FP8_BYTES // 2)
 _SCALES_F32: tl.constexpr = tl.constexpr(F.LATENT_SCALES_AT // 4)
 _ROPE_BF16: tl.constexpr = tl.constexpr(F.LATENT_ROPE_AT // 2)
-_MERGE_COLS: tl.constexpr = tl.constexpr(64)
 
 
 @triton.jit
@@ -87,25 +84,19 @@ def _sparse_mla_prefill_kernel(q, kv, idx, out, lse, S, H, topk, qk_scale, sq_t,
 
 
 @triton.jit
-def _sparse_mla_decode_kernel(q, cache, idx, out, lse, part_o, part_l, cnt, S, H, topk, chunk, qk_scale, sq_b, sq_h,
-                              skv, si_b, NS, HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr,
-                              DIRECT: tl.constexpr, HEAD_MAJOR: tl.constexpr):
-    """Writes normalised out [B, H, 512] (q dtype) and natural lse [B, H].
-    DIRECT (NS = 1): each program writes its heads' rows. Else every program stores its fp32 partial
-    (acc / l) in part_o [B, NS, H, 512] and its log2-domain lse in part_l [B, NS, H], then counts itself in on
-    the arrival counter cnt[b * head blocks + head block]; the last of the NS splits to arrive merges them (see
-    _merge_splits): one launch instead of a second, combining one.
+def _sparse_mla_decode_kernel(q, cache, idx, out, lse, S, H, topk, chunk, qk_scale, sq_b, sq_h, skv, si_b, NS,
+                              HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr,
+                              HEAD_MAJOR: tl.constexpr):
+    """DIRECT: write normalised out [B, H, 512] (q dtype) and natural lse [B, H]; else fp32 partials
+    out [B, NS, H, 512] (unnormalised acc / l) and log2-domain lse [B, NS, H].
     HEAD_MAJOR: grid is (head blocks, splits, B) instead of (B, splits, head blocks), so the head blocks that
     read the same rows run back to back (L2 reuse); used for the dequantised FP8 rows."""
     if HEAD_MAJOR:
         b = tl.program_id(2)
-        hb = tl.program_id(0)
-        nhb = tl.num_programs(0)
+        h0 = tl.program_id(0) * HB
     else:
         b = tl.program_id(0)
-        hb = tl.program_id(2)
-        nhb = tl.num_programs(2)
-    h0 = hb * HB
+        h0 = tl.program_id(2) * HB
     sp = tl.program_id(1)
     t0 = sp * chunk
     n_tok = tl.minimum(topk - t0, chunk)
@@ -122,43 +113,29 @@ def _sparse_mla_decode_kernel(q, cache, idx, out, lse, part_o, part_l, cnt, S, H
         tl.store(lse + b.to(tl.int64) * H + h0 + hh, l2 * 0.6931471805599453, mask=hm)
     else:
         row = (b.to(tl.int64) * NS + sp) * H + h0 + hh
-        tl.store(part_o + row[:, None] * _NOPE + dn[None, :], o, mask=hm[:, None])
-        tl.store(part_l + row, l2, mask=hm)
-        if arrive_last(cnt + b * nhb + hb, NS):
-            _merge_splits(part_o, part_l, out, lse, b, h0, H, NS, HB)
+        tl.store(out + row[:, None] * _NOPE + dn[None, :], o, mask=hm[:, None])
+        tl.store(lse + row, l2, mask=hm)
 
 
 @triton.jit
-def _merge_splits(part_o, part_l, out, lse, b, h0, H, NS, HB: tl.constexpr):
-    """Heads [h0, h0+HB) of batch row b: the NS split partials weighted by exp2(lse - max), summed in split order
-    (the same bits whichever program runs this). Splits with no valid index have lse -inf: weight 0. The 512
-    columns go in 64-wide pieces, so the sum and the loaded partial stay small (no spills beyond the attention's)."""
-    hh = tl.arange(0, HB)
-    hm = h0 + hh < H
-    dc = tl.arange(0, _MERGE_COLS)
-    base = b.to(tl.int64) * NS * H + h0 + hh
-    m = tl.full([HB], float("-inf"), tl.float32)
-    for s in range(NS):  # .cg: other SMs wrote these, read them from L2, not a stale L1
-        m = tl.maximum(m, tl.load(part_l + base + s * H, mask=hm, other=float("-inf"), cache_modifier=".cg"))
+def _combine_kernel(part_o, part_l, out, lse, H, NS, NSP: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, NSP)
+    dn = tl.arange(0, _NOPE)
+    rows = (b.to(tl.int64) * NS + s) * H + h
+    l2 = tl.load(part_l + rows, mask=s < NS, other=float("-inf"))
+    m = tl.max(l2, axis=0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    tot = tl.zeros([HB], tl.float32)
-    for s in range(NS):
-        tot += tl.exp2(tl.load(part_l + base + s * H, mask=hm, other=float("-inf"), cache_modifier=".cg") - m_use)
-    den = tl.where(tot > 0, tot, 1.0)
-    for c in tl.static_range(0, _NOPE, _MERGE_COLS):
-        acc = tl.zeros([HB, _MERGE_COLS], tl.float32)
-        for s in range(NS):
-            w = tl.exp2(tl.load(part_l + base + s * H, mask=hm, other=float("-inf"), cache_modifier=".cg") - m_use)
-            po = tl.load(part_o + (base + s * H)[:, None] * _NOPE + c + dc[None, :], mask=hm[:, None], other=0.0,
-                         cache_modifier=".cg")
-            acc += po * w[:, None]
-        tl.store(out + (b.to(tl.int64) * H + h0 + hh)[:, None] * _NOPE + c + dc[None, :],
-                 (acc / den[:, None]).to(out.dtype.element_ty), mask=hm[:, None])
+    w = tl.exp2(l2 - m_use)
+    tot = tl.sum(w, axis=0)
+    po = tl.load(part_o + rows[:, None] * _NOPE + dn[None, :], mask=(s < NS)[:, None], other=0.0)
+    o = tl.sum(po * w[:, None], axis=0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(out + (b.to(tl.int64) * H + h) * _NOPE + dn, o.to(out.dtype.element_ty))
     # log2 of a guarded argument: tot = 0 (no valid index in any split) must not reach log2 (the CPU interpreter
     # evaluates both tl.where branches and warns on log2(0))
-    tl.store(lse + b.to(tl.int64) * H + h0 + hh,
-             tl.where(tot > 0, (m_use + tl.log2(tl.where(tot > 0, tot, 1.0))) * 0.6931471805599453, float("-inf")),
-             mask=hm)
+    tl.store(lse + b * H + h,
+             tl.where(tot > 0, (m_use + tl.log2(tl.where(tot > 0, tot, 1.0))) * 0.6931471805599453, float("-inf")))
 
 
 @triton.jit
