@@ -1,10 +1,14 @@
-"""Decode-sized FP8 kernels on the GPU: the weight-only small-M linear at the model's projection shapes, and the
-small-batch routed-expert kernels over a sweep of block sizes and warps. Each case is checked against its
-PyTorch reference, then timed replayed from a CUDA graph (launch overhead out, as in decode).
+"""Decode-sized kernels on the GPU: the FP8 weight-only small-M linear at the model's projection shapes, the
+small-batch routed-expert kernels over a sweep of block sizes and warps, and sparse MLA decode at the model's
+shape (its heads and top-k over a 200K-slot paged latent cache, bf16 and FP8, random slots: the worst case for
+caches). Each case is checked against its PyTorch reference, then timed replayed from a CUDA graph (launch
+overhead out, as in decode).
 
     python -m benchmarks.decode_kernels                   # about 1 min on an H200; JSON to $OUT (or runs/benchmarks/)
+    python -m benchmarks.decode_kernels --only sparse_mla # about 20 s
 
-Printed: µs per call and the weight bytes read per µs (TB/s), beside the same run's copy bandwidth.
+Printed: µs per call and the bytes read per µs (TB/s: weights; for sparse MLA the gathered latent rows), beside
+the same run's copy bandwidth.
 """
 from __future__ import annotations
 
@@ -20,10 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import measure_ceilings, run_metadata, table, write_results  # noqa: E402
 from indexcache.checkpoint import build_empty  # noqa: E402
+from indexcache.kernels.formats import LATENT_DIM, LATENT_FP8_BYTES  # noqa: E402
 from indexcache.kernels.fp8_linear import (fp8_gemv_triton, fp8_linear_weight_only_reference,  # noqa: E402
                                            quantize_weight)
 from indexcache.kernels.moe import moe_experts_small_reference  # noqa: E402
 from indexcache.kernels.moe.triton import moe_experts_small_triton  # noqa: E402
+from indexcache.kernels.sparse_mla import (quantize_latent_fp8_reference, sparse_mla_decode,  # noqa: E402
+                                           sparse_mla_decode_reference)
+from indexcache.kernels.sparse_mla.ops import _decode_plan  # noqa: E402
 from indexcache.model.linear import fp8_linear_slots  # noqa: E402
 from indexcache.presets import preset_config  # noqa: E402
 
@@ -104,34 +112,69 @@ def moe_rows(e: int, d: int, inter: int, k: int, batches: list[int], sweep: dict
     return rows
 
 
+def sparse_mla_rows(heads: int, topk: int, scale: float, batches: list[int], slots: int = 200_000,
+                    page: int = 64) -> list[dict]:
+    """sparse_mla_decode as the engine calls it (paged cache of ``slots`` slots, no workspace, default splits):
+    the attention over top-k splits and the combine of the splits (FP8: a gather + dequantise launch first)."""
+    g = torch.Generator("cuda").manual_seed(1)
+    lat = torch.randn(triton.cdiv(slots, page), page, LATENT_DIM, generator=g, device="cuda")
+    caches = {"bf16": lat.bfloat16(), "fp8": quantize_latent_fp8_reference(lat)}
+    del lat
+    rows = []
+    for (fmt, cache), b in itertools.product(caches.items(), batches):
+        q = torch.randn(b, heads, LATENT_DIM, generator=g, device="cuda").to(torch.bfloat16)
+        idx = torch.randint(0, cache.shape[0] * page, (b, topk), generator=g, device="cuda", dtype=torch.int32)
+        ro, rl = sparse_mla_decode_reference(q, cache, idx, scale, kv_format=fmt)
+        out, lse = sparse_mla_decode(q, cache, idx, scale, kv_format=fmt)
+        err = float((out.float() - ro).norm() / ro.norm())
+        same = all(torch.equal(o, out) and torch.equal(l, lse)
+                   for o, l in (sparse_mla_decode(q, cache, idx, scale, kv_format=fmt) for _ in range(3)))
+        us = graph_us(lambda: sparse_mla_decode(q, cache, idx, scale, kv_format=fmt))
+        nbytes = b * topk * (LATENT_FP8_BYTES if fmt == "fp8" else 2 * LATENT_DIM)
+        rows.append({"kernel": "sparse_mla_decode", "case": f"{fmt} H{heads} top-k {topk} {slots // 1000}K slots",
+                     "m": b, "splits": _decode_plan(b, heads, topk, fmt, None)[4], "us": us, "tb_s": nbytes / us / 1e6,
+                     "rel_err": err, "lse_err": float((lse - rl).abs().max()), "same_bits": same})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="glm-4.7-flash-dsa")
     p.add_argument("--name", default="decode_kernels")
     p.add_argument("--out", default=None)
+    p.add_argument("--only", choices=["fp8_gemv", "moe_small", "sparse_mla"], action="append",
+                   help="run only these kernels (repeatable; default all)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("decode_kernels needs a CUDA GPU", file=sys.stderr)
         return 2
+    only = set(args.only or ["fp8_gemv", "moe_small", "sparse_mla"])
     ceilings = measure_ceilings()
     cfg = preset_config(args.model)
-    rows = gemv_rows(args.model, [1, 8])
+    rows = gemv_rows(args.model, [1, 8]) if "fp8_gemv" in only else []
     sweep = {"block_i": [16, 32], "block_d": [256, 512], "gate_up_warps": [4, 8],
              "block_d2": [16, 32], "block_i2": [512, 1024], "down_warps": [4, 8]}
-    rows += moe_rows(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok,
-                     [1, 8], sweep)
+    if "moe_small" in only:
+        rows += moe_rows(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok,
+                         [1, 8], sweep)
+    if "sparse_mla" in only:
+        rows += sparse_mla_rows(cfg.num_heads, cfg.index_topk, cfg.softmax_scale, [1, 8])
     res = {"meta": run_metadata(), "ceilings": ceilings, "rows": rows}
     for path in write_results(args.name, res, [args.out] if args.out else None):
         print("wrote", path)
     print(f"ceilings: copy {ceilings['copy_tbps']:.2f} TB/s, bf16 {ceilings['bf16_matmul_tflops']:.0f}, fp8 "
           f"{ceilings['fp8_matmul_tflops']:.0f} TFLOP/s")
-    print(table([r for r in rows if r["kernel"] == "fp8_gemv"], ["case", "m", "us", "tb_s", "rel_err"]))
-    moe = sorted((r for r in rows if r["kernel"] != "fp8_gemv" and "us" in r), key=lambda r: (r["m"], r["us"]))
+    if "fp8_gemv" in only:
+        print(table([r for r in rows if r["kernel"] == "fp8_gemv"], ["case", "m", "us", "tb_s", "rel_err"]))
+    moe = sorted((r for r in rows if r["kernel"] == "moe_small_fp8" and "us" in r), key=lambda r: (r["m"], r["us"]))
     for m in sorted({r["m"] for r in moe}):
         best = [r for r in moe if r["m"] == m]
         default = [r for r in best if (r["block_i"], r["block_d"], r["gate_up_warps"], r["block_d2"], r["block_i2"],
                                        r["down_warps"]) == (16, 256, 4, 16, 512, 4)]
         print(table(best[:6] + default, list(sweep) + ["us", "tb_s", "rel_err"]))
+    if "sparse_mla" in only:
+        print(table([r for r in rows if r["kernel"] == "sparse_mla_decode"],
+                    ["case", "m", "splits", "us", "tb_s", "rel_err", "lse_err", "same_bits"]))
     return 0
 
 
