@@ -35,7 +35,7 @@ def _tile_map(counts, starts, te_ptr, tr_ptr, t_lo, t_hi, E, EP: tl.constexpr, B
         tl.store(tr_ptr + t, row, mask=t < t_hi)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "SPAN"])  # sizes vary per chunk: one compile
 def _plan_hist_kernel(ids_ptr, hist_ptr, M, SPAN, EP: tl.constexpr, CHUNK: tl.constexpr):
     """hist[g, e] = pairs of expert e among pairs [g*SPAN, (g+1)*SPAN)."""
     g = tl.program_id(0)
@@ -48,7 +48,7 @@ def _plan_hist_kernel(ids_ptr, hist_ptr, M, SPAN, EP: tl.constexpr, CHUNK: tl.co
     tl.store(hist_ptr + g * EP + ex, counts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "T1", "T2", "SPAN", "G"])
 def _plan_scatter_kernel(ids_ptr, w_ptr, hist_ptr, counts_ptr, pair_ptr, token_ptr, weight_ptr, end_ptr,
                          te1_ptr, tr1_ptr, te2_ptr, tr2_ptr, M, K, E, T1, T2, SPAN, G,
                          EP: tl.constexpr, CHUNK: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr,

@@ -63,7 +63,8 @@ def _dot(a, w, DOT_F32: tl.constexpr):
     return tl.dot(a, w)
 
 
-@triton.jit
+# the tile count and the activation scales' column stride (M) vary with the batch: one compile per weight shape
+@triton.jit(do_not_specialize=["NUM_TILES", "stride_sak"])
 def _grouped_fp8_kernel(a_ptr, sa_ptr, a_row_ptr, w_ptr, s_ptr, out_ptr, out_row_ptr, row_w_ptr,
                         tile_e_ptr, tile_row_ptr, row_end_ptr, N, K, E, NUM_TILES,
                         stride_am, stride_ak, stride_sam, stride_sak, stride_we, stride_wn, stride_wk,
@@ -105,7 +106,7 @@ def _grouped_fp8_kernel(a_ptr, sa_ptr, a_row_ptr, w_ptr, s_ptr, out_ptr, out_row
                  acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_TILES", "stride_sak"])
 def _grouped_fp8_swiglu_kernel(a_ptr, sa_ptr, a_row_ptr, w_ptr, s_ptr, h_ptr, sh_ptr,
                                tile_e_ptr, tile_row_ptr, row_end_ptr, I, IB, K, E, NUM_TILES,
                                stride_am, stride_ak, stride_sam, stride_sak, stride_we, stride_wn, stride_wk,

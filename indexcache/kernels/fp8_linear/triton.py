@@ -36,7 +36,7 @@ def _round_to_e4m3(v):
     return r.to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "MP", "stride_sk"])  # row counts vary per batch: one compile
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, MP, K, stride_xm, stride_xk, stride_qm, stride_sm, stride_sk,
                       TINY: tl.constexpr, QMAX: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
