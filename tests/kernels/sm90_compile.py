@@ -1,0 +1,111 @@
+"""Compile Triton kernels for Hopper (sm_90a) on a machine without a GPU, and read what ptxas says.
+
+    python -m tests.kernels.sm90_compile        # a table of the production kernels' registers, spills, wgmma
+
+The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
+be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
+pipelining (the prefetched tiles then sit in registers). Triton compiles to PTX without a GPU and ships
+ptxas, so this lowers a kernel as the launcher would (integer arguments that the launcher sees divisible by 16
+marked so, as it specialises them) and reports ptxas's register and spill counts and the instructions that
+matter here. Run it in a process without TRITON_INTERPRET=1 (the decorator then builds interpreter objects).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def ptxas_path() -> str | None:
+    import triton.backends.nvidia as nv
+
+    path = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+    return path if os.path.exists(path) else None
+
+
+def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_stages: int,
+                 div16: tuple[str, ...] = ()) -> dict:
+    """Lower ``jit_fn`` for sm_90a. ``types``: Triton type per argument name ('*fp8e4nv', 'i32', ...; default
+    'i32'); ``constexprs``: values of the constexpr arguments; ``div16``: argument names the launcher would see
+    divisible by 16 (pointers are always added). Returns registers, spill bytes and instruction counts."""
+    names = list(inspect.signature(jit_fn.fn).parameters)
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    marked = [n for n in names if sig[n].startswith("*") or n in div16]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in marked}
+    k = triton.compile(ASTSource(fn=jit_fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 64), options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = k.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        r = subprocess.run([ptxas_path(), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                           text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    regs = re.findall(r"Used (\d+) registers", r.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
+    return {"registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0,
+            "wgmma": ptx.count("wgmma.mma_async"), "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx))}
+
+
+def production_kernels() -> list[tuple[str, dict]]:
+    """The FP8 MoE prefill kernels at the configurations the model launches (glm-4.7-flash's experts: K 2048 for
+    gate/up, 1536 for down), and the expert plan at 64 and 256 experts."""
+    from indexcache.kernels.expert_plan.triton import _plan_hist_kernel, _plan_scatter_kernel
+    from indexcache.kernels.fp8_grouped_mm.triton import (_grouped_fp8_kernel, _grouped_fp8_swiglu_kernel, config_for,
+                                                          swiglu_config_for)
+
+    ptrs = {"a_ptr": "*fp8e4nv", "sa_ptr": "*fp32", "a_row_ptr": "*i32", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+            "out_ptr": "*bf16", "out_row_ptr": "*i32", "row_w_ptr": "*fp32", "tile_e_ptr": "*i32",
+            "tile_row_ptr": "*i32", "row_end_ptr": "*i32", "h_ptr": "*fp8e4nv", "sh_ptr": "*fp32"}
+    strides = ("stride_am", "stride_wn", "stride_we", "stride_om", "stride_hm", "N", "K", "I")
+    out = []
+    big = 8192 * 4  # pairs of an 8K-token chunk
+    for m in (big, 512):
+        cfg = dict(swiglu_config_for(m, 64))
+        # x's scales come column-major from quantize_act (stride 1 along rows), h's scales row-major
+        ce = {"stride_ak": 1, "stride_wk": 1, "stride_sam": 1, "stride_shb": 1, "BLOCK_M": cfg.pop("block_m"),
+              "BLOCK_K": 128, "GROUP_M": 8, "GATHER_A": True, "DOT_F32": False, "TINY": 1e-12, "QMAX": 448.0}
+        out.append((f"fp8_grouped_swiglu m={m}", compile_sm90(_grouped_fp8_swiglu_kernel, ptrs, ce, div16=strides,
+                                                              **cfg)))
+        cfg = dict(config_for(m, 64))
+        ce = {"stride_ak": 1, "stride_wk": 1, "stride_on": 1, "stride_sak": 1, "BLOCK_M": cfg.pop("block_m"),
+              "BLOCK_N": cfg.pop("block_n"), "BLOCK_K": 128, "GROUP_M": 8, "GATHER_A": False, "SCATTER_OUT": True,
+              "DOT_F32": False}
+        out.append((f"fp8_grouped_mm (down) m={m}", compile_sm90(_grouped_fp8_kernel, ptrs, ce, div16=strides,
+                                                                 **cfg)))
+    types = {"ids_ptr": "*i64", "w_ptr": "*fp32", "weight_ptr": "*fp32", "hist_ptr": "*i32", "counts_ptr": "*i32",
+             "pair_ptr": "*i32", "token_ptr": "*i32", "end_ptr": "*i32", "te1_ptr": "*i32", "tr1_ptr": "*i32",
+             "te2_ptr": "*i32", "tr2_ptr": "*i32"}
+    for ep in (64, 256):
+        chunk = max(16, min(512, 32768 // ep))
+        out.append((f"expert plan hist E={ep}", compile_sm90(_plan_hist_kernel, types, {"EP": ep, "CHUNK": chunk},
+                                                             num_warps=8, num_stages=1)))
+        ce = {"EP": ep, "CHUNK": chunk, "B1": 128, "B2": 64, "TWO": True, "TCH": 128}
+        out.append((f"expert plan scatter E={ep}", compile_sm90(_plan_scatter_kernel, types, ce, num_warps=8,
+                                                                num_stages=1)))
+    return out
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("sm90_compile: unset TRITON_INTERPRET (the kernels would be built as interpreter objects)")
+        return 2
+    if ptxas_path() is None:
+        print("sm90_compile: this Triton has no bundled ptxas")
+        return 2
+    for name, r in production_kernels():
+        print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
+              f"cp.async {r['cp_async']:3d}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
