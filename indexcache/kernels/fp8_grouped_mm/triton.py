@@ -49,11 +49,16 @@ def _tile_coords(pid, N, NUM_TILES, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr
 
 
 @triton.jit
-def _source_rows(a_row_ptr, rows, rmask, GATHER_A: tl.constexpr):
-    """Rows of ``a`` that sorted rows ``rows`` read: a_row[rows] (the token of each (token, slot) pair) or rows."""
+def _tile_rows(tile_row_ptr, row_end_ptr, a_row_ptr, t, e, BLOCK_M: tl.constexpr, GATHER_A: tl.constexpr):
+    """Tile t of expert e: its sorted rows, which of them are the expert's, and the rows of ``a`` they read
+    (a_row[rows], the token of each (token, slot) pair, with GATHER_A)."""
+    rows = tl.load(tile_row_ptr + t) + tl.arange(0, BLOCK_M)
+    rmask = rows < tl.load(row_end_ptr + e)
     if GATHER_A:
-        return tl.load(a_row_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    return rows.to(tl.int64)
+        src = tl.load(a_row_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    return rows, rmask, src
 
 
 @triton.jit
@@ -77,11 +82,7 @@ def _grouped_fp8_kernel(a_ptr, sa_ptr, a_row_ptr, w_ptr, s_ptr, out_ptr, out_row
     e = tl.load(tile_e_ptr + t)
     if e < E:
         e64 = e.to(tl.int64)
-        row0 = tl.load(tile_row_ptr + t)
-        row_end = tl.load(row_end_ptr + e)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        rmask = rows < row_end
-        src = _source_rows(a_row_ptr, rows, rmask, GATHER_A)
+        rows, rmask, src = _tile_rows(tile_row_ptr, row_end_ptr, a_row_ptr, t, e, BLOCK_M, GATHER_A)
         cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         a_rows = a_ptr + src[:, None] * stride_am
@@ -123,11 +124,7 @@ def _grouped_fp8_swiglu_kernel(a_ptr, sa_ptr, a_row_ptr, w_ptr, s_ptr, h_ptr, sh
     e = tl.load(tile_e_ptr + t)
     if e < E:
         e64 = e.to(tl.int64)
-        row0 = tl.load(tile_row_ptr + t)
-        row_end = tl.load(row_end_ptr + e)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        rmask = rows < row_end
-        src = _source_rows(a_row_ptr, rows, rmask, GATHER_A)
+        rows, rmask, src = _tile_rows(tile_row_ptr, row_end_ptr, a_row_ptr, t, e, BLOCK_M, GATHER_A)
         cols = pn * 128 + tl.arange(0, 128)
         cmask = cols < I
         a_rows = a_ptr + src[:, None] * stride_am
