@@ -1,0 +1,25 @@
+"""benchmarks/prefill_profile.py runs end to end on the CPU (tiny model): the last chunk of a prompt over a
+random-filled cache, through the engine's runner, for a full and an IndexCache pattern."""
+import json
+import os
+
+import torch
+
+from benchmarks.prefill_profile import family, main
+
+
+def test_kernel_families():
+    assert family("_grouped_fp8_swiglu_kernel") == "moe_experts"
+    assert family("_sparse_mla_prefill_kernel") == "sparse_mla"
+    assert family("nvjet_hsh_128x256_64x4_2x1_v_bz_TNN") == "gemm"
+    assert family("void at::native::elementwise_kernel<...>") == "copy_elementwise"
+
+
+def test_runs_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    torch.manual_seed(0)
+    assert main(["--device", "cpu", "--model", "tiny", "--layers", "2", "--context", "384", "--chunk", "128",
+                 "--patterns", "full,1/2", "--steps", "1"]) == 0
+    res = json.load(open(os.path.join(tmp_path, "prefill_profile.json")))
+    assert [c["pattern"] for c in res["cases"]] == ["full", "1/2"]
+    assert all(c["chunk"] == 128 and c["chunk_ms"] > 0 for c in res["cases"])
