@@ -56,7 +56,7 @@ def _e4m3_bits(y, EMULATE: tl.constexpr):
         return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # tokens per step vary (chunks, decode batches)
 def _store_indexer_k_kernel(k_ptr, slot_ptr, c8_ptr, cs_ptr, T, stride_k,
                             BT: tl.constexpr, EMULATE: tl.constexpr):
     D: tl.constexpr = 128
@@ -89,7 +89,7 @@ def store_indexer_k_triton(kv_cache, slot_mapping, k):
     return kv_cache
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _store_latent_fp8_kernel(ckv_ptr, kpe_ptr, slot_ptr, c8_ptr, c32_ptr, c16_ptr, T, stride_c, stride_p,
                              BT: tl.constexpr, EMULATE: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -129,7 +129,7 @@ def store_latent_fp8_triton(cache, slot_mapping, ckv, kpe):
     return cache
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _store_latent_bf16_kernel(ckv_ptr, kpe_ptr, slot_ptr, c_ptr, T, stride_c, stride_p, BT: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < T

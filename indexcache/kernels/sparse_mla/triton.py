@@ -66,7 +66,7 @@ def _attend(q_ptr, sq_h, H, idx_ptr, n_tok, S, kv_ptr, skv, qk_scale,
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # the context grows chunk by chunk: one compile, not one per divisibility
 def _sparse_mla_prefill_kernel(q, kv, idx, out, lse, S, H, topk, qk_scale, sq_t, sq_h, skv, si_t, so_t, so_h,
                                HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr):
     t = tl.program_id(0)
