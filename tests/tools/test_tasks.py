@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from indexcache.tools.corpus import ByteTokenizer, load_corpus
-from indexcache.tools.tasks import HELDOUT_SEED_BASE, TASKS, make_item, make_items, mixed_windows, packed_window
+from indexcache.tools.tasks import (HELDOUT_SEED_BASE, TASKS, copy_window_spans, copy_windows, make_item, make_items,
+                                   mixed_windows, packed_window)
 
 H = HELDOUT_SEED_BASE
 
@@ -128,3 +129,31 @@ def test_packed_window_episodes_answerable_from_earlier_text(train_corpus):
     dense = packed_window(train_corpus, 1024, 3, tokens_per_episode=32, task_share=0.9)
     assert len(re.findall(rb" == |passkey is \d+\n", bytes(dense[1:].tolist()))) > \
         len(re.findall(rb" == |passkey is \d+\n", bytes(packed_window(train_corpus, 1024, 3)[1:].tolist())))
+
+
+def test_copy_windows_repeat_earlier_text_and_are_not_degenerate():
+    """Every recorded copy repeats bytes that occur earlier in the window; copies are about half the window, at
+    distances spread over it; the fresh text is varied; deterministic in the seed; bad arguments are refused."""
+    for seed in range(20):
+        w, spans = copy_window_spans(512, seed)
+        assert w.shape == (512,) and int(w[0]) == ByteTokenizer.BOS and int(w[1:].max()) < 256
+        assert torch.equal(w, copy_window_spans(512, seed)[0])
+        assert len(spans) >= 4 and 0.2 < sum(n for _, _, n in spans) / 512 < 0.8
+        for src, dst, n in spans:
+            assert 8 <= n <= 32 and 1 <= src and src + n <= dst and dst + n <= 512
+            assert torch.equal(w[dst: dst + n], w[src: src + n]), (seed, src, dst, n)
+        copied = torch.zeros(512, dtype=torch.bool)
+        for _, dst, n in spans:
+            copied[dst: dst + n] = True
+        fresh = w[1:][~copied[1:]]
+        assert len(set(fresh.tolist())) >= 16  # several alphabets, not one repeated byte
+    dist = [dst - src for s in range(20) for src, dst, _ in copy_window_spans(512, s)[1]]
+    assert min(dist) < 64 and max(dist) > 300
+    assert not torch.equal(copy_window_spans(512, 0)[0], copy_window_spans(512, 1)[0])
+    g0, g1 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    rows = copy_windows(3, 257, g0)
+    assert rows.shape == (3, 257) and torch.equal(rows, copy_windows(3, 257, g1)) and not torch.equal(rows[0], rows[1])
+    with pytest.raises(ValueError, match="copy window length must be an integer >= 4 x the longest segment"):
+        copy_window_spans(100, 0)
+    with pytest.raises(ValueError, match=r"segment lengths .* got \(9, 3\)"):
+        copy_window_spans(512, 0, segments=(9, 3))
