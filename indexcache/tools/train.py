@@ -1,7 +1,7 @@
 """Train a small DSA model on the stdlib corpus, DeepSeek-V3.2's DSA recipe in miniature:
 
-0. (optional, ``copy_steps``) copy warm-up: dense attention on short windows of random text full of repeated
-   segments (tasks.copy_windows), so the heads that copy from context form first, cheaply;
+0. (optional, ``copy_steps``) copy warm-up: dense attention on short windows of random text in which a segment
+   repeats (tasks.copy_windows), so the heads that copy from context form first, cheaply;
 1. dense pre-training: attention over all causal tokens, LM loss, indexers unused;
 2. indexer warm-up: only the indexers train, KL(p_t || softmax(I_t)), p_t = head-averaged dense attention;
 3. sparse training: top-k on; indexer loss over the selected set (indexer input detached) + LM loss for the rest.
@@ -69,10 +69,11 @@ class TrainConfig:
     contexts: tuple | None = None
     # copy warm-up stage before the dense one (0: none): dense attention on ``copy_batch`` pure copy windows of
     # ``copy_length`` tokens per step (tasks.copy_windows). From scratch, the testbed's model never formed
-    # copying heads from code and packed task windows within its dense budget; on these windows it does early
+    # copying heads from code and packed task windows within its dense budget. A 4-layer model learned to copy
+    # from 64-token windows of letters with one repeated segment in ~1500 steps (not from longer or mixed ones)
     copy_steps: int = 0
-    copy_length: int = 256
-    copy_batch: int = 64
+    copy_length: int = 64
+    copy_batch: int = 256
     copy_lr: float = 1e-3
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
@@ -113,7 +114,7 @@ PRESETS = {
                              mlp=768, index_heads=4, index_dim=32, topk=128, context=8192, batch=4,
                              contexts=(4096, 8192, 16384), task_ratio=0.5, tasks_packed=True, init_std=0.06,
                              init_mlp_out_std=0.0,  # MLPs start at zero: induction forms (see TrainConfig)
-                             copy_steps=1500, copy_length=256, copy_batch=64, copy_lr=1e-3,
+                             copy_steps=1500, copy_length=64, copy_batch=256, copy_lr=1e-3,
                              dense_steps=3000, warmup_steps=200,
                              sparse_steps=500, lr=1e-3, warmup_lr=2e-3, sparse_lr=5e-4),
 }

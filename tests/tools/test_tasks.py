@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from indexcache.tools.corpus import ByteTokenizer, load_corpus
-from indexcache.tools.tasks import (HELDOUT_SEED_BASE, TASKS, copy_window_spans, copy_windows, make_item, make_items,
-                                   mixed_windows, packed_window)
+from indexcache.tools.tasks import (COPY_ALPHABET, COPY_SEGMENT, HELDOUT_SEED_BASE, TASKS, copy_window_spans,
+                                   copy_windows, make_item, make_items, mixed_windows, packed_window)
 
 H = HELDOUT_SEED_BASE
 
@@ -132,28 +132,27 @@ def test_packed_window_episodes_answerable_from_earlier_text(train_corpus):
 
 
 def test_copy_windows_repeat_earlier_text_and_are_not_degenerate():
-    """Every recorded copy repeats bytes that occur earlier in the window; copies are about half the window, at
-    distances spread over it; the fresh text is varied; deterministic in the seed; bad arguments are refused."""
-    for seed in range(20):
-        w, spans = copy_window_spans(512, seed)
-        assert w.shape == (512,) and int(w[0]) == ByteTokenizer.BOS and int(w[1:].max()) < 256
-        assert torch.equal(w, copy_window_spans(512, seed)[0])
-        assert len(spans) >= 4 and 0.2 < sum(n for _, _, n in spans) / 512 < 0.8
-        for src, dst, n in spans:
-            assert 8 <= n <= 32 and 1 <= src and src + n <= dst and dst + n <= 512
-            assert torch.equal(w[dst: dst + n], w[src: src + n]), (seed, src, dst, n)
-        copied = torch.zeros(512, dtype=torch.bool)
-        for _, dst, n in spans:
-            copied[dst: dst + n] = True
-        fresh = w[1:][~copied[1:]]
-        assert len(set(fresh.tolist())) >= 16  # several alphabets, not one repeated byte
-    dist = [dst - src for s in range(20) for src, dst, _ in copy_window_spans(512, s)[1]]
-    assert min(dist) < 64 and max(dist) > 300
-    assert not torch.equal(copy_window_spans(512, 0)[0], copy_window_spans(512, 1)[0])
+    """Each window repeats one earlier segment of its random text exactly (and nothing is scored as a copy that is
+    not one); the text and the copy distances vary across seeds; deterministic in the seed; bad arguments refused."""
+    dist = []
+    for seed in range(40):
+        w, spans = copy_window_spans(65, seed)
+        assert w.shape == (65,) and int(w[0]) == ByteTokenizer.BOS and int(w[1:].max()) < 256
+        assert torch.equal(w, copy_window_spans(65, seed)[0])
+        [(src, dst, n)] = spans
+        assert n == COPY_SEGMENT and 1 <= src < 33 and src + n <= dst and dst + n <= 65
+        assert torch.equal(w[dst: dst + n], w[src: src + n]), (seed, src, dst)
+        text = set(w[1:].tolist())
+        assert len(text) >= 12 and text <= set(COPY_ALPHABET)  # random letters, not one repeated byte
+        dist.append(dst - src)
+    assert min(dist) <= 16 and max(dist) >= 40
+    w, [(src, dst, n)] = copy_window_spans(257, 7, segment=32)
+    assert n == 32 and torch.equal(w[dst: dst + 32], w[src: src + 32])
+    assert not torch.equal(copy_window_spans(65, 0)[0], copy_window_spans(65, 1)[0])
     g0, g1 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     rows = copy_windows(3, 257, g0)
     assert rows.shape == (3, 257) and torch.equal(rows, copy_windows(3, 257, g1)) and not torch.equal(rows[0], rows[1])
-    with pytest.raises(ValueError, match="copy window length must be an integer >= 4 x the longest segment"):
-        copy_window_spans(100, 0)
-    with pytest.raises(ValueError, match=r"segment lengths .* got \(9, 3\)"):
-        copy_window_spans(512, 0, segments=(9, 3))
+    with pytest.raises(ValueError, match="copy window length must be an integer >= 4 x the segment"):
+        copy_window_spans(47, 0)
+    with pytest.raises(ValueError, match="copy segment length must be an integer >= 2, got 1"):
+        copy_window_spans(512, 0, segment=1)
