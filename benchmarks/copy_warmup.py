@@ -59,6 +59,14 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=100, help="probe every this many steps")
     ap.add_argument("--max-train-bytes", type=int, default=3_000_000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dense-lr", type=float, default=None, help="default: the retrieval preset's")
+    ap.add_argument("--extend-steps", type=int, default=0,
+                    help="more copy steps after the copy stage, on --extend-alphabet (a curriculum: letters first)")
+    ap.add_argument("--extend-alphabet", default="0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_",
+                    help="the extension's copy-window characters; also the dense stage's copy rows' then")
+    ap.add_argument("--copy-share", type=float, default=0.0, help="share of dense-stage rows that are copy windows")
+    ap.add_argument("--copy-checkpoint", default=None,
+                    help="model state after the copy stage: loaded (stage skipped) when the file exists, else saved")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     w = args.width
@@ -68,7 +76,8 @@ def main(argv=None) -> int:
                              index_dim=32, topk=64, context=args.context, batch=args.batch, contexts=None,
                              copy_steps=args.copy_steps, copy_length=args.copy_length, copy_batch=args.copy_batch,
                              copy_lr=base.copy_lr if args.copy_lr is None else args.copy_lr,
-                             dense_steps=args.dense_steps, max_train_bytes=args.max_train_bytes)
+                             dense_steps=args.dense_steps, max_train_bytes=args.max_train_bytes,
+                             copy_share=args.copy_share, lr=base.lr if args.dense_lr is None else args.dense_lr)
     torch.manual_seed(tc.seed)
     model = tc.init_weights(build_empty(tc.model_config(), "cpu", torch.float32))
     corpus, test = load_corpus("train", max_bytes=tc.max_train_bytes), load_corpus("test")
@@ -86,21 +95,34 @@ def main(argv=None) -> int:
 
     probe("init", 0)
     logs = {}
-    for stage, steps, lr in (("copy", tc.copy_steps, tc.copy_lr), ("dense", tc.dense_steps, tc.lr)):
+    plan = [("copy", tc.copy_steps, tc.copy_lr, tc)]
+    if args.extend_steps > 0:
+        tc = dataclasses.replace(tc, copy_alphabet=args.extend_alphabet)
+        plan.append(("copy", args.extend_steps, tc.copy_lr, tc))
+    plan.append(("dense", tc.dense_steps, tc.lr, tc))
+    for j, (stage, steps, lr, stage_tc) in enumerate(plan):
         if steps <= 0:
             continue
+        label = "extend" if j > 0 and stage == "copy" else stage
+        ckpt = args.copy_checkpoint if label == "copy" else None
+        if ckpt and os.path.exists(ckpt):
+            model.load_state_dict(torch.load(ckpt))
+            probe("copy (loaded)", steps)
+            continue
 
-        def every(next_step, opt, stage=stage, steps=steps):  # run_stage's checkpoint hook: probe as it trains
+        def every(next_step, opt, label=label, steps=steps):  # run_stage's checkpoint hook: probe as it trains
             if next_step % args.every == 0 and next_step < steps:
-                probe(stage, next_step)
+                probe(label, next_step)
 
-        log = run_stage(model, corpus, stage, steps, lr, tc, gen, progress=False, log_every=args.every,
+        log = run_stage(model, corpus, stage, steps, lr, stage_tc, gen, progress=False, log_every=args.every,
                         checkpoint=every, checkpoint_every_s=0.0)
-        logs[stage] = {"steps": log["steps_done"], "seconds": log["seconds"],
+        logs[label] = {"steps": log["steps_done"], "seconds": log["seconds"],
                        "lm": [(r["step"], r["lm"]) for r in log["curve"]]}
-        print(f"{stage}: {log['steps_done']} steps in {log['seconds']:.0f} s, LM loss "
+        print(f"{label}: {log['steps_done']} steps in {log['seconds']:.0f} s, LM loss "
               + " ".join(f"{r['step']}:{r['lm']:.2f}" for r in log["curve"]), flush=True)
-        probe(stage, steps)
+        probe(label, steps)
+        if ckpt:
+            torch.save(model.state_dict(), ckpt)
     print(json.dumps({"args": vars(args), "train_config": dataclasses.asdict(tc), "probe": curve, "stages": logs}))
     return 0
 

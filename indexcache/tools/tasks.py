@@ -223,7 +223,8 @@ COPY_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
 COPY_SEGMENT = 12  # bytes in the repeated segment
 
 
-def copy_window_spans(length: int, seed: int, segment: int = COPY_SEGMENT) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+def copy_window_spans(length: int, seed: int, segment: int = COPY_SEGMENT,
+                      alphabet: bytes = COPY_ALPHABET) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """A pure copy window int64 [length]: ``<bos>`` + random lowercase letters (``COPY_ALPHABET``) in which one segment of ``segment`` bytes starting in the first half reappears once, later and not
     overlapping; its copy as [(source, destination, length)] in window positions.
     Induction (find the earlier occurrence, continue it) is the only way to predict the copy past its first bytes.
@@ -235,7 +236,9 @@ def copy_window_spans(length: int, seed: int, segment: int = COPY_SEGMENT) -> tu
     if isinstance(length, bool) or not isinstance(length, int) or length < 4 * segment:
         raise ValueError(f"copy window length must be an integer >= 4 x the segment ({4 * segment}), got {length!r}")
     rng = random.Random(f"copy:{seed}:{length}")
-    text = [ByteTokenizer.BOS] + rng.choices(COPY_ALPHABET, k=length - 1)
+    if len(alphabet) < 2:
+        raise ValueError(f"copy alphabet needs at least 2 distinct bytes, got {alphabet!r}")
+    text = [ByteTokenizer.BOS] + rng.choices(alphabet, k=length - 1)
     half = (length - 1) // 2
     src = rng.randrange(1, half - segment + 1)
     dst = rng.randrange(src + segment, length - segment + 1)
@@ -243,7 +246,8 @@ def copy_window_spans(length: int, seed: int, segment: int = COPY_SEGMENT) -> tu
     return torch.tensor(text, dtype=torch.long), [(src, dst, segment)]
 
 
-def copy_windows(n: int, length: int, gen: torch.Generator, segment: int = COPY_SEGMENT) -> torch.Tensor:
+def copy_windows(n: int, length: int, gen: torch.Generator, segment: int = COPY_SEGMENT,
+                 alphabet: bytes = COPY_ALPHABET) -> torch.Tensor:
     """``n`` copy windows int64 [n, length] (``copy_window_spans``), their seeds drawn from ``gen``."""
     seeds = torch.randint(0, 1 << 31, (n,), generator=gen).tolist()
-    return torch.stack([copy_window_spans(length, s, segment)[0] for s in seeds])
+    return torch.stack([copy_window_spans(length, s, segment, alphabet)[0] for s in seeds])

@@ -75,6 +75,11 @@ class TrainConfig:
     copy_length: int = 64
     copy_batch: int = 256
     copy_lr: float = 1e-3
+    # share of each dense-stage batch made of copy windows packed end to end (0: none): keeps the copying heads
+    # of the copy stage alive while the model meets the corpus (without it they collapsed within 100 dense steps)
+    copy_share: float = 0.0
+    # the copy windows' random text (bytes); letters are what the copying heads form on from scratch
+    copy_alphabet: str = "abcdefghijklmnopqrstuvwxyz"
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
@@ -176,8 +181,9 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, decay=stage != "copy")
             length, batch = _window(tc, step, stage)
-            ids = (copy_windows(batch, length + 1, gen) if stage == "copy"
-                   else tc.training_windows(corpus, batch, length + 1, gen)).to(device)
+            ids = (copy_windows(batch, length + 1, gen, alphabet=tc.copy_alphabet.encode()) if stage == "copy"
+                   else _with_copy_rows(tc, tc.training_windows(corpus, batch, length + 1, gen), gen, stage))
+            ids = ids.to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 lm, idx = forward_train(model, ids, "dense" if stage == "copy" else stage, pattern,
@@ -205,6 +211,18 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
         p.requires_grad_(True)
     return {"stage": stage, "steps_planned": steps, "steps_done": done, "seconds": time.perf_counter() - t0,
             "lr": lr, "curve": curve, "start_step": start_step}
+
+
+def _with_copy_rows(tc: TrainConfig, ids: torch.Tensor, gen: torch.Generator, stage: str) -> torch.Tensor:
+    """The dense stage's batch with its first round(copy_share x rows) rows replaced by copy windows of
+    ``copy_length`` tokens packed end to end."""
+    rows = round(tc.copy_share * ids.shape[0]) if stage == "dense" else 0
+    if rows <= 0:
+        return ids
+    per = -(-ids.shape[1] // tc.copy_length)
+    ids = ids.clone()
+    ids[:rows] = copy_windows(rows * per, tc.copy_length, gen, alphabet=tc.copy_alphabet.encode()).view(rows, -1)[:, :ids.shape[1]]
+    return ids
 
 
 def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]:

@@ -38,6 +38,22 @@ def test_copy_stage_only_when_asked():
         run_stage(_fresh(), None, "copyy", 1, 1e-3, TINY, torch.Generator())
 
 
+def test_dense_stage_copy_rows():
+    """copy_share: the first rows of a dense batch become copy windows packed end to end (each starts with <bos>
+    and repeats a segment), in copy_alphabet; the other rows and the other stages' batches are left alone."""
+    from indexcache.tools.train import _with_copy_rows
+
+    ids = torch.randint(0, 256, (4, 129), generator=torch.Generator().manual_seed(0))
+    tc = dataclasses.replace(TINY, copy_share=0.5, copy_length=64, copy_alphabet="xyz")
+    out = _with_copy_rows(tc, ids, torch.Generator().manual_seed(1), "dense")
+    assert out.shape == ids.shape and torch.equal(out[2:], ids[2:]) and not torch.equal(out[:2], ids[:2])
+    for row in out[:2]:
+        assert [int(row[j]) for j in (0, 64, 128)] == [256] * 3  # <bos> at each packed window's start
+        assert set(row.tolist()) <= set(b"xyz") | {256}
+    assert _with_copy_rows(tc, ids, torch.Generator(), "sparse") is ids
+    assert _with_copy_rows(TINY, ids, torch.Generator(), "dense") is ids
+
+
 def test_copy_stage_keeps_its_learning_rate():
     assert [_lr_at(s, 100, 1e-3, decay=False) for s in (0, 19, 50, 99)] == [5e-5, 1e-3, 1e-3, 1e-3]
     assert _lr_at(99, 100, 1e-3) < 1e-5  # the other stages decay to zero

@@ -156,3 +156,8 @@ def test_copy_windows_repeat_earlier_text_and_are_not_degenerate():
         copy_window_spans(47, 0)
     with pytest.raises(ValueError, match="copy segment length must be an integer >= 2, got 1"):
         copy_window_spans(512, 0, segment=1)
+    # another alphabet: only its bytes, the same copy structure
+    w, [(src, dst, n)] = copy_window_spans(65, 3, alphabet=b"0123456789")
+    assert set(w[1:].tolist()) <= set(b"0123456789") and torch.equal(w[dst: dst + n], w[src: src + n])
+    with pytest.raises(ValueError, match="copy alphabet needs at least 2 distinct bytes"):
+        copy_window_spans(65, 3, alphabet=b"a")
