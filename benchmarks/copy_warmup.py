@@ -64,6 +64,8 @@ def main(argv=None) -> int:
                     help="more copy steps after the copy stage, on --extend-alphabet (a curriculum: letters first)")
     ap.add_argument("--extend-alphabet", default="0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_",
                     help="the extension's copy-window characters; also the dense stage's copy rows' then")
+    ap.add_argument("--extend-length", type=int, default=None,
+                    help="the extension's copy-window length (default --copy-length; also the dense stage's copy rows')")
     ap.add_argument("--copy-share", type=float, default=0.0, help="share of dense-stage rows that are copy windows")
     ap.add_argument("--copy-checkpoint", default=None,
                     help="model state after the copy stage: loaded (stage skipped) when the file exists, else saved")
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
     logs = {}
     plan = [("copy", tc.copy_steps, tc.copy_lr, tc)]
     if args.extend_steps > 0:
-        tc = dataclasses.replace(tc, copy_alphabet=args.extend_alphabet)
+        tc = dataclasses.replace(tc, copy_alphabet=args.extend_alphabet,
+                                 copy_length=args.extend_length or tc.copy_length)
         plan.append(("copy", args.extend_steps, tc.copy_lr, tc))
     plan.append(("dense", tc.dense_steps, tc.lr, tc))
     for j, (stage, steps, lr, stage_tc) in enumerate(plan):
