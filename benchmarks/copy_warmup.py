@@ -66,6 +66,9 @@ def main(argv=None) -> int:
                     help="the extension's copy-window characters; also the dense stage's copy rows' then")
     ap.add_argument("--extend-length", type=int, default=None,
                     help="the extension's copy-window length (default --copy-length; also the dense stage's copy rows')")
+    ap.add_argument("--extend-inner", type=int, default=None,
+                    help="the extension's copies inside a random sub-window of this many tokens")
+    ap.add_argument("--save-final", default=None, help="save the model's state here at the end")
     ap.add_argument("--copy-share", type=float, default=0.0, help="share of dense-stage rows that are copy windows")
     ap.add_argument("--copy-checkpoint", default=None,
                     help="model state after the copy stage: loaded (stage skipped) when the file exists, else saved")
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     plan = [("copy", tc.copy_steps, tc.copy_lr, tc)]
     if args.extend_steps > 0:
         tc = dataclasses.replace(tc, copy_alphabet=args.extend_alphabet,
-                                 copy_length=args.extend_length or tc.copy_length)
+                                 copy_length=args.extend_length or tc.copy_length, copy_inner=args.extend_inner)
         plan.append(("copy", args.extend_steps, tc.copy_lr, tc))
     plan.append(("dense", tc.dense_steps, tc.lr, tc))
     for j, (stage, steps, lr, stage_tc) in enumerate(plan):
@@ -126,6 +129,8 @@ def main(argv=None) -> int:
         probe(label, steps)
         if ckpt:
             torch.save(model.state_dict(), ckpt)
+    if args.save_final:
+        torch.save(model.state_dict(), args.save_final)
     print(json.dumps({"args": vars(args), "train_config": dataclasses.asdict(tc), "probe": curve, "stages": logs}))
     return 0
 

@@ -223,14 +223,19 @@ COPY_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
 COPY_SEGMENT = 12  # bytes in the repeated segment
 
 
-def copy_window_spans(length: int, seed: int, segment: int = COPY_SEGMENT,
-                      alphabet: bytes = COPY_ALPHABET) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+def copy_window_spans(length: int, seed: int, segment: int = COPY_SEGMENT, alphabet: bytes = COPY_ALPHABET,
+                      inner: int | None = None) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """A pure copy window int64 [length]: ``<bos>`` + random lowercase letters (``COPY_ALPHABET``) in which one segment of ``segment`` bytes starting in the first half reappears once, later and not
     overlapping; its copy as [(source, destination, length)] in window positions.
     Induction (find the earlier occurrence, continue it) is the only way to predict the copy past its first bytes.
     64-token windows of letters with one copy are what a from-scratch 4-layer model learned copying from on a CPU
     in ~1500 steps; 128-token windows with two copies, or mixed alphabets, did not in as many
-    (benchmarks/results/copy_warmup_cpu.log). Deterministic in (seed, length)."""
+    (benchmarks/results/copy_warmup_cpu.log). ``inner``: the source and its copy lie in a sub-window of ``inner``
+    tokens at a random offset (the copy distance of an ``inner``-token window, more tokens before it); copying
+    learned on short windows alone fails once more tokens precede it (copy_length_eval_cpu.log).
+    Deterministic in (seed, length, inner)."""
+    if inner is not None and not 4 * segment <= inner <= length:
+        raise ValueError(f"copy sub-window must be in [{4 * segment}, length={length}], got {inner!r}")
     if isinstance(segment, bool) or not isinstance(segment, int) or segment < 2:
         raise ValueError(f"copy segment length must be an integer >= 2, got {segment!r}")
     if isinstance(length, bool) or not isinstance(length, int) or length < 4 * segment:
@@ -239,15 +244,17 @@ def copy_window_spans(length: int, seed: int, segment: int = COPY_SEGMENT,
     if len(alphabet) < 2:
         raise ValueError(f"copy alphabet needs at least 2 distinct bytes, got {alphabet!r}")
     text = [ByteTokenizer.BOS] + rng.choices(alphabet, k=length - 1)
-    half = (length - 1) // 2
-    src = rng.randrange(1, half - segment + 1)
-    dst = rng.randrange(src + segment, length - segment + 1)
+    span = length if inner is None else inner
+    off = 0 if inner is None else rng.randrange(0, length - inner + 1)  # positions off+1 .. off+span-1
+    half = (span - 1) // 2
+    src = off + rng.randrange(1, half - segment + 1)
+    dst = rng.randrange(src + segment, off + span - segment + 1)
     text[dst: dst + segment] = text[src: src + segment]
     return torch.tensor(text, dtype=torch.long), [(src, dst, segment)]
 
 
 def copy_windows(n: int, length: int, gen: torch.Generator, segment: int = COPY_SEGMENT,
-                 alphabet: bytes = COPY_ALPHABET) -> torch.Tensor:
+                 alphabet: bytes = COPY_ALPHABET, inner: int | None = None) -> torch.Tensor:
     """``n`` copy windows int64 [n, length] (``copy_window_spans``), their seeds drawn from ``gen``."""
     seeds = torch.randint(0, 1 << 31, (n,), generator=gen).tolist()
-    return torch.stack([copy_window_spans(length, s, segment, alphabet)[0] for s in seeds])
+    return torch.stack([copy_window_spans(length, s, segment, alphabet, inner)[0] for s in seeds])

@@ -80,6 +80,7 @@ class TrainConfig:
     copy_share: float = 0.0
     # the copy windows' random text (bytes); letters are what the copying heads form on from scratch
     copy_alphabet: str = "abcdefghijklmnopqrstuvwxyz"
+    copy_inner: int | None = None  # the copy inside a random sub-window of this many tokens (tasks.copy_windows)
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
@@ -181,7 +182,8 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, decay=stage != "copy")
             length, batch = _window(tc, step, stage)
-            ids = (copy_windows(batch, length + 1, gen, alphabet=tc.copy_alphabet.encode()) if stage == "copy"
+            ids = (copy_windows(batch, length + 1, gen, alphabet=tc.copy_alphabet.encode(), inner=tc.copy_inner)
+                   if stage == "copy"
                    else _with_copy_rows(tc, tc.training_windows(corpus, batch, length + 1, gen), gen, stage))
             ids = ids.to(device)
             opt.zero_grad(set_to_none=True)

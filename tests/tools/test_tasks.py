@@ -161,3 +161,12 @@ def test_copy_windows_repeat_earlier_text_and_are_not_degenerate():
     assert set(w[1:].tolist()) <= set(b"0123456789") and torch.equal(w[dst: dst + n], w[src: src + n])
     with pytest.raises(ValueError, match="copy alphabet needs at least 2 distinct bytes"):
         copy_window_spans(65, 3, alphabet=b"a")
+    # a sub-window: the copy and its source within `inner` tokens, at offsets spread over the window
+    ends = []
+    for seed in range(30):
+        w, [(src, dst, n)] = copy_window_spans(257, seed, inner=65)
+        assert torch.equal(w[dst: dst + n], w[src: src + n]) and src + n <= dst and dst + n - src <= 64
+        ends.append(dst + n)
+    assert min(ends) < 100 and max(ends) > 200 and max(ends) <= 257
+    with pytest.raises(ValueError, match="copy sub-window must be in"):
+        copy_window_spans(257, 0, inner=300)
