@@ -1,7 +1,6 @@
 """The copy warm-up stage (tools/train.py): on only when asked, trains on pure copy windows of its own size, resumes
 exactly, and the testbed plans and orders it."""
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -107,10 +106,13 @@ def test_train_runs_the_copy_stage_first():
 def test_testbed_plan_keeps_copy_steps_that_fit_and_caps_the_rest(monkeypatch):
     import benchmarks.retrieval_testbed as tb
 
-    def timed_step(model, corpus, stage, steps, *a, **k):  # every stage's step takes 10 ms
-        time.sleep(0.01 * steps)
+    clock = [0.0]  # a fake clock: every stage's step takes exactly 10 ms, whatever else the machine runs
+
+    def timed_step(model, corpus, stage, steps, *a, **k):
+        clock[0] += 0.01 * steps
 
     monkeypatch.setattr(tb, "run_stage", timed_step)
+    monkeypatch.setattr(tb.time, "perf_counter", lambda: clock[0])
     planned = tb.plan_steps(TINY, 100.0, "cpu", None)
     assert planned.copy_steps == 3 and 4000 < planned.dense_steps <= 7200  # 0.72 of the 100 s at <= 10 ms a step
     capped = tb.plan_steps(dataclasses.replace(TINY, copy_steps=10 ** 6), 100.0, "cpu", None)
