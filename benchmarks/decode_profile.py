@@ -26,10 +26,11 @@ from benchmarks.common import run_metadata, table, write_results
 from benchmarks.e2e import add_arguments, decode_ready_engine, parse_ctx, sync
 from indexcache.checkpoint import build_empty
 from indexcache.engine import EngineConfig
+from indexcache.model.linear import use_fp8_storage
 from indexcache.presets import preset_config
 
 
-def kernel_table(prof, steps: int, top: int) -> list[dict]:
+def kernel_table(prof, steps: int) -> list[dict]:
     """Kernels (and copies) by self GPU time per step; ops that only launch kernels have none of their own."""
     rows = []
     for e in prof.key_averages():
@@ -39,7 +40,7 @@ def kernel_table(prof, steps: int, top: int) -> list[dict]:
         if t > 0:
             rows.append({"kernel": e.key[:110], "us_per_step": t / steps, "calls_per_step": e.count / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
-    return rows[:top]
+    return rows
 
 
 def profile_step(fn, steps: int) -> tuple[list[dict], float]:
@@ -49,8 +50,43 @@ def profile_step(fn, steps: int) -> tuple[list[dict], float]:
         for _ in range(steps):
             fn()
         sync()
-    rows = kernel_table(prof, steps, 40)
+    rows = kernel_table(prof, steps)
     return rows, sum(r["us_per_step"] for r in rows)
+
+
+def host_split(eng, steps: int) -> dict:
+    """Wall time of one decode step split into scheduling + input preparation, graph launch (input copies and
+    replay), and sampling (which waits for the GPU: its share is mostly GPU time)."""
+    spent = {"prepare_ms": 0.0, "launch_ms": 0.0, "sample_ms": 0.0}
+    orig = {"prepare": eng.runner.prepare, "run": eng.graphs.run if eng.graphs else None, "sample": eng._sample}
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            spent[key] += (time.perf_counter() - t0) * 1e3
+            return out
+        return wrapper
+
+    eng.runner.prepare = timed("prepare_ms", orig["prepare"])
+    if eng.graphs is not None:
+        eng.graphs.run = timed("launch_ms", orig["run"])
+    eng._sample = timed("sample_ms", orig["sample"])
+    try:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        sync()
+        total = (time.perf_counter() - t0) * 1e3
+    finally:
+        eng.runner.prepare, eng._sample = orig["prepare"], orig["sample"]
+        if eng.graphs is not None:
+            eng.graphs.run = orig["run"]
+    out = {k: v / steps for k, v in spent.items()}
+    out["step_ms"] = total / steps
+    out["other_host_ms"] = out["step_ms"] - sum(v for k, v in out.items() if k != "step_ms")
+    return out
 
 
 def main(argv=None) -> int:
@@ -68,8 +104,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dev = args.device
     ctx = parse_ctx(args.context)
-    cfg = preset_config(args.model).replace(num_layers=args.layers)
+    cfg = preset_config(args.model)
+    cfg = cfg.replace(num_layers=args.layers) if args.layers else cfg
     model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
+    if args.weight_dtype == "fp8":
+        use_fp8_storage(model, quantize=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     res = {"meta": run_metadata(), "args": vars(args), "cases": []}
     cases = [(pat, int(bs), mode, moe, tk) for pat in args.patterns.split(",") for bs in args.batches.split(",")
              for mode in args.compile_modes.split(",") for moe in args.moe_kernel_modes.split(",")
@@ -86,19 +127,24 @@ def main(argv=None) -> int:
             eng.step()
         sync()
         step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        split = host_split(eng, args.steps)
         runner = eng.runner
         b = runner.prepare([(s.token_ids, s.num_computed - 1, 1, s.block_table) for s in seqs])
         case = {"pattern": pat, "batch": bs, "compile": mode, "moe_kernel": moe, "decode_topk": tk,
                 "decode_topk_used": getattr(eng.backend, "decode_topk_workspace", lambda n: None)(bs) is not None,
                 "context": ctx,
+                "weight_dtype": args.weight_dtype, "layers": cfg.num_layers,
                 "graph_step_ms": step_ms,
-                "per_layer_ms": step_ms / args.layers}
+                "per_layer_ms": step_ms / cfg.num_layers, **{"split_" + k: v for k, v in split.items()}}
         if dev == "cuda":
             case["eager"], case["eager_kernel_us"] = profile_step(lambda: runner.forward(b), args.steps)
+            case["eager_kernels_per_step"] = sum(r["calls_per_step"] for r in case["eager"])
+            case["eager"] = case["eager"][:args.top]
             if eng.graphs is not None:
                 g = eng.graphs
                 case["graph"], case["graph_kernel_us"] = profile_step(lambda: g.run(b), args.steps)
                 case["graph_kernels_per_step"] = sum(r["calls_per_step"] for r in case["graph"])
+                case["graph"] = case["graph"][:args.top]
                 graph = g.graphs[g.bucket(bs)][0]  # replay alone: no host work (scheduling, inputs, sampling)
                 sync()
                 t0 = time.perf_counter()
@@ -107,9 +153,10 @@ def main(argv=None) -> int:
                 sync()
                 case["replay_ms"] = (time.perf_counter() - t0) / (4 * args.steps) * 1e3
         res["cases"].append(case)
-        print(f"\n== {pat} batch {bs} compile {mode} moe-kernel {moe} decode-topk {tk} ctx {ctx}: graph step {step_ms:.3f} ms ({step_ms / args.layers:.3f} "
+        print(f"\n== {pat} batch {bs} compile {mode} moe-kernel {moe} decode-topk {tk} ctx {ctx}: graph step {step_ms:.3f} ms ({step_ms / cfg.num_layers:.3f} "
               f"ms/layer), replay alone {case.get('replay_ms', 0):.3f} ms; kernels eager {case.get('eager_kernel_us', 0):.0f} us, graph "
-              f"{case.get('graph_kernel_us', 0):.0f} us", flush=True)
+              f"{case.get('graph_kernel_us', 0):.0f} us in {case.get('graph_kernels_per_step', 0):.0f} kernels; host split "
+              + ", ".join(f"{k} {v:.3f}" for k, v in split.items()), flush=True)
         for r in (case.get("graph") or case.get("eager") or [])[:args.top]:
             print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
         del eng, seqs, b
@@ -118,7 +165,8 @@ def main(argv=None) -> int:
     for path in write_results(args.name, res):
         print("wrote", path)
     print(table(res["cases"], ["pattern", "batch", "compile", "moe_kernel", "decode_topk", "decode_topk_used",
-                               "graph_step_ms", "replay_ms", "graph_kernel_us"]))
+                               "graph_step_ms", "replay_ms", "graph_kernel_us", "graph_kernels_per_step",
+                               "split_prepare_ms", "split_launch_ms", "split_sample_ms"]))
     return 0
 
 

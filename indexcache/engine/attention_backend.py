@@ -86,9 +86,11 @@ def make_backend(kv: KVCache, cfg: EngineConfig, mc: ModelConfig) -> "TorchBacke
 
 
 def to_slots(logical: torch.Tensor, table: torch.Tensor, page: int) -> torch.Tensor:
-    """Logical key positions [T,k] (-1 = none) -> global slot ids through each row's block table [T, max_blocks]."""
-    lg = logical.long()
-    blk = table.gather(1, lg.clamp(min=0) // page).long()
+    """Logical key positions [T,k] (-1 = none) -> global slot ids through each row's block table [T, max_blocks],
+    int32: the kernels' index type, made once per F layer rather than converted in every layer that reads it
+    (slot ids stay below 2^31: the cache would need 2^31 tokens)."""
+    lg = logical.to(torch.int32)
+    blk = table.gather(1, (lg.clamp(min=0) // page).long()).to(torch.int32)
     return torch.where(lg < 0, -1, blk * page + lg % page)
 
 

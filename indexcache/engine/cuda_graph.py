@@ -7,6 +7,8 @@ the eager decode's (the eager path only trims the masked tail).
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from .runner import ForwardBatch, ModelRunner
@@ -46,6 +48,7 @@ class DecodeGraphs:
         self._pad(0)  # warm-up and capture must write only to the scratch page
         b = self._batch(bs)
         timer, self.runner.timer = self.runner.timer, None
+        gc_was_on = gc.isenabled()
         try:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
@@ -53,12 +56,19 @@ class DecodeGraphs:
                 for _ in range(2):
                     self.runner.forward(b)
             torch.cuda.current_stream().wait_stream(s)
+            # A garbage collection inside the capture can free objects that unload CUDA modules (e.g. Triton
+            # kernels compiled by an earlier torch.compile), which invalidates the capture; torch no longer
+            # collects before capturing, so collect here and keep the collector off until the capture ends.
+            gc.collect()
+            gc.disable()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
                 out = self.runner.forward(b)
             self.pool = g.pool()
             self.graphs[bs] = (g, out)
         finally:
+            if gc_was_on:
+                gc.enable()
             self.runner.timer = timer
 
     def bucket(self, n: int) -> int | None:

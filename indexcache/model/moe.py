@@ -169,7 +169,6 @@ def dequantize_experts(gate_up, gate_up_scale_inv, down, down_scale_inv, dtype):
     return gu, dn
 
 
-@torch.compiler.disable  # a Triton launch with host-side checks: runs as is between compiled graphs
 def combine_experts(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each token's K expert outputs: ``ys`` [N*K, D] rows in expert order (row p is pair
     ``order[p]`` = token * K + slot), ``weights`` [N, K] -> [N, D] in ys.dtype. The rows go back to (token, slot)
@@ -184,6 +183,7 @@ def combine_experts(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
     return (pairs.float() * weights.float()[:, :, None]).sum(1).to(ys.dtype)
 
 
+@torch.compiler.disable  # a Triton launch with host-side checks: runs as is between compiled graphs
 def _small_batch_experts(x, ids, weights, gate_up, down, gate_up_scale=None, down_scale=None):
     return moe_experts_small(x, ids, weights, gate_up, down, gate_up_scale, down_scale)
 

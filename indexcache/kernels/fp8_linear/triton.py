@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from indexcache.kernels.arrival import arrival_counters, arrive_last
 from indexcache.kernels.fp8_linear.reference import BLOCK, FP8, FP8_MAX, _TINY, blocks
 
 BLOCK_R = 32  # rows per program: 32 x 128 values per tile, a few KB in flight per program (memory-bound)
@@ -82,13 +83,16 @@ GEMV_BLOCK_N = 64  # divides 128, so a program's columns share one weight block 
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER_SPLIT, stride_xm, stride_xk, stride_wn,
-                     stride_sn, stride_sk, stride_os, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     GROUP: tl.constexpr, PRECISION: tl.constexpr):
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, part_ptr, out_ptr, cnt_ptr, M, N, K, KB, KB_PER_SPLIT, SPLITS,
+                     stride_xm, stride_xk, stride_wn, stride_sn, stride_sk, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr):
     """Program (n tile, K split): acc[BLOCK_M, BLOCK_N] = sum over its 128-wide K blocks of
     (x tile @ fp8 tile^T) * scale, fp32 accumulation. The fp8 values convert exactly to x's dtype (e4m3 fits
     fp16, bf16 and fp32), so the tile product is x's GEMM on the stored codes and the block scale multiplies
-    the fp32 partial sum once per block."""
+    the fp32 partial sum once per block.
+    With SPLITS > 1 each program stores its fp32 partial in part [SPLITS, M, N] and counts itself in on its
+    tile's arrival counter; the last to arrive sums the tile's partials in split order (the result does not
+    depend on which program is last) and writes the output. One launch instead of a second, summing kernel."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -110,19 +114,18 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER_SPLIT, st
                     other=0.0)
         part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
         acc += part * tl.load(s_ptr + sb_row * stride_sn + kb * stride_sk)
-    tl.store(out_ptr + split * stride_os + rows[:, None] * stride_om + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, SPLITS, MN, BLOCK: tl.constexpr):
-    """out[i] = sum over s of part[s, i] (fp32), cast to out's dtype: split-K's second stage, no atomics."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    offs = rows[:, None] * N + cols[None, :]
+    omask = rmask[:, None] & nmask[None, :]
+    if SPLITS == 1:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        mn = M * N
+        tl.store(part_ptr + split * mn + offs, acc, mask=omask)
+        if arrive_last(cnt_ptr + pid_n, SPLITS):
+            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLITS):  # .cg: other SMs wrote these, read them from L2, not a stale L1
+                tot += tl.load(part_ptr + s * mn + offs, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -152,7 +155,7 @@ def fp8_gemv_triton(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
     """x [M, K] float32/float16/bfloat16 (M <= 16, any strides) @ dequant(w fp8 e4m3 [N, K] row-major,
     scale_inv fp32 [ceil(N/128), ceil(K/128)])^T -> [M, N] in x's dtype, fp32 accumulation, x not quantised.
     Any N and K (partial last blocks are masked). ``split_k``: K splits (default: enough programs for the
-    device); above 1 the fp32 partial sums go through a second, summing kernel."""
+    device); above 1 the last program of each N tile sums the fp32 partial sums (see the kernel)."""
     if x.dim() != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"fp8_gemv: x must be [M, K] float32/float16/bfloat16, got {tuple(x.shape)} {x.dtype}")
     m, k = x.shape
@@ -177,13 +180,12 @@ def fp8_gemv_triton(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
         raise ValueError(f"fp8_gemv: split_k must be in [1, {kb}] for K={k}, got {split}")
     per = triton.cdiv(kb, split)
     split = triton.cdiv(kb, per)
-    dst = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, GEMV_BLOCK_N), split)
-    _fp8_gemv_kernel[grid](x, w, s, dst, m, n, k, kb, per, x.stride(0), x.stride(1), w.stride(0), s.stride(0),
-                           s.stride(1), m * n if split > 1 else 0, n, BLOCK_M=GEMV_BLOCK_M, BLOCK_N=GEMV_BLOCK_N,
-                           GROUP=BLOCK, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                           num_warps=4, num_stages=4)
-    if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](dst, out, split, m * n, BLOCK=block, num_warps=4)
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(n, GEMV_BLOCK_N)
+    cnt = arrival_counters(x.device, tiles)
+    _fp8_gemv_kernel[(tiles, split)](x, w, s, part, out, cnt, m, n, k, kb, per, split, x.stride(0), x.stride(1),
+                                     w.stride(0), s.stride(0), s.stride(1), BLOCK_M=GEMV_BLOCK_M,
+                                     BLOCK_N=GEMV_BLOCK_N, GROUP=BLOCK,
+                                     PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4,
+                                     num_stages=4)
     return out

@@ -1,10 +1,11 @@
 """Triton kernels for the routed experts at decode batch sizes (a few (token, slot) pairs).
 
 Here the experts are a handful of matrix-vector products, so the time is reading the active experts' weights
-(~19 MB each at D=2048, I=1536 in bf16); tensor cores do not help. Two launches, no atomics, deterministic:
+(~19 MB each at D=2048, I=1536 in bf16); tensor cores do not help. Two launches, deterministic:
   1. gate/up, grid (N*K, cdiv(I, BLOCK_I)): act[nk, i] = silu(gate_e[i] . x[n]) * (up_e[i] . x[n])   (fp32)
   2. down,    grid (N*K, cdiv(D, BLOCK_D2)): part[nk, d] = weights[nk] * (down_e[d] . act[nk])      (fp32)
-then y = part.view(N, K, D).sum(1) in torch. Each program multiplies a [rows, cols] tile of one expert's matrix
+     and the last of a token's K programs on a row block (arrival counters) sums the token's K parts in slot
+     order into y [N, D] in x's dtype: the combine needs no third launch and the same inputs give the same bits. Each program multiplies a [rows, cols] tile of one expert's matrix
 by a vector with an fp32 [rows, cols] accumulator, summed over cols once after the loop (no per-iteration
 cross-warp reduction between the loads). Grid axis 0 (the pair) varies fastest, so pairs that share an expert
 read the same weight rows at about the same time and the repeats mostly hit L2.
@@ -22,8 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from indexcache.kernels.arrival import arrival_counters, arrive_last
+
 BLOCK_I, BLOCK_D = 16, 256      # gate/up: rows of I per program, D chunk per iteration
-BLOCK_D2, BLOCK_I2 = 16, 512    # down: rows of D per program, I chunk per iteration
+BLOCK_D2, BLOCK_I2 = 32, 512    # down: rows of D per program, I chunk per iteration
 
 
 @triton.jit
@@ -61,7 +64,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, K, D, I, IB,
 
 
 @triton.jit
-def _down_kernel(act_ptr, ids_ptr, wt_ptr, w_ptr, s_ptr, part_ptr, D, I,
+def _down_kernel(act_ptr, ids_ptr, wt_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, K, D, I,
                  stride_we, stride_wr, stride_wc, stride_se, stride_sr, stride_sc,
                  BLOCK_D2: tl.constexpr, BLOCK_I2: tl.constexpr, HAS_SCALE: tl.constexpr):
     nk = tl.program_id(0)
@@ -81,12 +84,21 @@ def _down_kernel(act_ptr, ids_ptr, wt_ptr, w_ptr, s_ptr, part_ptr, D, I,
         if HAS_SCALE:
             w = w * tl.load(s_row + (cols // 128) * stride_sc, mask=cmask, other=0.0)[None, :]
         acc += w * av
-    out = tl.sum(acc, axis=1) * tl.load(wt_ptr + nk)
+    out = tl.sum(acc, axis=1) * tl.load(wt_ptr + nk).to(tl.float32)
     tl.store(part_ptr + nk.to(tl.int64) * D + rows, out, mask=rmask)
+    # the token's K pairs meet on one counter per row block; the last sums their parts in slot order
+    n = nk // K
+    if arrive_last(cnt_ptr + n * tl.num_programs(1) + tl.program_id(1), K):
+        y = tl.zeros([BLOCK_D2], tl.float32)
+        for j in range(K):
+            y += tl.load(part_ptr + (n * K + j).to(tl.int64) * D + rows, mask=rmask, other=0.0,
+                         cache_modifier=".cg")
+        tl.store(y_ptr + n.to(tl.int64) * D + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 def moe_experts_small_triton(x, ids, weights, gate_up, down, *, gate_up_scale=None, down_scale=None, act=None,
-                             part=None, block_i=BLOCK_I, block_d=BLOCK_D, block_d2=BLOCK_D2, block_i2=BLOCK_I2):
+                             part=None, block_i=BLOCK_I, block_d=BLOCK_D, block_d2=BLOCK_D2, block_i2=BLOCK_I2,
+                             gate_up_warps=4, down_warps=4):
     """Inputs already checked (reference.check_moe_inputs). ``act`` fp32 [N*K, I] and ``part`` fp32 [N*K, D] are
     optional scratch buffers (tests pass NaN-filled ones); the block sizes are powers of two (block_i and block_d2
     at most 128: a program's rows must lie in one 128-row scale block)."""
@@ -97,7 +109,7 @@ def moe_experts_small_triton(x, ids, weights, gate_up, down, *, gate_up_scale=No
     if nk == 0:
         return torch.zeros_like(x)
     ids = ids.reshape(nk)  # contiguous (a copy only if ids was not): tiny
-    wts = weights.reshape(nk).to(torch.float32)
+    wts = weights.reshape(nk)  # any float dtype: the kernel converts (no copy kernel at decode)
     if act is None:
         act = torch.empty(nk, inter, dtype=torch.float32, device=x.device)
     if part is None:
@@ -109,8 +121,10 @@ def moe_experts_small_triton(x, ids, weights, gate_up, down, *, gate_up_scale=No
     dss = down_scale.stride() if has_scale else (0, 0, 0)
     _gate_up_kernel[(nk, triton.cdiv(inter, block_i))](
         x, ids, gate_up, gs, act, k, d, inter, triton.cdiv(inter, 128), x.stride(0), x.stride(1),
-        *gate_up.stride(), *gss, BLOCK_I=block_i, BLOCK_D=block_d, HAS_SCALE=has_scale, num_warps=4)
-    _down_kernel[(nk, triton.cdiv(d, block_d2))](
-        act, ids, wts, down, ds, part, d, inter, *down.stride(), *dss,
-        BLOCK_D2=block_d2, BLOCK_I2=block_i2, HAS_SCALE=has_scale, num_warps=4)
-    return part.view(n, k, d).sum(1).to(x.dtype)
+        *gate_up.stride(), *gss, BLOCK_I=block_i, BLOCK_D=block_d, HAS_SCALE=has_scale, num_warps=gate_up_warps)
+    y = torch.empty(n, d, dtype=x.dtype, device=x.device)
+    dblocks = triton.cdiv(d, block_d2)
+    _down_kernel[(nk, dblocks)](
+        act, ids, wts, down, ds, part, y, arrival_counters(x.device, n * dblocks), k, d, inter, *down.stride(), *dss,
+        BLOCK_D2=block_d2, BLOCK_I2=block_i2, HAS_SCALE=has_scale, num_warps=down_warps)
+    return y
