@@ -91,7 +91,8 @@ def moe_rows(e: int, d: int, inter: int, k: int, batches: list[int], sweep: dict
         distinct = int(ids.unique().numel())
         nbytes = distinct * (3 * inter * d + (gs[0].numel() + ds[0].numel()) * 4)
         for cfg in (dict(zip(sweep, v)) for v in itertools.product(*sweep.values())):
-            fn = lambda: moe_experts_small_triton(x, ids, w, gq, dq, gate_up_scale=gs, down_scale=ds, **cfg)  # noqa: E731
+            def fn(cfg=cfg):
+                return moe_experts_small_triton(x, ids, w, gq, dq, gate_up_scale=gs, down_scale=ds, **cfg)
             try:
                 err = float((fn().float() - want).abs().max() / want.abs().amax())
                 us = graph_us(fn)

@@ -153,10 +153,11 @@ def main(argv=None) -> int:
                 sync()
                 case["replay_ms"] = (time.perf_counter() - t0) / (4 * args.steps) * 1e3
         res["cases"].append(case)
-        print(f"\n== {pat} batch {bs} compile {mode} moe-kernel {moe} decode-topk {tk} ctx {ctx}: graph step {step_ms:.3f} ms ({step_ms / cfg.num_layers:.3f} "
-              f"ms/layer), replay alone {case.get('replay_ms', 0):.3f} ms; kernels eager {case.get('eager_kernel_us', 0):.0f} us, graph "
-              f"{case.get('graph_kernel_us', 0):.0f} us in {case.get('graph_kernels_per_step', 0):.0f} kernels; host split "
-              + ", ".join(f"{k} {v:.3f}" for k, v in split.items()), flush=True)
+        print(f"\n== {pat} batch {bs} compile {mode} moe-kernel {moe} decode-topk {tk} ctx {ctx}: graph step "
+              f"{step_ms:.3f} ms ({step_ms / cfg.num_layers:.3f} ms/layer), replay alone "
+              f"{case.get('replay_ms', 0):.3f} ms; kernels eager {case.get('eager_kernel_us', 0):.0f} us, graph "
+              f"{case.get('graph_kernel_us', 0):.0f} us in {case.get('graph_kernels_per_step', 0):.0f} kernels; "
+              "host split " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()), flush=True)
         for r in (case.get("graph") or case.get("eager") or [])[:args.top]:
             print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
         del eng, seqs, b

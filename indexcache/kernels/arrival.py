@@ -28,8 +28,8 @@ def arrival_counters(device: torch.device, groups: int) -> torch.Tensor:
 
 @triton.jit
 def arrive_last(cnt_ptr, total):
-    """True in the last of ``total`` programs to call this on ``cnt_ptr`` (after each has stored its partial);
-    that program then sees every partial. Resets the counter."""
+    """True in the last of ``total`` programs to call this on ``cnt_ptr`` (any integer counter, zero at rest;
+    after each has stored its partial); that program then sees every partial. Resets the counter."""
     tl.debug_barrier()  # every thread's stores are issued before the release below
     last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == total - 1
     if last:

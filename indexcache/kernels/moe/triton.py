@@ -5,13 +5,14 @@ Here the experts are a handful of matrix-vector products, so the time is reading
   1. gate/up, grid (N*K, cdiv(I, BLOCK_I)): act[nk, i] = silu(gate_e[i] . x[n]) * (up_e[i] . x[n])   (fp32)
   2. down,    grid (N*K, cdiv(D, BLOCK_D2)): part[nk, d] = weights[nk] * (down_e[d] . act[nk])      (fp32)
      and the last of a token's K programs on a row block (arrival counters) sums the token's K parts in slot
-     order into y [N, D] in x's dtype: the combine needs no third launch and the same inputs give the same bits. Each program multiplies a [rows, cols] tile of one expert's matrix
-by a vector with an fp32 [rows, cols] accumulator, summed over cols once after the loop (no per-iteration
-cross-warp reduction between the loads). Grid axis 0 (the pair) varies fastest, so pairs that share an expert
+     order into y [N, D] in x's dtype: the combine needs no third launch and the same inputs give the same bits.
+Each program multiplies a [rows, cols] tile of one expert's matrix by a vector with an fp32 [rows, cols]
+accumulator, summed over cols once after the loop (no per-iteration cross-warp reduction between the loads). Grid axis 0 (the pair) varies fastest, so pairs that share an expert
 read the same weight rows at about the same time and the repeats mostly hit L2.
 Values are converted to fp32 right after loading (also what the interpreter needs: its bf16 math is wrong).
-No host syncs: shapes only, so the launches can be captured in a CUDA graph. Block sizes are untuned defaults
-for an H200 (16 KB of weights per program per iteration).
+No host syncs: shapes only, so the launches can be captured in a CUDA graph. The down row block (32) is the best
+of a sweep on an H200 (benchmarks/decode_kernels.py); gate/up's 16 x 256 is its best at one token (32 rows
+were 4% faster at eight).
 FP8 experts (HAS_SCALE): each loaded weight tile is multiplied by its 128x128 block scales right after the fp32
 conversion; a program's rows lie in one 128-row block (the row block sizes divide 128), its columns span a few,
 so the scales are one small vector load per iteration. gate and up address their own scale blocks, so I need not

@@ -35,6 +35,8 @@ the constexprs (sample size, block sizes), the dtype and pointer alignment, neve
 import triton
 import triton.language as tl
 
+from indexcache.kernels.arrival import arrive_last
+
 
 @triton.jit
 def _row_keys(row_ptr, cols, msk):
@@ -437,17 +439,6 @@ def _count_bins(hbase, bins, msk, lane, NB: tl.constexpr, NREP: tl.constexpr, W:
 
 
 @triton.jit
-def _arrive_last(cnt):
-    """True in the last program of the row to call this (after all its atomics and stores); it then sees every
-    other program's writes. Resets the counter."""
-    tl.debug_barrier()
-    last = tl.atomic_add(cnt, 1, sem="acq_rel") == tl.num_programs(1) - 1
-    if last:
-        tl.store(cnt, tl.zeros([], tl.int64))
-    return last
-
-
-@triton.jit
 def _take_hist(hbase, NB: tl.constexpr, NREP: tl.constexpr):
     """The sum of the NREP replicas at ``hbase``, which are left zeroed (L2 reads: other programs' atomics)."""
     jb = tl.arange(0, NB)
@@ -500,7 +491,7 @@ def _dtopk_hist_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, k, sl
         key = _row_keys(row, off + ar, off + ar < b1)
         ok = key != -2147483648
         _count_bins(h1, tl.where(ok, (key >> 20) + 2048, 0), ok, ar, NB, NREP, W)
-    if _arrive_last(ctr + r * 8 + 2):
+    if arrive_last(ctr + r * 8 + 2, tl.num_programs(1)):  # the row's last program
         h = _take_hist(h1, NB, NREP)
         m = tl.minimum(tl.sum(h, axis=0), k)
         B1, above1, n1 = _threshold_bin(h, m, tl.arange(0, NB))
@@ -549,7 +540,7 @@ def _dtopk_filter1_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, ou
                     _count_bins(h2, tl.where(s_in, d2, 0), s_in, ar, NB, NREP, W)
                 else:   # a few entries (the usual case): one atomic each, no block histogram
                     tl.atomic_add(h2 + (ar % NREP) * NB + d2, tl.full([BLOCK], 1, tl.int32), mask=s_in, sem="relaxed")
-    if _arrive_last(ctr + r * 8 + 3):
+    if arrive_last(ctr + r * 8 + 3, tl.num_programs(1)):  # the row's last program
         h = _take_hist(h2, NB, NREP)
         B2, above2, n2 = _threshold_bin(h, m - above1, tl.arange(0, NB))
         tl.store(state + r * 8 + 4, B2)
@@ -587,7 +578,7 @@ def _dtopk_filter2_final_kernel(ctr, state, out, lists, k, cap, BLOCK: tl.conste
             col = (2147483647 - (comp & 2147483647)).to(tl.int32)
             tl.store(outr + above1 + (old >> 32).to(tl.int32) + (cs & 0xFFFF) - 1, col, mask=s_hi)
             tl.store(l2 + (old & 0xFFFFFFFF).to(tl.int32) + (cs >> 16) - 1, comp, mask=s_in)
-    if _arrive_last(ctr + r * 8 + 4):
+    if arrive_last(ctr + r * 8 + 4, tl.num_programs(1)):  # the row's last program
         tl.store(ctr + r * 8 + 1, tl.zeros([], tl.int64))
         above = tl.load(state + r * 8 + 5)
         n2 = tl.load(state + r * 8 + 6)
