@@ -43,7 +43,7 @@ from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
 from indexcache.tools.tasks import COPY_ALPHABET, COPY_SEGMENT, copy_window_spans, copy_windows  # noqa: E402
 from indexcache.tools.train import PRESETS, _lr_at  # noqa: E402
-from indexcache.tools.trainfwd import attention_qkv, forward_train  # noqa: E402
+from indexcache.tools.trainfwd import attention_qkv, forward_train, random_positions  # noqa: E402
 
 LETTERS = torch.tensor(list(COPY_ALPHABET))
 
@@ -223,6 +223,9 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", type=int, default=None, help="stage data: the copy in a random sub-window")
     ap.add_argument("--episode-every", type=int, default=48)
     ap.add_argument("--max-gap", type=int, default=40)
+    ap.add_argument("--position-span", type=int, default=None,
+                    help="train at random positions: each window's tokens at sorted distinct positions in 0..span-1")
+    ap.add_argument("--init", default=None, help="start from this saved state dict instead of random weights")
     ap.add_argument("--every", type=int, default=500, help="evaluate every this many steps")
     ap.add_argument("--eval-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256, 512])
     ap.add_argument("--windows", type=int, default=16)
@@ -239,6 +242,8 @@ def main(argv=None) -> int:
         print(json.dumps(res))
         return 0
     model.init_random(args.seed, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)
+    if args.init:
+        model.load_state_dict(torch.load(args.init))
     gen = torch.Generator().manual_seed(args.seed)
     params = [p for n, p in model.named_parameters() if ".indexer." not in n]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -252,7 +257,9 @@ def main(argv=None) -> int:
         else:
             ids = episode_windows(args.batch, args.length + 1, gen, args.episode_every, args.max_gap)
         opt.zero_grad(set_to_none=True)
-        lm, _ = forward_train(model, ids, "dense")
+        pos = None if args.position_span is None else random_positions(
+            ids.shape[0], ids.shape[1], args.position_span, gen)
+        lm, _ = forward_train(model, ids, "dense", positions=pos)
         lm.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -81,6 +81,14 @@ class TrainConfig:
     # the copy windows' random text (bytes); letters are what the copying heads form on from scratch
     copy_alphabet: str = "abcdefghijklmnopqrstuvwxyz"
     copy_inner: int | None = None  # the copy inside a random sub-window of this many tokens (tasks.copy_windows)
+    # the copy stage's last ``copy_long_share`` of steps on windows of ``copy_long_length`` tokens (None: none),
+    # with copy_batch x copy_length tokens per step as before. Copying learned on copy_length-token windows works
+    # only there: RoPE makes a head's logit a sum of cosines of the distance, pinned down only at the distances
+    # training showed, so the previous-token heads' logits at unseen distances rise to and above the one at
+    # distance 1 (and their margin was fitted to copy_length keys). Trained on, the long windows work up to
+    # about their length (benchmarks/results/copy_position_cpu.log); from scratch they form no copying soon
+    copy_long_length: int | None = None
+    copy_long_share: float = 0.25
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
@@ -181,7 +189,7 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
                 break  # all ranks stop at the same step
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, decay=stage != "copy")
-            length, batch = _window(tc, step, stage)
+            length, batch = copy_window_size(tc, step, steps) if stage == "copy" else _window(tc, step, stage)
             ids = (copy_windows(batch, length + 1, gen, alphabet=tc.copy_alphabet.encode(), inner=tc.copy_inner)
                    if stage == "copy"
                    else _with_copy_rows(tc, tc.training_windows(corpus, batch, length + 1, gen), gen, stage))
@@ -227,11 +235,21 @@ def _with_copy_rows(tc: TrainConfig, ids: torch.Tensor, gen: torch.Generator, st
     return ids
 
 
+def copy_window_size(tc: TrainConfig, step: int, steps: int) -> tuple[int, int]:
+    """(window length, batch) of a copy-stage step of ``steps``: ``copy_length`` x ``copy_batch``, and in the last
+    ``copy_long_share`` of the steps ``copy_long_length`` with the batch scaled to as many tokens."""
+    if tc.copy_long_length is None:
+        return tc.copy_length, tc.copy_batch
+    if not 0.0 <= tc.copy_long_share <= 1.0:
+        raise ValueError(f"copy_long_share must be in [0, 1], got {tc.copy_long_share!r}")
+    if step < steps - round(tc.copy_long_share * steps):
+        return tc.copy_length, tc.copy_batch
+    return tc.copy_long_length, max(1, tc.copy_batch * tc.copy_length // tc.copy_long_length)
+
+
 def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]:
     """(window length, batch) of a step: ``contexts`` cycled (only those <= ``context`` outside the dense stage),
-    tokens per step kept at batch x context; the copy stage has its own."""
-    if stage == "copy":
-        return tc.copy_length, tc.copy_batch
+    tokens per step kept at batch x context; the copy stage has its own (``copy_window_size``)."""
     lengths = [L for L in (tc.contexts or ()) if stage == "dense" or L <= tc.context]
     if not lengths:
         return tc.context, tc.batch
