@@ -8,7 +8,8 @@ import torch
 from indexcache.checkpoint import build_empty
 from indexcache.tools.corpus import load_corpus
 from indexcache.tools.tasks import copy_windows
-from indexcache.tools.train import PRESETS, TrainConfig, _lr_at, indexer_params, run_stage, stages, train
+from indexcache.tools.train import (PRESETS, TrainConfig, _lr_at, copy_window_size, indexer_params, run_stage, stages,
+                                    train)
 
 TINY = TrainConfig(layers=2, hidden=32, heads=2, q_lora=32, kv_lora=32, nope=16, rope=16, v=16, mlp=64,
                    index_heads=2, index_dim=16, topk=16, context=64, batch=2, copy_steps=3, copy_length=128,
@@ -70,6 +71,36 @@ def test_copy_stage_trains_on_copy_windows_of_its_size(corpus):
     index = {id(p) for p in indexer_params(model)}
     for n, p in model.named_parameters():  # dense attention: the indexers stay untouched, everything else trains
         assert torch.equal(p, before[n]) == (id(p) in index), n
+
+
+def test_copy_stage_long_windows_last():
+    """copy_long_length: the last copy_long_share of the steps on long windows, as many tokens per step; without it
+    every step is copy_length x copy_batch."""
+    assert [copy_window_size(TINY, s, 8) for s in range(8)] == [(128, 3)] * 8
+    tc = dataclasses.replace(TINY, copy_long_length=256, copy_long_share=0.25)
+    assert [copy_window_size(tc, s, 8) for s in range(8)] == [(128, 3)] * 6 + [(256, 1)] * 2
+    every = dataclasses.replace(tc, copy_long_share=1.0, copy_long_length=192)
+    assert {copy_window_size(every, s, 5) for s in range(5)} == {(192, 2)}
+    with pytest.raises(ValueError, match="copy_long_share"):
+        copy_window_size(dataclasses.replace(tc, copy_long_share=1.5), 0, 8)
+
+
+def test_copy_stage_draws_its_long_windows(corpus, monkeypatch):
+    import indexcache.tools.train as train_mod
+
+    drawn = []
+
+    def recording(n, length, gen, **kw):
+        out = copy_windows(n, length, gen, **kw)
+        drawn.append((tuple(out.shape), kw.get("inner")))
+        return out
+
+    monkeypatch.setattr(train_mod, "copy_windows", recording)
+    tc = dataclasses.replace(TINY, copy_long_length=192, copy_long_share=0.5, copy_inner=96)
+    log = run_stage(_fresh(tc), corpus, "copy", 4, 1e-2, tc, torch.Generator().manual_seed(4), progress=False,
+                    log_every=1)
+    assert drawn == [((3, 129), 96), ((3, 129), 96), ((2, 193), 96), ((2, 193), 96)]
+    assert log["steps_done"] == 4 and all(r["lm"] is not None for r in log["curve"])
 
 
 def test_copy_stage_resumed_equals_uninterrupted(corpus):
