@@ -258,3 +258,43 @@ def copy_windows(n: int, length: int, gen: torch.Generator, segment: int = COPY_
     """``n`` copy windows int64 [n, length] (``copy_window_spans``), their seeds drawn from ``gen``."""
     seeds = torch.randint(0, 1 << 31, (n,), generator=gen).tolist()
     return torch.stack([copy_window_spans(length, s, segment, alphabet, inner)[0] for s in seeds])
+
+
+def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment: int = COPY_SEGMENT,
+                       alphabet: bytes = COPY_ALPHABET) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """A long copy window int64 [length]: ``<bos>`` + random letters holding one copy episode per ``every`` tokens
+    (a ``segment``-byte run, then after a gap of 0..``max_gap`` bytes the same run again), each at a random offset
+    in its stretch; the copies as [(source, destination, length)]. The copy density and distances of
+    ``every``-token copy windows, with every distance up to ``length`` in every window: copying learned on short
+    windows alone fails in longer ones (RoPE logits are pinned down only at the distances training showed), and
+    one copy per long window is too little signal to keep it (benchmarks/results/copy_position_cpu.log).
+    Deterministic in (seed, length, every, max_gap)."""
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 2:
+        raise ValueError(f"copy segment length must be an integer >= 2, got {segment!r}")
+    if not isinstance(max_gap, int) or max_gap < 0:
+        raise ValueError(f"copy episodes' max gap must be an integer >= 0, got {max_gap!r}")
+    if not isinstance(every, int) or every < 2 * segment + max_gap:
+        raise ValueError(f"one copy episode per {every!r} tokens cannot hold a {segment}-byte run, its copy and a "
+                         f"gap of up to {max_gap}")
+    if not isinstance(length, int) or length < every + 1:
+        raise ValueError(f"copy episode window length must be an integer > every ({every}), got {length!r}")
+    if len(alphabet) < 2:
+        raise ValueError(f"copy alphabet needs at least 2 distinct bytes, got {alphabet!r}")
+    rng = random.Random(f"copy-episodes:{seed}:{length}:{every}:{max_gap}")
+    text = [ByteTokenizer.BOS] + rng.choices(alphabet, k=length - 1)
+    spans, pos = [], 1
+    while pos + every <= length:
+        gap = rng.randint(0, max_gap)
+        src = pos + rng.randrange(0, every - 2 * segment - gap + 1)
+        dst = src + segment + gap
+        text[dst: dst + segment] = text[src: src + segment]
+        spans.append((src, dst, segment))
+        pos += every
+    return torch.tensor(text, dtype=torch.long), spans
+
+
+def copy_episode_windows(n: int, length: int, gen: torch.Generator, every: int, max_gap: int,
+                         segment: int = COPY_SEGMENT, alphabet: bytes = COPY_ALPHABET) -> torch.Tensor:
+    """``n`` long copy windows int64 [n, length] (``copy_episode_spans``), their seeds drawn from ``gen``."""
+    seeds = torch.randint(0, 1 << 31, (n,), generator=gen).tolist()
+    return torch.stack([copy_episode_spans(length, s, every, max_gap, segment, alphabet)[0] for s in seeds])

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..distributed.training import any_rank, clip_grad_norm_, reduce_gradients
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
-from .tasks import copy_windows, mixed_windows
+from .tasks import COPY_SEGMENT, copy_episode_windows, copy_windows, mixed_windows
 from .trainfwd import forward_train
 
 
@@ -81,12 +81,13 @@ class TrainConfig:
     # the copy windows' random text (bytes); letters are what the copying heads form on from scratch
     copy_alphabet: str = "abcdefghijklmnopqrstuvwxyz"
     copy_inner: int | None = None  # the copy inside a random sub-window of this many tokens (tasks.copy_windows)
-    # the copy stage's last ``copy_long_share`` of steps on windows of ``copy_long_length`` tokens (None: none),
-    # with copy_batch x copy_length tokens per step as before. Copying learned on copy_length-token windows works
-    # only there: RoPE makes a head's logit a sum of cosines of the distance, pinned down only at the distances
-    # training showed, so the previous-token heads' logits at unseen distances rise to and above the one at
-    # distance 1 (and their margin was fitted to copy_length keys). Trained on, the long windows work up to
-    # about their length (benchmarks/results/copy_position_cpu.log); from scratch they form no copying soon
+    # the copy stage's last ``copy_long_share`` of steps on windows of ``copy_long_length`` tokens (None: none)
+    # holding one copy episode per copy_length tokens (``copy_batch``), as many tokens per step. Copying learned on
+    # copy_length-token windows works only there: RoPE makes a head's logit a sum of cosines of the distance,
+    # pinned down only at the distances training showed, so the previous-token heads' logits at unseen distances
+    # rise to and above the one at distance 1 (and their margin was fitted to copy_length keys). Trained on, long
+    # windows work up to about their length (benchmarks/results/copy_position_cpu.log); from scratch they form
+    # no copying within as many steps, hence short windows first
     copy_long_length: int | None = None
     copy_long_share: float = 0.25
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
@@ -189,10 +190,11 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
                 break  # all ranks stop at the same step
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, decay=stage != "copy")
-            length, batch = copy_window_size(tc, step, steps) if stage == "copy" else _window(tc, step, stage)
-            ids = (copy_windows(batch, length + 1, gen, alphabet=tc.copy_alphabet.encode(), inner=tc.copy_inner)
-                   if stage == "copy"
-                   else _with_copy_rows(tc, tc.training_windows(corpus, batch, length + 1, gen), gen, stage))
+            if stage == "copy":
+                ids = copy_batch(tc, step, steps, gen)
+            else:
+                length, batch = _window(tc, step, stage)
+                ids = _with_copy_rows(tc, tc.training_windows(corpus, batch, length + 1, gen), gen, stage)
             ids = ids.to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -235,16 +237,23 @@ def _with_copy_rows(tc: TrainConfig, ids: torch.Tensor, gen: torch.Generator, st
     return ids
 
 
-def copy_window_size(tc: TrainConfig, step: int, steps: int) -> tuple[int, int]:
-    """(window length, batch) of a copy-stage step of ``steps``: ``copy_length`` x ``copy_batch``, and in the last
-    ``copy_long_share`` of the steps ``copy_long_length`` with the batch scaled to as many tokens."""
-    if tc.copy_long_length is None:
-        return tc.copy_length, tc.copy_batch
-    if not 0.0 <= tc.copy_long_share <= 1.0:
-        raise ValueError(f"copy_long_share must be in [0, 1], got {tc.copy_long_share!r}")
-    if step < steps - round(tc.copy_long_share * steps):
-        return tc.copy_length, tc.copy_batch
-    return tc.copy_long_length, max(1, tc.copy_batch * tc.copy_length // tc.copy_long_length)
+def copy_batch(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """The copy stage's windows [batch, length + 1] at ``step`` of ``steps``: ``copy_batch`` copy windows of
+    ``copy_length`` tokens (tasks.copy_windows), and in the last ``copy_long_share`` of the steps windows of
+    ``copy_long_length`` tokens holding one copy episode per ``copy_length`` tokens (tasks.copy_episode_windows:
+    the short windows' copy density and distances), as many tokens per step."""
+    alphabet = tc.copy_alphabet.encode()
+    if tc.copy_long_length is not None:
+        if not 0.0 <= tc.copy_long_share <= 1.0:
+            raise ValueError(f"copy_long_share must be in [0, 1], got {tc.copy_long_share!r}")
+        if tc.copy_long_length <= tc.copy_length:
+            raise ValueError(f"copy_long_length must exceed copy_length ({tc.copy_length}), "
+                             f"got {tc.copy_long_length!r}")
+        if step >= steps - round(tc.copy_long_share * steps):
+            batch = max(1, tc.copy_batch * tc.copy_length // tc.copy_long_length)
+            return copy_episode_windows(batch, tc.copy_long_length + 1, gen, every=tc.copy_length,
+                                        max_gap=tc.copy_length - 2 * COPY_SEGMENT, alphabet=alphabet)
+    return copy_windows(tc.copy_batch, tc.copy_length + 1, gen, alphabet=alphabet, inner=tc.copy_inner)
 
 
 def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from indexcache.checkpoint import build_empty
-from indexcache.tools.corpus import load_corpus
-from indexcache.tools.tasks import copy_windows
-from indexcache.tools.train import (PRESETS, TrainConfig, _lr_at, copy_window_size, indexer_params, run_stage, stages,
+from indexcache.tools.corpus import ByteTokenizer, load_corpus
+from indexcache.tools.tasks import copy_episode_spans, copy_episode_windows, copy_windows
+from indexcache.tools.train import (PRESETS, TrainConfig, _lr_at, copy_batch, indexer_params, run_stage, stages,
                                     train)
 
 TINY = TrainConfig(layers=2, hidden=32, heads=2, q_lora=32, kv_lora=32, nope=16, rope=16, v=16, mlp=64,
@@ -73,34 +73,49 @@ def test_copy_stage_trains_on_copy_windows_of_its_size(corpus):
         assert torch.equal(p, before[n]) == (id(p) in index), n
 
 
-def test_copy_stage_long_windows_last():
-    """copy_long_length: the last copy_long_share of the steps on long windows, as many tokens per step; without it
-    every step is copy_length x copy_batch."""
-    assert [copy_window_size(TINY, s, 8) for s in range(8)] == [(128, 3)] * 8
-    tc = dataclasses.replace(TINY, copy_long_length=256, copy_long_share=0.25)
-    assert [copy_window_size(tc, s, 8) for s in range(8)] == [(128, 3)] * 6 + [(256, 1)] * 2
-    every = dataclasses.replace(tc, copy_long_share=1.0, copy_long_length=192)
-    assert {copy_window_size(every, s, 5) for s in range(5)} == {(192, 2)}
-    with pytest.raises(ValueError, match="copy_long_share"):
-        copy_window_size(dataclasses.replace(tc, copy_long_share=1.5), 0, 8)
-
-
-def test_copy_stage_draws_its_long_windows(corpus, monkeypatch):
+def test_copy_stage_long_windows_last(corpus, monkeypatch):
+    """copy_long_length: the last copy_long_share of the steps draw long episode windows (one copy episode per
+    copy_length tokens), as many tokens per step; the steps before, and every step without it, are unchanged."""
     import indexcache.tools.train as train_mod
 
     drawn = []
 
-    def recording(n, length, gen, **kw):
-        out = copy_windows(n, length, gen, **kw)
-        drawn.append((tuple(out.shape), kw.get("inner")))
-        return out
+    def recording(fn):
+        def draw(n, length, gen, **kw):
+            out = fn(n, length, gen, **kw)
+            drawn.append((fn.__name__, tuple(out.shape), kw.get("every"), kw.get("max_gap")))
+            return out
+        return draw
 
-    monkeypatch.setattr(train_mod, "copy_windows", recording)
-    tc = dataclasses.replace(TINY, copy_long_length=192, copy_long_share=0.5, copy_inner=96)
+    monkeypatch.setattr(train_mod, "copy_windows", recording(copy_windows))
+    monkeypatch.setattr(train_mod, "copy_episode_windows", recording(copy_episode_windows))
+    tc = dataclasses.replace(TINY, copy_long_length=384, copy_long_share=0.5)
     log = run_stage(_fresh(tc), corpus, "copy", 4, 1e-2, tc, torch.Generator().manual_seed(4), progress=False,
                     log_every=1)
-    assert drawn == [((3, 129), 96), ((3, 129), 96), ((2, 193), 96), ((2, 193), 96)]
+    short, long = ("copy_windows", (3, 129), None, None), ("copy_episode_windows", (1, 385), 128, 104)
+    assert drawn == [short, short, long, long]
     assert log["steps_done"] == 4 and all(r["lm"] is not None for r in log["curve"])
+    g, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(copy_batch(TINY, 3, 4, g), copy_windows(3, 129, ref))  # off by default
+    for bad, match in (({"copy_long_share": 1.5}, "copy_long_share"), ({"copy_long_length": 128}, "copy_long_length")):
+        with pytest.raises(ValueError, match=match):
+            copy_batch(dataclasses.replace(tc, **bad), 0, 8, g)
+
+
+def test_copy_episode_windows():
+    """One episode per ``every`` tokens, each a run and its exact copy after a gap <= max_gap, deterministic in
+    the seed; bad shapes are refused by name."""
+    win, spans = copy_episode_spans(513, 7, every=64, max_gap=40)
+    assert win.shape == (513,) and win[0] == ByteTokenizer.BOS and len(spans) == 8
+    for src, dst, n in spans:
+        assert n == 12 and 0 <= dst - src - n <= 40 and torch.equal(win[src: src + n], win[dst: dst + n])
+    assert sorted({(s - 1) // 64 for s, _, _ in spans}) == list(range(8))  # one per 64-token stretch
+    assert torch.equal(copy_episode_spans(513, 7, 64, 40)[0], win)
+    assert not torch.equal(copy_episode_spans(513, 8, 64, 40)[0], win)
+    with pytest.raises(ValueError, match="cannot hold"):
+        copy_episode_spans(513, 7, every=30, max_gap=40)
+    g = torch.Generator().manual_seed(0)
+    assert copy_episode_windows(3, 200, g, every=64, max_gap=40).shape == (3, 200)
 
 
 def test_copy_stage_resumed_equals_uninterrupted(corpus):
