@@ -14,12 +14,13 @@ attention (the copy stage never trains the indexer, so its top-k is random):
   at the distances training showed.
 
 Training data (``--data``): ``stage``: the copy stage's windows (``tasks.copy_windows``, ``--inner`` as
-``TrainConfig.copy_inner``); ``episodes``: ``--length``-token letter windows holding copy episodes (a 12-letter
-segment repeated after a gap of at most ``--max-gap`` letters) at random positions, one per ``--episode-every``
-tokens: the same short copies, with every distance up to ``--length`` present in every window.
+``TrainConfig.copy_inner``); ``episodes``: ``--length``-token windows with one copy episode per ``--episode-every``
+tokens, its copy distance 12 + 0..``--max-gap`` (``tasks.copy_episode_windows``, the copy stage's long phase).
+``--init`` continues a saved model (the short stage's), as that phase does.
 
     python -m benchmarks.copy_position --data stage --length 64 --steps 1500          # the copy stage, 2 layers
-    python -m benchmarks.copy_position --data episodes --length 256 --steps 1500
+    python -m benchmarks.copy_position --layers 4 --init copy2000.pt --data episodes --length 512 --episode-every 64 \
+        --max-gap 487 --batch 8 --steps 200 --every 100 --eval-lengths 64,256,512,1024   # the long phase
     python -m benchmarks.copy_position --eval-only /work/copy2000.pt --layers 4       # a saved model
 """
 from __future__ import annotations
@@ -41,31 +42,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
-from indexcache.tools.tasks import COPY_ALPHABET, COPY_SEGMENT, copy_window_spans, copy_windows  # noqa: E402
+from indexcache.tools.tasks import COPY_ALPHABET, copy_episode_windows, copy_window_spans, copy_windows  # noqa: E402
 from indexcache.tools.train import PRESETS, _lr_at  # noqa: E402
 from indexcache.tools.trainfwd import attention_qkv, forward_train, random_positions  # noqa: E402
 
 LETTERS = torch.tensor(list(COPY_ALPHABET))
-
-
-def episode_windows(n: int, length: int, gen: torch.Generator, every: int, max_gap: int,
-                    segment: int = COPY_SEGMENT) -> torch.Tensor:
-    """``n`` windows int64 [n, length]: <bos> + random letters with about length/every copy episodes (a segment,
-    then after a gap of 0..max_gap letters the same segment again) at random non-overlapping places."""
-    ids = LETTERS[torch.randint(0, len(LETTERS), (n, length), generator=gen)]
-    ids[:, 0] = ByteTokenizer.BOS
-    span = 2 * segment + max_gap
-    for r in range(n):
-        free, k = 1, max(1, length // every)
-        starts = sorted(torch.randint(1, max(2, length - span), (k,), generator=gen).tolist())
-        for s in starts:
-            s = max(s, free)
-            gap = int(torch.randint(0, max_gap + 1, (1,), generator=gen))
-            if s + 2 * segment + gap > length:
-                break
-            ids[r, s + segment + gap: s + 2 * segment + gap] = ids[r, s: s + segment]
-            free = s + 2 * segment + gap
-    return ids
 
 
 def build(args, topk: int):
@@ -221,7 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=64, help="training window length")
     ap.add_argument("--data", choices=("stage", "episodes"), default="stage")
     ap.add_argument("--inner", type=int, default=None, help="stage data: the copy in a random sub-window")
-    ap.add_argument("--episode-every", type=int, default=48)
+    ap.add_argument("--episode-every", type=int, default=64)
     ap.add_argument("--max-gap", type=int, default=40)
     ap.add_argument("--position-span", type=int, default=None,
                     help="train at random positions: each window's tokens at sorted distinct positions in 0..span-1")
@@ -255,7 +236,7 @@ def main(argv=None) -> int:
         if args.data == "stage":
             ids = copy_windows(args.batch, args.length + 1, gen, inner=args.inner)
         else:
-            ids = episode_windows(args.batch, args.length + 1, gen, args.episode_every, args.max_gap)
+            ids = copy_episode_windows(args.batch, args.length + 1, gen, args.episode_every, args.max_gap)
         opt.zero_grad(set_to_none=True)
         pos = None if args.position_span is None else random_positions(
             ids.shape[0], ids.shape[1], args.position_span, gen)

@@ -262,35 +262,40 @@ def copy_windows(n: int, length: int, gen: torch.Generator, segment: int = COPY_
 
 def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment: int = COPY_SEGMENT,
                        alphabet: bytes = COPY_ALPHABET) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """A long copy window int64 [length]: ``<bos>`` + random letters holding one copy episode per ``every`` tokens
-    (a ``segment``-byte run, then after a gap of 0..``max_gap`` bytes the same run again), each at a random offset
-    in its stretch; the copies as [(source, destination, length)]. The copy density and distances of
-    ``every``-token copy windows, with every distance up to ``length`` in every window: copying learned on short
-    windows alone fails in longer ones (RoPE logits are pinned down only at the distances training showed), and
-    one copy per long window is too little signal to keep it (benchmarks/results/copy_position_cpu.log).
-    Deterministic in (seed, length, every, max_gap)."""
+    """A long copy window int64 [length]: ``<bos>`` + random letters holding (length - 1) // ``every`` copy
+    episodes, each a ``segment``-byte run and, after a gap drawn uniformly from 0..``max_gap`` bytes, the same run
+    again, at random places that do not overlap (episodes may nest); the copies as [(source, destination, length)]
+    in source order. Short windows' copy density with copy distances spread over a long window: copying learned
+    on short windows alone fails in longer ones (RoPE logits are pinned down only at the distances training
+    showed), and one copy per long window is too little signal to keep it (benchmarks/results/
+    copy_position_cpu.log). Deterministic in (seed, length, every, max_gap)."""
     if isinstance(segment, bool) or not isinstance(segment, int) or segment < 2:
         raise ValueError(f"copy segment length must be an integer >= 2, got {segment!r}")
-    if not isinstance(max_gap, int) or max_gap < 0:
-        raise ValueError(f"copy episodes' max gap must be an integer >= 0, got {max_gap!r}")
-    if not isinstance(every, int) or every < 2 * segment + max_gap:
-        raise ValueError(f"one copy episode per {every!r} tokens cannot hold a {segment}-byte run, its copy and a "
-                         f"gap of up to {max_gap}")
-    if not isinstance(length, int) or length < every + 1:
-        raise ValueError(f"copy episode window length must be an integer > every ({every}), got {length!r}")
+    if not isinstance(length, int) or not isinstance(every, int) or not 2 * segment <= every < length:
+        raise ValueError(f"copy episodes need 2 x segment ({2 * segment}) <= every < length, got every {every!r}, "
+                         f"length {length!r}")
+    if not isinstance(max_gap, int) or not 0 <= max_gap <= length - 1 - 2 * segment:
+        raise ValueError(f"copy episodes' max gap must be an integer in [0, length - 1 - 2 x segment = "
+                         f"{length - 1 - 2 * segment}], got {max_gap!r}")
     if len(alphabet) < 2:
         raise ValueError(f"copy alphabet needs at least 2 distinct bytes, got {alphabet!r}")
     rng = random.Random(f"copy-episodes:{seed}:{length}:{every}:{max_gap}")
     text = [ByteTokenizer.BOS] + rng.choices(alphabet, k=length - 1)
-    spans, pos = [], 1
-    while pos + every <= length:
-        gap = rng.randint(0, max_gap)
-        src = pos + rng.randrange(0, every - 2 * segment - gap + 1)
-        dst = src + segment + gap
+    used = [False] * length
+    spans = []
+    for _ in range((length - 1) // every):
+        for _try in range(20):  # a place whose run and copy are both still free (gives up on a crowded window)
+            gap = rng.randint(0, max_gap)
+            src = rng.randint(1, length - 2 * segment - gap)
+            dst = src + segment + gap
+            if not any(used[src: src + segment]) and not any(used[dst: dst + segment]):
+                break
+        else:
+            continue
+        used[src: src + segment] = used[dst: dst + segment] = [True] * segment
         text[dst: dst + segment] = text[src: src + segment]
         spans.append((src, dst, segment))
-        pos += every
-    return torch.tensor(text, dtype=torch.long), spans
+    return torch.tensor(text, dtype=torch.long), sorted(spans)
 
 
 def copy_episode_windows(n: int, length: int, gen: torch.Generator, every: int, max_gap: int,
