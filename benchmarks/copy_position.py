@@ -15,12 +15,13 @@ attention (the copy stage never trains the indexer, so its top-k is random):
 
 Training data (``--data``): ``stage``: the copy stage's windows (``tasks.copy_windows``, ``--inner`` as
 ``TrainConfig.copy_inner``); ``episodes``: ``--length``-token windows with one copy episode per ``--episode-every``
-tokens, its copy distance 12 + 0..``--max-gap`` (``tasks.copy_episode_windows``, the copy stage's long phase).
-``--init`` continues a saved model (the short stage's), as that phase does.
+tokens, its copy distance 12 + 0..``--max-gap`` (``tasks.copy_episode_windows``); ``long-phase``: what the copy
+stage draws in its long phase (``train.copy_batch`` with ``copy_long_length`` = ``--length``, ``--batch`` windows
+a step). ``--init`` continues a saved model (the short windows' stage), as that phase does.
 
     python -m benchmarks.copy_position --data stage --length 64 --steps 1500          # the copy stage, 2 layers
-    python -m benchmarks.copy_position --layers 4 --init copy2000.pt --data episodes --length 512 --episode-every 64 \
-        --max-gap 487 --batch 8 --steps 200 --every 100 --eval-lengths 64,256,512,1024   # the long phase
+    python -m benchmarks.copy_position --layers 4 --init copy2000.pt --data long-phase --length 512 --batch 8 \
+        --steps 200 --every 100 --eval-lengths 64,256,512,1024   # the copy stage's long phase after 64-token copies
     python -m benchmarks.copy_position --eval-only /work/copy2000.pt --layers 4       # a saved model
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
 from indexcache.tools.tasks import COPY_ALPHABET, copy_episode_windows, copy_window_spans, copy_windows  # noqa: E402
-from indexcache.tools.train import PRESETS, _lr_at  # noqa: E402
+from indexcache.tools.train import PRESETS, _lr_at, copy_batch  # noqa: E402
 from indexcache.tools.trainfwd import attention_qkv, forward_train, random_positions  # noqa: E402
 
 LETTERS = torch.tensor(list(COPY_ALPHABET))
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=64, help="training window length")
-    ap.add_argument("--data", choices=("stage", "episodes"), default="stage")
+    ap.add_argument("--data", choices=("stage", "episodes", "long-phase"), default="stage")
     ap.add_argument("--inner", type=int, default=None, help="stage data: the copy in a random sub-window")
     ap.add_argument("--episode-every", type=int, default=64)
     ap.add_argument("--max-gap", type=int, default=40)
@@ -226,6 +227,8 @@ def main(argv=None) -> int:
     if args.init:
         model.load_state_dict(torch.load(args.init))
     gen = torch.Generator().manual_seed(args.seed)
+    long_tc = dataclasses.replace(tc, copy_length=64, copy_batch=args.batch * args.length // 64,
+                                  copy_long_length=args.length, copy_long_share=1.0)
     params = [p for n, p in model.named_parameters() if ".indexer." not in n]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     results, t0, curve = [], time.perf_counter(), []
@@ -233,7 +236,9 @@ def main(argv=None) -> int:
         model.train()
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, args.steps, args.lr, decay=False)
-        if args.data == "stage":
+        if args.data == "long-phase":  # what run_stage("copy") draws in its long phase (TrainConfig.copy_long_*)
+            ids = copy_batch(long_tc, step, args.steps, gen)
+        elif args.data == "stage":
             ids = copy_windows(args.batch, args.length + 1, gen, inner=args.inner)
         else:
             ids = copy_episode_windows(args.batch, args.length + 1, gen, args.episode_every, args.max_gap)

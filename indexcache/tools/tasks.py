@@ -284,7 +284,7 @@ def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment
     used = [False] * length
     spans = []
     for _ in range((length - 1) // every):
-        for _try in range(20):  # a place whose run and copy are both still free (gives up on a crowded window)
+        for _try in range(50):  # a place whose run and copy are both still free (gives up on a crowded window)
             gap = rng.randint(0, max_gap)
             src = rng.randint(1, length - 2 * segment - gap)
             dst = src + segment + gap

@@ -82,12 +82,12 @@ class TrainConfig:
     copy_alphabet: str = "abcdefghijklmnopqrstuvwxyz"
     copy_inner: int | None = None  # the copy inside a random sub-window of this many tokens (tasks.copy_windows)
     # the copy stage's last ``copy_long_share`` of steps on windows of ``copy_long_length`` tokens (None: none)
-    # holding one copy episode per copy_length tokens (``copy_batch``), as many tokens per step. Copying learned on
-    # copy_length-token windows works only there: RoPE makes a head's logit a sum of cosines of the distance,
-    # pinned down only at the distances training showed, so the previous-token heads' logits at unseen distances
-    # rise to and above the one at distance 1 (and their margin was fitted to copy_length keys). Trained on, long
-    # windows work up to about their length (benchmarks/results/copy_position_cpu.log); from scratch they form
-    # no copying within as many steps, hence short windows first
+    # holding one copy episode per copy_length tokens at distances spread over the window (``copy_batch``), as many
+    # tokens per step. Copying learned on copy_length-token windows works only there: RoPE makes a head's logit a
+    # sum of cosines of the distance, pinned down only at the distances training showed, so the previous-token
+    # heads' logits at unseen distances rise to and above the one at distance 1. After the short windows, 200
+    # steps of such 512-token windows made a 4-layer CPU model copy at any offset and distance up to 1024 tokens
+    # (benchmarks/results/copy_position_cpu.log); from scratch, long windows formed no copying in 2000 steps
     copy_long_length: int | None = None
     copy_long_share: float = 0.25
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
@@ -130,6 +130,7 @@ PRESETS = {
                              contexts=(4096, 8192, 16384), task_ratio=0.5, tasks_packed=True, init_std=0.06,
                              init_mlp_out_std=0.0,  # MLPs start at zero: induction forms (see TrainConfig)
                              copy_steps=1500, copy_length=64, copy_batch=256, copy_lr=1e-3,
+                             copy_long_length=8192, copy_long_share=0.25,  # copying at any offset (see above)
                              dense_steps=3000, warmup_steps=200,
                              sparse_steps=500, lr=1e-3, warmup_lr=2e-3, sparse_lr=5e-4),
 }
@@ -240,8 +241,8 @@ def _with_copy_rows(tc: TrainConfig, ids: torch.Tensor, gen: torch.Generator, st
 def copy_batch(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -> torch.Tensor:
     """The copy stage's windows [batch, length + 1] at ``step`` of ``steps``: ``copy_batch`` copy windows of
     ``copy_length`` tokens (tasks.copy_windows), and in the last ``copy_long_share`` of the steps windows of
-    ``copy_long_length`` tokens holding one copy episode per ``copy_length`` tokens (tasks.copy_episode_windows:
-    the short windows' copy density and distances), as many tokens per step."""
+    ``copy_long_length`` tokens holding one copy episode per ``copy_length`` tokens (the short windows' copy
+    density), copy distances uniform over the window (tasks.copy_episode_windows), as many tokens per step."""
     alphabet = tc.copy_alphabet.encode()
     if tc.copy_long_length is not None:
         if not 0.0 <= tc.copy_long_share <= 1.0:
@@ -252,7 +253,7 @@ def copy_batch(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -> 
         if step >= steps - round(tc.copy_long_share * steps):
             batch = max(1, tc.copy_batch * tc.copy_length // tc.copy_long_length)
             return copy_episode_windows(batch, tc.copy_long_length + 1, gen, every=tc.copy_length,
-                                        max_gap=tc.copy_length - 2 * COPY_SEGMENT, alphabet=alphabet)
+                                        max_gap=tc.copy_long_length - 2 * COPY_SEGMENT, alphabet=alphabet)
     return copy_windows(tc.copy_batch, tc.copy_length + 1, gen, alphabet=alphabet, inner=tc.copy_inner)
 
 

@@ -30,7 +30,7 @@ def test_copy_stage_only_when_asked():
     assert stages(TINY)[0] == ("copy", 3, TINY.copy_lr)
     for name in ("fixture", "gpu"):  # the other presets train as before
         assert [s for s, _, _ in stages(PRESETS[name])] == ["dense", "warmup", "sparse"]
-    assert PRESETS["retrieval"].copy_steps > 0
+    assert PRESETS["retrieval"].copy_steps > 0 and PRESETS["retrieval"].copy_long_length == 8192
     # a testbed run planned before the stage existed has no copy fields in its state: its stage indices still hold
     old = {k: v for k, v in dataclasses.asdict(PRESETS["retrieval"]).items() if not k.startswith("copy_")}
     assert stages(TrainConfig(**old))[0][0] == "dense"
@@ -92,7 +92,7 @@ def test_copy_stage_long_windows_last(corpus, monkeypatch):
     tc = dataclasses.replace(TINY, copy_long_length=384, copy_long_share=0.5)
     log = run_stage(_fresh(tc), corpus, "copy", 4, 1e-2, tc, torch.Generator().manual_seed(4), progress=False,
                     log_every=1)
-    short, long = ("copy_windows", (3, 129), None, None), ("copy_episode_windows", (1, 385), 128, 104)
+    short, long = ("copy_windows", (3, 129), None, None), ("copy_episode_windows", (1, 385), 128, 360)
     assert drawn == [short, short, long, long]
     assert log["steps_done"] == 4 and all(r["lm"] is not None for r in log["curve"])
     g, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
@@ -103,17 +103,27 @@ def test_copy_stage_long_windows_last(corpus, monkeypatch):
 
 
 def test_copy_episode_windows():
-    """One episode per ``every`` tokens, each a run and its exact copy after a gap <= max_gap, deterministic in
-    the seed; bad shapes are refused by name."""
-    win, spans = copy_episode_spans(513, 7, every=64, max_gap=40)
-    assert win.shape == (513,) and win[0] == ByteTokenizer.BOS and len(spans) == 8
-    for src, dst, n in spans:
-        assert n == 12 and 0 <= dst - src - n <= 40 and torch.equal(win[src: src + n], win[dst: dst + n])
-    assert sorted({(s - 1) // 64 for s, _, _ in spans}) == list(range(8))  # one per 64-token stretch
-    assert torch.equal(copy_episode_spans(513, 7, 64, 40)[0], win)
-    assert not torch.equal(copy_episode_spans(513, 8, 64, 40)[0], win)
-    with pytest.raises(ValueError, match="cannot hold"):
-        copy_episode_spans(513, 7, every=30, max_gap=40)
+    """About (length - 1) // every episodes, each a run and its exact copy after a gap <= max_gap, no two runs sharing a
+    position, distances spread up to max_gap; deterministic in the seed; bad shapes are refused by name."""
+    gaps, counts = [], []
+    for seed in range(20):
+        win, spans = copy_episode_spans(513, seed, every=64, max_gap=300)
+        assert win.shape == (513,) and win[0] == ByteTokenizer.BOS and 6 <= len(spans) <= 8 and spans == sorted(spans)
+        counts.append(len(spans))
+        taken = [p for src, dst, n in spans for p in list(range(src, src + n)) + list(range(dst, dst + n))]
+        assert len(taken) == len(set(taken)) == len(spans) * 24 and min(taken) >= 1 and max(taken) <= 512
+        for src, dst, n in spans:
+            assert n == 12 and torch.equal(win[src: src + n], win[dst: dst + n])
+            gaps.append(dst - src - n)
+    assert sum(counts) >= 7.5 * 20  # a crowded window may give up on an episode, rarely
+    assert min(gaps) >= 0 and max(gaps) <= 300 and min(gaps) < 60 and max(gaps) > 240
+    win, spans = copy_episode_spans(513, 7, 64, 300)
+    assert torch.equal(copy_episode_spans(513, 7, 64, 300)[0], win)
+    assert not torch.equal(copy_episode_spans(513, 8, 64, 300)[0], win)
+    with pytest.raises(ValueError, match="every"):
+        copy_episode_spans(513, 7, every=20, max_gap=40)
+    with pytest.raises(ValueError, match="max gap"):
+        copy_episode_spans(513, 7, every=64, max_gap=500)
     g = torch.Generator().manual_seed(0)
     assert copy_episode_windows(3, 200, g, every=64, max_gap=40).shape == (3, 200)
 
