@@ -22,7 +22,7 @@ a step). ``--init`` continues a saved model (the short windows' stage), as that 
     python -m benchmarks.copy_position --data stage --length 64 --steps 1500          # the copy stage, 2 layers
     python -m benchmarks.copy_position --layers 4 --init copy2000.pt --data long-phase --length 512 --batch 8 \
         --steps 200 --every 100 --eval-lengths 64,256,512,1024   # the copy stage's long phase after 64-token copies
-    python -m benchmarks.copy_position --eval-only /work/copy2000.pt --layers 4       # a saved model
+    python -m benchmarks.copy_position --eval-only copy2000.pt --layers 4       # a saved model (its own shape)
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
 from indexcache.tools.tasks import COPY_ALPHABET, copy_episode_windows, copy_window_spans, copy_windows  # noqa: E402
 from indexcache.tools.train import PRESETS, _lr_at, copy_batch  # noqa: E402
-from indexcache.tools.trainfwd import attention_qkv, forward_train, random_positions  # noqa: E402
+from indexcache.tools.trainfwd import attention_qkv, forward_train  # noqa: E402
 
 LETTERS = torch.tensor(list(COPY_ALPHABET))
 
@@ -205,8 +205,6 @@ def main(argv=None) -> int:
     ap.add_argument("--inner", type=int, default=None, help="stage data: the copy in a random sub-window")
     ap.add_argument("--episode-every", type=int, default=64)
     ap.add_argument("--max-gap", type=int, default=40)
-    ap.add_argument("--position-span", type=int, default=None,
-                    help="train at random positions: each window's tokens at sorted distinct positions in 0..span-1")
     ap.add_argument("--init", default=None, help="start from this saved state dict instead of random weights")
     ap.add_argument("--every", type=int, default=500, help="evaluate every this many steps")
     ap.add_argument("--eval-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256, 512])
@@ -243,9 +241,7 @@ def main(argv=None) -> int:
         else:
             ids = copy_episode_windows(args.batch, args.length + 1, gen, args.episode_every, args.max_gap)
         opt.zero_grad(set_to_none=True)
-        pos = None if args.position_span is None else random_positions(
-            ids.shape[0], ids.shape[1], args.position_span, gen)
-        lm, _ = forward_train(model, ids, "dense", positions=pos)
+        lm, _ = forward_train(model, ids, "dense")
         lm.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

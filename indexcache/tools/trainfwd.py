@@ -125,24 +125,18 @@ def run_layer_train(model, i: int, h, cos, sin, positions, *, dense: bool, topk_
 
 
 def forward_train(model, ids: torch.Tensor, stage: str, pattern: IndexPattern | None = None, *,
-                  index_backward: bool = True, index_coef: float = 1.0, positions: torch.Tensor | None = None):
+                  index_backward: bool = True, index_coef: float = 1.0):
     """One training forward of ``stage`` ('dense' | 'warmup' | 'sparse') under ``pattern`` (default: model's).
 
     Returns (lm_loss or None, index_loss float or None). The indexer loss of each F layer (against the averaged
     attention of itself and the S layers it serves) is back-propagated right away when ``index_backward``: the
     indexer's input is detached, so its graph is separate from the LM graph and is freed layer by layer.
-    ``positions`` [B,T] int64, strictly increasing along each row (default 0..T-1): the tokens' RoPE positions
-    (``random_positions``: windows whose tokens sit at spread-out positions).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     p = model.resolve_pattern(pattern)
     B, T = ids.shape
-    if positions is None:
-        positions = torch.arange(T, device=ids.device).expand(B, T)
-    elif positions.shape != ids.shape or (T > 1 and bool((positions.diff(dim=1) <= 0).any())):
-        raise ValueError(f"positions must be [batch, seq] = {tuple(ids.shape)} and strictly increasing along each "
-                         f"row, got shape {tuple(positions.shape)}")
+    positions = torch.arange(T, device=ids.device).expand(B, T)
     inp = ids[:, :-1]
     pos = positions[:, :-1]
     h = model.embed(inp)
@@ -184,18 +178,6 @@ def forward_train(model, ids: torch.Tensor, stage: str, pattern: IndexPattern | 
         lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     index_loss = sum(index_losses) / len(index_losses) if index_losses else None
     return lm, index_loss
-
-
-def random_positions(batch: int, length: int, span: int, gen: torch.Generator) -> torch.Tensor:
-    """[batch, length] int64 RoPE positions: 0, then length-1 distinct positions drawn from 1..span-1, sorted.
-
-    A window trained at these positions shows every relative distance up to ``span`` while holding only
-    ``length`` tokens: attention's logit at a distance is a sum of cosines of it (RoPE), only pinned down at the
-    distances training shows, and a copying head learned on short windows alone fails at longer ones."""
-    if not 2 <= length <= span:
-        raise ValueError(f"random positions need 2 <= length <= span, got length {length}, span {span}")
-    picked = torch.rand(batch, span - 1, generator=gen).argsort(-1)[:, :length - 1] + 1
-    return torch.cat([torch.zeros(batch, 1, dtype=torch.long), picked.sort(-1).values], 1)
 
 
 def lm_loss(model, ids: torch.Tensor, pattern=None) -> tuple[float, int]:
