@@ -3,7 +3,9 @@
 
   (a) copy windows like the training ones, of length L (the copy distance grows with L), and
   (b) 64-token training windows with L - 64 random letters inserted after <bos> (the same copy distance, more
-      tokens before it and a farther <bos>).
+      tokens before it and a farther <bos>),
+
+with dense attention: the copy stage trains no indexer, so the model's own top-k would be a random selection.
 
     python -m benchmarks.copy_length_eval --checkpoint runs/copy2000.pt      # CPU, a few seconds
 """
@@ -23,12 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.tools.tasks import COPY_ALPHABET, copy_window_spans  # noqa: E402
 from indexcache.tools.train import PRESETS  # noqa: E402
+from indexcache.tools.trainfwd import dense_logits  # noqa: E402
 
 
 @torch.no_grad()
 def copied_nll(model, rows, cue: int = 4) -> float:
     ids = torch.stack([r for r, _ in rows])
-    nll = F.cross_entropy(model(ids[:, :-1]).logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+    nll = F.cross_entropy(dense_logits(model, ids[:, :-1]).float().transpose(1, 2), ids[:, 1:], reduction="none")
     return float(torch.cat([nll[i, dst + cue - 1: dst + n - 1] for i, (_, (_, dst, n)) in enumerate(rows)]).mean())
 
 

@@ -31,15 +31,16 @@ from indexcache.tools.corpus import load_corpus  # noqa: E402
 from indexcache.tools.probe import copy_probe  # noqa: E402
 from indexcache.tools.tasks import copy_window_spans  # noqa: E402
 from indexcache.tools.train import PRESETS, run_stage  # noqa: E402
+from indexcache.tools.trainfwd import dense_logits  # noqa: E402
 
 
 @torch.no_grad()
 def copy_window_nll(model, length: int, n: int = 8, cue: int = 4) -> float:
     """Mean NLL (nats) of the copied bytes after the first ``cue`` of each copy, on ``n`` held-out copy windows
-    (seeds the training draws never use: they are below 2**31)."""
+    (seeds the training draws never use: they are below 2**31), with dense attention."""
     rows = [copy_window_spans(length, (1 << 40) + i) for i in range(n)]
     ids = torch.stack([w for w, _ in rows])
-    nll = F.cross_entropy(model(ids[:, :-1]).logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+    nll = F.cross_entropy(dense_logits(model, ids[:, :-1]).float().transpose(1, 2), ids[:, 1:], reduction="none")
     picked = [nll[r, dst + cue - 1: dst + size - 1] for r, (_, spans) in enumerate(rows) for _, dst, size in spans]
     return float(torch.cat(picked).mean())
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     curve, t0 = [], time.perf_counter()
 
     def probe(stage: str, step: int) -> None:
-        res = copy_probe(model, test)
+        res = copy_probe(model, test, dense=True)  # the indexers are untrained: their top-k hides keys at random
         win = copy_window_nll(model, tc.copy_length)
         curve.append({"stage": stage, "step": step, "probe_nll": res["nll"], "by_distance": res["nll_by_distance"],
                       "copy_window_nll": win, "seconds": time.perf_counter() - t0})

@@ -182,7 +182,7 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
             return False
         if stage == "copy":  # did copying form? known a minute in, not after the whole training
             tr["copy_probe_after_copy_stage"] = probe_copy(model, s, load_corpus("test"), device,
-                                                           "after the copy warm-up")
+                                                           "after the copy warm-up, dense", dense=True)
         tr["stage"], tr["step"], opt_state = tr["stage"] + 1, 0, None
         # the next stage starts with a fresh optimizer: drop the finished stage's state from the checkpoint
         torch.save({"model": model.state_dict(), "opt": None, "gen": gen.get_state()}, ck_path)
@@ -194,12 +194,13 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
     return True
 
 
-def probe_copy(model, s: Settings, test, device, when: str) -> dict:
-    """The copy probe (tools/probe.py), printed; the smoke run's 256-token context gets a small one."""
+def probe_copy(model, s: Settings, test, device, when: str, dense: bool = False) -> dict:
+    """The copy probe (tools/probe.py), printed; the smoke run's 256-token context gets a small one. ``dense``
+    before the indexers are trained (their top-k would hide the copy's source at random)."""
     full_size = s.eval_context >= 1024
     res = copy_probe(model, test, length=1024 if full_size else s.eval_context,
                      distances=(64, 300, 800) if full_size else (32,), span=32 if full_size else 8, cue=2,
-                     device=device)
+                     device=device, dense=dense)
     print(f"[testbed] copy probe ({when}): {res['nll']:.3f} nats per copied byte (cannot copy: >= {res['chance']:.3f})",
           flush=True)
     return res
