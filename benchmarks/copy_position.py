@@ -23,6 +23,14 @@ a step). ``--init`` continues a saved model (the short windows' stage), as that 
     python -m benchmarks.copy_position --layers 4 --init copy2000.pt --data long-phase --length 512 --batch 8 \
         --steps 200 --every 100 --eval-lengths 64,256,512,1024   # the copy stage's long phase after 64-token copies
     python -m benchmarks.copy_position --eval-only copy2000.pt --layers 4       # a saved model (its own shape)
+
+On a GPU, the retrieval preset's copy stage with its own model (bf16 autocast as run_stage), a few minutes:
+
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data stage --length 64 --batch 256 \
+        --steps 1125 --every 375 --eval-lengths 64,1024,4096 --save /tmp/short.pt --results copy_position_short
+    python -m benchmarks.copy_position --testbed-shape --device cuda --init /tmp/short.pt --data long-phase \
+        --length 8192 --batch 2 --steps 375 --every 125 --eval-lengths 64,1024,4096,8192,16384 \
+        --results copy_position_long
 """
 from __future__ import annotations
 
@@ -40,12 +48,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import run_metadata, table, write_results  # noqa: E402
 from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
 from indexcache.tools.tasks import COPY_ALPHABET, copy_episode_windows, copy_window_spans, copy_windows  # noqa: E402
 from indexcache.tools.train import PRESETS, _lr_at, copy_batch  # noqa: E402
-from indexcache.tools.trainfwd import attention_qkv, forward_train  # noqa: E402
+from indexcache.tools.trainfwd import attention_qkv, dense_logits, forward_train  # noqa: E402
 
 LETTERS = torch.tensor(list(COPY_ALPHABET))
 
@@ -53,19 +62,36 @@ LETTERS = torch.tensor(list(COPY_ALPHABET))
 def build(args, topk: int):
     base = PRESETS["retrieval"]
     w = args.width
-    tc = dataclasses.replace(base, layers=args.layers, hidden=w, heads=args.heads, q_lora=min(w, 128),
-                             kv_lora=min(w, 128), nope=args.nope, rope=args.rope, v=32, mlp=3 * w, index_heads=2,
-                             index_dim=max(32, args.rope), topk=topk,
-                             init_std=base.init_std if args.init_std is None else args.init_std)
+    if args.testbed_shape:  # the retrieval preset's own model (16 layers, width 256)
+        tc = dataclasses.replace(base, topk=topk)
+    else:
+        tc = dataclasses.replace(base, layers=args.layers, hidden=w, heads=args.heads, q_lora=min(w, 128),
+                                 kv_lora=min(w, 128), nope=args.nope, rope=args.rope, v=32, mlp=3 * w,
+                                 index_heads=2, index_dim=max(32, args.rope), topk=topk,
+                                 init_std=base.init_std if args.init_std is None else args.init_std)
     cfg = dataclasses.replace(tc.model_config(), rope_theta=args.rope_theta)
-    return tc, build_empty(cfg, "cpu", torch.float32)
+    return tc, build_empty(cfg, args.device, torch.float32)
+
+
+def _autocast(model):
+    """bf16 autocast on a GPU, as run_stage trains."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(model.parameters()).is_cuda)
 
 
 @torch.no_grad()
-def copied_nll(model, rows, cue: int = 4) -> float:
-    ids = torch.stack([r for r, _ in rows])
-    nll = F.cross_entropy(model(ids[:, :-1]).logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return float(torch.cat([nll[i, dst + cue - 1: dst + n - 1] for i, (_, (_, dst, n)) in enumerate(rows)]).mean())
+def copied_nll(model, rows, cue: int = 4, chunk: int = 4) -> float:
+    """Mean NLL of the copied letters after a ``cue``, dense attention (trainfwd.dense_logits), ``chunk`` rows at
+    a time."""
+    device = next(model.parameters()).device
+    picked = []
+    for c in range(0, len(rows), chunk):
+        part = rows[c: c + chunk]
+        ids = torch.stack([r for r, _ in part]).to(device)
+        with _autocast(model):
+            logits = dense_logits(model, ids[:, :-1])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        picked += [nll[i, dst + cue - 1: dst + n - 1] for i, (_, (_, dst, n)) in enumerate(part)]
+    return float(torch.cat(picked).mean())
 
 
 def length_table(model, lengths, windows: int) -> dict:
@@ -83,7 +109,8 @@ def previous_token_heads(model, length: int = 512, n: int = 4) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     ids = LETTERS[torch.randint(0, len(LETTERS), (n, length), generator=g)]
     ids[:, 0] = ByteTokenizer.BOS
-    pos = torch.arange(length).expand(n, length)
+    ids = ids.to(next(model.parameters()).device)
+    pos = torch.arange(length, device=ids.device).expand(n, length)
     h = model.embed(ids)
     cos, sin = model.rope(pos, h.dtype)
     layer = model.layers[0]
@@ -91,12 +118,13 @@ def previous_token_heads(model, length: int = 512, n: int = 4) -> list[dict]:
     s = torch.einsum("bhtd,bhsd->bhts", q, k) * model.config.softmax_scale
     p = s.masked_fill(~causal_mask(pos, pos)[:, None], float("-inf")).softmax(-1)
     # the same queries over a 64-token window: attention renormalised over its last 64 keys (bos excluded)
-    late = torch.arange(length - 16, length)
+    late = torch.arange(length - 16, length, device=ids.device)
     out = []
     for hh in range(q.shape[1]):
         s64 = torch.stack([s[:, hh, t, t - 63: t + 1] for t in late], 1)  # 64 keys ending at t
         p64 = s64.softmax(-1)[..., -2]
-        prof = {d: float(s[:, hh, torch.arange(64 + d, length), torch.arange(64, length - d)].mean())
+        prof = {d: float(s[:, hh, torch.arange(64 + d, length, device=ids.device),
+                           torch.arange(64, length - d, device=ids.device)].mean())
                 for d in range(1, length - 64)}
         out.append({"prev_attn_64": float(p64.mean()),
                     "prev_attn_full": float(p[:, hh, late, late - 1].mean()),
@@ -121,9 +149,9 @@ def head_roles(model, shift: int, windows: int, cue: int = 4) -> list[list[tuple
     predicting t+1) on <bos>, on the previous token, and on the induction source (the letter after the earlier
     occurrence of t: src + t - dst + 1), in shifted 64-token windows (dense attention)."""
     rows = shifted_rows(shift, windows)
-    ids = torch.stack([r for r, _ in rows])
+    ids = torch.stack([r for r, _ in rows]).to(next(model.parameters()).device)
     B, T = ids.shape
-    pos = torch.arange(T).expand(B, T)
+    pos = torch.arange(T, device=ids.device).expand(B, T)
     h = model.embed(ids)
     cos, sin = model.rope(pos, h.dtype)
     out = []
@@ -134,9 +162,9 @@ def head_roles(model, shift: int, windows: int, cue: int = 4) -> list[list[tuple
         sums = torch.zeros(p.shape[1], 3)
         count = 0
         for b, (_, (src, dst, n)) in enumerate(rows):
-            t = torch.arange(dst + cue - 1, dst + n - 1)
+            t = torch.arange(dst + cue - 1, dst + n - 1, device=ids.device)
             sums += torch.stack([p[b, :, t, 0].sum(-1), p[b, :, t, t - 1].sum(-1),
-                                 p[b, :, t, src + t - dst + 1].sum(-1)], -1)
+                                 p[b, :, t, src + t - dst + 1].sum(-1)], -1).cpu()
             count += len(t)
         out.append([tuple(round(float(x), 2) for x in r) for r in sums / count])
         o = torch.einsum("bhts,bhsd->bthd", p, v)
@@ -150,11 +178,11 @@ def bos_moved(model, shift: int, windows: int, cue: int = 4) -> float:
     """Copied NLL of the shifted windows with <bos> given position ``shift`` (the inserted letters 0..shift-1):
     <bos> sits at its unshifted distance from the copy, only the inserted letters are new."""
     rows = shifted_rows(shift, windows)
-    ids = torch.stack([r for r, _ in rows])
+    ids = torch.stack([r for r, _ in rows]).to(next(model.parameters()).device)
     T = ids.shape[1] - 1
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=ids.device)
     pos[0] = shift
-    pos[1:shift + 1] = torch.arange(shift)
+    pos[1:shift + 1] = torch.arange(shift, device=ids.device)
     logits = model(ids[:, :-1], positions=pos.expand(len(rows), T)).logits.float()
     nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     return float(torch.cat([nll[i, dst + cue - 1: dst + n - 1] for i, (_, (_, dst, n)) in enumerate(rows)]).mean())
@@ -212,18 +240,23 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-only", default=None, help="evaluate this saved state dict, no training")
     ap.add_argument("--save", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--testbed-shape", action="store_true",
+                    help="the retrieval preset's own model (16 layers, width 256) instead of --layers/--width/...")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", default=None, help="also write the JSON as NAME.json (common.write_results: $OUT)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     tc, model = build(args, topk=max(args.eval_lengths + [args.length]))  # top-k >= every window: dense
     if args.eval_only:
-        model.load_state_dict(torch.load(args.eval_only))
+        model.load_state_dict(torch.load(args.eval_only, map_location=args.device))
         res = evaluate(model, args, f"{args.eval_only}")
         res["analysis"] = analyse(model, args)
         print(json.dumps(res))
         return 0
     model.init_random(args.seed, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)
     if args.init:
-        model.load_state_dict(torch.load(args.init))
+        model.load_state_dict(torch.load(args.init, map_location=args.device))
     gen = torch.Generator().manual_seed(args.seed)
     long_tc = dataclasses.replace(tc, copy_length=64, copy_batch=args.batch * args.length // 64,
                                   copy_long_length=args.length, copy_long_share=1.0)
@@ -241,7 +274,8 @@ def main(argv=None) -> int:
         else:
             ids = copy_episode_windows(args.batch, args.length + 1, gen, args.episode_every, args.max_gap)
         opt.zero_grad(set_to_none=True)
-        lm, _ = forward_train(model, ids, "dense")
+        with _autocast(model):
+            lm, _ = forward_train(model, ids.to(args.device), "dense")
         lm.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -255,7 +289,12 @@ def main(argv=None) -> int:
     results[-1]["analysis"] = analyse(model, args)
     if args.save:
         torch.save(model.state_dict(), args.save)
-    print(json.dumps({"args": vars(args), "results": results}))
+    payload = {"meta": run_metadata(), "args": vars(args), "results": results}
+    print(json.dumps(payload))
+    if args.results:
+        write_results(args.results, payload)
+    print(table([{"L": L, "(a) copy window": a, "(b) shifted 64-window": b}
+                 for L, (a, b) in results[-1]["table"].items()], ["L", "(a) copy window", "(b) shifted 64-window"]))
     return 0
 
 
