@@ -29,7 +29,7 @@ On a GPU, the retrieval preset's copy stage with its own model (bf16 autocast as
     python -m benchmarks.copy_position --testbed-shape --device cuda --data stage --length 64 --batch 256 \
         --steps 1125 --every 375 --eval-lengths 64,1024,4096 --save /tmp/short.pt --results copy_position_short
     python -m benchmarks.copy_position --testbed-shape --device cuda --init /tmp/short.pt --data long-phase \
-        --length 8192 --batch 2 --steps 375 --every 125 --eval-lengths 64,1024,4096,8192,16384 \
+        --length 16384 --batch 1 --steps 375 --every 125 --eval-lengths 64,1024,4096,16384 \
         --results copy_position_long
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ def test_copy_stage_only_when_asked():
     assert stages(TINY)[0] == ("copy", 3, TINY.copy_lr)
     for name in ("fixture", "gpu"):  # the other presets train as before
         assert [s for s, _, _ in stages(PRESETS[name])] == ["dense", "warmup", "sparse"]
-    assert PRESETS["retrieval"].copy_steps > 0 and PRESETS["retrieval"].copy_long_length == 8192
+    assert PRESETS["retrieval"].copy_steps > 0 and PRESETS["retrieval"].copy_long_length == 16384
     # a testbed run planned before the stage existed has no copy fields in its state: its stage indices still hold
     old = {k: v for k, v in dataclasses.asdict(PRESETS["retrieval"]).items() if not k.startswith("copy_")}
     assert stages(TrainConfig(**old))[0][0] == "dense"
