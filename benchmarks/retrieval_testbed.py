@@ -38,19 +38,20 @@ from indexcache.tools.probe import copy_probe  # noqa: E402
 from indexcache.tools.ruler import ruler_suite  # noqa: E402
 from indexcache.tools.search import greedy_search  # noqa: E402
 from indexcache.tools.tasks import TASKS  # noqa: E402
-from indexcache.tools.train import PRESETS, TrainConfig, run_stage  # noqa: E402
+from indexcache.tools.train import PRESETS, TrainConfig, run_stage, stages  # noqa: E402
 
 KEEPS = ("1/2", "1/4", "1/8")
 PRIORITY = ("1/4", "1/2", "1/8")  # evaluation order: the paper's headline ratio first, so a short run has it
-STAGES = (("dense", "lr"), ("warmup", "warmup_lr"), ("sparse", "sparse_lr"))
-SHARES = {"dense": 0.72, "warmup": 0.08, "sparse": 0.20}  # of the training time
+SHARES = {"dense": 0.72, "warmup": 0.08, "sparse": 0.20}  # of the training time a copy warm-up leaves
+COPY_MAX_SHARE = 0.125  # the copy warm-up runs the preset's steps, or fewer if they would take more of the time
 DOCS_START, DOCS_END = "<!-- retrieval-testbed:start -->", "<!-- retrieval-testbed:end -->"
 
 
 @dataclasses.dataclass
 class Settings:
     tc: TrainConfig
-    train_seconds: float      # total training time (split over the stages by SHARES; step counts fixed once)
+    train_seconds: float      # total training time (copy warm-up first, the rest split by SHARES; step counts
+    #                           fixed once)
     suite_lengths: tuple
     suite_n: int
     suite_tasks: tuple
@@ -67,6 +68,7 @@ def settings(args) -> Settings:
     if args.smoke:
         tc = TrainConfig(layers=4, hidden=32, heads=2, q_lora=32, kv_lora=32, nope=16, rope=16, v=16, mlp=64,
                          index_heads=2, index_dim=16, topk=16, context=512, batch=1, task_ratio=0.5,
+                         copy_steps=2, copy_length=128, copy_batch=2,
                          dense_steps=2, warmup_steps=1, sparse_steps=1, max_train_bytes=300_000)
         return Settings(tc, 0.0, (256,), 1, ("kv_single",), 1, 256, 1, (1, 1), 1,
                         {"probe": 5, "overlap": 5, "search": 10, "row": 10, "distill": 10}, ("1/2",))
@@ -116,11 +118,13 @@ class Work:
 
 # ----- training (resumable) ----------------------------------------------------------------------------------------
 def plan_steps(tc: TrainConfig, seconds: float, device, corpus) -> TrainConfig:
-    """Fixed step counts from a time budget, by timing 2 steps of each stage on a throwaway model."""
+    """Fixed step counts from a time budget, by timing 3 steps of each stage on a throwaway model: the copy
+    warm-up keeps its steps if they fit in ``COPY_MAX_SHARE`` of the time (else as many as do), the other stages
+    share what it leaves by ``SHARES``."""
     if seconds <= 0:
         return tc
     steps = {}
-    for stage, _ in STAGES:
+    for stage, _, _ in stages(tc):
         m = tc.init_weights(build_empty(tc.model_config(), device, torch.float32))
         g = torch.Generator().manual_seed(99)
         # warm every window length the timed steps use (their first step pays for autotuning and allocation)
@@ -130,9 +134,13 @@ def plan_steps(tc: TrainConfig, seconds: float, device, corpus) -> TrainConfig:
         run_stage(m, corpus, stage, 3, 1e-4, tc, g, progress=False)
         _sync(device)
         per = (time.perf_counter() - t) / 3
-        steps[stage] = max(5, int(SHARES[stage] * seconds / per))
-    return dataclasses.replace(tc, dense_steps=steps["dense"], warmup_steps=steps["warmup"],
-                               sparse_steps=steps["sparse"])
+        if stage == "copy":
+            steps["copy"] = min(tc.copy_steps, max(5, int(COPY_MAX_SHARE * seconds / per)))
+            seconds -= steps["copy"] * per
+        else:
+            steps[stage] = max(5, int(SHARES[stage] * seconds / per))
+    return dataclasses.replace(tc, copy_steps=steps.get("copy", 0), dense_steps=steps["dense"],
+                               warmup_steps=steps["warmup"], sparse_steps=steps["sparse"])
 
 
 def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float) -> bool:
@@ -154,9 +162,9 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
         gen.set_state(ck["gen"])
         opt_state = ck["opt"]
     tr = st["train"]
-    while tr["stage"] < len(STAGES):
-        stage, lr_key = STAGES[tr["stage"]]
-        total = getattr(tc, f"{stage}_steps")
+    recipe = stages(tc)  # a run planned before the copy warm-up existed has no copy_steps: its indices still hold
+    while tr["stage"] < len(recipe):
+        stage, total, lr = recipe[tr["stage"]]
 
         def checkpoint(next_step, opt, stage_i=tr["stage"]):
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state()}, ck_path + ".tmp")
@@ -164,7 +172,7 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
             tr["stage"], tr["step"] = stage_i, next_step
             work.save()
 
-        log = run_stage(model, corpus, stage, total, getattr(tc, lr_key), tc, gen, deadline=work.deadline(30),
+        log = run_stage(model, corpus, stage, total, lr, tc, gen, deadline=work.deadline(30),
                         start_step=tr["step"], opt_state=opt_state, checkpoint=checkpoint,
                         checkpoint_every_s=checkpoint_every, progress=False)
         tr["logs"].append({k: log[k] for k in ("stage", "start_step", "steps_done", "seconds", "curve")})
@@ -172,15 +180,30 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
             work.save()
             print(f"[testbed] training: {stage} at step {tr['step']}/{total}; resume to continue", flush=True)
             return False
+        if stage == "copy":  # did copying form? known a minute in, not after the whole training
+            tr["copy_probe_after_copy_stage"] = probe_copy(model, s, load_corpus("test"), device,
+                                                           "after the copy warm-up, dense", dense=True)
         tr["stage"], tr["step"], opt_state = tr["stage"] + 1, 0, None
         # the next stage starts with a fresh optimizer: drop the finished stage's state from the checkpoint
         torch.save({"model": model.state_dict(), "opt": None, "gen": gen.get_state()}, ck_path)
         work.save()
     save_checkpoint(model, os.path.join(work.path, "model"), extra_config={
         "tokenizer": ByteTokenizer.description(),
-        "training": {"recipe": "dense -> indexer warm-up -> sparse; stdlib corpus mixed with synthetic retrieval "
-                               "tasks (tools/tasks.py)", "train_config": st["train_config"]}})
+        "training": {"recipe": " -> ".join(name for name, _, _ in recipe) + "; stdlib corpus mixed with synthetic "
+                               "retrieval tasks (tools/tasks.py)", "train_config": st["train_config"]}})
     return True
+
+
+def probe_copy(model, s: Settings, test, device, when: str, dense: bool = False) -> dict:
+    """The copy probe (tools/probe.py), printed; the smoke run's 256-token context gets a small one. ``dense``
+    before the indexers are trained (their top-k would hide the copy's source at random)."""
+    full_size = s.eval_context >= 1024
+    res = copy_probe(model, test, length=1024 if full_size else s.eval_context,
+                     distances=(64, 300, 800) if full_size else (32,), span=32 if full_size else 8, cue=2,
+                     device=device, dense=dense)
+    print(f"[testbed] copy probe ({when}): {res['nll']:.3f} nats per copied byte (cannot copy: >= {res['chance']:.3f})",
+          flush=True)
+    return res
 
 
 def _sync(device):
@@ -268,13 +291,7 @@ def _run(args, s: Settings, work: Work, device) -> int:
         return sr.to_json()
 
     def probe():
-        full_size = s.eval_context >= 1024  # the smoke run's 256-token context gets a small probe
-        res = copy_probe(model, test, length=1024 if full_size else s.eval_context,
-                         distances=(64, 300, 800) if full_size else (32,), span=32 if full_size else 8, cue=2,
-                         device=device)
-        print(f"[testbed] copy probe: {res['nll']:.3f} nats per copied byte (cannot copy: >= {res['chance']:.3f})",
-              flush=True)
-        return res
+        return probe_copy(model, s, test, device, "trained model")
 
     # the copy probe and full DSA first: the first signs of whether the model can retrieve at all
     if not (work.unit("probe: copy", probe) and work.unit("overlap", overlap)

@@ -15,14 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from .corpus import ByteTokenizer, Corpus
+from .trainfwd import dense_logits
 
 HEX_CHANCE = math.log(16)
 
 
 @torch.no_grad()
 def copy_probe(model, corpus: Corpus, *, length: int = 1024, distances=(64, 300, 800), per_distance: int = 4,
-               span: int = 32, cue: int = 4, seed: int = 0, pattern=None, device="cpu") -> dict:
-    """Mean NLL (nats) of the copied bytes per distance and overall, with ``chance`` = ln 16."""
+               span: int = 32, cue: int = 4, seed: int = 0, pattern=None, device="cpu", dense: bool = False) -> dict:
+    """Mean NLL (nats) of the copied bytes per distance and overall, with ``chance`` = ln 16.
+
+    ``dense``: every layer attends to all earlier tokens (trainfwd.dense_logits; ``pattern`` unused), for a model
+    whose indexers are not trained yet: their top-k would hide most of the copy's source at random."""
     if length < 2 * span + max(distances) + 2:
         raise ValueError(f"copy probe: length {length} is too short for distance {max(distances)} and span {span}")
     if not 0 <= cue < span:
@@ -40,7 +44,7 @@ def copy_probe(model, corpus: Corpus, *, length: int = 1024, distances=(64, 300,
             rows.append([ByteTokenizer.BOS] + raw)
             spans.append((d, a + d + span + 1))  # the second copy's first byte, in row coordinates
     ids = torch.tensor(rows, device=device)
-    logits = model(ids[:, :-1], pattern=pattern).logits.float()
+    logits = (dense_logits(model, ids[:, :-1]) if dense else model(ids[:, :-1], pattern=pattern).logits).float()
     nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # nll[:, p] predicts ids[:, p+1]
     by_d: dict[int, list[float]] = {}
     for row, (d, b) in zip(nll, spans):

@@ -214,3 +214,92 @@ def mixed_windows(corpus: Corpus, n: int, length: int, ratio: float, gen: torch.
         rows[r] = (packed_window(corpus, length, seed, tasks, tokens_per_episode, task_share) if packed
                    else make_item(corpus, task, length, seed, 0).ids())
     return rows
+
+
+# ----- copy warm-up windows ---------------------------------------------------------------------------------------
+# the random text's alphabet: with one alphabet drawn per window from letters, hex, identifier and printable
+# characters, a 4-layer model did not learn to copy within 1500 steps; on letters alone it did
+COPY_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
+COPY_SEGMENT = 12  # bytes in the repeated segment
+
+
+def copy_window_spans(length: int, seed: int, segment: int = COPY_SEGMENT, alphabet: bytes = COPY_ALPHABET,
+                      inner: int | None = None) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """A pure copy window int64 [length]: ``<bos>`` + random lowercase letters (``COPY_ALPHABET``) in which one segment of ``segment`` bytes starting in the first half reappears once, later and not
+    overlapping; its copy as [(source, destination, length)] in window positions.
+    Induction (find the earlier occurrence, continue it) is the only way to predict the copy past its first bytes.
+    64-token windows of letters with one copy are what a from-scratch 4-layer model learned copying from on a CPU
+    in ~1500 steps; 128-token windows with two copies, or mixed alphabets, did not in as many
+    (benchmarks/results/copy_warmup_cpu.log). ``inner``: the source and its copy lie in a sub-window of ``inner``
+    tokens at a random offset (the copy distance of an ``inner``-token window, more tokens before it); copying
+    learned on short windows alone fails once more tokens precede it (copy_length_eval_cpu.log).
+    Deterministic in (seed, length, inner)."""
+    if inner is not None and not 4 * segment <= inner <= length:
+        raise ValueError(f"copy sub-window must be in [{4 * segment}, length={length}], got {inner!r}")
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 2:
+        raise ValueError(f"copy segment length must be an integer >= 2, got {segment!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 4 * segment:
+        raise ValueError(f"copy window length must be an integer >= 4 x the segment ({4 * segment}), got {length!r}")
+    rng = random.Random(f"copy:{seed}:{length}")
+    if len(alphabet) < 2:
+        raise ValueError(f"copy alphabet needs at least 2 distinct bytes, got {alphabet!r}")
+    text = [ByteTokenizer.BOS] + rng.choices(alphabet, k=length - 1)
+    span = length if inner is None else inner
+    off = 0 if inner is None else rng.randrange(0, length - inner + 1)  # positions off+1 .. off+span-1
+    half = (span - 1) // 2
+    src = off + rng.randrange(1, half - segment + 1)
+    dst = rng.randrange(src + segment, off + span - segment + 1)
+    text[dst: dst + segment] = text[src: src + segment]
+    return torch.tensor(text, dtype=torch.long), [(src, dst, segment)]
+
+
+def copy_windows(n: int, length: int, gen: torch.Generator, segment: int = COPY_SEGMENT,
+                 alphabet: bytes = COPY_ALPHABET, inner: int | None = None) -> torch.Tensor:
+    """``n`` copy windows int64 [n, length] (``copy_window_spans``), their seeds drawn from ``gen``."""
+    seeds = torch.randint(0, 1 << 31, (n,), generator=gen).tolist()
+    return torch.stack([copy_window_spans(length, s, segment, alphabet, inner)[0] for s in seeds])
+
+
+def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment: int = COPY_SEGMENT,
+                       alphabet: bytes = COPY_ALPHABET) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """A long copy window int64 [length]: ``<bos>`` + random letters holding (length - 1) // ``every`` copy
+    episodes, each a ``segment``-byte run and, after a gap drawn uniformly from 0..``max_gap`` bytes, the same run
+    again, at random places that do not overlap (episodes may nest); the copies as [(source, destination, length)]
+    in source order. Short windows' copy density with copy distances spread over a long window: copying learned
+    on short windows alone fails in longer ones (RoPE logits are pinned down only at the distances training
+    showed), and one copy per long window is too little signal to keep it (benchmarks/results/
+    copy_position_cpu.log). Deterministic in (seed, length, every, max_gap)."""
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 2:
+        raise ValueError(f"copy segment length must be an integer >= 2, got {segment!r}")
+    if not isinstance(length, int) or not isinstance(every, int) or not 2 * segment <= every < length:
+        raise ValueError(f"copy episodes need 2 x segment ({2 * segment}) <= every < length, got every {every!r}, "
+                         f"length {length!r}")
+    if not isinstance(max_gap, int) or not 0 <= max_gap <= length - 1 - 2 * segment:
+        raise ValueError(f"copy episodes' max gap must be an integer in [0, length - 1 - 2 x segment = "
+                         f"{length - 1 - 2 * segment}], got {max_gap!r}")
+    if len(alphabet) < 2:
+        raise ValueError(f"copy alphabet needs at least 2 distinct bytes, got {alphabet!r}")
+    rng = random.Random(f"copy-episodes:{seed}:{length}:{every}:{max_gap}")
+    text = [ByteTokenizer.BOS] + rng.choices(alphabet, k=length - 1)
+    used = [False] * length
+    spans = []
+    for _ in range((length - 1) // every):
+        for _try in range(50):  # a place whose run and copy are both still free (gives up on a crowded window)
+            gap = rng.randint(0, max_gap)
+            src = rng.randint(1, length - 2 * segment - gap)
+            dst = src + segment + gap
+            if not any(used[src: src + segment]) and not any(used[dst: dst + segment]):
+                break
+        else:
+            continue
+        used[src: src + segment] = used[dst: dst + segment] = [True] * segment
+        text[dst: dst + segment] = text[src: src + segment]
+        spans.append((src, dst, segment))
+    return torch.tensor(text, dtype=torch.long), sorted(spans)
+
+
+def copy_episode_windows(n: int, length: int, gen: torch.Generator, every: int, max_gap: int,
+                         segment: int = COPY_SEGMENT, alphabet: bytes = COPY_ALPHABET) -> torch.Tensor:
+    """``n`` long copy windows int64 [n, length] (``copy_episode_spans``), their seeds drawn from ``gen``."""
+    seeds = torch.randint(0, 1 << 31, (n,), generator=gen).tolist()
+    return torch.stack([copy_episode_spans(length, s, every, max_gap, segment, alphabet)[0] for s in seeds])

@@ -1,5 +1,7 @@
 """Train a small DSA model on the stdlib corpus, DeepSeek-V3.2's DSA recipe in miniature:
 
+0. (optional, ``copy_steps``) copy warm-up: dense attention on short windows of random text in which a segment
+   repeats (tasks.copy_windows), so the heads that copy from context form first, cheaply;
 1. dense pre-training: attention over all causal tokens, LM loss, indexers unused;
 2. indexer warm-up: only the indexers train, KL(p_t || softmax(I_t)), p_t = head-averaged dense attention;
 3. sparse training: top-k on; indexer loss over the selected set (indexer input detached) + LM loss for the rest.
@@ -21,7 +23,7 @@ from ..config import ModelConfig
 from ..distributed.training import any_rank, clip_grad_norm_, reduce_gradients
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
-from .tasks import mixed_windows
+from .tasks import COPY_SEGMENT, copy_episode_windows, copy_windows, mixed_windows
 from .trainfwd import forward_train
 
 
@@ -65,7 +67,32 @@ class TrainConfig:
     # batch x context. The warm-up and sparse stages skip lengths above ``context``: their masked training
     # forward holds [B, heads, T, T] attention per layer for the backward
     contexts: tuple | None = None
-    time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages
+    # copy warm-up stage before the dense one (0: none): dense attention on ``copy_batch`` pure copy windows of
+    # ``copy_length`` tokens per step (tasks.copy_windows). From scratch, the testbed's model never formed
+    # copying heads from code and packed task windows within its dense budget. A 4-layer model learned to copy
+    # from 64-token windows of letters with one repeated segment in ~1500 steps (not from longer or mixed ones)
+    copy_steps: int = 0
+    copy_length: int = 64
+    copy_batch: int = 256
+    copy_lr: float = 1e-3
+    # share of each dense-stage batch made of copy windows packed end to end (0: none): keeps the copying heads
+    # of the copy stage alive while the model meets the corpus (without it they collapsed within 100 dense steps)
+    copy_share: float = 0.0
+    # the copy windows' random text (bytes); letters are what the copying heads form on from scratch
+    copy_alphabet: str = "abcdefghijklmnopqrstuvwxyz"
+    copy_inner: int | None = None  # the copy inside a random sub-window of this many tokens (tasks.copy_windows)
+    # the copy stage's last ``copy_long_share`` of steps on windows of ``copy_long_length`` tokens (None: none)
+    # holding one copy episode per copy_length tokens at distances spread over the window (``copy_batch``), as many
+    # tokens per step. Copying learned on copy_length-token windows works only there: RoPE makes a head's logit a
+    # sum of cosines of the distance, pinned down only at the distances training showed, so the previous-token
+    # heads' logits at unseen distances rise to and above the one at distance 1. After the short windows, 200
+    # steps of such 512-token windows made a 4-layer CPU model copy at any offset and distance up to 512 tokens,
+    # less surely beyond (benchmarks/results/copy_position_cpu.log): make it the longest length that must work.
+    # From scratch, long windows formed no copying in 2000 steps
+    copy_long_length: int | None = None
+    copy_long_share: float = 0.25
+    time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
+    #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
     def training_windows(self, corpus, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
         """``n`` windows of ``length`` tokens in this config's mix of corpus code and retrieval tasks."""
@@ -103,9 +130,14 @@ PRESETS = {
                              mlp=768, index_heads=4, index_dim=32, topk=128, context=8192, batch=4,
                              contexts=(4096, 8192, 16384), task_ratio=0.5, tasks_packed=True, init_std=0.06,
                              init_mlp_out_std=0.0,  # MLPs start at zero: induction forms (see TrainConfig)
+                             copy_steps=1500, copy_length=64, copy_batch=256, copy_lr=1e-3,
+                             copy_long_length=16384, copy_long_share=0.25,  # copying at any offset up to 16K
                              dense_steps=3000, warmup_steps=200,
                              sparse_steps=500, lr=1e-3, warmup_lr=2e-3, sparse_lr=5e-4),
 }
+
+
+STAGE_ORDER = ("copy", "dense", "warmup", "sparse")
 
 
 def indexer_params(model):
@@ -116,9 +148,13 @@ def main_params(model):
     return [p for n, p in model.named_parameters() if ".indexer." not in n]
 
 
-def _lr_at(step: int, total: int, base: float, warm: int = 20) -> float:
+def _lr_at(step: int, total: int, base: float, warm: int = 20, decay: bool = True) -> float:
+    """Linear warm-up, then cosine decay to 0 at ``total`` (``decay``) or constant. The copy warm-up keeps its rate:
+    copying forms suddenly after many steps at full rate, and the dense stage brings its own schedule."""
     if step < warm:
         return base * (step + 1) / warm
+    if not decay:
+        return base
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
@@ -132,9 +168,12 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
     rate schedule follows the step index). ``checkpoint(next_step, optimizer)`` is called every
     ``checkpoint_every_s`` seconds and once when the stage ends or hits the deadline."""
     device = next(model.parameters()).device
+    if stage not in STAGE_ORDER:
+        raise ValueError(f"stage must be one of {STAGE_ORDER}, got {stage!r}")
     train_indexer = stage in ("warmup", "sparse")
     if params is None:
-        params = {"dense": main_params, "warmup": indexer_params, "sparse": lambda m: list(m.parameters())}[stage](model)
+        params = {"copy": main_params, "dense": main_params, "warmup": indexer_params,
+                  "sparse": lambda m: list(m.parameters())}[stage](model)
     wanted = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
@@ -152,12 +191,17 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             if deadline is not None and any_rank(time.perf_counter() > deadline, getattr(model, "parallel", None)):
                 break  # all ranks stop at the same step
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr)
-            length, batch = _window(tc, step, stage)
-            ids = tc.training_windows(corpus, batch, length + 1, gen).to(device)
+                g["lr"] = _lr_at(step, steps, lr, decay=stage != "copy")
+            if stage == "copy":
+                ids = copy_batch(tc, step, steps, gen)
+            else:
+                length, batch = _window(tc, step, stage)
+                ids = _with_copy_rows(tc, tc.training_windows(corpus, batch, length + 1, gen), gen, stage)
+            ids = ids.to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                lm, idx = forward_train(model, ids, stage, pattern, index_backward=train_indexer,
+                lm, idx = forward_train(model, ids, "dense" if stage == "copy" else stage, pattern,
+                                        index_backward=train_indexer,
                                         index_coef=tc.index_coef)
             if lm is not None and stage != "warmup":
                 lm.backward()
@@ -183,9 +227,40 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             "lr": lr, "curve": curve, "start_step": start_step}
 
 
+def _with_copy_rows(tc: TrainConfig, ids: torch.Tensor, gen: torch.Generator, stage: str) -> torch.Tensor:
+    """The dense stage's batch with its first round(copy_share x rows) rows replaced by copy windows of
+    ``copy_length`` tokens packed end to end."""
+    rows = round(tc.copy_share * ids.shape[0]) if stage == "dense" else 0
+    if rows <= 0:
+        return ids
+    per = -(-ids.shape[1] // tc.copy_length)
+    ids = ids.clone()
+    ids[:rows] = copy_windows(rows * per, tc.copy_length, gen, alphabet=tc.copy_alphabet.encode()).view(rows, -1)[:, :ids.shape[1]]
+    return ids
+
+
+def copy_batch(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """The copy stage's windows [batch, length + 1] at ``step`` of ``steps``: ``copy_batch`` copy windows of
+    ``copy_length`` tokens (tasks.copy_windows), and in the last ``copy_long_share`` of the steps windows of
+    ``copy_long_length`` tokens holding one copy episode per ``copy_length`` tokens (the short windows' copy
+    density), copy distances uniform over the window (tasks.copy_episode_windows), as many tokens per step."""
+    alphabet = tc.copy_alphabet.encode()
+    if tc.copy_long_length is not None:
+        if not 0.0 <= tc.copy_long_share <= 1.0:
+            raise ValueError(f"copy_long_share must be in [0, 1], got {tc.copy_long_share!r}")
+        if tc.copy_long_length <= tc.copy_length:
+            raise ValueError(f"copy_long_length must exceed copy_length ({tc.copy_length}), "
+                             f"got {tc.copy_long_length!r}")
+        if step >= steps - round(tc.copy_long_share * steps):
+            batch = max(1, tc.copy_batch * tc.copy_length // tc.copy_long_length)
+            return copy_episode_windows(batch, tc.copy_long_length + 1, gen, every=tc.copy_length,
+                                        max_gap=tc.copy_long_length - 2 * COPY_SEGMENT, alphabet=alphabet)
+    return copy_windows(tc.copy_batch, tc.copy_length + 1, gen, alphabet=alphabet, inner=tc.copy_inner)
+
+
 def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]:
     """(window length, batch) of a step: ``contexts`` cycled (only those <= ``context`` outside the dense stage),
-    tokens per step kept at batch x context."""
+    tokens per step kept at batch x context; the copy stage has its own (``copy_window_size``)."""
     lengths = [L for L in (tc.contexts or ()) if stage == "dense" or L <= tc.context]
     if not lengths:
         return tc.context, tc.batch
@@ -193,8 +268,21 @@ def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]
     return length, max(1, tc.batch * tc.context // length)
 
 
+def stages(tc: TrainConfig) -> list[tuple[str, int, float]]:
+    """(stage, steps, lr) of ``tc``'s recipe in order: the copy warm-up (when ``copy_steps`` > 0), dense, warm-up,
+    sparse. A resumable run counts its position in this list."""
+    out = [("copy", tc.copy_steps, tc.copy_lr)] if tc.copy_steps > 0 else []
+    return out + [("dense", tc.dense_steps, tc.lr), ("warmup", tc.warmup_steps, tc.warmup_lr),
+                  ("sparse", tc.sparse_steps, tc.sparse_lr)]
+
+
+# cumulative share of ``time_budget_s`` at which each stage is cut short (a copy stage only caps itself: the dense
+# stage keeps the time it leaves)
+BUDGET_SHARES = {"copy": 0.15, "dense": 0.70, "warmup": 0.80, "sparse": 1.0}
+
+
 def train(tc: TrainConfig, device="cpu", out_dir: str | None = None, progress: bool | None = None) -> tuple:
-    """Train the three stages; save to ``out_dir`` (GLM-family checkpoint) when given. Returns (model, log)."""
+    """Train the stages (``stages``); save to ``out_dir`` (GLM-family checkpoint) when given. Returns (model, log)."""
     torch.manual_seed(tc.seed)
     device = torch.device(device)
     cfg = tc.model_config()
@@ -204,9 +292,8 @@ def train(tc: TrainConfig, device="cpu", out_dir: str | None = None, progress: b
     t0 = time.perf_counter()
     budget = tc.time_budget_s
     logs = []
-    for stage, steps, lr, share in (("dense", tc.dense_steps, tc.lr, 0.70), ("warmup", tc.warmup_steps, tc.warmup_lr, 0.80),
-                                    ("sparse", tc.sparse_steps, tc.sparse_lr, 1.0)):
-        deadline = None if budget is None else t0 + share * budget
+    for stage, steps, lr in stages(tc):
+        deadline = None if budget is None else t0 + BUDGET_SHARES[stage] * budget
         logs.append(run_stage(model, corpus, stage, steps, lr, tc, gen, deadline=deadline, progress=progress))
     log = {"train_config": dataclasses.asdict(tc), "stages": logs, "corpus_train_files": len(corpus.files),
            "corpus_train_bytes": len(corpus), "device": str(device), "seconds": time.perf_counter() - t0}
@@ -217,7 +304,8 @@ def train(tc: TrainConfig, device="cpu", out_dir: str | None = None, progress: b
 
 
 def _summary(log: dict) -> dict:
-    return {"recipe": "dense pre-training -> indexer warm-up -> sparse (DSA, indexer input detached)",
+    return {"recipe": ("copy warm-up -> " if log["train_config"]["copy_steps"] > 0 else "")
+            + "dense pre-training -> indexer warm-up -> sparse (DSA, indexer input detached)",
             "corpus": "python stdlib .py files, byte-level, 5% of files held out (crc32 of path)",
             "train_config": log["train_config"], "device": log["device"],
             "steps_done": {s["stage"]: s["steps_done"] for s in log["stages"]},

@@ -180,6 +180,19 @@ def forward_train(model, ids: torch.Tensor, stage: str, pattern: IndexPattern | 
     return lm, index_loss
 
 
+@torch.no_grad()
+def dense_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B,T,vocab] of ``ids`` [B,T] with dense causal attention in every layer, the indexers unused: the
+    model as the copy and dense stages train it (before the indexer warm-up its top-k is an untrained one's)."""
+    B, T = ids.shape
+    positions = torch.arange(T, device=ids.device).expand(B, T)
+    h = model.embed(ids)
+    cos, sin = model.rope(positions, h.dtype)
+    for i in range(len(model.layers)):
+        h = run_layer_train(model, i, h, cos, sin, positions, dense=True).h
+    return model.head(h)
+
+
 def lm_loss(model, ids: torch.Tensor, pattern=None) -> tuple[float, int]:
     """(summed next-token NLL in nats, number of predicted tokens) with the model's own forward."""
     with torch.no_grad():

@@ -48,3 +48,22 @@ def test_copy_probe_rejects_bad_sizes(corpus):
         copy_probe(_Uniform(), corpus, length=500)
     with pytest.raises(ValueError, match="cue must be in"):
         copy_probe(_Uniform(), corpus, length=400, distances=(40,), cue=40)
+
+
+def test_dense_probe_is_the_model_with_every_key(corpus):
+    """dense=True scores with dense attention (trainfwd.dense_logits): the model's own forward when its top-k keeps
+    every key, and not what an untrained indexer's small top-k gives."""
+    import dataclasses
+
+    from indexcache.checkpoint import build_empty
+    from indexcache.tools.train import TrainConfig
+
+    tc = TrainConfig(layers=2, hidden=32, heads=2, q_lora=32, kv_lora=32, nope=16, rope=16, v=16, mlp=64,
+                     index_heads=2, index_dim=16, topk=512, init_std=0.1)
+    model = tc.init_weights(build_empty(tc.model_config(), "cpu", torch.float32)).eval()
+    small = build_empty(dataclasses.replace(tc, topk=8).model_config(), "cpu", torch.float32).eval()
+    small.load_state_dict(model.state_dict())
+    kw = dict(length=400, distances=(40, 200), per_distance=2)
+    dense = copy_probe(small, corpus, dense=True, **kw)
+    assert dense["nll"] == pytest.approx(copy_probe(model, corpus, **kw)["nll"], rel=1e-4)
+    assert abs(dense["nll"] - copy_probe(small, corpus, **kw)["nll"]) > 1e-3

@@ -29,6 +29,7 @@ def test_smoke_runs_in_pieces_and_resumes(tmp_path, capsys):  # ~25 s on an idle
         main(["--smoke", "--work-dir", work, "--budget", "60"])
     state = json.load(open(os.path.join(work, "state.json")))
     assert state["train"]["stage"] == 0 and state["train_config"]["dense_steps"] == 2 and not state["done"]
+    assert state["train_config"]["copy_steps"] == 2  # stage 0 is the copy warm-up
     docs = tmp_path / "q.md"
     docs.write_text("# page\n")
     for _ in range(5):
@@ -36,6 +37,8 @@ def test_smoke_runs_in_pieces_and_resumes(tmp_path, capsys):  # ~25 s on an idle
                  "--update-docs", "--docs", str(docs)]) == 0:
             break
     state = json.load(open(os.path.join(work, "state.json")))
+    assert [(x["stage"], x["steps_done"]) for x in state["train"]["logs"] if x["steps_done"]][:2] == \
+        [("copy", 2), ("dense", 2)]
     rows = [k for k in state["done"] if k.startswith("row: ")]
     assert rows[0] == "row: full DSA" and "row: F/R at the cost of 1/2" in rows and len(rows) == 6
     fr = state["done"]["row: F/R at the cost of 1/2"]

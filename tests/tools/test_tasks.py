@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from indexcache.tools.corpus import ByteTokenizer, load_corpus
-from indexcache.tools.tasks import HELDOUT_SEED_BASE, TASKS, make_item, make_items, mixed_windows, packed_window
+from indexcache.tools.tasks import (COPY_ALPHABET, COPY_SEGMENT, HELDOUT_SEED_BASE, TASKS, copy_window_spans,
+                                   copy_windows, make_item, make_items, mixed_windows, packed_window)
 
 H = HELDOUT_SEED_BASE
 
@@ -128,3 +129,44 @@ def test_packed_window_episodes_answerable_from_earlier_text(train_corpus):
     dense = packed_window(train_corpus, 1024, 3, tokens_per_episode=32, task_share=0.9)
     assert len(re.findall(rb" == |passkey is \d+\n", bytes(dense[1:].tolist()))) > \
         len(re.findall(rb" == |passkey is \d+\n", bytes(packed_window(train_corpus, 1024, 3)[1:].tolist())))
+
+
+def test_copy_windows_repeat_earlier_text_and_are_not_degenerate():
+    """Each window repeats one earlier segment of its random text exactly (and nothing is scored as a copy that is
+    not one); the text and the copy distances vary across seeds; deterministic in the seed; bad arguments refused."""
+    dist = []
+    for seed in range(40):
+        w, spans = copy_window_spans(65, seed)
+        assert w.shape == (65,) and int(w[0]) == ByteTokenizer.BOS and int(w[1:].max()) < 256
+        assert torch.equal(w, copy_window_spans(65, seed)[0])
+        [(src, dst, n)] = spans
+        assert n == COPY_SEGMENT and 1 <= src < 33 and src + n <= dst and dst + n <= 65
+        assert torch.equal(w[dst: dst + n], w[src: src + n]), (seed, src, dst)
+        text = set(w[1:].tolist())
+        assert len(text) >= 12 and text <= set(COPY_ALPHABET)  # random letters, not one repeated byte
+        dist.append(dst - src)
+    assert min(dist) <= 16 and max(dist) >= 40
+    w, [(src, dst, n)] = copy_window_spans(257, 7, segment=32)
+    assert n == 32 and torch.equal(w[dst: dst + 32], w[src: src + 32])
+    assert not torch.equal(copy_window_spans(65, 0)[0], copy_window_spans(65, 1)[0])
+    g0, g1 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    rows = copy_windows(3, 257, g0)
+    assert rows.shape == (3, 257) and torch.equal(rows, copy_windows(3, 257, g1)) and not torch.equal(rows[0], rows[1])
+    with pytest.raises(ValueError, match="copy window length must be an integer >= 4 x the segment"):
+        copy_window_spans(47, 0)
+    with pytest.raises(ValueError, match="copy segment length must be an integer >= 2, got 1"):
+        copy_window_spans(512, 0, segment=1)
+    # another alphabet: only its bytes, the same copy structure
+    w, [(src, dst, n)] = copy_window_spans(65, 3, alphabet=b"0123456789")
+    assert set(w[1:].tolist()) <= set(b"0123456789") and torch.equal(w[dst: dst + n], w[src: src + n])
+    with pytest.raises(ValueError, match="copy alphabet needs at least 2 distinct bytes"):
+        copy_window_spans(65, 3, alphabet=b"a")
+    # a sub-window: the copy and its source within `inner` tokens, at offsets spread over the window
+    ends = []
+    for seed in range(30):
+        w, [(src, dst, n)] = copy_window_spans(257, seed, inner=65)
+        assert torch.equal(w[dst: dst + n], w[src: src + n]) and src + n <= dst and dst + n - src <= 64
+        ends.append(dst + n)
+    assert min(ends) < 100 and max(ends) > 200 and max(ends) <= 257
+    with pytest.raises(ValueError, match="copy sub-window must be in"):
+        copy_window_spans(257, 0, inner=300)

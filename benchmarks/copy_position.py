@@ -1,0 +1,302 @@
+"""Why does the copy stage's copying stop working once more tokens precede the copy, and which training makes it
+work at any position? CPU, minutes per run.
+
+Trains a small model of the testbed's architecture (the retrieval preset's initialisation and optimiser, dense
+attention as in the copy stage, ``tools/trainfwd.forward_train``) on letter windows, then measures with dense
+attention (the copy stage never trains the indexer, so its top-k is random):
+
+- copied letters' NLL after a 4-letter cue (chance ln 26 = 3.26) on (a) copy windows of L tokens
+  (``tasks.copy_window_spans``: the copy distance grows with L) and (b) 64-token copy windows with L - 64 random
+  letters inserted after ``<bos>`` (the same copy distance, more tokens before it);
+- per layer-0 head, the attention on the previous token at the end of 64- and 512-token windows of random letters
+  (the previous-token heads that induction builds on), and the largest content-averaged logit at distances 2..63
+  and 64..511 against the one at distance 1: RoPE makes this logit a sum of cosines of the distance, fitted low only
+  at the distances training showed.
+
+Training data (``--data``): ``stage``: the copy stage's windows (``tasks.copy_windows``, ``--inner`` as
+``TrainConfig.copy_inner``); ``episodes``: ``--length``-token windows with one copy episode per ``--episode-every``
+tokens, its copy distance 12 + 0..``--max-gap`` (``tasks.copy_episode_windows``); ``long-phase``: what the copy
+stage draws in its long phase (``train.copy_batch`` with ``copy_long_length`` = ``--length``, ``--batch`` windows
+a step). ``--init`` continues a saved model (the short windows' stage), as that phase does.
+
+    python -m benchmarks.copy_position --data stage --length 64 --steps 1500          # the copy stage, 2 layers
+    python -m benchmarks.copy_position --layers 4 --init copy2000.pt --data long-phase --length 512 --batch 8 \
+        --steps 200 --every 100 --eval-lengths 64,256,512,1024   # the copy stage's long phase after 64-token copies
+    python -m benchmarks.copy_position --eval-only copy2000.pt --layers 4       # a saved model (its own shape)
+
+On a GPU, the retrieval preset's copy stage with its own model (bf16 autocast as run_stage), a few minutes:
+
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data stage --length 64 --batch 256 \
+        --steps 1125 --every 375 --eval-lengths 64,1024,4096 --save /tmp/short.pt --results copy_position_short
+    python -m benchmarks.copy_position --testbed-shape --device cuda --init /tmp/short.pt --data long-phase \
+        --length 16384 --batch 1 --steps 375 --every 125 --eval-lengths 64,1024,4096,16384 \
+        --results copy_position_long
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import run_metadata, table, write_results  # noqa: E402
+from indexcache.checkpoint import build_empty  # noqa: E402
+from indexcache.model.indexer import causal_mask  # noqa: E402
+from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
+from indexcache.tools.tasks import COPY_ALPHABET, copy_episode_windows, copy_window_spans, copy_windows  # noqa: E402
+from indexcache.tools.train import PRESETS, _lr_at, copy_batch  # noqa: E402
+from indexcache.tools.trainfwd import attention_qkv, dense_logits, forward_train  # noqa: E402
+
+LETTERS = torch.tensor(list(COPY_ALPHABET))
+
+
+def build(args, topk: int):
+    base = PRESETS["retrieval"]
+    w = args.width
+    if args.testbed_shape:  # the retrieval preset's own model (16 layers, width 256)
+        tc = dataclasses.replace(base, topk=topk)
+    else:
+        tc = dataclasses.replace(base, layers=args.layers, hidden=w, heads=args.heads, q_lora=min(w, 128),
+                                 kv_lora=min(w, 128), nope=args.nope, rope=args.rope, v=32, mlp=3 * w,
+                                 index_heads=2, index_dim=max(32, args.rope), topk=topk,
+                                 init_std=base.init_std if args.init_std is None else args.init_std)
+    cfg = dataclasses.replace(tc.model_config(), rope_theta=args.rope_theta)
+    return tc, build_empty(cfg, args.device, torch.float32)
+
+
+def _autocast(model):
+    """bf16 autocast on a GPU, as run_stage trains."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(model.parameters()).is_cuda)
+
+
+@torch.no_grad()
+def copied_nll(model, rows, cue: int = 4, chunk: int = 4) -> float:
+    """Mean NLL of the copied letters after a ``cue``, dense attention (trainfwd.dense_logits), ``chunk`` rows at
+    a time."""
+    device = next(model.parameters()).device
+    picked = []
+    for c in range(0, len(rows), chunk):
+        part = rows[c: c + chunk]
+        ids = torch.stack([r for r, _ in part]).to(device)
+        with _autocast(model):
+            logits = dense_logits(model, ids[:, :-1])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        picked += [nll[i, dst + cue - 1: dst + n - 1] for i, (_, (_, dst, n)) in enumerate(part)]
+    return float(torch.cat(picked).mean())
+
+
+def length_table(model, lengths, windows: int) -> dict:
+    out = {}
+    for L in lengths:
+        plain = [(win, spans[0]) for win, spans in (copy_window_spans(L, (1 << 40) + i) for i in range(windows))]
+        out[L] = (copied_nll(model, plain), copied_nll(model, shifted_rows(L - 64, windows)))
+    return out
+
+
+@torch.no_grad()
+def previous_token_heads(model, length: int = 512, n: int = 4) -> list[dict]:
+    """Layer 0, per head: attention on the previous token for queries 48..63 and length-16..length-1 of random
+    letter windows, and the content-averaged logit at distance 1 and the largest at distances 2..63 and 64..."""
+    g = torch.Generator().manual_seed(1)
+    ids = LETTERS[torch.randint(0, len(LETTERS), (n, length), generator=g)]
+    ids[:, 0] = ByteTokenizer.BOS
+    ids = ids.to(next(model.parameters()).device)
+    pos = torch.arange(length, device=ids.device).expand(n, length)
+    h = model.embed(ids)
+    cos, sin = model.rope(pos, h.dtype)
+    layer = model.layers[0]
+    q, k, _, _ = attention_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
+    s = torch.einsum("bhtd,bhsd->bhts", q, k) * model.config.softmax_scale
+    p = s.masked_fill(~causal_mask(pos, pos)[:, None], float("-inf")).softmax(-1)
+    # the same queries over a 64-token window: attention renormalised over its last 64 keys (bos excluded)
+    late = torch.arange(length - 16, length, device=ids.device)
+    out = []
+    for hh in range(q.shape[1]):
+        s64 = torch.stack([s[:, hh, t, t - 63: t + 1] for t in late], 1)  # 64 keys ending at t
+        p64 = s64.softmax(-1)[..., -2]
+        prof = {d: float(s[:, hh, torch.arange(64 + d, length, device=ids.device),
+                           torch.arange(64, length - d, device=ids.device)].mean())
+                for d in range(1, length - 64)}
+        out.append({"prev_attn_64": float(p64.mean()),
+                    "prev_attn_full": float(p[:, hh, late, late - 1].mean()),
+                    "logit_d1": prof[1], "max_logit_d2_63": max(prof[d] for d in range(2, 64)),
+                    "max_logit_d64_up": max(prof[d] for d in range(64, length - 64))})
+    return out
+
+
+def shifted_rows(shift: int, windows: int) -> list:
+    """64-token copy windows with ``shift`` random letters inserted after <bos>: (ids, (src, dst, n))."""
+    rows = []
+    for i in range(windows):
+        win, [(src, dst, n)] = copy_window_spans(64, (1 << 41) + i)
+        pad = torch.tensor(random.Random(i).choices(COPY_ALPHABET, k=shift), dtype=torch.long)
+        rows.append((torch.cat([win[:1], pad, win[1:]]), (src + shift, dst + shift, n)))
+    return rows
+
+
+@torch.no_grad()
+def head_roles(model, shift: int, windows: int, cue: int = 4) -> list[list[tuple]]:
+    """Per layer and head, the mean attention of the copied letters' queries (t = dst+cue-1 .. dst+n-2, each
+    predicting t+1) on <bos>, on the previous token, and on the induction source (the letter after the earlier
+    occurrence of t: src + t - dst + 1), in shifted 64-token windows (dense attention)."""
+    rows = shifted_rows(shift, windows)
+    ids = torch.stack([r for r, _ in rows]).to(next(model.parameters()).device)
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    h = model.embed(ids)
+    cos, sin = model.rope(pos, h.dtype)
+    out = []
+    for layer in model.layers:
+        q, k, v, _ = attention_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
+        p = (torch.einsum("bhtd,bhsd->bhts", q, k) * model.config.softmax_scale) \
+            .masked_fill(~causal_mask(pos, pos)[:, None], float("-inf")).softmax(-1)
+        sums = torch.zeros(p.shape[1], 3)
+        count = 0
+        for b, (_, (src, dst, n)) in enumerate(rows):
+            t = torch.arange(dst + cue - 1, dst + n - 1, device=ids.device)
+            sums += torch.stack([p[b, :, t, 0].sum(-1), p[b, :, t, t - 1].sum(-1),
+                                 p[b, :, t, src + t - dst + 1].sum(-1)], -1).cpu()
+            count += len(t)
+        out.append([tuple(round(float(x), 2) for x in r) for r in sums / count])
+        o = torch.einsum("bhts,bhsd->bthd", p, v)
+        h = h + layer.self_attn.o_proj(o.flatten(2))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return out
+
+
+@torch.no_grad()
+def bos_moved(model, shift: int, windows: int, cue: int = 4) -> float:
+    """Copied NLL of the shifted windows with <bos> given position ``shift`` (the inserted letters 0..shift-1):
+    <bos> sits at its unshifted distance from the copy, only the inserted letters are new."""
+    rows = shifted_rows(shift, windows)
+    ids = torch.stack([r for r, _ in rows]).to(next(model.parameters()).device)
+    T = ids.shape[1] - 1
+    pos = torch.arange(T, device=ids.device)
+    pos[0] = shift
+    pos[1:shift + 1] = torch.arange(shift, device=ids.device)
+    logits = model(ids[:, :-1], positions=pos.expand(len(rows), T)).logits.float()
+    nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return float(torch.cat([nll[i, dst + cue - 1: dst + n - 1] for i, (_, (_, dst, n)) in enumerate(rows)]).mean())
+
+
+def analyse(model, args) -> dict:
+    """Head roles at shifts 0/32/192 and the <bos>-moved NLL (the eval-only diagnosis)."""
+    out = {"roles": {}, "bos_moved": {}}
+    for shift in (0, 32, 64, 192):
+        roles = head_roles(model, shift, args.windows)
+        out["roles"][shift] = roles
+        print(f"shift {shift}: attention of copied-letter queries on <bos> / previous token / induction source")
+        for i, layer in enumerate(roles):
+            print(f"  layer {i}: " + "  ".join(f"h{j} {a:.2f}/{b:.2f}/{c:.2f}" for j, (a, b, c) in enumerate(layer)))
+    for shift in (32, 64, 192):
+        out["bos_moved"][shift] = bos_moved(model, shift, args.windows)
+        print(f"shift {shift}: copied NLL with <bos> at its unshifted distance {out['bos_moved'][shift]:.3f}")
+    return out
+
+
+def evaluate(model, args, label: str) -> dict:
+    model.eval()
+    table = length_table(model, args.eval_lengths, args.windows)
+    heads = previous_token_heads(model)
+    cells = "  ".join(f"L{L} {a:.2f}/{b:.2f}" for L, (a, b) in table.items())
+    print(f"{label}: copied NLL (a) copy window / (b) 64-window shifted: {cells}", flush=True)
+    for i, hd in enumerate(heads):
+        print(f"  L0 h{i}: prev-token attention {hd['prev_attn_64']:.2f} over 64 keys -> {hd['prev_attn_full']:.2f} "
+              f"over 512; logit d=1 {hd['logit_d1']:.1f}, max d in 2..63 {hd['max_logit_d2_63']:.1f}, "
+              f"max d >= 64 {hd['max_logit_d64_up']:.1f}", flush=True)
+    return {"label": label, "table": {str(k): v for k, v in table.items()}, "heads": heads}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--nope", type=int, default=32)
+    ap.add_argument("--rope", type=int, default=16, help="rope dims per head (qk_rope_head_dim)")
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--init-std", type=float, default=None, help="default: the retrieval preset's")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--length", type=int, default=64, help="training window length")
+    ap.add_argument("--data", choices=("stage", "episodes", "long-phase"), default="stage")
+    ap.add_argument("--inner", type=int, default=None, help="stage data: the copy in a random sub-window")
+    ap.add_argument("--episode-every", type=int, default=64)
+    ap.add_argument("--max-gap", type=int, default=40)
+    ap.add_argument("--init", default=None, help="start from this saved state dict instead of random weights")
+    ap.add_argument("--every", type=int, default=500, help="evaluate every this many steps")
+    ap.add_argument("--eval-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256, 512])
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--eval-only", default=None, help="evaluate this saved state dict, no training")
+    ap.add_argument("--save", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--testbed-shape", action="store_true",
+                    help="the retrieval preset's own model (16 layers, width 256) instead of --layers/--width/...")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", default=None, help="also write the JSON as NAME.json (common.write_results: $OUT)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tc, model = build(args, topk=max(args.eval_lengths + [args.length]))  # top-k >= every window: dense
+    if args.eval_only:
+        model.load_state_dict(torch.load(args.eval_only, map_location=args.device))
+        res = evaluate(model, args, f"{args.eval_only}")
+        res["analysis"] = analyse(model, args)
+        print(json.dumps(res))
+        return 0
+    model.init_random(args.seed, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location=args.device))
+    gen = torch.Generator().manual_seed(args.seed)
+    long_tc = dataclasses.replace(tc, copy_length=64, copy_batch=args.batch * args.length // 64,
+                                  copy_long_length=args.length, copy_long_share=1.0)
+    params = [p for n, p in model.named_parameters() if ".indexer." not in n]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    results, t0, curve = [], time.perf_counter(), []
+    for step in range(args.steps):
+        model.train()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, args.steps, args.lr, decay=False)
+        if args.data == "long-phase":  # what run_stage("copy") draws in its long phase (TrainConfig.copy_long_*)
+            ids = copy_batch(long_tc, step, args.steps, gen)
+        elif args.data == "stage":
+            ids = copy_windows(args.batch, args.length + 1, gen, inner=args.inner)
+        else:
+            ids = copy_episode_windows(args.batch, args.length + 1, gen, args.episode_every, args.max_gap)
+        opt.zero_grad(set_to_none=True)
+        with _autocast(model):
+            lm, _ = forward_train(model, ids.to(args.device), "dense")
+        lm.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        curve.append(float(lm.detach()))
+        if (step + 1) % args.every == 0 or step + 1 == args.steps:
+            lm_mean = sum(curve[-50:]) / len(curve[-50:])
+            results.append(evaluate(model, args, f"step {step + 1} ({time.perf_counter() - t0:.0f} s, "
+                                                 f"train LM {lm_mean:.3f})"))
+            if not math.isfinite(lm_mean):
+                break
+    results[-1]["analysis"] = analyse(model, args)
+    if args.save:
+        torch.save(model.state_dict(), args.save)
+    payload = {"meta": run_metadata(), "args": vars(args), "results": results}
+    print(json.dumps(payload))
+    if args.results:
+        write_results(args.results, payload)
+    print(table([{"L": L, "(a) copy window": a, "(b) shifted 64-window": b}
+                 for L, (a, b) in results[-1]["table"].items()], ["L", "(a) copy window", "(b) shifted 64-window"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

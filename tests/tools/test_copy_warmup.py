@@ -1,0 +1,176 @@
+"""The copy warm-up stage (tools/train.py): on only when asked, trains on pure copy windows of its own size, resumes
+exactly, and the testbed plans and orders it."""
+import dataclasses
+
+import pytest
+import torch
+
+from indexcache.checkpoint import build_empty
+from indexcache.tools.corpus import ByteTokenizer, load_corpus
+from indexcache.tools.tasks import copy_episode_spans, copy_episode_windows, copy_windows
+from indexcache.tools.train import (PRESETS, TrainConfig, _lr_at, copy_batch, indexer_params, run_stage, stages,
+                                    train)
+
+TINY = TrainConfig(layers=2, hidden=32, heads=2, q_lora=32, kv_lora=32, nope=16, rope=16, v=16, mlp=64,
+                   index_heads=2, index_dim=16, topk=16, context=64, batch=2, copy_steps=3, copy_length=128,
+                   copy_batch=3, dense_steps=2, warmup_steps=1, sparse_steps=1, max_train_bytes=200_000)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus("train", max_bytes=200_000)
+
+
+def _fresh(tc=TINY):
+    return tc.init_weights(build_empty(tc.model_config(), "cpu", torch.float32))
+
+
+def test_copy_stage_only_when_asked():
+    assert [s for s, _, _ in stages(TINY)] == ["copy", "dense", "warmup", "sparse"]
+    assert stages(TINY)[0] == ("copy", 3, TINY.copy_lr)
+    for name in ("fixture", "gpu"):  # the other presets train as before
+        assert [s for s, _, _ in stages(PRESETS[name])] == ["dense", "warmup", "sparse"]
+    assert PRESETS["retrieval"].copy_steps > 0 and PRESETS["retrieval"].copy_long_length == 16384
+    # a testbed run planned before the stage existed has no copy fields in its state: its stage indices still hold
+    old = {k: v for k, v in dataclasses.asdict(PRESETS["retrieval"]).items() if not k.startswith("copy_")}
+    assert stages(TrainConfig(**old))[0][0] == "dense"
+    with pytest.raises(ValueError, match="stage must be one of"):
+        run_stage(_fresh(), None, "copyy", 1, 1e-3, TINY, torch.Generator())
+
+
+def test_dense_stage_copy_rows():
+    """copy_share: the first rows of a dense batch become copy windows packed end to end (each starts with <bos>
+    and repeats a segment), in copy_alphabet; the other rows and the other stages' batches are left alone."""
+    from indexcache.tools.train import _with_copy_rows
+
+    ids = torch.randint(0, 256, (4, 129), generator=torch.Generator().manual_seed(0))
+    tc = dataclasses.replace(TINY, copy_share=0.5, copy_length=64, copy_alphabet="xyz")
+    out = _with_copy_rows(tc, ids, torch.Generator().manual_seed(1), "dense")
+    assert out.shape == ids.shape and torch.equal(out[2:], ids[2:]) and not torch.equal(out[:2], ids[:2])
+    for row in out[:2]:
+        assert [int(row[j]) for j in (0, 64, 128)] == [256] * 3  # <bos> at each packed window's start
+        assert set(row.tolist()) <= set(b"xyz") | {256}
+    assert _with_copy_rows(tc, ids, torch.Generator(), "sparse") is ids
+    assert _with_copy_rows(TINY, ids, torch.Generator(), "dense") is ids
+
+
+def test_copy_stage_keeps_its_learning_rate():
+    assert [_lr_at(s, 100, 1e-3, decay=False) for s in (0, 19, 50, 99)] == [5e-5, 1e-3, 1e-3, 1e-3]
+    assert _lr_at(99, 100, 1e-3) < 1e-5  # the other stages decay to zero
+
+
+def test_copy_stage_trains_on_copy_windows_of_its_size(corpus):
+    model = _fresh()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    log = run_stage(model, corpus, "copy", 3, 1e-2, TINY, g, progress=False, log_every=1)
+    for _ in range(3):  # the stage drew exactly copy_batch copy windows of copy_length (+1 target) per step
+        copy_windows(TINY.copy_batch, TINY.copy_length + 1, ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+    assert log["steps_done"] == 3 and all(r["lm"] is not None for r in log["curve"])
+    index = {id(p) for p in indexer_params(model)}
+    for n, p in model.named_parameters():  # dense attention: the indexers stay untouched, everything else trains
+        assert torch.equal(p, before[n]) == (id(p) in index), n
+
+
+def test_copy_stage_long_windows_last(corpus, monkeypatch):
+    """copy_long_length: the last copy_long_share of the steps draw long episode windows (one copy episode per
+    copy_length tokens), as many tokens per step; the steps before, and every step without it, are unchanged."""
+    import indexcache.tools.train as train_mod
+
+    drawn = []
+
+    def recording(fn):
+        def draw(n, length, gen, **kw):
+            out = fn(n, length, gen, **kw)
+            drawn.append((fn.__name__, tuple(out.shape), kw.get("every"), kw.get("max_gap")))
+            return out
+        return draw
+
+    monkeypatch.setattr(train_mod, "copy_windows", recording(copy_windows))
+    monkeypatch.setattr(train_mod, "copy_episode_windows", recording(copy_episode_windows))
+    tc = dataclasses.replace(TINY, copy_long_length=384, copy_long_share=0.5)
+    log = run_stage(_fresh(tc), corpus, "copy", 4, 1e-2, tc, torch.Generator().manual_seed(4), progress=False,
+                    log_every=1)
+    short, long = ("copy_windows", (3, 129), None, None), ("copy_episode_windows", (1, 385), 128, 360)
+    assert drawn == [short, short, long, long]
+    assert log["steps_done"] == 4 and all(r["lm"] is not None for r in log["curve"])
+    g, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(copy_batch(TINY, 3, 4, g), copy_windows(3, 129, ref))  # off by default
+    for bad, match in (({"copy_long_share": 1.5}, "copy_long_share"), ({"copy_long_length": 128}, "copy_long_length")):
+        with pytest.raises(ValueError, match=match):
+            copy_batch(dataclasses.replace(tc, **bad), 0, 8, g)
+
+
+def test_copy_episode_windows():
+    """About (length - 1) // every episodes, each a run and its exact copy after a gap <= max_gap, no two runs sharing a
+    position, distances spread up to max_gap; deterministic in the seed; bad shapes are refused by name."""
+    gaps, counts = [], []
+    for seed in range(20):
+        win, spans = copy_episode_spans(513, seed, every=64, max_gap=300)
+        assert win.shape == (513,) and win[0] == ByteTokenizer.BOS and 6 <= len(spans) <= 8 and spans == sorted(spans)
+        counts.append(len(spans))
+        taken = [p for src, dst, n in spans for p in list(range(src, src + n)) + list(range(dst, dst + n))]
+        assert len(taken) == len(set(taken)) == len(spans) * 24 and min(taken) >= 1 and max(taken) <= 512
+        for src, dst, n in spans:
+            assert n == 12 and torch.equal(win[src: src + n], win[dst: dst + n])
+            gaps.append(dst - src - n)
+    assert sum(counts) >= 7.5 * 20  # a crowded window may give up on an episode, rarely
+    assert min(gaps) >= 0 and max(gaps) <= 300 and min(gaps) < 60 and max(gaps) > 240
+    win, spans = copy_episode_spans(513, 7, 64, 300)
+    assert torch.equal(copy_episode_spans(513, 7, 64, 300)[0], win)
+    assert not torch.equal(copy_episode_spans(513, 8, 64, 300)[0], win)
+    with pytest.raises(ValueError, match="every"):
+        copy_episode_spans(513, 7, every=20, max_gap=40)
+    with pytest.raises(ValueError, match="max gap"):
+        copy_episode_spans(513, 7, every=64, max_gap=500)
+    g = torch.Generator().manual_seed(0)
+    assert copy_episode_windows(3, 200, g, every=64, max_gap=40).shape == (3, 200)
+
+
+def test_copy_stage_resumed_equals_uninterrupted(corpus):
+    a = _fresh()
+    run_stage(a, corpus, "copy", 4, 1e-2, TINY, torch.Generator().manual_seed(5), progress=False)
+    b, g, saved = _fresh(), torch.Generator().manual_seed(5), {}
+
+    class Stop(Exception):
+        pass
+
+    def ck(step, opt):
+        if step == 2:
+            saved.update(opt=opt.state_dict(), gen=g.get_state(),
+                         model={k: v.clone() for k, v in b.state_dict().items()})
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_stage(b, corpus, "copy", 4, 1e-2, TINY, g, progress=False, checkpoint=ck, checkpoint_every_s=0.0)
+    c = _fresh()
+    c.load_state_dict(saved["model"])
+    g2 = torch.Generator()
+    g2.set_state(saved["gen"])
+    run_stage(c, corpus, "copy", 4, 1e-2, TINY, g2, progress=False, start_step=2, opt_state=saved["opt"])
+    for (n, x), y in zip(a.state_dict().items(), c.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_train_runs_the_copy_stage_first():
+    _, log = train(TINY, progress=False)
+    assert [(s["stage"], s["steps_done"]) for s in log["stages"]] == [("copy", 3), ("dense", 2), ("warmup", 1),
+                                                                      ("sparse", 1)]
+
+
+def test_testbed_plan_keeps_copy_steps_that_fit_and_caps_the_rest(monkeypatch):
+    import benchmarks.retrieval_testbed as tb
+
+    clock = [0.0]  # a fake clock: every stage's step takes exactly 10 ms, whatever else the machine runs
+
+    def timed_step(model, corpus, stage, steps, *a, **k):
+        clock[0] += 0.01 * steps
+
+    monkeypatch.setattr(tb, "run_stage", timed_step)
+    monkeypatch.setattr(tb.time, "perf_counter", lambda: clock[0])
+    planned = tb.plan_steps(TINY, 100.0, "cpu", None)
+    assert planned.copy_steps == 3 and 4000 < planned.dense_steps <= 7200  # 0.72 of the 100 s at <= 10 ms a step
+    capped = tb.plan_steps(dataclasses.replace(TINY, copy_steps=10 ** 6), 100.0, "cpu", None)
+    assert 600 < capped.copy_steps <= 1250 and capped.dense_steps < 0.9 * planned.dense_steps  # 12.5 s of copying
+    assert tb.plan_steps(dataclasses.replace(TINY, copy_steps=0), 100.0, "cpu", None).copy_steps == 0
