@@ -54,6 +54,20 @@ def profile_step(fn, steps: int) -> tuple[list[dict], float]:
     return rows, sum(r["us_per_step"] for r in rows)
 
 
+def build_model(args):
+    """(config, random model) of ``args.model`` with ``args.layers`` layers (0 or None: all), bf16 on CUDA and fp32
+    on CPU, its weights quantised to FP8 blocks when ``args.weight_dtype`` is fp8."""
+    cfg = preset_config(args.model)
+    cfg = cfg.replace(num_layers=args.layers) if args.layers else cfg
+    dev = args.device
+    model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
+    if args.weight_dtype == "fp8":
+        use_fp8_storage(model, quantize=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return cfg, model
+
+
 def host_split(eng, steps: int) -> dict:
     """Wall time of one decode step split into scheduling + input preparation, graph launch (input copies and
     replay), and sampling (which waits for the GPU: its share is mostly GPU time)."""
@@ -104,13 +118,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dev = args.device
     ctx = parse_ctx(args.context)
-    cfg = preset_config(args.model)
-    cfg = cfg.replace(num_layers=args.layers) if args.layers else cfg
-    model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
-    if args.weight_dtype == "fp8":
-        use_fp8_storage(model, quantize=True)
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+    cfg, model = build_model(args)
     res = {"meta": run_metadata(), "args": vars(args), "cases": []}
     cases = [(pat, int(bs), mode, moe, tk) for pat in args.patterns.split(",") for bs in args.batches.split(",")
              for mode in args.compile_modes.split(",") for moe in args.moe_kernel_modes.split(",")

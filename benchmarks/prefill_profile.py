@@ -24,11 +24,8 @@ import time
 import torch
 
 from benchmarks.common import run_metadata, table, write_results
-from benchmarks.decode_profile import profile_step
+from benchmarks.decode_profile import build_model, profile_step
 from benchmarks.e2e import add_arguments, fill_random, make_engine, parse_ctx, sync
-from indexcache.checkpoint import build_empty
-from indexcache.model.linear import use_fp8_storage
-from indexcache.presets import preset_config
 from indexcache.sampling import SamplingParams
 
 # kernel name -> family, first match wins (Triton kernels keep their Python names; cuBLAS/CUTLASS GEMMs do not)
@@ -67,11 +64,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dev = args.device
     ctx = parse_ctx(args.context)
-    cfg = preset_config(args.model)
-    cfg = cfg.replace(num_layers=args.layers) if args.layers else cfg
-    model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
-    if args.weight_dtype == "fp8":
-        use_fp8_storage(model, quantize=True)
+    cfg, model = build_model(args)
     res = {"meta": run_metadata(), "args": vars(args), "cases": []}
     for pat in args.patterns.split(","):
         eng, batch, chunk = last_chunk_batch(model, pat, ctx, args)

@@ -8,6 +8,7 @@ import torch
 from indexcache.checkpoint import build_empty
 from indexcache.tools.corpus import ByteTokenizer, load_corpus
 from indexcache.tools.tasks import copy_episode_spans, copy_episode_windows, copy_windows
+from tests.tools.stage_resume import assert_resume_equals_uninterrupted
 from indexcache.tools.train import (PRESETS, TrainConfig, _lr_at, copy_batch, indexer_params, run_stage, stages,
                                     train)
 
@@ -129,28 +130,7 @@ def test_copy_episode_windows():
 
 
 def test_copy_stage_resumed_equals_uninterrupted(corpus):
-    a = _fresh()
-    run_stage(a, corpus, "copy", 4, 1e-2, TINY, torch.Generator().manual_seed(5), progress=False)
-    b, g, saved = _fresh(), torch.Generator().manual_seed(5), {}
-
-    class Stop(Exception):
-        pass
-
-    def ck(step, opt):
-        if step == 2:
-            saved.update(opt=opt.state_dict(), gen=g.get_state(),
-                         model={k: v.clone() for k, v in b.state_dict().items()})
-            raise Stop
-
-    with pytest.raises(Stop):
-        run_stage(b, corpus, "copy", 4, 1e-2, TINY, g, progress=False, checkpoint=ck, checkpoint_every_s=0.0)
-    c = _fresh()
-    c.load_state_dict(saved["model"])
-    g2 = torch.Generator()
-    g2.set_state(saved["gen"])
-    run_stage(c, corpus, "copy", 4, 1e-2, TINY, g2, progress=False, start_step=2, opt_state=saved["opt"])
-    for (n, x), y in zip(a.state_dict().items(), c.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=n)
+    assert_resume_equals_uninterrupted("copy", TINY, _fresh, corpus)
 
 
 def test_train_runs_the_copy_stage_first():

@@ -10,7 +10,8 @@ import torch
 from benchmarks.retrieval_testbed import fr_pattern, main, update_docs
 from indexcache.checkpoint import build_empty
 from indexcache.tools.corpus import load_corpus
-from indexcache.tools.train import TrainConfig, run_stage
+from indexcache.tools.train import TrainConfig
+from tests.tools.stage_resume import assert_resume_equals_uninterrupted
 
 
 def test_fr_pattern_at_equal_cost():
@@ -59,26 +60,5 @@ def test_run_stage_resumed_equals_uninterrupted():
     def fresh():
         return build_empty(tc.model_config(), "cpu", torch.float32).init_random(0)
 
-    a = fresh()
-    run_stage(a, corpus, "dense", 4, 1e-2, tc, torch.Generator().manual_seed(5), progress=False)
-    # interrupted after 2 of 4 steps (the checkpoint runs after every step here), resumed in a fresh model
-    c, g2, saved = fresh(), torch.Generator().manual_seed(5), {}
-
-    class Stop(Exception):
-        pass
-
-    def ck(step, opt):
-        if step == 2:
-            saved.update(opt=opt.state_dict(), gen=g2.get_state(),
-                         model={k: v.clone() for k, v in c.state_dict().items()})
-            raise Stop
-
-    with pytest.raises(Stop):
-        run_stage(c, corpus, "dense", 4, 1e-2, tc, g2, progress=False, checkpoint=ck, checkpoint_every_s=0.0)
-    d = fresh()
-    d.load_state_dict(saved["model"])
-    g3 = torch.Generator()
-    g3.set_state(saved["gen"])
-    run_stage(d, corpus, "dense", 4, 1e-2, tc, g3, progress=False, start_step=2, opt_state=saved["opt"])
-    for (n, x), y in zip(a.state_dict().items(), d.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=n)
+    # interrupted after 2 of 4 steps, resumed in a fresh model
+    assert_resume_equals_uninterrupted("dense", tc, fresh, corpus)
