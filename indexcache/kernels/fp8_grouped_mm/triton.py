@@ -24,7 +24,7 @@ import triton.language as tl
 
 from indexcache.kernels.expert_plan.reference import tile_map_reference
 from indexcache.kernels.fp8_linear.reference import _TINY, FP8_MAX
-from indexcache.kernels.fp8_linear.triton import _round_to_e4m3
+from indexcache.kernels.fp8_linear.triton import quantize_groups
 
 BLOCK_K = 128  # one activation group and one weight block per K step
 GROUP_M = 8
@@ -148,9 +148,7 @@ def _grouped_fp8_swiglu_kernel(a_ptr, sa_ptr, a_row_ptr, w_ptr, s_ptr, h_ptr, sh
             acc_g += _dot(a, wg, DOT_F32) * (sa[:, None] * sg)
             acc_u += _dot(a, wu, DOT_F32) * (sa[:, None] * su)
         h = acc_g * tl.sigmoid(acc_g) * acc_u  # masked columns: 0 * 0
-        amax = tl.maximum(tl.max(tl.abs(h), axis=1), TINY)
-        scale = tl.math.div_rn(amax, tl.full([BLOCK_M], QMAX, tl.float32))
-        q = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(h, scale[:, None]), -QMAX), QMAX))
+        q, scale = quantize_groups(h, TINY, QMAX)
         rows64 = rows.to(tl.int64)
         tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :], q.to(h_ptr.dtype.element_ty),
                  mask=rmask[:, None] & cmask[None, :])

@@ -36,6 +36,16 @@ def _round_to_e4m3(v):
     return r.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def quantize_groups(x, TINY: tl.constexpr, QMAX: tl.constexpr):
+    """x fp32 [rows, group] -> (values on e4m3's grid in fp32, scale [rows]) as ``quantize_act_reference``:
+    scale = max(amax, TINY) / QMAX and x / scale, both correctly rounded (div_rn), clamped, rounded to e4m3."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), TINY)
+    scale = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
+    q = tl.math.div_rn(x, scale[:, None])
+    return _round_to_e4m3(tl.minimum(tl.maximum(q, -QMAX), QMAX)), scale
+
+
 @triton.jit(do_not_specialize=["M", "MP", "stride_sk"])  # row counts vary per batch: one compile
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, MP, K, stride_xm, stride_xk, stride_qm, stride_sm, stride_sk,
                       TINY: tl.constexpr, QMAX: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr):
@@ -46,10 +56,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, MP, K, stride_xm, stride_xk, strid
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
                 mask=(rows < M)[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), TINY)
-    scale = tl.math.div_rn(amax, tl.full([BLOCK_R], QMAX, tl.float32))
-    q = tl.math.div_rn(x, scale[:, None])
-    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -QMAX), QMAX))
+    q, scale = quantize_groups(x, TINY, QMAX)
     # rows M..Mp-1 get zeros and the all-zero group's scale
     live = rows < MP
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
