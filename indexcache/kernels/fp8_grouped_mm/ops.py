@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from indexcache.kernels._dispatch import use_triton
+from indexcache.kernels.fp8_linear.reference import blocks
 from indexcache.kernels.fp8_grouped_mm.reference import (check_grouped_inputs, check_scatter, check_swiglu_weight,
                                                          fp8_grouped_mm_reference, fp8_grouped_swiglu_reference)
 
@@ -38,7 +39,7 @@ def fp8_grouped_swiglu(a, counts, w, scale_inv, a_scale, inter, *, a_rows=None, 
     (h fp8 [M, inter], h_scale fp32 [M, ceil(inter/128)]): silu(gate) * up quantised per 1x128 group, the down
     projection's input. The bf16 [M, 2*inter] gate/up product is never written. ``plan`` as for fp8_grouped_mm."""
     check_swiglu_weight("fp8_grouped_swiglu", w, inter)
-    ib = -(-inter // 128)
+    ib = blocks(inter)
     if scale_inv.dim() != 3 or scale_inv.shape[1] != 2 * ib:
         raise ValueError(f"fp8_grouped_swiglu: scale_inv must hold 2*ceil(inter/128)={2 * ib} block rows (gate's "
                          f"then up's), got {tuple(scale_inv.shape)}")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from indexcache.kernels.fp8_linear.reference import blocks, quantize_act_reference
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -27,7 +29,7 @@ def check_grouped_inputs(name, a, counts, w, scale_inv, a_scale, out_dtype, a_ro
     a_rows is in range (device syncs)."""
     if a.dim() != 2 or a.dtype != torch.float8_e4m3fn:
         raise ValueError(f"{name}: a must be float8_e4m3fn [M, K] (quantize_act), got {tuple(a.shape)} {a.dtype}")
-    want = (a.shape[0], -(-a.shape[1] // 128))
+    want = (a.shape[0], blocks(a.shape[1]))
     if a_scale is None or tuple(a_scale.shape) != want or a_scale.dtype != torch.float32:
         raise ValueError(f"{name}: fp8 activations need a_scale float32 {want}, got "
                          f"{None if a_scale is None else (tuple(a_scale.shape), a_scale.dtype)}")
@@ -37,7 +39,7 @@ def check_grouped_inputs(name, a, counts, w, scale_inv, a_scale, out_dtype, a_ro
         raise ValueError(f"{name}: w must be float8_e4m3fn [E, N, K] with K={a.shape[1]}, got {tuple(w.shape)} "
                          f"{w.dtype}")
     e, n, k = w.shape
-    want = (e, -(-n // 128), -(-k // 128))
+    want = (e, blocks(n), blocks(k))
     if tuple(scale_inv.shape) != want or scale_inv.dtype != torch.float32:
         raise ValueError(f"{name}: scale_inv must be float32 {want}, got {tuple(scale_inv.shape)} {scale_inv.dtype}")
     if counts.dim() != 1 or counts.shape[0] != e or counts.dtype not in (torch.int32, torch.int64):
@@ -110,10 +112,8 @@ def fp8_grouped_swiglu_reference(a, counts, w, scale_inv, a_scale, inter, *, a_r
     """-> (h fp8 [M, inter], h_scale fp32 [M, ceil(inter/128)]): silu(gate) * up in fp32 for each sorted row,
     quantised per 1x128 group. w [E, 2*inter, K] holds gate's rows then up's, scale_inv gate's blocks then up's
     ([E, 2*ceil(inter/128), ceil(K/128)])."""
-    from indexcache.kernels.fp8_linear.reference import quantize_act_reference
-
     check_swiglu_weight("fp8_grouped_swiglu_reference", w, inter)
-    ib = -(-inter // 128)
+    ib = blocks(inter)
     check_grouped_inputs("fp8_grouped_swiglu_reference", a, counts, w[:, :inter], scale_inv[:, :ib], a_scale,
                          torch.float32, a_rows)
     af = _sorted_rows(a, a_scale, a_rows)

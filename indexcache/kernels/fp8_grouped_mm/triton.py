@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from indexcache.kernels.expert_plan.reference import tile_map_reference
-from indexcache.kernels.fp8_linear.reference import _TINY, FP8_MAX
+from indexcache.kernels.fp8_linear.reference import _TINY, FP8_MAX, blocks
 from indexcache.kernels.fp8_linear.triton import quantize_groups
 
 BLOCK_K = 128  # one activation group and one weight block per K step
@@ -217,7 +217,7 @@ def fp8_grouped_swiglu_triton(a, counts, w, scale_inv, a_scale, inter, *, a_rows
     m = a.shape[0] if a_rows is None else a_rows.shape[0]
     k = a.shape[1]
     E = w.shape[0]
-    ib = -(-inter // 128)
+    ib = blocks(inter)
     h, sh = out if out is not None else (torch.empty(m, inter, dtype=torch.float8_e4m3fn, device=a.device),
                                          torch.empty(m, ib, dtype=torch.float32, device=a.device))
     if m == 0:
