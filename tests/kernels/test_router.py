@@ -176,16 +176,14 @@ def test_checks():
         router_topk(x, w, b, 9, n_group=4, topk_group=2)
 
 
-def test_opaque_to_torch_compile():
-    """The kernel is a custom op with a fake implementation: tracing gives the right output metadata."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from indexcache.kernels.router.ops import _router_op
-
-    with FakeTensorMode():
-        x, w, b = torch.empty(5, 32, dtype=torch.bfloat16), torch.empty(16, 32), torch.empty(16)
-        ids, wts = _router_op(x, w, b, 3, 1, 1, True, 1.0)
-    assert ids.shape == wts.shape == (5, 3) and ids.dtype == torch.int64 and wts.dtype == torch.float32
+@needs_kernel
+def test_traced_by_torch_compile_as_one_op(device):
+    """A custom op with a fake implementation: torch.compile traces through it without a graph break."""
+    x, w, bias = _inputs(5, 32, 48, torch.float32, seed=11, device=device)
+    kw = dict(n_group=4, topk_group=2, norm=True, scale=2.0)
+    compiled = torch.compile(lambda t: router_topk(t, w, bias, 3, **kw), backend="aot_eager", fullgraph=True)
+    got = compiled(x)
+    _assert_routing_matches(x, w, bias, got, router_reference(x, w, bias, 3, **kw), 3, 4, 2)
 
 
 @pytest.mark.gpu

@@ -29,31 +29,45 @@ _SPLIT_ELEMS = 1024  # splits x experts per token in that tile (caps the D split
 
 
 @triton.jit
+def _ordered_key(v):
+    """fp32 -> int64 whose signed order is the floats' (NaN above +inf, as torch.topk ranks it), in the high 32
+    bits; -0 is made +0 first so that it ties with +0."""
+    bits = tl.where(v == 0.0, 0.0, v).to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32
+
+
+@triton.jit
+def _split_sum(part_ptr, r64, cols, mask, N, E, SPLITS: tl.constexpr, SPLITS_P: tl.constexpr):
+    """The logits of rows r64 [SUB_T] at columns cols [SUB_T or 1, C]: the splits' partials summed in a fixed
+    order. .cg: other SMs wrote them; read them from L2, not a stale L1."""
+    if SPLITS == 1:
+        return tl.load(part_ptr + r64[:, None] * E + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    ss = tl.arange(0, SPLITS_P)[None, :, None]
+    p = part_ptr + ss.to(tl.int64) * N * E + r64[:, None, None] * E + cols[:, None, :]
+    return tl.sum(tl.load(p, mask=mask[:, None, :] & (ss < SPLITS), other=0.0, cache_modifier=".cg"), axis=1)
+
+
+@triton.jit
 def _route_rows(part_ptr, b_ptr, ids_ptr, wts_ptr, r, rmask, N, E, scale,
                 SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
                 KP: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
                 SUB_T: tl.constexpr):
-    """Route tokens r [SUB_T] (rmask: real rows) from their partial logits."""
+    """Route tokens r [SUB_T] (rmask: real rows) from their partial logits. Each selection round is one max over
+    packed (value key, EP - 1 - expert) integers: the best value, and among exact ties the lowest expert."""
     ex = tl.arange(0, EP)
     emask = ex < E
     r64 = r.to(tl.int64)
-    if SPLITS == 1:
-        logit = tl.load(part_ptr + r64[:, None] * E + ex[None, :], mask=rmask[:, None] & emask[None, :],
-                        other=0.0, cache_modifier=".cg")
-    else:  # .cg: other SMs wrote these; read them from L2, not a stale L1
-        ss = tl.arange(0, SPLITS_P)
-        p = part_ptr + ss[None, :, None].to(tl.int64) * N * E + r64[:, None, None] * E + ex[None, None, :]
-        m = rmask[:, None, None] & (ss < SPLITS)[None, :, None] & emask[None, None, :]
-        logit = tl.sum(tl.load(p, mask=m, other=0.0, cache_modifier=".cg"), axis=1)
+    logit = _split_sum(part_ptr, r64, ex[None, :], rmask[:, None] & emask[None, :], N, E, SPLITS, SPLITS_P)
     scores = tl.math.div_rn(tl.full([SUB_T, EP], 1.0, tl.float32), 1.0 + tl.exp(-logit))
     choice = scores + tl.load(b_ptr + ex, mask=emask, other=0.0).to(tl.float32)[None, :]
+    low = (EP - 1 - ex)[None, :].to(tl.int64)
     if N_GROUP > 1:  # EP == E here (checked by the launcher)
         GS: tl.constexpr = EP // N_GROUP
         c3 = tl.reshape(choice, [SUB_T, N_GROUP, GS])
-        gi = tl.arange(0, GS)[None, None, :]
+        p3 = tl.reshape(_ordered_key(choice) | low, [SUB_T, N_GROUP, GS])
+        first = tl.max(p3, axis=2)  # each group's best (its lowest expert among ties)
         m1 = tl.max(c3, axis=2)
-        i1 = tl.min(tl.where(c3 == m1[:, :, None], gi, GS), axis=2)
-        m2 = tl.max(tl.where(gi == i1[:, :, None], float("-inf"), c3), axis=2)
+        m2 = tl.max(tl.where(p3 == first[:, :, None], float("-inf"), c3), axis=2)
         gsc = m1 + m2  # [SUB_T, N_GROUP]: the sum of the group's two best
         g = tl.arange(0, N_GROUP)
         a = gsc[:, :, None]
@@ -61,26 +75,22 @@ def _route_rows(part_ptr, b_ptr, ids_ptr, wts_ptr, r, rmask, N, E, scale,
         ahead = (b > a) | ((b == a) & (g[None, None, :] < g[None, :, None]))  # group h ranks before group g
         keep = tl.sum(ahead.to(tl.int32), axis=2) < TOPK_GROUP
         choice = tl.reshape(tl.where(keep[:, :, None], c3, float("-inf")), [SUB_T, EP])
-    avail = tl.broadcast_to(emask[None, :], [SUB_T, EP])
+    packed = tl.where(emask[None, :], _ordered_key(choice) | low, -9223372036854775807 - 1)
     kk = tl.arange(0, KP)[None, :]
-    sel_ids = tl.zeros([SUB_T, KP], tl.int32)
-    sel_w = tl.zeros([SUB_T, KP], tl.float32)
+    sel = tl.zeros([SUB_T, KP], tl.int32)
     for k in tl.static_range(K):
-        v = tl.where(avail, choice, float("-inf"))
-        best = tl.max(v, axis=1)
-        idx = tl.min(tl.where(avail & (v == best[:, None]), ex[None, :], EP), axis=1)
-        idx = tl.minimum(idx, E - 1)  # a NaN row matches nothing: keep the id in range
-        hit = ex[None, :] == idx[:, None]
-        w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
-        avail = avail & ~hit
-        sel_ids = tl.where(kk == k, idx[:, None], sel_ids)
-        sel_w = tl.where(kk == k, w[:, None], sel_w)
+        best = tl.max(packed, axis=1)
+        idx = (EP - 1) - (best & 0xFFFFFFFF).to(tl.int32)
+        packed = tl.where(ex[None, :] == idx[:, None], -9223372036854775807 - 1, packed)
+        sel = tl.where(kk == k, idx[:, None], sel)
+    om = rmask[:, None] & (kk < K)
+    sel_logit = _split_sum(part_ptr, r64, sel, om, N, E, SPLITS, SPLITS_P)
+    sel_w = tl.where(om, tl.math.div_rn(tl.full([SUB_T, KP], 1.0, tl.float32), 1.0 + tl.exp(-sel_logit)), 0.0)
     if NORM:
-        tot = tl.sum(sel_w, axis=1) + 1e-20  # columns >= K are zero
+        tot = tl.sum(sel_w, axis=1) + 1e-20
         sel_w = tl.math.div_rn(sel_w, tl.broadcast_to(tot[:, None], [SUB_T, KP]))
     sel_w = sel_w * scale
-    om = rmask[:, None] & (kk < K)
-    tl.store(ids_ptr + r64[:, None] * K + kk, sel_ids.to(tl.int64), mask=om)
+    tl.store(ids_ptr + r64[:, None] * K + kk, sel.to(tl.int64), mask=om)
     tl.store(wts_ptr + r64[:, None] * K + kk, sel_w, mask=om)
 
 
