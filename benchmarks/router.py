@@ -1,6 +1,7 @@
 """The MoE router on the GPU: torch's ``Router.forward`` against the one-launch Triton router (``kernels.router``,
 through ``route``), checked against each other, then timed: decode batches (1, 8 tokens) replayed from a CUDA
-graph, prefill chunks (8192, 16384 tokens) with do_bench; plus a few block-size / D-split variants of the kernel.
+graph, prefill chunks (8192, 16384 tokens) with do_bench; plus a few block-size / D-split variants of the kernel
+and its fp32-FMA products (``exact_products``) against the tensor-core products it uses for bf16 x bf16.
 
     python -m benchmarks.router          # about 1 min on an H200; JSON to $OUT (or runs/benchmarks/)
 
@@ -73,7 +74,7 @@ def time_us(fn, n: int) -> float:
 def variants(n: int, e: int, d: int, programs: int) -> list[dict]:
     """The plan's configuration and a few neighbours (block sizes, D splits, warps)."""
     plan = router_plan(n, e, d, programs)
-    out = [dict(plan, num_warps=4, plan=True)]
+    out = [dict(plan, num_warps=4, plan=True), dict(plan, num_warps=4, plan=False, exact_products=True)]
     if n in DECODE:
         for splits in (max(1, plan["splits"] // 2), plan["splits"] * 2):
             out.append(dict(plan, splits=splits, num_warps=4, plan=False))
@@ -99,6 +100,7 @@ def rows_for(model: str, weight_dtype: torch.dtype) -> list[dict]:
                          speedup=torch_us / kernel_us, **chk))
         for v in variants(n, e, d, _programs_wanted(x.device)):
             kw = {k: v[k] for k in ("block_t", "block_e", "block_d", "splits", "num_warps")}
+            kw["exact_products"] = v.get("exact_products", False)
 
             def fn(kw=kw):
                 return router_triton(x, router.weight, router.e_score_correction_bias, cfg.num_experts_per_tok,
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     print(f"ceilings: copy {ceilings['copy_tbps']:.2f} TB/s, bf16 {ceilings['bf16_matmul_tflops']:.0f}, fp8 "
           f"{ceilings['fp8_matmul_tflops']:.0f} TFLOP/s")
     print(table([r for r in rows if r["case"] == "kernel_variant"],
-                ["model", "weight", "n", "block_t", "block_e", "splits", "num_warps", "plan", "us"]))
+                ["model", "weight", "n", "block_t", "block_e", "splits", "num_warps", "exact_products", "plan", "us"]))
     print(table([r for r in rows if r["case"] == "torch_vs_kernel"],
                 ["model", "weight", "n", "torch_us", "kernel_us", "speedup", "ids_equal", "ids_equal_clear",
                  "choice_err", "weight_err"]))

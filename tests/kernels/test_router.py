@@ -102,18 +102,19 @@ def test_kernel_matches_reference(n, routing, dtype, norm, device, monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("n,e,k,block_t,block_e,splits", [
-    (5, 48, 6, 16, 16, 3),       # experts not a power of two, three D splits (the last one short)
-    (40, 16, 1, 16, 16, 2),      # several token blocks with splits; top-1
-    (20, 64, 4, 32, 32, 1),      # two expert blocks meet on one counter
+@pytest.mark.parametrize("n,e,k,block_t,block_e,splits,dtype,exact", [
+    (5, 48, 6, 16, 16, 3, torch.float32, False),   # experts not a power of two, three D splits (the last short)
+    (40, 16, 1, 16, 16, 2, torch.float16, False),  # several token blocks with splits; top-1
+    (20, 64, 4, 32, 32, 1, torch.float16, True),   # two expert blocks meet on one counter; fp32 FMA products
 ])
-def test_kernel_plans(n, e, k, block_t, block_e, splits, device, monkeypatch):
+def test_kernel_plans(n, e, k, block_t, block_e, splits, dtype, exact, device, monkeypatch):
     from indexcache.kernels.router.triton import router_triton
 
-    x, w, bias = _inputs(n, e, 160, torch.float32, seed=e * k + n, device=device)
+    x, w, bias = _inputs(n, e, 160, dtype, seed=e * k + n, device=device)
     want = router_reference(x, w, bias, k, norm=True, scale=1.3)
     _poison_empty(monkeypatch)
-    got = router_triton(x, w, bias, k, 1, 1, True, 1.3, block_t=block_t, block_e=block_e, block_d=32, splits=splits)
+    got = router_triton(x, w, bias, k, 1, 1, True, 1.3, block_t=block_t, block_e=block_e, block_d=32, splits=splits,
+                        exact_products=exact)
     monkeypatch.undo()
     _assert_routing_matches(x, w, bias, got, want, k, 1, 1)
     assert _counters_zero(device)
@@ -196,6 +197,18 @@ def test_gpu_glm_sizes(n, wdtype):
     got = router_topk(x, w, bias, r["k"], **kw)
     _assert_routing_matches(x, w, bias, got, router_reference(x, w, bias, r["k"], **kw), r["k"], 1, 1, tol=1e-5)
     assert _counters_zero("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [8, 8192])
+def test_gpu_exact_products(n):
+    from indexcache.kernels.router.triton import router_triton
+
+    r = GLM
+    x, w, bias = _inputs(n, r["e"], 2048, torch.bfloat16, seed=n + 1, device="cuda")
+    got = router_triton(x, w, bias, r["k"], 1, 1, True, r["scale"], exact_products=True)
+    want = router_reference(x, w, bias, r["k"], norm=True, scale=r["scale"])
+    _assert_routing_matches(x, w, bias, got, want, r["k"], 1, 1)
 
 
 @pytest.mark.gpu

@@ -3,17 +3,20 @@
 Grid (token blocks, expert blocks, D splits). Program (t, e, s) multiplies its tokens' x [BLOCK_T, D range s] by
 its experts' weight rows with fp32 accumulation and stores the fp32 partial logits in part [SPLITS, N, E]; then
 it counts itself in on token block t's arrival counter. The last program of the block sums the splits' partials
-in split order (the same bits whichever program is last) and routes those tokens, SUB_T at a time: sigmoid,
-correction bias, the group limit, K rounds of argmax (ties: the lower expert index; among groups the lower group
-index), the gather of the scores, normalisation and scaling. It resets the counter: no memset, no host sync, so
-the launch can be captured in a CUDA graph.
+in a fixed order (the same bits whichever program is last) and routes those tokens, SUB_T at a time: sigmoid,
+correction bias, the group limit (ties between groups: the lower group), K selection rounds (ties: the lower
+expert; one integer max per round over packed (order-preserving value key, expert) pairs), then the selected
+experts' scores, normalisation and scaling. It resets the counter: no memset, no host sync, so the launch can
+be captured in a CUDA graph.
 
 Decode (N <= 16) splits D as well, so that many programs share the weight read (64 x 2048 bf16 is 256 KB: one
 program reading it all is slow); prefill uses no splits and 64-token blocks.
 The products: when x and the weight have the same 16-bit dtype, tl.dot on the tiles as they are (the products
-of bf16 or fp16 values are exact in fp32; the tensor cores accumulate in fp32); otherwise both are converted to
-fp32 and multiplied with input_precision="ieee" (no tf32 rounding). Scores use a round-to-nearest division
-(Triton's plain fp32 ``/`` is approximate on the GPU), as does the normalisation.
+of bf16 or fp16 values are exact in fp32; the tensor cores add them in fp32, though not with round-to-nearest
+at every step: differences of the size that another summation order gives); otherwise, or with
+``exact_products``, both are converted to fp32 and multiplied with input_precision="ieee" (CUDA-core FMAs).
+Scores use a round-to-nearest division (Triton's plain fp32 ``/`` is approximate on the GPU), as does the
+normalisation.
 """
 from __future__ import annotations
 
@@ -163,10 +166,11 @@ def router_plan(n: int, e: int, d: int, programs: int) -> dict:
 def router_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
                   topk_group: int, norm: bool, scale: float, *, block_t: int | None = None,
                   block_e: int | None = None, block_d: int | None = None, splits: int | None = None,
-                  num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                  num_warps: int = 4, exact_products: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs checked by the caller (reference.check_router_inputs); with n_group > 1 the group size and
     n_group are powers of two. Block sizes (powers of two, block_t and block_d >= 16) and ``splits`` (D splits)
-    default to ``router_plan``'s."""
+    default to ``router_plan``'s. ``exact_products``: fp32 FMAs even for 16-bit x and weight of one dtype (see
+    the module text; benchmarks/router.py measures both)."""
     n, d = x.shape
     e = weight.shape[0]
     ep = triton.next_power_of_2(e)
@@ -190,7 +194,7 @@ def router_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top
     part = torch.empty(splits, n, e, dtype=torch.float32, device=x.device)
     tblocks = triton.cdiv(n, block_t)
     cnt = arrival_counters(x.device, tblocks)
-    native = x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
+    native = not exact_products and x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16)
     grid = (tblocks, triton.cdiv(e, block_e), splits)
     _router_kernel[grid](x, weight, bias, part, cnt, ids, wts, n, d, e, per * block_d,
                          x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), float(scale),
