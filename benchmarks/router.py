@@ -82,7 +82,13 @@ def variants(n: int, e: int, d: int, programs: int) -> list[dict]:
     else:
         for bt, warps in ((32, 4), (128, 8), (64, 8)):
             out.append(dict(plan, block_t=bt, num_warps=warps, plan=False))
-    return out
+    seen, unique = set(), []
+    for v in out:  # a neighbour may coincide with the plan (one split at most, say)
+        key = tuple(v.get(k) for k in ("block_t", "block_e", "splits", "num_warps", "exact_products"))
+        if key not in seen:
+            seen.add(key)
+            unique.append(v)
+    return unique
 
 
 def rows_for(model: str, weight_dtype: torch.dtype) -> list[dict]:
