@@ -12,6 +12,7 @@ from ..kernels.fp8_grouped_mm import (fp8_grouped_mm, fp8_grouped_mm_reference, 
                                      fp8_grouped_swiglu_reference, plan_block_sizes)
 from ..kernels.fp8_linear import dequantize_weight, quantize_act, quantize_weight
 from ..kernels.moe import SMALL_MAX_ROWS, moe_experts_small
+from ..kernels.router import kernel_supports, route
 
 
 class MLP(nn.Module):
@@ -33,7 +34,16 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (expert ids [N, k], weights [N, k] fp32)."""
+        """x [N, D] -> (expert ids [N, k], weights [N, k] fp32). Inference on a GPU routes in one Triton launch
+        (``kernels.router``: 4 vs 22 us per decode step, 98 vs 178 us per 8K-token chunk on an H200, run 47); it
+        has no backward, so training keeps the torch maths below."""
+        cfg = self.cfg
+        if x.is_cuda and not torch.is_grad_enabled() and kernel_supports(cfg.n_routed_experts, cfg.n_group):
+            return route(x, self)
+        return self.torch_forward(x)
+
+    def torch_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` in torch ops (autograd; the GPU kernel's reference in benchmarks)."""
         cfg = self.cfg
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias.float()
