@@ -24,7 +24,6 @@ VARIANTS = [
     ("old: head-major 4w/2st", 20, {"kernel": "head_major", "num_warps": 4, "num_stages": 2, "heads_fastest": False}),
     ("head-major 8w/5st", 20, {"kernel": "head_major", "num_warps": 8, "num_stages": 5}),
     ("token-major 4w/3st (default)", 20, None),
-    ("token-major 8w/3st", 20, {"kernel": "token_major", "num_warps": 8, "num_stages": 3}),
     ("old: query-fastest grid", 128, {"heads_fastest": False}),
     ("heads-fastest grid (default)", 128, None),
 ]
