@@ -57,7 +57,7 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
 
 def production_kernels() -> list[tuple[str, dict]]:
     """The FP8 MoE prefill kernels at the configurations the model launches (glm-4.7-flash's experts: K 2048 for
-    gate/up, 1536 for down), the expert plan at 64 and 256 experts, and the bf16 sparse MLA prefill."""
+    gate/up, 1536 for down), and the expert plan at 64 and 256 experts."""
     from indexcache.kernels.expert_plan.triton import _plan_hist_kernel, _plan_scatter_kernel
     from indexcache.kernels.fp8_grouped_mm.triton import (_grouped_fp8_kernel, _grouped_fp8_swiglu_kernel, config_for,
                                                           swiglu_config_for)
@@ -91,19 +91,6 @@ def production_kernels() -> list[tuple[str, dict]]:
         ce = {"EP": ep, "CHUNK": chunk, "B1": 128, "B2": 64, "TWO": True, "TCH": 128}
         out.append((f"expert plan scatter E={ep}", compile_sm90(_plan_scatter_kernel, types, ce, num_warps=8,
                                                                 num_stages=1)))
-    from indexcache.kernels.sparse_mla import ops as sm_ops
-    from indexcache.kernels.sparse_mla import triton as sm
-
-    # sparse MLA prefill at 20 heads (token-major) and 128 heads (head-major, two 64-head blocks per query)
-    types = {"q": "*bf16", "kv": "*bf16", "idx": "*i32", "out": "*bf16", "lse": "*fp32", "qk_scale": "fp32"}
-    strides = ("topk", "sq_t", "sq_h", "skv", "si_t", "so_t", "so_h")
-    for h, cfg, kern in ((20, sm_ops.PREFILL_CFG_FEW_HEADS, sm._sparse_mla_prefill_tm_kernel),
-                         (128, sm_ops.PREFILL_CFG, sm._sparse_mla_prefill_kernel)):
-        hb = sm_ops._hb(h, cfg["hb_max"])
-        ce = {"HB": hb, "BT": cfg["bt"], "UPCAST": False, "NHB": -(-h // hb)}
-        out.append((f"sparse_mla_prefill h={h} ({cfg['kernel']})",
-                    compile_sm90(kern, types, ce, div16=strides, num_warps=cfg["num_warps"],
-                                 num_stages=cfg["num_stages"])))
     return out
 
 

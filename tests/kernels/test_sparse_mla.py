@@ -53,43 +53,6 @@ def test_prefill_matches_reference(device, h, dtype):
     _lse_ok(lse, rl, 1e-3)
 
 
-@pytest.mark.parametrize("h,cfg", [(20, {"kernel": "token_major"}), (20, {"kernel": "head_major"}),
-                                   (24, {"kernel": "token_major", "heads_fastest": False}),
-                                   (9, {"kernel": "token_major", "hb_max": 16}),
-                                   (72, {"kernel": "head_major"}),
-                                   (72, {"kernel": "head_major", "heads_fastest": False})])
-def test_prefill_kernel_variants_match_reference(device, h, cfg):
-    # both MMA orientations and both grid orders (72 heads: two 64-head blocks per query) on ragged index lists
-    torch.manual_seed(100 + h)
-    T, S, K = 4, 300, 45
-    q = torch.randn(T, h, 576, device=device).half()
-    kv = torch.randn(S, 576, device=device).half()
-    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device=device)
-    idx[0, 30:] = -1                      # ragged tail
-    idx[1, ::3] = S + 5                   # past the cache: skipped
-    idx[3, :] = -1                        # no valid entry: out 0, lse -inf
-    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, config=cfg)
-    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625)
-    assert torch.isfinite(out).all()
-    assert _rel(out, ro) < 2e-3
-    assert (out[3] == 0).all()
-    _lse_ok(lse, rl, 1e-3)
-    o32, l32 = sparse_mla_prefill(q.float(), kv.float(), idx, 0.0625, config=cfg)
-    ro32, rl32 = sparse_mla_prefill_reference(q.float(), kv.float(), idx, 0.0625)
-    assert _rel(o32, ro32) < 1e-5
-    _lse_ok(l32, rl32, 1e-4)
-
-
-def test_prefill_bad_config():
-    q = torch.randn(2, 16, 576)
-    kv = torch.randn(10, 576)
-    idx = torch.zeros(2, 4, dtype=torch.int32)
-    with pytest.raises(ValueError, match="unknown config keys"):
-        sparse_mla_prefill(q, kv, idx, 0.1, config={"warps": 4})
-    with pytest.raises(ValueError, match="kernel"):
-        sparse_mla_prefill(q, kv, idx, 0.1, config={"kernel": "fast"})
-
-
 def test_prefill_with_reference_topk_indices(device):
     # the attention fed with the top-k reference's own indices (causal: -1 padding on early rows)
     torch.manual_seed(7)
@@ -207,24 +170,6 @@ def test_bad_arguments():
         sparse_mla_decode(q, kv.view(1, 10, 576), idx, 0.1, kv_format="int8")
     with pytest.raises(ValueError, match="656"):
         sparse_mla_decode(q, torch.zeros(1, 10, 576, dtype=torch.uint8), idx, 0.1, kv_format="fp8")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("h,cfg", [(20, None), (20, {"kernel": "head_major"}), (128, None),
-                                   (128, {"heads_fastest": False})])
-def test_gpu_bf16_prefill_variants(h, cfg):
-    torch.manual_seed(23)
-    T, S, K = 96, 200_000, 2048
-    q = torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(S, 576, device="cuda", dtype=torch.bfloat16)
-    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device="cuda")
-    idx[::2, 1000:] = -1                  # ragged
-    idx[5] = -1                           # no valid entry
-    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, config=cfg)
-    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625)
-    assert _rel(out, ro) < 1e-2
-    assert (out[5] == 0).all()
-    _lse_ok(lse, rl, 2e-2)
 
 
 @pytest.mark.gpu

@@ -13,15 +13,9 @@ from indexcache.kernels.formats import LATENT_DIM, LATENT_FP8_BYTES, NOPE
 from indexcache.kernels.sparse_mla.reference import sparse_mla_decode_reference, sparse_mla_prefill_reference
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
-# launch parameters: heads per program cap, tokens per step, warps, pipeline stages (docs/kernels_attention.md);
-# "kernel": "head_major" (heads are the MMA rows) or "token_major" (the gathered tokens are; HB <= 32 only);
-# "heads_fastest": the head blocks of one query are neighbouring programs (they gather the same rows: L2 reuse)
-PREFILL_CFG = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "kernel": "head_major", "heads_fastest": True}
-# HB <= 32: token-major so the MMAs are 64-row wgmma on Hopper (head-major 32-row tiles lower to mma.sync);
-# 3 stages give the gathered K tile two cp.async buffers
-PREFILL_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 3, "kernel": "token_major",
-                         "heads_fastest": True}
-_PREFILL_KERNELS = ("head_major", "token_major")
+# launch parameters: heads per program cap, tokens per step, warps, pipeline stages (docs/kernels_attention.md)
+PREFILL_CFG = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2}
+PREFILL_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 2}  # HB <= 32
 # "fp8": the selected rows are gathered + dequantised once (dq_rows rows per program, dq_warps warps), then the
 # bf16 attention runs over them with a head-major grid
 DECODE_CFG = {"bf16": {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "target_programs": 264},
@@ -92,13 +86,6 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     Returns out [T, h, 512] in q.dtype and lse [T, h] fp32 (natural log); rows with no valid index give 0 / -inf.
     ``config`` overrides the launch parameters (keys of PREFILL_CFG; benchmarks sweep them).
     """
-    if config:
-        bad = set(config) - set(PREFILL_CFG)
-        if bad:
-            raise ValueError(f"sparse_mla_prefill: unknown config keys {sorted(bad)} (known: {sorted(PREFILL_CFG)})")
-        if config.get("kernel", "head_major") not in _PREFILL_KERNELS:
-            raise ValueError(f"sparse_mla_prefill: config kernel must be one of {_PREFILL_KERNELS}, got "
-                             f"{config['kernel']!r}")
     _check_q("sparse_mla_prefill", q, d_v)
     if kv.dim() != 2 or kv.shape[1] != LATENT_DIM:
         raise ValueError(f"sparse_mla_prefill: kv must be [S, {LATENT_DIM}], got shape {tuple(kv.shape)}")
@@ -108,7 +95,7 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     _check_idx("sparse_mla_prefill", indices, T, q.device)
     if not use_triton(q):
         return sparse_mla_prefill_reference(q, kv, indices, sm_scale, d_v)
-    from indexcache.kernels.sparse_mla import triton as tm
+    from indexcache.kernels.sparse_mla.triton import _sparse_mla_prefill_kernel
 
     q = q if q.stride(-1) == 1 else q.contiguous()
     kv = kv if kv.stride(-1) == 1 else kv.contiguous()
@@ -119,18 +106,12 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         return out, lse
     args = (q, kv, indices, out, lse, kv.shape[0], H, indices.shape[1], sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1))
-    base = PREFILL_CFG if _hb(H, PREFILL_CFG["hb_max"]) > 32 else PREFILL_CFG_FEW_HEADS
-    cfg = {**base, **config} if config else base
+    cfg = PREFILL_CFG if _hb(H, PREFILL_CFG["hb_max"]) > 32 else PREFILL_CFG_FEW_HEADS
+    if config:
+        cfg = {**cfg, **config}
     hb = _hb(H, cfg["hb_max"])
-    token_major = cfg["kernel"] == "token_major"
-    if token_major and hb > 32:
-        raise ValueError(f"sparse_mla_prefill: the token-major kernel takes at most 32 heads per program, got {hb} "
-                         f"(h={H}, hb_max={cfg['hb_max']})")
-    kernel = tm._sparse_mla_prefill_tm_kernel if token_major else tm._sparse_mla_prefill_kernel
-    nhb = triton.cdiv(H, hb)
-    # heads_fastest: one flat axis, head block fastest (pid = t * nhb + block)
-    grid = (T * nhb,) if cfg["heads_fastest"] else (T, nhb)
-    _launch(kernel, grid, args, dict(HB=hb, UPCAST=interpreting(), NHB=nhb if cfg["heads_fastest"] else 0), cfg)
+    grid = (T, triton.cdiv(H, hb))
+    _launch(_sparse_mla_prefill_kernel, grid, args, dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
 
 

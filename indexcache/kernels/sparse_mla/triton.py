@@ -1,8 +1,7 @@
 """Sparse MLA forward in Triton: gather the selected latent rows, QK over 512+64 dims, exp2 online softmax,
 PV over the 512-dim value. One program = one query (prefill) or one (batch, topk split) (decode) x a block of
-HB heads sharing the same gathered K/V tile (prefill with few heads runs the MMAs token-major: the tokens are the
-MMA rows); decode splits topk and merges the splits by their lse. An FP8 cache is first gathered and dequantised
-once per selected token (``_fp8_gather_dequant_kernel``), then read as bf16 rows.
+HB heads sharing the same gathered K/V tile; decode splits topk and merges the splits by their lse. An FP8 cache
+is first gathered and dequantised once per selected token (``_fp8_gather_dequant_kernel``), then read as bf16 rows.
 """
 import triton
 import triton.language as tl
@@ -67,21 +66,11 @@ def _attend(q_ptr, sq_h, H, idx_ptr, n_tok, S, kv_ptr, skv, qk_scale,
     return acc, m_i, l_i
 
 
-@triton.jit
-def _prefill_program(HB: tl.constexpr, NHB: tl.constexpr):
-    """(query, first head) of this prefill program: grid (T * NHB,) with the head block fastest when NHB > 0 (the
-    head blocks of a query gather the same rows back to back, from L2), else grid (T, head blocks)."""
-    if NHB > 0:
-        pid = tl.program_id(0)
-        return pid // NHB, (pid % NHB) * HB
-    else:
-        return tl.program_id(0), tl.program_id(1) * HB
-
-
 @triton.jit(do_not_specialize=["S"])  # the context grows chunk by chunk: one compile, not one per divisibility
 def _sparse_mla_prefill_kernel(q, kv, idx, out, lse, S, H, topk, qk_scale, sq_t, sq_h, skv, si_t, so_t, so_h,
-                               HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr, NHB: tl.constexpr):
-    t, h0 = _prefill_program(HB, NHB)
+                               HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr):
+    t = tl.program_id(0)
+    h0 = tl.program_id(1) * HB
     acc, m_i, l_i = _attend(q + t.to(tl.int64) * sq_t + h0 * sq_h, sq_h, H - h0, idx + t.to(tl.int64) * si_t,
                             topk, S, kv, skv, qk_scale, HB, BT, UPCAST)
     hh = tl.arange(0, HB)
@@ -90,50 +79,6 @@ def _sparse_mla_prefill_kernel(q, kv, idx, out, lse, S, H, topk, qk_scale, sq_t,
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out + t.to(tl.int64) * so_t + (h0 + hh)[:, None] * so_h + dn[None, :], o.to(out.dtype.element_ty),
              mask=hm[:, None])
-    ls = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse + t.to(tl.int64) * H + h0 + hh, ls, mask=hm)
-
-
-@triton.jit(do_not_specialize=["S"])
-def _sparse_mla_prefill_tm_kernel(q, kv, idx, out, lse, S, H, topk, qk_scale, sq_t, sq_h, skv, si_t, so_t, so_h,
-                                  HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr, NHB: tl.constexpr):
-    """Token-major prefill for few heads (HB <= 32): the MMAs run transposed, S^T = K Q^T [BT, HB] and
-    O^T += V^T P^T [512, HB], so the 64 gathered tokens are the MMA rows and 20-32 heads its columns; on Hopper
-    that is a 64-row wgmma fed from the cp.async-staged K tile, where the head-major form has 32 rows and falls
-    back to mma.sync. Same maths and outputs as _sparse_mla_prefill_kernel."""
-    t, h0 = _prefill_program(HB, NHB)
-    hh = tl.arange(0, HB)
-    hm = h0 + hh < H
-    dn = tl.arange(0, _NOPE)
-    dr = tl.arange(0, _ROPE)
-    qb = q + t.to(tl.int64) * sq_t + h0 * sq_h
-    qn = tl.load(qb + hh[None, :] * sq_h + dn[:, None], mask=hm[None, :], other=0.0)            # [512, HB]
-    qp = tl.load(qb + hh[None, :] * sq_h + _NOPE + dr[:, None], mask=hm[None, :], other=0.0)    # [64, HB]
-    if UPCAST:
-        qn = qn.to(tl.float32)
-        qp = qp.to(tl.float32)
-    m_i = tl.full([HB], float("-inf"), tl.float32)
-    l_i = tl.zeros([HB], tl.float32)
-    acc = tl.zeros([_NOPE, HB], tl.float32)
-    ib = idx + t.to(tl.int64) * si_t
-    for s0 in range(0, topk, BT):
-        ti = s0 + tl.arange(0, BT)
-        ids = tl.load(ib + ti, mask=ti < topk, other=-1)
-        valid = (ids >= 0) & (ids < S)
-        kn, kp = _load_kv_tile(kv, ids, valid, skv, UPCAST)
-        s = tl.dot(kn, qn)
-        s = tl.dot(kp, qp, s)                                                                    # [BT, HB]
-        s = tl.where(valid[:, None], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(kn), p.to(kn.dtype))
-        m_i = m_new
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[None, :]
-    tl.store(out + t.to(tl.int64) * so_t + (h0 + hh)[None, :] * so_h + dn[:, None], o.to(out.dtype.element_ty),
-             mask=hm[None, :])
     ls = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(lse + t.to(tl.int64) * H + h0 + hh, ls, mask=hm)
 
