@@ -1,0 +1,85 @@
+"""bf16 sparse MLA prefill, launch variants timed in one run (today only the
+production launch; add candidates to VARIANTS): 8192 queries at the end of a 200K context, top-k 2048,
+20 heads (glm-4.7-flash-dsa) and 128 heads (DeepSeek-V3.2).
+
+    python -m benchmarks.sparse_mla_prefill [--quick]      # ~1-2 min on an H200 (compiles included); JSON to $OUT
+
+Index sets: "random" (uniform over the context: what random weights give, the worst case for L2) and "mix", a
+synthetic stand-in for trained top-k sets: per query 64 sinks (the first tokens), the 256 tokens before it, and 27
+far blocks of 64 consecutive tokens, drawn per group of 64 neighbouring queries with a quarter of each query's blocks
+redrawn (so neighbours share most of their far rows). Each variant is checked against the PyTorch reference on 32
+queries before it is timed. FLOP = 2 * T * topk * h * (576 + 512); TB/s = gathered rows (T * topk * 1152 B) / time.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, write_results
+from indexcache.kernels.sparse_mla import sparse_mla_prefill, sparse_mla_prefill_reference
+
+CTX, K, SCALE = 200_000, 2048, 0.1352
+# (label, h, config): config overrides sparse_mla_prefill's launch parameters, so a candidate launch is timed beside
+# the production one in the same run; the first row of each h is the baseline of speedup_vs_base
+VARIANTS = [
+    ("production launch", 20, None),
+    ("production launch", 128, None),
+]
+
+
+def index_sets(T: int, device="cuda") -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    pos = torch.arange(CTX - T, CTX, device=device)                                    # query positions
+    rand = torch.randint(0, CTX, (T, K), device=device, generator=g)
+    sinks = torch.arange(64, device=device).expand(T, 64)
+    recent = pos[:, None] - 1 - torch.arange(256, device=device)[None, :]
+    nblk = (K - 64 - 256) // 64                                                         # 27 far blocks
+    far_hi = (CTX - T - 256) // 64
+    group = torch.randint(1, far_hi, (T // 64 + 1, nblk), device=device, generator=g)
+    blk = group.repeat_interleave(64, dim=0)[:T]
+    redraw = torch.rand(T, nblk, device=device, generator=g) < 0.25
+    blk = torch.where(redraw, torch.randint(1, far_hi, (T, nblk), device=device, generator=g), blk)
+    far = (blk[:, :, None] * 64 + torch.arange(64, device=device)).reshape(T, -1)
+    mix = torch.cat([sinks, recent, far], dim=1)
+    return {"random": rand.to(torch.int32).contiguous(), "mix": mix.to(torch.int32).contiguous()}
+
+
+def main(quick: bool = False) -> int:
+    T = 2048 if quick else 8192
+    ceilings = measure_ceilings()
+    kv = torch.randn(CTX, 576, device="cuda", dtype=torch.bfloat16)
+    sets = index_sets(T)
+    rows = []
+    qs = {}
+    base_ms = {}
+    for label, h, cfg in VARIANTS:
+        if h not in qs:
+            qs = {h: torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)}
+        q = qs[h]
+        for name, idx in sets.items():
+            r = {"variant": label, "h": h, "indices": name, "cfg": str(cfg)}
+            try:
+                o, l = sparse_mla_prefill(q[:32], kv, idx[:32], SCALE, config=cfg)
+                ro, rl = sparse_mla_prefill_reference(q[:32], kv, idx[:32], SCALE)
+                r["rel_err"] = ((o.float() - ro.float()).norm() / ro.float().norm()).item()
+                if not r["rel_err"] < 1e-2:
+                    raise AssertionError(f"wrong result: rel err {r['rel_err']:.3g}")
+                ms = bench_ms(lambda: sparse_mla_prefill(q, kv, idx, SCALE, config=cfg))
+                r.update(ms=ms, tflops=2 * T * K * h * 1088 / ms / 1e9, tbps=T * K * 1152 / ms / 1e9)
+                base_ms.setdefault((h, name), ms)                      # the first variant of each h is the baseline
+                r["speedup_vs_base"] = base_ms[(h, name)] / ms
+            except Exception as e:  # a variant that fails to compile or is wrong is reported, the others go on
+                r["error"] = repr(e)[:300]
+            rows.append(r)
+            print(r, flush=True)
+    payload = {"meta": run_metadata(), "ceilings": ceilings, "T": T, "context": CTX, "topk": K, "rows": rows,
+               "index_sets": __doc__.split("Index sets: ")[1].split(" FLOP")[0]}
+    print("ceilings:", {k: round(v, 3) for k, v in ceilings.items() if isinstance(v, float)})
+    print(table(rows, ["variant", "h", "indices", "ms", "tflops", "tbps", "speedup_vs_base", "rel_err", "error"]))
+    print("written:", write_results("sparse_mla_prefill", payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(quick="--quick" in sys.argv))
