@@ -7,7 +7,8 @@ the whole context), over a random-filled cache (no earlier prefill), eager as th
 Prints, per pattern: the chunk's wall time and the kernels sorted by GPU time (torch.profiler / CUPTI), then the
 time per kernel family (indexer, top-k, sparse MLA, MoE experts, GEMMs, ...), which is what the prefill kernels'
 targets are about. Everything goes to ``prefill_profile.json`` ($OUT, else runs/benchmarks). ``--layers 0`` runs
-the whole model; fewer layers keep the first ones.
+the whole model; fewer layers keep the first ones. ``--ops N`` also lists the N costliest aten ops with their input
+shapes (which torch op launches each elementwise or copy kernel).
 """
 from __future__ import annotations
 
