@@ -7,7 +7,8 @@ the whole context), over a random-filled cache (no earlier prefill), eager as th
 Prints, per pattern: the chunk's wall time and the kernels sorted by GPU time (torch.profiler / CUPTI), then the
 time per kernel family (indexer, top-k, sparse MLA, MoE experts, GEMMs, ...), which is what the prefill kernels'
 targets are about. Everything goes to ``prefill_profile.json`` ($OUT, else runs/benchmarks). ``--layers 0`` runs
-the whole model; fewer layers keep the first ones.
+the whole model; fewer layers keep the first ones. ``--ops N`` also lists the N costliest aten ops with their input
+shapes (which torch op launches each elementwise or copy kernel).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import re
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import run_metadata, table, write_results
 from benchmarks.decode_profile import build_model, profile_step
@@ -42,6 +44,27 @@ def family(kernel: str) -> str:
     return "other"
 
 
+def op_table(fn, steps: int, cuda: bool) -> list[dict]:
+    """The aten ops of ``fn`` grouped by (name, input shapes), by self GPU time per step (on CUDA) or self CPU time:
+    which torch op (and on which tensor) launches each elementwise / copy kernel of the kernel table."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if not e.key.startswith("aten::"):
+            continue
+        t = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if cuda \
+            else e.self_cpu_time_total
+        if t > 0:
+            rows.append({"op": e.key, "shapes": str(e.input_shapes)[:160], "us_per_step": t / steps,
+                         "calls_per_step": e.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows
+
+
 def last_chunk_batch(model, pattern, ctx, args):
     """An engine whose one sequence has its first ``ctx - chunk`` tokens in a random-filled cache, and the runner
     batch that prefills the last ``chunk`` tokens."""
@@ -60,6 +83,9 @@ def main(argv=None) -> int:
     p.add_argument("--context", default="200K")
     p.add_argument("--steps", type=int, default=2, help="chunks profiled (after one warm-up)")
     p.add_argument("--top", type=int, default=30, help="kernels printed per pattern")
+    p.add_argument("--ops", type=int, default=0,
+                   help="also print (and save) this many aten ops with their input shapes (record_shapes), by self "
+                        "GPU time (CPU time on --device cpu)")
     p.set_defaults(layers=4, patterns="full,1/4", name="prefill_profile")
     args = p.parse_args(argv)
     dev = args.device
@@ -87,6 +113,8 @@ def main(argv=None) -> int:
                     fams[r["family"]] = fams.get(r["family"], 0.0) + r["us_per_step"] / 1e3
                 case.update(kernel_ms=total / 1e3, families_ms=dict(sorted(fams.items(), key=lambda kv: -kv[1])),
                             kernels=kernels[:args.top])
+            if args.ops:
+                case["ops"] = op_table(lambda: run(batch), args.steps, dev == "cuda")[:args.ops]
         res["cases"].append(case)
         print(f"\n== {pat}: the last {chunk}-token chunk of a {ctx}-token prompt, {cfg.num_layers} layers: "
               f"{chunk_ms:.1f} ms wall" + (f", {case['kernel_ms']:.1f} ms in kernels" if "kernel_ms" in case else ""))
@@ -94,6 +122,10 @@ def main(argv=None) -> int:
             print(f"  {ms:9.2f} ms  {name}")
         for r in case.get("kernels", []):
             print(f"  {r['us_per_step'] / 1e3:9.3f} ms  x{r['calls_per_step']:6.1f}  [{r['family']}] {r['kernel']}")
+        if case.get("ops"):
+            print("  aten ops (self " + ("GPU" if dev == "cuda" else "CPU") + " time), input shapes:")
+        for r in case.get("ops", []):
+            print(f"  {r['us_per_step'] / 1e3:9.3f} ms  x{r['calls_per_step']:6.1f}  {r['op']}  {r['shapes']}")
         del eng, batch
         if dev == "cuda":
             torch.cuda.empty_cache()

@@ -19,7 +19,10 @@ def test_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     torch.manual_seed(0)
     assert main(["--device", "cpu", "--model", "tiny", "--layers", "2", "--context", "384", "--chunk", "128",
-                 "--patterns", "full,1/2", "--steps", "1"]) == 0
+                 "--patterns", "full,1/2", "--steps", "1", "--ops", "5"]) == 0
     res = json.load(open(os.path.join(tmp_path, "prefill_profile.json")))
     assert [c["pattern"] for c in res["cases"]] == ["full", "1/2"]
     assert all(c["chunk"] == 128 and c["chunk_ms"] > 0 for c in res["cases"])
+    ops = res["cases"][0]["ops"]  # --ops: aten ops with their input shapes, most expensive first
+    assert 0 < len(ops) <= 5 and all(r["op"].startswith("aten::") and r["calls_per_step"] > 0 for r in ops)
+    assert ops == sorted(ops, key=lambda r: -r["us_per_step"])

@@ -1,11 +1,14 @@
 """The plain-PyTorch pieces of a layer between the attention backend's kernels: norms, projections with RoPE,
-the output projection and the MLP/MoE. Decode runs them torch.compile'd (``compile_glue``)."""
+the output projection and the MLP/MoE. Decode runs them torch.compile'd (``compile_glue``); prefill runs its own
+form (``prefill_glue``), whose activations are large enough that every extra pass over them shows."""
 from __future__ import annotations
 
 import functools
 
 import torch
 
+from ..kernels.rms_norm import rms_norm, rms_norm_reference
+from ..kernels.rope import rope, rope_reference
 from ..model.linear import Fp8Linear, fuse_fp8_linears
 from ..model.moe import MoE
 
@@ -65,6 +68,87 @@ def _ffn(layer, h, moe_small_batch_kernel: bool):
     if isinstance(layer.mlp, MoE):
         return h + layer.mlp(x, small_batch_kernel=moe_small_batch_kernel)
     return h + layer.mlp(x)
+
+
+# ----- prefill -------------------------------------------------------------------------------------------------
+# The same maths as the glue above, written so that a [T, ...] activation is read and written as few times as
+# possible: the residual add rides in the next RMSNorm's pass (kernels.rms_norm: fp32 statistics in one launch
+# instead of ~8 elementwise passes), the absorbed query [T, h, kv_lora + rope] is written in place by the W_UK
+# GEMM and the RoPE kernel (no concatenation), RoPE rotates the indexer's q and k in place, and W_UV writes the
+# heads in o_proj's [T, h * v] layout (no transposing copy). ``fused``: the Triton kernels (CUDA); else their
+# PyTorch references, op for op the decode glue's maths.
+
+def _norm(norm, x, fused, residual=None):
+    return (rms_norm if fused else rms_norm_reference)(x, norm.weight, norm.eps, residual=residual)
+
+
+def _rope_into(x, cos, sin, interleaved, out, fused):
+    """x [T, H, R] rotated into ``out`` (a slice of a wider buffer, or x itself)."""
+    if fused:
+        return rope(x, cos, sin, interleaved, out=out)
+    return out.copy_(rope_reference(x, cos[:, None], sin[:, None], interleaved))
+
+
+def _prefill_pre_attention(layer, h, pending, cos, sin, w_uk, w_x, splits, *, fused):
+    """``_pre_attention`` for prefill. ``pending``: the previous layer's MLP output, added to the residual stream
+    ``h`` here in the input norm's pass (None on the first layer). cos/sin [T, rope/2].
+    Returns (h, x, q [T, h, kv_lora + rope], q_resid, c_kv, k_pe, index_pre)."""
+    attn = layer.self_attn
+    cfg = attn.cfg
+    if pending is None:
+        x = _norm(layer.input_layernorm, h, fused)
+    else:
+        x, h = _norm(layer.input_layernorm, pending, fused, residual=h)
+    parts = (w_x(x) if isinstance(w_x, torch.nn.Module) else torch.nn.functional.linear(x, w_x)).split(splits, dim=-1)
+    T, H = x.shape[0], attn.num_local_heads
+    q_resid = _norm(attn.q_a_layernorm, parts[0], fused)
+    c_kv, k_pe = parts[1].split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+    c_kv = _norm(attn.kv_a_layernorm, c_kv, fused)
+    k_pe = _rope_into(k_pe[:, None], cos, sin, cfg.mla_rope_interleaved,
+                      torch.empty(T, 1, cfg.qk_rope_head_dim, dtype=k_pe.dtype, device=x.device), fused)[:, 0]
+    qb = attn.q_b_proj(q_resid).view(T, H, cfg.qk_head_dim)
+    q = torch.empty(T, H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=qb.dtype, device=x.device)
+    torch.bmm(qb[..., :cfg.qk_nope_head_dim].transpose(0, 1), w_uk, out=q[..., :cfg.kv_lora_rank].transpose(0, 1))
+    _rope_into(qb[..., cfg.qk_nope_head_dim:], cos, sin, cfg.mla_rope_interleaved, q[..., cfg.kv_lora_rank:], fused)
+    index_pre = (parts[2], parts[3] if len(parts) > 3 else None) if len(parts) > 2 else None
+    return h, x, q, q_resid, c_kv, k_pe, index_pre
+
+
+def _prefill_index_projection(indexer, x, q_resid, cos, sin, pre=None, *, fused):
+    """``Indexer.project`` for prefill rows: q [T, H, D], k [T, D] rotated in place, w [T, H] fp32."""
+    T = x.shape[0]
+    q = indexer.wq_b(q_resid).view(T, indexer.n_heads, indexer.head_dim)
+    k_lin, w_lin = pre if pre is not None else (indexer.wk(x), None)
+    if w_lin is None:
+        w_lin = indexer.weights_proj(x.to(indexer.weights_proj.weight.dtype))
+    k = indexer.k_norm(k_lin)
+    r, il = indexer.rope_dim, indexer.rope_interleaved
+    _rope_into(q[..., :r], cos, sin, il, q[..., :r], fused)
+    _rope_into(k[:, None, :r], cos, sin, il, k[:, None, :r], fused)
+    return q, k, w_lin.float() * indexer.n_heads ** -0.5
+
+
+def _prefill_attention_out(attn, o_lat, w_uv):
+    """o_proj(W_UV o_lat): the attention output, not yet added to the stream (the next norm adds it)."""
+    T, H = o_lat.shape[:2]
+    o = torch.empty(T, H, w_uv.shape[1], dtype=o_lat.dtype, device=o_lat.device)
+    torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
+    return attn.o_proj(o.view(T, -1))
+
+
+def _prefill_ffn(layer, h, a, moe_small_batch_kernel: bool, *, fused):
+    """(h + a, MLP(norm(h + a))): the MLP output is returned apart, for the next layer's input norm to add."""
+    x, h = _norm(layer.post_attention_layernorm, a, fused, residual=h)
+    if isinstance(layer.mlp, MoE):
+        return h, layer.mlp(x, small_batch_kernel=moe_small_batch_kernel)
+    return h, layer.mlp(x)
+
+
+def prefill_glue(fused: bool) -> dict:
+    """The prefill glue; ``fused``: with the Triton norm and RoPE kernels (CUDA), else their PyTorch references."""
+    return {"pre": functools.partial(_prefill_pre_attention, fused=fused),
+            "index_proj": functools.partial(_prefill_index_projection, fused=fused),
+            "attn_out": _prefill_attention_out, "ffn": functools.partial(_prefill_ffn, fused=fused)}
 
 
 GLUE = {"pre": _pre_attention, "index_proj": _index_projection, "attn_out": _attention_out, "ffn": _ffn}

@@ -18,7 +18,7 @@ from ..model import DSAModel
 from ..pattern import LayerPlan
 from .attention_backend import TorchBackend, to_slots
 from .config import EngineConfig
-from .glue import GLUE, compile_glue
+from .glue import GLUE, compile_glue, prefill_glue
 from .kv_cache import KVCache
 from .timer import Timer
 
@@ -55,6 +55,8 @@ class ModelRunner:
         if compile_on is None:
             compile_on = self.device.type == "cuda" and not cfg.enforce_eager
         self._decode_fns = compile_glue(cfg.compile_backend) if compile_on else None
+        # prefill glue: the Triton norm and RoPE kernels on CUDA, their PyTorch references elsewhere
+        self._prefill_fns = prefill_glue(fused=self.device.type == "cuda")
 
     @property
     def timer(self) -> Timer | None:
@@ -106,18 +108,49 @@ class ModelRunner:
         h = m.embed_tokens(b.input_ids)
         cos, sin = m.rope(b.positions[None], h.dtype)
         slots = pool = None  # the top-k in flight (slot ids) and the last F layer's candidate pool (R layers)
-        for i, layer in enumerate(m.layers):
-            h, slots, pool = self._layer(i, layer, h, cos, sin, b, slots, pool)
+        if b.decode:
+            for i, layer in enumerate(m.layers):
+                h, slots, pool = self._layer(i, layer, h, cos, sin, b, slots, pool)
+            last = h[b.last_index]
+        else:
+            pending = None  # the last layer's MLP output, added to h by the next layer's input norm
+            for i, layer in enumerate(m.layers):
+                h, pending, slots, pool = self._prefill_layer(i, layer, h, pending, cos[0], sin[0], b, slots, pool)
+            last = h[b.last_index] + pending[b.last_index] if pending is not None else h[b.last_index]
         with self._t("rest"):
-            return m.head(h[b.last_index]).float()
+            return m.head(last).float()
 
     def _layer(self, i, layer, h, cos, sin, b: ForwardBatch, slots, pool):
         attn, be = layer.self_attn, self.backend
-        fn = self._decode_fns if b.decode and self._decode_fns else GLUE
+        fn = self._decode_fns if self._decode_fns else GLUE
         w_uk, w_uv = self._absorbed[i]
         with self._t("attention"):
             x, q, q_resid, c_kv, k_pe, index_pre = fn["pre"](layer, h, cos, sin, w_uk, *self._x_proj[i])
             be.store_latent(i, b.slot_mapping, c_kv, k_pe)
+        slots, pool = self._top_k(i, attn, x, q_resid, cos, sin, b, fn, index_pre, slots, pool)
+        with self._t("attention"):
+            o_lat = be.attend_decode(i, q, slots)
+            h = fn["attn_out"](attn, h, o_lat, w_uv)
+        with self._t("moe"):
+            h = fn["ffn"](layer, h, self._moe_kernel)
+        return h, slots, pool
+
+    def _prefill_layer(self, i, layer, h, pending, cos, sin, b: ForwardBatch, slots, pool):
+        """``_layer`` for prefill rows (``glue.prefill_glue``): returns (h, MLP output not yet added, slots, pool)."""
+        attn, be, fn = layer.self_attn, self.backend, self._prefill_fns
+        w_uk, w_uv = self._absorbed[i]
+        with self._t("attention"):
+            h, x, q, q_resid, c_kv, k_pe, index_pre = fn["pre"](layer, h, pending, cos, sin, w_uk, *self._x_proj[i])
+            be.store_latent(i, b.slot_mapping, c_kv, k_pe)
+        slots, pool = self._top_k(i, attn, x, q_resid, cos, sin, b, fn, index_pre, slots, pool)
+        with self._t("attention"):
+            a = fn["attn_out"](attn, be.attend_prefill(i, q, slots), w_uv)
+        with self._t("moe"):
+            h, pending = fn["ffn"](layer, h, a, self._moe_kernel)
+        return h, pending, slots, pool
+
+    def _top_k(self, i, attn, x, q_resid, cos, sin, b: ForwardBatch, fn, index_pre, slots, pool):
+        """(top-k slot ids this layer attends with, candidate pool in flight) by the layer's role in the plan."""
         role = self.plan[i]
         if role.reranks:
             slots = self._rerank(i, attn.indexer, x, q_resid, cos, sin, b, fn, index_pre, pool)
@@ -127,12 +160,7 @@ class ModelRunner:
                 slots, pool = slots
         elif slots is None:
             raise RuntimeError(f"layer {i} is shared but no full layer precedes it")
-        with self._t("attention"):
-            o_lat = (be.attend_decode if b.decode else be.attend_prefill)(i, q, slots)
-            h = fn["attn_out"](attn, h, o_lat, w_uv)
-        with self._t("moe"):
-            h = fn["ffn"](layer, h, self._moe_kernel)
-        return h, slots, pool
+        return slots, pool
 
     def _select(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn, index_pre, pool: int = 0):
         """Top-k of this layer as global slot ids [T, k] (-1 = none); with ``pool`` > 0 (an F layer serving
@@ -141,30 +169,34 @@ class ModelRunner:
         with self._t("indexer"):
             q, k, w = fn["index_proj"](indexer, x, q_resid, cos, sin, index_pre)
             be.store_index_k(i, b.slot_mapping, k)
-        if b.decode:
-            logical = be.topk_decode(i, indexer, q, w, b.block_table, b.context_lens, b.max_len, pool)
-            table = b.block_table
-        else:
-            parts, tables = [], []
-            par = self.parallel
-            for s, (t0, n, ctx) in enumerate(b.segments):
-                if par is None or par.is_single:
-                    parts.append(be.topk_prefill(i, indexer, q[t0:t0 + n], w[t0:t0 + n], b.positions[t0:t0 + n],
-                                                 ctx, b.block_table[s], pool))
-                else:  # tensor parallel: each rank scores every N-th query row, the top-k rows are all-gathered
-                    rows = t0 + strided_rows(n, par, q.device)
-                    mine = be.topk_prefill(i, indexer, q[rows], w[rows], b.positions[rows], ctx, b.block_table[s],
-                                           pool)
-                    parts.append(tuple(gather_strided(m, n, par) for m in mine) if pool
-                                 else gather_strided(mine, n, par))
-                tables.append(b.block_table[s].expand(n, -1))
-            logical = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])) if pool \
-                else torch.cat(parts)
-            table = torch.cat(tables)
+        if not b.decode:
+            return self._select_prefill(i, indexer, q, w, b, pool)
+        logical = be.topk_decode(i, indexer, q, w, b.block_table, b.context_lens, b.max_len, pool)
         with self._t("topk"):
             if pool:
-                return to_slots(logical[0], table, self.page), to_slots(logical[1], table, self.page)
-            return to_slots(logical, table, self.page)
+                return to_slots(logical[0], b.block_table, self.page), to_slots(logical[1], b.block_table, self.page)
+            return to_slots(logical, b.block_table, self.page)
+
+    def _select_prefill(self, i, indexer, q, w, b: ForwardBatch, pool: int):
+        """``_select`` over prefill segments: each segment's top-k turned into slot ids through its own block-table
+        row (a broadcast view, not a [T, max_blocks] copy); one concatenation only when there are several."""
+        be, par = self.backend, self.parallel
+        out = []
+        for s, (t0, n, ctx) in enumerate(b.segments):
+            if par is None or par.is_single:
+                mine = be.topk_prefill(i, indexer, q[t0:t0 + n], w[t0:t0 + n], b.positions[t0:t0 + n], ctx,
+                                       b.block_table[s], pool)
+            else:  # tensor parallel: each rank scores every N-th query row, the top-k rows are all-gathered
+                rows = t0 + strided_rows(n, par, q.device)
+                mine = be.topk_prefill(i, indexer, q[rows], w[rows], b.positions[rows], ctx, b.block_table[s], pool)
+                mine = tuple(gather_strided(m, n, par) for m in mine) if pool else gather_strided(mine, n, par)
+            table = b.block_table[s].expand(n, -1)
+            with self._t("topk"):
+                out.append(tuple(to_slots(m, table, self.page) for m in mine) if pool
+                           else to_slots(mine, table, self.page))
+        if len(out) == 1:
+            return out[0]
+        return tuple(torch.cat(parts) for parts in zip(*out)) if pool else torch.cat(out)
 
     def _rerank(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn, index_pre, pool) -> torch.Tensor:
         """A re-rank layer: its own indexer over the last F layer's candidate pool -> top-k slot ids [T, k]."""

@@ -1,6 +1,8 @@
-"""RMSNorm computed in fp32, as the DSA reference implementations do."""
+"""RMSNorm computed in fp32, as the DSA reference implementations do (the formula: ``kernels.rms_norm``)."""
 import torch
 from torch import nn
+
+from ..kernels.rms_norm import rms_norm_reference
 
 
 class RMSNorm(nn.Module):
@@ -10,7 +12,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm_reference(x, self.weight, self.eps)

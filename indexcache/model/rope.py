@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..config import ModelConfig
+from ..kernels.rope import rope_reference
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -67,9 +68,4 @@ class RotaryEmbedding(torch.nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate the last dim of ``x`` ([..., rope_dim]); cos/sin broadcast against [..., rope_dim/2]."""
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rope_reference(x, cos, sin, interleaved)

@@ -57,7 +57,7 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
 
 def production_kernels() -> list[tuple[str, dict]]:
     """The FP8 MoE prefill kernels at the configurations the model launches (glm-4.7-flash's experts: K 2048 for
-    gate/up, 1536 for down), and the expert plan at 64 and 256 experts."""
+    gate/up, 1536 for down), the expert plan at 64 and 256 experts, and the prefill glue's norm and RoPE."""
     from indexcache.kernels.expert_plan.triton import _plan_hist_kernel, _plan_scatter_kernel
     from indexcache.kernels.fp8_grouped_mm.triton import (_grouped_fp8_kernel, _grouped_fp8_swiglu_kernel, config_for,
                                                           swiglu_config_for)
@@ -91,6 +91,27 @@ def production_kernels() -> list[tuple[str, dict]]:
         ce = {"EP": ep, "CHUNK": chunk, "B1": 128, "B2": 64, "TWO": True, "TCH": 128}
         out.append((f"expert plan scatter E={ep}", compile_sm90(_plan_scatter_kernel, types, ce, num_warps=8,
                                                                 num_stages=1)))
+    out += _prefill_glue_kernels()
+    return out
+
+
+def _prefill_glue_kernels() -> list[tuple[str, dict]]:
+    """RMSNorm (glm-4.7-flash: the 2048-wide stream with its residual add, the 768-wide q_a norm) and RoPE of the
+    absorbed query (20 heads x 64), bf16, as the prefill glue launches them."""
+    from indexcache.kernels.rms_norm.triton import _rms_norm_kernel
+    from indexcache.kernels.rope.triton import _rope_kernel
+
+    types = {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "s_ptr": "*bf16",
+             "inv_d": "fp32", "eps": "fp32", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "o_ptr": "*bf16"}
+    strides = ("stride_x", "stride_r", "stride_y", "stride_s", "D", "sx_t", "sx_h", "so_t", "so_h", "sc_t", "ss_t")
+    out = []
+    for d, res, bt in ((2048, True, 1), (768, False, 2)):
+        ce = {"HAS_RESIDUAL": res, "BT": bt, "BLOCK_D": triton.next_power_of_2(d)}
+        out.append((f"rms_norm d={d}{' +residual' if res else ''}",
+                    compile_sm90(_rms_norm_kernel, types, ce, div16=strides, num_warps=4, num_stages=1)))
+    ce = {"HALF": 32, "BT": 1, "BH": 32, "BP": 32, "INTERLEAVED": True}
+    out.append(("rope 20 heads x 64", compile_sm90(_rope_kernel, types, ce, div16=strides, num_warps=4,
+                                                   num_stages=1)))
     return out
 
 
