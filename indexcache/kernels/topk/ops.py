@@ -4,6 +4,8 @@ Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1), ``topk_rows_referen
 Output order within a row is unspecified unless ``sorted=True`` (then value-descending, ties by column).
 Two launch paths, chosen by row count: decode (R <= 64: sample / fused scan / final) and prefill (sample / count /
 compact / final); docs/kernels_attention.md has the design and the measurements behind these constants.
+``_path="one"``: the one-launch prefill path of ``triton_onepass`` (sample, one read, exact select per program),
+selected by argument until it is measured against the count + compact path.
 
 ``topk_rows_decode``: the same selection with one row spread over many programs (a radix select in three launches),
 for a few long rows replayed in a CUDA graph; ``DecodeTopkWorkspace`` holds its self-resetting scratch.
@@ -32,7 +34,12 @@ _FB16, _FINAL16_WARPS = 1024, 4   # prefill final select (16-ary search): tile a
 _FB = 2048              # decode final select (histogram) tile
 _NBIN = 256             # histogram bins per final-select round
 _TB = 256               # tie buffer: the boundary bin is ranked by counting once it holds <= _TB entries
-PATHS = ("scan", "two")  # decode path (fused scan), prefill path (count + compact)
+_ONE_WARPS = 8          # one-pass prefill path: warps per row program (4: 168 registers and spills on sm_90a)
+_ONE_BLOCK = 4096       # one-pass scan block: [E, 32 * warps, 16-byte vector] entries
+_ONE_SB, _ONE_NTMAX = 1024, 16   # one-pass sample: tile, at most 16 tiles (ns ~ 32 * L / k, <= 16384)
+_ONE_FB = 1024          # one-pass select tile
+_ONE_NBIN = 64          # one-pass select: bins per histogram round (tl.histogram: 32-64 bins cost the least per bit)
+PATHS = ("scan", "two", "one")  # decode path (fused scan), prefill path (count + compact), one-pass prefill
 
 
 def _check(logits, k, row_start, row_end, sample=None):
@@ -89,9 +96,10 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
     NaN and -inf never count; rows with fewer than k valid entries are padded with -1 (after the valid ids).
     Exact, with ties at the threshold broken towards the lower column index. ``stats``: a dict that receives the
     Triton path's per-row state of this call (see ``bracket_stats``; tests, benchmarks). ``sample``: entries
-    sampled per row to bracket the k-th value (512..4096, a power of two; default 1024, 512 for R <= 64). ``_cap`` /
-    ``_chunk`` / ``_path`` are test hooks (``_path``: "scan" = the decode path, "two" = the prefill path;
-    default by row count).
+    sampled per row to bracket the k-th value (512..4096, a power of two; default 1024, 512 for R <= 64; the
+    "one" path sizes its sample by the row length). ``_cap`` / ``_chunk`` / ``_path`` are test hooks (``_path``:
+    "scan" = the decode path, "two" = the prefill path, "one" = the one-launch prefill path of
+    ``triton_onepass``; default by row count).
     """
     _check(logits, k, row_start, row_end, sample)
     if not use_triton(logits):
@@ -126,6 +134,8 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
     path = _path or ("scan" if small else "two")
     if path not in PATHS:
         raise ValueError(f"topk_rows: _path must be one of {PATHS}, got {path!r}")
+    if path == "one":
+        return _plan_one(logits, k, starts, ends, out, _cap, interp)
     two = path == "two"
     S = sample or (256 if interp else (_SAMPLE_SMALL if small else _SAMPLE))
     # bracket ~ 6*sqrt(k*len/S) entries: CAP = 4k at S >= 1024, 8k at S = 512 (runtime value: no recompiles)
@@ -175,6 +185,27 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
 
     dbg["cc"] = cc
     return [("sample", sample_launch), ("count", count), ("compact", compact), ("final", final)], out, dbg
+
+
+def _plan_one(x, k, starts, ends, out, cap, interp):
+    """The one-launch prefill path (``triton_onepass``): one program per row, CAP = 4 * next_pow2(k) >= 4096."""
+    from indexcache.kernels.topk import triton_onepass as t1
+
+    R = x.shape[0]
+    cap = cap or max(4096, 4 * triton.next_power_of_2(k))
+    ctr = torch.empty((R, 2), dtype=torch.int64, device=x.device)
+    scr = torch.empty((R, cap), dtype=torch.int64, device=x.device)
+    warps = 1 if interp else _ONE_WARPS
+    v = 16 // x.element_size()              # entries per 16-byte vector load
+    blk = 512 if interp else _ONE_BLOCK
+    sb, fb, nbin = (64, 512, 32) if interp else (_ONE_SB, _ONE_FB, _ONE_NBIN)
+
+    def select():
+        t1._topk1_kernel[(R,)](x, x.stride(0), starts, ends, ctr, out, scr, k, cap, E=blk // (32 * warps * v),
+                               T=32 * warps, V=v, SB=sb, NTMAX=_ONE_NTMAX, FB=fb, NBIN=nbin, ASM=not interp,
+                               num_warps=warps)
+
+    return [("select", select)], out, dict(ctr=ctr, cap=cap, path="one")
 
 
 def bracket_stats(dbg, k):

@@ -1,0 +1,136 @@
+"""The one-launch prefill top-k (``topk_rows(..., _path="one")``, ``triton_onepass``): index sets against the
+reference on fresh random rows, ragged and unaligned windows, masked tails, NaN / -inf / -0.0, thousands of ties
+at the threshold, bad samples (whole-row select), -1 padding, NaN-poisoned buffers."""
+import pytest
+import torch
+
+from indexcache.kernels._dispatch import use_triton
+from indexcache.kernels.topk import bracket_stats, plan_launches, topk_rows, topk_rows_reference
+from tests.helpers import poisoned
+from tests.kernels.test_topk import _check, _variant_key
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """Every buffer the kernel allocates (output, counters, scratch) starts as NaN / -7777."""
+    def empty(*shape, dtype=None, device=None, **kw):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        return poisoned(shape, dtype or torch.get_default_dtype(), device or "cpu")
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _check_one(x, k, **kw):
+    """``_check`` on the one-pass path; returns (output, rows that took the whole-row select)."""
+    stats = {}
+    out = _check(x, k, _path="one", stats=stats, **kw)
+    return out, bracket_stats(stats, k)[0]
+
+
+def test_sampled_rows_ragged_unaligned(device):
+    """Rows longer than CAP take the sampled threshold; odd row length (unaligned rows), windows starting and
+    ending off the 16-byte grid, a window shorter than k, an empty one."""
+    torch.manual_seed(21)
+    R, N, k = 6, 3001, 40
+    x = torch.randn(R, N, device=device) * 3
+    start = torch.tensor([0, 17, 1003, 2990, 5, 1], dtype=torch.int32, device=device)
+    end = torch.tensor([3001, 2999, 2500, 3001, 5, 2222], dtype=torch.int32, device=device)
+    for cap in (None, 256):                    # None: every row fits CAP (no sample); 256: sampled rows
+        out, fb = _check_one(x, k, _cap=cap, row_start=start, row_end=end)
+        assert fb == 0
+        assert (out[3, 11:] == -1).all() and (out[4] == -1).all()
+        for r in range(R):
+            v = out[r][out[r] >= 0]
+            assert ((v >= start[r]) & (v < end[r])).all()
+    # a view whose rows start 12 bytes past a 16-byte boundary, no windows
+    _check(x[:, 3:], k, _path="one", _cap=256)
+
+
+def test_ties_nan_inf_and_padding(device):
+    """Thousands of equal maxima (lowest columns win), few distinct values (ties at the threshold), NaN, -inf,
+    -0.0 == +0.0, a row of -inf with a few valid entries (padding), with and without the sample."""
+    torch.manual_seed(22)
+    R, N, k = 6, 2500, 100
+    x = torch.randn(R, N, device=device) * 3
+    x[1] = torch.randn(N, device=device)
+    x[1, ::3] = 5.0                                     # 834 equal maxima: the first k of them
+    x[2, 100:200] = float("nan")
+    x[2, 300] = -0.0
+    x[2, 301] = 0.0
+    x[3] = float("-inf")
+    x[3, 1500:1510] = 0.5
+    x[4] = (torch.randn(N, device=device) * 2).round()  # a handful of values: heavy ties at the threshold
+    x[5] = float("nan")
+    x[5, 7:2000:13] = torch.randn(154, device=device)  # fewer valid entries than the sample expects
+    for cap in (None, 256):
+        out = _check(x, k, _path="one", _cap=cap)
+        assert torch.equal(out[1].sort().values.cpu(), torch.arange(0, 3 * k, 3, dtype=torch.int32))
+        assert (out[3, 10:] == -1).all()
+    # zeros of both signs at the threshold
+    z = torch.zeros(2, 700, device=device)
+    z[0, ::2] = -0.0
+    z[1, :50] = 1.0
+    _check(z, 80, _path="one", _cap=128)
+
+
+def test_bad_samples_select_whole_row(device):
+    """A sample that misses clustered maxima (count >= lo below k) and a CAP the candidates overflow both send
+    the row to the whole-row select; the result is still exact and the other rows are unaffected."""
+    torch.manual_seed(23)
+    N, k = 3000, 150
+    x = torch.randn(4, N, device=device)
+    x[0, :2900] = float("-inf")            # 100 valid entries: the candidates cannot reach k
+    x[1, 100:250] = 7.0                    # 150 ties above everything
+    x[3] = (torch.randn(N, device=device) * 0.5).round()   # ~480 entries tie at the threshold: > CAP
+    out, fb = _check_one(x, k, _cap=256)
+    assert fb == 2
+    assert torch.equal(out[1].sort().values.cpu(), torch.arange(100, 250, dtype=torch.int32))
+    assert (out[0, 100:] == -1).all()
+    _, fb = _check_one(x[1:3], k, _cap=128)           # a CAP below k: every row is bad
+    assert fb == 2
+
+
+def test_fp16_rows_and_sorted(device):
+    torch.manual_seed(24)
+    y = (torch.randn(3, 2049, device=device) * 2).to(torch.float16)   # fp16: many ties, 8 entries per vector
+    _check(y, 300, _path="one", _cap=512, row_start=torch.tensor([1, 0, 9], dtype=torch.int32, device=device))
+    x = (torch.randn(3, 1500, device=device) * 2).round()
+    out = topk_rows(x, 120, sorted=True, _path="one", _cap=256)
+    assert torch.equal(out.cpu(), topk_rows_reference(x, 120).cpu())
+
+
+def test_one_launch_and_no_recompiles(device):
+    """One launch per call; shapes, windows and k reuse one compiled variant (per dtype / alignment)."""
+    from indexcache.kernels.topk import triton_onepass as t1
+    if not use_triton(torch.empty(1, device=device)):
+        pytest.skip("Triton path not active")
+    stages, _, _ = plan_launches(torch.randn(2, 100, device=device), 8, _path="one")
+    assert [n for n, _ in stages] == ["select"]
+    seen = set()
+    hook = lambda *a, **kw: seen.add(_variant_key(t1._topk1_kernel, a, kw))  # noqa: E731
+    t1._topk1_kernel.add_pre_run_hook(hook)
+    torch.manual_seed(25)
+    try:
+        for R, N, k in ((3, 700, 17), (5, 1300, 33), (2, 2100, 64), (4, 512, 1)):
+            ends = torch.arange(N - R + 1, N + 1, dtype=torch.int32, device=device)
+            _check(torch.randn(R, N, device=device), k, _path="one", row_end=ends, _cap=256)
+    finally:
+        t1._topk1_kernel.pre_run_hooks.remove(hook)
+    assert len(seen) == 1, seen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_one_pass_long_rows(dtype):
+    torch.manual_seed(26)
+    R, N, k = 8, 200_000, 2048
+    x = torch.randn(R, N, device="cuda").to(dtype)
+    ends = torch.tensor([N, N - 7, 150_001, 2047, 2048, 3000, N, 100_000], dtype=torch.int32, device="cuda")
+    x[6, :] = 0.25                                 # all ties
+    x[7, 50_000:52_500] = 1e4                      # clustered maxima
+    _check(x, k, row_end=ends, _path="one")
+    y = torch.randn(300, 70_001, device="cuda").to(dtype)
+    _check(y, k, _path="one", row_start=torch.randint(0, 9, (300,), dtype=torch.int32, device="cuda"))
+    assert _check_one(y, k)[1] == 0
+    _check(torch.randn(3, 200_000, device="cuda"), 4096, _path="one")
+    _check(torch.randn(70, 1_000_000, device="cuda"), k, _path="one")
