@@ -323,13 +323,13 @@ def test_prefill_path_bad_brackets_fall_back(device):
 
 
 def test_default_path_by_row_count(device):
-    """R <= _SMALL_R takes the fused scan (decode), larger R the count + compact path (prefill)."""
+    """R <= _SMALL_R takes the fused scan (decode), larger R the one-launch path (prefill)."""
     if not use_triton(torch.empty(1, device=device)):
         pytest.skip("Triton path not active")
     torch.manual_seed(13)
     stats = {}
     _check(torch.randn(_SMALL_R + 1, 300, device=device), 20, stats=stats)
-    assert stats["path"] == "two"
+    assert stats["path"] == "one"
     _check(torch.randn(2, 300, device=device), 20, stats=stats)
     assert stats["path"] == "scan"
     _check(torch.randn(1, 700, device=device), 20, stats=stats, sample=512)   # explicit sample size
