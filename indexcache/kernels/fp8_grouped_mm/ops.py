@@ -11,15 +11,26 @@ from indexcache.kernels.fp8_grouped_mm.reference import (check_grouped_inputs, c
 
 
 def fp8_grouped_mm(a, counts, w, scale_inv, a_scale, out_dtype=torch.bfloat16, out=None, *, a_rows=None,
-                   out_rows=None, row_weight=None, plan=None):
+                   out_rows=None, row_weight=None, plan=None, gemm="triton"):
     """a fp8 [Ma, K] with its 1x128 ``a_scale`` fp32 [Ma, ceil(K/128)] (``quantize_act``), counts [E], w fp8
     [E, N, K], scale_inv [E, ceil(N/128), ceil(K/128)] -> [M, N] in ``out_dtype`` (see reference.py). The M sorted
     rows are a's rows, or a[a_rows] with ``a_rows``; ``out_rows``/``row_weight`` store row r times row_weight[r]
     at out[out_rows[r]]. ``out``: optional [M, N] destination (may be a column slice). ``plan``: the layer's
-    ``kernels.expert_plan`` result for these rows (its tile maps; the reference does not need it)."""
+    ``kernels.expert_plan`` result for these rows (its tile maps; the reference does not need it). ``gemm``:
+    "triton", or "gluon" for the warp-specialised Hopper kernel (gluon.py: CUDA only, no ``a_rows``)."""
     check_grouped_inputs("fp8_grouped_mm", a, counts, w, scale_inv, a_scale, out_dtype, a_rows)
     m = a.shape[0] if a_rows is None else a_rows.shape[0]
     check_scatter("fp8_grouped_mm", m, out_rows, row_weight, a.device)
+    if gemm not in ("triton", "gluon"):
+        raise ValueError(f"fp8_grouped_mm: gemm must be 'triton' or 'gluon', got {gemm!r}")
+    if gemm == "gluon":
+        if not a.is_cuda:
+            raise ValueError(f"fp8_grouped_mm: gemm='gluon' needs CUDA tensors (Gluon has no CPU interpreter), "
+                             f"got {a.device}")
+        from indexcache.kernels.fp8_grouped_mm.gluon import fp8_grouped_mm_gluon
+
+        return fp8_grouped_mm_gluon(a, counts, w, scale_inv, a_scale, out=out, out_dtype=out_dtype, a_rows=a_rows,
+                                    out_rows=out_rows, row_weight=row_weight, plan=plan)
     if use_triton(a):
         from indexcache.kernels.fp8_grouped_mm.triton import fp8_grouped_mm_triton
 
