@@ -7,7 +7,8 @@ lowers through triton.compile (a GluonASTSource: the Gluon front end, then the N
 bundled ptxas reports registers and spills. It also reports what the design rests on: wgmma instructions, the
 ``wgmma.wait_group`` counts (a non-zero one is the wait that leaves the next K block's MMA running during the
 promotion), warp specialisation (``setmaxnreg`` register hand-over between the producer and consumer warps),
-TMA loads and mbarrier waits, and whether ptxas serialised the wgmmas (its "Potential Performance Loss" note).
+TMA loads and mbarrier waits, whether ptxas serialised the wgmmas (its "Potential Performance Loss" note), and,
+through the bundled cuobjdump, the machine code's fp8 MMAs (QGMMA) and ``WARPGROUP.DEPBAR.LE gsb0, 0x1`` waits.
 Run it in a process without TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -29,6 +30,14 @@ from tests.kernels.sm90_compile import ptxas_path
 def _desc_type(dtype: str, block: list[int], layout) -> str:
     """The signature string the launcher's specialisation gives a Gluon TensorDescriptor argument."""
     return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+
+
+def _sass(cubin: str) -> str | None:
+    """The cubin's machine code from Triton's bundled cuobjdump (None when it has none)."""
+    tool = os.path.join(os.path.dirname(ptxas_path()), "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    return subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
 
 
 def compile_down_kernel(block_m: int, block_n: int, num_stages: int, maxnreg: int, scatter: bool) -> dict:
@@ -54,13 +63,13 @@ def compile_down_kernel(block_m: int, block_n: int, num_stages: int, maxnreg: in
     k = triton.compile(src, target=GPUTarget("cuda", 90, 64),
                        options={"num_warps": num_warps, "maxnreg": maxnreg})
     ptx = k.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        r = subprocess.run([ptxas_path(), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+    with tempfile.TemporaryDirectory() as d:
+        src_ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(src_ptx, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas_path(), "-v", "--gpu-name=sm_90a", src_ptx, "-o", cubin], capture_output=True,
                            text=True, check=True)
-    finally:
-        os.unlink(f.name)
+        sass = _sass(cubin)
     regs = re.findall(r"Used (\d+) registers", r.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
     waits = sorted({int(x) for x in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
@@ -72,6 +81,9 @@ def compile_down_kernel(block_m: int, block_n: int, num_stages: int, maxnreg: in
             "mbarrier_waits": len(re.findall(r"mbarrier\.try_wait", ptx)),
             "shared_bytes": k.metadata.shared,
             "wgmma_serialized": "wgmma.mma_async instructions are serialized" in r.stderr,
+            # in the machine code: the fp8 MMAs and the waits that leave one MMA group in flight
+            "sass_gmma": None if sass is None else len(re.findall(r"\bQGMMA\.", sass)),
+            "sass_wait_1": None if sass is None else len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1\b", sass)),
             "ptxas_notes": [ln for ln in r.stderr.splitlines() if "Performance" in ln or "arning" in ln]}
 
 
