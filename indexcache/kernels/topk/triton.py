@@ -1,4 +1,5 @@
-"""Exact per-row top-k in Triton: sampled bracket, count + compact of the bracket, exact select (exact fallback).
+"""Exact per-row top-k in Triton, decode paths: sampled bracket, fused count + compact of the bracket, exact
+select (exact fallback); and the many-programs radix select of ``topk_rows_decode``.
 
 Keys: fp32 bits mapped to an order-preserving int32 (``b`` if ``b >= 0`` else ``b ^ 0x7FFFFFFF``), -0.0 folded
 to +0.0; NaN, -inf and out-of-range columns get INT_MIN and are never counted. Inside a bracket the kernel
@@ -22,14 +23,11 @@ Decode path (R <= 64; three launches, no host sync):
                               maxima the sample missed, heavy ties, bracket > CAP) the program redoes the row
                               alone with an exact 16-ary refinement over the full row (slow, never drops).
 
-Prefill path (R > 64, chosen in ``ops``): sample, then ``_topk_count_kernel`` (per-chunk counts, plain
-stores) and ``_topk_compact_kernel`` (slots from the prefix of the earlier chunks' counts, one packed cumsum per
-block, no atomics; program c == 0 writes the row totals into the counters), then the same final kernel with
-``SEL16`` (a 16-ary search select, faster than the histogram select at thousands of rows).
+The prefill path (R > 64, chosen in ``ops``) is ``triton_onepass``.
 
 Many-programs decode path (``topk_rows_decode``, the ``_dtopk_*`` kernels at the end): a radix select, see there.
 
-Every runtime size (row stride, k, CAP, chunk, chunk count) is ``do_not_specialize``: the compiled variants depend only on
+Every runtime size (row stride, k, CAP, chunk) is ``do_not_specialize``: the compiled variants depend only on
 the constexprs (sample size, block sizes), the dtype and pointer alignment, never on R, N or the windows.
 """
 import triton
@@ -128,97 +126,6 @@ def _topk_scan_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, ca
             tl.store(scrr + p2, _composite(key, cols), mask=s_in & (p2 < cap))
         key = key_next
     tl.atomic_add(ctr + r * 2 + 1, tl.sum(nv, axis=0).to(tl.int64), sem="relaxed")
-
-
-@triton.jit(do_not_specialize=["stride_r", "nc", "chunk"])
-def _topk_count_kernel(x_ptr, stride_r, starts, ends, state, cc, nc, chunk, BLOCK: tl.constexpr):
-    """Prefill pass 1: cc[r, c] = (valid, >= hi, in [lo, hi)) over chunk c. Plain stores, no atomics, no block
-    reductions in the loop (per-lane accumulators, one reduction per chunk); the next block is loaded ahead."""
-    r = tl.program_id(0)
-    c = tl.program_id(1)
-    st = tl.load(starts + r)
-    en = tl.load(ends + r)
-    lo = tl.load(state + r * 8 + 0)
-    hi = tl.load(state + r * 8 + 1)
-    b0 = st + c * chunk
-    b1 = tl.minimum(en, b0 + chunk)
-    row = x_ptr + r.to(tl.int64) * stride_r
-    ar = tl.arange(0, BLOCK)
-    nv = tl.zeros([BLOCK], tl.int32)
-    nh = tl.zeros([BLOCK], tl.int32)
-    ni = tl.zeros([BLOCK], tl.int32)
-    key = _row_keys(row, b0 + ar, b0 + ar < b1)
-    for off in range(b0, b1, BLOCK):
-        nxt = off + BLOCK + ar
-        key_next = _row_keys(row, nxt, nxt < b1)
-        nv += (key != -2147483648).to(tl.int32)
-        nh += (key >= hi).to(tl.int32)
-        ni += ((key >= lo) & (key < hi)).to(tl.int32)
-        key = key_next
-    p = cc + (r.to(tl.int64) * nc + c) * 4
-    tl.store(p + 0, tl.sum(nv, axis=0))
-    tl.store(p + 1, tl.sum(nh, axis=0))
-    tl.store(p + 2, tl.sum(ni, axis=0))
-
-
-@triton.jit(do_not_specialize=["stride_r", "nc", "k", "cap", "chunk"])
-def _topk_compact_kernel(x_ptr, stride_r, starts, ends, state, cc, nc, ctr, out, scr, k, cap, chunk,
-                         BLOCK: tl.constexpr, NCT: tl.constexpr, TB: tl.constexpr):
-    """Prefill pass 2: slots from the prefix of the earlier chunks' counts (a loop over NCT-wide tiles of the
-    chunk counts: no constexpr depends on the shape) plus a running in-chunk offset; per block one packed
-    int32 cumsum gives both lists' ranks. Only rows with a good bracket are re-read (bad rows: final fallback).
-    Program c == 0 publishes the row totals in the fused path's counter format, so the final kernel is shared."""
-    r = tl.program_id(0)
-    c = tl.program_id(1)
-    st = tl.load(starts + r)
-    en = tl.load(ends + r)
-    lo = tl.load(state + r * 8 + 0)
-    hi = tl.load(state + r * 8 + 1)
-    jt = tl.arange(0, NCT)
-    ccr = cc + r.to(tl.int64) * nc * 4
-    nv = tl.zeros([], tl.int32)
-    chi = tl.zeros([], tl.int32)
-    n_in = tl.zeros([], tl.int32)
-    bo = tl.zeros([], tl.int32)
-    bs = tl.zeros([], tl.int32)
-    for j0 in range(0, nc, NCT):
-        j = j0 + jt
-        msk = j < nc
-        v = tl.load(ccr + j * 4 + 0, mask=msk, other=0)
-        h = tl.load(ccr + j * 4 + 1, mask=msk, other=0)
-        q = tl.load(ccr + j * 4 + 2, mask=msk, other=0)
-        nv += tl.sum(v, axis=0)
-        chi += tl.sum(h, axis=0)
-        n_in += tl.sum(q, axis=0)
-        bo += tl.sum(tl.where(j < c, h, 0), axis=0)
-        bs += tl.sum(tl.where(j < c, q, 0), axis=0)
-    if c == 0:
-        tl.store(ctr + r * 2 + 0, (chi.to(tl.int64) << 32) | n_in.to(tl.int64))
-        tl.store(ctr + r * 2 + 1, nv.to(tl.int64))
-    m = tl.minimum(nv, k)
-    good = (m > 0) & (chi < m) & (chi + n_in >= m) & (n_in <= cap)
-    b0 = st + c * chunk
-    b1 = tl.minimum(en, b0 + chunk)
-    if good & (b0 < b1):
-        row = x_ptr + r.to(tl.int64) * stride_r
-        outr = out + r.to(tl.int64) * k
-        scrr = scr + r.to(tl.int64) * (cap + TB)
-        ar = tl.arange(0, BLOCK)
-        key = _row_keys(row, b0 + ar, b0 + ar < b1)
-        for off in range(b0, b1, BLOCK):
-            cols = off + ar
-            nxt = cols + BLOCK
-            key_next = _row_keys(row, nxt, nxt < b1)
-            s_hi = key >= hi
-            s_in = (key >= lo) & (key < hi)
-            pk = s_hi.to(tl.int32) + (s_in.to(tl.int32) << 16)
-            cs = tl.cumsum(pk, axis=0)
-            tl.store(outr + (bo + (cs & 0xFFFF) - 1), cols, mask=s_hi)
-            tl.store(scrr + (bs + (cs >> 16) - 1), _composite(key, cols), mask=s_in)
-            tot = tl.sum(pk, axis=0)
-            bo += tot & 0xFFFF
-            bs += tot >> 16
-            key = key_next
 
 
 @triton.jit
@@ -326,8 +233,8 @@ def _select_write(scrr, tb, n_in, need, outp, a, b, FB: tl.constexpr, NBIN: tl.c
 
 @triton.jit
 def _select_write16(scrr, n_in, need, outp, FB: tl.constexpr, NB: tl.constexpr):
-    """Prefill select: write the column ids of the ``need`` largest of the n_in unique composites in scrr to
-    outp[0:need] by a 16-ary search."""
+    """Write the column ids of the ``need`` largest of the n_in unique composites in scrr to outp[0:need] by a
+    16-ary search (the many-programs decode path's final select when its last list is too long to rank)."""
     ar = tl.arange(0, FB)
     j = tl.arange(0, NB)
     mn = tl.zeros([], tl.int64) + 9223372036854775807
@@ -365,7 +272,7 @@ def _select_write16(scrr, n_in, need, outp, FB: tl.constexpr, NB: tl.constexpr):
 @triton.jit(do_not_specialize=["stride_r", "k", "cap"])
 def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, cap, BLOCK: tl.constexpr,
                        FB: tl.constexpr, NB: tl.constexpr, NBIN: tl.constexpr, TB: tl.constexpr,
-                       TI: tl.constexpr, SEL16: tl.constexpr):
+                       TI: tl.constexpr):
     r = tl.program_id(0)
     st = tl.load(starts + r)
     en = tl.load(ends + r)
@@ -385,10 +292,7 @@ def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, c
         if good == 0:
             row = x_ptr + r.to(tl.int64) * stride_r
             chi, n_in, a, b = _fallback_row(row, st, en, m, nv, outr, scrr, cap, BLOCK, NB)
-        if SEL16:
-            _select_write16(scrr, n_in, m - chi, outr + chi, FB, NB)
-        else:
-            _select_write(scrr, scrr + cap, n_in, m - chi, outr + chi, a, b, FB, NBIN, TB, TI)
+        _select_write(scrr, scrr + cap, n_in, m - chi, outr + chi, a, b, FB, NBIN, TB, TI)
     ar = tl.arange(0, FB)
     for off in range(m, k, FB):
         tl.store(outr + off + ar, tl.full([FB], -1, tl.int32), mask=off + ar < k)

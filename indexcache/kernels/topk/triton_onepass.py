@@ -216,7 +216,7 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, E: tl.co
         m = _select_write(scrr, wr, st, 1, k, outr, 0, FB, NBIN)
     else:
         m = _select_write(row, L, st, 1, k, outr, 1, FB, NBIN)
-    # the row's counters in the other paths' format: (count above the bracket << 32 | in it), valid count (as
+    # the row's counters in the decode path's format: (count above the bracket << 32 | in it), valid count (as
     # far as known: a good sampled row only knows it is >= the candidates)
     tl.store(ctr + r * 2 + 0, tl.where(good, wr, 2147483647).to(tl.int64))
     tl.store(ctr + r * 2 + 1, tl.where(good, wr, m).to(tl.int64))
