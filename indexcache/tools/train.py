@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..distributed.training import any_rank, clip_grad_norm_, reduce_gradients
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
-from .tasks import COPY_SEGMENT, copy_episode_windows, copy_windows, mixed_windows
+from .tasks import COPY_GAPS, COPY_SEGMENT, copy_episode_windows, copy_windows, mixed_windows
 from .trainfwd import forward_train
 
 
@@ -88,10 +88,14 @@ class TrainConfig:
     # heads' logits at unseen distances rise to and above the one at distance 1. After the short windows, 200
     # steps of such 512-token windows made a 4-layer CPU model copy at any offset and distance up to 512 tokens,
     # less surely beyond (benchmarks/results/copy_position_cpu.log): make it the longest length that must work.
-    # From scratch, long windows formed no copying in 2000 steps
+    # From scratch, long windows formed no copying in 2000 steps. Increasing lengths run in turn (the phase's steps
+    # split evenly): one jump from 64 to 2048 (CPU) or 16384 tokens (H200) erased the copying even at 64 tokens,
+    # steps of 2-4x extended it (benchmarks/results/copy_long_cpu.log)
     copy_long_length: int | tuple | None = None
     copy_long_share: float = 0.25
-    copy_long_gaps: str = "uniform"  # the long windows' copy distances: "uniform" over the window or "log"-uniform
+    # the long windows' copy distances: "uniform" over the window, or "log"-uniform (as many short copies as long
+    # ones: with the curriculum, short copies deep in a 2048-token window 0.45 nats instead of 1.39)
+    copy_long_gaps: str = "uniform"
     copy_long_mix: float = 0.0  # share of each long-phase step's tokens given to short copy windows (copy_batches)
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
@@ -258,6 +262,8 @@ def copy_long_lengths(tc: TrainConfig) -> tuple:
                          f"({tc.copy_length}), got {tc.copy_long_length!r}")
     if not 0.0 <= tc.copy_long_share <= 1.0:
         raise ValueError(f"copy_long_share must be in [0, 1], got {tc.copy_long_share!r}")
+    if tc.copy_long_gaps not in COPY_GAPS:  # refused at the first step, not when the long phase starts
+        raise ValueError(f"copy_long_gaps must be one of {COPY_GAPS}, got {tc.copy_long_gaps!r}")
     if not 0.0 <= tc.copy_long_mix < 1.0:
         raise ValueError(f"copy_long_mix must be in [0, 1), got {tc.copy_long_mix!r}")
     return lengths

@@ -191,9 +191,9 @@ def test_copy_long_phase_curriculum_mix_and_log_gaps(corpus, monkeypatch):
                                                              ("copy_windows", 2, 65, None)]
     assert log["steps_done"] == 4 and all(r["lm"] is not None and r["lm"] > 0 for r in log["curve"])
     for bad, match in (({"copy_long_length": (384, 192)}, "increasing"), ({"copy_long_length": (64, 384)}, "above"),
-                       ({"copy_long_mix": 1.0}, "copy_long_mix"), ({"copy_long_gaps": "square"}, "gaps")):
+                       ({"copy_long_mix": 1.0}, "copy_long_mix"), ({"copy_long_gaps": "square"}, "copy_long_gaps")):
         with pytest.raises(ValueError, match=match):
-            copy_batch(dataclasses.replace(tc, **bad), 7, 8, torch.Generator())
+            copy_batch(dataclasses.replace(tc, **bad), 0, 8, torch.Generator())  # refused from the first step
 
 
 def test_copy_episode_log_gaps():
