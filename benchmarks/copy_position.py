@@ -28,12 +28,17 @@ first, one optimizer, as ``run_stage``). ``--init`` continues a saved model (the
     python -m benchmarks.copy_position --eval-only copy2000.pt --layers 4       # a saved model (its own shape)
 
 On a GPU, the retrieval preset's whole copy stage with its own model (bf16 autocast as run_stage), ~3 minutes: 1125
-steps of 256 64-token windows, then 375 long-phase steps as a curriculum of 94 steps at each of 256, 1024, 4096
-and 16384 tokens (16384 tokens a step), evaluated at the end of each length:
+steps of 256 64-token windows, then 375 long-phase steps as a curriculum of ~94 steps at each of 256, 1024, 4096
+and 16384 tokens with log-uniform copy distances (16384 tokens a step), evaluated at the end of each length; and
+the same stage with the preset's one jump to 16384 (H200 run 49 made that jump from a saved model with a fresh
+optimizer: the copying was gone at every length within 125 steps):
 
     python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.25 \
-        --length 256,1024,4096,16384 --batch 1 --steps 1500 --eval-steps 1125,1219,1313,1407 \
+        --length 256,1024,4096,16384 --gaps log --batch 1 --steps 1500 --eval-steps 1125,1219,1313,1407 \
         --eval-lengths 64,1024,4096,16384 --results copy_position_curriculum
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.25 \
+        --length 16384 --batch 1 --steps 1500 --eval-steps 1125,1250,1375 \
+        --eval-lengths 64,1024,4096,16384 --results copy_position_one_jump
 """
 from __future__ import annotations
 
