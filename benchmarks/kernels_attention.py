@@ -108,7 +108,7 @@ def topk_cases(ceilings, quick):
     print("topk decode B=1 parts:", rows[-3]["parts"])
     # recompile check: a run of shapes that a prefill / decode loop produces must reuse the compiled kernels
     from indexcache.kernels.topk import triton as tk
-    from indexcache.kernels.topk import triton_onepass as t1
+    from indexcache.kernels.topk import triton as t1
     kern = (tk._topk_sample_kernel, tk._topk_scan_kernel, tk._topk_final_kernel, t1._topk1_kernel)
 
     def ncompiled():

@@ -1,10 +1,10 @@
 """Exact per-row top-k over (masked) logits: ``topk_rows``; checks and launch planning for ``triton.py`` and
-``triton_onepass.py``.
+``triton.py`` (``_topk1_kernel``).
 
 Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1), ``topk_rows_reference`` otherwise.
 Output order within a row is unspecified unless ``sorted=True`` (then value-descending, ties by column).
 Launch paths, chosen by row count: decode (R <= 64: sample / fused scan / final, ``triton``) and prefill (R > 64:
-one launch of ``triton_onepass``, one program per row: a sample sets the threshold, one read of the row writes the
+one launch of ``_topk1_kernel``, one program per row: a sample sets the threshold, one read of the row writes the
 candidates, an exact select picks the k); docs/kernels_attention.md has the design and the measurements behind
 these constants.
 
@@ -97,7 +97,7 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
     Triton path's per-row state of this call (see ``bracket_stats``; tests, benchmarks). ``sample``: entries
     sampled per row to bracket the k-th value on the decode path (512..4096, a power of two; default 512 for
     R <= 64; the prefill path sizes its sample by the row length). ``_cap`` / ``_chunk`` / ``_path`` are test hooks
-    (``_path``: "scan" = the decode path, "one" = the one-launch prefill path of ``triton_onepass``; default by
+    (``_path``: "scan" = the decode path, "one" = the one-launch prefill path (``_topk1_kernel``); default by
     row count).
     """
     _check(logits, k, row_start, row_end, sample)
@@ -171,8 +171,8 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
 
 
 def _plan_one(x, k, starts, ends, out, cap, interp):
-    """The one-launch prefill path (``triton_onepass``): one program per row, CAP = 4 * next_pow2(k) >= 4096."""
-    from indexcache.kernels.topk import triton_onepass as t1
+    """The one-launch prefill path (``_topk1_kernel``): one program per row, CAP = 4 * next_pow2(k) >= 4096."""
+    from indexcache.kernels.topk import triton as t1
 
     R = x.shape[0]
     cap = cap or max(4096, 4 * triton.next_power_of_2(k))
