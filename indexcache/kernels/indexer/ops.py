@@ -266,13 +266,14 @@ def _take_rows(x, idx):
 
 def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
                                workspace_bytes: int = 2 << 30, topk_fn=None, out=None, sample_stride: int | None = None,
-                               cap: int | None = None, stats: dict | None = None):
+                               cap: int | None = None, stats: dict | None = None, config: dict | None = None):
     """``indexer_topk_prefill`` by the fused logits + candidate filter (see the comment above ``SAMPLE_STRIDE``).
 
     Budget: the candidate lists of an outer chunk of rows take 1/2 of the workspace (large chunks keep the
     fused kernel's grid many waves deep); the sample logits + threshold select and the final select run in
     sub-chunks of 1/4 each. ``sample_stride`` / ``cap`` override ``fused_params`` (tests); ``stats`` receives
-    the counters (fallback rows, mean candidates per row, chunks, thresholds)."""
+    the counters (fallback rows, mean candidates per row, chunks, thresholds); ``config`` overrides the
+    candidates kernel's launch parameters (keys of ``triton.candidates_config``)."""
     topk_fn, out, rs_all, re_all = _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, out)
     t, s = q_fp8.shape[0], k_fp8.shape[0]
     dev = q_fp8.device
@@ -313,7 +314,7 @@ def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, top
         n = r1 - r0
         cv, cc, cnt = indexer_prefill_candidates(q_fp8[r0:r1], w[r0:r1], k_fp8, k_scale, rs_all[r0:r1],
                                                  re_all[r0:r1], thr[r0:r1], cap,
-                                                 out=(cand_val[:n], cand_col[:n], counts[:n]))
+                                                 out=(cand_val[:n], cand_col[:n], counts[:n]), config=config)
         for a in range(0, n, inner):
             b = min(n, a + inner)
             kept = cnt[a:b, 0].clamp(max=cap)
