@@ -211,7 +211,7 @@ def indexer_topk_prefill_two_pass(q_fp8, w, k_fp8, k_scale, row_start, row_end, 
 
 # ------------------------------------------------------------------------------------------ fused prefill top-k
 # Per row: a threshold T from a sample of the row's scores (every SAMPLE_STRIDE-th key, jittered), then ONE fused
-# pass keeps the scores >= T (candidates, in column order) and an exact top-k among them. Exact whenever the row
+# pass keeps the scores >= T (candidates) and an exact top-k among them (ties by column). Exact whenever the row
 # has at least min(topk, valid) candidates and at most CAP of them (every top-k score is then >= T); other rows
 # (a sample that missed, thousands of ties at T) are redone by the two-pass path.
 SAMPLE_STRIDE = 32
