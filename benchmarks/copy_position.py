@@ -8,29 +8,37 @@ attention (the copy stage never trains the indexer, so its top-k is random):
 - copied letters' NLL after a 4-letter cue (chance ln 26 = 3.26) on (a) copy windows of L tokens
   (``tasks.copy_window_spans``: the copy distance grows with L) and (b) 64-token copy windows with L - 64 random
   letters inserted after ``<bos>`` (the same copy distance, more tokens before it);
-- per layer-0 head, the attention on the previous token at the end of 64- and 512-token windows of random letters
-  (the previous-token heads that induction builds on), and the largest content-averaged logit at distances 2..63
+- per head of the previous-token heads' layer (layer 0 in the small models, layer 2 in the 16-layer testbed model;
+  ``--probe-layer`` picks another), the attention on the previous token at the end of 64- and 512-token windows of
+  random letters (the heads that induction builds on), and the largest content-averaged logit at distances 2..63
   and 64..511 against the one at distance 1: RoPE makes this logit a sum of cosines of the distance, fitted low only
   at the distances training showed.
 
 Training data (``--data``): ``stage``: the copy stage's windows (``tasks.copy_windows``, ``--inner`` as
 ``TrainConfig.copy_inner``); ``episodes``: ``--length``-token windows with one copy episode per ``--episode-every``
 tokens, its copy distance 12 + 0..``--max-gap`` (``tasks.copy_episode_windows``); ``long-phase``: what the copy
-stage draws in its long phase (``train.copy_batch`` with ``copy_long_length`` = ``--length``, ``--batch`` windows
-a step). ``--init`` continues a saved model (the short windows' stage), as that phase does.
+stage draws in its long phase (``train.copy_batches`` with ``copy_long_length`` = ``--length``: several lengths
+run in turn, ``--batch`` windows of the longest a step, as many tokens at each; ``--gaps`` and ``--mix`` as
+``copy_long_gaps`` and ``copy_long_mix``), and with ``--long-share`` < 1 the whole copy stage (64-token windows
+first, one optimizer, as ``run_stage``). ``--init`` continues a saved model (the short windows' stage).
 
     python -m benchmarks.copy_position --data stage --length 64 --steps 1500          # the copy stage, 2 layers
-    python -m benchmarks.copy_position --layers 4 --init copy2000.pt --data long-phase --length 512 --batch 8 \
-        --steps 200 --every 100 --eval-lengths 64,256,512,1024   # the copy stage's long phase after 64-token copies
+    python -m benchmarks.copy_position --layers 4 --init copy2000.pt --data long-phase --length 256,512,1024,2048 \
+        --batch 1 --steps 200 --every 50 --eval-lengths 64,512,2048 --windows 8   # long phase as a length curriculum
     python -m benchmarks.copy_position --eval-only copy2000.pt --layers 4       # a saved model (its own shape)
 
-On a GPU, the retrieval preset's copy stage with its own model (bf16 autocast as run_stage), a few minutes:
+On a GPU, the retrieval preset's whole copy stage with its own model (bf16 autocast as run_stage), ~3 minutes: 1125
+steps of 256 64-token windows, then 375 long-phase steps as a curriculum of ~94 steps at each of 256, 1024, 4096
+and 16384 tokens with log-uniform copy distances (16384 tokens a step), evaluated at the end of each length; and
+the same stage with the preset's one jump to 16384 (H200 run 49 made that jump from a saved model with a fresh
+optimizer: the copying was gone at every length within 125 steps):
 
-    python -m benchmarks.copy_position --testbed-shape --device cuda --data stage --length 64 --batch 256 \
-        --steps 1125 --every 375 --eval-lengths 64,1024,4096 --save /tmp/short.pt --results copy_position_short
-    python -m benchmarks.copy_position --testbed-shape --device cuda --init /tmp/short.pt --data long-phase \
-        --length 16384 --batch 1 --steps 375 --every 125 --eval-lengths 64,1024,4096,16384 \
-        --results copy_position_long
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.25 \
+        --length 256,1024,4096,16384 --gaps log --batch 1 --steps 1500 --eval-steps 1125,1219,1313,1407 \
+        --eval-lengths 64,1024,4096,16384 --results copy_position_curriculum
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.25 \
+        --length 16384 --batch 1 --steps 1500 --eval-steps 1125,1250,1375 \
+        --eval-lengths 64,1024,4096,16384 --results copy_position_one_jump
 """
 from __future__ import annotations
 
@@ -52,8 +60,9 @@ from benchmarks.common import run_metadata, table, write_results  # noqa: E402
 from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
-from indexcache.tools.tasks import COPY_ALPHABET, copy_episode_windows, copy_window_spans, copy_windows  # noqa: E402
-from indexcache.tools.train import PRESETS, _lr_at, copy_batch  # noqa: E402
+from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, copy_episode_windows, copy_window_spans,  # noqa: E402
+                                    copy_windows)
+from indexcache.tools.train import PRESETS, _lr_at, copy_batches  # noqa: E402
 from indexcache.tools.trainfwd import attention_qkv, dense_logits, forward_train  # noqa: E402
 
 LETTERS = torch.tensor(list(COPY_ALPHABET))
@@ -103,9 +112,11 @@ def length_table(model, lengths, windows: int) -> dict:
 
 
 @torch.no_grad()
-def previous_token_heads(model, length: int = 512, n: int = 4) -> list[dict]:
-    """Layer 0, per head: attention on the previous token for queries 48..63 and length-16..length-1 of random
-    letter windows, and the content-averaged logit at distance 1 and the largest at distances 2..63 and 64..."""
+def previous_token_heads(model, length: int = 512, n: int = 4, layer: int | None = None) -> tuple[int, list[dict]]:
+    """The previous-token heads' layer (``layer``, or the one whose heads put the most attention on the previous
+    token over the last 64 keys) and, per head of it: attention on the previous token for queries length-16..
+    length-1 of random letter windows over their last 64 keys and over all, and the content-averaged logit at
+    distance 1 and the largest at distances 2..63 and 64... (The 16-layer testbed forms them in layer 2, not 0.)"""
     g = torch.Generator().manual_seed(1)
     ids = LETTERS[torch.randint(0, len(LETTERS), (n, length), generator=g)]
     ids[:, 0] = ByteTokenizer.BOS
@@ -113,24 +124,32 @@ def previous_token_heads(model, length: int = 512, n: int = 4) -> list[dict]:
     pos = torch.arange(length, device=ids.device).expand(n, length)
     h = model.embed(ids)
     cos, sin = model.rope(pos, h.dtype)
-    layer = model.layers[0]
-    q, k, _, _ = attention_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
-    s = torch.einsum("bhtd,bhsd->bhts", q, k) * model.config.softmax_scale
-    p = s.masked_fill(~causal_mask(pos, pos)[:, None], float("-inf")).softmax(-1)
-    # the same queries over a 64-token window: attention renormalised over its last 64 keys (bos excluded)
     late = torch.arange(length - 16, length, device=ids.device)
+    per_layer = []
+    for li, lyr in enumerate(model.layers):
+        q, k, v, _ = attention_qkv(lyr.self_attn, lyr.input_layernorm(h), cos, sin)
+        s = torch.einsum("bhtd,bhsd->bhts", q, k) * model.config.softmax_scale
+        p = s.masked_fill(~causal_mask(pos, pos)[:, None], float("-inf")).softmax(-1)
+        # the same queries over a 64-token window: attention renormalised over its last 64 keys (bos excluded)
+        p64 = torch.stack([s[:, :, t, t - 63: t + 1] for t in late], 2).softmax(-1)[..., -2].mean((0, 2))
+        per_layer.append((float(p64.mean()), s, p, p64))
+        if layer is not None and li == layer:
+            break
+        h = h + lyr.self_attn.o_proj(torch.einsum("bhts,bhsd->bthd", p, v).flatten(2))
+        h = h + lyr.mlp(lyr.post_attention_layernorm(h))
+    if layer is None:
+        layer = max(range(len(per_layer)), key=lambda i: per_layer[i][0])
+    _, s, p, p64 = per_layer[layer]
     out = []
-    for hh in range(q.shape[1]):
-        s64 = torch.stack([s[:, hh, t, t - 63: t + 1] for t in late], 1)  # 64 keys ending at t
-        p64 = s64.softmax(-1)[..., -2]
+    for hh in range(s.shape[1]):
         prof = {d: float(s[:, hh, torch.arange(64 + d, length, device=ids.device),
                            torch.arange(64, length - d, device=ids.device)].mean())
                 for d in range(1, length - 64)}
-        out.append({"prev_attn_64": float(p64.mean()),
+        out.append({"prev_attn_64": float(p64[hh]),
                     "prev_attn_full": float(p[:, hh, late, late - 1].mean()),
                     "logit_d1": prof[1], "max_logit_d2_63": max(prof[d] for d in range(2, 64)),
                     "max_logit_d64_up": max(prof[d] for d in range(64, length - 64))})
-    return out
+    return layer, out
 
 
 def shifted_rows(shift: int, windows: int) -> list:
@@ -206,14 +225,14 @@ def analyse(model, args) -> dict:
 def evaluate(model, args, label: str) -> dict:
     model.eval()
     table = length_table(model, args.eval_lengths, args.windows)
-    heads = previous_token_heads(model)
+    layer, heads = previous_token_heads(model, layer=args.probe_layer)
     cells = "  ".join(f"L{L} {a:.2f}/{b:.2f}" for L, (a, b) in table.items())
     print(f"{label}: copied NLL (a) copy window / (b) 64-window shifted: {cells}", flush=True)
     for i, hd in enumerate(heads):
-        print(f"  L0 h{i}: prev-token attention {hd['prev_attn_64']:.2f} over 64 keys -> {hd['prev_attn_full']:.2f} "
-              f"over 512; logit d=1 {hd['logit_d1']:.1f}, max d in 2..63 {hd['max_logit_d2_63']:.1f}, "
-              f"max d >= 64 {hd['max_logit_d64_up']:.1f}", flush=True)
-    return {"label": label, "table": {str(k): v for k, v in table.items()}, "heads": heads}
+        print(f"  L{layer} h{i}: prev-token attention {hd['prev_attn_64']:.2f} over 64 keys -> "
+              f"{hd['prev_attn_full']:.2f} over 512; logit d=1 {hd['logit_d1']:.1f}, max d in 2..63 "
+              f"{hd['max_logit_d2_63']:.1f}, max d >= 64 {hd['max_logit_d64_up']:.1f}", flush=True)
+    return {"label": label, "table": {str(k): v for k, v in table.items()}, "prev_layer": layer, "heads": heads}
 
 
 def main(argv=None) -> int:
@@ -228,15 +247,28 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--length", type=int, default=64, help="training window length")
+    ap.add_argument("--length", type=lambda s: [int(x) for x in s.split(",")], default=[64],
+                    help="training window length; long-phase: increasing lengths run in turn (curriculum), the "
+                         "steps split evenly, --batch windows of the longest a step, as many tokens at each")
+    ap.add_argument("--gaps", choices=COPY_GAPS, default="uniform",
+                    help="long-phase copy distances (TrainConfig.copy_long_gaps)")
+    ap.add_argument("--mix", type=float, default=0.0,
+                    help="long-phase share of each step's tokens in 64-token copy windows (TrainConfig.copy_long_mix)")
     ap.add_argument("--data", choices=("stage", "episodes", "long-phase"), default="stage")
     ap.add_argument("--inner", type=int, default=None, help="stage data: the copy in a random sub-window")
     ap.add_argument("--episode-every", type=int, default=64)
     ap.add_argument("--max-gap", type=int, default=40)
     ap.add_argument("--init", default=None, help="start from this saved state dict instead of random weights")
     ap.add_argument("--every", type=int, default=500, help="evaluate every this many steps")
+    ap.add_argument("--eval-steps", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="evaluate after these steps instead (and after the last)")
+    ap.add_argument("--long-share", type=float, default=1.0,
+                    help="long-phase: the share of the steps on long windows, after 64-token copy windows (the "
+                         "whole copy stage as run_stage trains it, one optimizer: TrainConfig.copy_long_share)")
     ap.add_argument("--eval-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256, 512])
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--probe-layer", type=int, default=None,
+                    help="layer of the previous-token heads to profile (default: the one attending most to it)")
     ap.add_argument("--eval-only", default=None, help="evaluate this saved state dict, no training")
     ap.add_argument("--save", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -247,7 +279,10 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=None, help="also write the JSON as NAME.json (common.write_results: $OUT)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tc, model = build(args, topk=max(args.eval_lengths + [args.length]))  # top-k >= every window: dense
+    if args.data != "long-phase" and len(args.length) != 1:
+        ap.error(f"--length takes several lengths only with --data long-phase, got {args.length}")
+    longest = max(args.length)
+    tc, model = build(args, topk=max(args.eval_lengths + [longest]))  # top-k >= every window: dense
     if args.eval_only:
         model.load_state_dict(torch.load(args.eval_only, map_location=args.device))
         res = evaluate(model, args, f"{args.eval_only}")
@@ -258,8 +293,9 @@ def main(argv=None) -> int:
     if args.init:
         model.load_state_dict(torch.load(args.init, map_location=args.device))
     gen = torch.Generator().manual_seed(args.seed)
-    long_tc = dataclasses.replace(tc, copy_length=64, copy_batch=args.batch * args.length // 64,
-                                  copy_long_length=args.length, copy_long_share=1.0)
+    long_tc = dataclasses.replace(tc, copy_length=64, copy_batch=args.batch * longest // 64,
+                                  copy_long_length=tuple(args.length), copy_long_share=args.long_share,
+                                  copy_long_gaps=args.gaps, copy_long_mix=args.mix)
     params = [p for n, p in model.named_parameters() if ".indexer." not in n]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     results, t0, curve = [], time.perf_counter(), []
@@ -268,19 +304,23 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, args.steps, args.lr, decay=False)
         if args.data == "long-phase":  # what run_stage("copy") draws in its long phase (TrainConfig.copy_long_*)
-            ids = copy_batch(long_tc, step, args.steps, gen)
+            batches = copy_batches(long_tc, step, args.steps, gen)
         elif args.data == "stage":
-            ids = copy_windows(args.batch, args.length + 1, gen, inner=args.inner)
+            batches = [copy_windows(args.batch, longest + 1, gen, inner=args.inner)]
         else:
-            ids = copy_episode_windows(args.batch, args.length + 1, gen, args.episode_every, args.max_gap)
+            batches = [copy_episode_windows(args.batch, longest + 1, gen, args.episode_every, args.max_gap)]
         opt.zero_grad(set_to_none=True)
-        with _autocast(model):
-            lm, _ = forward_train(model, ids.to(args.device), "dense")
-        lm.backward()
+        lm = 0.0
+        for ids, w in zip(batches, [1.0] if len(batches) == 1 else [1 - args.mix, args.mix]):  # as run_stage
+            with _autocast(model):
+                part, _ = forward_train(model, ids.to(args.device), "dense")
+            (w * part).backward()
+            lm = lm + w * part.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         curve.append(float(lm.detach()))
-        if (step + 1) % args.every == 0 or step + 1 == args.steps:
+        if (step + 1 in args.eval_steps if args.eval_steps else (step + 1) % args.every == 0) \
+                or step + 1 == args.steps:
             lm_mean = sum(curve[-50:]) / len(curve[-50:])
             results.append(evaluate(model, args, f"step {step + 1} ({time.perf_counter() - t0:.0f} s, "
                                                  f"train LM {lm_mean:.3f})"))

@@ -49,15 +49,14 @@ def _row(name, shape, ms, ceilings, *, tflops=None, tbps=None, ref_ms=None, **ex
     return r
 
 
-def _topk_breakdown(x, ends, sample=None, path=None):
-    """Per-launch time of one call (decode path: sample, scan = fused count+compact, final; prefill path: sample,
-    count, compact, final; one-pass prefill path: select), timed cumulatively (each launch behind the ones before
-    it: the scan's atomic counters are reset by the sample launch, the compact reads the count's output), plus
-    fallback rows, the mean bracket size and the path taken."""
+def _topk_breakdown(x, ends, sample=None):
+    """Per-launch time of one call (decode path: sample, scan = fused count+compact, final; prefill path: the one
+    select launch), timed cumulatively (each launch behind the ones before it: the scan's atomic counters are reset
+    by the sample launch), plus fallback rows, the mean bracket size and the path taken."""
     stats = {}
-    topk_rows(x, K, row_end=ends, stats=stats, sample=sample, _path=path)
+    topk_rows(x, K, row_end=ends, stats=stats, sample=sample)
     fb, mean_bracket = bracket_stats(stats, K)
-    stages, _, _ = plan_launches(x, K, None, ends, sample=sample, _path=path)
+    stages, _, _ = plan_launches(x, K, None, ends, sample=sample)
     t, prev = {}, 0.0
     for n in range(1, len(stages) + 1):
         fns = [fn for _, fn in stages[:n]]
@@ -68,29 +67,6 @@ def _topk_breakdown(x, ends, sample=None, path=None):
     t["mean_bracket"] = mean_bracket
     t["path"] = stats.get("path")
     return t
-
-
-def _topk_one_pass_rows(x, ends, nbytes, two_ms, ceilings, quick):
-    """The one-launch prefill path (``_path="one"``) on the same rows as the default prefill path (speedup = over
-    that path, same run; the same index sets checked first), then both paths at 1M-entry rows."""
-    rows = []
-    one, two = topk_rows(x, K, row_end=ends, _path="one"), topk_rows(x, K, row_end=ends, _path="two")
-    same = bool(torch.equal(one.sort(dim=1).values, two.sort(dim=1).values))
-    ms = bench_ms(lambda: topk_rows(x, K, row_end=ends, _path="one"))
-    rows.append(_row("topk_prefill one-pass", f"{x.shape[0]}x{x.shape[1]} causal k={K} fp32", ms, ceilings,
-                     tbps=nbytes / ms / 1e9, ref_ms=two_ms, same_sets_as_two=same,
-                     parts=_topk_breakdown(x, ends, path="one")))
-    print("topk prefill one-pass:", {k: rows[-1][k] for k in ("ms", "tbps", "speedup", "same_sets_as_two", "parts")})
-    R1, L1 = (64, 1 << 20) if quick else (256, 1 << 20)     # 1M-token rows (the 1M prefill's last chunk)
-    y = torch.randn(R1, L1, device="cuda")
-    for path in ("two", "one"):
-        ms1 = bench_ms(lambda: topk_rows(y, K, _path=path), rep_ms=50)
-        stats = {}
-        topk_rows(y, K, stats=stats, _path=path)
-        rows.append(_row(f"topk_prefill 1M {path}", f"{R1}x{L1} k={K} fp32", ms1, ceilings,
-                         tbps=R1 * L1 * 4 / ms1 / 1e9, fallback_rows=bracket_stats(stats, K)[0]))
-        print(rows[-1])
-    return rows
 
 
 def topk_cases(ceilings, quick):
@@ -106,8 +82,15 @@ def topk_cases(ceilings, quick):
     rows.append(_row("topk_prefill", f"{R}x{CTX} causal k={K} fp32", ms, ceilings, tbps=nbytes / ms / 1e9,
                      ref_ms=ref, parts=_topk_breakdown(x, ends)))
     print("topk prefill parts:", rows[-1]["parts"])
-    rows += _topk_one_pass_rows(x, ends, nbytes, ms, ceilings, quick)
     del x
+    R1, L1 = (128, 1 << 20) if quick else (256, 1 << 20)    # 1M-token rows (the 1M prefill's last chunk; R > 64)
+    y = torch.randn(R1, L1, device="cuda")
+    ref = bench_ms(lambda: torch.topk(y, K, dim=1, sorted=False), rep_ms=50)
+    ms = bench_ms(lambda: topk_rows(y, K), rep_ms=50)
+    rows.append(_row("topk_prefill 1M", f"{R1}x{L1} k={K} fp32", ms, ceilings, tbps=R1 * L1 * 4 / ms / 1e9,
+                     ref_ms=ref, parts=_topk_breakdown(y, None)))
+    print("topk prefill 1M parts:", rows[-1]["parts"])
+    del y
     # decode: the default sample size (512 for R <= 64) against 1024, at B=8
     xd = {B: torch.randn(B, CTX, device="cuda") for B in (1, 8, 64)}
     sweep = {f"decode_S{S}": _graph_ms(lambda: topk_rows(xd[8], K, sample=S)) for S in (512, 1024)}
@@ -125,8 +108,8 @@ def topk_cases(ceilings, quick):
     print("topk decode B=1 parts:", rows[-3]["parts"])
     # recompile check: a run of shapes that a prefill / decode loop produces must reuse the compiled kernels
     from indexcache.kernels.topk import triton as tk
-    kern = (tk._topk_sample_kernel, tk._topk_scan_kernel, tk._topk_count_kernel, tk._topk_compact_kernel,
-            tk._topk_final_kernel)
+    from indexcache.kernels.topk import triton as t1
+    kern = (tk._topk_sample_kernel, tk._topk_scan_kernel, tk._topk_final_kernel, t1._topk1_kernel)
 
     def ncompiled():
         return sum(sum(len(c[0]) for c in getattr(f, "device_caches", {}).values()) for f in kern)

@@ -260,15 +260,23 @@ def copy_windows(n: int, length: int, gen: torch.Generator, segment: int = COPY_
     return torch.stack([copy_window_spans(length, s, segment, alphabet, inner)[0] for s in seeds])
 
 
+COPY_GAPS = ("uniform", "log")
+
+
 def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment: int = COPY_SEGMENT,
-                       alphabet: bytes = COPY_ALPHABET) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+                       alphabet: bytes = COPY_ALPHABET,
+                       gaps: str = "uniform") -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """A long copy window int64 [length]: ``<bos>`` + random letters holding (length - 1) // ``every`` copy
     episodes, each a ``segment``-byte run and, after a gap drawn uniformly from 0..``max_gap`` bytes, the same run
     again, at random places that do not overlap (episodes may nest); the copies as [(source, destination, length)]
     in source order. Short windows' copy density with copy distances spread over a long window: copying learned
     on short windows alone fails in longer ones (RoPE logits are pinned down only at the distances training
     showed), and one copy per long window is too little signal to keep it (benchmarks/results/
-    copy_position_cpu.log). Deterministic in (seed, length, every, max_gap)."""
+    copy_position_cpu.log). ``gaps`` "log": the copy distance (segment + gap) log-uniform instead, as many copies
+    at 12-120 tokens as at 1.2K-12K, so a long window keeps the short distances where a copier formed on short
+    windows still works. Deterministic in (seed, length, every, max_gap, gaps)."""
+    if gaps not in COPY_GAPS:
+        raise ValueError(f"copy gaps must be one of {COPY_GAPS}, got {gaps!r}")
     if isinstance(segment, bool) or not isinstance(segment, int) or segment < 2:
         raise ValueError(f"copy segment length must be an integer >= 2, got {segment!r}")
     if not isinstance(length, int) or not isinstance(every, int) or not 2 * segment <= every < length:
@@ -279,13 +287,14 @@ def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment
                          f"{length - 1 - 2 * segment}], got {max_gap!r}")
     if len(alphabet) < 2:
         raise ValueError(f"copy alphabet needs at least 2 distinct bytes, got {alphabet!r}")
-    rng = random.Random(f"copy-episodes:{seed}:{length}:{every}:{max_gap}")
+    rng = random.Random(f"copy-episodes:{seed}:{length}:{every}:{max_gap}" + ("" if gaps == "uniform" else ":log"))
     text = [ByteTokenizer.BOS] + rng.choices(alphabet, k=length - 1)
     used = [False] * length
     spans = []
     for _ in range((length - 1) // every):
         for _try in range(50):  # a place whose run and copy are both still free (gives up on a crowded window)
-            gap = rng.randint(0, max_gap)
+            gap = (rng.randint(0, max_gap) if gaps == "uniform"
+                   else min(max_gap, int(segment * ((segment + max_gap + 1) / segment) ** rng.random()) - segment))
             src = rng.randint(1, length - 2 * segment - gap)
             dst = src + segment + gap
             if not any(used[src: src + segment]) and not any(used[dst: dst + segment]):
@@ -299,7 +308,8 @@ def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment
 
 
 def copy_episode_windows(n: int, length: int, gen: torch.Generator, every: int, max_gap: int,
-                         segment: int = COPY_SEGMENT, alphabet: bytes = COPY_ALPHABET) -> torch.Tensor:
+                         segment: int = COPY_SEGMENT, alphabet: bytes = COPY_ALPHABET,
+                         gaps: str = "uniform") -> torch.Tensor:
     """``n`` long copy windows int64 [n, length] (``copy_episode_spans``), their seeds drawn from ``gen``."""
     seeds = torch.randint(0, 1 << 31, (n,), generator=gen).tolist()
-    return torch.stack([copy_episode_spans(length, s, every, max_gap, segment, alphabet)[0] for s in seeds])
+    return torch.stack([copy_episode_spans(length, s, every, max_gap, segment, alphabet, gaps)[0] for s in seeds])

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..distributed.training import any_rank, clip_grad_norm_, reduce_gradients
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
-from .tasks import COPY_SEGMENT, copy_episode_windows, copy_windows, mixed_windows
+from .tasks import COPY_GAPS, COPY_SEGMENT, copy_episode_windows, copy_windows, mixed_windows
 from .trainfwd import forward_train
 
 
@@ -88,9 +88,15 @@ class TrainConfig:
     # heads' logits at unseen distances rise to and above the one at distance 1. After the short windows, 200
     # steps of such 512-token windows made a 4-layer CPU model copy at any offset and distance up to 512 tokens,
     # less surely beyond (benchmarks/results/copy_position_cpu.log): make it the longest length that must work.
-    # From scratch, long windows formed no copying in 2000 steps
-    copy_long_length: int | None = None
+    # From scratch, long windows formed no copying in 2000 steps. Increasing lengths run in turn (the phase's steps
+    # split evenly): one jump from 64 to 2048 (CPU) or 16384 tokens (H200) erased the copying even at 64 tokens,
+    # steps of 2-4x extended it (benchmarks/results/copy_long_cpu.log)
+    copy_long_length: int | tuple | None = None
     copy_long_share: float = 0.25
+    # the long windows' copy distances: "uniform" over the window, or "log"-uniform (as many short copies as long
+    # ones: with the curriculum, short copies deep in a 2048-token window 0.45 nats instead of 1.39)
+    copy_long_gaps: str = "uniform"
+    copy_long_mix: float = 0.0  # share of each long-phase step's tokens given to short copy windows (copy_batches)
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
@@ -193,18 +199,24 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, decay=stage != "copy")
             if stage == "copy":
-                ids = copy_batch(tc, step, steps, gen)
+                batches = copy_batches(tc, step, steps, gen)
             else:
                 length, batch = _window(tc, step, stage)
-                ids = _with_copy_rows(tc, tc.training_windows(corpus, batch, length + 1, gen), gen, stage)
-            ids = ids.to(device)
+                batches = [_with_copy_rows(tc, tc.training_windows(corpus, batch, length + 1, gen), gen, stage)]
+            # a long-phase step mixed with short copy windows: two forwards, losses weighted by their token shares
+            weights = [1.0] if len(batches) == 1 else [1.0 - tc.copy_long_mix, tc.copy_long_mix]
             opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                lm, idx = forward_train(model, ids, "dense" if stage == "copy" else stage, pattern,
-                                        index_backward=train_indexer,
-                                        index_coef=tc.index_coef)
-            if lm is not None and stage != "warmup":
-                lm.backward()
+            lm_parts = []
+            for ids, w in zip(batches, weights):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    lm, idx = forward_train(model, ids.to(device), "dense" if stage == "copy" else stage, pattern,
+                                            index_backward=train_indexer,
+                                            index_coef=tc.index_coef)
+                if lm is not None and stage != "warmup":
+                    (lm if len(batches) == 1 else w * lm).backward()
+                if lm is not None:
+                    lm_parts.append(w * lm.detach())
+            lm = sum(lm_parts) if lm_parts else None
             reduce_gradients(model, params)  # a sharded model's (distill -tp N); nothing on one process
             clip_grad_norm_(model, params, 1.0)
             opt.step()
@@ -239,23 +251,60 @@ def _with_copy_rows(tc: TrainConfig, ids: torch.Tensor, gen: torch.Generator, st
     return ids
 
 
+def copy_long_lengths(tc: TrainConfig) -> tuple:
+    """The long phase's window lengths in order (``copy_long_length``: one length or increasing lengths), checked."""
+    if tc.copy_long_length is None:
+        return ()
+    lengths = tuple(tc.copy_long_length) if isinstance(tc.copy_long_length, (tuple, list)) else (tc.copy_long_length,)
+    if not lengths or any(isinstance(L, bool) or not isinstance(L, int) for L in lengths) \
+            or lengths[0] <= tc.copy_length or any(b <= a for a, b in zip(lengths, lengths[1:])):
+        raise ValueError(f"copy_long_length must be a length or increasing lengths, each above copy_length "
+                         f"({tc.copy_length}), got {tc.copy_long_length!r}")
+    if not 0.0 <= tc.copy_long_share <= 1.0:
+        raise ValueError(f"copy_long_share must be in [0, 1], got {tc.copy_long_share!r}")
+    if tc.copy_long_gaps not in COPY_GAPS:  # refused at the first step, not when the long phase starts
+        raise ValueError(f"copy_long_gaps must be one of {COPY_GAPS}, got {tc.copy_long_gaps!r}")
+    if not 0.0 <= tc.copy_long_mix < 1.0:
+        raise ValueError(f"copy_long_mix must be in [0, 1), got {tc.copy_long_mix!r}")
+    return lengths
+
+
+def copy_window_length(tc: TrainConfig, step: int, steps: int) -> int:
+    """The copy stage's window length at ``step`` of ``steps``: ``copy_length``, and in the last
+    ``copy_long_share`` of the steps ``copy_long_length`` (several lengths: those steps split evenly among them,
+    shortest first: a copier formed on 64 tokens and moved to far longer windows at once lost its copying even at
+    64, while 4x steps kept and extended it; benchmarks/results/copy_long_cpu.log)."""
+    lengths = copy_long_lengths(tc)
+    n_long = round(tc.copy_long_share * steps) if lengths else 0
+    if n_long and step >= steps - n_long:
+        return lengths[min(len(lengths) - 1, (step - (steps - n_long)) * len(lengths) // n_long)]
+    return tc.copy_length
+
+
 def copy_batch(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -> torch.Tensor:
-    """The copy stage's windows [batch, length + 1] at ``step`` of ``steps``: ``copy_batch`` copy windows of
-    ``copy_length`` tokens (tasks.copy_windows), and in the last ``copy_long_share`` of the steps windows of
-    ``copy_long_length`` tokens holding one copy episode per ``copy_length`` tokens (the short windows' copy
-    density), copy distances uniform over the window (tasks.copy_episode_windows), as many tokens per step."""
+    """The copy stage's windows [batch, length + 1] at ``step`` of ``steps`` (``copy_window_length``):
+    ``copy_batch`` copy windows of ``copy_length`` tokens (tasks.copy_windows), or in the long phase windows holding
+    one copy episode per ``copy_length`` tokens (the short windows' copy density), copy distances spread over the
+    window as ``copy_long_gaps`` says (tasks.copy_episode_windows), as many tokens per step less the
+    ``copy_long_mix`` share that ``copy_batches`` gives to short windows."""
     alphabet = tc.copy_alphabet.encode()
-    if tc.copy_long_length is not None:
-        if not 0.0 <= tc.copy_long_share <= 1.0:
-            raise ValueError(f"copy_long_share must be in [0, 1], got {tc.copy_long_share!r}")
-        if tc.copy_long_length <= tc.copy_length:
-            raise ValueError(f"copy_long_length must exceed copy_length ({tc.copy_length}), "
-                             f"got {tc.copy_long_length!r}")
-        if step >= steps - round(tc.copy_long_share * steps):
-            batch = max(1, tc.copy_batch * tc.copy_length // tc.copy_long_length)
-            return copy_episode_windows(batch, tc.copy_long_length + 1, gen, every=tc.copy_length,
-                                        max_gap=tc.copy_long_length - 2 * COPY_SEGMENT, alphabet=alphabet)
+    length = copy_window_length(tc, step, steps)
+    if length != tc.copy_length:
+        batch = max(1, round((1.0 - tc.copy_long_mix) * tc.copy_batch * tc.copy_length / length))
+        return copy_episode_windows(batch, length + 1, gen, every=tc.copy_length,
+                                    max_gap=length - 2 * COPY_SEGMENT, alphabet=alphabet, gaps=tc.copy_long_gaps)
     return copy_windows(tc.copy_batch, tc.copy_length + 1, gen, alphabet=alphabet, inner=tc.copy_inner)
+
+
+def copy_batches(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """A copy-stage step's batches: ``copy_batch``'s, and in the long phase with ``copy_long_mix`` > 0 also that
+    share of the step's tokens as short copy windows (``copy_length``; a second batch, its own forward), so the
+    copying that works on short windows keeps its gradient while the long windows teach the long distances."""
+    ids = copy_batch(tc, step, steps, gen)
+    if tc.copy_long_mix > 0 and copy_window_length(tc, step, steps) != tc.copy_length:
+        return [ids, copy_windows(max(1, round(tc.copy_long_mix * tc.copy_batch)), tc.copy_length + 1, gen,
+                                  alphabet=tc.copy_alphabet.encode(), inner=tc.copy_inner)]
+    return [ids]
 
 
 def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]:

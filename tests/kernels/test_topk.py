@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from indexcache.kernels._dispatch import use_triton
-from indexcache.kernels.topk import bracket_stats, topk_rows, topk_rows_reference
+from indexcache.kernels.topk import (bracket_stats, plan_launches, scratch_bytes_per_row, topk_rows,
+                                     topk_rows_reference)
 from indexcache.kernels.topk.ops import _SMALL_R
 from tests.helpers import poisoned
 
@@ -212,19 +213,15 @@ def _variant_key(fn, args, kwargs):
     return tuple(key) + extra
 
 
-@pytest.mark.parametrize("path", ["scan", "two"])
-def test_shape_changes_do_not_recompile(device, path):
+def test_shape_changes_do_not_recompile(device):
     """A prefill changes (R, N, windows, k) every call and decode changes the context length every step:
-    the number of compiled variants per kernel must stay a small constant (for each path: the fused decode scan
-    and the count + compact prefill path)."""
+    the number of compiled variants per kernel of the decode path (sample / fused scan / final) must stay a
+    small constant (the one-pass prefill path: ``test_topk_onepass.test_one_launch_and_no_recompiles``)."""
     from indexcache.kernels.topk import triton as tk
     if not use_triton(torch.empty(1, device=device)):
         pytest.skip("Triton path not active")
-    if path == "scan":
-        kernels = {"sample": tk._topk_sample_kernel, "scan": tk._topk_scan_kernel, "final": tk._topk_final_kernel}
-    else:
-        kernels = {"sample": tk._topk_sample_kernel, "count": tk._topk_count_kernel,
-                   "compact": tk._topk_compact_kernel, "final": tk._topk_final_kernel}
+    path = "scan"
+    kernels = {"sample": tk._topk_sample_kernel, "scan": tk._topk_scan_kernel, "final": tk._topk_final_kernel}
     seen = {n: set() for n in kernels}
     hooks = {}
     for n, fn in kernels.items():
@@ -269,9 +266,9 @@ def test_shape_changes_do_not_recompile(device, path):
 
 
 def test_prefill_path_ragged_ties_padding(device):
-    """Count + compact path: windows (incl. empty and shorter than k), ties, NaN / -inf, -0.0, many chunks
-    (more than one NCT tile of chunk counts)."""
-    path = "two"
+    """One-pass prefill path: windows (incl. empty and shorter than k) on rows with ties, NaN / -inf, -0.0; with
+    the default CAP (sampled rows) and a small one (more rows bad: whole-row select)."""
+    path = "one"
     torch.manual_seed(11)
     R, N, k = 6, 5000, 100
     x = torch.randn(R, N, device=device) * 3
@@ -285,10 +282,11 @@ def test_prefill_path_ragged_ties_padding(device):
     x[4] = (torch.randn(N, device=device) * 2).round()  # few distinct values, heavy ties at the threshold
     start = torch.tensor([0, 0, 17, 0, 1000, 2990], dtype=torch.int32, device=device)
     end = torch.tensor([N, N, 4000, N, 1000, 3001], dtype=torch.int32, device=device)
-    for chunk in (None, 256):                         # 256: nc = 20 chunks > NCT = 8 (interpreter)
-        fb, _ = _stats(x, k, _path=path, _chunk=chunk)
-        assert fb == 0
-        out = _check(x, k, _path=path, _chunk=chunk, row_start=start, row_end=end)
+    for cap in (None, 256):
+        stats = {}
+        out = _check(x, k, _path=path, _cap=cap, row_start=start, row_end=end, stats=stats)
+        if cap is None:   # rows 0, 1 sampled and good; row 3: 10 valid entries < k, the whole-row select
+            assert bracket_stats(stats, k)[0] == 1
         assert torch.equal(out[1].sort().values.cpu(), torch.arange(0, 3 * k, 3, dtype=torch.int32))
         assert (out[3, 10:] == -1).all() and (out[4] == -1).all() and (out[5, 11:] == -1).all()
         for r in range(R):
@@ -296,10 +294,11 @@ def test_prefill_path_ragged_ties_padding(device):
             assert ((v >= start[r]) & (v < end[r])).all()
 
 
-def test_prefill_path_bad_brackets_fall_back(device):
-    """Count + compact path: a bad bracket (maxima the sample missed: count(>= hi) >= k; bracket > CAP) skips
-    compaction for that row only, and the final kernel redoes it exactly; good rows in the same call are unaffected."""
-    path = "two"
+def test_prefill_path_bad_rows_fall_back(device):
+    """One-pass prefill path: rows whose candidates cannot hold the top k (CAP below k) take the whole-row
+    select, exactly; maxima clustered between sample strides, 300 ties above everything; rows no longer than
+    CAP take every entry (never bad); adversarial shared bucket and fp16 inputs."""
+    path = "one"
     torch.manual_seed(12)
     N, k = 6000, 600
     x = torch.randn(4, N, device=device)
@@ -307,14 +306,11 @@ def test_prefill_path_bad_brackets_fall_back(device):
         x[0, j * 187 + 10: j * 187 + 180] += 40.0
     x[1, 100:400] = 7.0
     x[3, 3000:3200] += 50.0
-    for chunk in (None, 512):
-        fb, _ = _stats(x, k, _path=path, _chunk=chunk)
-        assert fb >= 1
-        fb, _ = _stats(x, k, _path=path, _chunk=chunk, _cap=96)
-        assert fb == 4
-    fb, _ = _stats(x[:, :200], k, _path=path)          # rows shorter than the sample: exact bracket
+    _stats(x, k, _path=path)
+    fb, _ = _stats(x, k, _path=path, _cap=96)
+    assert fb == 4
+    fb, _ = _stats(x[:, :200], k, _path=path)          # rows of <= CAP entries: every valid entry, exact
     assert fb == 0
-    # adversarial shared bucket + fp16 / bf16 inputs
     base = torch.full((4500,), 1.0)
     y = torch.stack([base + torch.randint(0, 16, (4500,)).float() * 2.0**-23,
                      base + torch.randint(0, 3, (4500,)).float() * 2.0**-23]).to(device)
@@ -336,10 +332,35 @@ def test_default_path_by_row_count(device):
     assert stats["S"] == 512
 
 
+@pytest.mark.parametrize("R", [3, _SMALL_R + 1])
+def test_scratch_bound_covers_allocations(device, monkeypatch, R):
+    """``scratch_bytes_per_row`` (the indexer's workspace planning) bounds the bytes a call allocates per row, on
+    the decode path (R <= _SMALL_R) and on the one-pass prefill path."""
+    if not use_triton(torch.empty(1, device=device)):
+        pytest.skip("Triton path not active")
+    allocated, depth = [], [0]
+    for name in ("empty", "zeros", "full"):
+        def counted(*a, _f=getattr(torch, name), **kw):
+            depth[0] += 1
+            try:
+                t = _f(*a, **kw)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                allocated.append(t.numel() * t.element_size())
+            return t
+        monkeypatch.setattr(torch, name, counted)
+    for k, n in ((1, 300), (100, 5000), (256, 70_000)):
+        x = torch.randn(R, n, device=device)
+        allocated.clear()
+        plan_launches(x, k)
+        assert 0 < sum(allocated) <= R * scratch_bytes_per_row(k, n), (k, n, allocated)
+
+
 def test_sorted_flag_prefill_path(device):
     torch.manual_seed(14)
     x = (torch.randn(3, 1500, device=device) * 2).round()
-    out = topk_rows(x, 120, sorted=True, _path="two")
+    out = topk_rows(x, 120, sorted=True, _path="one")
     assert torch.equal(out.cpu(), topk_rows_reference(x, 120).cpu())
 
 
@@ -352,8 +373,7 @@ def test_gpu_long_rows(dtype):
     ends = torch.tensor([N, N - 7, 150_001, 2047, 2048, 3000, N, 100_000], dtype=torch.int32, device="cuda")
     x[6, :] = 0.25                                 # all ties
     x[7, 50_000:52_500] = 1e4                      # clustered maxima
-    for path in (None, "scan", "two"):
+    for path in ("scan", "one"):
         _check(x, k, row_end=ends, _path=path)
     _check(torch.randn(300, 70_000, device="cuda").to(dtype), k)
-    _check(torch.randn(3, 200_000, device="cuda"), 4096, _path="two")
     _check(torch.randn(3, 200_000, device="cuda"), 4096)

@@ -1,4 +1,4 @@
-"""The one-launch prefill top-k (``topk_rows(..., _path="one")``, ``triton_onepass``): index sets against the
+"""The one-launch prefill top-k (``topk_rows(..., _path="one")``, ``triton._topk1_kernel``): index sets against the
 reference on fresh random rows, ragged and unaligned windows, masked tails, NaN / -inf / -0.0, thousands of ties
 at the threshold, bad samples (whole-row select), -1 padding, NaN-poisoned buffers."""
 import pytest
@@ -101,7 +101,7 @@ def test_fp16_rows_and_sorted(device):
 
 def test_one_launch_and_no_recompiles(device):
     """One launch per call; shapes, windows and k reuse one compiled variant (per dtype / alignment)."""
-    from indexcache.kernels.topk import triton_onepass as t1
+    from indexcache.kernels.topk import triton as t1
     if not use_triton(torch.empty(1, device=device)):
         pytest.skip("Triton path not active")
     stages, _, _ = plan_launches(torch.randn(2, 100, device=device), 8, _path="one")

@@ -154,3 +154,63 @@ def test_testbed_plan_keeps_copy_steps_that_fit_and_caps_the_rest(monkeypatch):
     capped = tb.plan_steps(dataclasses.replace(TINY, copy_steps=10 ** 6), 100.0, "cpu", None)
     assert 600 < capped.copy_steps <= 1250 and capped.dense_steps < 0.9 * planned.dense_steps  # 12.5 s of copying
     assert tb.plan_steps(dataclasses.replace(TINY, copy_steps=0), 100.0, "cpu", None).copy_steps == 0
+
+
+def test_copy_long_phase_curriculum_mix_and_log_gaps(corpus, monkeypatch):
+    """copy_long_length as increasing lengths: the long phase's steps split evenly among them, shortest first, as
+    many tokens a step; copy_long_mix adds that share of short copy windows as a second batch of the long steps
+    (run_stage runs both); copy_long_gaps reaches copy_episode_windows; bad values are refused by name."""
+    import indexcache.tools.train as train_mod
+    from indexcache.tools.train import copy_batches, copy_window_length
+
+    tc = dataclasses.replace(TINY, copy_length=64, copy_batch=12, copy_long_length=(192, 384), copy_long_share=0.5)
+    assert [copy_window_length(tc, s, 8) for s in range(8)] == [64] * 4 + [192] * 2 + [384] * 2
+    shapes = [tuple(b.shape) for s in range(8) for b in copy_batches(tc, s, 8, torch.Generator().manual_seed(s))]
+    assert shapes == [(12, 65)] * 4 + [(4, 193)] * 2 + [(2, 385)] * 2
+    mixed = dataclasses.replace(tc, copy_long_mix=0.5)
+    assert [tuple(b.shape) for b in copy_batches(mixed, 7, 8, torch.Generator())] == [(1, 385), (6, 65)]
+    assert [tuple(b.shape) for b in copy_batches(mixed, 0, 8, torch.Generator())] == [(12, 65)]  # short phase
+
+    drawn = []
+
+    def recording(fn):
+        def draw(n, length, gen, **kw):
+            drawn.append((fn.__name__, n, length, kw.get("gaps")))
+            return fn(n, length, gen, **kw)
+        return draw
+
+    monkeypatch.setattr(train_mod, "copy_windows", recording(copy_windows))
+    monkeypatch.setattr(train_mod, "copy_episode_windows", recording(copy_episode_windows))
+    small = dataclasses.replace(TINY, copy_length=64, copy_batch=4, copy_long_length=(128, 256), copy_long_share=0.5,
+                                copy_long_mix=0.5, copy_long_gaps="log")
+    log = run_stage(_fresh(small), corpus, "copy", 4, 1e-2, small, torch.Generator().manual_seed(4),
+                    progress=False, log_every=1)
+    assert drawn == [("copy_windows", 4, 65, None)] * 2 + [("copy_episode_windows", 1, 129, "log"),
+                                                             ("copy_windows", 2, 65, None),
+                                                             ("copy_episode_windows", 1, 257, "log"),
+                                                             ("copy_windows", 2, 65, None)]
+    assert log["steps_done"] == 4 and all(r["lm"] is not None and r["lm"] > 0 for r in log["curve"])
+    for bad, match in (({"copy_long_length": (384, 192)}, "increasing"), ({"copy_long_length": (64, 384)}, "above"),
+                       ({"copy_long_mix": 1.0}, "copy_long_mix"), ({"copy_long_gaps": "square"}, "copy_long_gaps")):
+        with pytest.raises(ValueError, match=match):
+            copy_batch(dataclasses.replace(tc, **bad), 0, 8, torch.Generator())  # refused from the first step
+
+
+def test_copy_episode_log_gaps():
+    """gaps "log": valid episodes whose copy distances are log-uniform (as many at 12-120 tokens as at 120-1200),
+    so a long window keeps short copies; deterministic; uniform gaps give the short ones rarely."""
+    def distances(gaps):
+        return [dst - src for seed in range(12) for src, dst, n in copy_episode_spans(2049, seed, 64, 2000,
+                                                                                     gaps=gaps)[1]]
+    log, uni = distances("log"), distances("uniform")
+    for seed in range(3):
+        win, spans = copy_episode_spans(2049, seed, 64, 2000, gaps="log")
+        for src, dst, n in spans:
+            assert n == 12 and dst - src >= 12 and torch.equal(win[src: src + n], win[dst: dst + n])
+    assert len(log) >= 25 * 12 and min(log) >= 12 and max(log) <= 2012
+    short, mid = sum(d < 120 for d in log) / len(log), sum(120 <= d < 1200 for d in log) / len(log)
+    assert 0.3 < short < 0.6 and 0.3 < mid < 0.6 and sum(d < 120 for d in uni) / len(uni) < 0.1
+    assert torch.equal(copy_episode_spans(2049, 5, 64, 2000, gaps="log")[0],
+                       copy_episode_spans(2049, 5, 64, 2000, gaps="log")[0])
+    with pytest.raises(ValueError, match="gaps"):
+        copy_episode_spans(2049, 5, 64, 2000, gaps="exp")

@@ -1,11 +1,12 @@
-"""Exact per-row top-k over (masked) logits: ``topk_rows``; checks and launch planning for ``triton.py``.
+"""Exact per-row top-k over (masked) logits: ``topk_rows``; checks and launch planning for ``triton.py`` and
+``triton.py`` (``_topk1_kernel``).
 
 Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1), ``topk_rows_reference`` otherwise.
 Output order within a row is unspecified unless ``sorted=True`` (then value-descending, ties by column).
-Launch paths, chosen by row count: decode (R <= 64: sample / fused scan / final) and prefill (R > 64: the one-launch
-path of ``triton_onepass``: sample, one read of the row, exact select, one program per row; 1.85x faster than the
-older sample / count / compact / final path at 4096 x 200K and 8.3x at 256 x 1M on an H200, run 52);
-docs/kernels_attention.md has the design and the measurements behind these constants.
+Launch paths, chosen by row count: decode (R <= 64: sample / fused scan / final, ``triton``) and prefill (R > 64:
+one launch of ``_topk1_kernel``, one program per row: a sample sets the threshold, one read of the row writes the
+candidates, an exact select picks the k); docs/kernels_attention.md has the design and the measurements behind
+these constants.
 
 ``topk_rows_decode``: the same selection with one row spread over many programs (a radix select in three launches),
 for a few long rows replayed in a CUDA graph; ``DecodeTopkWorkspace`` holds its self-resetting scratch.
@@ -21,16 +22,11 @@ from indexcache.kernels._dispatch import interpreting, use_triton
 from indexcache.kernels.topk.reference import topk_rows_reference
 
 MAX_K = 4096
-_SAMPLE = 1024          # entries sampled per row for R > _SMALL_R (power of two)
+_SAMPLE = 1024          # decode-path sample when that path is forced on R > _SMALL_R rows (power of two)
 _SAMPLE_SMALL = 512     # decode-sized batches: a cheaper sort (~half), a wider bracket (CAP doubled)
-_SMALL_R = 64           # R <= _SMALL_R: decode path (fused scan); larger R: prefill path (count + compact)
+_SMALL_R = 64           # R <= _SMALL_R: decode path (fused scan); larger R: one-pass prefill path
 _BLOCK = 4096           # decode scan block (entries per step of the fused count+compact pass)
 _SCAN_WARPS = 8
-_TP_BLOCK = 4096        # prefill count / compact block
-_COUNT_WARPS = 8
-_COMPACT_WARPS = 4
-_NCT = 64               # chunk counts read per step by the compact prefix loop (runtime loop over nc)
-_FB16, _FINAL16_WARPS = 1024, 4   # prefill final select (16-ary search): tile and warps
 _FB = 2048              # decode final select (histogram) tile
 _NBIN = 256             # histogram bins per final-select round
 _TB = 256               # tie buffer: the boundary bin is ranked by counting once it holds <= _TB entries
@@ -39,7 +35,7 @@ _ONE_BLOCK = 4096       # one-pass scan block: [E, 32 * warps, 16-byte vector] e
 _ONE_SB, _ONE_NTMAX = 1024, 16   # one-pass sample: tile, at most 16 tiles (ns ~ 32 * L / k, <= 16384)
 _ONE_FB = 1024          # one-pass select tile
 _ONE_NBIN = 64          # one-pass select: bins per histogram round (tl.histogram: 32-64 bins cost the least per bit)
-PATHS = ("scan", "two", "one")  # decode path (fused scan), prefill path (count + compact), one-pass prefill
+PATHS = ("scan", "one")  # decode path (fused scan), one-pass prefill path
 
 
 def _check(logits, k, row_start, row_end, sample=None):
@@ -75,12 +71,15 @@ def _sort_out(logits, idx):
 
 
 def scratch_bytes_per_row(k: int, n: int) -> int:
-    """An upper bound of the device bytes one ``topk_rows`` call allocates per row of ``n`` entries (output,
-    candidate scratch at the largest capacity any path uses, row state, per-chunk counts), so callers that bound
-    their memory (``indexer_topk_prefill``) can budget for the selection."""
-    cap = max(4096, 8 * _next_pow2(k))
-    chunks = -(-max(n, 1) // min(_BLOCK, _TP_BLOCK))
-    return 4 * k + (cap + _TB) * 8 + 8 * 4 + 2 * 8 + 16 * chunks
+    """An upper bound of the device bytes one ``topk_rows`` call allocates per row (output, window bounds, row
+    state and counters, candidate scratch), whichever path it takes, so callers that bound their memory
+    (``indexer_topk_prefill``) can budget for the selection. No path keeps per-chunk state, so the bound does not
+    grow with the row length ``n``. Compiled kernels only: the interpreter's 256-entry decode sample doubles that
+    path's CAP (for k > 256)."""
+    p2 = _next_pow2(k)
+    scan = (max(4096, 8 * p2) + _TB) * 8 + 8 * 4 + 2 * 8    # decode: CAP + tie buffer at S = 512, state, ctr
+    one = max(4096, 4 * p2) * 8 + 2 * 8                     # one-pass prefill: CAP, ctr
+    return 4 * k + 2 * 4 + max(scan, one)
 
 
 def _next_pow2(x: int) -> int:
@@ -96,10 +95,10 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
     NaN and -inf never count; rows with fewer than k valid entries are padded with -1 (after the valid ids).
     Exact, with ties at the threshold broken towards the lower column index. ``stats``: a dict that receives the
     Triton path's per-row state of this call (see ``bracket_stats``; tests, benchmarks). ``sample``: entries
-    sampled per row to bracket the k-th value (512..4096, a power of two; default 1024, 512 for R <= 64; the
-    "one" path sizes its sample by the row length). ``_cap`` / ``_chunk`` / ``_path`` are test hooks (``_path``:
-    "scan" = the decode path, "two" = the prefill path, "one" = the one-launch prefill path of
-    ``triton_onepass``; default by row count).
+    sampled per row to bracket the k-th value on the decode path (512..4096, a power of two; default 512 for
+    R <= 64; the prefill path sizes its sample by the row length). ``_cap`` / ``_chunk`` / ``_path`` are test hooks
+    (``_path``: "scan" = the decode path, "one" = the one-launch prefill path (``_topk1_kernel``); default by
+    row count).
     """
     _check(logits, k, row_start, row_end, sample)
     if not use_triton(logits):
@@ -115,7 +114,7 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
 
 def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=None, _chunk=None, _path=None):
     """Buffers and the launches of one call, as (name, thunk) pairs (benchmarks time them one by one):
-    decode path sample / scan / final; prefill path sample / count / compact / final."""
+    decode path sample / scan / final; prefill path select (one launch)."""
     from indexcache.kernels.topk import triton as tk
 
     R, N = logits.shape
@@ -136,17 +135,16 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
         raise ValueError(f"topk_rows: _path must be one of {PATHS}, got {path!r}")
     if path == "one":
         return _plan_one(logits, k, starts, ends, out, _cap, interp)
-    two = path == "two"
     S = sample or (256 if interp else (_SAMPLE_SMALL if small else _SAMPLE))
     # bracket ~ 6*sqrt(k*len/S) entries: CAP = 4k at S >= 1024, 8k at S = 512 (runtime value: no recompiles)
     cap = _cap or max(4096, 4 * triton.next_power_of_2(k) * max(1, 1024 // S))
-    block = 256 if interp else (_TP_BLOCK if two else _BLOCK)
+    block = 256 if interp else _BLOCK
     fb, tb = (256, 64) if interp else (_FB, _TB)
     if _chunk is not None:
         chunk = _chunk
     elif interp:
         chunk = 1024
-    else:   # >= 4 programs per SM; one whole row per program at R = 4096
+    else:   # >= 4 programs per SM
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         progs_per_row = max(1, (4 * sms + R - 1) // R)
         chunk = max(block, triton.cdiv(triton.cdiv(N, progs_per_row), block) * block)
@@ -165,31 +163,16 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
                                       num_warps=_SCAN_WARPS)
 
     def final():
-        # prefill: 16-ary select; decode: histogram select (each the faster one for its path)
-        fbf = fb if (interp or not two) else _FB16
-        tk._topk_final_kernel[(R,)](x, s, starts, ends, state, ctr, out, scr, k, cap, BLOCK=block, FB=fbf, NB=16,
-                                    NBIN=64 if interp else _NBIN, TB=tb, TI=16 if interp else 32, SEL16=two,
-                                    num_warps=_FINAL16_WARPS if (two and not interp) else 8)
+        tk._topk_final_kernel[(R,)](x, s, starts, ends, state, ctr, out, scr, k, cap, BLOCK=block, FB=fb, NB=16,
+                                    NBIN=64 if interp else _NBIN, TB=tb, TI=16 if interp else 32, num_warps=8)
 
     dbg = dict(state=state, ctr=ctr, cap=cap, chunk=chunk, nc=nc, S=S, path=path)
-    if not two:
-        return [("sample", sample_launch), ("scan", scan), ("final", final)], out, dbg
-    cc = torch.empty((R, nc, 4), dtype=torch.int32, device=dev)
-
-    def count():
-        tk._topk_count_kernel[(R, nc)](x, s, starts, ends, state, cc, nc, chunk, BLOCK=block, num_warps=_COUNT_WARPS)
-
-    def compact():
-        tk._topk_compact_kernel[(R, nc)](x, s, starts, ends, state, cc, nc, ctr, out, scr, k, cap, chunk, BLOCK=block,
-                                         NCT=8 if interp else _NCT, TB=tb, num_warps=_COMPACT_WARPS)
-
-    dbg["cc"] = cc
-    return [("sample", sample_launch), ("count", count), ("compact", compact), ("final", final)], out, dbg
+    return [("sample", sample_launch), ("scan", scan), ("final", final)], out, dbg
 
 
 def _plan_one(x, k, starts, ends, out, cap, interp):
-    """The one-launch prefill path (``triton_onepass``): one program per row, CAP = 4 * next_pow2(k) >= 4096."""
-    from indexcache.kernels.topk import triton_onepass as t1
+    """The one-launch prefill path (``_topk1_kernel``): one program per row, CAP = 4 * next_pow2(k) >= 4096."""
+    from indexcache.kernels.topk import triton as t1
 
     R = x.shape[0]
     cap = cap or max(4096, 4 * triton.next_power_of_2(k))
