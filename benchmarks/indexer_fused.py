@@ -2,6 +2,13 @@
 run: their exactness, and the crossover table that sets ``ops.FUSED_MIN_CONTEXT_*`` (``choose_prefill_path``).
 
     python -m benchmarks.indexer_fused [--budget-s 210]
+    python -m benchmarks.indexer_fused --candidates [--budget-s 170]   # the candidates kernels, ~2.5 min
+
+``--candidates`` runs only ``compare_candidates``: the fused candidates kernel with atomic slots (the default)
+against the column-order "scan" kernel, alone and in the whole fused stage, at 200K and 1M (H=32), their TFLOP/s
+as a fraction of the same-run cuBLAS fp8, the same counts and the same lists (as sets) as the scan kernel and
+the same index sets as the two-pass path; a few launch configs of the atomic kernel and of the two-pass path's
+logits kernel. Without it:
 
 1. Same-run ceilings (cuBLAS fp8 / bf16 8192^3, copy).
 2. Exactness: index sets of the fused path equal the two-pass path's, row by row, on random data at 32K (H=32 and
@@ -197,6 +204,9 @@ def _tiny():
         setattr(torch.cuda, name, lambda *a, **k: None)
     torch.cuda.memory_allocated = torch.cuda.max_memory_allocated = lambda *a, **k: 0
     globals()["measure_ceilings"] = lambda: {"fp8_matmul_tflops": 1.0, "bf16_matmul_tflops": 1.0, "copy_tbps": 1.0}
+    import benchmarks.common as common
+
+    common.bench_ms = lambda fn, **kw: timed_s(fn, 1)[0] * 1e3
     from indexcache.kernels.indexer import ops  # the Triton top-k is far too slow in the interpreter
     from indexcache.kernels.topk.reference import topk_rows_reference
     ops.default_topk_fn = lambda: topk_rows_reference
@@ -254,16 +264,175 @@ def crossover_rows(cross: dict) -> tuple[list[dict], dict]:
     return out, limits
 
 
+CAND_CONFIGS = (  # (label, candidates config); the first is the default, "scan" the column-order kernel
+    ("atomic", {}),
+    ("scan", {"kernel": "scan"}),
+    ("atomic BQ4 BKV64 4w", {"BQ": 4, "BKV": 64, "num_warps": 4, "num_stages": 3}),
+    ("atomic BQ8 BKV64 8w", {"BQ": 8, "BKV": 64, "num_warps": 8, "num_stages": 3}),
+)
+LOGITS_CONFIGS = ((8, 64, 4, 3), (8, 128, 8, 3), (4, 64, 4, 3))  # (BQ, BKV, warps, stages); first = default
+
+
+def _same_lists(a, b, cap):
+    """Rows whose kept candidate columns differ as sets (rows that overflowed cap are skipped: which candidates
+    they keep is up to the kernel), and whether the counts are equal."""
+    n = a[2][:, 0].clamp(max=cap)
+    ar = torch.arange(cap, device=n.device)[None, :] < n[:, None]
+    ok = a[2][:, 0] <= cap
+    ca = torch.where(ar, a[1], 2**31 - 1).sort(1).values
+    cb = torch.where(ar, b[1], 2**31 - 1).sort(1).values
+    return int((ca != cb).any(1)[ok].sum()), bool(torch.equal(a[2], b[2]))
+
+
+def candidates_alone(rows, ceil, label, h, data, configs):
+    """The candidates kernel alone on these rows (thresholds of a real fused run), each config, checked against
+    the scan kernel."""
+    from benchmarks.common import bench_ms
+
+    q8, w, k8, ks, rs, re = data
+    st = {}
+    run("fused", q8, w, k8, ks, rs, re, torch.empty(q8.shape[0], TOPK, dtype=torch.int32, device=DEV), st)
+    t, cap, thr = q8.shape[0], st["cap"], st["thr"]
+    flops = 2 * pairs(rs, re) * h * 128
+    outs = {}
+    for name, cfg in configs:
+        bufs = (torch.empty(t, cap, device=DEV), torch.empty(t, cap, dtype=torch.int32, device=DEV),
+                torch.empty(t, 2, dtype=torch.int32, device=DEV))
+        fn = lambda: ix.indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=bufs, config=cfg)  # noqa
+        try:
+            ms = bench_ms(fn, warmup_ms=10, rep_ms=60)
+            fn()
+            outs[name] = bufs
+            r = {"name": f"{label} kernel {name}", "H": h, "rows": t, "ms": ms, "tflops": flops / ms / 1e9,
+                 "frac_fp8_cublas": flops / ms / 1e9 / ceil["fp8_matmul_tflops"],
+                 "mean_candidates": float(bufs[2][:, 0].float().mean())}
+            if name != "scan" and "scan" in outs:
+                r["rows_differ"], r["counts_equal"] = _same_lists(bufs, outs["scan"], cap)
+                r["exact"] = r["rows_differ"] == 0 and r["counts_equal"]
+        except Exception as e:  # noqa: BLE001 - a config that fails is reported, the others still run
+            r = {"name": f"{label} kernel {name}", "error": repr(e)[:200]}
+        rows.append(r)
+        print(r, flush=True)
+    if "atomic" in outs and "scan" in outs:  # the default ran before the scan kernel: check it now
+        d, eq = _same_lists(outs["atomic"], outs["scan"], cap)
+        rows.append({"name": f"check {label} kernel atomic vs scan", "H": h, "rows": t, "rows_differ": d,
+                     "counts_equal": eq, "exact": d == 0 and eq})
+        print(rows[-1], flush=True)
+
+
+def fused_stage(rows, ceil, label, h, data, scale=1.0, reps=3):
+    """The whole fused stage with each candidates kernel, and the two-pass path; index sets compared."""
+    q8, w, k8, ks, rs, re = data
+    t = q8.shape[0]
+    flops = 2 * pairs(rs, re) * h * 128
+    outs = {}
+    for name, cfg in (("fused atomic", {}), ("fused scan", {"kernel": "scan"}), ("two-pass", None)):
+        out = torch.empty(t, TOPK, dtype=torch.int32, device=DEV)
+        st = {}
+        if cfg is None:
+            fn = lambda: run("two-pass", q8, w, k8, ks, rs, re, out)  # noqa: E731
+        else:
+            fn = lambda cfg=cfg: ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=st,  # noqa
+                                                              config=cfg)
+        fn()
+        sec, peak = timed_s(fn, reps)
+        outs[name] = out
+        r = {"name": f"{label} {name}", "H": h, "rows": t, "ms": sec * 1e3, "stage_s": sec * scale,
+             "tflops": flops / sec / 1e12, "frac_fp8_cublas": flops / sec / 1e12 / ceil["fp8_matmul_tflops"],
+             "peak_extra_gib": peak, "fallback_rows": st.get("fallback_rows"),
+             "mean_candidates": st.get("mean_candidates")}
+        rows.append(r)
+        print(r, flush=True)
+    for a in ("fused atomic", "fused scan"):
+        d = rows_differ(outs[a], outs["two-pass"])
+        rows.append({"name": f"check {label} {a} vs two-pass", "H": h, "rows": t, "rows_differ": d, "exact": d == 0})
+        print(rows[-1], flush=True)
+
+
+def logits_configs(rows, ceil, label, h, data):
+    """The two-pass path's logits kernel alone (one chunk of these rows over all keys), a few launch configs."""
+    from benchmarks.common import bench_ms
+
+    q8, w, k8, ks, rs, re = data
+    t, s = q8.shape[0], k8.shape[0]
+    out = torch.empty(t, s, device=DEV)
+    flops = 2 * pairs(rs, re) * h * 128
+    ref = None
+    for bq, bkv, nw, ns in LOGITS_CONFIGS:
+        cfg = dict(BQ=bq, BKV=bkv, num_warps=nw, num_stages=ns)
+        try:
+            ms = bench_ms(lambda: ix.indexer_logits(q8, w, k8, ks, rs, re, out=out, config=cfg), warmup_ms=10,
+                          rep_ms=60)
+            same = None
+            if ref is None:
+                ref = out.clone()
+            else:
+                same = bool(torch.equal(out, ref))
+            r = {"name": f"{label} logits {cfg}", "H": h, "rows": t, "ms": ms, "tflops": flops / ms / 1e9,
+                 "frac_fp8_cublas": flops / ms / 1e9 / ceil["fp8_matmul_tflops"], "same_as_default": same}
+        except Exception as e:  # noqa: BLE001
+            r = {"name": f"{label} logits {cfg}", "error": repr(e)[:200]}
+        rows.append(r)
+        print(r, flush=True)
+    del out, ref
+
+
+def compare_candidates(rows, ceil):
+    big, one_m = SZ["big"], SZ["sampled"][-1]
+    tail, tail_1m = SZ["warm"][1] * 2, SZ["warm"][1] // 2
+
+    def warm(rows):  # compile every kernel and config below before anything is timed
+        t = time.perf_counter()
+        s, n = SZ["warm"]
+        data = inputs(torch.arange(s - n, s, device=DEV), s, 32, seed=9)
+        candidates_alone([], ceil, "warm", 32, data, CAND_CONFIGS)
+        fused_stage([], ceil, "warm", 32, data, reps=1)
+        logits_configs([], ceil, "warm", 32, data)
+        torch.cuda.synchronize()
+        rows.append({"name": "warm-up (compiles)", "ms": (time.perf_counter() - t) * 1e3})
+
+    case(rows, "warm-up", 60, warm)
+    case(rows, "kernel 200K", 15, lambda rows: candidates_alone(
+        rows, ceil, f"{big} last {tail} rows", 32, inputs(torch.arange(big - tail, big, device=DEV), big, 32, 11),
+        CAND_CONFIGS))
+    case(rows, "kernel 1M", 15, lambda rows: candidates_alone(
+        rows, ceil, f"{one_m} last {tail_1m} rows", 32,
+        inputs(torch.arange(one_m - tail_1m, one_m, device=DEV), one_m, 32, 12), CAND_CONFIGS))
+    case(rows, "stage 200K", 25, lambda rows: fused_stage(rows, ceil, f"{big} stage", 32, causal(big, 32, 32)))
+
+    def sampled_1m(rows):
+        blocks, per = SZ["blocks"], SZ["per"]
+        starts = torch.linspace(0, one_m - per, blocks, device=DEV).long()
+        pos = (starts[:, None] + torch.arange(per, device=DEV)[None, :]).flatten()
+        data = inputs(pos, one_m, 32, seed=7)
+        scale = (one_m * (one_m + 1) / 2) / pairs(data[4], data[5])
+        rows.append({"name": f"{one_m} sample", "H": 32, "rows": pos.numel(),
+                     "extrapolation": f"x{scale:.1f} by pairs"})
+        fused_stage(rows, ceil, f"{one_m} stage (sampled rows)", 32, data, scale=scale)
+
+    case(rows, "stage 1M", 25, sampled_1m)
+    case(rows, "logits configs 200K", 10, lambda rows: logits_configs(
+        rows, ceil, f"{big} last {tail} rows", 32, inputs(torch.arange(big - tail, big, device=DEV), big, 32, 13)))
+    case(rows, "kernel 1M H=64", 25, lambda rows: candidates_alone(
+        rows, ceil, f"{one_m} last {tail_1m} rows", 64,
+        inputs(torch.arange(one_m - tail_1m, one_m, device=DEV), one_m, 64, 14), CAND_CONFIGS[:2]))
+
+
 def main():
     global BUDGET_S
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="time box for the whole run (cases past it "
-                                                                      "are skipped and recorded as such)")
+    ap.add_argument("--budget-s", type=float, default=None, help="time box for the whole run (cases past it "
+                                                                 "are skipped and recorded as such; default "
+                                                                 "210 s, 170 s with --candidates)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of the script logic (interpreter, k=16)")
+    ap.add_argument("--candidates", action="store_true", help="only the candidates kernels: atomic vs scan, "
+                                                              "alone and in the stage, 200K and 1M")
     args = ap.parse_args()
-    BUDGET_S = args.budget_s
+    BUDGET_S = args.budget_s or (170.0 if args.candidates else BUDGET_S)
     if args.tiny:
         _tiny()
+    if args.candidates:
+        return main_candidates(args)
     rows: list[dict] = []
     ceil = {"fp8_matmul_tflops": float("nan")}
 
@@ -340,6 +509,24 @@ def main():
         c = limits.get(h)
         print(f"{name} = {c if c is not None else 'none measured (two-pass wins at the largest context)'}"
               f"   # H={h}: fused faster at every measured context >= this")
+
+
+def main_candidates(args):
+    rows: list[dict] = []
+    ceil = {"fp8_matmul_tflops": float("nan")}
+
+    def ceilings(rows):
+        ceil.update(measure_ceilings())
+        print("ceilings:", ceil, flush=True)
+
+    case(rows, "ceilings", 20, ceilings)
+    compare_candidates(rows, ceil)
+    write_results("indexer_candidates", {"meta": run_metadata(), "ceilings": ceil, "topk": TOPK, "rows": rows},
+                  [tempfile.gettempdir()] if args.tiny else None)
+    print(f"total {time.perf_counter() - T0:.0f} s")
+    cols = ["name", "H", "rows", "ms", "stage_s", "tflops", "frac_fp8_cublas", "fallback_rows", "mean_candidates",
+            "rows_differ", "exact", "same_as_default", "error", "skipped"]
+    print(table([dict(r, error=r["error"][:60]) if "error" in r else r for r in rows], cols))
 
 
 if __name__ == "__main__":

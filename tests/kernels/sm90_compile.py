@@ -1,6 +1,7 @@
 """Compile Triton kernels for Hopper (sm_90a) on a machine without a GPU, and read what ptxas says.
 
     python -m tests.kernels.sm90_compile        # a table of the production kernels' registers, spills, wgmma
+    python -m tests.kernels.sm90_compile --candidates   # the indexer candidates kernel and its append layout
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -31,7 +32,7 @@ def ptxas_path() -> str | None:
 
 
 def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_stages: int,
-                 div16: tuple[str, ...] = ()) -> dict:
+                 div16: tuple[str, ...] = (), ttgir: bool = False) -> dict:
     """Lower ``jit_fn`` for sm_90a. ``types``: Triton type per argument name ('*fp8e4nv', 'i32', ...; default
     'i32'); ``constexprs``: values of the constexpr arguments; ``div16``: argument names the launcher would see
     divisible by 16 (pointers are always added). Returns registers, spill bytes and instruction counts."""
@@ -51,8 +52,11 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
         os.unlink(f.name)
     regs = re.findall(r"Used (\d+) registers", r.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
-    return {"registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0,
-            "wgmma": ptx.count("wgmma.mma_async"), "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx))}
+    out = {"registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0,
+           "wgmma": ptx.count("wgmma.mma_async"), "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx))}
+    if ttgir:
+        out["ttgir"] = k.asm["ttgir"]
+    return out
 
 
 def production_kernels() -> list[tuple[str, dict]]:
@@ -115,6 +119,45 @@ def _prefill_glue_kernels() -> list[tuple[str, dict]]:
     return out
 
 
+def append_owner_lanes_ok(ttgir: str) -> bool:
+    """Whether the candidates kernel's inline-asm append sees its entries replicated exactly over lane bits 0-1:
+    the layout of its operands must be a slice, over the reduced head axis, of a linear layout whose first two
+    lane bases lie along that axis and whose other lane bases and warp bases do not (the asm lets the lane with
+    (lane & 3) == 0 append, once per entry)."""
+    m = re.search(r"tt\.elementwise_inline_asm \"[^\"]*atom\.relaxed[^\n]*?-> tensor<[^,]+, #ttg\.slice<\{dim = (\d+), "
+                  r"parent = (#linear\d*)\}>>", ttgir)
+    if not m:
+        return False
+    dim, name = int(m.group(1)), m.group(2)
+    d = re.search(re.escape(name) + r" = #ttg\.linear<\{register = .*?, lane = (\[.*?\]\]), warp = (\[.*?\]\])",
+                  ttgir)
+    if not d:
+        return False
+    lanes = [[int(x) for x in b.split(",")] for b in re.findall(r"\[([\d, ]+)\]", d.group(1))]
+    warps = [[int(x) for x in b.split(",")] for b in re.findall(r"\[([\d, ]+)\]", d.group(2))]
+    along = [all(v == 0 for i, v in enumerate(b) if i != dim) for b in lanes]
+    return len(lanes) == 5 and along[:2] == [True, True] and not any(along[2:]) and \
+        not any(all(v == 0 for i, v in enumerate(b) if i != dim) for b in warps)
+
+
+def candidates_kernels() -> list[tuple[str, dict]]:
+    """The fused indexer candidates kernel with atomic slots at its default configs (H=32 and 64), with the
+    check of ``append_owner_lanes_ok``."""
+    from indexcache.kernels.indexer import triton as ixt
+
+    types = {"q_ptr": "*fp8e4nv", "w_ptr": "*fp32", "k_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "rs_ptr": "*i32",
+             "re_ptr": "*i32", "thr_ptr": "*fp32", "cv_ptr": "*fp32", "cc_ptr": "*i32", "cnt_ptr": "*i32"}
+    out = []
+    for h in (32, 64):
+        cfg = ixt.candidates_config(h)
+        ce = {"H": h, "HP": h, "BQ": cfg["BQ"], "BKV": cfg["BKV"], "ASM": True}
+        r = compile_sm90(ixt._prefill_candidates_atomic_kernel, types, ce, num_warps=cfg["num_warps"],
+                         num_stages=cfg["num_stages"], ttgir=True)
+        r["owner_lanes_ok"] = append_owner_lanes_ok(r.pop("ttgir"))
+        out.append((f"indexer candidates atomic H={h}", r))
+    return out
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("sm90_compile: unset TRITON_INTERPRET (the kernels would be built as interpreter objects)")
@@ -122,6 +165,11 @@ def main() -> int:
     if ptxas_path() is None:
         print("sm90_compile: this Triton has no bundled ptxas")
         return 2
+    if "--candidates" in sys.argv[1:]:
+        for name, r in candidates_kernels():
+            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
+                  f"owner lanes ok {r['owner_lanes_ok']}", flush=True)
+        return 0
     for name, r in production_kernels():
         print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
               f"cp.async {r['cp_async']:3d}", flush=True)

@@ -379,7 +379,8 @@ def test_prefill_candidates_match_reference(h, device):
     thr[4] = logits[4, int(re[4]) - 1]                # a score of the row itself (>= keeps it)
     out = (poisoned((t, cap), torch.float32, device), poisoned((t, cap), torch.int32, device),
            poisoned((t, 2), torch.int32, device))
-    vals, cols, counts = indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=out)
+    vals, cols, counts = indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=out,
+                                                    config={"kernel": "scan"})  # the column-order kernel
     assert vals.data_ptr() == out[0].data_ptr()
     rv, rc, rn = prefill_candidates_ref(logits, thr, cap)
     assert torch.equal(counts.cpu(), rn.cpu())

@@ -25,3 +25,21 @@ def test_production_kernels_compile_for_sm90_without_spills():
         assert "spill bytes    0" in line, line
         if "fp8_grouped" in line:  # tensor-core MMAs fed by asynchronous copies, not registers
             assert "wgmma  0" not in line and "cp.async   0" not in line, line
+
+
+def test_indexer_candidates_kernel_compiles_and_append_sees_quad_replicas():
+    """The fused candidates kernel (atomic slots) compiles without spills, and its inline-asm append gets its
+    entries in the layout it assumes (replicated over lane bits 0-1 only): otherwise it would append an entry
+    more than once or drop it."""
+    from tests.kernels.sm90_compile import ptxas_path
+
+    if ptxas_path() is None:
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "--candidates"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if "registers" in line]
+    assert len(lines) == 2, r.stdout
+    for line in lines:
+        assert "spill bytes    0" in line and "owner lanes ok True" in line, line

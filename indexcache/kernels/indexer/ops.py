@@ -42,11 +42,14 @@ def indexer_logits(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, co
 
 def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cap: int, *, out=None,
                                config: dict | None = None):
-    """The fused filter of the prefill top-k: per row, the valid scores >= thr[row] of its window in column order.
+    """The fused filter of the prefill top-k: per row, the valid scores >= thr[row] of its window.
 
-    Returns (values [T,cap] fp32, columns [T,cap] int32, counts [T,2] int32): the first ``cap`` candidates (entries
-    past the kept count are unspecified), counts = (all candidates, valid scores in the window). ``out``: the
-    three buffers to write into. Scores are those of ``indexer_logits`` (same tile code: bit-identical on GPU).
+    Returns (values [T,cap] fp32, columns [T,cap] int32, counts [T,2] int32): min(count, cap) candidates (entries
+    past the kept count are unspecified), counts = (all candidates, valid scores in the window). Which candidates
+    fill an overflowing list, and their order, depend on the kernel: the default ("atomic") keeps them in no
+    particular order, ``config={"kernel": "scan"}`` keeps the first ``cap`` in column order (as the PyTorch
+    path does). ``out``: the three buffers to write into. Scores are those of ``indexer_logits`` (same tile
+    code: bit-identical on GPU).
     """
     t, _, _ = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if tuple(thr.shape) != (t,) or thr.dtype != torch.float32:
@@ -208,7 +211,7 @@ def indexer_topk_prefill_two_pass(q_fp8, w, k_fp8, k_scale, row_start, row_end, 
 
 # ------------------------------------------------------------------------------------------ fused prefill top-k
 # Per row: a threshold T from a sample of the row's scores (every SAMPLE_STRIDE-th key, jittered), then ONE fused
-# pass keeps the scores >= T (candidates, in column order) and an exact top-k among them. Exact whenever the row
+# pass keeps the scores >= T (candidates) and an exact top-k among them (ties by column). Exact whenever the row
 # has at least min(topk, valid) candidates and at most CAP of them (every top-k score is then >= T); other rows
 # (a sample that missed, thousands of ties at T) are redone by the two-pass path.
 SAMPLE_STRIDE = 32
@@ -263,13 +266,14 @@ def _take_rows(x, idx):
 
 def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
                                workspace_bytes: int = 2 << 30, topk_fn=None, out=None, sample_stride: int | None = None,
-                               cap: int | None = None, stats: dict | None = None):
+                               cap: int | None = None, stats: dict | None = None, config: dict | None = None):
     """``indexer_topk_prefill`` by the fused logits + candidate filter (see the comment above ``SAMPLE_STRIDE``).
 
     Budget: the candidate lists of an outer chunk of rows take 1/2 of the workspace (large chunks keep the
     fused kernel's grid many waves deep); the sample logits + threshold select and the final select run in
     sub-chunks of 1/4 each. ``sample_stride`` / ``cap`` override ``fused_params`` (tests); ``stats`` receives
-    the counters (fallback rows, mean candidates per row, chunks, thresholds)."""
+    the counters (fallback rows, mean candidates per row, chunks, thresholds); ``config`` overrides the
+    candidates kernel's launch parameters (keys of ``triton.candidates_config``)."""
     topk_fn, out, rs_all, re_all = _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, out)
     t, s = q_fp8.shape[0], k_fp8.shape[0]
     dev = q_fp8.device
@@ -310,12 +314,12 @@ def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, top
         n = r1 - r0
         cv, cc, cnt = indexer_prefill_candidates(q_fp8[r0:r1], w[r0:r1], k_fp8, k_scale, rs_all[r0:r1],
                                                  re_all[r0:r1], thr[r0:r1], cap,
-                                                 out=(cand_val[:n], cand_col[:n], counts[:n]))
+                                                 out=(cand_val[:n], cand_col[:n], counts[:n]), config=config)
         for a in range(0, n, inner):
             b = min(n, a + inner)
             kept = cnt[a:b, 0].clamp(max=cap)
             pos = topk_fn(cv[a:b], topk, row_start=torch.zeros_like(kept), row_end=kept)
-            out[r0 + a:r0 + b] = torch.where(pos >= 0, torch.gather(cc[a:b], 1, pos.clamp(min=0).long()), -1)
+            out[r0 + a:r0 + b] = _select_by_column(cv[a:b], cc[a:b], kept, pos)
         # exact iff the list holds every candidate and at least min(topk, valid) of them
         bad[r0:r1] = (cnt[:, 0] > cap) | (cnt[:, 0] < cnt[:, 1].clamp(max=topk))
         if stats is not None:
@@ -331,6 +335,32 @@ def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, top
                      chunks=-(-t // outer), sample_chunks=len(sample_chunks),
                      mean_candidates=float(found.float().mean()) if t else 0.0)
     return out
+
+
+def _select_by_column(cv, cc, kept, pos):
+    """Columns of the candidates at list positions ``pos`` (a top-k of cv[:, :kept], -1 padded), with ties at the
+    k-th value broken by the lower column instead of the lower list position (the lists need not be in column
+    order). Rows whose k-th value has tied candidates left out of the selection (found with one pass over the
+    lists; rare unless keys repeat) get their tied picks replaced by the lowest tied columns."""
+    got = pos >= 0
+    p = pos.clamp(min=0).long()
+    v = torch.gather(cv, 1, p)
+    cols = torch.where(got, torch.gather(cc, 1, p), -1)
+    vk = torch.where(got, v, float("inf")).amin(1, keepdim=True)  # the k-th value (+inf: nothing selected)
+    in_list = torch.arange(cv.shape[1], device=cv.device)[None, :] < kept[:, None]
+    tied = (cv == vk) & in_list
+    picked = (got & (v == vk)).sum(1)
+    amb = (tied.sum(1) > picked).nonzero().flatten()
+    if amb.numel() == 0:
+        return cols
+    k = pos.shape[1]
+    low = torch.where(tied[amb], cc[amb], torch.iinfo(torch.int32).max).sort(1).values[:, :k]  # lowest first
+    j = torch.arange(low.shape[1], device=cv.device)[None, :]
+    above = torch.where(got[amb] & (v[amb] > vk[amb]), cols[amb], -1)
+    both = torch.cat([above, torch.where(j < picked[amb, None], low, -1)], 1)
+    first = torch.argsort((both < 0).to(torch.int8), dim=1, stable=True)[:, :k]  # the picks, then -1 padding
+    cols[amb] = torch.gather(both, 1, first)
+    return cols
 
 
 def selection_slot_bytes(topk_fn, topk: int, n: int) -> int:

@@ -7,10 +7,11 @@ rounded up to a power of two, padded heads get zero weight) and walks the key ti
     acc -> [BKV, BQ, HP] -> relu -> * w -> sum over heads -> * k_scale -> mask -> store [BQ, BKV]
 Key tiles outside the block's window are filled with -inf without any compute.
 
-Fused prefill top-k (``_prefill_candidates_kernel``): the same scores, but instead of storing [BQ, BKV] each tile
-appends the scores >= a per-row threshold (with their columns, in column order) to the row's candidate list;
-``ops`` picks the threshold from a sample, selects exactly among the candidates and reruns the rows whose list
-overflowed or fell short through the two-pass path.
+Fused prefill top-k (``_prefill_candidates_atomic_kernel``, default; ``_prefill_candidates_kernel`` keeps column
+order): the same scores, but instead of storing [BQ, BKV] each tile appends the scores >= a per-row threshold
+(with their columns) to the row's candidate list; ``ops`` picks the threshold from a sample, selects exactly
+among the candidates (ties by column) and reruns the rows whose list overflowed or fell short through the
+two-pass path.
 """
 from __future__ import annotations
 
@@ -57,13 +58,16 @@ def _load_block_q(q_ptr, w_ptr, q0, T, H: tl.constexpr, HP: tl.constexpr, BQ: tl
 
 
 @triton.jit
-def _tile_scores(k_ptr, ks_ptr, offs_s, smask, qt, w3, BQ: tl.constexpr, HP: tl.constexpr, BKV: tl.constexpr):
+def _tile_scores(k_ptr, ks_ptr, offs_s, S, qt, w3, BQ: tl.constexpr, HP: tl.constexpr, BKV: tl.constexpr):
     """Scores [BKV, BQ] of one key tile: k_scale * sum_h w * relu(k . q_h). Every prefill kernel scores through
     this one function, so their scores are bit-identical."""
     D: tl.constexpr = _D
     offs_d = tl.arange(0, D)
-    k = tl.load(k_ptr + offs_s[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    ks = tl.load(ks_ptr + offs_s, mask=smask, other=0.0)
+    # keys past S (the last tile) read key S-1 instead of being masked: no per-row predicates on the copies;
+    # every caller masks those columns out (they lie past every window)
+    offs_c = tl.minimum(offs_s, S - 1)
+    k = tl.load(k_ptr + offs_c[:, None] * D + offs_d[None, :])
+    ks = tl.load(ks_ptr + offs_c)
     acc = tl.dot(k, qt)  # [BKV, BQ*HP]
     acc = tl.reshape(acc, [BKV, BQ, HP])
     lg = tl.sum(tl.maximum(acc, 0.0) * w3[None, :, :], axis=2)  # [BKV, BQ]
@@ -91,7 +95,7 @@ def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
     for s0 in range(lo_t, hi, BKV):
         offs_s = s0 + offs_kv
         smask = offs_s < S
-        lg = tl.trans(_tile_scores(k_ptr, ks_ptr, offs_s, smask, qt, w3, BQ, HP, BKV))  # [BQ, BKV]
+        lg = tl.trans(_tile_scores(k_ptr, ks_ptr, offs_s, S, qt, w3, BQ, HP, BKV))  # [BQ, BKV]
         ok = (offs_s[None, :] >= rs[:, None]) & (offs_s[None, :] < re[:, None])
         lg = tl.where(ok, lg, float("-inf"))
         tl.store(out_rows + offs_s[None, :], lg, mask=rmask[:, None] & smask[None, :])
@@ -121,8 +125,7 @@ def _prefill_candidates_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, thr_
     nv = tl.zeros([BQ], tl.int32)
     for s0 in range(lo_t, hi, BKV):
         offs_s = s0 + offs_kv
-        smask = offs_s < S
-        lg = _tile_scores(k_ptr, ks_ptr, offs_s, smask, qt, w3, BQ, HP, BKV)  # [BKV, BQ]
+        lg = _tile_scores(k_ptr, ks_ptr, offs_s, S, qt, w3, BQ, HP, BKV)  # [BKV, BQ]
         ok = (offs_s[:, None] >= rs[None, :]) & (offs_s[:, None] < re[None, :])
         valid = ok & (lg == lg) & (lg != float("-inf"))
         take = (valid & (lg >= thr[None, :])).to(tl.int32)
@@ -140,6 +143,117 @@ def _prefill_candidates_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, thr_
     tl.store(cnt_ptr + rows.to(tl.int64) * 2 + 1, nv, mask=rmask)
 
 
+_FMAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+
+
+def _append_asm() -> str:
+    """PTX of ``_append`` for 4 entries (operands: 4 outputs, then lg, thr, col, row, ctr, cap, cv, cc, 4 each)."""
+    op = lambda k, e: f"${4 + 4 * k + e}"  # noqa: E731 - operand k of entry e
+    lines = ["{", ".reg .pred p<4>, pa, own;", ".reg .u32 l, o;", ".reg .u64 a, b;"]
+    lines += [f"setp.ge.f32 p{e}, {op(0, e)}, {op(1, e)};" for e in range(4)]
+    lines += [f"selp.u32 ${e}, 1, 0, p{e};" for e in range(4)]
+    lines += ["or.pred pa, p0, p1;", "or.pred pa, pa, p2;", "or.pred pa, pa, p3;", "@!pa bra DONE;",
+              "mov.u32 l, %laneid;", "and.b32 l, l, 3;", "setp.eq.u32 own, l, 0;"]
+    for e in range(4):
+        p = f"p{e}"
+        lines += [f"and.pred {p}, {p}, own;",
+                  f"@{p} atom.relaxed.cta.global.add.u32 o, [{op(4, e)}], 1;",
+                  f"@{p} setp.lt.u32 {p}, o, {op(5, e)};",
+                  f"@{p} mul.wide.u32 a, {op(3, e)}, {op(5, e)};",
+                  f"@{p} cvt.u64.u32 b, o;",
+                  f"@{p} add.u64 a, a, b;",
+                  f"@{p} shl.b64 a, a, 2;",
+                  f"@{p} add.u64 b, a, {op(6, e)};",
+                  f"@{p} st.global.f32 [b], {op(0, e)};",
+                  f"@{p} add.u64 b, a, {op(7, e)};",
+                  f"@{p} st.global.b32 [b], {op(2, e)};"]
+    lines += ["DONE:", "}"]
+    return "\n".join(lines)
+
+
+_APPEND_ASM: tl.constexpr = tl.constexpr(_append_asm())
+_APPEND_CONSTRAINTS: tl.constexpr = tl.constexpr(",".join(["=r"] * 4 + ["f"] * 8 + ["r"] * 8 + ["l"] * 4 + ["r"] * 4
+                                                          + ["l"] * 8))
+
+
+@triton.jit
+def _append(ctr, cv_ptr, cc_ptr, row, cap, lg, thr, col, ASM: tl.constexpr):
+    """Append the entries lg >= thr to their row's list: slot = atomic increment of the row's counter ctr;
+    value and column stored where slot < cap. Returns (lg >= thr) as int32.
+    ASM (compiled code): lg comes from the head reduction, whose result every quad of lanes holds 4 times (the
+    MMA columns, i.e. the heads, sit on lane bits 0-1), so the lane with (lane & 3) == 0 appends. Four entries
+    per asm block and a branch over the whole append when none passes: a tile without candidates costs one
+    compare per entry. (Triton's own atomic and stores would move every entry through shared memory first.)"""
+    if ASM:
+        z64 = tl.zeros(lg.shape, tl.int64)
+        return tl.inline_asm_elementwise(
+            _APPEND_ASM, _APPEND_CONSTRAINTS,
+            [lg, thr, col, row, ctr.to(tl.int64, bitcast=True), cap + tl.zeros(lg.shape, tl.int32),
+             (cv_ptr + z64).to(tl.int64, bitcast=True), (cc_ptr + z64).to(tl.int64, bitcast=True)],
+            dtype=tl.int32, is_pure=False, pack=4)
+    take = lg >= thr
+    slot = tl.atomic_add(ctr, tl.full(lg.shape, 1, tl.int32), mask=take, sem="relaxed", scope="cta")
+    keep = take & (slot < cap)
+    dst = row.to(tl.int64) * cap + slot
+    tl.store(cv_ptr + dst, lg, mask=keep)
+    tl.store(cc_ptr + dst, col, mask=keep)
+    return take.to(tl.int32)
+
+
+@triton.jit(do_not_specialize=["T", "S", "cap"])
+def _prefill_candidates_atomic_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, thr_ptr, cv_ptr, cc_ptr, cnt_ptr,
+                                      T, S, cap,
+                                      H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr,
+                                      ASM: tl.constexpr):
+    """``_prefill_candidates_kernel``'s lists and counts (same scores), but in no particular order within a row:
+    each candidate takes its slot by a relaxed atomic increment of cnt[row, 0] (zeroed by the launcher), so a
+    tile needs no scan and no cross-warp step. Tiles inside every live row's window ("inner") skip the window
+    test: the threshold test alone rejects NaN and -inf (a -inf threshold becomes -FLT_MAX), and their valid
+    count is the key count when the running sum of their scores stays finite (it does iff every score is
+    finite; otherwise a second pass counts them). Edge tiles mask the window and count one by one."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    q0 = pid * BQ
+    rows, rmask, rs, re, lo_t, hi = _block_windows(rs_ptr, re_ptr, q0, T, S, BQ, BKV)
+    live = rmask & (re > rs)
+    thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
+    thr = tl.where(live, tl.maximum(thr, -_FMAX), float("nan"))  # NaN: an empty row takes nothing
+    in_lo = tl.max(tl.where(live, rs, 0), axis=0)  # tiles within [in_lo, in_hi) are inside every live window
+    in_hi = tl.min(tl.where(live, re, S), axis=0)
+    offs_kv = tl.arange(0, BKV)
+    qt, w3 = _load_block_q(q_ptr, w_ptr, q0, T, H, HP, BQ)
+    zero = tl.zeros([BKV, BQ], tl.int32)
+    ctr = cnt_ptr + (rows.to(tl.int64) * 2)[None, :] + zero
+    row2 = rows[None, :] + zero
+    thr2 = thr[None, :] + tl.zeros([BKV, BQ], tl.float32)
+    nv = tl.zeros([BKV, BQ], tl.int32)  # valid scores of the edge tiles
+    chk = tl.zeros([BKV, BQ], tl.float32)  # sum of the inner tiles' scores
+    n_in = 0
+    for s0 in range(lo_t, hi, BKV):
+        offs_s = s0 + offs_kv
+        lg = _tile_scores(k_ptr, ks_ptr, offs_s, S, qt, w3, BQ, HP, BKV)  # [BKV, BQ]
+        if (s0 < in_lo) | (s0 + BKV > in_hi):
+            ok = (offs_s[:, None] >= rs[None, :]) & (offs_s[:, None] < re[None, :])
+            lg = tl.where(ok, lg, float("nan"))
+            nv += (lg >= -_FMAX).to(tl.int32)
+        else:
+            chk += lg
+            n_in += BKV
+        _append(ctr, cv_ptr, cc_ptr, row2, cap, lg, thr2, offs_s[:, None] + zero, ASM)
+    nv = tl.sum(nv, axis=0)
+    fin = tl.sum((tl.abs(chk) <= _FMAX).to(tl.int32), axis=0) == BKV
+    if tl.sum((live & ~fin).to(tl.int32), axis=0) == 0:
+        nv += n_in
+    else:  # a NaN or infinite score in some inner tile (or a sum past FLT_MAX): count them one by one
+        nvi = tl.zeros([BKV, BQ], tl.int32)
+        for s0 in range(lo_t, hi, BKV):
+            if (s0 >= in_lo) & (s0 + BKV <= in_hi):
+                offs_s = s0 + offs_kv
+                lg = _tile_scores(k_ptr, ks_ptr, offs_s, S, qt, w3, BQ, HP, BKV)
+                nvi += (lg >= -_FMAX).to(tl.int32)
+        nv += tl.sum(nvi, axis=0)
+    tl.store(cnt_ptr + rows.to(tl.int64) * 2 + 1, tl.where(live, nv, 0), mask=rmask)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -155,14 +269,14 @@ def prefill_config(h: int) -> dict:
 
 
 def candidates_config(h: int) -> dict:
-    """Launch parameters of the fused candidates kernel: N = BQ*HP = 128 MMA columns, 128-key tiles, 4 warps.
-    H=32 on H200 (200K causal, 8192 rows): BQ=4/BKV=128/4 warps 28.3 ms against 35.1 ms for the logits kernel's
-    N=256/BKV=64 (the candidate epilogue, a cumsum over the key axis and two scattered stores per tile, favours
-    fewer rows per program). H>32 uses the same N=128 shape (BQ=2 at H=64); benchmarks/indexer_fused.py sweeps it."""
+    """Launch parameters of the fused candidates kernel: N = BQ*HP = 128 MMA columns, 128-key tiles, 4 warps
+    (H>32: the same N=128 shape, BQ=2 at H=64; benchmarks/indexer_fused.py sweeps them). ``kernel``: "atomic"
+    (``_prefill_candidates_atomic_kernel``, lists in no particular order) or "scan" (``_prefill_candidates_kernel``,
+    lists in column order; a per-tile cumsum over [BKV, BQ] and scattered stores through shared memory)."""
     hp = max(16, _pow2(h))
     if interpreting():
-        return dict(BQ=max(1, 128 // hp), BKV=64, num_warps=4, num_stages=1)
-    return dict(BQ=max(1, 128 // hp), BKV=128, num_warps=4, num_stages=3)
+        return dict(BQ=max(1, 128 // hp), BKV=64, num_warps=4, num_stages=1, kernel="atomic")
+    return dict(BQ=max(1, 128 // hp), BKV=128, num_warps=4, num_stages=3, kernel="atomic")
 
 
 def indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config=None):
@@ -186,18 +300,25 @@ def indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=N
 
 def indexer_candidates_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cand_val, cand_col, counts,
                               *, config=None):
-    """Launch ``_prefill_candidates_kernel``: cand_val [T,cap] fp32, cand_col [T,cap] int32, counts [T,2] int32."""
+    """Launch the fused candidates kernel (``candidates_config``'s ``kernel``): cand_val [T,cap] fp32, cand_col
+    [T,cap] int32, counts [T,2] int32."""
     t, h, _ = q_fp8.shape
     s = k_fp8.shape[0]
     cfg = dict(candidates_config(h), **(config or {}))
     hp = max(16, _pow2(h))
+    if cfg["kernel"] not in ("atomic", "scan"):
+        raise ValueError(f"indexer_candidates: config kernel must be 'atomic' or 'scan', got {cfg['kernel']!r}")
     if t == 0:
         return
     grid = (triton.cdiv(t, cfg["BQ"]),)
-    _prefill_candidates_kernel[grid](
-        q_fp8.contiguous(), w.contiguous(), k_fp8.contiguous(), k_scale.contiguous(), row_start.contiguous(),
-        row_end.contiguous(), thr.contiguous(), cand_val, cand_col, counts, t, s, cand_val.shape[1],
-        H=h, HP=hp, BQ=cfg["BQ"], BKV=cfg["BKV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    args = (q_fp8.contiguous(), w.contiguous(), k_fp8.contiguous(), k_scale.contiguous(), row_start.contiguous(),
+            row_end.contiguous(), thr.contiguous(), cand_val, cand_col, counts, t, s, cand_val.shape[1])
+    meta = dict(H=h, HP=hp, BQ=cfg["BQ"], BKV=cfg["BKV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg["kernel"] == "scan":
+        _prefill_candidates_kernel[grid](*args, **meta)
+        return
+    counts[:, 0].zero_()  # the slot counters
+    _prefill_candidates_atomic_kernel[grid](*args, ASM=not interpreting(), **meta)
 
 
 @triton.jit(do_not_specialize=["max_len", "bt_stride", "max_pages"])
