@@ -170,7 +170,8 @@ def test_gpu_quantize_indexer_q_bf16_bit_exact():
     from indexcache.kernels.indexer.triton import quantize_rows_triton
 
     t, h = 4099, 32
-    q = (torch.randn(t, h, 128, device="cuda") * torch.exp2(torch.randint(-12, 12, (t, h, 1), device="cuda"))).bfloat16()
+    mag = torch.exp2(torch.randint(-12, 12, (t, h, 1), device="cuda").float())
+    q = (torch.randn(t, h, 128, device="cuda") * mag).bfloat16()
     q[3, 4] = 0
     q[5, 6] = 3e38
     w = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)

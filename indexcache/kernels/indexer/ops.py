@@ -1,4 +1,5 @@
-"""Lightning indexer dispatch and planning: q / k quantisation, logits (prefill and paged decode), bounded-memory prefill top-k.
+"""Lightning indexer dispatch and planning: q / k quantisation, logits (prefill and paged decode), bounded-memory
+prefill top-k.
 
 Public functions dispatch to Triton for CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) and to the PyTorch
 references in ``reference.py`` otherwise. Top-k selection uses ``indexcache.kernels.topk.topk_rows`` when it
