@@ -114,11 +114,11 @@ def _prefill_glue_kernels() -> list[tuple[str, dict]]:
     ce = {"HALF": 32, "BT": 1, "BH": 32, "BP": 32, "INTERLEAVED": True}
     out.append(("rope 20 heads x 64", compile_sm90(_rope_kernel, types, ce, div16=strides, num_warps=4,
                                                    num_stages=1)))
-    from indexcache.kernels.indexer.triton import QUANT_ROWS, _quantize_rows_kernel
+    from indexcache.kernels.indexer.triton import QUANT_ROWS, _indexer_quantize_kernel
 
     types = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "w_ptr": "*bf16", "fold": "fp32"}
     ce = {"BR": QUANT_ROWS, "FOLD": True, "EMULATE": False}
-    out.append(("indexer q quantise + fold", compile_sm90(_quantize_rows_kernel, types, ce, div16=("stride_x",),
+    out.append(("indexer q quantise + fold", compile_sm90(_indexer_quantize_kernel, types, ce, div16=("stride_x",),
                                                           num_warps=4, num_stages=1)))
     return out
 

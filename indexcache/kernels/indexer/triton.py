@@ -12,7 +12,7 @@ appends the scores >= a per-row threshold (with their columns, in column order) 
 ``ops`` picks the threshold from a sample, selects exactly among the candidates and reruns the rows whose list
 overflowed or fell short through the two-pass path.
 
-Quantisation (``_quantize_rows_kernel``): rows of 128 (queries, keys) to e4m3 + power-of-two scale in one pass,
+Quantisation (``_indexer_quantize_kernel``): rows of 128 (queries, keys) to e4m3 + power-of-two scale in one pass,
 optionally folding the query scale into the indexer weights.
 """
 from __future__ import annotations
@@ -266,8 +266,8 @@ def indexer_logits_decode_triton(q_fp8, w, kv_cache, block_table, context_lens, 
 # The scale and e4m3 rounding are the cache-write kernel's (one rounding for the keys in the cache and the queries
 # scored against them): bit-identical to ``formats.quantize_rows``, as x * 2^-e equals x / 2^e exactly.
 @triton.jit(do_not_specialize=["R", "stride_x"])  # rows vary with every chunk and decode batch
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, w_ptr, R, stride_x, fold,
-                          BR: tl.constexpr, FOLD: tl.constexpr, EMULATE: tl.constexpr):
+def _indexer_quantize_kernel(x_ptr, q_ptr, s_ptr, w_ptr, R, stride_x, fold,
+                             BR: tl.constexpr, FOLD: tl.constexpr, EMULATE: tl.constexpr):
     """BR rows of 128 -> their e4m3 bits and per row the power-of-two scale, or with FOLD the folded indexer
     weight (w * scale) * fold (the reference's order of products)."""
     D: tl.constexpr = _D
@@ -309,7 +309,7 @@ def quantize_rows_triton(x, weights=None, fold: float = 1.0, *, out=None):
         return out
     fold_w = weights is not None
     w = weights.reshape(-1) if fold_w else s
-    _quantize_rows_kernel[(triton.cdiv(r, QUANT_ROWS),)](
+    _indexer_quantize_kernel[(triton.cdiv(r, QUANT_ROWS),)](
         x2, q8.view(torch.uint8), s, w, r, x2.stride(0), float(fold), BR=QUANT_ROWS, FOLD=fold_w,
         EMULATE=interpreting(), num_warps=4)
     return out
