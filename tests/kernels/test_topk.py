@@ -265,21 +265,40 @@ def test_shape_changes_do_not_recompile(device):
         assert c - base.get(n, 0) <= 1, (n, base, after)
 
 
+def long_hard_rows(dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """8 rows of 200K on the GPU with row ends (ragged: shorter than k, exactly k, ...): row 6 all ties, row 7
+    clustered maxima. Returns (x, ends int32)."""
+    R, N = 8, 200_000
+    x = torch.randn(R, N, device="cuda").to(dtype)
+    ends = torch.tensor([N, N - 7, 150_001, 2047, 2048, 3000, N, 100_000], dtype=torch.int32, device="cuda")
+    x[6, :] = 0.25                                 # all ties
+    x[7, 50_000:52_500] = 1e4                      # clustered maxima
+    return x, ends
+
+
+def hard_rows(R: int, N: int, device) -> torch.Tensor:
+    """R >= 5 random rows of N, rows 1-4 hard: N/3 equal maxima at every third column (the lowest columns win),
+    NaN, -0.0 next to +0.0, a row of -inf with 10 valid entries (padding), few distinct values (heavy ties at the
+    threshold)."""
+    x = torch.randn(R, N, device=device) * 3
+    x[1] = torch.randn(N, device=device)
+    x[1, ::3] = 5.0
+    x[2, 100:200] = float("nan")
+    x[2, 300] = -0.0
+    x[2, 301] = 0.0
+    x[3] = float("-inf")
+    x[3, 1500:1510] = 0.5
+    x[4] = (torch.randn(N, device=device) * 2).round()
+    return x
+
+
 def test_prefill_path_ragged_ties_padding(device):
     """One-pass prefill path: windows (incl. empty and shorter than k) on rows with ties, NaN / -inf, -0.0; with
     the default CAP (sampled rows) and a small one (more rows bad: whole-row select)."""
     path = "one"
     torch.manual_seed(11)
     R, N, k = 6, 5000, 100
-    x = torch.randn(R, N, device=device) * 3
-    x[1] = torch.randn(N, device=device)
-    x[1, ::3] = 5.0                                   # 1667 equal maxima: the first k of them
-    x[2, 100:200] = float("nan")
-    x[2, 300] = -0.0
-    x[2, 301] = 0.0
-    x[3] = float("-inf")
-    x[3, 1500:1510] = 0.5
-    x[4] = (torch.randn(N, device=device) * 2).round()  # few distinct values, heavy ties at the threshold
+    x = hard_rows(R, N, device)
     start = torch.tensor([0, 0, 17, 0, 1000, 2990], dtype=torch.int32, device=device)
     end = torch.tensor([N, N, 4000, N, 1000, 3001], dtype=torch.int32, device=device)
     for cap in (None, 256):
@@ -368,11 +387,8 @@ def test_sorted_flag_prefill_path(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_long_rows(dtype):
     torch.manual_seed(6)
-    R, N, k = 8, 200_000, 2048
-    x = torch.randn(R, N, device="cuda").to(dtype)
-    ends = torch.tensor([N, N - 7, 150_001, 2047, 2048, 3000, N, 100_000], dtype=torch.int32, device="cuda")
-    x[6, :] = 0.25                                 # all ties
-    x[7, 50_000:52_500] = 1e4                      # clustered maxima
+    x, ends = long_hard_rows(dtype)
+    (R, N), k = x.shape, 2048
     for path in ("scan", "one"):
         _check(x, k, row_end=ends, _path=path)
     _check(torch.randn(300, 70_000, device="cuda").to(dtype), k)

@@ -6,6 +6,7 @@ import torch
 from indexcache.kernels.topk import (DecodeTopkWorkspace, plan_decode_launches, topk_rows, topk_rows_decode,
                                      topk_rows_reference)
 from tests.helpers import poisoned
+from tests.kernels.test_topk import long_hard_rows
 
 
 @pytest.fixture(autouse=True)
@@ -223,11 +224,8 @@ def test_bad_arguments():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_long_rows_graph_replay(dtype):
     torch.manual_seed(8)
-    R, N, k = 8, 200_000, 2048
-    x = torch.randn(R, N, device="cuda").to(dtype)
-    ends = torch.tensor([N, N - 7, 150_001, 2047, 2048, 3000, N, 100_000], dtype=torch.int32, device="cuda")
-    x[6, :] = 0.25                                 # all ties
-    x[7, 50_000:52_500] = 1e4                      # clustered maxima
+    x, ends = long_hard_rows(dtype)
+    (R, N), k = x.shape, 2048
     x[5, :] = (x[5, :].float() * 4).round().to(dtype)   # thousands of ties at the threshold
     ws = DecodeTopkWorkspace.new(R, N, "cuda")
     _check(x, k, ws, row_end=ends)

@@ -7,7 +7,7 @@ import torch
 from indexcache.kernels._dispatch import use_triton
 from indexcache.kernels.topk import bracket_stats, plan_launches, topk_rows, topk_rows_reference
 from tests.helpers import poisoned
-from tests.kernels.test_topk import _check, _variant_key
+from tests.kernels.test_topk import _check, _variant_key, hard_rows, long_hard_rows
 
 
 @pytest.fixture(autouse=True)
@@ -51,15 +51,7 @@ def test_ties_nan_inf_and_padding(device):
     -0.0 == +0.0, a row of -inf with a few valid entries (padding), with and without the sample."""
     torch.manual_seed(22)
     R, N, k = 6, 2500, 100
-    x = torch.randn(R, N, device=device) * 3
-    x[1] = torch.randn(N, device=device)
-    x[1, ::3] = 5.0                                     # 834 equal maxima: the first k of them
-    x[2, 100:200] = float("nan")
-    x[2, 300] = -0.0
-    x[2, 301] = 0.0
-    x[3] = float("-inf")
-    x[3, 1500:1510] = 0.5
-    x[4] = (torch.randn(N, device=device) * 2).round()  # a handful of values: heavy ties at the threshold
+    x = hard_rows(R, N, device)                         # row 1: 834 equal maxima, the first k of them
     x[5] = float("nan")
     x[5, 7:2000:13] = torch.randn(154, device=device)  # fewer valid entries than the sample expects
     for cap in (None, 256):
@@ -123,11 +115,8 @@ def test_one_launch_and_no_recompiles(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_one_pass_long_rows(dtype):
     torch.manual_seed(26)
-    R, N, k = 8, 200_000, 2048
-    x = torch.randn(R, N, device="cuda").to(dtype)
-    ends = torch.tensor([N, N - 7, 150_001, 2047, 2048, 3000, N, 100_000], dtype=torch.int32, device="cuda")
-    x[6, :] = 0.25                                 # all ties
-    x[7, 50_000:52_500] = 1e4                      # clustered maxima
+    x, ends = long_hard_rows(dtype)
+    (R, N), k = x.shape, 2048
     _check(x, k, row_end=ends, _path="one")
     y = torch.randn(300, 70_001, device="cuda").to(dtype)
     _check(y, k, _path="one", row_start=torch.randint(0, 9, (300,), dtype=torch.int32, device="cuda"))
