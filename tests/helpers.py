@@ -11,3 +11,13 @@ def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device).to(dtype)
     fill = -7777 if torch.iinfo(dtype).min < 0 and torch.iinfo(dtype).bits >= 16 else torch.iinfo(dtype).max
     return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def poison_torch_empty(monkeypatch):
+    """Make ``torch.empty`` return ``poisoned`` buffers (for the test's duration), so any element a kernel leaves
+    unwritten in its outputs or scratch shows up."""
+    def empty(*shape, dtype=None, device=None, **kw):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        return poisoned(shape, dtype or torch.get_default_dtype(), device or "cpu")
+
+    monkeypatch.setattr(torch, "empty", empty)

@@ -7,21 +7,13 @@ from indexcache.kernels.sparse_mla import (dequant_latent_fp8_reference, quantiz
                                            sparse_mla_decode_workspace_bytes, sparse_mla_prefill,
                                            sparse_mla_prefill_reference)
 from indexcache.kernels.topk import topk_rows_reference
-from tests.helpers import poisoned
+from tests.helpers import poison_torch_empty
 
 
 @pytest.fixture(autouse=True)
 def _poison_empty(monkeypatch):
     """Every buffer the kernels allocate starts as NaN (-7777 for ints), so unwritten outputs show up."""
-    real = torch.empty
-
-    def empty(*shape, dtype=None, device=None, **kw):
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        return poisoned(shape, dtype or torch.get_default_dtype(), device or "cpu")
-
-    monkeypatch.setattr(torch, "empty", empty)
-    yield
-    monkeypatch.setattr(torch, "empty", real)
+    poison_torch_empty(monkeypatch)
 
 
 def _rel(a, b):

@@ -8,17 +8,13 @@ from indexcache.kernels._dispatch import use_triton
 from indexcache.kernels.topk import (bracket_stats, plan_launches, scratch_bytes_per_row, topk_rows,
                                      topk_rows_reference)
 from indexcache.kernels.topk.ops import _SMALL_R
-from tests.helpers import poisoned
+from tests.helpers import poison_torch_empty
 
 
 @pytest.fixture(autouse=True)
 def _poison_empty(monkeypatch):
     """Every buffer the kernels allocate (output, state, scratch) starts as NaN / -7777."""
-    def empty(*shape, dtype=None, device=None, **kw):
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        return poisoned(shape, dtype or torch.get_default_dtype(), device or "cpu")
-
-    monkeypatch.setattr(torch, "empty", empty)
+    poison_torch_empty(monkeypatch)
 
 
 def _sets_equal(out, ref):

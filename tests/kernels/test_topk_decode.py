@@ -5,18 +5,14 @@ import torch
 
 from indexcache.kernels.topk import (DecodeTopkWorkspace, plan_decode_launches, topk_rows, topk_rows_decode,
                                      topk_rows_reference)
-from tests.helpers import poisoned
+from tests.helpers import poison_torch_empty
 from tests.kernels.test_topk import long_hard_rows
 
 
 @pytest.fixture(autouse=True)
 def _poison_empty(monkeypatch):
     """Every buffer the kernels allocate with torch.empty (output, state, lists) starts as NaN / -7777."""
-    def empty(*shape, dtype=None, device=None, **kw):
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        return poisoned(shape, dtype or torch.get_default_dtype(), device or "cpu")
-
-    monkeypatch.setattr(torch, "empty", empty)
+    poison_torch_empty(monkeypatch)
 
 
 def _check(x, k, ws=None, **kw):

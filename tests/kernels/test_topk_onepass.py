@@ -6,18 +6,14 @@ import torch
 
 from indexcache.kernels._dispatch import use_triton
 from indexcache.kernels.topk import bracket_stats, plan_launches, topk_rows, topk_rows_reference
-from tests.helpers import poisoned
+from tests.helpers import poison_torch_empty
 from tests.kernels.test_topk import _check, _variant_key, hard_rows, long_hard_rows
 
 
 @pytest.fixture(autouse=True)
 def _poison_empty(monkeypatch):
     """Every buffer the kernel allocates (output, counters, scratch) starts as NaN / -7777."""
-    def empty(*shape, dtype=None, device=None, **kw):
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        return poisoned(shape, dtype or torch.get_default_dtype(), device or "cpu")
-
-    monkeypatch.setattr(torch, "empty", empty)
+    poison_torch_empty(monkeypatch)
 
 
 def _check_one(x, k, **kw):
