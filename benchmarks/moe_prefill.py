@@ -99,8 +99,10 @@ def stages(moe8: MoE, x: torch.Tensor, tokens: int, bf16_experts=None) -> list[d
     row("quant_x", lambda: quantize_act(x))
     row("gate_up_swiglu", lambda: fp8_grouped_swiglu(x8, plan.counts, ex.gate_up, ex.gate_up_scale_inv, sx, inter,
                                                      a_rows=plan.token, plan=plan), f1)
-    row("down_weighted", lambda: fp8_grouped_mm(h8, plan.counts, ex.down, ex.down_scale_inv, sh, x.dtype,
-                                                out_rows=plan.pair, row_weight=plan.weight, plan=plan), f2)
+    for gemm in ("triton", "gluon"):  # production: gluon on Hopper (model/moe.py)
+        row(f"down_weighted_{gemm}", lambda gemm=gemm: fp8_grouped_mm(
+            h8, plan.counts, ex.down, ex.down_scale_inv, sh, x.dtype, out_rows=plan.pair, row_weight=plan.weight,
+            plan=plan, gemm=gemm), f2)
     row("pair_sum", lambda: pairs.view(N, K, -1).sum(1))
     row("shared", lambda: moe8.shared_experts(x), 2.0 * N * D * 3 * moe8.shared_experts.gate_proj.out_features)
     order = expert_order(flat, E)
