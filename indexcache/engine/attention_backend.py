@@ -19,7 +19,7 @@ from ..kernels.candidate_topk import candidate_topk
 from ..kernels.indexer import indexer_logits_decode, indexer_topk_prefill, quantize_indexer_q
 from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
                                 store_latent_bf16, store_latent_fp8)
-from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill, sparse_mla_prefill_fp8
+from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
 from ..kernels.topk import DecodeTopkWorkspace, topk_rows, topk_rows_decode
 from ..kernels.topk.ops import MAX_K
 from ..model.indexer import select_topk
@@ -307,11 +307,7 @@ class TritonBackend(TorchBackend):
 
     def attend_prefill(self, layer, q, slots):
         if self.latent_kernels and self.kv.latent_format == "fp8":
-            if q.dtype == torch.float16:  # the FP8 prefill kernel refuses fp16 q; the FP8 decode kernel serves it
-                return self.attend_decode(layer, q, slots)
-            # straight from the 656-B rows (slot id = row of the flattened paged cache), no dequantised copy
-            return sparse_mla_prefill_fp8(q, self.kv.latent[layer], slots.to(torch.int32), self.scale,
-                                          d_v=self.d_v)[0]
+            return self.attend_decode(layer, q, slots)  # the FP8 paged kernel serves prefill rows too
         if self.latent_kernels and self.kv.latent_format == "bf16":
             return sparse_mla_prefill(q, self.kv.latent[layer].view(-1, self.kv.width), slots.to(torch.int32),
                                       self.scale, d_v=self.d_v)[0]

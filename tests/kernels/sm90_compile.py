@@ -53,8 +53,7 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
     regs = re.findall(r"Used (\d+) registers", r.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
     out = {"registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0,
-           "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
-           "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx))}
+           "wgmma": ptx.count("wgmma.mma_async"), "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx))}
     if ttgir:
         out["ttgir"] = k.asm["ttgir"]
     return out
@@ -62,8 +61,8 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
 
 def production_kernels() -> list[tuple[str, dict]]:
     """The FP8 MoE prefill kernels at the configurations the model launches (glm-4.7-flash's experts: K 2048 for
-    gate/up, 1536 for down), the expert plan at 64 and 256 experts, the prefill glue's norm and RoPE, the indexer's
-    q quantisation, and sparse MLA prefill from the FP8 latent cache at 20 and 128 heads."""
+    gate/up, 1536 for down), the expert plan at 64 and 256 experts, the prefill glue's norm and RoPE and the indexer's
+    q quantisation."""
     from indexcache.kernels.expert_plan.triton import _plan_hist_kernel, _plan_scatter_kernel
     from indexcache.kernels.fp8_grouped_mm.triton import (_grouped_fp8_kernel, _grouped_fp8_swiglu_kernel, config_for,
                                                           swiglu_config_for)
@@ -98,27 +97,6 @@ def production_kernels() -> list[tuple[str, dict]]:
         out.append((f"expert plan scatter E={ep}", compile_sm90(_plan_scatter_kernel, types, ce, num_warps=8,
                                                                 num_stages=1)))
     out += _prefill_glue_kernels()
-    out += _sparse_mla_fp8_prefill_kernels()
-    return out
-
-
-def _sparse_mla_fp8_prefill_kernels() -> list[tuple[str, dict]]:
-    """sparse_mla_prefill_fp8 at its default launches: 20 heads (one head block of 32, so NHB = 1, which the
-    launcher specialises) and 128 heads (two blocks of 64); q / out strides and top-k divisible by 16, S not."""
-    from indexcache.kernels.sparse_mla.ops import PREFILL_FP8_CFG, PREFILL_FP8_CFG_FEW_HEADS, _hb
-    from indexcache.kernels.sparse_mla.triton import _sparse_mla_prefill_fp8_kernel
-
-    types = {"q": "*bf16", "kv_u8": "*u8", "kv_f32": "*fp32", "kv_bf16": "*bf16", "idx": "*i32", "out": "*bf16",
-             "lse": "*fp32", "qk_scale": "fp32"}
-    out = []
-    for h in (20, 128):
-        cfg = PREFILL_FP8_CFG if _hb(h, PREFILL_FP8_CFG["hb_max"]) > 32 else PREFILL_FP8_CFG_FEW_HEADS
-        hb = _hb(h, cfg["hb_max"])
-        ce = {"HB": hb, "BT": cfg["bt"], "UPCAST": False, **({"NHB": 1} if hb >= h else {})}
-        div16 = ("sq_t", "sq_h", "si_t", "so_t", "so_h", "topk") + (("H",) if h % 16 == 0 else ())
-        out.append((f"sparse_mla_prefill_fp8 h={h}",
-                    compile_sm90(_sparse_mla_prefill_fp8_kernel, types, ce, div16=div16, num_warps=cfg["num_warps"],
-                                 num_stages=cfg["num_stages"])))
     return out
 
 
@@ -202,7 +180,7 @@ def main() -> int:
         return 0
     for name, r in production_kernels():
         print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
-              f"cp.async {r['cp_async']:3d}  mma.sync {r['mma_sync']:3d}", flush=True)
+              f"cp.async {r['cp_async']:3d}", flush=True)
     return 0
 
 

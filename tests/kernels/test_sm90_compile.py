@@ -1,7 +1,7 @@
-"""The FP8 MoE prefill kernels, the expert plan, the prefill glue's norm and RoPE, the indexer q quantisation and
-the FP8 sparse MLA prefill compile for Hopper (sm_90a) without register spills, and the GEMMs and the sparse MLA
-prefill keep their tensor-core MMAs and cp.async pipelining: checked on the CPU with Triton's compiler and bundled
-ptxas (tests/kernels/sm90_compile.py), in a subprocess without the interpreter."""
+"""The FP8 MoE prefill kernels, the expert plan, the prefill glue's norm and RoPE and the indexer q quantisation
+compile for Hopper (sm_90a) without register spills, and the GEMMs keep their wgmma and cp.async pipelining:
+checked on the CPU with Triton's compiler and bundled ptxas (tests/kernels/sm90_compile.py), in a subprocess
+without the interpreter."""
 import os
 import subprocess
 import sys
@@ -21,13 +21,11 @@ def test_production_kernels_compile_for_sm90_without_spills():
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [line for line in r.stdout.splitlines() if "registers" in line]
-    assert len(lines) == 14, r.stdout
+    assert len(lines) == 12, r.stdout
     for line in lines:
         assert "spill bytes    0" in line, line
         if "fp8_grouped" in line:  # tensor-core MMAs fed by asynchronous copies, not registers
             assert "wgmma  0" not in line and "cp.async   0" not in line, line
-        if "sparse_mla_prefill_fp8" in line:  # tensor-core MMAs (wgmma at 128 heads, mma.sync at 20), cp.async gathers
-            assert ("wgmma  0" not in line or "mma.sync   0" not in line) and "cp.async   0" not in line, line
 
 
 def test_indexer_candidates_kernel_compiles_and_append_sees_quad_replicas():

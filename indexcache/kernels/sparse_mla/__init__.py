@@ -4,16 +4,14 @@ from indexcache.kernels.sparse_mla.ops import (
     sparse_mla_decode,
     sparse_mla_decode_workspace_bytes,
     sparse_mla_prefill,
-    sparse_mla_prefill_fp8,
 )
 from indexcache.kernels.sparse_mla.reference import (
     dequant_latent_fp8_reference,
     quantize_latent_fp8_reference,
     sparse_mla_decode_reference,
-    sparse_mla_prefill_fp8_reference,
     sparse_mla_prefill_reference,
 )
 
-__all__ = ["sparse_mla_prefill", "sparse_mla_prefill_fp8", "sparse_mla_decode", "sparse_mla_decode_workspace_bytes",
-           "sparse_mla_prefill_reference", "sparse_mla_prefill_fp8_reference", "sparse_mla_decode_reference",
-           "dequant_latent_fp8_reference", "quantize_latent_fp8_reference"]
+__all__ = ["sparse_mla_prefill", "sparse_mla_decode", "sparse_mla_decode_workspace_bytes",
+           "sparse_mla_prefill_reference", "sparse_mla_decode_reference", "dequant_latent_fp8_reference",
+           "quantize_latent_fp8_reference"]

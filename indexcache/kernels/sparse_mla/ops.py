@@ -10,18 +10,12 @@ import triton
 
 from indexcache.kernels._dispatch import interpreting, use_triton
 from indexcache.kernels.formats import LATENT_DIM, LATENT_FP8_BYTES, NOPE
-from indexcache.kernels.sparse_mla.reference import (sparse_mla_decode_reference, sparse_mla_prefill_fp8_reference,
-                                                     sparse_mla_prefill_reference)
+from indexcache.kernels.sparse_mla.reference import sparse_mla_decode_reference, sparse_mla_prefill_reference
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 # launch parameters: heads per program cap, tokens per step, warps, pipeline stages (docs/kernels_attention.md)
 PREFILL_CFG = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2}
 PREFILL_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 2}  # HB <= 32
-# prefill straight from the FP8 latent rows (sparse_mla_prefill_fp8); same keys, HB <= 32 uses the second. Chosen
-# from ptxas for sm_90a (Triton 3.7; not yet timed): neither spills; HB=32 with 2 stages spills 4 B, HB=64 with
-# 64-token steps 304 B
-PREFILL_FP8_CFG = {"hb_max": 64, "bt": 32, "num_warps": 8, "num_stages": 2}
-PREFILL_FP8_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 3}
 # "fp8": the selected rows are gathered + dequantised once (dq_rows rows per program, dq_warps warps), then the
 # bf16 attention runs over them with a head-major grid
 DECODE_CFG = {"bf16": {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "target_programs": 264},
@@ -118,52 +112,6 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     hb = _hb(H, cfg["hb_max"])
     grid = (T, triton.cdiv(H, hb))
     _launch(_sparse_mla_prefill_kernel, grid, args, dict(HB=hb, UPCAST=interpreting()), cfg)
-    return out, lse
-
-
-def sparse_mla_prefill_fp8(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                           d_v: int = 512, *, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like sparse_mla_prefill (q bf16 or fp32), but kv is the FP8 latent cache: contiguous uint8 [S, 656] or paged
-    [num_blocks, page_size, 656] (FlashMLA layout; index = row of the flattened cache, -1 or >= S skipped).
-    Each gathered row moves 656 B instead of 1152; the rows are dequantised inside the kernel, never copied.
-
-    Returns out [T, h, 512] in q.dtype and lse [T, h] fp32 (natural log); rows with no valid index give 0 / -inf.
-    ``config`` overrides the launch parameters (keys of PREFILL_FP8_CFG; benchmarks sweep them).
-    """
-    _check_q("sparse_mla_prefill_fp8", q, d_v)
-    if q.dtype == torch.float16:   # P x tile scale (down to ~2^-22) would underflow fp16 in the PV MMA
-        raise ValueError("sparse_mla_prefill_fp8: q must be bf16 or fp32 (fp16 loses small P x scale products), got "
-                         f"{q.dtype}")
-    if kv.dim() not in (2, 3) or kv.shape[-1] != LATENT_FP8_BYTES or kv.dtype != torch.uint8:
-        raise ValueError(f"sparse_mla_prefill_fp8: kv must be uint8 [S, {LATENT_FP8_BYTES}] or [num_blocks, "
-                         f"page_size, {LATENT_FP8_BYTES}], got shape {tuple(kv.shape)} {kv.dtype}")
-    if not kv.is_contiguous():
-        raise ValueError("sparse_mla_prefill_fp8: kv must be contiguous (index = row of the flattened cache)")
-    if kv.device != q.device:
-        raise ValueError(f"sparse_mla_prefill_fp8: kv on {kv.device}, q on {q.device}")
-    T, H, _ = q.shape
-    _check_idx("sparse_mla_prefill_fp8", indices, T, q.device)
-    flat = kv.view(-1, LATENT_FP8_BYTES)
-    if not use_triton(q):
-        return sparse_mla_prefill_fp8_reference(q, flat, indices, sm_scale, d_v)
-    from indexcache.kernels.sparse_mla.triton import _sparse_mla_prefill_fp8_kernel
-
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    indices = indices.contiguous()
-    out = torch.empty((T, H, NOPE), dtype=q.dtype, device=q.device)
-    lse = torch.empty((T, H), dtype=torch.float32, device=q.device)
-    if T == 0:
-        return out, lse
-    cfg = PREFILL_FP8_CFG if _hb(H, PREFILL_FP8_CFG["hb_max"]) > 32 else PREFILL_FP8_CFG_FEW_HEADS
-    if config:
-        cfg = {**cfg, **config}
-    hb = _hb(H, cfg["hb_max"])
-    args = (q, flat, flat.view(torch.float32), flat.view(torch.bfloat16), indices, out, lse, flat.shape[0], H,
-            indices.shape[1], sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), indices.stride(0),
-            out.stride(0), out.stride(1), triton.cdiv(H, hb))
-    # one flat grid axis (a second axis is capped at 65535 queries)
-    _launch_chain(_sparse_mla_prefill_fp8_kernel, (T * triton.cdiv(H, hb),), args, dict(HB=hb, UPCAST=interpreting()),
-                  cfg)
     return out, lse
 
 

@@ -23,13 +23,6 @@ def sparse_mla_prefill_reference(q: torch.Tensor, kv: torch.Tensor, indices: tor
     return out.to(q.dtype), lse
 
 
-def sparse_mla_prefill_fp8_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                                     d_v: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill over FP8 latent rows uint8 [S, 656]: the bf16-cache reference on the dequantised rows."""
-    out, lse = sparse_mla_prefill_reference(q.float(), dequant_latent_fp8(kv), indices, sm_scale, d_v)
-    return out.to(q.dtype), lse
-
-
 def quantize_latent_fp8_reference(latent: torch.Tensor) -> torch.Tensor:
     """[..., 576] float -> uint8 [..., 656]; per 128-tile scale = amax/448 rounded up to a power of two."""
     flat = latent.reshape(-1, LATENT_DIM)

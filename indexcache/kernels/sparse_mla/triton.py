@@ -1,8 +1,7 @@
 """Sparse MLA forward in Triton: gather the selected latent rows, QK over 512+64 dims, exp2 online softmax,
 PV over the 512-dim value. One program = one query (prefill) or one (batch, topk split) (decode) x a block of
 HB heads sharing the same gathered K/V tile; decode splits topk and merges the splits by their lse. An FP8 cache
-is first gathered and dequantised once per selected token (``_fp8_gather_dequant_kernel``), then read as bf16 rows
-(decode); ``_sparse_mla_prefill_fp8_kernel`` reads the 656-B FP8 rows directly.
+is first gathered and dequantised once per selected token (``_fp8_gather_dequant_kernel``), then read as bf16 rows.
 """
 import triton
 import triton.language as tl
@@ -163,96 +162,3 @@ def _fp8_gather_dequant_kernel(cache_u8, cache_f32, cache_bf16, idx, rows_out, i
     tl.store(rows_out + r64[:, None] * _LATENT + _NOPE + dr[None, :], kp.to(tl.float32).to(rows_out.dtype.element_ty),
              mask=rm[:, None])
     tl.store(idx_out + r, tl.where(valid, r, -1), mask=rm)
-
-
-@triton.jit
-def _keep_converted(x):
-    """Identity that the compiler may not move or duplicate: the e4m3 conversion before it then runs once per value
-    in the load layout, and the converted tile reaches both MMAs through shared memory (ldmatrix). Without it the
-    conversion is redone from bytes inside each MMA operand layout (byte-wise shared-memory loads), about doubling
-    the instructions per step."""
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
-
-
-@triton.jit(do_not_specialize=["S"])  # S: slots of the whole cache (one compile per cache size)
-def _sparse_mla_prefill_fp8_kernel(q, kv_u8, kv_f32, kv_bf16, idx, out, lse, S, H, topk, qk_scale, sq_t, sq_h, si_t,
-                                   so_t, so_h, NHB, HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr):
-    """Prefill straight from the 656-B FP8 latent rows (no dequantised copy): per step, the four e4m3 128-tiles of
-    BT gathered rows are converted to q's dtype unscaled (exact) and each tile's power-of-two scale c_g is applied
-    around the MMAs, S = sum_g c_g * (q_g . k_g) + q_pe . k_pe and acc_g += (P * c_g) . k_g (exact scalings), so no
-    [BT, 512] multiply is needed. Grid (T * NHB head blocks,), head blocks fastest: the blocks of one query run back
-    to back and share the gathered rows through L2."""
-    pid = tl.program_id(0)
-    h0 = (pid % NHB) * HB
-    t = (pid // NHB).to(tl.int64)
-    hh = tl.arange(0, HB)
-    hm = h0 + hh < H
-    d = tl.arange(0, 128)
-    dr = tl.arange(0, _ROPE)
-    qrow = q + t * sq_t + (h0 + hh)[:, None] * sq_h
-    q0 = tl.load(qrow + d[None, :], mask=hm[:, None], other=0.0)
-    q1 = tl.load(qrow + 128 + d[None, :], mask=hm[:, None], other=0.0)
-    q2 = tl.load(qrow + 256 + d[None, :], mask=hm[:, None], other=0.0)
-    q3 = tl.load(qrow + 384 + d[None, :], mask=hm[:, None], other=0.0)
-    qp = tl.load(qrow + _NOPE + dr[None, :], mask=hm[:, None], other=0.0)
-    if UPCAST:   # the interpreter: fp32 throughout (its bf16 arithmetic is not the GPU's)
-        q0 = q0.to(tl.float32)
-        q1 = q1.to(tl.float32)
-        q2 = q2.to(tl.float32)
-        q3 = q3.to(tl.float32)
-        qp = qp.to(tl.float32)
-    m_i = tl.full([HB], float("-inf"), tl.float32)
-    l_i = tl.zeros([HB], tl.float32)
-    a0 = tl.zeros([HB, 128], tl.float32)
-    a1 = tl.zeros([HB, 128], tl.float32)
-    a2 = tl.zeros([HB, 128], tl.float32)
-    a3 = tl.zeros([HB, 128], tl.float32)
-    for s0 in range(0, topk, BT):
-        ti = s0 + tl.arange(0, BT)
-        ids = tl.load(idx + t * si_t + ti, mask=ti < topk, other=-1)
-        valid = (ids >= 0) & (ids < S)
-        rows = tl.where(valid, ids, 0).to(tl.int64)
-        vm = valid[:, None]
-        k8 = kv_u8 + rows[:, None] * _ROW + d[None, :]
-        k0 = tl.load(k8, mask=vm, other=0).to(tl.float8e4nv, bitcast=True).to(q0.dtype)
-        k1 = tl.load(k8 + 128, mask=vm, other=0).to(tl.float8e4nv, bitcast=True).to(q0.dtype)
-        k2 = tl.load(k8 + 256, mask=vm, other=0).to(tl.float8e4nv, bitcast=True).to(q0.dtype)
-        k3 = tl.load(k8 + 384, mask=vm, other=0).to(tl.float8e4nv, bitcast=True).to(q0.dtype)
-        if k0.dtype == tl.bfloat16:   # the asm moves 32-bit pairs of 16-bit values (fp32 q: not needed)
-            k0 = _keep_converted(k0)
-            k1 = _keep_converted(k1)
-            k2 = _keep_converted(k2)
-            k3 = _keep_converted(k3)
-        kp = tl.load(kv_bf16 + rows[:, None] * _ROW_BF16 + _ROPE_BF16 + dr[None, :], mask=vm, other=0.0)
-        if kp.dtype != qp.dtype:
-            kp = kp.to(tl.float32).to(qp.dtype)   # via fp32: a direct bf16 -> fp16 cast is not lowered everywhere
-        scb = kv_f32 + rows * _ROW_F32 + _SCALES_F32
-        c0 = tl.load(scb, mask=valid, other=0.0)
-        c1 = tl.load(scb + 1, mask=valid, other=0.0)
-        c2 = tl.load(scb + 2, mask=valid, other=0.0)
-        c3 = tl.load(scb + 3, mask=valid, other=0.0)
-        s = tl.dot(q0, tl.trans(k0)) * c0[None, :]
-        s += tl.dot(q1, tl.trans(k1)) * c1[None, :]
-        s += tl.dot(q2, tl.trans(k2)) * c2[None, :]
-        s += tl.dot(q3, tl.trans(k3)) * c3[None, :]
-        s = tl.dot(qp, tl.trans(kp), s)
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        a0 = tl.dot((p * c0[None, :]).to(k0.dtype), k0, a0 * alpha[:, None])
-        a1 = tl.dot((p * c1[None, :]).to(k0.dtype), k1, a1 * alpha[:, None])
-        a2 = tl.dot((p * c2[None, :]).to(k0.dtype), k2, a2 * alpha[:, None])
-        a3 = tl.dot((p * c3[None, :]).to(k0.dtype), k3, a3 * alpha[:, None])
-        m_i = m_new
-    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    orow = out + t * so_t + (h0 + hh)[:, None] * so_h + d[None, :]
-    om = hm[:, None]
-    tl.store(orow, (a0 * inv).to(out.dtype.element_ty), mask=om)
-    tl.store(orow + 128, (a1 * inv).to(out.dtype.element_ty), mask=om)
-    tl.store(orow + 256, (a2 * inv).to(out.dtype.element_ty), mask=om)
-    tl.store(orow + 384, (a3 * inv).to(out.dtype.element_ty), mask=om)
-    ls = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse + t * H + h0 + hh, ls, mask=hm)
