@@ -1,7 +1,6 @@
-"""The FP8 MoE prefill kernels, the expert plan, the prefill glue's norm and RoPE and the indexer q quantisation
-compile for Hopper (sm_90a) without register spills, and the GEMMs keep their wgmma and cp.async pipelining:
-checked on the CPU with Triton's compiler and bundled ptxas (tests/kernels/sm90_compile.py), in a subprocess
-without the interpreter."""
+"""The FP8 MoE prefill kernels, the expert plan and the prefill glue's norm and RoPE compile for Hopper (sm_90a)
+without register spills, and the GEMMs keep their wgmma and cp.async pipelining: checked on the CPU with Triton's
+compiler and bundled ptxas (tests/kernels/sm90_compile.py), in a subprocess without the interpreter."""
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ def test_production_kernels_compile_for_sm90_without_spills():
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [line for line in r.stdout.splitlines() if "registers" in line]
-    assert len(lines) == 12, r.stdout
+    assert len(lines) == 11, r.stdout
     for line in lines:
         assert "spill bytes    0" in line, line
         if "fp8_grouped" in line:  # tensor-core MMAs fed by asynchronous copies, not registers

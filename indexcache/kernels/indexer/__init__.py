@@ -17,8 +17,6 @@ from indexcache.kernels.indexer.ops import (
     indexer_topk_prefill_two_pass,
     plan_fused_chunks,
     plan_prefill_chunks,
-    quantize_indexer_k,
-    quantize_indexer_q,
     sample_columns,
     selection_slot_bytes,
 )
@@ -28,6 +26,8 @@ from indexcache.kernels.indexer.reference import (
     indexer_logits_ref,
     indexer_topk_prefill_ref,
     prefill_candidates_ref,
+    quantize_indexer_k,
+    quantize_indexer_q,
     topk_recall,
     topk_rows_torch,
 )
