@@ -2,13 +2,14 @@
 run: their exactness, and the crossover table that sets ``ops.FUSED_MIN_CONTEXT_*`` (``choose_prefill_path``).
 
     python -m benchmarks.indexer_fused [--budget-s 210]
-    python -m benchmarks.indexer_fused --candidates [--budget-s 170]   # the candidates kernels, ~2.5 min
+    python -m benchmarks.indexer_fused --candidates [--budget-s 170]   # the candidates kernel, ~1 min
 
-``--candidates`` runs only ``compare_candidates``: the fused candidates kernel with atomic slots (the default)
-against the column-order "scan" kernel, alone and in the whole fused stage, at 200K and 1M (H=32), their TFLOP/s
-as a fraction of the same-run cuBLAS fp8, the same counts and the same lists (as sets) as the scan kernel and
-the same index sets as the two-pass path; a few launch configs of the atomic kernel and of the two-pass path's
-logits kernel. Without it:
+``--candidates`` runs only ``compare_candidates``: the fused candidates kernel alone (thresholds of a real fused
+run) at its default launch config and two others, on the last rows of 200K and 1M (H=32; the default also at 1M
+H=64), their TFLOP/s as a fraction of the same-run cuBLAS fp8, each other config checked against the default
+(same counts, same lists as sets); the whole fused stage against the two-pass path at 200K (causal) and 1M
+(sampled rows, extrapolated by pairs), H=32, their index sets compared; a few launch configs of the two-pass
+path's logits kernel (same logits as its default). Without it:
 
 1. Same-run ceilings (cuBLAS fp8 / bf16 8192^3, copy).
 2. Exactness: index sets of the fused path equal the two-pass path's, row by row, on random data at 32K (H=32 and
@@ -264,11 +265,10 @@ def crossover_rows(cross: dict) -> tuple[list[dict], dict]:
     return out, limits
 
 
-CAND_CONFIGS = (  # (label, candidates config); the first is the default, "scan" the column-order kernel
-    ("atomic", {}),
-    ("scan", {"kernel": "scan"}),
-    ("atomic BQ4 BKV64 4w", {"BQ": 4, "BKV": 64, "num_warps": 4, "num_stages": 3}),
-    ("atomic BQ8 BKV64 8w", {"BQ": 8, "BKV": 64, "num_warps": 8, "num_stages": 3}),
+CAND_CONFIGS = (  # (label, candidates config); the first is the default (triton.candidates_config)
+    ("default", {}),
+    ("BQ4 BKV64 4w", {"BQ": 4, "BKV": 64, "num_warps": 4, "num_stages": 3}),
+    ("BQ8 BKV64 8w", {"BQ": 8, "BKV": 64, "num_warps": 8, "num_stages": 3}),
 )
 LOGITS_CONFIGS = ((8, 64, 4, 3), (8, 128, 8, 3), (4, 64, 4, 3))  # (BQ, BKV, warps, stages); first = default
 
@@ -285,8 +285,8 @@ def _same_lists(a, b, cap):
 
 
 def candidates_alone(rows, ceil, label, h, data, configs):
-    """The candidates kernel alone on these rows (thresholds of a real fused run), each config, checked against
-    the scan kernel."""
+    """The candidates kernel alone on these rows (thresholds of a real fused run), each config; every config after
+    the first is checked against the first (the default)."""
     from benchmarks.common import bench_ms
 
     q8, w, k8, ks, rs, re = data
@@ -294,7 +294,7 @@ def candidates_alone(rows, ceil, label, h, data, configs):
     run("fused", q8, w, k8, ks, rs, re, torch.empty(q8.shape[0], TOPK, dtype=torch.int32, device=DEV), st)
     t, cap, thr = q8.shape[0], st["cap"], st["thr"]
     flops = 2 * pairs(rs, re) * h * 128
-    outs = {}
+    outs, default = {}, configs[0][0]
     for name, cfg in configs:
         bufs = (torch.empty(t, cap, device=DEV), torch.empty(t, cap, dtype=torch.int32, device=DEV),
                 torch.empty(t, 2, dtype=torch.int32, device=DEV))
@@ -306,34 +306,26 @@ def candidates_alone(rows, ceil, label, h, data, configs):
             r = {"name": f"{label} kernel {name}", "H": h, "rows": t, "ms": ms, "tflops": flops / ms / 1e9,
                  "frac_fp8_cublas": flops / ms / 1e9 / ceil["fp8_matmul_tflops"],
                  "mean_candidates": float(bufs[2][:, 0].float().mean())}
-            if name != "scan" and "scan" in outs:
-                r["rows_differ"], r["counts_equal"] = _same_lists(bufs, outs["scan"], cap)
+            if name != default and default in outs:
+                r["rows_differ"], r["counts_equal"] = _same_lists(bufs, outs[default], cap)
                 r["exact"] = r["rows_differ"] == 0 and r["counts_equal"]
         except Exception as e:  # noqa: BLE001 - a config that fails is reported, the others still run
             r = {"name": f"{label} kernel {name}", "error": repr(e)[:200]}
         rows.append(r)
         print(r, flush=True)
-    if "atomic" in outs and "scan" in outs:  # the default ran before the scan kernel: check it now
-        d, eq = _same_lists(outs["atomic"], outs["scan"], cap)
-        rows.append({"name": f"check {label} kernel atomic vs scan", "H": h, "rows": t, "rows_differ": d,
-                     "counts_equal": eq, "exact": d == 0 and eq})
-        print(rows[-1], flush=True)
 
 
 def fused_stage(rows, ceil, label, h, data, scale=1.0, reps=3):
-    """The whole fused stage with each candidates kernel, and the two-pass path; index sets compared."""
+    """The whole stage by the fused path and by the two-pass path; index sets compared."""
     q8, w, k8, ks, rs, re = data
     t = q8.shape[0]
     flops = 2 * pairs(rs, re) * h * 128
     outs = {}
-    for name, cfg in (("fused atomic", {}), ("fused scan", {"kernel": "scan"}), ("two-pass", None)):
+    for name in ("fused", "two-pass"):
         out = torch.empty(t, TOPK, dtype=torch.int32, device=DEV)
         st = {}
-        if cfg is None:
-            fn = lambda: run("two-pass", q8, w, k8, ks, rs, re, out)  # noqa: E731
-        else:
-            fn = lambda cfg=cfg: ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=st,  # noqa
-                                                              config=cfg)
+        fn = lambda name=name, out=out, st=st: run(name, q8, w, k8, ks, rs, re, out,  # noqa: E731
+                                                  st if name == "fused" else None)
         fn()
         sec, peak = timed_s(fn, reps)
         outs[name] = out
@@ -343,10 +335,9 @@ def fused_stage(rows, ceil, label, h, data, scale=1.0, reps=3):
              "mean_candidates": st.get("mean_candidates")}
         rows.append(r)
         print(r, flush=True)
-    for a in ("fused atomic", "fused scan"):
-        d = rows_differ(outs[a], outs["two-pass"])
-        rows.append({"name": f"check {label} {a} vs two-pass", "H": h, "rows": t, "rows_differ": d, "exact": d == 0})
-        print(rows[-1], flush=True)
+    d = rows_differ(outs["fused"], outs["two-pass"])
+    rows.append({"name": f"check {label} fused vs two-pass", "H": h, "rows": t, "rows_differ": d, "exact": d == 0})
+    print(rows[-1], flush=True)
 
 
 def logits_configs(rows, ceil, label, h, data):
@@ -415,7 +406,7 @@ def compare_candidates(rows, ceil):
         rows, ceil, f"{big} last {tail} rows", 32, inputs(torch.arange(big - tail, big, device=DEV), big, 32, 13)))
     case(rows, "kernel 1M H=64", 25, lambda rows: candidates_alone(
         rows, ceil, f"{one_m} last {tail_1m} rows", 64,
-        inputs(torch.arange(one_m - tail_1m, one_m, device=DEV), one_m, 64, 14), CAND_CONFIGS[:2]))
+        inputs(torch.arange(one_m - tail_1m, one_m, device=DEV), one_m, 64, 14), CAND_CONFIGS[:1]))
 
 
 def main():
@@ -425,8 +416,8 @@ def main():
                                                                  "are skipped and recorded as such; default "
                                                                  "210 s, 170 s with --candidates)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of the script logic (interpreter, k=16)")
-    ap.add_argument("--candidates", action="store_true", help="only the candidates kernels: atomic vs scan, "
-                                                              "alone and in the stage, 200K and 1M")
+    ap.add_argument("--candidates", action="store_true", help="only the candidates kernel (launch configs) and the "
+                                                              "fused stage vs two-pass, 200K and 1M")
     args = ap.parse_args()
     BUDGET_S = args.budget_s or (170.0 if args.candidates else BUDGET_S)
     if args.tiny:

@@ -1,4 +1,4 @@
-"""The default fused candidates kernel (``_prefill_candidates_atomic_kernel``: slots by atomic increments, lists in
+"""The fused candidates kernel (``_prefill_candidates_atomic_kernel``: slots by atomic increments, lists in
 no particular order) against the PyTorch reference, and the fused top-k's column tie rule on unordered lists:
 fresh random inputs, ragged windows, blocks with inner tiles (windows covering whole tiles) and edge tiles,
 NaN / infinite scores, heavy ties at the threshold, overflowing lists, NaN-poisoned outputs."""
@@ -21,21 +21,32 @@ def _inputs(t, s, h, device, seed):
     return q8, w, k8, ks
 
 
-def _check_lists(vals, cols, counts, logits, thr, cap):
-    """Counts equal the reference's; each row's kept entries are distinct candidates with their own scores, and
-    all of them when the list did not overflow (compared as sets: the order is free)."""
+def _check_lists(vals, cols, counts, logits, thr, cap, poison=False):
+    """The kernel's lists against ``prefill_candidates_ref`` on the same logits. Counts equal; in each row the
+    written slots (the first min(count, cap); slots past them are never written, so they are only compared with
+    the poison when ``poison``) hold distinct candidates with their own scores, bit-identical; rows that did not
+    overflow hold the reference's candidates exactly, as sets (the kernel's order is free). Rows that overflowed
+    hold some ``cap`` of their candidates (which ones is up to the kernel)."""
     rv, rc, rn = prefill_candidates_ref(logits, thr, cap)
-    assert torch.equal(counts.cpu(), rn.cpu())
-    valid = ~torch.isnan(logits) & (logits != float("-inf"))
-    take = valid & (logits >= thr[:, None])
-    for r in range(logits.shape[0]):
-        n = min(int(counts[r, 0]), cap)
-        c = cols[r, :n].long()
-        assert bool(((c >= 0) & (c < logits.shape[1])).all()) and c.unique().numel() == n
-        assert bool(take[r, c].all())
-        assert torch.equal(vals[r, :n], logits[r, c])  # bit-identical scores
-        if int(counts[r, 0]) <= cap:
-            assert torch.equal(c.sort().values.cpu(), rc[r, :n].long().sort().values.cpu())
+    assert torch.equal(counts, rn)
+    n = counts[:, 0].clamp(max=cap)
+    written = torch.arange(cap, device=n.device)[None, :] < n[:, None]
+    assert bool((((cols >= 0) & (cols < logits.shape[1])) | ~written).all())
+    c = torch.where(written, cols, 0).long()
+    take = ~torch.isnan(logits) & (logits != float("-inf")) & (logits >= thr[:, None])
+    assert bool((torch.gather(take, 1, c) | ~written).all())  # every written column is a candidate
+    assert torch.equal(torch.where(written, vals, 0.0), torch.where(written, torch.gather(logits, 1, c), 0.0))
+    big = torch.iinfo(torch.int32).max
+    mine = torch.where(written, cols, big).sort(1).values
+    assert bool(((mine[:, 1:] != mine[:, :-1]) | (mine[:, 1:] == big)).all())  # no column twice
+    fits = counts[:, 0] <= cap
+    ref = torch.where(written, rc, big).sort(1).values
+    assert torch.equal(mine[fits], ref[fits])
+    ref_vals = torch.where(written, rv, 0.0).gather(1, torch.where(written, rc, big).sort(1).indices)
+    mine_vals = torch.where(written, vals, 0.0).gather(1, torch.where(written, cols, big).sort(1).indices)
+    assert torch.equal(mine_vals[fits], ref_vals[fits])  # the reference's values, column by column
+    if poison:
+        assert bool(torch.isnan(vals[~written]).all()) and bool((cols[~written] == -7777).all())
 
 
 @pytest.mark.parametrize("h", [32, 20])
@@ -65,9 +76,9 @@ def test_atomic_candidates_match_reference(h, device):
     assert vals.data_ptr() == out[0].data_ptr() and counts.data_ptr() == out[2].data_ptr()
     assert int(counts[1, 0]) > cap and int(counts[5, 0]) > cap and int(counts[8, 0]) == int(counts[8, 1]) == 0
     assert int(counts[0, 1]) < int(re[0] - rs[0])  # the NaN / -inf scores are not counted as valid
-    _check_lists(vals, cols, counts, logits, thr, cap)
-    scan = indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, config={"kernel": "scan"})
-    assert torch.equal(scan[2], counts)
+    _check_lists(vals, cols, counts, logits, thr, cap, poison=True)
+    with pytest.raises(ValueError, match="kernel"):  # a config key the launcher does not know is an error
+        indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, config={"kernel": "scan"})
 
 
 def test_atomic_candidates_ties_at_threshold(device):
@@ -80,9 +91,11 @@ def test_atomic_candidates_ties_at_threshold(device):
     re = torch.tensor([300, 299, 290, 260, 200, 130, 64, 3], dtype=torch.int32, device=device)
     logits = indexer_logits(q8, w, k8, ks, rs, re)
     thr = logits[:, 3].contiguous()
-    vals, cols, counts = indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap)
+    out = (poisoned((t, cap), torch.float32, device), poisoned((t, cap), torch.int32, device),
+           poisoned((t, 2), torch.int32, device))
+    vals, cols, counts = indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=out)
     assert int(counts[0, 0]) >= 251
-    _check_lists(vals, cols, counts, logits, thr, cap)
+    _check_lists(vals, cols, counts, logits, thr, cap, poison=True)
 
 
 def _dense_topk(cv, cc, kept, s, k):
@@ -148,9 +161,9 @@ def test_fused_topk_prefill_unordered_lists(monkeypatch, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("h", [32, 64])
-def test_gpu_atomic_candidates_match_scan(h):
-    """On the GPU (inline-asm appends, one lane per replicated entry): the same counts as the column-order
-    kernel and the same lists as sets, at a realistic size with long causal windows."""
+def test_gpu_atomic_candidates_match_reference(h):
+    """On the GPU (inline-asm appends, one lane per replicated entry): the reference's counts and lists (as sets)
+    at a realistic size with long causal windows, overflowing rows included, NaN-poisoned outputs."""
     t, s, cap = 1024, 20000, 2048
     q8, w, k8, ks = _inputs(t, s, h, "cuda", seed=h)
     re = torch.arange(s - t + 1, s + 1, dtype=torch.int32, device="cuda")
@@ -158,14 +171,8 @@ def test_gpu_atomic_candidates_match_scan(h):
     logits = indexer_logits(q8, w, k8, ks, rs, re)
     thr = torch.where(torch.isfinite(logits), logits, float("nan")).nanquantile(0.95, dim=1)
     thr[:8] = float("-inf")  # overflowing rows
-    a = indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap)
-    b = indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, config={"kernel": "scan"})
-    assert torch.equal(a[2], b[2])
-    n = a[2][:, 0].clamp(max=cap)
-    ok = n == a[2][:, 0]
-    ar = torch.arange(cap, device="cuda")[None, :] < n[:, None]
-    ca = torch.where(ar, a[1], 2**31 - 1).sort(1).values
-    cb = torch.where(ar, b[1], 2**31 - 1).sort(1).values
-    assert torch.equal(ca[ok], cb[ok])
-    # slots past a row's count are never written (garbage): gather only through written ones
-    assert torch.equal(torch.where(ar, a[0], 0.0), torch.where(ar, torch.gather(logits, 1, torch.where(ar, a[1], 0).long()), 0.0))
+    out = (poisoned((t, cap), torch.float32, "cuda"), poisoned((t, cap), torch.int32, "cuda"),
+           poisoned((t, 2), torch.int32, "cuda"))
+    vals, cols, counts = indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=out)
+    assert bool((counts[:8, 0] > cap).all()) and bool((counts[8:, 0] <= cap).all())
+    _check_lists(vals, cols, counts, logits, thr, cap, poison=True)

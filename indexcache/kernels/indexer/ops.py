@@ -45,11 +45,11 @@ def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr
     """The fused filter of the prefill top-k: per row, the valid scores >= thr[row] of its window.
 
     Returns (values [T,cap] fp32, columns [T,cap] int32, counts [T,2] int32): min(count, cap) candidates (entries
-    past the kept count are unspecified), counts = (all candidates, valid scores in the window). Which candidates
-    fill an overflowing list, and their order, depend on the kernel: the default ("atomic") keeps them in no
-    particular order, ``config={"kernel": "scan"}`` keeps the first ``cap`` in column order (as the PyTorch
-    path does). ``out``: the three buffers to write into. Scores are those of ``indexer_logits`` (same tile
-    code: bit-identical on GPU).
+    past the kept count are never written), counts = (all candidates, valid scores in the window). The Triton
+    kernel keeps them in no particular order (an overflowing list: any ``cap`` of the candidates); the PyTorch
+    path keeps the first ``cap`` in column order. ``out``: the three buffers to write into. ``config``
+    overrides the launch parameters (keys of ``triton.candidates_config``). Scores are those of
+    ``indexer_logits`` (same tile code: bit-identical on GPU).
     """
     t, _, _ = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if tuple(thr.shape) != (t,) or thr.dtype != torch.float32:

@@ -145,9 +145,10 @@ def indexer_topk_prefill_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk:
 
 
 def prefill_candidates_ref(logits, thr, cap: int):
-    """What the fused candidates kernel writes, from full logits (-inf outside windows): per row the valid
+    """What the fused candidates kernel computes, from full logits (-inf outside windows): per row the valid
     (not NaN, not -inf) scores >= thr[row] in column order, the first ``cap`` of them as (values [R,cap] fp32,
-    columns [R,cap] int32; NaN / -1 past the kept count), and counts [R,2] int32 = (all candidates, valid scores)."""
+    columns [R,cap] int32; NaN / -1 past the kept count), and counts [R,2] int32 = (all candidates, valid scores).
+    The kernel writes the same lists in any order (an overflowing row: any ``cap`` of its candidates)."""
     r = logits.shape[0]
     valid = ~torch.isnan(logits) & (logits != float("-inf"))
     take = valid & (logits >= thr[:, None])

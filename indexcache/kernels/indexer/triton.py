@@ -7,11 +7,11 @@ rounded up to a power of two, padded heads get zero weight) and walks the key ti
     acc -> [BKV, BQ, HP] -> relu -> * w -> sum over heads -> * k_scale -> mask -> store [BQ, BKV]
 Key tiles outside the block's window are filled with -inf without any compute.
 
-Fused prefill top-k (``_prefill_candidates_atomic_kernel``, default; ``_prefill_candidates_kernel`` keeps column
-order): the same scores, but instead of storing [BQ, BKV] each tile appends the scores >= a per-row threshold
-(with their columns) to the row's candidate list; ``ops`` picks the threshold from a sample, selects exactly
-among the candidates (ties by column) and reruns the rows whose list overflowed or fell short through the
-two-pass path.
+Fused prefill top-k (``_prefill_candidates_atomic_kernel``): the same scores, but instead of storing [BQ, BKV]
+each tile appends the scores >= a per-row threshold (with their columns) to the row's candidate list, each entry
+at a slot taken by an atomic increment (lists in no particular order); ``ops`` picks the threshold from a sample,
+selects exactly among the candidates (ties by column) and reruns the rows whose list overflowed or fell short
+through the two-pass path.
 """
 from __future__ import annotations
 
@@ -105,44 +105,6 @@ def _prefill_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr,
         tl.store(out_rows + offs_s[None, :], neg_inf, mask=rmask[:, None] & (offs_s[None, :] < S))
 
 
-@triton.jit(do_not_specialize=["T", "S", "cap"])
-def _prefill_candidates_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_ptr, thr_ptr, cv_ptr, cc_ptr, cnt_ptr,
-                               T, S, cap,
-                               H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr):
-    """Fused logits + threshold filter: the valid scores >= thr[row] of each row's window, appended in column
-    order to the row's candidate list (values cv, columns cc; the first ``cap`` kept). cnt[row] = (candidates
-    found, all of them, not only the kept ones; valid scores in the window). Scores never reach memory otherwise.
-    Blocks run last-first: in a causal prefill the last rows have the longest windows, and starting them first
-    shortens the tail of the grid."""
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    q0 = pid * BQ
-    rows, rmask, rs, re, lo_t, hi = _block_windows(rs_ptr, re_ptr, q0, T, S, BQ, BKV)
-    thr = tl.load(thr_ptr + rows, mask=rmask, other=float("inf"))
-    base = rows.to(tl.int64) * cap  # [BQ]
-    offs_kv = tl.arange(0, BKV)
-    qt, w3 = _load_block_q(q_ptr, w_ptr, q0, T, H, HP, BQ)
-    cnt = tl.zeros([BQ], tl.int32)
-    nv = tl.zeros([BQ], tl.int32)
-    for s0 in range(lo_t, hi, BKV):
-        offs_s = s0 + offs_kv
-        lg = _tile_scores(k_ptr, ks_ptr, offs_s, S, qt, w3, BQ, HP, BKV)  # [BKV, BQ]
-        ok = (offs_s[:, None] >= rs[None, :]) & (offs_s[:, None] < re[None, :])
-        valid = ok & (lg == lg) & (lg != float("-inf"))
-        take = (valid & (lg >= thr[None, :])).to(tl.int32)
-        tot = tl.sum(take + (valid.to(tl.int32) << 16), axis=0)  # both counts in one reduction (BKV < 2^16)
-        n_take = tot & 0xFFFF
-        nv += tot >> 16
-        if tl.sum(n_take, axis=0) > 0:
-            pos = cnt[None, :] + tl.cumsum(take, axis=0) - 1  # column order within the row
-            keep = (take != 0) & (pos < cap)
-            dst = base[None, :] + pos
-            tl.store(cv_ptr + dst, lg, mask=keep)
-            tl.store(cc_ptr + dst, offs_s[:, None] + tl.zeros([BKV, BQ], tl.int32), mask=keep)
-            cnt += n_take
-    tl.store(cnt_ptr + rows.to(tl.int64) * 2, cnt, mask=rmask)
-    tl.store(cnt_ptr + rows.to(tl.int64) * 2 + 1, nv, mask=rmask)
-
-
 _FMAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
@@ -205,12 +167,16 @@ def _prefill_candidates_atomic_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, rs_ptr, re_pt
                                       T, S, cap,
                                       H: tl.constexpr, HP: tl.constexpr, BQ: tl.constexpr, BKV: tl.constexpr,
                                       ASM: tl.constexpr):
-    """``_prefill_candidates_kernel``'s lists and counts (same scores), but in no particular order within a row:
-    each candidate takes its slot by a relaxed atomic increment of cnt[row, 0] (zeroed by the launcher), so a
-    tile needs no scan and no cross-warp step. Tiles inside every live row's window ("inner") skip the window
-    test: the threshold test alone rejects NaN and -inf (a -inf threshold becomes -FLT_MAX), and their valid
-    count is the key count when the running sum of their scores stays finite (it does iff every score is
-    finite; otherwise a second pass counts them). Edge tiles mask the window and count one by one."""
+    """Fused logits + threshold filter: the valid scores >= thr[row] of each row's window appended to the row's
+    candidate list (values cv, columns cc; ``cap`` slots per row), in no particular order: each candidate takes
+    its slot by a relaxed atomic increment of cnt[row, 0] (zeroed by the launcher), so a tile needs no cumsum and
+    no cross-warp step; slots >= cap are not written. cnt[row] = (candidates found, all of them, not only the kept
+    ones; valid scores in the window). Scores never reach memory otherwise. Blocks run last-first: in a causal
+    prefill the last rows have the longest windows, and starting them first shortens the tail of the grid.
+    Tiles inside every live row's window ("inner") skip the window test: the threshold test alone rejects NaN and
+    -inf (a -inf threshold becomes -FLT_MAX), and their valid count is the key count when the running sum of
+    their scores stays finite (it does iff every score is finite; otherwise a second pass counts them). Edge
+    tiles mask the window and count one by one."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     q0 = pid * BQ
     rows, rmask, rs, re, lo_t, hi = _block_windows(rs_ptr, re_ptr, q0, T, S, BQ, BKV)
@@ -270,13 +236,11 @@ def prefill_config(h: int) -> dict:
 
 def candidates_config(h: int) -> dict:
     """Launch parameters of the fused candidates kernel: N = BQ*HP = 128 MMA columns, 128-key tiles, 4 warps
-    (H>32: the same N=128 shape, BQ=2 at H=64; benchmarks/indexer_fused.py sweeps them). ``kernel``: "atomic"
-    (``_prefill_candidates_atomic_kernel``, lists in no particular order) or "scan" (``_prefill_candidates_kernel``,
-    lists in column order; a per-tile cumsum over [BKV, BQ] and scattered stores through shared memory)."""
+    (H>32: the same N=128 shape, BQ=2 at H=64; benchmarks/indexer_fused.py sweeps them)."""
     hp = max(16, _pow2(h))
     if interpreting():
-        return dict(BQ=max(1, 128 // hp), BKV=64, num_warps=4, num_stages=1, kernel="atomic")
-    return dict(BQ=max(1, 128 // hp), BKV=128, num_warps=4, num_stages=3, kernel="atomic")
+        return dict(BQ=max(1, 128 // hp), BKV=64, num_warps=4, num_stages=1)
+    return dict(BQ=max(1, 128 // hp), BKV=128, num_warps=4, num_stages=3)
 
 
 def indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config=None):
@@ -300,23 +264,22 @@ def indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=N
 
 def indexer_candidates_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cand_val, cand_col, counts,
                               *, config=None):
-    """Launch the fused candidates kernel (``candidates_config``'s ``kernel``): cand_val [T,cap] fp32, cand_col
+    """Launch the fused candidates kernel (``_prefill_candidates_atomic_kernel``): cand_val [T,cap] fp32, cand_col
     [T,cap] int32, counts [T,2] int32."""
     t, h, _ = q_fp8.shape
     s = k_fp8.shape[0]
-    cfg = dict(candidates_config(h), **(config or {}))
+    cfg = candidates_config(h)
+    unknown = sorted(set(config or {}) - set(cfg))
+    if unknown:
+        raise ValueError(f"indexer_candidates: unknown config keys {unknown}; the keys are {sorted(cfg)}")
+    cfg.update(config or {})
     hp = max(16, _pow2(h))
-    if cfg["kernel"] not in ("atomic", "scan"):
-        raise ValueError(f"indexer_candidates: config kernel must be 'atomic' or 'scan', got {cfg['kernel']!r}")
     if t == 0:
         return
     grid = (triton.cdiv(t, cfg["BQ"]),)
     args = (q_fp8.contiguous(), w.contiguous(), k_fp8.contiguous(), k_scale.contiguous(), row_start.contiguous(),
             row_end.contiguous(), thr.contiguous(), cand_val, cand_col, counts, t, s, cand_val.shape[1])
     meta = dict(H=h, HP=hp, BQ=cfg["BQ"], BKV=cfg["BKV"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if cfg["kernel"] == "scan":
-        _prefill_candidates_kernel[grid](*args, **meta)
-        return
     counts[:, 0].zero_()  # the slot counters
     _prefill_candidates_atomic_kernel[grid](*args, ASM=not interpreting(), **meta)
 
