@@ -40,8 +40,9 @@ GROUP_M = 8
 
 
 def config_for(m: int, num_experts: int) -> dict:
-    """Tile and pipeline (host shapes only; not yet swept on the GPU): 64-row tiles (one consumer warpgroup, the
-    row tile the expert plan already holds for the down projection), 128 columns, 4 stages of 24 KB; two CTAs
+    """Tile and pipeline: 64-row tiles (one consumer warpgroup, the row tile the expert plan already holds for
+    the down projection), 128 columns, 4 stages of 24 KB (on the H200 within 4% of 128x128 tiles and of 3 stages
+    at the MoE shapes, run 55; 128x128 is 1.26x faster on a dense 8192^3); two CTAs
     fit on an SM (96 KB of shared memory and 128 registers a thread on average each), so one CTA's epilogue
     overlaps the other's main loop. A single expert with many rows (a dense GEMM) takes 128-row tiles."""
     if num_experts == 1 and m >= 128 * 132:
