@@ -274,7 +274,9 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
                          _warps=None, _spin=None):
     """The launches of one ``topk_rows_decode`` call as (name, thunk) pairs, and a thunk that runs them all and
     returns the output (benchmarks time the launches one by one). ``_warps``: warps of the hist and filter1
-    (or fused filter) launches (benchmark hook, like ``_slice``); ``_spin``: polls of the fused variant."""
+    (or fused filter) launches (benchmark hook, like ``_slice``); ``_spin``: polls of the fused variant's helpers
+    (default: _D_SPIN when every program fits on the GPU at once, else 0: the row's last program filters list1
+    alone)."""
     if variant not in DECODE_VARIANTS:
         raise ValueError(f"topk_rows_decode: variant must be one of {DECODE_VARIANTS}, got {variant!r}")
     from indexcache.kernels.topk import triton as tk
@@ -307,7 +309,16 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
         sl = triton.cdiv(triton.cdiv(max(N, 1), per_row), block) * block
     P = triton.cdiv(max(N, 1), sl)
     ws, cap, x, s = workspace, workspace.n, logits, logits.stride(0)
-    consts = dict(NB=_D_NB, NREP=_D_NREP, W=_D_W, num_warps=_warps or _D_WARPS)
+    warps = _warps or _D_WARPS
+    consts = dict(NB=_D_NB, NREP=_D_NREP, W=_D_W, num_warps=warps)
+    if _spin is not None:
+        spin = _spin
+    elif interp:    # the interpreter runs programs one after another: nobody publishes while another waits
+        spin = 0
+    else:   # helpers wait only when every program can be resident at once (the fused filter compiles to <= 128
+        # registers: 65536 // (128 * 32 * warps) programs per SM); else waiters would hold SMs the rest need
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        spin = _D_SPIN if R * P <= sms * max(1, 65536 // (128 * 32 * warps)) else 0
 
     def hist():
         tk._dtopk_hist_kernel[(R, P)](x, s, N, starts, ends, ws.hist, ws.ctr, ws.state, k, sl, BLOCK=block,
@@ -324,10 +335,8 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
                                                num_warps=_D_WARPS)
 
     def fused():
-        # the interpreter runs programs one after another: nobody could publish while another waits
         tk._dtopk_filter_fused_kernel[(R, P)](x, s, N, starts, ends, ws.hist, ws.ctr, ws.state, out, ws.lists, k,
-                                              sl, cap, 0 if interp else (_spin if _spin is not None else _D_SPIN),
-                                              BLOCK=block, **consts, **win,
+                                              sl, cap, spin, BLOCK=block, **consts, **win,
                                               BLOCK2=64 if interp else _D_BLOCK2_FUSED, TB=64 if interp else _D_TB,
                                               TI=16 if interp else _D_TI, FB=256 if interp else _D_FB_FUSED)
 
