@@ -208,6 +208,20 @@ def test_fp16_and_single_program_slices(device, variant):
     _check(x, 333, _slice=128, variant=variant)      # many programs per row
 
 
+def test_fused_waiters_that_see_nothing_leave(device):
+    """Fused variant with polling helpers (the interpreter runs programs one after another, so every helper polls,
+    sees no publication and leaves): the row's last program claims every list1 chunk and runs the final select."""
+    torch.manual_seed(13)
+    x = torch.randn(2, 3000, device=device)
+    x[1] = 2.0 + torch.rand(3000, device=device) * 1e-3     # one digit-1 bin: list1 holds the whole row
+    ws = DecodeTopkWorkspace.new(2, 3000, device)
+    _, run = plan_decode_launches(x, 300, workspace=ws, variant="fused", _slice=256, _spin=2)
+    out = run()
+    ref = topk_rows_reference(x, 300)
+    assert torch.equal(out.sort(dim=1).values.cpu(), ref.sort(dim=1).values.cpu())
+    assert not ws.hist.any() and not ws.ctr.any()
+
+
 def test_matches_topk_rows(device):
     torch.manual_seed(7)
     x = torch.randn(2, 4097, device=device)
