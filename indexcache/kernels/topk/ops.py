@@ -224,8 +224,8 @@ class DecodeTopkWorkspace:
     n: int
     hist: torch.Tensor      # int32 [rows, 2, NREP, 4096]: hist1 | hist2 replicas
     ctr: torch.Tensor       # int64 [rows, 8]: slot counters of filter1 / filter2, arrivals of the three launches
-                            # (the fused variant: 4 chunks done, 6 chunks claimed, 7 exits)
-    state: torch.Tensor     # int32 [rows, 8]: m, B1, above1, n1, B2, above, n2, fused: list1 chunks published
+                            # (the fused variant: 4 chunks done)
+    state: torch.Tensor     # int32 [rows, 8]: m, B1, above1, n1, B2, above, n2; fused: published + claims
     lists: torch.Tensor     # int64 [rows, 2, n]: list1 | list2 composites
 
     @classmethod
