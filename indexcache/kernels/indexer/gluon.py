@@ -1,0 +1,252 @@
+"""Gluon (Triton's explicit-layout dialect) prefill indexer logits for Hopper: ``indexer_logits_triton``'s
+contract with each key tile's epilogue overlapped with the next tile's tensor-core work.
+
+Why: the Triton kernel issues a key tile's MMA, waits for it and only then runs the tile's epilogue (relu,
+times the per-head weight, sum over heads, times the key scale, window mask, store), so the tensor cores idle
+during every epilogue. Here one program owns BQ query rows and all H heads of each (N = BQ*H MMA columns):
+- a 1-warp producer partition loads the program's q tile [N, 128] (rows q0*H.. of q viewed as [T*H, 128]) once,
+  then streams the key tiles [BKV, 128] of the program's window [min row_start, max row_end) through a
+  NUM_STAGES shared-memory ring with TMA (``ready``/``empty`` mbarriers per stage); TMA zero-fills keys past S
+  and q rows past T*H;
+- the consumer warps (the default partition; one warpgroup per 64 keys, BKV = 16 * num_warps) compute
+  acc[BKV, N] = k_tile @ q^T with wgmma (keys as the MMA rows: the heads of a query row then sit in the
+  columns a quad of lanes holds, so the head sum needs no shared memory), issue tile j+1's wgmma into a
+  second register accumulator, ``wgmma.wait_group 1`` (tile j is done while j+1 still runs), release tile j's
+  stage and reduce it: k_scale * sum_h w[q, h] * relu(acc) -> [BKV, BQ], masked to each row's window
+  (-inf outside) and stored, keys contiguous. Key scales of tile j are loaded when tile j is issued.
+- columns left of the window's first tile and right of its last are filled with -inf without compute.
+
+Limits (checked with clear errors): H a power of two with BQ*H = 64..256 columns (32 and 64 heads are the
+models'), CUDA tensors only (Gluon has no interpreter), q and k rows 16-byte aligned (TMA). Compiles without
+a GPU for sm_90a (tests/kernels/sm90_compile_gluon.py); numerics are checked on the GPU only.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+D = 128
+_D: gl.constexpr = gl.constexpr(D)
+
+
+def config_for(h: int) -> dict:
+    """BQ query rows a program (N = BQ*H = 128 MMA columns: two register accumulators of [64, 128] fit beside
+    the epilogue), BKV = 16 * num_warps keys a tile, a ring of NUM_STAGES key tiles (8 KB each at 64 keys)."""
+    return {"BQ": max(1, 128 // h), "num_warps": 4, "num_stages": 4, "maxnreg": 224}
+
+
+@gluon.constexpr_function
+def _mma_layout(n, num_warps):
+    """wgmma accumulator [BKV, N]: warps stacked along the keys (16 each, a warpgroup per 64), one n=N
+    instruction per 64 x N x 32 fp8 step."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 32])
+
+
+@gluon.constexpr_function
+def _out_layout(bkv, bq, num_warps):
+    """[BKV, BQ] scores with the keys fastest: each warp stores runs of consecutive keys of one query row."""
+    spt = max(1, min(4, bkv * bq // (32 * num_warps)))
+    tpw0 = min(32, bkv // spt)
+    wpc0 = max(1, min(num_warps, bkv // (spt * tpw0)))
+    return gl.BlockedLayout([spt, 1], [tpw0, 32 // tpw0], [wpc0, num_warps // wpc0], [0, 1])
+
+
+@gluon.jit
+def _load_partition(q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, qrow0, lo_t, n_tiles,
+                    NUM_STAGES: gl.constexpr):
+    """Producer (1 warp): the q tile once, then key tile i into stage i % NUM_STAGES once the consumer released
+    it. A fresh mbarrier counts as having completed the phase before phase 0, so the first pass over the ring
+    waits for parity 1 and goes straight through."""
+    BKV: gl.constexpr = k_desc.block_type.shape[0]
+    if n_tiles > 0:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [qrow0, 0], q_bar, q_smem)
+    for i in range(n_tiles):
+        s = i % NUM_STAGES
+        mbarrier.wait(empty.index(s), ((i // NUM_STAGES) & 1) ^ 1)
+        bar = ready.index(s)
+        mbarrier.expect(bar, k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [lo_t + i * BKV, 0], bar, k_bufs.index(s))
+
+
+@gluon.jit
+def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.constexpr, OUT: gl.constexpr):
+    """Wait for key tile i, start its MMA and load its key scales (used when the tile is reduced). ``acc`` is
+    the accumulator whose registers the MMA takes (use_acc=False: its values are ignored): the tile reduced
+    just before, so its reduction is ordered before this issue and no registers are copied."""
+    BKV: gl.constexpr = k_bufs.type.shape[1]
+    s = i % NUM_STAGES
+    mbarrier.wait(ready.index(s), (i // NUM_STAGES) & 1)
+    d = warpgroup_mma(k_bufs.index(s), q_smem.permute((1, 0)), acc, use_acc=False, is_async=True)
+    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, OUT))
+    ks = gl.load(ks_ptr + keys, mask=keys < S, other=0.0)
+    return d, ks
+
+
+@gluon.jit
+def _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.constexpr,
+                  OUTSTANDING: gl.constexpr, NUM_STAGES: gl.constexpr, OUT: gl.constexpr):
+    """Wait for tile i's MMA (OUTSTANDING later ones may still run), hand its stage back to the producer, then
+    k_scale * sum_h w * relu(acc) per (key, query row), -inf outside the row's window, stored. Returns the
+    accumulator (its registers go to the MMA issued next)."""
+    d = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(d, ))
+    BKV: gl.constexpr = d.type.shape[0]
+    N: gl.constexpr = d.type.shape[1]
+    BQ: gl.constexpr = N // H
+    mbarrier.arrive(empty.index(i % NUM_STAGES), count=1)
+    p = gl.maximum(d, 0.0) * gl.expand_dims(wv, 0)
+    lg = gl.convert_layout(gl.sum(gl.reshape(p, [BKV, BQ, H]), axis=2), OUT)  # [BKV, BQ]
+    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, OUT))
+    k2 = gl.expand_dims(keys, 1)
+    ok = (k2 >= gl.expand_dims(rs, 0)) & (k2 < gl.expand_dims(re, 0))
+    lg = gl.where(ok, lg * gl.expand_dims(ks, 1), float("-inf"))
+    gl.store(out_rows + k2, lg, mask=gl.expand_dims(rmask, 0) & (k2 < S))
+    return d
+
+
+@gluon.jit
+def _fill(out_rows, rmask, c0, c1, S, BKV: gl.constexpr, OUT: gl.constexpr):
+    """-inf at columns [c0, c1) of the program's rows (c0 a multiple of BKV; columns past S skipped)."""
+    BQ: gl.constexpr = out_rows.type.shape[1]
+    ninf = gl.full([BKV, BQ], float("-inf"), gl.float32, OUT)
+    for c in range(c0, c1, BKV):
+        k2 = gl.expand_dims(c + gl.arange(0, BKV, layout=gl.SliceLayout(1, OUT)), 1)
+        gl.store(out_rows + k2, ninf, mask=gl.expand_dims(rmask, 0) & (k2 < S))
+
+
+@gluon.jit
+def _mma_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
+                   stride_out, lo_t, n_tiles, H: gl.constexpr, NUM_STAGES: gl.constexpr, MMA: gl.constexpr,
+                   OUT: gl.constexpr):
+    """Consumer: tile j+1's wgmma in flight while tile j is reduced (wait_group 1). Tiles go two at a time
+    (x: even, y: odd) so that the value carried round the loop is the MMA issued last in the body."""
+    BKV: gl.constexpr = k_bufs.type.shape[1]
+    N: gl.constexpr = q_smem.type.shape[0]
+    BQ: gl.constexpr = N // H
+    rows = q0 + gl.arange(0, BQ, layout=gl.SliceLayout(0, OUT))
+    rmask = rows < T
+    rs = gl.load(rs_ptr + rows, mask=rmask, other=0).to(gl.int32)
+    re = gl.load(re_ptr + rows, mask=rmask, other=0).to(gl.int32)
+    out_rows = out_ptr + gl.expand_dims(rows.to(gl.int64) * stride_out, 0)  # [1, BQ]
+    hi_t = lo_t + n_tiles * BKV
+    _fill(out_rows, rmask, 0, lo_t, S, BKV, OUT)
+    if n_tiles > 0:
+        cols = gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
+        wv = gl.load(w_ptr + q0.to(gl.int64) * H + cols, mask=cols < (T - q0) * H, other=0.0)
+        mbarrier.wait(q_bar, 0)
+        dy = gl.zeros([BKV, N], gl.float32, MMA)
+        dx, kx = _issue(k_bufs, q_smem, ready, ks_ptr, 0, lo_t, S, gl.zeros([BKV, N], gl.float32, MMA),
+                        NUM_STAGES, OUT)
+        for j in range((n_tiles - 1) // 2):  # at the loop head: tile i (even) in flight in x
+            i = 2 * j
+            dy, ky = _issue(k_bufs, q_smem, ready, ks_ptr, i + 1, lo_t, S, dy, NUM_STAGES, OUT)
+            dx = _reduce_store(dx, kx, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES, OUT)
+            dx, kx = _issue(k_bufs, q_smem, ready, ks_ptr, i + 2, lo_t, S, dx, NUM_STAGES, OUT)
+            dy = _reduce_store(dy, ky, empty, i + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES, OUT)
+        last = ((n_tiles - 1) // 2) * 2  # the tile in x
+        if last + 1 < n_tiles:  # an even number of tiles: one more in y
+            ey, ky = _issue(k_bufs, q_smem, ready, ks_ptr, last + 1, lo_t, S, dy, NUM_STAGES, OUT)
+            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES, OUT)
+            _reduce_store(ey, ky, empty, last + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 0, NUM_STAGES, OUT)
+        else:
+            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 0, NUM_STAGES, OUT)
+    _fill(out_rows, rmask, hi_t, S, S, BKV, OUT)
+
+
+# chunk shapes vary (T, S and the output's row stride): one compile per head count and config
+@gluon.jit(do_not_specialize=["T", "S", "stride_out"])
+def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T, S, stride_out,
+                      H: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """Programs run last-first: in a causal prefill the last rows have the longest windows, and starting them
+    first shortens the tail of the grid."""
+    BKV: gl.constexpr = k_desc.block_type.shape[0]
+    N: gl.constexpr = q_desc.block_type.shape[0]
+    BQ: gl.constexpr = N // H
+    q0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BQ
+    # the program's key-tile range [lo_t, lo_t + n_tiles * BKV) from its rows' clamped windows
+    WL: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    rows = q0 + gl.arange(0, BQ, layout=WL)
+    rmask = rows < T
+    rs = gl.maximum(gl.load(rs_ptr + rows, mask=rmask, other=0).to(gl.int32), 0)
+    re = gl.minimum(gl.load(re_ptr + rows, mask=rmask, other=0).to(gl.int32), S)
+    empty_row = re <= rs
+    lo = gl.min(gl.where(empty_row, S, rs), axis=0)
+    hi = gl.max(gl.where(empty_row, 0, re), axis=0)
+    lo_t = gl.where(hi > lo, (lo // BKV) * BKV, 0)
+    n_tiles = gl.where(hi > lo, gl.cdiv(hi - lo_t, BKV), 0)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [N, _D], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BKV, _D], k_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+
+    MMA: gl.constexpr = _mma_layout(N, num_warps)
+    OUT: gl.constexpr = _out_layout(BKV, BQ, num_warps)
+    gl.warp_specialize([
+        (_mma_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
+                          stride_out, lo_t, n_tiles, H, NUM_STAGES, MMA, OUT)),
+        (_load_partition, (q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, q0 * H, lo_t, n_tiles,
+                           NUM_STAGES)),
+    ], [1], [40])
+
+
+def operand_layouts(n: int, bkv: int):
+    """Shared-memory layouts of the q tile [N, 128] and a key tile [BKV, 128] (128-byte swizzle: rows of 128
+    fp8)."""
+    return (gl.NVMMASharedLayout.get_default_for([n, D], gl.float8e4nv),
+            gl.NVMMASharedLayout.get_default_for([bkv, D], gl.float8e4nv))
+
+
+def check_gluon_config(h: int, cfg: dict):
+    bq, nw = cfg["BQ"], cfg["num_warps"]
+    if h & (h - 1) or bq & (bq - 1) or not 64 <= bq * h <= 256:
+        raise ValueError(f"indexer_logits_gluon: H and BQ must be powers of two with BQ*H in [64, 256] MMA "
+                         f"columns, got H={h}, BQ={bq}")
+    if nw not in (4, 8):
+        raise ValueError(f"indexer_logits_gluon: num_warps must be 4 or 8 (one warpgroup per 64 keys), got {nw}")
+
+
+def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config=None):
+    """``indexer_logits_triton``'s contract (inputs already checked by ``indexer_logits``) on Hopper.
+    ``config``: BQ, num_warps (4 or 8: 64 or 128 keys a tile), num_stages, maxnreg (see ``config_for``)."""
+    t, h, _ = q_fp8.shape
+    s = k_fp8.shape[0]
+    cfg = config_for(h)
+    unknown = sorted(set(config or {}) - set(cfg))
+    if unknown:
+        raise ValueError(f"indexer_logits_gluon: unknown config keys {unknown}; the keys are {sorted(cfg)}")
+    cfg.update(config or {})
+    check_gluon_config(h, cfg)
+    if not q_fp8.is_cuda:
+        raise ValueError(f"indexer_logits_gluon: needs CUDA tensors (Gluon has no CPU interpreter), got "
+                         f"{q_fp8.device}")
+    if out is None:
+        out = torch.empty(t, s, device=q_fp8.device, dtype=torch.float32)
+    if t == 0 or s == 0:
+        out.fill_(float("-inf"))  # no keys: every window is empty
+        return out
+    q2 = q_fp8.contiguous().view(t * h, D)
+    k2 = k_fp8.contiguous()
+    for name, x in (("q_fp8", q2), ("k_fp8", k2)):
+        if x.data_ptr() % 16:
+            raise ValueError(f"indexer_logits_gluon: {name} must start 16-byte aligned (TMA), got address "
+                             f"{x.data_ptr():#x}")
+    bq, nw = cfg["BQ"], cfg["num_warps"]
+    n, bkv = bq * h, 16 * nw
+    q_layout, k_layout = operand_layouts(n, bkv)
+    q_desc = TensorDescriptor.from_tensor(q2, [n, D], q_layout)
+    k_desc = TensorDescriptor.from_tensor(k2, [bkv, D], k_layout)
+    grid = (triton.cdiv(t, bq),)
+    _logits_ws_kernel[grid](q_desc, k_desc, w.contiguous(), k_scale.contiguous(), row_start.contiguous(),
+                            row_end.contiguous(), out, t, s, out.stride(0), H=h, NUM_STAGES=cfg["num_stages"],
+                            num_warps=nw, maxnreg=cfg["maxnreg"])
+    return out
