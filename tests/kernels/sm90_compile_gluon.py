@@ -69,7 +69,7 @@ def _compile(fn, types: dict, constexprs: dict, div16: tuple[str, ...], num_warp
             "setmaxnreg": len(re.findall(r"setmaxnreg", ptx)),
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
             "mbarrier_waits": len(re.findall(r"mbarrier\.try_wait", ptx)),
-            "shared_bytes": k.metadata.shared,
+            "shared_bytes": k.metadata.shared, "total_warps": k.metadata.num_warps,
             "wgmma_serialized": "wgmma.mma_async instructions are serialized" in r.stderr,
             # in the machine code: the fp8 MMAs and the waits that leave one MMA group in flight
             "sass_gmma": None if sass is None else len(re.findall(r"\bQGMMA\.", sass)),

@@ -35,8 +35,11 @@ _D: gl.constexpr = gl.constexpr(D)
 
 def config_for(h: int) -> dict:
     """BQ query rows a program (N = BQ*H = 128 MMA columns: two register accumulators of [64, 128] fit beside
-    the epilogue), BKV = 16 * num_warps keys a tile, a ring of NUM_STAGES key tiles (8 KB each at 64 keys)."""
-    return {"BQ": max(1, 128 // h), "num_warps": 4, "num_stages": 4, "maxnreg": 224}
+    the epilogue), BKV = 16 * num_warps keys a tile, a ring of NUM_STAGES key tiles (8 KB each at 64 keys).
+    maxnreg 128: the CTA (4 consumer warps, the producer warp padded to a warpgroup) takes 256 x 128 registers
+    at launch, so two CTAs share an SM and one's epilogue also overlaps the other's MMAs; the consumer raises
+    its own limit to 232 (setmaxnreg) and compiles without spills."""
+    return {"BQ": max(1, 128 // h), "num_warps": 4, "num_stages": 4, "maxnreg": 128}
 
 
 @gluon.constexpr_function
@@ -74,7 +77,7 @@ def _load_partition(q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, qrow0, 
 
 
 @gluon.jit
-def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.constexpr, OUT: gl.constexpr):
+def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.constexpr, KL: gl.constexpr):
     """Wait for key tile i, start its MMA and load its key scales (used when the tile is reduced). ``acc`` is
     the accumulator whose registers the MMA takes (use_acc=False: its values are ignored): the tile reduced
     just before, so its reduction is ordered before this issue and no registers are copied."""
@@ -82,25 +85,37 @@ def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.conste
     s = i % NUM_STAGES
     mbarrier.wait(ready.index(s), (i // NUM_STAGES) & 1)
     d = warpgroup_mma(k_bufs.index(s), q_smem.permute((1, 0)), acc, use_acc=False, is_async=True)
-    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, OUT))
+    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=KL)
     ks = gl.load(ks_ptr + keys, mask=keys < S, other=0.0)
     return d, ks
 
 
 @gluon.jit
+def _head_sum(p, H: gl.constexpr, BQ: gl.constexpr):
+    """[BKV, N] -> [BKV, BQ]: the sum over each query row's heads, columns in the q tile's order
+    n = (j * BQ + q) * 2 + e for head h = 2j + e (see ``_permute_q``)."""
+    BKV: gl.constexpr = p.type.shape[0]
+    # one sum over [BKV, BQ, H] (a chain of fused multiply-adds with the weights) rather than two nested ones
+    heads = gl.reshape(gl.permute(gl.reshape(p, [BKV, H // 2, BQ, 2]), [0, 2, 1, 3]), [BKV, BQ, H])
+    return gl.sum(heads, axis=2)
+
+
+@gluon.jit
 def _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.constexpr,
-                  OUTSTANDING: gl.constexpr, NUM_STAGES: gl.constexpr, OUT: gl.constexpr):
+                  OUTSTANDING: gl.constexpr, NUM_STAGES: gl.constexpr):
     """Wait for tile i's MMA (OUTSTANDING later ones may still run), hand its stage back to the producer, then
-    k_scale * sum_h w * relu(acc) per (key, query row), -inf outside the row's window, stored. Returns the
-    accumulator (its registers go to the MMA issued next)."""
+    k_scale * sum_h w * relu(acc) per (key, query row), -inf outside the row's window, stored from the
+    registers that hold it (lane bits 0-1 pick the query row: 8 consecutive keys a row, 32 bytes, per store
+    instruction). Returns the accumulator (its registers go to the MMA issued next)."""
     d = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(d, ))
     BKV: gl.constexpr = d.type.shape[0]
     N: gl.constexpr = d.type.shape[1]
     BQ: gl.constexpr = N // H
     mbarrier.arrive(empty.index(i % NUM_STAGES), count=1)
-    p = gl.maximum(d, 0.0) * gl.expand_dims(wv, 0)
-    lg = gl.convert_layout(gl.sum(gl.reshape(p, [BKV, BQ, H]), axis=2), OUT)  # [BKV, BQ]
-    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, OUT))
+    lg = _head_sum(gl.maximum(d, 0.0) * gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
+    KQ: gl.constexpr = lg.type.layout
+    ks = gl.convert_layout(ks, gl.SliceLayout(1, KQ))  # the same rows: no data moves
+    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, KQ))
     k2 = gl.expand_dims(keys, 1)
     ok = (k2 >= gl.expand_dims(rs, 0)) & (k2 < gl.expand_dims(re, 0))
     lg = gl.where(ok, lg * gl.expand_dims(ks, 1), float("-inf"))
@@ -127,34 +142,44 @@ def _mma_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, r
     BKV: gl.constexpr = k_bufs.type.shape[1]
     N: gl.constexpr = q_smem.type.shape[0]
     BQ: gl.constexpr = N // H
-    rows = q0 + gl.arange(0, BQ, layout=gl.SliceLayout(0, OUT))
-    rmask = rows < T
-    rs = gl.load(rs_ptr + rows, mask=rmask, other=0).to(gl.int32)
-    re = gl.load(re_ptr + rows, mask=rmask, other=0).to(gl.int32)
-    out_rows = out_ptr + gl.expand_dims(rows.to(gl.int64) * stride_out, 0)  # [1, BQ]
+    # -inf left of the first tile and right of the last, stored through a plain blocked layout
+    rows_o = q0 + gl.arange(0, BQ, layout=gl.SliceLayout(0, OUT))
+    rmask_o = rows_o < T
+    out_o = out_ptr + gl.expand_dims(rows_o.to(gl.int64) * stride_out, 0)  # [1, BQ]
     hi_t = lo_t + n_tiles * BKV
-    _fill(out_rows, rmask, 0, lo_t, S, BKV, OUT)
+    _fill(out_o, rmask_o, 0, lo_t, S, BKV, OUT)
     if n_tiles > 0:
+        # the reduced tiles' layout, from a reduction of zeros (once)
+        KQ: gl.constexpr = _head_sum(gl.zeros([BKV, N], gl.float32, MMA), H, BQ).type.layout
+        KL: gl.constexpr = gl.SliceLayout(1, MMA)
+        rows = q0 + gl.arange(0, BQ, layout=gl.SliceLayout(0, KQ))
+        rmask = rows < T
+        rs = gl.load(rs_ptr + rows, mask=rmask, other=0).to(gl.int32)
+        re = gl.load(re_ptr + rows, mask=rmask, other=0).to(gl.int32)
+        out_rows = out_ptr + gl.expand_dims(rows.to(gl.int64) * stride_out, 0)  # [1, BQ]
+        # folded weights in the q tile's column order n = (j * BQ + q) * 2 + e, head h = 2j + e
         cols = gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
-        wv = gl.load(w_ptr + q0.to(gl.int64) * H + cols, mask=cols < (T - q0) * H, other=0.0)
+        cq = (cols // 2) % BQ
+        ch = (cols // (2 * BQ)) * 2 + cols % 2
+        wv = gl.load(w_ptr + (q0 + cq).to(gl.int64) * H + ch, mask=q0 + cq < T, other=0.0)
         mbarrier.wait(q_bar, 0)
         dy = gl.zeros([BKV, N], gl.float32, MMA)
         dx, kx = _issue(k_bufs, q_smem, ready, ks_ptr, 0, lo_t, S, gl.zeros([BKV, N], gl.float32, MMA),
-                        NUM_STAGES, OUT)
+                        NUM_STAGES, KL)
         for j in range((n_tiles - 1) // 2):  # at the loop head: tile i (even) in flight in x
             i = 2 * j
-            dy, ky = _issue(k_bufs, q_smem, ready, ks_ptr, i + 1, lo_t, S, dy, NUM_STAGES, OUT)
-            dx = _reduce_store(dx, kx, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES, OUT)
-            dx, kx = _issue(k_bufs, q_smem, ready, ks_ptr, i + 2, lo_t, S, dx, NUM_STAGES, OUT)
-            dy = _reduce_store(dy, ky, empty, i + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES, OUT)
+            dy, ky = _issue(k_bufs, q_smem, ready, ks_ptr, i + 1, lo_t, S, dy, NUM_STAGES, KL)
+            dx = _reduce_store(dx, kx, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES)
+            dx, kx = _issue(k_bufs, q_smem, ready, ks_ptr, i + 2, lo_t, S, dx, NUM_STAGES, KL)
+            dy = _reduce_store(dy, ky, empty, i + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES)
         last = ((n_tiles - 1) // 2) * 2  # the tile in x
         if last + 1 < n_tiles:  # an even number of tiles: one more in y
-            ey, ky = _issue(k_bufs, q_smem, ready, ks_ptr, last + 1, lo_t, S, dy, NUM_STAGES, OUT)
-            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES, OUT)
-            _reduce_store(ey, ky, empty, last + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 0, NUM_STAGES, OUT)
+            ey, ky = _issue(k_bufs, q_smem, ready, ks_ptr, last + 1, lo_t, S, dy, NUM_STAGES, KL)
+            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES)
+            _reduce_store(ey, ky, empty, last + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 0, NUM_STAGES)
         else:
-            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 0, NUM_STAGES, OUT)
-    _fill(out_rows, rmask, hi_t, S, S, BKV, OUT)
+            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 0, NUM_STAGES)
+    _fill(out_o, rmask_o, hi_t, S, S, BKV, OUT)
 
 
 # chunk shapes vary (T, S and the output's row stride): one compile per head count and config
@@ -206,6 +231,23 @@ def operand_layouts(n: int, bkv: int):
             gl.NVMMASharedLayout.get_default_for([bkv, D], gl.float8e4nv))
 
 
+def _permute_q(q_fp8, bq: int):
+    """q [T, H, 128] -> the programs' q tiles [ceil(T/BQ) * BQ*H, 128]: tile rows in the order
+    n = (j * BQ + q) * 2 + e for query row q and head h = 2j + e (rows past T zero). The wgmma accumulator gives
+    each lane of a quad the column pairs 8m + 2 * (lane % 4) + {0, 1}: in this order the lane bits pick the
+    query row, and a thread holds H / 2 or more of its row's heads, so the head sum is a sum in registers (and
+    at most one shuffle at H=64) instead of a reduction across the quad."""
+    t, h, _ = q_fp8.shape
+    tb = -(-t // bq)
+    u8 = q_fp8.view(torch.uint8)
+    if tb * bq != t:
+        pad = torch.zeros(tb * bq, h, D, dtype=torch.uint8, device=q_fp8.device)
+        pad[:t] = u8
+        u8 = pad
+    tiles = u8.view(tb, bq, h // 2, 2, D).permute(0, 2, 1, 3, 4).contiguous()
+    return tiles.view(tb * bq * h, D).view(torch.float8_e4m3fn)
+
+
 def check_gluon_config(h: int, cfg: dict):
     bq, nw = cfg["BQ"], cfg["num_warps"]
     if h & (h - 1) or bq & (bq - 1) or not 64 <= bq * h <= 256:
@@ -234,13 +276,13 @@ def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=No
     if t == 0 or s == 0:
         out.fill_(float("-inf"))  # no keys: every window is empty
         return out
-    q2 = q_fp8.contiguous().view(t * h, D)
+    bq, nw = cfg["BQ"], cfg["num_warps"]
+    q2 = _permute_q(q_fp8, bq)
     k2 = k_fp8.contiguous()
     for name, x in (("q_fp8", q2), ("k_fp8", k2)):
         if x.data_ptr() % 16:
             raise ValueError(f"indexer_logits_gluon: {name} must start 16-byte aligned (TMA), got address "
                              f"{x.data_ptr():#x}")
-    bq, nw = cfg["BQ"], cfg["num_warps"]
     n, bkv = bq * h, 16 * nw
     q_layout, k_layout = operand_layouts(n, bkv)
     q_desc = TensorDescriptor.from_tensor(q2, [n, D], q_layout)
