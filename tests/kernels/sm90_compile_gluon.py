@@ -74,7 +74,16 @@ def _compile(fn, types: dict, constexprs: dict, div16: tuple[str, ...], num_warp
             # in the machine code: the fp8 MMAs and the waits that leave one MMA group in flight
             "sass_gmma": None if sass is None else len(re.findall(r"\bQGMMA\.", sass)),
             "sass_wait_1": None if sass is None else len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1\b", sass)),
+            # warp shuffles and shared-memory stores between the first and the last wgmma wait (the main loop)
+            "sass_loop_shfl": None if sass is None else _between_waits(sass).count("SHFL."),
+            "sass_loop_sts": None if sass is None else len(re.findall(r"\bSTS\b", _between_waits(sass))),
             "ptxas_notes": [ln for ln in r.stderr.splitlines() if "Performance" in ln or "arning" in ln]}
+
+
+def _between_waits(sass: str) -> str:
+    """The machine code from the first ``WARPGROUP.DEPBAR`` to the last (empty when there is none)."""
+    at = [m.start() for m in re.finditer(r"WARPGROUP\.DEPBAR", sass)]
+    return sass[at[0]:at[-1]] if at else ""
 
 
 def compile_down_kernel(block_m: int, block_n: int, num_stages: int, maxnreg: int, scatter: bool) -> dict:
@@ -109,8 +118,8 @@ def compile_indexer_kernel(h: int, bq: int, num_warps: int, num_stages: int, max
 
 
 CONFIGS = [(64, 128, 4, 128, True), (128, 128, 4, 168, False)]
-# H, BQ, num_warps, num_stages, maxnreg: the indexer's default at 32 and 64 heads, and 128-key tiles
-INDEXER_CONFIGS = [(32, 4, 4, 4, 224), (64, 2, 4, 4, 224), (32, 4, 8, 4, 224)]
+# H, BQ, num_warps, num_stages, maxnreg: the indexer's default (config_for) at 32 and 64 heads
+INDEXER_CONFIGS = [(32, 4, 4, 4, 128), (64, 2, 4, 4, 128)]
 
 
 def main() -> int:
