@@ -26,9 +26,17 @@ from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, w
 from indexcache.kernels.indexer import indexer_logits, quantize_indexer_k, quantize_indexer_q  # noqa: E402
 from indexcache.kernels.indexer.reference import indexer_logits_ref  # noqa: E402
 
-# Gluon configs beside the default (gluon.config_for): a deeper ring, 128-key tiles on 8 warps (one CTA an SM),
-# one CTA an SM with 4 warps, and N = 64 MMA columns (half the query rows a program)
-GLUON_CONFIGS = [None, {"num_stages": 6}, {"num_warps": 8, "maxnreg": 168}, {"maxnreg": 224}, "half_bq"]
+# Gluon configs beside the default (gluon.config_for: 256 MMA columns on two warpgroups, 64-key tiles, 4 stages):
+# a deeper ring; 128 columns on one warpgroup (two CTAs an SM) with 4 or 6 stages; 128 columns on two warpgroups
+# (128-key tiles)
+GLUON_CONFIGS = [None, {"num_stages": 6}, "one_wg", "one_wg_6", "wide_keys"]
+
+
+def _config(name, h):
+    bq = max(1, 128 // h)
+    return {"one_wg": {"BQ": bq, "num_warps": 4, "maxnreg": 128},
+            "one_wg_6": {"BQ": bq, "num_warps": 4, "maxnreg": 128, "num_stages": 6},
+            "wide_keys": {"BQ": bq}}.get(name, name) if isinstance(name, str) else name
 SHAPES = [(200_000, 8192, 32), (200_000, 8192, 64), (1 << 20, 2048, 32), (1 << 20, 2048, 64)]
 SAMPLE_ROWS = 32
 
@@ -71,7 +79,7 @@ def run_shape(s, t, h, ceil_fp8, seed=0):
                  "ref_err": float((sub[rfin] - ref_rows[rfin]).abs().max() / ref_rows[rfin].abs().max())})
     out = torch.empty_like(tri)
     for cfg in GLUON_CONFIGS:
-        cfg = {"BQ": max(1, 64 // h)} if cfg == "half_bq" else cfg
+        cfg = _config(cfg, h)
         row = {**base, "kernel": "gluon", "config": "default" if cfg is None else str(cfg)}
         try:
             out.fill_(float("nan"))

@@ -105,9 +105,10 @@ def compile_down_kernel(block_m: int, block_n: int, num_stages: int, maxnreg: in
 
 def compile_indexer_kernel(h: int, bq: int, num_warps: int, num_stages: int, maxnreg: int) -> dict:
     """The prefill indexer logits kernel (kernels/indexer/gluon.py) for H heads, BQ query rows a program."""
-    from indexcache.kernels.indexer.gluon import _logits_ws_kernel, operand_layouts
+    from indexcache.kernels.indexer.gluon import _logits_ws_kernel, column_groups, operand_layouts
 
-    n, bkv = bq * h, 16 * num_warps
+    n = bq * h
+    bkv = 16 * num_warps // column_groups(n)
     q_layout, k_layout = operand_layouts(n, bkv)
     types = {"q_desc": _desc_type("fp8e4nv", [n, 128], q_layout), "k_desc": _desc_type("fp8e4nv", [bkv, 128], k_layout),
              "w_ptr": "*fp32", "ks_ptr": "*fp32", "rs_ptr": "*i32", "re_ptr": "*i32", "out_ptr": "*fp32"}
@@ -118,8 +119,9 @@ def compile_indexer_kernel(h: int, bq: int, num_warps: int, num_stages: int, max
 
 
 CONFIGS = [(64, 128, 4, 128, True), (128, 128, 4, 168, False)]
-# H, BQ, num_warps, num_stages, maxnreg: the indexer's default (config_for) at 32 and 64 heads
-INDEXER_CONFIGS = [(32, 4, 4, 4, 128), (64, 2, 4, 4, 128)]
+# H, BQ, num_warps, num_stages, maxnreg: the indexer's default (config_for: 256 MMA columns on two warpgroups
+# side by side) at 32 and 64 heads, and 128 columns on one warpgroup (two CTAs an SM)
+INDEXER_CONFIGS = [(32, 8, 8, 4, 168), (64, 4, 8, 4, 168), (32, 4, 4, 4, 128)]
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """The Gluon prefill indexer logits kernel (kernels/indexer/gluon.py).
 
-CPU: it compiles for sm_90a on the installed Triton's Gluon front end and ptxas at 32 and 64 heads, without
+CPU: it compiles for sm_90a on the installed Triton's Gluon front end and ptxas at 32 and 64 heads (256 MMA
+columns on two warpgroups) and at 128 columns on one, without
 spills, with wgmma that ptxas does not serialise, a ``wgmma.wait_group 1`` (tile j's epilogue overlaps tile
 j+1's MMA; in the machine code ``WARPGROUP.DEPBAR.LE gsb0, 0x1``), warp specialisation (TMA producer warp), and
 a main loop without shared-memory stores (the head sum stays in registers; at 32 heads without shuffles);
@@ -36,14 +37,14 @@ def test_gluon_indexer_kernel_compiles_for_sm90_with_overlapped_epilogue():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 2, r.stdout
+    assert len(rows) == 3, r.stdout
     for row in rows:
         assert row["spill_bytes"] == 0, row
         assert row["wgmma"] >= 4, row  # 4 m64n128k32 instructions per 128-deep tile and issue site
         assert not row["wgmma_serialized"], row  # ptxas C7514: the wgmmas would run one at a time
         assert 1 in row["wait_groups"], row  # the next tile's MMA stays in flight during the epilogue
         assert row["setmaxnreg"] > 0 and row["tma_loads"] >= 2 and row["mbarrier_waits"] > 0, row
-        assert row["shared_bytes"] <= 227 * 1024 // 2, row  # two CTAs an SM
+        assert row["shared_bytes"] <= 227 * 1024 // 2, row  # room for two CTAs an SM
         if row["sass_gmma"] is not None:
             assert row["sass_gmma"] >= 4 and row["sass_wait_1"] > 0, row
             assert row["sass_loop_sts"] == 0, row  # no layout conversion through shared memory per tile
@@ -51,19 +52,23 @@ def test_gluon_indexer_kernel_compiles_for_sm90_with_overlapped_epilogue():
                 assert row["sass_loop_shfl"] == 0, row  # each thread holds all 32 heads of its query row
 
 
-def test_q_tiles_are_a_permutation_of_the_rows():
-    """Tile b holds rows b*BQ.. of q, row n = (j*BQ + q)*2 + e being q[b*BQ + q, 2j + e]; rows past T zero."""
+@pytest.mark.parametrize("t,h,bq", [(7, 32, 4), (11, 32, 8), (3, 64, 4)])
+def test_q_tiles_are_a_permutation_of_the_rows(t, h, bq):
+    """Tile b holds rows b*BQ.. of q in column groups of 128 rows (BQS = 128 / H query rows each); in group g
+    row n = (j*BQS + q)*2 + e is q[b*BQ + g*BQS + q, 2j + e]; rows past T are zero."""
     from indexcache.kernels.indexer.gluon import _permute_q
 
-    t, h, bq = 7, 32, 4
     q8, _ = quantize_indexer_q(torch.randn(t, h, 128), torch.randn(t, h))
-    got = _permute_q(q8, bq).view(torch.uint8).view(-1, bq * h, 128)
+    n_cols = bq * h
+    got = _permute_q(q8, bq).view(torch.uint8).view(-1, n_cols, 128)
     src = q8.view(torch.uint8)
-    assert got.shape[0] == 2
-    for b in range(2):
-        for n in range(bq * h):
-            e, q, j = n % 2, (n // 2) % bq, n // (2 * bq)
-            row = b * bq + q
+    bqs = min(n_cols, 128) // h
+    assert got.shape[0] == -(-t // bq)
+    for b in range(got.shape[0]):
+        for n in range(n_cols):
+            g, c = divmod(n, bqs * h)
+            e, q, j = c % 2, (c // 2) % bqs, c // (2 * bqs)
+            row = b * bq + g * bqs + q
             want = src[row, 2 * j + e] if row < t else torch.zeros(128, dtype=torch.uint8)
             assert torch.equal(got[b, n], want), (b, n)
 
@@ -85,6 +90,8 @@ def test_gluon_launcher_rejects_what_it_does_not_support():
         indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"num_warps": 2})
     with pytest.raises(ValueError, match="BQ\\*H in \\[64, 256\\].*H=32, BQ=16"):
         indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"BQ": 16})
+    with pytest.raises(ValueError, match="8 for BQ\\*H = 256; got 4"):
+        indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"num_warps": 4})
     q20, w20, _, _ = _inputs(4, 10, 20, "cpu")
     with pytest.raises(ValueError, match="H=20"):
         indexer_logits_gluon(q20, w20, k8, ks, rs, rs + 10)
@@ -128,15 +135,19 @@ def _check(out, ref, tri=None):
             assert diff < 1e-4, f"Gluon vs Triton {diff}"
 
 
-# (T, S, H, config): T not a multiple of BQ, S not a multiple of 64 or 128, 32 and 64 heads, 64- and 128-key
-# tiles, rings of 2 to 6 stages, one CTA an SM (maxnreg 224) and two (the default 128)
+# (T, S, H, config): T not a multiple of BQ, S not a multiple of 64 or 128, 32 and 64 heads; the default (256
+# columns on two warpgroups, 64-key tiles), 128 columns on one warpgroup (64-key tiles, two CTAs an SM) or on
+# two (128-key tiles), 64 columns; rings of 2 to 6 stages
+ONE_WG = {"num_warps": 4, "maxnreg": 128}
 CASES = [
     (13, 203, 32, None),
     (7, 150, 64, None),
-    (29, 1000, 32, {"num_warps": 8, "maxnreg": 168}),
+    (13, 203, 32, {"BQ": 4, **ONE_WG}),
+    (7, 150, 64, {"BQ": 2, **ONE_WG}),
+    (29, 1000, 32, {"BQ": 4, "num_warps": 8}),
     (30, 1000, 64, {"num_stages": 2}),
-    (61, 3001, 32, {"num_stages": 6, "maxnreg": 224}),
-    (5, 4099, 64, {"num_warps": 8, "num_stages": 3, "maxnreg": 168}),
+    (61, 3001, 32, {"num_stages": 6}),
+    (5, 4099, 64, {"BQ": 1, "num_stages": 3, **ONE_WG}),
 ]
 
 

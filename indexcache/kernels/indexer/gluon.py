@@ -34,19 +34,30 @@ _D: gl.constexpr = gl.constexpr(D)
 
 
 def config_for(h: int) -> dict:
-    """BQ query rows a program (N = BQ*H = 128 MMA columns: two register accumulators of [64, 128] fit beside
-    the epilogue), BKV = 16 * num_warps keys a tile, a ring of NUM_STAGES key tiles (8 KB each at 64 keys).
-    maxnreg 128: the CTA (4 consumer warps, the producer warp padded to a warpgroup) takes 256 x 128 registers
-    at launch, so two CTAs share an SM and one's epilogue also overlaps the other's MMAs; the consumer raises
-    its own limit to 232 (setmaxnreg) and compiles without spills."""
-    return {"BQ": max(1, 128 // h), "num_warps": 4, "num_stages": 4, "maxnreg": 128}
+    """BQ query rows a program: N = BQ*H = 256 MMA columns on two consumer warpgroups side by side (each holds
+    two [64, 128] accumulators beside its epilogue; both read the same 64-key tile, so a key tile crosses from
+    L2 once per 256 columns, as in the Triton kernel's BQ*HP = 256), a ring of NUM_STAGES key tiles of 8 KB.
+    maxnreg 168: the CTA's 12 warps (8 consumers, the producer warp padded to a warpgroup) fit an SM's
+    registers; the consumers raise their limit to 240 (setmaxnreg) and compile without spills. The other
+    shape (``BQ``: 128 // H, ``num_warps``: 4, ``maxnreg``: 128) runs two CTAs of one warpgroup an SM instead."""
+    return {"BQ": max(1, 256 // h), "num_warps": 8, "num_stages": 4, "maxnreg": 168}
+
+
+def column_groups(n: int) -> int:
+    """Warpgroups side by side along the N = BQ*H MMA columns: one per 128 columns (each holds two [64, 128]
+    accumulators), so N = 256 takes two warpgroups on the same 64 keys."""
+    return max(1, n // 128)
+
+
+_groups = gluon.constexpr_function(column_groups)  # the same, inside kernels
 
 
 @gluon.constexpr_function
 def _mma_layout(n, num_warps):
-    """wgmma accumulator [BKV, N]: warps stacked along the keys (16 each, a warpgroup per 64), one n=N
-    instruction per 64 x N x 32 fp8 step."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 32])
+    """wgmma accumulator [BKV, N]: warps stacked along the keys (16 each, a warpgroup per 64) in each of the
+    column groups, one 64 x (N / groups) x 32 fp8 instruction per step and warpgroup."""
+    g = _groups(n)
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // g, g], instr_shape=[16, n // g, 32])
 
 
 @gluon.constexpr_function
@@ -92,12 +103,14 @@ def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.conste
 
 @gluon.jit
 def _head_sum(p, H: gl.constexpr, BQ: gl.constexpr):
-    """[BKV, N] -> [BKV, BQ]: the sum over each query row's heads, columns in the q tile's order
-    n = (j * BQ + q) * 2 + e for head h = 2j + e (see ``_permute_q``)."""
+    """[BKV, N] -> [BKV, BQ]: the sum over each query row's heads, columns in the q tile's order (G column
+    groups of BQS = BQ / G rows; in a group n = (j * BQS + q) * 2 + e for head h = 2j + e, see ``_permute_q``)."""
     BKV: gl.constexpr = p.type.shape[0]
-    # one sum over [BKV, BQ, H] (a chain of fused multiply-adds with the weights) rather than two nested ones
-    heads = gl.reshape(gl.permute(gl.reshape(p, [BKV, H // 2, BQ, 2]), [0, 2, 1, 3]), [BKV, BQ, H])
-    return gl.sum(heads, axis=2)
+    G: gl.constexpr = _groups(BQ * H)
+    BQS: gl.constexpr = BQ // G
+    # one sum over [BKV, BQ, H] (a chain of fused multiply-adds with the weights) rather than nested ones
+    heads = gl.permute(gl.reshape(p, [BKV, G, H // 2, BQS, 2]), [0, 1, 3, 2, 4])
+    return gl.sum(gl.reshape(heads, [BKV, BQ, H]), axis=2)
 
 
 @gluon.jit
@@ -157,10 +170,12 @@ def _mma_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, r
         rs = gl.load(rs_ptr + rows, mask=rmask, other=0).to(gl.int32)
         re = gl.load(re_ptr + rows, mask=rmask, other=0).to(gl.int32)
         out_rows = out_ptr + gl.expand_dims(rows.to(gl.int64) * stride_out, 0)  # [1, BQ]
-        # folded weights in the q tile's column order n = (j * BQ + q) * 2 + e, head h = 2j + e
+        # folded weights in the q tile's column order (``_head_sum``)
+        BQS: gl.constexpr = BQ // _groups(N)
         cols = gl.arange(0, N, layout=gl.SliceLayout(0, MMA))
-        cq = (cols // 2) % BQ
-        ch = (cols // (2 * BQ)) * 2 + cols % 2
+        c = cols % (BQS * H)
+        cq = (cols // (BQS * H)) * BQS + (c // 2) % BQS
+        ch = (c // (2 * BQS)) * 2 + c % 2
         wv = gl.load(w_ptr + (q0 + cq).to(gl.int64) * H + ch, mask=q0 + cq < T, other=0.0)
         mbarrier.wait(q_bar, 0)
         dy = gl.zeros([BKV, N], gl.float32, MMA)
@@ -232,29 +247,32 @@ def operand_layouts(n: int, bkv: int):
 
 
 def _permute_q(q_fp8, bq: int):
-    """q [T, H, 128] -> the programs' q tiles [ceil(T/BQ) * BQ*H, 128]: tile rows in the order
-    n = (j * BQ + q) * 2 + e for query row q and head h = 2j + e (rows past T zero). The wgmma accumulator gives
-    each lane of a quad the column pairs 8m + 2 * (lane % 4) + {0, 1}: in this order the lane bits pick the
-    query row, and a thread holds H / 2 or more of its row's heads, so the head sum is a sum in registers (and
-    at most one shuffle at H=64) instead of a reduction across the quad."""
+    """q [T, H, 128] -> the programs' q tiles [ceil(T/BQ) * BQ*H, 128] (rows past T zero), each a run of column
+    groups of BQS = BQ / column_groups(BQ*H) query rows, whose rows go in the order n = (j * BQS + q) * 2 + e
+    for query row q and head h = 2j + e. The wgmma accumulator gives each lane of a quad the column pairs
+    8m + 2 * (lane % 4) + {0, 1} of its warpgroup's columns: in this order the lane bits pick the query row,
+    and a thread holds H / 2 or more of its row's heads, so the head sum is a sum in registers (and at most one
+    shuffle at H=64) instead of a reduction across the quad or across warpgroups."""
     t, h, _ = q_fp8.shape
     tb = -(-t // bq)
+    bqs = bq // column_groups(bq * h)
     u8 = q_fp8.view(torch.uint8)
     if tb * bq != t:
         pad = torch.zeros(tb * bq, h, D, dtype=torch.uint8, device=q_fp8.device)
         pad[:t] = u8
         u8 = pad
-    tiles = u8.view(tb, bq, h // 2, 2, D).permute(0, 2, 1, 3, 4).contiguous()
+    tiles = u8.view(tb * bq // bqs, bqs, h // 2, 2, D).permute(0, 2, 1, 3, 4).contiguous()
     return tiles.view(tb * bq * h, D).view(torch.float8_e4m3fn)
 
 
 def check_gluon_config(h: int, cfg: dict):
     bq, nw = cfg["BQ"], cfg["num_warps"]
-    if h & (h - 1) or bq & (bq - 1) or not 64 <= bq * h <= 256:
-        raise ValueError(f"indexer_logits_gluon: H and BQ must be powers of two with BQ*H in [64, 256] MMA "
-                         f"columns, got H={h}, BQ={bq}")
-    if nw not in (4, 8):
-        raise ValueError(f"indexer_logits_gluon: num_warps must be 4 or 8 (one warpgroup per 64 keys), got {nw}")
+    if h & (h - 1) or not 2 <= h <= 128 or bq & (bq - 1) or not 64 <= bq * h <= 256:
+        raise ValueError(f"indexer_logits_gluon: H (2..128) and BQ must be powers of two with BQ*H in [64, 256] "
+                         f"MMA columns, got H={h}, BQ={bq}")
+    if nw not in (4, 8) or nw < 4 * column_groups(bq * h):
+        raise ValueError(f"indexer_logits_gluon: num_warps must be 4 or 8 (a warpgroup per 64 keys and 128 MMA "
+                         f"columns), and 8 for BQ*H = 256; got {nw} at BQ*H = {bq * h}")
 
 
 def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config=None):
@@ -283,7 +301,8 @@ def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=No
         if x.data_ptr() % 16:
             raise ValueError(f"indexer_logits_gluon: {name} must start 16-byte aligned (TMA), got address "
                              f"{x.data_ptr():#x}")
-    n, bkv = bq * h, 16 * nw
+    n = bq * h
+    bkv = 16 * nw // column_groups(n)
     q_layout, k_layout = operand_layouts(n, bkv)
     q_desc = TensorDescriptor.from_tensor(q2, [n, D], q_layout)
     k_desc = TensorDescriptor.from_tensor(k2, [bkv, D], k_layout)
