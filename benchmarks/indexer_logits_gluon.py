@@ -26,15 +26,14 @@ from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, w
 from indexcache.kernels.indexer import indexer_logits, quantize_indexer_k, quantize_indexer_q  # noqa: E402
 from indexcache.kernels.indexer.reference import indexer_logits_ref  # noqa: E402
 
-# Gluon configs beside the default (gluon.config_for: 256 MMA columns on two warpgroups, 64-key tiles, 4 stages):
-# a deeper ring; 128 columns on one warpgroup (two CTAs an SM); 128 columns on two warpgroups (128-key tiles)
-GLUON_CONFIGS = [None, {"num_stages": 6}, "one_wg", "wide_keys"]
+# Gluon configs beside the default (gluon.config_for: 256 MMA columns on two warpgroups, 64-key tiles, 4 stages,
+# stores marked evict-first in L2): a deeper ring; plain stores; 128 columns on one warpgroup (two CTAs an SM)
+GLUON_CONFIGS = [None, {"num_stages": 6}, {"evict_first": False}, "one_wg"]
 
 
 def _config(name, h):
     bq = max(1, 128 // h)
-    return {"one_wg": {"BQ": bq, "num_warps": 4, "maxnreg": 128},
-            "wide_keys": {"BQ": bq}}.get(name, name) if isinstance(name, str) else name
+    return {"one_wg": {"BQ": bq, "num_warps": 4, "maxnreg": 128}}.get(name, name) if isinstance(name, str) else name
 SHAPES = [(200_000, 8192, 32), (200_000, 8192, 64), (1 << 20, 2048, 32), (1 << 20, 2048, 64)]
 SAMPLE_ROWS = 32
 

@@ -112,7 +112,7 @@ def compile_indexer_kernel(h: int, bq: int, num_warps: int, num_stages: int, max
     q_layout, k_layout = operand_layouts(n, bkv)
     types = {"q_desc": _desc_type("fp8e4nv", [n, 128], q_layout), "k_desc": _desc_type("fp8e4nv", [bkv, 128], k_layout),
              "w_ptr": "*fp32", "ks_ptr": "*fp32", "rs_ptr": "*i32", "re_ptr": "*i32", "out_ptr": "*fp32"}
-    constexprs = {"H": h, "NUM_STAGES": num_stages, "num_warps": num_warps}
+    constexprs = {"H": h, "NUM_STAGES": num_stages, "EVICT_FIRST": True, "num_warps": num_warps}
     row = _compile(_logits_ws_kernel, types, constexprs, (), num_warps, maxnreg,
                    f"indexer H {h} BQ {bq} warps {num_warps} stages {num_stages} maxnreg {maxnreg}")
     return {"kernel": "indexer_logits", **row}

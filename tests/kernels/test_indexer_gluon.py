@@ -144,7 +144,7 @@ CASES = [
     (7, 150, 64, None),
     (13, 203, 32, {"BQ": 4, **ONE_WG}),
     (7, 150, 64, {"BQ": 2, **ONE_WG}),
-    (29, 1000, 32, {"BQ": 4, "num_warps": 8}),
+    (29, 1000, 32, {"BQ": 4, "num_warps": 8, "evict_first": False}),
     (30, 1000, 64, {"num_stages": 2}),
     (61, 3001, 32, {"num_stages": 6}),
     (5, 4099, 64, {"BQ": 1, "num_stages": 3, **ONE_WG}),

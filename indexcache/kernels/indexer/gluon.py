@@ -39,8 +39,10 @@ def config_for(h: int) -> dict:
     L2 once per 256 columns, as in the Triton kernel's BQ*HP = 256), a ring of NUM_STAGES key tiles of 8 KB.
     maxnreg 168: the CTA's 12 warps (8 consumers, the producer warp padded to a warpgroup) fit an SM's
     registers; the consumers raise their limit to 240 (setmaxnreg) and compile without spills. The other
-    shape (``BQ``: 128 // H, ``num_warps``: 4, ``maxnreg``: 128) runs two CTAs of one warpgroup an SM instead."""
-    return {"BQ": max(1, 256 // h), "num_warps": 8, "num_stages": 4, "maxnreg": 168}
+    shape (``BQ``: 128 // H, ``num_warps``: 4, ``maxnreg``: 128) runs two CTAs of one warpgroup an SM instead.
+    ``evict_first``: the logits' stores ask L2 to evict their lines first (they are written once), so that the
+    key tiles, which every program reads, stay in L2."""
+    return {"BQ": max(1, 256 // h), "num_warps": 8, "num_stages": 4, "maxnreg": 168, "evict_first": True}
 
 
 def column_groups(n: int) -> int:
@@ -115,7 +117,7 @@ def _head_sum(p, H: gl.constexpr, BQ: gl.constexpr):
 
 @gluon.jit
 def _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.constexpr,
-                  OUTSTANDING: gl.constexpr, NUM_STAGES: gl.constexpr):
+                  OUTSTANDING: gl.constexpr, NUM_STAGES: gl.constexpr, EVICT_FIRST: gl.constexpr):
     """Wait for tile i's MMA (OUTSTANDING later ones may still run), hand its stage back to the producer, then
     k_scale * sum_h w * relu(acc) per (key, query row), -inf outside the row's window, stored from the
     registers that hold it (lane bits 0-1 pick the query row: 8 consecutive keys a row, 32 bytes, per store
@@ -132,7 +134,10 @@ def _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.c
     k2 = gl.expand_dims(keys, 1)
     ok = (k2 >= gl.expand_dims(rs, 0)) & (k2 < gl.expand_dims(re, 0))
     lg = gl.where(ok, lg * gl.expand_dims(ks, 1), float("-inf"))
-    gl.store(out_rows + k2, lg, mask=gl.expand_dims(rmask, 0) & (k2 < S))
+    if EVICT_FIRST:  # the logits stream out: L2 keeps the keys that every program re-reads
+        gl.store(out_rows + k2, lg, mask=gl.expand_dims(rmask, 0) & (k2 < S), eviction_policy="evict_first")
+    else:
+        gl.store(out_rows + k2, lg, mask=gl.expand_dims(rmask, 0) & (k2 < S))
     return d
 
 
@@ -149,7 +154,7 @@ def _fill(out_rows, rmask, c0, c1, S, BKV: gl.constexpr, OUT: gl.constexpr):
 @gluon.jit
 def _mma_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
                    stride_out, lo_t, n_tiles, H: gl.constexpr, NUM_STAGES: gl.constexpr, MMA: gl.constexpr,
-                   OUT: gl.constexpr):
+                   OUT: gl.constexpr, EVICT_FIRST: gl.constexpr):
     """Consumer: tile j+1's wgmma in flight while tile j is reduced (wait_group 1). Tiles go two at a time
     (x: even, y: odd) so that the value carried round the loop is the MMA issued last in the body."""
     BKV: gl.constexpr = k_bufs.type.shape[1]
@@ -184,23 +189,28 @@ def _mma_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, r
         for j in range((n_tiles - 1) // 2):  # at the loop head: tile i (even) in flight in x
             i = 2 * j
             dy, ky = _issue(k_bufs, q_smem, ready, ks_ptr, i + 1, lo_t, S, dy, NUM_STAGES, KL)
-            dx = _reduce_store(dx, kx, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES)
+            dx = _reduce_store(dx, kx, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, 1,
+                               NUM_STAGES, EVICT_FIRST)
             dx, kx = _issue(k_bufs, q_smem, ready, ks_ptr, i + 2, lo_t, S, dx, NUM_STAGES, KL)
-            dy = _reduce_store(dy, ky, empty, i + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES)
+            dy = _reduce_store(dy, ky, empty, i + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 1,
+                               NUM_STAGES, EVICT_FIRST)
         last = ((n_tiles - 1) // 2) * 2  # the tile in x
         if last + 1 < n_tiles:  # an even number of tiles: one more in y
             ey, ky = _issue(k_bufs, q_smem, ready, ks_ptr, last + 1, lo_t, S, dy, NUM_STAGES, KL)
-            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 1, NUM_STAGES)
-            _reduce_store(ey, ky, empty, last + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 0, NUM_STAGES)
+            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 1,
+                          NUM_STAGES, EVICT_FIRST)
+            _reduce_store(ey, ky, empty, last + 1, wv, rs, re, out_rows, rmask, lo_t, S, H, 0,
+                          NUM_STAGES, EVICT_FIRST)
         else:
-            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 0, NUM_STAGES)
+            _reduce_store(dx, kx, empty, last, wv, rs, re, out_rows, rmask, lo_t, S, H, 0,
+                          NUM_STAGES, EVICT_FIRST)
     _fill(out_o, rmask_o, hi_t, S, S, BKV, OUT)
 
 
 # chunk shapes vary (T, S and the output's row stride): one compile per head count and config
 @gluon.jit(do_not_specialize=["T", "S", "stride_out"])
 def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T, S, stride_out,
-                      H: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                      H: gl.constexpr, NUM_STAGES: gl.constexpr, EVICT_FIRST: gl.constexpr, num_warps: gl.constexpr):
     """Programs run last-first: in a causal prefill the last rows have the longest windows, and starting them
     first shortens the tail of the grid."""
     BKV: gl.constexpr = k_desc.block_type.shape[0]
@@ -233,7 +243,7 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     OUT: gl.constexpr = _out_layout(BKV, BQ, num_warps)
     gl.warp_specialize([
         (_mma_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
-                          stride_out, lo_t, n_tiles, H, NUM_STAGES, MMA, OUT)),
+                          stride_out, lo_t, n_tiles, H, NUM_STAGES, MMA, OUT, EVICT_FIRST)),
         (_load_partition, (q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, q0 * H, lo_t, n_tiles,
                            NUM_STAGES)),
     ], [1], [40])
@@ -277,7 +287,7 @@ def check_gluon_config(h: int, cfg: dict):
 
 def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config=None):
     """``indexer_logits_triton``'s contract (inputs already checked by ``indexer_logits``) on Hopper.
-    ``config``: BQ, num_warps (4 or 8: 64 or 128 keys a tile), num_stages, maxnreg (see ``config_for``)."""
+    ``config``: BQ, num_warps, num_stages, maxnreg, evict_first (see ``config_for``)."""
     t, h, _ = q_fp8.shape
     s = k_fp8.shape[0]
     cfg = config_for(h)
@@ -309,5 +319,5 @@ def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=No
     grid = (triton.cdiv(t, bq),)
     _logits_ws_kernel[grid](q_desc, k_desc, w.contiguous(), k_scale.contiguous(), row_start.contiguous(),
                             row_end.contiguous(), out, t, s, out.stride(0), H=h, NUM_STAGES=cfg["num_stages"],
-                            num_warps=nw, maxnreg=cfg["maxnreg"])
+                            EVICT_FIRST=bool(cfg["evict_first"]), num_warps=nw, maxnreg=cfg["maxnreg"])
     return out
