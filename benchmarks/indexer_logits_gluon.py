@@ -34,6 +34,8 @@ GLUON_CONFIGS = [None, {"num_stages": 6}, {"evict_first": False}, "one_wg"]
 def _config(name, h):
     bq = max(1, 128 // h)
     return {"one_wg": {"BQ": bq, "num_warps": 4, "maxnreg": 128}}.get(name, name) if isinstance(name, str) else name
+
+
 SHAPES = [(200_000, 8192, 32), (200_000, 8192, 64), (1 << 20, 2048, 32), (1 << 20, 2048, 64)]
 SAMPLE_ROWS = 32
 
