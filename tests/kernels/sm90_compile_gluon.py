@@ -1,7 +1,6 @@
 """Compile the Gluon FP8 grouped GEMM for Hopper (sm_90a) without a GPU, and read what ptxas says.
 
-    python -m tests.kernels.sm90_compile_gluon            # one line of JSON per configuration
-    python -m tests.kernels.sm90_compile_gluon --indexer  # the prefill indexer logits kernel's configurations
+    python -m tests.kernels.sm90_compile_gluon        # one line of JSON per configuration
 
 Gluon kernels have no CPU interpreter, so this is the only check a machine without a GPU can make: the kernel
 lowers through triton.compile (a GluonASTSource: the Gluon front end, then the NVIDIA backend) to PTX, and the
@@ -41,12 +40,23 @@ def _sass(cubin: str) -> str | None:
     return subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
 
 
-def _compile(fn, types: dict, constexprs: dict, div16: tuple[str, ...], num_warps: int, maxnreg: int,
-             config: str) -> dict:
-    """Lower the Gluon kernel ``fn`` for sm_90a as the launcher specialises it (pointers and ``div16`` integers
-    marked divisible by 16), assemble it with ptxas and read the PTX and machine code."""
+def compile_down_kernel(block_m: int, block_n: int, num_stages: int, maxnreg: int, scatter: bool) -> dict:
+    from indexcache.kernels.fp8_grouped_mm.gluon import GROUP_M, _grouped_fp8_ws_kernel, operand_layouts
+
+    a_layout, w_layout = operand_layouts(block_m, block_n)
+    num_warps = block_m // 16
+    types = {"a_desc": _desc_type("fp8e4nv", [block_m, 128], a_layout),
+             "w_desc": _desc_type("fp8e4nv", [block_n, 128], w_layout),
+             "sa_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*bf16", "out_row_ptr": "*i32", "row_w_ptr": "*fp32",
+             "tile_e_ptr": "*i32", "tile_row_ptr": "*i32", "row_end_ptr": "*i32"}
+    # the launcher's specialisations at the model's shapes: x's scales column-major (stride 1 along rows), or
+    # h's row-major scales (stride 1 along K blocks); out row-major
+    constexprs = {"stride_sam": 1, "stride_sk": 1, "stride_on": 1, "GROUP_M": GROUP_M, "NUM_STAGES": num_stages,
+                  "SCATTER_OUT": scatter, "num_warps": num_warps}
+    fn = _grouped_fp8_ws_kernel
     names = fn.arg_names
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    div16 = ("N", "K", "stride_se", "stride_sn", "stride_om")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in div16}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                          attrs=attrs)
@@ -63,65 +73,21 @@ def _compile(fn, types: dict, constexprs: dict, div16: tuple[str, ...], num_warp
     regs = re.findall(r"Used (\d+) registers", r.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
     waits = sorted({int(x) for x in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})
-    return {"config": config,
+    return {"config": f"{block_m}x{block_n} stages {num_stages} maxnreg {maxnreg} scatter {scatter}",
             "triton": triton.__version__, "registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0,
             "wgmma": ptx.count("wgmma.mma_async"), "wait_groups": waits,
             "setmaxnreg": len(re.findall(r"setmaxnreg", ptx)),
             "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
             "mbarrier_waits": len(re.findall(r"mbarrier\.try_wait", ptx)),
-            "shared_bytes": k.metadata.shared, "total_warps": k.metadata.num_warps,
+            "shared_bytes": k.metadata.shared,
             "wgmma_serialized": "wgmma.mma_async instructions are serialized" in r.stderr,
             # in the machine code: the fp8 MMAs and the waits that leave one MMA group in flight
             "sass_gmma": None if sass is None else len(re.findall(r"\bQGMMA\.", sass)),
             "sass_wait_1": None if sass is None else len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1\b", sass)),
-            # warp shuffles and shared-memory stores between the first and the last wgmma wait (the main loop)
-            "sass_loop_shfl": None if sass is None else _between_waits(sass).count("SHFL."),
-            "sass_loop_sts": None if sass is None else len(re.findall(r"\bSTS\b", _between_waits(sass))),
             "ptxas_notes": [ln for ln in r.stderr.splitlines() if "Performance" in ln or "arning" in ln]}
 
 
-def _between_waits(sass: str) -> str:
-    """The machine code from the first ``WARPGROUP.DEPBAR`` to the last (empty when there is none)."""
-    at = [m.start() for m in re.finditer(r"WARPGROUP\.DEPBAR", sass)]
-    return sass[at[0]:at[-1]] if at else ""
-
-
-def compile_down_kernel(block_m: int, block_n: int, num_stages: int, maxnreg: int, scatter: bool) -> dict:
-    from indexcache.kernels.fp8_grouped_mm.gluon import GROUP_M, _grouped_fp8_ws_kernel, operand_layouts
-
-    a_layout, w_layout = operand_layouts(block_m, block_n)
-    num_warps = block_m // 16
-    types = {"a_desc": _desc_type("fp8e4nv", [block_m, 128], a_layout),
-             "w_desc": _desc_type("fp8e4nv", [block_n, 128], w_layout),
-             "sa_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": "*bf16", "out_row_ptr": "*i32", "row_w_ptr": "*fp32",
-             "tile_e_ptr": "*i32", "tile_row_ptr": "*i32", "row_end_ptr": "*i32"}
-    # the launcher's specialisations at the model's shapes: x's scales column-major (stride 1 along rows), or
-    # h's row-major scales (stride 1 along K blocks); out row-major
-    constexprs = {"stride_sam": 1, "stride_sk": 1, "stride_on": 1, "GROUP_M": GROUP_M, "NUM_STAGES": num_stages,
-                  "SCATTER_OUT": scatter, "num_warps": num_warps}
-    return _compile(_grouped_fp8_ws_kernel, types, constexprs, ("N", "K", "stride_se", "stride_sn", "stride_om"),
-                    num_warps, maxnreg, f"{block_m}x{block_n} stages {num_stages} maxnreg {maxnreg} scatter {scatter}")
-
-
-def compile_indexer_kernel(h: int, bq: int, num_warps: int, num_stages: int, maxnreg: int) -> dict:
-    """The prefill indexer logits kernel (kernels/indexer/gluon.py) for H heads, BQ query rows a program."""
-    from indexcache.kernels.indexer.gluon import _logits_ws_kernel, column_groups, operand_layouts
-
-    n = bq * h
-    bkv = 16 * num_warps // column_groups(n)
-    q_layout, k_layout = operand_layouts(n, bkv)
-    types = {"q_desc": _desc_type("fp8e4nv", [n, 128], q_layout), "k_desc": _desc_type("fp8e4nv", [bkv, 128], k_layout),
-             "w_ptr": "*fp32", "ks_ptr": "*fp32", "rs_ptr": "*i32", "re_ptr": "*i32", "out_ptr": "*fp32"}
-    constexprs = {"H": h, "NUM_STAGES": num_stages, "EVICT_FIRST": True, "num_warps": num_warps}
-    row = _compile(_logits_ws_kernel, types, constexprs, (), num_warps, maxnreg,
-                   f"indexer H {h} BQ {bq} warps {num_warps} stages {num_stages} maxnreg {maxnreg}")
-    return {"kernel": "indexer_logits", **row}
-
-
 CONFIGS = [(64, 128, 4, 128, True), (128, 128, 4, 168, False)]
-# H, BQ, num_warps, num_stages, maxnreg: the indexer's default (config_for: 256 MMA columns on two warpgroups
-# side by side) at 32 and 64 heads, and 128 columns on one warpgroup (two CTAs an SM)
-INDEXER_CONFIGS = [(32, 8, 8, 4, 168), (64, 4, 8, 4, 168), (32, 4, 4, 4, 128)]
 
 
 def main() -> int:
@@ -131,10 +97,6 @@ def main() -> int:
     if ptxas_path() is None:
         print("sm90_compile_gluon: this Triton has no bundled ptxas")
         return 2
-    if "--indexer" in sys.argv[1:]:
-        for cfg in INDEXER_CONFIGS:
-            print(json.dumps(compile_indexer_kernel(*cfg)), flush=True)
-        return 0
     for cfg in CONFIGS:
         print(json.dumps(compile_down_kernel(*cfg)), flush=True)
     return 0

@@ -23,28 +23,16 @@ from indexcache.kernels.indexer.reference import (
 )
 
 
-def indexer_logits(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config: dict | None = None,
-                   kernel: str = "triton"):
+def indexer_logits(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config: dict | None = None):
     """logits [T,S] fp32: k_scale[s]·Σ_h w[t,h]·relu(q_fp8[t,h]·k_fp8[s]) for row_start[t] <= s < row_end[t], else -inf.
 
     q_fp8 [T,H,128] e4m3, w [T,H] fp32 (folded, see quantize_indexer_q), k_fp8 [S,128] e4m3, k_scale [S] fp32,
     row_start/row_end [T] int32 (clamped to [0,S]). ``out`` (optional) is a [T,S] fp32 buffer with unit column stride.
-    ``kernel``: "triton", or "gluon" for the warp-specialised Hopper kernel (gluon.py: CUDA only, H a power of
-    two). ``config`` overrides the launch parameters (keys of ``triton.prefill_config``, or of
-    ``gluon.config_for`` for the Gluon kernel; benchmarks sweep them).
+    ``config`` overrides the Triton launch parameters (keys of ``triton.prefill_config``; benchmarks sweep them).
     """
     t, _, s = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if out is not None and (tuple(out.shape) != (t, s) or out.dtype != torch.float32 or out.stride(1) != 1):
         raise ValueError(f"indexer_logits: out must be [T,S]=({t},{s}) fp32 with unit column stride, got {tuple(out.shape)}")
-    if kernel not in ("triton", "gluon"):
-        raise ValueError(f"indexer_logits: kernel must be 'triton' or 'gluon', got {kernel!r}")
-    if kernel == "gluon":
-        if not q_fp8.is_cuda:
-            raise ValueError(f"indexer_logits: kernel='gluon' needs CUDA tensors (Gluon has no CPU interpreter), "
-                             f"got {q_fp8.device}")
-        from indexcache.kernels.indexer.gluon import indexer_logits_gluon  # noqa: PLC0415
-
-        return indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, out=out, config=config)
     if use_triton(q_fp8):
         from indexcache.kernels.indexer.triton import indexer_logits_triton
 
