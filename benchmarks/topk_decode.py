@@ -1,15 +1,13 @@
-"""Decode top-k on the GPU: ``topk_rows_decode`` (one row over many programs; both variants: "split", three
-launches, and "fused", two) against ``topk_rows`` (the engine's decode path above EngineConfig.decode_topk_max_rows)
-and ``torch.topk``, each replayed in a CUDA graph, k = 2048, fp32 scores.
+"""Decode top-k on the GPU: ``topk_rows_decode`` (one row over many programs) against ``topk_rows`` (the engine's
+decode path above EngineConfig.decode_topk_max_rows) and ``torch.topk``, each replayed in a CUDA graph, k = 2048, fp32 scores.
 
     python -m benchmarks.topk_decode
 
-First checks the selections of both variants (index sets against the PyTorch reference and the current kernel,
-graph replays on fresh inputs, the workspace left zeroed); then times the cases (the kernels given int32 row
-ends, as the engine calls them), profiles each variant's launches (split: hist, filter1, filter2_final; fused:
-hist, filter_fused) inside the graph for every case, times 200K batch 1 over a few launch shapes
-(``tuning_sweep``), and prints tables last; writes ``topk_decode.json`` ($OUT, else runs/benchmarks). About two
-minutes on an H200.
+First checks the selections (index sets against the PyTorch reference and the current kernel, graph replays on
+fresh inputs, the workspace left zeroed); then times the cases (both kernels given int32 row ends, as the engine
+calls them), profiles the new kernel's three launches (hist, filter1, filter2_final) inside the graph for every
+case, times 200K batch 1 over a few launch shapes (``tuning_sweep``), and prints tables last; writes
+``topk_decode.json`` ($OUT, else runs/benchmarks). About a minute and a half on an H200.
 """
 from __future__ import annotations
 
@@ -24,13 +22,12 @@ import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import measure_ceilings, run_metadata, table, write_results
-from indexcache.kernels.topk import (DECODE_VARIANTS, DecodeTopkWorkspace, plan_decode_launches, topk_rows,
-                                     topk_rows_decode, topk_rows_reference)
+from indexcache.kernels.topk import (DecodeTopkWorkspace, plan_decode_launches, topk_rows, topk_rows_decode,
+                                     topk_rows_reference)
 
 K = 2048
 # (name, batch, row length, score distribution)
-CASES = [("200K", 1, 200_000, "randn"), ("200K_b4", 4, 200_000, "randn"), ("200K_b8", 8, 200_000, "randn"),
-         ("64K", 1, 64_000, "randn"),
+CASES = [("200K", 1, 200_000, "randn"), ("200K_b4", 4, 200_000, "randn"), ("64K", 1, 64_000, "randn"),
          ("1M", 1, 1_000_000, "randn"), ("200K_narrow", 1, 200_000, "narrow"), ("200K_ties", 1, 200_000, "ties"),
          # the engine's decode batches up to EngineConfig.decode_topk_max_rows (64) take the new kernel
          ("200K_b16", 16, 200_000, "randn"), ("200K_b64", 64, 200_000, "randn")]
@@ -54,19 +51,18 @@ def _graph_ms(fn):
     return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
-def check(name, B, N, dist, variant) -> bool:
-    """Index sets of one variant of the new kernel against the reference and topk_rows, eager and in graph
-    replays, and its workspace left zeroed: all of them hold."""
+def check(name, B, N, dist) -> dict:
+    """Index sets of the new kernel against the reference and topk_rows, eager and in graph replays."""
     x = _scores(B, N, dist, 1)
     ends = torch.tensor([N - 13 * i for i in range(B)], dtype=torch.int32, device="cuda")
     ws = DecodeTopkWorkspace.new(B, N, "cuda")
     ref = topk_rows_reference(x, K, row_end=ends)
-    new = topk_rows_decode(x, K, row_end=ends, workspace=ws, variant=variant)
+    new = topk_rows_decode(x, K, row_end=ends, workspace=ws)
     old = topk_rows(x, K, row_end=ends)
     ok = {"vs_reference": _same_sets(new, ref), "vs_topk_rows": _same_sets(new, old)}
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = topk_rows_decode(x, K, row_end=ends, workspace=ws, variant=variant)
+        out = topk_rows_decode(x, K, row_end=ends, workspace=ws)
     replay_ok = True
     for seed in (2, 3):
         x.copy_(_scores(B, N, dist, seed))
@@ -75,16 +71,14 @@ def check(name, B, N, dist, variant) -> bool:
     ok["graph_replay"] = replay_ok
     ok["workspace_reset"] = not (ws.hist.any() or ws.ctr.any())
     del g
-    if not all(ok.values()):
-        print(f"{name} {variant}: FAILED {ok}")
-    return all(ok.values())
+    return ok
 
 
-def launch_profile(x, ws, variant) -> dict:
-    """GPU time per launch of one variant of the new kernel inside a graph replay (microseconds per call)."""
+def launch_profile(x, ws) -> dict:
+    """GPU time per launch of the new kernel inside a graph replay (microseconds per call)."""
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        topk_rows_decode(x, K, workspace=ws, variant=variant)
+        topk_rows_decode(x, K, workspace=ws)
     n = 50
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
@@ -101,22 +95,17 @@ def launch_profile(x, ws, variant) -> dict:
 
 
 def tuning_sweep() -> list[dict]:
-    """200K, batch 1 replayed in a graph over a few (variant, entries per program, warps of hist / filter1 or the
-    fused filter, polls of the fused filter's helpers; spin 0: the row's last program filters list1 alone): data
-    for the kernel's defaults (_D_PROGS_PER_SM, _D_WARPS, _D_SPIN); every shape's selection is checked."""
+    """200K, batch 1 replayed in a graph over a few (entries per program, warps of hist / filter1): data for the
+    kernel's defaults (_D_PROGS_PER_SM, _D_WARPS); every variant's selection is checked."""
     N = 200_000
     x = _scores(1, N, "randn", 5)
     ends = torch.full((1,), N, dtype=torch.int32, device="cuda")
     ws = DecodeTopkWorkspace.new(1, N, "cuda")
     ref = topk_rows_reference(x, K)
     out = []
-    shapes = [("split", None, None, None), ("fused", None, None, None), ("split", 1024, 8, None),
-              ("fused", 1024, 8, None), ("fused", 2048, 8, None), ("fused", None, None, 0)]
-    for variant, sl, w, spin in shapes:
-        stages, run = plan_decode_launches(x, K, row_end=ends, workspace=ws, variant=variant, _slice=sl, _warps=w,
-                                           _spin=spin)
-        row = {"variant": variant, "slice": sl or "default", "warps": w or "default",
-               "spin": "default" if spin is None else spin}
+    for sl, w in ((None, None), (2048, 4), (4096, 4), (1024, 8), (2048, 8), (4096, 8)):
+        stages, run = plan_decode_launches(x, K, row_end=ends, workspace=ws, _slice=sl, _warps=w)
+        row = {"slice": sl or "default", "warps": w or "default"}
         try:
             if not _same_sets(run(), ref):
                 raise AssertionError("selection differs from the reference")
@@ -137,25 +126,18 @@ def main():
     for name, B, N, dist in CASES:
         row = {"case": name, "batch": B, "n": N, "k": K, "dist": dist}
         try:
-            for v in DECODE_VARIANTS:
-                row[f"{v}_ok"] = check(name, B, N, dist, v)
+            row.update(check(name, B, N, dist))
             x = _scores(B, N, dist, 4)
             ws = DecodeTopkWorkspace.new(B, N, "cuda")
             ends = torch.full((B,), N, dtype=torch.int32, device="cuda")   # int32 row ends, as the engine passes
-            outs = {v: topk_rows_decode(x, K, row_end=ends, workspace=ws, variant=v).clone() for v in DECODE_VARIANTS}
-            row["fused_eq_split"] = _same_sets(outs["fused"], outs["split"])
-            for v in DECODE_VARIANTS:   # "new_us": the split (default) variant, as in earlier runs
-                us = _graph_ms(lambda: topk_rows_decode(x, K, row_end=ends, workspace=ws, variant=v)) * 1e3
-                row["new_us" if v == "split" else f"{v}_us"] = us
+            row["new_us"] = _graph_ms(lambda: topk_rows_decode(x, K, row_end=ends, workspace=ws)) * 1e3
             row["topk_rows_us"] = _graph_ms(lambda: topk_rows(x, K, row_end=ends)) * 1e3
             row["torch_topk_us"] = _graph_ms(lambda: torch.topk(x, K, dim=1, sorted=False)) * 1e3
             row["speedup"] = row["topk_rows_us"] / row["new_us"]
-            row["fused_speedup"] = row["new_us"] / row["fused_us"]
             row["tbps"] = B * N * 4 / (row["new_us"] * 1e-6) / 1e12
             row["frac_copy"] = row["tbps"] / ceilings["copy_tbps"]
-            for v in DECODE_VARIANTS:
-                row[f"parts_us_{v}"] = launch_profile(x, ws, v)
-                print(f"{v} launches at {name} (us, graph replay):", row[f"parts_us_{v}"])
+            row["parts_us"] = launch_profile(x, ws)
+            print(f"new kernel launches at {name} (us, graph replay):", row["parts_us"])
         except Exception as e:  # one failing case is reported, the others still run
             row["error"] = repr(e)[:300]
         print(row)
@@ -164,16 +146,14 @@ def main():
     paths = write_results("topk_decode", {"meta": meta, "ceilings": ceilings, "rows": rows, "sweep_200K_b1": sweep})
     print("wrote", paths)
     for row in rows:
-        for v in DECODE_VARIANTS:
-            for part, us in row.get(f"parts_us_{v}", {}).items():
-                row[f"{part}_us" if v == "split" else f"{v}_{part}_us"] = us
-    print("200K batch 1 by variant, entries per program (slice), hist/filter warps and fused spin (defaults first):")
-    print(table(sweep, ["variant", "slice", "warps", "spin", "programs", "us", "error"]))
-    print("split = three launches (hist, filter1, filter2_final; new_us), fused = two (hist, filter_fused; fused_us); "
-          "*_ok: sets vs reference and topk_rows, graph replays, workspace zeroed")
-    print(table(rows, ["case", "split_ok", "fused_ok", "fused_eq_split", "new_us", "fused_us", "fused_speedup",
-                       "topk_rows_us", "torch_topk_us", "hist_us", "filter1_us", "filter2_final_us",
-                       "fused_hist_us", "fused_filter_fused_us", "error"]))
+        for part, us in row.get("parts_us", {}).items():
+            row[f"{part}_us"] = us
+    print("200K batch 1 by entries per program (slice) and hist/filter1 warps; the default is slice "
+          f"{sweep[0]['slice']}, {sweep[0]['warps']} warps (first row):")
+    print(table(sweep, ["slice", "warps", "programs", "us", "error"]))
+    print(table(rows, ["case", "vs_reference", "vs_topk_rows", "graph_replay", "workspace_reset", "new_us",
+                       "topk_rows_us", "torch_topk_us", "speedup", "hist_us", "filter1_us", "filter2_final_us",
+                       "error"]))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
     python -m tests.kernels.sm90_compile        # a table of the production kernels' registers, spills, wgmma
     python -m tests.kernels.sm90_compile --candidates   # the indexer candidates kernel and its append layout
-    python -m tests.kernels.sm90_compile --topk-decode  # the decode top-k's launches (both variants)
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -159,26 +158,6 @@ def candidates_kernels() -> list[tuple[str, dict]]:
     return out
 
 
-def topk_decode_kernels() -> list[tuple[str, dict]]:
-    """The decode top-k's launches (``topk_rows_decode``, fp32 scores, int32 row ends) at their GPU constants:
-    hist, and both variants' filters (split: filter1, filter2_final; fused: one filter launch)."""
-    from indexcache.kernels.topk import ops
-    from indexcache.kernels.topk import triton as tk
-
-    # no row starts: the launcher passes the logits in that slot (HAS_START False)
-    types = {"x_ptr": "*fp32", "starts": "*fp32", "ends": "*i32", "hist": "*i32", "ctr": "*i64", "state": "*i32",
-             "out": "*i32", "lists": "*i64"}
-    scan = {"BLOCK": ops._D_BLOCK, "NB": ops._D_NB, "NREP": ops._D_NREP, "W": ops._D_W, "HAS_START": False,
-            "HAS_END": True}
-    final = {"TB": ops._D_TB, "TI": ops._D_TI, "FB": ops._D_FB}
-    runs = [("dtopk hist", tk._dtopk_hist_kernel, scan),
-            ("dtopk filter1", tk._dtopk_filter1_kernel, scan),
-            ("dtopk filter2_final", tk._dtopk_filter2_final_kernel, {"BLOCK": ops._D_BLOCK2, **final}),
-            ("dtopk filter_fused", tk._dtopk_filter_fused_kernel,
-             {**scan, "BLOCK2": ops._D_BLOCK2_FUSED, **final, "FB": ops._D_FB_FUSED})]
-    return [(name, compile_sm90(fn, types, ce, num_warps=ops._D_WARPS, num_stages=1)) for name, fn, ce in runs]
-
-
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("sm90_compile: unset TRITON_INTERPRET (the kernels would be built as interpreter objects)")
@@ -190,10 +169,6 @@ def main() -> int:
         for name, r in candidates_kernels():
             print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
                   f"owner lanes ok {r['owner_lanes_ok']}", flush=True)
-        return 0
-    if "--topk-decode" in sys.argv[1:]:
-        for name, r in topk_decode_kernels():
-            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}", flush=True)
         return 0
     for name, r in production_kernels():
         print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "

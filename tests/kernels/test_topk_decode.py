@@ -1,11 +1,10 @@
 """Decode top-k (one row over many programs): index sets against the reference, the lower-column tie rule,
--1 padding, the workspace left zeroed for the next call (CUDA-graph replay); both variants (three launches, and
-two with filter2 and the final select fused into filter1's launch) where the tests say ``variant``."""
+-1 padding, the workspace left zeroed for the next call (CUDA-graph replay)."""
 import pytest
 import torch
 
-from indexcache.kernels.topk import (DECODE_VARIANTS, DecodeTopkWorkspace, plan_decode_launches, topk_rows,
-                                     topk_rows_decode, topk_rows_reference)
+from indexcache.kernels.topk import (DecodeTopkWorkspace, plan_decode_launches, topk_rows, topk_rows_decode,
+                                     topk_rows_reference)
 from tests.helpers import poison_torch_empty
 from tests.kernels.test_topk import long_hard_rows
 
@@ -35,8 +34,7 @@ def _check(x, k, ws=None, **kw):
     return out
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_random_ragged_rows_masked_tails(device, variant):
+def test_random_ragged_rows_masked_tails(device):
     torch.manual_seed(1)
     R, N, k = 6, 3001, 64
     x = torch.randn(R, N, device=device) * 3
@@ -45,7 +43,7 @@ def test_random_ragged_rows_masked_tails(device, variant):
     x[1, 300:400] = float("-inf")
     start = torch.tensor([0, 17, 1000, 2590, 5, 0], dtype=torch.int32, device=device)
     end = torch.tensor([2600, 2500, 1040, 2600, 5, 64], dtype=torch.int32, device=device)  # 40 / 10 / 0 / 64
-    out = _check(x, k, row_start=start, row_end=end, variant=variant)
+    out = _check(x, k, row_start=start, row_end=end)
     assert (out[3, 10:] == -1).all() and (out[4] == -1).all() and (out[5] >= 0).all()
     for r in range(R):
         v = out[r][out[r] >= 0]
@@ -66,19 +64,17 @@ def test_workspace_reused_across_calls(device):
         topk_rows_decode(torch.randn(R, N + 1, device=device), k, workspace=ws)
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_bounds_outside_the_row_are_clamped(device, variant):
+def test_bounds_outside_the_row_are_clamped(device):
     """The kernels clamp the window to [0, N] themselves (int64 bounds, negative, past the end, start > end)."""
     torch.manual_seed(12)
     x = torch.randn(4, 900, device=device)
     start = torch.tensor([-50, 0, 850, 600], dtype=torch.int64, device=device)
     end = torch.tensor([400, 5000, 2000, 500], dtype=torch.int64, device=device)
-    out = _check(x, 100, DecodeTopkWorkspace.new(4, 900, device), row_start=start, row_end=end, variant=variant)
+    out = _check(x, 100, DecodeTopkWorkspace.new(4, 900, device), row_start=start, row_end=end)
     assert (out[2, :50] >= 850).all() and (out[2, 50:] == -1).all() and (out[3] == -1).all()
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_head_of_a_larger_workspace(device, variant):
+def test_head_of_a_larger_workspace(device):
     """One workspace for the largest batch: calls of fewer rows and shorter rows run on its first rows (views of
     the same memory) and leave every row zeroed; asking for more rows than it holds is an error."""
     torch.manual_seed(11)
@@ -89,14 +85,13 @@ def test_head_of_a_larger_workspace(device, variant):
         ends = torch.tensor([n - 37 * i for i in range(R)], dtype=torch.int32, device=device)
         x = torch.randn(R, n, device=device) * 2
         x[0, n // 2:] = float("nan")
-        _check(x, 150, head, row_end=ends, variant=variant)
+        _check(x, 150, head, row_end=ends)
         assert not ws.hist.any() and not ws.ctr.any()
     with pytest.raises(ValueError, match=r"rows must be in \[1, 5\], got 6"):
         ws.head(6)
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_thousands_of_ties_at_the_threshold(device, variant):
+def test_thousands_of_ties_at_the_threshold(device):
     torch.manual_seed(3)
     R, N, k = 4, 6000, 300
     x = torch.randint(0, 6, (R, N), device=device).float()   # ~1000 equal values per level
@@ -104,24 +99,22 @@ def test_thousands_of_ties_at_the_threshold(device, variant):
     x[2, ::2] = 7.0                              # 3000 equal maxima: the first k of them
     x[3, 10:20] = 9.0                            # ten above, the rest from a tie level
     ws = DecodeTopkWorkspace.new(R, N, device)
-    out = _check(x, k, ws, variant=variant)
+    out = _check(x, k, ws)
     assert torch.equal(out[1].sort().values.cpu(), torch.arange(k, dtype=torch.int32))
     assert torch.equal(out[2].sort().values.cpu(), torch.arange(0, 2 * k, 2, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_tens_of_ties_ranked_by_counting(device, variant):
+def test_tens_of_ties_ranked_by_counting(device):
     torch.manual_seed(9)
     x = torch.randn(2, 3000, device=device) * 3
     for r in range(2):                           # 40 copies of the 50th largest value: ranked with the rest
         v = x[r].sort(descending=True).values[50]
         x[r, torch.randperm(3000, device=device)[:40]] = v
     ws = DecodeTopkWorkspace.new(2, 3000, device)
-    _check(x, 64, ws, variant=variant)
+    _check(x, 64, ws)
     assert ((ws.state[:, 6] > 16) & (ws.state[:, 6] <= 64)).all()   # several counting tiles in the final select
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_narrow_ranges_reach_the_later_digits(device, variant):
+def test_narrow_ranges_reach_the_later_digits(device):
     torch.manual_seed(4)
     R, N, k = 4, 5000, 257
     x = torch.empty(R, N, device=device)
@@ -131,7 +124,7 @@ def test_narrow_ranges_reach_the_later_digits(device, variant):
     x[3] = torch.randn(N, device=device) * 1e-30         # tiny values, -0.0 and +0.0 equal
     x[3, :50] = -0.0
     x[3, 50:100] = 0.0
-    _check(x, k, DecodeTopkWorkspace.new(R, N, device), variant=variant)
+    _check(x, k, DecodeTopkWorkspace.new(R, N, device))
 
 
 def _keys(x):
@@ -150,8 +143,7 @@ def _threshold_bin(h, m):
     return B, int(h[B + 1:].sum()), int(h[B])
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_threshold_bins_match_torch(device, variant):
+def test_threshold_bins_match_torch(device):
     """The hist and filter1 launches alone: the per-row state (m, B1, above1, n1, B2, above, n2) against torch
     histograms of the two digits, on rows whose blocks count through each histogram window (top, bottom, mean)
     and the per-entry atomics, with the threshold bin in each of them."""
@@ -172,8 +164,8 @@ def test_threshold_bins_match_torch(device, variant):
     x[7] = float("-inf")
     ends = torch.tensor([N, N - 5, N, 3001, 2000, 1000, N, N], dtype=torch.int32, device=device)
     ws = DecodeTopkWorkspace.new(R, N, device)
-    stages, _ = plan_decode_launches(x, k, row_end=ends, workspace=ws, variant=variant)
-    for _, launch in stages[:2]:                 # hist, filter1 (fused: hist, the fused filter)
+    stages, _ = plan_decode_launches(x, k, row_end=ends, workspace=ws)
+    for _, launch in stages[:2]:                 # hist, filter1
         launch()
         assert not ws.hist.any() and not ws.ctr.any()
     for r in range(R):
@@ -186,40 +178,24 @@ def test_threshold_bins_match_torch(device, variant):
         assert ws.state[r, :7].tolist() == [m, B1, above1, n1, B2, above1 + above2, n2], r
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_rows_shorter_than_k_and_empty(device, variant):
+def test_rows_shorter_than_k_and_empty(device):
     torch.manual_seed(5)
     x = torch.randn(3, 700, device=device)
     x[1, 100:] = float("nan")                    # 100 valid
     x[2] = float("-inf")                         # none valid
-    out = _check(x, 256, variant=variant)
+    out = _check(x, 256)
     assert (out[0, :] >= 0).all() and (out[1, 100:] == -1).all() and (out[2] == -1).all()
-    out = _check(torch.randn(2, 50, device=device), 64, variant=variant)   # N < k
+    out = _check(torch.randn(2, 50, device=device), 64)     # N < k
     assert (out[:, 50:] == -1).all()
-    assert (topk_rows_decode(torch.randn(2, 0, device=device), 8, variant=variant) == -1).all()
+    assert (topk_rows_decode(torch.randn(2, 0, device=device), 8) == -1).all()
 
 
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_fp16_and_single_program_slices(device, variant):
+def test_fp16_and_single_program_slices(device):
     torch.manual_seed(6)
     x = (torch.randn(3, 2500, device=device) * 2).to(torch.float16)   # fp16 rounding: many ties
-    _check(x, 333, variant=variant)
-    _check(x, 333, _slice=4096, variant=variant)     # one program per row
-    _check(x, 333, _slice=128, variant=variant)      # many programs per row
-
-
-def test_fused_waiters_that_see_nothing_leave(device):
-    """Fused variant with polling helpers (the interpreter runs programs one after another, so every helper polls,
-    sees no publication and leaves): the row's last program claims every list1 chunk and runs the final select."""
-    torch.manual_seed(13)
-    x = torch.randn(2, 3000, device=device)
-    x[1] = 2.0 + torch.rand(3000, device=device) * 1e-3     # one digit-1 bin: list1 holds the whole row
-    ws = DecodeTopkWorkspace.new(2, 3000, device)
-    _, run = plan_decode_launches(x, 300, workspace=ws, variant="fused", _slice=256, _spin=2)
-    out = run()
-    ref = topk_rows_reference(x, 300)
-    assert torch.equal(out.sort(dim=1).values.cpu(), ref.sort(dim=1).values.cpu())
-    assert not ws.hist.any() and not ws.ctr.any()
+    _check(x, 333)
+    _check(x, 333, _slice=4096)                  # one program per row
+    _check(x, 333, _slice=128)                   # many programs per row
 
 
 def test_matches_topk_rows(device):
@@ -238,29 +214,26 @@ def test_bad_arguments():
         topk_rows_decode(x[0], 4)
     with pytest.raises(ValueError, match="rows and n must be >= 1"):
         DecodeTopkWorkspace.new(0, 100, "cpu")
-    with pytest.raises(ValueError, match="variant must be one of"):
-        topk_rows_decode(x, 4, variant="fast")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_long_rows_graph_replay(dtype, variant):
+def test_gpu_long_rows_graph_replay(dtype):
     torch.manual_seed(8)
     x, ends = long_hard_rows(dtype)
     (R, N), k = x.shape, 2048
     x[5, :] = (x[5, :].float() * 4).round().to(dtype)   # thousands of ties at the threshold
     ws = DecodeTopkWorkspace.new(R, N, "cuda")
-    _check(x, k, ws, row_end=ends, variant=variant)
+    _check(x, k, ws, row_end=ends)
     for n in (64_000, 1_000_000):
-        _check(torch.randn(1, n, device="cuda").to(dtype), k, variant=variant)
+        _check(torch.randn(1, n, device="cuda").to(dtype), k)
     # replayed in a CUDA graph on new inputs, with the same workspace
     xs = torch.randn(4, N, device="cuda").to(dtype)
     ws4 = DecodeTopkWorkspace.new(4, N, "cuda")
-    topk_rows_decode(xs, k, workspace=ws4, variant=variant)
+    topk_rows_decode(xs, k, workspace=ws4)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = topk_rows_decode(xs, k, workspace=ws4, variant=variant)
+        out = topk_rows_decode(xs, k, workspace=ws4)
     for i in range(3):
         xs.copy_(torch.randn(4, N, device="cuda").to(dtype) + i)
         g.replay()

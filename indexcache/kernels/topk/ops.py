@@ -210,10 +210,6 @@ _D_PROGS_PER_SM = 4  # target programs per SM over all rows
 _D_TB, _D_TI = 256, 32   # final select: rank by counting up to _D_TB entries, _D_TI at a time
 _D_FB = 1024        # final select tile (16-ary path, padding)
 _D_WARPS = 4
-_D_BLOCK2_FUSED = 512   # list1 entries per claimed chunk of the fused variant
-_D_FB_FUSED = 512       # its final select tile (1024: a 4-byte spill in the 16-ary path on sm_90a)
-_D_SPIN = 32            # fused variant: polls (an L2 read each, ~0.3 us) a program waits for its row's B2
-DECODE_VARIANTS = ("split", "fused")   # three launches; two (filter1, filter2 and the final select in one)
 
 
 @dataclass
@@ -224,8 +220,7 @@ class DecodeTopkWorkspace:
     n: int
     hist: torch.Tensor      # int32 [rows, 2, NREP, 4096]: hist1 | hist2 replicas
     ctr: torch.Tensor       # int64 [rows, 8]: slot counters of filter1 / filter2, arrivals of the three launches
-                            # (the fused variant: 4 chunks done)
-    state: torch.Tensor     # int32 [rows, 8]: m, B1, above1, n1, B2, above, n2; fused: published + claims
+    state: torch.Tensor     # int32 [rows, 8]: m, B1, above1, n1, B2, above, n2
     lists: torch.Tensor     # int64 [rows, 2, n]: list1 | list2 composites
 
     @classmethod
@@ -253,32 +248,22 @@ class DecodeTopkWorkspace:
 
 def topk_rows_decode(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = None,
                      row_end: torch.Tensor | None = None, workspace: DecodeTopkWorkspace | None = None,
-                     variant: str = "split", _slice: int | None = None) -> torch.Tensor:
+                     _slice: int | None = None) -> torch.Tensor:
     """Column ids (int32 [R, k]) of the k largest values of each row among columns in [row_start, row_end);
     exactly ``topk_rows``'s selection (NaN / -inf never count, ties to the lower column, -1 padding after the
     valid ids; order within a row unspecified). Pass a ``DecodeTopkWorkspace`` made once per (rows, row length)
     when capturing a CUDA graph (the graph then holds only the three launches); without one each call allocates
-    a zeroed workspace. ``variant``: "split" (three launches: hist, filter1, filter2_final) or "fused" (two:
-    hist, then filter1 + filter2 + the final select in one launch); same selection. ``_slice``: entries per
-    program (test hook)."""
+    a zeroed workspace. ``_slice``: entries per program (test hook)."""
     _check(logits, k, row_start, row_end)
-    if variant not in DECODE_VARIANTS:
-        raise ValueError(f"topk_rows_decode: variant must be one of {DECODE_VARIANTS}, got {variant!r}")
     if not use_triton(logits):
         return topk_rows_reference(logits, k, row_start=row_start, row_end=row_end)
-    return plan_decode_launches(logits, k, row_start, row_end, workspace=workspace, variant=variant,
-                                _slice=_slice)[1]()
+    return plan_decode_launches(logits, k, row_start, row_end, workspace=workspace, _slice=_slice)[1]()
 
 
-def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=None, variant="split", _slice=None,
-                         _warps=None, _spin=None):
+def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=None, _slice=None, _warps=None):
     """The launches of one ``topk_rows_decode`` call as (name, thunk) pairs, and a thunk that runs them all and
     returns the output (benchmarks time the launches one by one). ``_warps``: warps of the hist and filter1
-    (or fused filter) launches (benchmark hook, like ``_slice``); ``_spin``: polls of the fused variant's helpers
-    (default: _D_SPIN when every program fits on the GPU at once, else 0: the row's last program filters list1
-    alone)."""
-    if variant not in DECODE_VARIANTS:
-        raise ValueError(f"topk_rows_decode: variant must be one of {DECODE_VARIANTS}, got {variant!r}")
+    launches (benchmark hook, like ``_slice``)."""
     from indexcache.kernels.topk import triton as tk
 
     R, N = logits.shape
@@ -309,16 +294,7 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
         sl = triton.cdiv(triton.cdiv(max(N, 1), per_row), block) * block
     P = triton.cdiv(max(N, 1), sl)
     ws, cap, x, s = workspace, workspace.n, logits, logits.stride(0)
-    warps = _warps or _D_WARPS
-    consts = dict(NB=_D_NB, NREP=_D_NREP, W=_D_W, num_warps=warps)
-    if _spin is not None:
-        spin = _spin
-    elif interp:    # the interpreter runs programs one after another: nobody publishes while another waits
-        spin = 0
-    else:   # helpers wait only when every program can be resident at once (the fused filter compiles to <= 128
-        # registers: 65536 // (128 * 32 * warps) programs per SM); else waiters would hold SMs the rest need
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        spin = _D_SPIN if R * P <= sms * max(1, 65536 // (128 * 32 * warps)) else 0
+    consts = dict(NB=_D_NB, NREP=_D_NREP, W=_D_W, num_warps=_warps or _D_WARPS)
 
     def hist():
         tk._dtopk_hist_kernel[(R, P)](x, s, N, starts, ends, ws.hist, ws.ctr, ws.state, k, sl, BLOCK=block,
@@ -334,16 +310,7 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
                                                TI=16 if interp else _D_TI, FB=256 if interp else _D_FB,
                                                num_warps=_D_WARPS)
 
-    def fused():
-        tk._dtopk_filter_fused_kernel[(R, P)](x, s, N, starts, ends, ws.hist, ws.ctr, ws.state, out, ws.lists, k,
-                                              sl, cap, spin, BLOCK=block, **consts, **win,
-                                              BLOCK2=64 if interp else _D_BLOCK2_FUSED, TB=64 if interp else _D_TB,
-                                              TI=16 if interp else _D_TI, FB=256 if interp else _D_FB_FUSED)
-
-    if variant == "fused":
-        stages = [("hist", hist), ("filter_fused", fused)]
-    else:
-        stages = [("hist", hist), ("filter1", filter1), ("filter2_final", filter2_final)]
+    stages = [("hist", hist), ("filter1", filter1), ("filter2_final", filter2_final)]
 
     def run():
         for _, fn in stages:

@@ -404,16 +404,17 @@ def _dtopk_hist_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, k, sl
         tl.store(state + r * 8 + 1, B1)
         tl.store(state + r * 8 + 2, above1)
         tl.store(state + r * 8 + 3, n1)
-        tl.store(state + r * 8 + 7, 0)         # the fused filter's publication flag and claims: none yet
 
 
-@triton.jit
-def _filter1_slice(x_ptr, stride_r, n, starts, ends, hist, ctr, state, out, lists, k, slice_len, cap, r, p,
-                   BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr,
-                   HAS_START: tl.constexpr, HAS_END: tl.constexpr):
-    """filter1 over program p's slice of row r: d1 > B1 to the output, d1 == B1 to list1 with their d2 into
-    hist2. Returns (m, above1, hist2 of the row)."""
+@triton.jit(do_not_specialize=["stride_r", "n", "k", "slice_len", "cap"])
+def _dtopk_filter1_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, out, lists, k, slice_len, cap,
+                          BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr,
+                          HAS_START: tl.constexpr, HAS_END: tl.constexpr):
+    r = tl.program_id(0)
+    p = tl.program_id(1)
+    m = tl.load(state + r * 8 + 0)
     B1 = tl.load(state + r * 8 + 1)
+    above1 = tl.load(state + r * 8 + 2)
     st, en = _row_window(starts, ends, r, n, HAS_START, HAS_END)
     b0 = st + p * slice_len
     b1 = tl.minimum(en, b0 + slice_len)
@@ -444,79 +445,13 @@ def _filter1_slice(x_ptr, stride_r, n, starts, ends, hist, ctr, state, out, list
                     _count_bins(h2, tl.where(s_in, d2, 0), s_in, ar, NB, NREP, W)
                 else:   # a few entries (the usual case): one atomic each, no block histogram
                     tl.atomic_add(h2 + (ar % NREP) * NB + d2, tl.full([BLOCK], 1, tl.int32), mask=s_in, sem="relaxed")
-    m = tl.load(state + r * 8 + 0)            # after the loop: two registers fewer in it
-    above1 = tl.load(state + r * 8 + 2)
-    return m, above1, h2
-
-
-@triton.jit
-def _second_threshold(state, ctr, r, m, above1, h2, NB: tl.constexpr, NREP: tl.constexpr):
-    """The row's last filter1 program: hist2 -> B2 among list1 (state), hist2 and the filter1 slots zeroed.
-    Returns (B2, count above B2's bin in the whole row, count in it)."""
-    h = _take_hist(h2, NB, NREP)
-    B2, above2, n2 = _threshold_bin(h, m - above1, tl.arange(0, NB))
-    tl.store(state + r * 8 + 4, B2)
-    tl.store(state + r * 8 + 5, above1 + above2)
-    tl.store(state + r * 8 + 6, n2)
-    tl.store(ctr + r * 8 + 0, tl.zeros([], tl.int64))
-    return B2, above1 + above2, n2
-
-
-@triton.jit(do_not_specialize=["stride_r", "n", "k", "slice_len", "cap"])
-def _dtopk_filter1_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, out, lists, k, slice_len, cap,
-                          BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr,
-                          HAS_START: tl.constexpr, HAS_END: tl.constexpr):
-    r = tl.program_id(0)
-    p = tl.program_id(1)
-    m, above1, h2 = _filter1_slice(x_ptr, stride_r, n, starts, ends, hist, ctr, state, out, lists, k, slice_len,
-                                   cap, r, p, BLOCK, NB, NREP, W, HAS_START, HAS_END)
     if arrive_last(ctr + r * 8 + 3, tl.num_programs(1)):  # the row's last program
-        _second_threshold(state, ctr, r, m, above1, h2, NB, NREP)
-
-
-@triton.jit
-def _filter2_block(ctr, r, outr, l1, l2, off, n1, above1, B2, BLOCK: tl.constexpr):
-    """list1[off, off + BLOCK): d2 > B2 to the output (after the above1 entries of filter1), d2 == B2 to list2.
-    list1 was written by other programs: L2 reads (.cg)."""
-    ar = tl.arange(0, BLOCK)
-    msk = off + ar < n1
-    comp = tl.load(l1 + off + ar, mask=msk, other=-1, cache_modifier=".cg")
-    d2 = ((comp >> 39) & 0xFFF).to(tl.int32)       # key bits 19..8 (the +2^31 leaves them alone)
-    s_hi = msk & (d2 > B2)
-    s_in = msk & (d2 == B2)
-    pk = s_hi.to(tl.int32) + (s_in.to(tl.int32) << 16)
-    tot = tl.sum(pk, axis=0)
-    if tot > 0:
-        cs = tl.cumsum(pk, axis=0)
-        old = tl.atomic_add(ctr + r * 8 + 1, ((tot & 0xFFFF).to(tl.int64) << 32) | (tot >> 16).to(tl.int64),
-                            sem="relaxed")
-        col = (2147483647 - (comp & 2147483647)).to(tl.int32)
-        tl.store(outr + above1 + (old >> 32).to(tl.int32) + (cs & 0xFFFF) - 1, col, mask=s_hi)
-        tl.store(l2 + (old & 0xFFFFFFFF).to(tl.int32) + (cs >> 16) - 1, comp, mask=s_in)
-
-
-@triton.jit
-def _final_select(ctr, r, m, above, n2, outr, l2, k, TB: tl.constexpr, TI: tl.constexpr, FB: tl.constexpr):
-    """After the row's whole filter2: the remaining ``need`` = m - above among the n2 entries of list2 (rank by
-    counting up to TB entries, else the 16-ary select), -1 padding, the filter2 slots zeroed. list2 comes from
-    other programs (.cg)."""
-    tl.store(ctr + r * 8 + 1, tl.zeros([], tl.int64))
-    need = m - above
-    if need > 0:
-        if n2 <= TB:    # rank by counting: composites are unique
-            aj = tl.arange(0, TB)
-            ai = tl.arange(0, TI)
-            cj = tl.load(l2 + aj, mask=aj < n2, other=-1, cache_modifier=".cg")
-            for i0 in range(0, n2, TI):
-                ci = tl.load(l2 + i0 + ai, mask=i0 + ai < n2, other=-1, cache_modifier=".cg")
-                rank = tl.sum((cj[None, :] > ci[:, None]).to(tl.int32), axis=1)
-                col = (2147483647 - (ci & 2147483647)).to(tl.int32)
-                tl.store(outr + above + rank, col, mask=(i0 + ai < n2) & (rank < need))
-        else:
-            _select_write16(l2, n2, need, outr + above, FB, 16)
-    af = tl.arange(0, FB)
-    for off in range(m, k, FB):
-        tl.store(outr + off + af, tl.full([FB], -1, tl.int32), mask=off + af < k)
+        h = _take_hist(h2, NB, NREP)
+        B2, above2, n2 = _threshold_bin(h, m - above1, tl.arange(0, NB))
+        tl.store(state + r * 8 + 4, B2)
+        tl.store(state + r * 8 + 5, above1 + above2)
+        tl.store(state + r * 8 + 6, n2)
+        tl.store(ctr + r * 8 + 0, tl.zeros([], tl.int64))
 
 
 @triton.jit(do_not_specialize=["k", "cap"])
@@ -532,76 +467,42 @@ def _dtopk_filter2_final_kernel(ctr, state, out, lists, k, cap, BLOCK: tl.conste
     outr = out + r.to(tl.int64) * k
     l1 = lists + r.to(tl.int64) * (2 * cap)
     l2 = l1 + cap
+    ar = tl.arange(0, BLOCK)
     for off in range(p * BLOCK, n1, P * BLOCK):
-        _filter2_block(ctr, r, outr, l1, l2, off, n1, above1, B2, BLOCK)
+        msk = off + ar < n1
+        comp = tl.load(l1 + off + ar, mask=msk, other=-1)
+        d2 = ((comp >> 39) & 0xFFF).to(tl.int32)       # key bits 19..8 (the +2^31 leaves them alone)
+        s_hi = msk & (d2 > B2)
+        s_in = msk & (d2 == B2)
+        pk = s_hi.to(tl.int32) + (s_in.to(tl.int32) << 16)
+        tot = tl.sum(pk, axis=0)
+        if tot > 0:
+            cs = tl.cumsum(pk, axis=0)
+            old = tl.atomic_add(ctr + r * 8 + 1, ((tot & 0xFFFF).to(tl.int64) << 32) | (tot >> 16).to(tl.int64),
+                                sem="relaxed")
+            col = (2147483647 - (comp & 2147483647)).to(tl.int32)
+            tl.store(outr + above1 + (old >> 32).to(tl.int32) + (cs & 0xFFFF) - 1, col, mask=s_hi)
+            tl.store(l2 + (old & 0xFFFFFFFF).to(tl.int32) + (cs >> 16) - 1, comp, mask=s_in)
     if arrive_last(ctr + r * 8 + 4, tl.num_programs(1)):  # the row's last program
-        above = tl.load(state + r * 8 + 5, cache_modifier=".cg")
-        n2 = tl.load(state + r * 8 + 6, cache_modifier=".cg")
-        _final_select(ctr, r, m, above, n2, outr, l2, k, TB, TI, FB)
-
-
-# Two launches (``topk_rows_decode(..., variant="fused")``): hist as above, then ONE launch for filter1, filter2
-# and the final select. The row's last filter1 program finds B2, publishes (state slot 7 := 2^30, release) and
-# filters chunk 0 of list1 (BLOCK2 entries per chunk) itself; chunks 1, 2, ... are claimed one at a time by
-# adding 1 to state slot 7 (2^30 + claims so far): by the last program after each of its chunks, and by every
-# other program of the row that sees the publication within ``spin`` polls after its own filter1 slice (a row's
-# programs are usually all resident and finish together, so the wait is the last program's short threshold
-# step). A program that stops waiting just leaves: the last program claims whatever is left, so nothing depends
-# on who waits or for how long. Whoever completes the row's last chunk (ctr slot 4 counts them) runs the final
-# select. The hist launch zeroes slot 7 (``state`` is per-call scratch; ``ctr`` stays zero at rest), and the
-# polled flag sits away from the line of the row's atomics. The serial path after the row's last arrival:
-# threshold, publish, chunk 0 (a list1 read, its slot atomic), chunk-done atomic, final select (a list2 read).
-@triton.jit(do_not_specialize=["stride_r", "n", "k", "slice_len", "cap", "spin"])
-def _dtopk_filter_fused_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, out, lists, k, slice_len, cap,
-                               spin, BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr,
-                               HAS_START: tl.constexpr, HAS_END: tl.constexpr, BLOCK2: tl.constexpr,
-                               TB: tl.constexpr, TI: tl.constexpr, FB: tl.constexpr):
-    r = tl.program_id(0)
-    p = tl.program_id(1)
-    m, above1, h2 = _filter1_slice(x_ptr, stride_r, n, starts, ends, hist, ctr, state, out, lists, k, slice_len,
-                                   cap, r, p, BLOCK, NB, NREP, W, HAS_START, HAS_END)
-    outr = out + r.to(tl.int64) * k
-    l1 = lists + r.to(tl.int64) * (2 * cap)
-    l2 = l1 + cap
-    pub = state + r * 8 + 7                    # 0 until published, then 2^30 + chunks claimed
-    n1 = tl.load(state + r * 8 + 3)            # from the hist launch
-    nch = tl.cdiv(n1, BLOCK2)                  # list1 chunks
-    c = nch                                    # this program's next chunk (none while c >= nch)
-    B2 = nch
-    above = nch
-    n2 = nch
-    final = nch < 0                            # this program runs the row's final select
-    if arrive_last(ctr + r * 8 + 3, tl.num_programs(1)):   # the row's last filter1 program
-        B2, above, n2 = _second_threshold(state, ctr, r, m, above1, h2, NB, NREP)
-        final = nch == 0                       # nothing in list1 (the row is taken whole, or empty)
-        if nch > 0:
-            tl.debug_barrier()
-            tl.atomic_xchg(pub, 1 << 30, sem="release")
-            c = nch * 0                        # chunk 0 is this program's
-    elif nch > 0:
-        seen = tl.load(pub, volatile=True)     # polls: reads, not atomics
-        it = 0
-        while (seen == 0) & (it < spin):
-            seen = tl.load(pub, volatile=True)
-            it += 1
-        # one atomic (a single value for the whole program, whatever each thread's polls saw); acquire: B2 and
-        # list1 are visible from here on when it is published
-        if tl.atomic_add(pub, 0, sem="acquire") != 0:
-            B2 = tl.load(state + r * 8 + 4, cache_modifier=".cg")
-            above = tl.load(state + r * 8 + 5, cache_modifier=".cg")
-            n2 = tl.load(state + r * 8 + 6, cache_modifier=".cg")
-            c = tl.atomic_add(pub, 1, sem="relaxed") - (1 << 30) + 1
-    while c < nch:
-        _filter2_block(ctr, r, outr, l1, l2, c * BLOCK2, n1, above1, B2, BLOCK2)
-        tl.debug_barrier()
-        if tl.atomic_add(ctr + r * 8 + 4, 1, sem="acq_rel") == nch - 1:   # the row's last chunk: list2 complete
-            tl.store(ctr + r * 8 + 4, tl.zeros([], tl.int64))
-            final = nch >= 0
-            c = nch
-        else:
-            c = tl.atomic_add(pub, 1, sem="relaxed") - (1 << 30) + 1
-    if final:
-        _final_select(ctr, r, m, above, n2, outr, l2, k, TB, TI, FB)
+        tl.store(ctr + r * 8 + 1, tl.zeros([], tl.int64))
+        above = tl.load(state + r * 8 + 5)
+        n2 = tl.load(state + r * 8 + 6)
+        need = m - above
+        if need > 0:
+            if n2 <= TB:    # rank by counting: composites are unique
+                aj = tl.arange(0, TB)
+                ai = tl.arange(0, TI)
+                cj = tl.load(l2 + aj, mask=aj < n2, other=-1, cache_modifier=".cg")
+                for i0 in range(0, n2, TI):
+                    ci = tl.load(l2 + i0 + ai, mask=i0 + ai < n2, other=-1, cache_modifier=".cg")
+                    rank = tl.sum((cj[None, :] > ci[:, None]).to(tl.int32), axis=1)
+                    col = (2147483647 - (ci & 2147483647)).to(tl.int32)
+                    tl.store(outr + above + rank, col, mask=(i0 + ai < n2) & (rank < need))
+            else:
+                _select_write16(l2, n2, need, outr + above, FB, 16)
+        af = tl.arange(0, FB)
+        for off in range(m, k, FB):
+            tl.store(outr + off + af, tl.full([FB], -1, tl.int32), mask=off + af < k)
 
 
 # ------------------------------------------------------------------------------------- prefill: one launch
