@@ -44,12 +44,12 @@ optimizer: the copying was gone at every length within 125 steps):
 H200 run 56 ran that curriculum: the copying moved to any position (64-token copies at 16K: 0.70) but never to
 any distance ((a) at chance at every length and stage). On the CPU (benchmarks/results/copy16_cpu.log) a copier
 as sharp as the testbed's after its 64-token stage (attention logits ~3.5x the 4-layer CPU model's) collapses at a
-4x first jump (64 -> 256) and extends in 2x steps. The testbed's copy stage with 2x steps from 128 to 4096 (1000
-steps of 64-token windows, then 100 steps at each length, 16384 tokens a step; ~3.5 minutes):
+4x first jump (64 -> 256) and extends in 2x steps. The testbed's copy stage with 2x steps from 128 to 4096 (900
+steps of 64-token windows, then 100 steps at each length, 16384 tokens a step; ~3.3 minutes):
 
-    python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.375 \
-        --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1600 \
-        --eval-steps 1000,1100,1200,1300,1400,1500 --eval-lengths 64,1024,4096 --eval-distances 1024,4096 \
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.4 \
+        --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1500 \
+        --eval-steps 900,1000,1100,1200,1300,1400 --eval-lengths 64,256,1024,4096 --eval-distances 1024,4096 \
         --results copy_position_2x
 """
 from __future__ import annotations
@@ -92,6 +92,28 @@ def build(args, topk: int):
                                  init_std=base.init_std if args.init_std is None else args.init_std)
     cfg = dataclasses.replace(tc.model_config(), rope_theta=args.rope_theta)
     return tc, build_empty(cfg, args.device, torch.float32)
+
+
+def load_init(model, path: str, args) -> None:
+    """Load a saved state dict into ``model``; ``args.grow``: it may hold only the first layers (the rest stay
+    freshly initialised with their attention and MLP outputs at zero, so the model computes what the saved one
+    did); ``args.q_scale``: every layer's query projection times that (attention logits times that: the same
+    copier, sharper)."""
+    sd = torch.load(path, map_location=args.device)
+    own = model.state_dict()
+    extra = sorted(set(sd) - set(own))
+    missing = sorted(set(own) - set(sd))
+    if extra or (missing and not args.grow):
+        raise ValueError(f"{path} does not fit this model: unexpected {extra[:3]}, missing {missing[:3]} "
+                         f"(--grow loads a shallower model's layers)")
+    model.load_state_dict(sd, strict=False)
+    loaded = {int(k.split(".")[1]) for k in sd if k.startswith("layers.")}
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            if i not in loaded:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            layer.self_attn.q_b_proj.weight.mul_(args.q_scale)
 
 
 def _autocast(model):
@@ -313,6 +335,11 @@ def main(argv=None) -> int:
                     help="layer of the previous-token heads to profile (default: the one attending most to it)")
     ap.add_argument("--eval-only", default=None, help="evaluate this saved state dict, no training")
     ap.add_argument("--save", default=None, help="save the state dict here (and the optimizer's as SAVE.opt)")
+    ap.add_argument("--grow", action="store_true",
+                    help="--init/--eval-only may hold fewer layers: they become the first layers, the others start "
+                         "with zero attention and MLP outputs (the same function, more layers to train)")
+    ap.add_argument("--q-scale", type=float, default=1.0,
+                    help="multiply the loaded model's query projections (attention logits) by this: a sharper copier")
     ap.add_argument("--init-opt", default=None, help="continue this saved optimizer state (SAVE.opt) with --init")
     ap.add_argument("--warm", type=int, default=20, help="learning-rate warm-up steps")
     ap.add_argument("--seed", type=int, default=0)
@@ -327,15 +354,15 @@ def main(argv=None) -> int:
         ap.error(f"--length takes several lengths only with --data long-phase, got {args.length}")
     longest = max(args.length)
     tc, model = build(args, topk=max(args.eval_lengths + [longest]))  # top-k >= every window: dense
+    model.init_random(args.seed, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)  # (--grow: the new layers)
     if args.eval_only:
-        model.load_state_dict(torch.load(args.eval_only, map_location=args.device))
+        load_init(model, args.eval_only, args)
         res = evaluate(model, args, f"{args.eval_only}")
         res["analysis"] = analyse(model, args)
         print(json.dumps(res))
         return 0
-    model.init_random(args.seed, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)
     if args.init:
-        model.load_state_dict(torch.load(args.init, map_location=args.device))
+        load_init(model, args.init, args)
     gen = torch.Generator().manual_seed(args.seed)
     long_tc = dataclasses.replace(tc, copy_length=64, copy_batch=args.batch * longest // 64,
                                   copy_long_length=tuple(args.length), copy_long_share=args.long_share,
