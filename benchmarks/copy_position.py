@@ -7,7 +7,9 @@ attention (the copy stage never trains the indexer, so its top-k is random):
 
 - copied letters' NLL after a 4-letter cue (chance ln 26 = 3.26) on (a) copy windows of L tokens
   (``tasks.copy_window_spans``: the copy distance grows with L) and (b) 64-token copy windows with L - 64 random
-  letters inserted after ``<bos>`` (the same copy distance, more tokens before it);
+  letters inserted after ``<bos>`` (the same copy distance, more tokens before it); with ``--eval-distances``
+  also (c) the long phase's own windows of those lengths (one copy per 64 tokens, log-uniform distances, held-out
+  seeds) by copy distance (12-31, 32-63, 64-127, ...): how far the copying reaches ((a) holds one copy at ~0.4 L);
 - per head of the previous-token heads' layer (layer 0 in the small models, layer 2 in the 16-layer testbed model;
   ``--probe-layer`` picks another), the attention on the previous token at the end of 64- and 512-token windows of
   random letters (the heads that induction builds on), and the largest content-averaged logit at distances 2..63
@@ -39,6 +41,16 @@ optimizer: the copying was gone at every length within 125 steps):
     python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.25 \
         --length 16384 --batch 1 --steps 1500 --eval-steps 1125,1250,1375 \
         --eval-lengths 64,1024,4096,16384 --results copy_position_one_jump
+H200 run 56 ran that curriculum: the copying moved to any position (64-token copies at 16K: 0.70) but never to
+any distance ((a) at chance at every length and stage). On the CPU (benchmarks/results/copy16_cpu.log) a copier
+as sharp as the testbed's after its 64-token stage (attention logits ~3.5x the 4-layer CPU model's) collapses at a
+4x first jump (64 -> 256) and extends in 2x steps. The testbed's copy stage with 2x steps from 128 to 4096 (900
+steps of 64-token windows, then 100 steps at each length, 16384 tokens a step; ~3.3 minutes):
+
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.4 \
+        --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1500 \
+        --eval-steps 900,1000,1100,1200,1300,1400 --eval-lengths 64,256,1024,4096 --eval-distances 1024,4096 \
+        --results copy_position_2x
 """
 from __future__ import annotations
 
@@ -60,8 +72,8 @@ from benchmarks.common import run_metadata, table, write_results  # noqa: E402
 from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
-from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, copy_episode_windows, copy_window_spans,  # noqa: E402
-                                    copy_windows)
+from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, copy_episode_spans, copy_episode_windows,  # noqa: E402
+                                    copy_window_spans, copy_windows)
 from indexcache.tools.train import PRESETS, _lr_at, copy_batches  # noqa: E402
 from indexcache.tools.trainfwd import attention_qkv, dense_logits, forward_train  # noqa: E402
 
@@ -80,6 +92,28 @@ def build(args, topk: int):
                                  init_std=base.init_std if args.init_std is None else args.init_std)
     cfg = dataclasses.replace(tc.model_config(), rope_theta=args.rope_theta)
     return tc, build_empty(cfg, args.device, torch.float32)
+
+
+def load_init(model, path: str, args) -> None:
+    """Load a saved state dict into ``model``; ``args.grow``: it may hold only the first layers (the rest stay
+    freshly initialised with their attention and MLP outputs at zero, so the model computes what the saved one
+    did); ``args.q_scale``: every layer's query projection times that (attention logits times that: the same
+    copier, sharper)."""
+    sd = torch.load(path, map_location=args.device)
+    own = model.state_dict()
+    extra = sorted(set(sd) - set(own))
+    missing = sorted(set(own) - set(sd))
+    if extra or (missing and not args.grow):
+        raise ValueError(f"{path} does not fit this model: unexpected {extra[:3]}, missing {missing[:3]} "
+                         f"(--grow loads a shallower model's layers)")
+    model.load_state_dict(sd, strict=False)
+    loaded = {int(k.split(".")[1]) for k in sd if k.startswith("layers.")}
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            if i not in loaded:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            layer.self_attn.q_b_proj.weight.mul_(args.q_scale)
 
 
 def _autocast(model):
@@ -101,6 +135,29 @@ def copied_nll(model, rows, cue: int = 4, chunk: int = 4) -> float:
         nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
         picked += [nll[i, dst + cue - 1: dst + n - 1] for i, (_, (_, dst, n)) in enumerate(part)]
     return float(torch.cat(picked).mean())
+
+
+@torch.no_grad()
+def distance_table(model, length: int, windows: int, cue: int = 4) -> dict:
+    """Copied letters' NLL in the long phase's own windows (``length`` tokens, one copy per 64, log-uniform copy
+    distances, held-out seeds) by copy distance: {lowest distance of the bin: (NLL, copies)}, bins 12..31, 32..63,
+    64..127 and on in powers of two. Unlike (a)'s one copy at ~0.4 L, this shows how far the copying reaches."""
+    device = next(model.parameters()).device
+    sums: dict[int, list] = {}
+    for i in range(windows):
+        win, spans = copy_episode_spans(length + 1, (1 << 42) + i, 64, length - 24, gaps="log")
+        ids = win[None].to(device)
+        with _autocast(model):
+            logits = dense_logits(model, ids[:, :-1])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")[0].cpu()
+        for src, dst, n in spans:
+            d = dst - src
+            b = 12 if d < 32 else 1 << (d.bit_length() - 1)
+            acc = sums.setdefault(b, [0.0, 0, 0])
+            acc[0] += float(nll[dst + cue - 1: dst + n - 1].sum())
+            acc[1] += n - cue
+            acc[2] += 1
+    return {b: (total / letters, copies) for b, (total, letters, copies) in sorted(sums.items())}
 
 
 def length_table(model, lengths, windows: int) -> dict:
@@ -228,11 +285,16 @@ def evaluate(model, args, label: str) -> dict:
     layer, heads = previous_token_heads(model, layer=args.probe_layer)
     cells = "  ".join(f"L{L} {a:.2f}/{b:.2f}" for L, (a, b) in table.items())
     print(f"{label}: copied NLL (a) copy window / (b) 64-window shifted: {cells}", flush=True)
+    dist = {L: distance_table(model, L, max(1, args.windows // 4)) for L in args.eval_distances}
+    for L, bins in dist.items():
+        print(f"  (c) L{L} long-phase windows, copied NLL by copy distance: "
+              + "  ".join(f"{b}+ {v:.2f}" for b, (v, _) in bins.items()), flush=True)
     for i, hd in enumerate(heads):
         print(f"  L{layer} h{i}: prev-token attention {hd['prev_attn_64']:.2f} over 64 keys -> "
               f"{hd['prev_attn_full']:.2f} over 512; logit d=1 {hd['logit_d1']:.1f}, max d in 2..63 "
               f"{hd['max_logit_d2_63']:.1f}, max d >= 64 {hd['max_logit_d64_up']:.1f}", flush=True)
-    return {"label": label, "table": {str(k): v for k, v in table.items()}, "prev_layer": layer, "heads": heads}
+    return {"label": label, "table": {str(k): v for k, v in table.items()}, "prev_layer": layer, "heads": heads,
+            "by_distance": {str(L): {str(b): v for b, v in bins.items()} for L, bins in dist.items()}}
 
 
 def main(argv=None) -> int:
@@ -267,10 +329,19 @@ def main(argv=None) -> int:
                          "whole copy stage as run_stage trains it, one optimizer: TrainConfig.copy_long_share)")
     ap.add_argument("--eval-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256, 512])
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--eval-distances", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                    help="also the copied NLL by copy distance in long-phase windows of these lengths ((c))")
     ap.add_argument("--probe-layer", type=int, default=None,
                     help="layer of the previous-token heads to profile (default: the one attending most to it)")
     ap.add_argument("--eval-only", default=None, help="evaluate this saved state dict, no training")
-    ap.add_argument("--save", default=None)
+    ap.add_argument("--save", default=None, help="save the state dict here (and the optimizer's as SAVE.opt)")
+    ap.add_argument("--grow", action="store_true",
+                    help="--init/--eval-only may hold fewer layers: they become the first layers, the others start "
+                         "with zero attention and MLP outputs (the same function, more layers to train)")
+    ap.add_argument("--q-scale", type=float, default=1.0,
+                    help="multiply the loaded model's query projections (attention logits) by this: a sharper copier")
+    ap.add_argument("--init-opt", default=None, help="continue this saved optimizer state (SAVE.opt) with --init")
+    ap.add_argument("--warm", type=int, default=20, help="learning-rate warm-up steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--testbed-shape", action="store_true",
@@ -283,26 +354,28 @@ def main(argv=None) -> int:
         ap.error(f"--length takes several lengths only with --data long-phase, got {args.length}")
     longest = max(args.length)
     tc, model = build(args, topk=max(args.eval_lengths + [longest]))  # top-k >= every window: dense
+    model.init_random(args.seed, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)  # (--grow: the new layers)
     if args.eval_only:
-        model.load_state_dict(torch.load(args.eval_only, map_location=args.device))
+        load_init(model, args.eval_only, args)
         res = evaluate(model, args, f"{args.eval_only}")
         res["analysis"] = analyse(model, args)
         print(json.dumps(res))
         return 0
-    model.init_random(args.seed, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)
     if args.init:
-        model.load_state_dict(torch.load(args.init, map_location=args.device))
+        load_init(model, args.init, args)
     gen = torch.Generator().manual_seed(args.seed)
     long_tc = dataclasses.replace(tc, copy_length=64, copy_batch=args.batch * longest // 64,
                                   copy_long_length=tuple(args.length), copy_long_share=args.long_share,
                                   copy_long_gaps=args.gaps, copy_long_mix=args.mix)
     params = [p for n, p in model.named_parameters() if ".indexer." not in n]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    if args.init_opt:
+        opt.load_state_dict(torch.load(args.init_opt, map_location=args.device))
     results, t0, curve = [], time.perf_counter(), []
     for step in range(args.steps):
         model.train()
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, args.steps, args.lr, decay=False)
+            g["lr"] = _lr_at(step, args.steps, args.lr, warm=args.warm, decay=False)
         if args.data == "long-phase":  # what run_stage("copy") draws in its long phase (TrainConfig.copy_long_*)
             batches = copy_batches(long_tc, step, args.steps, gen)
         elif args.data == "stage":
@@ -329,6 +402,7 @@ def main(argv=None) -> int:
     results[-1]["analysis"] = analyse(model, args)
     if args.save:
         torch.save(model.state_dict(), args.save)
+        torch.save(opt.state_dict(), args.save + ".opt")
     payload = {"meta": run_metadata(), "args": vars(args), "results": results}
     print(json.dumps(payload))
     if args.results:

@@ -28,3 +28,58 @@ def test_long_phase_curriculum_whole_stage(capsys):
 def test_several_lengths_only_for_the_long_phase():
     with pytest.raises(SystemExit):
         main(TINY + ["--data", "stage", "--length", "64,128", "--steps", "1"])
+
+
+def test_distance_eval_save_and_continued_optimizer(tmp_path, capsys):
+    """--save writes the model and its optimizer (SAVE.opt); --init/--init-opt continue both; --eval-distances
+    bins every copy of the long phase's held-out windows by its distance (12-31, then powers of two)."""
+    import torch
+
+    from indexcache.tools.tasks import copy_episode_spans
+
+    save = str(tmp_path / "m.pt")
+    assert main(TINY + ["--data", "stage", "--length", "64", "--steps", "2", "--save", save]) == 0
+    assert torch.load(save + ".opt")["state"]  # AdamW moments, not an empty state
+    capsys.readouterr()
+    assert main(TINY + ["--data", "long-phase", "--length", "128", "--steps", "1", "--init", save,
+                        "--init-opt", save + ".opt", "--warm", "0", "--eval-distances", "256"]) == 0
+    bins = _payload(capsys.readouterr().out)["results"][-1]["by_distance"]["256"]
+    spans = copy_episode_spans(257, 1 << 42, 64, 232, gaps="log")[1]  # the one held-out window (--windows 1)
+    want = {}
+    for src, dst, _ in spans:
+        b = 12 if dst - src < 32 else 1 << ((dst - src).bit_length() - 1)
+        want[str(b)] = want.get(str(b), 0) + 1
+    assert {b: c for b, (_, c) in bins.items()} == want and len(want) >= 2
+    assert all(0 < nll < 10 for nll, _ in bins.values())
+
+
+def test_grow_and_q_scale(tmp_path, capsys):
+    """--grow loads a shallower model as the first layers, the new ones computing nothing yet (same outputs);
+    without it a model of another depth is refused by name; --q-scale multiplies the query projections."""
+    import argparse
+
+    import torch
+
+    from benchmarks.copy_position import build, load_init
+    from indexcache.tools.trainfwd import dense_logits
+
+    save = str(tmp_path / "m.pt")
+    assert main(TINY + ["--data", "stage", "--length", "64", "--steps", "1", "--save", save]) == 0
+
+    def model(layers, grow=False, q_scale=1.0):
+        a = argparse.Namespace(width=32, testbed_shape=False, layers=layers, heads=2, nope=32, rope=16, init_std=None,
+                               rope_theta=10000.0, device="cpu", grow=grow, q_scale=q_scale)
+        tc, m = build(a, 128)
+        m.init_random(3, std=tc.init_std, mlp_out_std=0.02)  # nonzero MLP outputs: --grow must zero them
+        load_init(m, save, a)
+        return m
+
+    ids = torch.randint(97, 123, (2, 40))
+    shallow, deep = model(2), model(3, grow=True)
+    assert torch.allclose(dense_logits(shallow, ids), dense_logits(deep, ids), atol=1e-5)
+    new = deep.layers[2]
+    assert new.self_attn.o_proj.weight.abs().sum() == 0 and new.mlp.down_proj.weight.abs().sum() == 0
+    q_b = [m.layers[1].self_attn.q_b_proj.weight for m in (model(2, q_scale=3.0), shallow)]
+    assert torch.equal(q_b[0], 3 * q_b[1])
+    with pytest.raises(ValueError, match="missing"):
+        model(3)
