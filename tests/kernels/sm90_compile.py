@@ -158,12 +158,19 @@ def candidates_kernels() -> list[tuple[str, dict]]:
     return out
 
 
-def main() -> int:
+def toolchain_problem(tool: str) -> str | None:
+    """Why ``tool`` cannot compile for sm_90a here (None when it can)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("sm90_compile: unset TRITON_INTERPRET (the kernels would be built as interpreter objects)")
-        return 2
+        return f"{tool}: unset TRITON_INTERPRET (the kernels would be built as interpreter objects)"
     if ptxas_path() is None:
-        print("sm90_compile: this Triton has no bundled ptxas")
+        return f"{tool}: this Triton has no bundled ptxas"
+    return None
+
+
+def main() -> int:
+    problem = toolchain_problem("sm90_compile")
+    if problem:
+        print(problem)
         return 2
     if "--candidates" in sys.argv[1:]:
         for name, r in candidates_kernels():

@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from tests.kernels.sm90_compile import ptxas_path
+from tests.kernels.sm90_compile import ptxas_path, toolchain_problem
 
 
 def _desc_type(dtype: str, block: list[int], layout) -> str:
@@ -91,11 +91,9 @@ CONFIGS = [(64, 128, 4, 128, True), (128, 128, 4, 168, False)]
 
 
 def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("sm90_compile_gluon: unset TRITON_INTERPRET")
-        return 2
-    if ptxas_path() is None:
-        print("sm90_compile_gluon: this Triton has no bundled ptxas")
+    problem = toolchain_problem("sm90_compile_gluon")
+    if problem:
+        print(problem)
         return 2
     for cfg in CONFIGS:
         print(json.dumps(compile_down_kernel(*cfg)), flush=True)
