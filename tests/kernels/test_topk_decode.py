@@ -171,10 +171,10 @@ def test_threshold_bins_match_torch(device):
     for r in range(R):
         key, ok = _keys(x[r, : int(ends[r])].cpu())
         key = key[ok]
-        d1 = (key >> 20) + 2048
+        d1 = (key >> 24) + 128                   # digit 1: key bits 31..24, digit 2: bits 23..12
         m = min(key.numel(), k)
-        B1, above1, n1 = _threshold_bin(torch.bincount(d1, minlength=4096), m)
-        B2, above2, n2 = _threshold_bin(torch.bincount((key[d1 == B1] >> 8) & 0xFFF, minlength=4096), m - above1)
+        B1, above1, n1 = _threshold_bin(torch.bincount(d1, minlength=256), m)
+        B2, above2, n2 = _threshold_bin(torch.bincount((key[d1 == B1] >> 12) & 0xFFF, minlength=4096), m - above1)
         assert ws.state[r, :7].tolist() == [m, B1, above1, n1, B2, above1 + above2, n2], r
 
 
