@@ -19,6 +19,7 @@ _D_NB, _D_NREP, _D_W, _D_BLOCK, _D_BLOCK2, _D_PROGS_PER_SM = 4096, 4, 32, 1024, 
 _D_TB, _D_TI, _D_FB, _D_WARPS = 256, 32, 1024, 4
 
 
+@triton.jit
 def _select_write16(scrr, n_in, need, outp, FB: tl.constexpr, NB: tl.constexpr):
     """Write the column ids of the ``need`` largest of the n_in unique composites in scrr to outp[0:need] by a
     16-ary search (the many-programs decode path's final select when its last list is too long to rank)."""
