@@ -1,13 +1,15 @@
-"""Decode top-k on the GPU: ``topk_rows_decode`` (one row over many programs) against ``topk_rows`` (the engine's
-decode path above EngineConfig.decode_topk_max_rows) and ``torch.topk``, each replayed in a CUDA graph, k = 2048, fp32 scores.
+"""Decode top-k on the GPU: ``topk_rows_decode`` (one row over many programs) against the run-59 kernels it
+replaces (``benchmarks/topk_decode_baseline.py``, same algorithm with a 4096-bin first digit) and ``torch.topk``,
+each replayed in a CUDA graph, k = 2048, fp32 scores.
 
     python -m benchmarks.topk_decode
 
-First checks the selections (index sets against the PyTorch reference and the current kernel, graph replays on
-fresh inputs, the workspace left zeroed); then times the cases (both kernels given int32 row ends, as the engine
-calls them), profiles the new kernel's three launches (hist, filter1, filter2_final) inside the graph for every
-case, times 200K batch 1 over a few launch shapes (``tuning_sweep``), and prints tables last; writes
-``topk_decode.json`` ($OUT, else runs/benchmarks). About a minute and a half on an H200.
+Per case: first checks the selections (index sets of the new kernel against the PyTorch reference, ``topk_rows``
+and the run-59 kernels, which are checked against the reference too; graph replays on fresh inputs; both
+workspaces left zeroed); then times new and run-59 alternately (two rounds, best median of each: the same-run
+ratio), torch.topk once, and profiles each path's three launches inside a graph. Both kernels get int32 row ends,
+as the engine calls them. Prints a table last; writes ``topk_decode.json`` ($OUT, else runs/benchmarks) with
+same-run ceilings. About a minute on an H200.
 """
 from __future__ import annotations
 
@@ -22,21 +24,25 @@ import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import measure_ceilings, run_metadata, table, write_results
-from indexcache.kernels.topk import (DecodeTopkWorkspace, plan_decode_launches, topk_rows, topk_rows_decode,
-                                     topk_rows_reference)
+from benchmarks.topk_decode_baseline import BaselineWorkspace, baseline_decode_launches
+from indexcache.kernels.topk import DecodeTopkWorkspace, topk_rows, topk_rows_decode, topk_rows_reference
 
 K = 2048
-# (name, batch, row length, score distribution)
-CASES = [("200K", 1, 200_000, "randn"), ("200K_b4", 4, 200_000, "randn"), ("64K", 1, 64_000, "randn"),
-         ("1M", 1, 1_000_000, "randn"), ("200K_narrow", 1, 200_000, "narrow"), ("200K_ties", 1, 200_000, "ties"),
-         # the engine's decode batches up to EngineConfig.decode_topk_max_rows (64) take the new kernel
-         ("200K_b16", 16, 200_000, "randn"), ("200K_b64", 64, 200_000, "randn")]
+# (name, batch, row length, row end (None: the whole row), score distribution)
+CASES = [("200K", 1, 200_000, None, "randn"), ("200K_b4", 4, 200_000, None, "randn"),
+         ("200K_b8", 8, 200_000, None, "randn"), ("1M", 1, 1_000_000, None, "randn"),
+         ("64K", 1, 64_000, None, "randn"),
+         # the engine's graphs score max_model_len keys with the context length as the row end
+         ("200K_of_256K", 1, 262_144, 200_000, "randn"),
+         ("200K_narrow", 1, 200_000, None, "narrow"), ("200K_ties", 1, 200_000, None, "ties"),
+         # the engine's decode batches up to EngineConfig.decode_topk_max_rows (64) take this kernel
+         ("200K_b16", 16, 200_000, None, "randn"), ("200K_b64", 64, 200_000, None, "randn")]
 
 
 def _scores(B, N, dist, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(B, N, device="cuda", generator=g)
-    if dist == "narrow":    # a small spread on a large mean: most keys share the first radix digit
+    if dist == "narrow":    # a small spread on a large mean: every key shares the first radix digit
         x = 10.0 + 0.01 * x
     elif dist == "ties":    # a few levels only: thousands of ties at the threshold
         x = (x * 2).round()
@@ -47,38 +53,46 @@ def _same_sets(a, b):
     return torch.equal(a.sort(dim=1).values, b.sort(dim=1).values)
 
 
-def _graph_ms(fn):
-    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+def _graph_us(fn, rep=60):
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")) * 1e3
 
 
-def check(name, B, N, dist) -> dict:
-    """Index sets of the new kernel against the reference and topk_rows, eager and in graph replays."""
+def _paths(x, ends, ws_new, ws_old):
+    """Thunks of the new and the run-59 path on x (each returns its output)."""
+    _, old = baseline_decode_launches(x, K, ends, ws_old)
+    return (lambda: topk_rows_decode(x, K, row_end=ends, workspace=ws_new)), old
+
+
+def check(B, N, end, dist) -> dict:
+    """Index sets (ragged row ends) against the reference, topk_rows and run 59, eager and in graph replays."""
     x = _scores(B, N, dist, 1)
-    ends = torch.tensor([N - 13 * i for i in range(B)], dtype=torch.int32, device="cuda")
-    ws = DecodeTopkWorkspace.new(B, N, "cuda")
+    e0 = end or N
+    ends = torch.tensor([e0 - 13 * i for i in range(B)], dtype=torch.int32, device="cuda")
+    ws, wo = DecodeTopkWorkspace.new(B, N, "cuda"), BaselineWorkspace(B, N, "cuda")
+    new_fn, old_fn = _paths(x, ends, ws, wo)
     ref = topk_rows_reference(x, K, row_end=ends)
-    new = topk_rows_decode(x, K, row_end=ends, workspace=ws)
-    old = topk_rows(x, K, row_end=ends)
-    ok = {"vs_reference": _same_sets(new, ref), "vs_topk_rows": _same_sets(new, old)}
+    new, old = new_fn(), old_fn()
+    ok = {"vs_reference": _same_sets(new, ref), "vs_run59": _same_sets(new, old),
+          "run59_vs_reference": _same_sets(old, ref), "vs_topk_rows": _same_sets(new, topk_rows(x, K, row_end=ends))}
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = topk_rows_decode(x, K, row_end=ends, workspace=ws)
+        out = new_fn()
     replay_ok = True
     for seed in (2, 3):
         x.copy_(_scores(B, N, dist, seed))
         g.replay()
         replay_ok &= _same_sets(out, topk_rows_reference(x, K, row_end=ends))
     ok["graph_replay"] = replay_ok
-    ok["workspace_reset"] = not (ws.hist.any() or ws.ctr.any())
+    ok["workspace_reset"] = not (ws.hist.any() or ws.ctr.any() or wo.hist.any() or wo.ctr.any())
     del g
     return ok
 
 
-def launch_profile(x, ws) -> dict:
-    """GPU time per launch of the new kernel inside a graph replay (microseconds per call)."""
+def launch_profile(fn) -> dict:
+    """GPU time per launch of a path inside a graph replay (microseconds per call)."""
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        topk_rows_decode(x, K, workspace=ws)
+        fn()
     n = 50
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
@@ -94,65 +108,49 @@ def launch_profile(x, ws) -> dict:
     return parts
 
 
-def tuning_sweep() -> list[dict]:
-    """200K, batch 1 replayed in a graph over a few (entries per program, warps of hist / filter1): data for the
-    kernel's defaults (_D_PROGS_PER_SM, _D_WARPS); every variant's selection is checked."""
-    N = 200_000
-    x = _scores(1, N, "randn", 5)
-    ends = torch.full((1,), N, dtype=torch.int32, device="cuda")
-    ws = DecodeTopkWorkspace.new(1, N, "cuda")
-    ref = topk_rows_reference(x, K)
-    out = []
-    for sl, w in ((None, None), (2048, 4), (4096, 4), (1024, 8), (2048, 8), (4096, 8)):
-        stages, run = plan_decode_launches(x, K, row_end=ends, workspace=ws, _slice=sl, _warps=w)
-        row = {"slice": sl or "default", "warps": w or "default"}
-        try:
-            if not _same_sets(run(), ref):
-                raise AssertionError("selection differs from the reference")
-            row["us"] = _graph_ms(run) * 1e3
-            row["programs"] = -(-N // sl) if sl else "default"
-        except Exception as e:  # noqa: BLE001 (a failing variant is reported)
-            row["error"] = repr(e)[:200]
-        print(row)
-        out.append(row)
-    return out
-
-
 def main():
     meta = run_metadata()
     ceilings = measure_ceilings()
     print("ceilings:", {k: (round(v, 1) if isinstance(v, float) else v) for k, v in ceilings.items()})
     rows = []
-    for name, B, N, dist in CASES:
-        row = {"case": name, "batch": B, "n": N, "k": K, "dist": dist}
+    for name, B, N, end, dist in CASES:
+        row = {"case": name, "batch": B, "n": N, "row_end": end or N, "k": K, "dist": dist}
         try:
-            row.update(check(name, B, N, dist))
+            row.update(check(B, N, end, dist))
             x = _scores(B, N, dist, 4)
-            ws = DecodeTopkWorkspace.new(B, N, "cuda")
-            ends = torch.full((B,), N, dtype=torch.int32, device="cuda")   # int32 row ends, as the engine passes
-            row["new_us"] = _graph_ms(lambda: topk_rows_decode(x, K, row_end=ends, workspace=ws)) * 1e3
-            row["topk_rows_us"] = _graph_ms(lambda: topk_rows(x, K, row_end=ends)) * 1e3
-            row["torch_topk_us"] = _graph_ms(lambda: torch.topk(x, K, dim=1, sorted=False)) * 1e3
-            row["speedup"] = row["topk_rows_us"] / row["new_us"]
-            row["tbps"] = B * N * 4 / (row["new_us"] * 1e-6) / 1e12
+            ends = torch.full((B,), end or N, dtype=torch.int32, device="cuda")  # int32 row ends, as the engine
+            new_fn, old_fn = _paths(x, ends, DecodeTopkWorkspace.new(B, N, "cuda"), BaselineWorkspace(B, N, "cuda"))
+            new_t, old_t = [], []
+            for _ in range(2):      # alternate: drifting clocks hit both paths alike
+                new_t.append(_graph_us(new_fn))
+                old_t.append(_graph_us(old_fn))
+            row["new_us"], row["run59_us"] = min(new_t), min(old_t)
+            row["new_rounds_us"], row["run59_rounds_us"] = new_t, old_t
+            row["speedup"] = row["run59_us"] / row["new_us"]
+            xe = x[:, : end or N]
+            row["torch_topk_us"] = _graph_us(lambda: torch.topk(xe, K, dim=1, sorted=False))
+            row["tbps"] = B * (end or N) * 4 / (row["new_us"] * 1e-6) / 1e12
             row["frac_copy"] = row["tbps"] / ceilings["copy_tbps"]
-            row["parts_us"] = launch_profile(x, ws)
-            print(f"new kernel launches at {name} (us, graph replay):", row["parts_us"])
+            row["parts_new_us"] = launch_profile(new_fn)
+            row["parts_run59_us"] = launch_profile(old_fn)
+            print(f"{name} launches (us, graph replay): new {row['parts_new_us']}, run 59 {row['parts_run59_us']}")
         except Exception as e:  # one failing case is reported, the others still run
             row["error"] = repr(e)[:300]
-        print(row)
+        print(row, flush=True)
         rows.append(row)
-    sweep = tuning_sweep()
-    paths = write_results("topk_decode", {"meta": meta, "ceilings": ceilings, "rows": rows, "sweep_200K_b1": sweep})
+    paths = write_results("topk_decode", {"meta": meta, "ceilings": ceilings, "rows": rows})
     print("wrote", paths)
     for row in rows:
-        for part, us in row.get("parts_us", {}).items():
-            row[f"{part}_us"] = us
-    print("200K batch 1 by entries per program (slice) and hist/filter1 warps; the default is slice "
-          f"{sweep[0]['slice']}, {sweep[0]['warps']} warps (first row):")
-    print(table(sweep, ["slice", "warps", "programs", "us", "error"]))
-    print(table(rows, ["case", "vs_reference", "vs_topk_rows", "graph_replay", "workspace_reset", "new_us",
-                       "topk_rows_us", "torch_topk_us", "speedup", "hist_us", "filter1_us", "filter2_final_us",
+        for tag in ("new", "run59"):
+            for part, us in row.get(f"parts_{tag}_us", {}).items():
+                row[f"{tag}_{part}"] = us
+        row["sets_ok"] = all(row.get(c) for c in ("vs_reference", "vs_run59", "run59_vs_reference", "vs_topk_rows",
+                                                  "graph_replay", "workspace_reset"))
+    print("new = topk_rows_decode (256-bin first digit), run59 = the kernels it replaces; us per call in a CUDA "
+          "graph (best of two alternating medians); new_hist / new_filter1 / new_filter2_final: GPU time per launch; "
+          "sets_ok: index sets vs reference, run 59 and topk_rows, graph replays, workspaces zeroed")
+    print(table(rows, ["case", "sets_ok", "new_us", "run59_us", "speedup", "torch_topk_us", "new_hist",
+                       "new_filter1", "new_filter2_final", "run59_hist", "run59_filter1", "run59_filter2_final",
                        "error"]))
 
 

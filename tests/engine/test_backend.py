@@ -54,7 +54,7 @@ def test_decode_topk_workspace_rows():
     within workspace_bytes."""
     cfg = EngineConfig(max_model_len=4096, max_num_seqs=16)
     per_row = DecodeTopkWorkspace.bytes_per_row(4096)
-    assert per_row == 16 * 4096 + 2 * 4 * 4096 * 4 + 96
+    assert per_row == 16 * 4096 + (256 + 4 * 4096) * 4 + 96    # lists, hist1 | hist2 replicas, counters and state
     assert decode_topk_rows(cfg, "fp8") == 16
     assert decode_topk_rows(cfg, "exact") == 0 and decode_topk_bytes(cfg, "exact") == 0
     assert decode_topk_rows(EngineConfig(max_model_len=4096, max_num_seqs=256), "fp8") == 16   # the default cap

@@ -2,6 +2,7 @@
 
     python -m tests.kernels.sm90_compile        # a table of the production kernels' registers, spills, wgmma
     python -m tests.kernels.sm90_compile --candidates   # the indexer candidates kernel and its append layout
+    python -m tests.kernels.sm90_compile --topk-decode  # the decode top-k's three launches
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -158,6 +159,22 @@ def candidates_kernels() -> list[tuple[str, dict]]:
     return out
 
 
+def topk_decode_kernels() -> list[tuple[str, dict]]:
+    """The decode top-k's launches (``topk_rows_decode``, fp32 scores, int32 row ends) at their GPU constants."""
+    from indexcache.kernels.topk import ops
+    from indexcache.kernels.topk import triton as tk
+
+    # no row starts: the launcher passes the logits in that slot (HAS_START False)
+    types = {"x_ptr": "*fp32", "starts": "*fp32", "ends": "*i32", "hist": "*i32", "ctr": "*i64", "state": "*i32",
+             "out": "*i32", "lists": "*i64"}
+    win = {"BLOCK": ops._D_BLOCK, "NB1": ops._D_NB1, "HROW": ops._D_HROW, "HAS_START": False, "HAS_END": True}
+    runs = [("dtopk hist", tk._dtopk_hist_kernel, win),
+            ("dtopk filter1", tk._dtopk_filter1_kernel, {**win, "NB": ops._D_NB, "NREP": ops._D_NREP, "W": ops._D_W}),
+            ("dtopk filter2_final", tk._dtopk_filter2_final_kernel,
+             {"BLOCK": ops._D_BLOCK2, "TB": ops._D_TB, "TI": ops._D_TI, "FB": ops._D_FB, "NBIN": ops._D_NBIN})]
+    return [(name, compile_sm90(fn, types, ce, num_warps=ops._D_WARPS, num_stages=1)) for name, fn, ce in runs]
+
+
 def toolchain_problem(tool: str) -> str | None:
     """Why ``tool`` cannot compile for sm_90a here (None when it can)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -176,6 +193,10 @@ def main() -> int:
         for name, r in candidates_kernels():
             print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
                   f"owner lanes ok {r['owner_lanes_ok']}", flush=True)
+        return 0
+    if "--topk-decode" in sys.argv[1:]:
+        for name, r in topk_decode_kernels():
+            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}", flush=True)
         return 0
     for name, r in production_kernels():
         print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "

@@ -43,3 +43,19 @@ def test_indexer_candidates_kernel_compiles_and_append_sees_quad_replicas():
     assert len(lines) == 2, r.stdout
     for line in lines:
         assert "spill bytes    0" in line and "owner lanes ok True" in line, line
+
+
+def test_decode_topk_launches_compile_without_spills():
+    """The decode top-k's three launches (hist, filter1, filter2_final) compile for sm_90a without spills."""
+    from tests.kernels.sm90_compile import ptxas_path
+
+    if ptxas_path() is None:
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "--topk-decode"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if "registers" in line]
+    assert len(lines) == 3, r.stdout
+    for line in lines:
+        assert "spill bytes    0" in line, line

@@ -163,7 +163,29 @@ def test_threshold_bins_match_torch(device):
     x[6, 1::70] = -1e20                                       # that centre the mean on it
     x[7] = float("-inf")
     ends = torch.tensor([N, N - 5, N, 3001, 2000, 1000, N, N], dtype=torch.int32, device=device)
+    _check_state(x, k, ends)
+
+
+def test_threshold_bins_in_digit_2_windows(device):
+    """Rows inside one digit-1 bin with their digit 2 spread over thousands of bins: list1's blocks count digit 2
+    through the windows and per-entry atomics, with the threshold bin among the per-entry bins (top 7%), at the
+    block means (about half the row), near the block bottoms (almost all of it) and in a bin of 1000 ties (whose
+    final select takes the histogram rounds)."""
+    torch.manual_seed(13)
+    R, N, k = 4, 3000, 200
+    x = 2.0 + torch.rand(R, N, device=device) * 5.9          # [2, 7.9): one digit-1 bin, ~3000 digit-2 bins
+    x[3, ::3] = 7.7                                          # ~70 above 1000 ties: the threshold among them
+    ends = torch.tensor([N, 400, 205, N], dtype=torch.int32, device=device)
+    _check_state(x, k, ends)
     ws = DecodeTopkWorkspace.new(R, N, device)
+    _check(x, k, ws, row_end=ends)
+    assert int(ws.state[3, 6]) >= 1000           # list2 of the tie row: past TB, the histogram rounds
+
+
+def _check_state(x, k, ends):
+    """Run the hist and filter1 launches and compare the per-row state with torch histograms of the digits."""
+    R, N = x.shape
+    ws = DecodeTopkWorkspace.new(R, N, x.device)
     stages, _ = plan_decode_launches(x, k, row_end=ends, workspace=ws)
     for _, launch in stages[:2]:                 # hist, filter1
         launch()
@@ -171,10 +193,10 @@ def test_threshold_bins_match_torch(device):
     for r in range(R):
         key, ok = _keys(x[r, : int(ends[r])].cpu())
         key = key[ok]
-        d1 = (key >> 20) + 2048
+        d1 = (key >> 24) + 128                   # digit 1: key bits 31..24, digit 2: bits 23..12
         m = min(key.numel(), k)
-        B1, above1, n1 = _threshold_bin(torch.bincount(d1, minlength=4096), m)
-        B2, above2, n2 = _threshold_bin(torch.bincount((key[d1 == B1] >> 8) & 0xFFF, minlength=4096), m - above1)
+        B1, above1, n1 = _threshold_bin(torch.bincount(d1, minlength=256), m)
+        B2, above2, n2 = _threshold_bin(torch.bincount((key[d1 == B1] >> 12) & 0xFFF, minlength=4096), m - above1)
         assert ws.state[r, :7].tolist() == [m, B1, above1, n1, B2, above1 + above2, n2], r
 
 

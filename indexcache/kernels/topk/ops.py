@@ -201,24 +201,26 @@ def bracket_stats(dbg, k):
 
 
 
-_D_NB = 4096        # bins per radix digit (12 bits); the kernels hard-code the digit positions
-_D_NREP = 4         # replicas of each histogram for the per-entry atomics (a hot bin spread over 4 addresses)
-_D_W = 32           # window of the block histogram: top 32, bottom 32, 64 around the mean (128 bins)
+_D_NB1 = 256        # bins of radix digit 1 (key bits 31..24); the kernels hard-code the digit positions
+_D_NB = 4096        # bins of radix digit 2 (key bits 23..12)
+_D_NREP = 4         # replicas of the digit-2 histogram for the per-entry atomics (a hot bin over 4 addresses)
+_D_W = 32           # window of the digit-2 block histogram: top 32, bottom 32, 64 around the mean (128 bins)
+_D_HROW = _D_NB1 + _D_NREP * _D_NB   # int32 histogram entries per row: hist1 | hist2 replicas
 _D_BLOCK = 1024     # entries per block of the hist / filter1 passes
 _D_BLOCK2 = 256     # list1 entries per block of the filter2 pass
 _D_PROGS_PER_SM = 4  # target programs per SM over all rows
 _D_TB, _D_TI = 256, 32   # final select: rank by counting up to _D_TB entries, _D_TI at a time
-_D_FB = 1024        # final select tile (16-ary path, padding)
+_D_FB, _D_NBIN = 1024, 256   # final select of a longer list: tile and bins per histogram round; padding tile
 _D_WARPS = 4
 
 
 @dataclass
 class DecodeTopkWorkspace:
     """Scratch of ``topk_rows_decode`` for ``rows`` rows of up to ``n`` entries (16 B per entry per row plus
-    128 KiB per row). ``hist`` and ``ctr`` must be zero between calls; the kernels leave them so."""
+    65 KiB per row). ``hist`` and ``ctr`` must be zero between calls; the kernels leave them so."""
     rows: int
     n: int
-    hist: torch.Tensor      # int32 [rows, 2, NREP, 4096]: hist1 | hist2 replicas
+    hist: torch.Tensor      # int32 [rows, 256 + NREP * 4096]: hist1 | hist2 replicas
     ctr: torch.Tensor       # int64 [rows, 8]: slot counters of filter1 / filter2, arrivals of the three launches
     state: torch.Tensor     # int32 [rows, 8]: m, B1, above1, n1, B2, above, n2
     lists: torch.Tensor     # int64 [rows, 2, n]: list1 | list2 composites
@@ -227,7 +229,7 @@ class DecodeTopkWorkspace:
     def new(cls, rows: int, n: int, device) -> "DecodeTopkWorkspace":
         if rows < 1 or n < 1:
             raise ValueError(f"DecodeTopkWorkspace: rows and n must be >= 1, got rows={rows}, n={n}")
-        return cls(rows, n, torch.zeros((rows, 2, _D_NREP, _D_NB), dtype=torch.int32, device=device),
+        return cls(rows, n, torch.zeros((rows, _D_HROW), dtype=torch.int32, device=device),
                    torch.zeros((rows, 8), dtype=torch.int64, device=device),
                    torch.empty((rows, 8), dtype=torch.int32, device=device),
                    torch.empty((rows, 2, n), dtype=torch.int64, device=device))
@@ -235,7 +237,7 @@ class DecodeTopkWorkspace:
     @staticmethod
     def bytes_per_row(n: int) -> int:
         """Device bytes of one row of a workspace for rows of up to ``n`` entries."""
-        return 2 * _D_NREP * _D_NB * 4 + 8 * 8 + 8 * 4 + 2 * n * 8
+        return _D_HROW * 4 + 8 * 8 + 8 * 4 + 2 * n * 8
 
     def head(self, rows: int) -> "DecodeTopkWorkspace":
         """A workspace over the first ``rows`` rows of this one (views of the same memory, same ``n``): one
@@ -292,23 +294,24 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         per_row = max(1, triton.cdiv(_D_PROGS_PER_SM * sms, R))
         sl = triton.cdiv(triton.cdiv(max(N, 1), per_row), block) * block
-    P = triton.cdiv(max(N, 1), sl)
+    P = triton.cdiv(max(N, 1), sl)     # program p reads columns [p * sl, (p + 1) * sl), masked by the window
     ws, cap, x, s = workspace, workspace.n, logits, logits.stride(0)
-    consts = dict(NB=_D_NB, NREP=_D_NREP, W=_D_W, num_warps=_warps or _D_WARPS)
+    warps = _warps or _D_WARPS
 
     def hist():
         tk._dtopk_hist_kernel[(R, P)](x, s, N, starts, ends, ws.hist, ws.ctr, ws.state, k, sl, BLOCK=block,
-                                      **consts, **win)
+                                      NB1=_D_NB1, HROW=_D_HROW, num_warps=warps, **win)
 
     def filter1():
         tk._dtopk_filter1_kernel[(R, P)](x, s, N, starts, ends, ws.hist, ws.ctr, ws.state, out, ws.lists, k, sl,
-                                         cap, BLOCK=block, **consts, **win)
+                                         cap, BLOCK=block, NB1=_D_NB1, HROW=_D_HROW, NB=_D_NB, NREP=_D_NREP, W=_D_W,
+                                         num_warps=warps, **win)
 
     def filter2_final():
         tk._dtopk_filter2_final_kernel[(R, P)](ws.ctr, ws.state, out, ws.lists, k, cap,
                                                BLOCK=64 if interp else _D_BLOCK2, TB=64 if interp else _D_TB,
                                                TI=16 if interp else _D_TI, FB=256 if interp else _D_FB,
-                                               num_warps=_D_WARPS)
+                                               NBIN=64 if interp else _D_NBIN, num_warps=_D_WARPS)
 
     stages = [("hist", hist), ("filter1", filter1), ("filter2_final", filter2_final)]
 

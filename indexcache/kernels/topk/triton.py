@@ -232,44 +232,6 @@ def _select_write(scrr, tb, n_in, need, outp, a, b, FB: tl.constexpr, NBIN: tl.c
         tl.store(outp + above + rank, colt, mask=(i0 + ai < cb) & (rank < need_r))
 
 
-@triton.jit
-def _select_write16(scrr, n_in, need, outp, FB: tl.constexpr, NB: tl.constexpr):
-    """Write the column ids of the ``need`` largest of the n_in unique composites in scrr to outp[0:need] by a
-    16-ary search (the many-programs decode path's final select when its last list is too long to rank)."""
-    ar = tl.arange(0, FB)
-    j = tl.arange(0, NB)
-    mn = tl.zeros([], tl.int64) + 9223372036854775807
-    mx = tl.zeros([], tl.int64) - 1
-    for off in range(0, n_in, FB):
-        msk = off + ar < n_in
-        cv = tl.load(scrr + off + ar, mask=msk, other=-1)
-        mx = tl.maximum(mx, tl.max(cv, axis=0))
-        mn = tl.minimum(mn, tl.min(tl.where(msk, cv, 9223372036854775807), axis=0))
-    lo = mn
-    hi = mx + 1
-    T = mn
-    busy = need < n_in
-    while busy:
-        step = (hi - lo) // NB + 1
-        t = lo + j.to(tl.int64) * step
-        cnt = tl.zeros([NB], tl.int32)
-        for off in range(0, n_in, FB):
-            cv = tl.load(scrr + off + ar, mask=off + ar < n_in, other=-1)
-            cnt += tl.sum((cv[:, None] >= t[None, :]).to(tl.int32), axis=0)
-        J = tl.max(tl.where(cnt >= need, j, -1), axis=0)
-        T = _pick(j, J, t)
-        busy = _pick(j, J, cnt) != need
-        hi = tl.where(J + 1 < NB, _pick(j, J + 1, t), hi)
-        lo = T
-    b = tl.zeros([], tl.int32)
-    for off in range(0, n_in, FB):
-        cv = tl.load(scrr + off + ar, mask=off + ar < n_in, other=-1)
-        sel = (cv >= T).to(tl.int32)
-        col = (2147483647 - (cv & 2147483647)).to(tl.int32)
-        tl.store(outp + b + tl.cumsum(sel, axis=0) - 1, col, mask=sel != 0)
-        b += tl.sum(sel, axis=0)
-
-
 @triton.jit(do_not_specialize=["stride_r", "k", "cap"])
 def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, cap, BLOCK: tl.constexpr,
                        FB: tl.constexpr, NB: tl.constexpr, NBIN: tl.constexpr, TB: tl.constexpr,
@@ -301,21 +263,29 @@ def _topk_final_kernel(x_ptr, stride_r, starts, ends, state, ctr, out, scr, k, c
 
 # ---------------------------------------------------------------------------------------------------------------
 # Decode over many programs per row (``topk_rows_decode``): a radix select on the key of ``_row_keys``.
-# Digits: d1 = key bits 31..20 (4096 bins), d2 = bits 19..8 (4096 bins); the composite of ``_composite`` settles
-# the rest. Three launches, each over (R x P) programs; the LAST program of a row to finish a launch (an acq_rel
-# arrival counter) does the row's serial step, so the next launch reads a few scalars instead of a histogram:
-#   1. hist:    d1 of the slice into the row's hist1 (atomics, below); last: hist1 -> threshold bin B1 (state).
+# Digits: d1 = key bits 31..24 (256 bins: sign and the top 7 exponent bits), d2 = bits 23..12 (4096 bins); the
+# composite of ``_composite`` settles the rest. Three launches, each over (R x P) programs; program p reads the
+# columns [p * slice, (p + 1) * slice) of the row and masks them by the row's window afterwards (its loads do not
+# wait for the window bounds). The LAST program of a row to finish a launch (an acq_rel arrival counter) does the
+# row's serial step, so the next launch reads a few scalars instead of a histogram:
+#   1. hist:    d1 of the slice through one 256-bin tl.histogram per block, summed over the slice in registers,
+#               then one atomic per non-empty bin into the row's hist1; last: hist1 -> threshold bin B1 (state).
 #   2. filter1: d1 > B1 to the output, d1 == B1 to list1 (composites; slots from one packed int64 atomic per
 #               block) with their d2 into hist2; last: hist2 -> B2 among list1 (state).
 #   3. filter2: list1 strided over the programs: d2 > B2 to the output, d2 == B2 to list2; last: the final
-#               select of the remaining ``need`` in list2 (rank by counting up to TB entries, else the 16-ary
-#               select), -1 padding.
-# Counting a block's bins: tl.histogram costs ~NB/32 instructions per entry and lane (4096 bins: ~2000), and one
-# atomic per entry piles thousands of atomics onto the few hot bins of a bell-shaped row. So each block counts
-# three windows of bins where a row's mass sits (its top W and bottom W bins: the two humps of a bell of either
-# sign in digit 1; the 2W around its mean bin: the middle of a narrow bell in digit 2, a heavy bin of ties at 0.0)
-# with one 4W-bin tl.histogram (~4W/32 bins per lane) and adds the non-zero bins with one atomic each; entries
-# outside the windows (a few percent) take one atomic each, spread over NREP replicas by lane.
+#               select of the remaining ``need`` in list2 (its entries share key bits 31..12): rank by counting up
+#               to TB entries, else 256-bin histogram rounds (``_select_write``), then -1 padding.
+# Why 256 bins for d1: the hist launch is latency-bound (a 200K row is 0.8 MB). A 4096-bin digit cannot go through
+# one tl.histogram (~NB/32 instructions per entry and lane), so its blocks counted windows of bins plus one atomic
+# per entry outside them, and a bell-shaped row sent tens of thousands of atomics to a few hot bins, then one
+# program scanned 4 x 4096 bins. 256 bins take one cheap tl.histogram, ~16 atomics per program and a 256-bin scan;
+# the price is a wider threshold bin (list1 ~2% of a Gaussian row instead of ~0.6%), which filter1 and filter2
+# write and read in parallel.
+# Counting list1's d2 (filter1) keeps the windows: tl.histogram costs ~NB/32 instructions per entry and lane
+# (4096 bins: ~2000), and one atomic per entry piles atomics onto the few hot bins of a narrow row. So a block
+# with many list1 entries counts three windows of bins where its mass sits (its top W and bottom W bins; the 2W
+# around its mean bin: the middle of a narrow bell, a heavy bin of ties) with one 4W-bin tl.histogram and adds the
+# non-zero bins with one atomic each; entries outside the windows take one atomic each, spread over NREP replicas.
 # Workspace invariant: histograms and counters are zero between calls (each last program zeroes what its launch
 # used), so a CUDA graph replays the three launches with no memset.
 
@@ -380,26 +350,37 @@ def _row_window(starts, ends, r, n, HAS_START: tl.constexpr, HAS_END: tl.constex
     return st, en
 
 
+@triton.jit
+def _slice_keys(row, cols, b1, st, en):
+    """Keys of the slice columns cols (< b1) of the row: the load is masked by the slice only, the window [st, en)
+    applies afterwards, so the load does not wait for the bounds' load."""
+    key = _row_keys(row, cols, cols < b1)
+    return tl.where((cols >= st) & (cols < en), key, -2147483648)
+
+
 @triton.jit(do_not_specialize=["stride_r", "n", "k", "slice_len"])
 def _dtopk_hist_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, k, slice_len, BLOCK: tl.constexpr,
-                       NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr, HAS_START: tl.constexpr,
-                       HAS_END: tl.constexpr):
+                       NB1: tl.constexpr, HROW: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr):
     r = tl.program_id(0)
     p = tl.program_id(1)
+    b0 = p * slice_len
+    b1 = tl.minimum(n, b0 + slice_len)
     st, en = _row_window(starts, ends, r, n, HAS_START, HAS_END)
-    b0 = st + p * slice_len
-    b1 = tl.minimum(en, b0 + slice_len)
     row = x_ptr + r.to(tl.int64) * stride_r
-    h1 = hist + r.to(tl.int64) * (2 * NREP * NB)
+    h1 = hist + r.to(tl.int64) * HROW
     ar = tl.arange(0, BLOCK)
+    jb = tl.arange(0, NB1)
+    h = tl.zeros([NB1], tl.int32)
     for off in range(b0, b1, BLOCK):
-        key = _row_keys(row, off + ar, off + ar < b1)
+        key = _slice_keys(row, off + ar, b1, st, en)
         ok = key != -2147483648
-        _count_bins(h1, tl.where(ok, (key >> 20) + 2048, 0), ok, ar, NB, NREP, W)
+        h += tl.histogram(tl.where(ok, (key >> 24) + 128, 0), NB1, mask=ok)
+    tl.atomic_add(h1 + jb, h, mask=h > 0, sem="relaxed")
     if arrive_last(ctr + r * 8 + 2, tl.num_programs(1)):  # the row's last program
-        h = _take_hist(h1, NB, NREP)
+        h = tl.load(h1 + jb, cache_modifier=".cg")      # L2: other programs' atomics
+        tl.store(h1 + jb, tl.zeros([NB1], tl.int32))
         m = tl.minimum(tl.sum(h, axis=0), k)
-        B1, above1, n1 = _threshold_bin(h, m, tl.arange(0, NB))
+        B1, above1, n1 = _threshold_bin(h, m, jb)
         tl.store(state + r * 8 + 0, m)
         tl.store(state + r * 8 + 1, B1)
         tl.store(state + r * 8 + 2, above1)
@@ -408,26 +389,26 @@ def _dtopk_hist_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, k, sl
 
 @triton.jit(do_not_specialize=["stride_r", "n", "k", "slice_len", "cap"])
 def _dtopk_filter1_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, out, lists, k, slice_len, cap,
-                          BLOCK: tl.constexpr, NB: tl.constexpr, NREP: tl.constexpr, W: tl.constexpr,
-                          HAS_START: tl.constexpr, HAS_END: tl.constexpr):
+                          BLOCK: tl.constexpr, NB1: tl.constexpr, HROW: tl.constexpr, NB: tl.constexpr,
+                          NREP: tl.constexpr, W: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr):
     r = tl.program_id(0)
     p = tl.program_id(1)
+    b0 = p * slice_len
+    b1 = tl.minimum(n, b0 + slice_len)
     m = tl.load(state + r * 8 + 0)
     B1 = tl.load(state + r * 8 + 1)
     above1 = tl.load(state + r * 8 + 2)
     st, en = _row_window(starts, ends, r, n, HAS_START, HAS_END)
-    b0 = st + p * slice_len
-    b1 = tl.minimum(en, b0 + slice_len)
     row = x_ptr + r.to(tl.int64) * stride_r
     outr = out + r.to(tl.int64) * k
     l1 = lists + r.to(tl.int64) * (2 * cap)
-    h2 = hist + r.to(tl.int64) * (2 * NREP * NB) + NREP * NB
+    h2 = hist + r.to(tl.int64) * HROW + NB1
     ar = tl.arange(0, BLOCK)
     for off in range(b0, b1, BLOCK):
         cols = off + ar
-        key = _row_keys(row, cols, cols < b1)
+        key = _slice_keys(row, cols, b1, st, en)
         ok = key != -2147483648
-        d1 = (key >> 20) + 2048
+        d1 = (key >> 24) + 128
         s_hi = ok & (d1 > B1)
         s_in = ok & (d1 == B1)
         pk = s_hi.to(tl.int32) + (s_in.to(tl.int32) << 16)
@@ -440,10 +421,10 @@ def _dtopk_filter1_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, ou
             tl.store(outr + (old >> 32).to(tl.int32) + (cs & 0xFFFF) - 1, cols, mask=s_hi)
             if t_in > 0:
                 tl.store(l1 + (old & 0xFFFFFFFF).to(tl.int32) + (cs >> 16) - 1, _composite(key, cols), mask=s_in)
-                d2 = (key >> 8) & 0xFFF
+                d2 = (key >> 12) & 0xFFF
                 if t_in > 2 * W:
                     _count_bins(h2, tl.where(s_in, d2, 0), s_in, ar, NB, NREP, W)
-                else:   # a few entries (the usual case): one atomic each, no block histogram
+                else:   # a few entries: one atomic each, no block histogram
                     tl.atomic_add(h2 + (ar % NREP) * NB + d2, tl.full([BLOCK], 1, tl.int32), mask=s_in, sem="relaxed")
     if arrive_last(ctr + r * 8 + 3, tl.num_programs(1)):  # the row's last program
         h = _take_hist(h2, NB, NREP)
@@ -456,7 +437,7 @@ def _dtopk_filter1_kernel(x_ptr, stride_r, n, starts, ends, hist, ctr, state, ou
 
 @triton.jit(do_not_specialize=["k", "cap"])
 def _dtopk_filter2_final_kernel(ctr, state, out, lists, k, cap, BLOCK: tl.constexpr, TB: tl.constexpr,
-                                TI: tl.constexpr, FB: tl.constexpr):
+                                TI: tl.constexpr, FB: tl.constexpr, NBIN: tl.constexpr):
     r = tl.program_id(0)
     p = tl.program_id(1)
     P = tl.num_programs(1)
@@ -471,7 +452,7 @@ def _dtopk_filter2_final_kernel(ctr, state, out, lists, k, cap, BLOCK: tl.conste
     for off in range(p * BLOCK, n1, P * BLOCK):
         msk = off + ar < n1
         comp = tl.load(l1 + off + ar, mask=msk, other=-1)
-        d2 = ((comp >> 39) & 0xFFF).to(tl.int32)       # key bits 19..8 (the +2^31 leaves them alone)
+        d2 = ((comp >> 43) & 0xFFF).to(tl.int32)       # key bits 23..12 (the +2^31 leaves them alone)
         s_hi = msk & (d2 > B2)
         s_in = msk & (d2 == B2)
         pk = s_hi.to(tl.int32) + (s_in.to(tl.int32) << 16)
@@ -498,8 +479,12 @@ def _dtopk_filter2_final_kernel(ctr, state, out, lists, k, cap, BLOCK: tl.conste
                     rank = tl.sum((cj[None, :] > ci[:, None]).to(tl.int32), axis=1)
                     col = (2147483647 - (ci & 2147483647)).to(tl.int32)
                     tl.store(outr + above + rank, col, mask=(i0 + ai < n2) & (rank < need))
-            else:
-                _select_write16(l2, n2, need, outr + above, FB, 16)
+            else:   # list2's keys share bits 31..12: its composites lie in [a, b); list1 (read) is the tie buffer
+                B1 = tl.load(state + r * 8 + 1)
+                pre = ((B1 - 128).to(tl.int64) << 12) + B2      # key >> 12 of every list2 entry
+                a = ((pre << 12) + 2147483648) << 31
+                b = (((pre + 1) << 12) + 2147483648) << 31      # < 2^63: valid keys stay below key(NaN) - 4096
+                _select_write(l2, l1, n2, need, outr + above, a, b, FB, NBIN, TB, TI)
         af = tl.arange(0, FB)
         for off in range(m, k, FB):
             tl.store(outr + off + af, tl.full([FB], -1, tl.int32), mask=off + af < k)
