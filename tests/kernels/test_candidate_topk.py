@@ -43,6 +43,28 @@ def test_candidate_logits_match_reference(t, h, pages, c):
     assert float(ref[fin].abs().max()) > 0  # not all zeros
 
 
+@pytest.mark.parametrize("span", [32, 64])
+def test_candidate_logits_split_pool_matches_reference(span):
+    """A pool split over several programs per row (decode-sized batches): spans of one and two blocks, a ragged
+    last span (c = 70 is not a multiple of either)."""
+    q8, w, cache, cand = _case(3, 8, 3, 70, seed=span)
+    ref = candidate_logits_reference(q8, w, cache, cand)
+    got = candidate_logits(q8, w, cache, cand, out=poisoned((3, 70), torch.float32, "cpu"), config=dict(span=span))
+    assert torch.equal(got == float("-inf"), cand < 0)
+    fin = cand >= 0
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_candidate_span_fills_the_gpu():
+    from indexcache.kernels.candidate_topk.triton import candidate_span
+
+    assert candidate_span(16384, 8192, 128, 132) == 8192      # enough rows: one program per row
+    assert candidate_span(1, 8192, 128, 132) == 128           # one row: one block per program
+    assert candidate_span(8, 8192, 128, 132) == 128 * 1       # 8 rows x 64 programs <= 528
+    assert candidate_span(100, 8192, 128, 132) == 128 * 11    # 6 parts of 11 blocks (the last shorter)
+    assert candidate_span(3, 70, 32, 1) == 64                 # 3 blocks, 2 parts
+
+
 @pytest.mark.parametrize("k", [8, 64])
 def test_candidate_topk_matches_reference_sets_and_scores(k):
     q8, w, cache, cand = _case(6, 4, 3, 48, seed=k, dup=True)
