@@ -6,7 +6,7 @@ import torch
 from indexcache.kernels.candidate_topk import (candidate_logits, candidate_logits_reference, candidate_topk,
                                                candidate_topk_reference)
 from indexcache.kernels.indexer import quantize_indexer_q
-from indexcache.kernels.kv_store import new_indexer_cache
+from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.kv_store.reference import store_indexer_k_ref
 from tests.helpers import poisoned
 
@@ -98,3 +98,26 @@ def test_candidate_topk_rejects_bad_input():
         candidate_topk(q8, w[:, :3], cache, cand, 4)
     with pytest.raises(ValueError, match="q_fp8 must be"):
         candidate_topk(q8.float(), w, cache, cand, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,c", [(600, 8192), (2, 4096)], ids=["one-program-per-row", "split-pools"])
+def test_candidate_logits_on_gpu_large_pools(t, c):
+    """The compiled kernel (wgmma, pipelined gathers) on pools of the real sizes, against the reference (error
+    against each row's largest logit: FP8 wgmma accumulates with a shortened mantissa)."""
+    g = torch.Generator(device="cuda").manual_seed(c)
+    pages = 300
+    cache = new_indexer_cache(pages, device="cuda")
+    store_indexer_k(cache, torch.arange(pages * 64, device="cuda"),
+                    torch.randn(pages * 64, 128, device="cuda", generator=g))
+    q8, w = quantize_indexer_q(torch.randn(t, 32, 128, device="cuda", generator=g),
+                               torch.randn(t, 32, device="cuda", generator=g))
+    cand = torch.randint(0, pages * 64, (t, c), device="cuda", generator=g, dtype=torch.int32)
+    cand[:, 7::61] = -1
+    cand[0, c // 2:] = -1
+    got = candidate_logits(q8, w, cache, cand, out=poisoned((t, c), torch.float32, "cuda"))
+    ref = candidate_logits_reference(q8, w, cache, cand)
+    fin = cand >= 0
+    assert torch.equal(got == float("-inf"), ~fin)
+    scale = ref.masked_fill(~fin, 0).abs().amax(1, keepdim=True)
+    assert float(((got - ref).masked_fill(~fin, 0).abs() / scale).max()) < 2e-3

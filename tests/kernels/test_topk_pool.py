@@ -71,3 +71,12 @@ def test_bad_arguments():
         topk_pool_rows(x, 0)
     with pytest.raises(ValueError, match="_path must be"):
         topk_pool_rows(x, 4, _path="scan")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 100], ids=["decode-path", "one-launch-path"])
+def test_pool_of_8192_over_200k_on_gpu(rows):
+    torch.manual_seed(35)
+    x = torch.randn(rows, 200_000, device="cuda")
+    end = torch.randint(150_000, 200_001, (rows,), device="cuda", dtype=torch.int32)
+    _check(x, 8192, row_end=end)
