@@ -16,12 +16,12 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels.candidate_topk import candidate_topk
-from ..kernels.indexer import indexer_logits_decode, indexer_topk_prefill, quantize_indexer_q
+from ..kernels.indexer import (indexer_logits_decode, indexer_topk_prefill, indexer_topk_prefill_two_pass,
+                               quantize_indexer_q)
 from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
                                 store_latent_bf16, store_latent_fp8)
 from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
-from ..kernels.topk import DecodeTopkWorkspace, topk_rows, topk_rows_decode
-from ..kernels.topk.ops import MAX_K
+from ..kernels.topk import DecodeTopkWorkspace, topk_pool_rows, topk_rows, topk_rows_decode
 from ..model.indexer import select_topk
 from .config import EngineConfig
 from .kv_cache import FP8_LATENT_BYTES, KVCache
@@ -203,23 +203,15 @@ class TorchBackend:
         return cache.view(-1, self.kv.width)[slots].to(dtype)
 
 
-def _sorted_topk(logits, k: int, *, row_start=None, row_end=None) -> torch.Tensor:
-    """Top-k column ids sorted by score (ties: the lower column first under the Triton top-k). Pools above its
-    MAX_K (4096), such as the real models' default 4 x 2048, are selected by ``torch.topk``: the kernel has no
-    path for them."""
-    if k <= MAX_K:
-        return topk_rows(logits, k, row_start=row_start, row_end=row_end, sorted=True)
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    x = logits.float()
-    valid = ~torch.isnan(x) & (x != float("-inf"))
-    if row_start is not None:
-        valid &= cols[None] >= row_start[:, None]
-    if row_end is not None:
-        valid &= cols[None] < row_end[:, None]
-    kk = min(k, x.shape[1])
-    vals, idx = torch.where(valid, x, float("-inf")).topk(kk, dim=1, sorted=True)
-    idx = idx.to(torch.int32).masked_fill(vals == float("-inf"), -1)
-    return torch.nn.functional.pad(idx, (0, k - kk), value=-1) if kk < k else idx
+def _topk_then_pool(k: int):
+    """A ``topk_fn`` for ``indexer_topk_prefill_two_pass`` asked for k + c columns: each chunk's top-k, then its
+    top-c candidate pool. Two exact selections of the same logits with the same tie rule, so the top-k is the
+    pool's best k without sorting the pool."""
+    def select(logits, n, *, row_start=None, row_end=None):
+        return torch.cat([topk_rows(logits, k, row_start=row_start, row_end=row_end),
+                          topk_pool_rows(logits, n - k, row_start=row_start, row_end=row_end)], 1)
+
+    return select
 
 
 class TritonBackend(TorchBackend):
@@ -271,14 +263,18 @@ class TritonBackend(TorchBackend):
         with self._t("indexer"):
             q8, wf = quantize_indexer_q(q, w * indexer.n_heads ** 0.5)
             k8, ks = gather_indexer_k(self.kv.index_cache(layer), self._ctx_slots(table_row, ctx))
-            n = q.shape[0]
-            # with a pool: the top-c sorted by (score desc, position asc), whose first k columns are the top-k
-            # (the kernels' tie rule), so one selection serves both
-            sel = indexer_topk_prefill(q8, wf, k8, ks, torch.zeros(n, dtype=torch.int32, device=q.device),
-                                       (positions + 1).to(torch.int32), pool or indexer.topk,
-                                       workspace_bytes=self.cfg.workspace_bytes,
-                                       topk_fn=_sorted_topk if pool else topk_rows)
-            return (sel[:, :indexer.topk], sel) if pool else sel
+            starts = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+            ends = (positions + 1).to(torch.int32)
+            if not pool:
+                return indexer_topk_prefill(q8, wf, k8, ks, starts, ends, indexer.topk,
+                                            workspace_bytes=self.cfg.workspace_bytes, topk_fn=topk_rows)
+            # with a pool: [top-k | top-c] per row from each chunk's logits. The two-pass path: the fused one
+            # selects from candidate lists it reorders on ties, which would mix the two parts
+            k = indexer.topk
+            sel = indexer_topk_prefill_two_pass(q8, wf, k8, ks, starts, ends, k + pool,
+                                                workspace_bytes=self.cfg.workspace_bytes,
+                                                topk_fn=_topk_then_pool(k))
+            return sel[:, :k], sel[:, k:]
 
     def topk_decode(self, layer, indexer, q, w, block_table, context_lens, max_len, pool: int = 0):
         if not self.fp8_index:
@@ -290,13 +286,15 @@ class TritonBackend(TorchBackend):
             q8, wf = quantize_indexer_q(q, w * indexer.n_heads ** 0.5)
             logits = indexer_logits_decode(q8, wf, self.kv.index_cache(layer), block_table, context_lens, max_len)
         with self._t("topk"):
-            if pool:
-                sel = _sorted_topk(logits, pool, row_start=None, row_end=context_lens)
-                return sel[:, :indexer.topk], sel
             ws = self.decode_topk_workspace(logits.shape[0])
             if ws is not None:
-                return topk_rows_decode(logits, indexer.topk, row_end=context_lens, workspace=ws)
-            return topk_rows(logits, indexer.topk, row_start=None, row_end=context_lens)
+                topk = topk_rows_decode(logits, indexer.topk, row_end=context_lens, workspace=ws)
+            else:
+                topk = topk_rows(logits, indexer.topk, row_start=None, row_end=context_lens)
+            if not pool:
+                return topk
+            # the pool: a second exact selection of the same logits (the workspace is free again)
+            return topk, topk_pool_rows(logits, pool, row_end=context_lens, workspace=ws)
 
     def rerank(self, layer, indexer, q, w, cand):
         if not self.fp8_index:

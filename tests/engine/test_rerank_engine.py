@@ -63,14 +63,21 @@ def test_rerank_on_gpu_fp8_kernels_and_cuda_graphs(pool):
     assert toks == eager
 
 
-def test_sorted_topk_above_the_kernel_limit_matches_the_reference():
-    from indexcache.engine.attention_backend import _sorted_topk
+def test_topk_then_pool_above_the_kernel_limit_matches_the_reference():
+    """An F layer's prefill selection with a pool wider than topk_rows' MAX_K: [top-k | top-c] per row, each
+    part the reference's set (Triton interpreter on the CPU)."""
+    from indexcache.engine.attention_backend import _topk_then_pool
+    from indexcache.kernels.topk import MAX_K
     from indexcache.kernels.topk.reference import topk_rows_reference
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5000, generator=g)
-    logits[1, 100:] = float("-inf")  # fewer valid than k: -1 padding
-    end = torch.tensor([5000, 5000, 4500])
-    got = _sorted_topk(logits, 4100, row_end=end)
-    ref = topk_rows_reference(logits, 4100, row_end=end)
-    assert torch.equal(got, ref)  # random values: no ties, so the order is the same too
+    rows, n, k, c = 3, 5000, 100, MAX_K + 4
+    logits = (torch.randn(rows, n, generator=g) * 4).round()  # ties at both thresholds
+    logits[1, 100:] = float("-inf")  # fewer valid than c: -1 padding
+    end = torch.full((rows,), n, dtype=torch.int32)
+    end[2] = n - 500
+    got = _topk_then_pool(k)(logits, k + c, row_start=None, row_end=end)
+    assert got.shape == (rows, k + c)
+    for part, width in ((got[:, :k], k), (got[:, k:], c)):
+        ref = topk_rows_reference(logits, width, row_end=end)
+        assert torch.equal(part.sort(1).values, ref.sort(1).values)

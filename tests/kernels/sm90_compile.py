@@ -3,6 +3,7 @@
     python -m tests.kernels.sm90_compile        # a table of the production kernels' registers, spills, wgmma
     python -m tests.kernels.sm90_compile --candidates   # the indexer candidates kernel and its append layout
     python -m tests.kernels.sm90_compile --topk-decode  # the decode top-k's three launches
+    python -m tests.kernels.sm90_compile --rerank       # the re-rank candidate-scoring kernel
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -175,6 +176,20 @@ def topk_decode_kernels() -> list[tuple[str, dict]]:
     return [(name, compile_sm90(fn, types, ce, num_warps=ops._D_WARPS, num_stages=1)) for name, fn, ce in runs]
 
 
+def rerank_kernels() -> list[tuple[str, dict]]:
+    """The re-rank candidate-scoring kernel at its default config, H=32 and 64 (its gathers must stay cp.async
+    copies feeding wgmma)."""
+    from indexcache.kernels.candidate_topk import triton as ct
+
+    types = {"q_ptr": "*fp8e4nv", "w_ptr": "*fp32", "kc8_ptr": "*fp8e4nv", "kcs_ptr": "*fp32", "cand_ptr": "*i32",
+             "out_ptr": "*fp32"}
+    cfg = ct.candidate_config()
+    return [(f"rerank candidate logits H={h}",
+             compile_sm90(ct._candidate_logits_kernel, types, {"H": h, "HP": h, "BC": cfg["BC"],
+                                                               "STAGES": cfg["num_stages"]},
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])) for h in (32, 64)]
+
+
 def toolchain_problem(tool: str) -> str | None:
     """Why ``tool`` cannot compile for sm_90a here (None when it can)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -189,6 +204,11 @@ def main() -> int:
     if problem:
         print(problem)
         return 2
+    if "--rerank" in sys.argv[1:]:
+        for name, r in rerank_kernels():
+            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
+                  f"cp.async {r['cp_async']:3d}", flush=True)
+        return 0
     if "--candidates" in sys.argv[1:]:
         for name, r in candidates_kernels():
             print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "

@@ -6,7 +6,7 @@ import torch
 from indexcache.kernels.candidate_topk import (candidate_logits, candidate_logits_reference, candidate_topk,
                                                candidate_topk_reference)
 from indexcache.kernels.indexer import quantize_indexer_q
-from indexcache.kernels.kv_store import new_indexer_cache
+from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.kv_store.reference import store_indexer_k_ref
 from tests.helpers import poisoned
 
@@ -43,6 +43,28 @@ def test_candidate_logits_match_reference(t, h, pages, c):
     assert float(ref[fin].abs().max()) > 0  # not all zeros
 
 
+@pytest.mark.parametrize("span", [32, 64])
+def test_candidate_logits_split_pool_matches_reference(span):
+    """A pool split over several programs per row (decode-sized batches): spans of one and two blocks, a ragged
+    last span (c = 70 is not a multiple of either)."""
+    q8, w, cache, cand = _case(3, 8, 3, 70, seed=span)
+    ref = candidate_logits_reference(q8, w, cache, cand)
+    got = candidate_logits(q8, w, cache, cand, out=poisoned((3, 70), torch.float32, "cpu"), config=dict(span=span))
+    assert torch.equal(got == float("-inf"), cand < 0)
+    fin = cand >= 0
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_candidate_span_fills_the_gpu():
+    from indexcache.kernels.candidate_topk.triton import candidate_span
+
+    assert candidate_span(16384, 8192, 128, 132) == 8192      # enough rows: one program per row
+    assert candidate_span(1, 8192, 128, 132) == 128           # one row: one block per program
+    assert candidate_span(8, 8192, 128, 132) == 128 * 1       # 8 rows x 64 programs <= 528
+    assert candidate_span(100, 8192, 128, 132) == 128 * 11    # 6 parts of 11 blocks (the last shorter)
+    assert candidate_span(3, 70, 32, 1) == 64                 # 3 blocks, 2 parts
+
+
 @pytest.mark.parametrize("k", [8, 64])
 def test_candidate_topk_matches_reference_sets_and_scores(k):
     q8, w, cache, cand = _case(6, 4, 3, 48, seed=k, dup=True)
@@ -76,3 +98,26 @@ def test_candidate_topk_rejects_bad_input():
         candidate_topk(q8, w[:, :3], cache, cand, 4)
     with pytest.raises(ValueError, match="q_fp8 must be"):
         candidate_topk(q8.float(), w, cache, cand, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,c", [(600, 8192), (2, 4096)], ids=["one-program-per-row", "split-pools"])
+def test_candidate_logits_on_gpu_large_pools(t, c):
+    """The compiled kernel (wgmma, pipelined gathers) on pools of the real sizes, against the reference (error
+    against each row's largest logit: FP8 wgmma accumulates with a shortened mantissa)."""
+    g = torch.Generator(device="cuda").manual_seed(c)
+    pages = 300
+    cache = new_indexer_cache(pages, device="cuda")
+    store_indexer_k(cache, torch.arange(pages * 64, device="cuda"),
+                    torch.randn(pages * 64, 128, device="cuda", generator=g))
+    q8, w = quantize_indexer_q(torch.randn(t, 32, 128, device="cuda", generator=g),
+                               torch.randn(t, 32, device="cuda", generator=g))
+    cand = torch.randint(0, pages * 64, (t, c), device="cuda", generator=g, dtype=torch.int32)
+    cand[:, 7::61] = -1
+    cand[0, c // 2:] = -1
+    got = candidate_logits(q8, w, cache, cand, out=poisoned((t, c), torch.float32, "cuda"))
+    ref = candidate_logits_reference(q8, w, cache, cand)
+    fin = cand >= 0
+    assert torch.equal(got == float("-inf"), ~fin)
+    scale = ref.masked_fill(~fin, 0).abs().amax(1, keepdim=True)
+    assert float(((got - ref).masked_fill(~fin, 0).abs() / scale).max()) < 2e-3

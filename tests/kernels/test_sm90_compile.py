@@ -59,3 +59,19 @@ def test_decode_topk_launches_compile_without_spills():
     assert len(lines) == 3, r.stdout
     for line in lines:
         assert "spill bytes    0" in line, line
+
+
+def test_rerank_candidate_kernel_compiles_pipelined_without_spills():
+    """The re-rank scoring kernel keeps its gathers as cp.async copies feeding wgmma, without spills."""
+    from tests.kernels.sm90_compile import ptxas_path
+
+    if ptxas_path() is None:
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "--rerank"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if "registers" in line]
+    assert len(lines) == 2, r.stdout
+    for line in lines:
+        assert "spill bytes    0" in line and "wgmma  0" not in line and "cp.async   0" not in line, line

@@ -321,3 +321,47 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
         return out
 
     return stages, run
+
+
+MAX_POOL = 16384
+
+
+def topk_pool_rows(logits: torch.Tensor, c: int, *, row_start: torch.Tensor | None = None,
+                   row_end: torch.Tensor | None = None, workspace: DecodeTopkWorkspace | None = None,
+                   _path: str | None = None, _cap: int | None = None) -> torch.Tensor:
+    """Column ids (int32 [R, c]) of the c largest values per row among columns in [row_start, row_end): the
+    selection of ``topk_rows`` (exact, ties to the lower column, NaN / -inf never, -1 padding after the valid
+    ids) for candidate pools wider than its MAX_K, up to MAX_POOL. The order within a row is unspecified but the
+    same for the same input (re-rank layers break their ties by pool order). Rows of more than 64: the one-launch
+    prefill path (one program per row, no atomics); up to 64: the decode path (``topk_rows_decode``, one row over
+    many programs; ``workspace`` as there), its pool then sorted by column (its atomics leave the order open).
+    ``_path``: "one" / "decode", ``_cap``: the one-launch path's candidate capacity (test hooks)."""
+    _check(logits, 1, row_start, row_end)
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1 or c > MAX_POOL:
+        raise ValueError(f"topk_pool_rows: c must be an int in [1, {MAX_POOL}], got {c!r}")
+    if not use_triton(logits):
+        return topk_rows_reference(logits, c, row_start=row_start, row_end=row_end)
+    R, N = logits.shape
+    path = _path or ("decode" if R <= _SMALL_R else "one")
+    if path == "decode":
+        return _sorted_pool(plan_decode_launches(logits, c, row_start, row_end, workspace=workspace)[1]())
+    if path != "one":
+        raise ValueError(f"topk_pool_rows: _path must be 'one' or 'decode', got {path!r}")
+    out = torch.empty((R, c), dtype=torch.int32, device=logits.device)
+    if R == 0:
+        return out
+    x = logits if logits.stride(1) == 1 else logits.contiguous()
+    starts = (torch.zeros(R, dtype=torch.int32, device=x.device) if row_start is None
+              else row_start.to(torch.int32).clamp(0, N))
+    ends = (torch.full((R,), N, dtype=torch.int32, device=x.device) if row_end is None
+            else row_end.to(torch.int32).clamp(0, N))
+    for _, fn in _plan_one(x, c, starts, ends, out, _cap, interpreting())[0]:
+        fn()
+    return out
+
+
+def _sorted_pool(pool: torch.Tensor) -> torch.Tensor:
+    """A pool's ids in ascending column order, -1 padding last."""
+    big = torch.iinfo(torch.int32).max
+    s = torch.where(pool < 0, big, pool).sort(1).values
+    return s.masked_fill_(s == big, -1)
