@@ -129,20 +129,29 @@ def test_q_tiles_are_a_permutation_of_the_rows(t, h):
 
 
 # ---------------------------------------------------------------------------------------------- sm_90a compile (CPU)
-def _compile_rows(code: str) -> list[dict]:
+@pytest.fixture(scope="module")
+def compiled():
+    """One subprocess (no interpreter): the kernel at 32 and 64 heads as ``sm90_compile_gluon --indexer`` reports
+    it, then the diagnostic modes epilogue none and mma none at 32 heads."""
     from tests.kernels.sm90_compile import ptxas_path
 
     if ptxas_path() is None:
         pytest.skip("this Triton has no bundled ptxas")
+    code = ("import json, sys\n"
+            "from tests.kernels.sm90_compile_gluon import compile_indexer_kernel as c, main\n"
+            "sys.argv[1:] = ['--indexer']\n"
+            "assert main() == 0\n"
+            "for m in ({'epilogue': 'none'}, {'mma': 'none'}): print(json.dumps(c(32, modes=m)))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 4, r.stdout
+    return rows
 
 
-def test_gluon_indexer_kernel_compiles_for_sm90_as_a_pingpong():
-    rows = _compile_rows("import sys; from tests.kernels.sm90_compile_gluon import main\n"
-                         "sys.argv[1:] = ['--indexer']; sys.exit(main())")
+def test_gluon_indexer_kernel_compiles_for_sm90_as_a_pingpong(compiled):
+    rows = compiled[:2]
     assert [r["config"].split(" BQ")[0] for r in rows] == ["indexer H 32", "indexer H 64"], rows
     for row in rows:
         assert row["spill_bytes"] == 0 and not row["wgmma_serialized"], row  # ptxas C7514: wgmmas one at a time
@@ -157,13 +166,12 @@ def test_gluon_indexer_kernel_compiles_for_sm90_as_a_pingpong():
                 assert row["loop_shfl_per_tile"] == 0, row  # each thread holds all 32 heads of its query row
 
 
-def test_gluon_indexer_diagnostic_modes_keep_or_drop_exactly_the_mma_or_the_epilogue():
+def test_gluon_indexer_diagnostic_modes_keep_or_drop_exactly_the_mma_or_the_epilogue(compiled):
     """The machine code behind benchmarks --diagnose: epilogue none keeps the 4 fp8 MMAs a tile and drops the
     relu / weight / head-sum arithmetic; mma none drops the MMAs and keeps that arithmetic instruction for
     instruction (relu's max against a loaded key scale, not against 0, so nothing folds)."""
-    full, no_epi, no_mma = _compile_rows(
-        "import json; from tests.kernels.sm90_compile_gluon import compile_indexer_kernel as c\n"
-        "for m in ({}, {'epilogue': 'none'}, {'mma': 'none'}): print(json.dumps(c(32, modes=m)))")
+    full, no_epi, no_mma = compiled[0], compiled[2], compiled[3]
+    assert "epilogue none" in no_epi["config"] and "mma none" in no_mma["config"], (no_epi, no_mma)
     if full["sass_gmma"] is None:
         pytest.skip("this Triton has no bundled cuobjdump")
     for row in (full, no_epi, no_mma):

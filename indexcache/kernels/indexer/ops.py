@@ -1,7 +1,8 @@
 """Lightning indexer dispatch and planning: logits (prefill and paged decode), bounded-memory prefill top-k.
 
 Public functions dispatch to Triton for CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) and to the PyTorch
-references in ``reference.py`` otherwise. Top-k selection uses ``indexcache.kernels.topk.topk_rows`` when it
+references in ``reference.py`` otherwise; the prefill's logits run the Gluon kernel (``gluon.py``) on Hopper
+(``prefill_logits_kernel``). Top-k selection uses ``indexcache.kernels.topk.topk_rows`` when it
 imports (Triton present), else ``reference.topk_rows_torch``; both have the signature
 ``topk_rows(logits [R,N] fp32, k, *, row_start=None, row_end=None) -> int32 [R,k]`` (column ids, -1 padding).
 """
