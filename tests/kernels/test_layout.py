@@ -1,5 +1,6 @@
-"""The kernel folders share one layout, and the imports among indexcache.kernels modules have no cycle and never
-point up (to the model, engine, CLI or benchmarks). Static: reads the sources with ast, imports nothing."""
+"""The kernel folders share one layout (plus an optional Hopper gluon.py), and the imports among indexcache.kernels
+modules have no cycle and never point up (to the model, engine, CLI or benchmarks). Static: reads the sources with
+ast, imports nothing."""
 import ast
 from pathlib import Path
 
@@ -33,8 +34,11 @@ def _imports(path: Path, mods: dict[str, Path]) -> set[str]:
 
 
 def test_each_op_folder_has_the_same_four_files():
+    """__init__, ops, reference and triton in every op folder, and optionally gluon.py (as fp8_grouped_mm has): a
+    Gluon (Triton's explicit-layout dialect) kernel for Hopper beside the Triton one, behind the same dispatch in
+    ops.py (Gluon has no CPU interpreter, so the Triton kernel stays: the CPU tests run it, other GPUs use it)."""
     for op in OPS:
-        names = sorted(p.name for p in (ROOT / op).glob("*.py"))
+        names = sorted(p.name for p in (ROOT / op).glob("*.py") if p.name != "gluon.py")
         assert names == ["__init__.py", "ops.py", "reference.py", "triton.py"], (op, names)
 
 

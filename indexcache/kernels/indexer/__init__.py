@@ -1,5 +1,6 @@
 """Lightning indexer (DSA spec A2): FP8 quantisation, logits (prefill and paged decode), bounded-memory top-k.
-``ops`` dispatches and plans, ``reference`` is plain PyTorch, ``triton`` holds the kernels."""
+``ops`` dispatches and plans, ``reference`` is plain PyTorch, ``triton`` holds the kernels (``gluon``: the
+prefill logits kernel for Hopper)."""
 from indexcache.kernels.indexer.ops import (
     SLOT_BYTES,
     SAMPLE_STRIDE,
@@ -17,6 +18,7 @@ from indexcache.kernels.indexer.ops import (
     indexer_topk_prefill_two_pass,
     plan_fused_chunks,
     plan_prefill_chunks,
+    prefill_logits_kernel,
     sample_columns,
     selection_slot_bytes,
 )
@@ -39,4 +41,5 @@ __all__ = [
     "indexer_prefill_candidates", "prefill_candidates_ref", "indexer_topk_prefill_ref", "fused_params",
     "sample_columns", "plan_fused_chunks", "SAMPLE_STRIDE", "choose_prefill_path", "indexer_topk_prefill_fused",
     "indexer_topk_prefill_two_pass", "FUSED_MIN_CONTEXT_UP_TO_32_HEADS", "FUSED_MIN_CONTEXT_OVER_32_HEADS",
+    "prefill_logits_kernel",
 ]

@@ -1,7 +1,8 @@
 """Lightning indexer dispatch and planning: logits (prefill and paged decode), bounded-memory prefill top-k.
 
 Public functions dispatch to Triton for CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) and to the PyTorch
-references in ``reference.py`` otherwise. Top-k selection uses ``indexcache.kernels.topk.topk_rows`` when it
+references in ``reference.py`` otherwise; the prefill's logits run the Gluon kernel (``gluon.py``) on Hopper
+(``prefill_logits_kernel``). Top-k selection uses ``indexcache.kernels.topk.topk_rows`` when it
 imports (Triton present), else ``reference.topk_rows_torch``; both have the signature
 ``topk_rows(logits [R,N] fp32, k, *, row_start=None, row_end=None) -> int32 [R,k]`` (column ids, -1 padding).
 """
@@ -23,21 +24,62 @@ from indexcache.kernels.indexer.reference import (
 )
 
 
-def indexer_logits(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config: dict | None = None):
+def indexer_logits(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config: dict | None = None,
+                   kernel: str = "triton"):
     """logits [T,S] fp32: k_scale[s]·Σ_h w[t,h]·relu(q_fp8[t,h]·k_fp8[s]) for row_start[t] <= s < row_end[t], else -inf.
 
     q_fp8 [T,H,128] e4m3, w [T,H] fp32 (folded, see quantize_indexer_q), k_fp8 [S,128] e4m3, k_scale [S] fp32,
     row_start/row_end [T] int32 (clamped to [0,S]). ``out`` (optional) is a [T,S] fp32 buffer with unit column stride.
-    ``config`` overrides the Triton launch parameters (keys of ``triton.prefill_config``; benchmarks sweep them).
+    ``kernel``: "triton", or "gluon" for the warp-specialised Hopper kernel (gluon.py: CUDA only, H a power of
+    two in [16, 128]); ``prefill_logits_kernel`` says which one a device runs faster. ``config`` overrides the
+    launch parameters (keys of ``triton.prefill_config``, or of ``gluon.config_for``; benchmarks sweep them).
     """
     t, _, s = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if out is not None and (tuple(out.shape) != (t, s) or out.dtype != torch.float32 or out.stride(1) != 1):
         raise ValueError(f"indexer_logits: out must be [T,S]=({t},{s}) fp32 with unit column stride, got {tuple(out.shape)}")
+    if kernel not in LOGITS_KERNELS:
+        raise ValueError(f"indexer_logits: kernel must be 'triton' or 'gluon', got {kernel!r}")
+    if kernel == "gluon":
+        if not q_fp8.is_cuda:
+            raise ValueError(f"indexer_logits: kernel='gluon' needs CUDA tensors (Gluon has no CPU interpreter), "
+                             f"got {q_fp8.device}")
+        from indexcache.kernels.indexer.gluon import indexer_logits_gluon  # noqa: PLC0415
+
+        return indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, out=out, config=config)
     if use_triton(q_fp8):
         from indexcache.kernels.indexer.triton import indexer_logits_triton
 
         return indexer_logits_triton(q_fp8, w, k_fp8, k_scale, row_start, row_end, out=out, config=config)
     return _into(out, indexer_logits_ref(q_fp8, w, k_fp8, k_scale, row_start, row_end))
+
+
+LOGITS_KERNELS = ("triton", "gluon")
+
+
+def prefill_logits_kernel(capability: tuple[int, int] | None, heads: int) -> str:
+    """"gluon" or "triton": the prefill logits kernel (``indexer_logits``'s ``kernel``) for a CUDA device of
+    compute ``capability`` (None: not a CUDA device) and ``heads`` indexer heads. Hopper (9.x) runs the Gluon
+    ping-pong kernel wherever it takes H (1.13x / 1.10x the Triton kernel at 200K, 32 / 64 heads, run 61);
+    other devices and head counts run Triton."""
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"prefill_logits_kernel: heads must be a positive int, got {heads!r}")
+    if capability is None:
+        return "triton"
+    if (not isinstance(capability, tuple) or len(capability) != 2
+            or not all(isinstance(c, int) and not isinstance(c, bool) for c in capability)):
+        raise ValueError(f"prefill_logits_kernel: capability must be a (major, minor) pair of ints or None, "
+                         f"got {capability!r}")
+    if capability[0] != 9:
+        return "triton"
+    from indexcache.kernels.indexer.gluon import supports_heads  # noqa: PLC0415
+
+    return "gluon" if supports_heads(heads) else "triton"
+
+
+def _logits_kernel_for(q_fp8) -> str:
+    """``prefill_logits_kernel`` for q_fp8's device and head count."""
+    cap = tuple(torch.cuda.get_device_capability(q_fp8.device)) if q_fp8.is_cuda else None
+    return prefill_logits_kernel(cap, q_fp8.shape[1])
 
 
 def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cap: int, *, out=None,
@@ -185,10 +227,17 @@ def _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, 
 
 
 def indexer_topk_prefill_two_pass(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
-                                  workspace_bytes: int = 2 << 30, topk_fn=None, out=None):
+                                  workspace_bytes: int = 2 << 30, topk_fn=None, out=None,
+                                  logits_kernel: str | None = None):
     """``indexer_topk_prefill`` by two passes: rows in chunks whose logits over the chunk's column span fit in
-    ``workspace_bytes`` (``plan_prefill_chunks``), each chunk's logits written, then selected by ``topk_fn``."""
+    ``workspace_bytes`` (``plan_prefill_chunks``), each chunk's logits written, then selected by ``topk_fn``.
+    ``logits_kernel``: ``indexer_logits``'s ``kernel``; None: ``prefill_logits_kernel`` for q's device and H."""
     topk_fn, out, rs_all, re_all = _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, out)
+    if logits_kernel is None:
+        logits_kernel = _logits_kernel_for(q_fp8)
+    elif logits_kernel not in LOGITS_KERNELS:
+        raise ValueError(f"indexer_topk_prefill: logits_kernel must be 'triton', 'gluon' or None, "
+                         f"got {logits_kernel!r}")
     s = k_fp8.shape[0]
     chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, selection_slot_bytes(topk_fn, topk, s))
     need_max = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0
@@ -201,7 +250,8 @@ def indexer_topk_prefill_two_pass(q_fp8, w, k_fp8, k_scale, row_start, row_end, 
         logits = buf[:(r1 - r0) * n].view(r1 - r0, n)
         rs = rs_all[r0:r1] - c0
         re = re_all[r0:r1] - c0
-        indexer_logits(q_fp8[r0:r1], w[r0:r1], k_fp8[c0:c1], k_scale[c0:c1], rs, re, out=logits)
+        indexer_logits(q_fp8[r0:r1], w[r0:r1], k_fp8[c0:c1], k_scale[c0:c1], rs, re, out=logits,
+                       kernel=logits_kernel)
         dst = out[r0:r1]
         dst.copy_(topk_fn(logits, topk, row_start=rs, row_end=re))
         if c0:
@@ -292,13 +342,14 @@ def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, top
     sample_chunks = plan_fused_chunks(srs, sre, _scratch(r, len(sel)) + 16, quarter)
     sbuf = torch.empty(max([(b - a) * (c1 - c0) for a, b, c0, c1 in sample_chunks] + [1]), dtype=torch.float32,
                        device=dev)
+    sample_kernel = _logits_kernel_for(q_fp8)  # any threshold is exact (see above): the faster kernel
     thr = torch.full((t,), float("-inf"), dtype=torch.float32, device=dev)
     for a, b, c0, c1 in sample_chunks:  # thresholds: the r-th largest sampled score of each row
         if c1 == c0:
             continue
         lg = sbuf[:(b - a) * (c1 - c0)].view(b - a, c1 - c0)
         sa, sb = srs[a:b] - c0, sre[a:b] - c0
-        indexer_logits(q_fp8[a:b], w[a:b], k8s[c0:c1], kss[c0:c1], sa, sb, out=lg)
+        indexer_logits(q_fp8[a:b], w[a:b], k8s[c0:c1], kss[c0:c1], sa, sb, out=lg, kernel=sample_kernel)
         idx = topk_fn(lg, r, row_start=sa, row_end=sb)
         got = idx >= 0
         v = torch.where(got, torch.gather(lg, 1, idx.clamp(min=0).long()), float("inf")).amin(1)
@@ -326,9 +377,10 @@ def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, top
             stats.setdefault("candidates", []).append(cnt[:, 0].clone())
     redo = bad.nonzero().flatten()  # one sync for the whole call
     if redo.numel():
+        # scored by the Triton tile code, as the candidates were: a row's set does not depend on being redone
         out[redo] = indexer_topk_prefill_two_pass(_take_rows(q_fp8, redo), w[redo], k_fp8, k_scale, rs_all[redo],
                                                   re_all[redo], topk, workspace_bytes=workspace_bytes,
-                                                  topk_fn=topk_fn)
+                                                  topk_fn=topk_fn, logits_kernel="triton")
     if stats is not None:
         found = torch.cat(stats.pop("candidates")) if t else torch.zeros(0)
         stats.update(fallback_rows=int(redo.numel()), redo=redo, thr=thr, sample_stride=p, sample_rank=r, cap=cap,
