@@ -1,14 +1,12 @@
-"""Decode top-k on the GPU: ``topk_rows_decode`` (one row over many programs) against the run-59 kernels it
-replaces (``benchmarks/topk_decode_baseline.py``, same algorithm with a 4096-bin first digit) and ``torch.topk``,
-each replayed in a CUDA graph, k = 2048, fp32 scores.
+"""Decode top-k on the GPU: ``topk_rows_decode`` (one row over many programs) against ``torch.topk``, each
+replayed in a CUDA graph, k = 2048, fp32 scores. (Run 62 timed it against the kernels it replaced, a 4096-bin
+first digit: ``benchmarks/results/topk_decode_h200_run62.json``.)
 
     python -m benchmarks.topk_decode
 
-Per case: first checks the selections (index sets of the new kernel against the PyTorch reference, ``topk_rows``
-and the run-59 kernels, which are checked against the reference too; graph replays on fresh inputs; both
-workspaces left zeroed); then times new and run-59 alternately (two rounds, best median of each: the same-run
-ratio), torch.topk once, and profiles each path's three launches inside a graph. Both kernels get int32 row ends,
-as the engine calls them. Prints a table last; writes ``topk_decode.json`` ($OUT, else runs/benchmarks) with
+Per case: first checks the selections (index sets against the PyTorch reference and ``topk_rows``; graph
+replays on fresh inputs; the workspace left zeroed); then times the kernel (two rounds, best median) and
+torch.topk, and profiles the kernel's three launches inside a graph. Int32 row ends, as the engine calls it. Prints a table last; writes ``topk_decode.json`` ($OUT, else runs/benchmarks) with
 same-run ceilings. About a minute on an H200.
 """
 from __future__ import annotations
@@ -24,7 +22,6 @@ import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import measure_ceilings, run_metadata, table, write_results
-from benchmarks.topk_decode_baseline import BaselineWorkspace, baseline_decode_launches
 from indexcache.kernels.topk import DecodeTopkWorkspace, topk_rows, topk_rows_decode, topk_rows_reference
 
 K = 2048
@@ -57,23 +54,21 @@ def _graph_us(fn, rep=60):
     return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")) * 1e3
 
 
-def _paths(x, ends, ws_new, ws_old):
-    """Thunks of the new and the run-59 path on x (each returns its output)."""
-    _, old = baseline_decode_launches(x, K, ends, ws_old)
-    return (lambda: topk_rows_decode(x, K, row_end=ends, workspace=ws_new)), old
+def _path(x, ends, ws):
+    """A thunk of the kernel on x (returns its output)."""
+    return lambda: topk_rows_decode(x, K, row_end=ends, workspace=ws)
 
 
 def check(B, N, end, dist) -> dict:
-    """Index sets (ragged row ends) against the reference, topk_rows and run 59, eager and in graph replays."""
+    """Index sets (ragged row ends) against the reference and topk_rows, eager and in graph replays."""
     x = _scores(B, N, dist, 1)
     e0 = end or N
     ends = torch.tensor([e0 - 13 * i for i in range(B)], dtype=torch.int32, device="cuda")
-    ws, wo = DecodeTopkWorkspace.new(B, N, "cuda"), BaselineWorkspace(B, N, "cuda")
-    new_fn, old_fn = _paths(x, ends, ws, wo)
-    ref = topk_rows_reference(x, K, row_end=ends)
-    new, old = new_fn(), old_fn()
-    ok = {"vs_reference": _same_sets(new, ref), "vs_run59": _same_sets(new, old),
-          "run59_vs_reference": _same_sets(old, ref), "vs_topk_rows": _same_sets(new, topk_rows(x, K, row_end=ends))}
+    ws = DecodeTopkWorkspace.new(B, N, "cuda")
+    new_fn = _path(x, ends, ws)
+    new = new_fn()
+    ok = {"vs_reference": _same_sets(new, topk_rows_reference(x, K, row_end=ends)),
+          "vs_topk_rows": _same_sets(new, topk_rows(x, K, row_end=ends))}
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = new_fn()
@@ -83,7 +78,7 @@ def check(B, N, end, dist) -> dict:
         g.replay()
         replay_ok &= _same_sets(out, topk_rows_reference(x, K, row_end=ends))
     ok["graph_replay"] = replay_ok
-    ok["workspace_reset"] = not (ws.hist.any() or ws.ctr.any() or wo.hist.any() or wo.ctr.any())
+    ok["workspace_reset"] = not (ws.hist.any() or ws.ctr.any())
     del g
     return ok
 
@@ -119,21 +114,16 @@ def main():
             row.update(check(B, N, end, dist))
             x = _scores(B, N, dist, 4)
             ends = torch.full((B,), end or N, dtype=torch.int32, device="cuda")  # int32 row ends, as the engine
-            new_fn, old_fn = _paths(x, ends, DecodeTopkWorkspace.new(B, N, "cuda"), BaselineWorkspace(B, N, "cuda"))
-            new_t, old_t = [], []
-            for _ in range(2):      # alternate: drifting clocks hit both paths alike
-                new_t.append(_graph_us(new_fn))
-                old_t.append(_graph_us(old_fn))
-            row["new_us"], row["run59_us"] = min(new_t), min(old_t)
-            row["new_rounds_us"], row["run59_rounds_us"] = new_t, old_t
-            row["speedup"] = row["run59_us"] / row["new_us"]
+            new_fn = _path(x, ends, DecodeTopkWorkspace.new(B, N, "cuda"))
+            new_t = [_graph_us(new_fn) for _ in range(2)]
+            row["new_us"], row["new_rounds_us"] = min(new_t), new_t
             xe = x[:, : end or N]
             row["torch_topk_us"] = _graph_us(lambda: torch.topk(xe, K, dim=1, sorted=False))
+            row["speedup_vs_torch"] = row["torch_topk_us"] / row["new_us"]
             row["tbps"] = B * (end or N) * 4 / (row["new_us"] * 1e-6) / 1e12
             row["frac_copy"] = row["tbps"] / ceilings["copy_tbps"]
             row["parts_new_us"] = launch_profile(new_fn)
-            row["parts_run59_us"] = launch_profile(old_fn)
-            print(f"{name} launches (us, graph replay): new {row['parts_new_us']}, run 59 {row['parts_run59_us']}")
+            print(f"{name} launches (us, graph replay): {row['parts_new_us']}")
         except Exception as e:  # one failing case is reported, the others still run
             row["error"] = repr(e)[:300]
         print(row, flush=True)
@@ -141,17 +131,14 @@ def main():
     paths = write_results("topk_decode", {"meta": meta, "ceilings": ceilings, "rows": rows})
     print("wrote", paths)
     for row in rows:
-        for tag in ("new", "run59"):
-            for part, us in row.get(f"parts_{tag}_us", {}).items():
-                row[f"{tag}_{part}"] = us
-        row["sets_ok"] = all(row.get(c) for c in ("vs_reference", "vs_run59", "run59_vs_reference", "vs_topk_rows",
-                                                  "graph_replay", "workspace_reset"))
-    print("new = topk_rows_decode (256-bin first digit), run59 = the kernels it replaces; us per call in a CUDA "
-          "graph (best of two alternating medians); new_hist / new_filter1 / new_filter2_final: GPU time per launch; "
-          "sets_ok: index sets vs reference, run 59 and topk_rows, graph replays, workspaces zeroed")
-    print(table(rows, ["case", "sets_ok", "new_us", "run59_us", "speedup", "torch_topk_us", "new_hist",
-                       "new_filter1", "new_filter2_final", "run59_hist", "run59_filter1", "run59_filter2_final",
-                       "error"]))
+        for part, us in row.get("parts_new_us", {}).items():
+            row[f"new_{part}"] = us
+        row["sets_ok"] = all(row.get(c) for c in ("vs_reference", "vs_topk_rows", "graph_replay", "workspace_reset"))
+    print("new = topk_rows_decode; us per call in a CUDA graph (best of two medians); new_hist / new_filter1 / "
+          "new_filter2_final: GPU time per launch; sets_ok: index sets vs reference and topk_rows, graph replays, "
+          "workspace zeroed")
+    print(table(rows, ["case", "sets_ok", "new_us", "torch_topk_us", "speedup_vs_torch", "new_hist", "new_filter1",
+                       "new_filter2_final", "error"]))
 
 
 if __name__ == "__main__":
