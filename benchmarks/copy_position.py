@@ -55,6 +55,7 @@ steps of 64-token windows, then 100 steps at each length, 16384 tokens a step; ~
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import math
@@ -72,8 +73,8 @@ from benchmarks.common import run_metadata, table, write_results  # noqa: E402
 from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
-from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, copy_episode_spans, copy_episode_windows,  # noqa: E402
-                                    copy_window_spans, copy_windows)
+from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, copy_alphabet_of, copy_episode_spans,  # noqa: E402
+                                    copy_episode_windows, copy_window_spans, copy_windows)
 from indexcache.tools.train import PRESETS, _lr_at, copy_batches  # noqa: E402
 from indexcache.tools.trainfwd import attention_qkv, dense_logits, forward_train  # noqa: E402
 
@@ -137,27 +138,77 @@ def copied_nll(model, rows, cue: int = 4, chunk: int = 4) -> float:
     return float(torch.cat(picked).mean())
 
 
+def _bin(n: int) -> int:
+    """0, or the power of two at or below ``n`` (bins 0, 1, 2-3, 4-7, ...)."""
+    return 0 if n <= 0 else 1 << (n.bit_length() - 1)
+
+
+def _distance_bin(d: int) -> int:
+    return 12 if d < 32 else _bin(d)
+
+
 @torch.no_grad()
-def distance_table(model, length: int, windows: int, cue: int = 4) -> dict:
-    """Copied letters' NLL in the long phase's own windows (``length`` tokens, one copy per 64, log-uniform copy
-    distances, held-out seeds) by copy distance: {lowest distance of the bin: (NLL, copies)}, bins 12..31, 32..63,
-    64..127 and on in powers of two. Unlike (a)'s one copy at ~0.4 L, this shows how far the copying reaches."""
+def episode_letters(model, length: int, windows: int, alphabet: bytes = COPY_ALPHABET, cue: int = 4,
+                    deepest: int = 3) -> list[tuple]:
+    """Every copied token past its ``cue`` in the long phase's own windows (``length`` tokens, one copy per 64,
+    log-uniform copy distances, held-out seeds; the same copies in every ``alphabet``, only the text differs):
+    (copy, copy distance, NLL, top-1 right, false matches of the last 1 .. ``deepest`` tokens), where the
+    false matches of the last k tokens are the earlier places between the source and the query that hold the
+    same k tokens as those before the predicted one (what an induction head matching k previous tokens must
+    rank below the source)."""
     device = next(model.parameters()).device
-    sums: dict[int, list] = {}
+    out = []
     for i in range(windows):
-        win, spans = copy_episode_spans(length + 1, (1 << 42) + i, 64, length - 24, gaps="log")
-        ids = win[None].to(device)
+        win, spans = copy_episode_spans(length + 1, (1 << 42) + i, 64, length - 24, alphabet=alphabet, gaps="log")
         with _autocast(model):
-            logits = dense_logits(model, ids[:, :-1])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")[0].cpu()
-        for src, dst, n in spans:
+            logits = dense_logits(model, win[None, :-1].to(device))[0].float()
+        nll = F.cross_entropy(logits, win[1:].to(device), reduction="none").cpu().tolist()
+        right = (logits.argmax(-1).cpu() == win[1:]).tolist()
+        ids = win.tolist()
+        ends: dict[tuple, list[int]] = {}  # the last k tokens ending at j -> the j's, increasing
+        for j in range(len(ids)):
+            for k in range(1, min(deepest, j + 1) + 1):
+                ends.setdefault(tuple(ids[j - k + 1: j + 1]), []).append(j)
+        for c, (src, dst, n) in enumerate(spans):
             d = dst - src
-            b = 12 if d < 32 else 1 << (d.bit_length() - 1)
-            acc = sums.setdefault(b, [0.0, 0, 0])
-            acc[0] += float(nll[dst + cue - 1: dst + n - 1].sum())
-            acc[1] += n - cue
-            acc[2] += 1
-    return {b: (total / letters, copies) for b, (total, letters, copies) in sorted(sums.items())}
+            for t in range(dst + cue - 1, dst + n - 1):  # the query at t predicts t + 1; its source match is t - d
+                false = [bisect.bisect_left(pos, t) - bisect.bisect_right(pos, t - d)
+                         for pos in (ends[tuple(ids[t - k + 1: t + 1])] for k in range(1, deepest + 1))]
+                out.append(((i, c), d, nll[t], bool(right[t]), *false))
+    return out
+
+
+def distance_table(letters: list[tuple]) -> dict:
+    """Copied letters' NLL by copy distance (``episode_letters``): {lowest distance of the bin: (NLL, copies)},
+    bins 12..31, 32..63, 64..127 and on in powers of two. Unlike (a)'s one copy at ~0.4 L, this shows how far the
+    copying reaches."""
+    sums: dict[int, list] = {}
+    for copy, d, nll, *_ in letters:
+        acc = sums.setdefault(_distance_bin(d), [0.0, 0, set()])
+        acc[0] += nll
+        acc[1] += 1
+        acc[2].add(copy)
+    return {b: (total / n, len(copies)) for b, (total, n, copies) in sorted(sums.items())}
+
+
+def competitor_table(letters: list[tuple]) -> dict:
+    """Copied letters' NLL and top-1 accuracy by their false matches of the last k = 1, 2, 3 tokens between source
+    and query (bins 0, 1, 2-3, 4-7, ...), overall and within each copy-distance bin: {k: {"all": {bin: (NLL,
+    accuracy, letters)}, distance bin: {bin: ...}}}. If copying fails because a head matching k tokens meets
+    earlier look-alikes, the NLL follows the matches within a distance bin; if the distance itself is the limit,
+    it follows the distance at equal matches."""
+    out = {}
+    for k in range(len(letters[0]) - 4 if letters else 0):
+        sums: dict = {}
+        for _, d, nll, right, *false in letters:
+            for key in ("all", _distance_bin(d)):
+                acc = sums.setdefault(key, {}).setdefault(_bin(false[k]), [0.0, 0, 0])
+                acc[0] += nll
+                acc[1] += right
+                acc[2] += 1
+        out[k + 1] = {key: {b: (a[0] / a[2], a[1] / a[2], a[2]) for b, a in sorted(bins.items())}
+                      for key, bins in sorted(sums.items(), key=lambda kv: (kv[0] != "all", kv[0]))}
+    return out
 
 
 def length_table(model, lengths, windows: int) -> dict:
@@ -279,22 +330,48 @@ def analyse(model, args) -> dict:
     return out
 
 
+def _cells(bins: dict) -> str:
+    return "  ".join(f"{b} {nll:.2f}/{acc:.2f} ({n})" for b, (nll, acc, n) in bins.items())
+
+
 def evaluate(model, args, label: str) -> dict:
     model.eval()
     table = length_table(model, args.eval_lengths, args.windows)
     layer, heads = previous_token_heads(model, layer=args.probe_layer)
     cells = "  ".join(f"L{L} {a:.2f}/{b:.2f}" for L, (a, b) in table.items())
     print(f"{label}: copied NLL (a) copy window / (b) 64-window shifted: {cells}", flush=True)
-    dist = {L: distance_table(model, L, max(1, args.windows // 4)) for L in args.eval_distances}
-    for L, bins in dist.items():
-        print(f"  (c) L{L} long-phase windows, copied NLL by copy distance: "
-              + "  ".join(f"{b}+ {v:.2f}" for b, (v, _) in bins.items()), flush=True)
+    dist, rivals = {}, {}
+    for L in args.eval_distances:
+        for size in eval_alphabets(args):
+            key = str(L) if size == len(COPY_ALPHABET) else f"{L}@{size}"  # letters: the keys of old results
+            letters = episode_letters(model, L, max(1, args.windows // 4), copy_alphabet_of(size))
+            dist[key] = distance_table(letters)
+            what = "" if size == len(COPY_ALPHABET) else f", {size} symbols (chance {math.log(size):.2f})"
+            print(f"  (c) L{L} long-phase windows{what}, copied NLL by copy distance: " + "  ".join(f"{b}+ {v:.2f}" for b, (v, _) in dist[key].items()), flush=True)
+            if not args.competitors:
+                continue
+            rivals[key] = competitor_table(letters)
+            print(f"  (d) L{L}, {size} symbols: copied NLL/top-1 accuracy (tokens) by false matches of the last k "
+                  f"tokens between source and query (0, 1, 2-3, 4-7, ...), all and per copy distance:", flush=True)
+            for k, rows in rivals[key].items():
+                for where, bins in rows.items():
+                    print(f"      k={k} {where if where == 'all' else f'd {where}+'}: {_cells(bins)}", flush=True)
     for i, hd in enumerate(heads):
         print(f"  L{layer} h{i}: prev-token attention {hd['prev_attn_64']:.2f} over 64 keys -> "
               f"{hd['prev_attn_full']:.2f} over 512; logit d=1 {hd['logit_d1']:.1f}, max d in 2..63 "
               f"{hd['max_logit_d2_63']:.1f}, max d >= 64 {hd['max_logit_d64_up']:.1f}", flush=True)
-    return {"label": label, "table": {str(k): v for k, v in table.items()}, "prev_layer": layer, "heads": heads,
-            "by_distance": {str(L): {str(b): v for b, v in bins.items()} for L, bins in dist.items()}}
+    res = {"label": label, "table": {str(k): v for k, v in table.items()}, "prev_layer": layer, "heads": heads,
+           "by_distance": {key: {str(b): v for b, v in bins.items()} for key, bins in dist.items()}}
+    if args.competitors:
+        res["by_false_matches"] = {key: {str(k): {str(w): {str(b): v for b, v in bins.items()}
+                                                  for w, bins in rows.items()} for k, rows in t.items()}
+                                   for key, t in rivals.items()}
+    return res
+
+
+def eval_alphabets(args) -> list[int]:
+    """The alphabet sizes of the (c)/(d) windows: --eval-alphabets, or the long phase's own."""
+    return args.eval_alphabets or [args.long_alphabet or len(COPY_ALPHABET)]
 
 
 def main(argv=None) -> int:
@@ -331,6 +408,14 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--eval-distances", type=lambda s: [int(x) for x in s.split(",")], default=[],
                     help="also the copied NLL by copy distance in long-phase windows of these lengths ((c))")
+    ap.add_argument("--long-alphabet", type=int, default=None,
+                    help="long-phase windows' text: this many distinct byte tokens (TrainConfig.copy_long_alphabet, "
+                         "tasks.copy_alphabet_of; default: the 26 letters)")
+    ap.add_argument("--eval-alphabets", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="alphabet sizes of the (c)/(d) windows (default: the long phase's; 26: letters)")
+    ap.add_argument("--competitors", action="store_true",
+                    help="(d): copied NLL in the --eval-distances windows by the false matches of the last 1/2/3 "
+                         "tokens between source and query, overall and per copy distance")
     ap.add_argument("--probe-layer", type=int, default=None,
                     help="layer of the previous-token heads to profile (default: the one attending most to it)")
     ap.add_argument("--eval-only", default=None, help="evaluate this saved state dict, no training")
@@ -352,6 +437,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.data != "long-phase" and len(args.length) != 1:
         ap.error(f"--length takes several lengths only with --data long-phase, got {args.length}")
+    for size in eval_alphabets(args) + [args.long_alphabet or len(COPY_ALPHABET)]:
+        try:
+            copy_alphabet_of(size)
+        except ValueError as e:
+            ap.error(str(e))
     longest = max(args.length)
     tc, model = build(args, topk=max(args.eval_lengths + [longest]))  # top-k >= every window: dense
     model.init_random(args.seed, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)  # (--grow: the new layers)
@@ -366,7 +456,8 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     long_tc = dataclasses.replace(tc, copy_length=64, copy_batch=args.batch * longest // 64,
                                   copy_long_length=tuple(args.length), copy_long_share=args.long_share,
-                                  copy_long_gaps=args.gaps, copy_long_mix=args.mix)
+                                  copy_long_gaps=args.gaps, copy_long_mix=args.mix,
+                                  copy_long_alphabet=args.long_alphabet)
     params = [p for n, p in model.named_parameters() if ".indexer." not in n]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     if args.init_opt:

@@ -221,6 +221,21 @@ def mixed_windows(corpus: Corpus, n: int, length: int, ratio: float, gen: torch.
 # characters, a 4-layer model did not learn to copy within 1500 steps; on letters alone it did
 COPY_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
 COPY_SEGMENT = 12  # bytes in the repeated segment
+# the order in which ``copy_alphabet_of`` takes byte tokens: letters first (26 = COPY_ALPHABET), then the rest of
+# printable ASCII, then the other bytes
+_COPY_BYTE_ORDER = (COPY_ALPHABET + b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                    + bytes(b for b in range(32, 127) if not chr(b).isalnum()))
+_COPY_BYTE_ORDER += bytes(b for b in range(256) if b not in _COPY_BYTE_ORDER)
+
+
+def copy_alphabet_of(n: int) -> bytes:
+    """An alphabet of ``n`` distinct byte tokens for copy windows: the first ``n`` of lowercase letters, uppercase
+    letters, digits, the other printable ASCII characters, then the remaining bytes (26: ``COPY_ALPHABET``). With
+    one matching previous token an induction head meets a false match about every ``n`` tokens; a larger alphabet
+    makes single-token matches rarer."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 256:
+        raise ValueError(f"copy alphabet size must be an integer in [2, 256] (distinct byte tokens), got {n!r}")
+    return _COPY_BYTE_ORDER[:n]
 
 
 def copy_window_spans(length: int, seed: int, segment: int = COPY_SEGMENT, alphabet: bytes = COPY_ALPHABET,

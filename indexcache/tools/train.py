@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..distributed.training import any_rank, clip_grad_norm_, reduce_gradients
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
-from .tasks import COPY_GAPS, COPY_SEGMENT, copy_episode_windows, copy_windows, mixed_windows
+from .tasks import COPY_GAPS, COPY_SEGMENT, copy_alphabet_of, copy_episode_windows, copy_windows, mixed_windows
 from .trainfwd import forward_train
 
 
@@ -97,6 +97,9 @@ class TrainConfig:
     # ones: with the curriculum, short copies deep in a 2048-token window 0.45 nats instead of 1.39)
     copy_long_gaps: str = "uniform"
     copy_long_mix: float = 0.0  # share of each long-phase step's tokens given to short copy windows (copy_batches)
+    # the long windows' random text: this many distinct byte tokens (tasks.copy_alphabet_of), None: copy_alphabet.
+    # Matching one previous token, an induction head meets a false match about every alphabet-size tokens
+    copy_long_alphabet: int | None = None
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
@@ -266,6 +269,11 @@ def copy_long_lengths(tc: TrainConfig) -> tuple:
         raise ValueError(f"copy_long_gaps must be one of {COPY_GAPS}, got {tc.copy_long_gaps!r}")
     if not 0.0 <= tc.copy_long_mix < 1.0:
         raise ValueError(f"copy_long_mix must be in [0, 1), got {tc.copy_long_mix!r}")
+    if tc.copy_long_alphabet is not None:
+        try:
+            copy_alphabet_of(tc.copy_long_alphabet)
+        except ValueError as e:
+            raise ValueError(f"copy_long_alphabet: {e}") from None
     return lengths
 
 
@@ -285,11 +293,13 @@ def copy_batch(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -> 
     """The copy stage's windows [batch, length + 1] at ``step`` of ``steps`` (``copy_window_length``):
     ``copy_batch`` copy windows of ``copy_length`` tokens (tasks.copy_windows), or in the long phase windows holding
     one copy episode per ``copy_length`` tokens (the short windows' copy density), copy distances spread over the
-    window as ``copy_long_gaps`` says (tasks.copy_episode_windows), as many tokens per step less the
-    ``copy_long_mix`` share that ``copy_batches`` gives to short windows."""
+    window as ``copy_long_gaps`` says, their text in ``copy_long_alphabet`` when set (tasks.copy_episode_windows),
+    as many tokens per step less the ``copy_long_mix`` share that ``copy_batches`` gives to short windows."""
     alphabet = tc.copy_alphabet.encode()
     length = copy_window_length(tc, step, steps)
     if length != tc.copy_length:
+        if tc.copy_long_alphabet is not None:
+            alphabet = copy_alphabet_of(tc.copy_long_alphabet)
         batch = max(1, round((1.0 - tc.copy_long_mix) * tc.copy_batch * tc.copy_length / length))
         return copy_episode_windows(batch, length + 1, gen, every=tc.copy_length,
                                     max_gap=length - 2 * COPY_SEGMENT, alphabet=alphabet, gaps=tc.copy_long_gaps)
