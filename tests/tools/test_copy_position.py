@@ -83,3 +83,58 @@ def test_grow_and_q_scale(tmp_path, capsys):
     assert torch.equal(q_b[0], 3 * q_b[1])
     with pytest.raises(ValueError, match="missing"):
         model(3)
+
+
+def test_false_match_counts_and_competitor_tables(capsys, monkeypatch):
+    """episode_letters counts, per copied token, the places strictly between its source match and the query that
+    end with the same last k tokens (checked by brute force); every alphabet holds the same copies; --competitors
+    bins every copied token once per k, overall and per distance; --long-alphabet / --eval-alphabets key the
+    other alphabets' tables as L@N; a bad alphabet size is refused."""
+    import argparse
+
+    from benchmarks.copy_position import build, competitor_table, distance_table, episode_letters
+    from indexcache.tools.tasks import copy_alphabet_of, copy_episode_spans
+
+    a = argparse.Namespace(width=32, testbed_shape=False, layers=2, heads=2, nope=32, rope=16, init_std=None,
+                           rope_theta=10000.0, device="cpu")
+    tc, model = build(a, 512)
+    model.init_random(0, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)
+    letters = episode_letters(model, 512, 2, copy_alphabet_of(4))  # 4 symbols: many false matches at every k
+    for w in range(2):
+        win, spans = copy_episode_spans(513, (1 << 42) + w, 64, 488, alphabet=copy_alphabet_of(4), gaps="log")
+        ids = win.tolist()
+        got = [r for r in letters if r[0][0] == w]
+        want = []
+        for c, (src, dst, n) in enumerate(spans):
+            for t in range(dst + 3, dst + n - 1):
+                m = t - (dst - src)
+                want.append(((w, c), dst - src, *[sum(ids[j - k + 1: j + 1] == ids[t - k + 1: t + 1]
+                                                     for j in range(m + 1, t)) for k in (1, 2, 3)]))
+        assert [(r[0], r[1], *r[4:]) for r in got] == want
+    counts = [r[4:] for r in letters]
+    assert all(n1 >= n2 >= n3 for n1, n2, n3 in counts) and max(c[2] for c in counts) > 0 \
+        and min(c[0] for c in counts) == 0
+    other = episode_letters(model, 512, 2)  # letters: the same copies, other text
+    assert [r[:2] for r in other] == [r[:2] for r in letters]
+    table = competitor_table(letters)
+    assert set(table) == {1, 2, 3}
+    for k, rows in table.items():
+        assert sum(n for _, _, n in rows["all"].values()) == len(letters)
+        assert sum(n for w, bins in rows.items() if w != "all" for _, _, n in bins.values()) == len(letters)
+        assert all(0 < nll < 10 and 0 <= acc <= 1 for bins in rows.values() for nll, acc, _ in bins.values())
+    assert sum(c for _, c in distance_table(letters).values()) == len({r[0] for r in letters})
+
+    import indexcache.tools.train as train_mod
+
+    drawn = []
+    real = train_mod.copy_episode_windows
+    monkeypatch.setattr(train_mod, "copy_episode_windows",
+                        lambda *a, **kw: drawn.append(kw["alphabet"]) or real(*a, **kw))
+    assert main(TINY + ["--data", "long-phase", "--length", "128", "--steps", "1", "--long-alphabet", "64",
+                        "--eval-alphabets", "26,64", "--eval-distances", "256", "--competitors"]) == 0
+    res = _payload(capsys.readouterr().out)["results"][-1]
+    assert drawn == [copy_alphabet_of(64)]  # the long phase trained on the 64 symbols
+    assert set(res["by_distance"]) == {"256", "256@64"} and set(res["by_false_matches"]) == {"256", "256@64"}
+    assert set(res["by_false_matches"]["256@64"]) == {"1", "2", "3"}
+    with pytest.raises(SystemExit):
+        main(TINY + ["--data", "long-phase", "--length", "128", "--steps", "1", "--long-alphabet", "300"])

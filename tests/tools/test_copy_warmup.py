@@ -214,3 +214,29 @@ def test_copy_episode_log_gaps():
                        copy_episode_spans(2049, 5, 64, 2000, gaps="log")[0])
     with pytest.raises(ValueError, match="gaps"):
         copy_episode_spans(2049, 5, 64, 2000, gaps="exp")
+
+
+def test_copy_long_alphabet():
+    """copy_long_alphabet: the long windows' text in that many distinct byte tokens (letters first, 26 = the
+    letters), the short windows still in copy_alphabet; None changes nothing; a bad size is refused by name."""
+    from indexcache.tools.tasks import COPY_ALPHABET, copy_alphabet_of
+
+    assert copy_alphabet_of(26) == COPY_ALPHABET and copy_alphabet_of(3) == b"abc"
+    big = copy_alphabet_of(200)
+    assert len(set(big)) == 200 and big[:62].isalnum() and sorted(copy_alphabet_of(256)) == list(range(256))
+    for bad in (1, 257, True, 26.0):
+        with pytest.raises(ValueError, match="alphabet size"):
+            copy_alphabet_of(bad)
+    tc = dataclasses.replace(TINY, copy_length=64, copy_batch=8, copy_long_length=512, copy_long_share=0.5)
+    wide = dataclasses.replace(tc, copy_long_alphabet=200)
+
+    def text(t, step):
+        return set(copy_batch(t, step, 4, torch.Generator().manual_seed(step))[:, 1:].flatten().tolist())
+
+    assert text(wide, 3) - set(big) == set() and len(text(wide, 3)) > 150  # the long window: 512 tokens of 200
+    assert text(wide, 0) <= set(COPY_ALPHABET) and text(tc, 3) <= set(COPY_ALPHABET)  # short windows, default
+    assert torch.equal(copy_batch(tc, 3, 4, torch.Generator().manual_seed(1)),  # 26: the default's windows
+                       copy_batch(dataclasses.replace(tc, copy_long_alphabet=26), 3, 4,
+                                  torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="copy_long_alphabet"):
+        copy_batch(dataclasses.replace(tc, copy_long_alphabet=300), 0, 4, torch.Generator())
