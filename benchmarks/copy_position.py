@@ -73,7 +73,7 @@ from benchmarks.common import run_metadata, table, write_results  # noqa: E402
 from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
-from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, copy_alphabet_of, copy_episode_spans,  # noqa: E402
+from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, COPY_SEGMENT, copy_alphabet_of, copy_episode_spans,  # noqa: E402
                                     copy_episode_windows, copy_window_spans, copy_windows)
 from indexcache.tools.train import PRESETS, _lr_at, copy_batches  # noqa: E402
 from indexcache.tools.trainfwd import attention_qkv, dense_logits, forward_train  # noqa: E402
@@ -209,6 +209,31 @@ def competitor_table(letters: list[tuple]) -> dict:
         out[k + 1] = {key: {b: (a[0] / a[2], a[1] / a[2], a[2]) for b, a in sorted(bins.items())}
                       for key, bins in sorted(sums.items(), key=lambda kv: (kv[0] != "all", kv[0]))}
     return out
+
+
+def placed_copy_rows(length: int, distance: int, windows: int, alphabet: bytes, free: bool) -> list:
+    """``length``-token windows of random ``alphabet`` text holding one ``COPY_SEGMENT``-token copy at ``distance``
+    that ends 8 tokens before the window does: (ids, (src, dst, n)). ``free``: the text between the source and its
+    copy avoids the segment's symbols, so no earlier look-alike of any copied token lies between them (the same
+    windows otherwise)."""
+    n = COPY_SEGMENT
+    if not 2 * n <= distance <= length - n - 9:
+        raise ValueError(f"a placed copy's distance must be in [{2 * n}, {length - n - 9}] in {length}-token windows, "
+                         f"got {distance}")
+    rows = []
+    for i in range(windows):
+        rng = random.Random(f"placed:{i}:{length}:{distance}")
+        text = [ByteTokenizer.BOS] + rng.choices(alphabet, k=length - 1)
+        dst = length - n - 8
+        src = dst - distance
+        text[dst: dst + n] = text[src: src + n]
+        rest = bytes(b for b in alphabet if b not in text[src: src + n])
+        if free:
+            if not rest:
+                raise ValueError(f"no symbol of the {len(alphabet)}-symbol alphabet is left outside the copied segment")
+            text[src + n: dst] = random.Random(i).choices(rest, k=dst - src - n)
+        rows.append((torch.tensor(text, dtype=torch.long), (src, dst, n)))
+    return rows
 
 
 def length_table(model, lengths, windows: int) -> dict:
@@ -356,12 +381,23 @@ def evaluate(model, args, label: str) -> dict:
             for k, rows in rivals[key].items():
                 for where, bins in rows.items():
                     print(f"      k={k} {where if where == 'all' else f'd {where}+'}: {_cells(bins)}", flush=True)
+    free = {}
+    for L in args.eval_distances if args.free_distances else ():
+        for size in eval_alphabets(args):
+            key = str(L) if size == len(COPY_ALPHABET) else f"{L}@{size}"
+            free[key] = {D: tuple(copied_nll(model, placed_copy_rows(L, D, args.windows, copy_alphabet_of(size), f))
+                                  for f in (True, False)) for D in args.free_distances if D <= L - COPY_SEGMENT - 9}
+            print(f"  (e) L{L}, {size} symbols: copied NLL of one copy at distance D, 8 tokens before the end, with "
+                  f"no look-alike of the copied tokens between / random text between: "
+                  + "  ".join(f"D{D} {a:.2f}/{b:.2f}" for D, (a, b) in free[key].items()), flush=True)
     for i, hd in enumerate(heads):
         print(f"  L{layer} h{i}: prev-token attention {hd['prev_attn_64']:.2f} over 64 keys -> "
               f"{hd['prev_attn_full']:.2f} over 512; logit d=1 {hd['logit_d1']:.1f}, max d in 2..63 "
               f"{hd['max_logit_d2_63']:.1f}, max d >= 64 {hd['max_logit_d64_up']:.1f}", flush=True)
     res = {"label": label, "table": {str(k): v for k, v in table.items()}, "prev_layer": layer, "heads": heads,
            "by_distance": {key: {str(b): v for b, v in bins.items()} for key, bins in dist.items()}}
+    if free:
+        res["placed_copy_free_vs_random"] = {key: {str(D): v for D, v in t.items()} for key, t in free.items()}
     if args.competitors:
         res["by_false_matches"] = {key: {str(k): {str(w): {str(b): v for b, v in bins.items()}
                                                   for w, bins in rows.items()} for k, rows in t.items()}
@@ -371,7 +407,7 @@ def evaluate(model, args, label: str) -> dict:
 
 def eval_alphabets(args) -> list[int]:
     """The alphabet sizes of the (c)/(d) windows: --eval-alphabets, or the long phase's own."""
-    return args.eval_alphabets or [args.long_alphabet or len(COPY_ALPHABET)]
+    return args.eval_alphabets or [args.long_alphabet or args.alphabet or len(COPY_ALPHABET)]
 
 
 def main(argv=None) -> int:
@@ -408,6 +444,9 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--eval-distances", type=lambda s: [int(x) for x in s.split(",")], default=[],
                     help="also the copied NLL by copy distance in long-phase windows of these lengths ((c))")
+    ap.add_argument("--alphabet", type=int, default=None,
+                    help="the short (stage) windows' text: this many distinct printable characters, at most 95 "
+                         "(TrainConfig.copy_alphabet = tasks.copy_alphabet_of(N); default: the 26 letters)")
     ap.add_argument("--long-alphabet", type=int, default=None,
                     help="long-phase windows' text: this many distinct byte tokens (TrainConfig.copy_long_alphabet, "
                          "tasks.copy_alphabet_of; default: the 26 letters)")
@@ -416,6 +455,9 @@ def main(argv=None) -> int:
     ap.add_argument("--competitors", action="store_true",
                     help="(d): copied NLL in the --eval-distances windows by the false matches of the last 1/2/3 "
                          "tokens between source and query, overall and per copy distance")
+    ap.add_argument("--free-distances", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                    help="(e): in windows of each --eval-distances length, one copy at each of these distances with "
+                         "the text between free of the copied symbols vs random (no false match vs many)")
     ap.add_argument("--probe-layer", type=int, default=None,
                     help="layer of the previous-token heads to profile (default: the one attending most to it)")
     ap.add_argument("--eval-only", default=None, help="evaluate this saved state dict, no training")
@@ -437,6 +479,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.data != "long-phase" and len(args.length) != 1:
         ap.error(f"--length takes several lengths only with --data long-phase, got {args.length}")
+    if args.alphabet is not None and not 2 <= args.alphabet <= 95:
+        ap.error(f"--alphabet takes 2..95 printable characters (TrainConfig.copy_alphabet is text), got {args.alphabet}")
     for size in eval_alphabets(args) + [args.long_alphabet or len(COPY_ALPHABET)]:
         try:
             copy_alphabet_of(size)
@@ -454,7 +498,9 @@ def main(argv=None) -> int:
     if args.init:
         load_init(model, args.init, args)
     gen = torch.Generator().manual_seed(args.seed)
+    short_alphabet = copy_alphabet_of(args.alphabet or len(COPY_ALPHABET))
     long_tc = dataclasses.replace(tc, copy_length=64, copy_batch=args.batch * longest // 64,
+                                  copy_alphabet=short_alphabet.decode(),
                                   copy_long_length=tuple(args.length), copy_long_share=args.long_share,
                                   copy_long_gaps=args.gaps, copy_long_mix=args.mix,
                                   copy_long_alphabet=args.long_alphabet)
@@ -470,7 +516,7 @@ def main(argv=None) -> int:
         if args.data == "long-phase":  # what run_stage("copy") draws in its long phase (TrainConfig.copy_long_*)
             batches = copy_batches(long_tc, step, args.steps, gen)
         elif args.data == "stage":
-            batches = [copy_windows(args.batch, longest + 1, gen, inner=args.inner)]
+            batches = [copy_windows(args.batch, longest + 1, gen, inner=args.inner, alphabet=short_alphabet)]
         else:
             batches = [copy_episode_windows(args.batch, longest + 1, gen, args.episode_every, args.max_gap)]
         opt.zero_grad(set_to_none=True)

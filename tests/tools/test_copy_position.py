@@ -138,3 +138,28 @@ def test_false_match_counts_and_competitor_tables(capsys, monkeypatch):
     assert set(res["by_false_matches"]["256@64"]) == {"1", "2", "3"}
     with pytest.raises(SystemExit):
         main(TINY + ["--data", "long-phase", "--length", "128", "--steps", "1", "--long-alphabet", "300"])
+
+
+def test_placed_copy_rows_free_of_look_alikes(capsys):
+    """(e)'s windows: one copy at the asked distance ending 8 tokens before the end; free: no copied symbol between
+    source and copy, the same text elsewhere; random: look-alikes between; --free-distances reports both."""
+    import torch
+
+    from benchmarks.copy_position import placed_copy_rows
+    from indexcache.tools.tasks import copy_alphabet_of
+
+    free = placed_copy_rows(512, 200, 3, copy_alphabet_of(26), True)
+    rand = placed_copy_rows(512, 200, 3, copy_alphabet_of(26), False)
+    for (f, (src, dst, n)), (r, span) in zip(free, rand):
+        assert span == (src, dst, n) and dst - src == 200 and dst + n == 512 - 8 and len(f) == 512
+        assert torch.equal(f[dst: dst + n], f[src: src + n]) and torch.equal(r[dst: dst + n], r[src: src + n])
+        seg = set(f[src: src + n].tolist())
+        assert not seg & set(f[src + n: dst].tolist()) and seg & set(r[src + n: dst].tolist())
+        assert torch.equal(f[:src + n], r[:src + n]) and torch.equal(f[dst:], r[dst:])
+    with pytest.raises(ValueError, match="distance"):
+        placed_copy_rows(512, 600, 1, copy_alphabet_of(26), True)
+    assert main(TINY + ["--data", "stage", "--length", "64", "--steps", "1", "--eval-distances", "256",
+                        "--free-distances", "32,128,400"]) == 0
+    got = _payload(capsys.readouterr().out)["results"][-1]["placed_copy_free_vs_random"]
+    assert set(got) == {"256"} and set(got["256"]) == {"32", "128"}  # 400 does not fit a 256-token window
+    assert all(0 < x < 10 for pair in got["256"].values() for x in pair)
