@@ -10,6 +10,13 @@ attention (the copy stage never trains the indexer, so its top-k is random):
   letters inserted after ``<bos>`` (the same copy distance, more tokens before it); with ``--eval-distances``
   also (c) the long phase's own windows of those lengths (one copy per 64 tokens, log-uniform distances, held-out
   seeds) by copy distance (12-31, 32-63, 64-127, ...): how far the copying reaches ((a) holds one copy at ~0.4 L);
+  with ``--competitors`` also (d) in those windows the copied tokens' NLL and top-1 accuracy by their false matches
+  of the last k = 1, 2, 3 tokens between source and query (earlier places ending in the same k tokens: what an
+  induction head matching k tokens must rank below the source), overall and per copy distance, and with
+  ``--free-distances`` (e) one copy at each given distance with the text between free of the copied symbols vs
+  random: a reach limited by look-alikes recovers in the free windows, one limited by the distance does not;
+  (c)-(e) in the long phase's alphabet or each of ``--eval-alphabets`` (N distinct byte tokens,
+  ``tasks.copy_alphabet_of``; JSON keys ``L`` for letters, ``L@N`` otherwise);
 - per head of the previous-token heads' layer (layer 0 in the small models, layer 2 in the 16-layer testbed model;
   ``--probe-layer`` picks another), the attention on the previous token at the end of 64- and 512-token windows of
   random letters (the heads that induction builds on), and the largest content-averaged logit at distances 2..63
@@ -20,9 +27,11 @@ Training data (``--data``): ``stage``: the copy stage's windows (``tasks.copy_wi
 ``TrainConfig.copy_inner``); ``episodes``: ``--length``-token windows with one copy episode per ``--episode-every``
 tokens, its copy distance 12 + 0..``--max-gap`` (``tasks.copy_episode_windows``); ``long-phase``: what the copy
 stage draws in its long phase (``train.copy_batches`` with ``copy_long_length`` = ``--length``: several lengths
-run in turn, ``--batch`` windows of the longest a step, as many tokens at each; ``--gaps`` and ``--mix`` as
-``copy_long_gaps`` and ``copy_long_mix``), and with ``--long-share`` < 1 the whole copy stage (64-token windows
-first, one optimizer, as ``run_stage``). ``--init`` continues a saved model (the short windows' stage).
+run in turn, ``--batch`` windows of the longest a step, as many tokens at each; ``--gaps``, ``--mix`` and
+``--long-alphabet`` as ``copy_long_gaps``, ``copy_long_mix`` and ``copy_long_alphabet``), and with
+``--long-share`` < 1 the whole copy stage (64-token windows first, one optimizer, as ``run_stage``). ``--alphabet``
+N: the short windows' text in N printable characters (``copy_alphabet``; the long ones too unless
+``--long-alphabet``). ``--init`` continues a saved model (the short windows' stage).
 
     python -m benchmarks.copy_position --data stage --length 64 --steps 1500          # the copy stage, 2 layers
     python -m benchmarks.copy_position --layers 4 --init copy2000.pt --data long-phase --length 256,512,1024,2048 \

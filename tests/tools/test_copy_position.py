@@ -163,3 +163,27 @@ def test_placed_copy_rows_free_of_look_alikes(capsys):
     got = _payload(capsys.readouterr().out)["results"][-1]["placed_copy_free_vs_random"]
     assert set(got) == {"256"} and set(got["256"]) == {"32", "128"}  # 400 does not fit a 256-token window
     assert all(0 < x < 10 for pair in got["256"].values() for x in pair)
+
+
+def test_short_windows_alphabet(monkeypatch):
+    """--alphabet N: the stage's windows and the long phase's short (--mix) and long windows in N printable
+    characters; more than 95 is refused (copy_alphabet is text)."""
+    import benchmarks.copy_position as cp
+    import indexcache.tools.train as train_mod
+    from indexcache.tools.tasks import copy_alphabet_of
+
+    drawn = []
+
+    def recording(fn):
+        return lambda *a, **kw: drawn.append((fn.__name__, kw["alphabet"])) or fn(*a, **kw)
+
+    monkeypatch.setattr(cp, "copy_windows", recording(cp.copy_windows))
+    monkeypatch.setattr(train_mod, "copy_windows", recording(train_mod.copy_windows))
+    monkeypatch.setattr(train_mod, "copy_episode_windows", recording(train_mod.copy_episode_windows))
+    assert main(TINY + ["--data", "stage", "--length", "64", "--steps", "1", "--alphabet", "40"]) == 0
+    assert main(TINY + ["--data", "long-phase", "--length", "128", "--steps", "1", "--mix", "0.5",
+                        "--alphabet", "40"]) == 0
+    want = copy_alphabet_of(40)
+    assert drawn == [("copy_windows", want), ("copy_episode_windows", want), ("copy_windows", want)]
+    with pytest.raises(SystemExit):
+        main(TINY + ["--data", "stage", "--length", "64", "--steps", "1", "--alphabet", "96"])
