@@ -60,6 +60,15 @@ steps of 64-token windows, then 100 steps at each length, 16384 tokens a step; ~
         --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1500 \
         --eval-steps 900,1000,1100,1200,1300,1400 --eval-lengths 64,256,1024,4096 --eval-distances 1024,4096 \
         --results copy_position_2x
+H200 runs 60 and 61 ran it (61 with 327 steps a length): the copying reached ~32-64 and ~128-256 tokens back. Whether
+that reach ends at earlier look-alikes of the copied tokens' context (a head matching one previous token meets one
+about every 26 letters) or at the distance itself, (d) and (e) on the same recipe tell (~3.5 minutes; CPU evidence
+in benchmarks/results/copy_reach_cpu.log):
+
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.4 \
+        --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1500 --eval-steps 1200 \
+        --eval-lengths 64,1024,4096 --eval-distances 1024,4096 --windows 32 --competitors \
+        --free-distances 32,128,512,2048 --results copy_reach_2x
 """
 from __future__ import annotations
 
@@ -82,8 +91,8 @@ from benchmarks.common import run_metadata, table, write_results  # noqa: E402
 from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
-from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, COPY_SEGMENT, copy_alphabet_of, copy_episode_spans,  # noqa: E402
-                                    copy_episode_windows, copy_window_spans, copy_windows)
+from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, COPY_SEGMENT, copy_alphabet_of,  # noqa: E402
+                                    copy_episode_spans, copy_episode_windows, copy_window_spans, copy_windows)
 from indexcache.tools.train import PRESETS, _lr_at, copy_batches  # noqa: E402
 from indexcache.tools.trainfwd import attention_qkv, dense_logits, forward_train  # noqa: E402
 
@@ -381,7 +390,8 @@ def evaluate(model, args, label: str) -> dict:
             letters = episode_letters(model, L, max(1, args.windows // 4), copy_alphabet_of(size))
             dist[key] = distance_table(letters)
             what = "" if size == len(COPY_ALPHABET) else f", {size} symbols (chance {math.log(size):.2f})"
-            print(f"  (c) L{L} long-phase windows{what}, copied NLL by copy distance: " + "  ".join(f"{b}+ {v:.2f}" for b, (v, _) in dist[key].items()), flush=True)
+            print(f"  (c) L{L} long-phase windows{what}, copied NLL by copy distance: "
+                  + "  ".join(f"{b}+ {v:.2f}" for b, (v, _) in dist[key].items()), flush=True)
             if not args.competitors:
                 continue
             rivals[key] = competitor_table(letters)
@@ -489,7 +499,8 @@ def main(argv=None) -> int:
     if args.data != "long-phase" and len(args.length) != 1:
         ap.error(f"--length takes several lengths only with --data long-phase, got {args.length}")
     if args.alphabet is not None and not 2 <= args.alphabet <= 95:
-        ap.error(f"--alphabet takes 2..95 printable characters (TrainConfig.copy_alphabet is text), got {args.alphabet}")
+        ap.error(f"--alphabet takes 2..95 printable characters (TrainConfig.copy_alphabet is text), "
+                 f"got {args.alphabet}")
     for size in eval_alphabets(args) + [args.long_alphabet or len(COPY_ALPHABET)]:
         try:
             copy_alphabet_of(size)
