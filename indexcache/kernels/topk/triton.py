@@ -493,21 +493,24 @@ def _dtopk_filter2_final_kernel(ctr, state, out, lists, k, cap, BLOCK: tl.conste
 # ------------------------------------------------------------------------------------- prefill: one launch
 # Prefill top-k in one launch (``topk_rows(..., _path="one")``): one program per row reads the row once.
 #
-# Per row r (columns [st, en), m = min(valid entries, k)):
+# Per row r (columns [st, en), m = min(valid entries, k)); programs take the rows last first (in a causal chunk
+# the longest rows start first and the short ones fill the tail):
 #   1. threshold: a stratified sample of ns entries (one per stride of L // ns, at a hashed offset in the stride;
 #      ns ~ 32 L / k, so about 32 samples fall in the top k whatever L is). ``lo`` = the sample's rank-q key with
 #      q ~ ns * sqrt(k * CAP) / L, so count(key >= lo) ~ sqrt(k * CAP): 2k at CAP = 4k, ~6 sd from both m and CAP.
-#      Rows of <= CAP entries take every valid entry (lo = the lowest key).
+#      A sample of up to 4 tiles (rows to ~256K at k = 2048) is gathered once into registers and its histogram
+#      rounds run there; a longer one is re-read per round. Rows of <= CAP entries skip the sample and the scan.
 #   2. scan: ONE read of the row, 16-byte vector loads from the aligned-down start (only the first and last block
-#      are masked). Entries with key >= lo go to the row's scratch as int64 ``key << 32 | col``. Slots: per block
+#      are masked; each middle block's load is issued before the previous block is filtered). Entries with
+#      key >= lo go to the row's scratch as int64 ``key << 32 | col``. Slots: per block
 #      the [E, T, V] tile (T lanes, V contiguous entries per lane) counts its candidates per lane in registers, one
 #      exclusive cumsum over the T lane counts gives the lane's base, and the in-lane ranks are register cumsums:
 #      no atomics, no scan over the whole block. Blocks that would pass CAP store nothing (the row is then bad).
-#   3. select (same program): the exact m-th largest key by a 4-round 8-bit radix select (``tl.histogram``) over
-#      the candidates; if the ties at that key are more than needed, the same radix select on the columns of the
-#      tied entries picks the lowest columns; one write pass. A bad row (count(>= lo) < m or > CAP: maxima the
-#      sample missed, heavy ties) runs the same select over the whole row instead (a few more reads of the row).
-#      Then -1 padding.
+#   3. select (same program): the exact m-th largest key by 64-bin ``tl.histogram`` rounds over the candidates
+#      (4096-entry tiles: one or two per round); if the ties at that key are more than needed, the same select on
+#      the columns of the tied entries picks the lowest columns; one write pass. Rows of <= CAP entries, and bad
+#      rows (count(>= lo) < k or > CAP: maxima the sample missed, heavy ties), run the same select over the row
+#      itself (a bad row: a few more reads of it). Then -1 padding.
 #
 # Keys: the order-preserving int32 of ``_row_keys`` (-0.0 folded to +0.0; NaN / -inf -> INT_MIN, never
 # selected). Every runtime size is ``do_not_specialize``: one compiled variant per dtype and alignment.
@@ -747,13 +750,13 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, E: tl.co
             tq, rem, eq, cnt = _kth(row, ns, st, L // ns, qi, 0, 2, False, SB, NBIN)
         if cnt >= qi:
             lo = tl.maximum(tq, lo)
-    # 2. one read of the row: the masked first and last blocks, the middle ones unmasked with the next block's
-    # load issued before the current block is filtered (two blocks in flight per program)
+    # 2. one read of a sampled row (no blocks for the others): the masked first and last blocks, the middle ones
+    # unmasked with the next block's load issued before the current block is filtered (two blocks in flight)
     BLOCK: tl.constexpr = E * T * V
     f0 = fb + st
     f1 = fb + en
     a0 = (f0 // V) * V
-    nblk = tl.cdiv(tl.maximum(f1 - a0, 0), BLOCK)
+    nblk = tl.where(sampled, tl.cdiv(tl.maximum(f1 - a0, 0), BLOCK), 0)
     lastb = a0 + (nblk - 1) * BLOCK
     wr = tl.zeros([], tl.int32)
     if nblk > 0:
@@ -767,17 +770,19 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, E: tl.co
         wr = _scan_x(xc, (base - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, ASM)
     if nblk > 1:
         wr = _scan_block(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
-    # 3. exact select. Unsampled rows took every valid entry; a sampled row is good when its candidates hold the
-    # top k (count >= k) and fit (<= cap); otherwise the select runs over the whole row (valid count unknown).
+    # 3. exact select. A sampled row is good when its candidates hold the top k (count >= k) and fit (<= cap);
+    # otherwise, and for rows of <= cap entries (which then stay in L2 over the rounds, at 4 B an entry instead of
+    # 8 as candidates), the select runs over the row itself.
     tl.debug_barrier()      # the scratch written by every thread of the program is read back by others
-    good = (wr <= cap) & ((sampled == 0) | (wr >= k))
+    good = sampled & (wr <= cap) & (wr >= k)
     if good:
         m = _select_write1(scrr, wr, st, 1, k, outr, 0, FB, NBIN)
     else:
         m = _select_write1(row, L, st, 1, k, outr, 1, FB, NBIN)
     # the row's counters in the decode path's format: (count above the bracket << 32 | in it), valid count (as
-    # far as known: a good sampled row only knows it is >= the candidates)
-    tl.store(ctr + r * 2 + 0, tl.where(good, wr, 2147483647).to(tl.int64))
+    # far as known: a good sampled row only knows it is >= the candidates; a row of <= cap entries reports the
+    # min(k, valid) entries it selected as its bracket; a bad sampled row the INT32_MAX bracket of a fallback)
+    tl.store(ctr + r * 2 + 0, tl.where(good, wr, tl.where(sampled, 2147483647, m)).to(tl.int64))
     tl.store(ctr + r * 2 + 1, tl.where(good, wr, m).to(tl.int64))
     ar = tl.arange(0, FB)
     for off in range(m, k, FB):
