@@ -4,6 +4,7 @@
     python -m tests.kernels.sm90_compile --candidates   # the indexer candidates kernel and its append layout
     python -m tests.kernels.sm90_compile --topk-decode  # the decode top-k's three launches
     python -m tests.kernels.sm90_compile --rerank       # the re-rank candidate-scoring kernel
+    python -m tests.kernels.sm90_compile --topk-prefill # the one-launch prefill top-k (fp32, bf16 logits)
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -176,6 +177,22 @@ def topk_decode_kernels() -> list[tuple[str, dict]]:
     return [(name, compile_sm90(fn, types, ce, num_warps=ops._D_WARPS, num_stages=1)) for name, fn, ce in runs]
 
 
+def topk_prefill_kernels() -> list[tuple[str, dict]]:
+    """The one-launch prefill top-k (``_topk1_kernel``) at its GPU constants, fp32 and bf16 logits (two row
+    programs per SM need <= 128 registers)."""
+    from indexcache.kernels.topk import ops
+    from indexcache.kernels.topk import triton as tk
+
+    out = []
+    for dt, v in (("fp32", 4), ("bf16", 8)):
+        types = {"x_ptr": f"*{dt}", "starts": "*i32", "ends": "*i32", "ctr": "*i64", "out": "*i32", "scr": "*i64"}
+        ce = dict(E=ops._ONE_BLOCK // (32 * ops._ONE_WARPS * v), T=32 * ops._ONE_WARPS, V=v, SB=ops._ONE_SB,
+                  NTMAX=ops._ONE_NTMAX, FB=ops._ONE_FB, NBIN=ops._ONE_NBIN, ASM=True)
+        out.append((f"topk prefill one-pass {dt}", compile_sm90(tk._topk1_kernel, types, ce,
+                                                                num_warps=ops._ONE_WARPS, num_stages=3)))
+    return out
+
+
 def rerank_kernels() -> list[tuple[str, dict]]:
     """The re-rank kernels at their default configs, H=32 and 64: the candidate-scoring kernel (its gathers must
     stay cp.async copies feeding wgmma, in both), the fused score-and-select kernel at a pool of 8192, and the
@@ -224,6 +241,10 @@ def main() -> int:
         for name, r in candidates_kernels():
             print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
                   f"owner lanes ok {r['owner_lanes_ok']}", flush=True)
+        return 0
+    if "--topk-prefill" in sys.argv[1:]:
+        for name, r in topk_prefill_kernels():
+            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}", flush=True)
         return 0
     if "--topk-decode" in sys.argv[1:]:
         for name, r in topk_decode_kernels():

@@ -119,3 +119,20 @@ def test_gpu_one_pass_long_rows(dtype):
     assert _check_one(y, k)[1] == 0
     _check(torch.randn(3, 200_000, device="cuda"), 4096, _path="one")
     _check(torch.randn(70, 1_000_000, device="cuda"), k, _path="one")
+
+
+def test_register_sample_prefetched_scan_causal(device):
+    """Causal windows (the rows grow with their index, the kernel takes the last first) long enough for the sample
+    held in registers and for the prefetched middle blocks, with a NaN-masked tail past each row end, a row with
+    hundreds of ties at the threshold (lowest columns win; the selected scores compared), an unaligned view."""
+    torch.manual_seed(27)
+    R, N, k = 5, 6000, 1000
+    x = torch.randn(R, N, device=device) * 2
+    ends = torch.tensor([4500, 4801, 5333, 5999, 6000], dtype=torch.int32, device=device)
+    x.masked_fill_(torch.arange(N, device=device)[None, :] >= ends[:, None].long(), float("nan"))
+    x[2, :5333] = (torch.randn(5333, device=device) * 2).round()     # ~700 entries tie at the k-th value
+    out, fb = _check_one(x, k, row_end=ends)
+    assert fb == 0
+    assert all(((out[r] >= 0) & (out[r] < ends[r])).all() for r in range(R))
+    _, fb = _check_one(x[:, 1:], k, row_end=ends - 1)
+    assert fb == 0

@@ -33,7 +33,7 @@ _TB = 256               # tie buffer: the boundary bin is ranked by counting onc
 _ONE_WARPS = 8          # one-pass prefill path: warps per row program (4: 168 registers and spills on sm_90a)
 _ONE_BLOCK = 4096       # one-pass scan block: [E, 32 * warps, 16-byte vector] entries
 _ONE_SB, _ONE_NTMAX = 1024, 16   # one-pass sample: tile, at most 16 tiles (ns ~ 32 * L / k, <= 16384)
-_ONE_FB = 1024          # one-pass select tile
+_ONE_FB = 4096          # one-pass select tile: ~2k candidates per row in one or two tiles per round
 _ONE_NBIN = 64          # one-pass select: bins per histogram round (tl.histogram: 32-64 bins cost the least per bit)
 PATHS = ("scan", "one")  # decode path (fused scan), one-pass prefill path
 

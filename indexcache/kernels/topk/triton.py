@@ -493,21 +493,24 @@ def _dtopk_filter2_final_kernel(ctr, state, out, lists, k, cap, BLOCK: tl.conste
 # ------------------------------------------------------------------------------------- prefill: one launch
 # Prefill top-k in one launch (``topk_rows(..., _path="one")``): one program per row reads the row once.
 #
-# Per row r (columns [st, en), m = min(valid entries, k)):
+# Per row r (columns [st, en), m = min(valid entries, k)); programs take the rows last first (in a causal chunk
+# the longest rows start first and the short ones fill the tail):
 #   1. threshold: a stratified sample of ns entries (one per stride of L // ns, at a hashed offset in the stride;
 #      ns ~ 32 L / k, so about 32 samples fall in the top k whatever L is). ``lo`` = the sample's rank-q key with
 #      q ~ ns * sqrt(k * CAP) / L, so count(key >= lo) ~ sqrt(k * CAP): 2k at CAP = 4k, ~6 sd from both m and CAP.
-#      Rows of <= CAP entries take every valid entry (lo = the lowest key).
+#      A sample of up to 4 tiles (rows to ~256K at k = 2048) is gathered once into registers and its histogram
+#      rounds run there; a longer one is re-read per round. Rows of <= CAP entries skip the sample and the scan.
 #   2. scan: ONE read of the row, 16-byte vector loads from the aligned-down start (only the first and last block
-#      are masked). Entries with key >= lo go to the row's scratch as int64 ``key << 32 | col``. Slots: per block
+#      are masked; each middle block's load is issued before the previous block is filtered). Entries with
+#      key >= lo go to the row's scratch as int64 ``key << 32 | col``. Slots: per block
 #      the [E, T, V] tile (T lanes, V contiguous entries per lane) counts its candidates per lane in registers, one
 #      exclusive cumsum over the T lane counts gives the lane's base, and the in-lane ranks are register cumsums:
 #      no atomics, no scan over the whole block. Blocks that would pass CAP store nothing (the row is then bad).
-#   3. select (same program): the exact m-th largest key by a 4-round 8-bit radix select (``tl.histogram``) over
-#      the candidates; if the ties at that key are more than needed, the same radix select on the columns of the
-#      tied entries picks the lowest columns; one write pass. A bad row (count(>= lo) < m or > CAP: maxima the
-#      sample missed, heavy ties) runs the same select over the whole row instead (a few more reads of the row).
-#      Then -1 padding.
+#   3. select (same program): the exact m-th largest key by 64-bin ``tl.histogram`` rounds over the candidates
+#      (4096-entry tiles: one or two per round); if the ties at that key are more than needed, the same select on
+#      the columns of the tied entries picks the lowest columns; one write pass. Rows of <= CAP entries, and bad
+#      rows (count(>= lo) < k or > CAP: maxima the sample missed, heavy ties), run the same select over the row
+#      itself (a bad row: a few more reads of it). Then -1 padding.
 #
 # Keys: the order-preserving int32 of ``_row_keys`` (-0.0 folded to +0.0; NaN / -inf -> INT_MIN, never
 # selected). Every runtime size is ``do_not_specialize``: one compiled variant per dtype and alignment.
@@ -638,17 +641,17 @@ def _scatter(ptrs, key, col, msk, ASM: tl.constexpr):
 
 
 @triton.jit
-def _scan_block(x_ptr, base, f0, f1, cbase, lo, scrr, wr, cap, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr,
-                MASKED: tl.constexpr, ASM: tl.constexpr):
-    """One [E, T, V] block at flat index base (a multiple of V): the keys in [lo, key(+inf)] (lo > key(-inf):
+def _scan_rel(E: tl.constexpr, T: tl.constexpr, V: tl.constexpr):
+    """Flat offsets of an [E, T, V] block: lane t holds V contiguous entries in each of its E rows."""
+    return (tl.arange(0, E)[:, None, None] * (T * V) + tl.arange(0, T)[None, :, None] * V
+            + tl.arange(0, V)[None, None, :])
+
+
+@triton.jit
+def _scan_x(x, cbase, lo, scrr, wr, cap, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr, ASM: tl.constexpr):
+    """The entries x of one [E, T, V] block (column cbase + offset) with keys in [lo, key(+inf)] (lo > key(-inf):
     NaN and -inf never pass) go to scrr[wr...] as candidates, unless that passes cap. Returns wr + their count."""
-    rel = (tl.arange(0, E)[:, None, None] * (T * V) + tl.arange(0, T)[None, :, None] * V
-           + tl.arange(0, V)[None, None, :])
-    if MASKED:
-        fl = base + rel
-        x = tl.load(x_ptr + fl, mask=(fl >= f0) & (fl < f1), other=float("-inf"))
-    else:
-        x = tl.load(x_ptr + base + rel)
+    rel = _scan_rel(E, T, V)
     b = (x.to(tl.float32) + 0.0).to(tl.int32, bitcast=True)      # + 0.0: -0.0 -> +0.0
     key = b ^ ((b >> 31) & 0x7FFFFFFF)
     f = ((key - lo).to(tl.uint32, bitcast=True) <= (2139095040 - lo).to(tl.uint32, bitcast=True)).to(tl.int32)
@@ -662,11 +665,69 @@ def _scan_block(x_ptr, base, f0, f1, cbase, lo, scrr, wr, cap, E: tl.constexpr, 
     return wr + tot
 
 
+@triton.jit
+def _scan_block(x_ptr, base, f0, f1, cbase, lo, scrr, wr, cap, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr,
+                MASKED: tl.constexpr, ASM: tl.constexpr):
+    """``_scan_x`` of the [E, T, V] block at flat index base (a multiple of V); MASKED: only flat [f0, f1)."""
+    rel = _scan_rel(E, T, V)
+    if MASKED:
+        fl = base + rel
+        x = tl.load(x_ptr + fl, mask=(fl >= f0) & (fl < f1), other=float("-inf"))
+    else:
+        x = tl.load(x_ptr + base + rel)
+    return _scan_x(x, cbase, lo, scrr, wr, cap, E, T, V, ASM)
+
+
+@triton.jit
+def _kth_r(v, ok, need, NBIN: tl.constexpr):
+    """``_kth`` over a tile held in registers (v where ok): the same histogram rounds with no re-reads."""
+    cnt = tl.sum(ok.to(tl.int32), axis=0)
+    vmin = tl.min(tl.where(ok, v, 2147483647), axis=0)
+    vmax = tl.max(tl.where(ok, v, -2147483648), axis=0)
+    rem = tl.minimum(need, cnt)
+    P = vmin
+    w = vmax.to(tl.int64) - vmin.to(tl.int64) + 1
+    eq = rem
+    busy = (rem > 0) & (rem < cnt)
+    jb = tl.arange(0, NBIN)
+    while busy:
+        shift = tl.zeros([], tl.int64)
+        while ((w - 1) >> shift) >= NBIN:
+            shift += 1
+        d = (v - P).to(tl.uint32, bitcast=True)
+        inr = ok & (d < w.to(tl.uint32))
+        h = tl.histogram(tl.where(inr, d >> shift.to(tl.uint32), 0).to(tl.int32), NBIN, mask=inr)
+        ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
+        J = tl.max(tl.where(ge >= rem, jb, -1), axis=0)
+        hJ = tl.sum(tl.where(jb == J, h, 0), axis=0)
+        rem -= tl.sum(tl.where(jb == J, ge, 0), axis=0) - hJ
+        P = P + (J.to(tl.int64) << shift).to(tl.int32)
+        w = tl.minimum(w - (J.to(tl.int64) << shift), tl.zeros([], tl.int64) + 1 << shift)
+        eq = hJ
+        busy = (hJ != rem) & (w > 1)
+    return P, rem, eq, cnt
+
+
+@triton.jit
+def _sample_lo(row, st, L, ns, q, S: tl.constexpr, NBIN: tl.constexpr):
+    """The key of rank q among the ns <= S sample entries of the row (one per stride of L // ns, at a hashed
+    offset in the stride), held in registers: one gather, then histogram rounds with no re-reads; and how many
+    valid entries the sample holds."""
+    i = tl.arange(0, S)
+    stride = L // ns
+    col = st + i * stride + ((i * 40503) & 0xFFFF) % stride
+    key = _keys_of(tl.load(row + col, mask=i < ns, other=float("-inf")))
+    tq, rem, eq, cnt = _kth_r(key, key != -2147483648, q, NBIN)
+    return tq, cnt
+
+
 @triton.jit(do_not_specialize=["stride_r", "k", "cap"])
 def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, E: tl.constexpr, T: tl.constexpr,
                   V: tl.constexpr, SB: tl.constexpr, NTMAX: tl.constexpr, FB: tl.constexpr, NBIN: tl.constexpr,
                   ASM: tl.constexpr):
-    r = tl.program_id(0)
+    # the last rows first: the rows of a causal chunk grow with their index, so the longest start first and the
+    # shortest fill the tail
+    r = tl.num_programs(0) - 1 - tl.program_id(0)
     st = tl.load(starts + r)
     en = tl.load(ends + r)
     L = tl.maximum(en - st, 0)
@@ -674,40 +735,54 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, E: tl.co
     row = x_ptr + fb
     outr = out + r.to(tl.int64) * k
     scrr = scr + r.to(tl.int64) * cap
-    # 1. threshold from the sample (lo > key(-inf): the scan's range check then skips NaN and -inf)
+    # 1. threshold from the sample (lo > key(-inf): the scan's range check then skips NaN and -inf); the sample
+    # of up to 4 tiles (rows up to ~256K at k = 2048) sits in registers, a longer one is re-read per round
     lo = tl.zeros([], tl.int32) - 2139095040
     sampled = L > cap
     if sampled:
         nt = tl.minimum(tl.minimum(tl.cdiv(32 * L, k * SB), L // (4 * SB)), NTMAX)
         ns = tl.maximum(nt, 1) * SB
         q = tl.maximum(tl.sqrt((k * cap).to(tl.float32)) * ns.to(tl.float32) / L.to(tl.float32), 1.0)
-        tq, rem, eq, cnt = _kth(row, ns, st, L // ns, q.to(tl.int32), 0, 2, False, SB, NBIN)
-        if cnt >= q.to(tl.int32):
+        qi = q.to(tl.int32)
+        if ns <= 4 * SB:
+            tq, cnt = _sample_lo(row, st, L, ns, qi, 4 * SB, NBIN)
+        else:
+            tq, rem, eq, cnt = _kth(row, ns, st, L // ns, qi, 0, 2, False, SB, NBIN)
+        if cnt >= qi:
             lo = tl.maximum(tq, lo)
-    # 2. one read of the row
+    # 2. one read of a sampled row (no blocks for the others): the masked first and last blocks, the middle ones
+    # unmasked with the next block's load issued before the current block is filtered (two blocks in flight)
     BLOCK: tl.constexpr = E * T * V
     f0 = fb + st
     f1 = fb + en
     a0 = (f0 // V) * V
-    nblk = tl.cdiv(tl.maximum(f1 - a0, 0), BLOCK)
+    nblk = tl.where(sampled, tl.cdiv(tl.maximum(f1 - a0, 0), BLOCK), 0)
+    lastb = a0 + (nblk - 1) * BLOCK
     wr = tl.zeros([], tl.int32)
     if nblk > 0:
         wr = _scan_block(x_ptr, a0, f0, f1, (a0 - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
-    for base in range(a0 + BLOCK, a0 + (nblk - 1) * BLOCK, BLOCK):
-        wr = _scan_block(x_ptr, base, f0, f1, (base - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, False, ASM)
+    rel = _scan_rel(E, T, V)
+    has_mid = (tl.zeros([E, T, V], tl.int32) + (nblk > 2).to(tl.int32)) != 0
+    xn = tl.load(x_ptr + a0 + BLOCK + rel, mask=has_mid, other=0.0)
+    for base in range(a0 + BLOCK, lastb, BLOCK):
+        xc = xn
+        xn = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel)   # the last one reloads its own block
+        wr = _scan_x(xc, (base - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, ASM)
     if nblk > 1:
-        base = a0 + (nblk - 1) * BLOCK
-        wr = _scan_block(x_ptr, base, f0, f1, (base - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
-    # 3. exact select. Unsampled rows took every valid entry; a sampled row is good when its candidates hold the
-    # top k (count >= k) and fit (<= cap); otherwise the select runs over the whole row (valid count unknown).
-    good = (wr <= cap) & ((sampled == 0) | (wr >= k))
+        wr = _scan_block(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
+    # 3. exact select. A sampled row is good when its candidates hold the top k (count >= k) and fit (<= cap);
+    # otherwise, and for rows of <= cap entries (which then stay in L2 over the rounds, at 4 B an entry instead of
+    # 8 as candidates), the select runs over the row itself.
+    tl.debug_barrier()      # the scratch written by every thread of the program is read back by others
+    good = sampled & (wr <= cap) & (wr >= k)
     if good:
         m = _select_write1(scrr, wr, st, 1, k, outr, 0, FB, NBIN)
     else:
         m = _select_write1(row, L, st, 1, k, outr, 1, FB, NBIN)
     # the row's counters in the decode path's format: (count above the bracket << 32 | in it), valid count (as
-    # far as known: a good sampled row only knows it is >= the candidates)
-    tl.store(ctr + r * 2 + 0, tl.where(good, wr, 2147483647).to(tl.int64))
+    # far as known: a good sampled row only knows it is >= the candidates; a row of <= cap entries reports the
+    # min(k, valid) entries it selected as its bracket; a bad sampled row the INT32_MAX bracket of a fallback)
+    tl.store(ctr + r * 2 + 0, tl.where(good, wr, tl.where(sampled, 2147483647, m)).to(tl.int64))
     tl.store(ctr + r * 2 + 1, tl.where(good, wr, m).to(tl.int64))
     ar = tl.arange(0, FB)
     for off in range(m, k, FB):
