@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..kernels.candidate_topk import candidate_topk, topk_ids
+from ..kernels.candidate_topk import candidate_topk
 from ..kernels.indexer import (indexer_logits_decode, indexer_topk_prefill, indexer_topk_prefill_two_pass,
                                quantize_indexer_q)
 from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
@@ -203,15 +203,13 @@ class TorchBackend:
         return cache.view(-1, self.kv.width)[slots].to(dtype)
 
 
-def _pool_then_topk(k: int):
-    """A ``topk_fn`` for ``indexer_topk_prefill_two_pass`` asked for k + c columns: [top-k | top-c pool] per row.
-    One selection over the chunk's logits (the pool), then the top-k among the pool's own logits: the pool sorted
-    by column, so ``topk_ids``'s earlier-entry tie rule is the lower-column rule and the top-k is exactly the
-    row's (the top-k set lies inside the top-c set under the same order)."""
+def _topk_then_pool(k: int):
+    """A ``topk_fn`` for ``indexer_topk_prefill_two_pass`` asked for k + c columns: each chunk's top-k, then its
+    top-c candidate pool. Two exact selections of the same logits with the same tie rule, so the top-k is the
+    pool's best k without sorting the pool."""
     def select(logits, n, *, row_start=None, row_end=None):
-        pool = topk_pool_rows(logits, n - k, row_start=row_start, row_end=row_end).sort(dim=1).values
-        vals = logits.gather(1, pool.clamp(min=0).long()).masked_fill(pool < 0, float("-inf"))
-        return torch.cat([topk_ids(vals, pool, k), pool], 1)
+        return torch.cat([topk_rows(logits, k, row_start=row_start, row_end=row_end),
+                          topk_pool_rows(logits, n - k, row_start=row_start, row_end=row_end)], 1)
 
     return select
 
@@ -275,7 +273,7 @@ class TritonBackend(TorchBackend):
             k = indexer.topk
             sel = indexer_topk_prefill_two_pass(q8, wf, k8, ks, starts, ends, k + pool,
                                                 workspace_bytes=self.cfg.workspace_bytes,
-                                                topk_fn=_pool_then_topk(k))
+                                                topk_fn=_topk_then_pool(k))
             return sel[:, :k], sel[:, k:]
 
     def topk_decode(self, layer, indexer, q, w, block_table, context_lens, max_len, pool: int = 0):

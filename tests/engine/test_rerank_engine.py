@@ -63,18 +63,12 @@ def test_rerank_on_gpu_fp8_kernels_and_cuda_graphs(pool):
     assert toks == eager
 
 
-@pytest.mark.parametrize("pool_path", ["decode", "one"])
-def test_pool_then_topk_above_the_kernel_limit_matches_the_reference(pool_path, monkeypatch):
+def test_topk_then_pool_above_the_kernel_limit_matches_the_reference():
     """An F layer's prefill selection with a pool wider than topk_rows' MAX_K: [top-k | top-c] per row, each
-    part the reference's set (Triton interpreter on the CPU), with the pool from either path of topk_pool_rows
-    (the one-launch path leaves the pool in kernel order: the top-k must not depend on it)."""
-    from indexcache.engine import attention_backend
-    from indexcache.engine.attention_backend import _pool_then_topk
-    from indexcache.kernels.topk import MAX_K, topk_pool_rows
+    part the reference's set (Triton interpreter on the CPU)."""
+    from indexcache.engine.attention_backend import _topk_then_pool
+    from indexcache.kernels.topk import MAX_K
     from indexcache.kernels.topk.reference import topk_rows_reference
-
-    monkeypatch.setattr(attention_backend, "topk_pool_rows",
-                        lambda *a, **kw: topk_pool_rows(*a, _path=pool_path, **kw))
 
     g = torch.Generator().manual_seed(0)
     rows, n, k, c = 3, 5000, 100, MAX_K + 4
@@ -82,7 +76,7 @@ def test_pool_then_topk_above_the_kernel_limit_matches_the_reference(pool_path, 
     logits[1, 100:] = float("-inf")  # fewer valid than c: -1 padding
     end = torch.full((rows,), n, dtype=torch.int32)
     end[2] = n - 500
-    got = _pool_then_topk(k)(logits, k + c, row_start=None, row_end=end)
+    got = _topk_then_pool(k)(logits, k + c, row_start=None, row_end=end)
     assert got.shape == (rows, k + c)
     for part, width in ((got[:, :k], k), (got[:, k:], c)):
         ref = topk_rows_reference(logits, width, row_end=end)

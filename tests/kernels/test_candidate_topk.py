@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from indexcache.kernels.candidate_topk import (candidate_logits, candidate_logits_reference, candidate_topk,
-                                               candidate_topk_reference, topk_ids, topk_ids_reference)
+                                               candidate_topk_reference)
 from indexcache.kernels.indexer import quantize_indexer_q
 from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.kv_store.reference import store_indexer_k_ref
@@ -180,8 +180,6 @@ def test_select_topk_on_crafted_rows():
     for k in (1, 37, 150, 299, 400):
         got = select_topk_triton(x, cand, k, out=poisoned((t, k), torch.int32, "cpu"))
         _assert_same_selection(got, _stable_topk(x.masked_fill(x.isnan(), float("-inf")), cand, k))
-        # the public op (what an F layer's top-k out of its pool runs) against its own reference
-        _assert_same_selection(topk_ids(x, cand, k), topk_ids_reference(x, cand, k))
 
 
 def test_candidate_topk_rejects_bad_input():
@@ -198,13 +196,6 @@ def test_candidate_topk_rejects_bad_input():
         candidate_topk(q8, w, cache, cand, -1)
     with pytest.raises(ValueError, match="out must be"):
         candidate_topk(q8, w, cache, cand, 4, out=torch.empty(2, 5, dtype=torch.int32))
-    x = torch.randn(2, 16)
-    with pytest.raises(ValueError, match=r"topk_ids: logits must be fp32 \[T,c\] and ids the same shape"):
-        topk_ids(x, cand[:, :8], 4)
-    with pytest.raises(ValueError, match="topk_ids: ids must be int32 or int64, got torch.float32"):
-        topk_ids(x, cand.float(), 4)
-    with pytest.raises(ValueError, match="topk_ids: k must be >= 0, got -2"):
-        topk_ids(x, cand, -2)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from indexcache.kernels._dispatch import use_triton
-from indexcache.kernels.candidate_topk.reference import candidate_logits_reference, topk_ids_reference
+from indexcache.kernels.candidate_topk.reference import candidate_logits_reference
 from indexcache.kernels.formats import INDEX_DIM, check_indexer_cache
 from indexcache.kernels.topk import topk_rows
 
@@ -63,22 +63,3 @@ def candidate_topk(q_fp8, w, kv_cache, cand, k: int, *, out=None) -> torch.Tenso
     col = topk_rows(logits, k)
     top = torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
     return top if out is None else out.copy_(top)
-
-
-def topk_ids(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """[T,k] int32: ids[t, j] of each row's k largest logits[t, j] (fp32 [T,c]; -inf and NaN never selected), -1
-    padded; ties go to the earlier entry. The order within a row is unspecified. The selecting kernel of
-    ``candidate_topk`` on its own (rows of at most MAX_SELECT_POOL entries), the PyTorch reference otherwise."""
-    if logits.dim() != 2 or ids.shape != logits.shape or logits.dtype != torch.float32:
-        raise ValueError(f"topk_ids: logits must be fp32 [T,c] and ids the same shape, got "
-                         f"{tuple(logits.shape)} {logits.dtype} and {tuple(ids.shape)}")
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_ids: ids must be int32 or int64, got {ids.dtype}")
-    if k < 0:
-        raise ValueError(f"topk_ids: k must be >= 0, got {k}")
-    if use_triton(logits):
-        from indexcache.kernels.candidate_topk.triton import MAX_SELECT_POOL, select_topk_triton
-
-        if logits.shape[1] <= MAX_SELECT_POOL:
-            return select_topk_triton(logits, ids.to(torch.int32), k)
-    return topk_ids_reference(logits, ids, k)

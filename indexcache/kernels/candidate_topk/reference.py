@@ -25,18 +25,12 @@ def candidate_logits_reference(q_fp8: torch.Tensor, w: torch.Tensor, kv_cache: t
 def candidate_topk_reference(q_fp8, w, kv_cache, cand, k: int) -> torch.Tensor:
     """[T,k] int32: the candidates (slot ids) with the k largest logits per row, -1 padded; ties go to the
     earlier pool entry."""
-    return topk_ids_reference(candidate_logits_reference(q_fp8, w, kv_cache, cand), cand, k)
-
-
-def topk_ids_reference(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """[T,k] int32: ids[t, j] of each row's k largest logits[t, j] (-inf and NaN never selected), -1 padded; ties
-    go to the earlier entry."""
-    x = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    c = x.shape[1]
+    logits = candidate_logits_reference(q_fp8, w, kv_cache, cand)
+    c = logits.shape[1]
     # stable descending order: ties keep pool order
-    order = torch.sort(x, dim=1, descending=True, stable=True).indices[:, : min(k, c)]
-    vals = x.gather(1, order)
-    out = ids.gather(1, order).to(torch.int32).masked_fill(vals == float("-inf"), -1)
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, : min(k, c)]
+    vals = logits.gather(1, order)
+    out = cand.gather(1, order).to(torch.int32).masked_fill(vals == float("-inf"), -1)
     if out.shape[1] < k:
         out = torch.nn.functional.pad(out, (0, k - out.shape[1]), value=-1)
     return out
