@@ -3,21 +3,18 @@
   1. the candidate-scoring kernel: the current one (``kernels.candidate_topk``: a program per query row, a
      pipelined loop over its pool) against the previous one (a program per 64 candidates that reloads q; kept
      here only for this comparison), logits of T rows x c candidates;
-  2. the R-layer stage of one prefill chunk: q quantisation + candidate scoring + top-k (new and old kernel), and
-     its split: quantisation, ``candidate_logits``, ``topk_rows`` + gather (the unfused path) against
-     ``candidate_topk`` (one launch that scores and selects);
+  2. the R-layer stage of one prefill chunk: q quantisation + candidate scoring + top-k (new and old kernel);
   3. the F-layer stage of the chunk at the end of the context (logits over up to 200K keys + selection): without a
      pool, with a pool as the engine now publishes it ([top-k | top-c] by ``topk_rows`` + ``topk_pool_rows``), and
      with the previous sorted top-c (``torch.topk`` for c > 4096, kept here only for this comparison);
   4. decode, batch 1 at 200K (CUDA graphs): an F step with and without a pool (new and old), an R step (new and
-     old kernel, and the unfused candidate_logits + topk_rows).
+     old kernel).
 
-    python -m benchmarks.kernels_rerank            # ~2 minutes of H200 time
+    python -m benchmarks.kernels_rerank            # ~2-3 minutes of H200 time
     python -m benchmarks.kernels_rerank --quick    # a 32K context
 
 Checks (exit 1 if one fails): both kernels' logits against the PyTorch reference, the R top-k against the
-reference top-k of the kernel's logits (the split path exactly; the fused path by selected scores, and its set
-equality reported), the pool and top-k sets of the F stage against ``topk_rows_reference`` / the F stage
+reference top-k of the kernel's logits, the pool and top-k sets of the F stage against ``topk_rows_reference`` / the F stage
 without a pool, the decode pool against the reference. Prefill estimates: an R layer's 200K prefill ~ (S / T)
 chunks x its chunk time; an F layer's ~ (S / T) / 2 x its last-chunk time (the work grows with the context).
 """
@@ -82,33 +79,6 @@ def old_logits(q8, w, cache, cand):
                                                     cand, out, c, H=h, HP=max(16, h), BC=64, num_warps=4,
                                                     num_stages=2)
     return out
-
-
-def unfused_topk(q8, w, cache, cand, k):
-    """The R top-k as two launches and glue: ``candidate_logits``, ``topk_rows``, gather of the slot ids."""
-    col = topk_rows(candidate_logits(q8, w, cache, cand), k)
-    return torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
-
-
-def select_and_gather(lg, cand):
-    """The unfused path's selection: ``topk_rows`` of the logits, then the slot ids of the selected columns."""
-    col = topk_rows(lg, K)
-    return torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
-
-
-def selected_scores_match(got, exp, lg, cand) -> bool:
-    """Equal counts per row and, position by position in sorted order, equal scores (within FP8 accumulation
-    noise) of the selected slots looked up in the logits ``lg`` of ``cand`` (pools of distinct slots)."""
-    if not torch.equal((got >= 0).sum(1), (exp >= 0).sum(1)):
-        return False
-    n_slots = int(cand.max()) + 1
-    score = torch.full((cand.shape[0], n_slots), float("-inf"), device=cand.device)
-    score.scatter_(1, cand.clamp(min=0).long(), lg)
-    sel = [score.gather(1, x.clamp(min=0).long()).masked_fill(x < 0, float("-inf")).sort(1).values
-           for x in (got, exp)]
-    fin = sel[1] > float("-inf")
-    tol = 1e-5 * lg.masked_fill(cand < 0, 0).abs().amax(1, keepdim=True)
-    return bool(((sel[0] - sel[1]).abs().masked_fill(~fin, 0) <= tol).all())
 
 
 def old_topk(q8, w, cache, cand, k):
@@ -198,7 +168,7 @@ def main(argv=None) -> int:
     s = args.context or (32768 if args.quick else 200_000)
     g = torch.Generator(device=DEV).manual_seed(0)
     res = {"meta": run_metadata(), "ceilings": measure_ceilings(), "context": s, "heads": H, "topk": K,
-           "checks": {}, "kernel": [], "stages": [], "r_split": []}
+           "checks": {}, "kernel": [], "stages": []}
     chk = res["checks"]
     cache, bt, slot, k8, ks = context(s, g)
 
@@ -223,21 +193,6 @@ def main(argv=None) -> int:
     exp = torch.where(col < 0, -1, cd.gather(1, col.clamp(min=0).long()))
     chk["rerank_topk_equals_reference"] = sets_equal(candidate_topk(q8, wf, cache, cd, K), exp)
     del cd, ref, lg, col, exp
-    # the fused path (rows enough for one program per row): distinct slots per row, so scores identify slots
-    n = 1024
-    qb, wb = queries(n, g)
-    q8, wf = ix.quantize_indexer_q(qb, wb)
-    cd = slot[torch.rand(n, s - max(ROWS), device=DEV, generator=g).topk(POOLS[0], dim=1).indices].to(torch.int32)
-    cd[:, 5::97] = -1
-    cd[0, 1000:] = -1  # fewer valid than k
-    lg = candidate_logits(q8, wf, cache, cd)
-    col = topk_rows_reference(lg, K)
-    exp = torch.where(col < 0, -1, cd.gather(1, col.clamp(min=0).long()))
-    fused = candidate_topk(q8, wf, cache, cd, K)
-    chk["fused_topk_scores_equal_reference"] = selected_scores_match(fused, exp, lg, cd)
-    res["fused_topk_sets_equal_reference"] = sets_equal(fused, exp)  # may differ only by FP8 accumulation order
-    chk["unfused_topk_equals_reference"] = sets_equal(unfused_topk(q8, wf, cache, cd, K), exp)
-    del cd, lg, col, exp, fused
 
     # ---- 1 + 2: the kernel and the R-layer stage, T rows x c candidates
     for t in ROWS:
@@ -255,14 +210,6 @@ def main(argv=None) -> int:
             r_old = bench_ms(lambda: old_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
             res["stages"].append({"stage": "R prefill", "rows": t, "pool": c, "old_ms": r_old, "new_ms": r_new,
                                   "est_200K_prefill_ms": r_new * s / t, "old_est_200K_prefill_ms": r_old * s / t})
-            lg = candidate_logits(q8, wf, cache, cd)
-            quant_ms = bench_ms(lambda: ix.quantize_indexer_q(qb, wb), rep_ms=50)
-            topk_ms = bench_ms(lambda: select_and_gather(lg, cd), rep_ms=50)
-            unf = bench_ms(lambda: unfused_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K), rep_ms=50)
-            res["r_split"].append({"rows": t, "pool": c, "quantize_ms": quant_ms, "logits_ms": new_ms,
-                                   "topk_gather_ms": topk_ms, "unfused_ms": unf, "fused_ms": r_new,
-                                   "fused_speedup": unf / r_new})
-            del lg
             del cd
         del qb, wb
     torch.cuda.empty_cache()
@@ -327,14 +274,6 @@ def main(argv=None) -> int:
         r_new = graph_ms(lambda: candidate_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
         r_old = graph_ms(lambda: old_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
         res["stages"].append({"stage": "R decode", "rows": 1, "pool": c, "old_ms": r_old, "new_ms": r_new})
-        r_unf = graph_ms(lambda: unfused_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
-        res["r_split"].append({"rows": "decode 1", "pool": c, "unfused_ms": r_unf, "fused_ms": r_new,
-                               "fused_speedup": r_unf / r_new})
-        q1, w1 = ix.quantize_indexer_q(qb, wb)
-        lg1 = candidate_logits(q1, w1, cache, cd)
-        col = topk_rows_reference(lg1, K)
-        exp = torch.where(col < 0, -1, cd.gather(1, col.clamp(min=0).long()))
-        chk[f"decode_rerank{c}_equals_reference"] = sets_equal(candidate_topk(q1, w1, cache, cd, K), exp)
 
     write_results("kernels_rerank", res)
     print(f"context {s}, H={H}, top-k {K}; ceilings {res['ceilings']}")
@@ -343,10 +282,6 @@ def main(argv=None) -> int:
                                 "new_gather_TBps"]))
     print(table(res["stages"], ["stage", "rows", "pool", "old_ms", "new_ms", "est_200K_prefill_ms",
                                 "old_est_200K_prefill_ms"]))
-    print("R top-k, unfused (candidate_logits + topk_rows + gather) vs fused (candidate_topk); "
-          f"fused sets equal the reference's: {res['fused_topk_sets_equal_reference']}")
-    print(table(res["r_split"], ["rows", "pool", "quantize_ms", "logits_ms", "topk_gather_ms", "unfused_ms",
-                                 "fused_ms", "fused_speedup"]))
     ok = all(v for name, v in chk.items() if not name.endswith("rel_err"))
     print("all checks passed" if ok else "CHECK FAILED")
     return 0 if ok else 1

@@ -194,28 +194,17 @@ def topk_prefill_kernels() -> list[tuple[str, dict]]:
 
 
 def rerank_kernels() -> list[tuple[str, dict]]:
-    """The re-rank kernels at their default configs, H=32 and 64: the candidate-scoring kernel (its gathers must
-    stay cp.async copies feeding wgmma, in both), the fused score-and-select kernel at a pool of 8192, and the
-    decode selection kernel."""
+    """The re-rank candidate-scoring kernel at its default config, H=32 and 64 (its gathers must stay cp.async
+    copies feeding wgmma)."""
     from indexcache.kernels.candidate_topk import triton as ct
 
     types = {"q_ptr": "*fp8e4nv", "w_ptr": "*fp32", "kc8_ptr": "*fp8e4nv", "kcs_ptr": "*fp32", "cand_ptr": "*i32",
-             "out_ptr": "*fp32", "lg_ptr": "*fp32"}
+             "out_ptr": "*fp32"}
     cfg = ct.candidate_config()
-    ce = {"BC": cfg["BC"], "STAGES": cfg["num_stages"]}
-    out = [(f"rerank candidate logits H={h}",
-            compile_sm90(ct._candidate_logits_kernel, types, {"H": h, "HP": h, **ce},
-                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])) for h in (32, 64)]
-    for h, c in ((32, 8192), (64, 8192)):
-        out.append((f"rerank fused topk H={h} c={c}",
-                    compile_sm90(ct._candidate_topk_kernel, {**types, "out_ptr": "*i32"},
-                                 {"H": h, "HP": h, "CP": c, **ce}, num_warps=ct.fused_warps(c),
-                                 num_stages=cfg["num_stages"])))
-    for c in (8192,):
-        out.append((f"rerank select c={c}",
-                    compile_sm90(ct._select_topk_kernel, {**types, "out_ptr": "*i32"}, {"CP": c},
-                                 num_warps=ct.select_warps(c), num_stages=1)))
-    return out
+    return [(f"rerank candidate logits H={h}",
+             compile_sm90(ct._candidate_logits_kernel, types, {"H": h, "HP": h, "BC": cfg["BC"],
+                                                               "STAGES": cfg["num_stages"]},
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])) for h in (32, 64)]
 
 
 def toolchain_problem(tool: str) -> str | None:

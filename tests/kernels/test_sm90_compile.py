@@ -62,9 +62,7 @@ def test_decode_topk_launches_compile_without_spills():
 
 
 def test_rerank_candidate_kernel_compiles_pipelined_without_spills():
-    """The re-rank scoring kernel keeps its gathers as cp.async copies feeding wgmma, without spills; so does the
-    fused score-and-select kernel (which also holds a pool of 8192 in registers); the selection kernel does not
-    spill."""
+    """The re-rank scoring kernel keeps its gathers as cp.async copies feeding wgmma, without spills."""
     from tests.kernels.sm90_compile import ptxas_path
 
     if ptxas_path() is None:
@@ -73,13 +71,7 @@ def test_rerank_candidate_kernel_compiles_pipelined_without_spills():
     r = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "--rerank"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = [line for line in r.stdout.splitlines() if "registers" in line and "candidate logits" in line]
+    lines = [line for line in r.stdout.splitlines() if "registers" in line]
     assert len(lines) == 2, r.stdout
     for line in lines:
         assert "spill bytes    0" in line and "wgmma  0" not in line and "cp.async   0" not in line, line
-    fused = [line for line in r.stdout.splitlines() if "registers" in line and "fused topk" in line]
-    assert len(fused) == 2, r.stdout
-    for line in fused:
-        assert "spill bytes    0" in line and "wgmma  0" not in line and "cp.async   0" not in line, line
-    select = [line for line in r.stdout.splitlines() if "registers" in line and "rerank select" in line]
-    assert len(select) == 1 and "spill bytes    0" in select[0], r.stdout

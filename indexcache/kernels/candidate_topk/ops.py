@@ -1,8 +1,6 @@
 """Re-rank scoring: ``candidate_logits`` (a re-rank layer's indexer logits over per-query candidate pools of slot
 ids in the paged FP8 key cache) and ``candidate_topk`` (their top-k, as slot ids). Triton on CUDA tensors (or on
-CPU under TRITON_INTERPRET=1), the PyTorch reference otherwise. ``candidate_topk``'s Triton path scores and selects
-in one launch (decode-sized batches: a split scoring launch, then a selecting one); without Triton it takes
-``kernels.topk.topk_rows`` of the logits (so do pools wider than the fused selection holds)."""
+CPU under TRITON_INTERPRET=1), the PyTorch reference otherwise; the top-k step is ``kernels.topk.topk_rows``."""
 from __future__ import annotations
 
 import torch
@@ -45,21 +43,9 @@ def candidate_logits(q_fp8, w, kv_cache, cand, *, out=None, config=None) -> torc
     return out
 
 
-def candidate_topk(q_fp8, w, kv_cache, cand, k: int, *, out=None) -> torch.Tensor:
+def candidate_topk(q_fp8, w, kv_cache, cand, k: int) -> torch.Tensor:
     """[T,k] int32 slot ids: each row's k best candidates (-1 padded where fewer are valid; ties go to the earlier
-    pool entry). The order of the selected ids within a row is unspecified (the Triton path keeps pool order)."""
-    _check(q_fp8, w, kv_cache, cand)
-    if k < 0:
-        raise ValueError(f"candidate_topk: k must be >= 0, got {k}")
-    if out is not None and (tuple(out.shape) != (q_fp8.shape[0], k) or out.dtype != torch.int32):
-        raise ValueError(f"candidate_topk: out must be [T,k]=({q_fp8.shape[0]},{k}) int32, got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    if use_triton(q_fp8):
-        from indexcache.kernels.candidate_topk.triton import MAX_SELECT_POOL, candidate_topk_triton
-
-        if cand.shape[1] <= MAX_SELECT_POOL:
-            return candidate_topk_triton(q_fp8, w, kv_cache, cand.to(torch.int32), k, out=out)
-    logits = candidate_logits(q_fp8, w, kv_cache, cand)  # pools too wide to hold a row in registers
+    pool entry)."""
+    logits = candidate_logits(q_fp8, w, kv_cache, cand)
     col = topk_rows(logits, k)
-    top = torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
-    return top if out is None else out.copy_(top)
+    return torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
