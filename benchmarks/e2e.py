@@ -432,6 +432,8 @@ def _speedups(rows):
 
 
 def _plot(rows, name, out_dir):
+    if not any("speedup_prefill" in r for r in rows):
+        return "skipped: no full-DSA row to take speedups against (add 'full' to --patterns)"
     try:
         import matplotlib
         matplotlib.use("Agg")
