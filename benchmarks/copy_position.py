@@ -69,6 +69,14 @@ in benchmarks/results/copy_reach_cpu.log):
         --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1500 --eval-steps 1200 \
         --eval-lengths 64,1024,4096 --eval-distances 1024,4096 --windows 32 --competitors \
         --free-distances 32,128,512,2048 --results copy_reach_2x
+The same with one distractor per copy in the long windows (``--distract 1``: a near-copy before each copy sharing
+its 2-token runs, each followed by a wrong token; CPU: a little further reach, benchmarks/results/
+copy_distract_cpu.log) and (c)/(d) also in windows with distractors (``--eval-distract 1``), ~4 minutes:
+
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.4 \
+        --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1500 --distract 1 --eval-steps 1200 \
+        --eval-lengths 64,1024,4096 --eval-distances 1024,4096 --windows 32 --competitors --eval-distract 1 \
+        --free-distances 32,128,512,2048 --results copy_reach_2x_distract
 """
 from __future__ import annotations
 
