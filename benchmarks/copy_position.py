@@ -69,6 +69,14 @@ in benchmarks/results/copy_reach_cpu.log):
         --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1500 --eval-steps 1200 \
         --eval-lengths 64,1024,4096 --eval-distances 1024,4096 --windows 32 --competitors \
         --free-distances 32,128,512,2048 --results copy_reach_2x
+The same with one distractor per copy in the long windows (``--distract 1``: a near-copy before each copy sharing
+its 2-token runs, each followed by a wrong token; CPU: a little further reach, benchmarks/results/
+copy_distract_cpu.log) and (c)/(d) also in windows with distractors (``--eval-distract 1``), ~4 minutes:
+
+    python -m benchmarks.copy_position --testbed-shape --device cuda --data long-phase --long-share 0.4 \
+        --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1500 --distract 1 --eval-steps 1200 \
+        --eval-lengths 64,1024,4096 --eval-distances 1024,4096 --windows 32 --competitors --eval-distract 1 \
+        --free-distances 32,128,512,2048 --results copy_reach_2x_distract
 """
 from __future__ import annotations
 
@@ -92,7 +100,7 @@ from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
 from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, COPY_SEGMENT, copy_alphabet_of,  # noqa: E402
-                                    copy_episode_spans, copy_episode_windows, copy_window_spans, copy_windows)
+                                    copy_distractor_spans, copy_episode_windows, copy_window_spans, copy_windows)
 from indexcache.tools.train import PRESETS, _lr_at, copy_batches  # noqa: E402
 from indexcache.tools.trainfwd import attention_qkv, dense_logits, forward_train  # noqa: E402
 
@@ -167,17 +175,19 @@ def _distance_bin(d: int) -> int:
 
 @torch.no_grad()
 def episode_letters(model, length: int, windows: int, alphabet: bytes = COPY_ALPHABET, cue: int = 4,
-                    deepest: int = 3) -> list[tuple]:
+                    deepest: int = 3, distract: int = 0, distract_match: int = 2) -> list[tuple]:
     """Every copied token past its ``cue`` in the long phase's own windows (``length`` tokens, one copy per 64,
     log-uniform copy distances, held-out seeds; the same copies in every ``alphabet``, only the text differs):
     (copy, copy distance, NLL, top-1 right, false matches of the last 1 .. ``deepest`` tokens), where the
     false matches of the last k tokens are the earlier places between the source and the query that hold the
     same k tokens as those before the predicted one (what an induction head matching k previous tokens must
-    rank below the source)."""
+    rank below the source). ``distract``: the windows hold that many near-copies of each copy before it
+    (``tasks.copy_distractor_spans``), so look-alikes of the last ``distract_match`` tokens are common."""
     device = next(model.parameters()).device
     out = []
     for i in range(windows):
-        win, spans = copy_episode_spans(length + 1, (1 << 42) + i, 64, length - 24, alphabet=alphabet, gaps="log")
+        win, spans, _ = copy_distractor_spans(length + 1, (1 << 42) + i, 64, length - 24, alphabet=alphabet,
+                                              gaps="log", distract=distract, distract_match=distract_match)
         with _autocast(model):
             logits = dense_logits(model, win[None, :-1].to(device))[0].float()
         nll = F.cross_entropy(logits, win[1:].to(device), reduction="none").cpu().tolist()
@@ -384,22 +394,26 @@ def evaluate(model, args, label: str) -> dict:
     cells = "  ".join(f"L{L} {a:.2f}/{b:.2f}" for L, (a, b) in table.items())
     print(f"{label}: copied NLL (a) copy window / (b) 64-window shifted: {cells}", flush=True)
     dist, rivals = {}, {}
-    for L in args.eval_distances:
-        for size in eval_alphabets(args):
-            key = str(L) if size == len(COPY_ALPHABET) else f"{L}@{size}"  # letters: the keys of old results
-            letters = episode_letters(model, L, max(1, args.windows // 4), copy_alphabet_of(size))
-            dist[key] = distance_table(letters)
-            what = "" if size == len(COPY_ALPHABET) else f", {size} symbols (chance {math.log(size):.2f})"
-            print(f"  (c) L{L} long-phase windows{what}, copied NLL by copy distance: "
-                  + "  ".join(f"{b}+ {v:.2f}" for b, (v, _) in dist[key].items()), flush=True)
-            if not args.competitors:
-                continue
-            rivals[key] = competitor_table(letters)
-            print(f"  (d) L{L}, {size} symbols: copied NLL/top-1 accuracy (tokens) by false matches of the last k "
-                  f"tokens between source and query (0, 1, 2-3, 4-7, ...), all and per copy distance:", flush=True)
-            for k, rows in rivals[key].items():
-                for where, bins in rows.items():
-                    print(f"      k={k} {where if where == 'all' else f'd {where}+'}: {_cells(bins)}", flush=True)
+    for L, size, nd in [(L, size, nd) for L in args.eval_distances for size in eval_alphabets(args)
+                        for nd in sorted({0, args.eval_distract})]:
+        # letters: the keys of old results; +dN: windows with N distractors per copy
+        key = (str(L) if size == len(COPY_ALPHABET) else f"{L}@{size}") + (f"+d{nd}" if nd else "")
+        letters = episode_letters(model, L, max(1, args.windows // 4), copy_alphabet_of(size),
+                                  distract=nd, distract_match=args.distract_match)
+        dist[key] = distance_table(letters)
+        what = "" if size == len(COPY_ALPHABET) else f", {size} symbols (chance {math.log(size):.2f})"
+        what += f", {nd} distractors per copy sharing {args.distract_match}-token runs" if nd else ""
+        print(f"  (c) L{L} long-phase windows{what}, copied NLL by copy distance: "
+              + "  ".join(f"{b}+ {v:.2f}" for b, (v, _) in dist[key].items()), flush=True)
+        if not args.competitors:
+            continue
+        rivals[key] = competitor_table(letters)
+        print(f"  (d) L{L}{'+d' + str(nd) if nd else ''}, {size} symbols: copied NLL/top-1 accuracy (tokens) by "
+              f"false matches of the last k tokens between source and query (0, 1, 2-3, 4-7, ...), all and per copy "
+              f"distance:", flush=True)
+        for k, rows in rivals[key].items():
+            for where, bins in rows.items():
+                print(f"      k={k} {where if where == 'all' else f'd {where}+'}: {_cells(bins)}", flush=True)
     free = {}
     for L in args.eval_distances if args.free_distances else ():
         for size in eval_alphabets(args):
@@ -469,6 +483,13 @@ def main(argv=None) -> int:
     ap.add_argument("--long-alphabet", type=int, default=None,
                     help="long-phase windows' text: this many distinct byte tokens (TrainConfig.copy_long_alphabet, "
                          "tasks.copy_alphabet_of; default: the 26 letters)")
+    ap.add_argument("--distract", type=int, default=0,
+                    help="long-phase: near-copies of each copy before it, sharing its runs of --distract-match "
+                         "tokens, each followed by a wrong one (TrainConfig.copy_long_distract)")
+    ap.add_argument("--distract-match", type=int, default=2,
+                    help="tokens a distractor shares before each wrong token (TrainConfig.copy_long_distract_match)")
+    ap.add_argument("--eval-distract", type=int, default=0,
+                    help="(c)/(d) also in windows with this many distractors per copy (key suffix +dN)")
     ap.add_argument("--eval-alphabets", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="alphabet sizes of the (c)/(d) windows (default: the long phase's; 26: letters)")
     ap.add_argument("--competitors", action="store_true",
@@ -506,6 +527,10 @@ def main(argv=None) -> int:
             copy_alphabet_of(size)
         except ValueError as e:
             ap.error(str(e))
+    for name, value, lo in (("--distract", args.distract, 0), ("--eval-distract", args.eval_distract, 0),
+                            ("--distract-match", args.distract_match, 1)):
+        if value < lo or (name == "--distract-match" and value > COPY_SEGMENT - 2):
+            ap.error(f"{name} must be >= {lo}" + (f" and <= {COPY_SEGMENT - 2}" if lo else "") + f", got {value}")
     longest = max(args.length)
     tc, model = build(args, topk=max(args.eval_lengths + [longest]))  # top-k >= every window: dense
     model.init_random(args.seed, std=tc.init_std, mlp_out_std=tc.init_mlp_out_std)  # (--grow: the new layers)
@@ -523,7 +548,8 @@ def main(argv=None) -> int:
                                   copy_alphabet=short_alphabet.decode(),
                                   copy_long_length=tuple(args.length), copy_long_share=args.long_share,
                                   copy_long_gaps=args.gaps, copy_long_mix=args.mix,
-                                  copy_long_alphabet=args.long_alphabet)
+                                  copy_long_alphabet=args.long_alphabet, copy_long_distract=args.distract,
+                                  copy_long_distract_match=args.distract_match)
     params = [p for n, p in model.named_parameters() if ".indexer." not in n]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     if args.init_opt:

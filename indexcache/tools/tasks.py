@@ -279,8 +279,8 @@ COPY_GAPS = ("uniform", "log")
 
 
 def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment: int = COPY_SEGMENT,
-                       alphabet: bytes = COPY_ALPHABET,
-                       gaps: str = "uniform") -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+                       alphabet: bytes = COPY_ALPHABET, gaps: str = "uniform", distract: int = 0,
+                       distract_match: int = 2) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """A long copy window int64 [length]: ``<bos>`` + random letters holding (length - 1) // ``every`` copy
     episodes, each a ``segment``-byte run and, after a gap drawn uniformly from 0..``max_gap`` bytes, the same run
     again, at random places that do not overlap (episodes may nest); the copies as [(source, destination, length)]
@@ -289,7 +289,33 @@ def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment
     showed), and one copy per long window is too little signal to keep it (benchmarks/results/
     copy_position_cpu.log). ``gaps`` "log": the copy distance (segment + gap) log-uniform instead, as many copies
     at 12-120 tokens as at 1.2K-12K, so a long window keeps the short distances where a copier formed on short
-    windows still works. Deterministic in (seed, length, every, max_gap, gaps)."""
+    windows still works. ``distract``: that many near-copies of each copied segment before its copy
+    (``copy_distractor_spans``). Deterministic in (seed, length, every, max_gap, gaps, distract, distract_match)."""
+    win, spans, _ = copy_distractor_spans(length, seed, every, max_gap, segment, alphabet, gaps, distract,
+                                          distract_match)
+    return win, spans
+
+
+def copy_distractor_spans(length: int, seed: int, every: int, max_gap: int, segment: int = COPY_SEGMENT,
+                          alphabet: bytes = COPY_ALPHABET, gaps: str = "uniform", distract: int = 0,
+                          distract_match: int = 2) -> tuple[torch.Tensor, list, list[tuple[int, int, int]]]:
+    """``copy_episode_spans`` and its distractors: (window, copies [(source, destination, length)], distractors
+    [(position, source of the copy it imitates, first mutated offset)]). A distractor is a near-copy of a copied
+    segment placed before its copy (between source and copy when they are at least a segment apart, else
+    anywhere before the copy) in which every (``distract_match`` + 1)-th token, from a random first offset, is
+    replaced by another symbol: so it holds the segment's runs of ``distract_match`` tokens, each followed by a
+    wrong token, and no run of ``distract_match`` + 1. An induction head that matches only the last
+    ``distract_match`` tokens finds a false match there at every mutated offset; one matching one more token
+    does not. Random letters alone hold a 2-token look-alike only every ~676 tokens (26 letters), too rare to
+    teach a copier to look further back than 2 tokens (benchmarks/results/copy_reach_cpu.log).
+    The copies are those of ``distract`` 0 (the distractors are placed after them, over random text, as room
+    allows; a crowded window gets fewer), and ``distract`` 0 draws exactly ``copy_episode_spans``'s windows."""
+    if isinstance(distract, bool) or not isinstance(distract, int) or distract < 0:
+        raise ValueError(f"copy distractors per copy must be an integer >= 0, got {distract!r}")
+    if isinstance(distract_match, bool) or not isinstance(distract_match, int) \
+            or not 1 <= distract_match < segment - 1:
+        raise ValueError(f"copy distractors' matched run must be an integer in [1, segment - 2 = {segment - 2}], "
+                         f"got {distract_match!r}")
     if gaps not in COPY_GAPS:
         raise ValueError(f"copy gaps must be one of {COPY_GAPS}, got {gaps!r}")
     if isinstance(segment, bool) or not isinstance(segment, int) or segment < 2:
@@ -305,7 +331,7 @@ def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment
     rng = random.Random(f"copy-episodes:{seed}:{length}:{every}:{max_gap}" + ("" if gaps == "uniform" else ":log"))
     text = [ByteTokenizer.BOS] + rng.choices(alphabet, k=length - 1)
     used = [False] * length
-    spans = []
+    spans, distractors = [], []
     for _ in range((length - 1) // every):
         for _try in range(50):  # a place whose run and copy are both still free (gives up on a crowded window)
             gap = (rng.randint(0, max_gap) if gaps == "uniform"
@@ -319,12 +345,30 @@ def copy_episode_spans(length: int, seed: int, every: int, max_gap: int, segment
         used[src: src + segment] = used[dst: dst + segment] = [True] * segment
         text[dst: dst + segment] = text[src: src + segment]
         spans.append((src, dst, segment))
-    return torch.tensor(text, dtype=torch.long), sorted(spans)
+    for src, dst, _ in spans if distract else ():  # the copies first: they are those of distract 0
+        for _ in range(distract):
+            # between source and copy when there is room, else anywhere before the copy
+            lo = src + segment if dst - src >= 2 * segment else 1
+            for _try in range(50):
+                at = rng.randint(lo, dst - segment)
+                if not any(used[at: at + segment]):
+                    break
+            else:
+                continue
+            first = rng.randrange(distract_match + 1)
+            for i in range(segment):
+                keep = text[src + i]
+                text[at + i] = (keep if (i - first) % (distract_match + 1)
+                                else rng.choice([b for b in alphabet if b != keep]))
+            used[at: at + segment] = [True] * segment
+            distractors.append((at, src, first))
+    return torch.tensor(text, dtype=torch.long), sorted(spans), sorted(distractors)
 
 
 def copy_episode_windows(n: int, length: int, gen: torch.Generator, every: int, max_gap: int,
                          segment: int = COPY_SEGMENT, alphabet: bytes = COPY_ALPHABET,
-                         gaps: str = "uniform") -> torch.Tensor:
+                         gaps: str = "uniform", distract: int = 0, distract_match: int = 2) -> torch.Tensor:
     """``n`` long copy windows int64 [n, length] (``copy_episode_spans``), their seeds drawn from ``gen``."""
     seeds = torch.randint(0, 1 << 31, (n,), generator=gen).tolist()
-    return torch.stack([copy_episode_spans(length, s, every, max_gap, segment, alphabet, gaps)[0] for s in seeds])
+    return torch.stack([copy_episode_spans(length, s, every, max_gap, segment, alphabet, gaps, distract,
+                                           distract_match)[0] for s in seeds])

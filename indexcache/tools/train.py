@@ -100,6 +100,12 @@ class TrainConfig:
     # the long windows' random text: this many distinct byte tokens (tasks.copy_alphabet_of), None: copy_alphabet.
     # Matching one previous token, an induction head meets a false match about every alphabet-size tokens
     copy_long_alphabet: int | None = None
+    # near-copies of each long-window copy before it (tasks.copy_distractor_spans): they repeat the segment's runs of
+    # ``copy_long_distract_match`` tokens, each followed by a wrong token, so a copier matching that many previous
+    # tokens is punished and one matching one more is not. In random letters a 2-token look-alike comes only every
+    # ~676 tokens, and the 4-layer CPU copier stays a ~2-token matcher (benchmarks/results/copy_reach_cpu.log)
+    copy_long_distract: int = 0
+    copy_long_distract_match: int = 2
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
@@ -269,6 +275,14 @@ def copy_long_lengths(tc: TrainConfig) -> tuple:
         raise ValueError(f"copy_long_gaps must be one of {COPY_GAPS}, got {tc.copy_long_gaps!r}")
     if not 0.0 <= tc.copy_long_mix < 1.0:
         raise ValueError(f"copy_long_mix must be in [0, 1), got {tc.copy_long_mix!r}")
+    if isinstance(tc.copy_long_distract, bool) or not isinstance(tc.copy_long_distract, int) \
+            or tc.copy_long_distract < 0:
+        raise ValueError(f"copy_long_distract must be an integer >= 0 (near-copies per copy), "
+                         f"got {tc.copy_long_distract!r}")
+    if isinstance(tc.copy_long_distract_match, bool) or not isinstance(tc.copy_long_distract_match, int) \
+            or not 1 <= tc.copy_long_distract_match <= COPY_SEGMENT - 2:
+        raise ValueError(f"copy_long_distract_match must be an integer in [1, {COPY_SEGMENT - 2}] (tokens a "
+                         f"distractor shares before each wrong one), got {tc.copy_long_distract_match!r}")
     if tc.copy_long_alphabet is not None:
         try:
             copy_alphabet_of(tc.copy_long_alphabet)
@@ -293,7 +307,8 @@ def copy_batch(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -> 
     """The copy stage's windows [batch, length + 1] at ``step`` of ``steps`` (``copy_window_length``):
     ``copy_batch`` copy windows of ``copy_length`` tokens (tasks.copy_windows), or in the long phase windows holding
     one copy episode per ``copy_length`` tokens (the short windows' copy density), copy distances spread over the
-    window as ``copy_long_gaps`` says, their text in ``copy_long_alphabet`` when set (tasks.copy_episode_windows),
+    window as ``copy_long_gaps`` says, their text in ``copy_long_alphabet`` when set, ``copy_long_distract``
+    near-copies before each copy (tasks.copy_episode_windows),
     as many tokens per step less the ``copy_long_mix`` share that ``copy_batches`` gives to short windows."""
     alphabet = tc.copy_alphabet.encode()
     length = copy_window_length(tc, step, steps)
@@ -302,7 +317,8 @@ def copy_batch(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -> 
             alphabet = copy_alphabet_of(tc.copy_long_alphabet)
         batch = max(1, round((1.0 - tc.copy_long_mix) * tc.copy_batch * tc.copy_length / length))
         return copy_episode_windows(batch, length + 1, gen, every=tc.copy_length,
-                                    max_gap=length - 2 * COPY_SEGMENT, alphabet=alphabet, gaps=tc.copy_long_gaps)
+                                    max_gap=length - 2 * COPY_SEGMENT, alphabet=alphabet, gaps=tc.copy_long_gaps,
+                                    distract=tc.copy_long_distract, distract_match=tc.copy_long_distract_match)
     return copy_windows(tc.copy_batch, tc.copy_length + 1, gen, alphabet=alphabet, inner=tc.copy_inner)
 
 

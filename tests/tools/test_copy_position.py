@@ -187,3 +187,24 @@ def test_short_windows_alphabet(monkeypatch):
     assert drawn == [("copy_windows", want), ("copy_episode_windows", want), ("copy_windows", want)]
     with pytest.raises(SystemExit):
         main(TINY + ["--data", "stage", "--length", "64", "--steps", "1", "--alphabet", "96"])
+
+
+def test_distract_flags(capsys, monkeypatch):
+    """--distract / --distract-match reach the long phase's windows (TrainConfig.copy_long_distract(_match));
+    --eval-distract adds (c)/(d) tables in windows with distractors (keys +dN); bad values are refused."""
+    import indexcache.tools.train as train_mod
+
+    drawn = []
+    real = train_mod.copy_episode_windows
+    monkeypatch.setattr(train_mod, "copy_episode_windows",
+                        lambda *a, **kw: drawn.append((kw["distract"], kw["distract_match"])) or real(*a, **kw))
+    assert main(TINY + ["--data", "long-phase", "--length", "128", "--steps", "1", "--distract", "2",
+                        "--distract-match", "3", "--eval-distract", "1", "--eval-distances", "256",
+                        "--competitors"]) == 0
+    res = _payload(capsys.readouterr().out)["results"][-1]
+    assert drawn == [(2, 3)]
+    assert set(res["by_distance"]) == {"256", "256+d1"} and set(res["by_false_matches"]) == {"256", "256+d1"}
+    for bad in (["--distract", "-1"], ["--eval-distract", "-2"], ["--distract-match", "0"],
+                ["--distract-match", "11"]):
+        with pytest.raises(SystemExit):
+            main(TINY + ["--data", "long-phase", "--length", "128", "--steps", "1"] + bad)

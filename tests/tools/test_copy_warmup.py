@@ -240,3 +240,90 @@ def test_copy_long_alphabet():
                                   torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError, match="copy_long_alphabet"):
         copy_batch(dataclasses.replace(tc, copy_long_alphabet=300), 0, 4, torch.Generator())
+
+
+def _false_matches(win, spans, k: int) -> float:
+    """Mean, over the copied tokens past a 4-token cue, of the places strictly between the source match and the
+    query that end with the same last k tokens (brute force)."""
+    ids, total, count = win.tolist(), 0, 0
+    for src, dst, n in spans:
+        for t in range(dst + 3, dst + n - 1):
+            last = ids[t - k + 1: t + 1]
+            total += sum(ids[j - k + 1: j + 1] == last for j in range(t - (dst - src) + 1, t))
+            count += 1
+    return total / count
+
+
+def test_copy_distractors():
+    """tasks.copy_distractor_spans: 0 distractors draw copy_episode_spans's windows exactly, more the same copies
+    and text elsewhere; each distractor is a
+    near-copy of its copy's segment before the copy (between source and copy when they are a segment apart),
+    equal to it except at every (match + 1)-th offset, so it repeats the segment's runs of `match` tokens each
+    followed by a wrong one and never `match` + 1 aligned tokens; the copied tokens meet many more false matches
+    of their last 2 tokens than in plain windows, and not of their last 3; bad values are refused by name."""
+    from indexcache.tools.tasks import copy_distractor_spans
+
+    plain2, plain3, dis2, dis3, seen = [], [], [], [], 0
+    for seed in range(6):
+        win0, spans0 = copy_episode_spans(1025, seed, 64, 1000, gaps="log")
+        w, s, d = copy_distractor_spans(1025, seed, 64, 1000, gaps="log")
+        assert torch.equal(w, win0) and s == spans0 and d == []
+        win, spans, dis = copy_distractor_spans(1025, seed, 64, 1000, gaps="log", distract=2)
+        assert spans == spans0 and len(dis) >= 1.2 * len(spans) >= 16  # the same copies, and their distractors
+        off = {at + i for at, _, _ in dis for i in range(12)}
+        assert all(int(win[j]) == int(win0[j]) for j in range(1025) if j not in off)  # nothing else changed
+        taken = sorted([(a, a + n) for a, b, n in spans] + [(b, b + n) for a, b, n in spans]
+                       + [(at, at + 12) for at, _, _ in dis])
+        assert all(e <= b for (_, e), (b, _) in zip(taken, taken[1:]))  # nothing overlaps
+        copies = {a: b for a, b, _ in spans}
+        for at, src, first in dis:
+            dst = copies[src]
+            assert 1 <= at <= dst - 12 and (dst - src < 24 or src + 12 <= at)
+            same = [int(win[at + i]) == int(win[src + i]) for i in range(12)]
+            assert same == [(i - first) % 3 != 0 for i in range(12)]
+            for i in range(12):
+                if i >= 2 and not same[i]:  # a 2-token look-alike of the segment followed by a wrong token
+                    assert same[i - 1] and same[i - 2] and not (i >= 3 and same[i - 3])
+            seen += sum(i >= 2 and not same[i] for i in range(12))
+        plain2.append(_false_matches(win0, spans0, 2))
+        plain3.append(_false_matches(win0, spans0, 3))
+        dis2.append(_false_matches(win, spans, 2))
+        dis3.append(_false_matches(win, spans, 3))
+    assert seen > 300
+    assert sum(dis2) > 1.8 * sum(plain2) and sum(dis3) < 2 * sum(plain3) + 0.05 * len(dis3)
+    win, spans, dis = copy_distractor_spans(1025, 0, 64, 1000, gaps="log", distract=1, distract_match=3)
+    for at, src, first in dis:  # runs of 3: every 4th token mutated
+        assert [int(win[at + i]) == int(win[src + i]) for i in range(12)] == [(i - first) % 4 != 0 for i in range(12)]
+    assert torch.equal(copy_episode_windows(2, 257, torch.Generator().manual_seed(3), 64, 200, distract=1),
+                       torch.stack([copy_episode_spans(257, s, 64, 200, distract=1)[0] for s in
+                                    torch.randint(0, 1 << 31, (2,), generator=torch.Generator().manual_seed(3))]))
+    for kw, match in (({"distract": -1}, "distractors per copy"), ({"distract": True}, "distractors per copy"),
+                      ({"distract": 1, "distract_match": 0}, "matched run"),
+                      ({"distract": 1, "distract_match": 11}, "matched run")):
+        with pytest.raises(ValueError, match=match):
+            copy_distractor_spans(1025, 0, 64, 1000, **kw)
+
+
+def test_copy_long_distract():
+    """TrainConfig.copy_long_distract: the long phase's windows hold that many distractors per copy (the same
+    windows as tasks.copy_episode_windows with distract), the short windows none; 0 (default) changes nothing;
+    bad values are refused by name from the first step."""
+    tc = dataclasses.replace(TINY, copy_length=64, copy_batch=8, copy_long_length=512, copy_long_share=0.5,
+                             copy_long_gaps="log")
+    on = dataclasses.replace(tc, copy_long_distract=2, copy_long_distract_match=3)
+    got = copy_batch(on, 3, 4, torch.Generator().manual_seed(1))
+    want = copy_episode_windows(1, 513, torch.Generator().manual_seed(1), every=64, max_gap=488, gaps="log",
+                                distract=2, distract_match=3)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, copy_batch(tc, 3, 4, torch.Generator().manual_seed(1)))
+    assert torch.equal(copy_batch(tc, 3, 4, torch.Generator().manual_seed(1)),
+                       copy_episode_windows(1, 513, torch.Generator().manual_seed(1), every=64, max_gap=488,
+                                            gaps="log"))
+    assert torch.equal(copy_batch(on, 0, 4, torch.Generator().manual_seed(1)),  # the short phase: unchanged
+                       copy_batch(tc, 0, 4, torch.Generator().manual_seed(1)))
+    for bad, match in (({"copy_long_distract": -1}, "copy_long_distract must"),
+                       ({"copy_long_distract": 1.0}, "copy_long_distract must"),
+                       ({"copy_long_distract_match": 0}, "copy_long_distract_match"),
+                       ({"copy_long_distract_match": 11}, "copy_long_distract_match")):
+        with pytest.raises(ValueError, match=match):
+            copy_batch(dataclasses.replace(tc, **bad), 0, 4, torch.Generator())
