@@ -341,21 +341,14 @@ def topk_pool_rows(logits: torch.Tensor, c: int, *, row_start: torch.Tensor | No
         raise ValueError(f"topk_pool_rows: c must be an int in [1, {MAX_POOL}], got {c!r}")
     if not use_triton(logits):
         return topk_rows_reference(logits, c, row_start=row_start, row_end=row_end)
-    R, N = logits.shape
+    R = logits.shape[0]
     path = _path or ("decode" if R <= _SMALL_R else "one")
     if path == "decode":
         return _sorted_pool(plan_decode_launches(logits, c, row_start, row_end, workspace=workspace)[1]())
     if path != "one":
         raise ValueError(f"topk_pool_rows: _path must be 'one' or 'decode', got {path!r}")
-    out = torch.empty((R, c), dtype=torch.int32, device=logits.device)
-    if R == 0:
-        return out
-    x = logits if logits.stride(1) == 1 else logits.contiguous()
-    starts = (torch.zeros(R, dtype=torch.int32, device=x.device) if row_start is None
-              else row_start.to(torch.int32).clamp(0, N))
-    ends = (torch.full((R,), N, dtype=torch.int32, device=x.device) if row_end is None
-            else row_end.to(torch.int32).clamp(0, N))
-    for _, fn in _plan_one(x, c, starts, ends, out, _cap, interpreting())[0]:
+    stages, out, _ = plan_launches(logits, c, row_start, row_end, _cap=_cap, _path="one")
+    for _, fn in stages:
         fn()
     return out
 
