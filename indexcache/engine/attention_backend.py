@@ -21,7 +21,8 @@ from ..kernels.indexer import (indexer_logits_decode, indexer_topk_prefill, inde
 from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
                                 store_latent_bf16, store_latent_fp8)
 from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
-from ..kernels.topk import DecodeTopkWorkspace, topk_pool_rows, topk_rows, topk_rows_decode
+from ..kernels.topk import (DecodeTopkWorkspace, pool_scratch_bytes_per_row, scratch_bytes_per_row,
+                            topk_pool_rows, topk_rows, topk_rows_decode)
 from ..model.indexer import select_topk
 from .config import EngineConfig
 from .kv_cache import FP8_LATENT_BYTES, KVCache
@@ -211,6 +212,10 @@ def _topk_then_pool(k: int):
         return torch.cat([topk_rows(logits, k, row_start=row_start, row_end=row_end),
                           topk_pool_rows(logits, n - k, row_start=row_start, row_end=row_end)], 1)
 
+    # the chunk planner's budget for both selections: the top-k's output outlives its scratch, then the pool's
+    # selection, then the concatenated output
+    select.scratch_bytes_per_row = lambda width, n: (scratch_bytes_per_row(k, n) + pool_scratch_bytes_per_row(
+        width - k, n) + 4 * width)
     return select
 
 

@@ -81,3 +81,17 @@ def test_topk_then_pool_above_the_kernel_limit_matches_the_reference():
     for part, width in ((got[:, :k], k), (got[:, k:], c)):
         ref = topk_rows_reference(logits, width, row_end=end)
         assert torch.equal(part.sort(1).values, ref.sort(1).values)
+
+
+def test_pool_selection_declares_its_scratch_to_the_chunk_planner():
+    """An F layer's [top-k | top-c] selection budgets both selections and their output, not the generic
+    SLOT_BYTES per slot (which under-counted the pool's one-launch scratch)."""
+    from indexcache.engine.attention_backend import _topk_then_pool
+    from indexcache.kernels.indexer import SLOT_BYTES, selection_slot_bytes
+    from indexcache.kernels.topk import pool_scratch_bytes_per_row, scratch_bytes_per_row
+
+    k, c, n = 2048, 8192, 200_000
+    per_slot = selection_slot_bytes(_topk_then_pool(k), k + c, n)
+    need = scratch_bytes_per_row(k, n) + pool_scratch_bytes_per_row(c, n) + 4 * (k + c) + 8 * (k + c)
+    assert per_slot * (k + c) >= need > SLOT_BYTES * (k + c)
+    assert (per_slot - 1) * (k + c) < need

@@ -4,7 +4,8 @@ paths (one-launch, decode + column sort), fresh random and tied rows, ragged win
 import pytest
 import torch
 
-from indexcache.kernels.topk import MAX_K, MAX_POOL, topk_pool_rows, topk_rows_reference
+from indexcache.kernels.topk import (MAX_K, MAX_POOL, plan_launches, pool_scratch_bytes_per_row, topk_pool_rows,
+                                    topk_rows_reference)
 from tests.helpers import poison_torch_empty
 
 
@@ -61,6 +62,29 @@ def test_default_paths_by_row_count(device):
     torch.manual_seed(34)
     _check(torch.randn(2, 700, device=device), 300)            # decode path
     _check(torch.randn(65, 120, device=device), 50, again=False)  # one-launch path
+
+
+def test_scratch_bound_covers_the_one_launch_allocations(monkeypatch):
+    """``pool_scratch_bytes_per_row`` (the F layers' chunk budget) bounds what a call of more than 64 rows
+    allocates per row."""
+    allocated, depth = [], [0]
+    for name in ("empty", "zeros", "full"):
+        def counted(*a, _f=getattr(torch, name), **kw):
+            depth[0] += 1  # count the outermost call only (zeros / full may allocate through empty)
+            try:
+                t = _f(*a, **kw)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                allocated.append(t.numel() * t.element_size())
+            return t
+        monkeypatch.setattr(torch, name, counted)
+    R = 65
+    for c, n in ((MAX_K + 8, 6000), (300, 5000)):
+        x = torch.randn(R, n)
+        allocated.clear()
+        plan_launches(x, c, _path="one")  # topk_pool_rows' one-launch path: these buffers, then its launches
+        assert 0 < sum(allocated) <= R * pool_scratch_bytes_per_row(c, n), (c, n, allocated)
 
 
 def test_bad_arguments():

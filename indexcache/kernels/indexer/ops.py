@@ -417,7 +417,11 @@ def _select_by_column(cv, cc, kept, pos):
 
 def selection_slot_bytes(topk_fn, topk: int, n: int) -> int:
     """Temporary bytes per top-k slot of one selected row: the Triton top-k's own scratch bound plus the output
-    copy and index shift here; SLOT_BYTES for the torch fallback."""
+    copy and index shift here; a ``topk_fn`` that declares ``scratch_bytes_per_row(width, n)`` (its own bound for
+    rows of ``width`` selected columns out of ``n``) is budgeted by that; SLOT_BYTES for the torch fallback."""
+    own = getattr(topk_fn, "scratch_bytes_per_row", None)
+    if own is not None:
+        return -(-(own(topk, n) + 8 * topk) // topk)
     try:
         from indexcache.kernels.topk import scratch_bytes_per_row, topk_rows  # noqa: PLC0415
     except ImportError:

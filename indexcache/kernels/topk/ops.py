@@ -76,10 +76,13 @@ def scratch_bytes_per_row(k: int, n: int) -> int:
     (``indexer_topk_prefill``) can budget for the selection. No path keeps per-chunk state, so the bound does not
     grow with the row length ``n``. Compiled kernels only: the interpreter's 256-entry decode sample doubles that
     path's CAP (for k > 256)."""
-    p2 = _next_pow2(k)
-    scan = (max(4096, 8 * p2) + _TB) * 8 + 8 * 4 + 2 * 8    # decode: CAP + tie buffer at S = 512, state, ctr
-    one = max(4096, 4 * p2) * 8 + 2 * 8                     # one-pass prefill: CAP, ctr
-    return 4 * k + 2 * 4 + max(scan, one)
+    scan = (max(4096, 8 * _next_pow2(k)) + _TB) * 8 + 8 * 4 + 2 * 8    # decode: CAP + tie buffer at S = 512, state, ctr
+    return 4 * k + 2 * 4 + max(scan, _one_pass_bytes(k))
+
+
+def _one_pass_bytes(k: int) -> int:
+    """The one-pass prefill path's scratch per row: CAP int64 composites and the counters."""
+    return max(4096, 4 * _next_pow2(k)) * 8 + 2 * 8
 
 
 def _next_pow2(x: int) -> int:
@@ -351,6 +354,14 @@ def topk_pool_rows(logits: torch.Tensor, c: int, *, row_start: torch.Tensor | No
     for _, fn in stages:
         fn()
     return out
+
+
+def pool_scratch_bytes_per_row(c: int, n: int) -> int:
+    """An upper bound of the device bytes per row of a ``topk_pool_rows`` call of more than 64 rows (the
+    one-launch path: output, window bounds, scratch). Calls of up to 64 rows take the decode path instead: a
+    ``DecodeTopkWorkspace`` of at most 64 rows (``bytes_per_row(n)`` each, about 3.3 MB at n = 200K) plus the
+    sort by column, whatever the budget."""
+    return 4 * c + 2 * 4 + _one_pass_bytes(c)
 
 
 def _sorted_pool(pool: torch.Tensor) -> torch.Tensor:
