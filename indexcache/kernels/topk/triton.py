@@ -562,6 +562,29 @@ def _vals(src, off, n, st, stride, tkey, SRC: tl.constexpr, BY_COL: tl.constexpr
 
 
 @triton.jit
+def _round_shift(w, NBIN: tl.constexpr):
+    """Bits per bin of a histogram round over a range of w values: the least shift with (w - 1) >> shift < NBIN."""
+    shift = tl.zeros([], tl.int64)
+    while ((w - 1) >> shift) >= NBIN:
+        shift += 1
+    return shift
+
+
+@triton.jit
+def _narrow(h, jb, rem, P, w, shift):
+    """One round of ``_kth``'s histogram select: from the round's histogram h of (v - P) >> shift over the range
+    [P, P + w), the bin J that holds the rem-th largest; returns the narrowed (P, rem, w), eq (the items in J)
+    and whether another round is needed (jb: the bin ids, tl.arange(0, NBIN))."""
+    ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h      # items in range with bin >= j
+    J = tl.max(tl.where(ge >= rem, jb, -1), axis=0)
+    hJ = tl.sum(tl.where(jb == J, h, 0), axis=0)
+    rem -= tl.sum(tl.where(jb == J, ge, 0), axis=0) - hJ
+    P = P + (J.to(tl.int64) << shift).to(tl.int32)
+    w = tl.minimum(w - (J.to(tl.int64) << shift), tl.zeros([], tl.int64) + 1 << shift)
+    return P, rem, w, hJ, (hJ != rem) & (w > 1)
+
+
+@triton.jit
 def _kth(src, n, st, stride, need, tkey, SRC: tl.constexpr, BY_COL: tl.constexpr, FB: tl.constexpr,
          NBIN: tl.constexpr):
     """Exact select of the need-th largest v among the valid items (v of ``_vals``; need is clamped to their
@@ -585,9 +608,7 @@ def _kth(src, n, st, stride, need, tkey, SRC: tl.constexpr, BY_COL: tl.constexpr
     busy = (rem > 0) & (rem < cnt)
     jb = tl.arange(0, NBIN)
     while busy:
-        shift = tl.zeros([], tl.int64)
-        while ((w - 1) >> shift) >= NBIN:
-            shift += 1
+        shift = _round_shift(w, NBIN)
         w32 = w.to(tl.uint32)
         sh32 = shift.to(tl.uint32)
         h = tl.zeros([NBIN], tl.int32)
@@ -596,14 +617,7 @@ def _kth(src, n, st, stride, need, tkey, SRC: tl.constexpr, BY_COL: tl.constexpr
             d = (v - P).to(tl.uint32, bitcast=True)
             inr = ok & (d < w32)
             h += tl.histogram(tl.where(inr, d >> sh32, 0).to(tl.int32), NBIN, mask=inr)
-        ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h      # items in range with bin >= j
-        J = tl.max(tl.where(ge >= rem, jb, -1), axis=0)
-        hJ = tl.sum(tl.where(jb == J, h, 0), axis=0)
-        rem -= tl.sum(tl.where(jb == J, ge, 0), axis=0) - hJ
-        P = P + (J.to(tl.int64) << shift).to(tl.int32)
-        w = tl.minimum(w - (J.to(tl.int64) << shift), tl.zeros([], tl.int64) + 1 << shift)
-        eq = hJ
-        busy = (hJ != rem) & (w > 1)
+        P, rem, w, eq, busy = _narrow(h, jb, rem, P, w, shift)
     return P, rem, eq, cnt
 
 
@@ -686,25 +700,16 @@ def _kth_r(v, ok, need, NBIN: tl.constexpr):
     vmax = tl.max(tl.where(ok, v, -2147483648), axis=0)
     rem = tl.minimum(need, cnt)
     P = vmin
-    w = vmax.to(tl.int64) - vmin.to(tl.int64) + 1
+    w = vmax.to(tl.int64) - vmin.to(tl.int64) + 1          # width of the range that holds the rem-th
     eq = rem
     busy = (rem > 0) & (rem < cnt)
     jb = tl.arange(0, NBIN)
     while busy:
-        shift = tl.zeros([], tl.int64)
-        while ((w - 1) >> shift) >= NBIN:
-            shift += 1
+        shift = _round_shift(w, NBIN)
         d = (v - P).to(tl.uint32, bitcast=True)
         inr = ok & (d < w.to(tl.uint32))
         h = tl.histogram(tl.where(inr, d >> shift.to(tl.uint32), 0).to(tl.int32), NBIN, mask=inr)
-        ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
-        J = tl.max(tl.where(ge >= rem, jb, -1), axis=0)
-        hJ = tl.sum(tl.where(jb == J, h, 0), axis=0)
-        rem -= tl.sum(tl.where(jb == J, ge, 0), axis=0) - hJ
-        P = P + (J.to(tl.int64) << shift).to(tl.int32)
-        w = tl.minimum(w - (J.to(tl.int64) << shift), tl.zeros([], tl.int64) + 1 << shift)
-        eq = hJ
-        busy = (hJ != rem) & (w > 1)
+        P, rem, w, eq, busy = _narrow(h, jb, rem, P, w, shift)
     return P, rem, eq, cnt
 
 
