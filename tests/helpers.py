@@ -21,3 +21,21 @@ def poison_torch_empty(monkeypatch):
         return poisoned(shape, dtype or torch.get_default_dtype(), device or "cpu")
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+def count_allocations(monkeypatch) -> list:
+    """Record the bytes of every outermost ``torch.empty`` / ``zeros`` / ``full`` call (for the test's duration) in
+    the returned list (``zeros`` / ``full`` may allocate through ``empty``: counted once)."""
+    allocated, depth = [], [0]
+    for name in ("empty", "zeros", "full"):
+        def counted(*a, _f=getattr(torch, name), **kw):
+            depth[0] += 1
+            try:
+                t = _f(*a, **kw)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                allocated.append(t.numel() * t.element_size())
+            return t
+        monkeypatch.setattr(torch, name, counted)
+    return allocated

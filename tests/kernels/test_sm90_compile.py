@@ -10,17 +10,23 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_production_kernels_compile_for_sm90_without_spills():
+def _compiled(*flags) -> tuple[list[str], str]:
+    """``python -m tests.kernels.sm90_compile FLAGS`` without the interpreter: its "registers" lines and its
+    stdout (skips where this Triton has no bundled ptxas)."""
     from tests.kernels.sm90_compile import ptxas_path
 
     if ptxas_path() is None:
         pytest.skip("this Triton has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", *flags], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = [line for line in r.stdout.splitlines() if "registers" in line]
-    assert len(lines) == 11, r.stdout
+    return [line for line in r.stdout.splitlines() if "registers" in line], r.stdout
+
+
+def test_production_kernels_compile_for_sm90_without_spills():
+    lines, stdout = _compiled()
+    assert len(lines) == 11, stdout
     for line in lines:
         assert "spill bytes    0" in line, line
         if "fp8_grouped" in line:  # tensor-core MMAs fed by asynchronous copies, not registers
@@ -31,47 +37,31 @@ def test_indexer_candidates_kernel_compiles_and_append_sees_quad_replicas():
     """The fused candidates kernel (atomic slots) compiles without spills, and its inline-asm append gets its
     entries in the layout it assumes (replicated over lane bits 0-1 only): otherwise it would append an entry
     more than once or drop it."""
-    from tests.kernels.sm90_compile import ptxas_path
-
-    if ptxas_path() is None:
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "--candidates"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    lines = [line for line in r.stdout.splitlines() if "registers" in line]
-    assert len(lines) == 2, r.stdout
+    lines, stdout = _compiled("--candidates")
+    assert len(lines) == 2, stdout
     for line in lines:
         assert "spill bytes    0" in line and "owner lanes ok True" in line, line
 
 
 def test_decode_topk_launches_compile_without_spills():
     """The decode top-k's three launches (hist, filter1, filter2_final) compile for sm_90a without spills."""
-    from tests.kernels.sm90_compile import ptxas_path
-
-    if ptxas_path() is None:
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "--topk-decode"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    lines = [line for line in r.stdout.splitlines() if "registers" in line]
-    assert len(lines) == 3, r.stdout
+    lines, stdout = _compiled("--topk-decode")
+    assert len(lines) == 3, stdout
     for line in lines:
         assert "spill bytes    0" in line, line
 
 
 def test_rerank_candidate_kernel_compiles_pipelined_without_spills():
     """The re-rank scoring kernel keeps its gathers as cp.async copies feeding wgmma, without spills."""
-    from tests.kernels.sm90_compile import ptxas_path
-
-    if ptxas_path() is None:
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "--rerank"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    lines = [line for line in r.stdout.splitlines() if "registers" in line]
-    assert len(lines) == 2, r.stdout
+    lines, stdout = _compiled("--rerank")
+    assert len(lines) == 2, stdout
     for line in lines:
         assert "spill bytes    0" in line and "wgmma  0" not in line and "cp.async   0" not in line, line
+
+
+def test_prefill_topk_compiles_without_spills():
+    """The one-pass prefill top-k (fp32 and bf16 rows) compiles for sm_90a without spills."""
+    lines, stdout = _compiled("--topk-prefill")
+    assert len(lines) == 2, stdout
+    for line in lines:
+        assert "spill bytes    0" in line, line

@@ -8,7 +8,7 @@ from indexcache.kernels._dispatch import use_triton
 from indexcache.kernels.topk import (bracket_stats, plan_launches, scratch_bytes_per_row, topk_rows,
                                      topk_rows_reference)
 from indexcache.kernels.topk.ops import _SMALL_R
-from tests.helpers import poison_torch_empty
+from tests.helpers import count_allocations, poison_torch_empty
 
 
 @pytest.fixture(autouse=True)
@@ -353,18 +353,7 @@ def test_scratch_bound_covers_allocations(device, monkeypatch, R):
     the decode path (R <= _SMALL_R) and on the one-pass prefill path."""
     if not use_triton(torch.empty(1, device=device)):
         pytest.skip("Triton path not active")
-    allocated, depth = [], [0]
-    for name in ("empty", "zeros", "full"):
-        def counted(*a, _f=getattr(torch, name), **kw):
-            depth[0] += 1
-            try:
-                t = _f(*a, **kw)
-            finally:
-                depth[0] -= 1
-            if depth[0] == 0:
-                allocated.append(t.numel() * t.element_size())
-            return t
-        monkeypatch.setattr(torch, name, counted)
+    allocated = count_allocations(monkeypatch)
     for k, n in ((1, 300), (100, 5000), (256, 70_000)):
         x = torch.randn(R, n, device=device)
         allocated.clear()

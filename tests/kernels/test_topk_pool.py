@@ -6,7 +6,7 @@ import torch
 
 from indexcache.kernels.topk import (MAX_K, MAX_POOL, plan_launches, pool_scratch_bytes_per_row, topk_pool_rows,
                                     topk_rows_reference)
-from tests.helpers import poison_torch_empty
+from tests.helpers import count_allocations, poison_torch_empty
 
 
 @pytest.fixture(autouse=True)
@@ -67,18 +67,7 @@ def test_default_paths_by_row_count(device):
 def test_scratch_bound_covers_the_one_launch_allocations(monkeypatch):
     """``pool_scratch_bytes_per_row`` (the F layers' chunk budget) bounds what a call of more than 64 rows
     allocates per row."""
-    allocated, depth = [], [0]
-    for name in ("empty", "zeros", "full"):
-        def counted(*a, _f=getattr(torch, name), **kw):
-            depth[0] += 1  # count the outermost call only (zeros / full may allocate through empty)
-            try:
-                t = _f(*a, **kw)
-            finally:
-                depth[0] -= 1
-            if depth[0] == 0:
-                allocated.append(t.numel() * t.element_size())
-            return t
-        monkeypatch.setattr(torch, name, counted)
+    allocated = count_allocations(monkeypatch)
     R = 65
     for c, n in ((MAX_K + 8, 6000), (300, 5000)):
         x = torch.randn(R, n)
