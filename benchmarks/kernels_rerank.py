@@ -34,6 +34,7 @@ from indexcache.kernels import indexer as ix
 from indexcache.kernels.candidate_topk import candidate_logits, candidate_logits_reference, candidate_topk
 from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.topk import DecodeTopkWorkspace, topk_pool_rows, topk_rows, topk_rows_decode
+from indexcache.kernels.topk.ops import _sorted_pool, plan_decode_launches
 from indexcache.kernels.topk import topk_rows_reference
 
 DEV = "cuda"
@@ -159,6 +160,26 @@ def pools(t, c, s, slot, g):
     return slot[torch.randint(0, s - t, (t, c), device=DEV, generator=g)]
 
 
+def decode_parts(qb, wb, cache, table_, cl, s, c, cd, ws) -> list[dict]:
+    """Each launch group of the F-with-pool and R decode steps timed alone in a CUDA graph (batch 1)."""
+    q8, wf = ix.quantize_indexer_q(qb, wb)
+    lg = ix.indexer_logits_decode(q8, wf, cache, table_, cl, s)
+    pool = plan_decode_launches(lg, c, None, cl, workspace=ws)[1]()
+    lgc = candidate_logits(q8, wf, cache, cd)
+    col = topk_rows(lgc, K)
+    wsc = DecodeTopkWorkspace.new(1, c, DEV)
+    parts = {"quantize q": lambda: ix.quantize_indexer_q(qb, wb),
+             "F logits": lambda: ix.indexer_logits_decode(q8, wf, cache, table_, cl, s),
+             "F top-k (decode kernel)": lambda: topk_rows_decode(lg, K, row_end=cl, workspace=ws),
+             "F pool (decode kernel, unsorted)": lambda: plan_decode_launches(lg, c, None, cl, workspace=ws)[1](),
+             "F pool sort by column": lambda: _sorted_pool(pool),
+             "R candidate logits": lambda: candidate_logits(q8, wf, cache, cd),
+             "R top-k (topk_rows)": lambda: topk_rows(lgc, K),
+             "R top-k (decode kernel)": lambda: topk_rows_decode(lgc, K, workspace=wsc),
+             "R slot gather": lambda: torch.where(col < 0, -1, cd.gather(1, col.clamp(min=0).long()))}
+    return [{"part": name, "pool": c, "us": 1000 * graph_ms(fn)} for name, fn in parts.items()]
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
@@ -168,7 +189,8 @@ def main(argv=None) -> int:
     s = args.context or (32768 if args.quick else 200_000)
     g = torch.Generator(device=DEV).manual_seed(0)
     res = {"meta": run_metadata(), "ceilings": measure_ceilings(), "context": s, "heads": H, "topk": K,
-           "checks": {}, "kernel": [], "stages": []}
+           "checks": {}, "kernel": [], "stages": [],
+           "decode_parts": []}
     chk = res["checks"]
     cache, bt, slot, k8, ks = context(s, g)
 
@@ -274,8 +296,10 @@ def main(argv=None) -> int:
         r_new = graph_ms(lambda: candidate_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
         r_old = graph_ms(lambda: old_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
         res["stages"].append({"stage": "R decode", "rows": 1, "pool": c, "old_ms": r_old, "new_ms": r_new})
+        res["decode_parts"] += decode_parts(qb, wb, cache, table_, cl, s, c, cd, ws)
 
     write_results("kernels_rerank", res)
+    print(table(res["decode_parts"], ["part", "pool", "us"]))
     print(f"context {s}, H={H}, top-k {K}; ceilings {res['ceilings']}")
     print("checks:", chk)
     print(table(res["kernel"], ["rows", "pool", "old_ms", "new_ms", "speedup", "new_tflops", "old_tflops",
