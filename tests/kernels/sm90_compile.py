@@ -64,7 +64,8 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
 
 def production_kernels() -> list[tuple[str, dict]]:
     """The FP8 MoE prefill kernels at the configurations the model launches (glm-4.7-flash's experts: K 2048 for
-    gate/up, 1536 for down), the expert plan at 64 and 256 experts, and the prefill glue's norm and RoPE."""
+    gate/up, 1536 for down), the expert plan at 64 and 256 experts, the prefill glue's norm and RoPE and the indexer's
+    q quantisation."""
     from indexcache.kernels.expert_plan.triton import _plan_hist_kernel, _plan_scatter_kernel
     from indexcache.kernels.fp8_grouped_mm.triton import (_grouped_fp8_kernel, _grouped_fp8_swiglu_kernel, config_for,
                                                           swiglu_config_for)
@@ -103,8 +104,9 @@ def production_kernels() -> list[tuple[str, dict]]:
 
 
 def _prefill_glue_kernels() -> list[tuple[str, dict]]:
-    """RMSNorm (glm-4.7-flash: the 2048-wide stream with its residual add, the 768-wide q_a norm) and RoPE of the
-    absorbed query (20 heads x 64), bf16, as the prefill glue launches them."""
+    """RMSNorm (glm-4.7-flash: the 2048-wide stream with its residual add, the 768-wide q_a norm), RoPE of the
+    absorbed query (20 heads x 64) and the indexer's q quantisation (bf16 q, weights folded), as prefill launches
+    them."""
     from indexcache.kernels.rms_norm.triton import _rms_norm_kernel
     from indexcache.kernels.rope.triton import _rope_kernel
 
@@ -119,6 +121,12 @@ def _prefill_glue_kernels() -> list[tuple[str, dict]]:
     ce = {"HALF": 32, "BT": 1, "BH": 32, "BP": 32, "INTERLEAVED": True}
     out.append(("rope 20 heads x 64", compile_sm90(_rope_kernel, types, ce, div16=strides, num_warps=4,
                                                    num_stages=1)))
+    from indexcache.kernels.indexer.triton import QUANT_ROWS, _indexer_quantize_kernel
+
+    types = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "w_ptr": "*bf16", "fold": "fp32"}
+    ce = {"BR": QUANT_ROWS, "FOLD": True, "EMULATE": False}
+    out.append(("indexer q quantise + fold", compile_sm90(_indexer_quantize_kernel, types, ce, div16=("stride_x",),
+                                                          num_warps=4, num_stages=1)))
     return out
 
 

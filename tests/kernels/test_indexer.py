@@ -108,6 +108,97 @@ def test_quantize_q_k(hadamard):
         quantize_indexer_k(torch.randn(4, 64))
 
 
+def _rows_to_quantise(lead, dtype, seed):
+    """Random rows [*lead, 128] over a wide range of magnitudes, with the edge rows where present: all zeros
+    (amax floor), tiny (e4m3 subnormals and underflow), huge (largest binades of the dtype), a power-of-two
+    boundary (amax exactly 448 * 2^k) and signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, 128, generator=g) * torch.exp2(torch.randint(-12, 12, (*lead, 1), generator=g).float())
+    flat = x.view(-1, 128)
+    big = 6e4 if dtype == torch.float16 else 1e37  # top binades, and a Hadamard of it stays finite
+    edges = [torch.zeros(128), torch.randn(128, generator=g) * 3e-6, torch.randn(128, generator=g).sign() * big,
+             torch.randn(128, generator=g).clamp(-1, 1) * 7.0, -torch.zeros(128)]
+    edges[3][5] = 448.0 * 2**-6
+    n = flat.shape[0]
+    for i, e in enumerate(edges[:max(n - 1, 0)]):  # a single row stays random
+        flat[1 + (i * 7) % (n - 1)] = e
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead", [(1,), (37,), (5, 3), (2, 7, 3), (0, 4)])
+def test_quantize_rows_triton_bit_exact(dtype, lead):
+    from indexcache.kernels.formats import quantize_rows
+    from indexcache.kernels.indexer.triton import quantize_rows_triton
+
+    x = _rows_to_quantise(lead, dtype, seed=len(lead) * 10 + lead[0])
+    out = (poisoned((*lead, 128), torch.float8_e4m3fn, "cpu"), poisoned(lead, torch.float32, "cpu"))
+    q8, s = quantize_rows_triton(x, out=out)
+    q_ref, s_ref = quantize_rows(x)
+    assert q8 is out[0] and s is out[1]
+    assert torch.equal(q8.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32))
+    if x.numel() > 128:
+        assert (q8.float().abs() == 448).any() and (q8.view(torch.uint8) == 0x80).any()  # top code, signed zero
+    with pytest.raises(ValueError, match="out"):
+        quantize_rows_triton(x, out=(out[0], torch.empty(lead + (1,))))
+
+
+@pytest.mark.parametrize("h,hadamard", [(32, False), (20, True), (64, False)])
+def test_quantize_indexer_q_k_match_reference_bit_exact(h, hadamard):
+    from indexcache.kernels.indexer.reference import quantize_indexer_k_ref, quantize_indexer_q_ref
+
+    t = 11
+    q = _rows_to_quantise((t, h), torch.float32, seed=h)
+    g = torch.Generator().manual_seed(h + 1)
+    wr = torch.randn(h, t, generator=g).T  # not contiguous
+    assert use_triton(q)  # the CPU run goes through the interpreted kernel
+    q8, w = quantize_indexer_q(q, wr, hadamard=hadamard)
+    q8_ref, w_ref = quantize_indexer_q_ref(q, wr, hadamard=hadamard)
+    assert torch.equal(q8.view(torch.uint8), q8_ref.view(torch.uint8))
+    assert w.dtype == torch.float32 and torch.equal(w.view(torch.int32), w_ref.view(torch.int32))
+    k = _rows_to_quantise((3 * h + 1,), torch.float16, seed=h + 2)
+    k8, ks = quantize_indexer_k(k, hadamard=hadamard)
+    k8_ref, ks_ref = quantize_indexer_k_ref(k, hadamard=hadamard)
+    assert torch.equal(k8.view(torch.uint8), k8_ref.view(torch.uint8)) and torch.equal(ks, ks_ref)
+
+
+@pytest.mark.gpu
+def test_gpu_quantize_indexer_q_bf16_bit_exact():
+    from indexcache.kernels.formats import quantize_rows
+    from indexcache.kernels.indexer.reference import quantize_indexer_q_ref
+    from indexcache.kernels.indexer.triton import quantize_rows_triton
+
+    t, h = 4099, 32
+    mag = torch.exp2(torch.randint(-12, 12, (t, h, 1), device="cuda").float())
+    q = (torch.randn(t, h, 128, device="cuda") * mag).bfloat16()
+    q[3, 4] = 0
+    q[5, 6] = 3e38
+    w = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    for hadamard in (False, True):
+        q8, wf = quantize_indexer_q(q, w, hadamard=hadamard)
+        q8_ref, wf_ref = quantize_indexer_q_ref(q, w, hadamard=hadamard)
+        _assert_same_bits(q8.view(torch.uint8), q8_ref.view(torch.uint8), f"q_fp8, hadamard={hadamard}", q)
+        _assert_same_bits(wf.view(torch.int32), wf_ref.view(torch.int32), f"w_folded, hadamard={hadamard}", w)
+    out = (poisoned((t, h, 128), torch.float8_e4m3fn, "cuda"), poisoned((t, h), torch.float32, "cuda"))
+    q8, s = quantize_rows_triton(q, out=out)
+    q_ref, s_ref = quantize_rows(q)
+    _assert_same_bits(q8.view(torch.uint8), q_ref.view(torch.uint8), "quantize_rows q", q)
+    _assert_same_bits(s.view(torch.int32), s_ref.view(torch.int32), "quantize_rows scale", q)
+
+
+def _assert_same_bits(got, ref, what, src):
+    """Bit equality, and where it fails a message with the count and the first few differing entries (the GPU
+    run is the only place this can fail, so the message must say enough to fix it)."""
+    bad = (got != ref).nonzero()
+    if len(bad):
+        idx = [tuple(int(v) for v in b) for b in bad[:4]]
+        rows = [tuple(i[:2]) for i in idx]
+        raise AssertionError(f"{what}: {len(bad)} of {got.numel()} differ; first at {idx}: got {[int(got[i]) for i in idx]}"
+                             f" ref {[int(ref[i]) for i in idx]}; source row amax "
+                             f"{[float(src[r].float().abs().max()) for r in rows]}")
+
+
 # ------------------------------------------------------------------------------------------------ prefill logits
 @pytest.mark.parametrize("h,t,s", [(32, 13, 203), (64, 7, 150), (20, 5, 97)])
 def test_indexer_logits_matches_reference(h, t, s, device):

@@ -1,6 +1,7 @@
-"""The FP8 MoE prefill kernels, the expert plan and the prefill glue's norm and RoPE compile for Hopper (sm_90a)
-without register spills, and the GEMMs keep their wgmma and cp.async pipelining: checked on the CPU with Triton's
-compiler and bundled ptxas (tests/kernels/sm90_compile.py), in a subprocess without the interpreter."""
+"""The FP8 MoE prefill kernels, the expert plan, the prefill glue's norm and RoPE and the indexer q quantisation
+compile for Hopper (sm_90a) without register spills, and the GEMMs keep their wgmma and cp.async pipelining:
+checked on the CPU with Triton's compiler and bundled ptxas (tests/kernels/sm90_compile.py), in a subprocess
+without the interpreter."""
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ def _compiled(*flags) -> tuple[list[str], str]:
 
 def test_production_kernels_compile_for_sm90_without_spills():
     lines, stdout = _compiled()
-    assert len(lines) == 11, stdout
+    assert len(lines) == 12, stdout
     for line in lines:
         assert "spill bytes    0" in line, line
         if "fp8_grouped" in line:  # tensor-core MMAs fed by asynchronous copies, not registers

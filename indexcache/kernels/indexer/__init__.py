@@ -19,6 +19,8 @@ from indexcache.kernels.indexer.ops import (
     plan_fused_chunks,
     plan_prefill_chunks,
     prefill_logits_kernel,
+    quantize_indexer_k,
+    quantize_indexer_q,
     sample_columns,
     selection_slot_bytes,
 )
@@ -28,8 +30,6 @@ from indexcache.kernels.indexer.reference import (
     indexer_logits_ref,
     indexer_topk_prefill_ref,
     prefill_candidates_ref,
-    quantize_indexer_k,
-    quantize_indexer_q,
     topk_recall,
     topk_rows_torch,
 )

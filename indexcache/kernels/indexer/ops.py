@@ -1,4 +1,5 @@
-"""Lightning indexer dispatch and planning: logits (prefill and paged decode), bounded-memory prefill top-k.
+"""Lightning indexer dispatch and planning: q / k quantisation, logits (prefill and paged decode), bounded-memory
+prefill top-k.
 
 Public functions dispatch to Triton for CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) and to the PyTorch
 references in ``reference.py`` otherwise; the prefill's logits run the Gluon kernel (``gluon.py``) on Hopper
@@ -17,11 +18,43 @@ from indexcache.kernels._dispatch import use_triton
 from indexcache.kernels.formats import PAGE, check_indexer_cache
 from indexcache.kernels.indexer.reference import (
     check_logits_inputs,
+    check_quantize_k_inputs,
+    check_quantize_q_inputs,
+    hadamard_128,
     indexer_logits_decode_ref,
     indexer_logits_ref,
     prefill_candidates_ref,
+    q_weight_fold,
+    quantize_indexer_k_ref,
+    quantize_indexer_q_ref,
     topk_rows_torch,
 )
+
+
+def quantize_indexer_q(q, weights, *, hadamard: bool = False):
+    """q [T,H,128], weights [T,H] (raw weights_proj output) -> (q_fp8 [T,H,128] e4m3, w_folded [T,H] fp32).
+
+    w_folded = weights * q_scale * 128^-0.5 * H^-0.5, so that logits = k_scale * sum_h w_folded * relu(q_fp8 . k_fp8).
+    One Triton launch (quantise and fold) on CUDA, bit-identical to ``reference.quantize_indexer_q_ref``.
+    """
+    check_quantize_q_inputs(q, weights)
+    if use_triton(q):
+        from indexcache.kernels.indexer.triton import quantize_rows_triton  # noqa: PLC0415
+
+        if hadamard:
+            q = hadamard_128(q.float())
+        return quantize_rows_triton(q, weights, q_weight_fold(q.shape[1]))
+    return quantize_indexer_q_ref(q, weights, hadamard=hadamard)
+
+
+def quantize_indexer_k(k, *, hadamard: bool = False):
+    """k [S,128] -> (k_fp8 [S,128] e4m3, k_scale [S] fp32), one power-of-two scale per token (Triton on CUDA)."""
+    check_quantize_k_inputs(k)
+    if use_triton(k):
+        from indexcache.kernels.indexer.triton import quantize_rows_triton  # noqa: PLC0415
+
+        return quantize_rows_triton(hadamard_128(k.float()) if hadamard else k)
+    return quantize_indexer_k_ref(k, hadamard=hadamard)
 
 
 def indexer_logits(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=None, config: dict | None = None,

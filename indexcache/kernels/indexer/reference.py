@@ -36,25 +36,37 @@ def _check_last_dim(name: str, t: torch.Tensor, ndim: int):
         raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
 
 
-def quantize_indexer_q(q: torch.Tensor, weights: torch.Tensor, *, hadamard: bool = False):
+def q_weight_fold(h: int) -> float:
+    """The constant folded into the indexer weights with the q scale: 128^-0.5 * H^-0.5."""
+    return D**-0.5 * h**-0.5
+
+
+def check_quantize_q_inputs(q: torch.Tensor, weights: torch.Tensor):
+    _check_last_dim("quantize_indexer_q(q)", q, 3)
+    if weights.shape != q.shape[:2]:
+        raise ValueError(f"quantize_indexer_q: weights shape {tuple(weights.shape)} != q.shape[:2] {tuple(q.shape[:2])}")
+
+
+def check_quantize_k_inputs(k: torch.Tensor):
+    _check_last_dim("quantize_indexer_k(k)", k, 2)
+
+
+def quantize_indexer_q_ref(q: torch.Tensor, weights: torch.Tensor, *, hadamard: bool = False):
     """q [T,H,128], weights [T,H] (raw weights_proj output) -> (q_fp8 [T,H,128] e4m3, w_folded [T,H] fp32).
 
     w_folded = weights * q_scale * 128^-0.5 * H^-0.5, so that logits = k_scale * sum_h w_folded * relu(q_fp8 . k_fp8).
     """
-    _check_last_dim("quantize_indexer_q(q)", q, 3)
-    if weights.shape != q.shape[:2]:
-        raise ValueError(f"quantize_indexer_q: weights shape {tuple(weights.shape)} != q.shape[:2] {tuple(q.shape[:2])}")
+    check_quantize_q_inputs(q, weights)
     if hadamard:
         q = hadamard_128(q.float())
     q_fp8, scale = quantize_rows(q)
-    h = q.shape[1]
-    w = weights.float() * scale * (D**-0.5 * h**-0.5)
+    w = weights.float() * scale * q_weight_fold(q.shape[1])
     return q_fp8, w
 
 
-def quantize_indexer_k(k: torch.Tensor, *, hadamard: bool = False):
+def quantize_indexer_k_ref(k: torch.Tensor, *, hadamard: bool = False):
     """k [S,128] -> (k_fp8 [S,128] e4m3, k_scale [S] fp32), one power-of-two scale per token."""
-    _check_last_dim("quantize_indexer_k(k)", k, 2)
+    check_quantize_k_inputs(k)
     if hadamard:
         k = hadamard_128(k.float())
     return quantize_rows(k)

@@ -12,6 +12,9 @@ each tile appends the scores >= a per-row threshold (with their columns) to the 
 at a slot taken by an atomic increment (lists in no particular order); ``ops`` picks the threshold from a sample,
 selects exactly among the candidates (ties by column) and reruns the rows whose list overflowed or fell short
 through the two-pass path.
+
+Quantisation (``_indexer_quantize_kernel``): rows of 128 (queries, keys) to e4m3 + power-of-two scale in one pass,
+optionally folding the query scale into the indexer weights.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import triton.language as tl
 
 from indexcache.kernels._dispatch import interpreting
 from indexcache.kernels import formats as F
+from indexcache.kernels.kv_store.triton import _e4m3_bits, _pow2_scale
 
 _PAGE: tl.constexpr = tl.constexpr(F.PAGE)
 _PAGE_BYTES: tl.constexpr = tl.constexpr(F.INDEX_PAGE_BYTES)
@@ -340,3 +344,56 @@ def indexer_logits_decode_triton(q_fp8, w, kv_cache, block_table, context_lens, 
         H=h, HP=hp, PAGES=cfg["PAGES"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
+
+
+# ------------------------------------------------------------------------------------------ q / k quantisation
+# The scale and e4m3 rounding are the cache-write kernel's (one rounding for the keys in the cache and the queries
+# scored against them): bit-identical to ``formats.quantize_rows``, as x * 2^-e equals x / 2^e exactly.
+@triton.jit(do_not_specialize=["R", "stride_x"])  # rows vary with every chunk and decode batch
+def _indexer_quantize_kernel(x_ptr, q_ptr, s_ptr, w_ptr, R, stride_x, fold,
+                             BR: tl.constexpr, FOLD: tl.constexpr, EMULATE: tl.constexpr):
+    """BR rows of 128 -> their e4m3 bits and per row the power-of-two scale, or with FOLD the folded indexer
+    weight (w * scale) * fold (the reference's order of products)."""
+    D: tl.constexpr = _D
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = rows < R
+    r64 = rows.to(tl.int64)
+    offs = tl.arange(0, D)
+    x = tl.load(x_ptr + r64[:, None] * stride_x + offs[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=1))
+    y = tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)
+    tl.store(q_ptr + r64[:, None] * D + offs[None, :], _e4m3_bits(y, EMULATE), mask=ok[:, None])
+    if FOLD:
+        w = tl.load(w_ptr + r64, mask=ok, other=0.0).to(tl.float32)
+        scale = (w * scale) * fold
+    tl.store(s_ptr + r64, scale, mask=ok)
+
+
+QUANT_ROWS = 32  # rows per program: 4096 elements, 32 per thread at 4 warps
+
+
+def quantize_rows_triton(x, weights=None, fold: float = 1.0, *, out=None):
+    """x [..., 128] float -> (x_fp8 [..., 128] e4m3, s [...] fp32) in one launch. s is each row's power-of-two
+    scale, or, given ``weights`` (x's leading shape), weights * scale * fold. ``out``: (x_fp8, s) to write into
+    (contiguous, those shapes and dtypes)."""
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, _D)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if out is None:
+        out = (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+               torch.empty(lead, dtype=torch.float32, device=x.device))
+    q8, s = out
+    if tuple(q8.shape) != tuple(x.shape) or q8.dtype != torch.float8_e4m3fn or not q8.is_contiguous() or \
+            tuple(s.shape) != lead or s.dtype != torch.float32 or not s.is_contiguous():
+        raise ValueError(f"quantize_rows_triton: out must be contiguous ({tuple(x.shape)} e4m3, {lead} fp32), got "
+                         f"({tuple(q8.shape)} {q8.dtype}, {tuple(s.shape)} {s.dtype})")
+    r = x2.shape[0]
+    if r == 0:
+        return out
+    fold_w = weights is not None
+    w = weights.reshape(-1) if fold_w else s
+    _indexer_quantize_kernel[(triton.cdiv(r, QUANT_ROWS),)](
+        x2, q8.view(torch.uint8), s, w, r, x2.stride(0), float(fold), BR=QUANT_ROWS, FOLD=fold_w,
+        EMULATE=interpreting(), num_warps=4)
+    return out
