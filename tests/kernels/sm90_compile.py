@@ -204,7 +204,7 @@ def topk_short_kernels(widths=(4096, 8192, 16384), configs: dict | None = None) 
     out = []
     for c in widths:
         cfg = dict(ct.topk_slots_config(c), **(configs or {}))
-        ce = {"W": ct._pow2(c), "LB": cfg["LB"], "PB": cfg["PB"]}
+        ce = {"W": ct._pow2(c), "LB": cfg["LB"], "PB": cfg["PB"], "ASM": cfg["ASM"]}
         out.append((f"topk short c={c} warps={cfg['num_warps']}",
                     compile_sm90(ct._topk_slots_kernel, types, ce, num_warps=cfg["num_warps"], num_stages=1,
                                  div16=("C", "sx", "sc"))))

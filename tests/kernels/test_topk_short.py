@@ -117,12 +117,13 @@ def test_gpu_real_widths(c, rows, ties):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [4, 8, 16])
-def test_gpu_configs_and_cuda_graph(warps):
-    """Every warp count the benchmark tries selects the same; the launch replays in a CUDA graph (decode)."""
-    x, cand = _pools(64, 8192, seed=warps, device="cuda", ties=True)
+@pytest.mark.parametrize("cfg", [dict(num_warps=4, PB=512), dict(num_warps=16, PB=2048), dict(LB=5), dict(LB=8)],
+                         ids=["4-warps", "16-warps", "32-bins", "256-bins"])
+def test_gpu_configs_and_cuda_graph(cfg):
+    """Every config the benchmark tries selects the same; the launch replays in a CUDA graph (decode)."""
+    x, cand = _pools(64, 8192, seed=len(str(cfg)), device="cuda", ties=True)
     ref = topk_slots_reference(x, cand, 2048)
-    assert torch.equal(topk_slots(x, cand, 2048, config=dict(num_warps=warps, PB=128 * warps)), ref)
+    assert torch.equal(topk_slots(x, cand, 2048, config=cfg), ref)
     out = torch.empty(64, 2048, dtype=torch.int32, device="cuda")
     topk_slots(x, cand, 2048, out=out)       # compiled before the capture
     g = torch.cuda.CUDAGraph()

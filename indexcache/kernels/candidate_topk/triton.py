@@ -145,9 +145,23 @@ def _kth_keys(key, need, LB: tl.constexpr):
     return P, rem, eq, cnt
 
 
+@triton.jit
+def _store_where(ptrs, val, msk, ASM: tl.constexpr):
+    """ptrs[i] = val[i] where msk. ASM (compiled code): one predicated st.global per entry from the registers
+    where it is; tl.store of a scattered tile first moves pointers, values and mask through shared memory into a
+    layout of its own (as ``topk.triton._scatter`` explains)."""
+    if ASM:
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; "
+                                  "mov.b32 $0, 0; }", "=r,l,r,r",
+                                  [ptrs.to(tl.int64, bitcast=True), val, msk.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.store(ptrs, val, mask=msk)
+
+
 @triton.jit(do_not_specialize=["k"])
 def _topk_slots_kernel(x_ptr, cand_ptr, out_ptr, C, k, sx, sc, W: tl.constexpr, LB: tl.constexpr,
-                       PB: tl.constexpr):
+                       PB: tl.constexpr, ASM: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     row = x_ptr + r * sx
     cols = tl.arange(0, W)
@@ -167,7 +181,7 @@ def _topk_slots_kernel(x_ptr, cand_ptr, out_ptr, C, k, sx, sc, W: tl.constexpr, 
         nt = cs >> 16                                       # ties up to this column
         sel = above | (tie & (nt <= rem))
         pos = (cs & 0xFFFF) + tl.minimum(nt, rem) - 1       # selected entries up to this column
-        tl.store(outr + pos, tl.load(cand_ptr + r * sc + c, mask=sel, other=-1), mask=sel)
+        _store_where(outr + pos, tl.load(cand_ptr + r * sc + c, mask=sel, other=-1), sel, ASM)
         carry = tl.max(cs, axis=0)                          # monotone: the tile's last
     for off in range(m, k, PB):
         tl.store(outr + off + ar, tl.full([PB], -1, tl.int32), mask=off + ar < k)
@@ -175,13 +189,13 @@ def _topk_slots_kernel(x_ptr, cand_ptr, out_ptr, C, k, sx, sc, W: tl.constexpr, 
 
 def topk_slots_config(c: int) -> dict:
     """Histogram bits per round (64 bins: tl.histogram's cheapest per bit), warps, write tile (4 columns per
-    thread). Warps on sm_90a (registers: sm90_compile --topk-short): 4 up to 4096 columns (32 keys per thread, 72
-    registers: 7 rows per SM), 8 above (8192: 77 registers, 3 rows per SM of 8 warps, against 128 and 4 rows of 4
+    thread). Warps on sm_90a (registers: sm90_compile --topk-short): 4 up to 4096 columns (32 keys per thread, 64
+    registers: 8 rows per SM), 8 above (8192: 74 registers, 3 rows per SM of 8 warps, against 128 and 4 rows of 4
     warps; 16384: 128, 2 rows per SM); benchmarks/topk_short.py times the others."""
     if interpreting():
-        return dict(LB=4, num_warps=1, PB=64)
+        return dict(LB=4, num_warps=1, PB=64, ASM=False)
     warps = 4 if c <= 4096 else 8
-    return dict(LB=6, num_warps=warps, PB=128 * warps)
+    return dict(LB=6, num_warps=warps, PB=128 * warps, ASM=True)
 
 
 def topk_slots_triton(logits, cand, k, *, out=None, config=None):
@@ -198,5 +212,5 @@ def topk_slots_triton(logits, cand, k, *, out=None, config=None):
     if cand.dtype != torch.int32 or cand.stride(1) != 1:
         cand = cand.to(torch.int32).contiguous()
     _topk_slots_kernel[(t,)](logits, cand, out, c, k, logits.stride(0), cand.stride(0), W=max(16, _pow2(c)),
-                             LB=cfg["LB"], PB=cfg["PB"], num_warps=cfg["num_warps"])
+                             LB=cfg["LB"], PB=cfg["PB"], ASM=cfg["ASM"], num_warps=cfg["num_warps"])
     return out
