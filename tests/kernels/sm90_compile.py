@@ -5,6 +5,7 @@
     python -m tests.kernels.sm90_compile --topk-decode  # the decode top-k's three launches
     python -m tests.kernels.sm90_compile --rerank       # the re-rank candidate-scoring kernel
     python -m tests.kernels.sm90_compile --topk-prefill # the one-launch prefill top-k (fp32, bf16 logits)
+    python -m tests.kernels.sm90_compile --topk-short   # the re-rank pool's top-k with its slot gather (topk_slots)
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -201,6 +202,23 @@ def topk_prefill_kernels() -> list[tuple[str, dict]]:
     return out
 
 
+def topk_short_kernels(widths=(4096, 8192, 16384), configs: dict | None = None) -> list[tuple[str, dict]]:
+    """``topk_slots``' kernel (a pool row in registers, fp32 logits) at its GPU config for each pool width, or at
+    ``configs`` (overrides of that config, e.g. num_warps) for each; widths and row strides divisible by 16, as
+    the launcher specialises them."""
+    from indexcache.kernels.candidate_topk import triton as ct
+
+    types = {"x_ptr": "*fp32", "cand_ptr": "*i32", "out_ptr": "*i32"}
+    out = []
+    for c in widths:
+        cfg = dict(ct.topk_slots_config(c), **(configs or {}))
+        ce = {"W": ct._pow2(c), "LB": cfg["LB"], "PB": cfg["PB"], "ASM": cfg["ASM"]}
+        out.append((f"topk short c={c} warps={cfg['num_warps']}",
+                    compile_sm90(ct._topk_slots_kernel, types, ce, num_warps=cfg["num_warps"], num_stages=1,
+                                 div16=("C", "sx", "sc"))))
+    return out
+
+
 def rerank_kernels() -> list[tuple[str, dict]]:
     """The re-rank candidate-scoring kernel at its default config, H=32 and 64 (its gathers must stay cp.async
     copies feeding wgmma)."""
@@ -241,6 +259,10 @@ def main() -> int:
         return 0
     if "--topk-prefill" in sys.argv[1:]:
         for name, r in topk_prefill_kernels():
+            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}", flush=True)
+        return 0
+    if "--topk-short" in sys.argv[1:]:
+        for name, r in topk_short_kernels():
             print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}", flush=True)
         return 0
     if "--topk-decode" in sys.argv[1:]:

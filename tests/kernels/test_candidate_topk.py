@@ -88,6 +88,20 @@ def test_candidate_topk_matches_reference_sets_and_scores(k):
                    {int(s) for s in e if s >= 0 and score[int(s)] > kth}
 
 
+def test_candidate_topk_selects_in_pool_order_and_wide_pools_take_topk_rows(monkeypatch):
+    """Pools of up to MAX_SHORT: ``topk_slots`` (the selection and its slot ids in one launch, in pool order);
+    wider pools: ``topk_rows`` and a gather (the same sets). MAX_SHORT lowered so a small pool is "wide"."""
+    from indexcache.kernels.candidate_topk import ops, topk_slots_reference
+
+    q8, w, cache, cand = _case(5, 4, 3, 60, seed=3, dup=True)
+    k = 16
+    got = candidate_topk(q8, w, cache, cand, k)
+    assert torch.equal(got, topk_slots_reference(candidate_logits(q8, w, cache, cand), cand, k))
+    monkeypatch.setattr(ops, "MAX_SHORT", 32)
+    wide = candidate_topk(q8, w, cache, cand, k)
+    assert torch.equal(wide.sort(1).values, got.sort(1).values)
+
+
 def test_candidate_topk_rejects_bad_input():
     q8, w, cache, cand = _case(2, 4, 2, 16, seed=0)
     with pytest.raises(ValueError, match="cand must be"):

@@ -66,3 +66,12 @@ def test_prefill_topk_compiles_without_spills():
     assert len(lines) == 2, stdout
     for line in lines:
         assert "spill bytes    0" in line, line
+
+
+def test_short_topk_compiles_without_spills():
+    """``topk_slots``' kernel (a pool row in registers) compiles for sm_90a without spills at pools of 4096,
+    8192 and 16384."""
+    lines, stdout = _compiled("--topk-short")
+    assert len(lines) == 3, stdout
+    for line in lines:
+        assert "spill bytes    0" in line, line

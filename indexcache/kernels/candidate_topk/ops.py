@@ -1,14 +1,18 @@
 """Re-rank scoring: ``candidate_logits`` (a re-rank layer's indexer logits over per-query candidate pools of slot
 ids in the paged FP8 key cache) and ``candidate_topk`` (their top-k, as slot ids). Triton on CUDA tensors (or on
-CPU under TRITON_INTERPRET=1), the PyTorch reference otherwise; the top-k step is ``kernels.topk.topk_rows``."""
+CPU under TRITON_INTERPRET=1), the PyTorch reference otherwise. The top-k step: ``topk_slots`` (one launch: the
+selection and the gather of slot ids) for pools of up to MAX_SHORT candidates, ``kernels.topk.topk_rows`` and a
+gather for wider ones."""
 from __future__ import annotations
 
 import torch
 
 from indexcache.kernels._dispatch import use_triton
-from indexcache.kernels.candidate_topk.reference import candidate_logits_reference
+from indexcache.kernels.candidate_topk.reference import candidate_logits_reference, topk_slots_reference
 from indexcache.kernels.formats import INDEX_DIM, check_indexer_cache
 from indexcache.kernels.topk import topk_rows
+
+MAX_SHORT = 16384     # widest pool whose row ``topk_slots`` holds in registers
 
 
 def _check(q_fp8, w, kv_cache, cand):
@@ -45,7 +49,45 @@ def candidate_logits(q_fp8, w, kv_cache, cand, *, out=None, config=None) -> torc
 
 def candidate_topk(q_fp8, w, kv_cache, cand, k: int) -> torch.Tensor:
     """[T,k] int32 slot ids: each row's k best candidates (-1 padded where fewer are valid; ties go to the earlier
-    pool entry)."""
+    pool entry). Order within a row: pool order for pools of up to MAX_SHORT candidates, unspecified above."""
     logits = candidate_logits(q_fp8, w, kv_cache, cand)
+    if cand.shape[1] <= MAX_SHORT:
+        return topk_slots(logits, cand, k)
     col = topk_rows(logits, k)
     return torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
+
+
+def _check_slots(logits, cand, k, out):
+    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"topk_slots: logits must be [T, c] float32/bfloat16/float16, got {tuple(logits.shape)} "
+                         f"{logits.dtype}")
+    t, c = logits.shape
+    if tuple(cand.shape) != (t, c) or cand.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_slots: cand must be [T, c]=({t}, {c}) int32/int64 slot ids, got {tuple(cand.shape)} "
+                         f"{cand.dtype}")
+    if cand.device != logits.device:
+        raise ValueError(f"topk_slots: cand is on {cand.device}, logits on {logits.device}")
+    if c > MAX_SHORT:
+        raise ValueError(f"topk_slots: pools of at most {MAX_SHORT} candidates, got {c}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"topk_slots: k must be a positive int, got {k!r}")
+    if out is not None and (tuple(out.shape) != (t, k) or out.dtype != torch.int32 or not out.is_contiguous()
+                            or out.device != logits.device):
+        raise ValueError(f"topk_slots: out must be a contiguous [T, k]=({t}, {k}) int32 tensor on {logits.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+
+
+def topk_slots(logits: torch.Tensor, cand: torch.Tensor, k: int, *, out=None, config=None) -> torch.Tensor:
+    """[T,k] int32: the slot ids cand[t, j] of each row's k largest logits (``topk_rows``'s selection: exact, ties
+    to the lower j, NaN / -inf never), in pool order, then -1 padding where fewer than k are valid. Pools of up
+    to MAX_SHORT candidates; one launch on the GPU. ``config``: NBIN / num_warps / PB overrides (tests)."""
+    _check_slots(logits, cand, k, out)
+    if use_triton(logits):
+        from indexcache.kernels.candidate_topk.triton import topk_slots_triton
+
+        return topk_slots_triton(logits, cand, k, out=out, config=config)
+    sel = topk_slots_reference(logits, cand, k)
+    if out is None:
+        return sel
+    out.copy_(sel)
+    return out

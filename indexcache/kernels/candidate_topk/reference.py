@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from indexcache.kernels.formats import gather_indexer_k
+from indexcache.kernels.topk.reference import topk_rows_reference
 
 
 def candidate_logits_reference(q_fp8: torch.Tensor, w: torch.Tensor, kv_cache: torch.Tensor,
@@ -34,3 +35,14 @@ def candidate_topk_reference(q_fp8, w, kv_cache, cand, k: int) -> torch.Tensor:
     if out.shape[1] < k:
         out = torch.nn.functional.pad(out, (0, k - out.shape[1]), value=-1)
     return out
+
+
+def topk_slots_reference(logits: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+    """[T,k] int32: the slot ids cand[t, j] of ``topk_rows``'s selection of logits[t] (the k largest valid values,
+    ties to the lower column, NaN / -inf never), in pool order (ascending j), then -1 padding."""
+    col = topk_rows_reference(logits, k).long()
+    big = logits.shape[1]
+    j = torch.where(col < 0, big, col).sort(1).values      # pool order, the padding last
+    # a column past the pool (the padding) reads a -1 appended to each row
+    padded = torch.nn.functional.pad(cand.long(), (0, 1), value=-1)
+    return padded.gather(1, j).to(torch.int32)

@@ -1,4 +1,5 @@
-"""Triton kernel for re-rank scoring: logits of per-query candidate pools over the paged FP8 indexer-key cache.
+"""Triton kernels for re-rank scoring: logits of per-query candidate pools over the paged FP8 indexer-key cache,
+and the top-k of a pool of up to 16384 candidates written as slot ids (``_topk_slots_kernel``, at the end).
 
 One program owns one query row and a span of its candidates (the whole pool when there are enough rows to fill
 the GPU; decode-sized batches split the pool over programs). It loads the row's q [H,128] e4m3 and w once, then
@@ -7,7 +8,7 @@ the gather of its keys are in flight while the current block is multiplied):
     acc[BC, HP] = k_fp8[cand] @ q_fp8^T  ->  relu -> * w -> sum over heads -> * k_scale
 (-inf where the slot id is -1), keys and fp32 scales gathered from the 132-B/token paged layout
 (``kernels.formats``). The heads are the MMA's N dimension, the candidates its M. The top-k of the row is then
-taken by ``kernels.topk``.
+taken by ``_topk_slots_kernel`` (or, for wider pools, by ``kernels.topk``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import triton.language as tl
 
 from indexcache.kernels import formats as F
 from indexcache.kernels._dispatch import interpreting
+from indexcache.kernels.topk.triton import _keys_of, _narrow
 
 _PAGE: tl.constexpr = tl.constexpr(F.PAGE)
 _PAGE_BYTES: tl.constexpr = tl.constexpr(F.INDEX_PAGE_BYTES)
@@ -91,4 +93,124 @@ def candidate_logits_triton(q_fp8, w, kv_cache, cand, *, out=None, config=None):
         q_fp8.contiguous(), w.contiguous(), kv_cache.view(torch.float8_e4m3fn), kv_cache.view(torch.float32),
         cand.contiguous(), out, c, span, H=h, HP=max(16, _pow2(h)), BC=cfg["BC"], STAGES=cfg["num_stages"],
         num_warps=cfg["num_warps"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selection of a short row (``topk_slots``: pools of <= 16384 candidates), fused with the gather of slot ids.
+# One program per row holds the whole row in registers as order-preserving int32 keys (``topk.triton._keys_of``:
+# -0.0 folded to +0.0, NaN and -inf never selected), so the threshold costs one read of the logits:
+#   1. the exact threshold (``_kth_keys``): 2^LB-bin tl.histogram rounds over [min, max] of the valid keys, each
+#      narrowing to the bin that holds the k-th largest, until that bin is one key P (then ``rem`` of its ties are
+#      taken) or is taken whole (every key >= P);
+#   2. the write pass over tiles of PB columns (the row again, from L1/L2: the whole-row tensors of this pass would
+#      double the registers of a program, see tests/kernels/sm90_compile.py --topk-short): one packed inclusive
+#      cumsum in column order (keys above P in the low 16 bits, keys equal to P in the high 16), carried across
+#      tiles, ranks the ties by column, so the lowest columns win (``topk_rows``'s rule), and gives each selected
+#      entry its output slot: the selection is written in pool order, as slot ids cand[row, col];
+#   3. -1 padding after the min(k, valid) selected entries.
+# W (the row padded to a power of two) is the only shape constexpr. C and the strides are specialised by the
+# launcher (divisible by 16 or not: pools of 4096 / 8192 / 16384 then load 16 B per instruction); k is not.
+@triton.jit
+def _bit_length(x):
+    """Bits of the int64 scalar x >= 0 (0 for 0), by halving: no serial loop of shifts."""
+    n = tl.zeros([], tl.int64)
+    for s in tl.static_range(6):
+        t = x >> (32 >> s)
+        big = t != 0
+        x = tl.where(big, t, x)
+        n += tl.where(big, 32 >> s, 0)
+    return n + (x != 0).to(tl.int64)
+
+
+@triton.jit
+def _kth_keys(key, need, LB: tl.constexpr):
+    """The need-th largest of the valid keys (!= INT_MIN) of a row held in registers, as ``topk.triton._kth_r``
+    (same results: P, rem, eq, cnt) with the validity folded into the range test: INT_MIN lies below every range
+    [P, P + w) of valid keys, so its unsigned offset key - P is never below w."""
+    NBIN: tl.constexpr = 1 << LB
+    ok = key != -2147483648
+    cnt = tl.sum(ok.to(tl.int32), axis=0)
+    P = tl.min(tl.where(ok, key, 2147483647), axis=0)
+    w = tl.max(key, axis=0).to(tl.int64) - P.to(tl.int64) + 1      # width of the range that holds the rem-th
+    rem = tl.minimum(need, cnt)
+    eq = rem
+    busy = (rem > 0) & (rem < cnt)
+    jb = tl.arange(0, NBIN)
+    while busy:
+        shift = tl.maximum(_bit_length(w - 1) - LB, 0)      # the least shift with (w - 1) >> shift < NBIN
+        d = (key - P).to(tl.uint32, bitcast=True)
+        h = tl.histogram((d >> shift.to(tl.uint32)).to(tl.int32), NBIN, mask=d < w.to(tl.uint32))
+        P, rem, w, eq, busy = _narrow(h, jb, rem, P, w, shift)
+    return P, rem, eq, cnt
+
+
+@triton.jit
+def _store_where(ptrs, val, msk, ASM: tl.constexpr):
+    """ptrs[i] = val[i] where msk. ASM (compiled code): one predicated st.global per entry from the registers
+    where it is; tl.store of a scattered tile first moves pointers, values and mask through shared memory into a
+    layout of its own (as ``topk.triton._scatter`` explains)."""
+    if ASM:
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; "
+                                  "mov.b32 $0, 0; }", "=r,l,r,r",
+                                  [ptrs.to(tl.int64, bitcast=True), val, msk.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.store(ptrs, val, mask=msk)
+
+
+@triton.jit(do_not_specialize=["k"])
+def _topk_slots_kernel(x_ptr, cand_ptr, out_ptr, C, k, sx, sc, W: tl.constexpr, LB: tl.constexpr,
+                       PB: tl.constexpr, ASM: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    row = x_ptr + r * sx
+    cols = tl.arange(0, W)
+    key = _keys_of(tl.load(row + cols, mask=cols < C, other=float("-inf")))
+    P, rem, eq, cnt = _kth_keys(key, k, LB)
+    m = tl.minimum(k, cnt)
+    outr = out_ptr + r * k
+    ar = tl.arange(0, PB)
+    # invalid keys (INT_MIN) are below P (a valid key, or INT_MAX when the row has none): never selected
+    carry = tl.zeros([], tl.int32)
+    for off in range(0, tl.where(m > 0, C, 0), PB):
+        c = off + ar
+        kt = _keys_of(tl.load(row + c, mask=c < C, other=float("-inf")))
+        above = kt > P
+        tie = kt == P
+        cs = carry + tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), axis=0)  # <= 16384 each: no carry
+        nt = cs >> 16                                       # ties up to this column
+        sel = above | (tie & (nt <= rem))
+        pos = (cs & 0xFFFF) + tl.minimum(nt, rem) - 1       # selected entries up to this column
+        _store_where(outr + pos, tl.load(cand_ptr + r * sc + c, mask=sel, other=-1), sel, ASM)
+        carry = tl.max(cs, axis=0)                          # monotone: the tile's last
+    for off in range(m, k, PB):
+        tl.store(outr + off + ar, tl.full([PB], -1, tl.int32), mask=off + ar < k)
+
+
+def topk_slots_config(c: int) -> dict:
+    """Histogram bits per round (64 bins: tl.histogram's cheapest per bit), warps, write tile (4 columns per
+    thread). Warps on sm_90a (registers: sm90_compile --topk-short): 4 up to 4096 columns (32 keys per thread, 64
+    registers: 8 rows per SM), 8 above (8192: 74 registers, 3 rows per SM of 8 warps, against 128 and 4 rows of 4
+    warps; 16384: 128, 2 rows per SM); benchmarks/topk_short.py times the others."""
+    if interpreting():
+        return dict(LB=4, num_warps=1, PB=64, ASM=False)
+    warps = 4 if c <= 4096 else 8
+    return dict(LB=6, num_warps=warps, PB=128 * warps, ASM=True)
+
+
+def topk_slots_triton(logits, cand, k, *, out=None, config=None):
+    t, c = logits.shape
+    cfg = dict(topk_slots_config(c), **(config or {}))
+    if out is None:
+        out = torch.empty(t, k, device=logits.device, dtype=torch.int32)
+    if t == 0:
+        return out
+    if c == 0:
+        return out.fill_(-1)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if cand.dtype != torch.int32 or cand.stride(1) != 1:
+        cand = cand.to(torch.int32).contiguous()
+    _topk_slots_kernel[(t,)](logits, cand, out, c, k, logits.stride(0), cand.stride(0), W=max(16, _pow2(c)),
+                             LB=cfg["LB"], PB=cfg["PB"], ASM=cfg["ASM"], num_warps=cfg["num_warps"])
     return out
