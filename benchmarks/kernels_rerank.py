@@ -31,7 +31,7 @@ from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, w
 from indexcache.engine.attention_backend import _topk_then_pool
 from indexcache.kernels import formats as F
 from indexcache.kernels import indexer as ix
-from indexcache.kernels.candidate_topk import candidate_logits, candidate_logits_reference, candidate_topk
+from indexcache.kernels.candidate_topk import candidate_logits, candidate_logits_reference, candidate_topk, topk_slots
 from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.topk import DecodeTopkWorkspace, topk_pool_rows, topk_rows, topk_rows_decode
 from indexcache.kernels.topk.ops import _sorted_pool, plan_decode_launches
@@ -174,6 +174,7 @@ def decode_parts(qb, wb, cache, table_, cl, s, c, cd, ws) -> list[dict]:
              "F pool (decode kernel, unsorted)": lambda: plan_decode_launches(lg, c, None, cl, workspace=ws)[1](),
              "F pool sort by column": lambda: _sorted_pool(pool),
              "R candidate logits": lambda: candidate_logits(q8, wf, cache, cd),
+             "R top-k (topk_slots, slot ids)": lambda: topk_slots(lgc, cd, K),
              "R top-k (topk_rows)": lambda: topk_rows(lgc, K),
              "R top-k (decode kernel)": lambda: topk_rows_decode(lgc, K, workspace=wsc),
              "R slot gather": lambda: torch.where(col < 0, -1, cd.gather(1, col.clamp(min=0).long()))}
