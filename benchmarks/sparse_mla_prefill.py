@@ -24,10 +24,6 @@ CTX, K, SCALE = 200_000, 2048, 0.1352
 # the production one in the same run; the first row of each h is the baseline of speedup_vs_base
 VARIANTS = [
     ("production launch", 20, None),
-    ("hb 64 (wgmma; 20 heads padded), 8 warps", 20, {"hb": 64, "num_warps": 8}),
-    ("bt 64, 8 warps, 2 stages", 20, {"num_warps": 8}),
-    ("bt 128, 8 warps, 2 stages", 20, {"bt": 128, "num_warps": 8}),
-    ("bt 32, 4 warps, 3 stages", 20, {"bt": 32, "num_stages": 3}),
     ("production launch", 128, None),
 ]
 

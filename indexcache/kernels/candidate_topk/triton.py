@@ -188,14 +188,14 @@ def _topk_slots_kernel(x_ptr, cand_ptr, out_ptr, C, k, sx, sc, W: tl.constexpr, 
 
 
 def topk_slots_config(c: int) -> dict:
-    """Histogram bits per round (64 bins: tl.histogram's cheapest per bit), warps, write tile (4 columns per
+    """Histogram bits per round (32 bins: faster than 64 or 256 on the H200, run 66), warps, write tile (4 columns per
     thread). Warps on sm_90a (registers: sm90_compile --topk-short): 4 up to 4096 columns (32 keys per thread, 64
     registers: 8 rows per SM), 8 above (8192: 74 registers, 3 rows per SM of 8 warps, against 128 and 4 rows of 4
     warps; 16384: 128, 2 rows per SM); benchmarks/topk_short.py times the others."""
     if interpreting():
         return dict(LB=4, num_warps=1, PB=64, ASM=False)
     warps = 4 if c <= 4096 else 8
-    return dict(LB=6, num_warps=warps, PB=128 * warps, ASM=True)
+    return dict(LB=5, num_warps=warps, PB=128 * warps, ASM=True)
 
 
 def topk_slots_triton(logits, cand, k, *, out=None, config=None):

@@ -84,8 +84,7 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     """q [T, h, 576], kv [S, 576] (same dtype), indices [T, topk] int32 rows of kv (-1 or >= S: skipped).
 
     Returns out [T, h, 512] in q.dtype and lse [T, h] fp32 (natural log); rows with no valid index give 0 / -inf.
-    ``config`` overrides the launch parameters (keys of PREFILL_CFG, or "hb" to force the heads per program;
-    benchmarks sweep them).
+    ``config`` overrides the launch parameters (keys of PREFILL_CFG; benchmarks sweep them).
     """
     _check_q("sparse_mla_prefill", q, d_v)
     if kv.dim() != 2 or kv.shape[1] != LATENT_DIM:
@@ -110,7 +109,7 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     cfg = PREFILL_CFG if _hb(H, PREFILL_CFG["hb_max"]) > 32 else PREFILL_CFG_FEW_HEADS
     if config:
         cfg = {**cfg, **config}
-    hb = cfg.get("hb") or _hb(H, cfg["hb_max"])  # "hb": heads per program forced (a benchmark sweeps it)
+    hb = _hb(H, cfg["hb_max"])
     grid = (T, triton.cdiv(H, hb))
     _launch(_sparse_mla_prefill_kernel, grid, args, dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
