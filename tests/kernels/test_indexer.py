@@ -296,16 +296,17 @@ def test_plan_prefill_chunks_respects_workspace():
     t, s, topk = 1000, 5000, 64
     re = torch.arange(s - t + 1, s + 1, dtype=torch.int32)
     rs = torch.zeros(t, dtype=torch.int32)
-    ws = 1 << 20
-    chunks = plan_prefill_chunks(rs, re, topk, ws)
-    assert chunks[0][0] == 0 and chunks[-1][1] == t
-    for (r0, r1, c0, c1), nxt in zip(chunks, chunks[1:] + [None]):
-        assert (r1 - r0) * ((c1 - c0) * 4 + 24 * topk) <= ws
-        if nxt is not None:  # as many rows as fit: one more would not
-            assert (r1 - r0 + 1) * (int(re[r1]) * 4 + 24 * topk) > ws
-        assert c0 == 0 and c1 == int(re[r1 - 1])
-        if nxt is not None:
-            assert nxt[0] == r1
+    for ws in (1 << 20, 8 << 20):  # chunks of under 64 rows, and of 64-row groups
+        chunks = plan_prefill_chunks(rs, re, topk, ws)
+        assert chunks[0][0] == 0 and chunks[-1][1] == t
+        assert (ws == 1 << 20) == all(r1 - r0 < 64 for r0, r1, _, _ in chunks)
+        for (r0, r1, c0, c1), nxt in zip(chunks, chunks[1:] + [None]):
+            assert (r1 - r0) * ((c1 - c0) * 4 + 24 * topk) <= ws
+            assert c0 == 0 and c1 == int(re[r1 - 1])
+            if nxt is not None:  # as many whole 64-row groups as fit (64 more would not); under 64, as many rows
+                n = r1 - r0
+                step = 64 if n >= 64 else 1
+                assert nxt[0] == r1 and n % step == 0 and (n + step) * (int(re[r1 + step - 1]) * 4 + 24 * topk) > ws
     with pytest.raises(ValueError, match="workspace_bytes"):
         plan_prefill_chunks(rs, re, topk, 100)
 

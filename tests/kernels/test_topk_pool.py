@@ -94,16 +94,3 @@ def test_pool_of_8192_over_200k_on_gpu(rows):
     end = torch.randint(150_000, 200_001, (rows,), device="cuda", dtype=torch.int32)
     _check(x, 8192, row_end=end)
 
-
-def test_sorted_pool_flat_equals_sorted_pool():
-    from indexcache.kernels.topk.ops import _sorted_pool, _sorted_pool_flat
-
-    g = torch.Generator().manual_seed(3)
-    n, c = 1000, 64
-    pool = torch.stack([torch.randperm(n, generator=g)[:c] for _ in range(5)]).to(torch.int32)
-    pool[1, 3::7] = -1
-    pool[4] = -1
-    pool[2, :] = torch.arange(c - 1, -1, -1)  # column 0 in the pool (offset 0 of its row)
-    out = _sorted_pool_flat(pool, n)
-    assert out.dtype == torch.int32 and torch.equal(out, _sorted_pool(pool))
-    assert torch.equal(_sorted_pool_flat(pool, 2**31 // 5), _sorted_pool(pool))  # too wide: the batched sort

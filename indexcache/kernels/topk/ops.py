@@ -370,15 +370,3 @@ def _sorted_pool(pool: torch.Tensor) -> torch.Tensor:
     s = torch.where(pool < 0, big, pool).sort(1).values
     return s.masked_fill_(s == big, -1)
 
-
-def _sorted_pool_flat(pool: torch.Tensor, n: int) -> torch.Tensor:
-    """``_sorted_pool`` by one flat sort: each id offset by its row times (n + 1), -1 mapped to the row's n, so
-    one 1-D int32 sort orders every row at once (a batched sort of rows of 8192 takes a segmented path; timed
-    against it in benchmarks/kernels_rerank). Needs rows * (n + 1) < 2^31."""
-    r, c = pool.shape
-    if r * (n + 1) >= 2**31:
-        return _sorted_pool(pool)
-    base = torch.arange(r, device=pool.device, dtype=torch.int32)[:, None] * (n + 1)
-    key = torch.where(pool < 0, n, pool) + base
-    s = key.view(-1).sort().values.view(r, c) - base
-    return s.masked_fill_(s == n, -1)
