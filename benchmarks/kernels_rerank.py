@@ -34,7 +34,7 @@ from indexcache.kernels import indexer as ix
 from indexcache.kernels.candidate_topk import candidate_logits, candidate_logits_reference, candidate_topk, topk_slots
 from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.topk import DecodeTopkWorkspace, topk_pool_rows, topk_rows, topk_rows_decode
-from indexcache.kernels.topk.ops import _sorted_pool, plan_decode_launches
+from indexcache.kernels.topk.ops import _sorted_pool, plan_decode_launches, sort_pool
 from indexcache.kernels.topk import topk_rows_reference
 
 DEV = "cuda"
@@ -172,7 +172,8 @@ def decode_parts(qb, wb, cache, table_, cl, s, c, cd, ws) -> list[dict]:
              "F logits": lambda: ix.indexer_logits_decode(q8, wf, cache, table_, cl, s),
              "F top-k (decode kernel)": lambda: topk_rows_decode(lg, K, row_end=cl, workspace=ws),
              "F pool (decode kernel, unsorted)": lambda: plan_decode_launches(lg, c, None, cl, workspace=ws)[1](),
-             "F pool sort by column": lambda: _sorted_pool(pool),
+             "F pool sort by column (torch)": lambda: _sorted_pool(pool),
+             "F pool sort by column (rank kernel)": lambda: sort_pool(pool, _rank=True),
              "R candidate logits": lambda: candidate_logits(q8, wf, cache, cd),
              "R top-k (topk_slots, slot ids)": lambda: topk_slots(lgc, cd, K),
              "R top-k (topk_rows)": lambda: topk_rows(lgc, K),

@@ -94,3 +94,30 @@ def test_pool_of_8192_over_200k_on_gpu(rows):
     end = torch.randint(150_000, 200_001, (rows,), device="cuda", dtype=torch.int32)
     _check(x, 8192, row_end=end)
 
+
+
+@pytest.mark.parametrize("rows,c", [(1, 100), (3, 257), (2, 64)])
+def test_sort_pool_rank_kernel_equals_torch_sort(rows, c):
+    from indexcache.kernels.topk.ops import _sorted_pool, sort_pool
+
+    g = torch.Generator().manual_seed(rows * 1000 + c)
+    pool = torch.stack([torch.randperm(5 * c, generator=g)[:c] for _ in range(rows)]).to(torch.int32)
+    pool[0, 1::5] = -1  # -1 entries scattered, sorted last
+    if rows > 1:
+        pool[1] = -1
+    out = sort_pool(pool, _rank=True)
+    assert out.dtype == torch.int32 and torch.equal(out, _sorted_pool(pool))
+    assert torch.equal(sort_pool(pool), _sorted_pool(pool))  # whichever path the dispatch takes
+
+
+@pytest.mark.gpu
+def test_sort_pool_rank_kernel_on_gpu():
+    from indexcache.kernels.topk.ops import _sorted_pool, sort_pool
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for rows, c in ((1, 8192), (4, 8192), (1, 16384), (3, 1000)):
+        pool = torch.stack([torch.randperm(200_000, device="cuda", generator=g)[:c] for _ in range(rows)]).int()
+        pool[0, 7::13] = -1
+        assert torch.equal(sort_pool(pool, _rank=True), _sorted_pool(pool))
