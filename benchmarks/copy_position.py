@@ -77,6 +77,20 @@ copy_distract_cpu.log) and (c)/(d) also in windows with distractors (``--eval-di
         --length 128,256,512,1024,2048,4096 --gaps log --batch 4 --steps 1500 --distract 1 --eval-steps 1200 \
         --eval-lengths 64,1024,4096 --eval-distances 1024,4096 --windows 32 --competitors --eval-distract 1 \
         --free-distances 32,128,512,2048 --results copy_reach_2x_distract
+
+The (e) windows of the H200 copy_reach_2x run put ~4090 keys before every query whatever D is, yet D32 copies and
+D512 does not: the logit falls with the distance, which only RoPE makes it do (benchmarks/results/copy_theta_cpu.log).
+Three 8-layer arms of the testbed's width at once on one GPU (~4-5 minutes): the recipe, the same with RoPE base 1e6,
+and a 4-layer copier (900 steps of 64-token windows) grown to 8 layers (--grow) before the long phase:
+
+    C="python -m benchmarks.copy_position --testbed-shape --device cuda --windows 16 --eval-lengths 64,1024,4096 \
+        --eval-distances 4096 --free-distances 32,128,512,2048"
+    L="--data long-phase --gaps log --batch 4 --length 128,256,512,1024,2048,4096"
+    $C $L --layers 8 --long-share 0.4 --steps 1500 --eval-steps 1200 --results copy_theta_8L_1e4 &
+    $C $L --layers 8 --rope-theta 1e6 --long-share 0.4 --steps 1500 --eval-steps 1200 --results copy_theta_8L_1e6 &
+    ($C --layers 4 --data stage --length 64 --batch 256 --steps 900 --every 900 --eval-lengths 64 --save /tmp/g4.pt;
+     $C $L --layers 8 --init /tmp/g4.pt --grow --steps 600 --eval-steps 300 --results copy_grow_8L) &
+    wait
 """
 from __future__ import annotations
 
@@ -110,15 +124,17 @@ LETTERS = torch.tensor(list(COPY_ALPHABET))
 def build(args, topk: int):
     base = PRESETS["retrieval"]
     w = args.width
-    if args.testbed_shape:  # the retrieval preset's own model (16 layers, width 256)
-        tc = dataclasses.replace(base, topk=topk)
+    theta = base.rope_theta if args.rope_theta is None else args.rope_theta
+    if args.testbed_shape:  # the retrieval preset's own model (16 layers, width 256; --layers/--rope may change)
+        tc = dataclasses.replace(base, topk=topk, layers=args.layers or base.layers, rope=args.rope or base.rope,
+                                 rope_theta=theta)
     else:
-        tc = dataclasses.replace(base, layers=args.layers, hidden=w, heads=args.heads, q_lora=min(w, 128),
-                                 kv_lora=min(w, 128), nope=args.nope, rope=args.rope, v=32, mlp=3 * w,
-                                 index_heads=2, index_dim=max(32, args.rope), topk=topk,
+        rope = args.rope or 16
+        tc = dataclasses.replace(base, layers=args.layers or 2, hidden=w, heads=args.heads, q_lora=min(w, 128),
+                                 kv_lora=min(w, 128), nope=args.nope, rope=rope, v=32, mlp=3 * w,
+                                 index_heads=2, index_dim=max(32, rope), topk=topk, rope_theta=theta,
                                  init_std=base.init_std if args.init_std is None else args.init_std)
-    cfg = dataclasses.replace(tc.model_config(), rope_theta=args.rope_theta)
-    return tc, build_empty(cfg, args.device, torch.float32)
+    return tc, build_empty(tc.model_config(), args.device, torch.float32)
 
 
 def load_init(model, path: str, args) -> None:
@@ -354,6 +370,35 @@ def head_roles(model, shift: int, windows: int, cue: int = 4) -> list[list[tuple
 
 
 @torch.no_grad()
+def source_offsets(model, shift: int, windows: int, cue: int = 4, offsets=(-1, 0, 1, 2, 3)) -> list[list[float]]:
+    """Per layer, the largest mean attention of one head of the copied letters' queries on the induction source
+    moved by each of ``offsets`` (0: the letter to predict; 1: the one after it, where a copier matching the last
+    tokens through a chain of previous-token heads may read the letter from that key's own history), shifted
+    64-token windows, dense attention. A copier with no head on offset 0 (head_roles) shows here where it reads."""
+    rows = shifted_rows(shift, windows)
+    ids = torch.stack([r for r, _ in rows]).to(next(model.parameters()).device)
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    h = model.embed(ids)
+    cos, sin = model.rope(pos, h.dtype)
+    out = []
+    for layer in model.layers:
+        q, k, v, _ = attention_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
+        p = (torch.einsum("bhtd,bhsd->bhts", q, k) * model.config.softmax_scale) \
+            .masked_fill(~causal_mask(pos, pos)[:, None], float("-inf")).softmax(-1)
+        sums = torch.zeros(p.shape[1], len(offsets))
+        count = 0
+        for b, (_, (src, dst, n)) in enumerate(rows):
+            t = torch.arange(dst + cue - 1, dst + n - 1, device=ids.device)
+            sums += torch.stack([p[b, :, t, src + t - dst + 1 + o].sum(-1) for o in offsets], -1).cpu()
+            count += len(t)
+        out.append([round(float(x), 2) for x in (sums / count).max(0).values])
+        h = h + layer.self_attn.o_proj(torch.einsum("bhts,bhsd->bthd", p, v).flatten(2))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return out
+
+
+@torch.no_grad()
 def bos_moved(model, shift: int, windows: int, cue: int = 4) -> float:
     """Copied NLL of the shifted windows with <bos> given position ``shift`` (the inserted letters 0..shift-1):
     <bos> sits at its unshifted distance from the copy, only the inserted letters are new."""
@@ -377,6 +422,12 @@ def analyse(model, args) -> dict:
         print(f"shift {shift}: attention of copied-letter queries on <bos> / previous token / induction source")
         for i, layer in enumerate(roles):
             print(f"  layer {i}: " + "  ".join(f"h{j} {a:.2f}/{b:.2f}/{c:.2f}" for j, (a, b, c) in enumerate(layer)))
+    out["source_offsets"] = {}
+    for shift in (0, 192):
+        out["source_offsets"][shift] = source_offsets(model, shift, args.windows)
+        print(f"shift {shift}: per layer, one head's largest attention of copied-letter queries on the induction "
+              f"source moved by -1/0/+1/+2/+3: " + "  ".join(f"L{i} " + "/".join(f"{a:.2f}" for a in r)
+                                                           for i, r in enumerate(out["source_offsets"][shift])))
     for shift in (32, 64, 192):
         out["bos_moved"][shift] = bos_moved(model, shift, args.windows)
         print(f"shift {shift}: copied NLL with <bos> at its unshifted distance {out['bos_moved'][shift]:.3f}")
@@ -445,12 +496,13 @@ def eval_alphabets(args) -> list[int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=None, help="default 2 (--testbed-shape: the preset's 16)")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--nope", type=int, default=32)
-    ap.add_argument("--rope", type=int, default=16, help="rope dims per head (qk_rope_head_dim)")
-    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--rope", type=int, default=None, help="rope dims per head (qk_rope_head_dim; default 16, "
+                    "--testbed-shape: the preset's)")
+    ap.add_argument("--rope-theta", type=float, default=None, help="RoPE base (default: the preset's rope_theta)")
     ap.add_argument("--init-std", type=float, default=None, help="default: the retrieval preset's")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=1500)

@@ -106,6 +106,11 @@ class TrainConfig:
     # ~676 tokens, and the 4-layer CPU copier stays a ~2-token matcher (benchmarks/results/copy_reach_cpu.log)
     copy_long_distract: int = 0
     copy_long_distract_match: int = 2
+    # RoPE base. Only RoPE makes a logit depend on the distance; on the CPU base 1e4 did not limit a 4-layer induction
+    # copier (it copies 1536 tokens back at 0.47 nats after the 2x curriculum), 1e6 formed no copying in 3200 steps
+    # of 64-token windows where 1e4 did, and switching 1e4 -> 1e6 for the long phase extended less
+    # (benchmarks/results/copy_theta_cpu.log)
+    rope_theta: float = 10000.0
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
@@ -127,7 +132,7 @@ class TrainConfig:
                  n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
                  first_k_dense_replace=self.layers,  # all-dense MLPs: small models gain nothing from MoE
                  index_n_heads=self.index_heads, index_head_dim=self.index_dim, index_topk=self.topk,
-                 rope_theta=10000.0, max_position_embeddings=max(4 * self.context, 4096), rms_norm_eps=1e-5,
+                 rope_theta=self.rope_theta, max_position_embeddings=max(4 * self.context, 4096), rms_norm_eps=1e-5,
                  bos_token_id=tok.BOS, eos_token_id=tok.EOS, tie_word_embeddings=False)
         return ModelConfig.from_hf_dict(d, name="stdlib-dsa")
 

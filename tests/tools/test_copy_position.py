@@ -208,3 +208,29 @@ def test_distract_flags(capsys, monkeypatch):
                 ["--distract-match", "11"]):
         with pytest.raises(SystemExit):
             main(TINY + ["--data", "long-phase", "--length", "128", "--steps", "1"] + bad)
+
+
+def test_testbed_shape_layers_and_rope_theta():
+    """--testbed-shape keeps the retrieval preset's width but takes --layers, --rope and --rope-theta (the preset's
+    rope_theta by default; TrainConfig.rope_theta reaches the model config)."""
+    import argparse
+
+    from benchmarks.copy_position import build
+    from indexcache.tools.train import PRESETS
+
+    a = argparse.Namespace(width=128, testbed_shape=True, layers=8, heads=4, nope=32, rope=None, init_std=None,
+                           rope_theta=1e6, device="cpu")
+    tc, m = build(a, 64)
+    assert (tc.layers, tc.hidden, len(m.layers), m.config.rope_theta) == (8, 256, 8, 1e6)
+    a.layers, a.rope_theta = None, None
+    tc, m = build(a, 64)
+    assert (len(m.layers), m.config.rope_theta) == (16, PRESETS["retrieval"].rope_theta)
+
+
+def test_source_offsets_in_the_analysis(capsys):
+    """The analysis reports, per layer, attention on the induction source moved by -1..+3 (probabilities)."""
+    assert main(TINY + ["--data", "stage", "--length", "64", "--steps", "1"]) == 0
+    offs = _payload(capsys.readouterr().out)["results"][-1]["analysis"]["source_offsets"]
+    assert set(offs) == {"0", "192"}
+    assert all(len(layer) == 5 and all(0 <= x <= 1 for x in layer) for rows in offs.values() for layer in rows)
+    assert len(offs["0"]) == 2
