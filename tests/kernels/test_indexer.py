@@ -256,7 +256,7 @@ def test_topk_prefill_chunked_equals_unchunked(device):
     q8, w, k8, ks = _inputs(t, s, h, device, seed=5)
     rs, re = _ragged_windows(t, s, device, seed=5)
     whole = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, topk_fn=topk_rows_torch)
-    tiny = 3 * (s * 4 + 24 * topk)  # logits and selection of 3 rows per chunk
+    tiny = 3 * (s * 4 + 24 * topk)  # logits and selection of 3 rows per chunk (the logits under 3/4 of it)
     assert len(plan_prefill_chunks(rs, re, topk, tiny)) >= 8
     chunked = indexer_topk_prefill(q8, w, k8, ks, rs, re, topk, workspace_bytes=tiny, topk_fn=topk_rows_torch)
     logits = indexer_logits_ref(q8, w, k8, ks, rs, re)
@@ -293,22 +293,27 @@ def test_topk_prefill_short_rows(device):
 
 
 def test_plan_prefill_chunks_respects_workspace():
-    t, s, topk = 1000, 5000, 64
+    t, s = 1000, 5000
     re = torch.arange(s - t + 1, s + 1, dtype=torch.int32)
     rs = torch.zeros(t, dtype=torch.int32)
-    for ws in (1 << 20, 8 << 20):  # chunks of under 64 rows, and of 64-row groups
+    ws = 1 << 20
+    # topk 64: the logits' 3/4 cap binds; topk 2048: the joint budget binds (a large selection)
+    for topk, binds in ((64, "logits"), (2048, "joint")):
         chunks = plan_prefill_chunks(rs, re, topk, ws)
         assert chunks[0][0] == 0 and chunks[-1][1] == t
-        assert (ws == 1 << 20) == all(r1 - r0 < 64 for r0, r1, _, _ in chunks)
         for (r0, r1, c0, c1), nxt in zip(chunks, chunks[1:] + [None]):
-            assert (r1 - r0) * ((c1 - c0) * 4 + 24 * topk) <= ws
+            n = r1 - r0
+            assert n * ((c1 - c0) * 4 + 24 * topk) <= ws and n * (c1 - c0) * 4 <= ws * 3 // 4
             assert c0 == 0 and c1 == int(re[r1 - 1])
-            if nxt is not None:  # as many whole 64-row groups as fit (64 more would not); under 64, as many rows
-                n = r1 - r0
-                step = 64 if n >= 64 else 1
-                assert nxt[0] == r1 and n % step == 0 and (n + step) * (int(re[r1 + step - 1]) * 4 + 24 * topk) > ws
+            if nxt is not None:  # as many rows as fit: one more breaks the binding limit
+                assert nxt[0] == r1
+                span = int(re[r1])
+                if binds == "logits":
+                    assert (n + 1) * span * 4 > ws * 3 // 4
+                else:
+                    assert (n + 1) * (span * 4 + 24 * topk) > ws
     with pytest.raises(ValueError, match="workspace_bytes"):
-        plan_prefill_chunks(rs, re, topk, 100)
+        plan_prefill_chunks(rs, re, 64, 100)
 
 
 def test_topk_rows_torch_padding():

@@ -172,19 +172,18 @@ def _into(out, res):
     return out
 
 
-ROW_ALIGN = 64  # rows per two-pass chunk: a multiple of this (run 67: 1152/1146/1141-row chunks ran 29.9 ms per
-               # 8192 rows at 200K against 18.5 for the 960-row chunks of the old split budget; cause not isolated)
-
-
 def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
                         slot_bytes: int = SLOT_BYTES) -> list[tuple[int, int, int, int]]:
     """Split rows into chunks [r0, r1) whose logits over their column span [c0, c1) and whose selection fit in
     workspace_bytes together: rows * (span * 4 + slot_bytes * topk) <= workspace_bytes, the fp32 logits of a
     chunk beside the selection's temporaries (``slot_bytes`` per top-k slot per row; default SLOT_BYTES for the
-    torch fallback: torch.topk values + int64 ids, output, index shift). Returns (r0, r1, c0, c1) tuples.
+    torch fallback: torch.topk values + int64 ids, output, index shift), and the logits alone at most 3/4 of it.
+    Returns (r0, r1, c0, c1) tuples.
 
-    One budget, not a fixed split between the two: a selection with a large scratch (an F layer's pool of 8192)
-    under a quarter of the workspace halved the rows per chunk, 43 vs 27 ms per 8192-row chunk at 200K (run 66).
+    Why both: a fixed quarter for the selection halved the rows per chunk of an F layer with a pool of 8192 (run
+    66: 43 vs 27 ms per 8192-row chunk at 200K, 1 GiB), while letting the logits take more than 3/4 made the plain
+    F chunk slower at 1 GiB (run 67/68: 1152-row chunks 29 ms per 8192 rows against 18.5 for 960-row ones; cause
+    not isolated).
     """
     row_bytes = slot_bytes * topk
     if row_bytes >= workspace_bytes:
@@ -193,15 +192,16 @@ def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
     return _greedy_row_chunks(
         row_start, row_end, workspace_bytes, row_bytes, None,
         lambda cost, span: f"indexer_topk_prefill: workspace_bytes={workspace_bytes} cannot hold one row of "
-                           f"{span} logits and its selection; raise it to at least {cost + 1}", align=ROW_ALIGN)
+                           f"{span} logits and its selection; raise it to at least {cost * 4 // 3 + 1}",
+        logits_cap=workspace_bytes - workspace_bytes // 4)
 
 
 def _greedy_row_chunks(row_start, row_end, budget: int, row_bytes: int, max_rows: int | None,
-                       too_small, align: int = 1) -> list[tuple[int, int, int, int]]:
+                       too_small, logits_cap: int | None = None) -> list[tuple[int, int, int, int]]:
     """Consecutive rows [r0, r1), each chunk as long as rows * (span * 4 + row_bytes) <= budget (span: the chunk's
-    column range [c0, c1) of the windows) and at most ``max_rows``, rounded down to a multiple of ``align`` rows
-    where that leaves any (the last chunk takes what is left); ``too_small(cost, span)`` words the error when one
-    row does not fit. Returns (r0, r1, c0, c1). Needs the windows on the host (one device sync)."""
+    column range [c0, c1) of the windows), rows * span * 4 <= ``logits_cap`` when given, and at most ``max_rows``;
+    ``too_small(cost, span)`` words the error when one row does not fit. Returns (r0, r1, c0, c1). Needs the
+    windows on the host (one device sync)."""
     rs = row_start.long().cpu().numpy()
     re = np.maximum(row_end.long().cpu().numpy(), rs)
     t = len(rs)
@@ -213,10 +213,10 @@ def _greedy_row_chunks(row_start, row_end, budget: int, row_bytes: int, max_rows
         hi = np.maximum.accumulate(re[seg])
         cost = np.arange(1, len(lo) + 1) * ((hi - lo) * 4 + row_bytes)
         n = int(np.searchsorted(cost, budget, side="right"))  # cost is non-decreasing
+        if logits_cap is not None:
+            n = min(n, int(np.searchsorted(np.arange(1, len(lo) + 1) * (hi - lo) * 4, logits_cap, side="right")))
         if n == 0:
             raise ValueError(too_small(int(cost[0]), int(hi[0] - lo[0])))
-        if r0 + n < t and n >= align:
-            n -= n % align
         chunks.append((r0, r0 + n, int(lo[n - 1]), int(hi[n - 1])))
         r0 += n
     return chunks
