@@ -339,34 +339,43 @@ def shifted_rows(shift: int, windows: int) -> list:
     return rows
 
 
+def _dense_attention(model, rows):
+    """Per layer (a generator), the dense causal attention probabilities [B, heads, T, T] of the copy windows
+    ``rows`` (``shifted_rows``), running the layers on the way."""
+    ids = torch.stack([r for r, _ in rows]).to(next(model.parameters()).device)
+    B, T = ids.shape
+    pos = torch.arange(T, device=ids.device).expand(B, T)
+    h = model.embed(ids)
+    cos, sin = model.rope(pos, h.dtype)
+    for layer in model.layers:
+        q, k, v, _ = attention_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
+        p = (torch.einsum("bhtd,bhsd->bhts", q, k) * model.config.softmax_scale) \
+            .masked_fill(~causal_mask(pos, pos)[:, None], float("-inf")).softmax(-1)
+        yield p
+        h = h + layer.self_attn.o_proj(torch.einsum("bhts,bhsd->bthd", p, v).flatten(2))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _mean_over_copied(p, rows, cue: int, columns) -> torch.Tensor:
+    """[heads, len(columns(src, dst, t))]: the mean attention of the copied letters' queries t (dst+cue-1 ..
+    dst+n-2) on the key columns ``columns`` gives for each."""
+    sums, count = 0, 0
+    for b, (_, (src, dst, n)) in enumerate(rows):
+        t = torch.arange(dst + cue - 1, dst + n - 1, device=p.device)
+        sums = sums + torch.stack([p[b, :, t, c].sum(-1) for c in columns(src, dst, t)], -1).cpu()
+        count += len(t)
+    return sums / count
+
+
 @torch.no_grad()
 def head_roles(model, shift: int, windows: int, cue: int = 4) -> list[list[tuple]]:
     """Per layer and head, the mean attention of the copied letters' queries (t = dst+cue-1 .. dst+n-2, each
     predicting t+1) on <bos>, on the previous token, and on the induction source (the letter after the earlier
     occurrence of t: src + t - dst + 1), in shifted 64-token windows (dense attention)."""
     rows = shifted_rows(shift, windows)
-    ids = torch.stack([r for r, _ in rows]).to(next(model.parameters()).device)
-    B, T = ids.shape
-    pos = torch.arange(T, device=ids.device).expand(B, T)
-    h = model.embed(ids)
-    cos, sin = model.rope(pos, h.dtype)
-    out = []
-    for layer in model.layers:
-        q, k, v, _ = attention_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
-        p = (torch.einsum("bhtd,bhsd->bhts", q, k) * model.config.softmax_scale) \
-            .masked_fill(~causal_mask(pos, pos)[:, None], float("-inf")).softmax(-1)
-        sums = torch.zeros(p.shape[1], 3)
-        count = 0
-        for b, (_, (src, dst, n)) in enumerate(rows):
-            t = torch.arange(dst + cue - 1, dst + n - 1, device=ids.device)
-            sums += torch.stack([p[b, :, t, 0].sum(-1), p[b, :, t, t - 1].sum(-1),
-                                 p[b, :, t, src + t - dst + 1].sum(-1)], -1).cpu()
-            count += len(t)
-        out.append([tuple(round(float(x), 2) for x in r) for r in sums / count])
-        o = torch.einsum("bhts,bhsd->bthd", p, v)
-        h = h + layer.self_attn.o_proj(o.flatten(2))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return out
+    cols = lambda src, dst, t: (t * 0, t - 1, src + t - dst + 1)  # noqa: E731
+    return [[tuple(round(float(x), 2) for x in r) for r in _mean_over_copied(p, rows, cue, cols)]
+            for p in _dense_attention(model, rows)]
 
 
 @torch.no_grad()
@@ -376,26 +385,9 @@ def source_offsets(model, shift: int, windows: int, cue: int = 4, offsets=(-1, 0
     tokens through a chain of previous-token heads may read the letter from that key's own history), shifted
     64-token windows, dense attention. A copier with no head on offset 0 (head_roles) shows here where it reads."""
     rows = shifted_rows(shift, windows)
-    ids = torch.stack([r for r, _ in rows]).to(next(model.parameters()).device)
-    B, T = ids.shape
-    pos = torch.arange(T, device=ids.device).expand(B, T)
-    h = model.embed(ids)
-    cos, sin = model.rope(pos, h.dtype)
-    out = []
-    for layer in model.layers:
-        q, k, v, _ = attention_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
-        p = (torch.einsum("bhtd,bhsd->bhts", q, k) * model.config.softmax_scale) \
-            .masked_fill(~causal_mask(pos, pos)[:, None], float("-inf")).softmax(-1)
-        sums = torch.zeros(p.shape[1], len(offsets))
-        count = 0
-        for b, (_, (src, dst, n)) in enumerate(rows):
-            t = torch.arange(dst + cue - 1, dst + n - 1, device=ids.device)
-            sums += torch.stack([p[b, :, t, src + t - dst + 1 + o].sum(-1) for o in offsets], -1).cpu()
-            count += len(t)
-        out.append([round(float(x), 2) for x in (sums / count).max(0).values])
-        h = h + layer.self_attn.o_proj(torch.einsum("bhts,bhsd->bthd", p, v).flatten(2))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return out
+    cols = lambda src, dst, t: [src + t - dst + 1 + o for o in offsets]  # noqa: E731
+    return [[round(float(x), 2) for x in _mean_over_copied(p, rows, cue, cols).max(0).values]
+            for p in _dense_attention(model, rows)]
 
 
 @torch.no_grad()
