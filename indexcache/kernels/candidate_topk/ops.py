@@ -80,7 +80,8 @@ def _check_slots(logits, cand, k, out):
 def topk_slots(logits: torch.Tensor, cand: torch.Tensor, k: int, *, out=None, config=None) -> torch.Tensor:
     """[T,k] int32: the slot ids cand[t, j] of each row's k largest logits (``topk_rows``'s selection: exact, ties
     to the lower j, NaN / -inf never), in pool order, then -1 padding where fewer than k are valid. Pools of up
-    to MAX_SHORT candidates; one launch on the GPU. ``config``: LB (log2 of the bins per round) / num_warps / PB overrides (tests, benchmarks)."""
+    to MAX_SHORT candidates; one launch on the GPU. ``config``: LB (log2 of the bins per round) / num_warps / PB
+    overrides (tests, benchmarks)."""
     _check_slots(logits, cand, k, out)
     if use_triton(logits):
         from indexcache.kernels.candidate_topk.triton import topk_slots_triton
