@@ -368,13 +368,14 @@ RANK_SORT_MAX_WORK = 1 << 26  # rows * c^2: sort_pool's one launch where it was 
 
 
 def sort_pool(pool: torch.Tensor, *, _rank: bool | None = None) -> torch.Tensor:
-    """A pool's ids (int32 [R, c], distinct ids >= 0 and -1 entries) in ascending order, -1 last. On CUDA (or the
-    interpreter) with few rows, one launch that stores each entry at its rank (``_rank_sort_kernel``, O(R c^2)):
+    """A pool's ids (int32 [R, c], distinct ids >= 0 and -1 entries) in ascending order, -1 last. On CUDA with few
+    rows, one launch that stores each entry at its rank (``_rank_sort_kernel``, O(R c^2)):
     one row of 8192 / 4096 in 44.7 / 23.0 us against 59.9 / 36.3 for torch's batched sort (run 69); larger calls
     (not measured) take ``_sorted_pool``.
     ``_rank``: force the kernel on / off (tests)."""
     r, c = pool.shape
-    rank = _rank if _rank is not None else (use_triton(pool) and r * c * c <= RANK_SORT_MAX_WORK)
+    # the interpreter runs the kernel only when asked (tests): its O(c^2) loop takes minutes there at c ~ 5000
+    rank = _rank if _rank is not None else (pool.is_cuda and r * c * c <= RANK_SORT_MAX_WORK)
     if not rank or pool.numel() == 0:
         return _sorted_pool(pool)
     from indexcache.kernels.topk import triton as tk
