@@ -242,36 +242,29 @@ def toolchain_problem(tool: str) -> str | None:
     return None
 
 
+def _mma_columns(r: dict) -> str:
+    return f"  wgmma {r['wgmma']:2d}  cp.async {r['cp_async']:3d}"
+
+
+# flag -> (the kernels it compiles, the columns printed after registers and spills)
+_REPORTS = {
+    "--rerank": (rerank_kernels, _mma_columns),
+    "--candidates": (candidates_kernels, lambda r: f"  wgmma {r['wgmma']:2d}  owner lanes ok {r['owner_lanes_ok']}"),
+    "--topk-prefill": (topk_prefill_kernels, lambda r: ""),
+    "--topk-short": (topk_short_kernels, lambda r: ""),
+    "--topk-decode": (topk_decode_kernels, lambda r: ""),
+}
+
+
 def main() -> int:
     problem = toolchain_problem("sm90_compile")
     if problem:
         print(problem)
         return 2
-    if "--rerank" in sys.argv[1:]:
-        for name, r in rerank_kernels():
-            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
-                  f"cp.async {r['cp_async']:3d}", flush=True)
-        return 0
-    if "--candidates" in sys.argv[1:]:
-        for name, r in candidates_kernels():
-            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
-                  f"owner lanes ok {r['owner_lanes_ok']}", flush=True)
-        return 0
-    if "--topk-prefill" in sys.argv[1:]:
-        for name, r in topk_prefill_kernels():
-            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}", flush=True)
-        return 0
-    if "--topk-short" in sys.argv[1:]:
-        for name, r in topk_short_kernels():
-            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}", flush=True)
-        return 0
-    if "--topk-decode" in sys.argv[1:]:
-        for name, r in topk_decode_kernels():
-            print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}", flush=True)
-        return 0
-    for name, r in production_kernels():
-        print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}  wgmma {r['wgmma']:2d}  "
-              f"cp.async {r['cp_async']:3d}", flush=True)
+    flag = next((a for a in sys.argv[1:] if a in _REPORTS), None)
+    kernels, columns = _REPORTS[flag] if flag else (production_kernels, _mma_columns)
+    for name, r in kernels():
+        print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}{columns(r)}", flush=True)
     return 0
 
 

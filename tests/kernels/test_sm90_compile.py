@@ -44,14 +44,6 @@ def test_indexer_candidates_kernel_compiles_and_append_sees_quad_replicas():
         assert "spill bytes    0" in line and "owner lanes ok True" in line, line
 
 
-def test_decode_topk_launches_compile_without_spills():
-    """The decode top-k's three launches (hist, filter1, filter2_final) compile for sm_90a without spills."""
-    lines, stdout = _compiled("--topk-decode")
-    assert len(lines) == 3, stdout
-    for line in lines:
-        assert "spill bytes    0" in line, line
-
-
 def test_rerank_candidate_kernel_compiles_pipelined_without_spills():
     """The re-rank scoring kernel keeps its gathers as cp.async copies feeding wgmma, without spills."""
     lines, stdout = _compiled("--rerank")
@@ -60,18 +52,14 @@ def test_rerank_candidate_kernel_compiles_pipelined_without_spills():
         assert "spill bytes    0" in line and "wgmma  0" not in line and "cp.async   0" not in line, line
 
 
-def test_prefill_topk_compiles_without_spills():
-    """The one-pass prefill top-k (fp32 and bf16 rows) compiles for sm_90a without spills."""
-    lines, stdout = _compiled("--topk-prefill")
-    assert len(lines) == 2, stdout
-    for line in lines:
-        assert "spill bytes    0" in line, line
-
-
-def test_short_topk_compiles_without_spills():
-    """``topk_slots``' kernel (a pool row in registers) compiles for sm_90a without spills at pools of 4096,
-    8192 and 16384."""
-    lines, stdout = _compiled("--topk-short")
-    assert len(lines) == 3, stdout
+@pytest.mark.parametrize("flag,kernels", [
+    ("--topk-decode", 3),   # the decode top-k's three launches (hist, filter1, filter2_final)
+    ("--topk-prefill", 2),  # the one-pass prefill top-k, fp32 and bf16 rows
+    ("--topk-short", 3),    # topk_slots' kernel (a pool row in registers) at pools of 4096, 8192, 16384
+])
+def test_topk_kernels_compile_without_spills(flag, kernels):
+    """The top-k kernels compile for sm_90a without spills."""
+    lines, stdout = _compiled(flag)
+    assert len(lines) == kernels, stdout
     for line in lines:
         assert "spill bytes    0" in line, line

@@ -188,10 +188,9 @@ def _topk_slots_kernel(x_ptr, cand_ptr, out_ptr, C, k, sx, sc, W: tl.constexpr, 
 
 
 def topk_slots_config(c: int) -> dict:
-    """Histogram bits per round (32 bins: faster than 64 or 256 on the H200, run 66), warps, write tile (4 columns per
-    thread). Warps on sm_90a (registers: sm90_compile --topk-short): 4 up to 4096 columns (32 keys per thread, 64
-    registers: 8 rows per SM), 8 above (8192: 74 registers, 3 rows per SM of 8 warps, against 128 and 4 rows of 4
-    warps; 16384: 128, 2 rows per SM); benchmarks/topk_short.py times the others."""
+    """Histogram bits per round (32 bins: faster than 64 or 256 on the H200, run 66), warps, write tile (4 columns
+    per thread). Warps: 4 up to 4096 columns, 8 above (sm_90a registers at 32 bins, sm90_compile --topk-short: 63 /
+    64 / 100 at 4096 / 8192 / 16384, no spills); benchmarks/topk_short.py times the others."""
     if interpreting():
         return dict(LB=4, num_warps=1, PB=64, ASM=False)
     warps = 4 if c <= 4096 else 8
