@@ -125,7 +125,8 @@ def build(args, topk: int):
     base = PRESETS["retrieval"]
     w = args.width
     theta = base.rope_theta if args.rope_theta is None else args.rope_theta
-    if args.testbed_shape:  # the retrieval preset's own model (16 layers, width 256; --layers/--rope may change)
+    if args.testbed_shape:  # the retrieval preset's own model (16 layers; width 128 since run 70, 256 in runs 49-68;
+        #                     --layers/--rope may change)
         tc = dataclasses.replace(base, topk=topk, layers=args.layers or base.layers, rope=args.rope or base.rope,
                                  rope_theta=theta)
     else:
@@ -556,7 +557,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--testbed-shape", action="store_true",
-                    help="the retrieval preset's own model (16 layers, width 256) instead of --layers/--width/...")
+                    help="the retrieval preset's own model (16 layers; width 128, 256 before run 70) instead of "
+                         "--layers/--width/...")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=None, help="also write the JSON as NAME.json (common.write_results: $OUT)")
     args = ap.parse_args(argv)

@@ -38,20 +38,19 @@ from indexcache.tools.probe import copy_probe  # noqa: E402
 from indexcache.tools.ruler import ruler_suite  # noqa: E402
 from indexcache.tools.search import greedy_search  # noqa: E402
 from indexcache.tools.tasks import TASKS  # noqa: E402
-from indexcache.tools.train import PRESETS, TrainConfig, run_stage, stages  # noqa: E402
+from indexcache.tools.train import PRESETS, TrainConfig, extend_copy, run_stage, stages  # noqa: E402
 
 KEEPS = ("1/2", "1/4", "1/8")
 PRIORITY = ("1/4", "1/2", "1/8")  # evaluation order: the paper's headline ratio first, so a short run has it
 SHARES = {"dense": 0.72, "warmup": 0.08, "sparse": 0.20}  # of the training time a copy warm-up leaves
-COPY_MAX_SHARE = 0.125  # the copy warm-up runs the preset's steps, or fewer if they would take more of the time
 DOCS_START, DOCS_END = "<!-- retrieval-testbed:start -->", "<!-- retrieval-testbed:end -->"
 
 
 @dataclasses.dataclass
 class Settings:
     tc: TrainConfig
-    train_seconds: float      # total training time (copy warm-up first, the rest split by SHARES; step counts
-    #                           fixed once)
+    train_seconds: float      # total training time: the copy warm-up (and its reach extension) first, the
+    #                           other stages split what it leaves by SHARES (step counts fixed once, then)
     suite_lengths: tuple
     suite_n: int
     suite_tasks: tuple
@@ -68,7 +67,8 @@ def settings(args) -> Settings:
     if args.smoke:
         tc = TrainConfig(layers=4, hidden=32, heads=2, q_lora=32, kv_lora=32, nope=16, rope=16, v=16, mlp=64,
                          index_heads=2, index_dim=16, topk=16, context=512, batch=1, task_ratio=0.5,
-                         copy_steps=2, copy_length=128, copy_batch=2,
+                         copy_steps=2, copy_length=128, copy_batch=2, copy_long_length=(256,), copy_long_share=0.5,
+                         copy_reach_nats=0.0, copy_reach_block=1, copy_reach_blocks=1,  # one extension block
                          dense_steps=2, warmup_steps=1, sparse_steps=1, max_train_bytes=300_000)
         return Settings(tc, 0.0, (256,), 1, ("kv_single",), 1, 256, 1, (1, 1), 1,
                         {"probe": 5, "overlap": 5, "search": 10, "row": 10, "distill": 10}, ("1/2",))
@@ -118,13 +118,15 @@ class Work:
 
 # ----- training (resumable) ----------------------------------------------------------------------------------------
 def plan_steps(tc: TrainConfig, seconds: float, device, corpus) -> TrainConfig:
-    """Fixed step counts from a time budget, by timing 3 steps of each stage on a throwaway model: the copy
-    warm-up keeps its steps if they fit in ``COPY_MAX_SHARE`` of the time (else as many as do), the other stages
-    share what it leaves by ``SHARES``."""
+    """Fixed step counts for the dense, warm-up and sparse stages from a time budget, by timing 3 steps of each on a
+    throwaway model; they share ``seconds`` by ``SHARES``. The copy warm-up is not cut: the copying it forms is what
+    retrieval needs, so it runs first and the other stages are planned on the time it leaves."""
     if seconds <= 0:
         return tc
     steps = {}
     for stage, _, _ in stages(tc):
+        if stage == "copy":
+            continue
         m = tc.init_weights(build_empty(tc.model_config(), device, torch.float32))
         g = torch.Generator().manual_seed(99)
         # warm every window length the timed steps use (their first step pays for autotuning and allocation)
@@ -133,14 +135,9 @@ def plan_steps(tc: TrainConfig, seconds: float, device, corpus) -> TrainConfig:
         t = time.perf_counter()
         run_stage(m, corpus, stage, 3, 1e-4, tc, g, progress=False)
         _sync(device)
-        per = (time.perf_counter() - t) / 3
-        if stage == "copy":
-            steps["copy"] = min(tc.copy_steps, max(5, int(COPY_MAX_SHARE * seconds / per)))
-            seconds -= steps["copy"] * per
-        else:
-            steps[stage] = max(5, int(SHARES[stage] * seconds / per))
-    return dataclasses.replace(tc, copy_steps=steps.get("copy", 0), dense_steps=steps["dense"],
-                               warmup_steps=steps["warmup"], sparse_steps=steps["sparse"])
+        steps[stage] = max(5, int(SHARES[stage] * seconds / ((time.perf_counter() - t) / 3)))
+    return dataclasses.replace(tc, dense_steps=steps["dense"], warmup_steps=steps["warmup"],
+                               sparse_steps=steps["sparse"])
 
 
 def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float) -> bool:
@@ -148,11 +145,11 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
     st = work.state
     ck_path = os.path.join(work.path, "train_state.pt")
     if "train_config" not in st:
-        tc = plan_steps(s.tc, s.train_seconds, device, corpus)
-        st["train_config"] = dataclasses.asdict(tc)
-        st["train"] = {"stage": 0, "step": 0, "logs": []}
+        st["train_config"] = dataclasses.asdict(s.tc)
+        st["train"] = {"stage": 0, "step": 0, "logs": [], "planned": False, "copy_seconds": 0.0}
         work.save()
-    tc = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in st["train_config"].items()})
+    tr = st["train"]
+    tc = _train_config(st)
     model = tc.init_weights(build_empty(tc.model_config(), device, torch.float32))
     gen = torch.Generator().manual_seed(tc.seed)
     opt_state = None
@@ -161,10 +158,15 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
         model.load_state_dict(ck["model"])
         gen.set_state(ck["gen"])
         opt_state = ck["opt"]
-    tr = st["train"]
     recipe = stages(tc)  # a run planned before the copy warm-up existed has no copy_steps: its indices still hold
     while tr["stage"] < len(recipe):
         stage, total, lr = recipe[tr["stage"]]
+        if stage != "copy" and not tr.get("planned", True):  # the stages after the copy warm-up share what it left
+            tc = plan_steps(tc, s.train_seconds - tr["copy_seconds"], device, corpus)
+            st["train_config"], tr["planned"] = dataclasses.asdict(tc), True
+            work.save()
+            recipe = stages(tc)
+            stage, total, lr = recipe[tr["stage"]]
 
         def checkpoint(next_step, opt, stage_i=tr["stage"]):
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state()}, ck_path + ".tmp")
@@ -172,15 +174,37 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
             tr["stage"], tr["step"] = stage_i, next_step
             work.save()
 
-        log = run_stage(model, corpus, stage, total, lr, tc, gen, deadline=work.deadline(30),
-                        start_step=tr["step"], opt_state=opt_state, checkpoint=checkpoint,
-                        checkpoint_every_s=checkpoint_every, progress=False)
-        tr["logs"].append({k: log[k] for k in ("stage", "start_step", "steps_done", "seconds", "curve")})
-        if tr["step"] < total:
-            work.save()
-            print(f"[testbed] training: {stage} at step {tr['step']}/{total}; resume to continue", flush=True)
-            return False
-        if stage == "copy":  # did copying form? known a minute in, not after the whole training
+        t = time.perf_counter()
+        if stage == "copy" and tr["step"] >= total:  # the stage is done: its reach extension (copy_reach_nats)
+            ext = tr.setdefault("copy_extension", {})
+
+            def ext_checkpoint(_next_step, opt):  # the extension's position lives in ``ext``, the stage's stays
+                checkpoint(total, opt)
+
+            finished, opt_state = extend_copy(model, corpus, tc, gen, ext, opt_state, deadline=work.deadline(30),
+                                              checkpoint=ext_checkpoint, progress=False)
+            tr["copy_seconds"] += time.perf_counter() - t
+            print(f"[testbed] copy reach (copied NLL over the longest copy windows, before each extension block "
+                  f"and after the last): {', '.join(f'{x:.3f}' for x in ext['reach'])}", flush=True)
+            if not finished:
+                work.save()
+                print("[testbed] training: copy extension cut by the budget; resume to continue", flush=True)
+                return False
+        else:
+            log = run_stage(model, corpus, stage, total, lr, tc, gen, deadline=work.deadline(30),
+                            start_step=tr["step"], opt_state=opt_state, checkpoint=checkpoint,
+                            checkpoint_every_s=checkpoint_every, progress=False)
+            tr["logs"].append({k: log[k] for k in ("stage", "start_step", "steps_done", "seconds", "curve")})
+            if stage == "copy":
+                tr["copy_seconds"] += log["seconds"]
+            if tr["step"] < total:
+                work.save()
+                print(f"[testbed] training: {stage} at step {tr['step']}/{total}; resume to continue", flush=True)
+                return False
+            if stage == "copy" and tc.copy_reach_nats is not None:
+                opt_state = torch.load(ck_path, map_location=device, weights_only=False)["opt"]
+                continue  # the reach check and extension, resumable, next time round
+        if stage == "copy":  # did copying form? known a few minutes in, not after the whole training
             tr["copy_probe_after_copy_stage"] = probe_copy(model, s, load_corpus("test"), device,
                                                            "after the copy warm-up, dense", dense=True)
         tr["stage"], tr["step"], opt_state = tr["stage"] + 1, 0, None
@@ -190,8 +214,13 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
     save_checkpoint(model, os.path.join(work.path, "model"), extra_config={
         "tokenizer": ByteTokenizer.description(),
         "training": {"recipe": " -> ".join(name for name, _, _ in recipe) + "; stdlib corpus mixed with synthetic "
-                               "retrieval tasks (tools/tasks.py)", "train_config": st["train_config"]}})
+                               "retrieval tasks (tools/tasks.py)", "train_config": st["train_config"],
+                     "copy_extension": tr.get("copy_extension")}})
     return True
+
+
+def _train_config(st: dict) -> TrainConfig:
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in st["train_config"].items()})
 
 
 def probe_copy(model, s: Settings, test, device, when: str, dense: bool = False) -> dict:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .corpus import ByteTokenizer, Corpus
+from .tasks import COPY_ALPHABET, COPY_SEGMENT, copy_episode_spans
 from .trainfwd import dense_logits
 
 HEX_CHANCE = math.log(16)
@@ -52,3 +53,33 @@ def copy_probe(model, corpus: Corpus, *, length: int = 1024, distances=(64, 300,
     means = {str(d): sum(v) / len(v) for d, v in by_d.items()}
     return {"nll_by_distance": means, "nll": sum(means.values()) / len(means), "chance": HEX_CHANCE,
             "span": span, "cue": cue, "length": length}
+
+
+REACH_SEED_BASE = 1 << 42  # copy windows drawn by training take seeds below 2^31: these are held out
+
+
+@torch.no_grad()
+def copy_reach(model, length: int, *, windows: int = 8, every: int = 64, gaps: str = "log",
+               alphabet: bytes = COPY_ALPHABET, cue: int = 4, batch: int = 4) -> float:
+    """Mean NLL (nats) of the copied letters past each copy's first ``cue`` in held-out long copy windows of
+    ``length`` tokens (``tasks.copy_episode_spans``: one copy per ``every`` tokens, copy distances spread over the
+    whole window as ``gaps`` says), dense attention. Chance is ln(alphabet size) (3.26 for the letters); a model
+    that copies at every distance up to ``length`` scores near 0. Whether the copy warm-up formed an induction
+    copier that reaches across the window: it forms in a phase change late in the stage, and a model still
+    copying only a few dozen tokens back cannot retrieve."""
+    if windows < 1 or length < 4 * every:
+        raise ValueError(f"copy reach: need windows >= 1 and length >= 4 x every ({4 * every}), got windows "
+                         f"{windows}, length {length}")
+    device = next(model.parameters()).device
+    rows = [copy_episode_spans(length + 1, REACH_SEED_BASE + i, every, length - 2 * COPY_SEGMENT, alphabet=alphabet,
+                               gaps=gaps) for i in range(windows)]
+    picked = []
+    for c in range(0, windows, batch):
+        part = rows[c: c + batch]
+        ids = torch.stack([w for w, _ in part]).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = dense_logits(model, ids[:, :-1])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        for i, (_, spans) in enumerate(part):  # nll[:, p] predicts ids[:, p + 1]
+            picked += [nll[i, dst + cue - 1: dst + n - 1] for _, dst, n in spans]
+    return float(torch.cat(picked).mean())

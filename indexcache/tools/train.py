@@ -78,6 +78,10 @@ class TrainConfig:
     # share of each dense-stage batch made of copy windows packed end to end (0: none): keeps the copying heads
     # of the copy stage alive while the model meets the corpus (without it they collapsed within 100 dense steps)
     copy_share: float = 0.0
+    # what those rows hold: "short" copy windows packed end to end, or "episodes": one window of the batch's length
+    # holding a copy per copy_length tokens at distances spread over it as copy_long_gaps says (the long phase's
+    # windows): the short windows keep the copier working only within copy_length tokens
+    copy_rows: str = "short"
     # the copy windows' random text (bytes); letters are what the copying heads form on from scratch
     copy_alphabet: str = "abcdefghijklmnopqrstuvwxyz"
     copy_inner: int | None = None  # the copy inside a random sub-window of this many tokens (tasks.copy_windows)
@@ -111,6 +115,14 @@ class TrainConfig:
     # of 64-token windows where 1e4 did, and switching 1e4 -> 1e6 for the long phase extended less
     # (benchmarks/results/copy_theta_cpu.log)
     rope_theta: float = 10000.0
+    # after the copy stage: while the copied NLL in held-out windows of the longest copy_long_length
+    # (probe.copy_reach) is above ``copy_reach_nats``, up to ``copy_reach_blocks`` more blocks of
+    # ``copy_reach_block`` steps on such windows (None: no check). The induction copier forms in a phase change late
+    # in the stage (H200 run 70: 16 layers at step 1200-1500 of 1500, 8 layers not by 1500), and a model that copies
+    # only a few dozen tokens back cannot retrieve
+    copy_reach_nats: float | None = None
+    copy_reach_block: int = 100
+    copy_reach_blocks: int = 0
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
@@ -145,13 +157,21 @@ PRESETS = {
                        index_heads=4, index_dim=32, topk=128, context=4096, batch=8, dense_steps=1500,
                        warmup_steps=150, sparse_steps=300, lr=2e-3, warmup_lr=2e-3, sparse_lr=5e-4),
     # the retrieval testbed (benchmarks/retrieval_testbed.py): half the windows are synthetic retrieval tasks,
-    # 4K-16K tokens; step counts are set there from a time budget
-    "retrieval": TrainConfig(layers=16, hidden=256, heads=4, q_lora=128, kv_lora=128, nope=48, rope=16, v=64,
-                             mlp=768, index_heads=4, index_dim=32, topk=128, context=8192, batch=4,
+    # 4K-16K tokens; step counts are set there from a time budget. Width 128 (4 heads of 32 + 16 rope): at width
+    # 256 the copy stage built a positional copier that reached ~64 tokens back; at 128 the same stage forms an
+    # induction copier that copies at every distance to 4096 (H200 run 70, docs/quality.md)
+    "retrieval": TrainConfig(layers=16, hidden=128, heads=4, q_lora=128, kv_lora=128, nope=32, rope=16, v=32,
+                             mlp=384, index_heads=4, index_dim=32, topk=128, context=8192, batch=4,
                              contexts=(4096, 8192, 16384), task_ratio=0.5, tasks_packed=True, init_std=0.06,
                              init_mlp_out_std=0.0,  # MLPs start at zero: induction forms (see TrainConfig)
                              copy_steps=1500, copy_length=64, copy_batch=256, copy_lr=1e-3,
-                             copy_long_length=16384, copy_long_share=0.25,  # copying at any offset up to 16K
+                             # 64-token windows, then 2x steps of length with log-uniform copy distances
+                             copy_long_length=(128, 256, 512, 1024, 2048, 4096), copy_long_share=0.4,
+                             copy_long_gaps="log",
+                             copy_reach_nats=0.5, copy_reach_block=100, copy_reach_blocks=6,
+                             # a quarter of each dense batch keeps copying across the window (letters only: the
+                             # CPU copier collapsed within 100 plain dense steps, kept with such rows)
+                             copy_share=0.25, copy_rows="episodes",
                              dense_steps=3000, warmup_steps=200,
                              sparse_steps=500, lr=1e-3, warmup_lr=2e-3, sparse_lr=5e-4),
 }
@@ -254,15 +274,26 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
 
 
 def _with_copy_rows(tc: TrainConfig, ids: torch.Tensor, gen: torch.Generator, stage: str) -> torch.Tensor:
-    """The dense stage's batch with its first round(copy_share x rows) rows replaced by copy windows of
-    ``copy_length`` tokens packed end to end."""
+    """The dense stage's batch with its first round(copy_share x rows) rows replaced by copy windows: ``copy_rows``
+    "short": windows of ``copy_length`` tokens packed end to end; "episodes": one copy per ``copy_length`` tokens
+    at ``copy_long_gaps`` distances across the row (tasks.copy_episode_windows)."""
     rows = round(tc.copy_share * ids.shape[0]) if stage == "dense" else 0
     if rows <= 0:
         return ids
-    per = -(-ids.shape[1] // tc.copy_length)
+    if tc.copy_rows not in COPY_ROWS:
+        raise ValueError(f"copy_rows must be one of {COPY_ROWS}, got {tc.copy_rows!r}")
     ids = ids.clone()
+    if tc.copy_rows == "episodes":
+        L = ids.shape[1]
+        ids[:rows] = copy_episode_windows(rows, L, gen, every=tc.copy_length, max_gap=L - 1 - 2 * COPY_SEGMENT,
+                                          alphabet=tc.copy_alphabet.encode(), gaps=tc.copy_long_gaps)
+        return ids
+    per = -(-ids.shape[1] // tc.copy_length)
     ids[:rows] = copy_windows(rows * per, tc.copy_length, gen, alphabet=tc.copy_alphabet.encode()).view(rows, -1)[:, :ids.shape[1]]
     return ids
+
+
+COPY_ROWS = ("short", "episodes")
 
 
 def copy_long_lengths(tc: TrainConfig) -> tuple:
@@ -338,6 +369,51 @@ def copy_batches(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -
     return [ids]
 
 
+def copy_reach_config(tc: TrainConfig) -> TrainConfig:
+    """The copy stage's extension (``copy_reach_nats``): every step on windows of the longest ``copy_long_length``,
+    as many tokens a step as the stage."""
+    lengths = copy_long_lengths(tc)
+    if not lengths:
+        raise ValueError("copy_reach_nats needs copy_long_length: the reach is measured on the longest long windows")
+    return dataclasses.replace(tc, copy_long_length=lengths[-1], copy_long_share=1.0)
+
+
+def extend_copy(model, corpus, tc: TrainConfig, gen: torch.Generator, state: dict, opt_state: dict | None = None,
+                deadline: float | None = None, checkpoint=None, progress: bool | None = None) -> tuple[bool, dict]:
+    """After the copy stage: measure the copy reach (probe.copy_reach on the longest long windows) and, while it is
+    above ``copy_reach_nats``, train blocks of ``copy_reach_block`` more long-window steps, at most
+    ``copy_reach_blocks``, with the stage's optimizer (``opt_state``) and rate. Resumable: ``state`` ({"blocks",
+    "step", "reach": NLL before each block and after the last}) is updated in place, ``checkpoint(next_step, opt)``
+    as in ``run_stage``. Returns (finished, the optimizer's state); not finished when ``deadline`` cut a block."""
+    from .probe import copy_reach
+
+    state.setdefault("blocks", 0)
+    state.setdefault("step", 0)
+    state.setdefault("reach", [])
+    ext = copy_reach_config(tc)
+    longest = copy_long_lengths(tc)[-1]
+    box = {"opt": opt_state}
+
+    def keep(next_step, opt):
+        box["opt"] = opt.state_dict()
+        state["step"] = next_step
+        if checkpoint is not None:
+            checkpoint(next_step, opt)
+
+    while True:
+        if len(state["reach"]) <= state["blocks"]:
+            state["reach"].append(copy_reach(model, longest, alphabet=tc.copy_alphabet.encode(),
+                                             gaps=tc.copy_long_gaps))
+        if state["reach"][-1] <= tc.copy_reach_nats or state["blocks"] >= tc.copy_reach_blocks:
+            return True, box["opt"]
+        end = (state["blocks"] + 1) * tc.copy_reach_block
+        run_stage(model, corpus, "copy", end, tc.copy_lr, ext, gen, start_step=state["step"], opt_state=box["opt"],
+                  deadline=deadline, checkpoint=keep, progress=progress)
+        if state["step"] < end:
+            return False, box["opt"]
+        state["blocks"] += 1
+
+
 def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]:
     """(window length, batch) of a step: ``contexts`` cycled (only those <= ``context`` outside the dense stage),
     tokens per step kept at batch x context; the copy stage has its own (``copy_window_size``)."""
@@ -351,6 +427,16 @@ def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]
 def stages(tc: TrainConfig) -> list[tuple[str, int, float]]:
     """(stage, steps, lr) of ``tc``'s recipe in order: the copy warm-up (when ``copy_steps`` > 0), dense, warm-up,
     sparse. A resumable run counts its position in this list."""
+    if tc.copy_rows not in COPY_ROWS:
+        raise ValueError(f"copy_rows must be one of {COPY_ROWS}, got {tc.copy_rows!r}")
+    if tc.copy_reach_nats is not None:
+        if tc.copy_steps <= 0 or not copy_long_lengths(tc):
+            raise ValueError(f"copy_reach_nats={tc.copy_reach_nats!r} needs a copy stage with copy_long_length "
+                             f"(copy_steps={tc.copy_steps}, copy_long_length={tc.copy_long_length!r})")
+        for name in ("copy_reach_block", "copy_reach_blocks"):
+            v = getattr(tc, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "copy_reach_block" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'copy_reach_block' else 0}, got {v!r}")
     out = [("copy", tc.copy_steps, tc.copy_lr)] if tc.copy_steps > 0 else []
     return out + [("dense", tc.dense_steps, tc.lr), ("warmup", tc.warmup_steps, tc.warmup_lr),
                   ("sparse", tc.sparse_steps, tc.sparse_lr)]
@@ -374,7 +460,13 @@ def train(tc: TrainConfig, device="cpu", out_dir: str | None = None, progress: b
     logs = []
     for stage, steps, lr in stages(tc):
         deadline = None if budget is None else t0 + BUDGET_SHARES[stage] * budget
-        logs.append(run_stage(model, corpus, stage, steps, lr, tc, gen, deadline=deadline, progress=progress))
+        box = {}
+        logs.append(run_stage(model, corpus, stage, steps, lr, tc, gen, deadline=deadline, progress=progress,
+                              checkpoint=lambda _step, opt: box.update(opt=opt.state_dict())))
+        if stage == "copy" and tc.copy_reach_nats is not None:
+            reach = {}
+            extend_copy(model, corpus, tc, gen, reach, box["opt"], deadline=deadline, progress=progress)
+            logs[-1]["copy_reach"] = reach
     log = {"train_config": dataclasses.asdict(tc), "stages": logs, "corpus_train_files": len(corpus.files),
            "corpus_train_bytes": len(corpus), "device": str(device), "seconds": time.perf_counter() - t0}
     if out_dir:

@@ -221,7 +221,7 @@ def test_testbed_shape_layers_and_rope_theta():
     a = argparse.Namespace(width=128, testbed_shape=True, layers=8, heads=4, nope=32, rope=None, init_std=None,
                            rope_theta=1e6, device="cpu")
     tc, m = build(a, 64)
-    assert (tc.layers, tc.hidden, len(m.layers), m.config.rope_theta) == (8, 256, 8, 1e6)
+    assert (tc.layers, tc.hidden, len(m.layers), m.config.rope_theta) == (8, PRESETS["retrieval"].hidden, 8, 1e6)
     a.layers, a.rope_theta = None, None
     tc, m = build(a, 64)
     assert (len(m.layers), m.config.rope_theta) == (16, PRESETS["retrieval"].rope_theta)

@@ -31,7 +31,7 @@ def test_copy_stage_only_when_asked():
     assert stages(TINY)[0] == ("copy", 3, TINY.copy_lr)
     for name in ("fixture", "gpu"):  # the other presets train as before
         assert [s for s, _, _ in stages(PRESETS[name])] == ["dense", "warmup", "sparse"]
-    assert PRESETS["retrieval"].copy_steps > 0 and PRESETS["retrieval"].copy_long_length == 16384
+    assert PRESETS["retrieval"].copy_steps > 0 and PRESETS["retrieval"].copy_long_length[-1] == 4096
     # a testbed run planned before the stage existed has no copy fields in its state: its stage indices still hold
     old = {k: v for k, v in dataclasses.asdict(PRESETS["retrieval"]).items() if not k.startswith("copy_")}
     assert stages(TrainConfig(**old))[0][0] == "dense"
@@ -139,21 +139,88 @@ def test_train_runs_the_copy_stage_first():
                                                                       ("sparse", 1)]
 
 
-def test_testbed_plan_keeps_copy_steps_that_fit_and_caps_the_rest(monkeypatch):
+def test_testbed_plan_leaves_the_copy_stage_and_splits_the_rest(monkeypatch):
     import benchmarks.retrieval_testbed as tb
 
     clock = [0.0]  # a fake clock: every stage's step takes exactly 10 ms, whatever else the machine runs
+    timed = []
 
     def timed_step(model, corpus, stage, steps, *a, **k):
+        timed.append(stage)
         clock[0] += 0.01 * steps
 
     monkeypatch.setattr(tb, "run_stage", timed_step)
     monkeypatch.setattr(tb.time, "perf_counter", lambda: clock[0])
-    planned = tb.plan_steps(TINY, 100.0, "cpu", None)
-    assert planned.copy_steps == 3 and 4000 < planned.dense_steps <= 7200  # 0.72 of the 100 s at <= 10 ms a step
-    capped = tb.plan_steps(dataclasses.replace(TINY, copy_steps=10 ** 6), 100.0, "cpu", None)
-    assert 600 < capped.copy_steps <= 1250 and capped.dense_steps < 0.9 * planned.dense_steps  # 12.5 s of copying
-    assert tb.plan_steps(dataclasses.replace(TINY, copy_steps=0), 100.0, "cpu", None).copy_steps == 0
+    planned = tb.plan_steps(dataclasses.replace(TINY, copy_steps=10 ** 6), 100.0, "cpu", None)
+    assert "copy" not in timed and planned.copy_steps == 10 ** 6  # the copy warm-up is never cut
+    assert (planned.dense_steps, planned.warmup_steps, planned.sparse_steps) == (7200, 800, 2000)  # SHARES of 100 s
+    assert tb.plan_steps(TINY, 0.0, "cpu", None) == TINY  # no budget: the config's own counts
+
+
+def test_dense_stage_copy_episode_rows():
+    """copy_rows "episodes": the copy rows are long-phase windows of the batch's length (one copy per copy_length
+    tokens at copy_long_gaps distances, some far back), in copy_alphabet; the other rows are left alone."""
+    from indexcache.tools.train import _with_copy_rows
+
+    ids = torch.randint(0, 256, (4, 1025), generator=torch.Generator().manual_seed(0))
+    tc = dataclasses.replace(TINY, copy_share=0.25, copy_length=64, copy_alphabet="xyz", copy_rows="episodes",
+                             copy_long_gaps="log")
+    out = _with_copy_rows(tc, ids, torch.Generator().manual_seed(1), "dense")
+    assert torch.equal(out[1:], ids[1:]) and int(out[0, 0]) == 256 and set(out[0, 1:].tolist()) <= set(b"xyz")
+    seed = torch.randint(0, 1 << 31, (1,), generator=torch.Generator().manual_seed(1)).item()
+    win, spans = copy_episode_spans(1025, seed, 64, 1025 - 1 - 24, alphabet=b"xyz", gaps="log")
+    assert torch.equal(out[0], win) and len(spans) >= 12 and max(d - s for s, d, _ in spans) > 128
+    with pytest.raises(ValueError, match="copy_rows must be one of"):
+        _with_copy_rows(dataclasses.replace(tc, copy_rows="long"), ids, torch.Generator(), "dense")
+
+
+def test_copy_reach_extension(corpus, monkeypatch):
+    """copy_reach_nats: after the copy stage, blocks of long-window steps while the measured reach is above it, at
+    most copy_reach_blocks; none when it is met; resumable from its state; checked up front."""
+    import indexcache.tools.probe as probe
+    from indexcache.tools.train import extend_copy
+
+    tc = dataclasses.replace(TINY, copy_long_length=(256,), copy_reach_nats=1.0, copy_reach_block=2,
+                             copy_reach_blocks=3)
+    reach = iter([3.0, 2.0, 0.5, 9.9])  # above, above, met: two blocks
+    monkeypatch.setattr(probe, "copy_reach", lambda model, length, **k: (length == 256 or 1 / 0) and next(reach))
+    state = {}
+    done, opt = extend_copy(_fresh(tc), corpus, tc, torch.Generator().manual_seed(0), state)
+    assert done and state == {"blocks": 2, "step": 4, "reach": [3.0, 2.0, 0.5]} and opt is not None
+    reach = iter([5.0] * 9)
+    state = {}
+    assert extend_copy(_fresh(tc), corpus, tc, torch.Generator(), state)[0] and state["blocks"] == 3  # the cap
+    # cut by a deadline in its first block: not finished, and the next call continues where it stopped
+    reach = iter([5.0, 0.1])
+    state, model = {}, _fresh(tc)
+    assert extend_copy(model, corpus, tc, torch.Generator(), state, deadline=0.0)[0] is False
+    assert state == {"blocks": 0, "step": 0, "reach": [5.0]}
+    assert extend_copy(model, corpus, tc, torch.Generator(), state)[0] and state["reach"] == [5.0, 0.1]
+    for bad, match in ((dict(copy_long_length=None), "needs a copy stage"),
+                       (dict(copy_reach_block=0), "copy_reach_block"),
+                       (dict(copy_reach_blocks=-1), "copy_reach_blocks"), (dict(copy_rows="x"), "copy_rows")):
+        with pytest.raises(ValueError, match=match):
+            stages(dataclasses.replace(tc, **bad))
+
+
+def test_copy_reach_scores_copies_across_the_window():
+    """probe.copy_reach: the mean NLL of every copied letter past its cue in the held-out windows."""
+    from indexcache.tools.probe import copy_reach
+
+    from indexcache.tools.probe import REACH_SEED_BASE
+    from indexcache.tools.trainfwd import dense_logits
+
+    model = _fresh(dataclasses.replace(TINY, context=256))
+    nll = copy_reach(model, 256, windows=2, batch=1)
+    assert 2.0 < nll < 8.0
+    picked = []  # by hand: the held-out windows, the letters of each copy past its 4-letter cue
+    for i in range(2):
+        win, spans = copy_episode_spans(257, REACH_SEED_BASE + i, 64, 256 - 24, gaps="log")
+        logp = torch.log_softmax(dense_logits(model, win[None, :-1])[0].float(), -1)
+        picked += [-logp[t, win[t + 1]] for _, dst, n in spans for t in range(dst + 3, dst + n - 1)]
+    assert abs(nll - float(torch.stack(picked).mean())) < 1e-4
+    with pytest.raises(ValueError, match="length >= 4 x every"):
+        copy_reach(model, 128, windows=1)
 
 
 def test_copy_long_phase_curriculum_mix_and_log_gaps(corpus, monkeypatch):
