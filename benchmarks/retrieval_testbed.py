@@ -184,8 +184,10 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
             finished, opt_state = extend_copy(model, corpus, tc, gen, ext, opt_state, deadline=work.deadline(30),
                                               checkpoint=ext_checkpoint, progress=False)
             tr["copy_seconds"] += time.perf_counter() - t
-            print(f"[testbed] copy reach (copied NLL over the longest copy windows, before each extension block "
-                  f"and after the last): {', '.join(f'{x:.3f}' for x in ext['reach'])}", flush=True)
+            phases = ["stage's text"] + [f"{n} symbols" for n in tc.copy_reach_alphabets]
+            print("[testbed] copy reach (copied NLL over the longest copy windows, before each extension block and "
+                  "after the last): " + "; ".join(f"{name}: " + ", ".join(f"{x:.3f}" for x in r)
+                                                   for name, r in zip(phases, ext["reach"])), flush=True)
             if not finished:
                 work.save()
                 print("[testbed] training: copy extension cut by the budget; resume to continue", flush=True)

@@ -80,7 +80,7 @@ class TrainConfig:
     copy_share: float = 0.0
     # what those rows hold: "short" copy windows packed end to end, or "episodes": one window of the batch's length
     # holding a copy per copy_length tokens at distances spread over it as copy_long_gaps says (the long phase's
-    # windows): the short windows keep the copier working only within copy_length tokens
+    # windows, text in copy_rows_alphabet): the short windows keep the copier working only within copy_length tokens
     copy_rows: str = "short"
     # the copy windows' random text (bytes); letters are what the copying heads form on from scratch
     copy_alphabet: str = "abcdefghijklmnopqrstuvwxyz"
@@ -122,7 +122,12 @@ class TrainConfig:
     # only a few dozen tokens back cannot retrieve
     copy_reach_nats: float | None = None
     copy_reach_block: int = 100
-    copy_reach_blocks: int = 0
+    copy_reach_blocks: int = 0  # per phase (letters, then each of copy_reach_alphabets)
+    # then the same check and blocks on windows of these alphabet sizes in turn (tasks.copy_alphabet_of: letters,
+    # capitals, digits, punctuation): the letters' copier copies letters only. The testbed's model copied letters
+    # 1024 tokens back at 0.14 nats after the dense stage and digits or hex not at all (2.66, 2.99: chance 2.30,
+    # 2.77), and retrieved nothing (run 71); on the CPU a jump from 26 to 64 symbols erased the letter copier
+    copy_reach_alphabets: tuple = ()
     time_budget_s: float | None = None  # for the whole run; split 70/10/20 across the stages (a copy stage
     #                                     gets at most the first 15%, and the dense stage the rest of its 70%)
 
@@ -168,7 +173,8 @@ PRESETS = {
                              # 64-token windows, then 2x steps of length with log-uniform copy distances
                              copy_long_length=(128, 256, 512, 1024, 2048, 4096), copy_long_share=0.4,
                              copy_long_gaps="log",
-                             copy_reach_nats=0.5, copy_reach_block=100, copy_reach_blocks=6,
+                             copy_reach_nats=0.5, copy_reach_block=100, copy_reach_blocks=4,
+                             copy_reach_alphabets=(40, 52, 62, 80, 95),  # capitals, digits, punctuation in turn
                              # a quarter of each dense batch keeps copying across the window (letters only: the
                              # CPU copier collapsed within 100 plain dense steps, kept with such rows)
                              copy_share=0.25, copy_rows="episodes",
@@ -286,7 +292,7 @@ def _with_copy_rows(tc: TrainConfig, ids: torch.Tensor, gen: torch.Generator, st
     if tc.copy_rows == "episodes":
         L = ids.shape[1]
         ids[:rows] = copy_episode_windows(rows, L, gen, every=tc.copy_length, max_gap=L - 1 - 2 * COPY_SEGMENT,
-                                          alphabet=tc.copy_alphabet.encode(), gaps=tc.copy_long_gaps)
+                                          alphabet=copy_rows_alphabet(tc), gaps=tc.copy_long_gaps)
         return ids
     per = -(-ids.shape[1] // tc.copy_length)
     ids[:rows] = copy_windows(rows * per, tc.copy_length, gen, alphabet=tc.copy_alphabet.encode()).view(rows, -1)[:, :ids.shape[1]]
@@ -369,29 +375,38 @@ def copy_batches(tc: TrainConfig, step: int, steps: int, gen: torch.Generator) -
     return [ids]
 
 
-def copy_reach_config(tc: TrainConfig) -> TrainConfig:
+def copy_reach_config(tc: TrainConfig, alphabet: int | None = None) -> TrainConfig:
     """The copy stage's extension (``copy_reach_nats``): every step on windows of the longest ``copy_long_length``,
-    as many tokens a step as the stage."""
+    as many tokens a step as the stage, their text in ``alphabet`` symbols (tasks.copy_alphabet_of; None: the
+    stage's long-window text)."""
     lengths = copy_long_lengths(tc)
     if not lengths:
         raise ValueError("copy_reach_nats needs copy_long_length: the reach is measured on the longest long windows")
-    return dataclasses.replace(tc, copy_long_length=lengths[-1], copy_long_share=1.0)
+    return dataclasses.replace(tc, copy_long_length=lengths[-1], copy_long_share=1.0,
+                               copy_long_alphabet=tc.copy_long_alphabet if alphabet is None else alphabet)
+
+
+def copy_rows_alphabet(tc: TrainConfig) -> bytes:
+    """The text of the dense stage's copy rows: the widest alphabet the copy stage taught (``copy_alphabet`` or the
+    last of ``copy_reach_alphabets``)."""
+    return copy_alphabet_of(tc.copy_reach_alphabets[-1]) if tc.copy_reach_alphabets else tc.copy_alphabet.encode()
 
 
 def extend_copy(model, corpus, tc: TrainConfig, gen: torch.Generator, state: dict, opt_state: dict | None = None,
                 deadline: float | None = None, checkpoint=None, progress: bool | None = None) -> tuple[bool, dict]:
-    """After the copy stage: measure the copy reach (probe.copy_reach on the longest long windows) and, while it is
-    above ``copy_reach_nats``, train blocks of ``copy_reach_block`` more long-window steps, at most
-    ``copy_reach_blocks``, with the stage's optimizer (``opt_state``) and rate. Resumable: ``state`` ({"blocks",
-    "step", "reach": NLL before each block and after the last}) is updated in place, ``checkpoint(next_step, opt)``
-    as in ``run_stage``. Returns (finished, the optimizer's state); not finished when ``deadline`` cut a block."""
+    """After the copy stage, in phases (the stage's own long windows, then each of ``copy_reach_alphabets``):
+    measure the copy reach (probe.copy_reach on the longest long windows in the phase's alphabet) and, while it is
+    above ``copy_reach_nats``, train blocks of ``copy_reach_block`` more long-window steps in that alphabet, at most
+    ``copy_reach_blocks`` a phase, with the stage's optimizer (``opt_state``) and rate. Resumable: ``state``
+    ({"phase", "blocks" in the phase, "step" over all phases, "reach": per phase the NLL before each block and after
+    the last}) is updated in place, ``checkpoint(next_step, opt)`` as in ``run_stage``. Returns (finished, the
+    optimizer's state); not finished when ``deadline`` cut a block."""
     from .probe import copy_reach
 
-    state.setdefault("blocks", 0)
-    state.setdefault("step", 0)
-    state.setdefault("reach", [])
-    ext = copy_reach_config(tc)
+    for key, value in (("phase", 0), ("blocks", 0), ("step", 0), ("reach", [])):
+        state.setdefault(key, value)
     longest = copy_long_lengths(tc)[-1]
+    phases = [tc.copy_long_alphabet] + list(tc.copy_reach_alphabets)
     box = {"opt": opt_state}
 
     def keep(next_step, opt):
@@ -400,18 +415,24 @@ def extend_copy(model, corpus, tc: TrainConfig, gen: torch.Generator, state: dic
         if checkpoint is not None:
             checkpoint(next_step, opt)
 
-    while True:
-        if len(state["reach"]) <= state["blocks"]:
-            state["reach"].append(copy_reach(model, longest, alphabet=tc.copy_alphabet.encode(),
-                                             gaps=tc.copy_long_gaps))
-        if state["reach"][-1] <= tc.copy_reach_nats or state["blocks"] >= tc.copy_reach_blocks:
-            return True, box["opt"]
-        end = (state["blocks"] + 1) * tc.copy_reach_block
-        run_stage(model, corpus, "copy", end, tc.copy_lr, ext, gen, start_step=state["step"], opt_state=box["opt"],
-                  deadline=deadline, checkpoint=keep, progress=progress)
+    while state["phase"] < len(phases):
+        size = phases[state["phase"]]
+        alphabet = tc.copy_alphabet.encode() if size is None else copy_alphabet_of(size)
+        if len(state["reach"]) <= state["phase"]:
+            state["reach"].append([])
+        reach = state["reach"][state["phase"]]
+        if len(reach) <= state["blocks"]:
+            reach.append(copy_reach(model, longest, alphabet=alphabet, gaps=tc.copy_long_gaps))
+        if reach[-1] <= tc.copy_reach_nats or state["blocks"] >= tc.copy_reach_blocks:
+            state["phase"], state["blocks"] = state["phase"] + 1, 0
+            continue
+        end = state["step"] - state["step"] % tc.copy_reach_block + tc.copy_reach_block
+        run_stage(model, corpus, "copy", end, tc.copy_lr, copy_reach_config(tc, size), gen, start_step=state["step"],
+                  opt_state=box["opt"], deadline=deadline, checkpoint=keep, progress=progress)
         if state["step"] < end:
             return False, box["opt"]
         state["blocks"] += 1
+    return True, box["opt"]
 
 
 def _window(tc: TrainConfig, step: int, stage: str = "dense") -> tuple[int, int]:
@@ -433,6 +454,11 @@ def stages(tc: TrainConfig) -> list[tuple[str, int, float]]:
         if tc.copy_steps <= 0 or not copy_long_lengths(tc):
             raise ValueError(f"copy_reach_nats={tc.copy_reach_nats!r} needs a copy stage with copy_long_length "
                              f"(copy_steps={tc.copy_steps}, copy_long_length={tc.copy_long_length!r})")
+        for size in tc.copy_reach_alphabets:
+            try:
+                copy_alphabet_of(size)
+            except ValueError as e:
+                raise ValueError(f"copy_reach_alphabets: {e}") from None
         for name in ("copy_reach_block", "copy_reach_blocks"):
             v = getattr(tc, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "copy_reach_block" else 0):

@@ -176,29 +176,51 @@ def test_dense_stage_copy_episode_rows():
 
 def test_copy_reach_extension(corpus, monkeypatch):
     """copy_reach_nats: after the copy stage, blocks of long-window steps while the measured reach is above it, at
-    most copy_reach_blocks; none when it is met; resumable from its state; checked up front."""
+    most copy_reach_blocks a phase; none when it is met; then the same per alphabet of copy_reach_alphabets, each
+    measured and trained in its own symbols; resumable from its state; checked up front."""
     import indexcache.tools.probe as probe
-    from indexcache.tools.train import extend_copy
+    import indexcache.tools.train as train_mod
+    from indexcache.tools.tasks import copy_alphabet_of
+    from indexcache.tools.train import copy_rows_alphabet, extend_copy
 
     tc = dataclasses.replace(TINY, copy_long_length=(256,), copy_reach_nats=1.0, copy_reach_block=2,
                              copy_reach_blocks=3)
-    reach = iter([3.0, 2.0, 0.5, 9.9])  # above, above, met: two blocks
-    monkeypatch.setattr(probe, "copy_reach", lambda model, length, **k: (length == 256 or 1 / 0) and next(reach))
+    reach, measured, trained = iter([3.0, 2.0, 0.5, 9.9]), [], []  # above, above, met: two blocks
+    real_run_stage = train_mod.run_stage
+
+    def spy(model, corpus, stage, steps, lr, tc_, *a, **k):
+        trained.append((k["start_step"], steps, tc_.copy_long_alphabet, tc_.copy_long_share))
+        return real_run_stage(model, corpus, stage, steps, lr, tc_, *a, **k)
+
+    def fake_reach(model, length, alphabet, **k):
+        measured.append((length, alphabet))
+        return next(reach)
+
+    monkeypatch.setattr(probe, "copy_reach", fake_reach)
+    monkeypatch.setattr(train_mod, "run_stage", spy)
     state = {}
     done, opt = extend_copy(_fresh(tc), corpus, tc, torch.Generator().manual_seed(0), state)
-    assert done and state == {"blocks": 2, "step": 4, "reach": [3.0, 2.0, 0.5]} and opt is not None
-    reach = iter([5.0] * 9)
-    state = {}
-    assert extend_copy(_fresh(tc), corpus, tc, torch.Generator(), state)[0] and state["blocks"] == 3  # the cap
+    assert done and state == {"phase": 1, "blocks": 0, "step": 4, "reach": [[3.0, 2.0, 0.5]]} and opt is not None
+    assert trained == [(0, 2, None, 1.0), (2, 4, None, 1.0)] and measured == [(256, tc.copy_alphabet.encode())] * 3
+    reach, state = iter([5.0] * 9), {}
+    assert extend_copy(_fresh(tc), corpus, tc, torch.Generator(), state)[0] and state["reach"] == [[5.0] * 4]  # cap
+    # alphabets: letters met at once, then 40 symbols after one block, then 62 at once
+    tc2 = dataclasses.replace(tc, copy_reach_alphabets=(40, 62))
+    reach, measured, trained, state = iter([0.5, 2.0, 0.9, 0.2]), [], [], {}
+    assert extend_copy(_fresh(tc2), corpus, tc2, torch.Generator(), state)[0]
+    assert state["reach"] == [[0.5], [2.0, 0.9], [0.2]] and trained == [(0, 2, 40, 1.0)]
+    assert [a for _, a in measured] == [tc.copy_alphabet.encode(), copy_alphabet_of(40), copy_alphabet_of(40),
+                                        copy_alphabet_of(62)]
+    assert copy_rows_alphabet(tc2) == copy_alphabet_of(62) and copy_rows_alphabet(tc) == tc.copy_alphabet.encode()
     # cut by a deadline in its first block: not finished, and the next call continues where it stopped
-    reach = iter([5.0, 0.1])
-    state, model = {}, _fresh(tc)
+    reach, state, model = iter([5.0, 0.1]), {}, _fresh(tc)
     assert extend_copy(model, corpus, tc, torch.Generator(), state, deadline=0.0)[0] is False
-    assert state == {"blocks": 0, "step": 0, "reach": [5.0]}
-    assert extend_copy(model, corpus, tc, torch.Generator(), state)[0] and state["reach"] == [5.0, 0.1]
+    assert state == {"phase": 0, "blocks": 0, "step": 0, "reach": [[5.0]]}
+    assert extend_copy(model, corpus, tc, torch.Generator(), state)[0] and state["reach"] == [[5.0, 0.1]]
     for bad, match in ((dict(copy_long_length=None), "needs a copy stage"),
                        (dict(copy_reach_block=0), "copy_reach_block"),
-                       (dict(copy_reach_blocks=-1), "copy_reach_blocks"), (dict(copy_rows="x"), "copy_rows")):
+                       (dict(copy_reach_blocks=-1), "copy_reach_blocks"), (dict(copy_rows="x"), "copy_rows"),
+                       (dict(copy_reach_alphabets=(300,)), "copy_reach_alphabets")):
         with pytest.raises(ValueError, match=match):
             stages(dataclasses.replace(tc, **bad))
 
