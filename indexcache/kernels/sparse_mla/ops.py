@@ -20,7 +20,7 @@ PREFILL_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 2
 # overlap only with another program's work: 4 warps at <= 255 registers and ~100 KB of shared memory let two
 # programs share an SM (8 warps at 255 registers, as the first FP8 kernel had, allow one)
 PREFILL_FP8_CFG = {"hb_max": 64, "bt": 32, "num_warps": 8, "num_stages": 2}
-PREFILL_FP8_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 2}  # HB <= 32
+PREFILL_FP8_CFG_FEW_HEADS = {"hb_max": 64, "bt": 32, "num_warps": 4, "num_stages": 2}  # HB <= 32
 # "fp8": the selected rows are gathered + dequantised once (dq_rows rows per program, dq_warps warps), then the
 # bf16 attention runs over them with a head-major grid
 DECODE_CFG = {"bf16": {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "target_programs": 264},
@@ -141,7 +141,7 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config):
     flat = kv.view(-1, LATENT_FP8_BYTES)
     if not use_triton(q):
         return sparse_mla_prefill_reference(q, flat, indices, sm_scale, d_v, kv_format="fp8")
-    from indexcache.kernels.sparse_mla.triton import _sparse_mla_prefill_fp8_kernel
+    from indexcache.kernels.sparse_mla import triton as tm
 
     q = q if q.stride(-1) == 1 else q.contiguous()
     indices = indices.contiguous()
@@ -156,8 +156,7 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config):
     args = (q, flat, flat.view(torch.float32), flat.view(torch.bfloat16), indices, out, lse, flat.shape[0], H,
             indices.shape[1], sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), indices.stride(0),
             out.stride(0), out.stride(1))
-    _launch_chain(_sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()),
-                  cfg)
+    _launch_chain(tm._sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
 
 
