@@ -1,6 +1,8 @@
-"""bf16 sparse MLA prefill, launch variants timed in one run (today only the
-production launch; add candidates to VARIANTS): 8192 queries at the end of a 200K context, top-k 2048,
-20 heads (glm-4.7-flash-dsa) and 128 heads (DeepSeek-V3.2).
+"""Sparse MLA prefill over a bf16 or an FP8 latent cache, variants timed in one run: 8192 queries at the end of a
+200K context, top-k 2048, 20 heads (glm-4.7-flash-dsa) and 128 heads (DeepSeek-V3.2). FP8 rows: "fp8 via decode"
+is the engine's FP8 prefill path before kv_format="fp8" existed (sparse_mla_decode: gather + dequantise the
+selected rows into a bf16 scratch, then the bf16 attention), the others sparse_mla_prefill(kv_format="fp8") at
+launch configs. FP8 rows are checked against the reference on the dequantised rows.
 
     python -m benchmarks.sparse_mla_prefill [--quick]      # ~1-2 min on an H200 (compiles included); JSON to $OUT
 
@@ -8,7 +10,7 @@ Index sets: "random" (uniform over the context: what random weights give, the wo
 synthetic stand-in for trained top-k sets: per query 64 sinks (the first tokens), the 256 tokens before it, and 27
 far blocks of 64 consecutive tokens, drawn per group of 64 neighbouring queries with a quarter of each query's blocks
 redrawn (so neighbours share most of their far rows). Each variant is checked against the PyTorch reference on 32
-queries before it is timed. FLOP = 2 * T * topk * h * (576 + 512); TB/s = gathered rows (T * topk * 1152 B) / time.
+queries before it is timed. FLOP = 2 * T * topk * h * (576 + 512); TB/s = gathered rows (T * topk * 1152 B, 656 B for FP8) / time.
 """
 from __future__ import annotations
 
@@ -17,15 +19,30 @@ import sys
 import torch
 
 from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, write_results
-from indexcache.kernels.sparse_mla import sparse_mla_prefill, sparse_mla_prefill_reference
+from indexcache.kernels.sparse_mla import (quantize_latent_fp8_reference, sparse_mla_decode, sparse_mla_prefill,
+                                           sparse_mla_prefill_reference)
 
 CTX, K, SCALE = 200_000, 2048, 0.1352
-# (label, h, config): config overrides sparse_mla_prefill's launch parameters, so a candidate launch is timed beside
-# the production one in the same run; the first row of each h is the baseline of speedup_vs_base
+# (label, h, cache, config): cache "bf16", "fp8" (sparse_mla_prefill kv_format="fp8") or "fp8 via decode"; config
+# overrides the launch parameters, so a candidate launch is timed beside the production one in the same run; the
+# first row of each h is the baseline of speedup_vs_base
 VARIANTS = [
-    ("production launch", 20, None),
-    ("production launch", 128, None),
+    ("production launch", 20, "bf16", None),
+    ("fp8 via decode (old path)", 20, "fp8 via decode", None),
+    ("fp8 prefill, default", 20, "fp8", None),
+    ("fp8 prefill, bt 64, 8 warps", 20, "fp8", {"bt": 64, "num_warps": 8, "num_stages": 2}),
+    ("fp8 prefill, bt 64, 4 warps", 20, "fp8", {"bt": 64, "num_warps": 4, "num_stages": 2}),
+    ("production launch", 128, "bf16", None),
+    ("fp8 prefill, default", 128, "fp8", None),
 ]
+
+
+def run(cache: str, q, kv, kv8, idx, cfg):
+    if cache == "bf16":
+        return sparse_mla_prefill(q, kv, idx, SCALE, config=cfg)
+    if cache == "fp8":
+        return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg)
+    return sparse_mla_decode(q, kv8.view(-1, 64, 656), idx, SCALE, kv_format="fp8")
 
 
 def index_sets(T: int, device="cuda") -> dict:
@@ -49,24 +66,30 @@ def main(quick: bool = False) -> int:
     T = 2048 if quick else 8192
     ceilings = measure_ceilings()
     kv = torch.randn(CTX, 576, device="cuda", dtype=torch.bfloat16)
+    kv8 = quantize_latent_fp8_reference(kv.float())                       # 200K rows: a multiple of the 64-row page
     sets = index_sets(T)
     rows = []
     qs = {}
     base_ms = {}
-    for label, h, cfg in VARIANTS:
+    for label, h, cache, cfg in VARIANTS:
         if h not in qs:
             qs = {h: torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)}
         q = qs[h]
         for name, idx in sets.items():
-            r = {"variant": label, "h": h, "indices": name, "cfg": str(cfg)}
+            r = {"variant": label, "h": h, "cache": cache, "indices": name, "cfg": str(cfg)}
             try:
-                o, l = sparse_mla_prefill(q[:32], kv, idx[:32], SCALE, config=cfg)
-                ro, rl = sparse_mla_prefill_reference(q[:32], kv, idx[:32], SCALE)
+                o, l = run(cache, q[:32], kv, kv8, idx[:32], cfg)
+                if cache == "bf16":
+                    ro, rl = sparse_mla_prefill_reference(q[:32], kv, idx[:32], SCALE)
+                else:
+                    ro, rl = sparse_mla_prefill_reference(q[:32], kv8, idx[:32], SCALE, kv_format="fp8")
                 r["rel_err"] = ((o.float() - ro.float()).norm() / ro.float().norm()).item()
+                r["lse_err"] = (l - rl).abs().max().item()
                 if not r["rel_err"] < 1e-2:
                     raise AssertionError(f"wrong result: rel err {r['rel_err']:.3g}")
-                ms = bench_ms(lambda: sparse_mla_prefill(q, kv, idx, SCALE, config=cfg))
-                r.update(ms=ms, tflops=2 * T * K * h * 1088 / ms / 1e9, tbps=T * K * 1152 / ms / 1e9)
+                ms = bench_ms(lambda: run(cache, q, kv, kv8, idx, cfg))
+                row_bytes = 1152 if cache == "bf16" else 656
+                r.update(ms=ms, tflops=2 * T * K * h * 1088 / ms / 1e9, tbps=T * K * row_bytes / ms / 1e9)
                 base_ms.setdefault((h, name), ms)                      # the first variant of each h is the baseline
                 r["speedup_vs_base"] = base_ms[(h, name)] / ms
             except Exception as e:  # a variant that fails to compile or is wrong is reported, the others go on
@@ -76,7 +99,8 @@ def main(quick: bool = False) -> int:
     payload = {"meta": run_metadata(), "ceilings": ceilings, "T": T, "context": CTX, "topk": K, "rows": rows,
                "index_sets": __doc__.split("Index sets: ")[1].split(" FLOP")[0]}
     print("ceilings:", {k: round(v, 3) for k, v in ceilings.items() if isinstance(v, float)})
-    print(table(rows, ["variant", "h", "indices", "ms", "tflops", "tbps", "speedup_vs_base", "rel_err", "error"]))
+    print(table(rows, ["variant", "h", "cache", "indices", "ms", "tflops", "tbps", "speedup_vs_base", "rel_err",
+                       "error"]))
     print("written:", write_results("sparse_mla_prefill", payload))
     return 0
 

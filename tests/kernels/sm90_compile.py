@@ -6,6 +6,7 @@
     python -m tests.kernels.sm90_compile --rerank       # the re-rank candidate-scoring kernel
     python -m tests.kernels.sm90_compile --topk-prefill # the one-launch prefill top-k (fp32, bf16 logits)
     python -m tests.kernels.sm90_compile --topk-short   # the re-rank pool's top-k with its slot gather (topk_slots)
+    python -m tests.kernels.sm90_compile --sparse-mla-fp8   # sparse MLA prefill from the FP8 latent cache
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -233,6 +234,24 @@ def rerank_kernels() -> list[tuple[str, dict]]:
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])) for h in (32, 64)]
 
 
+def sparse_mla_fp8_kernels() -> list[tuple[str, dict]]:
+    """The FP8-cache sparse MLA prefill at its default launches (20 heads: HB 32, 128 heads: HB 64) and the 20-head
+    alternatives the benchmark times, beside the bf16-cache kernel at 20 heads."""
+    from indexcache.kernels.sparse_mla import ops
+    from indexcache.kernels.sparse_mla import triton as tm
+
+    types = {"q": "*bf16", "kv": "*bf16", "idx": "*i32", "out": "*bf16", "lse": "*fp32", "qk_scale": "fp32",
+             "kv_u8": "*u8", "kv_f32": "*fp32", "kv_bf16": "*bf16"}
+    div = ("sq_t", "sq_h", "skv", "si_t", "so_t", "so_h")
+    runs = [("bf16 cache h=20", tm._sparse_mla_prefill_kernel, 32, ops.PREFILL_CFG_FEW_HEADS),
+            ("fp8 cache h=20 (default)", tm._sparse_mla_prefill_fp8_kernel, 32, ops.PREFILL_FP8_CFG_FEW_HEADS),
+            ("fp8 cache h=20 bt64 8 warps", tm._sparse_mla_prefill_fp8_kernel, 32, {"bt": 64, "num_warps": 8,
+                                                                                 "num_stages": 2}),
+            ("fp8 cache h=128 (default)", tm._sparse_mla_prefill_fp8_kernel, 64, ops.PREFILL_FP8_CFG)]
+    return [(name, compile_sm90(fn, types, {"HB": hb, "BT": c["bt"], "UPCAST": False}, num_warps=c["num_warps"],
+                                num_stages=c["num_stages"], div16=div)) for name, fn, hb, c in runs]
+
+
 def toolchain_problem(tool: str) -> str | None:
     """Why ``tool`` cannot compile for sm_90a here (None when it can)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -253,6 +272,7 @@ _REPORTS = {
     "--topk-prefill": (topk_prefill_kernels, lambda r: ""),
     "--topk-short": (topk_short_kernels, lambda r: ""),
     "--topk-decode": (topk_decode_kernels, lambda r: ""),
+    "--sparse-mla-fp8": (sparse_mla_fp8_kernels, _mma_columns),
 }
 
 

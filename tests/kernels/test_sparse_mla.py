@@ -148,6 +148,62 @@ def test_decode_fp8_fp32_and_workspace_checks(device):
     _lse_ok(l2, rl, 1e-3)
 
 
+def _fp8_prefill_case(device, T, h, S, K, seed, dtype):
+    torch.manual_seed(seed)
+    # rows of very different magnitudes, so the four tile scales of a row and of different rows differ
+    latent = torch.randn(S, 576, device=device) * torch.rand(S, 1, device=device) * 4
+    latent[:, 128:256] *= 0.01
+    kv = quantize_latent_fp8_reference(latent)
+    q = (torch.randn(T, h, 576, device=device) * torch.rand(1, h, 1, device=device) * 3).to(dtype)
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device=device)
+    idx[0, 3] = -1
+    idx[0, 7] = S + 11                    # past the cache: skipped
+    idx[1, K // 2:] = -1                  # ragged: a -1 padded tail
+    idx[T - 1, :] = -1                    # no valid entry: out 0, lse -inf
+    return q, kv, idx
+
+
+# exact in the interpreter's fp32; fp16 q: fp16 output rounding
+@pytest.mark.parametrize("h,dtype,tol", [(16, torch.float32, 1e-5), (20, torch.float32, 1e-5), (80, torch.float32, 1e-5),
+                                         (9, torch.float16, 2e-3), (20, torch.bfloat16, 1e-2)])
+def test_prefill_fp8_matches_reference(device, h, dtype, tol):
+    T, S, K = 4, 211, 37                  # K not a multiple of the token tile: masked tail
+    q, kv, idx = _fp8_prefill_case(device, T, h, S, K, seed=100 + h, dtype=dtype)
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8")
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625, kv_format="fp8")
+    assert out.shape == (T, h, 512) and out.dtype == dtype and lse.shape == (T, h)
+    assert torch.isfinite(out).all()
+    assert _rel(out[:T - 1], ro[:T - 1]) < tol
+    assert (out[T - 1] == 0).all()
+    _lse_ok(lse, rl, 1e-3 if tol < 1e-3 else 2e-2)
+
+
+def test_prefill_fp8_paged_equals_bf16_kernel_on_dequantised_rows(device):
+    # the same attention as the bf16-cache kernel fed the dequantised rows (exact in fp32), paged cache accepted
+    T, h, S, K = 3, 20, 96, 29
+    q, kv, idx = _fp8_prefill_case(device, T, h, S, K, seed=5, dtype=torch.float32)
+    out, lse = sparse_mla_prefill(q, kv.view(6, 16, 656), idx, 0.1, kv_format="fp8")
+    bo, bl = sparse_mla_prefill(q, dequant_latent_fp8_reference(kv), idx, 0.1)
+    assert _rel(out[:T - 1], bo[:T - 1]) < 1e-5
+    _lse_ok(lse, bl, 1e-4)
+
+
+def test_prefill_fp8_bad_arguments():
+    q = torch.randn(2, 16, 576)
+    kv = torch.zeros(10, 656, dtype=torch.uint8)
+    idx = torch.zeros(2, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv_format"):
+        sparse_mla_prefill(q, kv, idx, 0.1, kv_format="int8")
+    with pytest.raises(ValueError, match="656"):
+        sparse_mla_prefill(q, torch.zeros(10, 576, dtype=torch.uint8), idx, 0.1, kv_format="fp8")
+    with pytest.raises(ValueError, match="uint8"):
+        sparse_mla_prefill(q, kv.float(), idx, 0.1, kv_format="fp8")
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse_mla_prefill(q, torch.zeros(10, 700, dtype=torch.uint8)[:, :656], idx, 0.1, kv_format="fp8")
+    with pytest.raises(ValueError, match="int32"):
+        sparse_mla_prefill(q, kv, idx.long(), 0.1, kv_format="fp8")
+
+
 def test_bad_arguments():
     q = torch.randn(2, 16, 576)
     kv = torch.randn(10, 576)
@@ -207,3 +263,22 @@ def test_gpu_fp8_decode_workspace_real_sizes(h):
         o, l = sparse_mla_decode(qd, cache, idx, 0.0625, kv_format="fp8", workspace=w)
         assert _rel(o, ro) < 1e-2
         _lse_ok(l, rl, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [20, 128])
+def test_gpu_prefill_fp8_real_sizes(h):
+    torch.manual_seed(23)
+    T, S, K = 64, 200_000, 2048
+    q = torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)
+    kv = quantize_latent_fp8_reference(torch.randn(S, 576, device="cuda") * torch.rand(S, 1, device="cuda") * 4)
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device="cuda")
+    idx[:, -100:] = -1
+    idx[3, 1000:] = S + 5
+    idx[5] = -1
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8")
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625, kv_format="fp8")
+    assert torch.isfinite(out).all()
+    assert (out[5] == 0).all()
+    assert _rel(out, ro) < 1e-2
+    _lse_ok(lse, rl, 2e-2)

@@ -16,6 +16,11 @@ _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 # launch parameters: heads per program cap, tokens per step, warps, pipeline stages (docs/kernels_attention.md)
 PREFILL_CFG = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2}
 PREFILL_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 2}  # HB <= 32
+# FP8 cache (kv_format "fp8"): same keys. Triton keeps one buffer of the gathered rows, so the loads of one program
+# overlap only with another program's work: 4 warps at <= 255 registers and ~100 KB of shared memory let two
+# programs share an SM (8 warps at 255 registers, as the first FP8 kernel had, allow one)
+PREFILL_FP8_CFG = {"hb_max": 64, "bt": 32, "num_warps": 8, "num_stages": 2}
+PREFILL_FP8_CFG_FEW_HEADS = {"hb_max": 64, "bt": 32, "num_warps": 4, "num_stages": 2}  # HB <= 32
 # "fp8": the selected rows are gathered + dequantised once (dq_rows rows per program, dq_warps warps), then the
 # bf16 attention runs over them with a head-major grid
 DECODE_CFG = {"bf16": {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "target_programs": 264},
@@ -80,13 +85,21 @@ def _check_idx(fn, indices, n, device):
 
 
 def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                       d_v: int = 512, *, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, h, 576], kv [S, 576] (same dtype), indices [T, topk] int32 rows of kv (-1 or >= S: skipped).
+                       d_v: int = 512, *, kv_format: str = "bf16",
+                       config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, h, 576]; kv [S, 576] of q's dtype (kv_format "bf16") or the FP8 latent cache (kv_format "fp8",
+    FlashMLA layout): uint8 [S, 656] or paged [num_blocks, page_size, 656], contiguous (index = row of the flattened
+    cache); indices [T, topk] int32 rows of kv (-1 or >= S: skipped).
 
     Returns out [T, h, 512] in q.dtype and lse [T, h] fp32 (natural log); rows with no valid index give 0 / -inf.
-    ``config`` overrides the launch parameters (keys of PREFILL_CFG; benchmarks sweep them).
+    An FP8 cache is read straight from its 656-B rows (no dequantised copy). ``config`` overrides the launch
+    parameters (keys of PREFILL_CFG / PREFILL_FP8_CFG; benchmarks sweep them).
     """
     _check_q("sparse_mla_prefill", q, d_v)
+    if kv_format not in ("bf16", "fp8"):
+        raise ValueError(f"sparse_mla_prefill: kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
+    if kv_format == "fp8":
+        return _prefill_fp8(q, kv, indices, sm_scale, d_v, config)
     if kv.dim() != 2 or kv.shape[1] != LATENT_DIM:
         raise ValueError(f"sparse_mla_prefill: kv must be [S, {LATENT_DIM}], got shape {tuple(kv.shape)}")
     if kv.dtype != q.dtype:
@@ -112,6 +125,38 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     hb = _hb(H, cfg["hb_max"])
     grid = (T, triton.cdiv(H, hb))
     _launch(_sparse_mla_prefill_kernel, grid, args, dict(HB=hb, UPCAST=interpreting()), cfg)
+    return out, lse
+
+
+def _prefill_fp8(q, kv, indices, sm_scale, d_v, config):
+    if kv.dim() not in (2, 3) or kv.shape[-1] != LATENT_FP8_BYTES or kv.dtype != torch.uint8:
+        raise ValueError(f"sparse_mla_prefill: an fp8 kv must be uint8 [S, {LATENT_FP8_BYTES}] or [num_blocks, "
+                         f"page_size, {LATENT_FP8_BYTES}], got shape {tuple(kv.shape)} {kv.dtype}")
+    if not kv.is_contiguous():
+        raise ValueError("sparse_mla_prefill: an fp8 kv must be contiguous (index = row of the flattened cache)")
+    if kv.device != q.device:
+        raise ValueError(f"sparse_mla_prefill: kv on {kv.device}, q on {q.device}")
+    T, H, _ = q.shape
+    _check_idx("sparse_mla_prefill", indices, T, q.device)
+    flat = kv.view(-1, LATENT_FP8_BYTES)
+    if not use_triton(q):
+        return sparse_mla_prefill_reference(q, flat, indices, sm_scale, d_v, kv_format="fp8")
+    from indexcache.kernels.sparse_mla import triton as tm
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    indices = indices.contiguous()
+    out = torch.empty((T, H, NOPE), dtype=q.dtype, device=q.device)
+    lse = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    if T == 0:
+        return out, lse
+    cfg = PREFILL_FP8_CFG if _hb(H, PREFILL_FP8_CFG["hb_max"]) > 32 else PREFILL_FP8_CFG_FEW_HEADS
+    if config:
+        cfg = {**cfg, **config}
+    hb = _hb(H, cfg["hb_max"])
+    args = (q, flat, flat.view(torch.float32), flat.view(torch.bfloat16), indices, out, lse, flat.shape[0], H,
+            indices.shape[1], sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), indices.stride(0),
+            out.stride(0), out.stride(1))
+    _launch_chain(tm._sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
 
 

@@ -9,9 +9,12 @@ from indexcache.kernels.formats import LATENT_DIM, LATENT_FP8_BYTES, NOPE, dequa
 
 
 def sparse_mla_prefill_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                                 d_v: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [T, h, d_v] (q.dtype), lse [T, h] fp32 natural log. Invalid index: -1 or >= S. No valid: 0 / -inf."""
+                                 d_v: int = 512, *, kv_format: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
+    """out [T, h, d_v] (q.dtype), lse [T, h] fp32 natural log. Invalid index: -1 or >= S. No valid: 0 / -inf.
+    kv: float [S, 576], or (kv_format "fp8") the uint8 FP8 cache [..., 656], read as its dequantised rows."""
     T, h, _ = q.shape
+    if kv_format == "fp8":
+        kv = dequant_latent_fp8_reference(kv.reshape(-1, LATENT_FP8_BYTES))
     S = kv.shape[0]
     valid = (indices >= 0) & (indices < S)
     g = kv.float()[indices.long().clamp(0, max(S - 1, 0))]                      # [T, topk, 576]
