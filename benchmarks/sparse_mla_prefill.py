@@ -30,8 +30,6 @@ VARIANTS = [
     ("production launch", 20, "bf16", None),
     ("fp8 via decode (old path)", 20, "fp8 via decode", None),
     ("fp8 prefill, default", 20, "fp8", None),
-    ("fp8 prefill, bt 64, 8 warps", 20, "fp8", {"bt": 64, "num_warps": 8, "num_stages": 2}),
-    ("fp8 prefill, bt 64, 4 warps", 20, "fp8", {"bt": 64, "num_warps": 4, "num_stages": 2}),
     ("production launch", 128, "bf16", None),
     ("fp8 prefill, default", 128, "fp8", None),
 ]
