@@ -159,6 +159,7 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
         gen.set_state(ck["gen"])
         opt_state = ck["opt"]
     recipe = stages(tc)  # a run planned before the copy warm-up existed has no copy_steps: its indices still hold
+    last = {}  # the optimizer of the latest checkpoint
     while tr["stage"] < len(recipe):
         stage, total, lr = recipe[tr["stage"]]
         if stage != "copy" and not tr.get("planned", True):  # the stages after the copy warm-up share what it left
@@ -169,6 +170,7 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
             stage, total, lr = recipe[tr["stage"]]
 
         def checkpoint(next_step, opt, stage_i=tr["stage"]):
+            last["opt"] = opt
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state()}, ck_path + ".tmp")
             os.replace(ck_path + ".tmp", ck_path)
             tr["stage"], tr["step"] = stage_i, next_step
@@ -204,7 +206,7 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
                 print(f"[testbed] training: {stage} at step {tr['step']}/{total}; resume to continue", flush=True)
                 return False
             if stage == "copy" and tc.copy_reach_nats is not None:
-                opt_state = torch.load(ck_path, map_location=device, weights_only=False)["opt"]
+                opt_state = last["opt"].state_dict()
                 continue  # the reach check and extension, resumable, next time round
         if stage == "copy":  # did copying form? known a few minutes in, not after the whole training
             tr["copy_probe_after_copy_stage"] = probe_copy(model, s, load_corpus("test"), device,

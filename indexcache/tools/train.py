@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from ..distributed.training import any_rank, clip_grad_norm_, reduce_gradients
 from ..progress import Progress
 from .corpus import ByteTokenizer, load_corpus
+from .probe import copy_reach
 from .tasks import COPY_GAPS, COPY_SEGMENT, copy_alphabet_of, copy_episode_windows, copy_windows, mixed_windows
 from .trainfwd import forward_train
 
@@ -175,8 +176,8 @@ PRESETS = {
                              copy_long_gaps="log",
                              copy_reach_nats=0.5, copy_reach_block=100, copy_reach_blocks=4,
                              copy_reach_alphabets=(40, 52, 62, 80, 95),  # capitals, digits, punctuation in turn
-                             # a quarter of each dense batch keeps copying across the window (letters only: the
-                             # CPU copier collapsed within 100 plain dense steps, kept with such rows)
+                             # a quarter of each dense batch keeps copying across the window (the CPU copier
+                             # collapsed within 100 plain dense steps and was kept with such rows)
                              copy_share=0.25, copy_rows="episodes",
                              dense_steps=3000, warmup_steps=200,
                              sparse_steps=500, lr=1e-3, warmup_lr=2e-3, sparse_lr=5e-4),
@@ -286,16 +287,16 @@ def _with_copy_rows(tc: TrainConfig, ids: torch.Tensor, gen: torch.Generator, st
     rows = round(tc.copy_share * ids.shape[0]) if stage == "dense" else 0
     if rows <= 0:
         return ids
-    if tc.copy_rows not in COPY_ROWS:
-        raise ValueError(f"copy_rows must be one of {COPY_ROWS}, got {tc.copy_rows!r}")
-    ids = ids.clone()
+    ids, L = ids.clone(), ids.shape[1]
     if tc.copy_rows == "episodes":
-        L = ids.shape[1]
         ids[:rows] = copy_episode_windows(rows, L, gen, every=tc.copy_length, max_gap=L - 1 - 2 * COPY_SEGMENT,
                                           alphabet=copy_rows_alphabet(tc), gaps=tc.copy_long_gaps)
-        return ids
-    per = -(-ids.shape[1] // tc.copy_length)
-    ids[:rows] = copy_windows(rows * per, tc.copy_length, gen, alphabet=tc.copy_alphabet.encode()).view(rows, -1)[:, :ids.shape[1]]
+    elif tc.copy_rows == "short":
+        per = -(-L // tc.copy_length)
+        ids[:rows] = copy_windows(rows * per, tc.copy_length, gen,
+                                  alphabet=tc.copy_alphabet.encode()).view(rows, -1)[:, :L]
+    else:
+        raise ValueError(f"copy_rows must be one of {COPY_ROWS}, got {tc.copy_rows!r}")
     return ids
 
 
@@ -401,8 +402,6 @@ def extend_copy(model, corpus, tc: TrainConfig, gen: torch.Generator, state: dic
     ({"phase", "blocks" in the phase, "step" over all phases, "reach": per phase the NLL before each block and after
     the last}) is updated in place, ``checkpoint(next_step, opt)`` as in ``run_stage``. Returns (finished, the
     optimizer's state); not finished when ``deadline`` cut a block."""
-    from .probe import copy_reach
-
     for key, value in (("phase", 0), ("blocks", 0), ("step", 0), ("reach", [])):
         state.setdefault(key, value)
     longest = copy_long_lengths(tc)[-1]

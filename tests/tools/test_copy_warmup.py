@@ -178,7 +178,6 @@ def test_copy_reach_extension(corpus, monkeypatch):
     """copy_reach_nats: after the copy stage, blocks of long-window steps while the measured reach is above it, at
     most copy_reach_blocks a phase; none when it is met; then the same per alphabet of copy_reach_alphabets, each
     measured and trained in its own symbols; resumable from its state; checked up front."""
-    import indexcache.tools.probe as probe
     import indexcache.tools.train as train_mod
     from indexcache.tools.tasks import copy_alphabet_of
     from indexcache.tools.train import copy_rows_alphabet, extend_copy
@@ -196,7 +195,7 @@ def test_copy_reach_extension(corpus, monkeypatch):
         measured.append((length, alphabet))
         return next(reach)
 
-    monkeypatch.setattr(probe, "copy_reach", fake_reach)
+    monkeypatch.setattr(train_mod, "copy_reach", fake_reach)
     monkeypatch.setattr(train_mod, "run_stage", spy)
     state = {}
     done, opt = extend_copy(_fresh(tc), corpus, tc, torch.Generator().manual_seed(0), state)
