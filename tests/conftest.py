@@ -12,6 +12,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tests import interpreter_fastpaths  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    interpreter_fastpaths.install()  # tl.sort's XOR reduce in numpy, not per element in Python
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
