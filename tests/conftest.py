@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from tests import interpreter_fastpaths  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    interpreter_fastpaths.install()  # tl.sort's XOR reduce in numpy, not per element in Python
+    interpreter_fastpaths.install()  # CPU emulation shortcuts (same results): see interpreter_fastpaths.py
 
 
 def pytest_collection_modifyitems(config, items):
