@@ -12,6 +12,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tests import interpreter_fastpaths  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    interpreter_fastpaths.install()  # CPU emulation shortcuts (same results): see interpreter_fastpaths.py
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
