@@ -113,19 +113,30 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     q = q if q.stride(-1) == 1 else q.contiguous()
     kv = kv if kv.stride(-1) == 1 else kv.contiguous()
     indices = indices.contiguous()
-    out = torch.empty((T, H, NOPE), dtype=q.dtype, device=q.device)
-    lse = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    out, lse = _prefill_outputs(q)
     if T == 0:
         return out, lse
     args = (q, kv, indices, out, lse, kv.shape[0], H, indices.shape[1], sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1))
-    cfg = PREFILL_CFG if _hb(H, PREFILL_CFG["hb_max"]) > 32 else PREFILL_CFG_FEW_HEADS
+    cfg, hb = _prefill_launch(H, PREFILL_CFG, PREFILL_CFG_FEW_HEADS, config)
+    _launch(_sparse_mla_prefill_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()), cfg)
+    return out, lse
+
+
+def _prefill_outputs(q):
+    """Uninitialised (out [T, h, 512] of q's dtype, lse [T, h] fp32) of a prefill launch."""
+    T, H, _ = q.shape
+    return (torch.empty((T, H, NOPE), dtype=q.dtype, device=q.device),
+            torch.empty((T, H), dtype=torch.float32, device=q.device))
+
+
+def _prefill_launch(H: int, cfg: dict, few_heads: dict, config: dict | None) -> tuple[dict, int]:
+    """(launch parameters, heads per program): ``few_heads`` when a program holds at most 32 heads, ``config``
+    overriding either."""
+    cfg = few_heads if _hb(H, cfg["hb_max"]) <= 32 else cfg
     if config:
         cfg = {**cfg, **config}
-    hb = _hb(H, cfg["hb_max"])
-    grid = (T, triton.cdiv(H, hb))
-    _launch(_sparse_mla_prefill_kernel, grid, args, dict(HB=hb, UPCAST=interpreting()), cfg)
-    return out, lse
+    return cfg, _hb(H, cfg["hb_max"])
 
 
 def _prefill_fp8(q, kv, indices, sm_scale, d_v, config):
@@ -145,18 +156,15 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config):
 
     q = q if q.stride(-1) == 1 else q.contiguous()
     indices = indices.contiguous()
-    out = torch.empty((T, H, NOPE), dtype=q.dtype, device=q.device)
-    lse = torch.empty((T, H), dtype=torch.float32, device=q.device)
+    out, lse = _prefill_outputs(q)
     if T == 0:
         return out, lse
-    cfg = PREFILL_FP8_CFG if _hb(H, PREFILL_FP8_CFG["hb_max"]) > 32 else PREFILL_FP8_CFG_FEW_HEADS
-    if config:
-        cfg = {**cfg, **config}
-    hb = _hb(H, cfg["hb_max"])
+    cfg, hb = _prefill_launch(H, PREFILL_FP8_CFG, PREFILL_FP8_CFG_FEW_HEADS, config)
     args = (q, flat, flat.view(torch.float32), flat.view(torch.bfloat16), indices, out, lse, flat.shape[0], H,
             indices.shape[1], sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), indices.stride(0),
             out.stride(0), out.stride(1))
-    _launch_chain(tm._sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()), cfg)
+    _launch_chain(tm._sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args,
+                  dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
 
 
