@@ -18,21 +18,19 @@ import random
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from indexcache.checkpoint import build_empty  # noqa: E402
+from indexcache.tools.probe import copied_nll as probe_copied_nll  # noqa: E402
 from indexcache.tools.tasks import COPY_ALPHABET, copy_window_spans  # noqa: E402
 from indexcache.tools.train import PRESETS  # noqa: E402
-from indexcache.tools.trainfwd import dense_logits  # noqa: E402
 
 
-@torch.no_grad()
 def copied_nll(model, rows, cue: int = 4) -> float:
-    ids = torch.stack([r for r, _ in rows])
-    nll = F.cross_entropy(dense_logits(model, ids[:, :-1]).float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return float(torch.cat([nll[i, dst + cue - 1: dst + n - 1] for i, (_, (_, dst, n)) in enumerate(rows)]).mean())
+    """Mean NLL of the copied letters after a ``cue`` (probe.copied_nll, all rows in one forward);
+    ``rows``: [(window, (source, destination, length))], one copy each."""
+    return probe_copied_nll(model, [(w, [span]) for w, span in rows], cue=cue, batch=len(rows))
 
 
 def main(argv=None) -> int:

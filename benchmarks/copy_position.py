@@ -113,6 +113,7 @@ from benchmarks.common import run_metadata, table, write_results  # noqa: E402
 from indexcache.checkpoint import build_empty  # noqa: E402
 from indexcache.model.indexer import causal_mask  # noqa: E402
 from indexcache.tools.corpus import ByteTokenizer  # noqa: E402
+from indexcache.tools.probe import copied_nll as probe_copied_nll  # noqa: E402
 from indexcache.tools.tasks import (COPY_ALPHABET, COPY_GAPS, COPY_SEGMENT, copy_alphabet_of,  # noqa: E402
                                     copy_distractor_spans, copy_episode_windows, copy_window_spans, copy_windows)
 from indexcache.tools.train import PRESETS, _lr_at, copy_batches  # noqa: E402
@@ -165,20 +166,10 @@ def _autocast(model):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(model.parameters()).is_cuda)
 
 
-@torch.no_grad()
 def copied_nll(model, rows, cue: int = 4, chunk: int = 4) -> float:
-    """Mean NLL of the copied letters after a ``cue``, dense attention (trainfwd.dense_logits), ``chunk`` rows at
-    a time."""
-    device = next(model.parameters()).device
-    picked = []
-    for c in range(0, len(rows), chunk):
-        part = rows[c: c + chunk]
-        ids = torch.stack([r for r, _ in part]).to(device)
-        with _autocast(model):
-            logits = dense_logits(model, ids[:, :-1])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-        picked += [nll[i, dst + cue - 1: dst + n - 1] for i, (_, (_, dst, n)) in enumerate(part)]
-    return float(torch.cat(picked).mean())
+    """Mean NLL of the copied letters after a ``cue``, dense attention (probe.copied_nll), ``chunk`` rows at a time;
+    ``rows``: [(window, (source, destination, length))], one copy each."""
+    return probe_copied_nll(model, [(w, [span]) for w, span in rows], cue=cue, batch=chunk)
 
 
 def _bin(n: int) -> int:

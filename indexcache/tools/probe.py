@@ -70,11 +70,19 @@ def copy_reach(model, length: int, *, windows: int = 8, every: int = 64, gaps: s
     if windows < 1 or length < 4 * every:
         raise ValueError(f"copy reach: need windows >= 1 and length >= 4 x every ({4 * every}), got windows "
                          f"{windows}, length {length}")
-    device = next(model.parameters()).device
     rows = [copy_episode_spans(length + 1, REACH_SEED_BASE + i, every, length - 2 * COPY_SEGMENT, alphabet=alphabet,
                                gaps=gaps) for i in range(windows)]
+    return copied_nll(model, rows, cue=cue, batch=batch)
+
+
+@torch.no_grad()
+def copied_nll(model, rows, *, cue: int = 4, batch: int = 4) -> float:
+    """Mean NLL (nats) of the copied tokens past each copy's first ``cue``, dense attention (bf16 autocast on a
+    GPU), ``batch`` rows a forward. ``rows``: [(window int64 [L], [(source, destination, length), ...])] as the
+    copy-window makers of ``tasks`` return them, all windows of one batch the same length."""
+    device = next(model.parameters()).device
     picked = []
-    for c in range(0, windows, batch):
+    for c in range(0, len(rows), batch):
         part = rows[c: c + batch]
         ids = torch.stack([w for w, _ in part]).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
