@@ -69,7 +69,7 @@ def settings(args) -> Settings:
                          index_heads=2, index_dim=16, topk=16, context=512, batch=1, task_ratio=0.5,
                          copy_steps=2, copy_length=128, copy_batch=2, copy_long_length=(256,), copy_long_share=0.5,
                          copy_reach_nats=0.0, copy_reach_block=1, copy_reach_blocks=1,  # one extension block
-                         dense_steps=2, warmup_steps=1, sparse_steps=1, max_train_bytes=300_000)
+                         dense_steps=2, warmup_steps=1, sparse_steps=1, max_train_bytes=300_000, index_rows=200)
         return Settings(tc, 0.0, (256,), 1, ("kv_single",), 1, 256, 1, (1, 1), 1,
                         {"probe": 5, "overlap": 5, "search": 10, "row": 10, "distill": 10}, ("1/2",))
     tc = PRESETS["retrieval"]
@@ -350,7 +350,7 @@ def _run(args, s: Settings, work: Work, device) -> int:
                              max_train_bytes=s.tc.max_train_bytes, task_ratio=s.tc.task_ratio,
                              tasks_packed=s.tc.tasks_packed,
                              task_tokens_per_episode=s.tc.task_tokens_per_episode, task_share=s.tc.task_share,
-                             progress=False)
+                             index_rows=s.tc.index_rows, progress=False)
             return {"pattern": log["pattern"], "seconds": log["seconds"],
                     "steps_done": {x["stage"]: x["steps_done"] for x in log["stages"]}}
 

@@ -183,7 +183,8 @@ def cmd_distill(args) -> int:
     _need_byte_model(args.model, find_tokenizer(args.model), "distill trains on the byte-level stdlib corpus")
     _, log = distill(args.model, args.pattern, args.out, warmup_steps=args.warmup_steps,
                      sparse_steps=args.sparse_steps, batch=args.batch, context=args.context, seed=args.seed,
-                     device=_device(args.device), progress=True, parallel=getattr(args, "parallel", None))
+                     device=_device(args.device), progress=True, parallel=getattr(args, "parallel", None),
+                     index_rows=args.index_rows)
     print(f"distilled pattern {log['pattern']} -> {args.out}")
     _dump(log, args.json)
     return 0
@@ -281,6 +282,8 @@ def register(subparsers) -> None:
     d.add_argument("--batch", type=int, default=8)
     d.add_argument("--context", type=int)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--index-rows", type=int, help="query rows per window the indexer loss covers, drawn at random "
+                   "each step (default: all; fewer make long windows' steps cheaper)")
     d.set_defaults(func=_parallel(cmd_distill))
 
     e = subparsers.add_parser("eval", help="held-out loss / bits per byte, long-context retrieval accuracy, top-k "

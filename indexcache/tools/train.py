@@ -51,6 +51,10 @@ class TrainConfig:
     warmup_lr: float = 2e-3
     sparse_lr: float = 1e-3
     index_coef: float = 1.0
+    # query rows per window that the warm-up and sparse stages' indexer loss covers, drawn at random each step
+    # (None: all). The loss needs [B,T,T] indexer scores with their gradient and [B,heads,T,T] attention
+    # probabilities per layer; at 8192 tokens those made an indexer step ~8x a dense one (H200 run 72)
+    index_rows: int | None = None
     seed: int = 0
     # weights start N(0, init_std). From scratch, this MLA stack learns to copy from context (induction) late:
     # benchmarks/induction_toy.py learns it faster at 0.08 than at 0.02, and at lr 1e-3 than at 3e-3 or 1e-2
@@ -179,6 +183,8 @@ PRESETS = {
                              # a quarter of each dense batch keeps copying across the window (the CPU copier
                              # collapsed within 100 plain dense steps and was kept with such rows)
                              copy_share=0.25, copy_rows="episodes",
+                             # the indexer loss on 1024 query rows of each window: 1/8 of its work at 8192 tokens
+                             index_rows=1024,
                              dense_steps=3000, warmup_steps=200,
                              sparse_steps=500, lr=1e-3, warmup_lr=2e-3, sparse_lr=5e-4),
 }
@@ -252,7 +258,7 @@ def run_stage(model, corpus, stage: str, steps: int, lr: float, tc: TrainConfig,
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     lm, idx = forward_train(model, ids.to(device), "dense" if stage == "copy" else stage, pattern,
                                             index_backward=train_indexer,
-                                            index_coef=tc.index_coef)
+                                            index_coef=tc.index_coef, index_rows=tc.index_rows, gen=gen)
                 if lm is not None and stage != "warmup":
                     (lm if len(batches) == 1 else w * lm).backward()
                 if lm is not None:

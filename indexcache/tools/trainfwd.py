@@ -84,11 +84,29 @@ def over_all_heads(model, probs: torch.Tensor) -> torch.Tensor:
     return all_reduce_(probs.contiguous(), ctx).div_(ctx.world_size)
 
 
+@torch.no_grad()
+def select_in_chunks(indexer, iq, ik, iw, positions, k: int, pool_in=None, chunk: int = 1024) -> torch.Tensor:
+    """select_topk over every query row [B,T,k] from the indexer's projections, ``chunk`` rows at a time: the same
+    sets as one select over the whole [B,T,T] score matrix, without holding it (nor its [B,T,heads,T] product)."""
+    T = ik.shape[1]
+    parts = []
+    for a in range(0, iq.shape[1], chunk):
+        b = min(a + chunk, iq.shape[1])
+        valid = causal_mask(positions[:, a:b], positions)
+        if pool_in is not None:
+            valid = valid & pool_mask(pool_in[:, a:b], T)
+        parts.append(select_topk(indexer.scores(iq[:, a:b], ik, iw[:, a:b]), valid, k))
+    return torch.cat(parts, 1)
+
+
 def run_layer_train(model, i: int, h, cos, sin, positions, *, dense: bool, topk_in=None, want_probs=False,
-                    want_index=False, detach_indexer_input=True, pool_in=None, publish: int | None = None) -> LayerOut:
+                    want_index=False, detach_indexer_input=True, pool_in=None, publish: int | None = None,
+                    rows: torch.Tensor | None = None) -> LayerOut:
     """One decoder layer. ``topk_in`` is the inherited selection (None: this layer selects with its own indexer).
     Re-rank layers: ``pool_in`` restricts the own selection to an F layer's candidates; ``publish``: this F layer
-    also returns its top-``publish`` candidates (sparse mode)."""
+    also returns its top-``publish`` candidates (sparse mode). ``rows`` (sorted query positions, None: all): the
+    returned ``index_logits`` and ``probs`` cover only those query rows, [B,len(rows),T] (the attention output and the
+    selection still cover every row)."""
     layer = model.layers[i]
     attn = layer.self_attn
     cfg = model.config
@@ -101,36 +119,63 @@ def run_layer_train(model, i: int, h, cos, sin, positions, *, dense: bool, topk_
     if attn.indexer is not None and (want_index or needs_own):
         xi, qi = (x.detach(), q_resid.detach()) if detach_indexer_input else (x, q_resid)
         iq, ik, iw = attn.indexer.project(xi, qi, cos, sin)
-        index_logits = attn.indexer.scores(iq, ik, iw).masked_fill(~causal, float("-inf"))
+        if rows is None:
+            index_logits = attn.indexer.scores(iq, ik, iw).masked_fill(~causal, float("-inf"))
+        elif want_index:
+            index_logits = attn.indexer.scores(iq[:, rows], ik, iw[:, rows]).masked_fill(~causal[:, rows],
+                                                                                        float("-inf"))
     if dense:
         topk, allowed = None, causal
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)
     else:
         pool = None
         if topk_in is None:
-            if index_logits is None:
+            if attn.indexer is None:
                 raise ValueError(f"layer {i} has no indexer and no inherited top-k")
-            valid = causal if pool_in is None else causal & pool_mask(pool_in, T)
-            topk = select_topk(index_logits.detach(), valid, cfg.index_topk)
-            if publish:
-                pool = select_topk(index_logits.detach(), valid, publish)
+            if rows is None:
+                valid = causal if pool_in is None else causal & pool_mask(pool_in, T)
+                topk = select_topk(index_logits.detach(), valid, cfg.index_topk)
+                if publish:
+                    pool = select_topk(index_logits.detach(), valid, publish)
+            else:  # the sampled rows' logits cannot select for every row: score them all again, without gradient
+                topk = select_in_chunks(attn.indexer, iq, ik, iw, positions, cfg.index_topk, pool_in)
+                if publish:
+                    pool = select_in_chunks(attn.indexer, iq, ik, iw, positions, publish, pool_in)
         else:
             topk = topk_in
         allowed = selection_mask(topk, T) & causal
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=cfg.softmax_scale)
-    probs = over_all_heads(model, head_mean_probs(q, k, allowed, cfg.softmax_scale)) if want_probs else None
+    if want_probs:
+        qr, ar = (q, allowed) if rows is None else (q[:, :, rows], allowed[:, rows])
+        probs = over_all_heads(model, head_mean_probs(qr, k, ar, cfg.softmax_scale))
+    else:
+        probs = None
     h = h + attn.o_proj(out.transpose(1, 2).flatten(2))
     h = h + layer.mlp(layer.post_attention_layernorm(h))
     return LayerOut(h, topk, probs, index_logits, None if dense else pool)
 
 
+def index_loss_rows(length: int, n: int | None, gen: torch.Generator | None = None) -> torch.Tensor | None:
+    """Sorted query positions of a ``length``-token window that the indexer loss covers: ``n`` drawn uniformly
+    without replacement (``gen``), or None (every row) when ``n`` is None or not below ``length``."""
+    if n is None or n >= length:
+        return None
+    if n < 1:
+        raise ValueError(f"index_rows must be a positive number of query rows or None, got {n!r}")
+    return torch.randperm(length, generator=gen)[:n].sort().values
+
+
 def forward_train(model, ids: torch.Tensor, stage: str, pattern: IndexPattern | None = None, *,
-                  index_backward: bool = True, index_coef: float = 1.0):
+                  index_backward: bool = True, index_coef: float = 1.0, index_rows: int | None = None,
+                  gen: torch.Generator | None = None):
     """One training forward of ``stage`` ('dense' | 'warmup' | 'sparse') under ``pattern`` (default: model's).
 
     Returns (lm_loss or None, index_loss float or None). The indexer loss of each F layer (against the averaged
     attention of itself and the S layers it serves) is back-propagated right away when ``index_backward``: the
     indexer's input is detached, so its graph is separate from the LM graph and is freed layer by layer.
+    ``index_rows``: the indexer loss covers that many query rows drawn from the window (``gen``; the same rows in
+    every layer and batch row), an unbiased estimate of the mean over all rows at that share of the [B,T,T] score
+    and [B,heads,T,T] attention-probability work (None: all rows).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -139,6 +184,8 @@ def forward_train(model, ids: torch.Tensor, stage: str, pattern: IndexPattern | 
     positions = torch.arange(T, device=ids.device).expand(B, T)
     inp = ids[:, :-1]
     pos = positions[:, :-1]
+    rows = index_loss_rows(T - 1, index_rows, gen) if stage != "dense" else None
+    rows = None if rows is None else rows.to(ids.device)
     h = model.embed(inp)
     cos, sin = model.rope(pos, h.dtype)
     dense = stage != "sparse"
@@ -159,14 +206,15 @@ def forward_train(model, ids: torch.Tensor, stage: str, pattern: IndexPattern | 
         out = run_layer_train(model, i, h, cos, sin, pos, dense=dense, topk_in=None if full else topk,
                               want_probs=want_index, want_index=want_index and full,
                               pool_in=pool if p.is_rerank(i) and not dense else None,
-                              publish=publish if p.is_full(i) else None)
+                              publish=publish if p.is_full(i) else None, rows=rows)
         if p.is_full(i):
             pool = out.pool
         if full and want_index:
             close_group()
             logits = out.index_logits
             if stage == "sparse":  # restrict q to the selected set (the targets are over it already)
-                logits = logits.masked_fill(~selection_mask(out.topk, logits.shape[-1]), float("-inf"))
+                chosen = out.topk if rows is None else out.topk[:, rows]
+                logits = logits.masked_fill(~selection_mask(chosen, logits.shape[-1]), float("-inf"))
             group_logq, group_targets = torch.log_softmax(logits, -1), []
         if want_index:
             group_targets.append(out.probs)
