@@ -117,21 +117,61 @@ def _prepare_q(q_row, sq_h, hb, q16_smem, qpe_smem, HP: gl.constexpr):
 
 
 @gluon.jit
-def _dequant(nope_ring, sc_ring, s, kv16_smem, GL: gl.constexpr, SCL: gl.constexpr):
-    """Stage s's e4m3 tiles -> kv16_smem [BT, 512] fp16 (tile g times c_g / cmax; 0 where cmax = 0). Returns
-    cmax [BT] (SliceLayout(1, SCL))."""
+def _dq_factors(sc_ring, s, SCL: gl.constexpr):
+    """Stage s's scales: (cmax [BT] per row, f [BT, 4] = c_g / cmax; both 0 where cmax = 0), SCL rows."""
     c = sc_ring.index(s).load(SCL)                                       # [BT, 4] fp32
     cmax = gl.max(c, axis=1)
     inv = gl.where(cmax > 0, gl.div_rn(gl.full_like(cmax, 1.0), gl.where(cmax > 0, cmax, 1.0)), 0.0)
-    f = c * gl.expand_dims(inv, 1)                                       # powers of two: exact
+    return cmax, c * gl.expand_dims(inv, 1)                              # powers of two: exact
+
+
+@gluon.jit
+def _dq_group(nope_ring, s, f, g: gl.constexpr, GL: gl.constexpr, SCL: gl.constexpr):
+    """128-tile g of stage s as fp16 [BT, 128] in GL: e4m3 (one cvt per two) times c_g / cmax."""
     col = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, SCL)), 0)
+    fg = gl.max(gl.where(col == g, f, 0.0), axis=1)       # a max, not a sum: SCL repeats each row over 8 lanes
+    fg = gl.convert_layout(fg, gl.SliceLayout(1, GL)).to(gl.float16)
+    raw = nope_ring.index(s).slice(g * 128, 128, dim=1).load(GL)         # [BT, 128] uint8
+    return raw.to(gl.float8e4nv, bitcast=True).to(gl.float16) * gl.expand_dims(fg, 1)
+
+
+@gluon.jit
+def _dequant(nope_ring, sc_ring, s, kv16_smem, GL: gl.constexpr, SCL: gl.constexpr):
+    """Stage s's e4m3 tiles -> kv16_smem [BT, 512] fp16 (tile g times c_g / cmax; 0 where cmax = 0). Returns
+    cmax [BT] (SliceLayout(1, SCL))."""
+    cmax, f = _dq_factors(sc_ring, s, SCL)
     for g in gl.static_range(4):
-        fg = gl.sum(gl.where(col == g, f, 0.0), axis=1)
-        fg = gl.convert_layout(fg, gl.SliceLayout(1, GL)).to(gl.float16)
-        raw = nope_ring.index(s).slice(g * 128, 128, dim=1).load(GL)                       # [BT, 128] uint8
-        k = raw.to(gl.float8e4nv, bitcast=True).to(gl.float16) * gl.expand_dims(fg, 1)
-        kv16_smem.slice(g * 128, 128, dim=1).store(k)
+        kv16_smem.slice(g * 128, 128, dim=1).store(_dq_group(nope_ring, s, f, g, GL, SCL))
     return cmax
+
+
+@gluon.jit
+def _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i):
+    """One tile's exp2 online softmax per head (column) of S^T. Returns P^T (fp16, p * cm / r_new <= 1), the
+    factor of the running O^T (alpha * r_old / r_new, per head), and the new m, l, r."""
+    sc = acc * gl.expand_dims(cm * nope_scale, 1) + accr * qk_scale
+    sc = gl.where(gl.expand_dims(ok, 1), sc, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(sc, axis=0))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(sc - gl.expand_dims(m_use, 0))
+    l_new = l_i * alpha + gl.sum(p, axis=0)
+    r_new = gl.maximum(r_i, gl.max(gl.where(ok, cm, 0.0), axis=0))
+    inv_r = gl.div_rn(1.0, r_new)
+    pt = (p * gl.expand_dims(cm * inv_r, 1)).to(gl.float16)
+    return pt, alpha * (r_i * inv_r), m_new, l_new, r_new
+
+
+@gluon.jit
+def _store_out(o, inv, out_row, so_h, hb, d0: gl.constexpr, HP: gl.constexpr):
+    """O^T rows [d0, d0 + rows of o) times inv (per head) -> out[t, h, d]: through shared memory into 16-byte
+    runs along the dims."""
+    D: gl.constexpr = o.type.shape[0]
+    OL: gl.constexpr = gl.BlockedLayout([8, 1], [32, 1], [1, 4], [0, 1])
+    ov = gl.convert_layout((o * gl.expand_dims(inv, 0)).to(out_row.dtype.element_ty), OL)
+    d = d0 + gl.arange(0, D, layout=gl.SliceLayout(1, OL))
+    ho = gl.arange(0, HP, layout=gl.SliceLayout(0, OL))
+    gl.store(out_row + gl.expand_dims(ho * so_h, 0) + gl.expand_dims(d, 1), ov, mask=gl.expand_dims(ho < hb, 0))
 
 
 @gluon.jit(do_not_specialize=["S", "topk"])
@@ -206,37 +246,21 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, kv_f32, kv_bf16, idx, out, ls
         acc, accr = warpgroup_mma_wait(num_outstanding=0, deps=(acc, accr))
 
         cm = gl.convert_layout(cmax, ROWL)
-        sc = acc * gl.expand_dims(cm * nope_scale, 1) + accr * qk_scale
-        sc = gl.where(gl.expand_dims(ok, 1), sc, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(sc, axis=0))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_use)
-        p = gl.exp2(sc - gl.expand_dims(m_use, 0))
-        l_i = l_i * alpha + gl.sum(p, axis=0)
-        r_new = gl.maximum(r_i, gl.max(gl.where(ok, cm, 0.0), axis=0))
-        inv_r = gl.div_rn(1.0, r_new)
+        pt, fo, m_i, l_i, r_i = _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i)
         # P^T goes into tile i's e4m3 stage (read by the dequantisation above, refilled only after this PV)
         p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
-        p_smem.store((p * gl.expand_dims(cm * inv_r, 1)).to(gl.float16))
+        p_smem.store(pt)
         fence_async_shared()
         gl.barrier()
-        o = o * gl.expand_dims(alpha * (r_i * inv_r), 0)
+        o = o * gl.expand_dims(fo, 0)
         o = warpgroup_mma(kv16_smem.permute((1, 0)), p_smem, o, is_async=True)
         o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
-        r_i = r_new
-        m_i = m_new
     cp.wait_group(0)
 
     hh = gl.arange(0, HP, layout=COLL)
     hm = hh < hb
     inv = gl.where(l_i > 0, r_i / gl.where(l_i > 0, l_i, 1.0), 0.0)
-    # O^T -> out[t, h, :]: through shared memory into 16-byte runs along the 512 dims
-    OL: gl.constexpr = gl.BlockedLayout([8, 1], [32, 1], [1, 4], [0, 1])
-    ov = gl.convert_layout((o * gl.expand_dims(inv, 0)).to(out.dtype.element_ty), OL)
-    d = gl.arange(0, 512, layout=gl.SliceLayout(1, OL))
-    ho = gl.arange(0, HP, layout=gl.SliceLayout(0, OL))
-    optr = out + t * so_t + gl.expand_dims((h0 + ho) * so_h, 0) + gl.expand_dims(d, 1)
-    gl.store(optr, ov, mask=gl.expand_dims(ho < hb, 0))
+    _store_out(o, inv, out + t * so_t + h0 * so_h, so_h, hb, 0, HP)
     ls = gl.where(l_i > 0, (m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     gl.store(lse + t * H + h0 + hh, ls, mask=hm)
 
