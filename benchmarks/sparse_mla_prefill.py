@@ -32,8 +32,9 @@ VARIANTS = [
     ("production launch", 20, "bf16", None),
     ("fp8 via decode (old path)", 20, "fp8 via decode", None),
     ("fp8 prefill, default", 20, "fp8", None),
-    ("gluon fp8, default (3 stages)", 20, "fp8 gluon", None),
-    ("gluon fp8, 2 stages", 20, "fp8 gluon", {"num_stages": 2}),
+    ("gluon fp8, serial 3 stages", 20, "fp8 gluon", {"schedule": "serial", "num_stages": 3}),
+    ("gluon fp8, serial 2 stages", 20, "fp8 gluon", {"schedule": "serial", "num_stages": 2}),
+    ("gluon fp8, overlap 3 stages", 20, "fp8 gluon", {"schedule": "overlap", "num_stages": 3}),
     ("production launch", 128, "bf16", None),
     ("fp8 prefill, default", 128, "fp8", None),
 ]

@@ -251,32 +251,34 @@ def sparse_mla_fp8_kernels() -> list[tuple[str, dict]]:
                                 num_stages=c["num_stages"], div16=div)) for name, fn, hb, c in runs]
 
 
-def sparse_mla_gluon_kernels(stages=(2, 3), sass_dir: str | None = None) -> list[tuple[str, dict]]:
+def sparse_mla_gluon_kernels(runs=(("serial", 2), ("serial", 3), ("overlap", 3)),
+                             sass_dir: str | None = None) -> list[tuple[str, dict]]:
     """The Gluon FP8-cache sparse MLA prefill (kernels/sparse_mla/gluon.py) at the 20-head launch (HP 32) for each
-    ring depth: registers, spills, shared memory, wgmma count, and from the machine code of its main loop (one
-    tile a pass) the HGMMAs, cp.async copies (LDGSTS), CTA barriers and the cp.async waits (``DEPBAR.LE SB0, n``:
-    n = NUM_STAGES - 1 tiles stay in flight while a tile is computed)."""
+    (schedule, ring depth): registers, spills, shared memory, wgmma count (serialised by ptxas or not), and from
+    the machine code of its main loop (one tile a pass) the HGMMAs, cp.async copies (LDGSTS), CTA barriers and
+    the cp.async waits (``DEPBAR.LE SB0, n``: n tiles stay in flight while a tile is computed: NUM_STAGES - 1 in
+    the serial schedule, NUM_STAGES - 2 at the top of the overlap schedule's tile)."""
     import tempfile
 
     from tests.kernels.sm90_compile_gluon import _compile, _main_loop
 
     from indexcache.kernels.sparse_mla import gluon as sg
 
-    types = {"q": "*bf16", "kv_u8": "*u8", "kv_f32": "*fp32", "kv_bf16": "*bf16", "idx": "*i32", "out": "*bf16",
+    types = {"q": "*bf16", "kv_u8": "*u8", "idx": "*i32", "out": "*bf16",
              "lse": "*fp32", "qk_scale": "fp32"}
     out = []
-    for st in stages:
+    for sched, st in runs:
         ce = {"HP": sg.heads_per_program(20), "NUM_STAGES": st, "num_warps": sg.NUM_WARPS}
         with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(sass_dir or d, f"sparse_mla_gluon_s{st}.sass")
-            r = _compile(sg._sparse_mla_prefill_fp8_gluon_kernel, types, ce, ("sq_t", "sq_h", "si_t", "so_t", "so_h"),
-                         sg.NUM_WARPS, None, f"h=20 stages {st}", sass_path=path)
+            path = os.path.join(sass_dir or d, f"sparse_mla_gluon_{sched}_s{st}.sass")
+            r = _compile(sg.kernel_for(sched), types, ce, ("sq_t", "sq_h", "si_t", "so_t", "so_h"), sg.NUM_WARPS,
+                         None, f"h=20 {sched} stages {st}", sass_path=path)
             sass = open(path).read() if os.path.exists(path) else ""
         loop = _main_loop(sass)
         r.update(loop_hgmma=len(re.findall(r"\bHGMMA\.", loop)), loop_ldgsts=len(re.findall(r"\bLDGSTS\b", loop)),
                  loop_bar_sync=len(re.findall(r"\bBAR\.SYNC", loop)),
                  loop_cp_async_waits=sorted({int(x, 16) for x in re.findall(r"DEPBAR\.LE\s+SB0,\s*(0x[0-9a-f]+)", loop)}))
-        out.append((f"sparse mla gluon h=20 stages {st}", r))
+        out.append((f"sparse mla gluon h=20 {sched} s{st}", r))
     return out
 
 

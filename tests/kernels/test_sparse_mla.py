@@ -300,10 +300,11 @@ def test_prefill_gluon_bad_arguments():
 
 
 def test_prefill_gluon_compiles_for_sm90_without_spills():
-    """The Gluon kernel at the 20-head launch and its default ring depth, lowered for sm_90a in a subprocess
-    without the interpreter (``sm90_compile --sparse-mla-gluon``): no spills, the 68 wgmma of a tile (32 QK, 4
-    rope, 32 PV) in the main loop, shared memory within an SM's 227 KB, and the loop's cp.async wait leaving
-    NUM_STAGES - 1 tiles in flight."""
+    """The Gluon kernel's two schedules at the 20-head launch and 3 stages, lowered for sm_90a in a subprocess
+    without the interpreter (``sm90_compile --sparse-mla-gluon``): no spills, wgmma not serialised by ptxas, the
+    68 wgmma of a tile (32 QK, 4 rope, 32 PV) in the main loop, shared memory within an SM's 227 KB, and the
+    loop's cp.async wait leaving NUM_STAGES - 1 tiles in flight (serial) or NUM_STAGES - 2 at the top of a tile
+    (overlap: the stage that held P^T is refilled after its PV)."""
     import json
     import os
     import subprocess
@@ -316,16 +317,18 @@ def test_prefill_gluon_compiles_for_sm90_without_spills():
         pytest.skip("this Triton has no bundled ptxas")
     st = sg.config_for(20)["num_stages"]
     code = ("import json\nfrom tests.kernels.sm90_compile import sparse_mla_gluon_kernels as k\n"
-            f"print(json.dumps(k(stages=({st},))[0][1]))")
+            f"for _, r in k(runs=(('serial', {st}), ('overlap', 3))): print(json.dumps(r))")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    row = json.loads(r.stdout.splitlines()[-1])
-    assert row["spill_bytes"] == 0 and not row["wgmma_serialized"], row
-    assert row["wgmma"] == 68 and row["shared_bytes"] <= 232448, row
-    if row["loop_hgmma"]:                                 # machine code available (bundled cuobjdump)
-        assert row["loop_hgmma"] == 68 and row["loop_cp_async_waits"] == [st - 1], row
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2, r.stdout
+    for row, wgmma, in_flight in zip(rows, (68, 100), (st - 1, 1)):   # overlap: + one PV of zeros before the loop
+        assert row["spill_bytes"] == 0 and not row["wgmma_serialized"], row
+        assert row["wgmma"] == wgmma and row["shared_bytes"] <= 232448, row
+        if row["loop_hgmma"]:                             # machine code available (bundled cuobjdump)
+            assert row["loop_hgmma"] == 68 and row["loop_cp_async_waits"] == [in_flight], row
 
 
 def _gluon_vs_reference(q, kv, idx, scale, cfg=None, tol=1e-2):
@@ -342,17 +345,20 @@ def _gluon_vs_reference(q, kv, idx, scale, cfg=None, tol=1e-2):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,h,S,K,dtype,stages", [
+@pytest.mark.parametrize("T,h,S,K,dtype,cfg", [
     (5, 20, 211, 37, torch.bfloat16, None),        # K < one tile, odd T, the preset's heads
-    (7, 20, 3000, 200, torch.bfloat16, 2),        # K not a multiple of 64, 2-stage ring
-    (3, 16, 500, 130, torch.float16, 3),          # one 16-head block
+    (5, 20, 211, 37, torch.bfloat16, {"schedule": "overlap"}),
+    (7, 20, 3000, 200, torch.bfloat16, {"num_stages": 2}),      # K not a multiple of 64, 2-stage ring
+    (7, 20, 3000, 200, torch.bfloat16, {"schedule": "overlap"}),
+    (3, 16, 500, 130, torch.float16, None),       # one 16-head block
+    (3, 16, 500, 130, torch.float16, {"schedule": "overlap"}),
     (4, 9, 300, 64, torch.float32, None),         # heads padded in a 16-head block, fp32 q / out
-    (3, 40, 700, 300, torch.bfloat16, None),      # two 32-head blocks
-    (6, 20, 90, 500, torch.bfloat16, 3),          # more tiles than rows (repeated rows)
+    (3, 40, 700, 300, torch.bfloat16, {"schedule": "overlap"}),   # two 32-head blocks
+    (6, 20, 90, 500, torch.bfloat16, None),       # more tiles than rows (repeated rows)
 ])
-def test_gpu_prefill_fp8_gluon_matches_reference(T, h, S, K, dtype, stages):
+def test_gpu_prefill_fp8_gluon_matches_reference(T, h, S, K, dtype, cfg):
     q, kv, idx = _fp8_prefill_case("cuda", T, h, S, K, seed=300 + h + K, dtype=dtype)
-    _gluon_vs_reference(q, kv, idx, 0.0625, None if stages is None else {"num_stages": stages})
+    _gluon_vs_reference(q, kv, idx, 0.0625, cfg)
 
 
 @pytest.mark.gpu
@@ -368,6 +374,12 @@ def test_gpu_prefill_fp8_gluon_paged_real_size():
     idx[3, 1000:] = S + 5                         # past the cache
     idx[5] = -1                                   # no valid index
     idx[9, :1500] = -1                            # valid entries only at the end
-    _gluon_vs_reference(q, kv, idx, 0.0625)
-    with pytest.raises(ValueError, match="num_stages must be an int in \\[2, 3\\], got 4"):
-        sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="gluon", config={"num_stages": 4})
+    for sched in ("serial", "overlap"):
+        _gluon_vs_reference(q, kv, idx, 0.0625, {"schedule": sched})
+    bad = [({"num_stages": 4}, "num_stages must be an int in \\[2, 3\\], got 4"),
+           ({"schedule": "overlap", "num_stages": 2}, "schedule 'overlap' needs num_stages 3, got 2"),
+           ({"schedule": "fast"}, "schedule must be one of \\['serial', 'overlap'\\], got 'fast'"),
+           ({"stages": 3}, "unknown config keys \\['stages'\\]")]
+    for cfg, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="gluon", config=cfg)

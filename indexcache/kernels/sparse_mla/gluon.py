@@ -29,7 +29,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
+                                                               warpgroup_mma_wait)
 
 from indexcache.kernels import formats as F
 
@@ -42,10 +43,21 @@ _SCALES_F32: gl.constexpr = gl.constexpr(F.LATENT_SCALES_AT // 4)
 _ROPE_BF16: gl.constexpr = gl.constexpr(F.LATENT_ROPE_AT // 2)
 
 
+SCHEDULES = ("serial", "overlap")
+
+
 def config_for(h: int) -> dict:
     """Launch parameters (``sparse_mla_prefill(..., config=...)`` overrides them): a ring of ``num_stages``
-    gathered tiles (40.3 KB each; 3 stages + the fp16 tile + q fit the 227 KB of an SM)."""
-    return {"num_stages": 3}
+    gathered tiles (40.3 KB each; 3 stages + the fp16 tile + q fit the 227 KB of an SM) and the ``schedule``:
+    "serial" (``_sparse_mla_prefill_fp8_gluon_kernel``: each tile's MMAs waited for before the next step) or
+    "overlap" (``_sparse_mla_prefill_fp8_gluon_overlap_kernel``: PV and half of QK run under the
+    dequantisation; 3 stages only). Not yet timed on a GPU: "serial" is the default until the benchmark says."""
+    return {"num_stages": 3, "schedule": "serial"}
+
+
+def kernel_for(schedule: str):
+    return _sparse_mla_prefill_fp8_gluon_overlap_kernel if schedule == "overlap" else \
+        _sparse_mla_prefill_fp8_gluon_kernel
 
 
 def heads_per_program(h: int) -> int:
@@ -66,7 +78,7 @@ def _load_ids(idx_row, j, topk, S, LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _issue(kv_u8, kv_bf16, kv_f32, nope_ring, kpe_ring, sc_ring, s, ids_g, ok_g,
+def _issue(kv_u8, nope_ring, kpe_ring, sc_ring, s, ids_g, ok_g,
            GL: gl.constexpr, RL: gl.constexpr, SL: gl.constexpr):
     """cp.async of one tile's rows (ids_g / ok_g in SliceLayout(1, GL)) into stage s: masked (invalid) rows are
     zero-filled."""
@@ -77,6 +89,8 @@ def _issue(kv_u8, kv_bf16, kv_f32, nope_ring, kpe_ring, sc_ring, s, ids_g, ok_g,
     rr = gl.convert_layout(rows, gl.SliceLayout(1, RL))
     rm = gl.convert_layout(ok_g, gl.SliceLayout(1, RL))
     cr = gl.arange(0, 64, layout=gl.SliceLayout(0, RL))
+    kv_bf16 = kv_u8.to(gl.pointer_type(gl.bfloat16), bitcast=True)     # views of the one cache pointer (fewer
+    kv_f32 = kv_u8.to(gl.pointer_type(gl.float32), bitcast=True)       # registers held through the loop)
     cp.async_copy_global_to_shared(kpe_ring.index(s), kv_bf16 + gl.expand_dims(rr * _ROW_BF16 + _ROPE_BF16, 1)
                                    + gl.expand_dims(cr, 0), mask=gl.expand_dims(rm, 1))
     rs = gl.convert_layout(rows, gl.SliceLayout(1, SL))
@@ -175,7 +189,7 @@ def _store_out(o, inv, out_row, so_h, hb, d0: gl.constexpr, HP: gl.constexpr):
 
 
 @gluon.jit(do_not_specialize=["S", "topk"])
-def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, kv_f32, kv_bf16, idx, out, lse, S, H, topk, qk_scale,
+def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk_scale,
                                          sq_t, sq_h, si_t, so_t, so_h, HP: gl.constexpr,
                                          NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     t = gl.program_id(0).to(gl.int64)
@@ -211,7 +225,7 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, kv_f32, kv_bf16, idx, out, ls
     # prologue: tiles 0 .. NUM_STAGES-2 in flight; the ids of the next tile to issue are loaded one step ahead
     ids_g, ok_g = _load_ids(idx_row, 0, topk, S, gl.SliceLayout(1, GL))
     for j in gl.static_range(NUM_STAGES - 1):
-        _issue(kv_u8, kv_bf16, kv_f32, nope_ring, kpe_ring, sc_ring, j, ids_g, ok_g, GL, RL, SCL)
+        _issue(kv_u8, nope_ring, kpe_ring, sc_ring, j, ids_g, ok_g, GL, RL, SCL)
         cp.commit_group()
         ids_g, ok_g = _load_ids(idx_row, j + 1, topk, S, gl.SliceLayout(1, GL))
 
@@ -229,7 +243,7 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, kv_f32, kv_bf16, idx, out, ls
         kv16_smem = kv16_all.index(z)
         q16_smem = q16_all.index(z)
         qpe_smem = qpe_all.index(z)
-        _issue(kv_u8, kv_bf16, kv_f32, nope_ring, kpe_ring, sc_ring, (i + NUM_STAGES - 1) % NUM_STAGES, ids_g,
+        _issue(kv_u8, nope_ring, kpe_ring, sc_ring, (i + NUM_STAGES - 1) % NUM_STAGES, ids_g,
                ok_g, GL, RL, SCL)
         cp.commit_group()
         ids_g, ok_g = _load_ids(idx_row, i + NUM_STAGES, topk, S, gl.SliceLayout(1, GL))
@@ -265,6 +279,123 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, kv_f32, kv_bf16, idx, out, ls
     gl.store(lse + t * H + h0 + hh, ls, mask=hm)
 
 
+@gluon.jit(do_not_specialize=["S", "topk"])
+def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk_scale,
+                                                 sq_t, sq_h, si_t, so_t, so_h, HP: gl.constexpr,
+                                                 NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """``_sparse_mla_prefill_fp8_gluon_kernel`` with the tensor-core work overlapped with the dequantisation
+    (schedule "overlap"):
+    - tile i's PV wgmma is left running round the loop (the value carried is that MMA, never a copy); tile i+1's
+      wait for its rows, its scales and first 128-tile conversion run meanwhile;
+    - only after PV(i) is tile i's e4m3 stage (which held P^T(i)) refilled, so the ring holds NUM_STAGES - 2
+      tiles in flight at the top of an iteration and NUM_STAGES - 1 after the refill;
+    - QK over dims 0-255 runs while the last two 128-tiles are converted into dims 256-511, then QK over those
+      and the rope part are chained onto it."""
+    t = gl.program_id(0).to(gl.int64)
+    h0 = gl.program_id(1) * HP
+    hb = H - h0
+    MMA: gl.constexpr = _mma_layout(HP)
+    ROWL: gl.constexpr = gl.SliceLayout(1, MMA)
+    COLL: gl.constexpr = gl.SliceLayout(0, MMA)
+    GL: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+    RL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    SCL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    nope_ring = gl.allocate_shared_memory(gl.uint8, [NUM_STAGES, 64, 512],
+                                          gl.NVMMASharedLayout.get_default_for([64, 512], gl.uint8))
+    kpe_ring = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, 64, 64],
+                                         gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16))
+    sc_ring = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 64, 4], plain)
+    kv16_all = gl.allocate_shared_memory(gl.float16, [1, 64, 512],
+                                         gl.NVMMASharedLayout.get_default_for([64, 512], gl.float16))
+    q16_all = gl.allocate_shared_memory(gl.float16, [1, HP, 512],
+                                        gl.NVMMASharedLayout.get_default_for([HP, 512], gl.float16))
+    qpe_all = gl.allocate_shared_memory(gl.bfloat16, [1, HP, 64],
+                                        gl.NVMMASharedLayout.get_default_for([HP, 64], gl.bfloat16))
+    P_LAYOUT: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HP], gl.float16)
+
+    idx_row = idx + t * si_t
+    n_tiles = gl.cdiv(topk, 64)
+    ids_g, ok_g = _load_ids(idx_row, 0, topk, S, gl.SliceLayout(1, GL))
+    for j in gl.static_range(NUM_STAGES - 1):
+        _issue(kv_u8, nope_ring, kpe_ring, sc_ring, j, ids_g, ok_g, GL, RL, SCL)
+        cp.commit_group()
+        ids_g, ok_g = _load_ids(idx_row, j + 1, topk, S, gl.SliceLayout(1, GL))
+
+    inv_qs = _prepare_q(q + t * sq_t + h0 * sq_h, sq_h, hb, q16_all.index(0), qpe_all.index(0), HP)
+    nope_scale = inv_qs * qk_scale
+    _, ok_next = _load_ids(idx_row, 0, topk, S, ROWL)
+
+    m_i = gl.full([HP], float("-inf"), gl.float32, COLL)
+    l_i = gl.zeros([HP], gl.float32, COLL)
+    r_i = 7.888609052210118e-31                                     # 2^-100: below any tile scale
+    # O^T is carried round the loop as the PV wgmma in flight. ptxas serialises every wgmma (C7515) unless that
+    # value comes from a wgmma on entry too: a PV of zeros (fp16 tile and P^T zeroed here) starts it
+    ZL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    kv16_all.index(0).store(gl.zeros([64, 512], gl.float16, ZL))
+    p0 = nope_ring.index(NUM_STAGES - 1)._reinterpret(gl.float16, [64, HP], P_LAYOUT)   # not in flight yet
+    p0.store(gl.zeros([64, HP], gl.float16, ZL))
+    fence_async_shared()                                            # also q16 / qpe before the first wgmma
+    gl.barrier()
+    o = warpgroup_mma(kv16_all.index(0).permute((1, 0)), p0, gl.zeros([512, HP], gl.float32, MMA), use_acc=False,
+                      is_async=True)
+    for i in range(n_tiles):
+        s = i % NUM_STAGES
+        z = i >> 30                                                # 0 (i < 2^30): see the serial kernel
+        kv16 = kv16_all.index(z)
+        kv_lo = kv16.slice(0, 256, dim=1)
+        kv_hi = kv16.slice(256, 256, dim=1)
+        q16 = q16_all.index(z)
+        ok = ok_next
+        _, ok_next = _load_ids(idx_row, i + 1, topk, S, ROWL)
+        cp.wait_group(NUM_STAGES - 2)                              # tile i landed (this thread's copies)
+        gl.barrier()                                               # everyone's
+        cmax, f = _dq_factors(sc_ring, s, SCL)
+        k0 = _dq_group(nope_ring, s, f, 0, GL, SCL)                # while PV(i-1) runs
+        # PV(i-1) done: the fp16 tile and P^T(i-1) are free. k0 goes through the wait so that its conversion is
+        # not sunk below it (next to the store)
+        o, k0 = warpgroup_mma_wait(num_outstanding=0, deps=(o, k0))
+        kv16.slice(0, 128, dim=1).store(k0)
+        kv16.slice(128, 128, dim=1).store(_dq_group(nope_ring, s, f, 1, GL, SCL))
+        fence_async_shared()
+        gl.barrier()
+        # refill stage (i-1) % NUM_STAGES (it held P^T(i-1)) with tile i + NUM_STAGES - 1
+        _issue(kv_u8, nope_ring, kpe_ring, sc_ring, (i + NUM_STAGES - 1) % NUM_STAGES, ids_g,
+               ok_g, GL, RL, SCL)
+        cp.commit_group()
+        ids_g, ok_g = _load_ids(idx_row, i + NUM_STAGES, topk, S, gl.SliceLayout(1, GL))
+        # both accumulators' registers are defined before the first MMA starts (ptxas serialises every wgmma
+        # when a non-wgmma instruction defines accumulator registers while one is in flight)
+        zero_s = gl.zeros([64, HP], gl.float32, MMA)
+        accr = warpgroup_mma(kpe_ring.index(s), qpe_all.index(z).permute((1, 0)), zero_s, use_acc=False,
+                             is_async=True)
+        acc = warpgroup_mma(kv_lo, q16.slice(0, 256, dim=1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        kv16.slice(256, 128, dim=1).store(_dq_group(nope_ring, s, f, 2, GL, SCL))    # while QK_lo runs
+        kv16.slice(384, 128, dim=1).store(_dq_group(nope_ring, s, f, 3, GL, SCL))
+        fence_async_shared()
+        gl.barrier()
+        acc = warpgroup_mma(kv_hi, q16.slice(256, 256, dim=1).permute((1, 0)), acc, is_async=True)
+        accr, acc = warpgroup_mma_wait(num_outstanding=0, deps=(accr, acc))
+
+        cm = gl.convert_layout(cmax, ROWL)
+        pt, fo, m_i, l_i, r_i = _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i)
+        p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
+        p_smem.store(pt)
+        fence_async_shared()
+        gl.barrier()
+        o = warpgroup_mma(kv16.permute((1, 0)), p_smem, o * gl.expand_dims(fo, 0), is_async=True)
+    o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+    cp.wait_group(0)
+
+    hh = gl.arange(0, HP, layout=COLL)
+    inv = gl.where(l_i > 0, r_i / gl.where(l_i > 0, l_i, 1.0), 0.0)
+    out_row = out + t * so_t + h0 * so_h
+    _store_out(o, inv, out_row, so_h, hb, 0, HP)
+    ls = gl.where(l_i > 0, (m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    gl.store(lse + t * H + h0 + hh, ls, mask=hh < hb)
+
+
 def sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale: float, config: dict | None = None):
     """Launch on checked inputs (``ops._prefill_fp8``): q [T, H, 576] (last dim contiguous), flat uint8 [S, 656]
     contiguous, indices [T, topk] int32 contiguous, out [T, H, 512] and lse [T, H] to fill."""
@@ -274,12 +405,16 @@ def sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale: float, co
     if unknown:
         raise ValueError(f"sparse_mla_prefill (gluon): unknown config keys {unknown}; the keys are {sorted(cfg)}")
     cfg.update(config or {})
-    st = cfg["num_stages"]
+    st, sched = cfg["num_stages"], cfg["schedule"]
+    if sched not in SCHEDULES:
+        raise ValueError(f"sparse_mla_prefill (gluon): schedule must be one of {list(SCHEDULES)}, got {sched!r}")
     if not isinstance(st, int) or not 2 <= st <= 3:   # 4 stages of 40.3 KB do not fit beside the fp16 tile
         raise ValueError(f"sparse_mla_prefill (gluon): num_stages must be an int in [2, 3], got {st!r}")
+    if sched == "overlap" and st != 3:                # it refills a stage mid-tile: 2 would leave none in flight
+        raise ValueError(f"sparse_mla_prefill (gluon): schedule 'overlap' needs num_stages 3, got {st}")
     hp = heads_per_program(H)
-    _sparse_mla_prefill_fp8_gluon_kernel[(T, triton.cdiv(H, hp))](
-        q, flat, flat.view(torch.float32), flat.view(torch.bfloat16), indices, out, lse, flat.shape[0], H,
+    kernel_for(sched)[(T, triton.cdiv(H, hp))](
+        q, flat, indices, out, lse, flat.shape[0], H,
         indices.shape[1], sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), indices.stride(0),
         out.stride(0), out.stride(1), HP=hp, NUM_STAGES=st, num_warps=NUM_WARPS)
     return out, lse
