@@ -277,7 +277,8 @@ def sparse_mla_gluon_kernels(runs=(("serial", 2), ("serial", 3), ("overlap", 3))
         loop = _main_loop(sass)
         r.update(loop_hgmma=len(re.findall(r"\bHGMMA\.", loop)), loop_ldgsts=len(re.findall(r"\bLDGSTS\b", loop)),
                  loop_bar_sync=len(re.findall(r"\bBAR\.SYNC", loop)),
-                 loop_cp_async_waits=sorted({int(x, 16) for x in re.findall(r"DEPBAR\.LE\s+SB0,\s*(0x[0-9a-f]+)", loop)}))
+                 loop_cp_async_waits=sorted({int(x, 16) for x in re.findall(r"DEPBAR\.LE\s+SB0,\s*(0x[0-9a-f]+)",
+                                                                             loop)}))
         out.append((f"sparse mla gluon h=20 {sched} s{st}", r))
     return out
 

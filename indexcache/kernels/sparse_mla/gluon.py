@@ -1,26 +1,34 @@
 """Gluon (Triton's explicit-layout dialect) sparse MLA prefill from the FP8 latent cache for Hopper (sm_90a):
-``sparse_mla_prefill(kv_format="fp8")``'s contract with the row gathers pipelined in a shared-memory ring.
+``sparse_mla_prefill(kv_format="fp8")``'s contract with the row gathers pipelined in a shared-memory ring
+(``sparse_mla_prefill(..., backend="gluon")``).
 
 Why: the Triton FP8 kernel keeps one buffer of gathered rows, so each 656-B row gather waits in full before its
 MMAs (and at 20 heads the MMAs are mma.sync-sized). Here one program (one warpgroup) owns one query and HP = 16
 or 32 heads (20 heads: 32, zero-padded) and walks its top-k list in tiles of BT = 64 rows:
-- ring: the e4m3 bytes (4 x [BT, 128]), the bf16 rope [BT, 64] and the four fp32 scales [BT, 4] of tile i are
+- ring: the e4m3 bytes [BT, 512], the bf16 rope [BT, 64] and the four fp32 scales [BT, 4] of tile i are
   gathered with cp.async (``async_copy_global_to_shared`` on pointers built from idx, one commit group a tile)
-  into stage i % NUM_STAGES, NUM_STAGES - 1 tiles ahead of the tile being computed (invalid rows: masked copies,
-  i.e. zero-filled);
+  into stage i % NUM_STAGES, up to NUM_STAGES - 1 tiles ahead of the tile being computed (invalid rows: masked
+  copies, i.e. zero-filled);
 - dequantise: the e4m3 bytes become fp16 in one [BT, 512] buffer, each 128-tile times c_g / cmax (c_g its
   power-of-two scale, cmax the row's largest of the four): exact in fp16 while a row's tile scales lie within
   2^15 of each other (one cvt + one mul per two values); cmax is applied per row after the MMAs;
-- token-major wgmma (the 20 heads are the small N dimension): S^T [BT, HP] = KV16 [BT, 512] . Q16^T (q times a
-  per-head power of two qs that puts its largest |q| in [2^14, 2^15), fp16), plus the rope part
-  KPE [BT, 64] . QPE^T in bf16 into its own accumulator; then an exp2 online softmax per head (column);
-- PV: O^T [512, HP] += KV16^T [512, BT] . P^T [BT, HP], P^T = p * cmax / R in fp16 through shared memory
-  (R: the running max of cmax, a power of two, so P^T <= 1; O^T is rescaled by alpha * R_old / R_new).
+- token-major wgmma (the 20 heads are the small N dimension): S^T [BT, HP] = KV16 [BT, 512] . Q16^T (q times
+  one power of two qs that puts the largest |q| of the program's heads in [2^14, 2^15), fp16), plus the rope
+  part KPE [BT, 64] . QPE^T in bf16 into its own accumulator; then an exp2 online softmax per head (column);
+- PV: O^T [512, HP] += KV16^T [512, BT] . P^T [BT, HP], P^T = p * cmax / R in fp16 through shared memory (in
+  the tile's e4m3 stage, free by then; R: the running max of cmax, a power of two, so P^T <= 1; O^T is rescaled
+  by alpha * R_old / R_new).
 All scalings are powers of two. Rows with no valid index give out 0 and lse -inf (the Triton kernels' rule).
+Shared memory at 3 stages and HP 32: 228864 B of the SM's 232448 (ring 3 x 41 KB, fp16 tile 64 KB, q 36 KB).
+
+Two schedules (``config_for``): "serial" waits for each MMA group before the next step (the cp.async ring
+alone overlaps loads with compute); "overlap" carries tile i's PV wgmma in flight into tile i+1 and runs QK
+over dims 0-255 while dims 256-511 are converted (see ``_sparse_mla_prefill_fp8_gluon_overlap_kernel``).
 
 Limits (checked by the launcher): CUDA tensors on sm_90 (Gluon has no interpreter); q [T, H, 576] of any float
 dtype; more than 32 heads run as head blocks of 32 that each gather the rows again (the 128-head model is not
-this kernel's target). Compiles without a GPU (``python -m tests.kernels.sm90_compile --sparse-mla-gluon``).
+this kernel's target). Compiles without a GPU (``python -m tests.kernels.sm90_compile --sparse-mla-gluon``:
+registers, spills, shared memory, wgmma and the main loop's cp.async waits).
 """
 from __future__ import annotations
 
