@@ -77,6 +77,23 @@ def _mma_layout(hp):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, hp, 16])
 
 
+@gluon.constexpr_function
+def _scales_row_layout():
+    """[BT, 4] scales with the rows of the MMA accumulator (SliceLayout(1, _mma_layout(hp)), any hp): a row's four
+    scales in one thread, rows over lane bits 2-4 (1, 2, 4), a register bit (8) and the warps (16, 32); lane bits
+    0-1 repeat. A row max of it is already in the accumulator's row layout (no conversion)."""
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [8, 0]],
+                                      lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 4])
+
+
+@gluon.jit
+def _row_cmax(sc_ring, s, ROWL: gl.constexpr):
+    """Stage s's largest tile scale per row, read in the accumulator's row layout ROWL."""
+    c = sc_ring.index(s).load(_scales_row_layout())
+    return gl.convert_layout(gl.max(c, axis=1), ROWL, assert_trivial=True)
+
+
 @gluon.jit
 def _load_ids(idx_row, j, topk, S, LAYOUT: gl.constexpr):
     """Row ids of tile j (positions past topk: -1) and their validity, in LAYOUT (a 1-D slice layout)."""
@@ -159,12 +176,15 @@ def _dq_group(nope_ring, s, f, g: gl.constexpr, GL: gl.constexpr, SCL: gl.conste
 
 @gluon.jit
 def _dequant(nope_ring, sc_ring, s, kv16_smem, GL: gl.constexpr, SCL: gl.constexpr):
-    """Stage s's e4m3 tiles -> kv16_smem [BT, 512] fp16 (tile g times c_g / cmax; 0 where cmax = 0). Returns
-    cmax [BT] (SliceLayout(1, SCL))."""
-    cmax, f = _dq_factors(sc_ring, s, SCL)
+    """Stage s's e4m3 tiles -> kv16_smem [BT, 512] fp16 (tile g times c_g / cmax; 0 where cmax = 0)."""
+    f = _dq_factors(sc_ring, s, SCL)[1]
     for g in gl.static_range(4):
         kv16_smem.slice(g * 128, 128, dim=1).store(_dq_group(nope_ring, s, f, g, GL, SCL))
-    return cmax
+
+
+@gluon.jit
+def _max2(a, b, c, d):
+    return gl.maximum(a, c), gl.maximum(b, d)
 
 
 @gluon.jit
@@ -173,27 +193,37 @@ def _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i):
     factor of the running O^T (alpha * r_old / r_new, per head), and the new m, l, r."""
     sc = acc * gl.expand_dims(cm * nope_scale, 1) + accr * qk_scale
     sc = gl.where(gl.expand_dims(ok, 1), sc, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(sc, axis=0))
+    # the column max of S^T and the tile's largest row scale in one cross-warp reduction (one barrier round)
+    cmv = gl.where(gl.expand_dims(ok, 1), gl.expand_dims(cm, 1), 0.0) + gl.zeros_like(sc)
+    smax, cmx = gl.reduce((sc, cmv), 0, _max2)
+    m_new = gl.maximum(m_i, smax)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_use)
     p = gl.exp2(sc - gl.expand_dims(m_use, 0))
     l_new = l_i * alpha + gl.sum(p, axis=0)
-    r_new = gl.maximum(r_i, gl.max(gl.where(ok, cm, 0.0), axis=0))
+    r_new = gl.maximum(r_i, gl.max(cmx, axis=0))                 # cmx: the same value in every column
     inv_r = gl.div_rn(1.0, r_new)
     pt = (p * gl.expand_dims(cm * inv_r, 1)).to(gl.float16)
     return pt, alpha * (r_i * inv_r), m_new, l_new, r_new
 
 
 @gluon.jit
-def _store_out(o, inv, out_row, so_h, hb, d0: gl.constexpr, HP: gl.constexpr):
-    """O^T rows [d0, d0 + rows of o) times inv (per head) -> out[t, h, d]: through shared memory into 16-byte
-    runs along the dims."""
-    D: gl.constexpr = o.type.shape[0]
-    OL: gl.constexpr = gl.BlockedLayout([8, 1], [32, 1], [1, 4], [0, 1])
-    ov = gl.convert_layout((o * gl.expand_dims(inv, 0)).to(out_row.dtype.element_ty), OL)
-    d = d0 + gl.arange(0, D, layout=gl.SliceLayout(1, OL))
+def _store_out(o, inv, buf, out_row, so_h, hb, HP: gl.constexpr):
+    """O^T [512, HP] times inv (per head) -> out[t, h, :] through ``buf`` (the free fp16 tile, 64 KB, seen as fp32
+    [512, HP]), read back 128 dims at a time as 16-byte runs along the dims (a whole-tile layout conversion in
+    registers spills with fp32 outputs)."""
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    ob = buf._reinterpret(gl.float32, [512, HP], plain)
+    ob.store(o * gl.expand_dims(inv, 0))
+    gl.barrier()
+    OL: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, 4], [0, 1])
     ho = gl.arange(0, HP, layout=gl.SliceLayout(0, OL))
-    gl.store(out_row + gl.expand_dims(ho * so_h, 0) + gl.expand_dims(d, 1), ov, mask=gl.expand_dims(ho < hb, 0))
+    hm = gl.expand_dims(ho < hb, 0)
+    for c in gl.static_range(4):
+        d = c * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, OL))
+        v = ob.slice(c * 128, 128, dim=0).load(OL)
+        gl.store(out_row + gl.expand_dims(ho * so_h, 0) + gl.expand_dims(d, 1), v.to(out_row.dtype.element_ty),
+                 mask=hm)
 
 
 @gluon.jit(do_not_specialize=["S", "topk"])
@@ -259,7 +289,7 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
         _, ok_next = _load_ids(idx_row, i + 1, topk, S, ROWL)
         cp.wait_group(NUM_STAGES - 1)                              # this thread's copies of tile i landed
         gl.barrier()                                               # everyone's
-        cmax = _dequant(nope_ring, sc_ring, s, kv16_smem, GL, SCL)
+        _dequant(nope_ring, sc_ring, s, kv16_smem, GL, SCL)
         fence_async_shared()
         gl.barrier()
         zero_s = gl.zeros([64, HP], gl.float32, MMA)
@@ -267,7 +297,7 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
         accr = warpgroup_mma(kpe_ring.index(s), qpe_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         acc, accr = warpgroup_mma_wait(num_outstanding=0, deps=(acc, accr))
 
-        cm = gl.convert_layout(cmax, ROWL)
+        cm = _row_cmax(sc_ring, s, ROWL)
         pt, fo, m_i, l_i, r_i = _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i)
         # P^T goes into tile i's e4m3 stage (read by the dequantisation above, refilled only after this PV)
         p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
@@ -282,7 +312,7 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
     hh = gl.arange(0, HP, layout=COLL)
     hm = hh < hb
     inv = gl.where(l_i > 0, r_i / gl.where(l_i > 0, l_i, 1.0), 0.0)
-    _store_out(o, inv, out + t * so_t + h0 * so_h, so_h, hb, 0, HP)
+    _store_out(o, inv, kv16_all.index(0), out + t * so_t + h0 * so_h, so_h, hb, HP)
     ls = gl.where(l_i > 0, (m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     gl.store(lse + t * H + h0 + hh, ls, mask=hm)
 
@@ -359,7 +389,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
         _, ok_next = _load_ids(idx_row, i + 1, topk, S, ROWL)
         cp.wait_group(NUM_STAGES - 2)                              # tile i landed (this thread's copies)
         gl.barrier()                                               # everyone's
-        cmax, f = _dq_factors(sc_ring, s, SCL)
+        f = _dq_factors(sc_ring, s, SCL)[1]
         k0 = _dq_group(nope_ring, s, f, 0, GL, SCL)                # while PV(i-1) runs
         # PV(i-1) done: the fp16 tile and P^T(i-1) are free. k0 goes through the wait so that its conversion is
         # not sunk below it (next to the store)
@@ -386,7 +416,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
         acc = warpgroup_mma(kv_hi, q16.slice(256, 256, dim=1).permute((1, 0)), acc, is_async=True)
         accr, acc = warpgroup_mma_wait(num_outstanding=0, deps=(accr, acc))
 
-        cm = gl.convert_layout(cmax, ROWL)
+        cm = _row_cmax(sc_ring, s, ROWL)
         pt, fo, m_i, l_i, r_i = _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i)
         p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
         p_smem.store(pt)
@@ -399,7 +429,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
     hh = gl.arange(0, HP, layout=COLL)
     inv = gl.where(l_i > 0, r_i / gl.where(l_i > 0, l_i, 1.0), 0.0)
     out_row = out + t * so_t + h0 * so_h
-    _store_out(o, inv, out_row, so_h, hb, 0, HP)
+    _store_out(o, inv, kv16_all.index(0), out_row, so_h, hb, HP)
     ls = gl.where(l_i > 0, (m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     gl.store(lse + t * H + h0 + hh, ls, mask=hh < hb)
 
