@@ -189,22 +189,31 @@ def _max2(a, b, c, d):
 
 @gluon.jit
 def _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i):
-    """One tile's exp2 online softmax per head (column) of S^T. Returns P^T (fp16, p * cm / r_new <= 1), the
-    factor of the running O^T (alpha * r_old / r_new, per head), and the new m, l, r."""
+    """One tile's exp2 online softmax per head (column) of S^T. Returns P^T (fp16, p * cm / r_new <= 2^8), the
+    factor of the running O^T (alpha * r_old / r_new, per head), whether O^T needs it (``rescale``; else the
+    factor is 1 for every head), and the new m, l, r.
+    The running max m (all heads) and R move only when some head's max grew by more than 2^8 or a row scale
+    exceeds R: otherwise p <= 2^8 against the old m (exact: m only has to be a common shift per head, l uses
+    the same one) and the 128 multiplies of O^T a tile are skipped."""
     sc = acc * gl.expand_dims(cm * nope_scale, 1) + accr * qk_scale
     sc = gl.where(gl.expand_dims(ok, 1), sc, float("-inf"))
     # the column max of S^T and the tile's largest row scale in one cross-warp reduction (one barrier round)
     cmv = gl.where(gl.expand_dims(ok, 1), gl.expand_dims(cm, 1), 0.0) + gl.zeros_like(sc)
     smax, cmx = gl.reduce((sc, cmv), 0, _max2)
-    m_new = gl.maximum(m_i, smax)
+    m_cand = gl.maximum(m_i, smax)
+    r_cand = gl.maximum(r_i, gl.max(cmx, axis=0))                # cmx: the same value in every column
+    # -inf - -inf (no valid row yet) is NaN: compares false, nothing to rescale
+    grown = gl.max(gl.where(m_cand - m_i > 8.0, 1, 0), axis=0)
+    rescale = (grown > 0) | (r_cand > r_i)
+    m_new = gl.where(rescale, m_cand, m_i)
+    r_new = gl.where(rescale, r_cand, r_i)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_use)
     p = gl.exp2(sc - gl.expand_dims(m_use, 0))
     l_new = l_i * alpha + gl.sum(p, axis=0)
-    r_new = gl.maximum(r_i, gl.max(cmx, axis=0))                 # cmx: the same value in every column
     inv_r = gl.div_rn(1.0, r_new)
     pt = (p * gl.expand_dims(cm * inv_r, 1)).to(gl.float16)
-    return pt, alpha * (r_i * inv_r), m_new, l_new, r_new
+    return pt, alpha * (r_i * inv_r), rescale, m_new, l_new, r_new
 
 
 @gluon.jit
@@ -269,7 +278,6 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
 
     inv_qs = _prepare_q(q + t * sq_t + h0 * sq_h, sq_h, hb, q16_all.index(0), qpe_all.index(0), HP)
     nope_scale = inv_qs * qk_scale
-    _, ok_next = _load_ids(idx_row, 0, topk, S, ROWL)
 
     m_i = gl.full([HP], float("-inf"), gl.float32, COLL)
     l_i = gl.zeros([HP], gl.float32, COLL)
@@ -285,8 +293,7 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
                ok_g, GL, RL, SCL)
         cp.commit_group()
         ids_g, ok_g = _load_ids(idx_row, i + NUM_STAGES, topk, S, gl.SliceLayout(1, GL))
-        ok = ok_next
-        _, ok_next = _load_ids(idx_row, i + 1, topk, S, ROWL)
+        _, ok = _load_ids(idx_row, i, topk, S, ROWL)            # used at the softmax: latency hidden
         cp.wait_group(NUM_STAGES - 1)                              # this thread's copies of tile i landed
         gl.barrier()                                               # everyone's
         _dequant(nope_ring, sc_ring, s, kv16_smem, GL, SCL)
@@ -298,13 +305,14 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
         acc, accr = warpgroup_mma_wait(num_outstanding=0, deps=(acc, accr))
 
         cm = _row_cmax(sc_ring, s, ROWL)
-        pt, fo, m_i, l_i, r_i = _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i)
+        pt, fo, rescale, m_i, l_i, r_i = _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i)
         # P^T goes into tile i's e4m3 stage (read by the dequantisation above, refilled only after this PV)
         p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
         p_smem.store(pt)
         fence_async_shared()
         gl.barrier()
-        o = o * gl.expand_dims(fo, 0)
+        if rescale:
+            o = o * gl.expand_dims(fo, 0)
         o = warpgroup_mma(kv16_smem.permute((1, 0)), p_smem, o, is_async=True)
         o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
     cp.wait_group(0)
@@ -363,7 +371,6 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
 
     inv_qs = _prepare_q(q + t * sq_t + h0 * sq_h, sq_h, hb, q16_all.index(0), qpe_all.index(0), HP)
     nope_scale = inv_qs * qk_scale
-    _, ok_next = _load_ids(idx_row, 0, topk, S, ROWL)
 
     m_i = gl.full([HP], float("-inf"), gl.float32, COLL)
     l_i = gl.zeros([HP], gl.float32, COLL)
@@ -385,8 +392,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
         kv_lo = kv16.slice(0, 256, dim=1)
         kv_hi = kv16.slice(256, 256, dim=1)
         q16 = q16_all.index(z)
-        ok = ok_next
-        _, ok_next = _load_ids(idx_row, i + 1, topk, S, ROWL)
+        _, ok = _load_ids(idx_row, i, topk, S, ROWL)            # used at the softmax: latency hidden
         cp.wait_group(NUM_STAGES - 2)                              # tile i landed (this thread's copies)
         gl.barrier()                                               # everyone's
         f = _dq_factors(sc_ring, s, SCL)[1]
@@ -417,12 +423,14 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
         accr, acc = warpgroup_mma_wait(num_outstanding=0, deps=(accr, acc))
 
         cm = _row_cmax(sc_ring, s, ROWL)
-        pt, fo, m_i, l_i, r_i = _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i)
+        pt, fo, rescale, m_i, l_i, r_i = _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i)
         p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
         p_smem.store(pt)
         fence_async_shared()
         gl.barrier()
-        o = warpgroup_mma(kv16.permute((1, 0)), p_smem, o * gl.expand_dims(fo, 0), is_async=True)
+        if rescale:
+            o = o * gl.expand_dims(fo, 0)
+        o = warpgroup_mma(kv16.permute((1, 0)), p_smem, o, is_async=True)
     o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
     cp.wait_group(0)
 
