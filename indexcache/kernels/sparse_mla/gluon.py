@@ -16,8 +16,9 @@ or 32 heads (20 heads: 32, zero-padded) and walks its top-k list in tiles of BT 
   one power of two qs that puts the largest |q| of the program's heads in [2^14, 2^15), fp16), plus the rope
   part KPE [BT, 64] . QPE^T in bf16 into its own accumulator; then an exp2 online softmax per head (column);
 - PV: O^T [512, HP] += KV16^T [512, BT] . P^T [BT, HP], P^T = p * cmax / R in fp16 through shared memory (in
-  the tile's e4m3 stage, free by then; R: the running max of cmax, a power of two, so P^T <= 1; O^T is rescaled
-  by alpha * R_old / R_new).
+  the tile's e4m3 stage, free by then; R: the running max of cmax, a power of two). The running max m and R
+  move only when a head's max grows by more than 2^8 or a row scale exceeds R (then O^T is rescaled by
+  alpha * R_old / R_new); otherwise p <= 2^8 against the old m, exact, and O^T is left alone (``_softmax_step``).
 All scalings are powers of two. Rows with no valid index give out 0 and lse -inf (the Triton kernels' rule).
 Shared memory at 3 stages and HP 32: 228864 B of the SM's 232448 (ring 3 x 41 KB, fp16 tile 64 KB, q 36 KB).
 
