@@ -184,6 +184,9 @@ def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
     cap = torch.cuda.get_device_capability(q.device)
     if cap[0] != 9:
         raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs a Hopper GPU (sm_90), got capability {cap}")
+    if flat.data_ptr() % 16:
+        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs the fp8 kv 16-byte aligned (16-byte row "
+                         f"copies), got address {flat.data_ptr()} (offset {flat.data_ptr() % 16})")
     from indexcache.kernels.sparse_mla.gluon import sparse_mla_prefill_fp8_gluon
 
     q = q if q.stride(-1) == 1 else q.contiguous()
