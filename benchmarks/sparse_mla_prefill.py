@@ -2,9 +2,11 @@
 200K context, top-k 2048, 20 heads (glm-4.7-flash-dsa) and 128 heads (DeepSeek-V3.2). FP8 rows: "fp8 via decode"
 is the engine's FP8 prefill path before kv_format="fp8" existed (sparse_mla_decode: gather + dequantise the
 selected rows into a bf16 scratch, then the bf16 attention), the others sparse_mla_prefill(kv_format="fp8") at
-launch configs. FP8 rows are checked against the reference on the dequantised rows.
+launch configs; "fp8 gluon" is sparse_mla_prefill(kv_format="fp8", backend="gluon") (the Hopper Gluon kernel:
+cp.async ring + wgmma). FP8 rows are checked against the reference on the dequantised rows.
 
-    python -m benchmarks.sparse_mla_prefill [--quick]      # ~1-2 min on an H200 (compiles included); JSON to $OUT
+    python -m benchmarks.sparse_mla_prefill [--quick] [--heads 20]   # ~1-2 min on an H200 (compiles included);
+                                                                     # --heads: only that head count's rows
 
 Index sets: "random" (uniform over the context: what random weights give, the worst case for L2) and "mix", a
 synthetic stand-in for trained top-k sets: per query 64 sinks (the first tokens), the 256 tokens before it, and 27
@@ -30,6 +32,9 @@ VARIANTS = [
     ("production launch", 20, "bf16", None),
     ("fp8 via decode (old path)", 20, "fp8 via decode", None),
     ("fp8 prefill, default", 20, "fp8", None),
+    ("gluon fp8, serial 3 stages", 20, "fp8 gluon", {"schedule": "serial", "num_stages": 3}),
+    ("gluon fp8, serial 2 stages", 20, "fp8 gluon", {"schedule": "serial", "num_stages": 2}),
+    ("gluon fp8, overlap 3 stages", 20, "fp8 gluon", {"schedule": "overlap", "num_stages": 3}),
     ("production launch", 128, "bf16", None),
     ("fp8 prefill, default", 128, "fp8", None),
 ]
@@ -40,6 +45,8 @@ def run(cache: str, q, kv, kv8, idx, cfg):
         return sparse_mla_prefill(q, kv, idx, SCALE, config=cfg)
     if cache == "fp8":
         return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg)
+    if cache == "fp8 gluon":
+        return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg, backend="gluon")
     return sparse_mla_decode(q, kv8.view(-1, 64, 656), idx, SCALE, kv_format="fp8")
 
 
@@ -60,7 +67,7 @@ def index_sets(T: int, device="cuda") -> dict:
     return {"random": rand.to(torch.int32).contiguous(), "mix": mix.to(torch.int32).contiguous()}
 
 
-def main(quick: bool = False) -> int:
+def main(quick: bool = False, heads: int | None = None) -> int:
     T = 2048 if quick else 8192
     ceilings = measure_ceilings()
     kv = torch.randn(CTX, 576, device="cuda", dtype=torch.bfloat16)
@@ -70,6 +77,8 @@ def main(quick: bool = False) -> int:
     qs = {}
     base_ms = {}
     for label, h, cache, cfg in VARIANTS:
+        if heads is not None and h != heads:
+            continue
         if h not in qs:
             qs = {h: torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)}
         q = qs[h]
@@ -104,4 +113,5 @@ def main(quick: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(quick="--quick" in sys.argv))
+    args = sys.argv[1:]
+    sys.exit(main(quick="--quick" in args, heads=int(args[args.index("--heads") + 1]) if "--heads" in args else None))

@@ -7,6 +7,7 @@
     python -m tests.kernels.sm90_compile --topk-prefill # the one-launch prefill top-k (fp32, bf16 logits)
     python -m tests.kernels.sm90_compile --topk-short   # the re-rank pool's top-k with its slot gather (topk_slots)
     python -m tests.kernels.sm90_compile --sparse-mla-fp8   # sparse MLA prefill from the FP8 latent cache
+    python -m tests.kernels.sm90_compile --sparse-mla-gluon # its Gluon kernel (cp.async ring + wgmma), 20 heads
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -250,6 +251,44 @@ def sparse_mla_fp8_kernels() -> list[tuple[str, dict]]:
                                 num_stages=c["num_stages"], div16=div)) for name, fn, hb, c in runs]
 
 
+def sparse_mla_gluon_kernels(runs=(("serial", 2), ("serial", 3), ("overlap", 3)),
+                             sass_dir: str | None = None) -> list[tuple[str, dict]]:
+    """The Gluon FP8-cache sparse MLA prefill (kernels/sparse_mla/gluon.py) at the 20-head launch (HP 32) for each
+    (schedule, ring depth): registers, spills, shared memory, wgmma count (serialised by ptxas or not), and from
+    the machine code of its main loop (one tile a pass) the HGMMAs, cp.async copies (LDGSTS), CTA barriers and
+    the cp.async waits (``DEPBAR.LE SB0, n``: n tiles stay in flight while a tile is computed: NUM_STAGES - 1 in
+    the serial schedule, NUM_STAGES - 2 at the top of the overlap schedule's tile)."""
+    import tempfile
+
+    from tests.kernels.sm90_compile_gluon import _compile, _main_loop
+
+    from indexcache.kernels.sparse_mla import gluon as sg
+
+    types = {"q": "*bf16", "kv_u8": "*u8", "idx": "*i32", "out": "*bf16",
+             "lse": "*fp32", "qk_scale": "fp32"}
+    out = []
+    for sched, st in runs:
+        ce = {"HP": sg.heads_per_program(20), "NUM_STAGES": st, "num_warps": sg.NUM_WARPS}
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(sass_dir or d, f"sparse_mla_gluon_{sched}_s{st}.sass")
+            r = _compile(sg.kernel_for(sched), types, ce, ("sq_t", "sq_h", "si_t", "so_t", "so_h"), sg.NUM_WARPS,
+                         None, f"h=20 {sched} stages {st}", sass_path=path)
+            sass = open(path).read() if os.path.exists(path) else ""
+        loop = _main_loop(sass)
+        r.update(loop_hgmma=len(re.findall(r"\bHGMMA\.", loop)), loop_ldgsts=len(re.findall(r"\bLDGSTS\b", loop)),
+                 loop_bar_sync=len(re.findall(r"\bBAR\.SYNC", loop)),
+                 loop_cp_async_waits=sorted({int(x, 16) for x in re.findall(r"DEPBAR\.LE\s+SB0,\s*(0x[0-9a-f]+)",
+                                                                             loop)}))
+        out.append((f"sparse mla gluon h=20 {sched} s{st}", r))
+    return out
+
+
+def _gluon_columns(r: dict) -> str:
+    return (f"  wgmma {r['wgmma']:2d}  smem {r['shared_bytes']:6d}  serialized {r['wgmma_serialized']}  loop: "
+            f"HGMMA {r['loop_hgmma']}  LDGSTS {r['loop_ldgsts']}  BAR.SYNC {r['loop_bar_sync']}  cp.async waits "
+            f"{r['loop_cp_async_waits']}")
+
+
 def toolchain_problem(tool: str) -> str | None:
     """Why ``tool`` cannot compile for sm_90a here (None when it can)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -271,6 +310,7 @@ _REPORTS = {
     "--topk-short": (topk_short_kernels, lambda r: ""),
     "--topk-decode": (topk_decode_kernels, lambda r: ""),
     "--sparse-mla-fp8": (sparse_mla_fp8_kernels, _mma_columns),
+    "--sparse-mla-gluon": (sparse_mla_gluon_kernels, _gluon_columns),
 }
 
 

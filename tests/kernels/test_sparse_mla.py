@@ -282,3 +282,104 @@ def test_gpu_prefill_fp8_real_sizes(h):
     assert (out[5] == 0).all()
     assert _rel(out, ro) < 1e-2
     _lse_ok(lse, rl, 2e-2)
+
+
+# ------------------------------------------------------------------------------- Gluon FP8 prefill (kernels/gluon.py)
+def test_prefill_gluon_bad_arguments():
+    q = torch.randn(2, 16, 576)
+    kv8 = torch.zeros(10, 656, dtype=torch.uint8)
+    idx = torch.zeros(2, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend must be 'triton' or 'gluon', got 'cuda'"):
+        sparse_mla_prefill(q, kv8, idx, 0.1, kv_format="fp8", backend="cuda")
+    with pytest.raises(ValueError, match="backend 'gluon' needs kv_format 'fp8', got 'bf16'"):
+        sparse_mla_prefill(q, torch.randn(10, 576), idx, 0.1, backend="gluon")
+    with pytest.raises(ValueError, match="backend 'gluon' needs CUDA tensors"):
+        sparse_mla_prefill(q, kv8, idx, 0.1, kv_format="fp8", backend="gluon")
+    with pytest.raises(ValueError, match="656"):       # the FP8 cache checks come first
+        sparse_mla_prefill(q, torch.zeros(10, 576, dtype=torch.uint8), idx, 0.1, kv_format="fp8", backend="gluon")
+
+
+def test_prefill_gluon_compiles_for_sm90_without_spills():
+    """The Gluon kernel's two schedules at the 20-head launch and 3 stages, lowered for sm_90a in a subprocess
+    without the interpreter (``sm90_compile --sparse-mla-gluon``): no spills, wgmma not serialised by ptxas, the
+    68 wgmma of a tile (32 QK, 4 rope, 32 PV) in the main loop, shared memory within an SM's 227 KB, and the
+    loop's cp.async wait leaving NUM_STAGES - 1 tiles in flight (serial) or NUM_STAGES - 2 at the top of a tile
+    (overlap: the stage that held P^T is refilled after its PV)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from indexcache.kernels.sparse_mla import gluon as sg
+    from tests.kernels.sm90_compile import ptxas_path
+
+    if ptxas_path() is None:
+        pytest.skip("this Triton has no bundled ptxas")
+    st = sg.config_for(20)["num_stages"]
+    code = ("import json\nfrom tests.kernels.sm90_compile import sparse_mla_gluon_kernels as k\n"
+            f"for _, r in k(runs=(('serial', {st}), ('overlap', 3))): print(json.dumps(r))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2, r.stdout
+    for row, wgmma, in_flight in zip(rows, (68, 100), (st - 1, 1)):   # overlap: + one PV of zeros before the loop
+        assert row["spill_bytes"] == 0 and not row["wgmma_serialized"], row
+        assert row["wgmma"] == wgmma and row["shared_bytes"] <= 232448, row
+        if row["loop_hgmma"]:                             # machine code available (bundled cuobjdump)
+            assert row["loop_hgmma"] == 68 and row["loop_cp_async_waits"] == [in_flight], row
+
+
+def _gluon_vs_reference(q, kv, idx, scale, cfg=None, tol=1e-2):
+    """The Gluon kernel against the reference (fp16 P^T and q: ~1e-3), rows without a valid index out 0 and lse
+    -inf (the Triton kernels' rule), every output written (torch.empty is NaN-poisoned)."""
+    out, lse = sparse_mla_prefill(q, kv, idx, scale, kv_format="fp8", backend="gluon", config=cfg)
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, scale, kv_format="fp8")
+    assert out.shape == ro.shape and out.dtype == q.dtype and lse.shape == rl.shape
+    assert torch.isfinite(out).all()
+    empty = ((idx < 0) | (idx >= kv.reshape(-1, 656).shape[0])).all(1)
+    assert empty.any() and (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+    assert _rel(out[~empty], ro[~empty]) < tol
+    _lse_ok(lse, rl, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,h,S,K,dtype,cfg", [
+    (5, 20, 211, 37, torch.bfloat16, None),        # K < one tile, odd T, the preset's heads
+    (5, 20, 211, 37, torch.bfloat16, {"schedule": "overlap"}),
+    (7, 20, 3000, 200, torch.bfloat16, {"num_stages": 2}),      # K not a multiple of 64, 2-stage ring
+    (7, 20, 3000, 200, torch.bfloat16, {"schedule": "overlap"}),
+    (3, 16, 500, 130, torch.float16, None),       # one 16-head block
+    (3, 16, 500, 130, torch.float16, {"schedule": "overlap"}),
+    (4, 9, 300, 64, torch.float32, None),         # heads padded in a 16-head block, fp32 q / out
+    (3, 40, 700, 300, torch.bfloat16, {"schedule": "overlap"}),   # two 32-head blocks
+    (6, 20, 90, 500, torch.bfloat16, None),       # more tiles than rows (repeated rows)
+])
+def test_gpu_prefill_fp8_gluon_matches_reference(T, h, S, K, dtype, cfg):
+    q, kv, idx = _fp8_prefill_case("cuda", T, h, S, K, seed=300 + h + K, dtype=dtype)
+    _gluon_vs_reference(q, kv, idx, 0.0625, cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_fp8_gluon_paged_real_size():
+    torch.manual_seed(31)
+    T, h, S, K = 63, 20, 200_000, 2048
+    q = torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)
+    lat = torch.randn(S, 576, device="cuda") * torch.rand(S, 1, device="cuda") * 4
+    lat[:, 256:384] *= 0.003                      # tile scales of a row ~2^8 apart
+    kv = quantize_latent_fp8_reference(lat).view(S // 64, 64, 656)
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device="cuda")
+    idx[:, -100:] = -1                            # ragged -1 tails
+    idx[3, 1000:] = S + 5                         # past the cache
+    idx[5] = -1                                   # no valid index
+    idx[9, :1500] = -1                            # valid entries only at the end
+    for sched in ("serial", "overlap"):
+        _gluon_vs_reference(q, kv, idx, 0.0625, {"schedule": sched})
+    bad = [({"num_stages": 4}, "num_stages must be an int in \\[2, 3\\], got 4"),
+           ({"schedule": "overlap", "num_stages": 2}, "schedule 'overlap' needs num_stages 3, got 2"),
+           ({"schedule": "fast"}, "schedule must be one of \\['serial', 'overlap'\\], got 'fast'"),
+           ({"stages": 3}, "unknown config keys \\['stages'\\]")]
+    for cfg, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="gluon", config=cfg)

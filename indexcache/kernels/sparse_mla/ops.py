@@ -85,8 +85,8 @@ def _check_idx(fn, indices, n, device):
 
 
 def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                       d_v: int = 512, *, kv_format: str = "bf16",
-                       config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       d_v: int = 512, *, kv_format: str = "bf16", config: dict | None = None,
+                       backend: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, h, 576]; kv [S, 576] of q's dtype (kv_format "bf16") or the FP8 latent cache (kv_format "fp8",
     FlashMLA layout): uint8 [S, 656] or paged [num_blocks, page_size, 656], contiguous (index = row of the flattened
     cache); indices [T, topk] int32 rows of kv (-1 or >= S: skipped).
@@ -94,12 +94,18 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     Returns out [T, h, 512] in q.dtype and lse [T, h] fp32 (natural log); rows with no valid index give 0 / -inf.
     An FP8 cache is read straight from its 656-B rows (no dequantised copy). ``config`` overrides the launch
     parameters (keys of PREFILL_CFG / PREFILL_FP8_CFG; benchmarks sweep them).
+    ``backend`` "gluon": the Hopper Gluon kernel (``gluon.py``: cp.async ring + wgmma) for kv_format "fp8" on
+    sm_90 CUDA tensors; ``config`` then takes its keys (``gluon.config_for``).
     """
     _check_q("sparse_mla_prefill", q, d_v)
     if kv_format not in ("bf16", "fp8"):
         raise ValueError(f"sparse_mla_prefill: kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
+    if backend not in ("triton", "gluon"):
+        raise ValueError(f"sparse_mla_prefill: backend must be 'triton' or 'gluon', got {backend!r}")
+    if backend == "gluon" and kv_format != "fp8":
+        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs kv_format 'fp8', got {kv_format!r}")
     if kv_format == "fp8":
-        return _prefill_fp8(q, kv, indices, sm_scale, d_v, config)
+        return _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend)
     if kv.dim() != 2 or kv.shape[1] != LATENT_DIM:
         raise ValueError(f"sparse_mla_prefill: kv must be [S, {LATENT_DIM}], got shape {tuple(kv.shape)}")
     if kv.dtype != q.dtype:
@@ -139,7 +145,7 @@ def _prefill_launch(H: int, cfg: dict, few_heads: dict, config: dict | None) -> 
     return cfg, _hb(H, cfg["hb_max"])
 
 
-def _prefill_fp8(q, kv, indices, sm_scale, d_v, config):
+def _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend="triton"):
     if kv.dim() not in (2, 3) or kv.shape[-1] != LATENT_FP8_BYTES or kv.dtype != torch.uint8:
         raise ValueError(f"sparse_mla_prefill: an fp8 kv must be uint8 [S, {LATENT_FP8_BYTES}] or [num_blocks, "
                          f"page_size, {LATENT_FP8_BYTES}], got shape {tuple(kv.shape)} {kv.dtype}")
@@ -150,6 +156,8 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config):
     T, H, _ = q.shape
     _check_idx("sparse_mla_prefill", indices, T, q.device)
     flat = kv.view(-1, LATENT_FP8_BYTES)
+    if backend == "gluon":
+        return _prefill_fp8_gluon(q, flat, indices, sm_scale, config)
     if not use_triton(q):
         return sparse_mla_prefill_reference(q, flat, indices, sm_scale, d_v, kv_format="fp8")
     from indexcache.kernels.sparse_mla import triton as tm
@@ -166,6 +174,27 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config):
     _launch_chain(tm._sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args,
                   dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
+
+
+def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
+    """The Gluon FP8 prefill (Hopper only: Gluon has no interpreter and the kernel is sm_90 wgmma)."""
+    if not q.is_cuda or interpreting():
+        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs CUDA tensors without TRITON_INTERPRET, got "
+                         f"{q.device}")
+    cap = torch.cuda.get_device_capability(q.device)
+    if cap[0] != 9:
+        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs a Hopper GPU (sm_90), got capability {cap}")
+    if flat.data_ptr() % 16:
+        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs the fp8 kv 16-byte aligned (16-byte row "
+                         f"copies), got address {flat.data_ptr()} (offset {flat.data_ptr() % 16})")
+    from indexcache.kernels.sparse_mla.gluon import sparse_mla_prefill_fp8_gluon
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    indices = indices.contiguous()
+    out, lse = _prefill_outputs(q)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        return out, lse
+    return sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale, config)
 
 
 def _decode_plan(B, H, topk, kv_format, num_splits, bt=None):
