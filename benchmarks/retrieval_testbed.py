@@ -156,7 +156,7 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
     if os.path.exists(ck_path):
         ck = torch.load(ck_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
-        gen.set_state(ck["gen"])
+        gen.set_state(ck["gen"].cpu())  # map_location moved it to the device
         opt_state = ck["opt"]
     recipe = stages(tc)  # a run planned before the copy warm-up existed has no copy_steps: its indices still hold
     last = {}  # the optimizer of the latest checkpoint
