@@ -20,7 +20,7 @@ or 32 heads (20 heads: 32, zero-padded) and walks its top-k list in tiles of BT 
   move only when a head's max grows by more than 2^8 or a row scale exceeds R (then O^T is rescaled by
   alpha * R_old / R_new); otherwise p <= 2^8 against the old m, exact, and O^T is left alone (``_softmax_step``).
 All scalings are powers of two. Rows with no valid index give out 0 and lse -inf (the Triton kernels' rule).
-Shared memory at 3 stages and HP 32: 228864 B of the SM's 232448 (ring 3 x 41 KB, fp16 tile 64 KB, q 36 KB).
+Shared memory at 3 stages and HP 32: 229376 B of the SM's 232448 (ring 3 x 41 KB, fp16 tile 64 KB, q 36 KB).
 
 Two schedules (``config_for``): "serial" waits for each MMA group before the next step (the cp.async ring
 alone overlaps loads with compute); "overlap" carries tile i's PV wgmma in flight into tile i+1 and runs QK
@@ -44,7 +44,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from indexcache.kernels import formats as F
 
 # the CTA-wide thread barrier: ``gl.barrier`` from Triton 3.7, ``gl.thread_barrier`` before (3.6, the GPU's);
-# both lower to the same debug_barrier (bar.sync 0)
+# both lower to the same debug_barrier (bar.sync 0). 3.6's shared-memory hazard analysis does not tell slices of
+# one buffer apart, so it adds 3 bar.sync a tile (between the fp16 tile's 128-column stores); same results
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 BT = 64          # rows a tile: the m64 of one warpgroup's wgmma (tokens are the MMA rows)
