@@ -8,6 +8,7 @@
     python -m tests.kernels.sm90_compile --topk-short   # the re-rank pool's top-k with its slot gather (topk_slots)
     python -m tests.kernels.sm90_compile --sparse-mla-fp8   # sparse MLA prefill from the FP8 latent cache
     python -m tests.kernels.sm90_compile --sparse-mla-gluon # its Gluon kernel (cp.async ring + wgmma), 20 heads
+    python -m tests.kernels.sm90_compile --sparse-mla-gluon-all # ... at 16 and 20 heads, bf16 / fp16 / fp32 q
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -251,10 +252,11 @@ def sparse_mla_fp8_kernels() -> list[tuple[str, dict]]:
                                 num_stages=c["num_stages"], div16=div)) for name, fn, hb, c in runs]
 
 
-def sparse_mla_gluon_kernels(runs=(("serial", 2), ("serial", 3), ("overlap", 3)),
+def sparse_mla_gluon_kernels(runs=(("serial", 2), ("serial", 3), ("overlap", 3)), heads=(20,), dtypes=("bf16",),
                              sass_dir: str | None = None) -> list[tuple[str, dict]]:
-    """The Gluon FP8-cache sparse MLA prefill (kernels/sparse_mla/gluon.py) at the 20-head launch (HP 32) for each
-    (schedule, ring depth): registers, spills, shared memory, wgmma count (serialised by ptxas or not), and from
+    """The Gluon FP8-cache sparse MLA prefill (kernels/sparse_mla/gluon.py) for each (schedule, ring depth), number
+    of heads (20: the launch's HP 32, 16: HP 16) and q / out dtype (default: the 20-head bf16 launch): registers,
+    spills, shared memory, wgmma count (serialised by ptxas or not), and from
     the machine code of its main loop (one tile a pass) the HGMMAs, cp.async copies (LDGSTS), CTA barriers and
     the cp.async waits (``DEPBAR.LE SB0, n``: n tiles stay in flight while a tile is computed: NUM_STAGES - 1 in
     the serial schedule, NUM_STAGES - 2 at the top of the overlap schedule's tile)."""
@@ -264,22 +266,22 @@ def sparse_mla_gluon_kernels(runs=(("serial", 2), ("serial", 3), ("overlap", 3))
 
     from indexcache.kernels.sparse_mla import gluon as sg
 
-    types = {"q": "*bf16", "kv_u8": "*u8", "idx": "*i32", "out": "*bf16",
-             "lse": "*fp32", "qk_scale": "fp32"}
     out = []
-    for sched, st in runs:
-        ce = {"HP": sg.heads_per_program(20), "NUM_STAGES": st, "num_warps": sg.NUM_WARPS}
+    for (sched, st), h, dt in ((r, h, dt) for r in runs for h in heads for dt in dtypes):
+        types = {"q": f"*{dt}", "kv_u8": "*u8", "idx": "*i32", "out": f"*{dt}", "lse": "*fp32", "qk_scale": "fp32"}
+        ce = {"HP": sg.heads_per_program(h), "NUM_STAGES": st, "num_warps": sg.NUM_WARPS}
+        tag = f"h={h}{'' if dt == 'bf16' else ' ' + dt} {sched} s{st}"
         with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(sass_dir or d, f"sparse_mla_gluon_{sched}_s{st}.sass")
+            path = os.path.join(sass_dir or d, f"sparse_mla_gluon_h{h}_{dt}_{sched}_s{st}.sass")
             r = _compile(sg.kernel_for(sched), types, ce, ("sq_t", "sq_h", "si_t", "so_t", "so_h"), sg.NUM_WARPS,
-                         None, f"h=20 {sched} stages {st}", sass_path=path)
+                         None, tag, sass_path=path)
             sass = open(path).read() if os.path.exists(path) else ""
         loop = _main_loop(sass)
         r.update(loop_hgmma=len(re.findall(r"\bHGMMA\.", loop)), loop_ldgsts=len(re.findall(r"\bLDGSTS\b", loop)),
                  loop_bar_sync=len(re.findall(r"\bBAR\.SYNC", loop)),
                  loop_cp_async_waits=sorted({int(x, 16) for x in re.findall(r"DEPBAR\.LE\s+SB0,\s*(0x[0-9a-f]+)",
                                                                              loop)}))
-        out.append((f"sparse mla gluon h=20 {sched} s{st}", r))
+        out.append((f"sparse mla gluon {tag}", r))
     return out
 
 
@@ -311,6 +313,8 @@ _REPORTS = {
     "--topk-decode": (topk_decode_kernels, lambda r: ""),
     "--sparse-mla-fp8": (sparse_mla_fp8_kernels, _mma_columns),
     "--sparse-mla-gluon": (sparse_mla_gluon_kernels, _gluon_columns),
+    "--sparse-mla-gluon-all": (lambda: sparse_mla_gluon_kernels(heads=(16, 20), dtypes=("bf16", "fp16", "fp32")),
+                               _gluon_columns),
 }
 
 
@@ -321,6 +325,7 @@ def main() -> int:
         return 2
     flag = next((a for a in sys.argv[1:] if a in _REPORTS), None)
     kernels, columns = _REPORTS[flag] if flag else (production_kernels, _mma_columns)
+    print(f"triton {triton.__version__}", flush=True)
     for name, r in kernels():
         print(f"{name:36s} registers {r['registers']:3d}  spill bytes {r['spill_bytes']:4d}{columns(r)}", flush=True)
     return 0

@@ -20,7 +20,7 @@ or 32 heads (20 heads: 32, zero-padded) and walks its top-k list in tiles of BT 
   move only when a head's max grows by more than 2^8 or a row scale exceeds R (then O^T is rescaled by
   alpha * R_old / R_new); otherwise p <= 2^8 against the old m, exact, and O^T is left alone (``_softmax_step``).
 All scalings are powers of two. Rows with no valid index give out 0 and lse -inf (the Triton kernels' rule).
-Shared memory at 3 stages and HP 32: 228864 B of the SM's 232448 (ring 3 x 41 KB, fp16 tile 64 KB, q 36 KB).
+Shared memory at 3 stages and HP 32: 229376 B of the SM's 232448 (ring 3 x 41 KB, fp16 tile 64 KB, q 36 KB).
 
 Two schedules (``config_for``): "serial" waits for each MMA group before the next step (the cp.async ring
 alone overlaps loads with compute); "overlap" carries tile i's PV wgmma in flight into tile i+1 and runs QK
@@ -42,6 +42,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from indexcache.kernels import formats as F
+
+# the CTA-wide thread barrier: ``gl.barrier`` from Triton 3.7, ``gl.thread_barrier`` before (3.6, the GPU's);
+# both lower to the same debug_barrier (bar.sync 0). 3.6's shared-memory hazard analysis does not tell slices of
+# one buffer apart, so it adds 3 bar.sync a tile (between the fp16 tile's 128-column stores); same results
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 BT = 64          # rows a tile: the m64 of one warpgroup's wgmma (tokens are the MMA rows)
 NUM_WARPS = 4    # one warpgroup
@@ -225,7 +230,7 @@ def _store_out(o, inv, buf, out_row, so_h, hb, HP: gl.constexpr):
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     ob = buf._reinterpret(gl.float32, [512, HP], plain)
     ob.store(o * gl.expand_dims(inv, 0))
-    gl.barrier()
+    _cta_barrier()
     OL: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, 4], [0, 1])
     ho = gl.arange(0, HP, layout=gl.SliceLayout(0, OL))
     hm = gl.expand_dims(ho < hb, 0)
@@ -296,10 +301,10 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
         ids_g, ok_g = _load_ids(idx_row, i + NUM_STAGES, topk, S, gl.SliceLayout(1, GL))
         _, ok = _load_ids(idx_row, i, topk, S, ROWL)            # used at the softmax: latency hidden
         cp.wait_group(NUM_STAGES - 1)                              # this thread's copies of tile i landed
-        gl.barrier()                                               # everyone's
+        _cta_barrier()                                               # everyone's
         _dequant(nope_ring, sc_ring, s, kv16_smem, GL, SCL)
         fence_async_shared()
-        gl.barrier()
+        _cta_barrier()
         zero_s = gl.zeros([64, HP], gl.float32, MMA)
         acc = warpgroup_mma(kv16_smem, q16_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         accr = warpgroup_mma(kpe_ring.index(s), qpe_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -311,7 +316,7 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
         p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
         p_smem.store(pt)
         fence_async_shared()
-        gl.barrier()
+        _cta_barrier()
         if rescale:
             o = o * gl.expand_dims(fo, 0)
         o = warpgroup_mma(kv16_smem.permute((1, 0)), p_smem, o, is_async=True)
@@ -383,7 +388,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
     p0 = nope_ring.index(NUM_STAGES - 1)._reinterpret(gl.float16, [64, HP], P_LAYOUT)   # not in flight yet
     p0.store(gl.zeros([64, HP], gl.float16, ZL))
     fence_async_shared()                                            # also q16 / qpe before the first wgmma
-    gl.barrier()
+    _cta_barrier()
     o = warpgroup_mma(kv16_all.index(0).permute((1, 0)), p0, gl.zeros([512, HP], gl.float32, MMA), use_acc=False,
                       is_async=True)
     for i in range(n_tiles):
@@ -395,7 +400,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
         q16 = q16_all.index(z)
         _, ok = _load_ids(idx_row, i, topk, S, ROWL)            # used at the softmax: latency hidden
         cp.wait_group(NUM_STAGES - 2)                              # tile i landed (this thread's copies)
-        gl.barrier()                                               # everyone's
+        _cta_barrier()                                               # everyone's
         f = _dq_factors(sc_ring, s, SCL)[1]
         k0 = _dq_group(nope_ring, s, f, 0, GL, SCL)                # while PV(i-1) runs
         # PV(i-1) done: the fp16 tile and P^T(i-1) are free. k0 goes through the wait so that its conversion is
@@ -404,7 +409,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
         kv16.slice(0, 128, dim=1).store(k0)
         kv16.slice(128, 128, dim=1).store(_dq_group(nope_ring, s, f, 1, GL, SCL))
         fence_async_shared()
-        gl.barrier()
+        _cta_barrier()
         # refill stage (i-1) % NUM_STAGES (it held P^T(i-1)) with tile i + NUM_STAGES - 1
         _issue(kv_u8, nope_ring, kpe_ring, sc_ring, (i + NUM_STAGES - 1) % NUM_STAGES, ids_g,
                ok_g, GL, RL, SCL)
@@ -419,7 +424,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
         kv16.slice(256, 128, dim=1).store(_dq_group(nope_ring, s, f, 2, GL, SCL))    # while QK_lo runs
         kv16.slice(384, 128, dim=1).store(_dq_group(nope_ring, s, f, 3, GL, SCL))
         fence_async_shared()
-        gl.barrier()
+        _cta_barrier()
         acc = warpgroup_mma(kv_hi, q16.slice(256, 256, dim=1).permute((1, 0)), acc, is_async=True)
         accr, acc = warpgroup_mma_wait(num_outstanding=0, deps=(accr, acc))
 
@@ -428,7 +433,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
         p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
         p_smem.store(pt)
         fence_async_shared()
-        gl.barrier()
+        _cta_barrier()
         if rescale:
             o = o * gl.expand_dims(fo, 0)
         o = warpgroup_mma(kv16.permute((1, 0)), p_smem, o, is_async=True)
