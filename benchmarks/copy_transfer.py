@@ -7,17 +7,24 @@
       that copies letters only cannot copy the digits and hex names of the retrieval tasks;
   (b) retrieval exact match on held-out RULER-style items (``tasks.make_items``) with dense attention in every
       layer (``trainfwd.dense_logits``) and with the model's own top-k, so a failure of the model and a failure of
-      its indexers can be told apart.
+      its indexers can be told apart;
+  (c) with ``--fact-prefix N``: N held-out ``kv_single`` items asked twice, with the suite's query
+      (``assert TABLE_…["key_…"] == ``) and with one that repeats the fact's own words before the value
+      (``TABLE_… = {"key_…": ``), both with the model's own top-k: a model that answers the second and not the first
+      can find and copy the value but has not learned to bridge the query's form to the fact's.
 
     python -m benchmarks.copy_transfer --checkpoint runs/testbed/model                  # CPU, a few minutes
     python -m benchmarks.copy_transfer --checkpoint runs/testbed/model --items 0        # (a) only, seconds
+    python -m benchmarks.copy_transfer --checkpoint runs/testbed/model --items 0 --fact-prefix 16   # (a) and (c)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
 
 import torch
@@ -52,6 +59,32 @@ def retrieval(model, test, tasks, length: int, n: int) -> dict:
     return out
 
 
+def fact_prefix_item(item):
+    """The kv_single ``item`` with its query replaced by the fact's own words before the value."""
+    text = bytes(t for t in item.prompt[1:] if t < 256)
+    at = text.rfind(b"\nassert ")
+    m = re.fullmatch(rb'\nassert (\w+)\["(\w+)"\] == ', text[at:])
+    if item.task != "kv_single" or m is None:
+        raise ValueError(f"fact_prefix_item needs a kv_single item, got task {item.task!r}")
+    table, key = m.groups()
+    query = b"\n" + table + b' = {"' + key + b'": '
+    return dataclasses.replace(item, prompt=item.prompt[:len(item.prompt) - (len(text) - at)] + list(query))
+
+
+@torch.no_grad()
+def fact_prefix(model, test, length: int, n: int) -> dict:
+    """{"suite query": rate, "fact-prefix query": rate}: exact match with the own top-k on ``n`` kv_single items."""
+    hits = {"suite query": 0, "fact-prefix query": 0}
+    for item in make_items(test, ["kv_single"], length, n, HELDOUT_SEED_BASE, heldout=True):
+        for mode, it in (("suite query", item), ("fact-prefix query", fact_prefix_item(item))):
+            ids = it.ids()[None].to(next(model.parameters()).device)
+            a = len(it.answer)
+            hits[mode] += bool((model(ids[:, :-1]).logits[0, -a:].argmax(-1) == ids[0, -a:]).all())
+    out = {mode: h / n for mode, h in hits.items()}
+    print(f"kv_single @{length}, own top-k: " + ", ".join(f"{m} {v:.3f}" for m, v in out.items()), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True)
@@ -60,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--retrieval-length", type=int, default=2048)
     ap.add_argument("--items", type=int, default=4, help="(b) held-out items per task (0: skip (b))")
     ap.add_argument("--tasks", default="passkey,kv_single,needle_multi")
+    ap.add_argument("--fact-prefix", type=int, default=0,
+                    help="(c) kv_single items asked with the suite's query and with the fact's own prefix (0: skip)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default=None, help="also write the JSON as NAME.json (common.write_results)")
@@ -78,6 +113,8 @@ def main(argv=None) -> int:
     payload = {"meta": run_metadata(), "args": vars(args), "copy_reach": reach}
     if args.items > 0:
         payload["retrieval"] = retrieval(model, load_corpus("test"), tasks, args.retrieval_length, args.items)
+    if args.fact_prefix > 0:
+        payload["fact_prefix"] = fact_prefix(model, load_corpus("test"), args.retrieval_length, args.fact_prefix)
     print(json.dumps(payload))
     if args.results:
         write_results(args.results, payload)
