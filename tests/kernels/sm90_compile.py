@@ -252,14 +252,12 @@ def sparse_mla_fp8_kernels() -> list[tuple[str, dict]]:
                                 num_stages=c["num_stages"], div16=div)) for name, fn, hb, c in runs]
 
 
-def sparse_mla_gluon_kernels(runs=(("serial", 2), ("serial", 3), ("overlap", 3)), heads=(20,), dtypes=("bf16",),
-                             sass_dir: str | None = None) -> list[tuple[str, dict]]:
-    """The Gluon FP8-cache sparse MLA prefill (kernels/sparse_mla/gluon.py) for each (schedule, ring depth), number
-    of heads (20: the launch's HP 32, 16: HP 16) and q / out dtype (default: the 20-head bf16 launch): registers,
-    spills, shared memory, wgmma count (serialised by ptxas or not), and from
-    the machine code of its main loop (one tile a pass) the HGMMAs, cp.async copies (LDGSTS), CTA barriers and
-    the cp.async waits (``DEPBAR.LE SB0, n``: n tiles stay in flight while a tile is computed: NUM_STAGES - 1 in
-    the serial schedule, NUM_STAGES - 2 at the top of the overlap schedule's tile)."""
+def sparse_mla_gluon_kernels(heads=(20,), dtypes=("bf16",), sass_dir: str | None = None) -> list[tuple[str, dict]]:
+    """The Gluon FP8-cache sparse MLA prefill (kernels/sparse_mla/gluon.py) for each number of heads (20: the
+    launch's HP 32, 16: HP 16) and q / out dtype (default: the 20-head bf16 launch): registers, spills, shared
+    memory, wgmma count (serialised by ptxas or not), and from the machine code of its main loop (one tile a pass)
+    the HGMMAs, cp.async copies (LDGSTS), CTA barriers and the cp.async waits (``DEPBAR.LE SB0, n``: n tiles stay
+    in flight at the top of a tile, NUM_STAGES - 2: the stage that held P^T is refilled after its PV)."""
     import tempfile
 
     from tests.kernels.sm90_compile_gluon import _compile, _main_loop
@@ -267,14 +265,14 @@ def sparse_mla_gluon_kernels(runs=(("serial", 2), ("serial", 3), ("overlap", 3))
     from indexcache.kernels.sparse_mla import gluon as sg
 
     out = []
-    for (sched, st), h, dt in ((r, h, dt) for r in runs for h in heads for dt in dtypes):
+    for h, dt in ((h, dt) for h in heads for dt in dtypes):
         types = {"q": f"*{dt}", "kv_u8": "*u8", "idx": "*i32", "out": f"*{dt}", "lse": "*fp32", "qk_scale": "fp32"}
-        ce = {"HP": sg.heads_per_program(h), "NUM_STAGES": st, "num_warps": sg.NUM_WARPS}
-        tag = f"h={h}{'' if dt == 'bf16' else ' ' + dt} {sched} s{st}"
+        ce = {"HP": sg.heads_per_program(h), "NUM_STAGES": sg.NUM_STAGES, "num_warps": sg.NUM_WARPS}
+        tag = f"h={h}{'' if dt == 'bf16' else ' ' + dt}"
         with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(sass_dir or d, f"sparse_mla_gluon_h{h}_{dt}_{sched}_s{st}.sass")
-            r = _compile(sg.kernel_for(sched), types, ce, ("sq_t", "sq_h", "si_t", "so_t", "so_h"), sg.NUM_WARPS,
-                         None, tag, sass_path=path)
+            path = os.path.join(sass_dir or d, f"sparse_mla_gluon_h{h}_{dt}.sass")
+            r = _compile(sg._sparse_mla_prefill_fp8_gluon_kernel, types, ce, ("sq_t", "sq_h", "si_t", "so_t", "so_h"),
+                         sg.NUM_WARPS, None, tag, sass_path=path)
             sass = open(path).read() if os.path.exists(path) else ""
         loop = _main_loop(sass)
         r.update(loop_hgmma=len(re.findall(r"\bHGMMA\.", loop)), loop_ldgsts=len(re.findall(r"\bLDGSTS\b", loop)),

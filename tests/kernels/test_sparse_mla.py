@@ -295,16 +295,20 @@ def test_prefill_gluon_bad_arguments():
         sparse_mla_prefill(q, torch.randn(10, 576), idx, 0.1, backend="gluon")
     with pytest.raises(ValueError, match="backend 'gluon' needs CUDA tensors"):
         sparse_mla_prefill(q, kv8, idx, 0.1, kv_format="fp8", backend="gluon")
+    # one launch: config keys (the removed schedule / num_stages among them) are named, not ignored
+    with pytest.raises(ValueError, match="'gluon' takes no config keys .*got \\['num_stages', 'schedule'\\]"):
+        sparse_mla_prefill(q, kv8, idx, 0.1, kv_format="fp8", backend="gluon",
+                           config={"schedule": "serial", "num_stages": 2})
     with pytest.raises(ValueError, match="656"):       # the FP8 cache checks come first
         sparse_mla_prefill(q, torch.zeros(10, 576, dtype=torch.uint8), idx, 0.1, kv_format="fp8", backend="gluon")
 
 
 def test_prefill_gluon_compiles_for_sm90_without_spills():
-    """The Gluon kernel's two schedules at the 20-head launch and 3 stages, lowered for sm_90a in a subprocess
-    without the interpreter (``sm90_compile --sparse-mla-gluon``): no spills, wgmma not serialised by ptxas, the
-    68 wgmma of a tile (32 QK, 4 rope, 32 PV) in the main loop, shared memory within an SM's 227 KB, and the
-    loop's cp.async wait leaving NUM_STAGES - 1 tiles in flight (serial) or NUM_STAGES - 2 at the top of a tile
-    (overlap: the stage that held P^T is refilled after its PV)."""
+    """The Gluon kernel at the 20-head launch, lowered for sm_90a in a subprocess without the interpreter
+    (``sm90_compile --sparse-mla-gluon``): no spills, wgmma not serialised by ptxas, 100 wgmma (the 68 of a tile
+    in the main loop: 32 QK, 4 rope, 32 PV; + one PV of zeros before it), shared memory within an SM's 227 KB,
+    and the loop's cp.async wait leaving NUM_STAGES - 2 tiles in flight at the top of a tile (the stage that held
+    P^T is refilled after its PV)."""
     import json
     import os
     import subprocess
@@ -315,26 +319,25 @@ def test_prefill_gluon_compiles_for_sm90_without_spills():
 
     if ptxas_path() is None:
         pytest.skip("this Triton has no bundled ptxas")
-    st = sg.config_for(20)["num_stages"]
     code = ("import json\nfrom tests.kernels.sm90_compile import sparse_mla_gluon_kernels as k\n"
-            f"for _, r in k(runs=(('serial', {st}), ('overlap', 3))): print(json.dumps(r))")
+            "for _, r in k(): print(json.dumps(r))")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 2, r.stdout
-    for row, wgmma, in_flight in zip(rows, (68, 100), (st - 1, 1)):   # overlap: + one PV of zeros before the loop
-        assert row["spill_bytes"] == 0 and not row["wgmma_serialized"], row
-        assert row["wgmma"] == wgmma and row["shared_bytes"] <= 232448, row
-        if row["loop_hgmma"]:                             # machine code available (bundled cuobjdump)
-            assert row["loop_hgmma"] == 68 and row["loop_cp_async_waits"] == [in_flight], row
+    assert len(rows) == 1, r.stdout
+    row = rows[0]
+    assert row["spill_bytes"] == 0 and not row["wgmma_serialized"], row
+    assert row["wgmma"] == 100 and row["shared_bytes"] <= 232448, row
+    if row["loop_hgmma"]:                                 # machine code available (bundled cuobjdump)
+        assert row["loop_hgmma"] == 68 and row["loop_cp_async_waits"] == [sg.NUM_STAGES - 2], row
 
 
-def _gluon_vs_reference(q, kv, idx, scale, cfg=None, tol=1e-2):
+def _gluon_vs_reference(q, kv, idx, scale, tol=1e-2):
     """The Gluon kernel against the reference (fp16 P^T and q: ~1e-3), rows without a valid index out 0 and lse
     -inf (the Triton kernels' rule), every output written (torch.empty is NaN-poisoned)."""
-    out, lse = sparse_mla_prefill(q, kv, idx, scale, kv_format="fp8", backend="gluon", config=cfg)
+    out, lse = sparse_mla_prefill(q, kv, idx, scale, kv_format="fp8", backend="gluon")
     ro, rl = sparse_mla_prefill_reference(q, kv, idx, scale, kv_format="fp8")
     assert out.shape == ro.shape and out.dtype == q.dtype and lse.shape == rl.shape
     assert torch.isfinite(out).all()
@@ -345,20 +348,17 @@ def _gluon_vs_reference(q, kv, idx, scale, cfg=None, tol=1e-2):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,h,S,K,dtype,cfg", [
-    (5, 20, 211, 37, torch.bfloat16, None),        # K < one tile, odd T, the preset's heads
-    (5, 20, 211, 37, torch.bfloat16, {"schedule": "overlap"}),
-    (7, 20, 3000, 200, torch.bfloat16, {"num_stages": 2}),      # K not a multiple of 64, 2-stage ring
-    (7, 20, 3000, 200, torch.bfloat16, {"schedule": "overlap"}),
-    (3, 16, 500, 130, torch.float16, None),       # one 16-head block
-    (3, 16, 500, 130, torch.float16, {"schedule": "overlap"}),
-    (4, 9, 300, 64, torch.float32, None),         # heads padded in a 16-head block, fp32 q / out
-    (3, 40, 700, 300, torch.bfloat16, {"schedule": "overlap"}),   # two 32-head blocks
-    (6, 20, 90, 500, torch.bfloat16, None),       # more tiles than rows (repeated rows)
+@pytest.mark.parametrize("T,h,S,K,dtype", [
+    (5, 20, 211, 37, torch.bfloat16),        # K < one tile, odd T, the preset's heads
+    (7, 20, 3000, 200, torch.bfloat16),      # K not a multiple of 64
+    (3, 16, 500, 130, torch.float16),        # one 16-head block
+    (4, 9, 300, 64, torch.float32),          # heads padded in a 16-head block, fp32 q / out
+    (3, 40, 700, 300, torch.bfloat16),       # two 32-head blocks
+    (6, 20, 90, 500, torch.bfloat16),        # more tiles than rows (repeated rows)
 ])
-def test_gpu_prefill_fp8_gluon_matches_reference(T, h, S, K, dtype, cfg):
+def test_gpu_prefill_fp8_gluon_matches_reference(T, h, S, K, dtype):
     q, kv, idx = _fp8_prefill_case("cuda", T, h, S, K, seed=300 + h + K, dtype=dtype)
-    _gluon_vs_reference(q, kv, idx, 0.0625, cfg)
+    _gluon_vs_reference(q, kv, idx, 0.0625)
 
 
 @pytest.mark.gpu
@@ -374,12 +374,6 @@ def test_gpu_prefill_fp8_gluon_paged_real_size():
     idx[3, 1000:] = S + 5                         # past the cache
     idx[5] = -1                                   # no valid index
     idx[9, :1500] = -1                            # valid entries only at the end
-    for sched in ("serial", "overlap"):
-        _gluon_vs_reference(q, kv, idx, 0.0625, {"schedule": sched})
-    bad = [({"num_stages": 4}, "num_stages must be an int in \\[2, 3\\], got 4"),
-           ({"schedule": "overlap", "num_stages": 2}, "schedule 'overlap' needs num_stages 3, got 2"),
-           ({"schedule": "fast"}, "schedule must be one of \\['serial', 'overlap'\\], got 'fast'"),
-           ({"stages": 3}, "unknown config keys \\['stages'\\]")]
-    for cfg, msg in bad:
-        with pytest.raises(ValueError, match=msg):
-            sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="gluon", config=cfg)
+    _gluon_vs_reference(q, kv, idx, 0.0625)
+    with pytest.raises(ValueError, match="takes no config keys .*got \\['stages'\\]"):
+        sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="gluon", config={"stages": 3})

@@ -1,14 +1,14 @@
 """Gluon (Triton's explicit-layout dialect) sparse MLA prefill from the FP8 latent cache for Hopper (sm_90a):
-``sparse_mla_prefill(kv_format="fp8")``'s contract with the row gathers pipelined in a shared-memory ring
-(``sparse_mla_prefill(..., backend="gluon")``).
+``sparse_mla_prefill(kv_format="fp8")``'s contract with the row gathers pipelined in a shared-memory ring and
+the tensor-core work overlapped with the dequantisation (``sparse_mla_prefill(..., backend="gluon")``).
 
 Why: the Triton FP8 kernel keeps one buffer of gathered rows, so each 656-B row gather waits in full before its
 MMAs (and at 20 heads the MMAs are mma.sync-sized). Here one program (one warpgroup) owns one query and HP = 16
 or 32 heads (20 heads: 32, zero-padded) and walks its top-k list in tiles of BT = 64 rows:
 - ring: the e4m3 bytes [BT, 512], the bf16 rope [BT, 64] and the four fp32 scales [BT, 4] of tile i are
   gathered with cp.async (``async_copy_global_to_shared`` on pointers built from idx, one commit group a tile)
-  into stage i % NUM_STAGES, up to NUM_STAGES - 1 tiles ahead of the tile being computed (invalid rows: masked
-  copies, i.e. zero-filled);
+  into stage i % NUM_STAGES (3), up to NUM_STAGES - 1 tiles ahead of the tile being computed (invalid rows:
+  masked copies, i.e. zero-filled);
 - dequantise: the e4m3 bytes become fp16 in one [BT, 512] buffer, each 128-tile times c_g / cmax (c_g its
   power-of-two scale, cmax the row's largest of the four): exact in fp16 while a row's tile scales lie within
   2^15 of each other (one cvt + one mul per two values); cmax is applied per row after the MMAs;
@@ -18,13 +18,15 @@ or 32 heads (20 heads: 32, zero-padded) and walks its top-k list in tiles of BT 
 - PV: O^T [512, HP] += KV16^T [512, BT] . P^T [BT, HP], P^T = p * cmax / R in fp16 through shared memory (in
   the tile's e4m3 stage, free by then; R: the running max of cmax, a power of two). The running max m and R
   move only when a head's max grows by more than 2^8 or a row scale exceeds R (then O^T is rescaled by
-  alpha * R_old / R_new); otherwise p <= 2^8 against the old m, exact, and O^T is left alone (``_softmax_step``).
+  alpha * R_old / R_new); otherwise p <= 2^8 against the old m, exact, and O^T is left alone (``_softmax_step``);
+- overlap: tile i's PV wgmma stays in flight into tile i+1 (its wait, scales and first 128-tile conversion run
+  under it), and QK over dims 0-255 runs while dims 256-511 are converted (``_sparse_mla_prefill_fp8_gluon_kernel``).
 All scalings are powers of two. Rows with no valid index give out 0 and lse -inf (the Triton kernels' rule).
 Shared memory at 3 stages and HP 32: 229376 B of the SM's 232448 (ring 3 x 41 KB, fp16 tile 64 KB, q 36 KB).
 
-Two schedules (``config_for``): "serial" waits for each MMA group before the next step (the cp.async ring
-alone overlaps loads with compute); "overlap" carries tile i's PV wgmma in flight into tile i+1 and runs QK
-over dims 0-255 while dims 256-511 are converted (see ``_sparse_mla_prefill_fp8_gluon_overlap_kernel``).
+A "serial" schedule (each tile's MMAs waited for before the next step; the cp.async ring alone overlapping loads
+with compute) was measured slower on the H200 (run 77, 8192 queries, 200K context, top-k 2048, 20 heads, ms random /
+mix index sets: 9.49 / 9.05 at 3 stages, 9.63 / 9.08 at 2, against 8.70 / 8.58 here) and was removed.
 
 Limits (checked by the launcher): CUDA tensors on sm_90 (Gluon has no interpreter); q [T, H, 576] of any float
 dtype; more than 32 heads run as head blocks of 32 that each gather the rows again (the 128-head model is not
@@ -38,7 +40,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
 from indexcache.kernels import formats as F
@@ -57,21 +59,9 @@ _SCALES_F32: gl.constexpr = gl.constexpr(F.LATENT_SCALES_AT // 4)
 _ROPE_BF16: gl.constexpr = gl.constexpr(F.LATENT_ROPE_AT // 2)
 
 
-SCHEDULES = ("serial", "overlap")
-
-
-def config_for(h: int) -> dict:
-    """Launch parameters (``sparse_mla_prefill(..., config=...)`` overrides them): a ring of ``num_stages``
-    gathered tiles (40.3 KB each; 3 stages + the fp16 tile + q fit the 227 KB of an SM) and the ``schedule``:
-    "serial" (``_sparse_mla_prefill_fp8_gluon_kernel``: each tile's MMAs waited for before the next step) or
-    "overlap" (``_sparse_mla_prefill_fp8_gluon_overlap_kernel``: PV and half of QK run under the
-    dequantisation; 3 stages only). Not yet timed on a GPU: "serial" is the default until the benchmark says."""
-    return {"num_stages": 3, "schedule": "serial"}
-
-
-def kernel_for(schedule: str):
-    return _sparse_mla_prefill_fp8_gluon_overlap_kernel if schedule == "overlap" else \
-        _sparse_mla_prefill_fp8_gluon_kernel
+# tiles in the ring (40.3 KB each): 3 + the fp16 tile + q fit the 227 KB of an SM; fewer leave none in flight
+# while a tile is computed (its stage is refilled only after its PV: NUM_STAGES - 2 in flight at a tile's top)
+NUM_STAGES = 3
 
 
 def heads_per_program(h: int) -> int:
@@ -181,14 +171,6 @@ def _dq_group(nope_ring, s, f, g: gl.constexpr, GL: gl.constexpr, SCL: gl.conste
 
 
 @gluon.jit
-def _dequant(nope_ring, sc_ring, s, kv16_smem, GL: gl.constexpr, SCL: gl.constexpr):
-    """Stage s's e4m3 tiles -> kv16_smem [BT, 512] fp16 (tile g times c_g / cmax; 0 where cmax = 0)."""
-    f = _dq_factors(sc_ring, s, SCL)[1]
-    for g in gl.static_range(4):
-        kv16_smem.slice(g * 128, 128, dim=1).store(_dq_group(nope_ring, s, f, g, GL, SCL))
-
-
-@gluon.jit
 def _max2(a, b, c, d):
     return gl.maximum(a, c), gl.maximum(b, d)
 
@@ -245,6 +227,13 @@ def _store_out(o, inv, buf, out_row, so_h, hb, HP: gl.constexpr):
 def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk_scale,
                                          sq_t, sq_h, si_t, so_t, so_h, HP: gl.constexpr,
                                          NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """One program: query t, heads h0 .. h0 + HP - 1; the tensor-core work overlapped with the dequantisation:
+    - tile i's PV wgmma is left running round the loop (the value carried is that MMA, never a copy); tile i+1's
+      wait for its rows, its scales and first 128-tile conversion run meanwhile;
+    - only after PV(i) is tile i's e4m3 stage (which held P^T(i)) refilled, so the ring holds NUM_STAGES - 2
+      tiles in flight at the top of an iteration and NUM_STAGES - 1 after the refill;
+    - QK over dims 0-255 runs while the last two 128-tiles are converted into dims 256-511, then QK over those
+      and the rope part are chained onto it."""
     t = gl.program_id(0).to(gl.int64)
     h0 = gl.program_id(1) * HP
     hb = H - h0
@@ -259,8 +248,8 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
     # e4m3 rows, 128-byte swizzled (an MMA layout, so the stage is aligned for P^T, which reuses it: see below)
     nope_ring = gl.allocate_shared_memory(gl.uint8, [NUM_STAGES, 64, 512],
                                           gl.NVMMASharedLayout.get_default_for([64, 512], gl.uint8))
-    kpe_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
-    kpe_ring = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, 64, 64], kpe_layout)
+    kpe_ring = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, 64, 64],
+                                         gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16))
     sc_ring = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 64, 4], plain)
     # single buffers with a leading dim of 1, indexed in the loop by a value the compiler cannot prove is 0: the
     # ~70 wgmma shared-memory descriptors are then rebuilt each tile (a few uniform adds) instead of being
@@ -288,99 +277,6 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
     m_i = gl.full([HP], float("-inf"), gl.float32, COLL)
     l_i = gl.zeros([HP], gl.float32, COLL)
     r_i = 7.888609052210118e-31                                     # 2^-100: below any tile scale
-    o = gl.zeros([512, HP], gl.float32, MMA)
-    for i in range(n_tiles):
-        s = i % NUM_STAGES
-        z = i >> 30                                                # 0 (i < 2^30)
-        kv16_smem = kv16_all.index(z)
-        q16_smem = q16_all.index(z)
-        qpe_smem = qpe_all.index(z)
-        _issue(kv_u8, nope_ring, kpe_ring, sc_ring, (i + NUM_STAGES - 1) % NUM_STAGES, ids_g,
-               ok_g, GL, RL, SCL)
-        cp.commit_group()
-        ids_g, ok_g = _load_ids(idx_row, i + NUM_STAGES, topk, S, gl.SliceLayout(1, GL))
-        _, ok = _load_ids(idx_row, i, topk, S, ROWL)            # used at the softmax: latency hidden
-        cp.wait_group(NUM_STAGES - 1)                              # this thread's copies of tile i landed
-        _cta_barrier()                                               # everyone's
-        _dequant(nope_ring, sc_ring, s, kv16_smem, GL, SCL)
-        fence_async_shared()
-        _cta_barrier()
-        zero_s = gl.zeros([64, HP], gl.float32, MMA)
-        acc = warpgroup_mma(kv16_smem, q16_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        accr = warpgroup_mma(kpe_ring.index(s), qpe_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        acc, accr = warpgroup_mma_wait(num_outstanding=0, deps=(acc, accr))
-
-        cm = _row_cmax(sc_ring, s, ROWL)
-        pt, fo, rescale, m_i, l_i, r_i = _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i)
-        # P^T goes into tile i's e4m3 stage (read by the dequantisation above, refilled only after this PV)
-        p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
-        p_smem.store(pt)
-        fence_async_shared()
-        _cta_barrier()
-        if rescale:
-            o = o * gl.expand_dims(fo, 0)
-        o = warpgroup_mma(kv16_smem.permute((1, 0)), p_smem, o, is_async=True)
-        o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
-    cp.wait_group(0)
-
-    hh = gl.arange(0, HP, layout=COLL)
-    hm = hh < hb
-    inv = gl.where(l_i > 0, r_i / gl.where(l_i > 0, l_i, 1.0), 0.0)
-    _store_out(o, inv, kv16_all.index(0), out + t * so_t + h0 * so_h, so_h, hb, HP)
-    ls = gl.where(l_i > 0, (m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    gl.store(lse + t * H + h0 + hh, ls, mask=hm)
-
-
-@gluon.jit(do_not_specialize=["S", "topk"])
-def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk_scale,
-                                                 sq_t, sq_h, si_t, so_t, so_h, HP: gl.constexpr,
-                                                 NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """``_sparse_mla_prefill_fp8_gluon_kernel`` with the tensor-core work overlapped with the dequantisation
-    (schedule "overlap"):
-    - tile i's PV wgmma is left running round the loop (the value carried is that MMA, never a copy); tile i+1's
-      wait for its rows, its scales and first 128-tile conversion run meanwhile;
-    - only after PV(i) is tile i's e4m3 stage (which held P^T(i)) refilled, so the ring holds NUM_STAGES - 2
-      tiles in flight at the top of an iteration and NUM_STAGES - 1 after the refill;
-    - QK over dims 0-255 runs while the last two 128-tiles are converted into dims 256-511, then QK over those
-      and the rope part are chained onto it."""
-    t = gl.program_id(0).to(gl.int64)
-    h0 = gl.program_id(1) * HP
-    hb = H - h0
-    MMA: gl.constexpr = _mma_layout(HP)
-    ROWL: gl.constexpr = gl.SliceLayout(1, MMA)
-    COLL: gl.constexpr = gl.SliceLayout(0, MMA)
-    GL: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-    RL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    SCL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
-
-    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    nope_ring = gl.allocate_shared_memory(gl.uint8, [NUM_STAGES, 64, 512],
-                                          gl.NVMMASharedLayout.get_default_for([64, 512], gl.uint8))
-    kpe_ring = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, 64, 64],
-                                         gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16))
-    sc_ring = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 64, 4], plain)
-    kv16_all = gl.allocate_shared_memory(gl.float16, [1, 64, 512],
-                                         gl.NVMMASharedLayout.get_default_for([64, 512], gl.float16))
-    q16_all = gl.allocate_shared_memory(gl.float16, [1, HP, 512],
-                                        gl.NVMMASharedLayout.get_default_for([HP, 512], gl.float16))
-    qpe_all = gl.allocate_shared_memory(gl.bfloat16, [1, HP, 64],
-                                        gl.NVMMASharedLayout.get_default_for([HP, 64], gl.bfloat16))
-    P_LAYOUT: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HP], gl.float16)
-
-    idx_row = idx + t * si_t
-    n_tiles = gl.cdiv(topk, 64)
-    ids_g, ok_g = _load_ids(idx_row, 0, topk, S, gl.SliceLayout(1, GL))
-    for j in gl.static_range(NUM_STAGES - 1):
-        _issue(kv_u8, nope_ring, kpe_ring, sc_ring, j, ids_g, ok_g, GL, RL, SCL)
-        cp.commit_group()
-        ids_g, ok_g = _load_ids(idx_row, j + 1, topk, S, gl.SliceLayout(1, GL))
-
-    inv_qs = _prepare_q(q + t * sq_t + h0 * sq_h, sq_h, hb, q16_all.index(0), qpe_all.index(0), HP)
-    nope_scale = inv_qs * qk_scale
-
-    m_i = gl.full([HP], float("-inf"), gl.float32, COLL)
-    l_i = gl.zeros([HP], gl.float32, COLL)
-    r_i = 7.888609052210118e-31                                     # 2^-100: below any tile scale
     # O^T is carried round the loop as the PV wgmma in flight. ptxas serialises every wgmma (C7515) unless that
     # value comes from a wgmma on entry too: a PV of zeros (fp16 tile and P^T zeroed here) starts it
     ZL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -393,7 +289,7 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
                       is_async=True)
     for i in range(n_tiles):
         s = i % NUM_STAGES
-        z = i >> 30                                                # 0 (i < 2^30): see the serial kernel
+        z = i >> 30                                                # 0 (i < 2^30): see kv16_all
         kv16 = kv16_all.index(z)
         kv_lo = kv16.slice(0, 256, dim=1)
         kv_hi = kv16.slice(256, 256, dim=1)
@@ -448,25 +344,13 @@ def _sparse_mla_prefill_fp8_gluon_overlap_kernel(q, kv_u8, idx, out, lse, S, H, 
     gl.store(lse + t * H + h0 + hh, ls, mask=hh < hb)
 
 
-def sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale: float, config: dict | None = None):
-    """Launch on checked inputs (``ops._prefill_fp8``): q [T, H, 576] (last dim contiguous), flat uint8 [S, 656]
-    contiguous, indices [T, topk] int32 contiguous, out [T, H, 512] and lse [T, H] to fill."""
+def sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale: float):
+    """Launch on checked inputs (``ops._prefill_fp8_gluon``): q [T, H, 576] (last dim contiguous), flat uint8
+    [S, 656] contiguous, indices [T, topk] int32 contiguous, out [T, H, 512] and lse [T, H] to fill."""
     T, H, _ = q.shape
-    cfg = config_for(H)
-    unknown = sorted(set(config or {}) - set(cfg))
-    if unknown:
-        raise ValueError(f"sparse_mla_prefill (gluon): unknown config keys {unknown}; the keys are {sorted(cfg)}")
-    cfg.update(config or {})
-    st, sched = cfg["num_stages"], cfg["schedule"]
-    if sched not in SCHEDULES:
-        raise ValueError(f"sparse_mla_prefill (gluon): schedule must be one of {list(SCHEDULES)}, got {sched!r}")
-    if not isinstance(st, int) or not 2 <= st <= 3:   # 4 stages of 40.3 KB do not fit beside the fp16 tile
-        raise ValueError(f"sparse_mla_prefill (gluon): num_stages must be an int in [2, 3], got {st!r}")
-    if sched == "overlap" and st != 3:                # it refills a stage mid-tile: 2 would leave none in flight
-        raise ValueError(f"sparse_mla_prefill (gluon): schedule 'overlap' needs num_stages 3, got {st}")
     hp = heads_per_program(H)
-    kernel_for(sched)[(T, triton.cdiv(H, hp))](
+    _sparse_mla_prefill_fp8_gluon_kernel[(T, triton.cdiv(H, hp))](
         q, flat, indices, out, lse, flat.shape[0], H,
         indices.shape[1], sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), indices.stride(0),
-        out.stride(0), out.stride(1), HP=hp, NUM_STAGES=st, num_warps=NUM_WARPS)
+        out.stride(0), out.stride(1), HP=hp, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
     return out, lse

@@ -95,7 +95,7 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     An FP8 cache is read straight from its 656-B rows (no dequantised copy). ``config`` overrides the launch
     parameters (keys of PREFILL_CFG / PREFILL_FP8_CFG; benchmarks sweep them).
     ``backend`` "gluon": the Hopper Gluon kernel (``gluon.py``: cp.async ring + wgmma) for kv_format "fp8" on
-    sm_90 CUDA tensors; ``config`` then takes its keys (``gluon.config_for``).
+    sm_90 CUDA tensors; it has one launch, so ``config`` must then be None or empty.
     """
     _check_q("sparse_mla_prefill", q, d_v)
     if kv_format not in ("bf16", "fp8"):
@@ -178,6 +178,9 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend="triton"):
 
 def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
     """The Gluon FP8 prefill (Hopper only: Gluon has no interpreter and the kernel is sm_90 wgmma)."""
+    if config:
+        raise ValueError(f"sparse_mla_prefill: backend 'gluon' takes no config keys (one launch), got "
+                         f"{sorted(config, key=str)}")
     if not q.is_cuda or interpreting():
         raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs CUDA tensors without TRITON_INTERPRET, got "
                          f"{q.device}")
@@ -194,7 +197,7 @@ def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
     out, lse = _prefill_outputs(q)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out, lse
-    return sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale, config)
+    return sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale)
 
 
 def _decode_plan(B, H, topk, kv_format, num_splits, bt=None):
