@@ -42,6 +42,14 @@ ALPHABETS = {"letters": COPY_ALPHABET, "digits": b"0123456789", "hex": b"0123456
              "printable95": copy_alphabet_of(95)}
 
 
+def answers(logits_of, item, device) -> bool:
+    """Whether greedy decoding gives ``item``'s answer exactly: every answer position's argmax under teacher
+    forcing (``logits_of(ids [1,T]) -> [1,T,vocab]``) is the answer's byte."""
+    ids = item.ids()[None].to(device)
+    a = len(item.answer)
+    return bool((logits_of(ids[:, :-1])[0, -a:].argmax(-1) == ids[0, -a:]).all())
+
+
 @torch.no_grad()
 def retrieval(model, test, tasks, length: int, n: int) -> dict:
     """{task: {"dense": exact-match rate, "own top-k": exact-match rate}} on ``n`` held-out items per task."""
@@ -49,11 +57,9 @@ def retrieval(model, test, tasks, length: int, n: int) -> dict:
     for task in tasks:
         hits = {"dense": 0, "own top-k": 0}
         for item in make_items(test, [task], length, n, HELDOUT_SEED_BASE, heldout=True):
-            ids = item.ids()[None].to(next(model.parameters()).device)
-            a = len(item.answer)
-            for mode in hits:
-                logits = dense_logits(model, ids[:, :-1]) if mode == "dense" else model(ids[:, :-1]).logits
-                hits[mode] += bool((logits[0, -a:].argmax(-1) == ids[0, -a:]).all())
+            dev = next(model.parameters()).device
+            hits["dense"] += answers(lambda ids: dense_logits(model, ids), item, dev)
+            hits["own top-k"] += answers(lambda ids: model(ids).logits, item, dev)
         out[task] = {mode: h / n for mode, h in hits.items()}
         print(f"retrieval {task} @{length}: " + ", ".join(f"{m} {v:.3f}" for m, v in out[task].items()), flush=True)
     return out
@@ -77,9 +83,7 @@ def fact_prefix(model, test, length: int, n: int) -> dict:
     hits = {"suite query": 0, "fact-prefix query": 0}
     for item in make_items(test, ["kv_single"], length, n, HELDOUT_SEED_BASE, heldout=True):
         for mode, it in (("suite query", item), ("fact-prefix query", fact_prefix_item(item))):
-            ids = it.ids()[None].to(next(model.parameters()).device)
-            a = len(it.answer)
-            hits[mode] += bool((model(ids[:, :-1]).logits[0, -a:].argmax(-1) == ids[0, -a:]).all())
+            hits[mode] += answers(lambda ids: model(ids).logits, it, next(model.parameters()).device)
     out = {mode: h / n for mode, h in hits.items()}
     print(f"kv_single @{length}, own top-k: " + ", ".join(f"{m} {v:.3f}" for m, v in out.items()), flush=True)
     return out
