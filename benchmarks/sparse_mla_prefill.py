@@ -32,10 +32,10 @@ CTX, K, SCALE = 200_000, 2048, 0.1352
 VARIANTS = [
     ("production launch", 20, "bf16", None),
     ("fp8 via decode (old path)", 20, "fp8 via decode", None),
-    ("fp8 prefill, default", 20, "fp8", None),
-    ("gluon fp8", 20, "fp8 gluon", None),
+    ("fp8 triton", 20, "fp8", None),
+    ("fp8 gluon (auto on Hopper)", 20, "fp8 gluon", None),
     ("production launch", 128, "bf16", None),
-    ("fp8 prefill, default", 128, "fp8", None),
+    ("fp8 triton", 128, "fp8", None),
 ]
 
 
@@ -43,7 +43,7 @@ def run(cache: str, q, kv, kv8, idx, cfg):
     if cache == "bf16":
         return sparse_mla_prefill(q, kv, idx, SCALE, config=cfg)
     if cache == "fp8":
-        return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg)
+        return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg, backend="triton")
     if cache == "fp8 gluon":
         return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg, backend="gluon")
     return sparse_mla_decode(q, kv8.view(-1, 64, 656), idx, SCALE, kv_format="fp8")

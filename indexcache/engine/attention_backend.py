@@ -204,9 +204,10 @@ class TorchBackend:
         return cache.view(-1, self.kv.width)[slots].to(dtype)
 
 
-# heads per rank up to which FP8-cache prefill runs sparse_mla_prefill(kv_format="fp8"): at 20 heads 10.1 ms against
-# 16.7 for the decode kernel's gather-and-dequantise (H200 run 73, 8192 queries x top-k 2048); more heads were not
-# compared (at 128 the prefill kernel takes 54 ms), and TP ranks of the real models hold 8-16
+# heads per rank up to which FP8-cache prefill runs sparse_mla_prefill(kv_format="fp8") (the Gluon kernel on Hopper,
+# Triton elsewhere): at 20 heads 8.7 ms (Gluon, run 77) and 10.1 (Triton) against 16.7 for the decode kernel's
+# gather-and-dequantise (H200 runs 73, 77, 8192 queries x top-k 2048); more heads were not compared (at 128 the
+# Triton prefill kernel takes 54 ms), and TP ranks of the real models hold 8-16
 FP8_PREFILL_MAX_HEADS = 32
 
 

@@ -169,7 +169,7 @@ def _fp8_prefill_case(device, T, h, S, K, seed, dtype):
 def test_prefill_fp8_matches_reference(device, h, dtype, tol):
     T, S, K = 4, 211, 37                  # K not a multiple of the token tile: masked tail
     q, kv, idx = _fp8_prefill_case(device, T, h, S, K, seed=100 + h, dtype=dtype)
-    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8")
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="triton")
     ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625, kv_format="fp8")
     assert out.shape == (T, h, 512) and out.dtype == dtype and lse.shape == (T, h)
     assert torch.isfinite(out).all()
@@ -182,7 +182,7 @@ def test_prefill_fp8_paged_equals_bf16_kernel_on_dequantised_rows(device):
     # the same attention as the bf16-cache kernel fed the dequantised rows (exact in fp32), paged cache accepted
     T, h, S, K = 3, 20, 96, 29
     q, kv, idx = _fp8_prefill_case(device, T, h, S, K, seed=5, dtype=torch.float32)
-    out, lse = sparse_mla_prefill(q, kv.view(6, 16, 656), idx, 0.1, kv_format="fp8")
+    out, lse = sparse_mla_prefill(q, kv.view(6, 16, 656), idx, 0.1, kv_format="fp8", backend="triton")
     bo, bl = sparse_mla_prefill(q, dequant_latent_fp8_reference(kv), idx, 0.1)
     assert _rel(out[:T - 1], bo[:T - 1]) < 1e-5
     _lse_ok(lse, bl, 1e-4)
@@ -276,7 +276,7 @@ def test_gpu_prefill_fp8_real_sizes(h):
     idx[:, -100:] = -1
     idx[3, 1000:] = S + 5
     idx[5] = -1
-    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8")
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="triton")
     ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625, kv_format="fp8")
     assert torch.isfinite(out).all()
     assert (out[5] == 0).all()
@@ -289,7 +289,7 @@ def test_prefill_gluon_bad_arguments():
     q = torch.randn(2, 16, 576)
     kv8 = torch.zeros(10, 656, dtype=torch.uint8)
     idx = torch.zeros(2, 4, dtype=torch.int32)
-    with pytest.raises(ValueError, match="backend must be 'triton' or 'gluon', got 'cuda'"):
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'gluon', got 'cuda'"):
         sparse_mla_prefill(q, kv8, idx, 0.1, kv_format="fp8", backend="cuda")
     with pytest.raises(ValueError, match="backend 'gluon' needs kv_format 'fp8', got 'bf16'"):
         sparse_mla_prefill(q, torch.randn(10, 576), idx, 0.1, backend="gluon")

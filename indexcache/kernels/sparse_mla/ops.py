@@ -86,7 +86,7 @@ def _check_idx(fn, indices, n, device):
 
 def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
                        d_v: int = 512, *, kv_format: str = "bf16", config: dict | None = None,
-                       backend: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, h, 576]; kv [S, 576] of q's dtype (kv_format "bf16") or the FP8 latent cache (kv_format "fp8",
     FlashMLA layout): uint8 [S, 656] or paged [num_blocks, page_size, 656], contiguous (index = row of the flattened
     cache); indices [T, topk] int32 rows of kv (-1 or >= S: skipped).
@@ -95,13 +95,16 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     An FP8 cache is read straight from its 656-B rows (no dequantised copy). ``config`` overrides the launch
     parameters (keys of PREFILL_CFG / PREFILL_FP8_CFG; benchmarks sweep them).
     ``backend`` "gluon": the Hopper Gluon kernel (``gluon.py``: cp.async ring + wgmma) for kv_format "fp8" on
-    sm_90 CUDA tensors; it has one launch, so ``config`` must then be None or empty.
+    sm_90 CUDA tensors; it has one launch, so ``config`` must then be None or empty. "triton": the Triton kernels
+    (any GPU, and the CPU interpreter). "auto": "gluon" for an FP8 cache where it runs (sm_90 CUDA tensors, no
+    interpreter, a 16-byte aligned cache, no ``config``: 8.7 ms against Triton's 10.1 for 20 heads, 8192 queries,
+    top-k 2048 on the H200, run 77), else "triton".
     """
     _check_q("sparse_mla_prefill", q, d_v)
     if kv_format not in ("bf16", "fp8"):
         raise ValueError(f"sparse_mla_prefill: kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
-    if backend not in ("triton", "gluon"):
-        raise ValueError(f"sparse_mla_prefill: backend must be 'triton' or 'gluon', got {backend!r}")
+    if backend not in ("auto", "triton", "gluon"):
+        raise ValueError(f"sparse_mla_prefill: backend must be 'auto', 'triton' or 'gluon', got {backend!r}")
     if backend == "gluon" and kv_format != "fp8":
         raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs kv_format 'fp8', got {kv_format!r}")
     if kv_format == "fp8":
@@ -156,6 +159,8 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend="triton"):
     T, H, _ = q.shape
     _check_idx("sparse_mla_prefill", indices, T, q.device)
     flat = kv.view(-1, LATENT_FP8_BYTES)
+    if backend == "auto":
+        backend = "gluon" if not config and _gluon_runs(q, flat) else "triton"
     if backend == "gluon":
         return _prefill_fp8_gluon(q, flat, indices, sm_scale, config)
     if not use_triton(q):
@@ -174,6 +179,12 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend="triton"):
     _launch_chain(tm._sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args,
                   dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
+
+
+def _gluon_runs(q, flat) -> bool:
+    """Whether the Gluon FP8 prefill can take these tensors (the checks ``_prefill_fp8_gluon`` makes)."""
+    return (q.is_cuda and not interpreting() and torch.cuda.get_device_capability(q.device)[0] == 9
+            and flat.data_ptr() % 16 == 0)
 
 
 def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
