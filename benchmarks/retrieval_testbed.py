@@ -215,7 +215,9 @@ def train_piece(work: Work, s: Settings, device, corpus, checkpoint_every: float
         # the next stage starts with a fresh optimizer: drop the finished stage's state from the checkpoint
         torch.save({"model": model.state_dict(), "opt": None, "gen": gen.get_state()}, ck_path)
         work.save()
-    save_checkpoint(model, os.path.join(work.path, "model"), extra_config={
+    # bf16 on disk: 9 MB, small enough to keep as a fixture so that later pieces (and sessions) need not retrain;
+    # every row, probe and distillation loads these same rounded weights
+    save_checkpoint(model, os.path.join(work.path, "model"), dtype=torch.bfloat16, extra_config={
         "tokenizer": ByteTokenizer.description(),
         "training": {"recipe": " -> ".join(name for name, _, _ in recipe) + "; stdlib corpus mixed with synthetic "
                                "retrieval tasks (tools/tasks.py)", "train_config": st["train_config"],
@@ -296,6 +298,9 @@ def _copy_out(work_dir: str) -> None:
     for name in ("state.json", "testbed.json", "testbed_table.md", "testbed_overlap.png"):
         if os.path.exists(os.path.join(work_dir, name)):
             shutil.copy(os.path.join(work_dir, name), os.path.join(out, name))
+    for name in ("config.json", "model.safetensors"):  # the trained model (9 MB): later pieces can start from it
+        if os.path.exists(os.path.join(work_dir, "model", name)):
+            shutil.copy(os.path.join(work_dir, "model", name), os.path.join(out, "model_" + name))
 
 
 def _run(args, s: Settings, work: Work, device) -> int:
@@ -350,7 +355,7 @@ def _run(args, s: Settings, work: Work, device) -> int:
                              max_train_bytes=s.tc.max_train_bytes, task_ratio=s.tc.task_ratio,
                              tasks_packed=s.tc.tasks_packed,
                              task_tokens_per_episode=s.tc.task_tokens_per_episode, task_share=s.tc.task_share,
-                             index_rows=s.tc.index_rows, progress=False)
+                             index_rows=s.tc.index_rows, task_weights=s.tc.task_weights, progress=False)
             return {"pattern": log["pattern"], "seconds": log["seconds"],
                     "steps_done": {x["stage"]: x["steps_done"] for x in log["stages"]}}
 

@@ -31,13 +31,14 @@ def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_step
             seed: int = 0, device="cpu", time_budget_s: float | None = None, max_train_bytes: int | None = None,
             progress: bool | None = None, task_ratio: float = 0.0, tasks_packed: bool = False,
             task_tokens_per_episode: int = 256, task_share: float = 0.5, parallel=None,
-            index_rows: int | None = None) -> tuple:
+            index_rows: int | None = None, task_weights=None) -> tuple:
     """Distil ``model_path`` (an all-F DSA checkpoint) into ``pattern``. Returns (model, log); with ``parallel``
     (a ``ParallelContext`` of several ranks) the model is this rank's shard.
     ``task_ratio``: share of windows that are synthetic retrieval tasks (as in training, tools/tasks.py);
     ``tasks_packed``: those windows hold many episodes each (``packed_window``, one per
     ``task_tokens_per_episode`` tokens filling at most ``task_share`` of it); ``index_rows``: query rows per window
-    the indexer loss covers (TrainConfig.index_rows; None: all)."""
+    the indexer loss covers (TrainConfig.index_rows; None: all); ``task_weights``: the tasks' draw weights
+    (TrainConfig.task_weights)."""
     if parallel is not None and not parallel.is_single:
         from ..distributed import load_sharded
         model = load_sharded(model_path, parallel, index_pattern=pattern, weight_dtype="bf16")[0]
@@ -48,7 +49,8 @@ def distill(model_path: str, pattern, out_dir: str | None = None, *, warmup_step
     cfg = model.config
     ctx = context or _trained_context(model_path) or 512
     tc = TrainConfig(context=ctx, batch=batch, seed=seed, task_ratio=task_ratio, tasks_packed=tasks_packed,
-                     task_tokens_per_episode=task_tokens_per_episode, task_share=task_share, index_rows=index_rows)
+                     task_tokens_per_episode=task_tokens_per_episode, task_share=task_share, index_rows=index_rows,
+                     task_weights=task_weights)
     corpus = load_corpus("train", max_bytes=max_train_bytes)
     gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()

@@ -130,13 +130,34 @@ def make_item(corpus: Corpus, task: str, length: int, seed: int, index: int) -> 
 PACKED_TOKENS_PER_EPISODE = 256  # a packed training window holds one episode per this many tokens
 
 
+def task_weights_for(tasks, weights) -> list[float] | None:
+    """Per-task draw weights aligned with ``tasks`` from ``weights`` (a mapping or (task, weight) pairs; a task
+    not named gets 0), or None for ``weights`` None (every task alike). Raises on unknown tasks, negative
+    weights, or no positive weight left among ``tasks``."""
+    if weights is None:
+        return None
+    pairs = dict(weights.items() if isinstance(weights, dict) else (tuple(p) for p in weights))
+    bad = [t for t in pairs if t not in TASKS]
+    if bad:
+        raise ValueError(f"task weights name unknown tasks {bad!r}; tasks are {TASKS}")
+    neg = {t: w for t, w in pairs.items() if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0}
+    if neg:
+        raise ValueError(f"task weights must be numbers >= 0, got {neg!r}")
+    out = [float(pairs.get(t, 0.0)) for t in tasks]
+    if not sum(out) > 0:
+        raise ValueError(f"task weights {pairs!r} give no positive weight to any of the tasks {tuple(tasks)!r}")
+    return out
+
+
 def packed_window(corpus: Corpus, length: int, seed: int, tasks=TASKS,
-                  tokens_per_episode: int = PACKED_TOKENS_PER_EPISODE, task_share: float = 0.5) -> torch.Tensor:
+                  tokens_per_episode: int = PACKED_TOKENS_PER_EPISODE, task_share: float = 0.5,
+                  weights=None) -> torch.Tensor:
     """A training window int64 [length] packed with many episodes (facts, then later the query and its answer and a
     newline) at random depths: about one answer per ``tokens_per_episode`` tokens (at most ``task_share`` of the
     window is task text, the rest corpus code), where a single item has one per window, so the
     retrieval signal is dense enough for a small model to learn from in minutes. Query-to-fact distances are spread
-    over the whole window. Deterministic in (split, seed, length)."""
+    over the whole window. ``weights`` (``task_weights_for``): each episode's task drawn with these weights
+    instead of alike. Deterministic in (split, seed, length, weights)."""
     if isinstance(length, bool) or not isinstance(length, int) or length < 256:
         raise ValueError(f"packed window length must be an integer >= 256 tokens, got {length!r}")
     bad = [t for t in tasks if t not in TASKS]
@@ -146,13 +167,18 @@ def packed_window(corpus: Corpus, length: int, seed: int, tasks=TASKS,
         raise ValueError(f"tokens per episode must be an integer >= 16, got {tokens_per_episode!r}")
     if not 0.0 < task_share < 1.0:
         raise ValueError(f"task share of a packed window must be in (0, 1), got {task_share!r}")
+    w = task_weights_for(tasks, weights)
     rng = random.Random(f"{corpus.split}:packed:{seed}:{length}")
     names: list[str] = []
     episodes, used, drawn = [], 0, set()
     for _ in range(max(1, length // tokens_per_episode)):
         # the passkey has no name: a second one would make both queries ambiguous
-        choice = [t for t in tasks if not (t == "passkey" and t in drawn)] or list(tasks)
-        task = choice[rng.randrange(len(choice))]
+        choice = [i for i, t in enumerate(tasks) if not (t == "passkey" and t in drawn)]
+        if w is not None and not any(w[i] for i in choice):
+            break  # only the passkey had weight, and it is drawn
+        choice = choice or list(range(len(tasks)))
+        task = tasks[choice[rng.randrange(len(choice))] if w is None
+                     else rng.choices(choice, weights=[w[i] for i in choice])[0]]
         drawn.add(task)
         facts, query, answer = _facts(task, rng, names)
         parts = facts + [query + answer + b"\n"]
@@ -197,21 +223,24 @@ def _check_seed(seed: int, heldout: bool) -> None:
 
 def mixed_windows(corpus: Corpus, n: int, length: int, ratio: float, gen: torch.Generator,
                   tasks=TASKS, packed: bool = False, tokens_per_episode: int = PACKED_TOKENS_PER_EPISODE,
-                  task_share: float = 0.5) -> torch.Tensor:
+                  task_share: float = 0.5, weights=None) -> torch.Tensor:
     """Training windows int64 [n, length]: each row is a synthetic task item (``packed``: a window of many
     episodes, ``packed_window`` with ``tokens_per_episode`` and ``task_share``) with probability ``ratio``, else a
     random corpus window. ``ratio`` 0 draws exactly ``corpus.random_windows`` (same generator use); a packed row
-    draws its task too, so packing changes no other row's draws."""
+    draws its task too, so packing changes no other row's draws. ``weights`` (``task_weights_for``): tasks (of a
+    single item, or of each packed episode) drawn with these weights instead of alike."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"task mixing ratio must be in [0, 1], got {ratio!r}")
     if ratio == 0.0:
         return corpus.random_windows(n, length, gen)
+    w = task_weights_for(tasks, weights)
     rows = corpus.random_windows(n, length, gen)
     pick = torch.rand(n, generator=gen) < ratio
     for r in pick.nonzero().flatten().tolist():
-        task = tasks[int(torch.randint(0, len(tasks), (1,), generator=gen))]
+        task = tasks[int(torch.randint(0, len(tasks), (1,), generator=gen)) if w is None
+                     else int(torch.multinomial(torch.tensor(w), 1, generator=gen))]
         seed = int(torch.randint(0, 1 << 31, (1,), generator=gen))
-        rows[r] = (packed_window(corpus, length, seed, tasks, tokens_per_episode, task_share) if packed
+        rows[r] = (packed_window(corpus, length, seed, tasks, tokens_per_episode, task_share, weights) if packed
                    else make_item(corpus, task, length, seed, 0).ids())
     return rows
 

@@ -7,7 +7,8 @@ import torch
 
 from indexcache.tools.corpus import ByteTokenizer, load_corpus
 from indexcache.tools.tasks import (COPY_ALPHABET, COPY_SEGMENT, HELDOUT_SEED_BASE, TASKS, copy_window_spans,
-                                   copy_windows, make_item, make_items, mixed_windows, packed_window)
+                                   copy_windows, make_item, make_items, mixed_windows, packed_window,
+                                   task_weights_for)
 
 H = HELDOUT_SEED_BASE
 
@@ -129,6 +130,43 @@ def test_packed_window_episodes_answerable_from_earlier_text(train_corpus):
     dense = packed_window(train_corpus, 1024, 3, tokens_per_episode=32, task_share=0.9)
     assert len(re.findall(rb" == |passkey is \d+\n", bytes(dense[1:].tolist()))) > \
         len(re.findall(rb" == |passkey is \d+\n", bytes(packed_window(train_corpus, 1024, 3)[1:].tolist())))
+
+
+def _episode_kinds(window: torch.Tensor) -> dict:
+    """Queries per kind in a packed window's text: passkey, table lookups (kv_single / kv_multikey), registries
+    (kv_multivalue), plain names (needle_multi / vartrack)."""
+    text = bytes(window[1:].tolist())
+    return {"passkey": len(re.findall(rb"\n# the passkey is \d+\n", text)),
+            "table": len(re.findall(rb"\nassert TABLE_", text)), "reg": len(re.findall(rb"\nassert REG_", text)),
+            "name": len(re.findall(rb"\nassert (?:NEEDLE|var)_", text))}
+
+
+def test_task_weights_steer_the_packed_mix(train_corpus):
+    """Weights decide which tasks a packed window's episodes are: weight 0 never drawn, a heavy task most often;
+    None is the old draw (every task alike); bad weights named in the error."""
+    only = packed_window(train_corpus, 4096, 5, weights={"kv_single": 1.0, "kv_multikey": 1.0})
+    k = _episode_kinds(only)
+    assert k["table"] >= 8 and k["passkey"] == k["reg"] == k["name"] == 0, k
+    assert torch.equal(packed_window(train_corpus, 4096, 5), packed_window(train_corpus, 4096, 5, weights=None))
+    heavy = [_episode_kinds(packed_window(train_corpus, 4096, s, weights=(("kv_multivalue", 8.0), ("vartrack", 1.0))))
+             for s in range(4)]
+    assert sum(h["reg"] for h in heavy) > 3 * sum(h["name"] for h in heavy) > 0
+    assert sum(h["table"] + h["passkey"] for h in heavy) == 0
+    # the passkey alone: one episode (a second passkey would make both queries ambiguous), then no more
+    assert _episode_kinds(packed_window(train_corpus, 4096, 1, weights={"passkey": 1.0}))["passkey"] == 1
+    rows = mixed_windows(train_corpus, 2, 1024, 1.0, torch.Generator().manual_seed(0), packed=True,
+                         weights={"vartrack": 1.0})
+    assert all(_episode_kinds(r)["name"] >= 2 and _episode_kinds(r)["table"] == 0 for r in rows)
+    single = mixed_windows(train_corpus, 3, 512, 1.0, torch.Generator().manual_seed(0), weights={"passkey": 1.0})
+    assert all(_episode_kinds(r)["passkey"] == 0 and b"# the passkey is " in bytes(r[1:].tolist()) for r in single)
+    assert task_weights_for(TASKS, None) is None
+    assert task_weights_for(("kv_single", "vartrack"), [["vartrack", 2]]) == [0.0, 2.0]  # JSON's lists of pairs
+    with pytest.raises(ValueError, match=r"unknown tasks \['kv_double'\]"):
+        task_weights_for(TASKS, {"kv_double": 1.0})
+    with pytest.raises(ValueError, match=r"numbers >= 0, got \{'passkey': -1\}"):
+        task_weights_for(TASKS, {"passkey": -1})
+    with pytest.raises(ValueError, match="no positive weight"):
+        packed_window(train_corpus, 1024, 0, tasks=("kv_single",), weights={"passkey": 1.0})
 
 
 def test_copy_windows_repeat_earlier_text_and_are_not_degenerate():
