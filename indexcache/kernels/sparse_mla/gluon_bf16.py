@@ -122,7 +122,8 @@ def _sparse_mla_prefill_bf16_gluon_kernel(q, kv, idx, out, lse, S, H, topk, qk_s
     COLL: gl.constexpr = gl.SliceLayout(0, MMA)      # per head
     IDL: gl.constexpr = gl.SliceLayout(1, _row_layout())
 
-    nope_ring = gl.allocate_shared_memory(dt, [NUM_STAGES, 64, 512], gl.NVMMASharedLayout.get_default_for([64, 512], dt))
+    nope_ring = gl.allocate_shared_memory(dt, [NUM_STAGES, 64, 512],
+                                          gl.NVMMASharedLayout.get_default_for([64, 512], dt))
     kpe_ring = gl.allocate_shared_memory(dt, [NUM_STAGES, 64, 64], gl.NVMMASharedLayout.get_default_for([64, 64], dt))
     # single buffers with a leading dim of 1, indexed in the loop by a value the compiler cannot prove is 0 (as in
     # gluon.py): their wgmma descriptors are rebuilt each tile instead of being hoisted into registers
