@@ -13,18 +13,21 @@ one query and HP = 16 or 32 heads (20 heads: 32, zero-padded) and walks its top-
 - PV: O^T [512, HP] += K^T [512, BT] . P^T [BT, HP]: the same stage read transposed (A M-major), P^T (the
   cache's dtype, <= 2^8) through a small shared buffer.
 
-Sizes (HP 32): a stage is 73728 B (64 x 1152), q 36864, P^T 4096; 3 stages would need 258 KB of the 227 KB an SM
-has, and a smaller tile does not exist for this orientation (one warpgroup's wgmma has M = 64 tokens), so the
-ring has NUM_STAGES = 2 (188416 B in all). A stage is busy from its gather until the PV that reads it is done, so
-each tile refills the stage of the tile before right after that PV and before waiting for its own rows: while a
-tile's rows are awaited the next tile's are in flight too (two tiles), and the next one loads during the MMAs
-and the softmax. With load time L and compute C per tile, a tile then takes about max(C, (L + C) / 2) (one tile
-in flight: max(C, L)). PV(i-1) runs while the loop comes round and ends at the top of tile i, where its wait
-frees the stage; tile i's rows keep arriving meanwhile.
+Sizes (HP 32): a stage is 73728 B (64 x 1152), q 36864, P^T 4096; 3 stages would need 262144 B of the 232448 an SM
+has, and a smaller tile does not exist for this orientation (one warpgroup's wgmma has M = 64 tokens), so the ring
+has NUM_STAGES = 2 (188416 B, 188928 with the reductions' scratch; HP 16: 168192). A stage is busy from its gather
+until the PV that reads it is done, so each tile refills the stage of the tile before right after that PV and
+before waiting for its own rows: while a tile's rows are awaited the next tile's are in flight too (two tiles), and
+the next one loads during the MMAs and the softmax. With load time L and compute C per tile, a tile then takes
+about max(C, (L + C) / 2) (one tile in flight: max(C, L)). PV(i-1) runs while the loop comes round and ends at the
+top of tile i, where its wait frees the stage; tile i's rows keep arriving meanwhile.
 
-Softmax: m (per head) moves only when some head's max grew by more than 2^8 (then O^T is rescaled, else alpha =
-1 and the 128 multiplies of O^T a tile are skipped): p <= 2^8 against the old m is exact in fp32 and in the
-cache's dtype, and l uses the same shift. Rows with no valid index give out 0 and lse -inf (the Triton rule).
+Softmax: m (per head) moves only when some head's max grew by more than 2^8 (then O^T and the row sums are
+rescaled, else alpha = 1 and the 128 multiplies of O^T a tile are skipped): p <= 2^8 against the old m cannot
+overflow fp32 or the cache's dtype, and m only has to be the one shift of both O^T and l. The row sums stay per
+token ([BT, HP] in the accumulator layout) until after the loop: a sum over the tile's tokens, which lie in all
+four warps, would cost a shared-memory round with 3 CTA barriers a tile. Rows with no valid index give out 0 and
+lse -inf (the Triton rule).
 
 Limits (checked by the launcher, ``ops._prefill_bf16_gluon``): CUDA tensors on sm_90, a 16-byte aligned cache of
 bf16 or fp16 rows (the MMA operand dtype; q, of the same dtype, is converted to it in the kernel all the same),
@@ -140,9 +143,7 @@ def _sparse_mla_prefill_bf16_gluon_kernel(q, kv, idx, out, lse, S, H, topk, qk_s
     _prepare_q(q + t * sq_t + h0 * sq_h, sq_h, hb, q_all.index(0), qpe_all.index(0), HP)
 
     m_i = gl.full([HP], float("-inf"), gl.float32, COLL)
-    # the softmax row sums are kept per token of the tile and summed over tokens once, after the loop: a sum over
-    # the tokens (spread over the 4 warps) a tile would cost a shared-memory round with 3 CTA barriers
-    l_acc = gl.zeros([64, HP], gl.float32, MMA)
+    l_acc = gl.zeros([64, HP], gl.float32, MMA)                  # row sums per token (module docstring)
     # O^T is carried round the loop as the PV wgmma in flight; ptxas serialises every wgmma unless that value
     # comes from a wgmma on entry too (gluon.py): a PV of zeros over stage 1 (zeroed: finite, 0 x NaN would not
     # be 0), which tile 0's first step waits for before refilling that stage with tile 1
