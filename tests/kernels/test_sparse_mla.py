@@ -291,8 +291,8 @@ def test_prefill_gluon_bad_arguments():
     idx = torch.zeros(2, 4, dtype=torch.int32)
     with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'gluon', got 'cuda'"):
         sparse_mla_prefill(q, kv8, idx, 0.1, kv_format="fp8", backend="cuda")
-    with pytest.raises(ValueError, match="backend 'gluon' needs kv_format 'fp8', got 'bf16'"):
-        sparse_mla_prefill(q, torch.randn(10, 576), idx, 0.1, backend="gluon")
+    with pytest.raises(ValueError, match="backend 'gluon' needs a bf16 or fp16 kv .*got torch.float32"):
+        sparse_mla_prefill(q, torch.randn(10, 576), idx, 0.1, backend="gluon")     # kv_format "bf16": fp32 rows
     with pytest.raises(ValueError, match="backend 'gluon' needs CUDA tensors"):
         sparse_mla_prefill(q, kv8, idx, 0.1, kv_format="fp8", backend="gluon")
     # one launch: config keys (the removed schedule / num_stages among them) are named, not ignored
@@ -377,3 +377,134 @@ def test_gpu_prefill_fp8_gluon_paged_real_size():
     _gluon_vs_reference(q, kv, idx, 0.0625)
     with pytest.raises(ValueError, match="takes no config keys .*got \\['stages'\\]"):
         sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="gluon", config={"stages": 3})
+
+
+# ------------------------------------------------------------------------- Gluon bf16 prefill (kernels/gluon_bf16.py)
+def test_prefill_gluon_bf16_bad_arguments():
+    q = torch.randn(2, 16, 576).bfloat16()
+    kv = torch.randn(10, 576).bfloat16()
+    idx = torch.zeros(2, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'gluon', got 'Gluon'"):
+        sparse_mla_prefill(q, kv, idx, 0.1, backend="Gluon")
+    with pytest.raises(ValueError, match="backend 'gluon' needs CUDA tensors without TRITON_INTERPRET, got cpu"):
+        sparse_mla_prefill(q, kv, idx, 0.1, backend="gluon")
+    with pytest.raises(ValueError, match="'gluon' takes no config keys .*got \\['bt'\\]"):
+        sparse_mla_prefill(q, kv, idx, 0.1, backend="gluon", config={"bt": 32})
+    # the wgmma operands are the cache rows: fp32 rows (q of their dtype) stay Triton's
+    with pytest.raises(ValueError, match="needs a bf16 or fp16 kv \\(the wgmma operands\\) .*got torch.float32"):
+        sparse_mla_prefill(q.float(), kv.float(), idx, 0.1, backend="gluon")
+    with pytest.raises(ValueError, match="kv dtype torch.float16 differs from q dtype torch.bfloat16"):
+        sparse_mla_prefill(q, kv.half(), idx, 0.1, backend="gluon")
+    with pytest.raises(ValueError, match="needs a contiguous kv, got strides \\(640, 1\\)"):
+        sparse_mla_prefill(q, torch.zeros(10, 640, dtype=torch.bfloat16)[:, :576], idx, 0.1, backend="gluon")
+    with pytest.raises(ValueError, match="576"):          # the shape checks come first
+        sparse_mla_prefill(q, torch.randn(10, 512).bfloat16(), idx, 0.1, backend="gluon")
+    with pytest.raises(ValueError, match="int32"):
+        sparse_mla_prefill(q, kv, idx.long(), 0.1, backend="gluon")
+
+
+def test_prefill_gluon_bf16_compiles_for_sm90_without_spills():
+    """The Gluon bf16-cache kernel at the 20-head bf16 launch and a 16-head fp16 one, lowered for sm_90a in a
+    subprocess without the interpreter (``sm90_compile --sparse-mla-gluon-bf16``): no spills, wgmma not serialised
+    by ptxas, 100 wgmma (the 68 of a tile in the main loop: 32 QK, 4 rope, 32 PV; + one PV of zeros before it),
+    shared memory within an SM's 227 KB, and in the loop 36 16-byte cp.async a thread (64 rows x 1152 B / 128
+    threads) and a cp.async wait leaving NUM_STAGES - 1 tiles in flight (the next tile is issued before it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from indexcache.kernels.sparse_mla import gluon_bf16 as sg
+    from tests.kernels.sm90_compile import ptxas_path
+
+    if ptxas_path() is None:
+        pytest.skip("this Triton has no bundled ptxas")
+    code = ("import json\nfrom tests.kernels.sm90_compile import sparse_mla_gluon_bf16_kernels as k\n"
+            "for hs, dts in (((20,), ('bf16',)), ((16,), ('fp16',))):\n"
+            "    for _, r in k(heads=hs, dtypes=dts): print(json.dumps(r))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2, r.stdout
+    for row in rows:
+        assert row["spill_bytes"] == 0 and not row["wgmma_serialized"], row
+        assert row["wgmma"] == 100 and row["shared_bytes"] <= 232448, row
+        if row["loop_hgmma"]:                             # machine code available (bundled cuobjdump)
+            assert row["loop_hgmma"] == 68 and row["loop_ldgsts"] == 36, row
+            assert row["loop_cp_async_waits"] == [sg.NUM_STAGES - 1], row
+
+
+def _bf16_prefill_case(device, T, h, S, K, seed, dtype):
+    torch.manual_seed(seed)
+    # rows and heads of different magnitudes (never zero: randn), so the scores spread over several binades
+    kv = (torch.randn(S, 576, device=device) * (0.25 + torch.rand(S, 1, device=device) * 4)).to(dtype)
+    q = (torch.randn(T, h, 576, device=device) * (0.5 + torch.rand(1, h, 1, device=device) * 3)).to(dtype)
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device=device)
+    idx[0, 3] = -1
+    idx[0, 7] = S + 11                    # past the cache: skipped
+    idx[1, K // 2:] = -1                  # ragged: a -1 padded tail
+    idx[T - 1, :] = -1                    # no valid entry: out 0, lse -inf
+    return q, kv, idx
+
+
+def _gluon_bf16_vs_reference(q, kv, idx, scale, tol):
+    """The Gluon bf16-cache kernel against the reference (P^T and out in the cache's dtype), rows without a valid
+    index out 0 and lse -inf, every output written (torch.empty is NaN-poisoned)."""
+    out, lse = sparse_mla_prefill(q, kv, idx, scale, backend="gluon")
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, scale)
+    assert out.shape == ro.shape and out.dtype == q.dtype and lse.shape == rl.shape and lse.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    empty = ((idx < 0) | (idx >= kv.shape[0])).all(1)
+    assert empty.any() and (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+    assert _rel(out[~empty], ro[~empty]) < tol
+    _lse_ok(lse, rl, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,h,S,K,dtype", [
+    (5, 20, 211, 37, torch.bfloat16),        # K < one tile, odd T, the preset's heads
+    (7, 20, 3000, 200, torch.bfloat16),      # K not a multiple of 64
+    (3, 16, 500, 130, torch.float16),        # one 16-head block, fp16 cache / q / out
+    (4, 9, 300, 64, torch.bfloat16),         # heads padded in a 16-head block
+    (3, 40, 700, 300, torch.bfloat16),       # two 32-head blocks
+    (5, 20, 400, 257, torch.float16),        # fp16, one valid row in the last tile
+    (6, 20, 90, 500, torch.bfloat16),        # more tiles than rows (repeated rows)
+])
+def test_gpu_prefill_bf16_gluon_matches_reference(T, h, S, K, dtype):
+    q, kv, idx = _bf16_prefill_case("cuda", T, h, S, K, seed=500 + h + K, dtype=dtype)
+    _gluon_bf16_vs_reference(q, kv, idx, 0.0625, 1e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_bf16_gluon_growing_scores():
+    # rows ordered by a growing norm: the running max grows tile after tile (by more than 2^8 at times), so the
+    # rescaled and the skipped-rescale paths of the online softmax both run
+    torch.manual_seed(37)
+    T, h, S, K = 4, 20, 2048, 1024
+    kv = (torch.randn(S, 576, device="cuda") * torch.linspace(0.2, 3.0, S, device="cuda")[:, None]).bfloat16()
+    q = torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)
+    idx = torch.sort(torch.randint(0, S, (T, K), device="cuda"), dim=1).values.to(torch.int32)
+    idx[T - 1] = -1
+    for scale in (0.02, 0.3):
+        _gluon_bf16_vs_reference(q, kv, idx, scale, 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_bf16_gluon_real_size():
+    torch.manual_seed(41)
+    T, h, S, K = 64, 20, 200_000, 2048
+    q = torch.randn(T, h, 576, device="cuda", dtype=torch.bfloat16)
+    kv = (torch.randn(S, 576, device="cuda") * (0.25 + torch.rand(S, 1, device="cuda") * 4)).bfloat16()
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device="cuda")
+    idx[:, -100:] = -1                            # ragged -1 tails
+    idx[3, 1000:] = S + 5                         # past the cache
+    idx[5] = -1                                   # no valid index
+    idx[9, :1500] = -1                            # valid entries only at the end
+    _gluon_bf16_vs_reference(q, kv, idx, 0.0625, 1e-2)
+    # the same answer as the Triton kernel (the default backend for a bf16 cache)
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, backend="gluon")
+    to, tl = sparse_mla_prefill(q, kv, idx, 0.0625)
+    assert _rel(out, to) < 1e-2
+    _lse_ok(lse, tl, 2e-2)
