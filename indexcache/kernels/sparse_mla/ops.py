@@ -211,12 +211,18 @@ def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
     _check_gluon(q, flat, config, "fp8 kv")
     from indexcache.kernels.sparse_mla.gluon import sparse_mla_prefill_fp8_gluon
 
+    return _launch_gluon(sparse_mla_prefill_fp8_gluon, q, flat, indices, sm_scale)
+
+
+def _launch_gluon(launch, q, kv, indices, sm_scale):
+    """A Gluon prefill launcher on checked inputs: q's last dim and indices contiguous, outputs allocated, nothing
+    launched for no queries or heads."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     indices = indices.contiguous()
     out, lse = _prefill_outputs(q)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out, lse
-    return sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale)
+    return launch(q, kv, indices, out, lse, sm_scale)
 
 
 def _prefill_bf16_gluon(q, kv, indices, sm_scale, config):
@@ -232,12 +238,7 @@ def _prefill_bf16_gluon(q, kv, indices, sm_scale, config):
     _check_gluon(q, kv, config, "kv")
     from indexcache.kernels.sparse_mla.gluon_bf16 import sparse_mla_prefill_bf16_gluon
 
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    indices = indices.contiguous()
-    out, lse = _prefill_outputs(q)
-    if q.shape[0] == 0 or q.shape[1] == 0:
-        return out, lse
-    return sparse_mla_prefill_bf16_gluon(q, kv, indices, out, lse, sm_scale)
+    return _launch_gluon(sparse_mla_prefill_bf16_gluon, q, kv, indices, sm_scale)
 
 
 def _decode_plan(B, H, topk, kv_format, num_splits, bt=None):
