@@ -3,9 +3,8 @@
 is the engine's FP8 prefill path before kv_format="fp8" existed (sparse_mla_decode: gather + dequantise the
 selected rows into a bf16 scratch, then the bf16 attention), the others sparse_mla_prefill(kv_format="fp8") at
 launch configs; "fp8 gluon" is sparse_mla_prefill(kv_format="fp8", backend="gluon") (the Hopper Gluon kernel:
-cp.async ring + wgmma overlapped with the dequantisation; it takes no config), "bf16 gluon" sparse_mla_prefill(
-backend="gluon") over the bf16 cache (gluon_bf16.py: rows gathered by cp.async straight into the wgmma operands).
-FP8 rows are checked against the reference on the dequantised rows.
+cp.async ring + wgmma overlapped with the dequantisation; it takes no config). FP8 rows are checked against the
+reference on the dequantised rows.
 
     python -m benchmarks.sparse_mla_prefill [--quick] [--heads 20]   # ~1-2 min on an H200 (compiles included);
                                                                      # --heads: only that head count's rows
@@ -27,12 +26,11 @@ from indexcache.kernels.sparse_mla import (quantize_latent_fp8_reference, sparse
                                            sparse_mla_prefill_reference)
 
 CTX, K, SCALE = 200_000, 2048, 0.1352
-# (label, h, cache, config): cache "bf16", "bf16 gluon", "fp8" (sparse_mla_prefill kv_format="fp8"), "fp8 gluon" or
-# "fp8 via decode"; config overrides the launch parameters, so a candidate launch is timed beside the production one
-# in the same run; the first row of each h is the baseline of speedup_vs_base
+# (label, h, cache, config): cache "bf16", "fp8" (sparse_mla_prefill kv_format="fp8") or "fp8 via decode"; config
+# overrides the launch parameters, so a candidate launch is timed beside the production one in the same run; the
+# first row of each h is the baseline of speedup_vs_base
 VARIANTS = [
     ("production launch", 20, "bf16", None),
-    ("bf16 gluon", 20, "bf16 gluon", None),
     ("fp8 via decode (old path)", 20, "fp8 via decode", None),
     ("fp8 triton", 20, "fp8", None),
     ("fp8 gluon (auto on Hopper)", 20, "fp8 gluon", None),
@@ -44,8 +42,6 @@ VARIANTS = [
 def run(cache: str, q, kv, kv8, idx, cfg):
     if cache == "bf16":
         return sparse_mla_prefill(q, kv, idx, SCALE, config=cfg)
-    if cache == "bf16 gluon":
-        return sparse_mla_prefill(q, kv, idx, SCALE, config=cfg, backend="gluon")
     if cache == "fp8":
         return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg, backend="triton")
     if cache == "fp8 gluon":
@@ -89,7 +85,7 @@ def main(quick: bool = False, heads: int | None = None) -> int:
             r = {"variant": label, "h": h, "cache": cache, "indices": name, "cfg": str(cfg)}
             try:
                 o, l = run(cache, q[:32], kv, kv8, idx[:32], cfg)
-                if cache.startswith("bf16"):
+                if cache == "bf16":
                     ro, rl = sparse_mla_prefill_reference(q[:32], kv, idx[:32], SCALE)
                 else:
                     ro, rl = sparse_mla_prefill_reference(q[:32], kv8, idx[:32], SCALE, kv_format="fp8")
@@ -98,7 +94,7 @@ def main(quick: bool = False, heads: int | None = None) -> int:
                 if not r["rel_err"] < 1e-2:
                     raise AssertionError(f"wrong result: rel err {r['rel_err']:.3g}")
                 ms = bench_ms(lambda: run(cache, q, kv, kv8, idx, cfg))
-                row_bytes = 1152 if cache.startswith("bf16") else 656
+                row_bytes = 1152 if cache == "bf16" else 656
                 r.update(ms=ms, tflops=2 * T * K * h * 1088 / ms / 1e9, tbps=T * K * row_bytes / ms / 1e9)
                 base_ms.setdefault((h, name), ms)                      # the first variant of each h is the baseline
                 r["speedup_vs_base"] = base_ms[(h, name)] / ms

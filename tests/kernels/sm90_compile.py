@@ -9,8 +9,6 @@
     python -m tests.kernels.sm90_compile --sparse-mla-fp8   # sparse MLA prefill from the FP8 latent cache
     python -m tests.kernels.sm90_compile --sparse-mla-gluon # its Gluon kernel (cp.async ring + wgmma), 20 heads
     python -m tests.kernels.sm90_compile --sparse-mla-gluon-all # ... at 16 and 20 heads, bf16 / fp16 / fp32 q
-    python -m tests.kernels.sm90_compile --sparse-mla-gluon-bf16  # the bf16-cache Gluon kernel, 16 / 20 heads,
-                                                                  # bf16 / fp16 cache
 
 The interpreter runs our kernels on the CPU but says nothing about how they compile for the GPU: a kernel can
 be exact in the interpreter and still fail to compile for sm_90, spill registers, or lose its cp.async
@@ -260,48 +258,28 @@ def sparse_mla_gluon_kernels(heads=(20,), dtypes=("bf16",), sass_dir: str | None
     memory, wgmma count (serialised by ptxas or not), and from the machine code of its main loop (one tile a pass)
     the HGMMAs, cp.async copies (LDGSTS), CTA barriers and the cp.async waits (``DEPBAR.LE SB0, n``: n tiles stay
     in flight at the top of a tile, NUM_STAGES - 2: the stage that held P^T is refilled after its PV)."""
-    from indexcache.kernels.sparse_mla import gluon as sg
-
-    return [(f"sparse mla gluon {tag}", r) for tag, r in _gluon_prefill_rows(
-        sg._sparse_mla_prefill_fp8_gluon_kernel, sg, lambda dt: {"kv_u8": "*u8", "out": f"*{dt}"}, heads, dtypes,
-        sass_dir, "sparse_mla_gluon")]
-
-
-def sparse_mla_gluon_bf16_kernels(heads=(20,), dtypes=("bf16",),
-                                  sass_dir: str | None = None) -> list[tuple[str, dict]]:
-    """The Gluon bf16-cache sparse MLA prefill (kernels/sparse_mla/gluon_bf16.py), the same columns as
-    ``sparse_mla_gluon_kernels``; ``dtypes``: the cache's (and q's, out's) dtype, bf16 or fp16. Its loop's
-    cp.async wait leaves NUM_STAGES - 1 tiles in flight (the next tile is issued before the wait)."""
-    from indexcache.kernels.sparse_mla import gluon_bf16 as sg
-
-    return [(f"sparse mla gluon bf16-cache {tag}", r) for tag, r in _gluon_prefill_rows(
-        sg._sparse_mla_prefill_bf16_gluon_kernel, sg, lambda dt: {"kv": f"*{dt}", "out": f"*{dt}"}, heads, dtypes,
-        sass_dir, "sparse_mla_gluon_bf16")]
-
-
-def _gluon_prefill_rows(kernel, mod, kv_types, heads, dtypes, sass_dir, stem) -> list[tuple[str, dict]]:
-    """Compile a Gluon sparse MLA prefill kernel (module ``mod``: heads_per_program, NUM_STAGES, NUM_WARPS) for
-    each head count and q dtype (``kv_types(dtype)``: the cache / output argument types) and read its main loop."""
     import tempfile
 
     from tests.kernels.sm90_compile_gluon import _compile, _main_loop
 
+    from indexcache.kernels.sparse_mla import gluon as sg
+
     out = []
     for h, dt in ((h, dt) for h in heads for dt in dtypes):
-        types = {"q": f"*{dt}", "idx": "*i32", "lse": "*fp32", "qk_scale": "fp32", **kv_types(dt)}
-        ce = {"HP": mod.heads_per_program(h), "NUM_STAGES": mod.NUM_STAGES, "num_warps": mod.NUM_WARPS}
+        types = {"q": f"*{dt}", "kv_u8": "*u8", "idx": "*i32", "out": f"*{dt}", "lse": "*fp32", "qk_scale": "fp32"}
+        ce = {"HP": sg.heads_per_program(h), "NUM_STAGES": sg.NUM_STAGES, "num_warps": sg.NUM_WARPS}
         tag = f"h={h}{'' if dt == 'bf16' else ' ' + dt}"
         with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(sass_dir or d, f"{stem}_h{h}_{dt}.sass")
-            r = _compile(kernel, types, ce, ("sq_t", "sq_h", "si_t", "so_t", "so_h"), mod.NUM_WARPS, None, tag,
-                         sass_path=path)
+            path = os.path.join(sass_dir or d, f"sparse_mla_gluon_h{h}_{dt}.sass")
+            r = _compile(sg._sparse_mla_prefill_fp8_gluon_kernel, types, ce, ("sq_t", "sq_h", "si_t", "so_t", "so_h"),
+                         sg.NUM_WARPS, None, tag, sass_path=path)
             sass = open(path).read() if os.path.exists(path) else ""
         loop = _main_loop(sass)
         r.update(loop_hgmma=len(re.findall(r"\bHGMMA\.", loop)), loop_ldgsts=len(re.findall(r"\bLDGSTS\b", loop)),
                  loop_bar_sync=len(re.findall(r"\bBAR\.SYNC", loop)),
                  loop_cp_async_waits=sorted({int(x, 16) for x in re.findall(r"DEPBAR\.LE\s+SB0,\s*(0x[0-9a-f]+)",
                                                                              loop)}))
-        out.append((tag, r))
+        out.append((f"sparse mla gluon {tag}", r))
     return out
 
 
@@ -335,8 +313,6 @@ _REPORTS = {
     "--sparse-mla-gluon": (sparse_mla_gluon_kernels, _gluon_columns),
     "--sparse-mla-gluon-all": (lambda: sparse_mla_gluon_kernels(heads=(16, 20), dtypes=("bf16", "fp16", "fp32")),
                                _gluon_columns),
-    "--sparse-mla-gluon-bf16": (lambda: sparse_mla_gluon_bf16_kernels(heads=(16, 20), dtypes=("bf16", "fp16")),
-                                _gluon_columns),
 }
 
 

@@ -36,11 +36,9 @@ def _imports(path: Path, mods: dict[str, Path]) -> set[str]:
 def test_each_op_folder_has_the_same_four_files():
     """__init__, ops, reference and triton in every op folder, and optionally gluon.py (as fp8_grouped_mm has): a
     Gluon (Triton's explicit-layout dialect) kernel for Hopper beside the Triton one, behind the same dispatch in
-    ops.py (Gluon has no CPU interpreter, so the Triton kernel stays: the CPU tests run it, other GPUs use it), and
-    gluon_<variant>.py for another Gluon kernel of the op (sparse_mla: gluon_bf16.py for the bf16 cache)."""
+    ops.py (Gluon has no CPU interpreter, so the Triton kernel stays: the CPU tests run it, other GPUs use it)."""
     for op in OPS:
-        names = sorted(p.name for p in (ROOT / op).glob("*.py") if p.name != "gluon.py"
-                       and not p.name.startswith("gluon_"))
+        names = sorted(p.name for p in (ROOT / op).glob("*.py") if p.name != "gluon.py")
         assert names == ["__init__.py", "ops.py", "reference.py", "triton.py"], (op, names)
 
 

@@ -94,19 +94,19 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     Returns out [T, h, 512] in q.dtype and lse [T, h] fp32 (natural log); rows with no valid index give 0 / -inf.
     An FP8 cache is read straight from its 656-B rows (no dequantised copy). ``config`` overrides the launch
     parameters (keys of PREFILL_CFG / PREFILL_FP8_CFG; benchmarks sweep them).
-    ``backend`` "gluon": the Hopper Gluon kernels (cp.async ring + wgmma) on sm_90 CUDA tensors with a 16-byte
-    aligned cache: ``gluon.py`` for kv_format "fp8", ``gluon_bf16.py`` for "bf16" (a bf16 or fp16 kv, q of its
-    dtype; fp32 is Triton's only); they have one launch, so ``config`` must then be None or empty. "triton": the
-    Triton kernels (any GPU, and the CPU interpreter). "auto": "gluon" for an FP8 cache where it runs (sm_90 CUDA
-    tensors, no interpreter, a 16-byte aligned cache, no ``config``: 8.7 ms against Triton's 10.1 for 20 heads,
-    8192 queries, top-k 2048 on the H200, run 77), else "triton" (a bf16 cache: "triton" until the Gluon bf16
-    kernel is measured).
+    ``backend`` "gluon": the Hopper Gluon kernel (``gluon.py``: cp.async ring + wgmma) for kv_format "fp8" on
+    sm_90 CUDA tensors; it has one launch, so ``config`` must then be None or empty. "triton": the Triton kernels
+    (any GPU, and the CPU interpreter). "auto": "gluon" for an FP8 cache where it runs (sm_90 CUDA tensors, no
+    interpreter, a 16-byte aligned cache, no ``config``: 8.7 ms against Triton's 10.1 for 20 heads, 8192 queries,
+    top-k 2048 on the H200, run 77), else "triton".
     """
     _check_q("sparse_mla_prefill", q, d_v)
     if kv_format not in ("bf16", "fp8"):
         raise ValueError(f"sparse_mla_prefill: kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
     if backend not in ("auto", "triton", "gluon"):
         raise ValueError(f"sparse_mla_prefill: backend must be 'auto', 'triton' or 'gluon', got {backend!r}")
+    if backend == "gluon" and kv_format != "fp8":
+        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs kv_format 'fp8', got {kv_format!r}")
     if kv_format == "fp8":
         return _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend)
     if kv.dim() != 2 or kv.shape[1] != LATENT_DIM:
@@ -115,8 +115,6 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         raise ValueError(f"sparse_mla_prefill: kv dtype {kv.dtype} differs from q dtype {q.dtype}")
     T, H, _ = q.shape
     _check_idx("sparse_mla_prefill", indices, T, q.device)
-    if backend == "gluon":
-        return _prefill_bf16_gluon(q, kv, indices, sm_scale, config)
     if not use_triton(q):
         return sparse_mla_prefill_reference(q, kv, indices, sm_scale, d_v)
     from indexcache.kernels.sparse_mla.triton import _sparse_mla_prefill_kernel
@@ -189,9 +187,8 @@ def _gluon_runs(q, flat) -> bool:
             and flat.data_ptr() % 16 == 0)
 
 
-def _check_gluon(q, kv, config, what):
-    """The Gluon prefill kernels' requirements (Hopper only: Gluon has no interpreter and the kernels are sm_90
-    wgmma); ``what`` names the cache in the messages."""
+def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
+    """The Gluon FP8 prefill (Hopper only: Gluon has no interpreter and the kernel is sm_90 wgmma)."""
     if config:
         raise ValueError(f"sparse_mla_prefill: backend 'gluon' takes no config keys (one launch), got "
                          f"{sorted(config, key=str)}")
@@ -201,44 +198,17 @@ def _check_gluon(q, kv, config, what):
     cap = torch.cuda.get_device_capability(q.device)
     if cap[0] != 9:
         raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs a Hopper GPU (sm_90), got capability {cap}")
-    if kv.data_ptr() % 16:
-        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs the {what} 16-byte aligned (16-byte row "
-                         f"copies), got address {kv.data_ptr()} (offset {kv.data_ptr() % 16})")
-
-
-def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
-    """The Gluon FP8 prefill (``gluon.py``)."""
-    _check_gluon(q, flat, config, "fp8 kv")
+    if flat.data_ptr() % 16:
+        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs the fp8 kv 16-byte aligned (16-byte row "
+                         f"copies), got address {flat.data_ptr()} (offset {flat.data_ptr() % 16})")
     from indexcache.kernels.sparse_mla.gluon import sparse_mla_prefill_fp8_gluon
 
-    return _launch_gluon(sparse_mla_prefill_fp8_gluon, q, flat, indices, sm_scale)
-
-
-def _launch_gluon(launch, q, kv, indices, sm_scale):
-    """A Gluon prefill launcher on checked inputs: q's last dim and indices contiguous, outputs allocated, nothing
-    launched for no queries or heads."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     indices = indices.contiguous()
     out, lse = _prefill_outputs(q)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out, lse
-    return launch(q, kv, indices, out, lse, sm_scale)
-
-
-def _prefill_bf16_gluon(q, kv, indices, sm_scale, config):
-    """The Gluon bf16-cache prefill (``gluon_bf16.py``): the cache rows are the wgmma operands, so their dtype
-    must be one it takes (bf16, fp16; the caller has checked q has kv's dtype)."""
-    if kv.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs a bf16 or fp16 kv (the wgmma operands) for "
-                         f"kv_format 'bf16', got {kv.dtype}")
-    if not kv.is_contiguous():     # rows 1152 B apart (16-byte copies); a silent copy of the cache would be slow
-        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs a contiguous kv, got strides {kv.stride()}")
-    if kv.device != q.device:
-        raise ValueError(f"sparse_mla_prefill: kv on {kv.device}, q on {q.device}")
-    _check_gluon(q, kv, config, "kv")
-    from indexcache.kernels.sparse_mla.gluon_bf16 import sparse_mla_prefill_bf16_gluon
-
-    return _launch_gluon(sparse_mla_prefill_bf16_gluon, q, kv, indices, sm_scale)
+    return sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale)
 
 
 def _decode_plan(B, H, topk, kv_format, num_splits, bt=None):
