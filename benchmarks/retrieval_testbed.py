@@ -346,7 +346,9 @@ def _run(args, s: Settings, work: Work, device) -> int:
         if not work.unit(f"row: {name}", lambda: evaluate_row(path, pattern, s, test, device)):
             return 3
     ctl = ("DSA + same extra steps", IndexPattern.all_full(N))
-    for name, pat in [(f"distilled uniform {f}", IndexPattern.keep(N, f)) for f in sorted(s.keeps, key=_priority)] + [ctl]:
+    distilled = [(f"distilled uniform {f}", IndexPattern.keep(N, f)) for f in sorted(s.keeps, key=_priority)]
+    # the control right after the headline ratio: a short run can already tell distillation from extra training
+    for name, pat in distilled[:1] + [ctl] + distilled[1:]:
         out = os.path.join(args.work_dir, "distill_" + name.replace(" ", "_").replace("/", "_"))
 
         def do_distill(pat=pat, out=out):
