@@ -1,7 +1,8 @@
 """The retrieval testbed (issue 14): train a DSA model that must retrieve, then compare layer patterns on it.
 
 Rows: full DSA; uniform, greedy-searched and distilled F/S patterns at keep 1/2, 1/4, 1/8 (plus the control: the
-all-F model trained by the same distillation steps); F/R patterns at the indexer cost of each keep ratio.
+all-F model trained by the same distillation steps); F/R patterns at the indexer cost of each keep ratio, with
+the F layers spread evenly and on the greedy search's F layers.
 Columns: held-out loss and bits per byte (stdlib test split), exact-match retrieval of the RULER-style suite
 (tools/ruler.py, held-out items) per length. Also the overlap heatmap of the all-F model.
 
@@ -257,6 +258,12 @@ def fr_pattern(n: int, cost: float, context: int, pool: int) -> IndexPattern:
     return IndexPattern("".join("F" if i in full else "R" for i in range(n)), pool=pool)
 
 
+def greedy_fr_pattern(greedy: str, pool: int) -> IndexPattern:
+    """The greedy search's F layers (its pattern with that many F), every other layer R instead of S: where the
+    F layers sit matters (a layer whose top-k no other layer shares cannot re-rank another's pool)."""
+    return IndexPattern(greedy.replace("S", "R"), pool=pool)
+
+
 def evaluate_row(path, pattern, s: Settings, test, device) -> dict:
     model = load_model(path, device=device)
     p = model.resolve_pattern(pattern)
@@ -324,7 +331,10 @@ def _run(args, s: Settings, work: Work, device) -> int:
     def search():
         g = torch.Generator().manual_seed(1)
         ids = s.tc.training_windows(corpus, s.calib_seqs, s.eval_context + 1, g).to(device)
-        target = N - min(IndexPattern.keep(N, f).num_full for f in s.keeps)
+        # down to the fewest F layers a row takes: keep ratios' and their F/R patterns' (greedy F/R rows)
+        fewest = [IndexPattern.keep(N, f).num_full for f in s.keeps]
+        fewest += [n for n in (fr_pattern(N, k / N, s.eval_context, pool).num_full for k in fewest) if n > 1]
+        target = N - min(fewest)
         sr = greedy_search(model, list(ids.split(1)), target, progress=False)
         return sr.to_json()
 
@@ -337,21 +347,26 @@ def _run(args, s: Settings, work: Work, device) -> int:
             and work.unit("search", search)):
         return 3
     by_full = work.state["done"]["search"]["patterns_by_num_full"]
-    rows = []
-    for f in sorted(s.keeps, key=_priority):
-        u = IndexPattern.keep(N, f)
-        rows += [(f"uniform {f}", model_dir, str(u)), (f"greedy {f}", model_dir, by_full[str(u.num_full)]),
-                 (f"F/R at the cost of {f}", model_dir, fr_pattern(N, u.num_full / N, s.eval_context, pool))]
-    for name, path, pattern in rows:
-        if not work.unit(f"row: {name}", lambda: evaluate_row(path, pattern, s, test, device)):
-            return 3
     ctl = ("DSA + same extra steps", IndexPattern.all_full(N))
-    distilled = [(f"distilled uniform {f}", IndexPattern.keep(N, f)) for f in sorted(s.keeps, key=_priority)]
-    # the control right after the headline ratio: a short run can already tell distillation from extra training
-    for name, pat in distilled[:1] + [ctl] + distilled[1:]:
+    units = []  # (name, pattern, distil first?) in priority order: a short run has the headline ratio whole
+    for j, f in enumerate(sorted(s.keeps, key=_priority)):
+        u = IndexPattern.keep(N, f)
+        fr = fr_pattern(N, u.num_full / N, s.eval_context, pool)
+        units += [(f"uniform {f}", str(u), False), (f"greedy {f}", by_full[str(u.num_full)], False),
+                  (f"F/R at the cost of {f}", fr, False)]
+        if str(fr.num_full) in by_full and fr.num_full > 1:  # with layer 0 the only F it is the row above
+            units.append((f"greedy F/R at the cost of {f}", greedy_fr_pattern(by_full[str(fr.num_full)], pool), False))
+        units.append((f"distilled uniform {f}", u, True))
+        if j == 0:  # the control right after the headline ratio: it tells distillation from extra training
+            units.append((ctl[0], ctl[1], True))
+    for name, pattern, distilled in units:
+        if not distilled:
+            if not work.unit(f"row: {name}", lambda: evaluate_row(model_dir, pattern, s, test, device)):
+                return 3
+            continue
         out = os.path.join(args.work_dir, "distill_" + name.replace(" ", "_").replace("/", "_"))
 
-        def do_distill(pat=pat, out=out):
+        def do_distill(pat=pattern, out=out):
             _, log = distill(model_dir, str(pat), out, warmup_steps=s.distill_steps[0], sparse_steps=s.distill_steps[1],
                              batch=s.tc.batch, context=s.tc.context, device=device, time_budget_s=work.left() - 20,
                              max_train_bytes=s.tc.max_train_bytes, task_ratio=s.tc.task_ratio,
@@ -383,9 +398,10 @@ def _priority(keep: str) -> int:
 def _table_order(name: str) -> tuple:
     """Rows by keep ratio (1/2, 1/4, 1/8), the same kinds in the same order within each; full DSA first."""
     keep = name.split()[-1]
-    kinds = ("uniform", "greedy", "F/R", "distilled")
+    kinds = ("uniform", "greedy", "F/R", "greedy F/R", "distilled")
+    matches = [k for k in kinds if name.startswith(k)]  # the longest: "greedy F/R" before "greedy"
     return (KEEPS.index(keep) if keep in KEEPS else (-1 if name == "full DSA" else len(KEEPS)),
-            next((i for i, k in enumerate(kinds) if name.startswith(k)), len(kinds)))
+            kinds.index(max(matches, key=len)) if matches else len(kinds))
 
 
 def markdown_table(state: dict) -> str:

@@ -41,7 +41,8 @@ def test_smoke_runs_in_pieces_and_resumes(tmp_path, capsys):  # ~25 s on an idle
     assert [(x["stage"], x["steps_done"]) for x in state["train"]["logs"] if x["steps_done"]][:2] == \
         [("copy", 2), ("dense", 2)]
     rows = [k for k in state["done"] if k.startswith("row: ")]
-    assert rows[0] == "row: full DSA" and "row: F/R at the cost of 1/2" in rows and len(rows) == 6
+    assert rows[0] == "row: full DSA" and "row: F/R at the cost of 1/2" in rows and len(rows) == 7
+    assert state["done"]["row: greedy F/R at the cost of 1/2"]["num_rerank"] == 2  # the search went down to 2 F
     fr = state["done"]["row: F/R at the cost of 1/2"]
     assert fr["num_rerank"] > 0 and fr["indexer_cost"] < 1
     table = open(os.path.join(work, "testbed_table.md")).read()
