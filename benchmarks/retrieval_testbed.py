@@ -347,7 +347,6 @@ def _run(args, s: Settings, work: Work, device) -> int:
             and work.unit("search", search)):
         return 3
     by_full = work.state["done"]["search"]["patterns_by_num_full"]
-    ctl = ("DSA + same extra steps", IndexPattern.all_full(N))
     units = []  # (name, pattern, distil first?) in priority order: a short run has the headline ratio whole
     for j, f in enumerate(sorted(s.keeps, key=_priority)):
         u = IndexPattern.keep(N, f)
@@ -358,7 +357,7 @@ def _run(args, s: Settings, work: Work, device) -> int:
             units.append((f"greedy F/R at the cost of {f}", greedy_fr_pattern(by_full[str(fr.num_full)], pool), False))
         units.append((f"distilled uniform {f}", u, True))
         if j == 0:  # the control right after the headline ratio: it tells distillation from extra training
-            units.append((ctl[0], ctl[1], True))
+            units.append(("DSA + same extra steps", IndexPattern.all_full(N), True))
     for name, pattern, distilled in units:
         if not distilled:
             if not work.unit(f"row: {name}", lambda: evaluate_row(model_dir, pattern, s, test, device)):
