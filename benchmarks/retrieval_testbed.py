@@ -328,12 +328,15 @@ def _run(args, s: Settings, work: Work, device) -> int:
         write_heatmap_png(ov, os.path.join(args.work_dir, "testbed_overlap.png"))
         return {"matrix": ov.tolist(), "adjacent_mean": float(sum(ov[i, i + 1] for i in range(N - 1)) / (N - 1))}
 
+    def fr_for(num_full):  # the F/R pattern at the indexer cost of ``num_full`` F layers
+        return fr_pattern(N, num_full / N, s.eval_context, pool)
+
     def search():
         g = torch.Generator().manual_seed(1)
         ids = s.tc.training_windows(corpus, s.calib_seqs, s.eval_context + 1, g).to(device)
         # down to the fewest F layers a row takes: keep ratios' and their F/R patterns' (greedy F/R rows)
         fewest = [IndexPattern.keep(N, f).num_full for f in s.keeps]
-        fewest += [n for n in (fr_pattern(N, k / N, s.eval_context, pool).num_full for k in fewest) if n > 1]
+        fewest += [n for n in (fr_for(k).num_full for k in fewest) if n > 1]
         target = N - min(fewest)
         sr = greedy_search(model, list(ids.split(1)), target, progress=False)
         return sr.to_json()
@@ -350,7 +353,7 @@ def _run(args, s: Settings, work: Work, device) -> int:
     units = []  # (name, pattern, distil first?) in priority order: a short run has the headline ratio whole
     for j, f in enumerate(sorted(s.keeps, key=_priority)):
         u = IndexPattern.keep(N, f)
-        fr = fr_pattern(N, u.num_full / N, s.eval_context, pool)
+        fr = fr_for(u.num_full)
         units += [(f"uniform {f}", str(u), False), (f"greedy {f}", by_full[str(u.num_full)], False),
                   (f"F/R at the cost of {f}", fr, False)]
         if str(fr.num_full) in by_full and fr.num_full > 1:  # with layer 0 the only F it is the row above
