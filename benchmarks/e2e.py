@@ -85,8 +85,10 @@ def fill_random(kv, seed=0):
 
 
 def sub_pattern(spec: str, n_sub: int) -> str:
-    """An F/S/R string of the whole model, cut to the layers that run (other specs apply to any depth)."""
-    return spec[:n_sub] if set(spec) <= {"F", "S", "R"} and len(spec) > n_sub else spec
+    """An F/S/R string of the whole model (with its "@pool", if any), cut to the layers that run (other specs apply
+    to any depth)."""
+    body, at, pool = spec.partition("@")
+    return (body[:n_sub] if set(body) <= {"F", "S", "R"} and len(body) > n_sub else body) + at + pool
 
 
 def scale_factors(pattern_spec, n_sub: int, n_full: int) -> dict:
@@ -112,8 +114,8 @@ def make_engine(model, pattern, ctx, args, max_num_seqs=1, num_blocks=None):
                        compile_decode=False if getattr(args, "no_compile", False) else None,
                        moe_small_batch_kernel=getattr(args, "moe_small_batch_kernel", True),
                        decode_topk_max_rows=getattr(args, "decode_topk_max_rows", EngineConfig.decode_topk_max_rows))
-    if getattr(args, "rerank_pool", None) and "R" in pattern:
-        pattern = IndexPattern(pattern, pool=args.rerank_pool)
+    if getattr(args, "rerank_pool", None) and "R" in pattern and "@" not in pattern:
+        pattern = f"{pattern}@{args.rerank_pool}"
     return LLMEngine(model, cfg, index_pattern=pattern)
 
 
@@ -262,7 +264,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="glm-4.7-flash-dsa")
     p.add_argument("--contexts", default="10K,60K,120K,200K")
     p.add_argument("--patterns", default="full,1/2,1/4", help="comma-separated: full, 1/N, or F/S/R strings")
-    p.add_argument("--rerank-pool", type=int, help="candidate pool of F layers for R layers (default 4 x top-k)")
+    p.add_argument("--rerank-pool", type=int, help="candidate pool of F layers for R layers (default 4 x top-k; a pattern's own "
+                   "'@c', e.g. FRRR...@4096, takes precedence)")
     p.add_argument("--layers", type=int, default=None, help="run only this many layers and extrapolate")
     p.add_argument("--quick", action="store_true", help="--layers 4, contexts 10K,60K, fewer steps")
     p.add_argument("--decode-steps", type=int, default=32)

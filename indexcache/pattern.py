@@ -87,7 +87,14 @@ class IndexPattern:
 
     @classmethod
     def parse(cls, spec, num_layers: int) -> "IndexPattern":
-        """Accept an IndexPattern, an F/S/R string, "1/N", "keep 1/N", "all"/"full", or a list of indexer types."""
+        """Accept an IndexPattern, an F/S/R string, "1/N", "keep 1/N", "all"/"full", or a list of indexer types.
+        A string may end in "@c" to set the candidate pool of its R layers (``FRRRFRRR@4096``)."""
+        if isinstance(spec, str) and "@" in spec:
+            body, _, pool = spec.rpartition("@")
+            if not pool.strip().isdigit() or int(pool) < 1:
+                raise PatternError(f"the candidate pool after '@' in {spec!r} must be a positive integer, "
+                                   f"got {pool!r}")
+            return cls.parse(body, num_layers).with_pool(int(pool))
         if isinstance(spec, IndexPattern):
             if len(spec) != num_layers:
                 raise PatternError(f"index pattern {spec} has {len(spec)} layers but the model has {num_layers}")

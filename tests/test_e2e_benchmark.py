@@ -1,6 +1,6 @@
 """benchmarks/e2e.py's bookkeeping on the CPU: speedups are taken against the full-DSA row of the same context,
 and no plot is drawn without one (it would be an empty chart)."""
-from benchmarks.e2e import _plot, _speedups
+from benchmarks.e2e import _plot, _speedups, scale_factors, sub_pattern
 
 
 def test_speedups_against_the_full_row_of_the_same_context():
@@ -18,3 +18,11 @@ def test_no_plot_without_a_full_row(tmp_path):
     got = _plot(rows, "e2e_x", str(tmp_path))
     assert isinstance(got, str) and got.startswith("skipped: no full-DSA row")
     assert not list(tmp_path.iterdir())
+
+
+def test_sub_pattern_keeps_the_pool_of_a_cut_pattern():
+    assert sub_pattern("FFRRRFRR@4096", 4) == "FFRR@4096"
+    assert sub_pattern("FFRRRFRR", 4) == "FFRR"
+    assert sub_pattern("1/4@4096", 4) == "1/4@4096"
+    # indexer and top-k time scale with the layers that run an indexer (F and R), whatever the pool
+    assert scale_factors("FFSSFFSS@4096", 4, 8)["indexer"] == 2.0

@@ -72,10 +72,20 @@ def test_from_hf_config_keys_and_conflicts():
     (lambda: IndexPattern.from_indexer_types("full"), "must be a list"),
     (lambda: IndexPattern.parse(3.5, 4), "cannot read an index pattern"),
     (lambda: IndexPattern.from_hf_config({"index_topk_freq": 0}, 4), "got 0"),
+    (lambda: IndexPattern.parse("FRRR@", 4), "after '@' in 'FRRR@' must be a positive integer, got ''"),
+    (lambda: IndexPattern.parse("FRRR@0", 4), "got '0'"),
+    (lambda: IndexPattern.parse("FRRR@4k", 4), "got '4k'"),
 ])
 def test_validation_errors_name_the_bad_value(make, match):
     with pytest.raises(PatternError, match=match):
         make()
+
+
+def test_parse_reads_a_pool_after_at():
+    p = IndexPattern.parse("FRRSFRRR@4096", 8)
+    assert p == IndexPattern("FRRSFRRR", pool=4096) and p.pool == 4096 and str(p) == "FRRSFRRR"
+    assert IndexPattern.parse("1/4@512", 8) == IndexPattern.keep(8, "1/4").with_pool(512)
+    assert IndexPattern.parse("FRRR", 4).pool is None
 
 
 def test_engine_flags_carry_the_pattern():
