@@ -317,6 +317,9 @@ def _run(args, s: Settings, work: Work, device) -> int:
             return 3
         work.state["done"]["trained"] = True
         work.save()
+    # the search's calibration windows and distillation draw the mix the model was trained on, whatever the preset
+    # says now (a resumed state keeps its own)
+    s = dataclasses.replace(s, tc=_train_config(work.state))
     model_dir = os.path.join(args.work_dir, "model")
     test = load_corpus("test")
     model = load_model(model_dir, device=device)
