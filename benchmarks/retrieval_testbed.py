@@ -2,7 +2,8 @@
 
 Rows: full DSA; uniform, greedy-searched and distilled F/S patterns at keep 1/2, 1/4, 1/8 (plus the control: the
 all-F model trained by the same distillation steps); F/R patterns at the indexer cost of each keep ratio, with
-the F layers spread evenly and on the greedy search's F layers.
+the F layers spread evenly, on the greedy F/S search's F layers, and as a greedy search that may make each
+layer S or R chooses them ("searched F/S/R").
 Columns: held-out loss and bits per byte (stdlib test split), exact-match retrieval of the RULER-style suite
 (tools/ruler.py, held-out items) per length. Also the overlap heatmap of the all-F model.
 
@@ -72,11 +73,11 @@ def settings(args) -> Settings:
                          copy_reach_nats=0.0, copy_reach_block=1, copy_reach_blocks=1,  # one extension block
                          dense_steps=2, warmup_steps=1, sparse_steps=1, max_train_bytes=300_000, index_rows=200)
         return Settings(tc, 0.0, (256,), 1, ("kv_single",), 1, 256, 1, (1, 1), 1,
-                        {"probe": 5, "overlap": 5, "search": 10, "row": 10, "distill": 10}, ("1/2",))
+                        {"probe": 5, "overlap": 5, "search": 10, "search F/S/R": 10, "row": 10, "distill": 10}, ("1/2",))
     tc = PRESETS["retrieval"]
     return Settings(tc, args.train_seconds, tuple(args.suite_lengths), args.suite_n, tuple(TASKS), 16,
                     tc.context, 8, (args.distill_warmup, args.distill_sparse), 2,
-                    {"probe": 20, "overlap": 60, "search": 240, "row": 120, "distill": 300})
+                    {"probe": 20, "overlap": 60, "search": 240, "search F/S/R": 200, "row": 120, "distill": 300})
 
 
 # ----- state -------------------------------------------------------------------------------------------------------
@@ -334,15 +335,24 @@ def _run(args, s: Settings, work: Work, device) -> int:
     def fr_for(num_full):  # the F/R pattern at the indexer cost of ``num_full`` F layers
         return fr_pattern(N, num_full / N, s.eval_context, pool)
 
-    def search():
+    def calibration():
         g = torch.Generator().manual_seed(1)
-        ids = s.tc.training_windows(corpus, s.calib_seqs, s.eval_context + 1, g).to(device)
+        return list(s.tc.training_windows(corpus, s.calib_seqs, s.eval_context + 1, g).to(device).split(1))
+
+    def search():
         # down to the fewest F layers a row takes: keep ratios' and their F/R patterns' (greedy F/R rows)
         fewest = [IndexPattern.keep(N, f).num_full for f in s.keeps]
         fewest += [n for n in (fr_for(k).num_full for k in fewest) if n > 1]
-        target = N - min(fewest)
-        sr = greedy_search(model, list(ids.split(1)), target, progress=False)
-        return sr.to_json()
+        return greedy_search(model, calibration(), N - min(fewest), progress=False).to_json()
+
+    # F/R patterns at each keep ratio's cost with more than one F layer (one is the evenly spread row): a greedy
+    # search whose steps may make a layer S or R, down to the fewest F layers of those
+    fr_full = {f: fr_for(IndexPattern.keep(N, f).num_full).num_full for f in sorted(s.keeps, key=_priority)}
+    fr_full = {f: n for f, n in fr_full.items() if n > 1}
+
+    def search_fr():
+        target = N - min(fr_full.values())
+        return greedy_search(model, calibration(), target, progress=False, max_rerank=target, pool=pool).to_json()
 
     def probe():
         return probe_copy(model, s, test, device, "trained model")
@@ -384,6 +394,13 @@ def _run(args, s: Settings, work: Work, device) -> int:
         if not (work.unit(f"distill: {name}", do_distill)
                 and work.unit(f"row: {name}", lambda: evaluate_row(out, None, s, test, device))):
             return 3
+    if fr_full and not work.unit("search F/S/R", search_fr):
+        return 3
+    for f, n in fr_full.items():
+        searched = IndexPattern(work.state["done"]["search F/S/R"]["patterns_by_num_full"][str(n)], pool=pool)
+        if not work.unit(f"row: searched F/S/R at the cost of {f}",
+                         lambda: evaluate_row(model_dir, searched, s, test, device)):
+            return 3
     table = markdown_table(work.state)
     with open(os.path.join(args.work_dir, "testbed_table.md"), "w") as f:
         f.write(table)
@@ -403,7 +420,7 @@ def _priority(keep: str) -> int:
 def _table_order(name: str) -> tuple:
     """Rows by keep ratio (1/2, 1/4, 1/8), the same kinds in the same order within each; full DSA first."""
     keep = name.split()[-1]
-    kinds = ("uniform", "greedy", "F/R", "greedy F/R", "distilled")
+    kinds = ("uniform", "greedy", "F/R", "greedy F/R", "searched F/S/R", "distilled")
     matches = [k for k in kinds if name.startswith(k)]  # the longest: "greedy F/R" before "greedy"
     return (KEEPS.index(keep) if keep in KEEPS else (-1 if name == "full DSA" else len(KEEPS)),
             kinds.index(max(matches, key=len)) if matches else len(kinds))

@@ -41,8 +41,14 @@ def test_smoke_runs_in_pieces_and_resumes(tmp_path, capsys):  # ~25 s on an idle
     assert [(x["stage"], x["steps_done"]) for x in state["train"]["logs"] if x["steps_done"]][:2] == \
         [("copy", 2), ("dense", 2)]
     rows = [k for k in state["done"] if k.startswith("row: ")]
-    assert rows[0] == "row: full DSA" and "row: F/R at the cost of 1/2" in rows and len(rows) == 7
+    assert rows[0] == "row: full DSA" and "row: F/R at the cost of 1/2" in rows and len(rows) == 8
     assert state["done"]["row: greedy F/R at the cost of 1/2"]["num_rerank"] == 2  # the search went down to 2 F
+    # the S-or-R search: each step made a layer S or R, down to the F/R row's 2 F layers, each pick the lowest loss
+    steps = state["done"]["search F/S/R"]["steps"]
+    assert len(steps) == 2 and all(x["type"] in ("S", "R") for x in steps)
+    assert all(x["loss"] == min(x["candidate_losses"].values()) for x in steps)
+    searched = state["done"]["row: searched F/S/R at the cost of 1/2"]
+    assert searched["num_full"] == 2 and searched["pattern"] == steps[-1]["pattern"]
     fr = state["done"]["row: F/R at the cost of 1/2"]
     assert fr["num_rerank"] > 0 and fr["indexer_cost"] < 1
     table = open(os.path.join(work, "testbed_table.md")).read()
