@@ -264,8 +264,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="glm-4.7-flash-dsa")
     p.add_argument("--contexts", default="10K,60K,120K,200K")
     p.add_argument("--patterns", default="full,1/2,1/4", help="comma-separated: full, 1/N, or F/S/R strings")
-    p.add_argument("--rerank-pool", type=int, help="candidate pool of F layers for R layers (default 4 x top-k; a pattern's own "
-                   "'@c', e.g. FRRR...@4096, takes precedence)")
+    p.add_argument("--rerank-pool", type=int, help="candidate pool of F layers for R layers (default 4 x top-k; "
+                   "a pattern's own '@c', e.g. FRRR...@4096, takes precedence)")
     p.add_argument("--layers", type=int, default=None, help="run only this many layers and extrapolate")
     p.add_argument("--quick", action="store_true", help="--layers 4, contexts 10K,60K, fewer steps")
     p.add_argument("--decode-steps", type=int, default=32)

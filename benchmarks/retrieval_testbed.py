@@ -73,7 +73,8 @@ def settings(args) -> Settings:
                          copy_reach_nats=0.0, copy_reach_block=1, copy_reach_blocks=1,  # one extension block
                          dense_steps=2, warmup_steps=1, sparse_steps=1, max_train_bytes=300_000, index_rows=200)
         return Settings(tc, 0.0, (256,), 1, ("kv_single",), 1, 256, 1, (1, 1), 1,
-                        {"probe": 5, "overlap": 5, "search": 10, "search F/S/R": 10, "row": 10, "distill": 10}, ("1/2",))
+                        {"probe": 5, "overlap": 5, "search": 10, "search F/S/R": 10, "row": 10, "distill": 10},
+                        ("1/2",))
     tc = PRESETS["retrieval"]
     return Settings(tc, args.train_seconds, tuple(args.suite_lengths), args.suite_n, tuple(TASKS), 16,
                     tc.context, 8, (args.distill_warmup, args.distill_sparse), 2,
