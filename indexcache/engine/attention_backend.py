@@ -20,6 +20,7 @@ from ..kernels.indexer import (indexer_logits_decode, indexer_topk_prefill, inde
                                quantize_indexer_q)
 from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
                                 store_latent_bf16, store_latent_fp8)
+from ..kernels.slots.reference import to_slots_reference as to_slots  # int32 slot ids, made once per F layer
 from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
 from ..kernels.topk import (DecodeTopkWorkspace, pool_scratch_bytes_per_row, scratch_bytes_per_row,
                             topk_pool_rows, topk_rows, topk_rows_decode)
@@ -84,15 +85,6 @@ def make_backend(kv: KVCache, cfg: EngineConfig, mc: ModelConfig) -> "TorchBacke
     """TritonBackend for a cache on a CUDA device, TorchBackend elsewhere."""
     cls = TritonBackend if kv.latent[0].is_cuda else TorchBackend
     return cls(kv, cfg, mc)
-
-
-def to_slots(logical: torch.Tensor, table: torch.Tensor, page: int) -> torch.Tensor:
-    """Logical key positions [T,k] (-1 = none) -> global slot ids through each row's block table [T, max_blocks],
-    int32: the kernels' index type, made once per F layer rather than converted in every layer that reads it
-    (slot ids stay below 2^31: the cache would need 2^31 tokens)."""
-    lg = logical.to(torch.int32)
-    blk = table.gather(1, (lg.clamp(min=0) // page).long()).to(torch.int32)
-    return torch.where(lg < 0, -1, blk * page + lg % page)
 
 
 class TorchBackend:
