@@ -20,6 +20,7 @@ from ..kernels.indexer import (indexer_logits_decode, indexer_topk_prefill, inde
                                quantize_indexer_q)
 from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
                                 store_latent_bf16, store_latent_fp8)
+from ..kernels.slots import to_slots as slots_kernel
 from ..kernels.slots.reference import to_slots_reference as to_slots  # int32 slot ids, made once per F layer
 from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
 from ..kernels.topk import (DecodeTopkWorkspace, pool_scratch_bytes_per_row, scratch_bytes_per_row,
@@ -117,6 +118,11 @@ class TorchBackend:
         cache.view(-1, cache.shape[-1])[slots] = k.to(cache.dtype)
 
     # ----- top-k (logical key positions, -1 = none) -----------------------------------------------------------
+    def prefill_slots(self, logical: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """A prefill selection's positions [T,k] -> int32 slot ids through ``table`` [T, blocks] (a broadcast row
+        is fine)."""
+        return to_slots(logical, table, self.page)
+
     def _ctx_slots(self, row: torch.Tensor, ctx: int) -> torch.Tensor:
         """Slots of positions 0..ctx-1 of the sequence whose block table is ``row``."""
         return to_slots(torch.arange(ctx, device=row.device)[None], row[None], self.page)[0]
@@ -259,6 +265,9 @@ class TritonBackend(TorchBackend):
         if not self.fp8_index:
             return super().store_index_k(layer, slots, k)
         store_indexer_k(self.kv.index_cache(layer), slots, k)
+
+    def prefill_slots(self, logical, table):
+        return slots_kernel(logical, table, self.page)  # one launch, not ~8 PyTorch passes over [T, k]
 
     def topk_prefill(self, layer, indexer, q, w, positions, ctx, table_row, pool: int = 0):
         if not self.fp8_index:

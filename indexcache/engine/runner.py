@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ..distributed.comm import gather_strided, strided_rows
-from ..kernels.slots import to_slots as prefill_slots
 from ..model import DSAModel
 from ..pattern import LayerPlan
 from .attention_backend import TorchBackend, to_slots
@@ -192,9 +191,8 @@ class ModelRunner:
                 mine = be.topk_prefill(i, indexer, q[rows], w[rows], b.positions[rows], ctx, b.block_table[s], pool)
                 mine = tuple(gather_strided(m, n, par) for m in mine) if pool else gather_strided(mine, n, par)
             table = b.block_table[s].expand(n, -1)
-            with self._t("topk"):  # one launch per selection (decode keeps the PyTorch form its compiled step traces)
-                out.append(tuple(prefill_slots(m, table, self.page) for m in mine) if pool
-                           else prefill_slots(mine, table, self.page))
+            with self._t("topk"):  # the backend's kernel (decode keeps the PyTorch form its compiled step traces)
+                out.append(tuple(be.prefill_slots(m, table) for m in mine) if pool else be.prefill_slots(mine, table))
         if len(out) == 1:
             return out[0]
         return tuple(torch.cat(parts) for parts in zip(*out)) if pool else torch.cat(out)
