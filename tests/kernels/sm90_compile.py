@@ -5,7 +5,7 @@
     python -m tests.kernels.sm90_compile --topk-decode  # the decode top-k's three launches
     python -m tests.kernels.sm90_compile --rerank       # the re-rank candidate-scoring kernel
     python -m tests.kernels.sm90_compile --topk-prefill # the one-launch prefill top-k (fp32, bf16 logits)
-    python -m tests.kernels.sm90_compile --topk-short   # the re-rank pool's top-k with its slot gather (topk_slots)
+    python -m tests.kernels.sm90_compile --topk-short   # topk_slots and topk_of_pool (a pool row in registers)
     python -m tests.kernels.sm90_compile --sparse-mla-fp8   # sparse MLA prefill from the FP8 latent cache
     python -m tests.kernels.sm90_compile --sparse-mla-gluon # its Gluon kernel (cp.async ring + wgmma), 20 heads
     python -m tests.kernels.sm90_compile --sparse-mla-gluon-all # ... at 16 and 20 heads, bf16 / fp16 / fp32 q
@@ -206,19 +206,20 @@ def topk_prefill_kernels() -> list[tuple[str, dict]]:
 
 
 def topk_short_kernels(widths=(4096, 8192, 16384), configs: dict | None = None) -> list[tuple[str, dict]]:
-    """``topk_slots``' kernel (a pool row in registers, fp32 logits) at its GPU config for each pool width, or at
-    ``configs`` (overrides of that config, e.g. num_warps) for each; widths and row strides divisible by 16, as
-    the launcher specialises them."""
+    """``topk_slots``' kernel (a pool row in registers, fp32 logits; and its ``topk_of_pool`` form, gathering) at
+    its GPU config for each pool width, or at ``configs`` (overrides of that config, e.g. num_warps) for each;
+    widths and row strides divisible by 16, as the launcher specialises them."""
     from indexcache.kernels.candidate_topk import triton as ct
 
     types = {"x_ptr": "*fp32", "cand_ptr": "*i32", "out_ptr": "*i32"}
     out = []
     for c in widths:
-        cfg = dict(ct.topk_slots_config(c), **(configs or {}))
-        ce = {"W": ct._pow2(c), "LB": cfg["LB"], "PB": cfg["PB"], "ASM": cfg["ASM"]}
-        out.append((f"topk short c={c} warps={cfg['num_warps']}",
-                    compile_sm90(ct._topk_slots_kernel, types, ce, num_warps=cfg["num_warps"], num_stages=1,
-                                 div16=("C", "sx", "sc"))))
+        for pool in (False, True):  # topk_slots, topk_of_pool (the gathering form)
+            cfg = dict(ct.topk_slots_config(c, pool), **(configs or {}))
+            ce = {"W": ct._pow2(c), "LB": cfg["LB"], "PB": cfg["PB"], "ASM": cfg["ASM"], "POOL": pool}
+            out.append((f"topk {'of pool' if pool else 'short'} c={c} warps={cfg['num_warps']}",
+                        compile_sm90(ct._topk_slots_kernel, types, ce, num_warps=cfg["num_warps"], num_stages=1,
+                                     div16=("C", "sx", "sc"))))
     return out
 
 

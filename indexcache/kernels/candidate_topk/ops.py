@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from indexcache.kernels._dispatch import use_triton
-from indexcache.kernels.candidate_topk.reference import candidate_logits_reference, topk_slots_reference
+from indexcache.kernels.candidate_topk.reference import (candidate_logits_reference, topk_of_pool_reference,
+                                                         topk_slots_reference)
 from indexcache.kernels.formats import INDEX_DIM, check_indexer_cache
 from indexcache.kernels.topk import topk_rows
 
@@ -88,6 +89,38 @@ def topk_slots(logits: torch.Tensor, cand: torch.Tensor, k: int, *, out=None, co
 
         return topk_slots_triton(logits, cand, k, out=out, config=config)
     sel = topk_slots_reference(logits, cand, k)
+    if out is None:
+        return sel
+    out.copy_(sel)
+    return out
+
+
+def topk_of_pool(logits: torch.Tensor, pool: torch.Tensor, k: int, *, out=None, config=None) -> torch.Tensor:
+    """[R,k] int32 column ids: the k ids of ``pool`` [R, c] (column ids into ``logits`` [R, L], -1 = none) with the
+    largest logits[r, id], ties to the lower id, NaN / -inf never (ids past L count as none), in pool order, then -1
+    padding. When pool holds ``topk_rows``-rule top-c of the row (``topk_pool_rows``, c >= k), this is exactly
+    ``topk_rows(logits, k)``'s set for a read of c values per row instead of L: an F layer that publishes a
+    candidate pool takes its own top-k from it. Pools of up to MAX_SHORT; one launch on the GPU (``topk_slots``'
+    kernel, gathering). ``config`` as ``topk_slots``."""
+    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"topk_of_pool: logits must be [R, L] float32/bfloat16/float16, got "
+                         f"{tuple(logits.shape)} {logits.dtype}")
+    r = logits.shape[0]
+    if pool.dim() != 2 or pool.shape[0] != r or pool.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_of_pool: pool must be [R={r}, c] int32/int64 column ids, got {tuple(pool.shape)} "
+                         f"{pool.dtype}")
+    _check_slots(torch.empty(r, pool.shape[1], device=pool.device), pool, k, None)  # c, k, devices
+    if pool.device != logits.device:
+        raise ValueError(f"topk_of_pool: pool is on {pool.device}, logits on {logits.device}")
+    if out is not None and (tuple(out.shape) != (r, k) or out.dtype != torch.int32 or not out.is_contiguous()
+                            or out.device != logits.device):
+        raise ValueError(f"topk_of_pool: out must be a contiguous [R, k]=({r}, {k}) int32 tensor on "
+                         f"{logits.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if use_triton(logits):
+        from indexcache.kernels.candidate_topk.triton import topk_slots_triton
+
+        return topk_slots_triton(logits, pool, k, out=out, config=config, pool=True)
+    sel = topk_of_pool_reference(logits, pool, k)
     if out is None:
         return sel
     out.copy_(sel)

@@ -46,3 +46,26 @@ def topk_slots_reference(logits: torch.Tensor, cand: torch.Tensor, k: int) -> to
     # a column past the pool (the padding) reads a -1 appended to each row
     padded = torch.nn.functional.pad(cand.long(), (0, 1), value=-1)
     return padded.gather(1, j).to(torch.int32)
+
+
+def topk_of_pool_reference(logits: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
+    """[R,k] int32: the ids of pool [R, c] (column ids of logits [R, L], -1 or >= L = none) with the k largest
+    logits[r, id], ties to the lower id, NaN / -inf never, in pool order, then -1 padding."""
+    ids = pool.long()
+    ok = (ids >= 0) & (ids < logits.shape[1])
+    vals = logits.float().gather(1, torch.where(ok, ids, 0)) + 0.0          # -0.0 ties +0.0
+    vals = torch.where(ok & ~torch.isnan(vals), vals, float("-inf"))
+    # rank by (value desc, id asc): a stable sort by id, then a stable sort by value
+    by_id = torch.sort(torch.where(ok, ids, logits.shape[1]), dim=1, stable=True).indices
+    order = by_id.gather(1, torch.sort(vals.gather(1, by_id), dim=1, descending=True, stable=True).indices)
+    kk = min(k, ids.shape[1])
+    chosen = torch.zeros_like(ok)
+    chosen.scatter_(1, order[:, :kk], True)
+    chosen &= vals != float("-inf")
+    # the chosen ids in pool order, then -1 padding
+    j = torch.where(chosen, torch.arange(ids.shape[1], device=ids.device), ids.shape[1]).sort(1).values
+    padded = torch.nn.functional.pad(ids, (0, 1), value=-1)
+    out = padded.gather(1, j[:, :kk]).to(torch.int32)
+    if kk < k:
+        out = torch.nn.functional.pad(out, (0, k - kk), value=-1)
+    return out
