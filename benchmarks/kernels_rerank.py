@@ -5,17 +5,20 @@
      here only for this comparison), logits of T rows x c candidates;
   2. the R-layer stage of one prefill chunk: q quantisation + candidate scoring + top-k (new and old kernel);
   3. the F-layer stage of the chunk at the end of the context (logits over up to 200K keys + selection): without a
-     pool, with a pool as the engine now publishes it ([top-k | top-c] by ``topk_rows`` + ``topk_pool_rows``), and
-     with the previous sorted top-c (``torch.topk`` for c > 4096, kept here only for this comparison);
-  4. decode, batch 1 at 200K (CUDA graphs): an F step with and without a pool (new and old), an R step (new and
-     old kernel).
+     pool, with a pool as the engine now publishes it (``topk_pool_rows``, then the top-k taken from the pool by
+     ``topk_of_pool``), and as it did before (``topk_rows`` and ``topk_pool_rows``: two passes over each row, kept
+     here only for this comparison);
+  4. decode, batch 1 at 200K (CUDA graphs): an F step with and without a pool (new: the pool as selected; old:
+     sorted by column, which R layers needed while they broke ties by pool order), an R step (new and old
+     kernel).
 
     python -m benchmarks.kernels_rerank            # ~2-3 minutes of H200 time
     python -m benchmarks.kernels_rerank --quick    # a 32K context
 
 Checks (exit 1 if one fails): both kernels' logits against the PyTorch reference, the R top-k against the
-reference top-k of the kernel's logits, the pool and top-k sets of the F stage against ``topk_rows_reference`` / the F stage
-without a pool, the decode pool against the reference. Prefill estimates: an R layer's 200K prefill ~ (S / T)
+reference top-k of the kernel's logits (ties by position), the pool and top-k sets of the F stage against
+``topk_rows_reference`` / the F stage without a pool / the previous two selections, the decode pool against the
+reference. Prefill estimates: an R layer's 200K prefill ~ (S / T)
 chunks x its chunk time; an F layer's ~ (S / T) / 2 x its last-chunk time (the work grows with the context).
 """
 from __future__ import annotations
@@ -31,10 +34,12 @@ from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, w
 from indexcache.engine.attention_backend import _topk_then_pool
 from indexcache.kernels import formats as F
 from indexcache.kernels import indexer as ix
-from indexcache.kernels.candidate_topk import candidate_logits, candidate_logits_reference, candidate_topk, topk_slots
+from indexcache.kernels.candidate_topk import (candidate_logits, candidate_logits_reference, candidate_topk,
+                                               topk_of_pool, topk_slots, topk_slots_reference)
 from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
-from indexcache.kernels.topk import DecodeTopkWorkspace, topk_pool_rows, topk_rows, topk_rows_decode
-from indexcache.kernels.topk.ops import _sorted_pool, plan_decode_launches, sort_pool
+from indexcache.kernels.topk import (DecodeTopkWorkspace, pool_scratch_bytes_per_row, scratch_bytes_per_row,
+                                     topk_pool_rows, topk_rows, topk_rows_decode)
+from indexcache.kernels.topk.ops import plan_decode_launches
 from indexcache.kernels.topk import topk_rows_reference
 
 DEV = "cuda"
@@ -87,37 +92,26 @@ def old_topk(q8, w, cache, cand, k):
     return torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
 
 
-def old_sorted_topk(logits, k, *, row_start=None, row_end=None):
-    """The previous pool selection: sorted top-c (torch.topk above topk_rows' 4096)."""
-    if k <= 4096:
-        return topk_rows(logits, k, row_start=row_start, row_end=row_end, sorted=True)
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    x = logits.float()
-    valid = ~torch.isnan(x) & (x != float("-inf"))
-    if row_start is not None:
-        valid &= cols[None] >= row_start[:, None]
-    if row_end is not None:
-        valid &= cols[None] < row_end[:, None]
-    kk = min(k, x.shape[1])
-    vals, idx = torch.where(valid, x, float("-inf")).topk(kk, dim=1, sorted=True)
-    idx = idx.to(torch.int32).masked_fill(vals == float("-inf"), -1)
-    return torch.nn.functional.pad(idx, (0, k - kk), value=-1) if kk < k else idx
+def two_selections(k: int):
+    """The previous F-layer pool selection: [top-k | top-c] by ``topk_rows`` and ``topk_pool_rows``, two passes
+    over each row (the engine now takes the top-k from the pool)."""
+    def select(logits, n, *, row_start=None, row_end=None):
+        return torch.cat([topk_rows(logits, k, row_start=row_start, row_end=row_end),
+                          topk_pool_rows(logits, n - k, row_start=row_start, row_end=row_end)], 1)
+
+    select.scratch_bytes_per_row = lambda width, n: (scratch_bytes_per_row(k, n) + pool_scratch_bytes_per_row(
+        width - k, n) + 4 * width)
+    return select
+
+
+def sorted_pool(pool):
+    """The previous decode pool: sorted by column, -1 last (R layers broke their ties by pool order then)."""
+    big = torch.iinfo(torch.int32).max
+    s = torch.where(pool < 0, big, pool).sort(1).values
+    return s.masked_fill_(s == big, -1)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def slow_ms(fn, reps: int = 3) -> float:
-    """Mean of ``reps`` timed calls after one warm-up (for the slow old paths, where do_bench's 5-call estimate
-    alone would take seconds)."""
-    fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
-
-
 def graph_ms(fn) -> float:
     """Replay time of ``fn`` captured in a CUDA graph (decode runs in graphs)."""
     s = torch.cuda.Stream()
@@ -156,8 +150,9 @@ def queries(t, g):
 
 
 def pools(t, c, s, slot, g):
-    """Per-row pools of c slots of positions before the chunk (rows are the last t positions of s)."""
-    return slot[torch.randint(0, s - t, (t, c), device=DEV, generator=g)]
+    """Per-row pools of c positions before the chunk (rows are the last t positions of s): (slots, positions)."""
+    pos = torch.randint(0, s - t, (t, c), device=DEV, generator=g, dtype=torch.int32)
+    return slot[pos], pos
 
 
 def decode_parts(qb, wb, cache, table_, cl, s, c, cd, ws) -> list[dict]:
@@ -166,16 +161,18 @@ def decode_parts(qb, wb, cache, table_, cl, s, c, cd, ws) -> list[dict]:
     lg = ix.indexer_logits_decode(q8, wf, cache, table_, cl, s)
     pool = plan_decode_launches(lg, c, None, cl, workspace=ws)[1]()
     lgc = candidate_logits(q8, wf, cache, cd)
+    lgf = lg.float()
     col = topk_rows(lgc, K)
     wsc = DecodeTopkWorkspace.new(1, c, DEV)
     parts = {"quantize q": lambda: ix.quantize_indexer_q(qb, wb),
              "F logits": lambda: ix.indexer_logits_decode(q8, wf, cache, table_, cl, s),
              "F top-k (decode kernel)": lambda: topk_rows_decode(lg, K, row_end=cl, workspace=ws),
-             "F pool (decode kernel, unsorted)": lambda: plan_decode_launches(lg, c, None, cl, workspace=ws)[1](),
-             "F pool sort by column (torch)": lambda: _sorted_pool(pool),
-             "F pool sort by column (rank kernel)": lambda: sort_pool(pool, _rank=True),
+             "F pool (decode kernel)": lambda: plan_decode_launches(lg, c, None, cl, workspace=ws)[1](),
+             "F top-k from the pool (topk_of_pool)": lambda: topk_of_pool(lgf, pool, K),
+             "F pool sort by column (torch; before)": lambda: sorted_pool(pool),
              "R candidate logits": lambda: candidate_logits(q8, wf, cache, cd),
-             "R top-k (topk_slots, slot ids)": lambda: topk_slots(lgc, cd, K),
+             "R top-k (topk_slots, ties by position)": lambda: topk_slots(lgc, cd, K, tie_ids=cd),
+             "R top-k (topk_slots, ties by pool entry)": lambda: topk_slots(lgc, cd, K),
              "R top-k (topk_rows)": lambda: topk_rows(lgc, K),
              "R top-k (decode kernel)": lambda: topk_rows_decode(lgc, K, workspace=wsc),
              "R slot gather": lambda: torch.where(col < 0, -1, cd.gather(1, col.clamp(min=0).long()))}
@@ -211,18 +208,18 @@ def main(argv=None) -> int:
         err = float(((got - ref).masked_fill(~fin, 0).abs() / scale).max())
         chk[f"{name}_logits_rel_err"] = err
         chk[f"{name}_logits_ok"] = bool(err < 2e-3 and torch.equal(got == float("-inf"), ~fin))
-    # the R top-k: exactly the reference top-k of the kernel's own logits (same tie rule: the earlier pool entry)
+    # the R top-k: exactly the reference top-k of the kernel's own logits, ties by position
     lg = candidate_logits(q8, wf, cache, cd)
-    col = topk_rows_reference(lg, K)
-    exp = torch.where(col < 0, -1, cd.gather(1, col.clamp(min=0).long()))
-    chk["rerank_topk_equals_reference"] = sets_equal(candidate_topk(q8, wf, cache, cd, K), exp)
-    del cd, ref, lg, col, exp
+    pos = torch.randperm(s, device=DEV, generator=g)[:cd.shape[1]].to(torch.int32).expand(n, -1).contiguous()
+    exp = topk_slots_reference(lg, cd, K, pos)
+    chk["rerank_topk_equals_reference"] = torch.equal(candidate_topk(q8, wf, cache, cd, K, tie_ids=pos), exp)
+    del cd, ref, lg, exp, pos
 
     # ---- 1 + 2: the kernel and the R-layer stage, T rows x c candidates
     for t in ROWS:
         qb, wb = queries(t, g)
         for c in POOLS:
-            cd = pools(t, c, s, slot, g)
+            cd, pos = pools(t, c, s, slot, g)
             q8, wf = ix.quantize_indexer_q(qb, wb)
             new_ms = bench_ms(lambda: candidate_logits(q8, wf, cache, cd))
             old_ms = bench_ms(lambda: old_logits(q8, wf, cache, cd))
@@ -230,11 +227,11 @@ def main(argv=None) -> int:
             res["kernel"].append({"rows": t, "pool": c, "old_ms": old_ms, "new_ms": new_ms, "speedup": old_ms / new_ms,
                                   "new_tflops": fl / new_ms / 1e9, "old_tflops": fl / old_ms / 1e9,
                                   "new_gather_TBps": t * c * 132 / new_ms / 1e9})
-            r_new = bench_ms(lambda: candidate_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
+            r_new = bench_ms(lambda: candidate_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K, tie_ids=pos))
             r_old = bench_ms(lambda: old_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
             res["stages"].append({"stage": "R prefill", "rows": t, "pool": c, "old_ms": r_old, "new_ms": r_new,
                                   "est_200K_prefill_ms": r_new * s / t, "old_est_200K_prefill_ms": r_old * s / t})
-            del cd
+            del cd, pos
         del qb, wb
     torch.cuda.empty_cache()
 
@@ -260,8 +257,13 @@ def main(argv=None) -> int:
         chk[f"F_pool{c}_pool_equals_reference"] = sets_equal(sel[rows, K:],
                                                              topk_rows_reference(lg, c, row_end=ends[rows]))
         new_ms = bench_ms(new, warmup_ms=1, rep_ms=50)
-        old_ms = slow_ms(lambda: ix.indexer_topk_prefill(q8, wf, k8, ks, starts, ends, c, workspace_bytes=WORKSPACE,
-                                                         topk_fn=old_sorted_topk))
+        old = lambda: ix.indexer_topk_prefill_two_pass(q8, wf, k8, ks, starts, ends, K + c,  # noqa: E731
+                                                      workspace_bytes=WORKSPACE, topk_fn=two_selections(K))
+        prev = old()
+        chk[f"F_pool{c}_same_sets_as_before"] = sets_equal(prev[:, :K], sel[:, :K]) and sets_equal(prev[:, K:],
+                                                                                                  sel[:, K:])
+        del prev
+        old_ms = bench_ms(old, warmup_ms=1, rep_ms=50)
         res["stages"].append({"stage": "F prefill, pool", "rows": t, "pool": c, "old_ms": old_ms, "new_ms": new_ms,
                               "est_200K_prefill_ms": new_ms * s / t / 2,
                               "old_est_200K_prefill_ms": old_ms * s / t / 2})
@@ -279,10 +281,11 @@ def main(argv=None) -> int:
         def step():
             q8, wf = ix.quantize_indexer_q(qb, wb)
             lg = ix.indexer_logits_decode(q8, wf, cache, table_, cl, s)
-            if old:
-                return old_sorted_topk(lg, pool, row_end=cl)
             top = topk_rows_decode(lg, K, row_end=cl, workspace=ws)
-            return (top, topk_pool_rows(lg, pool, row_end=cl, workspace=ws)) if pool else top
+            if not pool:
+                return top
+            cand = topk_pool_rows(lg, pool, row_end=cl, workspace=ws)
+            return top, (sorted_pool(cand) if old else cand)
         return step
 
     f0 = graph_ms(f_step(0))
@@ -295,7 +298,7 @@ def main(argv=None) -> int:
         cd = pool[:, torch.randperm(c, device=DEV, generator=g)]  # the R layer's pool (order as published)
         res["stages"].append({"stage": "F decode, pool", "rows": 1, "pool": c, "old_ms": graph_ms(f_step(c, True)),
                               "new_ms": graph_ms(f_step(c))})
-        r_new = graph_ms(lambda: candidate_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
+        r_new = graph_ms(lambda: candidate_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K, tie_ids=cd))
         r_old = graph_ms(lambda: old_topk(*ix.quantize_indexer_q(qb, wb), cache, cd, K))
         res["stages"].append({"stage": "R decode", "rows": 1, "pool": c, "old_ms": r_old, "new_ms": r_new})
         res["decode_parts"] += decode_parts(qb, wb, cache, table_, cl, s, c, cd, ws)

@@ -158,10 +158,15 @@ class TorchBackend:
             topk = select_topk(s, valid, indexer.topk)[:, 0]
             return (topk, select_topk(s, valid, pool)[:, 0]) if pool else topk
 
-    def rerank(self, layer: int, indexer, q, w, cand: torch.Tensor) -> torch.Tensor:
-        """A re-rank layer: q [T,H,D], w [T,H] score only each row's candidates (global slot ids [T,c], -1 = none)
-        with this layer's indexer keys -> the top-k as global slot ids [T, topk] (-1 = none)."""
+    def rerank(self, layer: int, indexer, q, w, cand: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A re-rank layer: q [T,H,D], w [T,H] score only each row's candidates (global slot ids [T,c], -1 = none;
+        ``positions`` [T,c] their key positions) with this layer's indexer keys -> the top-k as global slot ids
+        [T, topk] (-1 = none). The pool is scored in position order, whatever its order as published, and ties
+        are left to torch.topk as the model leaves them (TritonBackend: the lower position)."""
         T, c = cand.shape
+        # the pool in position order (-1 last), as the model scores its pool-masked row
+        order = torch.where(positions < 0, torch.iinfo(torch.int32).max, positions).argsort(dim=1, stable=True)
+        cand = cand.gather(1, order)
         per = max(1, self.cfg.workspace_bytes // (8 * q.shape[1] * max(c, 1)))
         out = []
         for r0 in range(0, T, per):
@@ -322,12 +327,12 @@ class TritonBackend(TorchBackend):
             # the pool: a second exact selection of the same logits (the workspace is free again)
             return topk, topk_pool_rows(logits, pool, row_end=context_lens, workspace=ws)
 
-    def rerank(self, layer, indexer, q, w, cand):
+    def rerank(self, layer, indexer, q, w, cand, positions):
         if not self.fp8_index:
-            return super().rerank(layer, indexer, q, w, cand)
+            return super().rerank(layer, indexer, q, w, cand, positions)
         with self._t("indexer"):
             q8, wf = quantize_indexer_q(q, w * indexer.n_heads ** 0.5)
-            return candidate_topk(q8, wf, self.kv.index_cache(layer), cand, indexer.topk)
+            return candidate_topk(q8, wf, self.kv.index_cache(layer), cand, indexer.topk, tie_ids=positions)
 
     def attend_prefill(self, layer, q, slots):
         if self.latent_kernels and self.kv.latent_format == "fp8":

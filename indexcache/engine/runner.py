@@ -107,7 +107,8 @@ class ModelRunner:
         m = self.model
         h = m.embed_tokens(b.input_ids)
         cos, sin = m.rope(b.positions[None], h.dtype)
-        slots = pool = None  # the top-k in flight (slot ids) and the last F layer's candidate pool (R layers)
+        # the top-k in flight (slot ids) and the last F layer's candidate pool for R layers: (slot ids, positions)
+        slots = pool = None
         if b.decode:
             for i, layer in enumerate(m.layers):
                 h, slots, pool = self._layer(i, layer, h, cos, sin, b, slots, pool)
@@ -164,7 +165,8 @@ class ModelRunner:
 
     def _select(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn, index_pre, pool: int = 0):
         """Top-k of this layer as global slot ids [T, k] (-1 = none); with ``pool`` > 0 (an F layer serving
-        re-rank layers) also its top-``pool`` candidates: (top-k, pool)."""
+        re-rank layers) also its top-``pool`` candidates: (top-k, (pool slot ids, pool positions)); R layers break
+        their ties by position, as the model does."""
         be = self.backend
         with self._t("indexer"):
             q, k, w = fn["index_proj"](indexer, x, q_resid, cos, sin, index_pre)
@@ -174,7 +176,8 @@ class ModelRunner:
         logical = be.topk_decode(i, indexer, q, w, b.block_table, b.context_lens, b.max_len, pool)
         with self._t("topk"):
             if pool:
-                return to_slots(logical[0], b.block_table, self.page), to_slots(logical[1], b.block_table, self.page)
+                top, cand = logical
+                return to_slots(top, b.block_table, self.page), (to_slots(cand, b.block_table, self.page), cand)
             return to_slots(logical, b.block_table, self.page)
 
     def _select_prefill(self, i, indexer, q, w, b: ForwardBatch, pool: int):
@@ -192,10 +195,14 @@ class ModelRunner:
                 mine = tuple(gather_strided(m, n, par) for m in mine) if pool else gather_strided(mine, n, par)
             table = b.block_table[s].expand(n, -1)
             with self._t("topk"):  # the backend's kernel (decode keeps the PyTorch form its compiled step traces)
-                out.append(tuple(be.prefill_slots(m, table) for m in mine) if pool else be.prefill_slots(mine, table))
-        if len(out) == 1:
-            return out[0]
-        return tuple(torch.cat(parts) for parts in zip(*out)) if pool else torch.cat(out)
+                if pool:  # (top-k slots, pool slots, pool positions)
+                    out.append((be.prefill_slots(mine[0], table), be.prefill_slots(mine[1], table), mine[1]))
+                else:
+                    out.append(be.prefill_slots(mine, table))
+        if not pool:
+            return out[0] if len(out) == 1 else torch.cat(out)
+        top, cand, cand_pos = out[0] if len(out) == 1 else tuple(torch.cat(parts) for parts in zip(*out))
+        return top, (cand, cand_pos)
 
     def _rerank(self, i, indexer, x, q_resid, cos, sin, b: ForwardBatch, fn, index_pre, pool) -> torch.Tensor:
         """A re-rank layer: its own indexer over the last F layer's candidate pool -> top-k slot ids [T, k]."""
@@ -204,4 +211,4 @@ class ModelRunner:
         with self._t("indexer"):
             q, k, w = fn["index_proj"](indexer, x, q_resid, cos, sin, index_pre)
             self.backend.store_index_k(i, b.slot_mapping, k)
-        return self.backend.rerank(i, indexer, q, w, pool)
+        return self.backend.rerank(i, indexer, q, w, *pool)

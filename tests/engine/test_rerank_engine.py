@@ -100,3 +100,37 @@ def test_pool_selection_declares_its_scratch_to_the_chunk_planner():
     need = pool_scratch_bytes_per_row(c, n) + 4 * k + 4 * (k + c) + 8 * (k + c)
     assert per_slot * (k + c) >= need > SLOT_BYTES * (k + c)
     assert (per_slot - 1) * (k + c) < need
+
+
+def test_rerank_ties_go_to_the_lower_position_whatever_the_pool_order(monkeypatch):
+    """Every candidate of a shuffled pool has the same key, so every score ties: TritonBackend's R layer (FP8 keys,
+    candidate_topk with tie ids, in the interpreter) keeps the k lowest positions, the rule of the F layers'
+    topk_rows. Slot ids are laid out in reverse position order, so a rule by slot id or by pool entry would pick
+    other keys. (TorchBackend scores the pool in position order and leaves ties to torch.topk, as the model
+    does.)"""
+    backend = "triton"
+    from indexcache.checkpoint import build_empty
+    from indexcache.engine import engine as engine_module
+    from indexcache.engine.attention_backend import CacheFormats, TritonBackend
+    from indexcache.presets import preset_config
+
+    cfg = preset_config("tiny").replace(num_layers=2, kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128,
+                                        index_topk=16, num_heads=2, index_n_heads=2)
+    m = build_empty(cfg, "cpu", torch.float32).init_random(2).eval()
+    monkeypatch.setattr(engine_module, "resolve_formats", lambda *a: CacheFormats("fp32", "fp8"))
+    monkeypatch.setattr(engine_module, "make_backend", TritonBackend)
+    eng = make_engine(m, IndexPattern("FR", pool=40), max_model_len=256, max_num_seqs=1, page_size=64)
+    be = eng.backend
+    assert be.name == backend
+    n_slots = 256
+    key = torch.randn(1, 128).expand(n_slots, -1)
+    be.store_index_k(1, torch.arange(n_slots), key)
+    g = torch.Generator().manual_seed(0)
+    positions = torch.stack([torch.randperm(200, generator=g)[:40] for _ in range(3)]).to(torch.int32)
+    positions[2, 30:] = -1                                   # a row with ten empty pool entries
+    cand = torch.where(positions < 0, -1, n_slots - 1 - positions).to(torch.int32)
+    q, w = torch.randn(3, 2, 128, generator=g), torch.rand(3, 2, generator=g) + 0.5
+    got = be.rerank(1, m.layers[1].self_attn.indexer, q, w, cand, positions)
+    for r in range(3):
+        want = sorted(positions[r][positions[r] >= 0].tolist())[:16]
+        assert sorted((n_slots - 1 - got[r][got[r] >= 0]).tolist()) == want, r

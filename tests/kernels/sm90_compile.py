@@ -211,15 +211,17 @@ def topk_short_kernels(widths=(4096, 8192, 16384), configs: dict | None = None) 
     widths and row strides divisible by 16, as the launcher specialises them."""
     from indexcache.kernels.candidate_topk import triton as ct
 
-    types = {"x_ptr": "*fp32", "cand_ptr": "*i32", "out_ptr": "*i32"}
+    types = {"x_ptr": "*fp32", "cand_ptr": "*i32", "tie_ptr": "*i32", "out_ptr": "*i32"}
     out = []
     for c in widths:
-        for pool in (False, True):  # topk_slots, topk_of_pool (the gathering form)
-            cfg = dict(ct.topk_slots_config(c, pool), **(configs or {}))
-            ce = {"W": ct._pow2(c), "LB": cfg["LB"], "PB": cfg["PB"], "ASM": cfg["ASM"], "POOL": pool}
-            out.append((f"topk {'of pool' if pool else 'short'} c={c} warps={cfg['num_warps']}",
+        # topk_slots (ties by pool entry, by tie id: re-rank layers), topk_of_pool (gathering, ties by id)
+        for name, gather, by_id in (("short", False, False), ("short by id", False, True), ("of pool", True, True)):
+            cfg = dict(ct.topk_slots_config(c, by_id), **(configs or {}))
+            ce = {"W": ct._pow2(c), "LB": cfg["LB"], "PB": cfg["PB"], "ASM": cfg["ASM"], "GATHER": gather,
+                  "BY_ID": by_id}
+            out.append((f"topk {name} c={c} warps={cfg['num_warps']}",
                         compile_sm90(ct._topk_slots_kernel, types, ce, num_warps=cfg["num_warps"], num_stages=1,
-                                     div16=("C", "sx", "sc"))))
+                                     div16=("C", "sx", "sc", "st"))))
     return out
 
 

@@ -102,6 +102,23 @@ def test_candidate_topk_selects_in_pool_order_and_wide_pools_take_topk_rows(monk
     assert torch.equal(wide.sort(1).values, got.sort(1).values)
 
 
+def test_candidate_topk_ties_by_tie_ids_narrow_and_wide(monkeypatch):
+    """``tie_ids`` (the pool's key positions): ties go to the lower id, in topk_slots (narrow pools) and in the
+    wide pools' sort-by-id then topk_rows; duplicate candidates make exact ties."""
+    from indexcache.kernels.candidate_topk import ops
+
+    q8, w, cache, cand = _case(5, 4, 3, 60, seed=4, dup=True)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.stack([torch.randperm(600, generator=g)[:60] for _ in range(5)]).to(torch.int32)
+    ids[cand < 0] = -1
+    k = 16
+    got = candidate_topk(q8, w, cache, cand, k, tie_ids=ids)
+    assert torch.equal(got, candidate_topk_reference(q8, w, cache, cand, k, ids))
+    monkeypatch.setattr(ops, "MAX_SHORT", 32)
+    wide = candidate_topk(q8, w, cache, cand, k, tie_ids=ids)
+    assert torch.equal(wide.sort(1).values, got.sort(1).values)
+
+
 def test_candidate_topk_rejects_bad_input():
     q8, w, cache, cand = _case(2, 4, 2, 16, seed=0)
     with pytest.raises(ValueError, match="cand must be"):

@@ -55,7 +55,7 @@ def test_rerank_candidate_kernel_compiles_pipelined_without_spills():
 @pytest.mark.parametrize("flag,kernels", [
     ("--topk-decode", 3),   # the decode top-k's three launches (hist, filter1, filter2_final)
     ("--topk-prefill", 2),  # the one-pass prefill top-k, fp32 and bf16 rows
-    ("--topk-short", 6),    # topk_slots' kernel (a pool row in registers) at pools of 4096, 8192, 16384, both forms
+    ("--topk-short", 9),    # topk_slots' kernel (a pool row in registers) at pools of 4096, 8192, 16384, 3 forms
 ])
 def test_topk_kernels_compile_without_spills(flag, kernels):
     """The top-k kernels compile for sm_90a without spills."""

@@ -1,6 +1,6 @@
 """Candidate pools wider than topk_rows' MAX_K (``topk_pool_rows``): index sets against the reference on both
-paths (one-launch, decode + column sort), fresh random and tied rows, ragged windows, sampled rows, NaN / -inf,
--1 padding, NaN-poisoned buffers; the same order on a second call; bad input."""
+paths (one-launch, decode), fresh random and tied rows, ragged windows, sampled rows, NaN / -inf, -1 padding,
+NaN-poisoned buffers; the one-launch path's order the same on a second call; bad input."""
 import pytest
 import torch
 
@@ -16,6 +16,8 @@ def _poison_empty(monkeypatch):
 
 
 def _check(x, c, again=True, **kw):
+    """``again``: a second call gives the same order (the one-launch path; the decode path's atomics leave it
+    open, and no caller depends on it: re-rank layers break ties by position)."""
     out = topk_pool_rows(x, c, **kw)
     ref = topk_rows_reference(x, c, **{n: kw[n] for n in ("row_start", "row_end") if n in kw})
     assert out.shape == (x.shape[0], c) and out.dtype == torch.int32
@@ -23,7 +25,8 @@ def _check(x, c, again=True, **kw):
         v = o[o >= 0]
         assert (o[: v.numel()] >= 0).all() and (o[v.numel():] == -1).all()   # -1 only as trailing padding
         assert torch.equal(v.sort().values, e[e >= 0].sort().values)        # the tie rule makes sets unique
-    if again:
+    one = kw.get("_path", "one" if x.shape[0] > 64 else "decode") == "one"
+    if again and one:
         assert torch.equal(topk_pool_rows(x, c, **kw), out)                 # the same order again
     return out
 
@@ -39,9 +42,6 @@ def test_pool_wider_than_max_k_ragged(path, device):
     end = torch.tensor([5000, 4999, 2100], dtype=torch.int32, device=device)  # row 2: fewer than c entries
     out = _check(x, c, row_start=start, row_end=end, _path=path)
     assert int((out[2] >= 0).sum()) == 1200
-    if path == "decode":  # sorted by column
-        v = out[0][out[0] >= 0]
-        assert bool((v[1:] > v[:-1]).all())
 
 
 @pytest.mark.parametrize("path", ["one", "decode"])
@@ -93,31 +93,3 @@ def test_pool_of_8192_over_200k_on_gpu(rows):
     x = torch.randn(rows, 200_000, device="cuda")
     end = torch.randint(150_000, 200_001, (rows,), device="cuda", dtype=torch.int32)
     _check(x, 8192, row_end=end)
-
-
-
-@pytest.mark.parametrize("rows,c", [(1, 100), (3, 257), (2, 64)])
-def test_sort_pool_rank_kernel_equals_torch_sort(rows, c):
-    from indexcache.kernels.topk.ops import _sorted_pool, sort_pool
-
-    g = torch.Generator().manual_seed(rows * 1000 + c)
-    pool = torch.stack([torch.randperm(5 * c, generator=g)[:c] for _ in range(rows)]).to(torch.int32)
-    pool[0, 1::5] = -1  # -1 entries scattered, sorted last
-    if rows > 1:
-        pool[1] = -1
-    out = sort_pool(pool, _rank=True)
-    assert out.dtype == torch.int32 and torch.equal(out, _sorted_pool(pool))
-    assert torch.equal(sort_pool(pool), _sorted_pool(pool))  # whichever path the dispatch takes
-
-
-@pytest.mark.gpu
-def test_sort_pool_rank_kernel_on_gpu():
-    from indexcache.kernels.topk.ops import _sorted_pool, sort_pool
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for rows, c in ((1, 8192), (4, 8192), (1, 16384), (3, 1000)):
-        pool = torch.stack([torch.randperm(200_000, device="cuda", generator=g)[:c] for _ in range(rows)]).int()
-        pool[0, 7::13] = -1
-        assert torch.equal(sort_pool(pool, _rank=True), _sorted_pool(pool))

@@ -1,7 +1,7 @@
 """The re-rank pool's top-k with its slot gather (``topk_slots``, one program per row of <= MAX_SHORT candidates):
 Triton (interpreter on CPU, small rows and tiles so the histogram rounds and the write tiles repeat) against the
 reference on fresh random pools: ragged pools with -1 holes and padding, rows with fewer than k valid entries,
-NaN / -inf / -0.0, heavy ties at the threshold, NaN-poisoned (-7777) outputs; checked both as whole outputs (pool
+NaN / -inf / -0.0, heavy ties at the threshold (by column, or by tie ids), NaN-poisoned (-7777) outputs; checked both as whole outputs (pool
 order) and against ``topk_rows_reference``'s sets and scores; bad input; the GPU at the real widths."""
 import pytest
 import torch
@@ -74,6 +74,25 @@ def test_heavy_ties_take_lowest_columns(rows, c, k, lb):
     _check(x, cand, k, config=dict(LB=lb, PB=32))
 
 
+@pytest.mark.parametrize("rows,c,k,lb", [(6, 500, 64, 4), (5, 130, 33, 2), (4, 300, 299, 3)])
+def test_ties_by_tie_ids(rows, c, k, lb):
+    """``tie_ids`` (a re-rank layer's pool positions, in no particular order): ties go to the lower id, so the
+    selection equals topk_slots without tie ids on the pool sorted by id (ties by j = by id), in pool order."""
+    x, cand = _pools(rows, c, seed=3 * c + k, ties=True)
+    x[0] = torch.where(cand[0] >= 0, 1.5, float("-inf"))           # one value: ties decide everything
+    g = torch.Generator().manual_seed(c)
+    ids = torch.stack([torch.randperm(10 * c, generator=g)[:c] for _ in range(rows)]).to(torch.int32)
+    got = topk_slots(x, cand, k, tie_ids=ids, out=poisoned((rows, k), torch.int32, "cpu"), config=dict(LB=lb, PB=32))
+    assert torch.equal(got, topk_slots_reference(x, cand, k, ids))
+    order = ids.argsort(1)
+    by_id = topk_slots_reference(x.gather(1, order), cand.gather(1, order.to(torch.int64)), k)
+    assert torch.equal(got.sort(1).values, by_id.sort(1).values)
+    if k < int((cand[0] >= 0).sum()):  # row 0 is all ties: the rule decides its set
+        assert not torch.equal(got[0].sort().values, topk_slots_reference(x, cand, k)[0].sort().values)
+    with pytest.raises(ValueError, match="tie_ids must be"):
+        topk_slots(x, cand, k, tie_ids=ids[:, :5])
+
+
 def test_out_buffer_int64_slots_and_strided_logits():
     """A poisoned out= is fully written; int64 slot ids and a strided logits view give the same result."""
     x, cand = _pools(4, 300, seed=11)
@@ -114,6 +133,16 @@ def test_gpu_real_widths(c, rows, ties):
     x, cand = _pools(rows, c, seed=c + rows, device="cuda", ties=ties)
     got = topk_slots(x, cand, 2048, out=poisoned((rows, 2048), torch.int32, "cuda"))
     assert torch.equal(got, topk_slots_reference(x, cand, 2048))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [4096, 8192, 16384])
+def test_gpu_ties_by_tie_ids(c):
+    x, cand = _pools(300, c, seed=c + 1, device="cuda", ties=True)
+    g = torch.Generator().manual_seed(c)
+    ids = torch.stack([torch.randperm(4 * c, generator=g)[:c] for _ in range(300)]).to(torch.int32).cuda()
+    got = topk_slots(x, cand, 2048, tie_ids=ids, out=poisoned((300, 2048), torch.int32, "cuda"))
+    assert torch.equal(got, topk_slots_reference(x, cand, 2048, ids))
 
 
 @pytest.mark.gpu

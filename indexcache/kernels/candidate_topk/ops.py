@@ -48,12 +48,17 @@ def candidate_logits(q_fp8, w, kv_cache, cand, *, out=None, config=None) -> torc
     return out
 
 
-def candidate_topk(q_fp8, w, kv_cache, cand, k: int) -> torch.Tensor:
-    """[T,k] int32 slot ids: each row's k best candidates (-1 padded where fewer are valid; ties go to the earlier
-    pool entry). Order within a row: pool order for pools of up to MAX_SHORT candidates, unspecified above."""
+def candidate_topk(q_fp8, w, kv_cache, cand, k: int, *, tie_ids=None) -> torch.Tensor:
+    """[T,k] int32 slot ids: each row's k best candidates (-1 padded where fewer are valid). Ties go to the earlier
+    pool entry, or with ``tie_ids`` [T, c] (a re-rank layer passes its pool's key positions) to the lower tie id:
+    the model's rule, lower position first, whatever the pool's order. Order within a row: pool order for pools of
+    up to MAX_SHORT candidates, unspecified above."""
     logits = candidate_logits(q_fp8, w, kv_cache, cand)
     if cand.shape[1] <= MAX_SHORT:
-        return topk_slots(logits, cand, k)
+        return topk_slots(logits, cand, k, tie_ids=tie_ids)
+    if tie_ids is not None:  # pool entries in tie-id order (-1 last): topk_rows' lower column is then the rule
+        order = torch.where(tie_ids < 0, torch.iinfo(torch.int32).max, tie_ids).argsort(dim=1, stable=True)
+        logits, cand = logits.gather(1, order), cand.gather(1, order)
     col = topk_rows(logits, k)
     return torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
 
@@ -78,17 +83,23 @@ def _check_slots(logits, cand, k, out):
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
 
-def topk_slots(logits: torch.Tensor, cand: torch.Tensor, k: int, *, out=None, config=None) -> torch.Tensor:
+def topk_slots(logits: torch.Tensor, cand: torch.Tensor, k: int, *, tie_ids=None, out=None,
+               config=None) -> torch.Tensor:
     """[T,k] int32: the slot ids cand[t, j] of each row's k largest logits (``topk_rows``'s selection: exact, ties
-    to the lower j, NaN / -inf never), in pool order, then -1 padding where fewer than k are valid. Pools of up
-    to MAX_SHORT candidates; one launch on the GPU. ``config``: LB (log2 of the bins per round) / num_warps / PB
+    to the lower j, NaN / -inf never), in pool order, then -1 padding where fewer than k are valid. ``tie_ids``
+    [T, c] int (distinct per row where valid): ties go to the lower tie id instead of the lower j. Pools of up to
+    MAX_SHORT candidates; one launch on the GPU. ``config``: LB (log2 of the bins per round) / num_warps / PB
     overrides (tests, benchmarks)."""
     _check_slots(logits, cand, k, out)
+    if tie_ids is not None and (tuple(tie_ids.shape) != tuple(cand.shape) or tie_ids.device != cand.device
+                                or tie_ids.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"topk_slots: tie_ids must be int32/int64 of cand's shape {tuple(cand.shape)} on "
+                         f"{cand.device}, got {tuple(tie_ids.shape)} {tie_ids.dtype} on {tie_ids.device}")
     if use_triton(logits):
         from indexcache.kernels.candidate_topk.triton import topk_slots_triton
 
-        return topk_slots_triton(logits, cand, k, out=out, config=config)
-    sel = topk_slots_reference(logits, cand, k)
+        return topk_slots_triton(logits, cand, k, out=out, config=config, tie_ids=tie_ids)
+    sel = topk_slots_reference(logits, cand, k, tie_ids)
     if out is None:
         return sel
     out.copy_(sel)
@@ -119,7 +130,7 @@ def topk_of_pool(logits: torch.Tensor, pool: torch.Tensor, k: int, *, out=None, 
     if use_triton(logits):
         from indexcache.kernels.candidate_topk.triton import topk_slots_triton
 
-        return topk_slots_triton(logits, pool, k, out=out, config=config, pool=True)
+        return topk_slots_triton(logits, pool, k, out=out, config=config, gather=True, tie_ids=pool)
     sel = topk_of_pool_reference(logits, pool, k)
     if out is None:
         return sel

@@ -23,23 +23,22 @@ def candidate_logits_reference(q_fp8: torch.Tensor, w: torch.Tensor, kv_cache: t
     return logits.masked_fill(~valid, float("-inf"))
 
 
-def candidate_topk_reference(q_fp8, w, kv_cache, cand, k: int) -> torch.Tensor:
-    """[T,k] int32: the candidates (slot ids) with the k largest logits per row, -1 padded; ties go to the
-    earlier pool entry."""
+def candidate_topk_reference(q_fp8, w, kv_cache, cand, k: int, tie_ids=None) -> torch.Tensor:
+    """[T,k] int32: the candidates (slot ids) with the k largest logits per row, in pool order, -1 padded; ties go
+    to the earlier pool entry, or with ``tie_ids`` [T, c] to the lower tie id."""
     logits = candidate_logits_reference(q_fp8, w, kv_cache, cand)
-    c = logits.shape[1]
-    # stable descending order: ties keep pool order
-    order = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, : min(k, c)]
-    vals = logits.gather(1, order)
-    out = cand.gather(1, order).to(torch.int32).masked_fill(vals == float("-inf"), -1)
-    if out.shape[1] < k:
-        out = torch.nn.functional.pad(out, (0, k - out.shape[1]), value=-1)
-    return out
+    if tie_ids is None:
+        tie_ids = torch.arange(cand.shape[1], device=cand.device).expand(cand.shape)
+    return _in_pool_order(cand.long(), _chosen(logits, tie_ids.long(), k), k)
 
 
-def topk_slots_reference(logits: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+def topk_slots_reference(logits: torch.Tensor, cand: torch.Tensor, k: int,
+                         tie_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[T,k] int32: the slot ids cand[t, j] of ``topk_rows``'s selection of logits[t] (the k largest valid values,
-    ties to the lower column, NaN / -inf never), in pool order (ascending j), then -1 padding."""
+    ties to the lower column, NaN / -inf never), in pool order (ascending j), then -1 padding. ``tie_ids`` [T, c]:
+    ties go to the lower tie_ids[t, j] instead (a re-rank layer's pool positions)."""
+    if tie_ids is not None:
+        return _in_pool_order(cand.long(), _chosen(logits.float(), tie_ids.long(), k), k)
     col = topk_rows_reference(logits, k).long()
     big = logits.shape[1]
     j = torch.where(col < 0, big, col).sort(1).values      # pool order, the padding last
@@ -48,24 +47,32 @@ def topk_slots_reference(logits: torch.Tensor, cand: torch.Tensor, k: int) -> to
     return padded.gather(1, j).to(torch.int32)
 
 
+def _chosen(vals: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, c] bool: the k entries with the largest valid vals (NaN / -inf never; -0.0 ties +0.0), ties to the
+    lower id."""
+    vals = vals + 0.0
+    vals = torch.where(torch.isnan(vals), float("-inf"), vals)
+    # rank by (value desc, id asc): a stable sort by id, then a stable sort by value
+    by_id = torch.sort(ids, dim=1, stable=True).indices
+    order = by_id.gather(1, torch.sort(vals.gather(1, by_id), dim=1, descending=True, stable=True).indices)
+    chosen = torch.zeros(vals.shape, dtype=torch.bool, device=vals.device)
+    chosen.scatter_(1, order[:, :min(k, vals.shape[1])], True)
+    return chosen & (vals != float("-inf"))
+
+
+def _in_pool_order(cand: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k] int32: cand's chosen entries in pool order, then -1 padding."""
+    c = cand.shape[1]
+    j = torch.where(chosen, torch.arange(c, device=cand.device), c).sort(1).values[:, :min(k, c)]
+    out = torch.nn.functional.pad(cand, (0, 1), value=-1).gather(1, j).to(torch.int32)
+    return torch.nn.functional.pad(out, (0, k - out.shape[1]), value=-1) if out.shape[1] < k else out
+
+
 def topk_of_pool_reference(logits: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
     """[R,k] int32: the ids of pool [R, c] (column ids of logits [R, L], -1 or >= L = none) with the k largest
     logits[r, id], ties to the lower id, NaN / -inf never, in pool order, then -1 padding."""
     ids = pool.long()
     ok = (ids >= 0) & (ids < logits.shape[1])
-    vals = logits.float().gather(1, torch.where(ok, ids, 0)) + 0.0          # -0.0 ties +0.0
-    vals = torch.where(ok & ~torch.isnan(vals), vals, float("-inf"))
-    # rank by (value desc, id asc): a stable sort by id, then a stable sort by value
-    by_id = torch.sort(torch.where(ok, ids, logits.shape[1]), dim=1, stable=True).indices
-    order = by_id.gather(1, torch.sort(vals.gather(1, by_id), dim=1, descending=True, stable=True).indices)
-    kk = min(k, ids.shape[1])
-    chosen = torch.zeros_like(ok)
-    chosen.scatter_(1, order[:, :kk], True)
-    chosen &= vals != float("-inf")
-    # the chosen ids in pool order, then -1 padding
-    j = torch.where(chosen, torch.arange(ids.shape[1], device=ids.device), ids.shape[1]).sort(1).values
-    padded = torch.nn.functional.pad(ids, (0, 1), value=-1)
-    out = padded.gather(1, j[:, :kk]).to(torch.int32)
-    if kk < k:
-        out = torch.nn.functional.pad(out, (0, k - kk), value=-1)
-    return out
+    vals = logits.float().gather(1, torch.where(ok, ids, 0))
+    vals = torch.where(ok, vals, float("-inf"))
+    return _in_pool_order(ids, _chosen(vals, torch.where(ok, ids, logits.shape[1]), k), k)

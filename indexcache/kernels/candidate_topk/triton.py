@@ -109,11 +109,13 @@ def candidate_logits_triton(q_fp8, w, kv_cache, cand, *, out=None, config=None):
 #      tiles, ranks the ties by column, so the lowest columns win (``topk_rows``'s rule), and gives each selected
 #      entry its output slot: the selection is written in pool order, as slot ids cand[row, col];
 #   3. -1 padding after the min(k, valid) selected entries.
-# POOL (``topk_of_pool``): the row is gathered, x[r, cand[r, j]] of a wide row (an F layer's logits, cand its
-# candidate pool of column ids), and ties at P go to the lower id, not the lower j: when P's tie group holds more
-# keys than needed, a second ``_kth_keys`` over -id among the ties sets the id threshold Q (ids are distinct, so
-# Q takes exactly the rest). So the top-k of a pool is ``topk_rows``' top-k of the wide row whenever the pool is
-# its top-c (c >= k) under the same rule, and costs a read of c values per row instead of the row.
+# BY_ID: ties at P go to the lower tie id (tie[r, j]: a re-rank layer passes its pool's key positions, so its
+# rule is the model's, lower position first, whatever the pool's order), not the lower j: when P's tie group holds
+# more keys than needed, a second ``_kth_keys`` over -id among the ties sets the id threshold Q (ids are distinct,
+# so Q takes exactly the rest). GATHER (``topk_of_pool``, with BY_ID on the same ids): the row is x[r, cand[r, j]]
+# of a wide row (an F layer's logits, cand its candidate pool of column ids), so the top-k of a pool is
+# ``topk_rows``' top-k of the wide row whenever the pool is its top-c (c >= k) under the same rule, for a read of
+# c values per row instead of the row.
 # W (the row padded to a power of two) is the only shape constexpr. C and the strides are specialised by the
 # launcher (divisible by 16 or not: pools of 4096 / 8192 / 16384 then load 16 B per instruction); k is not.
 @triton.jit
@@ -165,25 +167,26 @@ def _store_where(ptrs, val, msk, ASM: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["k", "L"])
-def _topk_slots_kernel(x_ptr, cand_ptr, out_ptr, C, k, L, sx, sc, W: tl.constexpr, LB: tl.constexpr,
-                       PB: tl.constexpr, ASM: tl.constexpr, POOL: tl.constexpr):
+def _topk_slots_kernel(x_ptr, cand_ptr, tie_ptr, out_ptr, C, k, L, sx, sc, st, W: tl.constexpr, LB: tl.constexpr,
+                       PB: tl.constexpr, ASM: tl.constexpr, GATHER: tl.constexpr, BY_ID: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     row = x_ptr + r * sx
     crow = cand_ptr + r * sc
+    trow = tie_ptr + r * st
     cols = tl.arange(0, W)
-    if POOL:  # the row's values are x[r, cand[r, j]] of a wide row of L columns (-1 or past L: none)
+    if GATHER:  # the row's values are x[r, cand[r, j]] of a wide row of L columns (-1 or past L: none)
         ids = tl.load(crow + cols, mask=cols < C, other=-1)
         key = _keys_of(tl.load(row + ids, mask=(ids >= 0) & (ids < L), other=float("-inf")))
     else:
         key = _keys_of(tl.load(row + cols, mask=cols < C, other=float("-inf")))
     P, rem, eq, cnt = _kth_keys(key, k, LB)
-    # POOL: of the eq keys equal to P, the rem with the smallest ids win (the wide row's lower columns): a second
-    # select over -id among the ties. Q = INT_MIN (every id passes) when all ties are taken
+    # BY_ID: of the eq keys equal to P, the rem with the smallest tie ids win: a second select over -id among the
+    # ties. Q = INT_MIN (every id passes) when all ties are taken
     Q = tl.zeros([], tl.int32) + (-2147483648)
     qrem = rem
-    if POOL:
+    if BY_ID:
         if rem < eq:
-            idr = tl.load(crow + cols, mask=cols < C, other=-1)
+            idr = tl.load(trow + cols, mask=cols < C, other=-1)
             Q, qrem, _, _ = _kth_keys(tl.where(key == P, -idr, -2147483648), rem, LB)
     m = tl.minimum(k, cnt)
     outr = out_ptr + r * k
@@ -192,15 +195,20 @@ def _topk_slots_kernel(x_ptr, cand_ptr, out_ptr, C, k, L, sx, sc, W: tl.constexp
     carry = tl.zeros([], tl.int32)
     for off in range(0, tl.where(m > 0, C, 0), PB):
         c = off + ar
-        if POOL:
+        if GATHER:
             idt = tl.load(crow + c, mask=c < C, other=-1)
             kt = _keys_of(tl.load(row + idt, mask=(idt >= 0) & (idt < L), other=float("-inf")))
-            above = (kt > P) | ((kt == P) & (-idt > Q))
-            tie = (kt == P) & (-idt == Q)
         else:
             kt = _keys_of(tl.load(row + c, mask=c < C, other=float("-inf")))
-            above = kt > P
-            tie = kt == P
+        above = kt > P
+        tie = kt == P
+        if BY_ID:
+            if GATHER:  # the tie ids are the gathered ids (topk_of_pool)
+                nid = -idt
+            else:
+                nid = -tl.load(trow + c, mask=tie, other=0)
+            above = above | (tie & (nid > Q))
+            tie = tie & (nid == Q)
         cs = carry + tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), axis=0)  # <= 16384 each: no carry
         nt = cs >> 16                                       # ties up to this column
         sel = above | (tie & (nt <= qrem))
@@ -211,22 +219,23 @@ def _topk_slots_kernel(x_ptr, cand_ptr, out_ptr, C, k, L, sx, sc, W: tl.constexp
         tl.store(outr + off + ar, tl.full([PB], -1, tl.int32), mask=off + ar < k)
 
 
-def topk_slots_config(c: int, pool: bool = False) -> dict:
+def topk_slots_config(c: int, by_id: bool = False) -> dict:
     """Histogram bits per round (32 bins: faster than 64 or 256 on the H200, run 66), warps, write tile (4 columns
     per thread). Warps: 4 up to 4096 columns, 8 above (sm_90a registers at 32 bins, sm90_compile --topk-short: 63 /
-    64 / 100 at 4096 / 8192 / 16384, no spills); the gathering form (``pool``) holds the ids too: 16 warps above
-    8192 (128 registers and a spill at 8). benchmarks/topk_short.py times the others."""
+    64 / 100 at 4096 / 8192 / 16384, no spills); with ties by id (``by_id``) the second select's registers: 16 warps
+    above 8192 (128 registers and a spill at 8). benchmarks/topk_short.py times the others."""
     if interpreting():
         return dict(LB=4, num_warps=1, PB=64, ASM=False)
-    warps = 4 if c <= 4096 else 8 if c <= 8192 or not pool else 16
+    warps = 4 if c <= 4096 else 8 if c <= 8192 or not by_id else 16
     return dict(LB=5, num_warps=warps, PB=128 * warps, ASM=True)
 
 
-def topk_slots_triton(logits, cand, k, *, out=None, config=None, pool: bool = False):
-    """``pool``: logits is a wide row per pool row and the values are logits[r, cand[r, j]] (``topk_of_pool``:
-    ties to the lower id); otherwise logits[r, j] (``topk_slots``: ties to the lower j)."""
+def topk_slots_triton(logits, cand, k, *, out=None, config=None, gather: bool = False, tie_ids=None):
+    """``gather``: logits is a wide row per pool row and the values are logits[r, cand[r, j]], ties to the lower
+    cand id (``tie_ids`` must be given, and is cand); otherwise logits[r, j], ties to the lower ``tie_ids[r, j]``
+    when given, else to the lower j."""
     t, c = cand.shape
-    cfg = dict(topk_slots_config(c, pool), **(config or {}))
+    cfg = dict(topk_slots_config(c, tie_ids is not None), **(config or {}))
     if out is None:
         out = torch.empty(t, k, device=logits.device, dtype=torch.int32)
     if t == 0:
@@ -237,7 +246,10 @@ def topk_slots_triton(logits, cand, k, *, out=None, config=None, pool: bool = Fa
         logits = logits.contiguous()
     if cand.dtype != torch.int32 or cand.stride(1) != 1:
         cand = cand.to(torch.int32).contiguous()
-    _topk_slots_kernel[(t,)](logits, cand, out, c, k, logits.shape[1], logits.stride(0), cand.stride(0),
-                             W=max(16, _pow2(c)), LB=cfg["LB"], PB=cfg["PB"], ASM=cfg["ASM"], POOL=pool,
-                             num_warps=cfg["num_warps"])
+    tie = cand if tie_ids is None or gather else tie_ids     # gathering: ties by the gathered ids themselves
+    if tie.dtype != torch.int32 or tie.stride(1) != 1:
+        tie = tie.to(torch.int32).contiguous()
+    _topk_slots_kernel[(t,)](logits, cand, tie, out, c, k, logits.shape[1], logits.stride(0), cand.stride(0),
+                             tie.stride(0), W=max(16, _pow2(c)), LB=cfg["LB"], PB=cfg["PB"], ASM=cfg["ASM"],
+                             GATHER=gather, BY_ID=tie_ids is not None, num_warps=cfg["num_warps"])
     return out

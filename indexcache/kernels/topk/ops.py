@@ -334,10 +334,10 @@ def topk_pool_rows(logits: torch.Tensor, c: int, *, row_start: torch.Tensor | No
                    _path: str | None = None, _cap: int | None = None) -> torch.Tensor:
     """Column ids (int32 [R, c]) of the c largest values per row among columns in [row_start, row_end): the
     selection of ``topk_rows`` (exact, ties to the lower column, NaN / -inf never, -1 padding after the valid
-    ids) for candidate pools wider than its MAX_K, up to MAX_POOL. The order within a row is unspecified but the
-    same for the same input (re-rank layers break their ties by pool order). Rows of more than 64: the one-launch
-    prefill path (one program per row, no atomics); up to 64: the decode path (``topk_rows_decode``, one row over
-    many programs; ``workspace`` as there), its pool then sorted by column (its atomics leave the order open).
+    ids) for candidate pools wider than its MAX_K, up to MAX_POOL. The order within a row is unspecified
+    (re-rank layers break their ties by position, not by pool order). Rows of more than 64: the one-launch prefill
+    path (one program per row, no atomics); up to 64: the decode path (``topk_rows_decode``, one row over many
+    programs; ``workspace`` as there; its atomics leave the order open, run to run).
     ``_path``: "one" / "decode", ``_cap``: the one-launch path's candidate capacity (test hooks)."""
     _check(logits, 1, row_start, row_end)
     if not isinstance(c, int) or isinstance(c, bool) or c < 1 or c > MAX_POOL:
@@ -347,7 +347,7 @@ def topk_pool_rows(logits: torch.Tensor, c: int, *, row_start: torch.Tensor | No
     R = logits.shape[0]
     path = _path or ("decode" if R <= _SMALL_R else "one")
     if path == "decode":
-        return sort_pool(plan_decode_launches(logits, c, row_start, row_end, workspace=workspace)[1]())
+        return plan_decode_launches(logits, c, row_start, row_end, workspace=workspace)[1]()
     if path != "one":
         raise ValueError(f"topk_pool_rows: _path must be 'one' or 'decode', got {path!r}")
     stages, out, _ = plan_launches(logits, c, row_start, row_end, _cap=_cap, _path="one")
@@ -359,37 +359,7 @@ def topk_pool_rows(logits: torch.Tensor, c: int, *, row_start: torch.Tensor | No
 def pool_scratch_bytes_per_row(c: int, n: int) -> int:
     """An upper bound of the device bytes per row of a ``topk_pool_rows`` call of more than 64 rows (the
     one-launch path: output, window bounds, scratch). Calls of up to 64 rows take the decode path instead: a
-    ``DecodeTopkWorkspace`` of at most 64 rows (``bytes_per_row(n)`` each, about 3.3 MB at n = 200K) plus the
-    sort by column, whatever the budget."""
+    ``DecodeTopkWorkspace`` of at most 64 rows (``bytes_per_row(n)`` each, about 3.3 MB at n = 200K), whatever
+    the budget."""
     return 4 * c + 2 * 4 + _one_pass_bytes(c)
-
-
-RANK_SORT_MAX_WORK = 1 << 26  # rows * c^2: sort_pool's one launch where it was measured faster (one row of 8192)
-
-
-def sort_pool(pool: torch.Tensor, *, _rank: bool | None = None) -> torch.Tensor:
-    """A pool's ids (int32 [R, c], distinct ids >= 0 and -1 entries) in ascending order, -1 last. On CUDA with few
-    rows, one launch that stores each entry at its rank (``_rank_sort_kernel``, O(R c^2)):
-    one row of 8192 / 4096 in 44.7 / 23.0 us against 59.9 / 36.3 for torch's batched sort (run 69); larger calls
-    (not measured) take ``_sorted_pool``.
-    ``_rank``: force the kernel on / off (tests)."""
-    r, c = pool.shape
-    # the interpreter runs the kernel only when asked (tests): its O(c^2) loop takes minutes there at c ~ 5000
-    rank = _rank if _rank is not None else (pool.is_cuda and r * c * c <= RANK_SORT_MAX_WORK)
-    if not rank or pool.numel() == 0:
-        return _sorted_pool(pool)
-    from indexcache.kernels.topk import triton as tk
-
-    src = pool.contiguous()
-    out = torch.empty_like(src)
-    bi, bj = (16, 16) if interpreting() else (32, 256)  # sm_90a: 71 registers (64 x 128: 161)
-    tk._rank_sort_kernel[(r, triton.cdiv(c, bi))](src, out, c, BI=bi, BJ=bj, num_warps=4)
-    return out
-
-
-def _sorted_pool(pool: torch.Tensor) -> torch.Tensor:
-    """A pool's ids in ascending column order, -1 padding last (torch's sort)."""
-    big = torch.iinfo(torch.int32).max
-    s = torch.where(pool < 0, big, pool).sort(1).values
-    return s.masked_fill_(s == big, -1)
 

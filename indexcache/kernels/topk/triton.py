@@ -792,24 +792,3 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, E: tl.co
     ar = tl.arange(0, FB)
     for off in range(m, k, FB):
         tl.store(outr + off + ar, tl.full([FB], -1, tl.int32), mask=off + ar < k)
-
-
-@triton.jit(do_not_specialize=["C"])
-def _rank_sort_kernel(ids_ptr, out_ptr, C, BI: tl.constexpr, BJ: tl.constexpr):
-    """A pool's ids in ascending order, -1 last (``ops.sort_pool``): each of this program's BI entries of row
-    program_id(0) counts the row's entries that sort before it (a smaller id, or an equal one earlier in the row)
-    and is stored at that rank. O(C^2) comparisons, but one launch with no scratch (a few rows of <= 16384)."""
-    r = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1) * BI + tl.arange(0, BI)
-    im = i < C
-    v = tl.load(ids_ptr + r * C + i, mask=im, other=-1)
-    kv = tl.where(v < 0, 2147483647, v)
-    rank = tl.zeros([BI], tl.int32)
-    for j0 in range(0, C, BJ):
-        j = j0 + tl.arange(0, BJ)
-        jm = j < C
-        u = tl.load(ids_ptr + r * C + j, mask=jm, other=-1)
-        ku = tl.where(u < 0, 2147483647, u)
-        before = (ku[None, :] < kv[:, None]) | ((ku[None, :] == kv[:, None]) & (j[None, :] < i[:, None]))
-        rank += tl.sum((before & jm[None, :]).to(tl.int32), axis=1)
-    tl.store(out_ptr + r * C + rank, v, mask=im)
