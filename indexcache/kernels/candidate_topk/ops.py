@@ -63,24 +63,28 @@ def candidate_topk(q_fp8, w, kv_cache, cand, k: int, *, tie_ids=None) -> torch.T
     return torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
 
 
-def _check_slots(logits, cand, k, out):
+def _check_slots(logits, cand, k, out, *, gather: bool = False):
+    """``topk_slots``' checks; ``gather``: ``topk_of_pool``'s (a pool [R, c] of column ids of logits [R, L])."""
+    fn, what = ("topk_of_pool", "pool") if gather else ("topk_slots", "cand")
     if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"topk_slots: logits must be [T, c] float32/bfloat16/float16, got {tuple(logits.shape)} "
-                         f"{logits.dtype}")
-    t, c = logits.shape
-    if tuple(cand.shape) != (t, c) or cand.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_slots: cand must be [T, c]=({t}, {c}) int32/int64 slot ids, got {tuple(cand.shape)} "
-                         f"{cand.dtype}")
+        raise ValueError(f"{fn}: logits must be [{'R, L' if gather else 'T, c'}] float32/bfloat16/float16, got "
+                         f"{tuple(logits.shape)} {logits.dtype}")
+    t = logits.shape[0]
+    c = cand.shape[-1] if gather else logits.shape[1]
+    if (cand.dim() != 2 or cand.shape[0] != t or (not gather and cand.shape[1] != c)
+            or cand.dtype not in (torch.int32, torch.int64)):
+        shape = f"[R={t}, c] int32/int64 column ids" if gather else f"[T, c]=({t}, {c}) int32/int64 slot ids"
+        raise ValueError(f"{fn}: {what} must be {shape}, got {tuple(cand.shape)} {cand.dtype}")
     if cand.device != logits.device:
-        raise ValueError(f"topk_slots: cand is on {cand.device}, logits on {logits.device}")
+        raise ValueError(f"{fn}: {what} is on {cand.device}, logits on {logits.device}")
     if c > MAX_SHORT:
-        raise ValueError(f"topk_slots: pools of at most {MAX_SHORT} candidates, got {c}")
+        raise ValueError(f"{fn}: pools of at most {MAX_SHORT} candidates, got {c}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"topk_slots: k must be a positive int, got {k!r}")
+        raise ValueError(f"{fn}: k must be a positive int, got {k!r}")
     if out is not None and (tuple(out.shape) != (t, k) or out.dtype != torch.int32 or not out.is_contiguous()
                             or out.device != logits.device):
-        raise ValueError(f"topk_slots: out must be a contiguous [T, k]=({t}, {k}) int32 tensor on {logits.device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        raise ValueError(f"{fn}: out must be a contiguous [{'R' if gather else 'T'}, k]=({t}, {k}) int32 tensor on "
+                         f"{logits.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
 
 
 def topk_slots(logits: torch.Tensor, cand: torch.Tensor, k: int, *, tie_ids=None, out=None,
@@ -113,20 +117,7 @@ def topk_of_pool(logits: torch.Tensor, pool: torch.Tensor, k: int, *, out=None, 
     ``topk_rows(logits, k)``'s set for a read of c values per row instead of L: an F layer that publishes a
     candidate pool takes its own top-k from it. Pools of up to MAX_SHORT; one launch on the GPU (``topk_slots``'
     kernel, gathering). ``config`` as ``topk_slots``."""
-    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"topk_of_pool: logits must be [R, L] float32/bfloat16/float16, got "
-                         f"{tuple(logits.shape)} {logits.dtype}")
-    r = logits.shape[0]
-    if pool.dim() != 2 or pool.shape[0] != r or pool.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_of_pool: pool must be [R={r}, c] int32/int64 column ids, got {tuple(pool.shape)} "
-                         f"{pool.dtype}")
-    _check_slots(torch.empty(r, pool.shape[1], device=pool.device), pool, k, None)  # c, k, devices
-    if pool.device != logits.device:
-        raise ValueError(f"topk_of_pool: pool is on {pool.device}, logits on {logits.device}")
-    if out is not None and (tuple(out.shape) != (r, k) or out.dtype != torch.int32 or not out.is_contiguous()
-                            or out.device != logits.device):
-        raise ValueError(f"topk_of_pool: out must be a contiguous [R, k]=({r}, {k}) int32 tensor on "
-                         f"{logits.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    _check_slots(logits, pool, k, out, gather=True)
     if use_triton(logits):
         from indexcache.kernels.candidate_topk.triton import topk_slots_triton
 
