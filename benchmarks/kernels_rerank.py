@@ -5,8 +5,9 @@
      here only for this comparison), logits of T rows x c candidates;
   2. the R-layer stage of one prefill chunk: q quantisation + candidate scoring + top-k (new and old kernel);
   3. the F-layer stage of the chunk at the end of the context (logits over up to 200K keys + selection): without a
-     pool, with a pool as the engine now publishes it (``topk_pool_rows``, then the top-k taken from the pool by
-     ``topk_of_pool``), and as it did before (``topk_rows`` and ``topk_pool_rows``: two passes over each row, kept
+     pool, with a pool as the engine now publishes it (``topk_and_pool_rows``: both from one read of each row;
+     ``benchmarks.topk_prefill`` times that selection against ``topk_pool_rows`` + ``topk_of_pool``), and as it
+     did before (``topk_rows`` and ``topk_pool_rows``: two passes over each row, kept
      here only for this comparison);
   4. decode, batch 1 at 200K (CUDA graphs): an F step with and without a pool (new: the pool as selected; old:
      sorted by column, which R layers needed while they broke ties by pool order), an R step (new and old

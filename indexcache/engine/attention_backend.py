@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..kernels.candidate_topk import MAX_SHORT, candidate_topk, topk_of_pool
+from ..kernels.candidate_topk import candidate_topk
 from ..kernels.indexer import (indexer_logits_decode, indexer_topk_prefill, indexer_topk_prefill_two_pass,
                                quantize_indexer_q)
 from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_latent_fp8, store_indexer_k,
@@ -23,7 +23,7 @@ from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_l
 from ..kernels.slots import to_slots as slots_kernel
 from ..kernels.slots.reference import to_slots_reference as to_slots  # int32 slot ids, made once per F layer
 from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
-from ..kernels.topk import (DecodeTopkWorkspace, pool_scratch_bytes_per_row, scratch_bytes_per_row,
+from ..kernels.topk import (DecodeTopkWorkspace, topk_and_pool_rows, topk_and_pool_scratch_bytes_per_row,
                             topk_pool_rows, topk_rows, topk_rows_decode)
 from ..model.indexer import select_topk
 from .config import EngineConfig
@@ -216,29 +216,13 @@ FP8_PREFILL_MAX_HEADS = 32
 
 def _topk_then_pool(k: int):
     """A ``topk_fn`` for ``indexer_topk_prefill_two_pass`` asked for k + c columns: [top-k | top-c pool] of each
-    chunk's logits. One pass over the row selects the wider of the two; the narrower is taken from it by
-    ``topk_of_pool`` (a read of its entries, not of the row) with the same exact rule, ties to the lower column,
-    so both are what a selection of the row would give. Wider than MAX_SHORT: two selections of the row."""
+    chunk's logits, from one read of each row (``topk_and_pool_rows``: the wider selected, the narrower from the
+    same candidates), both with ``topk_rows``' exact rule, ties to the lower column."""
     def select(logits, n, *, row_start=None, row_end=None):
-        c = n - k
-        win = dict(row_start=row_start, row_end=row_end)
-        if max(k, c) > MAX_SHORT:
-            return torch.cat([topk_rows(logits, k, **win), topk_pool_rows(logits, c, **win)], 1)
-        if c >= k:
-            pool = topk_pool_rows(logits, c, **win)
-            return torch.cat([topk_of_pool(logits, pool, k), pool], 1)
-        top = topk_rows(logits, k, **win)
-        return torch.cat([top, topk_of_pool(logits, top, c)], 1)
+        return topk_and_pool_rows(logits, k, n - k, row_start=row_start, row_end=row_end)
 
-    # the chunk planner's budget: the wider selection's scratch and output, the narrower output, the concatenation
-    def scratch(width, n):
-        c = width - k
-        if max(k, c) > MAX_SHORT:
-            return scratch_bytes_per_row(k, n) + pool_scratch_bytes_per_row(c, n) + 4 * width
-        wide = pool_scratch_bytes_per_row(c, n) if c >= k else scratch_bytes_per_row(k, n)
-        return wide + 4 * min(k, c) + 4 * width
-
-    select.scratch_bytes_per_row = scratch
+    # the chunk planner's budget: the wider selection's scratch and both outputs
+    select.scratch_bytes_per_row = lambda width, n: topk_and_pool_scratch_bytes_per_row(k, width - k, n)
     return select
 
 

@@ -39,7 +39,7 @@ def ptxas_path() -> str | None:
 
 
 def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_stages: int,
-                 div16: tuple[str, ...] = (), ttgir: bool = False) -> dict:
+                 div16: tuple[str, ...] = (), ttgir: bool = False, maxnreg: int | None = None) -> dict:
     """Lower ``jit_fn`` for sm_90a. ``types``: Triton type per argument name ('*fp8e4nv', 'i32', ...; default
     'i32'); ``constexprs``: values of the constexpr arguments; ``div16``: argument names the launcher would see
     divisible by 16 (pointers are always added). Returns registers, spill bytes and instruction counts."""
@@ -47,8 +47,11 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     marked = [n for n in names if sig[n].startswith("*") or n in div16]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in marked}
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:     # the launcher's register cap (ptx .maxnreg)
+        options["maxnreg"] = maxnreg
     k = triton.compile(ASTSource(fn=jit_fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 64), options={"num_warps": num_warps, "num_stages": num_stages})
+                       target=GPUTarget("cuda", 90, 64), options=options)
     ptx = k.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
@@ -190,18 +193,20 @@ def topk_decode_kernels() -> list[tuple[str, dict]]:
 
 
 def topk_prefill_kernels() -> list[tuple[str, dict]]:
-    """The one-launch prefill top-k (``_topk1_kernel``) at its GPU constants, fp32 and bf16 logits (two row
-    programs per SM need <= 128 registers)."""
+    """The one-launch prefill top-k (``_topk1_kernel``) at its GPU constants and register cap, fp32 and bf16
+    logits, and its two-output form (two row programs per SM need <= 128 registers)."""
     from indexcache.kernels.topk import ops
     from indexcache.kernels.topk import triton as tk
 
     out = []
-    for dt, v in (("fp32", 4), ("bf16", 8)):
-        types = {"x_ptr": f"*{dt}", "starts": "*i32", "ends": "*i32", "ctr": "*i64", "out": "*i32", "scr": "*i64"}
+    for dt, v, two in (("fp32", 4, False), ("bf16", 8, False), ("fp32", 4, True)):
+        types = {"x_ptr": f"*{dt}", "starts": "*i32", "ends": "*i32", "ctr": "*i64", "out": "*i32", "scr": "*i64",
+                 "out2": "*i32"}
         ce = dict(E=ops._ONE_BLOCK // (32 * ops._ONE_WARPS * v), T=32 * ops._ONE_WARPS, V=v, SB=ops._ONE_SB,
-                  NTMAX=ops._ONE_NTMAX, FB=ops._ONE_FB, NBIN=ops._ONE_NBIN, ASM=True)
-        out.append((f"topk prefill one-pass {dt}", compile_sm90(tk._topk1_kernel, types, ce,
-                                                                num_warps=ops._ONE_WARPS, num_stages=3)))
+                  NTMAX=ops._ONE_NTMAX, FB=ops._ONE_FB, NBIN=ops._ONE_NBIN, ASM=True, TWO=two)
+        name = f"topk prefill one-pass {dt}" + (" + pool (topk_and_pool_rows)" if two else "")
+        out.append((name, compile_sm90(tk._topk1_kernel, types, ce, num_warps=ops._ONE_WARPS, num_stages=3,
+                                       maxnreg=ops._ONE_MAXNREG)))
     return out
 
 

@@ -31,6 +31,7 @@ _FB = 2048              # decode final select (histogram) tile
 _NBIN = 256             # histogram bins per final-select round
 _TB = 256               # tie buffer: the boundary bin is ranked by counting once it holds <= _TB entries
 _ONE_WARPS = 8          # one-pass prefill path: warps per row program (4: 168 registers and spills on sm_90a)
+_ONE_MAXNREG = 128      # two row programs per SM: Triton 3.6 gives the kernel 233 registers unless capped (3.7: 117)
 _ONE_BLOCK = 4096       # one-pass scan block: [E, 32 * warps, 16-byte vector] entries
 _ONE_SB, _ONE_NTMAX = 1024, 16   # one-pass sample: tile, at most 16 tiles (ns ~ 32 * L / k, <= 16384)
 _ONE_FB = 4096          # one-pass select tile: ~2k candidates per row in one or two tiles per round
@@ -115,9 +116,11 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
     return _sort_out(logits, out) if sorted else out
 
 
-def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=None, _chunk=None, _path=None):
+def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=None, _chunk=None, _path=None,
+                  _maxnreg=_ONE_MAXNREG):
     """Buffers and the launches of one call, as (name, thunk) pairs (benchmarks time them one by one):
-    decode path sample / scan / final; prefill path select (one launch)."""
+    decode path sample / scan / final; prefill path select (one launch; ``_maxnreg``: its register cap, None =
+    the compiler's choice; the benchmark compares them)."""
     from indexcache.kernels.topk import triton as tk
 
     R, N = logits.shape
@@ -137,7 +140,7 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
     if path not in PATHS:
         raise ValueError(f"topk_rows: _path must be one of {PATHS}, got {path!r}")
     if path == "one":
-        return _plan_one(logits, k, starts, ends, out, _cap, interp)
+        return _plan_one(logits, k, starts, ends, out, _cap, interp, maxnreg=_maxnreg)
     S = sample or (256 if interp else (_SAMPLE_SMALL if small else _SAMPLE))
     # bracket ~ 6*sqrt(k*len/S) entries: CAP = 4k at S >= 1024, 8k at S = 512 (runtime value: no recompiles)
     cap = _cap or max(4096, 4 * triton.next_power_of_2(k) * max(1, 1024 // S))
@@ -173,12 +176,14 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
     return [("sample", sample_launch), ("scan", scan), ("final", final)], out, dbg
 
 
-def _plan_one(x, k, starts, ends, out, cap, interp):
-    """The one-launch prefill path (``_topk1_kernel``): one program per row, CAP = 4 * next_pow2(k) >= 4096."""
+def _plan_one(x, k, starts, ends, out, cap, interp, out2=None, k2=0, maxnreg=_ONE_MAXNREG):
+    """The one-launch prefill path (``_topk1_kernel``): one program per row, CAP = 4 * next_pow2(k) >= 4096.
+    ``out2`` (same row stride as ``out``): also the k2 <= k largest, from the same candidates."""
     from indexcache.kernels.topk import triton as t1
 
     R = x.shape[0]
     cap = cap or max(4096, 4 * triton.next_power_of_2(k))
+    two = out2 is not None
     ctr = torch.empty((R, 2), dtype=torch.int64, device=x.device)
     scr = torch.empty((R, cap), dtype=torch.int64, device=x.device)
     warps = 1 if interp else _ONE_WARPS
@@ -187,9 +192,10 @@ def _plan_one(x, k, starts, ends, out, cap, interp):
     sb, fb, nbin = (64, 512, 32) if interp else (_ONE_SB, _ONE_FB, _ONE_NBIN)
 
     def select():
-        t1._topk1_kernel[(R,)](x, x.stride(0), starts, ends, ctr, out, scr, k, cap, E=blk // (32 * warps * v),
-                               T=32 * warps, V=v, SB=sb, NTMAX=_ONE_NTMAX, FB=fb, NBIN=nbin, ASM=not interp,
-                               num_warps=warps)
+        t1._topk1_kernel[(R,)](x, x.stride(0), starts, ends, ctr, out, scr, k, cap, out.stride(0),
+                               out2 if two else out, k2, E=blk // (32 * warps * v), T=32 * warps, V=v, SB=sb,
+                               NTMAX=_ONE_NTMAX, FB=fb, NBIN=nbin, ASM=not interp, TWO=two, num_warps=warps,
+                               maxnreg=maxnreg)
 
     return [("select", select)], out, dict(ctr=ctr, cap=cap, path="one")
 
@@ -354,6 +360,42 @@ def topk_pool_rows(logits: torch.Tensor, c: int, *, row_start: torch.Tensor | No
     for _, fn in stages:
         fn()
     return out
+
+
+def topk_and_pool_rows(logits: torch.Tensor, k: int, c: int, *, row_start: torch.Tensor | None = None,
+                       row_end: torch.Tensor | None = None, _cap: int | None = None) -> torch.Tensor:
+    """int32 [R, k + c]: ``topk_rows``' k columns, then ``topk_pool_rows``' c columns of each row (an F layer's
+    top-k and the candidate pool it publishes), both exact with ties to the lower column, each -1 padded after its
+    valid ids, order within each part unspecified. One launch and one read of the row: the wider of the two is
+    selected as ``topk_pool_rows``' one-launch path does, the narrower from the same candidates (they hold every
+    entry at or above the wider's threshold). k in [1, MAX_K], c in [1, MAX_POOL]; ``_cap`` as there (tests)."""
+    _check(logits, k, row_start, row_end)
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1 or c > MAX_POOL:
+        raise ValueError(f"topk_and_pool_rows: c must be an int in [1, {MAX_POOL}], got {c!r}")
+    if not use_triton(logits):
+        return torch.cat([topk_rows_reference(logits, n, row_start=row_start, row_end=row_end) for n in (k, c)], 1)
+    R, N = logits.shape
+    dev = logits.device
+    res = torch.empty((R, k + c), dtype=torch.int32, device=dev)
+    if R == 0:
+        return res
+    x = logits if logits.stride(1) == 1 else logits.contiguous()
+    starts = (torch.zeros(R, dtype=torch.int32, device=dev) if row_start is None
+              else row_start.to(torch.int32).clamp(0, N))
+    ends = (torch.full((R,), N, dtype=torch.int32, device=dev) if row_end is None
+            else row_end.to(torch.int32).clamp(0, N))
+    top, pool = res[:, :k], res[:, k:]
+    wide, narrow = (pool, top) if c >= k else (top, pool)
+    stages, _, _ = _plan_one(x, max(k, c), starts, ends, wide, _cap, interpreting(), out2=narrow, k2=min(k, c))
+    for _, fn in stages:
+        fn()
+    return res
+
+
+def topk_and_pool_scratch_bytes_per_row(k: int, c: int, n: int) -> int:
+    """An upper bound of the device bytes per row of a ``topk_and_pool_rows`` call: its output, window bounds and
+    the wider selection's candidate scratch (no more grows with the row length n)."""
+    return 4 * (k + c) + 2 * 4 + _one_pass_bytes(max(k, c))
 
 
 def pool_scratch_bytes_per_row(c: int, n: int) -> int:

@@ -726,10 +726,13 @@ def _sample_lo(row, st, L, ns, q, S: tl.constexpr, NBIN: tl.constexpr):
     return tq, cnt
 
 
-@triton.jit(do_not_specialize=["stride_r", "k", "cap"])
-def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, E: tl.constexpr, T: tl.constexpr,
-                  V: tl.constexpr, SB: tl.constexpr, NTMAX: tl.constexpr, FB: tl.constexpr, NBIN: tl.constexpr,
-                  ASM: tl.constexpr):
+@triton.jit(do_not_specialize=["stride_r", "k", "cap", "stride_o", "k2"])
+def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, stride_o, out2, k2, E: tl.constexpr,
+                  T: tl.constexpr, V: tl.constexpr, SB: tl.constexpr, NTMAX: tl.constexpr, FB: tl.constexpr,
+                  NBIN: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
+    """Row r's k largest columns to out[r, :k] (row stride stride_o). TWO: also its k2 <= k largest to
+    out2[r, :k2] (same row stride), selected from the same candidates: they hold the top k, so the top k2 and
+    every tie at the k2-th value too; one read of the row serves both."""
     # the last rows first: the rows of a causal chunk grow with their index, so the longest start first and the
     # shortest fill the tail
     r = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -738,7 +741,7 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, E: tl.co
     L = tl.maximum(en - st, 0)
     fb = r.to(tl.int64) * stride_r
     row = x_ptr + fb
-    outr = out + r.to(tl.int64) * k
+    outr = out + r.to(tl.int64) * stride_o
     scrr = scr + r.to(tl.int64) * cap
     # 1. threshold from the sample (lo > key(-inf): the scan's range check then skips NaN and -inf); the sample
     # of up to 4 tiles (rows up to ~256K at k = 2048) sits in registers, a longer one is re-read per round
@@ -784,11 +787,19 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, E: tl.co
         m = _select_write1(scrr, wr, st, 1, k, outr, 0, FB, NBIN)
     else:
         m = _select_write1(row, L, st, 1, k, outr, 1, FB, NBIN)
+    ar = tl.arange(0, FB)
+    if TWO:
+        out2r = out2 + r.to(tl.int64) * stride_o
+        if good:
+            m2 = _select_write1(scrr, wr, st, 1, k2, out2r, 0, FB, NBIN)
+        else:
+            m2 = _select_write1(row, L, st, 1, k2, out2r, 1, FB, NBIN)
+        for off in range(m2, k2, FB):
+            tl.store(out2r + off + ar, tl.full([FB], -1, tl.int32), mask=off + ar < k2)
     # the row's counters in the decode path's format: (count above the bracket << 32 | in it), valid count (as
     # far as known: a good sampled row only knows it is >= the candidates; a row of <= cap entries reports the
     # min(k, valid) entries it selected as its bracket; a bad sampled row the INT32_MAX bracket of a fallback)
     tl.store(ctr + r * 2 + 0, tl.where(good, wr, tl.where(sampled, 2147483647, m)).to(tl.int64))
     tl.store(ctr + r * 2 + 1, tl.where(good, wr, m).to(tl.int64))
-    ar = tl.arange(0, FB)
     for off in range(m, k, FB):
         tl.store(outr + off + ar, tl.full([FB], -1, tl.int32), mask=off + ar < k)
