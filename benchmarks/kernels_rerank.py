@@ -6,8 +6,7 @@
   2. the R-layer stage of one prefill chunk: q quantisation + candidate scoring + top-k (new and old kernel);
   3. the F-layer stage of the chunk at the end of the context (logits over up to 200K keys + selection): without a
      pool, with a pool as the engine now publishes it (``topk_and_pool_rows``: both from one read of each row;
-     ``benchmarks.topk_prefill`` times that selection against ``topk_pool_rows`` + ``topk_of_pool``), and as it
-     did before (``topk_rows`` and ``topk_pool_rows``: two passes over each row, kept
+     ``benchmarks.topk_prefill`` times that selection), and as it did before (``topk_rows`` and ``topk_pool_rows``: two passes over each row, kept
      here only for this comparison);
   4. decode, batch 1 at 200K (CUDA graphs): an F step with and without a pool (new: the pool as selected; old:
      sorted by column, which R layers needed while they broke ties by pool order), an R step (new and old
@@ -36,7 +35,7 @@ from indexcache.engine.attention_backend import _topk_then_pool
 from indexcache.kernels import formats as F
 from indexcache.kernels import indexer as ix
 from indexcache.kernels.candidate_topk import (candidate_logits, candidate_logits_reference, candidate_topk,
-                                               topk_of_pool, topk_slots, topk_slots_reference)
+                                               topk_slots, topk_slots_reference)
 from indexcache.kernels.kv_store import new_indexer_cache, store_indexer_k
 from indexcache.kernels.topk import (DecodeTopkWorkspace, pool_scratch_bytes_per_row, scratch_bytes_per_row,
                                      topk_pool_rows, topk_rows, topk_rows_decode)
@@ -162,14 +161,12 @@ def decode_parts(qb, wb, cache, table_, cl, s, c, cd, ws) -> list[dict]:
     lg = ix.indexer_logits_decode(q8, wf, cache, table_, cl, s)
     pool = plan_decode_launches(lg, c, None, cl, workspace=ws)[1]()
     lgc = candidate_logits(q8, wf, cache, cd)
-    lgf = lg.float()
     col = topk_rows(lgc, K)
     wsc = DecodeTopkWorkspace.new(1, c, DEV)
     parts = {"quantize q": lambda: ix.quantize_indexer_q(qb, wb),
              "F logits": lambda: ix.indexer_logits_decode(q8, wf, cache, table_, cl, s),
              "F top-k (decode kernel)": lambda: topk_rows_decode(lg, K, row_end=cl, workspace=ws),
              "F pool (decode kernel)": lambda: plan_decode_launches(lg, c, None, cl, workspace=ws)[1](),
-             "F top-k from the pool (topk_of_pool)": lambda: topk_of_pool(lgf, pool, K),
              "F pool sort by column (torch; before)": lambda: sorted_pool(pool),
              "R candidate logits": lambda: candidate_logits(q8, wf, cache, cd),
              "R top-k (topk_slots, ties by position)": lambda: topk_slots(lgc, cd, K, tie_ids=cd),

@@ -5,7 +5,7 @@
     python -m tests.kernels.sm90_compile --topk-decode  # the decode top-k's three launches
     python -m tests.kernels.sm90_compile --rerank       # the re-rank candidate-scoring kernel
     python -m tests.kernels.sm90_compile --topk-prefill # the one-launch prefill top-k (fp32, bf16 logits)
-    python -m tests.kernels.sm90_compile --topk-short   # topk_slots and topk_of_pool (a pool row in registers)
+    python -m tests.kernels.sm90_compile --topk-short   # topk_slots (a pool row in registers)
     python -m tests.kernels.sm90_compile --sparse-mla-fp8   # sparse MLA prefill from the FP8 latent cache
     python -m tests.kernels.sm90_compile --sparse-mla-gluon # its Gluon kernel (cp.async ring + wgmma), 20 heads
     python -m tests.kernels.sm90_compile --sparse-mla-gluon-all # ... at 16 and 20 heads, bf16 / fp16 / fp32 q
@@ -211,7 +211,7 @@ def topk_prefill_kernels() -> list[tuple[str, dict]]:
 
 
 def topk_short_kernels(widths=(4096, 8192, 16384), configs: dict | None = None) -> list[tuple[str, dict]]:
-    """``topk_slots``' kernel (a pool row in registers, fp32 logits; and its ``topk_of_pool`` form, gathering) at
+    """``topk_slots``' kernel (a pool row in registers, fp32 logits; ties by pool entry and by tie id) at
     its GPU config for each pool width, or at ``configs`` (overrides of that config, e.g. num_warps) for each;
     widths and row strides divisible by 16, as the launcher specialises them."""
     from indexcache.kernels.candidate_topk import triton as ct
@@ -219,11 +219,9 @@ def topk_short_kernels(widths=(4096, 8192, 16384), configs: dict | None = None) 
     types = {"x_ptr": "*fp32", "cand_ptr": "*i32", "tie_ptr": "*i32", "out_ptr": "*i32"}
     out = []
     for c in widths:
-        # topk_slots (ties by pool entry, by tie id: re-rank layers), topk_of_pool (gathering, ties by id)
-        for name, gather, by_id in (("short", False, False), ("short by id", False, True), ("of pool", True, True)):
+        for name, by_id in (("short", False), ("short by id", True)):   # ties by pool entry, by tie id (R layers)
             cfg = dict(ct.topk_slots_config(c, by_id), **(configs or {}))
-            ce = {"W": ct._pow2(c), "LB": cfg["LB"], "PB": cfg["PB"], "ASM": cfg["ASM"], "GATHER": gather,
-                  "BY_ID": by_id}
+            ce = {"W": ct._pow2(c), "LB": cfg["LB"], "PB": cfg["PB"], "ASM": cfg["ASM"], "BY_ID": by_id}
             out.append((f"topk {name} c={c} warps={cfg['num_warps']}",
                         compile_sm90(ct._topk_slots_kernel, types, ce, num_warps=cfg["num_warps"], num_stages=1,
                                      div16=("C", "sx", "sc", "st"))))

@@ -1,11 +1,9 @@
 """Re-rank scoring (R layers): an indexer over per-query candidate pools of the paged FP8 key cache, and top-k
-(``topk_slots``: the selection of a pool of up to MAX_SHORT and the gather of its slot ids, one launch), and
-``topk_of_pool`` (an F layer's top-k taken from its own candidate pool, the same kernel gathering the logits).
+(``topk_slots``: the selection of a pool of up to MAX_SHORT and the gather of its slot ids, one launch).
 ``ops`` dispatches, ``reference`` is plain PyTorch, ``triton`` holds the kernels."""
-from indexcache.kernels.candidate_topk.ops import (MAX_SHORT, candidate_logits, candidate_topk, topk_of_pool,
-                                                   topk_slots)
+from indexcache.kernels.candidate_topk.ops import MAX_SHORT, candidate_logits, candidate_topk, topk_slots
 from indexcache.kernels.candidate_topk.reference import (candidate_logits_reference, candidate_topk_reference,
-                                                         topk_of_pool_reference, topk_slots_reference)
+                                                         topk_slots_reference)
 
-__all__ = ["candidate_logits", "candidate_topk", "topk_slots", "topk_of_pool", "candidate_logits_reference",
-           "candidate_topk_reference", "topk_slots_reference", "topk_of_pool_reference", "MAX_SHORT"]
+__all__ = ["candidate_logits", "candidate_topk", "topk_slots", "candidate_logits_reference",
+           "candidate_topk_reference", "topk_slots_reference", "MAX_SHORT"]

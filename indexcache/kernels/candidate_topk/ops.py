@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 
 from indexcache.kernels._dispatch import use_triton
-from indexcache.kernels.candidate_topk.reference import (candidate_logits_reference, topk_of_pool_reference,
-                                                         topk_slots_reference)
+from indexcache.kernels.candidate_topk.reference import candidate_logits_reference, topk_slots_reference
 from indexcache.kernels.formats import INDEX_DIM, check_indexer_cache
 from indexcache.kernels.topk import topk_rows
 
@@ -63,27 +62,25 @@ def candidate_topk(q_fp8, w, kv_cache, cand, k: int, *, tie_ids=None) -> torch.T
     return torch.where(col < 0, -1, cand.gather(1, col.clamp(min=0).long()).to(torch.int32))
 
 
-def _check_slots(logits, cand, k, out, *, gather: bool = False):
-    """``topk_slots``' checks; ``gather``: ``topk_of_pool``'s (a pool [R, c] of column ids of logits [R, L])."""
-    fn, what = ("topk_of_pool", "pool") if gather else ("topk_slots", "cand")
+def _check_slots(logits, cand, k, out):
+    """``topk_slots``' checks."""
+    fn = "topk_slots"
     if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{fn}: logits must be [{'R, L' if gather else 'T, c'}] float32/bfloat16/float16, got "
+        raise ValueError(f"{fn}: logits must be [T, c] float32/bfloat16/float16, got "
                          f"{tuple(logits.shape)} {logits.dtype}")
-    t = logits.shape[0]
-    c = cand.shape[-1] if gather else logits.shape[1]
-    if (cand.dim() != 2 or cand.shape[0] != t or (not gather and cand.shape[1] != c)
-            or cand.dtype not in (torch.int32, torch.int64)):
-        shape = f"[R={t}, c] int32/int64 column ids" if gather else f"[T, c]=({t}, {c}) int32/int64 slot ids"
-        raise ValueError(f"{fn}: {what} must be {shape}, got {tuple(cand.shape)} {cand.dtype}")
+    t, c = logits.shape
+    if cand.dim() != 2 or tuple(cand.shape) != (t, c) or cand.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{fn}: cand must be [T, c]=({t}, {c}) int32/int64 slot ids, got {tuple(cand.shape)} "
+                         f"{cand.dtype}")
     if cand.device != logits.device:
-        raise ValueError(f"{fn}: {what} is on {cand.device}, logits on {logits.device}")
+        raise ValueError(f"{fn}: cand is on {cand.device}, logits on {logits.device}")
     if c > MAX_SHORT:
         raise ValueError(f"{fn}: pools of at most {MAX_SHORT} candidates, got {c}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"{fn}: k must be a positive int, got {k!r}")
     if out is not None and (tuple(out.shape) != (t, k) or out.dtype != torch.int32 or not out.is_contiguous()
                             or out.device != logits.device):
-        raise ValueError(f"{fn}: out must be a contiguous [{'R' if gather else 'T'}, k]=({t}, {k}) int32 tensor on "
+        raise ValueError(f"{fn}: out must be a contiguous [T, k]=({t}, {k}) int32 tensor on "
                          f"{logits.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
 
 
@@ -104,25 +101,6 @@ def topk_slots(logits: torch.Tensor, cand: torch.Tensor, k: int, *, tie_ids=None
 
         return topk_slots_triton(logits, cand, k, out=out, config=config, tie_ids=tie_ids)
     sel = topk_slots_reference(logits, cand, k, tie_ids)
-    if out is None:
-        return sel
-    out.copy_(sel)
-    return out
-
-
-def topk_of_pool(logits: torch.Tensor, pool: torch.Tensor, k: int, *, out=None, config=None) -> torch.Tensor:
-    """[R,k] int32 column ids: the k ids of ``pool`` [R, c] (column ids into ``logits`` [R, L], -1 = none) with the
-    largest logits[r, id], ties to the lower id, NaN / -inf never (ids past L count as none), in pool order, then -1
-    padding. When pool holds ``topk_rows``-rule top-c of the row (``topk_pool_rows``, c >= k), this is exactly
-    ``topk_rows(logits, k)``'s set for a read of c values per row instead of L: an F layer that publishes a
-    candidate pool takes its own top-k from it. Pools of up to MAX_SHORT; one launch on the GPU (``topk_slots``'
-    kernel, gathering). ``config`` as ``topk_slots``."""
-    _check_slots(logits, pool, k, out, gather=True)
-    if use_triton(logits):
-        from indexcache.kernels.candidate_topk.triton import topk_slots_triton
-
-        return topk_slots_triton(logits, pool, k, out=out, config=config, gather=True, tie_ids=pool)
-    sel = topk_of_pool_reference(logits, pool, k)
     if out is None:
         return sel
     out.copy_(sel)

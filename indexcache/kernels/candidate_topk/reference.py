@@ -66,13 +66,3 @@ def _in_pool_order(cand: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Te
     j = torch.where(chosen, torch.arange(c, device=cand.device), c).sort(1).values[:, :min(k, c)]
     out = torch.nn.functional.pad(cand, (0, 1), value=-1).gather(1, j).to(torch.int32)
     return torch.nn.functional.pad(out, (0, k - out.shape[1]), value=-1) if out.shape[1] < k else out
-
-
-def topk_of_pool_reference(logits: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
-    """[R,k] int32: the ids of pool [R, c] (column ids of logits [R, L], -1 or >= L = none) with the k largest
-    logits[r, id], ties to the lower id, NaN / -inf never, in pool order, then -1 padding."""
-    ids = pool.long()
-    ok = (ids >= 0) & (ids < logits.shape[1])
-    vals = logits.float().gather(1, torch.where(ok, ids, 0))
-    vals = torch.where(ok, vals, float("-inf"))
-    return _in_pool_order(ids, _chosen(vals, torch.where(ok, ids, logits.shape[1]), k), k)

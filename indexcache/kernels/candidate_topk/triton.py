@@ -112,10 +112,7 @@ def candidate_logits_triton(q_fp8, w, kv_cache, cand, *, out=None, config=None):
 # BY_ID: ties at P go to the lower tie id (tie[r, j]: a re-rank layer passes its pool's key positions, so its
 # rule is the model's, lower position first, whatever the pool's order), not the lower j: when P's tie group holds
 # more keys than needed, a second ``_kth_keys`` over -id among the ties sets the id threshold Q (ids are distinct,
-# so Q takes exactly the rest). GATHER (``topk_of_pool``, with BY_ID on the same ids): the row is x[r, cand[r, j]]
-# of a wide row (an F layer's logits, cand its candidate pool of column ids), so the top-k of a pool is
-# ``topk_rows``' top-k of the wide row whenever the pool is its top-c (c >= k) under the same rule, for a read of
-# c values per row instead of the row.
+# so Q takes exactly the rest).
 # W (the row padded to a power of two) is the only shape constexpr. C and the strides are specialised by the
 # launcher (divisible by 16 or not: pools of 4096 / 8192 / 16384 then load 16 B per instruction); k is not.
 @triton.jit
@@ -166,19 +163,15 @@ def _store_where(ptrs, val, msk, ASM: tl.constexpr):
         tl.store(ptrs, val, mask=msk)
 
 
-@triton.jit(do_not_specialize=["k", "L"])
-def _topk_slots_kernel(x_ptr, cand_ptr, tie_ptr, out_ptr, C, k, L, sx, sc, st, W: tl.constexpr, LB: tl.constexpr,
-                       PB: tl.constexpr, ASM: tl.constexpr, GATHER: tl.constexpr, BY_ID: tl.constexpr):
+@triton.jit(do_not_specialize=["k"])
+def _topk_slots_kernel(x_ptr, cand_ptr, tie_ptr, out_ptr, C, k, sx, sc, st, W: tl.constexpr, LB: tl.constexpr,
+                       PB: tl.constexpr, ASM: tl.constexpr, BY_ID: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     row = x_ptr + r * sx
     crow = cand_ptr + r * sc
     trow = tie_ptr + r * st
     cols = tl.arange(0, W)
-    if GATHER:  # the row's values are x[r, cand[r, j]] of a wide row of L columns (-1 or past L: none)
-        ids = tl.load(crow + cols, mask=cols < C, other=-1)
-        key = _keys_of(tl.load(row + ids, mask=(ids >= 0) & (ids < L), other=float("-inf")))
-    else:
-        key = _keys_of(tl.load(row + cols, mask=cols < C, other=float("-inf")))
+    key = _keys_of(tl.load(row + cols, mask=cols < C, other=float("-inf")))
     P, rem, eq, cnt = _kth_keys(key, k, LB)
     # BY_ID: of the eq keys equal to P, the rem with the smallest tie ids win: a second select over -id among the
     # ties. Q = INT_MIN (every id passes) when all ties are taken
@@ -195,18 +188,11 @@ def _topk_slots_kernel(x_ptr, cand_ptr, tie_ptr, out_ptr, C, k, L, sx, sc, st, W
     carry = tl.zeros([], tl.int32)
     for off in range(0, tl.where(m > 0, C, 0), PB):
         c = off + ar
-        if GATHER:
-            idt = tl.load(crow + c, mask=c < C, other=-1)
-            kt = _keys_of(tl.load(row + idt, mask=(idt >= 0) & (idt < L), other=float("-inf")))
-        else:
-            kt = _keys_of(tl.load(row + c, mask=c < C, other=float("-inf")))
+        kt = _keys_of(tl.load(row + c, mask=c < C, other=float("-inf")))
         above = kt > P
         tie = kt == P
         if BY_ID:
-            if GATHER:  # the tie ids are the gathered ids (topk_of_pool)
-                nid = -idt
-            else:
-                nid = -tl.load(trow + c, mask=tie, other=0)
+            nid = -tl.load(trow + c, mask=tie, other=0)
             above = above | (tie & (nid > Q))
             tie = tie & (nid == Q)
         cs = carry + tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), axis=0)  # <= 16384 each: no carry
@@ -230,10 +216,8 @@ def topk_slots_config(c: int, by_id: bool = False) -> dict:
     return dict(LB=5, num_warps=warps, PB=128 * warps, ASM=True)
 
 
-def topk_slots_triton(logits, cand, k, *, out=None, config=None, gather: bool = False, tie_ids=None):
-    """``gather``: logits is a wide row per pool row and the values are logits[r, cand[r, j]], ties to the lower
-    cand id (``tie_ids`` must be given, and is cand); otherwise logits[r, j], ties to the lower ``tie_ids[r, j]``
-    when given, else to the lower j."""
+def topk_slots_triton(logits, cand, k, *, out=None, config=None, tie_ids=None):
+    """Values logits[r, j]; ties to the lower ``tie_ids[r, j]`` when given, else to the lower j."""
     t, c = cand.shape
     cfg = dict(topk_slots_config(c, tie_ids is not None), **(config or {}))
     if out is None:
@@ -246,10 +230,10 @@ def topk_slots_triton(logits, cand, k, *, out=None, config=None, gather: bool = 
         logits = logits.contiguous()
     if cand.dtype != torch.int32 or cand.stride(1) != 1:
         cand = cand.to(torch.int32).contiguous()
-    tie = cand if tie_ids is None or gather else tie_ids     # gathering: ties by the gathered ids themselves
+    tie = cand if tie_ids is None else tie_ids
     if tie.dtype != torch.int32 or tie.stride(1) != 1:
         tie = tie.to(torch.int32).contiguous()
-    _topk_slots_kernel[(t,)](logits, cand, tie, out, c, k, logits.shape[1], logits.stride(0), cand.stride(0),
-                             tie.stride(0), W=max(16, _pow2(c)), LB=cfg["LB"], PB=cfg["PB"], ASM=cfg["ASM"],
-                             GATHER=gather, BY_ID=tie_ids is not None, num_warps=cfg["num_warps"])
+    _topk_slots_kernel[(t,)](logits, cand, tie, out, c, k, logits.stride(0), cand.stride(0), tie.stride(0),
+                             W=max(16, _pow2(c)), LB=cfg["LB"], PB=cfg["PB"], ASM=cfg["ASM"],
+                             BY_ID=tie_ids is not None, num_warps=cfg["num_warps"])
     return out
