@@ -3,6 +3,7 @@ compile for Hopper (sm_90a) without register spills, and the GEMMs keep their wg
 checked on the CPU with Triton's compiler and bundled ptxas (tests/kernels/sm90_compile.py), in a subprocess
 without the interpreter."""
 import os
+import re
 import subprocess
 import sys
 
@@ -54,12 +55,17 @@ def test_rerank_candidate_kernel_compiles_pipelined_without_spills():
 
 @pytest.mark.parametrize("flag,kernels", [
     ("--topk-decode", 3),   # the decode top-k's three launches (hist, filter1, filter2_final)
-    ("--topk-prefill", 2),  # the one-pass prefill top-k, fp32 and bf16 rows
-    ("--topk-short", 9),    # topk_slots' kernel (a pool row in registers) at pools of 4096, 8192, 16384, 3 forms
+    ("--topk-prefill", 3),  # the one-pass prefill top-k, fp32 and bf16 rows, and its two-output form
+    ("--topk-short", 6),    # topk_slots' kernel (a pool row in registers) at pools of 4096, 8192, 16384, 2 forms
 ])
 def test_topk_kernels_compile_without_spills(flag, kernels):
-    """The top-k kernels compile for sm_90a without spills."""
+    """The top-k kernels compile for sm_90a without spills; the one-pass prefill kernel within its 128-register
+    cap (two row programs per SM), where Triton 3.6 spills at most 32 bytes (3.7 none)."""
     lines, stdout = _compiled(flag)
     assert len(lines) == kernels, stdout
     for line in lines:
-        assert "spill bytes    0" in line, line
+        if flag == "--topk-prefill":
+            regs, spill = (int(x) for x in re.findall(r"registers\s+(\d+)\s+spill bytes\s+(\d+)", line)[0])
+            assert regs <= 128 and spill <= 32, line
+        else:
+            assert "spill bytes    0" in line, line
