@@ -128,12 +128,7 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
     out = torch.empty((R, k), dtype=torch.int32, device=dev)
     if R == 0:
         return [], out, {}
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    starts = (torch.zeros(R, dtype=torch.int32, device=dev) if row_start is None
-              else row_start.to(torch.int32).clamp(0, N))
-    ends = (torch.full((R,), N, dtype=torch.int32, device=dev) if row_end is None
-            else row_end.to(torch.int32).clamp(0, N))
+    logits, starts, ends = _rows_and_windows(logits, row_start, row_end)
     interp = interpreting()
     small = R <= _SMALL_R
     path = _path or ("scan" if small else "one")
@@ -174,6 +169,19 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
 
     dbg = dict(state=state, ctr=ctr, cap=cap, chunk=chunk, nc=nc, S=S, path=path)
     return [("sample", sample_launch), ("scan", scan), ("final", final)], out, dbg
+
+
+def _rows_and_windows(logits, row_start, row_end):
+    """The launches' inputs: logits with unit column stride, and int32 window bounds clamped to [0, N]."""
+    R, N = logits.shape
+    dev = logits.device
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    starts = (torch.zeros(R, dtype=torch.int32, device=dev) if row_start is None
+              else row_start.to(torch.int32).clamp(0, N))
+    ends = (torch.full((R,), N, dtype=torch.int32, device=dev) if row_end is None
+            else row_end.to(torch.int32).clamp(0, N))
+    return logits, starts, ends
 
 
 def _plan_one(x, k, starts, ends, out, cap, interp, out2=None, k2=0, maxnreg=_ONE_MAXNREG):
@@ -374,16 +382,10 @@ def topk_and_pool_rows(logits: torch.Tensor, k: int, c: int, *, row_start: torch
         raise ValueError(f"topk_and_pool_rows: c must be an int in [1, {MAX_POOL}], got {c!r}")
     if not use_triton(logits):
         return torch.cat([topk_rows_reference(logits, n, row_start=row_start, row_end=row_end) for n in (k, c)], 1)
-    R, N = logits.shape
-    dev = logits.device
-    res = torch.empty((R, k + c), dtype=torch.int32, device=dev)
-    if R == 0:
+    res = torch.empty((logits.shape[0], k + c), dtype=torch.int32, device=logits.device)
+    if logits.shape[0] == 0:
         return res
-    x = logits if logits.stride(1) == 1 else logits.contiguous()
-    starts = (torch.zeros(R, dtype=torch.int32, device=dev) if row_start is None
-              else row_start.to(torch.int32).clamp(0, N))
-    ends = (torch.full((R,), N, dtype=torch.int32, device=dev) if row_end is None
-            else row_end.to(torch.int32).clamp(0, N))
+    x, starts, ends = _rows_and_windows(logits, row_start, row_end)
     top, pool = res[:, :k], res[:, k:]
     wide, narrow = (pool, top) if c >= k else (top, pool)
     stages, _, _ = _plan_one(x, max(k, c), starts, ends, wide, _cap, interpreting(), out2=narrow, k2=min(k, c))
