@@ -63,25 +63,23 @@ def candidate_topk(q_fp8, w, kv_cache, cand, k: int, *, tie_ids=None) -> torch.T
 
 
 def _check_slots(logits, cand, k, out):
-    """``topk_slots``' checks."""
-    fn = "topk_slots"
     if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{fn}: logits must be [T, c] float32/bfloat16/float16, got "
-                         f"{tuple(logits.shape)} {logits.dtype}")
+        raise ValueError(f"topk_slots: logits must be [T, c] float32/bfloat16/float16, got {tuple(logits.shape)} "
+                         f"{logits.dtype}")
     t, c = logits.shape
-    if cand.dim() != 2 or tuple(cand.shape) != (t, c) or cand.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{fn}: cand must be [T, c]=({t}, {c}) int32/int64 slot ids, got {tuple(cand.shape)} "
+    if tuple(cand.shape) != (t, c) or cand.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_slots: cand must be [T, c]=({t}, {c}) int32/int64 slot ids, got {tuple(cand.shape)} "
                          f"{cand.dtype}")
     if cand.device != logits.device:
-        raise ValueError(f"{fn}: cand is on {cand.device}, logits on {logits.device}")
+        raise ValueError(f"topk_slots: cand is on {cand.device}, logits on {logits.device}")
     if c > MAX_SHORT:
-        raise ValueError(f"{fn}: pools of at most {MAX_SHORT} candidates, got {c}")
+        raise ValueError(f"topk_slots: pools of at most {MAX_SHORT} candidates, got {c}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"{fn}: k must be a positive int, got {k!r}")
+        raise ValueError(f"topk_slots: k must be a positive int, got {k!r}")
     if out is not None and (tuple(out.shape) != (t, k) or out.dtype != torch.int32 or not out.is_contiguous()
                             or out.device != logits.device):
-        raise ValueError(f"{fn}: out must be a contiguous [T, k]=({t}, {k}) int32 tensor on "
-                         f"{logits.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+        raise ValueError(f"topk_slots: out must be a contiguous [T, k]=({t}, {k}) int32 tensor on {logits.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
 
 def topk_slots(logits: torch.Tensor, cand: torch.Tensor, k: int, *, tie_ids=None, out=None,

@@ -343,6 +343,11 @@ def plan_decode_launches(logits, k, row_start=None, row_end=None, *, workspace=N
 MAX_POOL = 16384
 
 
+def _check_pool(c, fn: str):
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1 or c > MAX_POOL:
+        raise ValueError(f"{fn}: c must be an int in [1, {MAX_POOL}], got {c!r}")
+
+
 def topk_pool_rows(logits: torch.Tensor, c: int, *, row_start: torch.Tensor | None = None,
                    row_end: torch.Tensor | None = None, workspace: DecodeTopkWorkspace | None = None,
                    _path: str | None = None, _cap: int | None = None) -> torch.Tensor:
@@ -354,8 +359,7 @@ def topk_pool_rows(logits: torch.Tensor, c: int, *, row_start: torch.Tensor | No
     programs; ``workspace`` as there; its atomics leave the order open, run to run).
     ``_path``: "one" / "decode", ``_cap``: the one-launch path's candidate capacity (test hooks)."""
     _check(logits, 1, row_start, row_end)
-    if not isinstance(c, int) or isinstance(c, bool) or c < 1 or c > MAX_POOL:
-        raise ValueError(f"topk_pool_rows: c must be an int in [1, {MAX_POOL}], got {c!r}")
+    _check_pool(c, "topk_pool_rows")
     if not use_triton(logits):
         return topk_rows_reference(logits, c, row_start=row_start, row_end=row_end)
     R = logits.shape[0]
@@ -378,8 +382,7 @@ def topk_and_pool_rows(logits: torch.Tensor, k: int, c: int, *, row_start: torch
     selected as ``topk_pool_rows``' one-launch path does, the narrower from the same candidates (they hold every
     entry at or above the wider's threshold). k in [1, MAX_K], c in [1, MAX_POOL]; ``_cap`` as there (tests)."""
     _check(logits, k, row_start, row_end)
-    if not isinstance(c, int) or isinstance(c, bool) or c < 1 or c > MAX_POOL:
-        raise ValueError(f"topk_and_pool_rows: c must be an int in [1, {MAX_POOL}], got {c!r}")
+    _check_pool(c, "topk_and_pool_rows")
     if not use_triton(logits):
         return torch.cat([topk_rows_reference(logits, n, row_start=row_start, row_end=row_end) for n in (k, c)], 1)
     res = torch.empty((logits.shape[0], k + c), dtype=torch.int32, device=logits.device)
