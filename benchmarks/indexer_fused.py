@@ -12,15 +12,16 @@ H=64), their TFLOP/s as a fraction of the same-run cuBLAS fp8, each other config
 path's logits kernel (same logits as its default). Without it:
 
 1. Same-run ceilings (cuBLAS fp8 / bf16 8192^3, copy).
-2. Exactness: index sets of the fused path equal the two-pass path's on the same (Triton) logits, row by row
-   (on Hopper the timed two-pass path runs the Gluon logits kernel: see ``fused_rows_differ``), on random data at
+2. Exactness: index sets of the fused path equal the two-pass path's on the same logits (on Hopper both run the
+   Gluon kernel's tile code: the filter is its epilogue), row by row, on random data at
    32K (H=32 and 64) and on tie-heavy data (every n-th key a copy of one key, so the k-th score of many rows is
    tied hundreds or thousands of times) at 32K and 200K.
 3. Crossover: the whole indexer stage of one F layer, both paths (called directly, bypassing
    ``choose_prefill_path``), H=32 (GLM) and H=64 (V3.2), at 200K (full causal prefill, plus the logits-only
    floor: no-op select), 400K and 1M (evenly spaced blocks of query rows of the causal prefill, their full
    windows; the stage time is extrapolated by the ratio of (query, key) pairs, i.e. by the FLOPs); then 300K and
-   600K if the time box allows. Each is checked (the timed outputs' index sets must be equal).
+   600K if the time box allows. Each is checked (the timed outputs' index sets must be equal). On Hopper the
+   fused path is also timed with the Triton filter (the kernel the Gluon filter replaced), in the same run.
 4. A per-kernel profile of one fused run (200K H=32) and the fused kernel alone (last 8192 rows of 200K,
    thresholds of a real run) at a few launch configs, H=32 and H=64 (the first config is the default).
 Every case is time-boxed and wrapped in try/except (an error is printed and recorded, the run goes on). Tables are
@@ -99,26 +100,20 @@ def causal(s, h, seed, ties=0):
 
 def run(path, q8, w, k8, ks, rs, re, out, stats=None, logits_kernel=None):
     """One path, called directly (``choose_prefill_path`` is what this benchmark calibrates). ``logits_kernel``:
-    the two-pass path's (None: its production choice, Gluon on Hopper)."""
+    the two-pass path's logits kernel, and the fused path's filter kernel (None: the production choice, Gluon on
+    Hopper); path "fused (triton filter)": the fused path with the Triton filter."""
     if path == "fused":
-        return ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=stats)
+        return ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=stats,
+                                             candidates_kernel=logits_kernel)
+    if path == "fused (triton filter)":
+        return ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=stats,
+                                             candidates_kernel="triton")
     if path == "two-pass":
         return ix.indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, TOPK, out=out, logits_kernel=logits_kernel)
     noop = lambda lg, k, row_start=None, row_end=None: torch.empty(  # noqa: E731
         lg.shape[0], k, dtype=torch.int32, device=lg.device)
     return ix.indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, TOPK, out=out, topk_fn=noop,
                                             logits_kernel=logits_kernel)
-
-
-def fused_rows_differ(fused_out, two_pass_out, data):
-    """Rows where the fused path's sets differ from the two-pass path's on the same scores: the fused path scores
-    with the Triton tile code, so on a device where the two-pass path runs the Gluon logits kernel (whose head
-    sums round differently) the two-pass path is rerun (untimed) on Triton logits for the comparison."""
-    q8 = data[0]
-    cap = tuple(torch.cuda.get_device_capability())
-    if ix.prefill_logits_kernel(cap, q8.shape[1]) != "triton":
-        two_pass_out = run("two-pass", *data, torch.empty_like(fused_out), logits_kernel="triton")
-    return rows_differ(fused_out, two_pass_out)
 
 
 def timed_s(fn, reps):
@@ -153,8 +148,7 @@ def check(rows, label, h, data):
     t = q8.shape[0]
     st = {}
     a = run("fused", q8, w, k8, ks, rs, re, torch.empty(t, TOPK, dtype=torch.int32, device=DEV), st)
-    b = run("two-pass", q8, w, k8, ks, rs, re, torch.empty(t, TOPK, dtype=torch.int32, device=DEV),
-            logits_kernel="triton")  # the fused path's scores (see fused_rows_differ)
+    b = run("two-pass", q8, w, k8, ks, rs, re, torch.empty(t, TOPK, dtype=torch.int32, device=DEV))
     d = rows_differ(a, b)
     rows.append({"name": f"check {label}", "H": h, "rows": t, "rows_differ": d, "exact": d == 0,
                  "fallback_rows": st.get("fallback_rows"), "mean_candidates": st.get("mean_candidates"),
@@ -163,19 +157,22 @@ def check(rows, label, h, data):
 
 
 def stage(rows, ceil, label, h, data, scale=1.0, reps=3, floor=True):
-    """Time the stage with both paths (and the logits-only floor), compare their outputs."""
+    """Time the stage with both paths (the fused one also with the Triton filter where the production filter is
+    the Gluon one; and the logits-only floor), compare the two production outputs (same scores bit for bit)."""
     q8, w, k8, ks, rs, re = data
     t = q8.shape[0]
     flops = 2 * pairs(rs, re) * h * 128
     outs, timed = {}, {}
-    for path in ("fused", "two-pass") + (("logits only",) if floor else ()):
+    cap = tuple(torch.cuda.get_device_capability()) if DEV == "cuda" else None
+    alt = ("fused (triton filter)",) if ix.prefill_logits_kernel(cap, h) != "triton" else ()
+    for path in ("fused",) + alt + ("two-pass",) + (("logits only",) if floor else ()):
         out = torch.empty(t, TOPK, dtype=torch.int32, device=DEV)
         st = {}
-        sec, peak = timed_s(lambda: run(path, q8, w, k8, ks, rs, re, out, st if path == "fused" else None), reps)
+        sec, peak = timed_s(lambda: run(path, q8, w, k8, ks, rs, re, out, st if "fused" in path else None), reps)
         r = {"name": f"{label} {path}", "H": h, "rows": t, "ms": sec * 1e3, "stage_s": sec * scale,
              "tflops": flops / sec / 1e12, "frac_fp8_cublas": flops / sec / 1e12 / ceil["fp8_matmul_tflops"],
              "peak_extra_gib": peak}
-        if path == "fused":
+        if "fused" in path:
             r.update(fallback_rows=st.get("fallback_rows"), mean_candidates=st.get("mean_candidates"),
                      chunks=st.get("chunks"), sample_chunks=st.get("sample_chunks"), cap=st.get("cap"))
         rows.append(r)
@@ -183,11 +180,14 @@ def stage(rows, ceil, label, h, data, scale=1.0, reps=3, floor=True):
         print(r, flush=True)
         if path != "logits only":
             outs[path] = out
-    d = fused_rows_differ(outs["fused"], outs["two-pass"], data)
+    d = rows_differ(outs["fused"], outs["two-pass"])
     rows.append({"name": f"check {label} (timed outputs)", "H": h, "rows": t, "rows_differ": d, "exact": d == 0})
     print(rows[-1], flush=True)
     fu, tw = timed["fused"], timed["two-pass"]
     rows.append({"name": f"{label} speedup fused vs two-pass", "H": h, "ratio": tw["ms"] / fu["ms"]})
+    if alt:
+        rows.append({"name": f"{label} speedup Gluon filter vs Triton filter", "H": h,
+                     "ratio": timed[alt[0]]["ms"] / fu["ms"]})
     return {"fused_s": fu["stage_s"], "two_pass_s": tw["stage_s"], "exact": d == 0}
 
 
@@ -350,7 +350,7 @@ def fused_stage(rows, ceil, label, h, data, scale=1.0, reps=3):
              "mean_candidates": st.get("mean_candidates")}
         rows.append(r)
         print(r, flush=True)
-    d = fused_rows_differ(outs["fused"], outs["two-pass"], data)
+    d = rows_differ(outs["fused"], outs["two-pass"])
     rows.append({"name": f"check {label} fused vs two-pass", "H": h, "rows": t, "rows_differ": d, "exact": d == 0})
     print(rows[-1], flush=True)
 

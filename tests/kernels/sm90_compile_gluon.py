@@ -2,7 +2,8 @@
 and read what ptxas says.
 
     python -m tests.kernels.sm90_compile_gluon            # one line of JSON per configuration
-    python -m tests.kernels.sm90_compile_gluon --indexer  # the prefill indexer logits kernel at 32 and 64 heads
+    python -m tests.kernels.sm90_compile_gluon --indexer  # the prefill indexer logits kernel at 32 and 64 heads,
+                                                          # and its candidates form (the fused top-k's filter)
     python -m tests.kernels.sm90_compile_gluon --indexer-diagnose [--sass DIR]  # its diagnostic modes, per tile
 
 Gluon kernels have no CPU interpreter, so this is the only check a machine without a GPU can make: the kernel
@@ -139,22 +140,24 @@ def compile_down_kernel(block_m: int, block_n: int, num_stages: int, maxnreg: in
 
 
 def compile_indexer_kernel(h: int, num_stages: int = 4, maxnreg: int = 168, modes: dict | None = None,
-                           sass_path: str | None = None) -> dict:
+                           sass_path: str | None = None, cand: bool = False) -> dict:
     """The prefill indexer logits kernel (kernels/indexer/gluon.py) for H heads (BQ = 256 / H query rows a
     program); ``modes``: its diagnostic config keys (epilogue, mma, loads: "full" or "none"), all "full" if not
-    given. Adds per key tile stats of the consumer loop (``loop_stats``)."""
+    given; ``cand``: its candidates form (the fused top-k's filter). Adds per key tile stats of the consumer loop
+    (``loop_stats``)."""
     from indexcache.kernels.indexer.gluon import BKV, N_COLS, NUM_WARPS, _logits_ws_kernel, operand_layouts
 
     q_layout, k_layout = operand_layouts(N_COLS, BKV)
     types = {"q_desc": _desc_type("fp8e4nv", [N_COLS, 128], q_layout),
              "k_desc": _desc_type("fp8e4nv", [BKV, 128], k_layout),
-             "w_ptr": "*fp32", "ks_ptr": "*fp32", "rs_ptr": "*i32", "re_ptr": "*i32", "out_ptr": "*fp32"}
+             "w_ptr": "*fp32", "ks_ptr": "*fp32", "rs_ptr": "*i32", "re_ptr": "*i32", "out_ptr": "*fp32",
+             "thr_ptr": "*fp32", "cnt_ptr": "*i32", "vals_ptr": "*fp32", "cols_ptr": "*i32"}
     modes = {"epilogue": "full", "mma": "full", "loads": "full", **(modes or {})}
     constexprs = {"H": h, "NUM_STAGES": num_stages, "num_warps": NUM_WARPS,
                   "EPILOGUE": modes["epilogue"] == "full", "MMA_ON": modes["mma"] == "full",
-                  "LOADS": modes["loads"] == "full"}
+                  "LOADS": modes["loads"] == "full", "CAND": cand}
     off = "".join(f" {k} none" for k, v in modes.items() if v != "full")
-    name = f"indexer H {h} BQ {N_COLS // h} stages {num_stages} maxnreg {maxnreg}{off}"
+    name = f"indexer{' candidates' if cand else ''} H {h} BQ {N_COLS // h} stages {num_stages} maxnreg {maxnreg}{off}"
     with tempfile.TemporaryDirectory() as d:
         path = sass_path or os.path.join(d, "k.sass")
         row = _compile(_logits_ws_kernel, types, constexprs, (), NUM_WARPS, maxnreg, name, sass_path=path)
@@ -184,7 +187,8 @@ def main() -> int:
         return 0
     if "--indexer" in sys.argv[1:]:
         for h in INDEXER_HEADS:
-            print(json.dumps(compile_indexer_kernel(h)), flush=True)
+            for cand in (False, True):
+                print(json.dumps(compile_indexer_kernel(h, cand=cand)), flush=True)
         return 0
     for cfg in CONFIGS:
         print(json.dumps(compile_down_kernel(*cfg)), flush=True)

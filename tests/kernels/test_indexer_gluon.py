@@ -95,6 +95,15 @@ def test_indexer_logits_and_the_gluon_launcher_reject_what_they_do_not_support()
         indexer_logits(q8, w, k8, ks, rs, rs + 10, kernel="cutlass")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10)
+    thr = torch.zeros(rs.shape[0])
+    with pytest.raises(ValueError, match="indexer_candidates_gluon: needs CUDA tensors"):
+        ops.indexer_prefill_candidates(q8, w, k8, ks, rs, rs + 10, thr, 8, kernel="gluon")
+    with pytest.raises(ValueError, match="kernel must be 'triton' or 'gluon', got 'cutlass'"):
+        ops.indexer_prefill_candidates(q8, w, k8, ks, rs, rs + 10, thr, 8, kernel="cutlass")
+    with pytest.raises(ValueError, match="config is the Triton kernel's"):
+        ops.indexer_prefill_candidates(q8, w, k8, ks, rs, rs + 10, thr, 8, kernel="gluon", config={"BQ": 4})
+    with pytest.raises(ValueError, match="candidates_kernel must be 'triton', 'gluon' or None, got 'x'"):
+        ops.indexer_topk_prefill_fused(q8, w, k8, ks, rs, rs + 10, 4, candidates_kernel="x")
     with pytest.raises(ValueError, match="unknown config keys \\['BQ', 'schedule'\\]"):
         indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"BQ": 8, "schedule": "pingpong"})
     with pytest.raises(ValueError, match="config mma must be one of \\['full', 'none'\\].*got 'off'"):
@@ -132,7 +141,8 @@ def test_q_tiles_are_a_permutation_of_the_rows(t, h):
 @pytest.fixture(scope="module")
 def compiled():
     """One subprocess (no interpreter): the kernel at 32 and 64 heads as ``sm90_compile_gluon --indexer`` reports
-    it, then the diagnostic modes epilogue none and mma none at 32 heads."""
+    it (the logits form, then the candidates form, per head count), then the diagnostic modes epilogue none and
+    mma none at 32 heads. Returned as the two logits rows, the two diagnostic rows, the two candidates rows."""
     from tests.kernels.sm90_compile import ptxas_path
 
     if ptxas_path() is None:
@@ -146,8 +156,8 @@ def compiled():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4, r.stdout
-    return rows
+    assert len(rows) == 6, r.stdout
+    return [rows[0], rows[2], rows[4], rows[5], rows[1], rows[3]]
 
 
 def test_gluon_indexer_kernel_compiles_for_sm90_as_a_pingpong(compiled):
@@ -164,6 +174,19 @@ def test_gluon_indexer_kernel_compiles_for_sm90_as_a_pingpong(compiled):
             assert row["loop_bar_sync_per_tile"] == 2, row  # partition barriers (128 threads), not the CTA's
             if "H 32 " in row["config"]:
                 assert row["loop_shfl_per_tile"] == 0, row  # each thread holds all 32 heads of its query row
+
+
+def test_gluon_candidates_form_compiles_as_the_same_pingpong(compiled):
+    """The fused top-k's filter (``CAND``): the logits kernel's MMAs, waits and partitions, no spills, the logits
+    stores replaced by the candidates' value and column stores."""
+    for logits_row, row in zip(compiled[:2], compiled[4:]):
+        assert "candidates" in row["config"], row
+        assert row["spill_bytes"] == 0 and not row["wgmma_serialized"], row
+        assert row["wgmma"] == 8 and row["wait_groups"] == [0] and row["total_warps"] == 12, row
+        if row["sass_gmma"] is not None:
+            assert row["loop_qgmma_per_tile"] == 4, row
+            assert row["loop_ffma_per_tile"] == logits_row["loop_ffma_per_tile"], (row, logits_row)
+            assert row["loop_stg_per_tile"] == 2 * logits_row["loop_stg_per_tile"], (row, logits_row)
 
 
 def test_gluon_indexer_diagnostic_modes_keep_or_drop_exactly_the_mma_or_the_epilogue(compiled):
@@ -338,3 +361,50 @@ def test_gluon_and_triton_logits_are_bit_reproducible(h):
         a = indexer_logits(q8, w, k8, ks, rs, re, kernel=kernel)
         b = indexer_logits(q8, w, k8, ks, rs, re, kernel=kernel)
         assert torch.equal(a, b), kernel
+
+
+# ------------------------------------------------------------------------------- the candidates form on the GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [32, 64])
+def test_gluon_candidates_match_the_reference_on_its_own_logits(h):
+    """The fused top-k's filter as the Gluon kernel's epilogue: counts, and lists as sets, bit-identical values,
+    against ``prefill_candidates_ref`` on the Gluon logits of the same inputs. Long causal windows, ragged
+    starts, a NaN key scale (valid counts below the window length), overflowing rows, -inf thresholds,
+    NaN-poisoned outputs."""
+    from tests.kernels.test_indexer_candidates import _check_lists
+
+    t, s, cap = 1000, 20000 + 37, 2048
+    q8, w, k8, ks = _inputs(t, s, h, "cuda", seed=h + 1)
+    ks = ks.clone()
+    ks[12345] = float("nan")
+    re = torch.arange(s - t + 1, s + 1, dtype=torch.int32, device="cuda")
+    rs = (torch.arange(t, device="cuda", dtype=torch.int32) * 7) % 900
+    logits = indexer_logits(q8, w, k8, ks, rs, re, kernel="gluon")
+    thr = torch.where(torch.isfinite(logits), logits, float("nan")).nanquantile(0.95, dim=1)
+    thr[:8] = float("-inf")  # overflowing rows: every valid score is a candidate
+    out = (poisoned((t, cap), torch.float32, "cuda"), poisoned((t, cap), torch.int32, "cuda"),
+           poisoned((t, 2), torch.int32, "cuda"))
+    vals, cols, counts = ops.indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=out, kernel="gluon")
+    assert bool((counts[:8, 0] > cap).all()) and bool((counts[8:, 0] <= cap).all())
+    assert bool((counts[:, 1] < (re - rs)).all())  # the NaN key is not a valid score
+    _check_lists(vals, cols, counts, logits, thr, cap, poison=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h", [32, 64])
+def test_fused_topk_with_gluon_candidates_equals_the_two_pass_gluon_sets(h):
+    """The fused prefill top-k with the Gluon filter selects exactly the two-pass path's sets over the Gluon
+    logits (same scores bit for bit), rows with repeated keys (thousands of ties at the threshold: redone) and
+    packed windows included."""
+    from indexcache.kernels.indexer import indexer_topk_prefill_fused
+
+    t, s, topk = 600, 30000, 2048
+    q8, w, k8, ks = _inputs(t, s, h, "cuda", seed=h + 2)
+    k8[1000:5000] = k8[3]
+    ks[1000:5000] = ks[3]
+    rs, re = _packed_windows(t, s, "cuda", seed=4)
+    st = {}
+    got = indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, topk, candidates_kernel="gluon", stats=st)
+    want = indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, topk, logits_kernel="gluon")
+    assert st["fallback_rows"] < t // 2, st["fallback_rows"]
+    assert torch.equal(got.sort(1).values, want.sort(1).values)

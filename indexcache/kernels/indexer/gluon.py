@@ -189,6 +189,37 @@ def _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.c
 
 
 @gluon.jit
+def _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr, cols_ptr, cap, lo_t, S,
+                   H: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """``_reduce_store``'s scores, kept instead of stored (the candidates form): each valid score >= its row's
+    threshold takes the next slot of the row's list by a relaxed atomic increment of the row's count and is
+    written there with its column (slots past cap are dropped; the count keeps the true total); ``vcnt`` counts
+    the valid (not NaN, not -inf) scores a thread has seen per (key, row) position, added to the rows' counts
+    once at the end. The threshold test rejects NaN, and -inf by the threshold's -FLT_MAX floor."""
+    d = warpgroup_mma_wait(num_outstanding=0, deps=(d, ))
+    BKV: gl.constexpr = d.type.shape[0]
+    N: gl.constexpr = d.type.shape[1]
+    BQ: gl.constexpr = N // H
+    mbarrier.arrive(empty.index(i % NUM_STAGES), count=1)
+    lg = _head_sum(gl.maximum(d, 0.0) * gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
+    KQ: gl.constexpr = lg.type.layout
+    ks = gl.convert_layout(ks, gl.SliceLayout(1, KQ))  # the same rows: no data moves
+    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, KQ))
+    k2 = gl.expand_dims(keys, 1) + gl.zeros([BKV, BQ], gl.int32, KQ)
+    ok = (k2 >= gl.expand_dims(rs, 0)) & (k2 < gl.expand_dims(re, 0)) & gl.expand_dims(rmask, 0) & (k2 < S)
+    v = lg * gl.expand_dims(ks, 1)
+    vcnt += (ok & (v == v) & (v != float("-inf"))).to(gl.int32)
+    take = ok & (v >= gl.expand_dims(thr, 0))
+    r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
+    slot = gl.atomic_add(cnt_ptr + r2 * 2, gl.full([BKV, BQ], 1, gl.int32, KQ), mask=take, sem="relaxed")
+    keep = take & (slot < cap)
+    at = r2.to(gl.int64) * cap + slot
+    gl.store(vals_ptr + at, v, mask=keep)
+    gl.store(cols_ptr + at, k2, mask=keep)
+    return d, vcnt
+
+
+@gluon.jit
 def _fill(out_rows, rmask, c0, c1, S, BKV: gl.constexpr, OUT: gl.constexpr):
     """-inf at columns [c0, c1) of the program's rows (c0 a multiple of BKV; columns past S skipped)."""
     BQ: gl.constexpr = out_rows.type.shape[1]
@@ -200,19 +231,20 @@ def _fill(out_rows, rmask, c0, c1, S, BKV: gl.constexpr, OUT: gl.constexpr):
 
 @gluon.jit
 def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
-                        stride_out, lo_t, n_tiles, H: gl.constexpr, NUM_STAGES: gl.constexpr, MMA: gl.constexpr,
-                        OUT: gl.constexpr, EPILOGUE: gl.constexpr, MMA_ON: gl.constexpr, LOADS: gl.constexpr,
-                        PARITY: gl.constexpr):
+                        stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H: gl.constexpr,
+                        NUM_STAGES: gl.constexpr, MMA: gl.constexpr, OUT: gl.constexpr, EPILOGUE: gl.constexpr,
+                        MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, PARITY: gl.constexpr):
     """One warpgroup, the key tiles i = PARITY, PARITY + 2, ...: wait, one m64nN MMA, wait for it, reduce and
     store. The other parity's partition (its own warps, so no barrier ties the two) runs its MMA meanwhile.
-    PARITY 0 fills the -inf columns left of the window, 1 those right of it."""
+    PARITY 0 fills the -inf columns left of the window, 1 those right of it. ``CAND``: the scores are appended
+    to the rows' candidate lists (``_reduce_append``) instead of stored, and nothing is filled."""
     BKV: gl.constexpr = k_bufs.type.shape[1]
     N: gl.constexpr = q_smem.type.shape[0]
     BQ: gl.constexpr = N // H
     rows_o = q0 + gl.arange(0, BQ, layout=gl.SliceLayout(0, OUT))
     rmask_o = rows_o < T
     out_o = out_ptr + gl.expand_dims(rows_o.to(gl.int64) * stride_out, 0)  # [1, BQ]
-    if PARITY == 0:
+    if PARITY == 0 and not CAND:
         _fill(out_o, rmask_o, 0, lo_t, S, BKV, OUT)
     if n_tiles > PARITY:
         # the reduced tiles' layout, from a reduction of zeros (once)
@@ -236,22 +268,37 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_p
         else:  # diagnostic: a tile from loaded data in place of the accumulator (w times tile 0's key scales)
             k0 = lo_t + gl.arange(0, BKV, layout=KL)
             acc = gl.expand_dims(gl.load(ks_ptr + k0, mask=k0 < S, other=0.0), 1) * gl.expand_dims(wv, 0)
-        for i in range(PARITY, n_tiles, 2):
-            d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS)
-            acc = _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, NUM_STAGES, EPILOGUE,
-                                MMA_ON, LOADS)
-    if PARITY == 1:
+        if CAND:
+            # the threshold floored at -FLT_MAX: a -inf threshold (take every valid score) still rejects -inf
+            thr = gl.maximum(gl.load(thr_ptr + rows, mask=rmask, other=float("inf")), -3.4028234663852886e38)
+            vcnt = gl.zeros([BKV, BQ], gl.int32, KQ)
+            for i in range(PARITY, n_tiles, 2):
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True)
+                acc, vcnt = _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr,
+                                           cols_ptr, cap, lo_t, S, H, NUM_STAGES)
+            r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
+            gl.atomic_add(cnt_ptr + r2 * 2 + 1, vcnt, mask=vcnt > 0, sem="relaxed")  # valid scores, once
+        else:
+            for i in range(PARITY, n_tiles, 2):
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS)
+                acc = _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, NUM_STAGES, EPILOGUE,
+                                    MMA_ON, LOADS)
+    if PARITY == 1 and not CAND:
         _fill(out_o, rmask_o, lo_t + n_tiles * BKV, S, S, BKV, OUT)
 
 
 # chunk shapes vary (T, S and the output's row stride): one compile per head count and config
-@gluon.jit(do_not_specialize=["T", "S", "stride_out"])
+@gluon.jit(do_not_specialize=["T", "S", "stride_out", "cap"])
 def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T, S, stride_out,
+                      thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap,
                       H: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
-                      EPILOGUE: gl.constexpr = True, MMA_ON: gl.constexpr = True, LOADS: gl.constexpr = True):
+                      EPILOGUE: gl.constexpr = True, MMA_ON: gl.constexpr = True, LOADS: gl.constexpr = True,
+                      CAND: gl.constexpr = False):
     """Programs run last-first: in a causal prefill the last rows have the longest windows, and starting them
     first shortens the tail of the grid. ``EPILOGUE``, ``MMA_ON``, ``LOADS``: the diagnostic switches
-    (``config_for``), True in real use."""
+    (``config_for``), True in real use. ``CAND``: the fused prefill top-k's filter (``indexer_candidates_gluon``):
+    no logits are stored; each row's valid scores >= thr[row] go to its candidate list (values, columns: cap
+    slots a row) and counts[row] = (candidates, valid scores), which must start at zero."""
     BKV: gl.constexpr = k_desc.block_type.shape[0]
     N: gl.constexpr = q_desc.block_type.shape[0]
     BQ: gl.constexpr = N // H
@@ -282,11 +329,13 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     OUT: gl.constexpr = _out_layout(BKV, BQ, num_warps)
     gl.warp_specialize([
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
-                               S, stride_out, lo_t, n_tiles, H, NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, 0)),
+                               S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 0)),
         (_load_partition, (q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, q0 * H, lo_t, n_tiles,
                            NUM_STAGES, LOADS)),
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
-                               S, stride_out, lo_t, n_tiles, H, NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, 1)),
+                               S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 1)),
     ], [1, 4], [24, 240])
 
 
@@ -349,6 +398,33 @@ def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=No
     if t == 0 or s == 0:
         out.fill_(float("-inf"))  # no keys: every window is empty
         return out
+    _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, out, (out, out, out, out, 0),
+            EPILOGUE=cfg["epilogue"] == "full", MMA_ON=cfg["mma"] == "full", LOADS=cfg["loads"] == "full", CAND=False)
+    return out
+
+
+def indexer_candidates_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cand_val, cand_col, counts):
+    """``indexer_candidates_triton``'s contract (inputs checked by ``indexer_prefill_candidates``) on Hopper: the
+    logits kernel above with the fused top-k's filter as its epilogue, so the scores are bit-identical to
+    ``indexer_logits_gluon``'s. cand_val [T,cap] fp32, cand_col [T,cap] int32, counts [T,2] int32 (zeroed here)."""
+    t, h, _ = q_fp8.shape
+    cfg = config_for(h)
+    check_gluon_config(h, cfg)
+    if not q_fp8.is_cuda:
+        raise ValueError(f"indexer_candidates_gluon: needs CUDA tensors (Gluon has no CPU interpreter), got "
+                         f"{q_fp8.device}")
+    counts.zero_()
+    if t == 0 or k_fp8.shape[0] == 0:
+        return
+    _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, cand_val,
+            (thr.contiguous(), counts, cand_val, cand_col, cand_val.shape[1]), CAND=True)
+
+
+def _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, out, cand, **modes):
+    """One launch of ``_logits_ws_kernel``: q in ``_permute_q``'s order, TMA descriptors, a program per BQ rows.
+    ``cand``: (thr, counts, values, columns, cap) of the candidates form (placeholders in the logits form)."""
+    t, h, _ = q_fp8.shape
+    s = k_fp8.shape[0]
     bq = N_COLS // h
     q2 = _permute_q(q_fp8, bq)
     k2 = k_fp8.contiguous()
@@ -359,7 +435,5 @@ def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=No
     k_desc = TensorDescriptor.from_tensor(k2, [BKV, D], k_layout)
     grid = (triton.cdiv(t, bq),)
     _logits_ws_kernel[grid](q_desc, k_desc, w.contiguous(), k_scale.contiguous(), row_start.contiguous(),
-                            row_end.contiguous(), out, t, s, out.stride(0), H=h, NUM_STAGES=cfg["num_stages"],
-                            num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"], EPILOGUE=cfg["epilogue"] == "full",
-                            MMA_ON=cfg["mma"] == "full", LOADS=cfg["loads"] == "full")
-    return out
+                            row_end.contiguous(), out, t, s, out.stride(0), *cand, H=h,
+                            NUM_STAGES=cfg["num_stages"], num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"], **modes)

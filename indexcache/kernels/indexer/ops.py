@@ -116,15 +116,17 @@ def _logits_kernel_for(q_fp8) -> str:
 
 
 def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cap: int, *, out=None,
-                               config: dict | None = None):
+                               config: dict | None = None, kernel: str = "triton"):
     """The fused filter of the prefill top-k: per row, the valid scores >= thr[row] of its window.
 
     Returns (values [T,cap] fp32, columns [T,cap] int32, counts [T,2] int32): min(count, cap) candidates (entries
-    past the kept count are never written), counts = (all candidates, valid scores in the window). The Triton
-    kernel keeps them in no particular order (an overflowing list: any ``cap`` of the candidates); the PyTorch
-    path keeps the first ``cap`` in column order. ``out``: the three buffers to write into. ``config``
-    overrides the launch parameters (keys of ``triton.candidates_config``). Scores are those of
-    ``indexer_logits`` (same tile code: bit-identical on GPU).
+    past the kept count are never written), counts = (all candidates, valid scores in the window). The kernels
+    keep them in no particular order (an overflowing list: any ``cap`` of the candidates); the PyTorch path keeps
+    the first ``cap`` in column order. ``out``: the three buffers to write into. ``kernel``: "triton" (the
+    Triton logits kernel's tile code; ``config`` overrides its launch parameters, keys of
+    ``triton.candidates_config``) or "gluon" (the Hopper logits kernel with the filter as its epilogue; CUDA
+    only, H a power of two in [16, 128]). Scores are those of ``indexer_logits`` with the same ``kernel``
+    (bit-identical on GPU).
     """
     t, _, _ = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if tuple(thr.shape) != (t,) or thr.dtype != torch.float32:
@@ -140,6 +142,16 @@ def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr
         if tuple(buf.shape) != shape or buf.dtype != dt or not buf.is_contiguous():
             raise ValueError(f"indexer_prefill_candidates: out buffers must be contiguous {shape} {dt}, "
                              f"got {tuple(buf.shape)} {buf.dtype}")
+    if kernel not in LOGITS_KERNELS:
+        raise ValueError(f"indexer_prefill_candidates: kernel must be 'triton' or 'gluon', got {kernel!r}")
+    if kernel == "gluon":
+        if config:
+            raise ValueError(f"indexer_prefill_candidates: config is the Triton kernel's, got {config!r} with "
+                             f"kernel='gluon'")
+        from indexcache.kernels.indexer.gluon import indexer_candidates_gluon  # noqa: PLC0415
+
+        indexer_candidates_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, *out)
+        return out
     if use_triton(q_fp8):
         from indexcache.kernels.indexer.triton import indexer_candidates_triton  # noqa: PLC0415
 
@@ -357,17 +369,26 @@ def _take_rows(x, idx):
 
 def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
                                workspace_bytes: int = 2 << 30, topk_fn=None, out=None, sample_stride: int | None = None,
-                               cap: int | None = None, stats: dict | None = None, config: dict | None = None):
+                               cap: int | None = None, stats: dict | None = None, config: dict | None = None,
+                               candidates_kernel: str | None = None):
     """``indexer_topk_prefill`` by the fused logits + candidate filter (see the comment above ``SAMPLE_STRIDE``).
 
     Budget: the candidate lists of an outer chunk of rows take 1/2 of the workspace (large chunks keep the
     fused kernel's grid many waves deep); the sample logits + threshold select and the final select run in
     sub-chunks of 1/4 each. ``sample_stride`` / ``cap`` override ``fused_params`` (tests); ``stats`` receives
-    the counters (fallback rows, mean candidates per row, chunks, thresholds); ``config`` overrides the
-    candidates kernel's launch parameters (keys of ``triton.candidates_config``)."""
+    the counters (fallback rows, mean candidates per row, chunks, thresholds); ``candidates_kernel``: the
+    filter's kernel, "triton" or "gluon" (``indexer_prefill_candidates``' kernel; None = the prefill logits
+    kernel of q's device and heads, ``prefill_logits_kernel``); rows redone by the two-pass path are scored by
+    the same kernel's logits. ``config`` overrides the Triton filter's launch parameters (keys of
+    ``triton.candidates_config``)."""
     topk_fn, out, rs_all, re_all = _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, out)
     t, s = q_fp8.shape[0], k_fp8.shape[0]
     dev = q_fp8.device
+    if candidates_kernel is None:
+        candidates_kernel = _logits_kernel_for(q_fp8)
+    elif candidates_kernel not in LOGITS_KERNELS:
+        raise ValueError(f"indexer_topk_prefill_fused: candidates_kernel must be 'triton', 'gluon' or None, "
+                         f"got {candidates_kernel!r}")
     p, r, cap = fused_params(topk, sample_stride, cap)
     sel = sample_columns(s, p, dev)
     k8s, kss = _take_rows(k_fp8, sel), k_scale[sel]
@@ -406,7 +427,8 @@ def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, top
         n = r1 - r0
         cv, cc, cnt = indexer_prefill_candidates(q_fp8[r0:r1], w[r0:r1], k_fp8, k_scale, rs_all[r0:r1],
                                                  re_all[r0:r1], thr[r0:r1], cap,
-                                                 out=(cand_val[:n], cand_col[:n], counts[:n]), config=config)
+                                                 out=(cand_val[:n], cand_col[:n], counts[:n]), config=config,
+                                                 kernel=candidates_kernel)
         for a in range(0, n, inner):
             b = min(n, a + inner)
             kept = cnt[a:b, 0].clamp(max=cap)
@@ -418,10 +440,10 @@ def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, top
             stats.setdefault("candidates", []).append(cnt[:, 0].clone())
     redo = bad.nonzero().flatten()  # one sync for the whole call
     if redo.numel():
-        # scored by the Triton tile code, as the candidates were: a row's set does not depend on being redone
+        # scored by the candidates' kernel, bit for bit: a row's set does not depend on being redone
         out[redo] = indexer_topk_prefill_two_pass(_take_rows(q_fp8, redo), w[redo], k_fp8, k_scale, rs_all[redo],
                                                   re_all[redo], topk, workspace_bytes=workspace_bytes,
-                                                  topk_fn=topk_fn, logits_kernel="triton")
+                                                  topk_fn=topk_fn, logits_kernel=candidates_kernel)
     if stats is not None:
         found = torch.cat(stats.pop("candidates")) if t else torch.zeros(0)
         stats.update(fallback_rows=int(redo.numel()), redo=redo, thr=thr, sample_stride=p, sample_rank=r, cap=cap,
