@@ -17,6 +17,7 @@ Run it in a process without TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -80,7 +81,44 @@ def _compile(fn, types: dict, constexprs: dict, div16: tuple[str, ...], num_warp
             # in the machine code: the fp8 MMAs and the waits that leave one MMA group in flight
             "sass_gmma": None if sass is None else len(re.findall(r"\bQGMMA\.", sass)),
             "sass_wait_1": None if sass is None else len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1\b", sass)),
-            "ptxas_notes": [ln for ln in r.stderr.splitlines() if "Performance" in ln or "arning" in ln]}
+            "ptxas_notes": [ln for ln in r.stderr.splitlines() if "Performance" in ln or "arning" in ln],
+            # the scores' arithmetic (``score_expressions``), as a digest: equal digests, equal bits
+            "score_digest": hashlib.sha1("\n".join(score_expressions(ptx)).encode()).hexdigest()[:16],
+            "scores_per_partition_tile": len(score_expressions(ptx))}
+
+
+def score_expressions(ptx: str) -> list[str]:
+    """The f32 arithmetic behind each score the PTX computes, as canonical expression strings, sorted: a symbolic
+    run through the PTX where wgmma outputs are ``acc[i]`` (their place in the instruction), global loads ``ld``
+    (renamed by first use inside each expression), shuffles and constants kept as written. A score is a ``mul``
+    of a fused multiply-add chain (the head sum times the key scale). Two kernels that list the same expressions
+    round every score the same way: which product an FMA contraction rounds first is visible here."""
+    env: dict[str, tuple] = {}
+    loads = 0
+    scores = []
+    for line in ptx.splitlines():
+        s = line.strip()
+        if m := re.match(r"wgmma\.mma_async\S*\s+\{([^}]*)\}", s):
+            for i, r in enumerate(x.strip() for x in m.group(1).split(",")):
+                env[r] = ("acc", i)
+        elif m := re.match(r"(?:@%p\d+\s+)?ld\.global\S*\s+\{?\s*(%r\d+)\s*\}?,", s):
+            env[m.group(1)] = ("ld", loads)
+            loads += 1
+        elif m := re.match(r"shfl\.sync\.(\w+)\.b32\s+(%r\d+),\s*(%r\d+),\s*(\w+)", s):
+            env[m.group(2)] = ("shfl", m.group(1), env.get(m.group(3), m.group(3)), m.group(4))
+        elif m := re.match(r"mov\.b32\s+(%r\d+),\s*(-?\d+|%r\d+);", s):
+            env[m.group(1)] = env.get(m.group(2), ("const", m.group(2)))
+        elif m := re.match(r"(max|min|mul|add|sub|fma\.rn)\.f32\s+(%r\d+),\s*([^;]*);", s):
+            args = tuple(env.get(a.strip(), a.strip()) for a in m.group(3).split(","))
+            env[m.group(2)] = (m.group(1),) + args
+            if m.group(1) == "mul" and any(isinstance(a, tuple) and a[0] in ("fma.rn", "add") for a in args):
+                scores.append(env[m.group(2)])
+
+    def canonical(e) -> str:
+        names: dict[str, str] = {}
+        return re.sub(r"\('ld', (\d+)\)", lambda x: names.setdefault(x.group(1), f"ld{len(names)}"), repr(e))
+
+    return sorted(canonical(e) for e in scores)
 
 
 def _main_loop(sass: str) -> str:

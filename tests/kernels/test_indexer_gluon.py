@@ -187,6 +187,30 @@ def test_gluon_candidates_form_compiles_as_the_same_pingpong(compiled):
             assert row["loop_qgmma_per_tile"] == 4, row
             assert row["loop_ffma_per_tile"] == logits_row["loop_ffma_per_tile"], (row, logits_row)
             assert row["loop_stg_per_tile"] == 2 * logits_row["loop_stg_per_tile"], (row, logits_row)
+        # the same arithmetic for every score (each FMA contraction rounding the same product): the fused top-k
+        # selects exactly the two-pass path's sets only if the candidates' values are the logits' bits
+        assert row["scores_per_partition_tile"] == logits_row["scores_per_partition_tile"] == 8, (row, logits_row)
+        assert row["score_digest"] == logits_row["score_digest"], (row, logits_row)
+
+
+def test_score_expressions_tell_which_product_an_fma_rounds():
+    """``score_expressions`` on hand-written PTX: a head sum whose first two products are contracted the other
+    way round (fma(a, b, c*d) against fma(c, d, a*b)) is a different score; renamed registers are not."""
+    from tests.kernels.sm90_compile_gluon import score_expressions
+
+    def ptx(mul, fma, w0="%r10"):
+        """relu-free head sum of two products (acc 0 times w0, acc 1 times w1) times a key scale"""
+        prod = {"0": f"%r1, {w0}", "1": "%r2, %r11"}
+        return "\n".join([
+            "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%r1,%r2,%r3,%r4}, %rd1, %rd2, %p1, 1, 1;",
+            f"@%p2 ld.global.b32 {{ {w0} }}, [ %rd3 + 0 ];", "@%p2 ld.global.b32 { %r11 }, [ %rd4 + 0 ];",
+            "@%p2 ld.global.b32 { %r12 }, [ %rd5 + 0 ];",
+            f"mul.f32 %r20, {prod[mul]};", f"fma.rn.f32 %r21, {prod[fma]}, %r20;", "mul.f32 %r22, %r21, %r12;"])
+
+    a, b, renamed = ptx("1", "0"), ptx("0", "1"), ptx("1", "0", w0="%r13")
+    assert len(score_expressions(a)) == 1
+    assert score_expressions(a) == score_expressions(renamed)
+    assert score_expressions(a) != score_expressions(b)
 
 
 def test_gluon_indexer_diagnostic_modes_keep_or_drop_exactly_the_mma_or_the_epilogue(compiled):

@@ -130,15 +130,26 @@ def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.conste
 
 
 @gluon.jit
-def _head_sum(p, H: gl.constexpr, BQ: gl.constexpr):
-    """[BKV, N] -> [BKV, BQ]: the sum over each query row's heads, columns in the q tile's order (G column
-    groups of BQS = BQ / G rows; in a group n = (j * BQS + q) * 2 + e for head h = 2j + e, see ``_permute_q``)."""
-    BKV: gl.constexpr = p.type.shape[0]
+def _weighted_add(av, aw, bv, bw):
+    """(av * aw + bv * bw, 1): two weighted values as one explicit fused multiply-add. The compiler contracts
+    a sum of two products into an FMA rounding either product first, its choice varying with the code around
+    it; with this combine every addition but the first has one product operand, and the first is spelled out,
+    so the logits and candidates forms of the kernel add the same bits (1.0 * x folds away: no extra work)."""
+    return gl.fma(av, aw, bv * bw), gl.to_tensor(1.0)
+
+
+@gluon.jit
+def _head_sum(v, w, H: gl.constexpr, BQ: gl.constexpr):
+    """sum_h v * w per (key, query row): [BKV, N] values and [1, N] weights -> [BKV, BQ], columns in the q
+    tile's order (G column groups of BQS = BQ / G rows; in a group n = (j * BQS + q) * 2 + e for head h = 2j + e,
+    see ``_permute_q``): one chain of fused multiply-adds a thread (``_weighted_add``)."""
+    BKV: gl.constexpr = v.type.shape[0]
     G: gl.constexpr = _groups(BQ * H)
     BQS: gl.constexpr = BQ // G
-    # one sum over [BKV, BQ, H] (a chain of fused multiply-adds with the weights) rather than nested ones
-    heads = gl.permute(gl.reshape(p, [BKV, G, H // 2, BQS, 2]), [0, 1, 3, 2, 4])
-    return gl.sum(gl.reshape(heads, [BKV, BQ, H]), axis=2)
+    w = gl.broadcast(v, w)[1]
+    vh = gl.reshape(gl.permute(gl.reshape(v, [BKV, G, H // 2, BQS, 2]), [0, 1, 3, 2, 4]), [BKV, BQ, H])
+    wh = gl.reshape(gl.permute(gl.reshape(w, [BKV, G, H // 2, BQS, 2]), [0, 1, 3, 2, 4]), [BKV, BQ, H])
+    return gl.reduce((vh, wh), 2, _weighted_add)[0]
 
 
 @gluon.jit
@@ -175,9 +186,9 @@ def _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.c
     if not EPILOGUE:
         lg = _first_head(d, H, BQ)
     elif MMA_ON:
-        lg = _head_sum(gl.maximum(d, 0.0) * gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
+        lg = _head_sum(gl.maximum(d, 0.0), gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
     else:
-        lg = _head_sum(gl.maximum(d, gl.expand_dims(ks, 1)) * gl.expand_dims(wv, 0), H, BQ)
+        lg = _head_sum(gl.maximum(d, gl.expand_dims(ks, 1)), gl.expand_dims(wv, 0), H, BQ)
     KQ: gl.constexpr = lg.type.layout
     ks = gl.convert_layout(ks, gl.SliceLayout(1, KQ))  # the same rows: no data moves
     keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, KQ))
@@ -201,7 +212,7 @@ def _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr,
     N: gl.constexpr = d.type.shape[1]
     BQ: gl.constexpr = N // H
     mbarrier.arrive(empty.index(i % NUM_STAGES), count=1)
-    lg = _head_sum(gl.maximum(d, 0.0) * gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
+    lg = _head_sum(gl.maximum(d, 0.0), gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
     KQ: gl.constexpr = lg.type.layout
     ks = gl.convert_layout(ks, gl.SliceLayout(1, KQ))  # the same rows: no data moves
     keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, KQ))
@@ -248,7 +259,8 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_p
         _fill(out_o, rmask_o, 0, lo_t, S, BKV, OUT)
     if n_tiles > PARITY:
         # the reduced tiles' layout, from a reduction of zeros (once)
-        KQ: gl.constexpr = _head_sum(gl.zeros([BKV, N], gl.float32, MMA), H, BQ).type.layout
+        KQ: gl.constexpr = _head_sum(gl.zeros([BKV, N], gl.float32, MMA), gl.zeros([1, N], gl.float32, MMA), H,
+                                     BQ).type.layout
         KL: gl.constexpr = gl.SliceLayout(1, MMA)
         rows = q0 + gl.arange(0, BQ, layout=gl.SliceLayout(0, KQ))
         rmask = rows < T
