@@ -316,6 +316,34 @@ def test_plan_prefill_chunks_respects_workspace():
         plan_prefill_chunks(rs, re, 64, 100)
 
 
+def test_plan_prefill_chunks_fills_whole_waves():
+    """With ``wave_rows``, each chunk that has room for more than a wave takes a multiple of it (the largest that
+    fits), so only a segment's last chunk leaves a wave part-empty; the workspace is still respected; rows of
+    ragged packed windows are all covered once."""
+    t, s, ws, topk = 3000, 9000, 1 << 20, 64
+    re = torch.arange(s - t + 1, s + 1, dtype=torch.int32)
+    rs = (torch.arange(t, dtype=torch.int32) * 13) % 500
+    plain = plan_prefill_chunks(rs, re, topk, ws)
+    for wave in (7, 40, 1000):
+        chunks = plan_prefill_chunks(rs, re, topk, ws, wave_rows=wave)
+        assert [c[0] for c in chunks[1:]] == [c[1] for c in chunks[:-1]] and chunks[0][0] == 0 and chunks[-1][1] == t
+        for r0, r1, c0, c1 in chunks:
+            n = r1 - r0
+            assert n * ((c1 - c0) * 4 + 24 * topk) <= ws and n * (c1 - c0) * 4 <= ws * 3 // 4
+            assert c0 == int(rs[r0:r1].min()) and c1 == int(re[r0:r1].max())
+            r0_, r1_, _, _ = plan_prefill_chunks(rs[r0:], re[r0:], topk, ws)[0]  # the rows that fit from r0
+            if r1 < t and r1_ - r0_ > wave:
+                assert n % wave == 0 and n > r1_ - r0_ - wave, (wave, r0, n)
+            else:
+                assert n == r1_ - r0_, (wave, r0, n)
+        if wave < plain[0][1]:
+            assert len(chunks) >= len(plain)
+    assert plan_prefill_chunks(rs, re, topk, ws, wave_rows=1) == plain
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="wave_rows"):
+            plan_prefill_chunks(rs, re, topk, ws, wave_rows=bad)
+
+
 def test_topk_rows_torch_padding():
     logits = torch.randn(3, 10)
     idx = topk_rows_torch(logits, 12, row_start=torch.tensor([0, 2, 5]), row_end=torch.tensor([10, 4, 5]))

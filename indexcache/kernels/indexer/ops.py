@@ -109,6 +109,17 @@ def prefill_logits_kernel(capability: tuple[int, int] | None, heads: int) -> str
     return "gluon" if supports_heads(heads) else "triton"
 
 
+def logits_wave_rows(kernel: str, heads: int, device) -> int:
+    """Query rows the prefill logits kernel ``kernel`` covers in one wave of programs on ``device``: the Gluon
+    kernel runs one program of 256 / H rows per SM (168 registers x 12 warps fill an SM's register file). 1 for the
+    Triton kernel (its occupancy depends on the config) and off CUDA: no wave alignment."""
+    if kernel != "gluon" or not torch.device(device).type == "cuda":
+        return 1
+    from indexcache.kernels.indexer.gluon import N_COLS  # noqa: PLC0415
+
+    return (N_COLS // heads) * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _logits_kernel_for(q_fp8) -> str:
     """``prefill_logits_kernel`` for q_fp8's device and head count."""
     cap = tuple(torch.cuda.get_device_capability(q_fp8.device)) if q_fp8.is_cuda else None
@@ -185,7 +196,7 @@ def _into(out, res):
 
 
 def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
-                        slot_bytes: int = SLOT_BYTES) -> list[tuple[int, int, int, int]]:
+                        slot_bytes: int = SLOT_BYTES, wave_rows: int = 1) -> list[tuple[int, int, int, int]]:
     """Split rows into chunks [r0, r1) whose logits over their column span [c0, c1) and whose selection fit in
     workspace_bytes together: rows * (span * 4 + slot_bytes * topk) <= workspace_bytes, the fp32 logits of a
     chunk beside the selection's temporaries (``slot_bytes`` per top-k slot per row; default SLOT_BYTES for the
@@ -195,8 +206,14 @@ def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
     Why both: a fixed quarter for the selection halved the rows per chunk of an F layer with a pool of 8192 (run
     66: 43 vs 27 ms per 8192-row chunk at 200K, 1 GiB), while letting the logits take more than 3/4 made the plain
     F chunk slower at 1 GiB (run 67/68: 1152-row chunks 29 ms per 8192 rows against 18.5 for 960-row ones; cause
-    not isolated).
+    not isolated; likely the wave count: 144 programs of 8 rows on 132 SMs run as two waves, 120 as one).
+
+    ``wave_rows``: the rows the logits kernel runs in one wave of programs over the device (``logits_wave_rows``).
+    A chunk with room for more than that many rows takes a multiple of it (its last wave full), and no chunk but
+    a segment's last is left with a partial wave.
     """
+    if isinstance(wave_rows, bool) or not isinstance(wave_rows, int) or wave_rows < 1:
+        raise ValueError(f"plan_prefill_chunks: wave_rows must be a positive int, got {wave_rows!r}")
     row_bytes = slot_bytes * topk
     if row_bytes >= workspace_bytes:
         raise ValueError(f"indexer_topk_prefill: workspace_bytes={workspace_bytes} is too small for topk={topk}; "
@@ -205,14 +222,16 @@ def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
         row_start, row_end, workspace_bytes, row_bytes, None,
         lambda cost, span: f"indexer_topk_prefill: workspace_bytes={workspace_bytes} cannot hold one row of "
                            f"{span} logits and its selection; raise it to at least {cost * 4 // 3 + 1}",
-        logits_cap=workspace_bytes - workspace_bytes // 4)
+        logits_cap=workspace_bytes - workspace_bytes // 4, multiple=wave_rows)
 
 
 def _greedy_row_chunks(row_start, row_end, budget: int, row_bytes: int, max_rows: int | None,
-                       too_small, logits_cap: int | None = None) -> list[tuple[int, int, int, int]]:
+                       too_small, logits_cap: int | None = None,
+                       multiple: int = 1) -> list[tuple[int, int, int, int]]:
     """Consecutive rows [r0, r1), each chunk as long as rows * (span * 4 + row_bytes) <= budget (span: the chunk's
     column range [c0, c1) of the windows), rows * span * 4 <= ``logits_cap`` when given, and at most ``max_rows``;
-    ``too_small(cost, span)`` words the error when one row does not fit. Returns (r0, r1, c0, c1). Needs the
+    ``too_small(cost, span)`` words the error when one row does not fit; a chunk with room for more than
+    ``multiple`` rows that does not end the rows takes a multiple of it. Returns (r0, r1, c0, c1). Needs the
     windows on the host (one device sync)."""
     rs = row_start.long().cpu().numpy()
     re = np.maximum(row_end.long().cpu().numpy(), rs)
@@ -229,6 +248,8 @@ def _greedy_row_chunks(row_start, row_end, budget: int, row_bytes: int, max_rows
             n = min(n, int(np.searchsorted(np.arange(1, len(lo) + 1) * (hi - lo) * 4, logits_cap, side="right")))
         if n == 0:
             raise ValueError(too_small(int(cost[0]), int(hi[0] - lo[0])))
+        if n > multiple and r0 + n < t:
+            n -= n % multiple
         chunks.append((r0, r0 + n, int(lo[n - 1]), int(hi[n - 1])))
         r0 += n
     return chunks
@@ -240,8 +261,8 @@ def _greedy_row_chunks(row_start, row_end, budget: int, row_bytes: int, max_rows
 # chunk of a long context holds few rows (~370 at 1M), too few programs for the GPU; the fused pass has no chunk.
 # At H=32 the 200K tie (1.02x alone) goes to two-pass: the whole 47-layer 200K prefill measured 33.1 s with the
 # fused path on its last chunks against 32.0 s without (runs 23 and 18).
-FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 300_000
-FUSED_MIN_CONTEXT_OVER_32_HEADS = 300_000
+FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 600_000
+FUSED_MIN_CONTEXT_OVER_32_HEADS = 1_048_576
 
 
 def choose_prefill_path(ctx: int, heads: int) -> str:
@@ -281,10 +302,11 @@ def _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, 
 
 def indexer_topk_prefill_two_pass(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk: int, *,
                                   workspace_bytes: int = 2 << 30, topk_fn=None, out=None,
-                                  logits_kernel: str | None = None):
+                                  logits_kernel: str | None = None, wave_rows: int | None = None):
     """``indexer_topk_prefill`` by two passes: rows in chunks whose logits over the chunk's column span fit in
     ``workspace_bytes`` (``plan_prefill_chunks``), each chunk's logits written, then selected by ``topk_fn``.
-    ``logits_kernel``: ``indexer_logits``'s ``kernel``; None: ``prefill_logits_kernel`` for q's device and H."""
+    ``logits_kernel``: ``indexer_logits``'s ``kernel``; None: ``prefill_logits_kernel`` for q's device and H.
+    ``wave_rows``: the planner's wave alignment; None: ``logits_wave_rows`` of that kernel (1: none)."""
     topk_fn, out, rs_all, re_all = _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, out)
     if logits_kernel is None:
         logits_kernel = _logits_kernel_for(q_fp8)
@@ -292,7 +314,9 @@ def indexer_topk_prefill_two_pass(q_fp8, w, k_fp8, k_scale, row_start, row_end, 
         raise ValueError(f"indexer_topk_prefill: logits_kernel must be 'triton', 'gluon' or None, "
                          f"got {logits_kernel!r}")
     s = k_fp8.shape[0]
-    chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, selection_slot_bytes(topk_fn, topk, s))
+    wave_rows = wave_rows or logits_wave_rows(logits_kernel, q_fp8.shape[1], q_fp8.device)
+    chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, selection_slot_bytes(topk_fn, topk, s),
+                                 wave_rows=wave_rows)
     need_max = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0
     buf = torch.empty(max(need_max, 1), dtype=torch.float32, device=q_fp8.device)  # one buffer, reused
     for r0, r1, c0, c1 in chunks:
