@@ -7,7 +7,8 @@ engine's max_prefill_tokens), each ``indexer_topk_prefill_two_pass`` over the ke
 workspace (1 GiB) and its top-k (``topk_rows``). Per head count, the whole stage is timed with the planner's
 chunks aligned to whole waves of the logits kernel (``logits_wave_rows``) and with the plain plan
 (``wave_rows=1``), alternating, the median of ``--reps``; the two must select the same index sets. Same-run
-ceilings; JSON to $OUT (or runs/benchmarks) as indexer_waves.json. ``--tiny``: a CPU dry run of the script (PyTorch paths).
+ceilings; JSON to $OUT (or runs/benchmarks) as indexer_waves.json. ``--tiny``: a CPU dry run of the script
+(PyTorch paths).
 """
 from __future__ import annotations
 
