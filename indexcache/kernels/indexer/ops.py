@@ -255,14 +255,16 @@ def _greedy_row_chunks(row_start, row_end, budget: int, row_bytes: int, max_rows
     return chunks
 
 
-# Path of indexer_topk_prefill by (context, heads), from the crossover table of benchmarks/indexer_fused.py (H200,
-# 2 GiB workspace, run 22): the fused path from this many keys on. H=32: fused 1.02x at 200K, 1.18x at 300K, 1.4x
-# at 400K, 2.6x at 1M; H=64: two-pass 1.06x faster at 200K, fused 1.05x at 300K, 1.9x at 1M. The two-pass logits
-# chunk of a long context holds few rows (~370 at 1M), too few programs for the GPU; the fused pass has no chunk.
-# At H=32 the 200K tie (1.02x alone) goes to two-pass: the whole 47-layer 200K prefill measured 33.1 s with the
-# fused path on its last chunks against 32.0 s without (runs 23 and 18).
-FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 600_000
-FUSED_MIN_CONTEXT_OVER_32_HEADS = 1_048_576
+# Path of indexer_topk_prefill by (context, heads): the fused path from this many keys on. The choice is made per
+# call, i.e. per prefill step of the engine, so what counts is a step's cost at S keys, not a whole prefill's.
+# The two-pass logits chunk of a long context holds few rows (1 GiB, the engine's workspace: ~670 rows at 300K,
+# ~200 at 1M), too few programs to fill the GPU; the fused pass has no chunk. H<=32: the whole 47-layer 1M
+# prefill (keep 1/4, Gluon filter) took 124.7 / 117.5 / 114.9 s with the fused path from 600K / 300K / 220K
+# keys (H200 runs 100-102); the 200K prefill never reaches it. H>32: from the crossover table of
+# benchmarks/indexer_fused (run 97, 2 GiB), step by step: between 200K and 300K keys two-pass is faster (the
+# whole-stage times grow 0.47 s two-pass, 0.63 s fused), from 300K to 400K they tie, above they favour fused.
+FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 220_000
+FUSED_MIN_CONTEXT_OVER_32_HEADS = 400_000
 
 
 def choose_prefill_path(ctx: int, heads: int) -> str:
