@@ -3,8 +3,9 @@
     python -m benchmarks.indexer_waves [--context 200000] [--heads 32,64] [--reps 3]
 
 A causal prefill of ``--context`` tokens is run as the engine runs it: steps of ``--step`` query rows (the
-engine's max_prefill_tokens), each ``indexer_topk_prefill_two_pass`` over the keys so far with the engine's
-workspace (1 GiB) and its top-k (``topk_rows``). Per head count, the whole stage is timed with the planner's
+engine's default max_prefill_tokens), each ``indexer_topk_prefill_two_pass`` over the keys so far with the
+engine's default workspace (1 GiB; ``benchmarks.e2e`` runs 16K-token steps and 4 GiB: ``--step``,
+``--workspace-bytes``) and its top-k (``topk_rows``). Per head count, the whole stage is timed with the planner's
 chunks aligned to whole waves of the logits kernel (``logits_wave_rows``) and with the plain plan
 (``wave_rows=1``), alternating, the median of ``--reps``; the two must select the same index sets. Same-run
 ceilings; JSON to $OUT (or runs/benchmarks) as indexer_waves.json. ``--tiny``: a CPU dry run of the script

@@ -206,7 +206,8 @@ def plan_prefill_chunks(row_start, row_end, topk: int, workspace_bytes: int,
     Why both: a fixed quarter for the selection halved the rows per chunk of an F layer with a pool of 8192 (run
     66: 43 vs 27 ms per 8192-row chunk at 200K, 1 GiB), while letting the logits take more than 3/4 made the plain
     F chunk slower at 1 GiB (run 67/68: 1152-row chunks 29 ms per 8192 rows against 18.5 for 960-row ones; cause
-    not isolated; likely the wave count: 144 programs of 8 rows on 132 SMs run as two waves, 120 as one).
+    not isolated; likely the wave count: 144 programs of 8 rows on 132 SMs run as two waves, 120 as one. With
+    chunks aligned to waves the engine-default stage at 200K ran 1.23x faster, run 103).
 
     ``wave_rows``: the rows the logits kernel runs in one wave of programs over the device (``logits_wave_rows``).
     A chunk with room for more than that many rows takes a multiple of it (its last wave full), and no chunk but
@@ -257,10 +258,11 @@ def _greedy_row_chunks(row_start, row_end, budget: int, row_bytes: int, max_rows
 
 # Path of indexer_topk_prefill by (context, heads): the fused path from this many keys on. The choice is made per
 # call, i.e. per prefill step of the engine, so what counts is a step's cost at S keys, not a whole prefill's.
-# The two-pass logits chunk of a long context holds few rows (1 GiB, the engine's workspace: ~670 rows at 300K,
-# ~200 at 1M), too few programs to fill the GPU; the fused pass has no chunk. H<=32: the whole 47-layer 1M
-# prefill (keep 1/4, Gluon filter) took 124.7 / 117.5 / 114.9 s with the fused path from 600K / 300K / 220K
-# keys (H200 runs 100-102); the 200K prefill never reaches it. H>32: from the crossover table of
+# The two-pass logits chunk of a long context holds few rows (3/4 of the workspace: at 4 GiB, as benchmarks.e2e
+# runs, ~2700 rows at 300K and ~800 at 1M; a quarter of that at the engine's default 1 GiB), too few programs to
+# fill the GPU; the fused pass has no chunk. H<=32: the whole 47-layer 1M prefill (keep 1/4, Gluon filter, 4 GiB,
+# 16K-token steps) took 124.7 / 117.5 / 114.9 s with the fused path from 600K / 300K / 220K keys (H200 runs
+# 100-102); the 200K prefill never reaches it. H>32: from the crossover table of
 # benchmarks/indexer_fused (run 97, 2 GiB), step by step: between 200K and 300K keys two-pass is faster (the
 # whole-stage times grow 0.47 s two-pass, 0.63 s fused), from 300K to 400K they tie, above they favour fused.
 FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 220_000
