@@ -3,6 +3,12 @@ run: their exactness, and the crossover table that sets ``ops.FUSED_MIN_CONTEXT_
 
     python -m benchmarks.indexer_fused [--budget-s 210]
     python -m benchmarks.indexer_fused --candidates [--budget-s 170]   # the candidates kernel, ~1 min
+    python -m benchmarks.indexer_fused --steps [--workspace-gb 4] [--step-rows 16384]   # per engine step
+
+``--steps`` times one engine prefill step per context S (the last 16384 query rows of a causal prefill of S
+keys, both paths with benchmarks.e2e's 4-GiB workspace, their index sets compared) from 100K to 1M, H=32 and 64,
+and prints the constants that table implies: ``choose_prefill_path`` decides per call, i.e. per step, so a
+whole prefill's crossover (below) counts every step under S and places the switch too late.
 
 ``--candidates`` runs only ``compare_candidates``: the fused candidates kernel alone (thresholds of a real fused
 run) at its default launch config and two others, on the last rows of 200K and 1M (H=32; the default also at 1M
@@ -45,10 +51,12 @@ TOPK = 2048
 # problem sizes; "tiny" is a CPU dry run of the script logic (TRITON_INTERPRET=1, --tiny)
 SIZES = {
     "full": dict(warm=(12288, 4096), small=32768, big=200_000, ties_rows=8192, blocks=16, per=2048,
-                 sampled=(400_000, 1 << 20), extra=(300_000, 600_000)),
+                 sampled=(400_000, 1 << 20), extra=(300_000, 600_000),
+                 steps=(100_000, 150_000, 200_000, 250_000, 300_000, 400_000, 600_000, 1_000_000), step_rows=16384),
     "tiny": dict(warm=(200, 64), small=150, big=300, ties_rows=50, blocks=2, per=24, sampled=(450, 600),
-                 extra=(350,)),
+                 extra=(350,), steps=(200, 300, 450), step_rows=96),
 }
+WORKSPACE = 2 << 30  # both paths' workspace_bytes (the functions' default; --steps: the e2e engine's)
 SZ = SIZES["full"]
 T0 = time.perf_counter()
 BUDGET_S = 210.0
@@ -104,16 +112,17 @@ def run(path, q8, w, k8, ks, rs, re, out, stats=None, logits_kernel=None):
     Hopper); path "fused (triton filter)": the fused path with the Triton filter."""
     if path == "fused":
         return ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=stats,
-                                             candidates_kernel=logits_kernel)
+                                             candidates_kernel=logits_kernel, workspace_bytes=WORKSPACE)
     if path == "fused (triton filter)":
         return ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=stats,
-                                             candidates_kernel="triton")
+                                             candidates_kernel="triton", workspace_bytes=WORKSPACE)
     if path == "two-pass":
-        return ix.indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, TOPK, out=out, logits_kernel=logits_kernel)
+        return ix.indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, TOPK, out=out, logits_kernel=logits_kernel,
+                                                workspace_bytes=WORKSPACE)
     noop = lambda lg, k, row_start=None, row_end=None: torch.empty(  # noqa: E731
         lg.shape[0], k, dtype=torch.int32, device=lg.device)
     return ix.indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, TOPK, out=out, topk_fn=noop,
-                                            logits_kernel=logits_kernel)
+                                            logits_kernel=logits_kernel, workspace_bytes=WORKSPACE)
 
 
 def timed_s(fn, reps):
@@ -259,7 +268,7 @@ def sweep_candidates(rows, ceil, h, data):
         print(rows[-1], flush=True)
 
 
-def crossover_rows(cross: dict) -> tuple[list[dict], dict]:
+def crossover_rows(cross: dict, label: str = "crossover") -> tuple[list[dict], dict]:
     """The crossover table, and per head group the smallest measured context from which the fused path wins at
     every larger measured context (None: two-pass wins at the largest one)."""
     out, limits = [], {}
@@ -274,7 +283,7 @@ def crossover_rows(cross: dict) -> tuple[list[dict], dict]:
         limits[h] = limit
         for c in ctxs:
             r = cross[(h, c)]
-            out.append({"name": f"crossover H={h} ctx {c}", "H": h, "ctx": c, "fused_s": r["fused_s"],
+            out.append({"name": f"{label} H={h} ctx {c}", "H": h, "ctx": c, "fused_s": r["fused_s"],
                         "two_pass_s": r["two_pass_s"], "speedup": r["two_pass_s"] / r["fused_s"],
                         "faster": "fused" if r["fused_s"] < r["two_pass_s"] else "two_pass", "exact": r["exact"]})
     return out, limits
@@ -433,12 +442,20 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of the script logic (interpreter, k=16)")
     ap.add_argument("--candidates", action="store_true", help="only the candidates kernel (launch configs) and the "
                                                               "fused stage vs two-pass, 200K and 1M")
+    ap.add_argument("--steps", action="store_true", help="only one engine prefill step per context, both paths "
+                                                         "(what choose_prefill_path decides)")
+    ap.add_argument("--step-rows", type=int, default=None, help="--steps: query rows a step (default 16384, "
+                                                                "benchmarks.e2e's --chunk)")
+    ap.add_argument("--workspace-gb", type=int, default=4, help="--steps: workspace of both paths, GiB (default 4, "
+                                                                "benchmarks.e2e's)")
     args = ap.parse_args()
     BUDGET_S = args.budget_s or (170.0 if args.candidates else BUDGET_S)
     if args.tiny:
         _tiny()
     if args.candidates:
         return main_candidates(args)
+    if args.steps:
+        return main_steps(args)
     rows: list[dict] = []
     ceil = ceilings_case(rows)
 
@@ -509,6 +526,55 @@ def main():
         c = limits.get(h)
         print(f"{name} = {c if c is not None else 'none measured (two-pass wins at the largest context)'}"
               f"   # H={h}: fused faster at every measured context >= this")
+
+
+def main_steps(args):
+    """One engine prefill step per context S: the last step-rows query rows of a causal prefill of S keys, both
+    paths with the e2e engine's workspace, their index sets compared. ``choose_prefill_path`` decides per call,
+    i.e. per step, so this table (not the whole-stage one, which sums every step below S) sets its constants."""
+    global WORKSPACE
+    if args.workspace_gb < 1 or (args.step_rows is not None and args.step_rows < 1):
+        raise SystemExit(f"indexer_fused: --workspace-gb and --step-rows must be >= 1, got {args.workspace_gb}, "
+                         f"{args.step_rows}")
+    WORKSPACE = (args.workspace_gb << 30) if not args.tiny else 1 << 20
+    n_rows = args.step_rows or SZ["step_rows"]
+    rows: list[dict] = []
+    ceil = ceilings_case(rows)
+    steps = {}  # (H, S) -> {"fused_s", "two_pass_s", "exact"}
+
+    def step(rows, h, s):
+        n = min(n_rows, s)
+        q8, w, k8, ks, rs, re = inputs(torch.arange(s - n, s, device=DEV), s, h, seed=h + s % 97)
+        flops = 2 * pairs(rs, re) * h * 128
+        outs, secs = {}, {}
+        for path in ("fused", "two-pass"):
+            outs[path] = torch.empty(n, TOPK, dtype=torch.int32, device=DEV)
+            run(path, q8, w, k8, ks, rs, re, outs[path])  # compiles this shape's specialisations
+            secs[path], peak = timed_s(lambda: run(path, q8, w, k8, ks, rs, re, outs[path]), 3)
+            rows.append({"name": f"step {s} H={h} {path}", "H": h, "rows": n, "ms": secs[path] * 1e3,
+                         "tflops": flops / secs[path] / 1e12,
+                         "frac_fp8_cublas": flops / secs[path] / 1e12 / ceil["fp8_matmul_tflops"],
+                         "peak_extra_gib": peak})
+            print(rows[-1], flush=True)
+        d = rows_differ(outs["fused"], outs["two-pass"])
+        steps[(h, s)] = {"fused_s": secs["fused"], "two_pass_s": secs["two-pass"], "exact": d == 0}
+
+    for h in (32, 64):
+        for s in SZ["steps"]:
+            case(rows, f"step {s} H={h}", 20, lambda rows, h=h, s=s: step(rows, h, s))
+    step_rows, limits = crossover_rows(steps, "step")
+    rows += step_rows
+    write_results("indexer_fused_steps", {"meta": run_metadata(), "ceilings": ceil, "topk": TOPK,
+                                          "workspace_bytes": WORKSPACE, "step_rows": n_rows, "rows": rows,
+                                          "fused_min_context": {str(h): c for h, c in limits.items()}},
+                  [tempfile.gettempdir()] if args.tiny else None)
+    print(table([r for r in rows if not r["name"].startswith("step ") or "ms" in r],
+                ["name", "rows", "ms", "tflops", "frac_fp8_cublas", "peak_extra_gib", "error", "skipped"]))
+    print(table(step_rows, ["name", "H", "ctx", "fused_s", "two_pass_s", "speedup", "faster", "exact"]))
+    for h, name in ((32, "FUSED_MIN_CONTEXT_UP_TO_32_HEADS"), (64, "FUSED_MIN_CONTEXT_OVER_32_HEADS")):
+        c = limits.get(h)
+        print(f"{name} = {c if c is not None else 'none measured (two-pass wins at the largest context)'}"
+              f"   # H={h}: one step of {n_rows} rows, fused faster at every measured context >= this")
 
 
 def ceilings_case(rows: list[dict]) -> dict:
