@@ -342,6 +342,10 @@ def test_plan_prefill_chunks_fills_whole_waves():
     for bad in (0, -3, 2.0, True):
         with pytest.raises(ValueError, match="wave_rows"):
             plan_prefill_chunks(rs, re, topk, ws, wave_rows=bad)
+    q8, w, k8, ks = _inputs(8, 50, 4, "cpu", seed=1)
+    with pytest.raises(ValueError, match="wave_rows"):
+        indexer_topk_prefill_two_pass(q8, w, k8, ks, torch.zeros(8, dtype=torch.int32),
+                                      torch.full((8,), 50, dtype=torch.int32), 4, wave_rows=0)
 
 
 def test_topk_rows_torch_padding():

@@ -113,7 +113,7 @@ def logits_wave_rows(kernel: str, heads: int, device) -> int:
     """Query rows the prefill logits kernel ``kernel`` covers in one wave of programs on ``device``: the Gluon
     kernel runs one program of 256 / H rows per SM (168 registers x 12 warps fill an SM's register file). 1 for the
     Triton kernel (its occupancy depends on the config) and off CUDA: no wave alignment."""
-    if kernel != "gluon" or not torch.device(device).type == "cuda":
+    if kernel != "gluon" or torch.device(device).type != "cuda":
         return 1
     from indexcache.kernels.indexer.gluon import N_COLS  # noqa: PLC0415
 
@@ -318,7 +318,8 @@ def indexer_topk_prefill_two_pass(q_fp8, w, k_fp8, k_scale, row_start, row_end, 
         raise ValueError(f"indexer_topk_prefill: logits_kernel must be 'triton', 'gluon' or None, "
                          f"got {logits_kernel!r}")
     s = k_fp8.shape[0]
-    wave_rows = wave_rows or logits_wave_rows(logits_kernel, q_fp8.shape[1], q_fp8.device)
+    if wave_rows is None:
+        wave_rows = logits_wave_rows(logits_kernel, q_fp8.shape[1], q_fp8.device)
     chunks = plan_prefill_chunks(rs_all, re_all, topk, workspace_bytes, selection_slot_bytes(topk_fn, topk, s),
                                  wave_rows=wave_rows)
     need_max = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in chunks) if chunks else 0
