@@ -84,7 +84,7 @@ def _compile(fn, types: dict, constexprs: dict, div16: tuple[str, ...], num_warp
             "ptxas_notes": [ln for ln in r.stderr.splitlines() if "Performance" in ln or "arning" in ln],
             # the scores' arithmetic (``score_expressions``), as a digest: equal digests, equal bits
             "score_digest": hashlib.sha1("\n".join(score_expressions(ptx)).encode()).hexdigest()[:16],
-            "scores_per_partition_tile": len(score_expressions(ptx))}
+            "scores_in_ptx": len(score_expressions(ptx))}  # a thread's scores of a tile, both partitions
 
 
 def score_expressions(ptx: str) -> list[str]:

@@ -189,7 +189,7 @@ def test_gluon_candidates_form_compiles_as_the_same_pingpong(compiled):
             assert row["loop_stg_per_tile"] == 2 * logits_row["loop_stg_per_tile"], (row, logits_row)
         # the same arithmetic for every score (each FMA contraction rounding the same product): the fused top-k
         # selects exactly the two-pass path's sets only if the candidates' values are the logits' bits
-        assert row["scores_per_partition_tile"] == logits_row["scores_per_partition_tile"] == 8, (row, logits_row)
+        assert row["scores_in_ptx"] == logits_row["scores_in_ptx"] == 8, (row, logits_row)
         assert row["score_digest"] == logits_row["score_digest"], (row, logits_row)
 
 
