@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.common import measure_ceilings, run_metadata, table, write_results
 from indexcache.kernels.indexer import quantize_indexer_k, quantize_indexer_q
-from indexcache.kernels.indexer.ops import indexer_topk_prefill_two_pass, logits_wave_rows, _logits_kernel_for
+from indexcache.kernels.indexer.ops import indexer_topk_prefill_two_pass, logits_wave_rows, prefill_logits_kernel
 from indexcache.kernels.topk import topk_rows
 
 
@@ -67,7 +67,8 @@ def main() -> None:
     for h in heads:
         q8, w = quantize_indexer_q(torch.randn(args.step, h, 128, generator=g).to(dev),
                                    torch.randn(args.step, h, generator=g).to(dev))
-        wave = logits_wave_rows(_logits_kernel_for(q8), h, q8.device)
+        cap = tuple(torch.cuda.get_device_capability()) if q8.is_cuda else None
+        wave = logits_wave_rows(prefill_logits_kernel(cap, h), h, q8.device)
         times = {"aligned": [], "plain": []}
         outs = {}
         stage(q8, w, k8, ks, min(args.context, 4 * args.step), args.step, args.topk, args.workspace_bytes, None)
