@@ -268,6 +268,14 @@ def sweep_candidates(rows, ceil, h, data):
         print(rows[-1], flush=True)
 
 
+def print_limits(limits: dict, what: str) -> None:
+    """The ``ops.FUSED_MIN_CONTEXT_*`` constants that a crossover table's ``limits`` imply."""
+    for h, name in ((32, "FUSED_MIN_CONTEXT_UP_TO_32_HEADS"), (64, "FUSED_MIN_CONTEXT_OVER_32_HEADS")):
+        c = limits.get(h)
+        print(f"{name} = {c if c is not None else 'none measured (two-pass wins at the largest context)'}"
+              f"   # H={h}: {what}fused faster at every measured context >= this")
+
+
 def crossover_rows(cross: dict, label: str = "crossover") -> tuple[list[dict], dict]:
     """The crossover table, and per head group the smallest measured context from which the fused path wins at
     every larger measured context (None: two-pass wins at the largest one)."""
@@ -522,10 +530,7 @@ def main():
     print(table([r for r in short if not r["name"].startswith(("profile", "crossover"))], cols))
     print(table([r for r in rows if r["name"].startswith("profile")], ["name", "ms", "calls", "share"]))
     print(table(cross_rows, ["name", "H", "ctx", "fused_s", "two_pass_s", "speedup", "faster", "exact"]))
-    for h, name in ((32, "FUSED_MIN_CONTEXT_UP_TO_32_HEADS"), (64, "FUSED_MIN_CONTEXT_OVER_32_HEADS")):
-        c = limits.get(h)
-        print(f"{name} = {c if c is not None else 'none measured (two-pass wins at the largest context)'}"
-              f"   # H={h}: fused faster at every measured context >= this")
+    print_limits(limits, "")
 
 
 def main_steps(args):
@@ -571,10 +576,7 @@ def main_steps(args):
     print(table([r for r in rows if not r["name"].startswith("step ") or "ms" in r],
                 ["name", "rows", "ms", "tflops", "frac_fp8_cublas", "peak_extra_gib", "error", "skipped"]))
     print(table(step_rows, ["name", "H", "ctx", "fused_s", "two_pass_s", "speedup", "faster", "exact"]))
-    for h, name in ((32, "FUSED_MIN_CONTEXT_UP_TO_32_HEADS"), (64, "FUSED_MIN_CONTEXT_OVER_32_HEADS")):
-        c = limits.get(h)
-        print(f"{name} = {c if c is not None else 'none measured (two-pass wins at the largest context)'}"
-              f"   # H={h}: one step of {n_rows} rows, fused faster at every measured context >= this")
+    print_limits(limits, f"one step of {n_rows} rows, ")
 
 
 def ceilings_case(rows: list[dict]) -> dict:
