@@ -21,6 +21,48 @@ def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def clocks_during(fn, seconds: float = 1.0) -> dict:
+    """Median SM clock (MHz) and board power (W) while ``fn()`` runs back to back for about ``seconds``, sampled
+    every 50 ms by ``nvidia-smi`` (read only; {} without it). Tells a power- or clock-limited kernel from a slow
+    one: the same-run cuBLAS ceiling runs at a lower clock than an idle GPU's maximum."""
+    import shutil
+    import time
+
+    if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        return {}
+    idx = str(torch.cuda.current_device())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        idx = visible.split(",")[int(idx)]
+    fn()
+    torch.cuda.synchronize()
+    proc = subprocess.Popen(["nvidia-smi", "-i", idx, "--query-gpu=clocks.sm,power.draw",
+                             "--format=csv,noheader,nounits", "-lms", "50"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(4):
+                fn()
+            torch.cuda.synchronize()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=5)[0]
+    samples = []
+    for line in out.splitlines():
+        try:
+            mhz, watts = (float(x) for x in line.split(","))
+            samples.append((mhz, watts))
+        except ValueError:
+            continue
+    samples = samples[len(samples) // 4:]  # the first samples may predate the load
+    if not samples:
+        return {}
+    mid = len(samples) // 2
+    return {"sm_mhz": sorted(m for m, _ in samples)[mid], "power_w": sorted(w for _, w in samples)[mid],
+            "clock_samples": len(samples)}
+
+
 def measure_ceilings(device: str = "cuda") -> dict:
     """cuBLAS fp8 and bf16 matmul 8192^3 and device-to-device copy, measured now on this GPU."""
     n = 8192

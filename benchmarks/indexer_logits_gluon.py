@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, write_results  # noqa: E402
+from benchmarks.common import (bench_ms, clocks_during, measure_ceilings, run_metadata, table,  # noqa: E402
+                               write_results)
 from indexcache.kernels.indexer import (indexer_logits, prefill_logits_kernel, quantize_indexer_k,  # noqa: E402
                                         quantize_indexer_q)
 from indexcache.kernels.indexer.reference import indexer_logits_ref  # noqa: E402
@@ -95,7 +96,12 @@ def run_shape(s, t, h, ceil_fp8, seed=0):
 DIAG_MODES = [("full", {}), ("epilogue none", {"epilogue": "none"}), ("mma none", {"mma": "none"}),
               ("loads none", {"loads": "none"}), ("epilogue+loads none", {"epilogue": "none", "loads": "none"}),
               ("mma+loads none", {"mma": "none", "loads": "none"}),
-              ("skeleton (epilogue+mma none)", {"epilogue": "none", "mma": "none"})]
+              ("skeleton (epilogue+mma none)", {"epilogue": "none", "mma": "none"}),
+              # variants (measured, not kept): the partitions' MMAs strictly alternate, the turn handed over when
+              # an MMA completes / when it is issued; relu as d + |d| on the FMA pipe (same bits)
+              ("variant: ordered (after the MMA)", {"order": 1}), ("variant: ordered (after issue)", {"order": 2}),
+              ("variant: ordered (after issue), epilogue none", {"order": 2, "epilogue": "none"}),
+              ("variant: relu as d + |d|", {"relu": 1})]
 
 
 def _split(times: dict, flops: float, ceil_fp8: float) -> dict:
@@ -125,7 +131,8 @@ def diagnose_shape(s, t, h, ceilings):
     tri = torch.empty(t, s, device="cuda")
     indexer_logits(q8, w, k8, ks, rs, re, out=tri, kernel="triton")
     ms = bench_ms(lambda: indexer_logits(q8, w, k8, ks, rs, re, out=tri, kernel="triton"), warmup_ms=10, rep_ms=60)
-    rows = [{**base, "kernel": "triton", "mode": "full", "ms": ms, "of_cublas_fp8": flops / ms / 1e9 / ceil_fp8}]
+    rows = [{**base, "kernel": "triton", "mode": "full", "ms": ms, "of_cublas_fp8": flops / ms / 1e9 / ceil_fp8,
+             **clocks_during(lambda: indexer_logits(q8, w, k8, ks, rs, re, out=tri, kernel="triton"))}]
     out = torch.empty_like(tri)
     times = {}
     for label, mode in DIAG_MODES:
@@ -136,17 +143,18 @@ def diagnose_shape(s, t, h, ceilings):
             torch.cuda.synchronize()
             nan = int(out.isnan().sum())
             diff = None
-            if not mode:
+            if not mode or set(mode) == {"relu"} or set(mode) == {"order"}:  # the logits themselves
                 fin = torch.isfinite(tri)
                 diff = float(torch.where(fin, out - tri, 0).abs().max() / tri[fin].abs().max())
             ms = bench_ms(lambda: indexer_logits(q8, w, k8, ks, rs, re, out=out, config=mode, kernel="gluon"),
                           warmup_ms=10, rep_ms=60)
+            clk = clocks_during(lambda: indexer_logits(q8, w, k8, ks, rs, re, out=out, config=mode, kernel="gluon"))
         except Exception as e:  # noqa: BLE001 - a mode that does not build or run is a row
             rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             continue
         times[label] = ms
         rows.append({**row, "ms": ms, "of_cublas_fp8": flops / ms / 1e9 / ceil_fp8, "nan": nan,
-                     "max_diff_vs_triton": diff})
+                     "max_diff_vs_triton": diff, **clk})
     split = _split(times, flops, ceil_fp8)
     splits = [{**base, "store_floor_ms": store_ms, "cublas_time_ms": flops / ceil_fp8 / 1e9, **split}] if split else []
     del tri, out, q8, k8
@@ -154,10 +162,21 @@ def diagnose_shape(s, t, h, ceilings):
     return rows, splits
 
 
+def cublas_clocks() -> dict:
+    """The clock and power of the fp8 ceiling itself (cuBLAS 8192^3, as ``measure_ceilings``), for comparison."""
+    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    row = {"shape": "8192^3", "kernel": "cublas fp8", "mode": "torch._scaled_mm",
+           **clocks_during(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))}
+    del a, b
+    return row
+
+
 def diagnose(name: str) -> int:
     t0 = time.perf_counter()
     ceilings = measure_ceilings()
-    rows, splits = [], []
+    rows, splits = [cublas_clocks()], []
     for s, t, h in SHAPES[:2]:
         r, sp = diagnose_shape(s, t, h, ceilings)
         rows += r
@@ -166,7 +185,8 @@ def diagnose(name: str) -> int:
     write_results(name, {"meta": run_metadata(), "ceilings": ceilings, "rows": rows, "splits": splits})
     print(f"ceilings: bf16 {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, fp8 {ceilings['fp8_matmul_tflops']:.0f} "
           f"(8192^3 torch._scaled_mm), copy {ceilings['copy_tbps']:.2f} TB/s; total {time.perf_counter() - t0:.0f} s")
-    print(table(rows, ["shape", "H", "kernel", "mode", "ms", "of_cublas_fp8", "nan", "max_diff_vs_triton", "error"]))
+    print(table(rows, ["shape", "H", "kernel", "mode", "ms", "of_cublas_fp8", "sm_mhz", "power_w", "nan",
+                       "max_diff_vs_triton", "error"]))
     print(table(splits, ["H", "full_ms", "mma_only_ms", "epilogue_only_ms", "skeleton_ms", "serial_ms", "bound_ms",
                          "overlap", "mma_only_of_cublas", "mma_no_loads_of_cublas", "epilogue_only_of_cublas",
                          "loads_cost_ms", "store_floor_ms", "cublas_time_ms"]))
