@@ -21,8 +21,10 @@ epilogue-only = mma none (epilogue + loads + stores + syncs), skeleton = both no
 epilogue-only - skeleton (the time if nothing overlapped), bound = max(MMA-only, epilogue-only) (perfect
 overlap), overlap = (serial - full) / (serial - bound): 1 is perfect overlap, 0 is the two added up.
 mma_no_loads = epilogue and loads none (the MMA rate with key tiles from one stage), loads_cost = full - loads
-none; store_floor = the logits written once at the copy rate; cublas_time = the FLOPs at cuBLAS's rate. Then one
-DIAG line per head count, and a CHECK line.
+none; store_floor = the logits written once at the copy rate; cublas_time = the FLOPs at cuBLAS's rate. Each row
+also has the median SM clock (sm_mhz) and board power (power_w) while it runs back to back for a second
+(``nvidia-smi``, read only), and a first row gives them for the cuBLAS fp8 ceiling itself. Then one DIAG line per
+head count, and a CHECK line.
 """
 from __future__ import annotations
 
@@ -96,12 +98,7 @@ def run_shape(s, t, h, ceil_fp8, seed=0):
 DIAG_MODES = [("full", {}), ("epilogue none", {"epilogue": "none"}), ("mma none", {"mma": "none"}),
               ("loads none", {"loads": "none"}), ("epilogue+loads none", {"epilogue": "none", "loads": "none"}),
               ("mma+loads none", {"mma": "none", "loads": "none"}),
-              ("skeleton (epilogue+mma none)", {"epilogue": "none", "mma": "none"}),
-              # variants (measured, not kept): the partitions' MMAs strictly alternate, the turn handed over when
-              # an MMA completes / when it is issued; relu as d + |d| on the FMA pipe (same bits)
-              ("variant: ordered (after the MMA)", {"order": 1}), ("variant: ordered (after issue)", {"order": 2}),
-              ("variant: ordered (after issue), epilogue none", {"order": 2, "epilogue": "none"}),
-              ("variant: relu as d + |d|", {"relu": 1})]
+              ("skeleton (epilogue+mma none)", {"epilogue": "none", "mma": "none"})]
 
 
 def _split(times: dict, flops: float, ceil_fp8: float) -> dict:
@@ -143,7 +140,7 @@ def diagnose_shape(s, t, h, ceilings):
             torch.cuda.synchronize()
             nan = int(out.isnan().sum())
             diff = None
-            if not mode or set(mode) == {"relu"} or set(mode) == {"order"}:  # the logits themselves
+            if not mode:
                 fin = torch.isfinite(tri)
                 diff = float(torch.where(fin, out - tri, 0).abs().max() / tri[fin].abs().max())
             ms = bench_ms(lambda: indexer_logits(q8, w, k8, ks, rs, re, out=out, config=mode, kernel="gluon"),

@@ -56,7 +56,7 @@ def config_for(h: int) -> dict:
     the wgmma and runs the full epilogue on a register tile made from the loaded weights and key scales (relu's
     max against the tile's key scale instead of 0, so no instruction is saved and nothing folds); ``loads``
     "none" loads key tile 0 once and runs every tile's MMA on that stage (no key TMA traffic)."""
-    return {"num_stages": 4, "maxnreg": 168, "order": 0, "relu": 0, **{k: "full" for k in DIAGNOSTIC_MODES}}
+    return {"num_stages": 4, "maxnreg": 168, **{k: "full" for k in DIAGNOSTIC_MODES}}
 
 
 # the timing diagnostics' config keys and values (``config_for``); "full" is the kernel itself
@@ -109,7 +109,7 @@ def _load_partition(q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, qrow0, 
 
 @gluon.jit
 def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.constexpr, KL: gl.constexpr,
-           MMA_ON: gl.constexpr, LOADS: gl.constexpr, turn=None, ORDER: gl.constexpr = 0):
+           MMA_ON: gl.constexpr, LOADS: gl.constexpr):
     """Wait for key tile i, start its MMA and load its key scales. ``acc`` is the accumulator whose registers
     the MMA takes (use_acc=False: its values are ignored): the tile reduced just before, so no registers are
     copied. Diagnostics: ``MMA_ON`` False passes ``acc`` through; ``LOADS`` False reads stage 0 for every tile."""
@@ -122,8 +122,6 @@ def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.conste
         mbarrier.wait(ready.index(0), 0)
     if MMA_ON:
         d = warpgroup_mma(k_bufs.index(s), q_smem.permute((1, 0)), acc, use_acc=False, is_async=True)
-        if ORDER == 2:
-            mbarrier.arrive(turn, count=1)
     else:
         d = acc
     keys = lo_t + i * BKV + gl.arange(0, BKV, layout=KL)
@@ -155,16 +153,6 @@ def _head_sum(v, w, H: gl.constexpr, BQ: gl.constexpr):
 
 
 @gluon.jit
-def _relu2(d, RELU: gl.constexpr):
-    """Variant (measured, not kept): RELU 1 computes 2 * relu(d) as d + |d| (an FADD with an operand modifier on
-    the FMA pipe instead of FMNMX); the weights are halved to match, so the scores are the same bits."""
-    if RELU == 1:
-        return d + gl.abs(d)
-    else:
-        return gl.maximum(d, 0.0)
-
-
-@gluon.jit
 def _keep_first(a, b):
     return a
 
@@ -181,9 +169,8 @@ def _first_head(p, H: gl.constexpr, BQ: gl.constexpr):
 
 
 @gluon.jit
-def _reduce_store(d, ks, empty, turn, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.constexpr,
-                  NUM_STAGES: gl.constexpr, EPILOGUE: gl.constexpr, MMA_ON: gl.constexpr, LOADS: gl.constexpr,
-                  ORDER: gl.constexpr, RELU: gl.constexpr):
+def _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.constexpr,
+                  NUM_STAGES: gl.constexpr, EPILOGUE: gl.constexpr, MMA_ON: gl.constexpr, LOADS: gl.constexpr):
     """Wait for tile i's MMA, hand its stage back to the producer, then k_scale * sum_h w * relu(acc) per (key,
     query row), -inf outside the row's window, stored from the registers that hold it (lane bits 0-1 pick the
     query row: 8 consecutive keys a row, 32 bytes, per store instruction), evict-first in L2 (the logits stream
@@ -192,8 +179,6 @@ def _reduce_store(d, ks, empty, turn, i, wv, rs, re, out_rows, rmask, lo_t, S, H
     the register tile ``d`` with relu's 0 replaced by the key scale."""
     if MMA_ON:
         d = warpgroup_mma_wait(num_outstanding=0, deps=(d, ))
-        if ORDER == 1:
-            mbarrier.arrive(turn, count=1)
     BKV: gl.constexpr = d.type.shape[0]
     N: gl.constexpr = d.type.shape[1]
     BQ: gl.constexpr = N // H
@@ -201,7 +186,7 @@ def _reduce_store(d, ks, empty, turn, i, wv, rs, re, out_rows, rmask, lo_t, S, H
     if not EPILOGUE:
         lg = _first_head(d, H, BQ)
     elif MMA_ON:
-        lg = _head_sum(_relu2(d, RELU), gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
+        lg = _head_sum(gl.maximum(d, 0.0), gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
     else:
         lg = _head_sum(gl.maximum(d, gl.expand_dims(ks, 1)), gl.expand_dims(wv, 0), H, BQ)
     KQ: gl.constexpr = lg.type.layout
@@ -215,21 +200,19 @@ def _reduce_store(d, ks, empty, turn, i, wv, rs, re, out_rows, rmask, lo_t, S, H
 
 
 @gluon.jit
-def _reduce_append(d, ks, empty, turn, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr, cols_ptr, cap, lo_t,
-                   S, H: gl.constexpr, NUM_STAGES: gl.constexpr, ORDER: gl.constexpr, RELU: gl.constexpr):
+def _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr, cols_ptr, cap, lo_t, S,
+                   H: gl.constexpr, NUM_STAGES: gl.constexpr):
     """``_reduce_store``'s scores, kept instead of stored (the candidates form): each valid score >= its row's
     threshold takes the next slot of the row's list by a relaxed atomic increment of the row's count and is
     written there with its column (slots past cap are dropped; the count keeps the true total); ``vcnt`` counts
     the valid (not NaN, not -inf) scores a thread has seen per (key, row) position, added to the rows' counts
     once at the end. The threshold test rejects NaN, and -inf by the threshold's -FLT_MAX floor."""
     d = warpgroup_mma_wait(num_outstanding=0, deps=(d, ))
-    if ORDER == 1:
-        mbarrier.arrive(turn, count=1)
     BKV: gl.constexpr = d.type.shape[0]
     N: gl.constexpr = d.type.shape[1]
     BQ: gl.constexpr = N // H
     mbarrier.arrive(empty.index(i % NUM_STAGES), count=1)
-    lg = _head_sum(_relu2(d, RELU), gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
+    lg = _head_sum(gl.maximum(d, 0.0), gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
     KQ: gl.constexpr = lg.type.layout
     ks = gl.convert_layout(ks, gl.SliceLayout(1, KQ))  # the same rows: no data moves
     keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, KQ))
@@ -258,11 +241,10 @@ def _fill(out_rows, rmask, c0, c1, S, BKV: gl.constexpr, OUT: gl.constexpr):
 
 
 @gluon.jit
-def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, order, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
+def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
                         stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H: gl.constexpr,
                         NUM_STAGES: gl.constexpr, MMA: gl.constexpr, OUT: gl.constexpr, EPILOGUE: gl.constexpr,
-                        MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, ORDER: gl.constexpr,
-                        RELU: gl.constexpr, PARITY: gl.constexpr):
+                        MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, PARITY: gl.constexpr):
     """One warpgroup, the key tiles i = PARITY, PARITY + 2, ...: wait, one m64nN MMA, wait for it, reduce and
     store. The other parity's partition (its own warps, so no barrier ties the two) runs its MMA meanwhile.
     PARITY 0 fills the -inf columns left of the window, 1 those right of it. ``CAND``: the scores are appended
@@ -292,8 +274,6 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, order, w_ptr, ks_pt
         cq = (cols // (BQS * H)) * BQS + (c // 2) % BQS
         ch = (c // (2 * BQS)) * 2 + c % 2
         wv = gl.load(w_ptr + (q0 + cq).to(gl.int64) * H + ch, mask=q0 + cq < T, other=0.0)
-        if RELU == 1:
-            wv = wv * 0.5
         mbarrier.wait(q_bar, 0)
         if MMA_ON:
             acc = gl.zeros([BKV, N], gl.float32, MMA)
@@ -305,23 +285,16 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, order, w_ptr, ks_pt
             thr = gl.maximum(gl.load(thr_ptr + rows, mask=rmask, other=float("inf")), -3.4028234663852886e38)
             vcnt = gl.zeros([BKV, BQ], gl.int32, KQ)
             for i in range(PARITY, n_tiles, 2):
-                if ORDER != 0:  # variant: the two partitions' MMAs strictly alternate
-                    mbarrier.wait(order.index(PARITY), ((i // 2) & 1) ^ (1 - PARITY))
-                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True,
-                               order.index(1 - PARITY), ORDER)
-                acc, vcnt = _reduce_append(d, ks, empty, order.index(1 - PARITY), i, wv, rs, re, rows, rmask, thr,
-                                           vcnt, cnt_ptr, vals_ptr, cols_ptr, cap, lo_t, S, H, NUM_STAGES, ORDER,
-                                           RELU)
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True)
+                acc, vcnt = _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr,
+                                           cols_ptr, cap, lo_t, S, H, NUM_STAGES)
             r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
             gl.atomic_add(cnt_ptr + r2 * 2 + 1, vcnt, mask=vcnt > 0, sem="relaxed")  # valid scores, once
         else:
             for i in range(PARITY, n_tiles, 2):
-                if ORDER != 0 and MMA_ON:
-                    mbarrier.wait(order.index(PARITY), ((i // 2) & 1) ^ (1 - PARITY))
-                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS,
-                               order.index(1 - PARITY), ORDER)
-                acc = _reduce_store(d, ks, empty, order.index(1 - PARITY), i, wv, rs, re, out_rows, rmask, lo_t, S, H,
-                                    NUM_STAGES, EPILOGUE, MMA_ON, LOADS, ORDER, RELU)
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS)
+                acc = _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, NUM_STAGES, EPILOGUE,
+                                    MMA_ON, LOADS)
     if PARITY == 1 and not CAND:
         _fill(out_o, rmask_o, lo_t + n_tiles * BKV, S, S, BKV, OUT)
 
@@ -332,7 +305,7 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
                       thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap,
                       H: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
                       EPILOGUE: gl.constexpr = True, MMA_ON: gl.constexpr = True, LOADS: gl.constexpr = True,
-                      CAND: gl.constexpr = False, ORDER: gl.constexpr = 0, RELU: gl.constexpr = 0):
+                      CAND: gl.constexpr = False):
     """Programs run last-first: in a causal prefill the last rows have the longest windows, and starting them
     first shortens the tail of the grid. ``EPILOGUE``, ``MMA_ON``, ``LOADS``: the diagnostic switches
     (``config_for``), True in real use. ``CAND``: the fused prefill top-k's filter (``indexer_candidates_gluon``):
@@ -359,10 +332,7 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    mbarrier.init(order.index(0), count=1)
-    mbarrier.init(order.index(1), count=1)
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
@@ -370,14 +340,14 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     MMA: gl.constexpr = _mma_layout(N, num_warps)
     OUT: gl.constexpr = _out_layout(BKV, BQ, num_warps)
     gl.warp_specialize([
-        (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, order, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
+        (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, ORDER, RELU, 0)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 0)),
         (_load_partition, (q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, q0 * H, lo_t, n_tiles,
                            NUM_STAGES, LOADS)),
-        (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, order, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
+        (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, ORDER, RELU, 1)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 1)),
     ], [1, 4], [24, 240])
 
 
@@ -415,9 +385,6 @@ def check_gluon_config(h: int, cfg: dict):
         if cfg[key] not in allowed:
             raise ValueError(f"indexer_logits_gluon: config {key} must be one of {list(allowed)} (\"none\" is a "
                              f"timing diagnostic), got {cfg[key]!r}")
-    if cfg["order"] not in (0, 1, 2) or cfg["relu"] not in (0, 1):
-        raise ValueError(f"indexer_logits_gluon: config order must be 0, 1 or 2 and relu 0 or 1, got "
-                         f"{cfg['order']!r}, {cfg['relu']!r}")
     if not isinstance(cfg["num_stages"], int) or not 2 <= cfg["num_stages"] <= 8:
         raise ValueError(f"indexer_logits_gluon: config num_stages must be an int in [2, 8], got "
                          f"{cfg['num_stages']!r}")
@@ -481,5 +448,4 @@ def _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, out, cand, **mode
     grid = (triton.cdiv(t, bq),)
     _logits_ws_kernel[grid](q_desc, k_desc, w.contiguous(), k_scale.contiguous(), row_start.contiguous(),
                             row_end.contiguous(), out, t, s, out.stride(0), *cand, H=h,
-                            NUM_STAGES=cfg["num_stages"], num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"],
-                            ORDER=cfg["order"], RELU=cfg["relu"], **modes)
+                            NUM_STAGES=cfg["num_stages"], num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"], **modes)
