@@ -59,6 +59,8 @@ def build_model(args):
     on CPU, its weights quantised to FP8 blocks when ``args.weight_dtype`` is fp8."""
     cfg = preset_config(args.model)
     cfg = cfg.replace(num_layers=args.layers) if args.layers else cfg
+    if getattr(args, "max_position_embeddings", None):  # e.g. a 1M-token profile of a 200K model (RoPE tables)
+        cfg = cfg.replace(max_position_embeddings=args.max_position_embeddings)
     dev = args.device
     model = build_empty(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32).init_random(args.seed).eval()
     if args.weight_dtype == "fp8":

@@ -8,7 +8,8 @@ run: their exactness, and the crossover table that sets ``ops.FUSED_MIN_CONTEXT_
 ``--steps`` times one engine prefill step per context S (the last 16384 query rows of a causal prefill of S
 keys, both paths with benchmarks.e2e's 4-GiB workspace, their index sets compared) from 100K to 1M, H=32 and 64,
 and prints the constants that table implies: ``choose_prefill_path`` decides per call, i.e. per step, so a
-whole prefill's crossover (below) counts every step under S and places the switch too late.
+whole prefill's crossover (below) counts every step under S and places the switch too late. The longest step's
+fused run is also profiled per kernel (its rows: "profile fused step 1000000 H=..").
 
 ``--candidates`` runs only ``compare_candidates``: the fused candidates kernel alone (thresholds of a real fused
 run) at its default launch config and two others, on the last rows of 200K and 1M (H=32; the default also at 1M
@@ -200,24 +201,26 @@ def stage(rows, ceil, label, h, data, scale=1.0, reps=3, floor=True):
     return {"fused_s": fu["stage_s"], "two_pass_s": tw["stage_s"], "exact": d == 0}
 
 
-def profile_fused(rows, h, data):
-    """CUDA time per kernel of one fused run (top 10)."""
+def profile_fused(rows, h, data, label="200K"):
+    """GPU time per kernel of one fused run (top 10; self CPU time per op in a CPU dry run)."""
     from torch.profiler import ProfilerActivity, profile
 
     q8, w, k8, ks, rs, re = data
     out = torch.empty(q8.shape[0], TOPK, dtype=torch.int32, device=DEV)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    gpu = DEV == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         run("fused", q8, w, k8, ks, rs, re, out)
-        torch.cuda.synchronize()
+        if gpu:
+            torch.cuda.synchronize()
     evs = []
     for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        us = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) if gpu else e.self_cpu_time_total
         if us:
             evs.append((us, e.key, e.count))
     evs.sort(reverse=True)
     total = sum(us for us, _, _ in evs)
     for us, key, n in evs[:10]:
-        rows.append({"name": f"profile fused 200K H={h}: {key[:60]}", "H": h, "ms": us / 1e3, "calls": n,
+        rows.append({"name": f"profile fused {label} H={h}: {key[:60]}", "H": h, "ms": us / 1e3, "calls": n,
                      "share": us / max(total, 1)})
 
 
@@ -563,6 +566,8 @@ def main_steps(args):
             print(rows[-1], flush=True)
         d = rows_differ(outs["fused"], outs["two-pass"])
         steps[(h, s)] = {"fused_s": secs["fused"], "two_pass_s": secs["two-pass"], "exact": d == 0}
+        if s == max(SZ["steps"]):  # where the fused path's time goes, per kernel, at the longest step
+            profile_fused(rows, h, (q8, w, k8, ks, rs, re), f"step {s}")
 
     for h in (32, 64):
         for s in SZ["steps"]:
@@ -574,7 +579,8 @@ def main_steps(args):
                                           "fused_min_context": {str(h): c for h, c in limits.items()}},
                   [tempfile.gettempdir()] if args.tiny else None)
     print(table([r for r in rows if not r["name"].startswith("step ") or "ms" in r],
-                ["name", "rows", "ms", "tflops", "frac_fp8_cublas", "peak_extra_gib", "error", "skipped"]))
+                ["name", "rows", "ms", "calls", "share", "tflops", "frac_fp8_cublas", "peak_extra_gib", "error",
+                 "skipped"]))
     print(table(step_rows, ["name", "H", "ctx", "fused_s", "two_pass_s", "speedup", "faster", "exact"]))
     print_limits(limits, f"one step of {n_rows} rows, ")
 

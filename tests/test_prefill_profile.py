@@ -26,3 +26,17 @@ def test_runs_on_cpu(tmp_path, monkeypatch):
     ops = res["cases"][0]["ops"]  # --ops: aten ops with their input shapes, most expensive first
     assert 0 < len(ops) <= 5 and all(r["op"].startswith("aten::") and r["calls_per_step"] > 0 for r in ops)
     assert ops == sorted(ops, key=lambda r: -r["us_per_step"])
+
+
+def test_context_past_the_models_positions(tmp_path, monkeypatch):
+    """--max-position-embeddings reaches the model (as in benchmarks.e2e), so a context past the preset's own
+    limit is profiled instead of refused by the engine."""
+    from indexcache.presets import preset_config
+
+    limit = preset_config("tiny").max_position_embeddings
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert main(["--device", "cpu", "--model", "tiny", "--layers", "1", "--context", str(limit + 256),
+                 "--chunk", "128", "--patterns", "full", "--steps", "1",
+                 "--max-position-embeddings", str(limit + 1024)]) == 0
+    res = json.load(open(os.path.join(tmp_path, "prefill_profile.json")))
+    assert res["cases"][0]["context"] == limit + 256

@@ -260,13 +260,15 @@ def _greedy_row_chunks(row_start, row_end, budget: int, row_bytes: int, max_rows
 # call, i.e. per prefill step of the engine, so what counts is a step's cost at S keys, not a whole prefill's.
 # The two-pass logits chunk of a long context holds few rows (3/4 of the workspace: at 4 GiB, as benchmarks.e2e
 # runs, ~2700 rows at 300K and ~800 at 1M; a quarter of that at the engine's default 1 GiB), too few programs to
-# fill the GPU; the fused pass has no chunk. H<=32: the whole 47-layer 1M prefill (keep 1/4, Gluon filter, 4 GiB,
-# 16K-token steps) took 124.7 / 117.5 / 114.9 s with the fused path from 600K / 300K / 220K keys (H200 runs
-# 100-102); the 200K prefill never reaches it. H>32: from the crossover table of
-# benchmarks/indexer_fused (run 97, 2 GiB), step by step: between 200K and 300K keys two-pass is faster (the
-# whole-stage times grow 0.47 s two-pass, 0.63 s fused), from 300K to 400K they tie, above they favour fused.
-FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 220_000
-FUSED_MIN_CONTEXT_OVER_32_HEADS = 400_000
+# fill the GPU; the fused pass has no chunk. `python -m benchmarks.indexer_fused --steps` times one step per S
+# (H200 runs 104-105, index sets equal), fused / two-pass speedup at 250K, 300K, 400K, 600K, 1M:
+#   H=32, 1 GiB, 8192-row steps (engine defaults): 0.94, 1.17, 1.51, 2.31, 3.77
+#   H=32, 4 GiB, 16384-row steps (benchmarks.e2e): 0.86, 0.99, 1.01, 1.08, 1.33
+#   H=64, 1 GiB: 0.67, 0.71, 0.81, 1.19, 1.93;  H=64, 4 GiB: 0.78, 0.82, 0.88, 0.93, 0.97
+# so 300K and 600K: right at the engine's default, within 1% (H=32) and 7% (H=64, >= 600K) of the faster path
+# at 4 GiB. The 200K prefill never reaches either.
+FUSED_MIN_CONTEXT_UP_TO_32_HEADS = 300_000
+FUSED_MIN_CONTEXT_OVER_32_HEADS = 600_000
 
 
 def choose_prefill_path(ctx: int, heads: int) -> str:
