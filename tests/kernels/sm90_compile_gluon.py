@@ -18,6 +18,7 @@ Run it in a process without TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -45,10 +46,24 @@ def _sass(cubin: str) -> str | None:
     return subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
 
 
+def constexprs_with_defaults(fn, constexprs: dict) -> dict:
+    """``constexprs`` plus the defaults of ``fn``'s other constexpr parameters, as a launch fills them in. Left
+    out, such a parameter would be compiled as a runtime integer: both sides of every branch on it, a kernel that
+    never runs. One with no default must be given (ValueError naming it)."""
+    out = dict(constexprs)
+    for p in fn.params:
+        if p.is_constexpr and p.name not in out:
+            if p.default is inspect.Parameter.empty:
+                raise ValueError(f"sm90_compile_gluon: constexpr {p.name!r} of {fn.__name__} has no default; pass it")
+            out[p.name] = p.default
+    return out
+
+
 def _compile(fn, types: dict, constexprs: dict, div16: tuple[str, ...], num_warps: int, maxnreg: int,
              config: str, sass_path: str | None = None) -> dict:
     """Lower the Gluon kernel ``fn`` for sm_90a as the launcher specialises it (pointers and ``div16`` integers
     marked divisible by 16), assemble it with ptxas and read the PTX and machine code."""
+    constexprs = constexprs_with_defaults(fn, constexprs)
     names = fn.arg_names
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*") or n in div16}

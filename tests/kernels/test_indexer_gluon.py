@@ -193,6 +193,19 @@ def test_gluon_candidates_form_compiles_as_the_same_pingpong(compiled):
         assert row["score_digest"] == logits_row["score_digest"], (row, logits_row)
 
 
+def test_compile_checks_fill_in_the_kernels_constexpr_defaults():
+    """A constexpr the compile check does not pass takes the kernel's default, as a launch does (left out, it was
+    compiled as a runtime integer, both sides of every branch on it); one without a default is an error."""
+    from indexcache.kernels.indexer.gluon import _logits_ws_kernel
+    from tests.kernels.sm90_compile_gluon import constexprs_with_defaults
+
+    given = {"H": 32, "NUM_STAGES": 4, "num_warps": 4, "CAND": True}
+    full = constexprs_with_defaults(_logits_ws_kernel, given)
+    assert full == {**given, "EPILOGUE": True, "MMA_ON": True, "LOADS": True}
+    with pytest.raises(ValueError, match="NUM_STAGES"):
+        constexprs_with_defaults(_logits_ws_kernel, {"H": 32, "num_warps": 4})
+
+
 def test_score_expressions_tell_which_product_an_fma_rounds():
     """``score_expressions`` on hand-written PTX: a head sum whose first two products are contracted the other
     way round (fma(a, b, c*d) against fma(c, d, a*b)) is a different score; renamed registers are not."""
