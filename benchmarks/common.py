@@ -63,6 +63,15 @@ def clocks_during(fn, seconds: float = 1.0) -> dict:
             "clock_samples": len(samples)}
 
 
+def fp8_matmul(n: int = 8192, device: str = "cuda"):
+    """The fp8 ceiling's GEMM as a call: torch._scaled_mm of two random n x n e4m3 matrices (tensorwise scales,
+    bf16 out), the second column-major as cuBLAS wants it."""
+    a8 = torch.randn(n, n, device=device, dtype=torch.bfloat16).to(torch.float8_e4m3fn)
+    b8 = torch.randn(n, n, device=device, dtype=torch.bfloat16).t().contiguous().to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device=device)
+    return lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+
 def measure_ceilings(device: str = "cuda") -> dict:
     """cuBLAS fp8 and bf16 matmul 8192^3 and device-to-device copy, measured now on this GPU."""
     n = 8192
@@ -70,14 +79,12 @@ def measure_ceilings(device: str = "cuda") -> dict:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     flops = 2 * n**3
     bf16_ms = bench_ms(lambda: a @ b)
-    a8 = a.to(torch.float8_e4m3fn)
-    b8 = b.t().contiguous().to(torch.float8_e4m3fn).t()
-    one = torch.ones((), device=device)
-    fp8_ms = bench_ms(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    del a, b
+    fp8_ms = bench_ms(fp8_matmul(n, device))
     src = torch.randn(512 * 1024 * 1024 // 4, device=device)  # 512 MiB, >> L2
     dst = torch.empty_like(src)
     copy_ms = bench_ms(lambda: dst.copy_(src))
-    del a, b, a8, b8, src, dst
+    del src, dst
     torch.cuda.empty_cache()
     return {
         "bf16_matmul_tflops": flops / bf16_ms / 1e9,

@@ -26,31 +26,27 @@ CANDIDATES = [("candidates, 4 stages", {}), ("candidates, 6 stages", {"num_stage
 
 
 def shape_rows(s: int, ceil_fp8: float) -> list[dict]:
-    from indexcache.kernels.indexer import gluon
-
     q8, w, k8, ks, rs, re = inputs(torch.arange(s - ROWS, s, device="cuda"), s, H, seed=1)
     flops = 2 * (re - rs).double().sum().item() * H * 128
     stats: dict = {}
     ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, stats=stats,
                                   out=torch.empty(ROWS, TOPK, dtype=torch.int32, device="cuda"))
-    thr, cap = stats["thr"].contiguous(), stats["cap"]
+    thr, cap = stats["thr"], stats["cap"]
     out = torch.empty(ROWS, s, device="cuda")
     rows, first_logits, first_counts = [], None, None
     for name, cfg in LOGITS + CANDIDATES:
-        c = gluon.config_for(H)
-        c.update(cfg)
         row = {"keys": s, "rows": ROWS, "H": H, "name": name}
         try:
             if name.startswith("candidates"):
                 bufs = (torch.empty(ROWS, cap, device="cuda"), torch.empty(ROWS, cap, dtype=torch.int32, device="cuda"),
                         torch.empty(ROWS, 2, dtype=torch.int32, device="cuda"))
 
-                def fn(c=c, bufs=bufs):
-                    bufs[2].zero_()
-                    gluon._launch(q8, w, k8, ks, rs, re, c, bufs[0], (thr, bufs[2], bufs[0], bufs[1], cap), CAND=True)
+                def fn(cfg=cfg, bufs=bufs):  # counts are zeroed by the kernel's launcher
+                    ix.indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=bufs, config=cfg,
+                                                  kernel="gluon")
             else:
-                def fn(c=c):
-                    gluon.indexer_logits_gluon(q8, w, k8, ks, rs, re, out=out, config=c)
+                def fn(cfg=cfg):
+                    ix.indexer_logits(q8, w, k8, ks, rs, re, out=out, config=cfg, kernel="gluon")
             ms = bench_ms(fn, warmup_ms=20, rep_ms=150)
             fn()
             torch.cuda.synchronize()

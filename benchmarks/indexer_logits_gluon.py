@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (bench_ms, clocks_during, measure_ceilings, run_metadata, table,  # noqa: E402
-                               write_results)
+from benchmarks.common import (bench_ms, clocks_during, fp8_matmul, measure_ceilings, run_metadata,  # noqa: E402
+                               table, write_results)
 from indexcache.kernels.indexer import (indexer_logits, prefill_logits_kernel, quantize_indexer_k,  # noqa: E402
                                         quantize_indexer_q)
 from indexcache.kernels.indexer.reference import indexer_logits_ref  # noqa: E402
@@ -161,13 +161,8 @@ def diagnose_shape(s, t, h, ceilings):
 
 def cublas_clocks() -> dict:
     """The clock and power of the fp8 ceiling itself (cuBLAS 8192^3, as ``measure_ceilings``), for comparison."""
-    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
-    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn).t()
-    one = torch.ones((), device="cuda")
-    row = {"shape": "8192^3", "kernel": "cublas fp8", "mode": "torch._scaled_mm",
-           **clocks_during(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))}
-    del a, b
-    return row
+    return {"shape": "8192^3", "kernel": "cublas fp8", "mode": "torch._scaled_mm",
+            **clocks_during(fp8_matmul(8192))}
 
 
 def diagnose(name: str) -> int:

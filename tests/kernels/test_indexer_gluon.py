@@ -100,8 +100,12 @@ def test_indexer_logits_and_the_gluon_launcher_reject_what_they_do_not_support()
         ops.indexer_prefill_candidates(q8, w, k8, ks, rs, rs + 10, thr, 8, kernel="gluon")
     with pytest.raises(ValueError, match="kernel must be 'triton' or 'gluon', got 'cutlass'"):
         ops.indexer_prefill_candidates(q8, w, k8, ks, rs, rs + 10, thr, 8, kernel="cutlass")
-    with pytest.raises(ValueError, match="config is the Triton kernel's"):
+    with pytest.raises(ValueError, match="indexer_candidates_gluon: unknown config keys \\['BQ'\\]"):
         ops.indexer_prefill_candidates(q8, w, k8, ks, rs, rs + 10, thr, 8, kernel="gluon", config={"BQ": 4})
+    with pytest.raises(ValueError, match="diagnostic modes are the logits form's only, got \\{'mma': 'none'\\}"):
+        ops.indexer_prefill_candidates(q8, w, k8, ks, rs, rs + 10, thr, 8, kernel="gluon", config={"mma": "none"})
+    with pytest.raises(ValueError, match="num_stages must be an int in \\[2, 8\\], got 9"):
+        ops.indexer_prefill_candidates(q8, w, k8, ks, rs, rs + 10, thr, 8, kernel="gluon", config={"num_stages": 9})
     with pytest.raises(ValueError, match="candidates_kernel must be 'triton', 'gluon' or None, got 'x'"):
         ops.indexer_topk_prefill_fused(q8, w, k8, ks, rs, rs + 10, 4, candidates_kernel="x")
     with pytest.raises(ValueError, match="unknown config keys \\['BQ', 'schedule'\\]"):

@@ -377,6 +377,17 @@ def _permute_q(q_fp8, bq: int):
     return tiles.view(tb * bq * h, D).view(torch.float8_e4m3fn)
 
 
+def _merged_config(h: int, config: dict | None, who: str) -> dict:
+    """``config_for(h)`` updated with ``config``, checked (unknown keys and bad values name themselves)."""
+    cfg = config_for(h)
+    unknown = sorted(set(config or {}) - set(cfg))
+    if unknown:
+        raise ValueError(f"{who}: unknown config keys {unknown}; the keys are {sorted(cfg)}")
+    cfg.update(config or {})
+    check_gluon_config(h, cfg)
+    return cfg
+
+
 def check_gluon_config(h: int, cfg: dict):
     if not supports_heads(h):
         raise ValueError(f"indexer_logits_gluon: H must be a power of two in [16, 128] (BQ = 256 / H query rows "
@@ -396,12 +407,7 @@ def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=No
     "full": the output is not the logits)."""
     t, h, _ = q_fp8.shape
     s = k_fp8.shape[0]
-    cfg = config_for(h)
-    unknown = sorted(set(config or {}) - set(cfg))
-    if unknown:
-        raise ValueError(f"indexer_logits_gluon: unknown config keys {unknown}; the keys are {sorted(cfg)}")
-    cfg.update(config or {})
-    check_gluon_config(h, cfg)
+    cfg = _merged_config(h, config, "indexer_logits_gluon")
     if not q_fp8.is_cuda:
         raise ValueError(f"indexer_logits_gluon: needs CUDA tensors (Gluon has no CPU interpreter), got "
                          f"{q_fp8.device}")
@@ -415,13 +421,18 @@ def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=No
     return out
 
 
-def indexer_candidates_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cand_val, cand_col, counts):
+def indexer_candidates_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, cand_val, cand_col, counts, *,
+                             config=None):
     """``indexer_candidates_triton``'s contract (inputs checked by ``indexer_prefill_candidates``) on Hopper: the
     logits kernel above with the fused top-k's filter as its epilogue, so the scores are bit-identical to
-    ``indexer_logits_gluon``'s. cand_val [T,cap] fp32, cand_col [T,cap] int32, counts [T,2] int32 (zeroed here)."""
+    ``indexer_logits_gluon``'s. cand_val [T,cap] fp32, cand_col [T,cap] int32, counts [T,2] int32 (zeroed here).
+    ``config``: num_stages, maxnreg (the diagnostic modes are the logits form's only)."""
     t, h, _ = q_fp8.shape
-    cfg = config_for(h)
-    check_gluon_config(h, cfg)
+    cfg = _merged_config(h, config, "indexer_candidates_gluon")
+    timing_only = sorted(k for k in DIAGNOSTIC_MODES if cfg[k] != "full")
+    if timing_only:
+        raise ValueError(f"indexer_candidates_gluon: the diagnostic modes are the logits form's only, got "
+                         f"{ {k: cfg[k] for k in timing_only} }")
     if not q_fp8.is_cuda:
         raise ValueError(f"indexer_candidates_gluon: needs CUDA tensors (Gluon has no CPU interpreter), got "
                          f"{q_fp8.device}")

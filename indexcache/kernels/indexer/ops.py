@@ -136,7 +136,7 @@ def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr
     the first ``cap`` in column order. ``out``: the three buffers to write into. ``kernel``: "triton" (the
     Triton logits kernel's tile code; ``config`` overrides its launch parameters, keys of
     ``triton.candidates_config``) or "gluon" (the Hopper logits kernel with the filter as its epilogue; CUDA
-    only, H a power of two in [16, 128]). Scores are those of ``indexer_logits`` with the same ``kernel``
+    only, H a power of two in [16, 128]; ``config``: keys of ``gluon.config_for``, num_stages and maxnreg). Scores are those of ``indexer_logits`` with the same ``kernel``
     (bit-identical on GPU).
     """
     t, _, _ = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
@@ -156,12 +156,9 @@ def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr
     if kernel not in LOGITS_KERNELS:
         raise ValueError(f"indexer_prefill_candidates: kernel must be 'triton' or 'gluon', got {kernel!r}")
     if kernel == "gluon":
-        if config:
-            raise ValueError(f"indexer_prefill_candidates: config is the Triton kernel's, got {config!r} with "
-                             f"kernel='gluon'")
         from indexcache.kernels.indexer.gluon import indexer_candidates_gluon  # noqa: PLC0415
 
-        indexer_candidates_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, *out)
+        indexer_candidates_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, *out, config=config)
         return out
     if use_triton(q_fp8):
         from indexcache.kernels.indexer.triton import indexer_candidates_triton  # noqa: PLC0415
@@ -410,8 +407,8 @@ def indexer_topk_prefill_fused(q_fp8, w, k_fp8, k_scale, row_start, row_end, top
     the counters (fallback rows, mean candidates per row, chunks, thresholds); ``candidates_kernel``: the
     filter's kernel, "triton" or "gluon" (``indexer_prefill_candidates``' kernel; None = the prefill logits
     kernel of q's device and heads, ``prefill_logits_kernel``); rows redone by the two-pass path are scored by
-    the same kernel's logits. ``config`` overrides the Triton filter's launch parameters (keys of
-    ``triton.candidates_config``)."""
+    the same kernel's logits. ``config`` overrides the filter's launch parameters (keys of
+    ``triton.candidates_config`` for the Triton filter, of ``gluon.config_for`` for the Gluon one)."""
     topk_fn, out, rs_all, re_all = _prefill_setup(q_fp8, w, k_fp8, k_scale, row_start, row_end, topk, topk_fn, out)
     t, s = q_fp8.shape[0], k_fp8.shape[0]
     dev = q_fp8.device
