@@ -105,12 +105,27 @@ def run_metadata() -> dict:
         "triton": triton.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
-    try:
-        meta["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     check=False).stdout.strip()
-    except OSError:
-        pass
+    meta.update(git_revision())
     return meta
+
+
+def git_revision(root: str | None = None) -> dict:
+    """{"git": short HEAD, plus "+uncommitted" when tracked files differ from it} of the repository at ``root``
+    (default: the one around this file); {} without git or outside a repository. A result's code is then never
+    taken for a commit it is not."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=False)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return {}
+        changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except OSError:
+        return {}
+    return {"git": head.stdout.strip() + ("+uncommitted" if changed else "")}
 
 
 def results_dir() -> str:
