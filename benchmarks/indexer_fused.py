@@ -57,7 +57,7 @@ SIZES = {
     "tiny": dict(warm=(200, 64), small=150, big=300, ties_rows=50, blocks=2, per=24, sampled=(450, 600),
                  extra=(350,), steps=(200, 300, 450), step_rows=96),
 }
-WORKSPACE = 2 << 30  # both paths' workspace_bytes (the functions' default; --steps: the e2e engine's)
+WORKSPACE = 2 << 30  # both paths' workspace_bytes (the functions' default; --steps passes its own)
 SZ = SIZES["full"]
 T0 = time.perf_counter()
 BUDGET_S = 210.0
@@ -107,23 +107,25 @@ def causal(s, h, seed, ties=0):
     return inputs(torch.arange(s, device=DEV), s, h, seed, ties)
 
 
-def run(path, q8, w, k8, ks, rs, re, out, stats=None, logits_kernel=None):
+def run(path, q8, w, k8, ks, rs, re, out, stats=None, logits_kernel=None, workspace=None):
     """One path, called directly (``choose_prefill_path`` is what this benchmark calibrates). ``logits_kernel``:
     the two-pass path's logits kernel, and the fused path's filter kernel (None: the production choice, Gluon on
-    Hopper); path "fused (triton filter)": the fused path with the Triton filter."""
+    Hopper); path "fused (triton filter)": the fused path with the Triton filter. ``workspace``: both paths'
+    workspace_bytes (None: ``WORKSPACE``)."""
+    ws = workspace or WORKSPACE
     if path == "fused":
         return ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=stats,
-                                             candidates_kernel=logits_kernel, workspace_bytes=WORKSPACE)
+                                             candidates_kernel=logits_kernel, workspace_bytes=ws)
     if path == "fused (triton filter)":
         return ix.indexer_topk_prefill_fused(q8, w, k8, ks, rs, re, TOPK, out=out, stats=stats,
-                                             candidates_kernel="triton", workspace_bytes=WORKSPACE)
+                                             candidates_kernel="triton", workspace_bytes=ws)
     if path == "two-pass":
         return ix.indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, TOPK, out=out, logits_kernel=logits_kernel,
-                                                workspace_bytes=WORKSPACE)
+                                                workspace_bytes=ws)
     noop = lambda lg, k, row_start=None, row_end=None: torch.empty(  # noqa: E731
         lg.shape[0], k, dtype=torch.int32, device=lg.device)
     return ix.indexer_topk_prefill_two_pass(q8, w, k8, ks, rs, re, TOPK, out=out, topk_fn=noop,
-                                            logits_kernel=logits_kernel, workspace_bytes=WORKSPACE)
+                                            logits_kernel=logits_kernel, workspace_bytes=ws)
 
 
 def timed_s(fn, reps):
@@ -201,7 +203,7 @@ def stage(rows, ceil, label, h, data, scale=1.0, reps=3, floor=True):
     return {"fused_s": fu["stage_s"], "two_pass_s": tw["stage_s"], "exact": d == 0}
 
 
-def profile_fused(rows, h, data, label="200K"):
+def profile_fused(rows, h, data, label="200K", workspace=None):
     """GPU time per kernel of one fused run (top 10; self CPU time per op in a CPU dry run)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -209,12 +211,13 @@ def profile_fused(rows, h, data, label="200K"):
     out = torch.empty(q8.shape[0], TOPK, dtype=torch.int32, device=DEV)
     gpu = DEV == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
-        run("fused", q8, w, k8, ks, rs, re, out)
+        run("fused", q8, w, k8, ks, rs, re, out, workspace=workspace)
         if gpu:
             torch.cuda.synchronize()
     evs = []
     for e in prof.key_averages():
-        us = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) if gpu else e.self_cpu_time_total
+        us = ((getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) if gpu
+              else e.self_cpu_time_total)
         if us:
             evs.append((us, e.key, e.count))
     evs.sort(reverse=True)
@@ -319,9 +322,9 @@ def _same_lists(a, b, cap):
     return int((ca != cb).any(1)[ok].sum()), bool(torch.equal(a[2], b[2]))
 
 
-def candidates_alone(rows, ceil, label, h, data, configs):
-    """The candidates kernel alone on these rows (thresholds of a real fused run), each config; every config after
-    the first is checked against the first (the default)."""
+def candidates_alone(rows, ceil, label, h, data, configs, kernel="triton"):
+    """The candidates kernel ``kernel`` alone on these rows (thresholds of a real fused run), each config; every
+    config after the first is checked against the first (the default)."""
     from benchmarks.common import bench_ms
 
     q8, w, k8, ks, rs, re = data
@@ -333,7 +336,8 @@ def candidates_alone(rows, ceil, label, h, data, configs):
     for name, cfg in configs:
         bufs = (torch.empty(t, cap, device=DEV), torch.empty(t, cap, dtype=torch.int32, device=DEV),
                 torch.empty(t, 2, dtype=torch.int32, device=DEV))
-        fn = lambda: ix.indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=bufs, config=cfg)  # noqa
+        fn = lambda: ix.indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=bufs, config=cfg,  # noqa
+                                                   kernel=kernel)
         try:
             ms = bench_ms(fn, warmup_ms=10, rep_ms=60)
             fn()
@@ -375,8 +379,10 @@ def fused_stage(rows, ceil, label, h, data, scale=1.0, reps=3):
     print(rows[-1], flush=True)
 
 
-def logits_configs(rows, ceil, label, h, data):
-    """The two-pass path's logits kernel alone (one chunk of these rows over all keys), a few launch configs."""
+def logits_configs(rows, ceil, label, h, data, configs=None, kernel="triton"):
+    """The two-pass path's logits kernel alone (one chunk of these rows over all keys), a few launch configs:
+    (name, config) pairs of ``kernel``'s keys, the first the default (others are compared with its logits);
+    None: ``LOGITS_CONFIGS`` of the Triton kernel."""
     from benchmarks.common import bench_ms
 
     q8, w, k8, ks, rs, re = data
@@ -384,20 +390,22 @@ def logits_configs(rows, ceil, label, h, data):
     out = torch.empty(t, s, device=DEV)
     flops = 2 * pairs(rs, re) * h * 128
     ref = None
-    for bq, bkv, nw, ns in LOGITS_CONFIGS:
-        cfg = dict(BQ=bq, BKV=bkv, num_warps=nw, num_stages=ns)
+    if configs is None:
+        configs = [(str(c), c) for c in (dict(BQ=bq, BKV=bkv, num_warps=nw, num_stages=ns)
+                                         for bq, bkv, nw, ns in LOGITS_CONFIGS)]
+    for name, cfg in configs:
         try:
-            ms = bench_ms(lambda: ix.indexer_logits(q8, w, k8, ks, rs, re, out=out, config=cfg), warmup_ms=10,
-                          rep_ms=60)
+            ms = bench_ms(lambda: ix.indexer_logits(q8, w, k8, ks, rs, re, out=out, config=cfg, kernel=kernel),
+                          warmup_ms=10, rep_ms=60)
             same = None
             if ref is None:
                 ref = out.clone()
             else:
                 same = bool(torch.equal(out, ref))
-            r = {"name": f"{label} logits {cfg}", "H": h, "rows": t, "ms": ms, "tflops": flops / ms / 1e9,
+            r = {"name": f"{label} logits {name}", "H": h, "rows": t, "ms": ms, "tflops": flops / ms / 1e9,
                  "frac_fp8_cublas": flops / ms / 1e9 / ceil["fp8_matmul_tflops"], "same_as_default": same}
         except Exception as e:  # noqa: BLE001
-            r = {"name": f"{label} logits {cfg}", "error": repr(e)[:200]}
+            r = {"name": f"{label} logits {name}", "error": repr(e)[:200]}
         rows.append(r)
         print(r, flush=True)
     del out, ref
@@ -540,11 +548,10 @@ def main_steps(args):
     """One engine prefill step per context S: the last step-rows query rows of a causal prefill of S keys, both
     paths with the e2e engine's workspace, their index sets compared. ``choose_prefill_path`` decides per call,
     i.e. per step, so this table (not the whole-stage one, which sums every step below S) sets its constants."""
-    global WORKSPACE
     if args.workspace_gb < 1 or (args.step_rows is not None and args.step_rows < 1):
         raise SystemExit(f"indexer_fused: --workspace-gb and --step-rows must be >= 1, got {args.workspace_gb}, "
                          f"{args.step_rows}")
-    WORKSPACE = (args.workspace_gb << 30) if not args.tiny else 1 << 20
+    ws = (args.workspace_gb << 30) if not args.tiny else 1 << 20
     n_rows = args.step_rows or SZ["step_rows"]
     rows: list[dict] = []
     ceil = ceilings_case(rows)
@@ -557,8 +564,8 @@ def main_steps(args):
         outs, secs = {}, {}
         for path in ("fused", "two-pass"):
             outs[path] = torch.empty(n, TOPK, dtype=torch.int32, device=DEV)
-            run(path, q8, w, k8, ks, rs, re, outs[path])  # compiles this shape's specialisations
-            secs[path], peak = timed_s(lambda: run(path, q8, w, k8, ks, rs, re, outs[path]), 3)
+            run(path, q8, w, k8, ks, rs, re, outs[path], workspace=ws)  # compiles this shape's specialisations
+            secs[path], peak = timed_s(lambda: run(path, q8, w, k8, ks, rs, re, outs[path], workspace=ws), 3)
             rows.append({"name": f"step {s} H={h} {path}", "H": h, "rows": n, "ms": secs[path] * 1e3,
                          "tflops": flops / secs[path] / 1e12,
                          "frac_fp8_cublas": flops / secs[path] / 1e12 / ceil["fp8_matmul_tflops"],
@@ -567,7 +574,7 @@ def main_steps(args):
         d = rows_differ(outs["fused"], outs["two-pass"])
         steps[(h, s)] = {"fused_s": secs["fused"], "two_pass_s": secs["two-pass"], "exact": d == 0}
         if s == max(SZ["steps"]):  # where the fused path's time goes, per kernel, at the longest step
-            profile_fused(rows, h, (q8, w, k8, ks, rs, re), f"step {s}")
+            profile_fused(rows, h, (q8, w, k8, ks, rs, re), f"step {s}", workspace=ws)
 
     for h in (32, 64):
         for s in SZ["steps"]:
@@ -575,7 +582,7 @@ def main_steps(args):
     step_rows, limits = crossover_rows(steps, "step")
     rows += step_rows
     write_results("indexer_fused_steps", {"meta": run_metadata(), "ceilings": ceil, "topk": TOPK,
-                                          "workspace_bytes": WORKSPACE, "step_rows": n_rows, "rows": rows,
+                                          "workspace_bytes": ws, "step_rows": n_rows, "rows": rows,
                                           "fused_min_context": {str(h): c for h, c in limits.items()}},
                   [tempfile.gettempdir()] if args.tiny else None)
     print(table([r for r in rows if not r["name"].startswith("step ") or "ms" in r],

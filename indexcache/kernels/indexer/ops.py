@@ -136,8 +136,8 @@ def indexer_prefill_candidates(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr
     the first ``cap`` in column order. ``out``: the three buffers to write into. ``kernel``: "triton" (the
     Triton logits kernel's tile code; ``config`` overrides its launch parameters, keys of
     ``triton.candidates_config``) or "gluon" (the Hopper logits kernel with the filter as its epilogue; CUDA
-    only, H a power of two in [16, 128]; ``config``: keys of ``gluon.config_for``, num_stages and maxnreg). Scores are those of ``indexer_logits`` with the same ``kernel``
-    (bit-identical on GPU).
+    only, H a power of two in [16, 128]; ``config``: keys of ``gluon.config_for``, num_stages and maxnreg).
+    Scores are those of ``indexer_logits`` with the same ``kernel`` (bit-identical on GPU).
     """
     t, _, _ = check_logits_inputs(q_fp8, w, k_fp8, k_scale, row_start, row_end)
     if tuple(thr.shape) != (t,) or thr.dtype != torch.float32:
