@@ -72,6 +72,7 @@ def _compile(fn, types: dict, constexprs: dict, div16: tuple[str, ...], num_warp
     k = triton.compile(src, target=GPUTarget("cuda", 90, 64),
                        options={"num_warps": num_warps, "maxnreg": maxnreg})
     ptx = k.asm["ptx"]
+    scores = score_expressions(ptx)
     with tempfile.TemporaryDirectory() as d:
         src_ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         with open(src_ptx, "w") as f:
@@ -98,8 +99,8 @@ def _compile(fn, types: dict, constexprs: dict, div16: tuple[str, ...], num_warp
             "sass_wait_1": None if sass is None else len(re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x1\b", sass)),
             "ptxas_notes": [ln for ln in r.stderr.splitlines() if "Performance" in ln or "arning" in ln],
             # the scores' arithmetic (``score_expressions``), as a digest: equal digests, equal bits
-            "score_digest": hashlib.sha1("\n".join(score_expressions(ptx)).encode()).hexdigest()[:16],
-            "scores_in_ptx": len(score_expressions(ptx))}  # a thread's scores of a tile, both partitions
+            "score_digest": hashlib.sha1("\n".join(scores).encode()).hexdigest()[:16],
+            "scores_in_ptx": len(scores)}  # a thread's scores of a tile, both partitions
 
 
 def score_expressions(ptx: str) -> list[str]:
