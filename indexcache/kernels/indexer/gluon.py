@@ -56,7 +56,7 @@ def config_for(h: int) -> dict:
     the wgmma and runs the full epilogue on a register tile made from the loaded weights and key scales (relu's
     max against the tile's key scale instead of 0, so no instruction is saved and nothing folds); ``loads``
     "none" loads key tile 0 once and runs every tile's MMA on that stage (no key TMA traffic)."""
-    return {"num_stages": 4, "maxnreg": 168, **{k: "full" for k in DIAGNOSTIC_MODES}}
+    return {"num_stages": 4, "maxnreg": 168, "ks_prefetch": False, **{k: "full" for k in DIAGNOSTIC_MODES}}
 
 
 # the timing diagnostics' config keys and values (``config_for``); "full" is the kernel itself
@@ -109,7 +109,7 @@ def _load_partition(q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, qrow0, 
 
 @gluon.jit
 def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.constexpr, KL: gl.constexpr,
-           MMA_ON: gl.constexpr, LOADS: gl.constexpr):
+           MMA_ON: gl.constexpr, LOADS: gl.constexpr, KSPF: gl.constexpr = False):
     """Wait for key tile i, start its MMA and load its key scales. ``acc`` is the accumulator whose registers
     the MMA takes (use_acc=False: its values are ignored): the tile reduced just before, so no registers are
     copied. Diagnostics: ``MMA_ON`` False passes ``acc`` through; ``LOADS`` False reads stage 0 for every tile."""
@@ -124,9 +124,18 @@ def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.conste
         d = warpgroup_mma(k_bufs.index(s), q_smem.permute((1, 0)), acc, use_acc=False, is_async=True)
     else:
         d = acc
-    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=KL)
-    ks = gl.load(ks_ptr + keys, mask=keys < S, other=0.0)
+    if KSPF:  # the caller loaded them a tile ahead
+        ks = gl.zeros([BKV], gl.float32, KL)
+    else:
+        ks = _key_scales(ks_ptr, lo_t, i, S, BKV, KL)
     return d, ks
+
+
+@gluon.jit
+def _key_scales(ks_ptr, lo_t, i, S, BKV: gl.constexpr, KL: gl.constexpr):
+    """Key tile i's scales (0 past S)."""
+    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=KL)
+    return gl.load(ks_ptr + keys, mask=keys < S, other=0.0)
 
 
 @gluon.jit
@@ -244,7 +253,8 @@ def _fill(out_rows, rmask, c0, c1, S, BKV: gl.constexpr, OUT: gl.constexpr):
 def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
                         stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H: gl.constexpr,
                         NUM_STAGES: gl.constexpr, MMA: gl.constexpr, OUT: gl.constexpr, EPILOGUE: gl.constexpr,
-                        MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, PARITY: gl.constexpr):
+                        MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, KSPF: gl.constexpr,
+                        PARITY: gl.constexpr):
     """One warpgroup, the key tiles i = PARITY, PARITY + 2, ...: wait, one m64nN MMA, wait for it, reduce and
     store. The other parity's partition (its own warps, so no barrier ties the two) runs its MMA meanwhile.
     PARITY 0 fills the -inf columns left of the window, 1 those right of it. ``CAND``: the scores are appended
@@ -284,15 +294,23 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_p
             # the threshold floored at -FLT_MAX: a -inf threshold (take every valid score) still rejects -inf
             thr = gl.maximum(gl.load(thr_ptr + rows, mask=rmask, other=float("inf")), -3.4028234663852886e38)
             vcnt = gl.zeros([BKV, BQ], gl.int32, KQ)
+            ksn = _key_scales(ks_ptr, lo_t, PARITY, S, BKV, KL)
             for i in range(PARITY, n_tiles, 2):
-                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True)
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True, KSPF)
+                if KSPF:  # this tile's scales were loaded one tile ahead; load the next one's now
+                    ks = ksn
+                    ksn = _key_scales(ks_ptr, lo_t, i + 2, S, BKV, KL)
                 acc, vcnt = _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr,
                                            cols_ptr, cap, lo_t, S, H, NUM_STAGES)
             r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
             gl.atomic_add(cnt_ptr + r2 * 2 + 1, vcnt, mask=vcnt > 0, sem="relaxed")  # valid scores, once
         else:
+            ksn = _key_scales(ks_ptr, lo_t, PARITY, S, BKV, KL)
             for i in range(PARITY, n_tiles, 2):
-                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS)
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS, KSPF)
+                if KSPF:
+                    ks = ksn
+                    ksn = _key_scales(ks_ptr, lo_t, i + 2, S, BKV, KL)
                 acc = _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, NUM_STAGES, EPILOGUE,
                                     MMA_ON, LOADS)
     if PARITY == 1 and not CAND:
@@ -305,7 +323,7 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
                       thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap,
                       H: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
                       EPILOGUE: gl.constexpr = True, MMA_ON: gl.constexpr = True, LOADS: gl.constexpr = True,
-                      CAND: gl.constexpr = False):
+                      CAND: gl.constexpr = False, KSPF: gl.constexpr = False):
     """Programs run last-first: in a causal prefill the last rows have the longest windows, and starting them
     first shortens the tail of the grid. ``EPILOGUE``, ``MMA_ON``, ``LOADS``: the diagnostic switches
     (``config_for``), True in real use. ``CAND``: the fused prefill top-k's filter (``indexer_candidates_gluon``):
@@ -342,12 +360,12 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     gl.warp_specialize([
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 0)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, KSPF, 0)),
         (_load_partition, (q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, q0 * H, lo_t, n_tiles,
                            NUM_STAGES, LOADS)),
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 1)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, KSPF, 1)),
     ], [1, 4], [24, 240])
 
 
@@ -459,4 +477,5 @@ def _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, out, cand, **mode
     grid = (triton.cdiv(t, bq),)
     _logits_ws_kernel[grid](q_desc, k_desc, w.contiguous(), k_scale.contiguous(), row_start.contiguous(),
                             row_end.contiguous(), out, t, s, out.stride(0), *cand, H=h,
-                            NUM_STAGES=cfg["num_stages"], num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"], **modes)
+                            NUM_STAGES=cfg["num_stages"], num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"],
+                            KSPF=bool(cfg["ks_prefetch"]), **modes)
