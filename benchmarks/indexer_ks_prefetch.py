@@ -1,5 +1,7 @@
 """Experiment for the next session (branch ks-prefetch): the Gluon indexer kernel with its key scales loaded a tile
-ahead (config ks_prefetch) against the default, same run, same bits. python -m benchmarks.indexer_ks_prefetch"""
+ahead (config ks_prefetch), and its candidates form with each tile's stores one tile late (defer_append: the slot
+atomics' round trip off the tile's path), against the default, same run, same bits / same candidate sets.
+python -m benchmarks.indexer_ks_prefetch   (about 1 min on an H200)"""
 import json, os, torch
 from benchmarks.common import bench_ms, measure_ceilings
 import benchmarks.indexer_fused as bf
@@ -20,6 +22,8 @@ for H, S, ROWS in [(32, 200_000, 8192), (64, 200_000, 8192), (32, 1_000_000, 211
                             ("skeleton prefetch", {"epilogue": "none", "mma": "none", "ks_prefetch": True}, False),
                             ("mma only", {"epilogue": "none"}, False), ("mma only prefetch", {"epilogue": "none", "ks_prefetch": True}, False),
                             ("cand", {}, True), ("cand prefetch", {"ks_prefetch": True}, True),
+                            ("cand defer", {"defer_append": True}, True),
+                            ("cand prefetch+defer", {"ks_prefetch": True, "defer_append": True}, True),
                             ("logits again", {}, False)]:
         c = G.config_for(H); c.update(cfg)
         if cand:
