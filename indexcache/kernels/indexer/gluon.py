@@ -56,7 +56,7 @@ def config_for(h: int) -> dict:
     the wgmma and runs the full epilogue on a register tile made from the loaded weights and key scales (relu's
     max against the tile's key scale instead of 0, so no instruction is saved and nothing folds); ``loads``
     "none" loads key tile 0 once and runs every tile's MMA on that stage (no key TMA traffic)."""
-    return {"num_stages": 4, "maxnreg": 168, "ks_prefetch": False, "defer_append": False, **{k: "full" for k in DIAGNOSTIC_MODES}}
+    return {"num_stages": 4, "maxnreg": 168, **{k: "full" for k in DIAGNOSTIC_MODES}}
 
 
 # the timing diagnostics' config keys and values (``config_for``); "full" is the kernel itself
@@ -109,7 +109,7 @@ def _load_partition(q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, qrow0, 
 
 @gluon.jit
 def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.constexpr, KL: gl.constexpr,
-           MMA_ON: gl.constexpr, LOADS: gl.constexpr, KSPF: gl.constexpr = False):
+           MMA_ON: gl.constexpr, LOADS: gl.constexpr):
     """Wait for key tile i, start its MMA and load its key scales. ``acc`` is the accumulator whose registers
     the MMA takes (use_acc=False: its values are ignored): the tile reduced just before, so no registers are
     copied. Diagnostics: ``MMA_ON`` False passes ``acc`` through; ``LOADS`` False reads stage 0 for every tile."""
@@ -124,18 +124,9 @@ def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.conste
         d = warpgroup_mma(k_bufs.index(s), q_smem.permute((1, 0)), acc, use_acc=False, is_async=True)
     else:
         d = acc
-    if KSPF:  # the caller loaded them a tile ahead
-        ks = gl.zeros([BKV], gl.float32, KL)
-    else:
-        ks = _key_scales(ks_ptr, lo_t, i, S, BKV, KL)
-    return d, ks
-
-
-@gluon.jit
-def _key_scales(ks_ptr, lo_t, i, S, BKV: gl.constexpr, KL: gl.constexpr):
-    """Key tile i's scales (0 past S)."""
     keys = lo_t + i * BKV + gl.arange(0, BKV, layout=KL)
-    return gl.load(ks_ptr + keys, mask=keys < S, other=0.0)
+    ks = gl.load(ks_ptr + keys, mask=keys < S, other=0.0)
+    return d, ks
 
 
 @gluon.jit
@@ -240,40 +231,6 @@ def _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr,
 
 
 @gluon.jit
-def _reduce_append_deferred(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, ps, pv, pk, pt, cnt_ptr, vals_ptr,
-                            cols_ptr, cap, lo_t, S, H: gl.constexpr, NUM_STAGES: gl.constexpr):
-    """``_reduce_append`` with the stores one tile late: this tile's slots are reserved (the atomics issued) and
-    the previous tile's candidates (ps slots, pv values, pk columns, pt taken) are stored, so an atomic's round
-    trip overlaps the next tile's MMA instead of sitting on this tile's path. Returns this tile's pending entries."""
-    d = warpgroup_mma_wait(num_outstanding=0, deps=(d, ))
-    BKV: gl.constexpr = d.type.shape[0]
-    N: gl.constexpr = d.type.shape[1]
-    BQ: gl.constexpr = N // H
-    mbarrier.arrive(empty.index(i % NUM_STAGES), count=1)
-    lg = _head_sum(gl.maximum(d, 0.0), gl.expand_dims(wv, 0), H, BQ)  # [BKV, BQ]
-    KQ: gl.constexpr = lg.type.layout
-    ks = gl.convert_layout(ks, gl.SliceLayout(1, KQ))  # the same rows: no data moves
-    keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, KQ))
-    k2 = gl.expand_dims(keys, 1) + gl.zeros([BKV, BQ], gl.int32, KQ)
-    ok = (k2 >= gl.expand_dims(rs, 0)) & (k2 < gl.expand_dims(re, 0)) & gl.expand_dims(rmask, 0) & (k2 < S)
-    v = lg * gl.expand_dims(ks, 1)
-    vcnt += (ok & (v == v) & (v != float("-inf"))).to(gl.int32)
-    take = ok & (v >= gl.expand_dims(thr, 0))
-    r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
-    slot = gl.atomic_add(cnt_ptr + r2 * 2, gl.full([BKV, BQ], 1, gl.int32, KQ), mask=take, sem="relaxed")
-    _store_pending(r2, ps, pv, pk, pt, vals_ptr, cols_ptr, cap)
-    return d, vcnt, slot, v, k2, take
-
-
-@gluon.jit
-def _store_pending(r2, ps, pv, pk, pt, vals_ptr, cols_ptr, cap):
-    keep = pt & (ps < cap)
-    at = r2.to(gl.int64) * cap + ps
-    gl.store(vals_ptr + at, pv, mask=keep)
-    gl.store(cols_ptr + at, pk, mask=keep)
-
-
-@gluon.jit
 def _fill(out_rows, rmask, c0, c1, S, BKV: gl.constexpr, OUT: gl.constexpr):
     """-inf at columns [c0, c1) of the program's rows (c0 a multiple of BKV; columns past S skipped)."""
     BQ: gl.constexpr = out_rows.type.shape[1]
@@ -287,8 +244,7 @@ def _fill(out_rows, rmask, c0, c1, S, BKV: gl.constexpr, OUT: gl.constexpr):
 def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
                         stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H: gl.constexpr,
                         NUM_STAGES: gl.constexpr, MMA: gl.constexpr, OUT: gl.constexpr, EPILOGUE: gl.constexpr,
-                        MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, KSPF: gl.constexpr,
-                        DEFER: gl.constexpr, PARITY: gl.constexpr):
+                        MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, PARITY: gl.constexpr):
     """One warpgroup, the key tiles i = PARITY, PARITY + 2, ...: wait, one m64nN MMA, wait for it, reduce and
     store. The other parity's partition (its own warps, so no barrier ties the two) runs its MMA meanwhile.
     PARITY 0 fills the -inf columns left of the window, 1 those right of it. ``CAND``: the scores are appended
@@ -328,34 +284,15 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_p
             # the threshold floored at -FLT_MAX: a -inf threshold (take every valid score) still rejects -inf
             thr = gl.maximum(gl.load(thr_ptr + rows, mask=rmask, other=float("inf")), -3.4028234663852886e38)
             vcnt = gl.zeros([BKV, BQ], gl.int32, KQ)
-            ps = gl.zeros([BKV, BQ], gl.int32, KQ)  # DEFER: the previous tile's pending candidates (none yet)
-            pv = gl.zeros([BKV, BQ], gl.float32, KQ)
-            pk = gl.zeros([BKV, BQ], gl.int32, KQ)
-            pt = ps > 0
-            ksn = _key_scales(ks_ptr, lo_t, PARITY, S, BKV, KL)
             for i in range(PARITY, n_tiles, 2):
-                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True, KSPF)
-                if KSPF:  # this tile's scales were loaded one tile ahead; load the next one's now
-                    ks = ksn
-                    ksn = _key_scales(ks_ptr, lo_t, i + 2, S, BKV, KL)
-                if DEFER:
-                    acc, vcnt, ps, pv, pk, pt = _reduce_append_deferred(
-                        d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, ps, pv, pk, pt, cnt_ptr, vals_ptr,
-                        cols_ptr, cap, lo_t, S, H, NUM_STAGES)
-                else:
-                    acc, vcnt = _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr,
-                                               vals_ptr, cols_ptr, cap, lo_t, S, H, NUM_STAGES)
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True)
+                acc, vcnt = _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr,
+                                           cols_ptr, cap, lo_t, S, H, NUM_STAGES)
             r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
-            if DEFER:  # the last tile's candidates
-                _store_pending(r2, ps, pv, pk, pt, vals_ptr, cols_ptr, cap)
             gl.atomic_add(cnt_ptr + r2 * 2 + 1, vcnt, mask=vcnt > 0, sem="relaxed")  # valid scores, once
         else:
-            ksn = _key_scales(ks_ptr, lo_t, PARITY, S, BKV, KL)
             for i in range(PARITY, n_tiles, 2):
-                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS, KSPF)
-                if KSPF:
-                    ks = ksn
-                    ksn = _key_scales(ks_ptr, lo_t, i + 2, S, BKV, KL)
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS)
                 acc = _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, NUM_STAGES, EPILOGUE,
                                     MMA_ON, LOADS)
     if PARITY == 1 and not CAND:
@@ -368,7 +305,7 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
                       thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap,
                       H: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
                       EPILOGUE: gl.constexpr = True, MMA_ON: gl.constexpr = True, LOADS: gl.constexpr = True,
-                      CAND: gl.constexpr = False, KSPF: gl.constexpr = False, DEFER: gl.constexpr = False):
+                      CAND: gl.constexpr = False):
     """Programs run last-first: in a causal prefill the last rows have the longest windows, and starting them
     first shortens the tail of the grid. ``EPILOGUE``, ``MMA_ON``, ``LOADS``: the diagnostic switches
     (``config_for``), True in real use. ``CAND``: the fused prefill top-k's filter (``indexer_candidates_gluon``):
@@ -405,12 +342,12 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     gl.warp_specialize([
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, KSPF, DEFER, 0)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 0)),
         (_load_partition, (q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, q0 * H, lo_t, n_tiles,
                            NUM_STAGES, LOADS)),
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, KSPF, DEFER, 1)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 1)),
     ], [1, 4], [24, 240])
 
 
@@ -522,5 +459,4 @@ def _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, out, cand, **mode
     grid = (triton.cdiv(t, bq),)
     _logits_ws_kernel[grid](q_desc, k_desc, w.contiguous(), k_scale.contiguous(), row_start.contiguous(),
                             row_end.contiguous(), out, t, s, out.stride(0), *cand, H=h,
-                            NUM_STAGES=cfg["num_stages"], num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"],
-                            KSPF=bool(cfg["ks_prefetch"]), DEFER=bool(cfg["defer_append"]), **modes)
+                            NUM_STAGES=cfg["num_stages"], num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"], **modes)
