@@ -2,15 +2,14 @@
 candidates filter), in one run on one Hopper GPU: does its rate hold when the keys no longer fit in L2, and what
 do the ring depth and the diagnostic modes change there.
 
-    python -m benchmarks.indexer_gluon_long        # about 90 s on an H200; JSON to $OUT (or runs/benchmarks/)
+    python -m benchmarks.indexer_gluon_long        # about 70 s on an H200; JSON to $OUT (or runs/benchmarks/)
 
-Rows: the last 4224 query rows (four waves of 8-row programs on 132 SMs, two of 16-row ones) of causal prefills
-of 200K keys at 32 and 64 heads and of 1M keys at 32. The logits form at 4 / 6 / 8 ring stages, with two q tiles
-a program (``q_tiles``) and with the ``loads`` / ``epilogue`` diagnostics ("none": the output is not the
-logits, timing only), each compared with the first row's logits (``indexer_fused.logits_configs``); the
-candidates form (thresholds of a real fused run) at 4 / 6 / 8 stages and with two q tiles, its lists and counts
-compared with the first's (``indexer_fused.candidates_alone``). Prints ms and the fraction of the same-run
-cuBLAS fp8 ceiling per row, last.
+Rows: the last 4224 query rows (four waves of 8-row programs on 132 SMs) of causal prefills of 200K keys at 32
+and 64 heads and of 1M keys at 32. The logits form at 4 / 6 / 8 ring stages and with the ``loads`` /
+``epilogue`` diagnostics ("none": the output is not the logits, timing only), each compared with the first row's
+logits (``indexer_fused.logits_configs``); the candidates form (thresholds of a real fused run) at 4 / 6 / 8
+stages, its lists and counts compared with the first's (``indexer_fused.candidates_alone``). Prints ms and the
+fraction of the same-run cuBLAS fp8 ceiling per row, last.
 """
 from __future__ import annotations
 
@@ -21,10 +20,9 @@ from benchmarks.indexer_fused import candidates_alone, inputs, logits_configs
 
 ROWS = 4224
 CASES = [(32, 200_000), (64, 200_000), (32, 1_000_000)]  # (heads, keys)
-QT2 = [("2 q tiles", {"q_tiles": 2}), ("2 q tiles 6 stages", {"q_tiles": 2, "num_stages": 6})]
-LOGITS = [("4 stages", {}), ("6 stages", {"num_stages": 6}), ("8 stages", {"num_stages": 8}), *QT2,
+LOGITS = [("4 stages", {}), ("6 stages", {"num_stages": 6}), ("8 stages", {"num_stages": 8}),
           ("loads none", {"loads": "none"}), ("epilogue none", {"epilogue": "none"})]
-CANDIDATES = [("4 stages", {}), ("6 stages", {"num_stages": 6}), ("8 stages", {"num_stages": 8}), *QT2]
+CANDIDATES = [("4 stages", {}), ("6 stages", {"num_stages": 6}), ("8 stages", {"num_stages": 8})]
 
 
 def main() -> int:

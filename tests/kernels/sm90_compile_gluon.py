@@ -194,10 +194,10 @@ def compile_down_kernel(block_m: int, block_n: int, num_stages: int, maxnreg: in
 
 
 def compile_indexer_kernel(h: int, num_stages: int = 4, maxnreg: int = 168, modes: dict | None = None,
-                           sass_path: str | None = None, cand: bool = False, q_tiles: int = 1) -> dict:
+                           sass_path: str | None = None, cand: bool = False) -> dict:
     """The prefill indexer logits kernel (kernels/indexer/gluon.py) for H heads (BQ = 256 / H query rows a
     program); ``modes``: its diagnostic config keys (epilogue, mma, loads: "full" or "none"), all "full" if not
-    given; ``cand``: its candidates form (the fused top-k's filter); ``q_tiles``: q tiles a program. Adds per key tile stats of the consumer loop
+    given; ``cand``: its candidates form (the fused top-k's filter). Adds per key tile stats of the consumer loop
     (``loop_stats``)."""
     from indexcache.kernels.indexer.gluon import BKV, N_COLS, NUM_WARPS, _logits_ws_kernel, operand_layouts
 
@@ -209,10 +209,9 @@ def compile_indexer_kernel(h: int, num_stages: int = 4, maxnreg: int = 168, mode
     modes = {"epilogue": "full", "mma": "full", "loads": "full", **(modes or {})}
     constexprs = {"H": h, "NUM_STAGES": num_stages, "num_warps": NUM_WARPS,
                   "EPILOGUE": modes["epilogue"] == "full", "MMA_ON": modes["mma"] == "full",
-                  "LOADS": modes["loads"] == "full", "CAND": cand, "QT": q_tiles}
+                  "LOADS": modes["loads"] == "full", "CAND": cand}
     off = "".join(f" {k} none" for k, v in modes.items() if v != "full")
-    name = (f"indexer{' candidates' if cand else ''} H {h} BQ {N_COLS // h} q_tiles {q_tiles} stages {num_stages} "
-            f"maxnreg {maxnreg}{off}")
+    name = f"indexer{' candidates' if cand else ''} H {h} BQ {N_COLS // h} stages {num_stages} maxnreg {maxnreg}{off}"
     with tempfile.TemporaryDirectory() as d:
         path = sass_path or os.path.join(d, "k.sass")
         row = _compile(_logits_ws_kernel, types, constexprs, (), NUM_WARPS, maxnreg, name, sass_path=path)
@@ -243,8 +242,7 @@ def main() -> int:
     if "--indexer" in sys.argv[1:]:
         for h in INDEXER_HEADS:
             for cand in (False, True):
-                for q_tiles in (1, 2):
-                    print(json.dumps(compile_indexer_kernel(h, cand=cand, q_tiles=q_tiles)), flush=True)
+                print(json.dumps(compile_indexer_kernel(h, cand=cand)), flush=True)
         return 0
     for cfg in CONFIGS:
         print(json.dumps(compile_down_kernel(*cfg)), flush=True)

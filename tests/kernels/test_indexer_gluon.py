@@ -114,9 +114,6 @@ def test_indexer_logits_and_the_gluon_launcher_reject_what_they_do_not_support()
         indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"mma": "off"})
     with pytest.raises(ValueError, match="num_stages must be an int in \\[2, 8\\], got 1"):
         indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"num_stages": 1})
-    for bad in (3, 0, True):
-        with pytest.raises(ValueError, match=f"config q_tiles must be 1 or 2, got {bad!r}"):
-            indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"q_tiles": bad})
     for h in (20, 256):
         qh, wh, _, _ = _inputs(4, 10, h, "cpu")
         with pytest.raises(ValueError, match=f"H must be a power of two in \\[16, 128\\].*got H={h}"):
@@ -148,9 +145,8 @@ def test_q_tiles_are_a_permutation_of_the_rows(t, h):
 @pytest.fixture(scope="module")
 def compiled():
     """One subprocess (no interpreter): the kernel at 32 and 64 heads as ``sm90_compile_gluon --indexer`` reports
-    it (the logits form, then the candidates form, per head count, each with one and two q tiles a program),
-    then the diagnostic modes epilogue none and mma none at 32 heads. Returned as the two logits rows, the two
-    diagnostic rows, the two candidates rows (one q tile), then the two logits and two candidates rows with two."""
+    it (the logits form, then the candidates form, per head count), then the diagnostic modes epilogue none and
+    mma none at 32 heads. Returned as the two logits rows, the two diagnostic rows, the two candidates rows."""
     from tests.kernels.sm90_compile import ptxas_path
 
     if ptxas_path() is None:
@@ -164,8 +160,8 @@ def compiled():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 10, r.stdout
-    return [rows[0], rows[4], rows[8], rows[9], rows[2], rows[6], rows[1], rows[5], rows[3], rows[7]]
+    assert len(rows) == 6, r.stdout
+    return [rows[0], rows[2], rows[4], rows[5], rows[1], rows[3]]
 
 
 def test_gluon_indexer_kernel_compiles_for_sm90_as_a_pingpong(compiled):
@@ -201,20 +197,6 @@ def test_gluon_candidates_form_compiles_as_the_same_pingpong(compiled):
         assert row["score_digest"] == logits_row["score_digest"], (row, logits_row)
 
 
-def test_two_q_tiles_a_program_compile_to_the_same_loop(compiled):
-    """q_tiles 2 (each partition every key tile against its own q tile): the same scores bit for bit, the same
-    per-tile loop, one more TMA load (the second q tile), 32 KB more shared memory, no spills."""
-    for one, two in zip(compiled[:2] + compiled[4:6], compiled[6:]):
-        assert "q_tiles 1" in one["config"] and "q_tiles 2" in two["config"], (one, two)
-        assert one["config"].split(" q_tiles")[0] == two["config"].split(" q_tiles")[0], (one, two)
-        assert two["spill_bytes"] == 0 and not two["wgmma_serialized"], two
-        assert two["score_digest"] == one["score_digest"] and two["wgmma"] == one["wgmma"], (one, two)
-        assert two["tma_loads"] == one["tma_loads"] + 1, (one, two)
-        assert two["shared_bytes"] - one["shared_bytes"] == 256 * 128, (one, two)
-        if two["sass_gmma"] is not None:
-            assert abs(two["loop_instructions_per_tile"] - one["loop_instructions_per_tile"]) <= 4, (one, two)
-
-
 def test_compile_checks_fill_in_the_kernels_constexpr_defaults():
     """A constexpr the compile check does not pass takes the kernel's default, as a launch does (left out, it was
     compiled as a runtime integer, both sides of every branch on it); one without a default is an error."""
@@ -223,7 +205,7 @@ def test_compile_checks_fill_in_the_kernels_constexpr_defaults():
 
     given = {"H": 32, "NUM_STAGES": 4, "num_warps": 4, "CAND": True}
     full = constexprs_with_defaults(_logits_ws_kernel, given)
-    assert full == {**given, "EPILOGUE": True, "MMA_ON": True, "LOADS": True, "QT": 1}
+    assert full == {**given, "EPILOGUE": True, "MMA_ON": True, "LOADS": True}
     with pytest.raises(ValueError, match="NUM_STAGES"):
         constexprs_with_defaults(_logits_ws_kernel, {"H": 32, "num_warps": 4})
 
@@ -297,8 +279,7 @@ def _check(out, ref, tri=None):
 
 
 # (T, S, H, config): T not a multiple of BQ, S not a multiple of the 64-key tile, 16 to 128 heads, rings of 2 to
-# 6 stages; one key tile (the odd partition only fills -inf); two q tiles a program (the second one past T when
-# T <= BQ: zero-filled by TMA, its rows masked)
+# 6 stages; one key tile (the odd partition only fills -inf)
 CASES = [
     (13, 203, 32, None),
     (7, 150, 64, None),
@@ -308,12 +289,6 @@ CASES = [
     (30, 1000, 64, {"num_stages": 2}),
     (61, 3001, 32, {"num_stages": 6}),
     (61, 3001, 32, {"num_stages": 3}),
-    (13, 203, 32, {"q_tiles": 2}),
-    (7, 150, 64, {"q_tiles": 2}),
-    (5, 40, 32, {"q_tiles": 2}),
-    (21, 700, 16, {"q_tiles": 2}),
-    (5, 333, 128, {"q_tiles": 2}),
-    (61, 3001, 32, {"q_tiles": 2, "num_stages": 3}),
 ]
 
 
@@ -332,8 +307,8 @@ def test_gluon_logits_match_reference_on_packed_windows(t, s, h, cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("h,q_tiles", [(32, 1), (64, 1), (32, 2), (64, 2)])
-def test_gluon_logits_causal_tail_with_left_and_right_inf_tiles(h, q_tiles):
+@pytest.mark.parametrize("h", [32, 64])
+def test_gluon_logits_causal_tail_with_left_and_right_inf_tiles(h):
     """The last rows of a causal prefill whose windows start late (whole -inf tiles on the left) and end before
     S (whole -inf tiles on the right), int64 windows; 700 rows: programs of many tiles, rings wrapping often."""
     t, s = 701, 8192 + 37
@@ -343,7 +318,7 @@ def test_gluon_logits_causal_tail_with_left_and_right_inf_tiles(h, q_tiles):
     re = torch.arange(s - t - 300, s - 300, dtype=torch.int64, device="cuda") + 1
     rs = 1000 + (torch.arange(t, device="cuda") * 3) % 500
     out = poisoned((t, s), torch.float32, "cuda")
-    indexer_logits(q8, w, k8, ks, rs, re, out=out, kernel="gluon", config={"q_tiles": q_tiles})
+    indexer_logits(q8, w, k8, ks, rs, re, out=out, kernel="gluon")
     ref = indexer_logits_ref(q8, w, k8, ks, rs, re)
     _check(out, ref, indexer_logits(q8, w, k8, ks, rs.int(), re.int()))
     fin = torch.isfinite(ref)
@@ -431,8 +406,8 @@ def test_gluon_and_triton_logits_are_bit_reproducible(h):
 
 # ------------------------------------------------------------------------------- the candidates form on the GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("h,q_tiles", [(32, 1), (64, 1), (32, 2), (64, 2)])
-def test_gluon_candidates_match_the_reference_on_its_own_logits(h, q_tiles):
+@pytest.mark.parametrize("h", [32, 64])
+def test_gluon_candidates_match_the_reference_on_its_own_logits(h):
     """The fused top-k's filter as the Gluon kernel's epilogue: counts, and lists as sets, bit-identical values,
     against ``prefill_candidates_ref`` on the Gluon logits of the same inputs. Long causal windows, ragged
     starts, a NaN key scale (valid counts below the window length), overflowing rows, -inf thresholds,
@@ -450,8 +425,7 @@ def test_gluon_candidates_match_the_reference_on_its_own_logits(h, q_tiles):
     thr[:8] = float("-inf")  # overflowing rows: every valid score is a candidate
     out = (poisoned((t, cap), torch.float32, "cuda"), poisoned((t, cap), torch.int32, "cuda"),
            poisoned((t, 2), torch.int32, "cuda"))
-    vals, cols, counts = ops.indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=out, kernel="gluon",
-                                                        config={"q_tiles": q_tiles})
+    vals, cols, counts = ops.indexer_prefill_candidates(q8, w, k8, ks, rs, re, thr, cap, out=out, kernel="gluon")
     assert bool((counts[:8, 0] > cap).all()) and bool((counts[8:, 0] <= cap).all())
     assert bool((counts[:, 1] < (re - rs)).all())  # the NaN key is not a valid score
     _check_lists(vals, cols, counts, logits, thr, cap, poison=True)

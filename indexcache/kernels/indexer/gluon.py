@@ -56,16 +56,11 @@ def config_for(h: int) -> dict:
     the wgmma and runs the full epilogue on a register tile made from the loaded weights and key scales (relu's
     max against the tile's key scale instead of 0, so no instruction is saved and nothing folds); ``loads``
     "none" loads key tile 0 once and runs every tile's MMA on that stage (no key TMA traffic)."""
-    return {"num_stages": 4, "maxnreg": 168, "q_tiles": 1, **{k: "full" for k in DIAGNOSTIC_MODES}}
+    return {"num_stages": 4, "maxnreg": 168, **{k: "full" for k in DIAGNOSTIC_MODES}}
 
 
 # the timing diagnostics' config keys and values (``config_for``); "full" is the kernel itself
 DIAGNOSTIC_MODES = {"epilogue": ("full", "none"), "mma": ("full", "none"), "loads": ("full", "none")}
-
-
-def rows_per_program(h: int, config: dict | None = None) -> int:
-    """Query rows one program owns: ``q_tiles`` q tiles of BQ = 256 / H rows."""
-    return (config or config_for(h))["q_tiles"] * (N_COLS // h)
 
 
 def column_groups(n: int) -> int:
@@ -98,12 +93,9 @@ def _load_partition(q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, qrow0, 
     it. A fresh mbarrier counts as having completed the phase before phase 0, so the first pass over the ring
     waits for parity 1 and goes straight through. Diagnostic ``LOADS`` False: key tile 0 into stage 0 only."""
     BKV: gl.constexpr = k_desc.block_type.shape[0]
-    QT: gl.constexpr = q_smem.type.shape[0]
-    N: gl.constexpr = q_desc.block_type.shape[0]
     if n_tiles > 0:
-        mbarrier.expect(q_bar, QT * q_desc.block_type.nbytes)
-        for j in gl.static_range(QT):  # a tile past the last row is zero-filled by TMA
-            tma.async_copy_global_to_shared(q_desc, [qrow0 + j * N, 0], q_bar, q_smem.index(j))
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [qrow0, 0], q_bar, q_smem)
         if not LOADS:
             mbarrier.expect(ready.index(0), k_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [lo_t, 0], ready.index(0), k_bufs.index(0))
@@ -116,7 +108,7 @@ def _load_partition(q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, qrow0, 
 
 
 @gluon.jit
-def _issue(k_bufs, q_tile, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.constexpr, KL: gl.constexpr,
+def _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.constexpr, KL: gl.constexpr,
            MMA_ON: gl.constexpr, LOADS: gl.constexpr):
     """Wait for key tile i, start its MMA and load its key scales. ``acc`` is the accumulator whose registers
     the MMA takes (use_acc=False: its values are ignored): the tile reduced just before, so no registers are
@@ -129,7 +121,7 @@ def _issue(k_bufs, q_tile, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES: gl.conste
         s = 0
         mbarrier.wait(ready.index(0), 0)
     if MMA_ON:
-        d = warpgroup_mma(k_bufs.index(s), q_tile.permute((1, 0)), acc, use_acc=False, is_async=True)
+        d = warpgroup_mma(k_bufs.index(s), q_smem.permute((1, 0)), acc, use_acc=False, is_async=True)
     else:
         d = acc
     keys = lo_t + i * BKV + gl.arange(0, BKV, layout=KL)
@@ -253,28 +245,19 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_p
                         stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H: gl.constexpr,
                         NUM_STAGES: gl.constexpr, MMA: gl.constexpr, OUT: gl.constexpr, EPILOGUE: gl.constexpr,
                         MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, PARITY: gl.constexpr):
-    """One warpgroup: wait for a key tile, one m64nN MMA, wait for it, reduce and store. The other partition (its
-    own warps, so no barrier ties the two) runs its MMA meanwhile. With one q tile a program (QT = 1) the two
-    take alternate key tiles i = PARITY, PARITY + 2, ... of the same query rows, PARITY 0 filling the -inf
-    columns left of the window and 1 those right of it; with two (QT = 2) each takes every key tile against its
-    own q tile (query rows q0 + PARITY * BQ ..), so a key tile read from L2 serves 2 * BQ rows, and fills both
-    sides of its rows. ``CAND``: the scores are appended to the rows' candidate lists (``_reduce_append``)
-    instead of stored, and nothing is filled."""
+    """One warpgroup, the key tiles i = PARITY, PARITY + 2, ...: wait, one m64nN MMA, wait for it, reduce and
+    store. The other parity's partition (its own warps, so no barrier ties the two) runs its MMA meanwhile.
+    PARITY 0 fills the -inf columns left of the window, 1 those right of it. ``CAND``: the scores are appended
+    to the rows' candidate lists (``_reduce_append``) instead of stored, and nothing is filled."""
     BKV: gl.constexpr = k_bufs.type.shape[1]
-    QT: gl.constexpr = q_smem.type.shape[0]
-    N: gl.constexpr = q_smem.type.shape[1]
+    N: gl.constexpr = q_smem.type.shape[0]
     BQ: gl.constexpr = N // H
-    QI: gl.constexpr = PARITY if QT == 2 else 0      # the partition's q tile
-    STEP: gl.constexpr = 1 if QT == 2 else 2         # its key tiles: i = FIRST, FIRST + STEP, ...
-    FIRST: gl.constexpr = 0 if QT == 2 else PARITY
-    q_tile = q_smem.index(QI)
-    q0 = q0 + QI * BQ
     rows_o = q0 + gl.arange(0, BQ, layout=gl.SliceLayout(0, OUT))
     rmask_o = rows_o < T
     out_o = out_ptr + gl.expand_dims(rows_o.to(gl.int64) * stride_out, 0)  # [1, BQ]
-    if (PARITY == 0 or QT == 2) and not CAND:
+    if PARITY == 0 and not CAND:
         _fill(out_o, rmask_o, 0, lo_t, S, BKV, OUT)
-    if n_tiles > FIRST:
+    if n_tiles > PARITY:
         # the reduced tiles' layout, from a reduction of zeros (once)
         KQ: gl.constexpr = _head_sum(gl.zeros([BKV, N], gl.float32, MMA), gl.zeros([1, N], gl.float32, MMA), H,
                                      BQ).type.layout
@@ -301,18 +284,18 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_p
             # the threshold floored at -FLT_MAX: a -inf threshold (take every valid score) still rejects -inf
             thr = gl.maximum(gl.load(thr_ptr + rows, mask=rmask, other=float("inf")), -3.4028234663852886e38)
             vcnt = gl.zeros([BKV, BQ], gl.int32, KQ)
-            for i in range(FIRST, n_tiles, STEP):
-                d, ks = _issue(k_bufs, q_tile, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True)
+            for i in range(PARITY, n_tiles, 2):
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True)
                 acc, vcnt = _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr,
                                            cols_ptr, cap, lo_t, S, H, NUM_STAGES)
             r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
             gl.atomic_add(cnt_ptr + r2 * 2 + 1, vcnt, mask=vcnt > 0, sem="relaxed")  # valid scores, once
         else:
-            for i in range(FIRST, n_tiles, STEP):
-                d, ks = _issue(k_bufs, q_tile, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS)
+            for i in range(PARITY, n_tiles, 2):
+                d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, MMA_ON, LOADS)
                 acc = _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H, NUM_STAGES, EPILOGUE,
                                     MMA_ON, LOADS)
-    if (PARITY == 1 or QT == 2) and not CAND:
+    if PARITY == 1 and not CAND:
         _fill(out_o, rmask_o, lo_t + n_tiles * BKV, S, S, BKV, OUT)
 
 
@@ -322,20 +305,19 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
                       thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap,
                       H: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
                       EPILOGUE: gl.constexpr = True, MMA_ON: gl.constexpr = True, LOADS: gl.constexpr = True,
-                      CAND: gl.constexpr = False, QT: gl.constexpr = 1):
+                      CAND: gl.constexpr = False):
     """Programs run last-first: in a causal prefill the last rows have the longest windows, and starting them
     first shortens the tail of the grid. ``EPILOGUE``, ``MMA_ON``, ``LOADS``: the diagnostic switches
     (``config_for``), True in real use. ``CAND``: the fused prefill top-k's filter (``indexer_candidates_gluon``):
     no logits are stored; each row's valid scores >= thr[row] go to its candidate list (values, columns: cap
-    slots a row) and counts[row] = (candidates, valid scores), which must start at zero. ``QT``: q tiles of BQ
-    rows a program (``_consumer_partition``)."""
+    slots a row) and counts[row] = (candidates, valid scores), which must start at zero."""
     BKV: gl.constexpr = k_desc.block_type.shape[0]
     N: gl.constexpr = q_desc.block_type.shape[0]
     BQ: gl.constexpr = N // H
-    q0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * (QT * BQ)
+    q0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BQ
     # the program's key-tile range [lo_t, lo_t + n_tiles * BKV) from its rows' clamped windows
     WL: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    rows = q0 + gl.arange(0, QT * BQ, layout=WL)
+    rows = q0 + gl.arange(0, BQ, layout=WL)
     rmask = rows < T
     rs = gl.maximum(gl.load(rs_ptr + rows, mask=rmask, other=0).to(gl.int32), 0)
     re = gl.minimum(gl.load(re_ptr + rows, mask=rmask, other=0).to(gl.int32), S)
@@ -345,7 +327,7 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     lo_t = gl.where(hi > lo, (lo // BKV) * BKV, 0)
     n_tiles = gl.where(hi > lo, gl.cdiv(hi - lo_t, BKV), 0)
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [QT, N, _D], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [N, _D], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, BKV, _D], k_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -353,7 +335,7 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     mbarrier.init(q_bar, count=1)
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=QT)  # QT = 2: both partitions read every stage
+        mbarrier.init(empty.index(s), count=1)
 
     MMA: gl.constexpr = _mma_layout(N, num_warps)
     OUT: gl.constexpr = _out_layout(BKV, BQ, num_warps)
@@ -414,8 +396,6 @@ def check_gluon_config(h: int, cfg: dict):
         if cfg[key] not in allowed:
             raise ValueError(f"indexer_logits_gluon: config {key} must be one of {list(allowed)} (\"none\" is a "
                              f"timing diagnostic), got {cfg[key]!r}")
-    if cfg["q_tiles"] not in (1, 2) or isinstance(cfg["q_tiles"], bool):
-        raise ValueError(f"indexer_logits_gluon: config q_tiles must be 1 or 2, got {cfg['q_tiles']!r}")
     if not isinstance(cfg["num_stages"], int) or not 2 <= cfg["num_stages"] <= 8:
         raise ValueError(f"indexer_logits_gluon: config num_stages must be an int in [2, 8], got "
                          f"{cfg['num_stages']!r}")
@@ -476,8 +456,7 @@ def _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, out, cand, **mode
     q_layout, k_layout = operand_layouts(N_COLS, BKV)
     q_desc = TensorDescriptor.from_tensor(q2, [N_COLS, D], q_layout)
     k_desc = TensorDescriptor.from_tensor(k2, [BKV, D], k_layout)
-    grid = (triton.cdiv(t, rows_per_program(h, cfg)),)
+    grid = (triton.cdiv(t, bq),)
     _logits_ws_kernel[grid](q_desc, k_desc, w.contiguous(), k_scale.contiguous(), row_start.contiguous(),
                             row_end.contiguous(), out, t, s, out.stride(0), *cand, H=h,
-                            NUM_STAGES=cfg["num_stages"], num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"],
-                            QT=cfg["q_tiles"], **modes)
+                            NUM_STAGES=cfg["num_stages"], num_warps=NUM_WARPS, maxnreg=cfg["maxnreg"], **modes)

@@ -111,14 +111,13 @@ def prefill_logits_kernel(capability: tuple[int, int] | None, heads: int) -> str
 
 def logits_wave_rows(kernel: str, heads: int, device) -> int:
     """Query rows the prefill logits kernel ``kernel`` covers in one wave of programs on ``device``: the Gluon
-    kernel runs one program of ``gluon.rows_per_program`` rows per SM (168 registers x 12 warps fill an SM's
-    register file). 1 for the Triton kernel (its occupancy depends on the config) and off CUDA: no wave
-    alignment."""
+    kernel runs one program of 256 / H rows per SM (168 registers x 12 warps fill an SM's register file). 1 for the
+    Triton kernel (its occupancy depends on the config) and off CUDA: no wave alignment."""
     if kernel != "gluon" or torch.device(device).type != "cuda":
         return 1
-    from indexcache.kernels.indexer.gluon import rows_per_program  # noqa: PLC0415
+    from indexcache.kernels.indexer.gluon import N_COLS  # noqa: PLC0415
 
-    return rows_per_program(heads) * torch.cuda.get_device_properties(device).multi_processor_count
+    return (N_COLS // heads) * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _logits_kernel_for(q_fp8) -> str:
