@@ -34,13 +34,7 @@ VARIANTS = [
     ("fp8 via decode (old path)", 20, "fp8 via decode", None),
     ("fp8 triton", 20, "fp8", None),
     ("fp8 gluon (auto on Hopper)", 20, "fp8 gluon", None),
-    ("bf16, rows in L2 2 tiles ahead", 20, "bf16", {"l2_prefetch": 2}),
-    ("bf16, rows in L2 3 tiles ahead", 20, "bf16", {"l2_prefetch": 3}),
-    ("bf16, rows in L2 4 tiles ahead", 20, "bf16", {"l2_prefetch": 4}),
-    ("fp8 gluon, rows in L2 4 tiles ahead", 20, "fp8 gluon", {"l2_prefetch": 4}),
-    ("fp8 gluon, rows in L2 6 tiles ahead", 20, "fp8 gluon", {"l2_prefetch": 6}),
     ("production launch", 128, "bf16", None),
-    ("bf16, rows in L2 2 tiles ahead", 128, "bf16", {"l2_prefetch": 2}),
     ("fp8 triton", 128, "fp8", None),
 ]
 

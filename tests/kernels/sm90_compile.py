@@ -63,8 +63,7 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
     regs = re.findall(r"Used (\d+) registers", r.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
     out = {"registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0,
-           "wgmma": ptx.count("wgmma.mma_async"), "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
-           "l2_prefetch": ptx.count("cp.async.bulk.prefetch.L2")}
+           "wgmma": ptx.count("wgmma.mma_async"), "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx))}
     if ttgir:
         out["ttgir"] = k.asm["ttgir"]
     return out

@@ -99,17 +99,6 @@ def _load_ids(idx_row, j, topk, S, LAYOUT: gl.constexpr):
 
 
 @gluon.jit
-def _prefetch_rows_l2(kv_u8, idx_row, j, topk, S, LAYOUT: gl.constexpr):
-    """Start fetching tile j's 656-B rows into L2 (one bulk prefetch instruction a row; ids out of range
-    skipped), so that its cp.async gathers, issued a few tiles later, hit L2."""
-    ids, ok = _load_ids(idx_row, j, topk, S, LAYOUT)
-    ptrs = kv_u8 + gl.where(ok, ids, 0).to(gl.int64) * _ROW
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], 656; mov.b32 $0, 0; }",
-        "=r,l,r", [ptrs, ok.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _issue(kv_u8, nope_ring, kpe_ring, sc_ring, s, ids_g, ok_g,
            GL: gl.constexpr, RL: gl.constexpr, SL: gl.constexpr):
     """cp.async of one tile's rows (ids_g / ok_g in SliceLayout(1, GL)) into stage s: masked (invalid) rows are
@@ -237,7 +226,7 @@ def _store_out(o, inv, buf, out_row, so_h, hb, HP: gl.constexpr):
 @gluon.jit(do_not_specialize=["S", "topk"])
 def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk_scale,
                                          sq_t, sq_h, si_t, so_t, so_h, HP: gl.constexpr,
-                                         NUM_STAGES: gl.constexpr, num_warps: gl.constexpr, PF: gl.constexpr = 0):
+                                         NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """One program: query t, heads h0 .. h0 + HP - 1; the tensor-core work overlapped with the dequantisation:
     - tile i's PV wgmma is left running round the loop (the value carried is that MMA, never a copy); tile i+1's
       wait for its rows, its scales and first 128-tile conversion run meanwhile;
@@ -298,11 +287,7 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
     _cta_barrier()
     o = warpgroup_mma(kv16_all.index(0).permute((1, 0)), p0, gl.zeros([512, HP], gl.float32, MMA), use_acc=False,
                       is_async=True)
-    for j in gl.static_range(NUM_STAGES - 1, PF):                  # PF > 0: rows into L2 PF tiles ahead
-        _prefetch_rows_l2(kv_u8, idx_row, j, topk, S, gl.SliceLayout(1, GL))
     for i in range(n_tiles):
-        if PF > 0:
-            _prefetch_rows_l2(kv_u8, idx_row, i + PF, topk, S, gl.SliceLayout(1, GL))
         s = i % NUM_STAGES
         z = i >> 30                                                # 0 (i < 2^30): see kv16_all
         kv16 = kv16_all.index(z)
@@ -359,14 +344,13 @@ def _sparse_mla_prefill_fp8_gluon_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk
     gl.store(lse + t * H + h0 + hh, ls, mask=hh < hb)
 
 
-def sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale: float, l2_prefetch: int = 0):
+def sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale: float):
     """Launch on checked inputs (``ops._prefill_fp8_gluon``): q [T, H, 576] (last dim contiguous), flat uint8
-    [S, 656] contiguous, indices [T, topk] int32 contiguous, out [T, H, 512] and lse [T, H] to fill.
-    ``l2_prefetch``: tiles ahead whose rows are prefetched into L2 (0: none)."""
+    [S, 656] contiguous, indices [T, topk] int32 contiguous, out [T, H, 512] and lse [T, H] to fill."""
     T, H, _ = q.shape
     hp = heads_per_program(H)
     _sparse_mla_prefill_fp8_gluon_kernel[(T, triton.cdiv(H, hp))](
         q, flat, indices, out, lse, flat.shape[0], H,
         indices.shape[1], sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), indices.stride(0),
-        out.stride(0), out.stride(1), HP=hp, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS, PF=l2_prefetch)
+        out.stride(0), out.stride(1), HP=hp, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
     return out, lse

@@ -14,8 +14,8 @@ from indexcache.kernels.sparse_mla.reference import sparse_mla_decode_reference,
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 # launch parameters: heads per program cap, tokens per step, warps, pipeline stages (docs/kernels_attention.md)
-PREFILL_CFG = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "l2_prefetch": 0}
-PREFILL_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 2, "l2_prefetch": 0}  # HB <= 32
+PREFILL_CFG = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2}
+PREFILL_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 2}  # HB <= 32
 # FP8 cache (kv_format "fp8"): same keys. Triton keeps one buffer of the gathered rows, so the loads of one program
 # overlap only with another program's work: 4 warps at <= 255 registers and ~100 KB of shared memory let two
 # programs share an SM (8 warps at 255 registers, as the first FP8 kernel had, allow one)
@@ -128,9 +128,7 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     args = (q, kv, indices, out, lse, kv.shape[0], H, indices.shape[1], sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1))
     cfg, hb = _prefill_launch(H, PREFILL_CFG, PREFILL_CFG_FEW_HEADS, config)
-    # l2_prefetch: tiles ahead whose rows are prefetched into L2 (inline PTX: not in the interpreter)
-    pf = 0 if interpreting() else cfg["l2_prefetch"]
-    _launch(_sparse_mla_prefill_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting(), PF=pf), cfg)
+    _launch(_sparse_mla_prefill_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
 
 
@@ -191,10 +189,9 @@ def _gluon_runs(q, flat) -> bool:
 
 def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
     """The Gluon FP8 prefill (Hopper only: Gluon has no interpreter and the kernel is sm_90 wgmma)."""
-    unknown = sorted(set(config or {}) - {"l2_prefetch"}, key=str)
-    if unknown:
-        raise ValueError(f"sparse_mla_prefill: backend 'gluon' takes only the config key 'l2_prefetch', got "
-                         f"{unknown}")
+    if config:
+        raise ValueError(f"sparse_mla_prefill: backend 'gluon' takes no config keys (one launch), got "
+                         f"{sorted(config, key=str)}")
     if not q.is_cuda or interpreting():
         raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs CUDA tensors without TRITON_INTERPRET, got "
                          f"{q.device}")
@@ -211,8 +208,7 @@ def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
     out, lse = _prefill_outputs(q)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out, lse
-    return sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale,
-                                        l2_prefetch=(config or {}).get("l2_prefetch", 0))
+    return sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale)
 
 
 def _decode_plan(B, H, topk, kv_format, num_splits, bt=None):

@@ -33,25 +33,9 @@ def _load_kv_tile(kv_ptr, ids, valid, skv, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_rows_l2(kv_ptr, idx_ptr, t0, n_tok, S, skv, ROW_BYTES: tl.constexpr, BT: tl.constexpr):
-    """Start fetching into L2 the latent rows of tokens idx_ptr[t0 : t0 + BT] (ids out of range skipped), one
-    bulk prefetch instruction a row, so that the tile's gather a few tiles later hits L2 instead of waiting on
-    HBM (not in the interpreter: inline PTX)."""
-    ti = t0 + tl.arange(0, BT)
-    ids = tl.load(idx_ptr + ti, mask=ti < n_tok, other=-1)
-    ok = (ids >= 0) & (ids < S)
-    ptrs = kv_ptr + tl.where(ok, ids, 0).to(tl.int64) * skv
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
-        "=r,l,r,r", [ptrs, ok.to(tl.int32), tl.full([BT], ROW_BYTES, tl.int32)], dtype=tl.int32, is_pure=False,
-        pack=1)
-
-
-@triton.jit
 def _attend(q_ptr, sq_h, H, idx_ptr, n_tok, S, kv_ptr, skv, qk_scale,
-            HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr, PF: tl.constexpr = 0):
-    """Online softmax over tokens idx_ptr[0:n_tok] for heads [h0, h0+HB) (q_ptr already at head h0). ``PF`` > 0:
-    each tile's rows are prefetched into L2 PF tiles ahead (``_prefetch_rows_l2``)."""
+            HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over tokens idx_ptr[0:n_tok] for heads [h0, h0+HB) (q_ptr already at head h0)."""
     hh = tl.arange(0, HB)
     hm = hh < H
     dn = tl.arange(0, _NOPE)
@@ -64,12 +48,7 @@ def _attend(q_ptr, sq_h, H, idx_ptr, n_tok, S, kv_ptr, skv, qk_scale,
     m_i = tl.full([HB], float("-inf"), tl.float32)
     l_i = tl.zeros([HB], tl.float32)
     acc = tl.zeros([HB, _NOPE], tl.float32)
-    ROW_BYTES: tl.constexpr = _LATENT * kv_ptr.dtype.element_ty.primitive_bitwidth // 8
-    for j in tl.static_range(1, PF):
-        _prefetch_rows_l2(kv_ptr, idx_ptr, j * BT, n_tok, S, skv, ROW_BYTES, BT)
     for s0 in range(0, n_tok, BT):
-        if PF > 0:
-            _prefetch_rows_l2(kv_ptr, idx_ptr, s0 + PF * BT, n_tok, S, skv, ROW_BYTES, BT)
         ti = s0 + tl.arange(0, BT)
         ids = tl.load(idx_ptr + ti, mask=ti < n_tok, other=-1)
         valid = (ids >= 0) & (ids < S)
@@ -89,11 +68,11 @@ def _attend(q_ptr, sq_h, H, idx_ptr, n_tok, S, kv_ptr, skv, qk_scale,
 
 @triton.jit(do_not_specialize=["S"])  # the context grows chunk by chunk: one compile, not one per divisibility
 def _sparse_mla_prefill_kernel(q, kv, idx, out, lse, S, H, topk, qk_scale, sq_t, sq_h, skv, si_t, so_t, so_h,
-                               HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr, PF: tl.constexpr = 0):
+                               HB: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr):
     t = tl.program_id(0)
     h0 = tl.program_id(1) * HB
     acc, m_i, l_i = _attend(q + t.to(tl.int64) * sq_t + h0 * sq_h, sq_h, H - h0, idx + t.to(tl.int64) * si_t,
-                            topk, S, kv, skv, qk_scale, HB, BT, UPCAST, PF)
+                            topk, S, kv, skv, qk_scale, HB, BT, UPCAST)
     hh = tl.arange(0, HB)
     hm = h0 + hh < H
     dn = tl.arange(0, _NOPE)
