@@ -221,6 +221,26 @@ def test_bad_arguments():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("h,dtype", [(64, torch.float32), (20, torch.float32), (128, torch.float16)])
+def test_gpu_prefill_every_row_width_launches(h, dtype):
+    """fp32 rows at 64 heads raised OutOfResources on the H200 (280 KB of shared memory after the launcher's
+    fallback); now 32 heads a program at 32-token tiles. Against the reference, NaN-poisoned outputs, ragged
+    lists."""
+    torch.manual_seed(h)
+    T, S, K = 9, 5000, 300
+    q = torch.randn(T, h, 576, device="cuda").to(dtype)
+    kv = torch.randn(S, 576, device="cuda").to(dtype)
+    idx = torch.randint(0, S, (T, K), dtype=torch.int32, device="cuda")
+    idx[:, -40:] = -1
+    idx[4] = -1
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625)
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625)
+    assert torch.isfinite(out).all() and (out[4] == 0).all()
+    assert _rel(out, ro) < 3e-3  # fp32 rows go through tf32 tensor-core dots on the GPU
+    _lse_ok(lse, rl, 1e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("h", [20, 128])
 def test_gpu_bf16_real_sizes(h):
     torch.manual_seed(17)
@@ -332,6 +352,44 @@ def test_prefill_gluon_compiles_for_sm90_without_spills():
     assert row["wgmma"] == 100 and row["shared_bytes"] <= 232448, row
     if row["loop_hgmma"]:                                 # machine code available (bundled cuobjdump)
         assert row["loop_hgmma"] == 68 and row["loop_cp_async_waits"] == [sg.NUM_STAGES - 2], row
+
+
+def test_prefill_launches_fit_an_sm90_shared_memory():
+    """The bf16-cache prefill's launch per row width and head count, lowered for sm_90a without the interpreter:
+    each fits the 227 KB of an H100 / H200 SM (fp32 rows at 64 heads a program needed 280 KB even after the
+    launcher's fallback and raised OutOfResources on the GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.kernels.sm90_compile import ptxas_path
+
+    if ptxas_path() is None:
+        pytest.skip("this Triton has no bundled ptxas")
+    code = ("import inspect, triton\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from triton.compiler import ASTSource\n"
+            "from indexcache.kernels.sparse_mla import ops, triton as tm\n"
+            "fn = tm._sparse_mla_prefill_kernel\n"
+            "names = list(inspect.signature(fn.fn).parameters)\n"
+            "for dt, h in (('fp32', 64), ('fp32', 20), ('bf16', 128), ('bf16', 20)):\n"
+            "    base = ops.PREFILL_CFG_4BYTE if dt == 'fp32' else ops.PREFILL_CFG\n"
+            "    few = ops.PREFILL_CFG_4BYTE if dt == 'fp32' else ops.PREFILL_CFG_FEW_HEADS\n"
+            "    cfg, hb = ops._prefill_launch(h, base, few, None)\n"
+            "    ce = {'HB': hb, 'BT': cfg['bt'], 'UPCAST': False}\n"
+            "    ty = {'q': '*' + dt, 'kv': '*' + dt, 'idx': '*i32', 'out': '*' + dt, 'lse': '*fp32', 'qk_scale': 'fp32'}\n"
+            "    sig = {n: 'constexpr' if n in ce else ty.get(n, 'i32') for n in names}\n"
+            "    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget('cuda', 90, 64),\n"
+            "                       options={'num_warps': cfg['num_warps'], 'num_stages': cfg['num_stages']})\n"
+            "    print(dt, h, hb, k.metadata.shared)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert [(dt, h) for dt, h, _, _ in rows] == [("fp32", "64"), ("fp32", "20"), ("bf16", "128"), ("bf16", "20")]
+    for dt, h, hb, shared in rows:
+        assert int(shared) <= 232448, (dt, h, hb, shared)
 
 
 def _gluon_vs_reference(q, kv, idx, scale, tol=1e-2):

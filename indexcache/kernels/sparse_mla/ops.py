@@ -16,6 +16,10 @@ _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 # launch parameters: heads per program cap, tokens per step, warps, pipeline stages (docs/kernels_attention.md)
 PREFILL_CFG = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2}
 PREFILL_CFG_FEW_HEADS = {"hb_max": 64, "bt": 64, "num_warps": 4, "num_stages": 2}  # HB <= 32
+# fp32 q / kv: 4-byte rows need 280 KB of shared memory at 64 heads a program even with 32-token tiles and no
+# pipelining (the fallback of _launch), more than an H100 / H200 SM has; 32 heads a program at 32-token tiles
+# need 200 KB
+PREFILL_CFG_4BYTE = {"hb_max": 32, "bt": 32, "num_warps": 4, "num_stages": 1}
 # FP8 cache (kv_format "fp8"): same keys. Triton keeps one buffer of the gathered rows, so the loads of one program
 # overlap only with another program's work: 4 warps at <= 255 registers and ~100 KB of shared memory let two
 # programs share an SM (8 warps at 255 registers, as the first FP8 kernel had, allow one)
@@ -127,7 +131,10 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         return out, lse
     args = (q, kv, indices, out, lse, kv.shape[0], H, indices.shape[1], sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1))
-    cfg, hb = _prefill_launch(H, PREFILL_CFG, PREFILL_CFG_FEW_HEADS, config)
+    if kv.element_size() == 4:
+        cfg, hb = _prefill_launch(H, PREFILL_CFG_4BYTE, PREFILL_CFG_4BYTE, config)
+    else:
+        cfg, hb = _prefill_launch(H, PREFILL_CFG, PREFILL_CFG_FEW_HEADS, config)
     _launch(_sparse_mla_prefill_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
 
