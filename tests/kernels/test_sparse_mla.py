@@ -241,6 +241,28 @@ def test_gpu_prefill_every_row_width_launches(h, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_gpu_decode_fp32_q_at_64_heads(fmt):
+    """fp32 q with more than 32 heads raised OutOfResources in decode too (64 heads a program); now 32, and the
+    bf16 launches keep their config (the fallback no longer rewrites the shared one)."""
+    from indexcache.kernels.sparse_mla import ops
+
+    before = {k: dict(v) for k, v in ops.DECODE_CFG.items()}
+    torch.manual_seed(5)
+    nb, ps, B, h, K = 40, 64, 3, 64, 300
+    lat = torch.randn(nb, ps, 576, device="cuda")
+    cache = lat if fmt == "bf16" else quantize_latent_fp8_reference(lat)
+    q = torch.randn(B, h, 576, device="cuda")
+    idx = torch.randint(0, nb * ps, (B, K), dtype=torch.int32, device="cuda")
+    idx[1, -50:] = -1
+    o, l = sparse_mla_decode(q, cache, idx, 0.0625, kv_format=fmt)
+    ro, rl = sparse_mla_decode_reference(q, cache, idx, 0.0625, kv_format=fmt)
+    assert _rel(o, ro) < 3e-3  # tf32 dots
+    _lse_ok(l, rl, 1e-2)
+    assert ops.DECODE_CFG == before
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("h", [20, 128])
 def test_gpu_bf16_real_sizes(h):
     torch.manual_seed(17)
@@ -355,9 +377,9 @@ def test_prefill_gluon_compiles_for_sm90_without_spills():
 
 
 def test_prefill_launches_fit_an_sm90_shared_memory():
-    """The bf16-cache prefill's launch per row width and head count, lowered for sm_90a without the interpreter:
-    each fits the 227 KB of an H100 / H200 SM (fp32 rows at 64 heads a program needed 280 KB even after the
-    launcher's fallback and raised OutOfResources on the GPU)."""
+    """The bf16-cache prefill's and the decode's launches per row width and head count, lowered for sm_90a without
+    the interpreter: each fits the 227 KB of an H100 / H200 SM (fp32 rows at 64 heads a program needed 280 KB even
+    after the launchers' fallbacks and raised OutOfResources on the GPU)."""
     import os
     import subprocess
     import sys
@@ -381,13 +403,24 @@ def test_prefill_launches_fit_an_sm90_shared_memory():
             "    sig = {n: 'constexpr' if n in ce else ty.get(n, 'i32') for n in names}\n"
             "    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget('cuda', 90, 64),\n"
             "                       options={'num_warps': cfg['num_warps'], 'num_stages': cfg['num_stages']})\n"
+            "    print(dt, h, hb, k.metadata.shared)\n"
+            "fn = tm._sparse_mla_decode_kernel\n"
+            "names = list(inspect.signature(fn.fn).parameters)\n"
+            "for dt, h, fmt in (('fp32', 64, 'bf16'), ('fp32', 64, 'fp8'), ('bf16', 64, 'bf16'), ('bf16', 64, 'fp8')):\n"
+            "    cfg, hb, _, _, _ = ops._decode_plan(1, h, 2048, fmt, None, itemsize=4 if dt == 'fp32' else 2)\n"
+            "    ce = {'HB': hb, 'BT': cfg['bt'], 'UPCAST': False, 'DIRECT': True, 'HEAD_MAJOR': fmt == 'fp8'}\n"
+            "    ty = {'q': '*' + dt, 'cache': '*' + dt, 'idx': '*i32', 'out': '*' + dt, 'lse': '*fp32', 'qk_scale': 'fp32'}\n"
+            "    sig = {n: 'constexpr' if n in ce else ty.get(n, 'i32') for n in names}\n"
+            "    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget('cuda', 90, 64),\n"
+            "                       options={'num_warps': cfg['num_warps'], 'num_stages': cfg['num_stages']})\n"
             "    print(dt, h, hb, k.metadata.shared)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line.split() for line in r.stdout.splitlines()]
-    assert [(dt, h) for dt, h, _, _ in rows] == [("fp32", "64"), ("fp32", "20"), ("bf16", "128"), ("bf16", "20")]
+    assert [(dt, h) for dt, h, _, _ in rows] == [("fp32", "64"), ("fp32", "20"), ("bf16", "128"), ("bf16", "20"),
+                                               ("fp32", "64"), ("fp32", "64"), ("bf16", "64"), ("bf16", "64")]
     for dt, h, hb, shared in rows:
         assert int(shared) <= 232448, (dt, h, hb, shared)
 

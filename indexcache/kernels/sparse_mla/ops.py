@@ -30,6 +30,10 @@ PREFILL_FP8_CFG_FEW_HEADS = {"hb_max": 64, "bt": 32, "num_warps": 4, "num_stages
 DECODE_CFG = {"bf16": {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "target_programs": 264},
               "fp8": {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 2, "target_programs": 264,
                       "dq_rows": 16, "dq_warps": 4}}
+# fp32 q (4-byte rows, also the dequantised ones): as PREFILL_CFG_4BYTE, 64 heads a program do not fit an SM's
+# shared memory at any tile (280 KB at 32-token tiles); separate dicts, so that the launchers' fallbacks, which
+# update the dict they were given, never leave the bf16 launches on smaller tiles
+DECODE_CFG_4BYTE = {fmt: {**cfg, "hb_max": 32, "bt": 32, "num_stages": 1} for fmt, cfg in DECODE_CFG.items()}
 _WS_ALIGN = 256
 
 
@@ -218,9 +222,10 @@ def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
     return sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale)
 
 
-def _decode_plan(B, H, topk, kv_format, num_splits, bt=None):
-    """(cfg, hb, nhb, chunk, ns) of one decode call; bt overrides the tile used to size splits."""
-    cfg = DECODE_CFG[kv_format]
+def _decode_plan(B, H, topk, kv_format, num_splits, bt=None, itemsize=2):
+    """(cfg, hb, nhb, chunk, ns) of one decode call; bt overrides the tile used to size splits; ``itemsize``: bytes
+    of an element of q (4: ``DECODE_CFG_4BYTE``)."""
+    cfg = (DECODE_CFG_4BYTE if itemsize == 4 else DECODE_CFG)[kv_format]
     hb = _hb(H, cfg["hb_max"])
     nhb = triton.cdiv(H, hb)
     if bt is None:
@@ -249,7 +254,7 @@ def sparse_mla_decode_workspace_bytes(B: int, h: int, topk: int, *, dtype: torch
                                       kv_format: str = "bf16", num_splits: int | None = None) -> int:
     """Bytes of a uint8 `workspace` big enough for sparse_mla_decode with these settings (sized for the smallest
     token tile, so it stays big enough if a launch falls back to smaller tiles)."""
-    _, _, _, _, ns = _decode_plan(B, h, topk, kv_format, num_splits, bt=16)
+    _, _, _, _, ns = _decode_plan(B, h, topk, kv_format, num_splits, bt=16, itemsize=dtype.itemsize)
     return sum(_align(x) for x in _ws_parts(B, h, topk, dtype, kv_format, ns))
 
 
@@ -295,7 +300,7 @@ def sparse_mla_decode(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tenso
     lse = torch.empty((B, H), dtype=torch.float32, device=q.device)
     if B == 0:
         return out, lse
-    cfg, hb, nhb, chunk, ns = _decode_plan(B, H, topk, kv_format, num_splits)
+    cfg, hb, nhb, chunk, ns = _decode_plan(B, H, topk, kv_format, num_splits, itemsize=q.element_size())
     sizes = _ws_parts(B, H, topk, q.dtype, kv_format, ns)
     if workspace is not None and workspace.numel() < sum(_align(x) for x in sizes):
         raise ValueError(f"sparse_mla_decode: workspace has {workspace.numel()} bytes, needs "
