@@ -176,6 +176,11 @@ def main() -> int:
     if "--target" in sys.argv[1:]:
         target()
         return 0
+    from benchmarks.require_gpu import gpu_driver_present
+
+    if not gpu_driver_present():
+        print("ncu_kernels: profiles kernels on a CUDA GPU and this machine has none")
+        return 2
     ncu = shutil.which("ncu") or next((p for p in ("/usr/local/cuda/bin/ncu",) if os.path.exists(p)), None)
     if ncu is None:
         print("ncu_kernels: no ncu on this machine")

@@ -59,7 +59,19 @@ def test_profile_list_matches_the_target_launches():
                                  "_sparse_mla_prefill_fp8_gluon_kernel"}
 
 
+def test_without_a_gpu_it_says_so(monkeypatch, capsys):
+    import benchmarks.require_gpu as rg
+
+    monkeypatch.setattr(rg, "gpu_driver_present", lambda: False)
+    monkeypatch.setattr(nk.sys, "argv", ["ncu_kernels"])
+    assert nk.main() == 2
+    assert "has none" in capsys.readouterr().out
+
+
 def test_without_ncu_it_says_so(monkeypatch, capsys):
+    import benchmarks.require_gpu as rg
+
+    monkeypatch.setattr(rg, "gpu_driver_present", lambda: True)
     monkeypatch.setattr(nk.shutil, "which", lambda name: None)
     monkeypatch.setattr(nk.os.path, "exists", lambda p: False)
     monkeypatch.setattr(nk.sys, "argv", ["ncu_kernels"])
