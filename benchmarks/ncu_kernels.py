@@ -2,6 +2,7 @@
 logits form at 200K keys and its candidates form at 1M) and sparse MLA prefill at 20 heads (the Triton bf16-cache kernel and the Gluon FP8-cache one), one launch each, on one Hopper GPU.
 
     python -m benchmarks.ncu_kernels           # about 4 min on an H200 whose runtime lets ncu read the counters
+    python -m benchmarks.ncu_kernels --only top-k,candidates   # the kernels whose names hold these words
 
 Runs itself under ``ncu`` (``--clock-control none``: the clocks are left as they are; ``--set full``; only the
 launches between cudaProfilerStart and cudaProfilerStop, after a warm-up of each kernel), then reads the report
@@ -12,7 +13,8 @@ throughput, shared-memory pipe, and the largest stall reasons per issued instruc
 
 Shapes: the indexer's last 2112 query rows (two waves of 8-row programs) at 32 heads of a
 causal 200K (logits) and 1M (candidates, thresholds from a real fused run) prefill; sparse MLA 4096 queries at the
-end of a 200K context, top-k 2048, random index sets (the benchmarks' worst case for caches).
+end of a 200K context, top-k 2048, random index sets (the benchmarks' worst case for caches); the prefill top-k
+(k 2048) over the 200K logits of the first case.
 """
 from __future__ import annotations
 
@@ -26,13 +28,27 @@ import subprocess
 import sys
 import tempfile
 
-# the profiled launches in order: (name, kernel-name regex part); the target runs exactly these, once each
+# the profiled launches in order: (name, kernel-name regex part); the target runs the selected ones, once each
 KERNELS = [
     ("indexer logits H32 200K", "_logits_ws_kernel"),
     ("indexer candidates H32 1M", "_logits_ws_kernel"),
     ("sparse MLA bf16 20 heads", "_sparse_mla_prefill_kernel"),
     ("sparse MLA fp8 gluon 20 heads", "_sparse_mla_prefill_fp8_gluon_kernel"),
+    ("top-k prefill 2112 x 200K causal", "_topk1_kernel"),
 ]
+
+
+def selected(argv: list[str]) -> list[tuple[str, str]]:
+    """KERNELS whose names contain one of ``--only``'s comma-separated words (all without it)."""
+    if "--only" not in argv:
+        return list(KERNELS)
+    i = argv.index("--only")
+    words = [w.strip() for w in (argv[i + 1] if i + 1 < len(argv) else "").split(",") if w.strip()]
+    chosen = [k for k in KERNELS if any(w in k[0] for w in words)]
+    if not chosen:
+        raise SystemExit(f"ncu_kernels: --only {','.join(words) or '(nothing)'} matches none of "
+                         f"{[k[0] for k in KERNELS]}")
+    return chosen
 ROWS, TOPK_Q = 2112, 4096
 
 # (column, metric name on ncu's details page) of the summary table
@@ -53,14 +69,16 @@ STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 STALL_SUFFIX = "_per_issue_active.ratio"
 
 
-def target() -> None:
-    """The profiled program: warm each kernel up (compiles), then run each once between profiler start/stop."""
+def target(kernels: list[tuple[str, str]]) -> None:
+    """The profiled program: build every case (the top-k reads the indexer's logits), warm the chosen kernels up
+    (compiles), then run each once between profiler start/stop."""
     import torch
 
     import benchmarks.indexer_fused as bf
     from benchmarks.sparse_mla_prefill import CTX, SCALE, index_sets
     from indexcache.kernels import indexer as ix
     from indexcache.kernels.sparse_mla import quantize_latent_fp8_reference, sparse_mla_prefill
+    from indexcache.kernels.topk import topk_rows
 
     calls = []
     s200 = 200_000
@@ -81,12 +99,15 @@ def target() -> None:
     q = torch.randn(TOPK_Q, 20, 576, device="cuda", dtype=torch.bfloat16)
     calls.append(lambda: sparse_mla_prefill(q, kv, idx, SCALE))
     calls.append(lambda: sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", backend="gluon"))
+    calls.append(lambda: topk_rows(out200, bf.TOPK, row_end=d200[5]))
     assert len(calls) == len(KERNELS)
-    for c in calls:
+    calls[0]()  # the top-k's input
+    chosen = [c for c, k in zip(calls, KERNELS) if k in kernels]
+    for c in chosen:
         c()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    for c in calls:
+    for c in chosen:
         c()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
@@ -124,7 +145,7 @@ def details_by_launch(details_csv: str) -> dict[int, dict]:
     return out
 
 
-def summarize(ncu: str, rep: str, sources: list, details_csv: str) -> list[dict]:
+def summarize(ncu: str, rep: str, sources: list, details_csv: str, kernels: list[tuple[str, str]]) -> list[dict]:
     """Per profiled launch: METRICS, the stall reasons (per issued instruction, largest first) and the SASS lines
     with the most stall samples. Appends each launch's source page (CSV text) to ``sources``."""
     raw = subprocess.run([ncu, "-i", rep, "--page", "raw", "--csv", "--print-units", "base"], capture_output=True,
@@ -132,7 +153,7 @@ def summarize(ncu: str, rep: str, sources: list, details_csv: str) -> list[dict]
     launches = _rows(raw.stdout)
     details = details_by_launch(details_csv)
     out = []
-    for i, (name, _) in enumerate(KERNELS):
+    for i, (name, _) in enumerate(kernels):
         r = launches[i] if i < len(launches) else {}
         row = {"name": name, "kernel": r.get("Kernel Name", "")[:60]}
         for col, m in METRICS:
@@ -173,8 +194,9 @@ def _hot_sass(csv_text: str, n: int = 10) -> list[dict]:
 
 
 def main() -> int:
+    kernels = selected(sys.argv[1:])
     if "--target" in sys.argv[1:]:
-        target()
+        target(kernels)
         return 0
     from benchmarks.require_gpu import gpu_driver_present
 
@@ -189,10 +211,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as d:
         rep = os.path.join(d, "prof")
-        regex = "regex:" + "|".join(sorted({k for _, k in KERNELS}))
+        regex = "regex:" + "|".join(sorted({k for _, k in kernels}))
         cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--set", "full",
                "--import-source", "no", "-k", regex, "-o", rep, "-f", sys.executable, "-m", "benchmarks.ncu_kernels",
-               "--target"]
+               "--target", *sys.argv[1:]]
         r = subprocess.run(cmd, capture_output=True, text=True)
         print(r.stdout[-3000:], r.stderr[-3000:], flush=True)
         if r.returncode != 0 or not os.path.exists(rep + ".ncu-rep"):
@@ -201,7 +223,7 @@ def main() -> int:
         details = subprocess.run([ncu, "-i", rep + ".ncu-rep", "--page", "details", "--csv", "--print-units", "base"],
                                  capture_output=True, text=True).stdout
         sources: list[str] = []
-        rows = summarize(ncu, rep + ".ncu-rep", sources, details)
+        rows = summarize(ncu, rep + ".ncu-rep", sources, details, kernels)
     out_dir = os.environ.get("OUT") or os.path.join("runs", "benchmarks")
     os.makedirs(out_dir, exist_ok=True)
     with gzip.open(os.path.join(out_dir, "ncu_details.csv.gz"), "wt") as f:

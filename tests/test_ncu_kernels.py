@@ -54,9 +54,17 @@ def test_details_page_per_launch_in_ms_and_mhz():
 def test_profile_list_matches_the_target_launches():
     """The summary pairs the report's launches with KERNELS by order: every entry names a kernel of the regex."""
     kernels = [k for _, k in nk.KERNELS]
-    assert len(kernels) == 4
+    assert len(kernels) == 5
     assert set(kernels) == {"_logits_ws_kernel", "_sparse_mla_prefill_kernel",
-                                 "_sparse_mla_prefill_fp8_gluon_kernel"}
+                            "_sparse_mla_prefill_fp8_gluon_kernel", "_topk1_kernel"}
+
+
+def test_only_picks_kernels_by_words_and_names_a_miss():
+    assert nk.selected([]) == nk.KERNELS
+    assert [n for n, _ in nk.selected(["--only", "top-k,candidates"])] == ["indexer candidates H32 1M",
+                                                                          "top-k prefill 2112 x 200K causal"]
+    with pytest.raises(SystemExit, match="--only nope matches none of"):
+        nk.selected(["--only", "nope"])
 
 
 def test_without_a_gpu_it_says_so(monkeypatch, capsys):
@@ -80,10 +88,11 @@ def test_without_ncu_it_says_so(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("kernel", ["_logits_ws_kernel", "_sparse_mla_prefill_kernel",
-                                    "_sparse_mla_prefill_fp8_gluon_kernel"])
+                                    "_sparse_mla_prefill_fp8_gluon_kernel", "_topk1_kernel"])
 def test_profiled_kernel_names_exist(kernel):
     """A renamed kernel would silently drop out of ncu's -k filter."""
     from indexcache.kernels.indexer import gluon as ig
     from indexcache.kernels.sparse_mla import gluon as sg, triton as st
+    from indexcache.kernels.topk import triton as tt
 
-    assert any(hasattr(m, kernel) for m in (ig, sg, st)), kernel
+    assert any(hasattr(m, kernel) for m in (ig, sg, st, tt)), kernel
