@@ -49,7 +49,7 @@ def selected(argv: list[str]) -> list[tuple[str, str]]:
         raise SystemExit(f"ncu_kernels: --only {','.join(words) or '(nothing)'} matches none of "
                          f"{[k[0] for k in KERNELS]}")
     return chosen
-ROWS, TOPK_Q = 2112, 4096
+ROWS, MLA_QUERIES = 2112, 4096
 
 # (column, metric name on ncu's details page) of the summary table
 METRICS = [
@@ -95,8 +95,8 @@ def target(kernels: list[tuple[str, str]]) -> None:
     calls.append(lambda: ix.indexer_prefill_candidates(*d1m, thr, cap, out=bufs, kernel="gluon"))
     kv = torch.randn(CTX, 576, device="cuda", dtype=torch.bfloat16)
     kv8 = quantize_latent_fp8_reference(kv.float())
-    idx = index_sets(TOPK_Q)["random"]
-    q = torch.randn(TOPK_Q, 20, 576, device="cuda", dtype=torch.bfloat16)
+    idx = index_sets(MLA_QUERIES)["random"]
+    q = torch.randn(MLA_QUERIES, 20, 576, device="cuda", dtype=torch.bfloat16)
     calls.append(lambda: sparse_mla_prefill(q, kv, idx, SCALE))
     calls.append(lambda: sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", backend="gluon"))
     calls.append(lambda: topk_rows(out200, bf.TOPK, row_end=d200[5]))

@@ -42,7 +42,8 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
                  div16: tuple[str, ...] = (), ttgir: bool = False, maxnreg: int | None = None) -> dict:
     """Lower ``jit_fn`` for sm_90a. ``types``: Triton type per argument name ('*fp8e4nv', 'i32', ...; default
     'i32'); ``constexprs``: values of the constexpr arguments; ``div16``: argument names the launcher would see
-    divisible by 16 (pointers are always added). Returns registers, spill bytes and instruction counts."""
+    divisible by 16 (pointers are always added). Returns registers, spill bytes, instruction counts and the shared
+    memory a program needs."""
     names = list(inspect.signature(jit_fn.fn).parameters)
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     marked = [n for n in names if sig[n].startswith("*") or n in div16]
@@ -63,7 +64,8 @@ def compile_sm90(jit_fn, types: dict, constexprs: dict, *, num_warps: int, num_s
     regs = re.findall(r"Used (\d+) registers", r.stderr)
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
     out = {"registers": int(regs[0]), "spill_bytes": int(spills[0]) if spills else 0,
-           "wgmma": ptx.count("wgmma.mma_async"), "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx))}
+           "wgmma": ptx.count("wgmma.mma_async"), "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+           "shared_bytes": k.metadata.shared}
     if ttgir:
         out["ttgir"] = k.asm["ttgir"]
     return out

@@ -388,32 +388,22 @@ def test_prefill_launches_fit_an_sm90_shared_memory():
 
     if ptxas_path() is None:
         pytest.skip("this Triton has no bundled ptxas")
-    code = ("import inspect, triton\n"
-            "from triton.backends.compiler import GPUTarget\n"
-            "from triton.compiler import ASTSource\n"
+    code = ("from tests.kernels.sm90_compile import compile_sm90\n"
             "from indexcache.kernels.sparse_mla import ops, triton as tm\n"
-            "fn = tm._sparse_mla_prefill_kernel\n"
-            "names = list(inspect.signature(fn.fn).parameters)\n"
+            "def show(fn, dt, h, cfg, hb, **ce):\n"
+            "    ty = {n: '*' + dt for n in ('q', 'kv', 'cache', 'out')}\n"
+            "    ty.update(idx='*i32', lse='*fp32', qk_scale='fp32')\n"
+            "    r = compile_sm90(fn, ty, {'HB': hb, 'BT': cfg['bt'], 'UPCAST': False, **ce},\n"
+            "                     num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])\n"
+            "    print(dt, h, hb, r['shared_bytes'])\n"
             "for dt, h in (('fp32', 64), ('fp32', 20), ('bf16', 128), ('bf16', 20)):\n"
-            "    base = ops.PREFILL_CFG_4BYTE if dt == 'fp32' else ops.PREFILL_CFG\n"
-            "    few = ops.PREFILL_CFG_4BYTE if dt == 'fp32' else ops.PREFILL_CFG_FEW_HEADS\n"
-            "    cfg, hb = ops._prefill_launch(h, base, few, None)\n"
-            "    ce = {'HB': hb, 'BT': cfg['bt'], 'UPCAST': False}\n"
-            "    ty = {'q': '*' + dt, 'kv': '*' + dt, 'idx': '*i32', 'out': '*' + dt, 'lse': '*fp32', 'qk_scale': 'fp32'}\n"
-            "    sig = {n: 'constexpr' if n in ce else ty.get(n, 'i32') for n in names}\n"
-            "    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget('cuda', 90, 64),\n"
-            "                       options={'num_warps': cfg['num_warps'], 'num_stages': cfg['num_stages']})\n"
-            "    print(dt, h, hb, k.metadata.shared)\n"
-            "fn = tm._sparse_mla_decode_kernel\n"
-            "names = list(inspect.signature(fn.fn).parameters)\n"
+            "    four = dt == 'fp32'\n"
+            "    cfg, hb = ops._prefill_launch(h, ops.PREFILL_CFG_4BYTE if four else ops.PREFILL_CFG,\n"
+            "                                  ops.PREFILL_CFG_4BYTE if four else ops.PREFILL_CFG_FEW_HEADS, None)\n"
+            "    show(tm._sparse_mla_prefill_kernel, dt, h, cfg, hb)\n"
             "for dt, h, fmt in (('fp32', 64, 'bf16'), ('fp32', 64, 'fp8'), ('bf16', 64, 'bf16'), ('bf16', 64, 'fp8')):\n"
             "    cfg, hb, _, _, _ = ops._decode_plan(1, h, 2048, fmt, None, itemsize=4 if dt == 'fp32' else 2)\n"
-            "    ce = {'HB': hb, 'BT': cfg['bt'], 'UPCAST': False, 'DIRECT': True, 'HEAD_MAJOR': fmt == 'fp8'}\n"
-            "    ty = {'q': '*' + dt, 'cache': '*' + dt, 'idx': '*i32', 'out': '*' + dt, 'lse': '*fp32', 'qk_scale': 'fp32'}\n"
-            "    sig = {n: 'constexpr' if n in ce else ty.get(n, 'i32') for n in names}\n"
-            "    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=GPUTarget('cuda', 90, 64),\n"
-            "                       options={'num_warps': cfg['num_warps'], 'num_stages': cfg['num_stages']})\n"
-            "    print(dt, h, hb, k.metadata.shared)\n")
+            "    show(tm._sparse_mla_decode_kernel, dt, h, cfg, hb, DIRECT=True, HEAD_MAJOR=fmt == 'fp8')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
