@@ -135,10 +135,7 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
         return out, lse
     args = (q, kv, indices, out, lse, kv.shape[0], H, indices.shape[1], sm_scale * 1.4426950408889634,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1))
-    if kv.element_size() == 4:
-        cfg, hb = _prefill_launch(H, PREFILL_CFG_4BYTE, PREFILL_CFG_4BYTE, config)
-    else:
-        cfg, hb = _prefill_launch(H, PREFILL_CFG, PREFILL_CFG_FEW_HEADS, config)
+    cfg, hb = _prefill_bf16_launch(H, kv.element_size(), config)
     _launch(_sparse_mla_prefill_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()), cfg)
     return out, lse
 
@@ -157,6 +154,13 @@ def _prefill_launch(H: int, cfg: dict, few_heads: dict, config: dict | None) -> 
     if config:
         cfg = {**cfg, **config}
     return cfg, _hb(H, cfg["hb_max"])
+
+
+def _prefill_bf16_launch(H: int, itemsize: int, config: dict | None) -> tuple[dict, int]:
+    """``_prefill_launch`` of the bf16-cache kernel for rows of ``itemsize``-byte elements (4: PREFILL_CFG_4BYTE)."""
+    if itemsize == 4:
+        return _prefill_launch(H, PREFILL_CFG_4BYTE, PREFILL_CFG_4BYTE, config)
+    return _prefill_launch(H, PREFILL_CFG, PREFILL_CFG_FEW_HEADS, config)
 
 
 def _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend="triton"):
