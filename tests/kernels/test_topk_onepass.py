@@ -87,6 +87,38 @@ def test_fp16_rows_and_sorted(device):
     assert torch.equal(out.cpu(), topk_rows_reference(x, 120).cpu())
 
 
+@pytest.mark.parametrize("warps", [2, 4])
+def test_candidate_regions_of_several_warps(device, warps):
+    """The scan gives each warp a region of cap / warps candidate slots (``triton._scan_x_warps``). The
+    interpreter's default program is one warp, so this forces 2 and 4: ragged and unaligned windows, fp16 rows,
+    and a row whose candidates all lie in one warp's columns (its region overflows: the whole-row select, still
+    exact; the other rows unaffected)."""
+    torch.manual_seed(26 + warps)
+    R, N, k = 5, 3001, 100       # ~160 candidates a sampled row: over 256 / warps in one region, not in two
+    x = torch.randn(R, N, device=device) * 3
+    cols = torch.arange(N, device=device)
+    start = torch.tensor([0, 17, 1003, 3, 0], dtype=torch.int32, device=device)
+    end = torch.tensor([3001, 2999, 2500, 2222, 3001], dtype=torch.int32, device=device)
+    for dt in (torch.float32, torch.float16):
+        # block row i (v = one 16-byte vector of entries) is thread i % (32 * warps)'s: warp 0 holds the columns
+        # c with c % (32 * v * warps) < 32 * v
+        v = 16 // torch.empty(0, dtype=dt).element_size()
+        xd = x.clone()
+        xd[4] = torch.where(cols % (32 * v * warps) < 32 * v, x[4] + 20, x[4])
+        xd = xd.to(dt)
+        stats = {}
+        stages, out, dbg = plan_launches(xd, k, start, end, _path="one", _cap=256, _warps=warps)
+        for _, fn in stages:
+            fn()
+        stats.update(dbg)
+        ref = topk_rows_reference(xd, k, row_start=start, row_end=end)
+        for r in range(R):
+            o, f = out[r].cpu(), ref[r].cpu()
+            assert torch.equal(o.sort().values, f.sort().values), (dt, r)
+        bad = (stats["ctr"][:, 0] == 2147483647).cpu()      # the counters of a whole-row select
+        assert bad[4] and not bad[0], bad       # (short windows may overflow a region by chance: still exact)
+
+
 def test_one_launch_and_no_recompiles(device):
     """One launch per call; shapes, windows and k reuse one compiled variant (per dtype / alignment)."""
     from indexcache.kernels.topk import triton as t1

@@ -531,12 +531,20 @@ def _keys_of(x):
 @triton.jit
 def _tile(src, off, n, st, stride, SRC: tl.constexpr, FB: tl.constexpr):
     """(key, col, ok) of items [off, off + FB) of a source of n items. SRC 0: candidates ``key << 32 | col`` at
-    src; 1: the row at src, columns st + i; 2: the row's sample, column st + i * stride + hashed jitter."""
+    src; 3: candidates ``fp32 bits << 32 | col`` (valid values: no NaN, no -inf); 1: the row at src, columns
+    st + i; 2: the row's sample, column st + i * stride + hashed jitter."""
     i = off + tl.arange(0, FB)
     msk = i < n
     if SRC == 0:
         c = tl.load(src + i, mask=msk, other=0)
         key = (c >> 32).to(tl.int32)
+        col = (c & 0xFFFFFFFF).to(tl.int32)
+        ok = msk
+    elif SRC == 3:
+        c = tl.load(src + i, mask=msk, other=0)
+        b = (c >> 32).to(tl.int32)
+        key = b ^ ((b >> 31) & 0x7FFFFFFF)
+        key = tl.where(key == -1, 0, key)          # -0.0 -> the key of +0.0
         col = (c & 0xFFFFFFFF).to(tl.int32)
         ok = msk
     else:
@@ -693,6 +701,156 @@ def _scan_block(x_ptr, base, f0, f1, cbase, lo, scrr, wr, cap, E: tl.constexpr, 
 
 
 @triton.jit
+def _warp_scan(c, ASM: tl.constexpr):
+    """(exclusive prefix of c over the lanes of each warp, the warp's total, the warp's index) for c [T] with one
+    element a thread (T = 32 * warps). ASM (compiled code): shuffles over the physical lanes, so no value crosses a
+    warp (no shared memory, no CTA barrier); the slots built from it are unique whatever the element-to-lane map,
+    as each warp's elements are counted by that warp alone. Otherwise (interpreter): element t in warp t // 32."""
+    T: tl.constexpr = c.shape[0]
+    if ASM:
+        ex, tot, wid = tl.inline_asm_elementwise(
+            "{ .reg .b32 s, t; .reg .pred p; mov.b32 s, $3; "
+            "shfl.sync.up.b32 t|p, s, 1, 0, 0xffffffff; @p add.s32 s, s, t; "
+            "shfl.sync.up.b32 t|p, s, 2, 0, 0xffffffff; @p add.s32 s, s, t; "
+            "shfl.sync.up.b32 t|p, s, 4, 0, 0xffffffff; @p add.s32 s, s, t; "
+            "shfl.sync.up.b32 t|p, s, 8, 0, 0xffffffff; @p add.s32 s, s, t; "
+            "shfl.sync.up.b32 t|p, s, 16, 0, 0xffffffff; @p add.s32 s, s, t; "
+            "sub.s32 $0, s, $3; shfl.sync.idx.b32 $1, s, 31, 31, 0xffffffff; "
+            "mov.u32 t, %tid.x; shr.u32 $2, t, 5; }",
+            "=r,=r,=r,r", [c], dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        NW: tl.constexpr = T // 32
+        cw = tl.reshape(c, [NW, 32])
+        ex = tl.reshape(tl.cumsum(cw, axis=1) - cw, [T])
+        tot = tl.reshape(tl.zeros([NW, 32], tl.int32) + tl.sum(cw, axis=1)[:, None], [T])
+        wid = tl.arange(0, T) // 32
+    return ex, tot, wid
+
+
+def _count_asm(v: int) -> str:
+    """PTX for ``_row_counts`` (pack = v): the count of x >= lof in output 0, zeros in the others."""
+    body = "".join(f"mov.b32 x, ${v + j}; setp.ge.f32 p, x, l; @p add.s32 n, n, 1; " for j in range(v))
+    zeros = "".join(f"mov.b32 ${j}, 0; " for j in range(1, v))
+    return ("{ .reg .pred p; .reg .f32 x, l; .reg .b32 n; mov.b32 l, $" + str(2 * v) + "; mov.b32 n, 0; " + body
+            + "mov.b32 $0, n; " + zeros + "}")
+
+
+def _store_asm(v: int) -> str:
+    """PTX for ``_row_store`` (pack = v; operands: v outputs, then v each of slot, x bits, lof bits, scratch
+    pointer, column): the address once a row, then a predicated 8-byte step an entry that passes."""
+    body = "".join(f"mov.b32 x, ${2 * v + j}; setp.ge.f32 p, x, l; add.s32 c, ${5 * v}, {j}; "
+                   f"@p st.global.v2.b32 [a], {{${2 * v + j}, c}}; @p add.s64 a, a, 8; " for j in range(v))
+    zeros = "".join(f"mov.b32 ${j}, 0; " for j in range(v))
+    return ("{ .reg .pred p; .reg .f32 x, l; .reg .b32 c; .reg .b64 a; mov.b32 l, $" + str(3 * v)
+            + "; mad.wide.u32 a, $" + str(v) + ", 8, $" + str(4 * v) + "; " + body + zeros + "}")
+
+
+_COUNT4: tl.constexpr = tl.constexpr(_count_asm(4))
+_COUNT8: tl.constexpr = tl.constexpr(_count_asm(8))
+_COUNT4_C: tl.constexpr = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 8))
+_COUNT8_C: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
+_STORE4: tl.constexpr = tl.constexpr(_store_asm(4))
+_STORE8: tl.constexpr = tl.constexpr(_store_asm(8))
+_STORE4_C: tl.constexpr = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 12 + ["l"] * 4 + ["r"] * 4))
+_STORE8_C: tl.constexpr = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 24 + ["l"] * 8 + ["r"] * 8))
+
+
+@triton.jit
+def _row_counts(xb, lofb, V: tl.constexpr, ASM: tl.constexpr):
+    """[R, V] int32 with each row's count of entries >= lof in its column 0 (zeros elsewhere); xb, lofb: fp32
+    bits. ASM: a float compare and a predicated add an entry (the compiler's own code for a sum of compares
+    packed the booleans into bit fields first, several times the instructions)."""
+    if ASM:
+        if V == 4:
+            c = tl.inline_asm_elementwise(_COUNT4, _COUNT4_C, [xb, lofb], dtype=tl.int32, is_pure=True, pack=4)
+        else:
+            c = tl.inline_asm_elementwise(_COUNT8, _COUNT8_C, [xb, lofb], dtype=tl.int32, is_pure=True, pack=8)
+    else:
+        f = (xb.to(tl.float32, bitcast=True) >= lofb.to(tl.float32, bitcast=True)).to(tl.int32)
+        c = tl.where(tl.arange(0, V)[None, :] == 0, tl.sum(f, axis=1)[:, None], 0)
+    return c
+
+
+@triton.jit
+def _row_store(xb, lofb, slot, col, scrr, V: tl.constexpr, ASM: tl.constexpr):
+    """Each row's entries >= lof (xb, lofb: fp32 bits) to scrr[slot ...] in order as ``bits << 32 | col`` (slot,
+    col: per row, repeated over the row's V entries; col is the row's first column). ASM: a float compare, an
+    address, a predicated 8-byte store and a predicated increment an entry, from the registers the entries are
+    in (``_scatter``'s reason)."""
+    if ASM:
+        if V == 4:
+            tl.inline_asm_elementwise(_STORE4, _STORE4_C, [slot, xb, lofb, scrr, col], dtype=tl.int32,
+                                      is_pure=False, pack=4)
+        else:
+            tl.inline_asm_elementwise(_STORE8, _STORE8_C, [slot, xb, lofb, scrr, col], dtype=tl.int32,
+                                      is_pure=False, pack=8)
+    else:
+        f = (xb.to(tl.float32, bitcast=True) >= lofb.to(tl.float32, bitcast=True)).to(tl.int32)
+        pos = slot + tl.cumsum(f, axis=1) - f
+        c = col + tl.arange(0, V)[None, :]
+        tl.store(scrr + pos, (xb.to(tl.int64) << 32) | (c.to(tl.int64) & 0xFFFFFFFF), mask=f != 0)
+
+
+@triton.jit
+def _scan_x_warps(x, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr,
+                  ASM: tl.constexpr):
+    """``_scan_x`` with a region of rcw scratch slots per warp instead of one list. x: [E * T, V], thread t of the
+    [T] tensors holding rows e * T + t. An entry's slot is its warp's region + the warp's running count (``run``
+    [T], carried over the blocks) + the counts of the lanes before it in the warp + its thread's earlier entries,
+    so nothing crosses a warp in the scan (``_warp_scan``). The test is a float compare against lof (the float of
+    the key lo: NaN and -inf never pass, -0.0 >= +0.0). A thread whose entries would pass its region's end
+    stores none of them (its warp's count still grows: the row is then bad). Candidates are stored as fp32 bits
+    (the select makes the keys). Returns run and the warp index of each element of the [T] tensors."""
+    xb = x.to(tl.float32).to(tl.int32, bitcast=True)
+    lofb = lof.to(tl.int32, bitcast=True)
+    rc = tl.reshape(tl.sum(_row_counts(xb, lofb + tl.zeros_like(xb), V, ASM), axis=1), [E, T])   # in-thread
+    tc = tl.sum(rc, axis=0)                        # per thread
+    ex, tot, wid = _warp_scan(tc, ASM)
+    at = run + ex                                  # the thread's first slot in its warp's region
+    run += tot
+    # a thread that would pass its region's end stores nothing: its threshold becomes NaN (no entry passes)
+    lt = tl.where(at + tc <= rcw, lofb, 0x7FC00000)
+    rs = tl.reshape((wid * rcw + at)[None, :] + tl.cumsum(rc, axis=0) - rc, [E * T])
+    lr = tl.reshape(tl.zeros([E, T], tl.int32) + lt[None, :], [E * T])
+    zero = tl.zeros([E * T, V], tl.int32)
+    col = cbase + tl.arange(0, E * T) * V
+    _row_store(xb, lr[:, None] + zero, rs[:, None] + zero, col[:, None] + zero, scrr + zero, V, ASM)
+    return run, wid
+
+
+@triton.jit
+def _scan_block_warps(x_ptr, base, f0, f1, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexpr,
+                      V: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr):
+    """``_scan_x_warps`` of the [E * T, V] block at flat index base (a multiple of V); MASKED: only flat [f0, f1)."""
+    rel = tl.arange(0, E * T)[:, None] * V + tl.arange(0, V)[None, :]
+    if MASKED:
+        fl = base + rel
+        x = tl.load(x_ptr + fl, mask=(fl >= f0) & (fl < f1), other=float("-inf"))
+    else:
+        x = tl.load(x_ptr + base + rel)
+    return _scan_x_warps(x, cbase, lof, scrr, run, rcw, E, T, V, ASM)
+
+
+@triton.jit
+def _gather_regions(scrr, kept, rcw, NW: tl.constexpr, FB: tl.constexpr):
+    """Moves the per-warp regions' candidates (kept[w] <= rcw in region w) into one list at scrr[0 ...): region w
+    goes to the sum of the earlier regions' counts, never above its own start, so moving the regions in order,
+    each chunk loaded before any of it is stored, overwrites only what has already moved."""
+    w_ids = tl.arange(0, NW)
+    dst = tl.cumsum(kept, axis=0) - kept
+    i = tl.arange(0, FB)
+    for w in tl.static_range(1, NW):
+        n = tl.sum(tl.where(w_ids == w, kept, 0), axis=0)
+        d = tl.sum(tl.where(w_ids == w, dst, 0), axis=0)
+        for c in range(0, n, FB):
+            m = c + i < n
+            v = tl.load(scrr + w * rcw + c + i, mask=m)
+            tl.debug_barrier()
+            tl.store(scrr + d + c + i, v, mask=m)
+            tl.debug_barrier()
+
+
+@triton.jit
 def _kth_r(v, ok, need, NBIN: tl.constexpr):
     """``_kth`` over a tile held in registers (v where ok): the same histogram rounds with no re-reads."""
     cnt = tl.sum(ok.to(tl.int32), axis=0)
@@ -729,7 +887,7 @@ def _sample_lo(row, st, L, ns, q, S: tl.constexpr, NBIN: tl.constexpr):
 @triton.jit(do_not_specialize=["stride_r", "k", "cap", "stride_o", "k2"])
 def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, stride_o, out2, k2, E: tl.constexpr,
                   T: tl.constexpr, V: tl.constexpr, SB: tl.constexpr, NTMAX: tl.constexpr, FB: tl.constexpr,
-                  NBIN: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
+                  NBIN: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr, WARPS_SCAN: tl.constexpr = True):
     """Row r's k largest columns to out[r, :k] (row stride stride_o). TWO: also its k2 <= k largest to
     out2[r, :k2] (same row stride), selected from the same candidates: they hold the top k, so the top k2 and
     every tie at the k2-th value too; one read of the row serves both."""
@@ -767,31 +925,61 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, stride_o
     nblk = tl.where(sampled, tl.cdiv(tl.maximum(f1 - a0, 0), BLOCK), 0)
     lastb = a0 + (nblk - 1) * BLOCK
     wr = tl.zeros([], tl.int32)
-    if nblk > 0:
-        wr = _scan_block(x_ptr, a0, f0, f1, (a0 - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
     rel = _scan_rel(E, T, V)
     has_mid = (tl.zeros([E, T, V], tl.int32) + (nblk > 2).to(tl.int32)) != 0
-    xn = tl.load(x_ptr + a0 + BLOCK + rel, mask=has_mid, other=0.0)
-    for base in range(a0 + BLOCK, lastb, BLOCK):
-        xc = xn
-        xn = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel)   # the last one reloads its own block
-        wr = _scan_x(xc, (base - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, ASM)
-    if nblk > 1:
-        wr = _scan_block(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
+    if WARPS_SCAN:
+        NW: tl.constexpr = T // 32
+        rcw = cap // NW
+        lof = (lo ^ ((lo >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)     # the float whose key is lo
+        run = tl.zeros([T], tl.int32)
+        wid = tl.zeros([T], tl.int32)
+        if nblk > 0:
+            run, wid = _scan_block_warps(x_ptr, a0, f0, f1, (a0 - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V,
+                                         True, ASM)
+        rel2 = tl.arange(0, E * T)[:, None] * V + tl.arange(0, V)[None, :]
+        has_mid2 = (tl.zeros([E * T, V], tl.int32) + (nblk > 2).to(tl.int32)) != 0
+        xw = tl.load(x_ptr + a0 + BLOCK + rel2, mask=has_mid2, other=0.0)
+        for base in range(a0 + BLOCK, lastb, BLOCK):
+            xwc = xw
+            xw = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel2)
+            run, wid = _scan_x_warps(xwc, (base - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V, ASM)
+        if nblk > 1:
+            run, wid = _scan_block_warps(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lof, scrr, run, rcw, E, T,
+                                         V, True, ASM)
+        # every element of a warp holds its count: per warp, the max over the elements with that warp index
+        w_ids = tl.arange(0, NW)
+        cnt = tl.max(tl.where(wid[None, :] == w_ids[:, None], run[None, :], 0), axis=1)      # [NW]
+        wr = tl.sum(cnt, axis=0)
+        if tl.max(cnt, axis=0) > rcw:
+            wr = cap + 1                 # a region overflowed: some candidates were dropped, the row is bad
+        elif nblk > 0:
+            tl.debug_barrier()           # every warp's region written before others read it
+            _gather_regions(scrr, cnt, rcw, NW, FB)
+    else:
+        if nblk > 0:
+            wr = _scan_block(x_ptr, a0, f0, f1, (a0 - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
+        xn = tl.load(x_ptr + a0 + BLOCK + rel, mask=has_mid, other=0.0)
+        for base in range(a0 + BLOCK, lastb, BLOCK):
+            xc = xn
+            xn = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel)   # the last one reloads its own block
+            wr = _scan_x(xc, (base - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, ASM)
+        if nblk > 1:
+            wr = _scan_block(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
     # 3. exact select. A sampled row is good when its candidates hold the top k (count >= k) and fit (<= cap);
     # otherwise, and for rows of <= cap entries (which then stay in L2 over the rounds, at 4 B an entry instead of
     # 8 as candidates), the select runs over the row itself.
     tl.debug_barrier()      # the scratch written by every thread of the program is read back by others
     good = sampled & (wr <= cap) & (wr >= k)
+    CSRC: tl.constexpr = 3 if WARPS_SCAN else 0       # the candidates' format
     if good:
-        m = _select_write1(scrr, wr, st, 1, k, outr, 0, FB, NBIN)
+        m = _select_write1(scrr, wr, st, 1, k, outr, CSRC, FB, NBIN)
     else:
         m = _select_write1(row, L, st, 1, k, outr, 1, FB, NBIN)
     ar = tl.arange(0, FB)
     if TWO:
         out2r = out2 + r.to(tl.int64) * stride_o
         if good:
-            m2 = _select_write1(scrr, wr, st, 1, k2, out2r, 0, FB, NBIN)
+            m2 = _select_write1(scrr, wr, st, 1, k2, out2r, CSRC, FB, NBIN)
         else:
             m2 = _select_write1(row, L, st, 1, k2, out2r, 1, FB, NBIN)
         for off in range(m2, k2, FB):
