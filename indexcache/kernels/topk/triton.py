@@ -739,7 +739,7 @@ def _store_asm(v: int) -> str:
     """PTX for ``_row_store`` (pack = v; operands: v outputs, then v each of slot, x bits, lof bits, scratch
     pointer, column): the address once a row, then a predicated 8-byte step an entry that passes."""
     body = "".join(f"mov.b32 x, ${2 * v + j}; setp.ge.f32 p, x, l; add.s32 c, ${5 * v}, {j}; "
-                   f"@p st.global.v2.b32 [a], {{${2 * v + j}, c}}; @p add.s64 a, a, 8; " for j in range(v))
+                   f"@p st.global.v2.b32 [a], {{c, ${2 * v + j}}}; @p add.s64 a, a, 8; " for j in range(v))
     zeros = "".join(f"mov.b32 ${j}, 0; " for j in range(v))
     return ("{ .reg .pred p; .reg .f32 x, l; .reg .b32 c; .reg .b64 a; mov.b32 l, $" + str(3 * v)
             + "; mad.wide.u32 a, $" + str(v) + ", 8, $" + str(4 * v) + "; " + body + zeros + "}")
