@@ -201,14 +201,12 @@ def topk_prefill_kernels() -> list[tuple[str, dict]]:
     from indexcache.kernels.topk import triton as tk
 
     out = []
-    for dt, v, two, ws in (("fp32", 4, False, True), ("bf16", 8, False, True), ("fp32", 4, True, True),
-                           ("fp32", 4, False, False)):
+    for dt, v, two in (("fp32", 4, False), ("bf16", 8, False), ("fp32", 4, True)):
         types = {"x_ptr": f"*{dt}", "starts": "*i32", "ends": "*i32", "ctr": "*i64", "out": "*i32", "scr": "*i64",
                  "out2": "*i32"}
         ce = dict(E=ops._ONE_BLOCK // (32 * ops._ONE_WARPS * v), T=32 * ops._ONE_WARPS, V=v, SB=ops._ONE_SB,
-                  NTMAX=ops._ONE_NTMAX, FB=ops._ONE_FB, NBIN=ops._ONE_NBIN, ASM=True, TWO=two, WARPS_SCAN=ws)
-        name = f"topk prefill one-pass {dt}" + (" + pool (topk_and_pool_rows)" if two else "") + \
-            ("" if ws else " (block scan)")
+                  NTMAX=ops._ONE_NTMAX, FB=ops._ONE_FB, NBIN=ops._ONE_NBIN, ASM=True, TWO=two)
+        name = f"topk prefill one-pass {dt}" + (" + pool (topk_and_pool_rows)" if two else "")
         out.append((name, compile_sm90(tk._topk1_kernel, types, ce, num_warps=ops._ONE_WARPS, num_stages=3,
                                        maxnreg=ops._ONE_MAXNREG)))
     return out

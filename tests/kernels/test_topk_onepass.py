@@ -119,6 +119,23 @@ def test_candidate_regions_of_several_warps(device, warps):
         assert bad[4] and not bad[0], bad       # (short windows may overflow a region by chance: still exact)
 
 
+@pytest.mark.parametrize("v", [4, 8])
+def test_scan_store_ptx_puts_the_column_in_the_low_word(v):
+    """The scan's inline-PTX store (compiled code only, so the interpreter runs its torch-op twin) writes each
+    candidate as two 32-bit words; the select decodes ``c >> 32`` as the value and ``c & 0xFFFFFFFF`` as the
+    column, so the column must be the first (low, little-endian) word and the value the entry's own operand.
+    Run 121 stored them the other way round: every GPU set wrong, every interpreter test green."""
+    import re
+
+    from indexcache.kernels.topk.triton import _store_asm
+
+    stores = re.findall(r"st\.global\.v2\.b32 \[a\], \{(\w+), \$(\d+)\}", _store_asm(v))
+    assert len(stores) == v
+    for j, (lo, hi) in enumerate(stores):
+        assert lo == "c" and int(hi) == 2 * v + j      # the column register, then entry j's fp32 bits
+    assert _store_asm(v).count("add.s32 c, $%d, " % (5 * v)) == v
+
+
 def test_one_launch_and_no_recompiles(device):
     """One launch per call; shapes, windows and k reuse one compiled variant (per dtype / alignment)."""
     from indexcache.kernels.topk import triton as t1

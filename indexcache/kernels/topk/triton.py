@@ -530,17 +530,12 @@ def _keys_of(x):
 
 @triton.jit
 def _tile(src, off, n, st, stride, SRC: tl.constexpr, FB: tl.constexpr):
-    """(key, col, ok) of items [off, off + FB) of a source of n items. SRC 0: candidates ``key << 32 | col`` at
-    src; 3: candidates ``fp32 bits << 32 | col`` (valid values: no NaN, no -inf); 1: the row at src, columns
-    st + i; 2: the row's sample, column st + i * stride + hashed jitter."""
+    """(key, col, ok) of items [off, off + FB) of a source of n items. SRC 0: candidates ``fp32 bits << 32 | col``
+    at src (``_row_store``: valid values, no NaN, no -inf); 1: the row at src, columns st + i; 2: the row's
+    sample, column st + i * stride + hashed jitter."""
     i = off + tl.arange(0, FB)
     msk = i < n
     if SRC == 0:
-        c = tl.load(src + i, mask=msk, other=0)
-        key = (c >> 32).to(tl.int32)
-        col = (c & 0xFFFFFFFF).to(tl.int32)
-        ok = msk
-    elif SRC == 3:
         c = tl.load(src + i, mask=msk, other=0)
         b = (c >> 32).to(tl.int32)
         key = b ^ ((b >> 31) & 0x7FFFFFFF)
@@ -649,58 +644,6 @@ def _select_write1(src, n, st, stride, need, outr, SRC: tl.constexpr, FB: tl.con
 
 
 @triton.jit
-def _scatter(ptrs, key, col, msk, ASM: tl.constexpr):
-    """ptrs[i] = key << 32 | col where msk (col >= 0). ASM (compiled code): one predicated 8-byte st.global per
-    entry from the registers where the entries are; tl.store would first move pointers, values and mask through
-    shared memory into a layout of its own (one entry per lane), which costs more than the scan itself."""
-    if ASM:
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $4, 0; @p st.global.v2.b32 [$1], {$3, $2}; "
-                                  "mov.b32 $0, 0; }", "=r,l,r,r,r",
-                                  [ptrs.to(tl.int64, bitcast=True), key, col, msk.to(tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.store(ptrs, (key.to(tl.int64) << 32) | col.to(tl.int64), mask=msk)
-
-
-@triton.jit
-def _scan_rel(E: tl.constexpr, T: tl.constexpr, V: tl.constexpr):
-    """Flat offsets of an [E, T, V] block: lane t holds V contiguous entries in each of its E rows."""
-    return (tl.arange(0, E)[:, None, None] * (T * V) + tl.arange(0, T)[None, :, None] * V
-            + tl.arange(0, V)[None, None, :])
-
-
-@triton.jit
-def _scan_x(x, cbase, lo, scrr, wr, cap, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr, ASM: tl.constexpr):
-    """The entries x of one [E, T, V] block (column cbase + offset) with keys in [lo, key(+inf)] (lo > key(-inf):
-    NaN and -inf never pass) go to scrr[wr...] as candidates, unless that passes cap. Returns wr + their count."""
-    rel = _scan_rel(E, T, V)
-    b = (x.to(tl.float32) + 0.0).to(tl.int32, bitcast=True)      # + 0.0: -0.0 -> +0.0
-    key = b ^ ((b >> 31) & 0x7FFFFFFF)
-    f = ((key - lo).to(tl.uint32, bitcast=True) <= (2139095040 - lo).to(tl.uint32, bitcast=True)).to(tl.int32)
-    rowc = tl.sum(f, axis=2)                       # [E, T]: in-lane
-    lane = tl.sum(rowc, axis=0)                    # [T]: in-lane
-    tot = tl.sum(lane, axis=0)
-    if (tot > 0) & (wr + tot <= cap):
-        pos = (wr + (tl.cumsum(lane, axis=0) - lane)[None, :, None] + (tl.cumsum(rowc, axis=0) - rowc)[:, :, None]
-               + tl.cumsum(f, axis=2) - f)
-        _scatter(scrr + pos, key, cbase + rel, f != 0, ASM)
-    return wr + tot
-
-
-@triton.jit
-def _scan_block(x_ptr, base, f0, f1, cbase, lo, scrr, wr, cap, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr,
-                MASKED: tl.constexpr, ASM: tl.constexpr):
-    """``_scan_x`` of the [E, T, V] block at flat index base (a multiple of V); MASKED: only flat [f0, f1)."""
-    rel = _scan_rel(E, T, V)
-    if MASKED:
-        fl = base + rel
-        x = tl.load(x_ptr + fl, mask=(fl >= f0) & (fl < f1), other=float("-inf"))
-    else:
-        x = tl.load(x_ptr + base + rel)
-    return _scan_x(x, cbase, lo, scrr, wr, cap, E, T, V, ASM)
-
-
-@triton.jit
 def _warp_scan(c, ASM: tl.constexpr):
     """(exclusive prefix of c over the lanes of each warp, the warp's total, the warp's index) for c [T] with one
     element a thread (T = 32 * warps). ASM (compiled code): shuffles over the physical lanes, so no value crosses a
@@ -776,7 +719,8 @@ def _row_store(xb, lofb, slot, col, scrr, V: tl.constexpr, ASM: tl.constexpr):
     """Each row's entries >= lof (xb, lofb: fp32 bits) to scrr[slot ...] in order as ``bits << 32 | col`` (slot,
     col: per row, repeated over the row's V entries; col is the row's first column). ASM: a float compare, an
     address, a predicated 8-byte store and a predicated increment an entry, from the registers the entries are
-    in (``_scatter``'s reason)."""
+    in (``tl.store`` of scattered addresses would first move pointers, values and masks through shared memory
+    into a layout of its own, one entry a lane, which costs more than the scan)."""
     if ASM:
         if V == 4:
             tl.inline_asm_elementwise(_STORE4, _STORE4_C, [slot, xb, lofb, scrr, col], dtype=tl.int32,
@@ -792,12 +736,13 @@ def _row_store(xb, lofb, slot, col, scrr, V: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _scan_x_warps(x, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr,
-                  ASM: tl.constexpr):
-    """``_scan_x`` with a region of rcw scratch slots per warp instead of one list. x: [E * T, V], thread t of the
-    [T] tensors holding rows e * T + t. An entry's slot is its warp's region + the warp's running count (``run``
-    [T], carried over the blocks) + the counts of the lanes before it in the warp + its thread's earlier entries,
-    so nothing crosses a warp in the scan (``_warp_scan``). The test is a float compare against lof (the float of
+def _scan_x(x, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr, ASM: tl.constexpr):
+    """The entries >= lof of one block x [E * T, V] (column cbase + offset) to the candidates: a region of rcw
+    scratch slots per warp (CTA-wide slots took a cumsum over the program and several CTA barriers a block, which
+    bounded the scan: run 122 timed the two forms, 1.21-1.26x). Element t of the [T] tensors goes with rows
+    e * T + t. An entry's slot is its warp's region + the warp's running count (``run`` [T], carried over the
+    blocks) + the counts of the lanes before it in the warp + its thread's earlier entries, so nothing crosses a
+    warp (``_warp_scan``). The test is a float compare against lof (the float of
     the key lo: NaN and -inf never pass, -0.0 >= +0.0). A thread whose entries would pass its region's end
     stores none of them (its warp's count still grows: the row is then bad). Candidates are stored as fp32 bits
     (the select makes the keys). Returns run and the warp index of each element of the [T] tensors."""
@@ -819,16 +764,16 @@ def _scan_x_warps(x, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexp
 
 
 @triton.jit
-def _scan_block_warps(x_ptr, base, f0, f1, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexpr,
-                      V: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr):
-    """``_scan_x_warps`` of the [E * T, V] block at flat index base (a multiple of V); MASKED: only flat [f0, f1)."""
+def _scan_block(x_ptr, base, f0, f1, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr,
+                MASKED: tl.constexpr, ASM: tl.constexpr):
+    """``_scan_x`` of the [E * T, V] block at flat index base (a multiple of V); MASKED: only flat [f0, f1)."""
     rel = tl.arange(0, E * T)[:, None] * V + tl.arange(0, V)[None, :]
     if MASKED:
         fl = base + rel
         x = tl.load(x_ptr + fl, mask=(fl >= f0) & (fl < f1), other=float("-inf"))
     else:
         x = tl.load(x_ptr + base + rel)
-    return _scan_x_warps(x, cbase, lof, scrr, run, rcw, E, T, V, ASM)
+    return _scan_x(x, cbase, lof, scrr, run, rcw, E, T, V, ASM)
 
 
 @triton.jit
@@ -887,7 +832,7 @@ def _sample_lo(row, st, L, ns, q, S: tl.constexpr, NBIN: tl.constexpr):
 @triton.jit(do_not_specialize=["stride_r", "k", "cap", "stride_o", "k2"])
 def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, stride_o, out2, k2, E: tl.constexpr,
                   T: tl.constexpr, V: tl.constexpr, SB: tl.constexpr, NTMAX: tl.constexpr, FB: tl.constexpr,
-                  NBIN: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr, WARPS_SCAN: tl.constexpr = True):
+                  NBIN: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
     """Row r's k largest columns to out[r, :k] (row stride stride_o). TWO: also its k2 <= k largest to
     out2[r, :k2] (same row stride), selected from the same candidates: they hold the top k, so the top k2 and
     every tie at the k2-th value too; one read of the row serves both."""
@@ -917,69 +862,56 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, stride_o
         if cnt >= qi:
             lo = tl.maximum(tq, lo)
     # 2. one read of a sampled row (no blocks for the others): the masked first and last blocks, the middle ones
-    # unmasked with the next block's load issued before the current block is filtered (two blocks in flight)
+    # unmasked with the next block's load issued before the current block is filtered (two blocks in flight).
+    # Each warp appends to its own region of cap / warps slots, so no step of the scan crosses a warp; the regions
+    # are moved into one list afterwards
     BLOCK: tl.constexpr = E * T * V
     f0 = fb + st
     f1 = fb + en
     a0 = (f0 // V) * V
     nblk = tl.where(sampled, tl.cdiv(tl.maximum(f1 - a0, 0), BLOCK), 0)
     lastb = a0 + (nblk - 1) * BLOCK
-    wr = tl.zeros([], tl.int32)
-    rel = _scan_rel(E, T, V)
-    has_mid = (tl.zeros([E, T, V], tl.int32) + (nblk > 2).to(tl.int32)) != 0
-    if WARPS_SCAN:
-        NW: tl.constexpr = T // 32
-        rcw = cap // NW
-        lof = (lo ^ ((lo >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)     # the float whose key is lo
-        run = tl.zeros([T], tl.int32)
-        wid = tl.zeros([T], tl.int32)
-        if nblk > 0:
-            run, wid = _scan_block_warps(x_ptr, a0, f0, f1, (a0 - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V,
-                                         True, ASM)
-        rel2 = tl.arange(0, E * T)[:, None] * V + tl.arange(0, V)[None, :]
-        has_mid2 = (tl.zeros([E * T, V], tl.int32) + (nblk > 2).to(tl.int32)) != 0
-        xw = tl.load(x_ptr + a0 + BLOCK + rel2, mask=has_mid2, other=0.0)
-        for base in range(a0 + BLOCK, lastb, BLOCK):
-            xwc = xw
-            xw = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel2)
-            run, wid = _scan_x_warps(xwc, (base - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V, ASM)
-        if nblk > 1:
-            run, wid = _scan_block_warps(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lof, scrr, run, rcw, E, T,
-                                         V, True, ASM)
-        # every element of a warp holds its count: per warp, the max over the elements with that warp index
-        w_ids = tl.arange(0, NW)
-        cnt = tl.max(tl.where(wid[None, :] == w_ids[:, None], run[None, :], 0), axis=1)      # [NW]
-        wr = tl.sum(cnt, axis=0)
-        if tl.max(cnt, axis=0) > rcw:
-            wr = cap + 1                 # a region overflowed: some candidates were dropped, the row is bad
-        elif nblk > 0:
-            tl.debug_barrier()           # every warp's region written before others read it
-            _gather_regions(scrr, cnt, rcw, NW, FB)
-    else:
-        if nblk > 0:
-            wr = _scan_block(x_ptr, a0, f0, f1, (a0 - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
-        xn = tl.load(x_ptr + a0 + BLOCK + rel, mask=has_mid, other=0.0)
-        for base in range(a0 + BLOCK, lastb, BLOCK):
-            xc = xn
-            xn = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel)   # the last one reloads its own block
-            wr = _scan_x(xc, (base - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, ASM)
-        if nblk > 1:
-            wr = _scan_block(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lo, scrr, wr, cap, E, T, V, True, ASM)
+    NW: tl.constexpr = T // 32
+    rcw = cap // NW
+    lof = (lo ^ ((lo >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)     # the float whose key is lo
+    run = tl.zeros([T], tl.int32)
+    wid = tl.zeros([T], tl.int32)
+    if nblk > 0:
+        run, wid = _scan_block(x_ptr, a0, f0, f1, (a0 - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V,
+                                     True, ASM)
+    rel = tl.arange(0, E * T)[:, None] * V + tl.arange(0, V)[None, :]
+    has_mid = (tl.zeros([E * T, V], tl.int32) + (nblk > 2).to(tl.int32)) != 0
+    xn = tl.load(x_ptr + a0 + BLOCK + rel, mask=has_mid, other=0.0)
+    for base in range(a0 + BLOCK, lastb, BLOCK):
+        xc = xn
+        xn = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel)
+        run, wid = _scan_x(xc, (base - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V, ASM)
+    if nblk > 1:
+        run, wid = _scan_block(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lof, scrr, run, rcw, E, T,
+                                     V, True, ASM)
+    # every element of a warp holds its count: per warp, the max over the elements with that warp index
+    w_ids = tl.arange(0, NW)
+    cnt = tl.max(tl.where(wid[None, :] == w_ids[:, None], run[None, :], 0), axis=1)      # [NW]
+    wr = tl.sum(cnt, axis=0)
+    if tl.max(cnt, axis=0) > rcw:
+        wr = cap + 1                 # a region overflowed: some candidates were dropped, the row is bad
+    elif nblk > 0:
+        tl.debug_barrier()           # every warp's region written before others read it
+        _gather_regions(scrr, cnt, rcw, NW, FB)
     # 3. exact select. A sampled row is good when its candidates hold the top k (count >= k) and fit (<= cap);
     # otherwise, and for rows of <= cap entries (which then stay in L2 over the rounds, at 4 B an entry instead of
     # 8 as candidates), the select runs over the row itself.
     tl.debug_barrier()      # the scratch written by every thread of the program is read back by others
     good = sampled & (wr <= cap) & (wr >= k)
-    CSRC: tl.constexpr = 3 if WARPS_SCAN else 0       # the candidates' format
     if good:
-        m = _select_write1(scrr, wr, st, 1, k, outr, CSRC, FB, NBIN)
+        m = _select_write1(scrr, wr, st, 1, k, outr, 0, FB, NBIN)
     else:
         m = _select_write1(row, L, st, 1, k, outr, 1, FB, NBIN)
     ar = tl.arange(0, FB)
     if TWO:
         out2r = out2 + r.to(tl.int64) * stride_o
         if good:
-            m2 = _select_write1(scrr, wr, st, 1, k2, out2r, CSRC, FB, NBIN)
+            m2 = _select_write1(scrr, wr, st, 1, k2, out2r, 0, FB, NBIN)
         else:
             m2 = _select_write1(row, L, st, 1, k2, out2r, 1, FB, NBIN)
         for off in range(m2, k2, FB):
