@@ -114,6 +114,10 @@ def test_indexer_logits_and_the_gluon_launcher_reject_what_they_do_not_support()
         indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"mma": "off"})
     with pytest.raises(ValueError, match="num_stages must be an int in \\[2, 8\\], got 1"):
         indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"num_stages": 1})
+    with pytest.raises(ValueError, match="the append diagnostic is the candidates form's only, got append='none'"):
+        indexer_logits_gluon(q8, w, k8, ks, rs, rs + 10, config={"append": "none"})
+    with pytest.raises(ValueError, match="config append must be one of \\['full', 'none'\\].*got 'off'"):
+        ops.indexer_prefill_candidates(q8, w, k8, ks, rs, rs + 10, thr, 8, kernel="gluon", config={"append": "off"})
     for h in (20, 256):
         qh, wh, _, _ = _inputs(4, 10, h, "cpu")
         with pytest.raises(ValueError, match=f"H must be a power of two in \\[16, 128\\].*got H={h}"):
@@ -205,7 +209,7 @@ def test_compile_checks_fill_in_the_kernels_constexpr_defaults():
 
     given = {"H": 32, "NUM_STAGES": 4, "num_warps": 4, "CAND": True}
     full = constexprs_with_defaults(_logits_ws_kernel, given)
-    assert full == {**given, "EPILOGUE": True, "MMA_ON": True, "LOADS": True}
+    assert full == {**given, "EPILOGUE": True, "MMA_ON": True, "LOADS": True, "APPEND": True}
     with pytest.raises(ValueError, match="NUM_STAGES"):
         constexprs_with_defaults(_logits_ws_kernel, {"H": 32, "num_warps": 4})
 

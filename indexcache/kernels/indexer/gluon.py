@@ -56,11 +56,16 @@ def config_for(h: int) -> dict:
     the wgmma and runs the full epilogue on a register tile made from the loaded weights and key scales (relu's
     max against the tile's key scale instead of 0, so no instruction is saved and nothing folds); ``loads``
     "none" loads key tile 0 once and runs every tile's MMA on that stage (no key TMA traffic)."""
-    return {"num_stages": 4, "maxnreg": 168, **{k: "full" for k in DIAGNOSTIC_MODES}}
+    return {"num_stages": 4, "maxnreg": 168, **{k: "full" for k in DIAGNOSTIC_MODES},
+            **{k: "full" for k in CANDIDATES_DIAGNOSTIC_MODES}}
 
 
 # the timing diagnostics' config keys and values (``config_for``); "full" is the kernel itself
 DIAGNOSTIC_MODES = {"epilogue": ("full", "none"), "mma": ("full", "none"), "loads": ("full", "none")}
+# the candidates form's: ``append`` "none" still takes every slot by its atomic but does not wait for it (each
+# candidate is written at its key's column mod cap), which times what waiting for the slots costs; the lists are
+# then not the candidates
+CANDIDATES_DIAGNOSTIC_MODES = {"append": ("full", "none")}
 
 
 def column_groups(n: int) -> int:
@@ -201,12 +206,13 @@ def _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.c
 
 @gluon.jit
 def _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr, cols_ptr, cap, lo_t, S,
-                   H: gl.constexpr, NUM_STAGES: gl.constexpr):
+                   H: gl.constexpr, NUM_STAGES: gl.constexpr, APPEND: gl.constexpr = True):
     """``_reduce_store``'s scores, kept instead of stored (the candidates form): each valid score >= its row's
     threshold takes the next slot of the row's list by a relaxed atomic increment of the row's count and is
     written there with its column (slots past cap are dropped; the count keeps the true total); ``vcnt`` counts
     the valid (not NaN, not -inf) scores a thread has seen per (key, row) position, added to the rows' counts
-    once at the end. The threshold test rejects NaN, and -inf by the threshold's -FLT_MAX floor."""
+    once at the end. The threshold test rejects NaN, and -inf by the threshold's -FLT_MAX floor. ``APPEND`` False:
+    the timing diagnostic of ``CANDIDATES_DIAGNOSTIC_MODES``."""
     d = warpgroup_mma_wait(num_outstanding=0, deps=(d, ))
     BKV: gl.constexpr = d.type.shape[0]
     N: gl.constexpr = d.type.shape[1]
@@ -223,8 +229,12 @@ def _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr,
     take = ok & (v >= gl.expand_dims(thr, 0))
     r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
     slot = gl.atomic_add(cnt_ptr + r2 * 2, gl.full([BKV, BQ], 1, gl.int32, KQ), mask=take, sem="relaxed")
-    keep = take & (slot < cap)
-    at = r2.to(gl.int64) * cap + slot
+    if APPEND:
+        keep = take & (slot < cap)
+        at = r2.to(gl.int64) * cap + slot
+    else:  # timing diagnostic: the slots are taken but never waited for
+        keep = take
+        at = r2.to(gl.int64) * cap + k2 % cap
     gl.store(vals_ptr + at, v, mask=keep)
     gl.store(cols_ptr + at, k2, mask=keep)
     return d, vcnt
@@ -244,7 +254,8 @@ def _fill(out_rows, rmask, c0, c1, S, BKV: gl.constexpr, OUT: gl.constexpr):
 def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T, S,
                         stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H: gl.constexpr,
                         NUM_STAGES: gl.constexpr, MMA: gl.constexpr, OUT: gl.constexpr, EPILOGUE: gl.constexpr,
-                        MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, PARITY: gl.constexpr):
+                        MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, APPEND: gl.constexpr,
+                        PARITY: gl.constexpr):
     """One warpgroup, the key tiles i = PARITY, PARITY + 2, ...: wait, one m64nN MMA, wait for it, reduce and
     store. The other parity's partition (its own warps, so no barrier ties the two) runs its MMA meanwhile.
     PARITY 0 fills the -inf columns left of the window, 1 those right of it. ``CAND``: the scores are appended
@@ -287,7 +298,7 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_p
             for i in range(PARITY, n_tiles, 2):
                 d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True)
                 acc, vcnt = _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr,
-                                           cols_ptr, cap, lo_t, S, H, NUM_STAGES)
+                                           cols_ptr, cap, lo_t, S, H, NUM_STAGES, APPEND)
             r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
             gl.atomic_add(cnt_ptr + r2 * 2 + 1, vcnt, mask=vcnt > 0, sem="relaxed")  # valid scores, once
         else:
@@ -305,7 +316,7 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
                       thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap,
                       H: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
                       EPILOGUE: gl.constexpr = True, MMA_ON: gl.constexpr = True, LOADS: gl.constexpr = True,
-                      CAND: gl.constexpr = False):
+                      CAND: gl.constexpr = False, APPEND: gl.constexpr = True):
     """Programs run last-first: in a causal prefill the last rows have the longest windows, and starting them
     first shortens the tail of the grid. ``EPILOGUE``, ``MMA_ON``, ``LOADS``: the diagnostic switches
     (``config_for``), True in real use. ``CAND``: the fused prefill top-k's filter (``indexer_candidates_gluon``):
@@ -342,12 +353,12 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     gl.warp_specialize([
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 0)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, APPEND, 0)),
         (_load_partition, (q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, q0 * H, lo_t, n_tiles,
                            NUM_STAGES, LOADS)),
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, 1)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, APPEND, 1)),
     ], [1, 4], [24, 240])
 
 
@@ -392,7 +403,7 @@ def check_gluon_config(h: int, cfg: dict):
     if not supports_heads(h):
         raise ValueError(f"indexer_logits_gluon: H must be a power of two in [16, 128] (BQ = 256 / H query rows "
                          f"a program), got H={h}")
-    for key, allowed in DIAGNOSTIC_MODES.items():
+    for key, allowed in {**DIAGNOSTIC_MODES, **CANDIDATES_DIAGNOSTIC_MODES}.items():
         if cfg[key] not in allowed:
             raise ValueError(f"indexer_logits_gluon: config {key} must be one of {list(allowed)} (\"none\" is a "
                              f"timing diagnostic), got {cfg[key]!r}")
@@ -408,6 +419,9 @@ def indexer_logits_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, *, out=No
     t, h, _ = q_fp8.shape
     s = k_fp8.shape[0]
     cfg = _merged_config(h, config, "indexer_logits_gluon")
+    if cfg["append"] != "full":
+        raise ValueError(f"indexer_logits_gluon: the append diagnostic is the candidates form's only, got "
+                         f"append={cfg['append']!r}")
     if not q_fp8.is_cuda:
         raise ValueError(f"indexer_logits_gluon: needs CUDA tensors (Gluon has no CPU interpreter), got "
                          f"{q_fp8.device}")
@@ -426,7 +440,8 @@ def indexer_candidates_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, 
     """``indexer_candidates_triton``'s contract (inputs checked by ``indexer_prefill_candidates``) on Hopper: the
     logits kernel above with the fused top-k's filter as its epilogue, so the scores are bit-identical to
     ``indexer_logits_gluon``'s. cand_val [T,cap] fp32, cand_col [T,cap] int32, counts [T,2] int32 (zeroed here).
-    ``config``: num_stages, maxnreg (the diagnostic modes are the logits form's only)."""
+    ``config``: num_stages, maxnreg, and the timing diagnostic append (``CANDIDATES_DIAGNOSTIC_MODES``; the
+    logits form's diagnostic modes are its own)."""
     t, h, _ = q_fp8.shape
     cfg = _merged_config(h, config, "indexer_candidates_gluon")
     timing_only = sorted(k for k in DIAGNOSTIC_MODES if cfg[k] != "full")
@@ -440,7 +455,8 @@ def indexer_candidates_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, 
     if t == 0 or k_fp8.shape[0] == 0:
         return
     _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, cand_val,
-            (thr.contiguous(), counts, cand_val, cand_col, cand_val.shape[1]), CAND=True)
+            (thr.contiguous(), counts, cand_val, cand_col, cand_val.shape[1]), CAND=True,
+            APPEND=cfg["append"] == "full")
 
 
 def _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, out, cand, **modes):
