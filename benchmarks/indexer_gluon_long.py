@@ -24,7 +24,7 @@ CASES = [(32, 200_000), (64, 200_000), (32, 1_000_000)]  # (heads, keys)
 LOGITS = [("4 stages", {}), ("6 stages", {"num_stages": 6}), ("8 stages", {"num_stages": 8}),
           ("loads none", {"loads": "none"}), ("epilogue none", {"epilogue": "none"})]
 CANDIDATES = [("4 stages", {}), ("6 stages", {"num_stages": 6}), ("8 stages", {"num_stages": 8}),
-              ("append none", {"append": "none"}), ("inner masked", {"inner": "none"})]
+              ("append none", {"append": "none"})]
 
 
 def main() -> int:

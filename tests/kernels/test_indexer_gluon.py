@@ -209,7 +209,7 @@ def test_compile_checks_fill_in_the_kernels_constexpr_defaults():
 
     given = {"H": 32, "NUM_STAGES": 4, "num_warps": 4, "CAND": True}
     full = constexprs_with_defaults(_logits_ws_kernel, given)
-    assert full == {**given, "EPILOGUE": True, "MMA_ON": True, "LOADS": True, "APPEND": True, "INNER": True}
+    assert full == {**given, "EPILOGUE": True, "MMA_ON": True, "LOADS": True, "APPEND": True}
     with pytest.raises(ValueError, match="NUM_STAGES"):
         constexprs_with_defaults(_logits_ws_kernel, {"H": 32, "num_warps": 4})
 

@@ -65,7 +65,7 @@ DIAGNOSTIC_MODES = {"epilogue": ("full", "none"), "mma": ("full", "none"), "load
 # the candidates form's: ``append`` "none" still takes every slot by its atomic but does not wait for it (each
 # candidate is written at its key's column mod cap), which times what waiting for the slots costs; the lists are
 # then not the candidates
-CANDIDATES_DIAGNOSTIC_MODES = {"append": ("full", "none"), "inner": ("full", "none")}   # inner: experiment
+CANDIDATES_DIAGNOSTIC_MODES = {"append": ("full", "none")}
 
 
 def column_groups(n: int) -> int:
@@ -206,13 +206,12 @@ def _reduce_store(d, ks, empty, i, wv, rs, re, out_rows, rmask, lo_t, S, H: gl.c
 
 @gluon.jit
 def _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr, cols_ptr, cap, lo_t, S,
-                   inner, H: gl.constexpr, NUM_STAGES: gl.constexpr, APPEND: gl.constexpr = True):
+                   H: gl.constexpr, NUM_STAGES: gl.constexpr, APPEND: gl.constexpr = True):
     """``_reduce_store``'s scores, kept instead of stored (the candidates form): each valid score >= its row's
     threshold takes the next slot of the row's list by a relaxed atomic increment of the row's count and is
     written there with its column (slots past cap are dropped; the count keeps the true total); ``vcnt`` counts
     the valid (not NaN, not -inf) scores a thread has seen per (key, row) position, added to the rows' counts
-    once at the end. The threshold test rejects NaN, and -inf by the threshold's -FLT_MAX floor. ``inner``: every
-    key of the tile lies in every row's window (all BQ rows live), so the window test is skipped. ``APPEND`` False:
+    once at the end. The threshold test rejects NaN, and -inf by the threshold's -FLT_MAX floor. ``APPEND`` False:
     the timing diagnostic of ``CANDIDATES_DIAGNOSTIC_MODES``."""
     d = warpgroup_mma_wait(num_outstanding=0, deps=(d, ))
     BKV: gl.constexpr = d.type.shape[0]
@@ -224,14 +223,10 @@ def _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr,
     ks = gl.convert_layout(ks, gl.SliceLayout(1, KQ))  # the same rows: no data moves
     keys = lo_t + i * BKV + gl.arange(0, BKV, layout=gl.SliceLayout(1, KQ))
     k2 = gl.expand_dims(keys, 1) + gl.zeros([BKV, BQ], gl.int32, KQ)
+    ok = (k2 >= gl.expand_dims(rs, 0)) & (k2 < gl.expand_dims(re, 0)) & gl.expand_dims(rmask, 0) & (k2 < S)
     v = lg * gl.expand_dims(ks, 1)
-    if inner:   # every key of the tile in every row's window: valid = neither NaN nor -inf = above -inf
-        vcnt += (v > float("-inf")).to(gl.int32)
-        take = v >= gl.expand_dims(thr, 0)
-    else:
-        ok = (k2 >= gl.expand_dims(rs, 0)) & (k2 < gl.expand_dims(re, 0)) & gl.expand_dims(rmask, 0) & (k2 < S)
-        vcnt += (ok & (v == v) & (v != float("-inf"))).to(gl.int32)
-        take = ok & (v >= gl.expand_dims(thr, 0))
+    vcnt += (ok & (v == v) & (v != float("-inf"))).to(gl.int32)
+    take = ok & (v >= gl.expand_dims(thr, 0))
     r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
     slot = gl.atomic_add(cnt_ptr + r2 * 2, gl.full([BKV, BQ], 1, gl.int32, KQ), mask=take, sem="relaxed")
     if APPEND:
@@ -260,7 +255,7 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_p
                         stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H: gl.constexpr,
                         NUM_STAGES: gl.constexpr, MMA: gl.constexpr, OUT: gl.constexpr, EPILOGUE: gl.constexpr,
                         MMA_ON: gl.constexpr, LOADS: gl.constexpr, CAND: gl.constexpr, APPEND: gl.constexpr,
-                        INNER: gl.constexpr, PARITY: gl.constexpr):
+                        PARITY: gl.constexpr):
     """One warpgroup, the key tiles i = PARITY, PARITY + 2, ...: wait, one m64nN MMA, wait for it, reduce and
     store. The other parity's partition (its own warps, so no barrier ties the two) runs its MMA meanwhile.
     PARITY 0 fills the -inf columns left of the window, 1 those right of it. ``CAND``: the scores are appended
@@ -300,15 +295,10 @@ def _consumer_partition(k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_p
             # the threshold floored at -FLT_MAX: a -inf threshold (take every valid score) still rejects -inf
             thr = gl.maximum(gl.load(thr_ptr + rows, mask=rmask, other=float("inf")), -3.4028234663852886e38)
             vcnt = gl.zeros([BKV, BQ], gl.int32, KQ)
-            # the key tiles inside every row's window (all BQ rows live): [in_lo, in_hi) in keys
-            in_lo = gl.max(rs, axis=0)
-            in_hi = gl.where(q0 + BQ <= T, gl.minimum(gl.min(re, axis=0), S), 0)
             for i in range(PARITY, n_tiles, 2):
                 d, ks = _issue(k_bufs, q_smem, ready, ks_ptr, i, lo_t, S, acc, NUM_STAGES, KL, True, True)
-                t0 = lo_t + i * BKV
-                inner = (t0 >= in_lo) & (t0 + BKV <= in_hi) & INNER
                 acc, vcnt = _reduce_append(d, ks, empty, i, wv, rs, re, rows, rmask, thr, vcnt, cnt_ptr, vals_ptr,
-                                           cols_ptr, cap, lo_t, S, inner, H, NUM_STAGES, APPEND)
+                                           cols_ptr, cap, lo_t, S, H, NUM_STAGES, APPEND)
             r2 = gl.expand_dims(rows, 0) + gl.zeros([BKV, BQ], gl.int32, KQ)
             gl.atomic_add(cnt_ptr + r2 * 2 + 1, vcnt, mask=vcnt > 0, sem="relaxed")  # valid scores, once
         else:
@@ -326,7 +316,7 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
                       thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap,
                       H: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
                       EPILOGUE: gl.constexpr = True, MMA_ON: gl.constexpr = True, LOADS: gl.constexpr = True,
-                      CAND: gl.constexpr = False, APPEND: gl.constexpr = True, INNER: gl.constexpr = True):
+                      CAND: gl.constexpr = False, APPEND: gl.constexpr = True):
     """Programs run last-first: in a causal prefill the last rows have the longest windows, and starting them
     first shortens the tail of the grid. ``EPILOGUE``, ``MMA_ON``, ``LOADS``: the diagnostic switches
     (``config_for``), True in real use. ``CAND``: the fused prefill top-k's filter (``indexer_candidates_gluon``):
@@ -363,12 +353,12 @@ def _logits_ws_kernel(q_desc, k_desc, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, T,
     gl.warp_specialize([
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, APPEND, INNER, 0)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, APPEND, 0)),
         (_load_partition, (q_desc, k_desc, q_smem, k_bufs, q_bar, ready, empty, q0 * H, lo_t, n_tiles,
                            NUM_STAGES, LOADS)),
         (_consumer_partition, (k_bufs, q_smem, q_bar, ready, empty, w_ptr, ks_ptr, rs_ptr, re_ptr, out_ptr, q0, T,
                                S, stride_out, lo_t, n_tiles, thr_ptr, cnt_ptr, vals_ptr, cols_ptr, cap, H,
-                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, APPEND, INNER, 1)),
+                               NUM_STAGES, MMA, OUT, EPILOGUE, MMA_ON, LOADS, CAND, APPEND, 1)),
     ], [1, 4], [24, 240])
 
 
@@ -466,7 +456,7 @@ def indexer_candidates_gluon(q_fp8, w, k_fp8, k_scale, row_start, row_end, thr, 
         return
     _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, cand_val,
             (thr.contiguous(), counts, cand_val, cand_col, cand_val.shape[1]), CAND=True,
-            APPEND=cfg["append"] == "full", INNER=cfg["inner"] == "full")
+            APPEND=cfg["append"] == "full")
 
 
 def _launch(q_fp8, w, k_fp8, k_scale, row_start, row_end, cfg, out, cand, **modes):
