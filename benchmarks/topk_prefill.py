@@ -20,18 +20,10 @@ import sys
 import torch
 
 from benchmarks.common import bench_ms, measure_ceilings, run_metadata, table, write_results
-from indexcache.kernels.topk import (bracket_stats, plan_launches, topk_and_pool_rows, topk_pool_rows, topk_rows,
+from indexcache.kernels.topk import (bracket_stats, topk_and_pool_rows, topk_pool_rows, topk_rows,
                                     topk_rows_reference)
 
 K = 2048
-
-
-def _depth3(x, k, ends):
-    """Experiment: the scan with two blocks loaded ahead instead of one."""
-    stages, out, _ = plan_launches(x, k, row_end=ends, _path="one", _depth=3)
-    for _, fn in stages:
-        fn()
-    return out
 
 
 def _sets(idx):
@@ -59,13 +51,11 @@ def _case(name, R, N, causal, ceilings):
     new = topk_rows(x, K, row_end=ends, stats=stats)
     ref = topk_rows_reference(x[sub], K, row_end=ends[sub])
     row["same_sets_as_reference"] = bool(torch.equal(_sets(new[sub]), _sets(ref)))
-    row["same_sets_depth3"] = bool(torch.equal(_sets(new), _sets(_depth3(x, K, ends))))
     row["fallback_rows"] = bracket_stats(stats, K)[0]
     if not row["same_sets_as_reference"]:
         row["error"] = "selected sets differ"
     ms = bench_ms(lambda: topk_rows(x, K, row_end=ends))
     ms_torch = bench_ms(lambda: torch.topk(x, K, dim=1, sorted=False))
-    row["ms_depth3"] = bench_ms(lambda: _depth3(x, K, ends))
     row.update(ms=ms, ms_torch_topk=ms_torch, speedup_vs_torch=ms_torch / ms, tbps=nbytes / ms / 1e9,
                frac=nbytes / ms / 1e9 / ceilings["copy_tbps"])
     del x
@@ -111,7 +101,7 @@ def main() -> int:
         print(rows[-1], flush=True)
     paths = write_results("topk_prefill", {"meta": run_metadata(), "ceilings": ceilings, "rows": rows})
     print("wrote", paths)
-    print(table(rows, ["name", "shape", "ms", "ms_depth3", "same_sets_depth3", "ms_topk_alone", "ms_torch_topk", "speedup_vs_torch", "tbps",
+    print(table(rows, ["name", "shape", "ms", "ms_topk_alone", "ms_torch_topk", "speedup_vs_torch", "tbps",
                        "frac", "fallback_rows", "same_sets_as_separate",
                        "same_sets_as_reference", "error"]))
     return 0 if all("error" not in r for r in rows) else 1

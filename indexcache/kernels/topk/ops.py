@@ -117,7 +117,7 @@ def topk_rows(logits: torch.Tensor, k: int, *, row_start: torch.Tensor | None = 
 
 
 def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=None, _chunk=None, _path=None,
-                  _maxnreg=_ONE_MAXNREG, _warps=None, _depth=2):
+                  _maxnreg=_ONE_MAXNREG, _warps=None):
     """Buffers and the launches of one call, as (name, thunk) pairs (benchmarks time them one by one):
     decode path sample / scan / final; prefill path select (one launch; ``_maxnreg``: its register cap, None =
     the compiler's choice; ``_warps``: warps a row program, a test hook: under the interpreter the default is one,
@@ -136,7 +136,7 @@ def plan_launches(logits, k, row_start=None, row_end=None, *, sample=None, _cap=
     if path not in PATHS:
         raise ValueError(f"topk_rows: _path must be one of {PATHS}, got {path!r}")
     if path == "one":
-        return _plan_one(logits, k, starts, ends, out, _cap, interp, maxnreg=_maxnreg, warps=_warps, depth=_depth)
+        return _plan_one(logits, k, starts, ends, out, _cap, interp, maxnreg=_maxnreg, warps=_warps)
     S = sample or (256 if interp else (_SAMPLE_SMALL if small else _SAMPLE))
     # bracket ~ 6*sqrt(k*len/S) entries: CAP = 4k at S >= 1024, 8k at S = 512 (runtime value: no recompiles)
     cap = _cap or max(4096, 4 * triton.next_power_of_2(k) * max(1, 1024 // S))
@@ -185,7 +185,7 @@ def _rows_and_windows(logits, row_start, row_end):
     return logits, starts, ends
 
 
-def _plan_one(x, k, starts, ends, out, cap, interp, out2=None, k2=0, maxnreg=_ONE_MAXNREG, warps=None, depth=2):
+def _plan_one(x, k, starts, ends, out, cap, interp, out2=None, k2=0, maxnreg=_ONE_MAXNREG, warps=None):
     """The one-launch prefill path (``_topk1_kernel``): one program per row, CAP = 4 * next_pow2(k) >= 4096.
     ``out2`` (same row stride as ``out``): also the k2 <= k largest, from the same candidates."""
     from indexcache.kernels.topk import triton as t1
@@ -204,7 +204,7 @@ def _plan_one(x, k, starts, ends, out, cap, interp, out2=None, k2=0, maxnreg=_ON
         t1._topk1_kernel[(R,)](x, x.stride(0), starts, ends, ctr, out, scr, k, cap, out.stride(0),
                                out2 if two else out, k2, E=blk // (32 * warps * v), T=32 * warps, V=v, SB=sb,
                                NTMAX=_ONE_NTMAX, FB=fb, NBIN=nbin, ASM=not interp, TWO=two, num_warps=warps,
-                               maxnreg=maxnreg, DEPTH=depth)
+                               maxnreg=maxnreg)
 
     return [("select", select)], out, dict(ctr=ctr, cap=cap, path="one")
 

@@ -832,7 +832,7 @@ def _sample_lo(row, st, L, ns, q, S: tl.constexpr, NBIN: tl.constexpr):
 @triton.jit(do_not_specialize=["stride_r", "k", "cap", "stride_o", "k2"])
 def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, stride_o, out2, k2, E: tl.constexpr,
                   T: tl.constexpr, V: tl.constexpr, SB: tl.constexpr, NTMAX: tl.constexpr, FB: tl.constexpr,
-                  NBIN: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr, DEPTH: tl.constexpr = 2):
+                  NBIN: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
     """Row r's k largest columns to out[r, :k] (row stride stride_o). TWO: also its k2 <= k largest to
     out2[r, :k2] (same row stride), selected from the same candidates: they hold the top k, so the top k2 and
     every tie at the k2-th value too; one read of the row serves both."""
@@ -882,16 +882,9 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, stride_o
     rel = tl.arange(0, E * T)[:, None] * V + tl.arange(0, V)[None, :]
     has_mid = (tl.zeros([E * T, V], tl.int32) + (nblk > 2).to(tl.int32)) != 0
     xn = tl.load(x_ptr + a0 + BLOCK + rel, mask=has_mid, other=0.0)
-    if DEPTH == 3:
-        has_mid2 = (tl.zeros([E * T, V], tl.int32) + (nblk > 3).to(tl.int32)) != 0
-        xn2 = tl.load(x_ptr + a0 + 2 * BLOCK + rel, mask=has_mid2, other=0.0)
     for base in range(a0 + BLOCK, lastb, BLOCK):
         xc = xn
-        if DEPTH == 3:
-            xn = xn2
-            xn2 = tl.load(x_ptr + tl.minimum(base + 2 * BLOCK, lastb - BLOCK) + rel)
-        else:
-            xn = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel)
+        xn = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel)
         run, wid = _scan_x(xc, (base - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V, ASM)
     if nblk > 1:
         run, wid = _scan_block(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lof, scrr, run, rcw, E, T,
