@@ -55,7 +55,8 @@ def config_for(h: int) -> dict:
     takes one head's raw accumulator per (key, row) instead of relu / weights / head sum; ``mma`` "none" skips
     the wgmma and runs the full epilogue on a register tile made from the loaded weights and key scales (relu's
     max against the tile's key scale instead of 0, so no instruction is saved and nothing folds); ``loads``
-    "none" loads key tile 0 once and runs every tile's MMA on that stage (no key TMA traffic)."""
+    "none" loads key tile 0 once and runs every tile's MMA on that stage (no key TMA traffic). The candidates form
+    has one of its own, ``append`` (``CANDIDATES_DIAGNOSTIC_MODES``)."""
     return {"num_stages": 4, "maxnreg": 168, **{k: "full" for k in DIAGNOSTIC_MODES},
             **{k: "full" for k in CANDIDATES_DIAGNOSTIC_MODES}}
 

@@ -736,16 +736,22 @@ def _row_store(xb, lofb, slot, col, scrr, V: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _scan_rel(E: tl.constexpr, T: tl.constexpr, V: tl.constexpr):
+    """Flat offsets of an [E * T, V] block: row i holds the V contiguous entries from i * V."""
+    return tl.arange(0, E * T)[:, None] * V + tl.arange(0, V)[None, :]
+
+
+@triton.jit
 def _scan_x(x, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr, ASM: tl.constexpr):
     """The entries >= lof of one block x [E * T, V] (column cbase + offset) to the candidates: a region of rcw
     scratch slots per warp (CTA-wide slots took a cumsum over the program and several CTA barriers a block, which
     bounded the scan: run 122 timed the two forms, 1.21-1.26x). Element t of the [T] tensors goes with rows
     e * T + t. An entry's slot is its warp's region + the warp's running count (``run`` [T], carried over the
     blocks) + the counts of the lanes before it in the warp + its thread's earlier entries, so nothing crosses a
-    warp (``_warp_scan``). The test is a float compare against lof (the float of
-    the key lo: NaN and -inf never pass, -0.0 >= +0.0). A thread whose entries would pass its region's end
-    stores none of them (its warp's count still grows: the row is then bad). Candidates are stored as fp32 bits
-    (the select makes the keys). Returns run and the warp index of each element of the [T] tensors."""
+    warp (``_warp_scan``). The test is a float compare against lof (the float of the key lo: NaN and -inf never
+    pass, -0.0 >= +0.0). A thread whose entries would pass its region's end stores none of them (its warp's count
+    still grows: the row is then bad). Candidates are stored as fp32 bits (the select makes the keys). Returns run
+    and the warp index of each element of the [T] tensors."""
     xb = x.to(tl.float32).to(tl.int32, bitcast=True)
     lofb = lof.to(tl.int32, bitcast=True)
     rc = tl.reshape(tl.sum(_row_counts(xb, lofb + tl.zeros_like(xb), V, ASM), axis=1), [E, T])   # in-thread
@@ -767,7 +773,7 @@ def _scan_x(x, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexpr, V: 
 def _scan_block(x_ptr, base, f0, f1, cbase, lof, scrr, run, rcw, E: tl.constexpr, T: tl.constexpr, V: tl.constexpr,
                 MASKED: tl.constexpr, ASM: tl.constexpr):
     """``_scan_x`` of the [E * T, V] block at flat index base (a multiple of V); MASKED: only flat [f0, f1)."""
-    rel = tl.arange(0, E * T)[:, None] * V + tl.arange(0, V)[None, :]
+    rel = _scan_rel(E, T, V)
     if MASKED:
         fl = base + rel
         x = tl.load(x_ptr + fl, mask=(fl >= f0) & (fl < f1), other=float("-inf"))
@@ -877,18 +883,18 @@ def _topk1_kernel(x_ptr, stride_r, starts, ends, ctr, out, scr, k, cap, stride_o
     run = tl.zeros([T], tl.int32)
     wid = tl.zeros([T], tl.int32)
     if nblk > 0:
-        run, wid = _scan_block(x_ptr, a0, f0, f1, (a0 - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V,
-                                     True, ASM)
-    rel = tl.arange(0, E * T)[:, None] * V + tl.arange(0, V)[None, :]
+        run, wid = _scan_block(x_ptr, a0, f0, f1, (a0 - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V, True,
+                               ASM)
+    rel = _scan_rel(E, T, V)
     has_mid = (tl.zeros([E * T, V], tl.int32) + (nblk > 2).to(tl.int32)) != 0
     xn = tl.load(x_ptr + a0 + BLOCK + rel, mask=has_mid, other=0.0)
     for base in range(a0 + BLOCK, lastb, BLOCK):
         xc = xn
-        xn = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel)
+        xn = tl.load(x_ptr + tl.minimum(base + BLOCK, lastb - BLOCK) + rel)   # the last one reloads its own block
         run, wid = _scan_x(xc, (base - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V, ASM)
     if nblk > 1:
-        run, wid = _scan_block(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lof, scrr, run, rcw, E, T,
-                                     V, True, ASM)
+        run, wid = _scan_block(x_ptr, lastb, f0, f1, (lastb - fb).to(tl.int32), lof, scrr, run, rcw, E, T, V,
+                               True, ASM)
     # every element of a warp holds its count: per warp, the max over the elements with that warp index
     w_ids = tl.arange(0, NW)
     cnt = tl.max(tl.where(wid[None, :] == w_ids[:, None], run[None, :], 0), axis=1)      # [NW]
