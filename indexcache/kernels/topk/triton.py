@@ -537,9 +537,7 @@ def _tile(src, off, n, st, stride, SRC: tl.constexpr, FB: tl.constexpr):
     msk = i < n
     if SRC == 0:
         c = tl.load(src + i, mask=msk, other=0)
-        b = (c >> 32).to(tl.int32)
-        key = b ^ ((b >> 31) & 0x7FFFFFFF)
-        key = tl.where(key == -1, 0, key)          # -0.0 -> the key of +0.0
+        key = _keys_of((c >> 32).to(tl.int32).to(tl.float32, bitcast=True))
         col = (c & 0xFFFFFFFF).to(tl.int32)
         ok = msk
     else:
