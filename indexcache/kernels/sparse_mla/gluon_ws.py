@@ -9,7 +9,7 @@ three warpgroups that wait on each other through mbarriers instead of running on
 - consumer (the default partition, 4 warps): QK straight from the e4m3 bytes with fp8 wgmma: q times a power of
   two per head is split into two e4m3 parts (hi + lo: ~8 significant bits, bf16's precision), one accumulator per
   128-tile takes its row scale c_g afterwards; the bf16 rope part is its own wgmma. Then the exp2 online softmax
-  (``gluon._softmax_core``), P^T (fp16, times cmax / R) into the stage's rope region (read by then), and PV
+  (``gluon._softmax_core``), P^T (fp16, times cmax / R) into the stage's e4m3 bytes (read by then), and PV
   O^T [512, HP] += fp16 tile^T . P^T. After PV it hands the fp16 tile back to the converter and the stage back to
   the loader.
 So the conversion of tile i+1 runs under QK and the softmax of tile i+1, and the gathers of later tiles under both.
@@ -183,11 +183,14 @@ def _consumer(q, idx_row, out, lse, t, h0, S, H, topk, qk_scale, sq_t, sq_h, so_
         sc = gl.convert_layout(sn, MMA) * nope_q + accr * qk_scale
         cm = gl.convert_layout(gl.max(c, axis=1), ROWL, assert_trivial=True)
         pt, fo, rescale, m_i, l_i, r_i = _softmax_core(sc, cm, ok, m_i, l_i, r_i)
-        p_smem = kpe_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)    # the rope part is read
+        # P^T goes into the stage's e4m3 bytes once the converter is done with them (the QK that read them too).
+        # Not the rope region, read by then as well: P^T there read back wrong on the H200 (Triton 3.6), and a
+        # buffer of its own does not fit beside three stages
+        mbarrier.wait(fp16_full, i & 1)
+        p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
         p_smem.store(pt)
         fence_async_shared()
         _cta_barrier()
-        mbarrier.wait(fp16_full, i & 1)
         if rescale:
             o = o * gl.expand_dims(fo, 0)
         o = warpgroup_mma(kv16.index(z).permute((1, 0)), p_smem, o, is_async=True)
