@@ -30,7 +30,7 @@ from indexcache.kernels.sparse_mla.gluon import (_cta_barrier, _dq_factors, _dq_
                                                  _mma_layout, _scales_row_layout, _softmax_core, _store_out,
                                                  heads_per_program)
 
-NUM_STAGES = 3
+NUM_STAGES = 2      # with a P^T buffer of its own, three stages do not fit the 227 KB
 NUM_WARPS = 4          # the consumer (default partition); the loader and the converter have 4 each
 # registers a thread: consumer (O^T 128 + five [64, HP] QK accumulators), converter, loader (setmaxnreg; the three
 # warpgroups share the SM's 64K)
@@ -134,7 +134,7 @@ def _scale_col(c, g: gl.constexpr, ROWL: gl.constexpr):
 
 @gluon.jit
 def _consumer(q, idx_row, out, lse, t, h0, S, H, topk, qk_scale, sq_t, sq_h, so_t, so_h,
-              nope_ring, kpe_ring, sc_ring, kv16, qhi, qlo, qpe, ring_full, ring_empty, fp16_full, fp16_empty,
+              nope_ring, kpe_ring, sc_ring, kv16, qhi, qlo, qpe, pbuf, ring_full, ring_empty, fp16_full, fp16_empty,
               HP: gl.constexpr, NUM_STAGES: gl.constexpr):
     MMA: gl.constexpr = _mma_layout(HP)
     MMA8: gl.constexpr = _mma8_layout(HP)
@@ -146,7 +146,6 @@ def _consumer(q, idx_row, out, lse, t, h0, S, H, topk, qk_scale, sq_t, sq_h, so_
     fence_async_shared()
     _cta_barrier()
     E8: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 512], gl.float8e4nv)
-    P_LAYOUT: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, HP], gl.float16)
     n_tiles = gl.cdiv(topk, 64)
     m_i = gl.full([HP], float("-inf"), gl.float32, COLL)
     l_i = gl.zeros([HP], gl.float32, COLL)
@@ -183,14 +182,13 @@ def _consumer(q, idx_row, out, lse, t, h0, S, H, topk, qk_scale, sq_t, sq_h, so_
         sc = gl.convert_layout(sn, MMA) * nope_q + accr * qk_scale
         cm = gl.convert_layout(gl.max(c, axis=1), ROWL, assert_trivial=True)
         pt, fo, rescale, m_i, l_i, r_i = _softmax_core(sc, cm, ok, m_i, l_i, r_i)
-        # P^T goes into the stage's e4m3 bytes once the converter is done with them (the QK that read them too).
-        # Not the rope region, read by then as well: P^T there read back wrong on the H200 (Triton 3.6), and a
-        # buffer of its own does not fit beside three stages
-        mbarrier.wait(fp16_full, i & 1)
-        p_smem = nope_ring.index(s)._reinterpret(gl.float16, [64, HP], P_LAYOUT)
+        # P^T in a buffer of its own (PV(i-1) is done with it): written into a ring stage reinterpreted as fp16
+        # (the rope region or the e4m3 bytes, both read by then) it read back wrong on the H200 (Triton 3.6)
+        p_smem = pbuf.index(z)
         p_smem.store(pt)
         fence_async_shared()
         _cta_barrier()
+        mbarrier.wait(fp16_full, i & 1)
         if rescale:
             o = o * gl.expand_dims(fo, 0)
         o = warpgroup_mma(kv16.index(z).permute((1, 0)), p_smem, o, is_async=True)
@@ -225,6 +223,8 @@ def _sparse_mla_prefill_fp8_ws_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk_sc
     qlo = gl.allocate_shared_memory(gl.float8e4nv, [1, HP, 512], Q8)
     qpe = gl.allocate_shared_memory(gl.bfloat16, [1, HP, 64], gl.NVMMASharedLayout.get_default_for([HP, 64],
                                                                                                      gl.bfloat16))
+    pbuf = gl.allocate_shared_memory(gl.float16, [1, 64, HP], gl.NVMMASharedLayout.get_default_for([64, HP],
+                                                                                                   gl.float16))
     ring_full = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     ring_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     fp16_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -237,7 +237,7 @@ def _sparse_mla_prefill_fp8_ws_kernel(q, kv_u8, idx, out, lse, S, H, topk, qk_sc
     idx_row = idx + t * si_t
     gl.warp_specialize([
         (_consumer, (q, idx_row, out, lse, t, h0, S, H, topk, qk_scale, sq_t, sq_h, so_t, so_h, nope_ring, kpe_ring,
-                     sc_ring, kv16, qhi, qlo, qpe, ring_full, ring_empty, fp16_full, fp16_empty, HP, NUM_STAGES)),
+                     sc_ring, kv16, qhi, qlo, qpe, pbuf, ring_full, ring_empty, fp16_full, fp16_empty, HP, NUM_STAGES)),
         (_converter, (topk, nope_ring, sc_ring, kv16, ring_full, fp16_full, fp16_empty, NUM_STAGES)),
         (_loader, (kv_u8, idx_row, S, topk, nope_ring, kpe_ring, sc_ring, ring_full, ring_empty, NUM_STAGES)),
     ], [4, 4], [CONVERTER_REGS, LOADER_REGS])
