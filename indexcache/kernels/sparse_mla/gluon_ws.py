@@ -96,9 +96,12 @@ def _converter(topk, nope_ring, sc_ring, kv16, ring_full, fp16_full, fp16_empty,
 
 @gluon.jit
 def _prepare_q8(q_row, sq_h, hb, qhi, qlo, qpe_smem, HP: gl.constexpr, COLL: gl.constexpr):
-    """q of the block's heads (rows past hb zero) times qs[h] = 2^(7 - floor(log2 max|q[h]|)) (largest |q| of a
-    head in [128, 256), e4m3 tops out at 448) as two e4m3 parts, hi = e4m3(x) and lo = e4m3(x - hi), into qhi /
-    qlo [HP, 512]; the rope q in bf16 into qpe_smem [HP, 64]. Returns 1 / qs per head (COLL)."""
+    """q of the block's heads (rows past hb zero) times qs[h] = 2^(7 - e), e the exponent of max|q[h]| (largest
+    |x| of a head in [128, 256); e4m3 tops out at 448), as hi = e4m3(x) and lo = e4m3(16 (x - hi)) into qhi / qlo
+    [HP, 512]: exact for a bf16 q (8 significant bits: 4 in hi, the rest in lo) down to 2^-11 of a head's largest
+    element. lo is scaled up and gets its own accumulators: added into hi's, its products would lose their low
+    bits (the tensor core's fp8 accumulation keeps ~14 bits). The rope q in bf16 into qpe_smem [HP, 64].
+    Returns 1 / qs per head (COLL). Scales from exponent bits, not exp2 / log2: exact powers of two."""
     QL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     hh = gl.arange(0, HP, layout=gl.SliceLayout(1, QL))
     d = gl.arange(0, 128, layout=gl.SliceLayout(0, QL))
@@ -108,21 +111,35 @@ def _prepare_q8(q_row, sq_h, hb, qhi, qlo, qpe_smem, HP: gl.constexpr, COLL: gl.
     for g in gl.static_range(4):
         x = gl.load(ptr + g * 128, mask=hm, other=0.0).to(gl.float32)
         qmax = gl.maximum(qmax, gl.max(gl.abs(x), axis=1))
-    qe = gl.where(qmax > 0, gl.floor(gl.log2(gl.where(qmax > 0, qmax, 1.0))), 0.0)
-    qe = gl.minimum(gl.maximum(qe, -100.0), 100.0)
-    qs = gl.expand_dims(gl.exp2(7.0 - qe), 1)
+    e = ((qmax.to(gl.int32, bitcast=True) >> 23) & 255) - 127
+    e = gl.minimum(gl.maximum(e, -100), 100)
+    qs = gl.expand_dims(((134 - e) << 23).to(gl.float32, bitcast=True), 1)
     for g in gl.static_range(4):
         x = gl.load(ptr + g * 128, mask=hm, other=0.0).to(gl.float32) * qs
         hi = x.to(gl.float8e4nv)
         qhi.slice(g * 128, 128, dim=1).store(hi)
-        qlo.slice(g * 128, 128, dim=1).store((x - hi.to(gl.float32)).to(gl.float8e4nv))
+        qlo.slice(g * 128, 128, dim=1).store(((x - hi.to(gl.float32)) * 16.0).to(gl.float8e4nv))
     RL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     hr = gl.arange(0, HP, layout=gl.SliceLayout(1, RL))
     dr = gl.arange(0, 64, layout=gl.SliceLayout(0, RL))
     xr = gl.load(q_row + gl.expand_dims(hr * sq_h + 512, 1) + gl.expand_dims(dr, 0),
                  mask=gl.expand_dims(hr < hb, 1), other=0.0)
     qpe_smem.store(xr.to(gl.float32).to(gl.bfloat16))
-    return gl.convert_layout(gl.exp2(qe - 7.0), COLL)
+    return gl.convert_layout(((120 + e) << 23).to(gl.float32, bitcast=True), COLL)
+
+
+@gluon.jit
+def _qk_pair(e8, qh, ql, g: gl.constexpr, zero):
+    """The two 128-tiles g, g+1 of S^T as (hi, lo) accumulators each, started (not waited for)."""
+    h0 = warpgroup_mma(e8.slice(g * 128, 128, dim=1), qh.slice(g * 128, 128, dim=1).permute((1, 0)), zero,
+                       use_acc=False, is_async=True)
+    l0 = warpgroup_mma(e8.slice(g * 128, 128, dim=1), ql.slice(g * 128, 128, dim=1).permute((1, 0)), zero,
+                       use_acc=False, is_async=True)
+    h1 = warpgroup_mma(e8.slice(g * 128 + 128, 128, dim=1), qh.slice(g * 128 + 128, 128, dim=1).permute((1, 0)),
+                       zero, use_acc=False, is_async=True)
+    l1 = warpgroup_mma(e8.slice(g * 128 + 128, 128, dim=1), ql.slice(g * 128 + 128, 128, dim=1).permute((1, 0)),
+                       zero, use_acc=False, is_async=True)
+    return h0, l0, h1, l1
 
 
 @gluon.jit
@@ -152,6 +169,7 @@ def _consumer(q, idx_row, out, lse, t, h0, S, H, topk, qk_scale, sq_t, sq_h, so_
     r_i = 7.888609052210118e-31                                     # 2^-100: below any tile scale
     o = gl.zeros([512, HP], gl.float32, MMA)
     nope_q = gl.expand_dims(inv_qs * qk_scale, 0)
+    rope_w = gl.expand_dims(gl.convert_layout(1.0 / inv_qs, gl.SliceLayout(0, MMA8)), 0)   # qs: a power of two
     for i in range(n_tiles):
         s = i % NUM_STAGES
         z = i >> 30                                   # 0: see the single buffers' allocation
@@ -160,26 +178,21 @@ def _consumer(q, idx_row, out, lse, t, h0, S, H, topk, qk_scale, sq_t, sq_h, so_
         _, ok = _load_ids(idx_row, i, topk, S, ROWL)
         mbarrier.wait(ring_full.index(s), (i // NUM_STAGES) & 1)
         e8 = nope_ring.index(s)._reinterpret(gl.float8e4nv, [64, 512], E8)
-        zero = gl.zeros([64, HP], gl.float32, MMA8)
         accr = warpgroup_mma(kpe_ring.index(s), qpe.index(z).permute((1, 0)), gl.zeros([64, HP], gl.float32, MMA),
                              use_acc=False, is_async=True)
-        a0 = warpgroup_mma(e8.slice(0, 128, dim=1), qh.slice(0, 128, dim=1).permute((1, 0)), zero,
-                           use_acc=False, is_async=True)
-        a0 = warpgroup_mma(e8.slice(0, 128, dim=1), ql.slice(0, 128, dim=1).permute((1, 0)), a0, is_async=True)
-        a1 = warpgroup_mma(e8.slice(128, 128, dim=1), qh.slice(128, 128, dim=1).permute((1, 0)), zero,
-                           use_acc=False, is_async=True)
-        a1 = warpgroup_mma(e8.slice(128, 128, dim=1), ql.slice(128, 128, dim=1).permute((1, 0)), a1, is_async=True)
-        a2 = warpgroup_mma(e8.slice(256, 128, dim=1), qh.slice(256, 128, dim=1).permute((1, 0)), zero,
-                           use_acc=False, is_async=True)
-        a2 = warpgroup_mma(e8.slice(256, 128, dim=1), ql.slice(256, 128, dim=1).permute((1, 0)), a2, is_async=True)
-        a3 = warpgroup_mma(e8.slice(384, 128, dim=1), qh.slice(384, 128, dim=1).permute((1, 0)), zero,
-                           use_acc=False, is_async=True)
-        a3 = warpgroup_mma(e8.slice(384, 128, dim=1), ql.slice(384, 128, dim=1).permute((1, 0)), a3, is_async=True)
-        accr, a0, a1, a2, a3 = warpgroup_mma_wait(num_outstanding=0, deps=(accr, a0, a1, a2, a3))
+        # two 128-tiles at a time: 4 accumulators of 16 registers beside O^T's 128; the rope part and the first
+        # pair are folded into one [64, HP] sum (in units of the scaled q: rope_w = qs per head) before the second
+        ha, la, hb1, lb1 = _qk_pair(e8, qh, ql, 0, gl.zeros([64, HP], gl.float32, MMA8))
+        accr, ha, la, hb1, lb1 = warpgroup_mma_wait(num_outstanding=0, deps=(accr, ha, la, hb1, lb1))
         c = sc_ring.index(s).load(_scales_row_layout())
-        sn = (a0 * gl.expand_dims(_scale_col(c, 0, ROWL8), 1) + a1 * gl.expand_dims(_scale_col(c, 1, ROWL8), 1)
-              + a2 * gl.expand_dims(_scale_col(c, 2, ROWL8), 1) + a3 * gl.expand_dims(_scale_col(c, 3, ROWL8), 1))
-        sc = gl.convert_layout(sn, MMA) * nope_q + accr * qk_scale
+        sn = (gl.convert_layout(accr, MMA8) * rope_w + (ha + la * 0.0625) * gl.expand_dims(_scale_col(c, 0, ROWL8), 1)
+              + (hb1 + lb1 * 0.0625) * gl.expand_dims(_scale_col(c, 1, ROWL8), 1))
+        hc, lc, hd, ld = _qk_pair(e8, qh, ql, 2, gl.zeros([64, HP], gl.float32, MMA8))
+        hc, lc, hd, ld = warpgroup_mma_wait(num_outstanding=0, deps=(hc, lc, hd, ld))
+        c = sc_ring.index(s).load(_scales_row_layout())
+        sn += ((hc + lc * 0.0625) * gl.expand_dims(_scale_col(c, 2, ROWL8), 1)
+               + (hd + ld * 0.0625) * gl.expand_dims(_scale_col(c, 3, ROWL8), 1))
+        sc = gl.convert_layout(sn, MMA) * nope_q
         cm = gl.convert_layout(gl.max(c, axis=1), ROWL, assert_trivial=True)
         pt, fo, rescale, m_i, l_i, r_i = _softmax_core(sc, cm, ok, m_i, l_i, r_i)
         # P^T in a buffer of its own (PV(i-1) is done with it): written into a ring stage reinterpreted as fp16
