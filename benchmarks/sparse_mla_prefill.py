@@ -34,7 +34,6 @@ VARIANTS = [
     ("fp8 via decode (old path)", 20, "fp8 via decode", None),
     ("fp8 triton", 20, "fp8", None),
     ("fp8 gluon (auto on Hopper)", 20, "fp8 gluon", None),
-    ("fp8 gluon warp-specialised", 20, "fp8 gluon-ws", None),
     ("production launch", 128, "bf16", None),
     ("fp8 triton", 128, "fp8", None),
 ]
@@ -45,8 +44,8 @@ def run(cache: str, q, kv, kv8, idx, cfg):
         return sparse_mla_prefill(q, kv, idx, SCALE, config=cfg)
     if cache == "fp8":
         return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg, backend="triton")
-    if cache in ("fp8 gluon", "fp8 gluon-ws"):
-        return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg, backend=cache.split()[1])
+    if cache == "fp8 gluon":
+        return sparse_mla_prefill(q, kv8, idx, SCALE, kv_format="fp8", config=cfg, backend="gluon")
     return sparse_mla_decode(q, kv8.view(-1, 64, 656), idx, SCALE, kv_format="fp8")
 
 

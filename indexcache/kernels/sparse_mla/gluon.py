@@ -183,12 +183,7 @@ def _softmax_step(acc, accr, cm, ok, nope_scale, qk_scale, m_i, l_i, r_i):
     The running max m (all heads) and R move only when some head's max grew by more than 2^8 or a row scale
     exceeds R: otherwise p <= 2^8 against the old m (exact: m only has to be a common shift per head, l uses
     the same one) and the 128 multiplies of O^T a tile are skipped."""
-    return _softmax_core(acc * gl.expand_dims(cm * nope_scale, 1) + accr * qk_scale, cm, ok, m_i, l_i, r_i)
-
-
-@gluon.jit
-def _softmax_core(sc, cm, ok, m_i, l_i, r_i):
-    """``_softmax_step`` on the tile's scores ``sc`` [BT, HP] (exp2 domain, rows of invalid ids not yet masked)."""
+    sc = acc * gl.expand_dims(cm * nope_scale, 1) + accr * qk_scale
     sc = gl.where(gl.expand_dims(ok, 1), sc, float("-inf"))
     # the column max of S^T and the tile's largest row scale in one cross-warp reduction (one barrier round)
     cmv = gl.where(gl.expand_dims(ok, 1), gl.expand_dims(cm, 1), 0.0) + gl.zeros_like(sc)

@@ -111,9 +111,9 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     _check_q("sparse_mla_prefill", q, d_v)
     if kv_format not in ("bf16", "fp8"):
         raise ValueError(f"sparse_mla_prefill: kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
-    if backend not in ("auto", "triton", "gluon", "gluon-ws"):
+    if backend not in ("auto", "triton", "gluon"):
         raise ValueError(f"sparse_mla_prefill: backend must be 'auto', 'triton' or 'gluon', got {backend!r}")
-    if backend in ("gluon", "gluon-ws") and kv_format != "fp8":
+    if backend == "gluon" and kv_format != "fp8":
         raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs kv_format 'fp8', got {kv_format!r}")
     if kv_format == "fp8":
         return _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend)
@@ -176,8 +176,8 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend="triton"):
     flat = kv.view(-1, LATENT_FP8_BYTES)
     if backend == "auto":
         backend = "gluon" if not config and _gluon_runs(q, flat) else "triton"
-    if backend in ("gluon", "gluon-ws"):
-        return _prefill_fp8_gluon(q, flat, indices, sm_scale, config, ws=backend == "gluon-ws")
+    if backend == "gluon":
+        return _prefill_fp8_gluon(q, flat, indices, sm_scale, config)
     if not use_triton(q):
         return sparse_mla_prefill_reference(q, flat, indices, sm_scale, d_v, kv_format="fp8")
     from indexcache.kernels.sparse_mla import triton as tm
@@ -202,7 +202,7 @@ def _gluon_runs(q, flat) -> bool:
             and flat.data_ptr() % 16 == 0)
 
 
-def _prefill_fp8_gluon(q, flat, indices, sm_scale, config, ws=False):
+def _prefill_fp8_gluon(q, flat, indices, sm_scale, config):
     """The Gluon FP8 prefill (Hopper only: Gluon has no interpreter and the kernel is sm_90 wgmma)."""
     if config:
         raise ValueError(f"sparse_mla_prefill: backend 'gluon' takes no config keys (one launch), got "
@@ -223,9 +223,6 @@ def _prefill_fp8_gluon(q, flat, indices, sm_scale, config, ws=False):
     out, lse = _prefill_outputs(q)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out, lse
-    if ws:
-        from indexcache.kernels.sparse_mla.gluon_ws import sparse_mla_prefill_fp8_gluon_ws
-        return sparse_mla_prefill_fp8_gluon_ws(q, flat, indices, out, lse, sm_scale)
     return sparse_mla_prefill_fp8_gluon(q, flat, indices, out, lse, sm_scale)
 
 
