@@ -204,6 +204,44 @@ def test_prefill_fp8_bad_arguments():
         sparse_mla_prefill(q, kv, idx.long(), 0.1, kv_format="fp8")
 
 
+class _FitsOneStage:
+    """A stand-in for a Triton kernel launch: raises OutOfResources unless num_stages <= ``fits``; records the
+    (num_stages) of each attempt."""
+
+    def __init__(self, fits):
+        self.fits, self.tried = fits, []
+
+    def __getitem__(self, grid):
+        def launch(*args, BT, num_warps, num_stages, **kw):
+            self.tried.append(num_stages)
+            if num_stages > self.fits:
+                import triton
+                raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return launch
+
+
+@pytest.mark.parametrize("every_step,first_try,later", [(False, [2, 1], [1]), (True, [3, 3, 2, 1], [1])])
+def test_launch_fallback_is_remembered_without_touching_the_config(every_step, first_try, later):
+    """A launch that does not fit steps down (32-token tiles, fewer stages), the step that fitted is where the
+    next launch of the same kind starts, and the caller's config dict (a module-level one in use) is unchanged."""
+    from indexcache.kernels.sparse_mla import ops
+
+    cfg = {"hb_max": 64, "bt": 64, "num_warps": 8, "num_stages": 3 if every_step else 2}
+    before = dict(cfg)
+    k = _FitsOneStage(fits=1)
+    x = torch.zeros(1)
+    ops._launch(k, (1,), (x,), {"HB": 64}, cfg, every_step=every_step)
+    assert k.tried == first_try and cfg == before
+    k.tried.clear()
+    ops._launch(k, (1,), (x,), {"HB": 64}, cfg, every_step=every_step)
+    assert k.tried == later and cfg == before
+    k.tried.clear()                                   # another kind of launch (other constexprs) starts again
+    ops._launch(k, (1,), (x,), {"HB": 32}, cfg, every_step=every_step)
+    assert k.tried == first_try
+    with pytest.raises(Exception, match="shared memory|OutOfResources|out of resource"):
+        ops._launch(_FitsOneStage(fits=0), (1,), (x,), {"HB": 64}, cfg, every_step=every_step)
+
+
 def test_bad_arguments():
     q = torch.randn(2, 16, 576)
     kv = torch.randn(10, 576)

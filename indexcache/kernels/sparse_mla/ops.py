@@ -37,37 +37,39 @@ DECODE_CFG_4BYTE = {fmt: {**cfg, "hb_max": 32, "bt": 32, "num_stages": 1} for fm
 _WS_ALIGN = 256
 
 
-def _launch(kernel, grid, args, kw, cfg):
-    """Launch with cfg's tile/stages; if the compiled kernel needs more shared memory than the chip has, retry
-    with 32-token tiles and no pipelining, and keep that for later calls."""
-    try:
-        kernel[grid](*args, **kw, BT=kw_bt(cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    except triton.runtime.errors.OutOfResources:
-        if cfg["bt"] == 32 and cfg["num_stages"] == 1:
-            raise
-        cfg.update(bt=32, num_stages=1)
-        kernel[grid](*args, **kw, BT=kw_bt(cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+# (kernel, device, launch config, constexprs) -> index in ``_steps`` of the first launch that fitted: the step-down
+# on OutOfResources is found once per process and kind of launch, and never written into the caller's config (the
+# module-level dicts above: a fallback there would slow every later call that shares the dict)
+_FITTING: dict = {}
 
 
-def _launch_chain(kernel, grid, args, kw, cfg):
-    """Like _launch, but on OutOfResources steps down (bt 64 -> 32, then fewer stages) one config at a time and
-    keeps the first that fits in cfg for later calls."""
-    chain = [(cfg["bt"], cfg["num_stages"])]
-    for c in ((32, cfg["num_stages"]), (32, 2), (32, 1)):
-        if c[0] <= chain[0][0] and c[1] <= chain[0][1] and c not in chain:
+def _steps(cfg: dict, every_step: bool) -> list[tuple[int, int]]:
+    """(BT, num_stages) to try in order: cfg's own, then 32-token tiles (with fewer stages when ``every_step``,
+    else straight to one stage), never larger than cfg's."""
+    first = (cfg["bt"], cfg["num_stages"])
+    chain = [first]
+    for c in (((32, first[1]), (32, 2), (32, 1)) if every_step else ((32, 1),)):
+        if c[0] <= first[0] and c[1] <= first[1] and c not in chain:
             chain.append(c)
-    for i, (bt, st) in enumerate(chain):
-        cfg.update(bt=bt, num_stages=st)
+    return chain
+
+
+def _launch(kernel, grid, args, kw, cfg, every_step=False):
+    """Launch with cfg's tile and stages; if the compiled kernel needs more shared memory than the chip has,
+    step down (``_steps``) and remember the launch that fitted for later calls of the same kind."""
+    key = (kernel, args[0].device, tuple(sorted(cfg.items())), tuple(sorted(kw.items())))
+    chain = _steps(cfg, every_step)
+    for i in range(_FITTING.get(key, 0), len(chain)):
+        bt, stages = chain[i]
         try:
-            kernel[grid](*args, **kw, BT=kw_bt(cfg), num_warps=cfg["num_warps"], num_stages=st)
-            return
+            kernel[grid](*args, **kw, BT=16 if interpreting() else bt, num_warps=cfg["num_warps"],
+                         num_stages=stages)
         except triton.runtime.errors.OutOfResources:
             if i == len(chain) - 1:
                 raise
-
-
-def kw_bt(cfg):
-    return 16 if interpreting() else cfg["bt"]
+            continue
+        _FITTING[key] = i
+        return
 
 
 def _hb(h, cap):
@@ -191,8 +193,8 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend="triton"):
     args = (q, flat, flat.view(torch.float32), flat.view(torch.bfloat16), indices, out, lse, flat.shape[0], H,
             indices.shape[1], sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), indices.stride(0),
             out.stride(0), out.stride(1))
-    _launch_chain(tm._sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args,
-                  dict(HB=hb, UPCAST=interpreting()), cfg)
+    _launch(tm._sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()),
+            cfg, every_step=True)
     return out, lse
 
 
@@ -334,19 +336,17 @@ def sparse_mla_decode(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tenso
     kw = dict(HB=hb, UPCAST=interpreting(), HEAD_MAJOR=head_major)
     tail = (S, H, topk, chunk, sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), flat.stride(0),
             indices.stride(0), ns)
-    launch = _launch_chain if head_major else _launch
-
     def grid(nsplit):
         return (nhb, nsplit, B) if head_major else (B, nsplit, nhb)
 
     if ns == 1:
-        launch(tm._sparse_mla_decode_kernel, grid(1), (q, flat, indices, out, lse, *tail), dict(DIRECT=True, **kw),
-               cfg)
+        _launch(tm._sparse_mla_decode_kernel, grid(1), (q, flat, indices, out, lse, *tail), dict(DIRECT=True, **kw),
+                cfg, every_step=head_major)
         return out, lse
     part_o = scratch(2, (B, ns, H, NOPE), torch.float32)
     part_l = scratch(3, (B, ns, H), torch.float32)
-    launch(tm._sparse_mla_decode_kernel, grid(ns), (q, flat, indices, part_o, part_l, *tail),
-           dict(DIRECT=False, **kw), cfg)
+    _launch(tm._sparse_mla_decode_kernel, grid(ns), (q, flat, indices, part_o, part_l, *tail),
+            dict(DIRECT=False, **kw), cfg, every_step=head_major)
     tm._combine_kernel[(B, H)](part_o, part_l, out, lse, H, ns, NSP=triton.next_power_of_2(ns), num_warps=4)
     return out, lse
 
