@@ -186,7 +186,7 @@ def _dequant_only_ms(cache, idx, dtype):
     r = cfg["dq_rows"]
     return _graph_ms(lambda: tm._fp8_gather_dequant_kernel[(triton.cdiv(n, r),)](
         flat, flat.view(torch.float32), flat.view(torch.bfloat16), idx, rows, idx2, flat.shape[0], n, R=r,
-        num_warps=cfg["dq_warps"]))
+        WRITE_IDX=True, num_warps=cfg["dq_warps"]))
 
 
 def sparse_decode_cases(ceilings, quick):

@@ -22,7 +22,8 @@ from ..kernels.kv_store import (dequant_latent_fp8, gather_indexer_k, quantize_l
                                 store_latent_bf16, store_latent_fp8)
 from ..kernels.slots import to_slots as slots_kernel
 from ..kernels.slots.reference import to_slots_reference as to_slots  # int32 slot ids, made once per F layer
-from ..kernels.sparse_mla import sparse_mla_decode, sparse_mla_prefill
+from ..kernels.formats import LATENT_DIM
+from ..kernels.sparse_mla import dequant_latent_rows, sparse_mla_decode, sparse_mla_prefill
 from ..kernels.topk import (DecodeTopkWorkspace, topk_and_pool_rows, topk_and_pool_scratch_bytes_per_row,
                             topk_pool_rows, topk_rows, topk_rows_decode)
 from ..model.indexer import select_topk
@@ -116,6 +117,13 @@ class TorchBackend:
     def store_index_k(self, layer: int, slots: torch.Tensor, k: torch.Tensor) -> None:
         cache = self.kv.index_cache(layer)
         cache.view(-1, cache.shape[-1])[slots] = k.to(cache.dtype)
+
+    def begin_prefill(self, segments: list[tuple[int, int, int]], block_table: torch.Tensor) -> None:
+        """Before a prefill forward's layers: its segments (first row, tokens, context after the step) and their
+        block-table rows. Nothing to prepare here."""
+
+    def end_prefill(self) -> None:
+        """After a prefill forward's layers."""
 
     # ----- top-k (logical key positions, -1 = none) -----------------------------------------------------------
     def prefill_slots(self, logical: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -212,6 +220,31 @@ class TorchBackend:
 # gather-and-dequantise (H200 runs 73, 77, 8192 queries x top-k 2048); more heads were not compared (at 128 the
 # Triton prefill kernel takes 54 ms), and TP ranks of the real models hold 8-16
 FP8_PREFILL_MAX_HEADS = 32
+# FP8 latent cache, prefill: each layer's context rows are dequantised once into a copy that the bf16-cache kernel
+# reads, when the forward's top-k reads each context row at least this many times on average (the copy of a row
+# costs about as much as FP8_PREFILL_DEQUANT_MIN_READS / 2 of the FP8 kernels' gathered reads; docs/engine.md) and
+# the copy fits in workspace_bytes
+FP8_PREFILL_DEQUANT_MIN_READS = 4
+
+
+class _ContextRows:
+    """The context rows of a prefill forward, dequantised per layer: their slots, and slot -> row of the copy."""
+
+    def __init__(self, slots: torch.Tensor, num_slots: int):
+        self.slots = slots
+        self.row_of = torch.full((num_slots,), -1, dtype=torch.int32, device=slots.device)
+        self.row_of[slots.long()] = torch.arange(slots.numel(), dtype=torch.int32, device=slots.device)
+        self._last = self._rows = None
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Top-k slot ids [T, k] (-1 = none) -> rows of the copy [T, k] int32; shared layers pass the same
+        tensor, so it is mapped once per full layer."""
+        if slots is not self._last:
+            n = self.row_of.numel()
+            ok = (slots >= 0) & (slots < n)
+            self._rows = torch.where(ok, self.row_of[torch.where(ok, slots, 0).long()], -1).to(torch.int32)
+            self._last = slots
+        return self._rows
 
 
 def _topk_then_pool(k: int):
@@ -248,6 +281,25 @@ class TritonBackend(TorchBackend):
         self._dtopk = (DecodeTopkWorkspace.new(rows, cfg.max_blocks_per_seq * cfg.page_size, kv.latent[0].device)
                        if rows else None)
         self._dtopk_heads: dict[int, DecodeTopkWorkspace] = {}
+        self._topk = mc.index_topk
+        self._ctx_rows: _ContextRows | None = None
+
+    def begin_prefill(self, segments, block_table):
+        """FP8 latent cache: decide whether this forward's layers attend over a dequantised copy of the context
+        rows (FP8_PREFILL_DEQUANT_MIN_READS) and map their slots."""
+        self._ctx_rows = None
+        if not (self.latent_kernels and self.kv.latent_format == "fp8"):
+            return
+        n_ctx = sum(ctx for _, _, ctx in segments)
+        reads = sum(n * min(ctx, self._topk) for _, n, ctx in segments)
+        copy_bytes = n_ctx * LATENT_DIM * self.kv.model_dtype.itemsize
+        if n_ctx == 0 or reads < FP8_PREFILL_DEQUANT_MIN_READS * n_ctx or copy_bytes > self.cfg.workspace_bytes:
+            return
+        slots = torch.cat([self._ctx_slots(block_table[s], ctx) for s, (_, _, ctx) in enumerate(segments)])
+        self._ctx_rows = _ContextRows(slots.to(torch.int32), self.kv.latent[0].shape[0] * self.page)
+
+    def end_prefill(self):
+        self._ctx_rows = None
 
     def decode_topk_workspace(self, rows: int) -> DecodeTopkWorkspace | None:
         """The workspace for a decode batch of ``rows`` sequences, or None when that batch selects with
@@ -320,6 +372,9 @@ class TritonBackend(TorchBackend):
 
     def attend_prefill(self, layer, q, slots):
         if self.latent_kernels and self.kv.latent_format == "fp8":
+            if self._ctx_rows is not None:  # the context dequantised once, then the bf16-cache kernel
+                rows = dequant_latent_rows(self.kv.latent[layer], self._ctx_rows.slots, q.dtype)
+                return sparse_mla_prefill(q, rows, self._ctx_rows.rows(slots), self.scale, d_v=self.d_v)[0]
             if q.shape[1] <= FP8_PREFILL_MAX_HEADS:  # straight from the 656-B rows, no bf16 copy of the gathered rows
                 return sparse_mla_prefill(q, self.kv.latent[layer], slots.to(torch.int32), self.scale, d_v=self.d_v,
                                           kv_format="fp8")[0]

@@ -115,8 +115,13 @@ class ModelRunner:
             last = h[b.last_index]
         else:
             pending = None  # the last layer's MLP output, added to h by the next layer's input norm
-            for i, layer in enumerate(m.layers):
-                h, pending, slots, pool = self._prefill_layer(i, layer, h, pending, cos[0], sin[0], b, slots, pool)
+            self.backend.begin_prefill(b.segments, b.block_table)
+            try:
+                for i, layer in enumerate(m.layers):
+                    h, pending, slots, pool = self._prefill_layer(i, layer, h, pending, cos[0], sin[0], b, slots,
+                                                                  pool)
+            finally:
+                self.backend.end_prefill()
             last = h[b.last_index] + pending[b.last_index] if pending is not None else h[b.last_index]
         with self._t("rest"):
             return m.head(last).float()

@@ -28,9 +28,17 @@ def model():
     return build_empty(cfg, "cpu", torch.float32).init_random(11).eval()
 
 
-@pytest.mark.parametrize("latent", ["fp32", "fp8"])
-def test_triton_backend_equals_torch_backend(model, latent, monkeypatch):
+@pytest.mark.parametrize("latent,dequant_reads", [("fp32", None), ("fp8", 4), ("fp8", 10**9)])
+def test_triton_backend_equals_torch_backend(model, latent, dequant_reads, monkeypatch):
+    """FP8 latent: prefill over a dequantised copy of the context (the prompts' top-k reads each context row ~10
+    times, above 4) and, with the threshold out of reach, straight from the FP8 rows."""
     prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (11, 4)]
+    if dequant_reads is not None:
+        monkeypatch.setattr(attention_backend, "FP8_PREFILL_DEQUANT_MIN_READS", dequant_reads)
+    copies = []
+    real_dequant = attention_backend.dequant_latent_rows
+    monkeypatch.setattr(attention_backend, "dequant_latent_rows",
+                        lambda *a: copies.append(a[1].numel()) or real_dequant(*a))
     ref_eng = make_engine(model, kv_cache_dtype=latent, max_model_len=128, max_num_seqs=2, page_size=64)
     assert type(ref_eng.backend) is TorchBackend and ref_eng.kv.indexer_format == "exact"
     toks_ref, logits_ref = run(ref_eng, prompts, greedy(2))
@@ -43,6 +51,9 @@ def test_triton_backend_equals_torch_backend(model, latent, monkeypatch):
     assert eng.kv.index[1] is None and eng.kv.index[0].dtype == torch.uint8  # FP8 keys, F layers only
     toks, logits = run(eng, prompts, greedy(2))
     assert toks == toks_ref
+    # the dequantising route: one copy per layer (2) of the one prefill forward's context rows (both prompts,
+    # 11 + 4), none in decode; the other routes never copy
+    assert copies == ([15, 15] if dequant_reads == 4 else [])
     # FP8 latent: the interpreter rounds some e4m3 values of the store kernel one step off the reference quantiser
     tol = 3e-3 if latent == "fp8" else 1e-4
     for a, b in zip(logits, logits_ref):

@@ -3,7 +3,8 @@ import pytest
 import torch
 import triton
 
-from indexcache.kernels.sparse_mla import (dequant_latent_fp8_reference, quantize_latent_fp8_reference,
+from indexcache.kernels.sparse_mla import (dequant_latent_fp8_reference, dequant_latent_rows,
+                                           quantize_latent_fp8_reference,
                                            sparse_mla_decode, sparse_mla_decode_reference,
                                            sparse_mla_decode_workspace_bytes, sparse_mla_prefill,
                                            sparse_mla_prefill_reference)
@@ -189,6 +190,45 @@ def test_prefill_fp8_paged_equals_bf16_kernel_on_dequantised_rows(device):
     _lse_ok(lse, bl, 1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequant_latent_rows_equals_reference(device, dtype):
+    # ragged slot list (not a multiple of the 16-row program), invalid slots (-1, past the paged cache) give zero
+    # rows; the power-of-two scales make the rows exact in every float dtype
+    _, kv, _ = _fp8_prefill_case(device, 2, 4, 96, 8, seed=8, dtype=torch.float32)
+    paged = kv.view(6, 16, 656)
+    slots = torch.randint(0, 96, (37,), device=device)
+    slots[[0, 5, 36]] = torch.tensor([-1, 96, 95], device=device)
+    for s in (slots, slots.to(torch.int32)):
+        rows = dequant_latent_rows(paged, s, dtype)
+        ref = dequant_latent_fp8_reference(kv)[s.clamp(0, 95).long()]
+        ref[[0, 5]] = 0
+        assert rows.shape == (37, 576) and rows.dtype == dtype
+        assert torch.equal(rows.float(), ref.to(dtype).float())
+    assert dequant_latent_rows(paged, slots[:0], dtype).shape == (0, 576)
+
+
+def test_dequant_latent_rows_bad_arguments():
+    kv = torch.zeros(10, 656, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="uint8"):
+        dequant_latent_rows(kv.float(), torch.zeros(3, dtype=torch.int32), torch.bfloat16)
+    with pytest.raises(ValueError, match="slots must be int32/int64"):
+        dequant_latent_rows(kv, torch.zeros(3, 1, dtype=torch.int32), torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be"):
+        dequant_latent_rows(kv, torch.zeros(3, dtype=torch.int32), torch.int8)
+
+
+@pytest.mark.parametrize("h,dtype,tol", [(20, torch.float32, 1e-5), (20, torch.bfloat16, 1e-2)])
+def test_prefill_fp8_dequant_backend_matches_reference(device, h, dtype, tol):
+    T, S, K = 4, 211, 37
+    q, kv, idx = _fp8_prefill_case(device, T, h, S, K, seed=300 + h, dtype=dtype)
+    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="dequant")
+    ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625, kv_format="fp8")
+    assert out.shape == (T, h, 512) and out.dtype == dtype
+    assert torch.isfinite(out).all() and (out[T - 1] == 0).all()
+    assert _rel(out[:T - 1], ro[:T - 1]) < tol
+    _lse_ok(lse, rl, 1e-3 if tol < 1e-3 else 2e-2)
+
+
 def test_prefill_fp8_bad_arguments():
     q = torch.randn(2, 16, 576)
     kv = torch.zeros(10, 656, dtype=torch.uint8)
@@ -203,6 +243,8 @@ def test_prefill_fp8_bad_arguments():
         sparse_mla_prefill(q, torch.zeros(10, 700, dtype=torch.uint8)[:, :656], idx, 0.1, kv_format="fp8")
     with pytest.raises(ValueError, match="int32"):
         sparse_mla_prefill(q, kv, idx.long(), 0.1, kv_format="fp8")
+    with pytest.raises(ValueError, match="backend 'dequant' needs kv_format 'fp8'"):
+        sparse_mla_prefill(q, torch.zeros(10, 576), idx, 0.1, backend="dequant")
 
 
 class _FitsOneStage:
@@ -356,12 +398,13 @@ def test_gpu_prefill_fp8_real_sizes(h):
     idx[:, -100:] = -1
     idx[3, 1000:] = S + 5
     idx[5] = -1
-    out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend="triton")
     ro, rl = sparse_mla_prefill_reference(q, kv, idx, 0.0625, kv_format="fp8")
-    assert torch.isfinite(out).all()
-    assert (out[5] == 0).all()
-    assert _rel(out, ro) < 1e-2
-    _lse_ok(lse, rl, 2e-2)
+    for backend in ("triton", "dequant"):
+        out, lse = sparse_mla_prefill(q, kv, idx, 0.0625, kv_format="fp8", backend=backend)
+        assert torch.isfinite(out).all()
+        assert (out[5] == 0).all()
+        assert _rel(out, ro) < 1e-2
+        _lse_ok(lse, rl, 2e-2)
 
 
 # ------------------------------------------------------------------------------- Gluon FP8 prefill (kernels/gluon.py)
@@ -369,7 +412,7 @@ def test_prefill_gluon_bad_arguments():
     q = torch.randn(2, 16, 576)
     kv8 = torch.zeros(10, 656, dtype=torch.uint8)
     idx = torch.zeros(2, 4, dtype=torch.int32)
-    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'gluon', got 'cuda'"):
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton', 'gluon' or 'dequant', got 'cuda'"):
         sparse_mla_prefill(q, kv8, idx, 0.1, kv_format="fp8", backend="cuda")
     with pytest.raises(ValueError, match="backend 'gluon' needs kv_format 'fp8', got 'bf16'"):
         sparse_mla_prefill(q, torch.randn(10, 576), idx, 0.1, backend="gluon")

@@ -9,7 +9,7 @@ import torch
 import triton
 
 from indexcache.kernels._dispatch import interpreting, use_triton
-from indexcache.kernels.formats import LATENT_DIM, LATENT_FP8_BYTES, NOPE
+from indexcache.kernels.formats import LATENT_DIM, LATENT_FP8_BYTES, NOPE, dequant_latent_fp8
 from indexcache.kernels.sparse_mla.reference import sparse_mla_decode_reference, sparse_mla_prefill_reference
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -108,15 +108,19 @@ def sparse_mla_prefill(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
     sm_90 CUDA tensors; it has one launch, so ``config`` must then be None or empty. "triton": the Triton kernels
     (any GPU, and the CPU interpreter). "auto": "gluon" for an FP8 cache where it runs (sm_90 CUDA tensors, no
     interpreter, a 16-byte aligned cache, no ``config``: 8.7 ms against Triton's 10.1 for 20 heads, 8192 queries,
-    top-k 2048 on the H200, run 77), else "triton".
+    top-k 2048 on the H200, run 77), else "triton". "dequant" (kv_format "fp8"): every row of the cache dequantised
+    once into a q.dtype copy (``dequant_latent_rows``), then the bf16-cache kernel; it pays when each row is read
+    several times (T * topk well above S) and the copy (S * 576 elements) fits in memory, as in a long prefill
+    chunk (the engine's FP8-cache prefill does this over the sequence's context rows).
     """
     _check_q("sparse_mla_prefill", q, d_v)
     if kv_format not in ("bf16", "fp8"):
         raise ValueError(f"sparse_mla_prefill: kv_format must be 'bf16' or 'fp8', got {kv_format!r}")
-    if backend not in ("auto", "triton", "gluon"):
-        raise ValueError(f"sparse_mla_prefill: backend must be 'auto', 'triton' or 'gluon', got {backend!r}")
-    if backend == "gluon" and kv_format != "fp8":
-        raise ValueError(f"sparse_mla_prefill: backend 'gluon' needs kv_format 'fp8', got {kv_format!r}")
+    if backend not in ("auto", "triton", "gluon", "dequant"):
+        raise ValueError(f"sparse_mla_prefill: backend must be 'auto', 'triton', 'gluon' or 'dequant', got "
+                         f"{backend!r}")
+    if backend in ("gluon", "dequant") and kv_format != "fp8":
+        raise ValueError(f"sparse_mla_prefill: backend {backend!r} needs kv_format 'fp8', got {kv_format!r}")
     if kv_format == "fp8":
         return _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend)
     if kv.dim() != 2 or kv.shape[1] != LATENT_DIM:
@@ -176,6 +180,9 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend="triton"):
     T, H, _ = q.shape
     _check_idx("sparse_mla_prefill", indices, T, q.device)
     flat = kv.view(-1, LATENT_FP8_BYTES)
+    if backend == "dequant":
+        rows = dequant_latent_rows(flat, torch.arange(flat.shape[0], device=q.device, dtype=torch.int32), q.dtype)
+        return sparse_mla_prefill(q, rows, indices, sm_scale, d_v, config=config)
     if backend == "auto":
         backend = "gluon" if not config and _gluon_runs(q, flat) else "triton"
     if backend == "gluon":
@@ -196,6 +203,35 @@ def _prefill_fp8(q, kv, indices, sm_scale, d_v, config, backend="triton"):
     _launch(tm._sparse_mla_prefill_fp8_kernel, (T, triton.cdiv(H, hb)), args, dict(HB=hb, UPCAST=interpreting()),
             cfg, every_step=True)
     return out, lse
+
+
+def dequant_latent_rows(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 latent rows by slot: cache uint8 [S, 656] or paged [num_blocks, page_size, 656] (contiguous), slots
+    int [n] (-1 or >= S: a row of zeros) -> [n, 576] in ``dtype`` (c_kv dequantised | k_pe). The scales are powers
+    of two, so bf16 / fp16 / fp32 rows hold the dequantised values exactly."""
+    if cache.dtype != torch.uint8 or cache.shape[-1] != LATENT_FP8_BYTES or not cache.is_contiguous():
+        raise ValueError(f"dequant_latent_rows: cache must be contiguous uint8 [..., {LATENT_FP8_BYTES}], got "
+                         f"{tuple(cache.shape)} {cache.dtype}")
+    if slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64) or slots.device != cache.device:
+        raise ValueError(f"dequant_latent_rows: slots must be int32/int64 [n] on {cache.device}, got "
+                         f"{tuple(slots.shape)} {slots.dtype} on {slots.device}")
+    if dtype not in _FLOATS:
+        raise ValueError(f"dequant_latent_rows: dtype must be bf16/fp16/fp32, got {dtype}")
+    flat = cache.view(-1, LATENT_FP8_BYTES)
+    S, n = flat.shape[0], slots.shape[0]
+    if not use_triton(cache):
+        valid = (slots >= 0) & (slots < S)
+        rows = dequant_latent_fp8(flat[torch.where(valid, slots, 0).long()], dtype)
+        return torch.where(valid[:, None], rows, torch.zeros((), dtype=dtype, device=cache.device))
+    from indexcache.kernels.sparse_mla import triton as tm
+
+    out = torch.empty((n, LATENT_DIM), dtype=dtype, device=cache.device)
+    if n:
+        r = DECODE_CFG["fp8"]["dq_rows"]
+        tm._fp8_gather_dequant_kernel[(triton.cdiv(n, r),)](
+            flat, flat.view(torch.float32), flat.view(torch.bfloat16), slots.contiguous(), out, out, S, n, R=r,
+            WRITE_IDX=False, num_warps=DECODE_CFG["fp8"]["dq_warps"])
+    return out
 
 
 def _gluon_runs(q, flat) -> bool:
@@ -331,7 +367,7 @@ def sparse_mla_decode(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tenso
             r = cfg["dq_rows"]
             tm._fp8_gather_dequant_kernel[(triton.cdiv(n, r),)](
                 flat, flat.view(torch.float32), flat.view(torch.bfloat16), indices, rows, idx2, S, n, R=r,
-                num_warps=cfg["dq_warps"])
+                WRITE_IDX=True, num_warps=cfg["dq_warps"])
         flat, indices, S = rows, idx2, n
     kw = dict(HB=hb, UPCAST=interpreting(), HEAD_MAJOR=head_major)
     tail = (S, H, topk, chunk, sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), flat.stride(0),

@@ -139,10 +139,12 @@ def _combine_kernel(part_o, part_l, out, lse, H, NS, NSP: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gather_dequant_kernel(cache_u8, cache_f32, cache_bf16, idx, rows_out, idx_out, S, n, R: tl.constexpr):
-    """FP8 decode: rows r in [pid*R, pid*R+R) of the flattened [B*topk] index list. Gathers the 656-B
-    entry of slot idx[r], writes the dequantised row (512 scaled e4m3 + 64 rope) to rows_out[r, :576] in
-    rows_out's dtype, zeros for invalid slots, and idx_out[r] = r (valid) or -1 (invalid)."""
+def _fp8_gather_dequant_kernel(cache_u8, cache_f32, cache_bf16, idx, rows_out, idx_out, S, n, R: tl.constexpr,
+                               WRITE_IDX: tl.constexpr):
+    """Rows r in [pid*R, pid*R+R) of a flat index list (FP8 decode: the [B*topk] top-k; FP8 prefill: the
+    context's slots). Gathers the 656-B entry of slot idx[r], writes the dequantised row (512 scaled e4m3 + 64
+    rope) to rows_out[r, :576] in rows_out's dtype, zeros for invalid slots, and (WRITE_IDX) idx_out[r] = r
+    (valid) or -1 (invalid)."""
     r = tl.program_id(0) * R + tl.arange(0, R)
     rm = r < n
     ids = tl.load(idx + r, mask=rm, other=-1)
@@ -161,7 +163,8 @@ def _fp8_gather_dequant_kernel(cache_u8, cache_f32, cache_bf16, idx, rows_out, i
     tl.store(rows_out + r64[:, None, None] * _LATENT + col, kn.to(rows_out.dtype.element_ty), mask=rm[:, None, None])
     tl.store(rows_out + r64[:, None] * _LATENT + _NOPE + dr[None, :], kp.to(tl.float32).to(rows_out.dtype.element_ty),
              mask=rm[:, None])
-    tl.store(idx_out + r, tl.where(valid, r, -1), mask=rm)
+    if WRITE_IDX:
+        tl.store(idx_out + r, tl.where(valid, r, -1), mask=rm)
 
 
 @triton.jit
