@@ -57,6 +57,28 @@ def test_fp8_indexer_and_latent_formats_run(latent):
     assert cos > 0.98, cos  # FP8 keys change the selection slightly; logits stay close
 
 
+def test_fp8_latent_prefill_routes_agree(monkeypatch):
+    """FP8 latent cache: prefill over a dequantised copy of the context (the default for long chunks) against the
+    kernels that read the 656-B rows; two prompts in one forward, so the copy spans two block tables. The same
+    attention up to bf16 / fp16 rounding."""
+    from indexcache.engine import attention_backend
+
+    model = _model(kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128, index_topk=64)
+    prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 170)]
+    out = {}
+    for reads in (4, 10**9):
+        monkeypatch.setattr(attention_backend, "FP8_PREFILL_DEQUANT_MIN_READS", reads)
+        copies = []
+        real = attention_backend.dequant_latent_rows
+        monkeypatch.setattr(attention_backend, "dequant_latent_rows", lambda *a: copies.append(1) or real(*a))
+        eng = make_engine(model, "1/2", indexer_cache="fp8", kv_cache_dtype="fp8", max_model_len=512,
+                          max_num_seqs=2, max_prefill_tokens=256)
+        out[reads] = run(eng, prompts, greedy(1))[1]
+        assert bool(copies) == (reads == 4)
+    for a, b in zip(out[4], out[10**9]):
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
 def test_compiled_decode_under_cuda_graphs_matches_eager():
     # torch.compile fuses the bf16 glue (other roundings), so logits agree to bf16 tolerance, not bit for bit;
     # greedy tokens of a random model can flip on near-ties, so one decode step is compared, not a generation
