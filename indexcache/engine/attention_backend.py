@@ -229,21 +229,26 @@ FP8_PREFILL_DEQUANT_MIN_READS = 4
 
 
 class _ContextRows:
-    """The context rows of a prefill forward, dequantised per layer: their slots, and slot -> row of the copy."""
+    """The context rows a prefill forward's layers dequantise (``TritonBackend.begin_prefill``): their slots, the
+    query rows that attend over the copy and the others (None, None: all rows attend over it), and slot -> row
+    of the copy."""
 
-    def __init__(self, slots: torch.Tensor, num_slots: int):
-        self.slots = slots
+    def __init__(self, slots: torch.Tensor, query_rows: torch.Tensor | None, other_rows: torch.Tensor | None,
+                 num_slots: int):
+        self.slots, self.query_rows, self.other_rows = slots, query_rows, other_rows
         self.row_of = torch.full((num_slots,), -1, dtype=torch.int32, device=slots.device)
+        # a page shared by two segments (a common prefix) appears twice: either row holds its values
         self.row_of[slots.long()] = torch.arange(slots.numel(), dtype=torch.int32, device=slots.device)
         self._last = self._rows = None
 
     def rows(self, slots: torch.Tensor) -> torch.Tensor:
-        """Top-k slot ids [T, k] (-1 = none) -> rows of the copy [T, k] int32; shared layers pass the same
-        tensor, so it is mapped once per full layer."""
+        """Top-k slot ids [T, k] (-1 = none) -> rows of the copy [len(query_rows), k] int32 for the query rows
+        that attend over it. Shared layers pass the same tensor, so it is mapped once per full layer."""
         if slots is not self._last:
+            mine = slots if self.query_rows is None else slots[self.query_rows]
             n = self.row_of.numel()
-            ok = (slots >= 0) & (slots < n)
-            self._rows = torch.where(ok, self.row_of[torch.where(ok, slots, 0).long()], -1).to(torch.int32)
+            ok = (mine >= 0) & (mine < n)
+            self._rows = torch.where(ok, self.row_of[torch.where(ok, mine, 0).long()], -1).to(torch.int32)
             self._last = slots
         return self._rows
 
@@ -286,18 +291,33 @@ class TritonBackend(TorchBackend):
         self._ctx_rows: _ContextRows | None = None
 
     def begin_prefill(self, segments, block_table):
-        """FP8 latent cache: decide whether this forward's layers attend over a dequantised copy of the context
-        rows (FP8_PREFILL_DEQUANT_MIN_READS) and map their slots."""
+        """FP8 latent cache: pick the segments whose layers attend over a dequantised copy of their context rows
+        (their top-k reads each row FP8_PREFILL_DEQUANT_MIN_READS times or more; the most-read first, while the
+        copy fits in workspace_bytes) and map their slots. The other segments' rows read the FP8 rows."""
         self._ctx_rows = None
         if not (self.latent_kernels and self.kv.latent_format == "fp8"):
             return
-        n_ctx = sum(ctx for _, _, ctx in segments)
-        reads = sum(n * min(ctx, self._topk) for _, n, ctx in segments)
-        copy_bytes = n_ctx * LATENT_DIM * self.kv.model_dtype.itemsize
-        if n_ctx == 0 or reads < FP8_PREFILL_DEQUANT_MIN_READS * n_ctx or copy_bytes > self.cfg.workspace_bytes:
+        row_bytes = LATENT_DIM * self.kv.model_dtype.itemsize
+        reads = [(n * min(ctx, self._topk) / ctx, s) for s, (_, n, ctx) in enumerate(segments) if ctx > 0]
+        chosen, copy_bytes = [], 0
+        for per_row, s in sorted(reads, reverse=True):
+            ctx = segments[s][2]
+            if per_row >= FP8_PREFILL_DEQUANT_MIN_READS and copy_bytes + ctx * row_bytes <= self.cfg.workspace_bytes:
+                chosen.append(s)
+                copy_bytes += ctx * row_bytes
+        if not chosen:
             return
-        slots = torch.cat([self._ctx_slots(block_table[s], ctx) for s, (_, _, ctx) in enumerate(segments)])
-        self._ctx_rows = _ContextRows(slots.to(torch.int32), self.kv.latent[0].shape[0] * self.page)
+        chosen.sort()
+        dev = block_table.device
+        slots = torch.cat([self._ctx_slots(block_table[s], segments[s][2]) for s in chosen]).to(torch.int32)
+        query_rows = other_rows = None
+        if len(chosen) < len(segments):
+            def rows_of(segs):
+                return torch.cat([torch.arange(segments[s][0], segments[s][0] + segments[s][1], device=dev)
+                                  for s in segs])
+            query_rows = rows_of(chosen)
+            other_rows = rows_of([s for s in range(len(segments)) if s not in chosen])
+        self._ctx_rows = _ContextRows(slots, query_rows, other_rows, self.kv.latent[0].shape[0] * self.page)
 
     def end_prefill(self):
         self._ctx_rows = None
@@ -373,17 +393,29 @@ class TritonBackend(TorchBackend):
 
     def attend_prefill(self, layer, q, slots):
         if self.latent_kernels and self.kv.latent_format == "fp8":
-            if self._ctx_rows is not None:  # the context dequantised once, then the bf16-cache kernel
-                rows = dequant_latent_rows(self.kv.latent[layer], self._ctx_rows.slots, q.dtype)
-                return sparse_mla_prefill(q, rows, self._ctx_rows.rows(slots), self.scale, d_v=self.d_v)[0]
-            if q.shape[1] <= FP8_PREFILL_MAX_HEADS:  # straight from the 656-B rows, no bf16 copy of the gathered rows
-                return sparse_mla_prefill(q, self.kv.latent[layer], slots.to(torch.int32), self.scale, d_v=self.d_v,
-                                          kv_format="fp8")[0]
-            return self.attend_decode(layer, q, slots)  # the FP8 paged kernel serves prefill rows too
+            cr = self._ctx_rows
+            if cr is None:
+                return self._attend_fp8_rows(layer, q, slots)
+            # the context dequantised once, then the bf16-cache kernel (begin_prefill)
+            copy = dequant_latent_rows(self.kv.latent[layer], cr.slots, q.dtype)
+            if cr.query_rows is None:
+                return sparse_mla_prefill(q, copy, cr.rows(slots), self.scale, d_v=self.d_v)[0]
+            out = q.new_empty(q.shape[0], q.shape[1], self.d_v)
+            out[cr.query_rows] = sparse_mla_prefill(q[cr.query_rows], copy, cr.rows(slots), self.scale,
+                                                    d_v=self.d_v)[0]
+            out[cr.other_rows] = self._attend_fp8_rows(layer, q[cr.other_rows], slots[cr.other_rows])
+            return out
         if self.latent_kernels and self.kv.latent_format == "bf16":
             return sparse_mla_prefill(q, self.kv.latent[layer].view(-1, self.kv.width), slots.to(torch.int32),
                                       self.scale, d_v=self.d_v)[0]
         return super().attend_prefill(layer, q, slots)
+
+    def _attend_fp8_rows(self, layer, q, slots):
+        """Prefill rows straight from the FP8 latent rows."""
+        if q.shape[1] <= FP8_PREFILL_MAX_HEADS:  # the 656-B rows read in the kernel, no bf16 copy
+            return sparse_mla_prefill(q, self.kv.latent[layer], slots.to(torch.int32), self.scale, d_v=self.d_v,
+                                      kv_format="fp8")[0]
+        return self.attend_decode(layer, q, slots)  # the FP8 paged kernel serves prefill rows too
 
     def attend_decode(self, layer, q, slots):
         if not self.latent_kernels:

@@ -28,10 +28,12 @@ def model():
     return build_empty(cfg, "cpu", torch.float32).init_random(11).eval()
 
 
-@pytest.mark.parametrize("latent,dequant_reads", [("fp32", None), ("fp8", 4), ("fp8", 10**9)])
+@pytest.mark.parametrize("latent,dequant_reads", [("fp32", None), ("fp8", 4), ("fp8", 8), ("fp8", 10**9)])
 def test_triton_backend_equals_torch_backend(model, latent, dequant_reads, monkeypatch):
-    """FP8 latent: prefill over a dequantised copy of the context (the prompts' top-k reads each context row ~10
-    times, above 4) and, with the threshold out of reach, straight from the FP8 rows."""
+    """FP8 latent: the two prompts prefill in one forward; the top-k reads each context row 11 times (the
+    11-token prompt) and 4 times (the 4-token one). Threshold 4: both attend over a dequantised copy of their
+    context; 8: the first over the copy, the second straight from the FP8 rows (rows split in one layer);
+    out of reach: both from the FP8 rows."""
     prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (11, 4)]
     if dequant_reads is not None:
         monkeypatch.setattr(attention_backend, "FP8_PREFILL_DEQUANT_MIN_READS", dequant_reads)
@@ -51,9 +53,8 @@ def test_triton_backend_equals_torch_backend(model, latent, dequant_reads, monke
     assert eng.kv.index[1] is None and eng.kv.index[0].dtype == torch.uint8  # FP8 keys, F layers only
     toks, logits = run(eng, prompts, greedy(2))
     assert toks == toks_ref
-    # the dequantising route: one copy per layer (2) of the one prefill forward's context rows (both prompts,
-    # 11 + 4), none in decode; the other routes never copy
-    assert copies == ([15, 15] if dequant_reads == 4 else [])
+    # one copy per layer (2) of the chosen prompts' context rows in the one prefill forward, none in decode
+    assert copies == {None: [], 4: [15, 15], 8: [11, 11], 10**9: []}[dequant_reads]
     # FP8 latent: the interpreter rounds some e4m3 values of the store kernel one step off the reference quantiser
     tol = 3e-3 if latent == "fp8" else 1e-4
     for a, b in zip(logits, logits_ref):

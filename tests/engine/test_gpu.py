@@ -59,14 +59,16 @@ def test_fp8_indexer_and_latent_formats_run(latent):
 
 def test_fp8_latent_prefill_routes_agree(monkeypatch):
     """FP8 latent cache: prefill over a dequantised copy of the context (the default for long chunks) against the
-    kernels that read the 656-B rows; two prompts in one forward, so the copy spans two block tables. The same
-    attention up to bf16 / fp16 rounding."""
+    kernels that read the 656-B rows. 256-token steps: the second holds the first prompt's last 44 tokens (each
+    of its 300 context rows read ~9 times) and all 170 of the second prompt's (64 times), so at threshold 4 the
+    copy spans two block tables and at 32 that step splits its rows between the two routes. The same attention
+    up to bf16 / fp16 rounding."""
     from indexcache.engine import attention_backend
 
     model = _model(kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128, index_topk=64)
     prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 170)]
     out = {}
-    for reads in (4, 10**9):
+    for reads in (4, 32, 10**9):
         monkeypatch.setattr(attention_backend, "FP8_PREFILL_DEQUANT_MIN_READS", reads)
         copies = []
         real = attention_backend.dequant_latent_rows
@@ -74,9 +76,10 @@ def test_fp8_latent_prefill_routes_agree(monkeypatch):
         eng = make_engine(model, "1/2", indexer_cache="fp8", kv_cache_dtype="fp8", max_model_len=512,
                           max_num_seqs=2, max_prefill_tokens=256)
         out[reads] = run(eng, prompts, greedy(1))[1]
-        assert bool(copies) == (reads == 4)
-    for a, b in zip(out[4], out[10**9]):
-        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+        assert bool(copies) == (reads != 10**9)
+    for reads in (4, 32):
+        for a, b in zip(out[reads], out[10**9]):
+            torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
 
 
 def test_compiled_decode_under_cuda_graphs_matches_eager():
