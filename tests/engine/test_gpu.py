@@ -68,15 +68,20 @@ def test_fp8_latent_prefill_routes_agree(monkeypatch):
     model = _model(kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128, index_topk=64)
     prompts = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 170)]
     out = {}
+    real = attention_backend.dequant_latent_rows
+    copies = []
+    monkeypatch.setattr(attention_backend, "dequant_latent_rows", lambda *a: copies.append(1) or real(*a))
+    real_rows, split = attention_backend._ContextRows, []
+    monkeypatch.setattr(attention_backend, "_ContextRows",
+                        lambda slots, mine, others, n: split.append(mine is not None) or real_rows(slots, mine, others, n))
     for reads in (4, 32, 10**9):
         monkeypatch.setattr(attention_backend, "FP8_PREFILL_DEQUANT_MIN_READS", reads)
-        copies = []
-        real = attention_backend.dequant_latent_rows
-        monkeypatch.setattr(attention_backend, "dequant_latent_rows", lambda *a: copies.append(1) or real(*a))
+        copies.clear()
+        split.clear()
         eng = make_engine(model, "1/2", indexer_cache="fp8", kv_cache_dtype="fp8", max_model_len=512,
                           max_num_seqs=2, max_prefill_tokens=256)
         out[reads] = run(eng, prompts, greedy(1))[1]
-        assert bool(copies) == (reads != 10**9)
+        assert bool(copies) == (reads != 10**9) and any(split) == (reads == 32)
     for reads in (4, 32):
         for a, b in zip(out[reads], out[10**9]):
             torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
