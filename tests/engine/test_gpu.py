@@ -73,7 +73,8 @@ def test_fp8_latent_prefill_routes_agree(monkeypatch):
     monkeypatch.setattr(attention_backend, "dequant_latent_rows", lambda *a: copies.append(1) or real(*a))
     real_rows, split = attention_backend._ContextRows, []
     monkeypatch.setattr(attention_backend, "_ContextRows",
-                        lambda slots, mine, others, n: split.append(mine is not None) or real_rows(slots, mine, others, n))
+                        lambda slots, mine, others, n: split.append(mine is not None)
+                        or real_rows(slots, mine, others, n))
     for reads in (4, 32, 10**9):
         monkeypatch.setattr(attention_backend, "FP8_PREFILL_DEQUANT_MIN_READS", reads)
         copies.clear()
