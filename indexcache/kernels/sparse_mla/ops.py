@@ -226,12 +226,20 @@ def dequant_latent_rows(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.d
     from indexcache.kernels.sparse_mla import triton as tm
 
     out = torch.empty((n, LATENT_DIM), dtype=dtype, device=cache.device)
-    if n:
-        r = DECODE_CFG["fp8"]["dq_rows"]
-        tm._fp8_gather_dequant_kernel[(triton.cdiv(n, r),)](
-            flat, flat.view(torch.float32), flat.view(torch.bfloat16), slots.contiguous(), out, out, S, n, R=r,
-            WRITE_IDX=False, num_warps=DECODE_CFG["fp8"]["dq_warps"])
+    _gather_dequant(tm, flat, slots.contiguous(), out, None, DECODE_CFG["fp8"])
     return out
+
+
+def _gather_dequant(tm, flat, slots, rows, idx_out, cfg):
+    """rows[r] = the dequantised row of slot slots[r] (zeros for an invalid slot) over the flat FP8 cache; with
+    ``idx_out``, also idx_out[r] = r or -1. ``cfg``: the dq_rows / dq_warps launch keys."""
+    n = slots.numel()
+    if n == 0:
+        return
+    r = cfg["dq_rows"]
+    tm._fp8_gather_dequant_kernel[(triton.cdiv(n, r),)](
+        flat, flat.view(torch.float32), flat.view(torch.bfloat16), slots, rows, rows if idx_out is None else idx_out,
+        flat.shape[0], n, R=r, WRITE_IDX=idx_out is not None, num_warps=cfg["dq_warps"])
 
 
 def _gluon_runs(q, flat) -> bool:
@@ -363,11 +371,7 @@ def sparse_mla_decode(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tenso
         n = B * topk
         rows = scratch(0, (max(n, 1), LATENT_DIM), q.dtype)
         idx2 = scratch(1, (B, topk), torch.int32)
-        if n > 0:
-            r = cfg["dq_rows"]
-            tm._fp8_gather_dequant_kernel[(triton.cdiv(n, r),)](
-                flat, flat.view(torch.float32), flat.view(torch.bfloat16), indices, rows, idx2, S, n, R=r,
-                WRITE_IDX=True, num_warps=cfg["dq_warps"])
+        _gather_dequant(tm, flat, indices, rows, idx2, cfg)
         flat, indices, S = rows, idx2, n
     kw = dict(HB=hb, UPCAST=interpreting(), HEAD_MAJOR=head_major)
     tail = (S, H, topk, chunk, sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), flat.stride(0),
