@@ -182,11 +182,7 @@ def _dequant_only_ms(cache, idx, dtype):
     flat = cache.reshape(-1, cache.shape[-1])
     rows = torch.empty(n, 576, device="cuda", dtype=dtype)
     idx2 = torch.empty(B, k, device="cuda", dtype=torch.int32)
-    cfg = sm_ops.DECODE_CFG["fp8"]
-    r = cfg["dq_rows"]
-    return _graph_ms(lambda: tm._fp8_gather_dequant_kernel[(triton.cdiv(n, r),)](
-        flat, flat.view(torch.float32), flat.view(torch.bfloat16), idx, rows, idx2, flat.shape[0], n, R=r,
-        WRITE_IDX=True, num_warps=cfg["dq_warps"]))
+    return _graph_ms(lambda: sm_ops._gather_dequant(tm, flat, idx, rows, idx2, sm_ops.DECODE_CFG["fp8"]))
 
 
 def sparse_decode_cases(ceilings, quick):
